@@ -1,0 +1,86 @@
+//! Maps shared by the programs, and small helpers over them.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+};
+use interceptor_common::{
+    ORIG_DST_MAX, OrigDst, RedirectConfig, STAT_MAX, SockKey, TARGETS_MAX, Target,
+};
+
+/// Program return codes for cgroup sock_addr and sockopt programs.
+pub const ALLOW: i32 = 1;
+pub const DENY: i32 = 0;
+
+pub const SOCK_STREAM: u32 = 1;
+pub const SOCK_DGRAM: u32 = 2;
+
+#[map(name = "CONFIG")]
+pub static CONFIG: Array<RedirectConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "TARGETS_V4")]
+pub static TARGETS_V4: LpmTrie<[u8; 4], Target> = LpmTrie::with_max_entries(TARGETS_MAX, 0);
+
+#[map(name = "TARGETS_V6")]
+pub static TARGETS_V6: LpmTrie<[u8; 16], Target> = LpmTrie::with_max_entries(TARGETS_MAX, 0);
+
+#[map(name = "ORIG_BY_COOKIE")]
+pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
+    LruHashMap::with_max_entries(ORIG_DST_MAX, 0);
+
+#[map(name = "ORIG_BY_ADDR")]
+pub static ORIG_BY_ADDR: LruHashMap<SockKey, OrigDst> =
+    LruHashMap::with_max_entries(ORIG_DST_MAX, 0);
+
+#[map(name = "STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_MAX, 0);
+
+/// The active configuration, if redirect is enabled.
+#[inline(always)]
+pub fn enabled_config() -> Option<&'static RedirectConfig> {
+    let cfg = CONFIG.get(0)?;
+    if cfg.flags & interceptor_common::CONFIG_F_ENABLED == 0 {
+        return None;
+    }
+    Some(cfg)
+}
+
+#[inline(always)]
+pub fn is_target_v4(addr: [u8; 4]) -> bool {
+    TARGETS_V4.get(Key::new(32, addr)).is_some()
+}
+
+#[inline(always)]
+pub fn is_target_v6(addr: [u8; 16]) -> bool {
+    TARGETS_V6.get(Key::new(128, addr)).is_some()
+}
+
+#[inline(always)]
+pub fn bump(index: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the
+        // program runs.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Converts four network-order words (as the kernel stores IPv6 addresses in
+/// context structs) into bytes in network order.
+#[inline(always)]
+pub fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
+    let (a, b, c, d) = (w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes());
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
+#[inline(always)]
+pub fn bytes_to_words(b: [u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+    ]
+}

@@ -1,0 +1,82 @@
+//! The loopback admin API: `/healthz` (the process answers), `/readyz` (the
+//! proxy listens and the redirect is installed with its first target set),
+//! `/status` (JSON: mode, attach point, targets, kernel counters).
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{redirect::ProxyAddrs, targets::TargetSet};
+
+/// What the control plane publishes for the admin API.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Status {
+    pub ready: bool,
+    pub redirect_mode: String,
+    pub attach_point: String,
+    pub proxy: Option<ProxyAddrs>,
+    pub targets: TargetSet,
+    pub counters: Vec<(&'static str, u64)>,
+}
+
+/// Binds the admin address; serving happens in [`serve`].
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+pub async fn serve(listener: TcpListener, status: watch::Receiver<Arc<Status>>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let status = status.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let snapshot = Arc::clone(&status.borrow());
+                async move { Ok::<_, Infallible>(route(&req, &snapshot)) }
+            });
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+fn route<B>(req: &Request<B>, status: &Status) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if status.ready => text(StatusCode::OK, "ready\n"),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/status" => match serde_json::to_vec_pretty(status) {
+            Ok(body) => Response::builder()
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "error\n")),
+            Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "error\n"),
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn text(code: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = code;
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_follows_status() {
+        let req = Request::get("/readyz").body(()).unwrap();
+        assert_eq!(route(&req, &Status::default()).status(), StatusCode::SERVICE_UNAVAILABLE);
+        let ready = Status { ready: true, ..Default::default() };
+        assert_eq!(route(&req, &ready).status(), StatusCode::OK);
+        let req = Request::get("/status").body(()).unwrap();
+        assert_eq!(route(&req, &ready).status(), StatusCode::OK);
+        let req = Request::get("/nope").body(()).unwrap();
+        assert_eq!(route(&req, &ready).status(), StatusCode::NOT_FOUND);
+    }
+}

@@ -1,0 +1,238 @@
+//! Wiring: the only place that names concrete types. Starts the data plane
+//! (listeners, proxy), the control plane (redirector, target resolution,
+//! config reload) and the admin API, and tears everything down in order on
+//! SIGINT/SIGTERM: redirect removed first (new connections go direct), then
+//! in-flight connections drained.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+
+use crate::{
+    admin::{self, Status},
+    config::{Config, Overrides, RedirectMode},
+    proxy::{Listeners, Proxy, ProxySettings},
+    redirect::{NoRedirect, Redirector, ebpf::EbpfRedirector, iptables::IptablesRedirector},
+    targets::{TargetResolver, TargetSet},
+    telemetry,
+};
+
+/// How often the config file is checked for changes (SIGHUP reloads at once).
+const CONFIG_POLL: Duration = Duration::from_secs(2);
+/// How often kernel counters are refreshed for the status endpoint.
+const STATUS_REFRESH: Duration = Duration::from_secs(5);
+/// Upper bound on one round of target resolution, so signals are not held up.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub struct RunOptions {
+    pub config: Config,
+    pub config_path: Option<PathBuf>,
+    pub overrides: Overrides,
+    pub state_dir: PathBuf,
+}
+
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let RunOptions { config, config_path, overrides, state_dir } = opts;
+    tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "starting interceptor");
+    prepare_state_dir(&state_dir)?;
+
+    let listeners = Listeners::bind(config.proxy.address_v4, config.proxy.address_v6, config.proxy.port, config.proxy.mark)
+        .await
+        .context("starting the proxy listener")?;
+    let addrs = listeners.addrs;
+    let admin_listener = admin::bind(config.admin.address)
+        .await
+        .with_context(|| format!("starting the admin API on {}", config.admin.address))?;
+
+    let mut redirector: Box<dyn Redirector> = match config.redirect.mode {
+        RedirectMode::Ebpf => Box::new(
+            EbpfRedirector::install(&config.redirect.cgroup, addrs, &config.redirect.ports)
+                .context("installing the eBPF redirect (run `interceptor doctor` to see what this host supports)")?,
+        ),
+        RedirectMode::Iptables => Box::new(
+            IptablesRedirector::install(addrs, &config.redirect.ports)
+                .context("installing the iptables redirect (run `interceptor doctor`)")?,
+        ),
+        RedirectMode::None => Box::new(NoRedirect),
+    };
+    tracing::info!(
+        mode = redirector.mode(),
+        attach = %redirector.attach_point(),
+        proxy_v4 = %addrs.v4,
+        proxy_v6 = addrs.v6.map(|a| a.to_string()),
+        "redirect installed"
+    );
+
+    let (status_tx, status_rx) = watch::channel(Arc::new(Status {
+        ready: false,
+        redirect_mode: redirector.mode().into(),
+        attach_point: redirector.attach_point(),
+        proxy: Some(addrs),
+        ..Default::default()
+    }));
+    tokio::spawn(admin::serve(admin_listener, status_rx));
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let settings = ProxySettings { connect_timeout: config.proxy.connect_timeout };
+    let proxy = Proxy::serve(listeners, redirector.resolver(), settings, shutdown_rx);
+
+    let drain_timeout = config.proxy.drain_timeout;
+    let mut control = Control {
+        resolver: TargetResolver::new(config.targets.domains.clone(), config.cidrs(), config.targets.address_grace),
+        config,
+        config_path,
+        overrides,
+        redirector: redirector.as_mut(),
+        status: status_tx,
+        targets: TargetSet::default(),
+    };
+    let result = control.run().await;
+
+    // Redirect off first: from now on new connections go direct.
+    if let Err(error) = redirector.uninstall() {
+        tracing::error!(error = %telemetry::chain(&error), "cannot remove the redirect");
+    }
+    drop(redirector);
+    let _ = shutdown_tx.send(true);
+    if proxy.drain(drain_timeout).await {
+        tracing::info!("all connections finished; stopped");
+    } else {
+        tracing::warn!(timeout = ?drain_timeout, "connections still open at the drain deadline; closing them");
+    }
+    result
+}
+
+fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating the state directory {}", dir.display()))
+}
+
+struct Control<'a> {
+    config: Config,
+    config_path: Option<PathBuf>,
+    overrides: Overrides,
+    redirector: &'a mut dyn Redirector,
+    resolver: TargetResolver,
+    status: watch::Sender<Arc<Status>>,
+    targets: TargetSet,
+}
+
+impl Control<'_> {
+    /// Runs until SIGINT or SIGTERM.
+    async fn run(&mut self) -> anyhow::Result<()> {
+        let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let mut last_text = self.config_path.as_deref().and_then(|p| std::fs::read_to_string(p).ok());
+        let mut resolve_tick = tokio::time::interval(self.config.targets.resolve_interval);
+        let mut poll_tick = tokio::time::interval(CONFIG_POLL);
+        let mut status_tick = tokio::time::interval(STATUS_REFRESH);
+        loop {
+            tokio::select! {
+                _ = sigterm.recv() => { tracing::info!("SIGTERM received; shutting down"); return Ok(()) }
+                _ = sigint.recv() => { tracing::info!("SIGINT received; shutting down"); return Ok(()) }
+                _ = resolve_tick.tick() => self.refresh_targets().await,
+                _ = status_tick.tick() => self.publish(),
+                _ = sighup.recv() => {
+                    tracing::info!("SIGHUP received; reloading the configuration");
+                    if self.reload(&mut last_text, true) {
+                        resolve_tick = tokio::time::interval(self.config.targets.resolve_interval);
+                    }
+                }
+                _ = poll_tick.tick(), if self.config_path.is_some() => {
+                    if self.reload(&mut last_text, false) {
+                        resolve_tick = tokio::time::interval(self.config.targets.resolve_interval);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn refresh_targets(&mut self) {
+        let Ok(set) = tokio::time::timeout(RESOLVE_TIMEOUT, self.resolver.resolve()).await else {
+            tracing::warn!(timeout = ?RESOLVE_TIMEOUT, "target resolution timed out; keeping the current targets");
+            return;
+        };
+        match self.redirector.set_targets(&set) {
+            Ok(()) => {
+                self.targets = set;
+                self.publish_ready();
+            }
+            Err(error) => tracing::error!(error = %telemetry::chain(&error), "cannot update redirect targets; keeping the previous ones"),
+        }
+    }
+
+    fn publish_ready(&self) {
+        self.status.send_modify(|s| Arc::make_mut(s).ready = true);
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let counters = self.redirector.counters();
+        let targets = self.targets.clone();
+        self.status.send_modify(|s| {
+            let s = Arc::make_mut(s);
+            s.counters = counters;
+            s.targets = targets;
+        });
+    }
+
+    /// Reloads the config file if it changed (or `force`). Returns true when
+    /// a new configuration was applied; an invalid one is rejected and the
+    /// running one kept.
+    fn reload(&mut self, last_text: &mut Option<String>, force: bool) -> bool {
+        let Some(path) = self.config_path.clone() else { return false };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(error) => {
+                if force || last_text.is_some() {
+                    tracing::error!(path = %path.display(), %error, "cannot read the config file; keeping the running configuration");
+                }
+                *last_text = None;
+                return false;
+            }
+        };
+        if !force && last_text.as_deref() == Some(text.as_str()) {
+            return false;
+        }
+        *last_text = Some(text.clone());
+        let mut new = match Config::from_toml(&text, &path) {
+            Ok(c) => c,
+            Err(error) => {
+                tracing::error!(error = %telemetry::chain(&error), "config reload rejected; keeping the running configuration");
+                return false;
+            }
+        };
+        new.apply(&self.overrides);
+        if let Err(error) = new.validate() {
+            tracing::error!(error = %telemetry::chain(&error), "config reload rejected; keeping the running configuration");
+            return false;
+        }
+        for (section, changed) in [
+            ("proxy", new.proxy != self.config.proxy),
+            ("redirect", new.redirect != self.config.redirect),
+            ("admin", new.admin != self.config.admin),
+            ("log", new.log != self.config.log),
+        ] {
+            if changed {
+                tracing::warn!(section, "this section changed but only takes effect after a restart");
+            }
+        }
+        self.resolver.reconfigure(new.targets.domains.clone(), new.cidrs(), new.targets.address_grace);
+        self.config.targets = new.targets;
+        tracing::info!("configuration reloaded");
+        true
+    }
+}

@@ -1,0 +1,420 @@
+//! Configuration: one TOML file, environment overrides and CLI flags,
+//! validated into typed values up front.
+//!
+//! Precedence: built-in defaults < file < environment < command line. The
+//! built-in defaults are documented in `config/default.toml`, which a test
+//! keeps identical to [`Config::default`]. This module does no I/O besides
+//! reading the file it is given.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// The documented default configuration file.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot parse config file {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid configuration:\n  - {}", .errors.join("\n  - "))]
+    Invalid { errors: Vec<String> },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub redirect: RedirectConfig,
+    pub targets: TargetsConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    pub port: u16,
+    pub address_v4: Ipv4Addr,
+    /// `None` (empty string in the file) disables the IPv6 listener.
+    #[serde(with = "optional_ipv6")]
+    pub address_v6: Option<Ipv6Addr>,
+    pub mark: u32,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RedirectMode {
+    Ebpf,
+    Iptables,
+    None,
+}
+
+impl RedirectMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ebpf => "ebpf",
+            Self::Iptables => "iptables",
+            Self::None => "none",
+        }
+    }
+}
+
+impl FromStr for RedirectMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ebpf" => Ok(Self::Ebpf),
+            "iptables" => Ok(Self::Iptables),
+            "none" => Ok(Self::None),
+            other => Err(format!("unknown redirect mode {other:?} (expected ebpf, iptables or none)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedirectConfig {
+    pub mode: RedirectMode,
+    /// Empty: the cgroup2 root.
+    pub cgroup: PathBuf,
+    pub ports: Vec<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TargetsConfig {
+    pub domains: Vec<String>,
+    /// Kept as text so that every bad entry is reported at once.
+    pub cidrs: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub resolve_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub address_grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            proxy: ProxyConfig::default(),
+            redirect: RedirectConfig::default(),
+            targets: TargetsConfig::default(),
+            admin: AdminConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            port: 15443,
+            address_v4: Ipv4Addr::LOCALHOST,
+            address_v6: Some(Ipv6Addr::LOCALHOST),
+            mark: 0x1e7,
+            connect_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for RedirectConfig {
+    fn default() -> Self {
+        Self { mode: RedirectMode::Ebpf, cgroup: PathBuf::new(), ports: vec![443] }
+    }
+}
+
+impl Default for TargetsConfig {
+    fn default() -> Self {
+        Self {
+            domains: [
+                "api.openai.com",
+                "chatgpt.com",
+                "api.anthropic.com",
+                "claude.ai",
+                "bedrock-runtime.amazonaws.com",
+                "generativelanguage.googleapis.com",
+                "api.githubcopilot.com",
+            ]
+            .map(String::from)
+            .to_vec(),
+            cidrs: Vec::new(),
+            resolve_interval: Duration::from_secs(60),
+            address_grace: Duration::from_secs(600),
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { address: SocketAddr::from((Ipv4Addr::LOCALHOST, 15000)) }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Json }
+    }
+}
+
+/// Overrides from the environment and the command line, applied on top of the
+/// file. `None` leaves the file's value.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub redirect: Option<RedirectMode>,
+    pub cgroup: Option<PathBuf>,
+    pub port: Option<u16>,
+    pub admin: Option<SocketAddr>,
+    pub log_format: Option<LogFormat>,
+}
+
+impl Config {
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            source: Box::new(e),
+        })
+    }
+
+    /// Reads and parses a file (not yet validated).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Loads the file (or the built-in defaults), applies overrides, validates.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut config = match path {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        config.apply(overrides);
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn apply(&mut self, o: &Overrides) {
+        if let Some(mode) = o.redirect {
+            self.redirect.mode = mode;
+        }
+        if let Some(cgroup) = &o.cgroup {
+            self.redirect.cgroup = cgroup.clone();
+        }
+        if let Some(port) = o.port {
+            self.proxy.port = port;
+        }
+        if let Some(admin) = o.admin {
+            self.admin.address = admin;
+        }
+        if let Some(format) = o.log_format {
+            self.log.format = format;
+        }
+    }
+
+    /// Checks every field and reports every problem at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        if self.redirect.ports.is_empty() {
+            errors.push("redirect.ports: at least one port is required".to_string());
+        }
+        if self.redirect.ports.len() > interceptor_common::MAX_PORTS {
+            errors.push(format!(
+                "redirect.ports: at most {} ports are supported, got {}",
+                interceptor_common::MAX_PORTS,
+                self.redirect.ports.len()
+            ));
+        }
+        if self.redirect.ports.contains(&0) {
+            errors.push("redirect.ports: port 0 is not a valid destination port".to_string());
+        }
+        if self.proxy.mark == 0 && self.redirect.mode != RedirectMode::None {
+            errors.push("proxy.mark: must be non-zero, or the proxy's own connections would be redirected back to it".to_string());
+        }
+        if self.proxy.address_v4.is_unspecified() {
+            errors.push("proxy.address_v4: must be a concrete address connections can be rewritten to, not 0.0.0.0".to_string());
+        }
+        if self.proxy.address_v6.is_some_and(|a| a.is_unspecified()) {
+            errors.push("proxy.address_v6: must be a concrete address, not ::; use \"\" to disable".to_string());
+        }
+        if self.proxy.connect_timeout.is_zero() {
+            errors.push("proxy.connect_timeout: must be greater than zero".to_string());
+        }
+        if !self.redirect.cgroup.as_os_str().is_empty() && !self.redirect.cgroup.is_absolute() {
+            errors.push(format!(
+                "redirect.cgroup: {:?} must be an absolute path to a cgroup v2 directory",
+                self.redirect.cgroup
+            ));
+        }
+        for domain in &self.targets.domains {
+            if let Err(why) = check_domain(domain) {
+                errors.push(format!("targets.domains: {domain:?}: {why}"));
+            }
+        }
+        for cidr in &self.targets.cidrs {
+            if let Err(why) = parse_cidr(cidr) {
+                errors.push(format!("targets.cidrs: {cidr:?}: {why}"));
+            }
+        }
+        if self.targets.resolve_interval < Duration::from_secs(1) {
+            errors.push("targets.resolve_interval: must be at least 1s".to_string());
+        }
+        if !self.admin.address.ip().is_loopback() {
+            errors.push(format!(
+                "admin.address: {} is not a loopback address; the admin API must not be reachable from the network",
+                self.admin.address
+            ));
+        }
+        if errors.is_empty() { Ok(()) } else { Err(ConfigError::Invalid { errors }) }
+    }
+
+    /// The literal targets, parsed. Only valid after [`Config::validate`].
+    pub fn cidrs(&self) -> Vec<IpNet> {
+        self.targets.cidrs.iter().filter_map(|c| parse_cidr(c).ok()).collect()
+    }
+}
+
+/// Accepts `a.b.c.d`, `a.b.c.d/n` and the IPv6 equivalents.
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    if let Ok(net) = IpNet::from_str(text) {
+        return Ok(net.trunc());
+    }
+    std::net::IpAddr::from_str(text)
+        .map(IpNet::from)
+        .map_err(|_| "not an IP address or CIDR block".to_string())
+}
+
+fn check_domain(domain: &str) -> Result<(), &'static str> {
+    if domain.is_empty() || domain.len() > 253 {
+        return Err("a domain name must have 1 to 253 characters");
+    }
+    let ok = domain.split('.').all(|label| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    });
+    if ok { Ok(()) } else { Err("not a valid domain name (wildcards are not resolvable)") }
+}
+
+mod optional_ipv6 {
+    use std::net::Ipv6Addr;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    pub fn serialize<S: Serializer>(v: &Option<Ipv6Addr>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv6Addr>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(D::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documented_defaults_match_built_in_defaults() {
+        let parsed = Config::from_toml(DEFAULT_CONFIG_TOML, Path::new("default.toml")).unwrap();
+        assert_eq!(parsed, Config::default());
+        parsed.validate().unwrap();
+    }
+
+    #[test]
+    fn partial_file_keeps_other_defaults() {
+        let c = Config::from_toml("[proxy]\nport = 1234\n", Path::new("x")).unwrap();
+        assert_eq!(c.proxy.port, 1234);
+        assert_eq!(c.redirect, RedirectConfig::default());
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_their_name() {
+        let err = Config::from_toml("[proxy]\nprot = 1\n", Path::new("x")).unwrap_err();
+        let chain = format!("{:?}", anyhow::Error::from(err));
+        assert!(chain.contains("prot"), "{chain}");
+    }
+
+    #[test]
+    fn every_invalid_field_is_reported_at_once() {
+        let mut c = Config::default();
+        c.redirect.ports = vec![0];
+        c.targets.cidrs = vec!["10.0.0.0/33".into(), "nope".into()];
+        c.targets.domains.push("*.openai.com".into());
+        c.admin.address = "0.0.0.0:15000".parse().unwrap();
+        c.proxy.mark = 0;
+        let ConfigError::Invalid { errors } = c.validate().unwrap_err() else { panic!() };
+        assert_eq!(errors.len(), 6, "{errors:#?}");
+    }
+
+    #[test]
+    fn cidrs_accept_plain_addresses() {
+        assert_eq!(parse_cidr("198.18.0.10").unwrap().to_string(), "198.18.0.10/32");
+        assert_eq!(parse_cidr("2001:db8::1").unwrap().to_string(), "2001:db8::1/128");
+        assert_eq!(parse_cidr("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+    }
+
+    #[test]
+    fn empty_ipv6_address_disables_it() {
+        let c = Config::from_toml("[proxy]\naddress_v6 = \"\"\n", Path::new("x")).unwrap();
+        assert_eq!(c.proxy.address_v6, None);
+    }
+
+    #[test]
+    fn overrides_win_over_file() {
+        let mut c = Config::default();
+        c.apply(&Overrides { redirect: Some(RedirectMode::Iptables), port: Some(9), ..Default::default() });
+        assert_eq!(c.redirect.mode, RedirectMode::Iptables);
+        assert_eq!(c.proxy.port, 9);
+    }
+}

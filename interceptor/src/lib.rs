@@ -1,0 +1,21 @@
+//! interceptor: a transparent guardrail layer for AI traffic.
+//!
+//! See ARCHITECTURE.md for how the pieces fit. In short: `redirect` puts
+//! connections to AI providers into the proxy (eBPF or iptables), `proxy`
+//! relays them, `targets` decides which addresses are redirected, `config`
+//! holds the validated settings, `admin` serves health and status, and `app`
+//! wires them together.
+
+pub mod admin;
+pub mod app;
+pub mod cgroup;
+pub mod config;
+pub mod doctor;
+pub mod net;
+pub mod proxy;
+pub mod redirect;
+pub mod targets;
+pub mod telemetry;
+
+#[cfg(feature = "testing")]
+pub mod testing;

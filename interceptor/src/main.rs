@@ -1,0 +1,142 @@
+//! The `interceptor` command.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use interceptor::{
+    app,
+    config::{Config, LogFormat, Overrides, RedirectMode},
+    doctor, redirect, telemetry,
+};
+
+#[derive(Parser)]
+#[command(name = "interceptor", version, about = "Transparent guardrail layer for AI traffic")]
+struct Cli {
+    /// Configuration file (TOML). Without it the built-in defaults are used.
+    #[arg(long, global = true, env = "INTERCEPTOR_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy and install the redirect (the default command).
+    Run(RunArgs),
+    /// Check this host and report which redirect modes work here.
+    Doctor(RunArgs),
+    /// Remove iptables rules left behind by a run that was killed.
+    Cleanup,
+    /// Validate the configuration and print the effective settings.
+    CheckConfig(RunArgs),
+}
+
+#[derive(clap::Args, Default)]
+struct RunArgs {
+    /// Redirect mode.
+    #[arg(long, env = "INTERCEPTOR_REDIRECT", value_enum)]
+    redirect: Option<RedirectMode>,
+    /// cgroup v2 directory whose processes are intercepted (eBPF mode).
+    #[arg(long, env = "INTERCEPTOR_CGROUP")]
+    cgroup: Option<PathBuf>,
+    /// Proxy port (0 picks a free one).
+    #[arg(long, env = "INTERCEPTOR_PORT")]
+    port: Option<u16>,
+    /// Admin API address (loopback only).
+    #[arg(long, env = "INTERCEPTOR_ADMIN")]
+    admin: Option<SocketAddr>,
+    /// Log format.
+    #[arg(long, env = "INTERCEPTOR_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+    /// Directory for persistent state (the CA).
+    #[arg(long, env = "INTERCEPTOR_STATE_DIR", default_value = "/var/lib/interceptor")]
+    state_dir: PathBuf,
+}
+
+impl RunArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            redirect: self.redirect,
+            cgroup: self.cgroup.clone(),
+            port: self.port,
+            admin: self.admin,
+            log_format: self.log_format,
+        }
+    }
+}
+
+fn load(path: Option<&PathBuf>, args: &RunArgs) -> Result<Config, ExitCode> {
+    Config::load(path.map(PathBuf::as_path), &args.overrides()).map_err(|error| {
+        eprintln!("error: {}", telemetry::chain(&error));
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Run(RunArgs {
+        state_dir: PathBuf::from("/var/lib/interceptor"),
+        ..Default::default()
+    }));
+    match command {
+        Command::Run(args) => {
+            let config = match load(cli.config.as_ref(), &args) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            telemetry::init(config.log.format);
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(error) => {
+                    eprintln!("error: cannot start the async runtime: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let opts = app::RunOptions {
+                config,
+                config_path: cli.config.clone(),
+                overrides: args.overrides(),
+                state_dir: args.state_dir.clone(),
+            };
+            match runtime.block_on(app::run(opts)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::error!(error = format!("{error:#}"), "interceptor failed");
+                    eprintln!("error: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Doctor(args) => {
+            let mode = match load(cli.config.as_ref(), &args) {
+                Ok(c) => c.redirect.mode,
+                Err(code) => return code,
+            };
+            if doctor::run(mode) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Command::Cleanup => {
+            telemetry::init(LogFormat::Text);
+            match redirect::iptables::cleanup() {
+                Ok(()) => {
+                    println!("no interceptor redirect rules remain (eBPF programs are removed by the kernel when the interceptor exits)");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("error: {}", telemetry::chain(&error));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::CheckConfig(args) => match load(cli.config.as_ref(), &args) {
+            Ok(config) => {
+                match toml::to_string_pretty(&config) {
+                    Ok(text) => print!("{text}"),
+                    Err(error) => eprintln!("warning: cannot print the configuration: {error}"),
+                }
+                eprintln!("configuration is valid");
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+    }
+}

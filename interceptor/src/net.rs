@@ -1,0 +1,91 @@
+//! Address newtypes and the socket options the proxy needs.
+//!
+//! `ClientAddr` (the peer of an accepted connection) and `OrigDstAddr` (where
+//! that connection was going before it was redirected) are distinct types so
+//! they cannot be mixed up.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::AsFd,
+};
+
+use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+
+/// The peer address of an accepted, redirected connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// The destination a redirected connection was originally aimed at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OrigDstAddr(pub SocketAddr);
+
+impl fmt::Display for ClientAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl fmt::Display for OrigDstAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Turns `::ffff:a.b.c.d` into `a.b.c.d`; other addresses are unchanged.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+/// Reads `SO_ORIGINAL_DST` (IPv4) or `IP6T_SO_ORIGINAL_DST` (IPv6) from an
+/// accepted socket. Conntrack answers it after an iptables REDIRECT; our
+/// cgroup/getsockopt program answers it after an eBPF redirect.
+pub fn original_dst<F: AsFd>(sock: &F, local: SocketAddr) -> std::io::Result<SocketAddr> {
+    match local {
+        SocketAddr::V4(_) => {
+            let sin = getsockopt(sock, sockopt::OriginalDst)?;
+            let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
+        }
+        SocketAddr::V6(_) => {
+            let sin6 = getsockopt(sock, sockopt::Ip6tOriginalDst)?;
+            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Ok(canonical(SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(sin6.sin6_port), 0, 0))))
+        }
+    }
+}
+
+/// Sets `SO_MARK`, which needs CAP_NET_ADMIN.
+pub fn set_mark<F: AsFd>(sock: &F, mark: u32) -> std::io::Result<()> {
+    setsockopt(sock, sockopt::Mark, &mark)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_unmaps_v4_mapped_addresses() {
+        let mapped: SocketAddr = "[::ffff:198.18.0.10]:443".parse().unwrap();
+        assert_eq!(canonical(mapped), "198.18.0.10:443".parse::<SocketAddr>().unwrap());
+        let native: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
+        assert_eq!(canonical(native), native);
+    }
+
+    #[test]
+    fn original_dst_fails_on_a_socket_that_was_not_redirected() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let local = server.local_addr().unwrap();
+        assert!(original_dst(&server, local).is_err());
+        drop(client);
+    }
+}

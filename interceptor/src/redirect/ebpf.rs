@@ -1,0 +1,356 @@
+//! eBPF redirect: loads the programs of `interceptor-ebpf`, attaches the
+//! connect, sendmsg and sock_ops programs to the target cgroup and the
+//! getsockopt program to the proxy's own cgroup, and keeps the target maps in
+//! step with the target set.
+//!
+//! Links are file-descriptor based and not pinned: when this process exits,
+//! however it exits, the kernel detaches every program. Nothing is left
+//! behind.
+
+use std::{
+    collections::BTreeSet,
+    fs::File,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps},
+};
+use interceptor_common::{
+    CONFIG_F_ENABLED, CONFIG_F_HAVE_V6, MAP_BY_ADDR, MAP_CONFIG, MAP_STATS, MAP_TARGETS_V4,
+    MAP_TARGETS_V6, MAX_PORTS, OrigDst, RedirectConfig, STAT_ESTABLISHED, STAT_ORIGDST_ANSWERED,
+    STAT_REDIRECTED_V4, STAT_REDIRECTED_V6, STAT_SKIPPED_MARK, STAT_UDP_REFUSED, STAT_V6_REFUSED,
+    SockKey, Target, v4_mapped,
+};
+use ipnet::IpNet;
+
+use super::{OrigDstResolver, ProxyAddrs, RedirectError, Redirector, SockoptResolver, Workload};
+use crate::{cgroup, net::ClientAddr, targets::TargetSet};
+
+/// The compiled eBPF object, built by build.rs.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
+
+/// Programs attached to the target cgroup: (program name, description).
+const CGROUP_PROGRAMS: [&str; 4] =
+    ["intercept_connect4", "intercept_connect6", "refuse_quic4", "refuse_quic6"];
+const SOCK_OPS_PROGRAM: &str = "record_established";
+const GETSOCKOPT_PROGRAM: &str = "answer_original_dst";
+
+type AddrMap = HashMap<MapData, SockKey, OrigDst>;
+
+pub struct EbpfRedirector {
+    ebpf: Option<Ebpf>,
+    config: Array<MapData, RedirectConfig>,
+    config_value: RedirectConfig,
+    targets_v4: LpmTrie<MapData, [u8; 4], Target>,
+    targets_v6: LpmTrie<MapData, [u8; 16], Target>,
+    by_addr: Arc<Mutex<AddrMap>>,
+    stats: PerCpuArray<MapData, u64>,
+    current: BTreeSet<IpNet>,
+    cgroup: PathBuf,
+    own_cgroup: PathBuf,
+}
+
+fn load_err(e: impl std::error::Error + Send + Sync + 'static) -> RedirectError {
+    RedirectError::Load(Box::new(e))
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> RedirectError {
+    move |e| RedirectError::Map { map, source: Box::new(e) }
+}
+
+fn attach_err(program: &'static str, path: &Path) -> impl FnOnce(aya::programs::ProgramError) -> RedirectError {
+    let path = path.to_path_buf();
+    move |e| RedirectError::Attach { program, path, source: Box::new(e) }
+}
+
+/// Loads every program into the kernel without attaching anything: proves
+/// that the verifier accepts them here. Used by `doctor`.
+pub fn probe() -> Result<(), RedirectError> {
+    let mut ebpf = Ebpf::load(PROGRAMS).map_err(load_err)?;
+    for name in CGROUP_PROGRAMS {
+        let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+        p.load().map_err(load_err)?;
+    }
+    let p: &mut SockOps = program(&mut ebpf, SOCK_OPS_PROGRAM)?;
+    p.load().map_err(load_err)?;
+    let p: &mut CgroupSockopt = program(&mut ebpf, GETSOCKOPT_PROGRAM)?;
+    p.load().map_err(load_err)?;
+    Ok(())
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, RedirectError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf
+        .program_mut(name)
+        .ok_or_else(|| RedirectError::Load(format!("program {name} missing from the eBPF object").into()))?;
+    p.try_into().map_err(load_err)
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, RedirectError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| RedirectError::Load(format!("map {name} missing from the eBPF object").into()))?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+impl EbpfRedirector {
+    /// Loads and attaches the programs. `cgroup` empty means the cgroup2
+    /// root. Must be called inside a tokio runtime (kernel log forwarding).
+    pub fn install(cgroup: &Path, proxy: ProxyAddrs, ports: &[u16]) -> Result<Self, RedirectError> {
+        let root = cgroup::cgroup2_root()?;
+        let target = if cgroup.as_os_str().is_empty() { root.clone() } else { cgroup.to_path_buf() };
+        cgroup::check_cgroup_dir(&target, &root)?;
+        let own = cgroup::own_cgroup(&root)?;
+
+        let mut ebpf = Ebpf::load(PROGRAMS).map_err(load_err)?;
+        forward_kernel_logs(&mut ebpf);
+
+        let mut config: Array<MapData, RedirectConfig> = take_map(&mut ebpf, MAP_CONFIG)?;
+        let config_value = redirect_config(proxy, ports);
+        config.set(0, config_value, 0).map_err(map_err(MAP_CONFIG))?;
+
+        let target_fd = File::open(&target)
+            .map_err(|e| RedirectError::Attach { program: "cgroup", path: target.clone(), source: Box::new(e) })?;
+        for name in CGROUP_PROGRAMS {
+            let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            p.load().map_err(load_err)?;
+            // AllowMultiple: coexist with other cgroup programs (CNIs, systemd).
+            p.attach(&target_fd, CgroupAttachMode::AllowMultiple).map_err(attach_err(name, &target))?;
+        }
+        let p: &mut SockOps = program(&mut ebpf, SOCK_OPS_PROGRAM)?;
+        p.load().map_err(load_err)?;
+        p.attach(&target_fd, CgroupAttachMode::AllowMultiple).map_err(attach_err(SOCK_OPS_PROGRAM, &target))?;
+
+        // Accepted sockets belong to the listener's cgroup, i.e. ours, which
+        // need not be inside the target cgroup (an operator covering only
+        // some workloads with --cgroup).
+        let own_fd = File::open(&own)
+            .map_err(|e| RedirectError::Attach { program: "cgroup", path: own.clone(), source: Box::new(e) })?;
+        let p: &mut CgroupSockopt = program(&mut ebpf, GETSOCKOPT_PROGRAM)?;
+        p.load().map_err(load_err)?;
+        p.attach(&own_fd, CgroupAttachMode::AllowMultiple).map_err(attach_err(GETSOCKOPT_PROGRAM, &own))?;
+
+        let targets_v4 = take_map(&mut ebpf, MAP_TARGETS_V4)?;
+        let targets_v6 = take_map(&mut ebpf, MAP_TARGETS_V6)?;
+        let by_addr: AddrMap = take_map(&mut ebpf, MAP_BY_ADDR)?;
+        let stats = take_map(&mut ebpf, MAP_STATS)?;
+        tracing::info!(cgroup = %target.display(), own_cgroup = %own.display(), "eBPF redirect attached");
+        Ok(Self {
+            ebpf: Some(ebpf),
+            config,
+            config_value,
+            targets_v4,
+            targets_v6,
+            by_addr: Arc::new(Mutex::new(by_addr)),
+            stats,
+            current: BTreeSet::new(),
+            cgroup: target,
+            own_cgroup: own,
+        })
+    }
+
+    fn insert(&mut self, net: &IpNet) -> Result<(), aya::maps::MapError> {
+        let value = Target::default();
+        match net {
+            IpNet::V4(n) => self.targets_v4.insert(&Key::new(u32::from(n.prefix_len()), n.network().octets()), value, 0),
+            IpNet::V6(n) => self.targets_v6.insert(&Key::new(u32::from(n.prefix_len()), n.network().octets()), value, 0),
+        }
+    }
+
+    fn remove(&mut self, net: &IpNet) -> Result<(), aya::maps::MapError> {
+        match net {
+            IpNet::V4(n) => self.targets_v4.remove(&Key::new(u32::from(n.prefix_len()), n.network().octets())),
+            IpNet::V6(n) => self.targets_v6.remove(&Key::new(u32::from(n.prefix_len()), n.network().octets())),
+        }
+    }
+}
+
+fn redirect_config(proxy: ProxyAddrs, ports: &[u16]) -> RedirectConfig {
+    let mut port_slots = [0u16; MAX_PORTS];
+    for (slot, port) in port_slots.iter_mut().zip(ports) {
+        *slot = *port;
+    }
+    let mut flags = CONFIG_F_ENABLED;
+    if proxy.v6.is_some() {
+        flags |= CONFIG_F_HAVE_V6;
+    }
+    RedirectConfig {
+        proxy_addr_v4: proxy.v4.ip().octets(),
+        proxy_addr_v6: proxy.v6.map(|a| a.ip().octets()).unwrap_or([0; 16]),
+        proxy_port: proxy.v4.port(),
+        flags,
+        mark: proxy.mark,
+        ports: port_slots,
+    }
+}
+
+fn forward_kernel_logs(ebpf: &mut Ebpf) {
+    match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => {
+            // SAFETY: the AsyncFd owns the logger, which owns the ring buffer
+            // descriptor, so the descriptor stays open while registered.
+            let registered =
+                unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+            let Ok(mut logger) = registered else {
+                tracing::warn!("cannot poll the eBPF log buffer; kernel-side warnings will not be shown");
+                return;
+            };
+            tokio::spawn(async move {
+                while let Ok(mut guard) = logger.readable_mut().await {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+            });
+        }
+        // The object only logs on rare failures; a missing log map is not fatal.
+        Err(error) => tracing::debug!(%error, "eBPF logger not initialised"),
+    }
+}
+
+/// Map key for a client address as the kernel records it.
+fn sock_key(client: SocketAddr) -> SockKey {
+    let addr = match crate::net::canonical(client).ip() {
+        IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    SockKey { addr, port: client.port(), _pad: [0; 6] }
+}
+
+fn workload_of(entry: &OrigDst) -> Workload {
+    let end = entry.comm.iter().position(|&b| b == 0).unwrap_or(entry.comm.len());
+    Workload {
+        pid: entry.tgid,
+        tid: entry.pid,
+        uid: entry.uid,
+        gid: entry.gid,
+        comm: String::from_utf8_lossy(&entry.comm[..end]).into_owned(),
+        cgroup_id: entry.cgroup_id,
+    }
+}
+
+impl Redirector for EbpfRedirector {
+    fn mode(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn attach_point(&self) -> String {
+        format!("{} (getsockopt on {})", self.cgroup.display(), self.own_cgroup.display())
+    }
+
+    fn set_targets(&mut self, targets: &TargetSet) -> Result<(), RedirectError> {
+        let stale: Vec<IpNet> = self.current.difference(&targets.nets).copied().collect();
+        let fresh: Vec<IpNet> = targets.nets.difference(&self.current).copied().collect();
+        // Insert before removing, so an address that moves between two
+        // overlapping entries is never briefly uncovered.
+        for net in &fresh {
+            self.insert(net).map_err(map_err(MAP_TARGETS_V4))?;
+            self.current.insert(*net);
+        }
+        for net in &stale {
+            match self.remove(net) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(MAP_TARGETS_V4)(e)),
+            }
+            self.current.remove(net);
+        }
+        if !fresh.is_empty() || !stale.is_empty() {
+            tracing::info!(added = fresh.len(), removed = stale.len(), total = self.current.len(), "redirect targets updated");
+        }
+        Ok(())
+    }
+
+    fn uninstall(&mut self) -> Result<(), RedirectError> {
+        if self.ebpf.is_none() {
+            return Ok(());
+        }
+        // Disable first so no connection is redirected while links go away.
+        let mut disabled = self.config_value;
+        disabled.flags = 0;
+        let _ = self.config.set(0, disabled, 0);
+        // Dropping the object closes the link descriptors: the kernel
+        // detaches every program.
+        self.ebpf = None;
+        tracing::info!(cgroup = %self.cgroup.display(), "eBPF redirect detached");
+        Ok(())
+    }
+
+    fn resolver(&self) -> Arc<dyn OrigDstResolver> {
+        let by_addr = Arc::clone(&self.by_addr);
+        Arc::new(SockoptResolver::new(Some(Arc::new(move |client: ClientAddr| {
+            let key = sock_key(client.0);
+            let mut map = by_addr.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = map.get(&key, 0).ok()?;
+            // The record has served its purpose; keep the map small.
+            let _ = map.remove(&key);
+            Some(workload_of(&entry))
+        }))))
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let names = [
+            (STAT_REDIRECTED_V4, "redirected_v4"),
+            (STAT_REDIRECTED_V6, "redirected_v6"),
+            (STAT_SKIPPED_MARK, "skipped_own_mark"),
+            (STAT_UDP_REFUSED, "udp_refused"),
+            (STAT_V6_REFUSED, "ipv6_refused"),
+            (STAT_ESTABLISHED, "established"),
+            (STAT_ORIGDST_ANSWERED, "original_dst_answered"),
+        ];
+        names
+            .iter()
+            .map(|&(i, name)| (name, self.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0)))
+            .collect()
+    }
+}
+
+impl Drop for EbpfRedirector {
+    fn drop(&mut self) {
+        let _ = self.uninstall();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_carries_ports_addresses_and_flags() {
+        let proxy = ProxyAddrs { v4: "127.0.0.1:15443".parse().unwrap(), v6: None, mark: 0x1e7 };
+        let c = redirect_config(proxy, &[443, 8443]);
+        assert_eq!(c.proxy_addr_v4, [127, 0, 0, 1]);
+        assert_eq!(c.proxy_port, 15443);
+        assert_eq!(c.flags, CONFIG_F_ENABLED);
+        assert!(c.has_port(443) && c.has_port(8443) && !c.has_port(80));
+        let proxy = ProxyAddrs { v6: Some("[::1]:15443".parse().unwrap()), ..proxy };
+        assert_eq!(redirect_config(proxy, &[443]).flags, CONFIG_F_ENABLED | CONFIG_F_HAVE_V6);
+    }
+
+    #[test]
+    fn sock_keys_use_v4_mapped_form_and_host_order_port() {
+        let k = sock_key("127.0.0.1:40000".parse().unwrap());
+        assert_eq!(k.addr, v4_mapped([127, 0, 0, 1]));
+        assert_eq!(k.port, 40000);
+        assert_eq!(sock_key("[::ffff:127.0.0.1]:40000".parse().unwrap()), k);
+    }
+
+    #[test]
+    fn comm_is_cut_at_the_first_nul() {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"curl");
+        let e = OrigDst {
+            addr: [0; 16], port: 443, family: 2, tgid: 7, pid: 8, uid: 0, gid: 0, _pad: 0, cgroup_id: 9, comm,
+        };
+        let w = workload_of(&e);
+        assert_eq!((w.pid, w.tid, w.comm.as_str(), w.cgroup_id), (7, 8, "curl", 9));
+    }
+}

@@ -1,0 +1,292 @@
+//! iptables redirect: our own `INTERCEPTOR` chains, in the nat table (REDIRECT
+//! of TCP to a target) and in the filter table (refusal of UDP to a target,
+//! i.e. QUIC, and a guard that resets any TCP connection to a target that
+//! escaped NAT), for IPv4 and IPv6.
+//!
+//! The guard matters because NAT is decided once per conntrack entry: a stale
+//! entry left by the proxy's own upstream connection (same addresses and
+//! ports) would let a later client connection through to the provider
+//! untouched. Every unmarked packet still aimed at a target when it reaches the
+//! filter table was not redirected, so it is refused instead of bypassing the
+//! guardrails.
+//!
+//! Chains are replaced atomically with `iptables-restore --noflush`. Stale
+//! chains from a crashed run are removed at start and by `interceptor cleanup`.
+
+use std::{collections::BTreeSet, fmt::Write as _, io::Write as _, process::Command, sync::Arc};
+
+use ipnet::IpNet;
+
+use super::{OrigDstResolver, ProxyAddrs, RedirectError, Redirector, SockoptResolver};
+use crate::targets::TargetSet;
+
+pub const CHAIN: &str = "INTERCEPTOR";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn iptables(self) -> &'static str {
+        match self {
+            Self::V4 => "iptables",
+            Self::V6 => "ip6tables",
+        }
+    }
+
+    fn restore(self) -> &'static str {
+        match self {
+            Self::V4 => "iptables-restore",
+            Self::V6 => "ip6tables-restore",
+        }
+    }
+
+    fn matches(self, net: &IpNet) -> bool {
+        matches!((self, net), (Self::V4, IpNet::V4(_)) | (Self::V6, IpNet::V6(_)))
+    }
+}
+
+pub struct IptablesRedirector {
+    proxy: ProxyAddrs,
+    ports: Vec<u16>,
+    installed: bool,
+    current: BTreeSet<IpNet>,
+}
+
+impl IptablesRedirector {
+    /// Removes stale rules, then creates the chains and the jumps to them.
+    pub fn install(proxy: ProxyAddrs, ports: &[u16]) -> Result<Self, RedirectError> {
+        cleanup()?;
+        let this = Self { proxy, ports: ports.to_vec(), installed: true, current: BTreeSet::new() };
+        for family in [Family::V4, Family::V6] {
+            restore(family, &this.rules(family))?;
+            run(family.iptables(), &["-w", "-t", "nat", "-I", "OUTPUT", "1", "-p", "tcp", "-j", CHAIN])?;
+            run(family.iptables(), &["-w", "-t", "filter", "-I", "OUTPUT", "1", "-j", CHAIN])?;
+        }
+        tracing::info!("iptables redirect installed");
+        Ok(this)
+    }
+
+    fn rules(&self, family: Family) -> String {
+        rules(family, &self.current, &self.proxy, &self.ports)
+    }
+}
+
+/// The iptables-restore input for one family. Declaring a chain flushes it,
+/// so applying this replaces the chain's rules atomically.
+pub fn rules(family: Family, targets: &BTreeSet<IpNet>, proxy: &ProxyAddrs, ports: &[u16]) -> String {
+    let ports = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+    let nets: Vec<&IpNet> = targets.iter().filter(|n| family.matches(n)).collect();
+    let mark = format!("-A {CHAIN} -m mark --mark {:#x} -j RETURN\n", proxy.mark);
+    // REDIRECT sends to the loopback address (127.0.0.1 or ::1) for locally
+    // generated traffic; any other proxy address needs DNAT.
+    let to = match family {
+        Family::V4 if proxy.v4.ip().is_loopback() => Some(format!("REDIRECT --to-ports {}", proxy.v4.port())),
+        Family::V4 => Some(format!("DNAT --to-destination {}", proxy.v4)),
+        Family::V6 => proxy.v6.map(|v6| {
+            if v6.ip().is_loopback() {
+                format!("REDIRECT --to-ports {}", v6.port())
+            } else {
+                format!("DNAT --to-destination {v6}")
+            }
+        }),
+    };
+    let mut out = String::new();
+    out.push_str("*nat\n");
+    let _ = writeln!(out, ":{CHAIN} - [0:0]");
+    out.push_str(&mark);
+    if let Some(to) = &to {
+        for net in &nets {
+            let _ = writeln!(out, "-A {CHAIN} -d {net} -p tcp -m multiport --dports {ports} -j {to}");
+        }
+    }
+    out.push_str("COMMIT\n*filter\n");
+    let _ = writeln!(out, ":{CHAIN} - [0:0]");
+    out.push_str(&mark);
+    let unreachable = match family {
+        Family::V4 => "icmp-port-unreachable",
+        Family::V6 => "icmp6-port-unreachable",
+    };
+    for net in &nets {
+        let _ = writeln!(out, "-A {CHAIN} -d {net} -p udp -m multiport --dports {ports} -j REJECT --reject-with {unreachable}");
+        let _ = writeln!(out, "-A {CHAIN} -d {net} -p tcp -m multiport --dports {ports} -j REJECT --reject-with tcp-reset");
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
+fn restore(family: Family, input: &str) -> Result<(), RedirectError> {
+    let command = format!("{} --noflush -w", family.restore());
+    let mut child = Command::new(family.restore())
+        .args(["--noflush", "-w"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|source| RedirectError::Spawn { command: command.clone(), source })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(|source| RedirectError::Spawn { command: command.clone(), source })?;
+    }
+    let out = child.wait_with_output().map_err(|source| RedirectError::Spawn { command: command.clone(), source })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(RedirectError::Command { command, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() })
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> Result<(), RedirectError> {
+    let command = format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|source| RedirectError::Spawn { command: command.clone(), source })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(RedirectError::Command { command, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() })
+    }
+}
+
+/// Removes our jumps and chains for both families. Missing rules and chains
+/// are fine; a missing iptables binary is only an error if rules might exist.
+pub fn cleanup() -> Result<(), RedirectError> {
+    let mut removed = 0;
+    for family in [Family::V4, Family::V6] {
+        let ipt = family.iptables();
+        if which(ipt).is_none() {
+            continue;
+        }
+        for (table, jump) in [("nat", &["-p", "tcp", "-j", CHAIN][..]), ("filter", &["-j", CHAIN][..])] {
+            // Remove every copy of the jump (a crashed run may have left several).
+            for _ in 0..64 {
+                let mut args = vec!["-w", "-t", table, "-D", "OUTPUT"];
+                args.extend_from_slice(jump);
+                if run(ipt, &args).is_err() {
+                    break;
+                }
+                removed += 1;
+            }
+            if run(ipt, &["-w", "-t", table, "-F", CHAIN]).is_ok() {
+                run(ipt, &["-w", "-t", table, "-X", CHAIN])?;
+                removed += 1;
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::info!(removed, "removed iptables rules and chains");
+    }
+    Ok(())
+}
+
+fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|dir| std::path::Path::new(dir).join(program))
+        .find(|p| p.is_file())
+}
+
+/// Whether the iptables tools are installed (for `doctor`).
+pub fn available(family: Family) -> bool {
+    which(family.iptables()).is_some() && which(family.restore()).is_some()
+}
+
+impl Redirector for IptablesRedirector {
+    fn mode(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn attach_point(&self) -> String {
+        format!("nat/filter OUTPUT -> {CHAIN}")
+    }
+
+    fn set_targets(&mut self, targets: &TargetSet) -> Result<(), RedirectError> {
+        if targets.nets == self.current {
+            return Ok(());
+        }
+        let previous = std::mem::replace(&mut self.current, targets.nets.clone());
+        for family in [Family::V4, Family::V6] {
+            if let Err(e) = restore(family, &self.rules(family)) {
+                self.current = previous;
+                return Err(e);
+            }
+        }
+        tracing::info!(total = self.current.len(), "redirect targets updated");
+        Ok(())
+    }
+
+    fn uninstall(&mut self) -> Result<(), RedirectError> {
+        if !self.installed {
+            return Ok(());
+        }
+        self.installed = false;
+        cleanup()
+    }
+
+    fn resolver(&self) -> Arc<dyn OrigDstResolver> {
+        Arc::new(SockoptResolver::new(None))
+    }
+}
+
+impl Drop for IptablesRedirector {
+    fn drop(&mut self) {
+        if let Err(error) = self.uninstall() {
+            tracing::error!(error = %crate::telemetry::chain(&error), "cannot remove iptables rules");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proxy(v6: bool) -> ProxyAddrs {
+        ProxyAddrs {
+            v4: "127.0.0.1:15443".parse().unwrap(),
+            v6: v6.then(|| "[::1]:15443".parse().unwrap()),
+            mark: 0x1e7,
+        }
+    }
+
+    fn targets() -> BTreeSet<IpNet> {
+        ["198.18.0.10/32", "2001:db8::10/128"].iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn v4_rules_redirect_tcp_refuse_udp_and_guard() {
+        let r = rules(Family::V4, &targets(), &proxy(true), &[443]);
+        assert_eq!(
+            r,
+            "*nat\n:INTERCEPTOR - [0:0]\n\
+             -A INTERCEPTOR -m mark --mark 0x1e7 -j RETURN\n\
+             -A INTERCEPTOR -d 198.18.0.10/32 -p tcp -m multiport --dports 443 -j REDIRECT --to-ports 15443\n\
+             COMMIT\n*filter\n:INTERCEPTOR - [0:0]\n\
+             -A INTERCEPTOR -m mark --mark 0x1e7 -j RETURN\n\
+             -A INTERCEPTOR -d 198.18.0.10/32 -p udp -m multiport --dports 443 -j REJECT --reject-with icmp-port-unreachable\n\
+             -A INTERCEPTOR -d 198.18.0.10/32 -p tcp -m multiport --dports 443 -j REJECT --reject-with tcp-reset\n\
+             COMMIT\n"
+        );
+    }
+
+    #[test]
+    fn v6_without_listener_has_no_redirect_but_keeps_the_guard() {
+        let r = rules(Family::V6, &targets(), &proxy(false), &[443, 8443]);
+        assert!(!r.contains("REDIRECT"), "{r}");
+        assert!(r.contains("-d 2001:db8::10/128 -p tcp -m multiport --dports 443,8443 -j REJECT --reject-with tcp-reset"));
+        assert!(!r.contains("198.18.0.10"));
+    }
+
+    #[test]
+    fn non_loopback_proxy_address_uses_dnat() {
+        let mut p = proxy(false);
+        p.v4 = "10.0.0.5:15443".parse().unwrap();
+        let r = rules(Family::V4, &targets(), &p, &[443]);
+        assert!(r.contains("-j DNAT --to-destination 10.0.0.5:15443"), "{r}");
+    }
+}

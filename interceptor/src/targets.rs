@@ -1,0 +1,182 @@
+//! Target addresses: which destinations the redirector sends to the proxy.
+//!
+//! The set is the union of the configured CIDR blocks and the addresses the
+//! configured domains resolve to through the system resolver (`/etc/hosts`
+//! honoured). Providers rotate addresses and clients cache answers, so an
+//! address stays a target for a grace period after its domain stopped
+//! resolving to it, and a failed lookup keeps the previous addresses.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use ipnet::IpNet;
+use serde::Serialize;
+use tokio::task::JoinSet;
+
+/// An immutable set of target networks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TargetSet {
+    pub nets: BTreeSet<IpNet>,
+    /// Which domain each resolved address came from, for status output.
+    pub sources: BTreeMap<IpAddr, BTreeSet<String>>,
+}
+
+impl TargetSet {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.nets.iter().any(|n| n.contains(&ip))
+    }
+
+    pub fn len(&self) -> usize {
+        self.nets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nets.is_empty()
+    }
+}
+
+/// Resolves domains periodically and remembers when each address was last
+/// seen.
+pub struct TargetResolver {
+    domains: Vec<String>,
+    cidrs: Vec<IpNet>,
+    grace: Duration,
+    /// address → (domains it was seen for, last time seen)
+    seen: HashMap<IpAddr, (BTreeSet<String>, Instant)>,
+}
+
+impl TargetResolver {
+    pub fn new(domains: Vec<String>, cidrs: Vec<IpNet>, grace: Duration) -> Self {
+        Self { domains, cidrs, grace, seen: HashMap::new() }
+    }
+
+    /// Replaces the domain and CIDR lists (config reload). Addresses already
+    /// learned for domains that are no longer configured are dropped.
+    pub fn reconfigure(&mut self, domains: Vec<String>, cidrs: Vec<IpNet>, grace: Duration) {
+        self.seen.retain(|_, (names, _)| {
+            names.retain(|n| domains.contains(n));
+            !names.is_empty()
+        });
+        self.domains = domains;
+        self.cidrs = cidrs;
+        self.grace = grace;
+    }
+
+    /// Resolves every domain concurrently and returns the current set.
+    pub async fn resolve(&mut self) -> TargetSet {
+        let mut lookups = JoinSet::new();
+        for domain in self.domains.clone() {
+            lookups.spawn(async move {
+                let result = tokio::net::lookup_host((domain.as_str(), 443))
+                    .await
+                    .map(|addrs| addrs.map(|a| a.ip()).collect::<Vec<_>>());
+                (domain, result)
+            });
+        }
+        let now = Instant::now();
+        while let Some(joined) = lookups.join_next().await {
+            let Ok((domain, result)) = joined else { continue };
+            match result {
+                Ok(addrs) => {
+                    tracing::debug!(%domain, count = addrs.len(), "resolved target domain");
+                    for ip in addrs {
+                        self.observe(&domain, ip, now);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%domain, %error, "cannot resolve target domain; keeping its previous addresses");
+                    self.refresh_domain(&domain, now);
+                }
+            }
+        }
+        self.snapshot(now)
+    }
+
+    fn observe(&mut self, domain: &str, ip: IpAddr, now: Instant) {
+        let ip = canonical_ip(ip);
+        let entry = self.seen.entry(ip).or_insert_with(|| (BTreeSet::new(), now));
+        entry.0.insert(domain.to_string());
+        entry.1 = now;
+    }
+
+    /// A failed lookup must not age out a domain's addresses.
+    fn refresh_domain(&mut self, domain: &str, now: Instant) {
+        for (names, last) in self.seen.values_mut() {
+            if names.contains(domain) {
+                *last = now;
+            }
+        }
+    }
+
+    fn snapshot(&mut self, now: Instant) -> TargetSet {
+        let grace = self.grace;
+        self.seen.retain(|_, (_, last)| now.duration_since(*last) <= grace);
+        let mut set = TargetSet::default();
+        set.nets.extend(self.cidrs.iter().copied());
+        for (ip, (names, _)) in &self.seen {
+            set.nets.insert(IpNet::from(*ip));
+            set.sources.insert(*ip, names.clone());
+        }
+        set
+    }
+}
+
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn literal_addresses_and_localhost_resolve_into_the_set() {
+        let cidrs = vec!["198.18.0.0/24".parse().unwrap()];
+        let mut r = TargetResolver::new(vec!["localhost".into()], cidrs, Duration::from_secs(60));
+        let set = r.resolve().await;
+        assert!(set.contains("198.18.0.10".parse().unwrap()));
+        assert!(set.contains("127.0.0.1".parse().unwrap()), "{set:?}");
+        assert!(set.sources[&"127.0.0.1".parse::<IpAddr>().unwrap()].contains("localhost"));
+    }
+
+    #[test]
+    fn addresses_age_out_after_the_grace_period() {
+        let mut r = TargetResolver::new(vec!["a.example".into()], vec![], Duration::from_secs(10));
+        let t0 = Instant::now();
+        r.observe("a.example", "192.0.2.1".parse().unwrap(), t0);
+        assert!(r.snapshot(t0 + Duration::from_secs(5)).contains("192.0.2.1".parse().unwrap()));
+        assert!(r.snapshot(t0 + Duration::from_secs(11)).is_empty());
+    }
+
+    #[test]
+    fn failed_lookup_keeps_previous_addresses() {
+        let mut r = TargetResolver::new(vec!["a.example".into()], vec![], Duration::from_secs(10));
+        let t0 = Instant::now();
+        r.observe("a.example", "192.0.2.1".parse().unwrap(), t0);
+        r.refresh_domain("a.example", t0 + Duration::from_secs(9));
+        assert!(!r.snapshot(t0 + Duration::from_secs(15)).is_empty());
+    }
+
+    #[test]
+    fn reconfigure_drops_addresses_of_removed_domains() {
+        let mut r = TargetResolver::new(vec!["a.example".into()], vec![], Duration::from_secs(10));
+        let t0 = Instant::now();
+        r.observe("a.example", "192.0.2.1".parse().unwrap(), t0);
+        r.reconfigure(vec!["b.example".into()], vec![], Duration::from_secs(10));
+        assert!(r.snapshot(t0).is_empty());
+    }
+
+    #[test]
+    fn v4_mapped_answers_are_stored_as_ipv4() {
+        let mut r = TargetResolver::new(vec!["a.example".into()], vec![], Duration::from_secs(10));
+        let t0 = Instant::now();
+        r.observe("a.example", "::ffff:192.0.2.1".parse().unwrap(), t0);
+        assert!(r.snapshot(t0).nets.contains(&"192.0.2.1/32".parse().unwrap()));
+    }
+}

@@ -1,0 +1,93 @@
+//! Developer and CI orchestration for the interceptor workspace, run as `cargo xtask <task>`.
+//!
+//! It installs prerequisites, builds and runs the interceptor locally, and runs the test
+//! suite including the privileged tests. It does not build the eBPF object itself: the
+//! interceptor's build script does that.
+
+mod cmd;
+mod interceptor;
+mod setup;
+mod suite;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::interceptor::{Profile, RunArgs};
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "Build, run and test the interceptor"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install missing prerequisites (apt packages, nightly rust-src, bpf-linker).
+    Setup,
+    /// Set up, then build the interceptor binary.
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build, then replace this process with `interceptor run`.
+    Run(RunArgs),
+    /// Set up, then run the unit, in-process and privileged tests.
+    Test {
+        /// Extra `cargo test` arguments for every step; arguments after a second `--` go
+        /// to the test harness, e.g. `cargo xtask test -- --no-fail-fast -- --nocapture`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::setup(),
+        Task::Build { release } => {
+            setup::setup()?;
+            let profile = if release {
+                Profile::Release
+            } else {
+                Profile::Dev
+            };
+            let bin = interceptor::build(profile)?;
+            println!("built {}", bin.display());
+            Ok(())
+        }
+        Task::Run(args) => interceptor::run(args),
+        Task::Test { args } => suite::test(&args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Task {
+        match Cli::try_parse_from(std::iter::once("xtask").chain(args.iter().copied())) {
+            Ok(cli) => cli.task,
+            Err(err) => panic!("{err}"),
+        }
+    }
+
+    #[test]
+    fn test_keeps_a_second_separator_for_the_harness() {
+        let Task::Test { args } = parse(&["test", "--", "--no-fail-fast", "--", "--nocapture"])
+        else {
+            panic!("not the test task");
+        };
+        assert_eq!(args, ["--no-fail-fast", "--", "--nocapture"]);
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

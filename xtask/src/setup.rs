@@ -1,0 +1,210 @@
+//! `cargo xtask setup`: installs what building and testing the interceptor needs.
+//!
+//! Idempotent: every step first checks, read-only, and installs only what is missing, so a
+//! second run prints `ok:` lines and changes nothing. Targets Debian 12 run as root (CI runs
+//! it with no stdin). Only apt needs root; rustup and cargo install into the user's home.
+
+use std::process::Stdio;
+
+use anyhow::{Context, Result, bail};
+
+use crate::cmd;
+
+/// Debian packages the build and the tests need. python3 and nodejs (used by real-client
+/// tests) are expected on the machine already and are deliberately not installed here.
+pub const APT_PACKAGES: &[&str] = &[
+    // bpf-linker links against LLVM 22 (bookworm-security ships it).
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+    // iptables redirect mode and its tests (conntrack to flush stale NAT entries).
+    "iptables",
+    "conntrack",
+    // Network namespaces and veth pairs in privileged tests.
+    "iproute2",
+    // Real-client tests.
+    "curl",
+    "ca-certificates",
+];
+
+/// Where Debian's llvm-22 packages live. Without it bpf-linker's build picks the default
+/// `llvm-config` (an older LLVM) and fails with `unable to find library -lLLVM`.
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+/// Runs every setup step.
+pub fn setup() -> Result<()> {
+    apt_packages()?;
+    nightly_rust_src()?;
+    bpf_linker()?;
+    Ok(())
+}
+
+fn apt_packages() -> Result<()> {
+    if !dpkg_available() {
+        println!(
+            "skip: dpkg-query not found (not Debian?); make sure these are installed: {}",
+            APT_PACKAGES.join(" ")
+        );
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    for package in APT_PACKAGES {
+        if !package_installed(package)? {
+            missing.push(*package);
+        }
+    }
+    if missing.is_empty() {
+        println!("ok: apt packages present");
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    if !cmd::is_root()? {
+        bail!(
+            "missing apt packages: {list}; installing them needs root: run `cargo xtask setup` as root"
+        );
+    }
+    println!("installing apt packages: {list}");
+    apt_get(&["update"])?;
+    let mut install = vec!["install", "--yes", "--no-install-recommends"];
+    install.extend(missing);
+    apt_get(&install)
+}
+
+fn dpkg_available() -> bool {
+    cmd::command("dpkg-query")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+fn package_installed(package: &str) -> Result<bool> {
+    let output = cmd::command("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot start dpkg-query")?;
+    // Exit status 1 means dpkg has never heard of the package.
+    Ok(output.status.success() && is_installed_status(&String::from_utf8_lossy(&output.stdout)))
+}
+
+/// Whether a dpkg `${Status}` (`want error-flag state`) says the package is installed.
+fn is_installed_status(status: &str) -> bool {
+    let words: Vec<&str> = status.split_whitespace().collect();
+    matches!(words.as_slice(), [_, "ok", "installed"])
+}
+
+fn apt_get(args: &[&str]) -> Result<()> {
+    cmd::run(
+        cmd::command("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null()),
+    )
+}
+
+/// The eBPF crate builds with nightly and `-Z build-std=core`, which needs rust-src.
+fn nightly_rust_src() -> Result<()> {
+    if cmd::find_executable("rustup").is_none() {
+        bail!(
+            "rustup not found: the eBPF build needs a rustup-managed nightly toolchain (https://rustup.rs)"
+        );
+    }
+    let toolchains = cmd::stdout(cmd::command("rustup").args(["toolchain", "list"]))?;
+    if !toolchains.lines().any(is_plain_nightly) {
+        println!("installing nightly toolchain with rust-src");
+        return cmd::run(cmd::command("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]));
+    }
+    let components = cmd::stdout(cmd::command("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))?;
+    if components.lines().any(|line| line.trim() == "rust-src") {
+        println!("ok: nightly rust-src present");
+        return Ok(());
+    }
+    println!("installing rust-src for nightly");
+    cmd::run(cmd::command("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))
+}
+
+/// Whether a `rustup toolchain list` line is the toolchain `+nightly` selects (`nightly-<host>`),
+/// not a dated one such as `nightly-2025-01-01-<host>`.
+fn is_plain_nightly(line: &str) -> bool {
+    let name = line.split_whitespace().next().unwrap_or_default();
+    name == "nightly"
+        || name
+            .strip_prefix("nightly-")
+            .is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_digit()))
+}
+
+fn bpf_linker() -> Result<()> {
+    if let Some(path) = cmd::find_executable("bpf-linker") {
+        println!("ok: bpf-linker present ({})", path.display());
+        return Ok(());
+    }
+    println!("installing bpf-linker (cargo install, about a minute)");
+    cmd::run(
+        cmd::cargo()
+            .args(["install", "bpf-linker", "--locked", "--no-default-features"])
+            .args(["--features", "llvm-22"])
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX),
+    )?;
+    match cmd::find_executable("bpf-linker") {
+        Some(path) => {
+            println!("ok: bpf-linker installed ({})", path.display());
+            Ok(())
+        }
+        None => bail!(
+            "cargo install bpf-linker succeeded but bpf-linker is not on PATH or in $CARGO_HOME/bin"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dpkg_status_installed() {
+        assert!(is_installed_status("install ok installed"));
+        assert!(is_installed_status("hold ok installed"));
+        assert!(!is_installed_status("deinstall ok config-files"));
+        assert!(!is_installed_status("install ok unpacked"));
+        assert!(!is_installed_status(""));
+    }
+
+    #[test]
+    fn plain_nightly_only() {
+        assert!(is_plain_nightly("nightly-x86_64-unknown-linux-gnu"));
+        assert!(is_plain_nightly(
+            "nightly-x86_64-unknown-linux-gnu (active)"
+        ));
+        assert!(!is_plain_nightly(
+            "nightly-2025-01-01-x86_64-unknown-linux-gnu"
+        ));
+        assert!(!is_plain_nightly(
+            "stable-x86_64-unknown-linux-gnu (active, default)"
+        ));
+        assert!(!is_plain_nightly(""));
+    }
+}
