@@ -5,7 +5,7 @@
 //! the cgroup of the process that created the listener. Any other option, or
 //! a socket without a record, keeps the kernel's own answer.
 
-use core::ptr::write_volatile;
+use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{macros::cgroup_sockopt, programs::SockoptContext};
 use interceptor_common::{AF_INET, AF_INET6, STAT_ORIGDST_ANSWERED, SockKey, as_v4, v4_mapped};
@@ -37,8 +37,21 @@ fn try_answer(ctx: &SockoptContext) -> Result<(), ()> {
         return Err(());
     }
     // SAFETY: non-null kernel socket pointer readable by this program type.
-    let (family, dst_port, dst_ip4, dst_ip6) =
-        unsafe { ((*sk).family, (*sk).dst_port, (*sk).dst_ip4, (*sk).dst_ip6) };
+    // Each field read directly from the socket pointer: the verifier forbids
+    // arithmetic on socket pointers, which LLVM may otherwise emit.
+    let (family, dst_port, dst_ip4, dst_ip6) = unsafe {
+        (
+            read_volatile(&(*sk).family),
+            read_volatile(&(*sk).dst_port),
+            read_volatile(&(*sk).dst_ip4),
+            [
+                read_volatile(&(*sk).dst_ip6[0]),
+                read_volatile(&(*sk).dst_ip6[1]),
+                read_volatile(&(*sk).dst_ip6[2]),
+                read_volatile(&(*sk).dst_ip6[3]),
+            ],
+        )
+    };
     // The peer of the accepted socket is the client's local address.
     let addr = if family == u32::from(AF_INET) {
         v4_mapped(dst_ip4.to_ne_bytes())

@@ -2,6 +2,8 @@
 //! the connection is established (at connect time the port is not yet
 //! chosen). The proxy sees that address as the peer of the accepted socket.
 
+use core::ptr::read_volatile;
+
 use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
@@ -21,7 +23,27 @@ pub fn record_established(ctx: SockOpsContext) -> u32 {
 }
 
 fn try_record_established(ctx: &SockOpsContext) -> Result<(), i32> {
-    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+    // Read every context field up front, with plain loads from the context
+    // pointer: the verifier rejects loads through a context pointer that
+    // LLVM has offset and carried across a branch ("dereference of modified
+    // ctx ptr").
+    // SAFETY: valid context for the program's lifetime.
+    let (op, family, local_ip4, local_ip6, local_port) = unsafe {
+        let ops = ctx.ops;
+        (
+            read_volatile(&(*ops).op),
+            read_volatile(&(*ops).family),
+            read_volatile(&(*ops).local_ip4),
+            [
+                read_volatile(&(*ops).local_ip6[0]),
+                read_volatile(&(*ops).local_ip6[1]),
+                read_volatile(&(*ops).local_ip6[2]),
+                read_volatile(&(*ops).local_ip6[3]),
+            ],
+            read_volatile(&(*ops).local_port),
+        )
+    };
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         return Ok(());
     }
     // SAFETY: helper permitted for sock_ops programs.
@@ -31,17 +53,17 @@ fn try_record_established(ctx: &SockOpsContext) -> Result<(), i32> {
         return Ok(());
     };
     let entry = *entry;
-    let addr = if ctx.family() == u32::from(AF_INET) {
+    let addr = if family == u32::from(AF_INET) {
         // local_ip4 is in network order.
-        v4_mapped(ctx.local_ip4().to_ne_bytes())
+        v4_mapped(local_ip4.to_ne_bytes())
     } else {
         // Dual-stack sockets already hold v4-mapped addresses here.
-        words_to_bytes(ctx.local_ip6())
+        words_to_bytes(local_ip6)
     };
     let key = SockKey {
         addr,
         // local_port is in host order in sock_ops.
-        port: ctx.local_port() as u16,
+        port: local_port as u16,
         _pad: [0; 6],
     };
     ORIG_BY_ADDR.insert(&key, &entry, 0)?;

@@ -23,6 +23,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "conntrack",
     // Network namespaces and veth pairs in privileged tests.
     "iproute2",
+    // Lists programs attached to cgroups (tests check nothing is left behind).
+    "bpftool",
     // Real-client tests.
     "curl",
     "ca-certificates",

@@ -40,6 +40,11 @@ const CGROUP_PROGRAMS: [&str; 4] =
 const SOCK_OPS_PROGRAM: &str = "record_established";
 const GETSOCKOPT_PROGRAM: &str = "answer_original_dst";
 
+/// Attached with bpf_link (kernel >= 5.7), which always coexists with other
+/// programs on the same cgroup (CNIs, systemd); the kernel rejects any
+/// attach flag on link creation, so the mode must be the flagless one.
+const ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
 type AddrMap = HashMap<MapData, SockKey, OrigDst>;
 
 pub struct EbpfRedirector {
@@ -124,12 +129,11 @@ impl EbpfRedirector {
         for name in CGROUP_PROGRAMS {
             let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             p.load().map_err(load_err)?;
-            // AllowMultiple: coexist with other cgroup programs (CNIs, systemd).
-            p.attach(&target_fd, CgroupAttachMode::AllowMultiple).map_err(attach_err(name, &target))?;
+            p.attach(&target_fd, ATTACH_MODE).map_err(attach_err(name, &target))?;
         }
         let p: &mut SockOps = program(&mut ebpf, SOCK_OPS_PROGRAM)?;
         p.load().map_err(load_err)?;
-        p.attach(&target_fd, CgroupAttachMode::AllowMultiple).map_err(attach_err(SOCK_OPS_PROGRAM, &target))?;
+        p.attach(&target_fd, ATTACH_MODE).map_err(attach_err(SOCK_OPS_PROGRAM, &target))?;
 
         // Accepted sockets belong to the listener's cgroup, i.e. ours, which
         // need not be inside the target cgroup (an operator covering only
@@ -138,7 +142,7 @@ impl EbpfRedirector {
             .map_err(|e| RedirectError::Attach { program: "cgroup", path: own.clone(), source: Box::new(e) })?;
         let p: &mut CgroupSockopt = program(&mut ebpf, GETSOCKOPT_PROGRAM)?;
         p.load().map_err(load_err)?;
-        p.attach(&own_fd, CgroupAttachMode::AllowMultiple).map_err(attach_err(GETSOCKOPT_PROGRAM, &own))?;
+        p.attach(&own_fd, ATTACH_MODE).map_err(attach_err(GETSOCKOPT_PROGRAM, &own))?;
 
         let targets_v4 = take_map(&mut ebpf, MAP_TARGETS_V4)?;
         let targets_v6 = take_map(&mut ebpf, MAP_TARGETS_V6)?;

@@ -11,11 +11,13 @@
 
 mod cgroup;
 mod fake;
+mod harness;
 mod netns;
 mod process;
 
 pub use cgroup::{Cgroup, cgroup2_root};
 pub use fake::{EchoReply, PeerEchoServer, Peers, UdpEcho, echo_client};
+pub use harness::{ADMIN, Interceptor, http_get, interceptor_bin};
 pub use netns::{Netns, VethPair, in_netns, veth_pair};
 pub use process::{output_in, spawn_in, spawn_in_tokio};
 
