@@ -64,7 +64,7 @@ pub fn run(mode: RedirectMode) -> bool {
         match ebpf::probe() {
             Ok(()) => checks.push(check(true, "eBPF programs load and pass the verifier")),
             Err(e) => {
-                let why = telemetry::chain(&e);
+                let why = shorten(&telemetry::chain(&e));
                 checks.push(check(false, format!("eBPF programs do not load: {why}")));
                 ebpf_problems.push(format!("programs rejected: {why}"));
             }
@@ -106,6 +106,16 @@ pub fn run(mode: RedirectMode) -> bool {
     ok
 }
 
+/// Verifier logs run to hundreds of lines: keep the first line and the last
+/// few, which say what was rejected.
+fn shorten(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.len() <= 6 {
+        return text.to_string();
+    }
+    format!("{} [...] {}", lines[0], lines[lines.len() - 4..].join(" | "))
+}
+
 fn effective_caps() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
@@ -130,6 +140,13 @@ fn nat_usable(tool: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_verifier_logs_are_shortened() {
+        let log = (0..100).map(|i| format!("line {i}")).collect::<Vec<_>>().join("\n");
+        assert_eq!(shorten(&log), "line 0 [...] line 96 | line 97 | line 98 | line 99");
+        assert_eq!(shorten("short"), "short");
+    }
 
     #[test]
     fn kernel_versions_compare_numerically() {

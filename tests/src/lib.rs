@@ -119,7 +119,7 @@ impl ClientResult {
 
 /// curl to `http://addr:port/` (the fake provider answers one line; HTTP/0.9
 /// allowed) from `cgroup` in the namespace.
-pub fn curl(world: &World, cgroup: &Cgroup, host: &str, port: u16) -> Result<ClientResult> {
+pub fn curl(netns: &Netns, cgroup: &Cgroup, host: &str, port: u16) -> Result<ClientResult> {
     let url_host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
     let mut cmd = Command::new(tool("curl"));
     cmd.args(["-sS", "--http0.9", "--max-time", "8", "-w", "\nlocal=%{local_ip} %{local_port}\n"])
@@ -127,7 +127,7 @@ pub fn curl(world: &World, cgroup: &Cgroup, host: &str, port: u16) -> Result<Cli
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let child = spawn_in(&mut cmd, Some(&world.netns), Some(cgroup))?;
+    let child = spawn_in(&mut cmd, Some(netns), Some(cgroup))?;
     let pid = child.id();
     let out = wait_output(child)?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -161,13 +161,13 @@ print(json.dumps({"pid": os.getpid(), "local": [local[0], local[1]], "reply": da
 
 /// A Python socket client. `family` "4" or "6" (an AF_INET6 socket may
 /// connect to a v4-mapped address).
-pub fn python(world: &World, cgroup: &Cgroup, host: &str, port: u16, family: &str) -> Result<ClientResult> {
+pub fn python(netns: &Netns, cgroup: &Cgroup, host: &str, port: u16, family: &str) -> Result<ClientResult> {
     let mut cmd = Command::new(tool("python3"));
     cmd.args(["-c", PY_TCP, host, &port.to_string(), family])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let child = spawn_in(&mut cmd, Some(&world.netns), Some(cgroup))?;
+    let child = spawn_in(&mut cmd, Some(netns), Some(cgroup))?;
     let out = wait_output(child)?;
     if !out.status.success() {
         bail!("python client failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
@@ -198,13 +198,13 @@ except OSError as e:
 "#;
 
 /// Sends one UDP datagram and reports "reply …", "refused <errno>" or "error …".
-pub fn python_udp(world: &World, cgroup: &Cgroup, host: &str, port: u16) -> Result<String> {
+pub fn python_udp(netns: &Netns, cgroup: &Cgroup, host: &str, port: u16) -> Result<String> {
     let mut cmd = Command::new(tool("python3"));
     cmd.args(["-c", PY_UDP, host, &port.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let child = spawn_in(&mut cmd, Some(&world.netns), Some(cgroup))?;
+    let child = spawn_in(&mut cmd, Some(netns), Some(cgroup))?;
     let out = wait_output(child)?;
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
