@@ -138,10 +138,12 @@ fn unit_tests(cargo_args: &[String], harness_args: &[String]) -> Command {
 }
 
 /// Step B: privileged tests one at a time; they create namespaces, cgroups and nat rules.
+/// The interceptor's own test helpers (behind its `testing` feature) are privileged too.
 fn privileged_tests(bin: &Path, cargo_args: &[String], harness_args: &[String]) -> Command {
     let mut cargo = cmd::cargo();
     cargo
         .args(["test", "--package", PRIVILEGED_TESTS])
+        .args(["--package", "interceptor", "--features", "interceptor/testing"])
         .args(cargo_args)
         .arg("--");
     if !harness_args
@@ -185,7 +187,10 @@ mod tests {
     fn privileged_tests_run_one_at_a_time() {
         let cargo = privileged_tests(Path::new("/t/interceptor"), &[], &strings(&["--nocapture"]));
         let line = cmd::display(&cargo);
-        assert!(line.ends_with("test --package interceptor-tests -- --test-threads=1 --nocapture"));
+        assert!(line.ends_with(
+            "test --package interceptor-tests --package interceptor --features interceptor/testing \
+             -- --test-threads=1 --nocapture"
+        ));
 
         let cargo = privileged_tests(
             Path::new("/t/interceptor"),
