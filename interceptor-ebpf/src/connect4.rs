@@ -37,23 +37,16 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     if !cfg.has_port(port) || !is_target_v4(ip) {
         return Ok(ALLOW);
     }
-    match sa.type_ {
-        SOCK_STREAM => {}
-        SOCK_DGRAM => {
-            // QUIC / HTTP/3 to a provider would bypass the TLS proxy: refuse
-            // it (EPERM) so clients fall back to TCP.
-            bump(STAT_UDP_REFUSED);
-            return Ok(DENY);
-        }
-        _ => return Ok(ALLOW),
-    }
-    if skip_own_socket(ctx, cfg) {
-        return Ok(ALLOW);
+    if let Some(verdict) = early_verdict(ctx, cfg, sa.type_) {
+        return Ok(verdict);
     }
     if record(ctx, v4_mapped(ip), port, AF_INET).is_err() {
         // Without a record the proxy could not tell where to go: refuse
         // rather than redirect blindly or let it bypass the guardrails.
-        warn!(ctx, "interceptor: cannot record original destination; connect refused");
+        warn!(
+            ctx,
+            "interceptor: cannot record original destination; connect refused"
+        );
         return Ok(DENY);
     }
     sa.user_ip4 = u32::from_ne_bytes(cfg.proxy_addr_v4);
@@ -62,10 +55,28 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     Ok(ALLOW)
 }
 
+/// For a connect to a target: the verdict when the socket must not be
+/// redirected (UDP is refused, the proxy's own sockets and other socket
+/// types pass), `None` when it must.
+#[inline(always)]
+pub fn early_verdict(ctx: &SockAddrContext, cfg: &RedirectConfig, sock_type: u32) -> Option<i32> {
+    match sock_type {
+        SOCK_STREAM if skip_own_socket(ctx, cfg) => Some(ALLOW),
+        SOCK_STREAM => None,
+        SOCK_DGRAM => {
+            // QUIC / HTTP/3 to a provider would bypass the TLS proxy: refuse
+            // it (EPERM) so clients fall back to TCP.
+            bump(STAT_UDP_REFUSED);
+            Some(DENY)
+        }
+        _ => Some(ALLOW),
+    }
+}
+
 /// Whether the socket carries the proxy's own mark (its upstream sockets),
 /// which must never be redirected back to it.
 #[inline(always)]
-pub fn skip_own_socket(ctx: &SockAddrContext, cfg: &RedirectConfig) -> bool {
+fn skip_own_socket(ctx: &SockAddrContext, cfg: &RedirectConfig) -> bool {
     if cfg.mark == 0 {
         return false;
     }

@@ -6,15 +6,15 @@
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use aya_log_ebpf::warn;
 use interceptor_common::{
-    AF_INET, AF_INET6, CONFIG_F_HAVE_V6, STAT_REDIRECTED_V4, STAT_REDIRECTED_V6,
-    STAT_UDP_REFUSED, STAT_V6_REFUSED, as_v4, v4_mapped,
+    AF_INET, AF_INET6, CONFIG_F_HAVE_V6, STAT_REDIRECTED_V4, STAT_REDIRECTED_V6, STAT_V6_REFUSED,
+    as_v4, v4_mapped,
 };
 
 use crate::{
-    connect4::{record, skip_own_socket},
+    connect4::{early_verdict, record},
     maps::{
-        ALLOW, DENY, SOCK_DGRAM, SOCK_STREAM, bump, bytes_to_words, enabled_config,
-        is_target_v4, is_target_v6, words_to_bytes,
+        ALLOW, DENY, bump, bytes_to_words, enabled_config, is_target_v4, is_target_v6,
+        words_to_bytes,
     },
 };
 
@@ -42,16 +42,8 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     if !target {
         return Ok(ALLOW);
     }
-    match sa.type_ {
-        SOCK_STREAM => {}
-        SOCK_DGRAM => {
-            bump(STAT_UDP_REFUSED);
-            return Ok(DENY);
-        }
-        _ => return Ok(ALLOW),
-    }
-    if skip_own_socket(ctx, cfg) {
-        return Ok(ALLOW);
+    if let Some(verdict) = early_verdict(ctx, cfg, sa.type_) {
+        return Ok(verdict);
     }
     let (family, proxy) = if mapped.is_some() {
         (AF_INET, v4_mapped(cfg.proxy_addr_v4))
@@ -64,11 +56,18 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
         return Ok(DENY);
     };
     if record(ctx, addr, port, family).is_err() {
-        warn!(ctx, "interceptor: cannot record original destination; connect refused");
+        warn!(
+            ctx,
+            "interceptor: cannot record original destination; connect refused"
+        );
         return Ok(DENY);
     }
     sa.user_ip6 = bytes_to_words(proxy);
     sa.user_port = u32::from(cfg.proxy_port.to_be());
-    bump(if family == AF_INET { STAT_REDIRECTED_V4 } else { STAT_REDIRECTED_V6 });
+    bump(if family == AF_INET {
+        STAT_REDIRECTED_V4
+    } else {
+        STAT_REDIRECTED_V6
+    });
     Ok(ALLOW)
 }

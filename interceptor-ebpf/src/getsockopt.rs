@@ -83,8 +83,8 @@ fn try_answer(ctx: &SockoptContext) -> Result<(), ()> {
         }
         let family = AF_INET.to_ne_bytes();
         let sin: [u8; SOCKADDR_IN_LEN] = [
-            family[0], family[1], port[0], port[1], v4[0], v4[1], v4[2], v4[3], 0, 0, 0, 0, 0,
-            0, 0, 0,
+            family[0], family[1], port[0], port[1], v4[0], v4[1], v4[2], v4[3], 0, 0, 0, 0, 0, 0,
+            0, 0,
         ];
         for (i, b) in sin.iter().enumerate() {
             // SAFETY: i < SOCKADDR_IN_LEN, bounds checked above.

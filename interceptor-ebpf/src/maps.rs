@@ -25,8 +25,7 @@ pub static TARGETS_V4: LpmTrie<[u8; 4], Target> = LpmTrie::with_max_entries(TARG
 pub static TARGETS_V6: LpmTrie<[u8; 16], Target> = LpmTrie::with_max_entries(TARGETS_MAX, 0);
 
 #[map(name = "ORIG_BY_COOKIE")]
-pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
-    LruHashMap::with_max_entries(ORIG_DST_MAX, 0);
+pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(ORIG_DST_MAX, 0);
 
 #[map(name = "ORIG_BY_ADDR")]
 pub static ORIG_BY_ADDR: LruHashMap<SockKey, OrigDst> =
@@ -68,7 +67,12 @@ pub fn bump(index: u32) {
 /// context structs) into bytes in network order.
 #[inline(always)]
 pub fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
-    let (a, b, c, d) = (w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes());
+    let (a, b, c, d) = (
+        w[0].to_ne_bytes(),
+        w[1].to_ne_bytes(),
+        w[2].to_ne_bytes(),
+        w[3].to_ne_bytes(),
+    );
     [
         a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
         d[3],

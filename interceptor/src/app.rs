@@ -40,13 +40,23 @@ pub struct RunOptions {
 }
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
-    let RunOptions { config, config_path, overrides, state_dir } = opts;
+    let RunOptions {
+        config,
+        config_path,
+        overrides,
+        state_dir,
+    } = opts;
     tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "starting interceptor");
     prepare_state_dir(&state_dir)?;
 
-    let listeners = Listeners::bind(config.proxy.address_v4, config.proxy.address_v6, config.proxy.port, config.proxy.mark)
-        .await
-        .context("starting the proxy listener")?;
+    let listeners = Listeners::bind(
+        config.proxy.address_v4,
+        config.proxy.address_v6,
+        config.proxy.port,
+        config.proxy.mark,
+    )
+    .await
+    .context("starting the proxy listener")?;
     let addrs = listeners.addrs;
     let admin_listener = admin::bind(config.admin.address)
         .await
@@ -81,12 +91,18 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     tokio::spawn(admin::serve(admin_listener, status_rx));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let settings = ProxySettings { connect_timeout: config.proxy.connect_timeout };
+    let settings = ProxySettings {
+        connect_timeout: config.proxy.connect_timeout,
+    };
     let proxy = Proxy::serve(listeners, redirector.resolver(), settings, shutdown_rx);
 
     let drain_timeout = config.proxy.drain_timeout;
     let mut control = Control {
-        resolver: TargetResolver::new(config.targets.domains.clone(), config.cidrs(), config.targets.address_grace),
+        resolver: TargetResolver::new(
+            config.targets.domains.clone(),
+            config.cidrs(),
+            config.targets.address_grace,
+        ),
         config,
         config_path,
         overrides,
@@ -132,10 +148,15 @@ struct Control<'a> {
 impl Control<'_> {
     /// Runs until SIGINT or SIGTERM.
     async fn run(&mut self) -> anyhow::Result<()> {
-        let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let mut sigterm =
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut sigint =
+            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-        let mut last_text = self.config_path.as_deref().and_then(|p| std::fs::read_to_string(p).ok());
+        let mut last_text = self
+            .config_path
+            .as_deref()
+            .and_then(|p| std::fs::read_to_string(p).ok());
         let mut resolve_tick = tokio::time::interval(self.config.targets.resolve_interval);
         let mut poll_tick = tokio::time::interval(CONFIG_POLL);
         let mut status_tick = tokio::time::interval(STATUS_REFRESH);
@@ -170,7 +191,9 @@ impl Control<'_> {
                 self.targets = set;
                 self.publish_ready();
             }
-            Err(error) => tracing::error!(error = %telemetry::chain(&error), "cannot update redirect targets; keeping the previous ones"),
+            Err(error) => {
+                tracing::error!(error = %telemetry::chain(&error), "cannot update redirect targets; keeping the previous ones")
+            }
         }
     }
 
@@ -193,7 +216,9 @@ impl Control<'_> {
     /// a new configuration was applied; an invalid one is rejected and the
     /// running one kept.
     fn reload(&mut self, last_text: &mut Option<String>, force: bool) -> bool {
-        let Some(path) = self.config_path.clone() else { return false };
+        let Some(path) = self.config_path.clone() else {
+            return false;
+        };
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
             Err(error) => {
@@ -227,10 +252,17 @@ impl Control<'_> {
             ("log", new.log != self.config.log),
         ] {
             if changed {
-                tracing::warn!(section, "this section changed but only takes effect after a restart");
+                tracing::warn!(
+                    section,
+                    "this section changed but only takes effect after a restart"
+                );
             }
         }
-        self.resolver.reconfigure(new.targets.domains.clone(), new.cidrs(), new.targets.address_grace);
+        self.resolver.reconfigure(
+            new.targets.domains.clone(),
+            new.cidrs(),
+            new.targets.address_grace,
+        );
         self.config.targets = new.targets;
         tracing::info!("configuration reloaded");
         true

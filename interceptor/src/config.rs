@@ -37,7 +37,7 @@ pub enum ConfigError {
     Invalid { errors: Vec<String> },
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub proxy: ProxyConfig,
@@ -87,7 +87,9 @@ impl FromStr for RedirectMode {
             "ebpf" => Ok(Self::Ebpf),
             "iptables" => Ok(Self::Iptables),
             "none" => Ok(Self::None),
-            other => Err(format!("unknown redirect mode {other:?} (expected ebpf, iptables or none)")),
+            other => Err(format!(
+                "unknown redirect mode {other:?} (expected ebpf, iptables or none)"
+            )),
         }
     }
 }
@@ -132,18 +134,6 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            proxy: ProxyConfig::default(),
-            redirect: RedirectConfig::default(),
-            targets: TargetsConfig::default(),
-            admin: AdminConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
-}
-
 impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
@@ -159,7 +149,11 @@ impl Default for ProxyConfig {
 
 impl Default for RedirectConfig {
     fn default() -> Self {
-        Self { mode: RedirectMode::Ebpf, cgroup: PathBuf::new(), ports: vec![443] }
+        Self {
+            mode: RedirectMode::Ebpf,
+            cgroup: PathBuf::new(),
+            ports: vec![443],
+        }
     }
 }
 
@@ -186,13 +180,17 @@ impl Default for TargetsConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { address: SocketAddr::from((Ipv4Addr::LOCALHOST, 15000)) }
+        Self {
+            address: SocketAddr::from((Ipv4Addr::LOCALHOST, 15000)),
+        }
     }
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: LogFormat::Json }
+        Self {
+            format: LogFormat::Json,
+        }
     }
 }
 
@@ -218,8 +216,10 @@ impl Config {
 
     /// Reads and parses a file (not yet validated).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::from_toml(&text, path)
     }
 
@@ -275,7 +275,10 @@ impl Config {
             errors.push("proxy.address_v4: must be a concrete address connections can be rewritten to, not 0.0.0.0".to_string());
         }
         if self.proxy.address_v6.is_some_and(|a| a.is_unspecified()) {
-            errors.push("proxy.address_v6: must be a concrete address, not ::; use \"\" to disable".to_string());
+            errors.push(
+                "proxy.address_v6: must be a concrete address, not ::; use \"\" to disable"
+                    .to_string(),
+            );
         }
         if self.proxy.connect_timeout.is_zero() {
             errors.push("proxy.connect_timeout: must be greater than zero".to_string());
@@ -305,12 +308,20 @@ impl Config {
                 self.admin.address
             ));
         }
-        if errors.is_empty() { Ok(()) } else { Err(ConfigError::Invalid { errors }) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid { errors })
+        }
     }
 
     /// The literal targets, parsed. Only valid after [`Config::validate`].
     pub fn cidrs(&self) -> Vec<IpNet> {
-        self.targets.cidrs.iter().filter_map(|c| parse_cidr(c).ok()).collect()
+        self.targets
+            .cidrs
+            .iter()
+            .filter_map(|c| parse_cidr(c).ok())
+            .collect()
     }
 }
 
@@ -332,11 +343,17 @@ fn check_domain(domain: &str) -> Result<(), &'static str> {
     let ok = domain.split('.').all(|label| {
         !label.is_empty()
             && label.len() <= 63
-            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
             && !label.starts_with('-')
             && !label.ends_with('-')
     });
-    if ok { Ok(()) } else { Err("not a valid domain name (wildcards are not resolvable)") }
+    if ok {
+        Ok(())
+    } else {
+        Err("not a valid domain name (wildcards are not resolvable)")
+    }
 }
 
 mod optional_ipv6 {
@@ -393,14 +410,22 @@ mod tests {
         c.targets.domains.push("*.openai.com".into());
         c.admin.address = "0.0.0.0:15000".parse().unwrap();
         c.proxy.mark = 0;
-        let ConfigError::Invalid { errors } = c.validate().unwrap_err() else { panic!() };
+        let ConfigError::Invalid { errors } = c.validate().unwrap_err() else {
+            panic!()
+        };
         assert_eq!(errors.len(), 6, "{errors:#?}");
     }
 
     #[test]
     fn cidrs_accept_plain_addresses() {
-        assert_eq!(parse_cidr("198.18.0.10").unwrap().to_string(), "198.18.0.10/32");
-        assert_eq!(parse_cidr("2001:db8::1").unwrap().to_string(), "2001:db8::1/128");
+        assert_eq!(
+            parse_cidr("198.18.0.10").unwrap().to_string(),
+            "198.18.0.10/32"
+        );
+        assert_eq!(
+            parse_cidr("2001:db8::1").unwrap().to_string(),
+            "2001:db8::1/128"
+        );
         assert_eq!(parse_cidr("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
     }
 
@@ -413,7 +438,11 @@ mod tests {
     #[test]
     fn overrides_win_over_file() {
         let mut c = Config::default();
-        c.apply(&Overrides { redirect: Some(RedirectMode::Iptables), port: Some(9), ..Default::default() });
+        c.apply(&Overrides {
+            redirect: Some(RedirectMode::Iptables),
+            port: Some(9),
+            ..Default::default()
+        });
         assert_eq!(c.redirect.mode, RedirectMode::Iptables);
         assert_eq!(c.proxy.port, 9);
     }

@@ -10,7 +10,11 @@ use interceptor::{
 };
 
 #[derive(Parser)]
-#[command(name = "interceptor", version, about = "Transparent guardrail layer for AI traffic")]
+#[command(
+    name = "interceptor",
+    version,
+    about = "Transparent guardrail layer for AI traffic"
+)]
 struct Cli {
     /// Configuration file (TOML). Without it the built-in defaults are used.
     #[arg(long, global = true, env = "INTERCEPTOR_CONFIG")]
@@ -49,7 +53,11 @@ struct RunArgs {
     #[arg(long, env = "INTERCEPTOR_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
     /// Directory for persistent state (the CA).
-    #[arg(long, env = "INTERCEPTOR_STATE_DIR", default_value = "/var/lib/interceptor")]
+    #[arg(
+        long,
+        env = "INTERCEPTOR_STATE_DIR",
+        default_value = "/var/lib/interceptor"
+    )]
     state_dir: PathBuf,
 }
 
@@ -112,13 +120,19 @@ fn main() -> ExitCode {
                 Ok(c) => c.redirect.mode,
                 Err(code) => return code,
             };
-            if doctor::run(mode) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if doctor::run(mode) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Command::Cleanup => {
             telemetry::init(LogFormat::Text);
             match redirect::iptables::cleanup() {
                 Ok(()) => {
-                    println!("no interceptor redirect rules remain (eBPF programs are removed by the kernel when the interceptor exits)");
+                    println!(
+                        "no interceptor redirect rules remain (eBPF programs are removed by the kernel when the interceptor exits)"
+                    );
                     ExitCode::SUCCESS
                 }
                 Err(error) => {

@@ -53,10 +53,20 @@ pub struct Listeners {
 impl Listeners {
     /// Binds the IPv4 address and, if given, the IPv6 address on the same
     /// port. Port 0 picks a free port (the IPv6 listener then reuses it).
-    pub async fn bind(v4: Ipv4Addr, v6: Option<Ipv6Addr>, port: u16, mark: u32) -> Result<Self, ProxyError> {
+    pub async fn bind(
+        v4: Ipv4Addr,
+        v6: Option<Ipv6Addr>,
+        port: u16,
+        mark: u32,
+    ) -> Result<Self, ProxyError> {
         let addr = SocketAddr::from((v4, port));
-        let l4 = TcpListener::bind(addr).await.map_err(|source| ProxyError::Bind { addr, source })?;
-        let port = l4.local_addr().map_err(|source| ProxyError::Bind { addr, source })?.port();
+        let l4 = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ProxyError::Bind { addr, source })?;
+        let port = l4
+            .local_addr()
+            .map_err(|source| ProxyError::Bind { addr, source })?
+            .port();
         let l6 = match v6 {
             Some(ip) => {
                 let addr = SocketAddr::from((ip, port));
@@ -69,7 +79,11 @@ impl Listeners {
             v6: v6.map(|ip| SocketAddrV6::new(ip, port, 0, 0)),
             mark,
         };
-        Ok(Self { v4: l4, v6: l6, addrs })
+        Ok(Self {
+            v4: l4,
+            v6: l6,
+            addrs,
+        })
     }
 }
 
@@ -110,12 +124,24 @@ impl Proxy {
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(1);
-        let shared = Arc::new(Shared { resolver, addrs: listeners.addrs, settings, in_flight: tx });
-        let mut tasks = vec![tokio::spawn(accept_loop(listeners.v4, Arc::clone(&shared), shutdown.clone()))];
+        let shared = Arc::new(Shared {
+            resolver,
+            addrs: listeners.addrs,
+            settings,
+            in_flight: tx,
+        });
+        let mut tasks = vec![tokio::spawn(accept_loop(
+            listeners.v4,
+            Arc::clone(&shared),
+            shutdown.clone(),
+        ))];
         if let Some(v6) = listeners.v6 {
             tasks.push(tokio::spawn(accept_loop(v6, Arc::clone(&shared), shutdown)));
         }
-        Self { in_flight: rx, tasks }
+        Self {
+            in_flight: rx,
+            tasks,
+        }
     }
 
     /// Waits until every accepted connection has finished, at most `deadline`.
@@ -125,11 +151,17 @@ impl Proxy {
             let _ = task.await;
         }
         // The accept loops are gone, so only connections hold senders now.
-        tokio::time::timeout(deadline, self.in_flight.recv()).await.is_ok()
+        tokio::time::timeout(deadline, self.in_flight.recv())
+            .await
+            .is_ok()
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
@@ -220,13 +252,14 @@ async fn handle(mut client_stream: TcpStream, client: ClientAddr, shared: &Share
         return;
     }
     let _ = client_stream.set_nodelay(true);
-    let mut upstream = match connect_upstream(orig.0, shared.addrs.mark, shared.settings.connect_timeout).await {
-        Ok(s) => s,
-        Err(error) => {
-            record.fail("upstream_connect_failed", &error);
-            return;
-        }
-    };
+    let mut upstream =
+        match connect_upstream(orig.0, shared.addrs.mark, shared.settings.connect_timeout).await {
+            Ok(s) => s,
+            Err(error) => {
+                record.fail("upstream_connect_failed", &error);
+                return;
+            }
+        };
     match tokio::io::copy_bidirectional(&mut client_stream, &mut upstream).await {
         Ok((up, down)) => {
             record.bytes_up = up;
@@ -237,7 +270,11 @@ async fn handle(mut client_stream: TcpStream, client: ClientAddr, shared: &Share
 }
 
 /// Connects to the original destination from a socket carrying `mark`.
-pub async fn connect_upstream(dst: SocketAddr, mark: u32, timeout: Duration) -> Result<TcpStream, ProxyError> {
+pub async fn connect_upstream(
+    dst: SocketAddr,
+    mark: u32,
+    timeout: Duration,
+) -> Result<TcpStream, ProxyError> {
     let sock = match dst {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
@@ -264,11 +301,18 @@ mod tests {
     use crate::redirect::MockOrigDst;
 
     async fn start(default: Option<SocketAddr>) -> (Proxy, ProxyAddrs, watch::Sender<bool>) {
-        let listeners = Listeners::bind(Ipv4Addr::LOCALHOST, None, 0, 0).await.unwrap();
+        let listeners = Listeners::bind(Ipv4Addr::LOCALHOST, None, 0, 0)
+            .await
+            .unwrap();
         let addrs = listeners.addrs;
-        let resolver = Arc::new(MockOrigDst { dst: std::sync::Mutex::new(HashMap::new()), default });
+        let resolver = Arc::new(MockOrigDst {
+            dst: std::sync::Mutex::new(HashMap::new()),
+            default,
+        });
         let (tx, rx) = watch::channel(false);
-        let settings = ProxySettings { connect_timeout: Duration::from_secs(2) };
+        let settings = ProxySettings {
+            connect_timeout: Duration::from_secs(2),
+        };
         (Proxy::serve(listeners, resolver, settings, rx), addrs, tx)
     }
 
@@ -304,28 +348,47 @@ mod tests {
 
     #[tokio::test]
     async fn connection_aimed_at_the_proxy_itself_is_refused() {
-        let listeners = Listeners::bind(Ipv4Addr::LOCALHOST, None, 0, 0).await.unwrap();
+        let listeners = Listeners::bind(Ipv4Addr::LOCALHOST, None, 0, 0)
+            .await
+            .unwrap();
         let addrs = listeners.addrs;
         let resolver = Arc::new(MockOrigDst {
             dst: std::sync::Mutex::new(HashMap::new()),
             default: Some(SocketAddr::V4(addrs.v4)),
         });
         let (_tx, rx) = watch::channel(false);
-        let _proxy = Proxy::serve(listeners, resolver, ProxySettings { connect_timeout: Duration::from_secs(1) }, rx);
+        let _proxy = Proxy::serve(
+            listeners,
+            resolver,
+            ProxySettings {
+                connect_timeout: Duration::from_secs(1),
+            },
+            rx,
+        );
         let mut c = TcpStream::connect(SocketAddr::V4(addrs.v4)).await.unwrap();
         let mut got = Vec::new();
         // Closed at once rather than looping into itself.
-        tokio::time::timeout(Duration::from_secs(2), c.read_to_end(&mut got)).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(2), c.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test]
     async fn unreachable_upstream_closes_the_client() {
         // A port nobody listens on.
-        let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let dead = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
         let (_proxy, addrs, _stop) = start(Some(dead)).await;
         let mut c = TcpStream::connect(SocketAddr::V4(addrs.v4)).await.unwrap();
         let mut got = Vec::new();
-        tokio::time::timeout(Duration::from_secs(3), c.read_to_end(&mut got)).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(3), c.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(got.is_empty());
     }
 }

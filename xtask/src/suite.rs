@@ -143,7 +143,12 @@ fn privileged_tests(bin: &Path, cargo_args: &[String], harness_args: &[String]) 
     let mut cargo = cmd::cargo();
     cargo
         .args(["test", "--package", PRIVILEGED_TESTS])
-        .args(["--package", "interceptor", "--features", "interceptor/testing"])
+        .args([
+            "--package",
+            "interceptor",
+            "--features",
+            "interceptor/testing",
+        ])
         .args(cargo_args)
         .arg("--");
     if !harness_args
