@@ -134,9 +134,7 @@ pub struct OrigDst {
 /// Builds a v4-mapped IPv6 address from IPv4 bytes.
 #[inline(always)]
 pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
-    ]
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
 }
 
 /// Returns the IPv4 bytes of a v4-mapped IPv6 address.

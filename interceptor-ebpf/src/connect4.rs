@@ -11,13 +11,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use interceptor_common::{
-    AF_INET, OrigDst, RedirectConfig, STAT_REDIRECTED_V4, STAT_SKIPPED_MARK, STAT_UDP_REFUSED,
-    v4_mapped,
+    AF_INET, OrigDst, RedirectConfig, STAT_REDIRECTED_V4, STAT_SKIPPED_MARK, STAT_UDP_REFUSED, v4_mapped,
 };
 
-use crate::maps::{
-    ALLOW, DENY, ORIG_BY_COOKIE, SOCK_DGRAM, SOCK_STREAM, bump, enabled_config, is_target_v4,
-};
+use crate::maps::{ALLOW, DENY, ORIG_BY_COOKIE, SOCK_DGRAM, SOCK_STREAM, bump, enabled_config, is_target_v4};
 
 #[cgroup_sock_addr(connect4)]
 pub fn intercept_connect4(ctx: SockAddrContext) -> i32 {
@@ -43,10 +40,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     if record(ctx, v4_mapped(ip), port, AF_INET).is_err() {
         // Without a record the proxy could not tell where to go: refuse
         // rather than redirect blindly or let it bypass the guardrails.
-        warn!(
-            ctx,
-            "interceptor: cannot record original destination; connect refused"
-        );
+        warn!(ctx, "interceptor: cannot record original destination; connect refused");
         return Ok(DENY);
     }
     sa.user_ip4 = u32::from_ne_bytes(cfg.proxy_addr_v4);

@@ -6,16 +6,12 @@
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use aya_log_ebpf::warn;
 use interceptor_common::{
-    AF_INET, AF_INET6, CONFIG_F_HAVE_V6, STAT_REDIRECTED_V4, STAT_REDIRECTED_V6, STAT_V6_REFUSED,
-    as_v4, v4_mapped,
+    AF_INET, AF_INET6, CONFIG_F_HAVE_V6, STAT_REDIRECTED_V4, STAT_REDIRECTED_V6, STAT_V6_REFUSED, as_v4, v4_mapped,
 };
 
 use crate::{
     connect4::{early_verdict, record},
-    maps::{
-        ALLOW, DENY, bump, bytes_to_words, enabled_config, is_target_v4, is_target_v6,
-        words_to_bytes,
-    },
+    maps::{ALLOW, DENY, bump, bytes_to_words, enabled_config, is_target_v4, is_target_v6, words_to_bytes},
 };
 
 #[cgroup_sock_addr(connect6)]
@@ -56,18 +52,11 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
         return Ok(DENY);
     };
     if record(ctx, addr, port, family).is_err() {
-        warn!(
-            ctx,
-            "interceptor: cannot record original destination; connect refused"
-        );
+        warn!(ctx, "interceptor: cannot record original destination; connect refused");
         return Ok(DENY);
     }
     sa.user_ip6 = bytes_to_words(proxy);
     sa.user_port = u32::from(cfg.proxy_port.to_be());
-    bump(if family == AF_INET {
-        STAT_REDIRECTED_V4
-    } else {
-        STAT_REDIRECTED_V6
-    });
+    bump(if family == AF_INET { STAT_REDIRECTED_V4 } else { STAT_REDIRECTED_V6 });
     Ok(ALLOW)
 }

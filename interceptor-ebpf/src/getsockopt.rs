@@ -53,11 +53,7 @@ fn try_answer(ctx: &SockoptContext) -> Result<(), ()> {
         )
     };
     // The peer of the accepted socket is the client's local address.
-    let addr = if family == u32::from(AF_INET) {
-        v4_mapped(dst_ip4.to_ne_bytes())
-    } else {
-        words_to_bytes(dst_ip6)
-    };
+    let addr = if family == u32::from(AF_INET) { v4_mapped(dst_ip4.to_ne_bytes()) } else { words_to_bytes(dst_ip6) };
     let key = SockKey {
         addr,
         // bpf_sock.dst_port is in network order.
@@ -68,12 +64,8 @@ fn try_answer(ctx: &SockoptContext) -> Result<(), ()> {
     let entry = *unsafe { ORIG_BY_ADDR.get(&key) }.ok_or(())?;
 
     // SAFETY: union fields set by the kernel for this program type.
-    let (optval, optval_end) = unsafe {
-        (
-            so.__bindgen_anon_2.optval as *mut u8,
-            so.__bindgen_anon_3.optval_end as *mut u8,
-        )
-    };
+    let (optval, optval_end) =
+        unsafe { (so.__bindgen_anon_2.optval as *mut u8, so.__bindgen_anon_3.optval_end as *mut u8) };
     let port = entry.port.to_be_bytes();
     let len = if so.level == SOL_IP {
         let v4 = as_v4(&entry.addr).ok_or(())?;
@@ -82,10 +74,8 @@ fn try_answer(ctx: &SockoptContext) -> Result<(), ()> {
             return Err(());
         }
         let family = AF_INET.to_ne_bytes();
-        let sin: [u8; SOCKADDR_IN_LEN] = [
-            family[0], family[1], port[0], port[1], v4[0], v4[1], v4[2], v4[3], 0, 0, 0, 0, 0, 0,
-            0, 0,
-        ];
+        let sin: [u8; SOCKADDR_IN_LEN] =
+            [family[0], family[1], port[0], port[1], v4[0], v4[1], v4[2], v4[3], 0, 0, 0, 0, 0, 0, 0, 0];
         for (i, b) in sin.iter().enumerate() {
             // SAFETY: i < SOCKADDR_IN_LEN, bounds checked above.
             unsafe { write_volatile(optval.add(i), *b) };

@@ -4,9 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
 };
-use interceptor_common::{
-    ORIG_DST_MAX, OrigDst, RedirectConfig, STAT_MAX, SockKey, TARGETS_MAX, Target,
-};
+use interceptor_common::{ORIG_DST_MAX, OrigDst, RedirectConfig, STAT_MAX, SockKey, TARGETS_MAX, Target};
 
 /// Program return codes for cgroup sock_addr and sockopt programs.
 pub const ALLOW: i32 = 1;
@@ -28,8 +26,7 @@ pub static TARGETS_V6: LpmTrie<[u8; 16], Target> = LpmTrie::with_max_entries(TAR
 pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(ORIG_DST_MAX, 0);
 
 #[map(name = "ORIG_BY_ADDR")]
-pub static ORIG_BY_ADDR: LruHashMap<SockKey, OrigDst> =
-    LruHashMap::with_max_entries(ORIG_DST_MAX, 0);
+pub static ORIG_BY_ADDR: LruHashMap<SockKey, OrigDst> = LruHashMap::with_max_entries(ORIG_DST_MAX, 0);
 
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_MAX, 0);
@@ -67,16 +64,8 @@ pub fn bump(index: u32) {
 /// context structs) into bytes in network order.
 #[inline(always)]
 pub fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
-    let (a, b, c, d) = (
-        w[0].to_ne_bytes(),
-        w[1].to_ne_bytes(),
-        w[2].to_ne_bytes(),
-        w[3].to_ne_bytes(),
-    );
-    [
-        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
-        d[3],
-    ]
+    let (a, b, c, d) = (w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes());
+    [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]]
 }
 
 #[inline(always)]

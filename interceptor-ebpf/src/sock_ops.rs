@@ -5,8 +5,8 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    EbpfContext as _, bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-    helpers::generated::bpf_get_socket_cookie, macros::sock_ops, programs::SockOpsContext,
+    EbpfContext as _, bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, helpers::generated::bpf_get_socket_cookie,
+    macros::sock_ops, programs::SockOpsContext,
 };
 use interceptor_common::{AF_INET, STAT_ESTABLISHED, SockKey, v4_mapped};
 

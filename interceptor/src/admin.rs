@@ -39,9 +39,7 @@ pub async fn serve(listener: TcpListener, status: watch::Receiver<Arc<Status>>) 
                 let snapshot = Arc::clone(&status.borrow());
                 async move { Ok::<_, Infallible>(route(&req, &snapshot)) }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }
@@ -75,14 +73,8 @@ mod tests {
     #[test]
     fn readiness_follows_status() {
         let req = Request::get("/readyz").body(()).unwrap();
-        assert_eq!(
-            route(&req, &Status::default()).status(),
-            StatusCode::SERVICE_UNAVAILABLE
-        );
-        let ready = Status {
-            ready: true,
-            ..Default::default()
-        };
+        assert_eq!(route(&req, &Status::default()).status(), StatusCode::SERVICE_UNAVAILABLE);
+        let ready = Status { ready: true, ..Default::default() };
         assert_eq!(route(&req, &ready).status(), StatusCode::OK);
         let req = Request::get("/status").body(()).unwrap();
         assert_eq!(route(&req, &ready).status(), StatusCode::OK);

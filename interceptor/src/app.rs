@@ -18,8 +18,14 @@ use tokio::{
 
 use crate::{
     admin::{self, Status},
+    ca::{CertificateAuthority, LeafIssuer, LeafSettings},
     config::{Config, Overrides, RedirectMode},
-    proxy::{Listeners, Proxy, ProxySettings},
+    policy::DomainPolicy,
+    proxy::{
+        DataPlane, Listeners, Proxy, ProxySettings, Snapshot,
+        tls::TlsTermination,
+        upstream::{UpstreamPool, client_tls_config},
+    },
     redirect::{NoRedirect, Redirector, ebpf::EbpfRedirector, iptables::IptablesRedirector},
     targets::{TargetResolver, TargetSet},
     telemetry,
@@ -40,23 +46,14 @@ pub struct RunOptions {
 }
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
-    let RunOptions {
-        config,
-        config_path,
-        overrides,
-        state_dir,
-    } = opts;
+    let RunOptions { config, config_path, overrides, state_dir } = opts;
     tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "starting interceptor");
     prepare_state_dir(&state_dir)?;
 
-    let listeners = Listeners::bind(
-        config.proxy.address_v4,
-        config.proxy.address_v6,
-        config.proxy.port,
-        config.proxy.mark,
-    )
-    .await
-    .context("starting the proxy listener")?;
+    let listeners =
+        Listeners::bind(config.proxy.address_v4, config.proxy.address_v6, config.proxy.port, config.proxy.mark)
+            .await
+            .context("starting the proxy listener")?;
     let addrs = listeners.addrs;
     let admin_listener = admin::bind(config.admin.address)
         .await
@@ -90,19 +87,25 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }));
     tokio::spawn(admin::serve(admin_listener, status_rx));
 
+    let policy = DomainPolicy::compile(&config.domains).context("compiling the domain policy")?;
+    let names = resolve_names(&policy, &config);
+    let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot { policy }));
+    let tls = if config.tls.intercept { Some(Arc::new(tls_termination(&config, &state_dir)?)) } else { None };
+
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let settings = ProxySettings {
         connect_timeout: config.proxy.connect_timeout,
+        client_hello_timeout: config.tls.client_hello_timeout,
+        max_inspected_body: config.proxy.max_inspected_body,
+        passthrough_on_reject: config.tls.passthrough_on_reject,
     };
-    let proxy = Proxy::serve(listeners, redirector.resolver(), settings, shutdown_rx);
+    let plane = DataPlane { resolver: redirector.resolver(), settings, snapshot: snapshot_rx, tls, hook: None };
+    let proxy = Proxy::serve(listeners, plane, shutdown_rx);
 
     let drain_timeout = config.proxy.drain_timeout;
     let mut control = Control {
-        resolver: TargetResolver::new(
-            config.targets.domains.clone(),
-            config.cidrs(),
-            config.targets.address_grace,
-        ),
+        resolver: TargetResolver::new(names, config.cidrs(), config.targets.address_grace),
+        snapshot: snapshot_tx,
         config,
         config_path,
         overrides,
@@ -126,6 +129,31 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     result
 }
 
+/// The CA (created on first run), the leaf issuer and the upstream pool.
+fn tls_termination(config: &Config, state_dir: &Path) -> anyhow::Result<TlsTermination> {
+    let ca = CertificateAuthority::load_or_create(state_dir).context("loading the certificate authority")?;
+    tracing::info!(cert = %ca.cert_path().display(), "certificate authority ready");
+    let issuer =
+        LeafIssuer::new(Arc::new(ca), LeafSettings { validity: config.tls.leaf_validity, ..LeafSettings::default() })
+            .context("preparing certificate issuance")?;
+    let upstream_ca = Some(config.tls.upstream_ca.as_path()).filter(|p| !p.as_os_str().is_empty());
+    let client_tls = client_tls_config(upstream_ca).context("preparing upstream TLS")?;
+    let pool = UpstreamPool::new(client_tls, config.proxy.mark, config.proxy.connect_timeout);
+    Ok(TlsTermination::new(Arc::new(issuer), pool))
+}
+
+/// Names resolved for redirect targets: the exact AI names of the policy
+/// plus any extra names configured.
+fn resolve_names(policy: &DomainPolicy, config: &Config) -> Vec<String> {
+    let mut names: Vec<String> = policy.resolvable_names().to_vec();
+    for extra in &config.targets.domains {
+        if !names.contains(extra) {
+            names.push(extra.clone());
+        }
+    }
+    names
+}
+
 fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt as _;
     std::fs::DirBuilder::new()
@@ -141,6 +169,7 @@ struct Control<'a> {
     overrides: Overrides,
     redirector: &'a mut dyn Redirector,
     resolver: TargetResolver,
+    snapshot: watch::Sender<Arc<Snapshot>>,
     status: watch::Sender<Arc<Status>>,
     targets: TargetSet,
 }
@@ -148,15 +177,10 @@ struct Control<'a> {
 impl Control<'_> {
     /// Runs until SIGINT or SIGTERM.
     async fn run(&mut self) -> anyhow::Result<()> {
-        let mut sigterm =
-            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut sigint =
-            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-        let mut last_text = self
-            .config_path
-            .as_deref()
-            .and_then(|p| std::fs::read_to_string(p).ok());
+        let mut last_text = self.config_path.as_deref().and_then(|p| std::fs::read_to_string(p).ok());
         let mut resolve_tick = tokio::time::interval(self.config.targets.resolve_interval);
         let mut poll_tick = tokio::time::interval(CONFIG_POLL);
         let mut status_tick = tokio::time::interval(STATUS_REFRESH);
@@ -245,25 +269,28 @@ impl Control<'_> {
             tracing::error!(error = %telemetry::chain(&error), "config reload rejected; keeping the running configuration");
             return false;
         }
+        let policy = match DomainPolicy::compile(&new.domains) {
+            Ok(p) => p,
+            Err(error) => {
+                tracing::error!(error = %telemetry::chain(&error), "config reload rejected; keeping the running configuration");
+                return false;
+            }
+        };
         for (section, changed) in [
             ("proxy", new.proxy != self.config.proxy),
             ("redirect", new.redirect != self.config.redirect),
+            ("tls", new.tls != self.config.tls),
             ("admin", new.admin != self.config.admin),
             ("log", new.log != self.config.log),
         ] {
             if changed {
-                tracing::warn!(
-                    section,
-                    "this section changed but only takes effect after a restart"
-                );
+                tracing::warn!(section, "this section changed but only takes effect after a restart");
             }
         }
-        self.resolver.reconfigure(
-            new.targets.domains.clone(),
-            new.cidrs(),
-            new.targets.address_grace,
-        );
+        self.resolver.reconfigure(resolve_names(&policy, &new), new.cidrs(), new.targets.address_grace);
+        let _ = self.snapshot.send(Arc::new(Snapshot { policy }));
         self.config.targets = new.targets;
+        self.config.domains = new.domains;
         tracing::info!("configuration reloaded");
         true
     }

@@ -10,9 +10,7 @@ pub enum CgroupError {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "no cgroup2 file system is mounted (see /proc/self/mounts); eBPF redirect needs cgroup v2"
-    )]
+    #[error("no cgroup2 file system is mounted (see /proc/self/mounts); eBPF redirect needs cgroup v2")]
     NoCgroup2,
     #[error("this process has no cgroup v2 membership in /proc/self/cgroup")]
     NoMembership,
@@ -23,11 +21,8 @@ pub enum CgroupError {
 /// The cgroup2 mount point, from `/proc/self/mounts`. Hybrid hosts mount it
 /// at `/sys/fs/cgroup/unified`, unified ones at `/sys/fs/cgroup`.
 pub fn cgroup2_root() -> Result<PathBuf, CgroupError> {
-    let mounts =
-        std::fs::read_to_string("/proc/self/mounts").map_err(|source| CgroupError::Read {
-            path: "/proc/self/mounts",
-            source,
-        })?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts")
+        .map_err(|source| CgroupError::Read { path: "/proc/self/mounts", source })?;
     parse_cgroup2_root(&mounts).ok_or(CgroupError::NoCgroup2)
 }
 
@@ -41,23 +36,14 @@ fn parse_cgroup2_root(mounts: &str) -> Option<PathBuf> {
 
 /// /proc/self/mounts escapes spaces and a few other bytes as octal.
 fn unescape_mount_path(s: &str) -> String {
-    s.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
+    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 }
 
 /// This process's cgroup v2 directory.
 pub fn own_cgroup(root: &Path) -> Result<PathBuf, CgroupError> {
-    let text =
-        std::fs::read_to_string("/proc/self/cgroup").map_err(|source| CgroupError::Read {
-            path: "/proc/self/cgroup",
-            source,
-        })?;
-    let rel = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .ok_or(CgroupError::NoMembership)?;
+    let text = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|source| CgroupError::Read { path: "/proc/self/cgroup", source })?;
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::")).ok_or(CgroupError::NoMembership)?;
     let rel = rel.trim().trim_matches('/');
     Ok(if rel.is_empty() { root.to_path_buf() } else { root.join(rel) })
 }
@@ -67,10 +53,7 @@ pub fn check_cgroup_dir(path: &Path, root: &Path) -> Result<(), CgroupError> {
     if path.starts_with(root) && path.join("cgroup.procs").exists() {
         Ok(())
     } else {
-        Err(CgroupError::NotACgroup {
-            path: path.to_path_buf(),
-            root: root.to_path_buf(),
-        })
+        Err(CgroupError::NotACgroup { path: path.to_path_buf(), root: root.to_path_buf() })
     }
 }
 
@@ -83,10 +66,7 @@ mod tests {
         let mounts = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\n\
                       cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n\
                       cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
-        assert_eq!(
-            parse_cgroup2_root(mounts),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
+        assert_eq!(parse_cgroup2_root(mounts), Some(PathBuf::from("/sys/fs/cgroup/unified")));
         assert_eq!(parse_cgroup2_root("proc /proc proc rw 0 0\n"), None);
     }
 

@@ -16,6 +16,8 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::policy::DomainsConfig;
+
 /// The documented default configuration file.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/default.toml");
 
@@ -42,6 +44,8 @@ pub enum ConfigError {
 pub struct Config {
     pub proxy: ProxyConfig,
     pub redirect: RedirectConfig,
+    pub domains: DomainsConfig,
+    pub tls: TlsConfig,
     pub targets: TargetsConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
@@ -60,6 +64,35 @@ pub struct ProxyConfig {
     pub connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Largest request body the guardrails buffer for inspection, in bytes.
+    pub max_inspected_body: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Terminate TLS for AI domains. Off: every connection passes through.
+    pub intercept: bool,
+    /// Extra CA certificates (PEM) trusted for upstream connections, on top
+    /// of the platform roots. Empty: none.
+    pub upstream_ca: PathBuf,
+    #[serde(with = "humantime_serde")]
+    pub leaf_validity: Duration,
+    #[serde(with = "humantime_serde")]
+    pub client_hello_timeout: Duration,
+    pub passthrough_on_reject: bool,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            intercept: true,
+            upstream_ca: PathBuf::new(),
+            leaf_validity: Duration::from_secs(24 * 3600),
+            client_hello_timeout: Duration::from_secs(5),
+            passthrough_on_reject: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -87,9 +120,7 @@ impl FromStr for RedirectMode {
             "ebpf" => Ok(Self::Ebpf),
             "iptables" => Ok(Self::Iptables),
             "none" => Ok(Self::None),
-            other => Err(format!(
-                "unknown redirect mode {other:?} (expected ebpf, iptables or none)"
-            )),
+            other => Err(format!("unknown redirect mode {other:?} (expected ebpf, iptables or none)")),
         }
     }
 }
@@ -143,34 +174,21 @@ impl Default for ProxyConfig {
             mark: 0x1e7,
             connect_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
+            max_inspected_body: 16 << 20,
         }
     }
 }
 
 impl Default for RedirectConfig {
     fn default() -> Self {
-        Self {
-            mode: RedirectMode::Ebpf,
-            cgroup: PathBuf::new(),
-            ports: vec![443],
-        }
+        Self { mode: RedirectMode::Ebpf, cgroup: PathBuf::new(), ports: vec![443] }
     }
 }
 
 impl Default for TargetsConfig {
     fn default() -> Self {
         Self {
-            domains: [
-                "api.openai.com",
-                "chatgpt.com",
-                "api.anthropic.com",
-                "claude.ai",
-                "bedrock-runtime.amazonaws.com",
-                "generativelanguage.googleapis.com",
-                "api.githubcopilot.com",
-            ]
-            .map(String::from)
-            .to_vec(),
+            domains: Vec::new(),
             cidrs: Vec::new(),
             resolve_interval: Duration::from_secs(60),
             address_grace: Duration::from_secs(600),
@@ -180,17 +198,13 @@ impl Default for TargetsConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self {
-            address: SocketAddr::from((Ipv4Addr::LOCALHOST, 15000)),
-        }
+        Self { address: SocketAddr::from((Ipv4Addr::LOCALHOST, 15000)) }
     }
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self {
-            format: LogFormat::Json,
-        }
+        Self { format: LogFormat::Json }
     }
 }
 
@@ -201,6 +215,7 @@ pub struct Overrides {
     pub redirect: Option<RedirectMode>,
     pub cgroup: Option<PathBuf>,
     pub port: Option<u16>,
+    pub upstream_ca: Option<PathBuf>,
     pub admin: Option<SocketAddr>,
     pub log_format: Option<LogFormat>,
 }
@@ -208,18 +223,13 @@ pub struct Overrides {
 impl Config {
     /// Parses TOML text; `origin` names it in errors.
     pub fn from_toml(text: &str, origin: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.to_path_buf(),
-            source: Box::new(e),
-        })
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_path_buf(), source: Box::new(e) })
     }
 
     /// Reads and parses a file (not yet validated).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Self::from_toml(&text, path)
     }
 
@@ -243,6 +253,9 @@ impl Config {
         }
         if let Some(port) = o.port {
             self.proxy.port = port;
+        }
+        if let Some(ca) = &o.upstream_ca {
+            self.tls.upstream_ca = ca.clone();
         }
         if let Some(admin) = o.admin {
             self.admin.address = admin;
@@ -269,16 +282,18 @@ impl Config {
             errors.push("redirect.ports: port 0 is not a valid destination port".to_string());
         }
         if self.proxy.mark == 0 && self.redirect.mode != RedirectMode::None {
-            errors.push("proxy.mark: must be non-zero, or the proxy's own connections would be redirected back to it".to_string());
-        }
-        if self.proxy.address_v4.is_unspecified() {
-            errors.push("proxy.address_v4: must be a concrete address connections can be rewritten to, not 0.0.0.0".to_string());
-        }
-        if self.proxy.address_v6.is_some_and(|a| a.is_unspecified()) {
             errors.push(
-                "proxy.address_v6: must be a concrete address, not ::; use \"\" to disable"
+                "proxy.mark: must be non-zero, or the proxy's own connections would be redirected back to it"
                     .to_string(),
             );
+        }
+        if self.proxy.address_v4.is_unspecified() {
+            errors.push(
+                "proxy.address_v4: must be a concrete address connections can be rewritten to, not 0.0.0.0".to_string(),
+            );
+        }
+        if self.proxy.address_v6.is_some_and(|a| a.is_unspecified()) {
+            errors.push("proxy.address_v6: must be a concrete address, not ::; use \"\" to disable".to_string());
         }
         if self.proxy.connect_timeout.is_zero() {
             errors.push("proxy.connect_timeout: must be greater than zero".to_string());
@@ -288,6 +303,16 @@ impl Config {
                 "redirect.cgroup: {:?} must be an absolute path to a cgroup v2 directory",
                 self.redirect.cgroup
             ));
+        }
+        errors.extend(self.domains.validate());
+        if !self.tls.upstream_ca.as_os_str().is_empty() && !self.tls.upstream_ca.is_file() {
+            errors.push(format!("tls.upstream_ca: {} is not a readable file", self.tls.upstream_ca.display()));
+        }
+        if self.tls.leaf_validity < Duration::from_secs(3600) {
+            errors.push("tls.leaf_validity: must be at least 1h".to_string());
+        }
+        if self.proxy.max_inspected_body == 0 {
+            errors.push("proxy.max_inspected_body: must be greater than zero".to_string());
         }
         for domain in &self.targets.domains {
             if let Err(why) = check_domain(domain) {
@@ -308,20 +333,12 @@ impl Config {
                 self.admin.address
             ));
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid { errors })
-        }
+        if errors.is_empty() { Ok(()) } else { Err(ConfigError::Invalid { errors }) }
     }
 
     /// The literal targets, parsed. Only valid after [`Config::validate`].
     pub fn cidrs(&self) -> Vec<IpNet> {
-        self.targets
-            .cidrs
-            .iter()
-            .filter_map(|c| parse_cidr(c).ok())
-            .collect()
+        self.targets.cidrs.iter().filter_map(|c| parse_cidr(c).ok()).collect()
     }
 }
 
@@ -331,9 +348,7 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
     if let Ok(net) = IpNet::from_str(text) {
         return Ok(net.trunc());
     }
-    std::net::IpAddr::from_str(text)
-        .map(IpNet::from)
-        .map_err(|_| "not an IP address or CIDR block".to_string())
+    std::net::IpAddr::from_str(text).map(IpNet::from).map_err(|_| "not an IP address or CIDR block".to_string())
 }
 
 fn check_domain(domain: &str) -> Result<(), &'static str> {
@@ -343,17 +358,11 @@ fn check_domain(domain: &str) -> Result<(), &'static str> {
     let ok = domain.split('.').all(|label| {
         !label.is_empty()
             && label.len() <= 63
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
             && !label.starts_with('-')
             && !label.ends_with('-')
     });
-    if ok {
-        Ok(())
-    } else {
-        Err("not a valid domain name (wildcards are not resolvable)")
-    }
+    if ok { Ok(()) } else { Err("not a valid domain name (wildcards are not resolvable)") }
 }
 
 mod optional_ipv6 {
@@ -410,22 +419,14 @@ mod tests {
         c.targets.domains.push("*.openai.com".into());
         c.admin.address = "0.0.0.0:15000".parse().unwrap();
         c.proxy.mark = 0;
-        let ConfigError::Invalid { errors } = c.validate().unwrap_err() else {
-            panic!()
-        };
+        let ConfigError::Invalid { errors } = c.validate().unwrap_err() else { panic!() };
         assert_eq!(errors.len(), 6, "{errors:#?}");
     }
 
     #[test]
     fn cidrs_accept_plain_addresses() {
-        assert_eq!(
-            parse_cidr("198.18.0.10").unwrap().to_string(),
-            "198.18.0.10/32"
-        );
-        assert_eq!(
-            parse_cidr("2001:db8::1").unwrap().to_string(),
-            "2001:db8::1/128"
-        );
+        assert_eq!(parse_cidr("198.18.0.10").unwrap().to_string(), "198.18.0.10/32");
+        assert_eq!(parse_cidr("2001:db8::1").unwrap().to_string(), "2001:db8::1/128");
         assert_eq!(parse_cidr("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
     }
 
@@ -438,11 +439,7 @@ mod tests {
     #[test]
     fn overrides_win_over_file() {
         let mut c = Config::default();
-        c.apply(&Overrides {
-            redirect: Some(RedirectMode::Iptables),
-            port: Some(9),
-            ..Default::default()
-        });
+        c.apply(&Overrides { redirect: Some(RedirectMode::Iptables), port: Some(9), ..Default::default() });
         assert_eq!(c.redirect.mode, RedirectMode::Iptables);
         assert_eq!(c.proxy.port, 9);
     }

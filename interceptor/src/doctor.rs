@@ -20,10 +20,7 @@ struct Check {
 }
 
 fn check(ok: bool, what: impl Into<String>) -> Check {
-    Check {
-        ok,
-        what: what.into(),
-    }
+    Check { ok, what: what.into() }
 }
 
 /// Runs every check, prints the report, and returns whether `mode` works.
@@ -40,23 +37,12 @@ pub fn run(mode: RedirectMode) -> bool {
         net_admin,
         format!(
             "CAP_NET_ADMIN {}",
-            if net_admin {
-                "present"
-            } else {
-                "missing (needed for SO_MARK and for both redirect modes)"
-            }
+            if net_admin { "present" } else { "missing (needed for SO_MARK and for both redirect modes)" }
         ),
     ));
     checks.push(check(
         bpf,
-        format!(
-            "CAP_BPF or CAP_SYS_ADMIN {}",
-            if bpf {
-                "present"
-            } else {
-                "missing (needed to load eBPF programs)"
-            }
-        ),
+        format!("CAP_BPF or CAP_SYS_ADMIN {}", if bpf { "present" } else { "missing (needed to load eBPF programs)" }),
     ));
     if !net_admin {
         ebpf_problems.push("CAP_NET_ADMIN missing".to_string());
@@ -66,26 +52,18 @@ pub fn run(mode: RedirectMode) -> bool {
         ebpf_problems.push("CAP_BPF/CAP_SYS_ADMIN missing".to_string());
     }
 
-    let release = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
     let kernel_ok = kernel_at_least(&release, 5, 7);
     checks.push(check(
         kernel_ok,
-        format!(
-            "kernel {release} ({} 5.7 needed for cgroup BPF links)",
-            if kernel_ok { ">=" } else { "<" }
-        ),
+        format!("kernel {release} ({} 5.7 needed for cgroup BPF links)", if kernel_ok { ">=" } else { "<" }),
     ));
     if !kernel_ok {
         ebpf_problems.push(format!("kernel {release} is older than 5.7"));
     }
 
     match cgroup::cgroup2_root() {
-        Ok(root) => checks.push(check(
-            true,
-            format!("cgroup v2 mounted at {}", root.display()),
-        )),
+        Ok(root) => checks.push(check(true, format!("cgroup v2 mounted at {}", root.display()))),
         Err(e) => {
             checks.push(check(false, telemetry::chain(&e)));
             ebpf_problems.push("no cgroup v2 mount".to_string());
@@ -94,14 +72,7 @@ pub fn run(mode: RedirectMode) -> bool {
     let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
     checks.push(check(
         btf,
-        format!(
-            "kernel BTF {}",
-            if btf {
-                "present"
-            } else {
-                "absent (not required by our programs)"
-            }
-        ),
+        format!("kernel BTF {}", if btf { "present" } else { "absent (not required by our programs)" }),
     ));
 
     if bpf {
@@ -121,10 +92,7 @@ pub fn run(mode: RedirectMode) -> bool {
             iptables::Family::V6 => ("ip6tables", nat_usable("ip6tables")),
         };
         if !iptables::available(family) {
-            checks.push(check(
-                false,
-                format!("{tool} not installed (apt-get install iptables)"),
-            ));
+            checks.push(check(false, format!("{tool} not installed (apt-get install iptables)")));
             ipt_problems.push(format!("{tool} not installed"));
         } else if let Err(why) = table_ok {
             checks.push(check(false, format!("{tool} nat table not usable: {why}")));
@@ -139,11 +107,7 @@ pub fn run(mode: RedirectMode) -> bool {
     }
     println!("\nredirect modes on this host:");
     let verdict = |problems: &[String]| {
-        if problems.is_empty() {
-            "available".to_string()
-        } else {
-            format!("unavailable: {}", problems.join("; "))
-        }
+        if problems.is_empty() { "available".to_string() } else { format!("unavailable: {}", problems.join("; ")) }
     };
     println!("  ebpf      {}", verdict(&ebpf_problems));
     println!("  iptables  {}", verdict(&ipt_problems));
@@ -153,11 +117,7 @@ pub fn run(mode: RedirectMode) -> bool {
         RedirectMode::Iptables => ipt_problems.is_empty(),
         RedirectMode::None => true,
     };
-    println!(
-        "\nconfigured mode {}: {}",
-        mode.as_str(),
-        if ok { "will work" } else { "will NOT work" }
-    );
+    println!("\nconfigured mode {}: {}", mode.as_str(), if ok { "will work" } else { "will NOT work" });
     ok
 }
 
@@ -168,36 +128,24 @@ fn shorten(text: &str) -> String {
     if lines.len() <= 6 {
         return text.to_string();
     }
-    format!(
-        "{} [...] {}",
-        lines[0],
-        lines[lines.len() - 4..].join(" | ")
-    )
+    format!("{} [...] {}", lines[0], lines[lines.len() - 4..].join(" | "))
 }
 
 fn effective_caps() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let hex = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))?
-        .trim();
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
     u64::from_str_radix(hex, 16).ok()
 }
 
 fn kernel_at_least(release: &str, major: u32, minor: u32) -> bool {
-    let mut parts = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty());
+    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty());
     let maj: u32 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
     let min: u32 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
     (maj, min) >= (major, minor)
 }
 
 fn nat_usable(tool: &str) -> Result<(), String> {
-    match Command::new(tool)
-        .args(["-w", "-t", "nat", "-S", "OUTPUT"])
-        .output()
-    {
+    match Command::new(tool).args(["-w", "-t", "nat", "-S", "OUTPUT"]).output() {
         Ok(out) if out.status.success() => Ok(()),
         Ok(out) => Err(String::from_utf8_lossy(&out.stderr).trim().to_string()),
         Err(e) => Err(e.to_string()),
@@ -210,14 +158,8 @@ mod tests {
 
     #[test]
     fn long_verifier_logs_are_shortened() {
-        let log = (0..100)
-            .map(|i| format!("line {i}"))
-            .collect::<Vec<_>>()
-            .join("\n");
-        assert_eq!(
-            shorten(&log),
-            "line 0 [...] line 96 | line 97 | line 98 | line 99"
-        );
+        let log = (0..100).map(|i| format!("line {i}")).collect::<Vec<_>>().join("\n");
+        assert_eq!(shorten(&log), "line 0 [...] line 96 | line 97 | line 98 | line 99");
         assert_eq!(shorten("short"), "short");
     }
 

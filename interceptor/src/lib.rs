@@ -8,10 +8,12 @@
 
 pub mod admin;
 pub mod app;
+pub mod ca;
 pub mod cgroup;
 pub mod config;
 pub mod doctor;
 pub mod net;
+pub mod policy;
 pub mod proxy;
 pub mod redirect;
 pub mod targets;

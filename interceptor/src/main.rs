@@ -5,16 +5,13 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use interceptor::{
     app,
+    ca::{self, CertificateAuthority, TrustStore},
     config::{Config, LogFormat, Overrides, RedirectMode},
     doctor, redirect, telemetry,
 };
 
 #[derive(Parser)]
-#[command(
-    name = "interceptor",
-    version,
-    about = "Transparent guardrail layer for AI traffic"
-)]
+#[command(name = "interceptor", version, about = "Transparent guardrail layer for AI traffic")]
 struct Cli {
     /// Configuration file (TOML). Without it the built-in defaults are used.
     #[arg(long, global = true, env = "INTERCEPTOR_CONFIG")]
@@ -33,6 +30,25 @@ enum Command {
     Cleanup,
     /// Validate the configuration and print the effective settings.
     CheckConfig(RunArgs),
+    /// The certificate authority that signs intercepted connections.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Print the CA certificate (PEM), creating the CA if needed.
+    Export(StateArgs),
+    /// Add the CA certificate to the system trust store, and print what to set
+    /// for runtimes that ignore it.
+    Install(StateArgs),
+}
+
+#[derive(clap::Args)]
+struct StateArgs {
+    /// Directory for persistent state (the CA).
+    #[arg(long, env = "INTERCEPTOR_STATE_DIR", default_value = "/var/lib/interceptor")]
+    state_dir: PathBuf,
 }
 
 #[derive(clap::Args, Default)]
@@ -43,6 +59,9 @@ struct RunArgs {
     /// cgroup v2 directory whose processes are intercepted (eBPF mode).
     #[arg(long, env = "INTERCEPTOR_CGROUP")]
     cgroup: Option<PathBuf>,
+    /// Extra CA certificates (PEM) trusted for upstream connections.
+    #[arg(long, env = "INTERCEPTOR_UPSTREAM_CA")]
+    upstream_ca: Option<PathBuf>,
     /// Proxy port (0 picks a free one).
     #[arg(long, env = "INTERCEPTOR_PORT")]
     port: Option<u16>,
@@ -53,11 +72,7 @@ struct RunArgs {
     #[arg(long, env = "INTERCEPTOR_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
     /// Directory for persistent state (the CA).
-    #[arg(
-        long,
-        env = "INTERCEPTOR_STATE_DIR",
-        default_value = "/var/lib/interceptor"
-    )]
+    #[arg(long, env = "INTERCEPTOR_STATE_DIR", default_value = "/var/lib/interceptor")]
     state_dir: PathBuf,
 }
 
@@ -67,6 +82,7 @@ impl RunArgs {
             redirect: self.redirect,
             cgroup: self.cgroup.clone(),
             port: self.port,
+            upstream_ca: self.upstream_ca.clone(),
             admin: self.admin,
             log_format: self.log_format,
         }
@@ -80,12 +96,52 @@ fn load(path: Option<&PathBuf>, args: &RunArgs) -> Result<Config, ExitCode> {
     })
 }
 
+fn ca_command(command: CaCommand) -> ExitCode {
+    let state_dir = match &command {
+        CaCommand::Export(a) | CaCommand::Install(a) => a.state_dir.clone(),
+    };
+    let ca = match CertificateAuthority::load_or_create(&state_dir) {
+        Ok(ca) => ca,
+        Err(error) => {
+            eprintln!("error: {}", telemetry::chain(&error));
+            return ExitCode::FAILURE;
+        }
+    };
+    match command {
+        CaCommand::Export(_) => {
+            print!("{}", ca.cert_pem());
+            ExitCode::SUCCESS
+        }
+        CaCommand::Install(_) => {
+            let result = TrustStore::detect().and_then(|store| ca::install(&ca, &store));
+            match result {
+                Ok(report) => {
+                    println!(
+                        "{} {} (system bundle {})",
+                        if report.changed() { "installed" } else { "already installed:" },
+                        report.anchor.display(),
+                        report.bundle.display()
+                    );
+                    if !report.bundle_contains_ca {
+                        println!("warning: {} does not contain the CA after the update", report.bundle.display());
+                    }
+                    println!("\n{}", ca::runtime_guidance(ca.cert_path(), &report.bundle));
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("error: {}", telemetry::chain(&error));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let command = cli.command.unwrap_or(Command::Run(RunArgs {
-        state_dir: PathBuf::from("/var/lib/interceptor"),
-        ..Default::default()
-    }));
+    let command = cli
+        .command
+        .unwrap_or(Command::Run(RunArgs { state_dir: PathBuf::from("/var/lib/interceptor"), ..Default::default() }));
     match command {
         Command::Run(args) => {
             let config = match load(cli.config.as_ref(), &args) {
@@ -120,11 +176,7 @@ fn main() -> ExitCode {
                 Ok(c) => c.redirect.mode,
                 Err(code) => return code,
             };
-            if doctor::run(mode) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
+            if doctor::run(mode) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
         Command::Cleanup => {
             telemetry::init(LogFormat::Text);
@@ -141,6 +193,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Ca(command) => ca_command(command),
         Command::CheckConfig(args) => match load(cli.config.as_ref(), &args) {
             Ok(config) => {
                 match toml::to_string_pretty(&config) {

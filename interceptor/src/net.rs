@@ -51,20 +51,12 @@ pub fn original_dst<F: AsFd>(sock: &F, local: SocketAddr) -> std::io::Result<Soc
         SocketAddr::V4(_) => {
             let sin = getsockopt(sock, sockopt::OriginalDst)?;
             let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-            Ok(SocketAddr::V4(SocketAddrV4::new(
-                ip,
-                u16::from_be(sin.sin_port),
-            )))
+            Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
         }
         SocketAddr::V6(_) => {
             let sin6 = getsockopt(sock, sockopt::Ip6tOriginalDst)?;
             let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-            Ok(canonical(SocketAddr::V6(SocketAddrV6::new(
-                ip,
-                u16::from_be(sin6.sin6_port),
-                0,
-                0,
-            ))))
+            Ok(canonical(SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(sin6.sin6_port), 0, 0))))
         }
     }
 }
@@ -82,10 +74,7 @@ mod tests {
     #[test]
     fn canonical_unmaps_v4_mapped_addresses() {
         let mapped: SocketAddr = "[::ffff:198.18.0.10]:443".parse().unwrap();
-        assert_eq!(
-            canonical(mapped),
-            "198.18.0.10:443".parse::<SocketAddr>().unwrap()
-        );
+        assert_eq!(canonical(mapped), "198.18.0.10:443".parse::<SocketAddr>().unwrap());
         let native: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
         assert_eq!(canonical(native), native);
     }

@@ -50,12 +50,7 @@ pub struct TargetResolver {
 
 impl TargetResolver {
     pub fn new(domains: Vec<String>, cidrs: Vec<IpNet>, grace: Duration) -> Self {
-        Self {
-            domains,
-            cidrs,
-            grace,
-            seen: HashMap::new(),
-        }
+        Self { domains, cidrs, grace, seen: HashMap::new() }
     }
 
     /// Replaces the domain and CIDR lists (config reload). Addresses already
@@ -104,10 +99,7 @@ impl TargetResolver {
 
     fn observe(&mut self, domain: &str, ip: IpAddr, now: Instant) {
         let ip = canonical_ip(ip);
-        let entry = self
-            .seen
-            .entry(ip)
-            .or_insert_with(|| (BTreeSet::new(), now));
+        let entry = self.seen.entry(ip).or_insert_with(|| (BTreeSet::new(), now));
         entry.0.insert(domain.to_string());
         entry.1 = now;
     }
@@ -123,8 +115,7 @@ impl TargetResolver {
 
     fn snapshot(&mut self, now: Instant) -> TargetSet {
         let grace = self.grace;
-        self.seen
-            .retain(|_, (_, last)| now.duration_since(*last) <= grace);
+        self.seen.retain(|_, (_, last)| now.duration_since(*last) <= grace);
         let mut set = TargetSet::default();
         set.nets.extend(self.cidrs.iter().copied());
         for (ip, (names, _)) in &self.seen {
@@ -161,10 +152,7 @@ mod tests {
         let mut r = TargetResolver::new(vec!["a.example".into()], vec![], Duration::from_secs(10));
         let t0 = Instant::now();
         r.observe("a.example", "192.0.2.1".parse().unwrap(), t0);
-        assert!(
-            r.snapshot(t0 + Duration::from_secs(5))
-                .contains("192.0.2.1".parse().unwrap())
-        );
+        assert!(r.snapshot(t0 + Duration::from_secs(5)).contains("192.0.2.1".parse().unwrap()));
         assert!(r.snapshot(t0 + Duration::from_secs(11)).is_empty());
     }
 
@@ -191,10 +179,6 @@ mod tests {
         let mut r = TargetResolver::new(vec!["a.example".into()], vec![], Duration::from_secs(10));
         let t0 = Instant::now();
         r.observe("a.example", "::ffff:192.0.2.1".parse().unwrap(), t0);
-        assert!(
-            r.snapshot(t0)
-                .nets
-                .contains(&"192.0.2.1/32".parse().unwrap())
-        );
+        assert!(r.snapshot(t0).nets.contains(&"192.0.2.1/32".parse().unwrap()));
     }
 }

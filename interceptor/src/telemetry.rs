@@ -9,16 +9,10 @@ use crate::config::LogFormat;
 pub fn init(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // A second init (tests) is harmless: keep the first subscriber.
     let _ = match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
         LogFormat::Text => builder.try_init(),
     };
 }
@@ -40,10 +34,7 @@ mod tests {
     #[test]
     fn chain_joins_causes() {
         let inner = std::io::Error::other("inner");
-        let outer = crate::redirect::RedirectError::Spawn {
-            command: "x".into(),
-            source: inner,
-        };
+        let outer = crate::redirect::RedirectError::Spawn { command: "x".into(), source: inner };
         assert_eq!(super::chain(&outer), "cannot run x: inner");
     }
 }

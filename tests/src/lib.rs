@@ -53,20 +53,12 @@ impl World {
             netns.add_addr("lo", &format!("{addr}/32"))?;
         }
         // nodad: usable at once, no duplicate address detection delay.
-        netns.run(&[
-            "addr",
-            "add",
-            &format!("{PROVIDER_V6}/128"),
-            "dev",
-            "lo",
-            "nodad",
-        ])?;
+        netns.run(&["addr", "add", &format!("{PROVIDER_V6}/128"), "dev", "lo", "nodad"])?;
         let root = Cgroup::new(name)?;
         let proxy_cg = root.child("proxy")?;
         let client_cg = root.child("client")?;
         let outside_cg = root.child("outside")?;
-        let at =
-            |ip: &str, port: u16| -> SocketAddr { SocketAddr::new(ip.parse().expect("ip"), port) };
+        let at = |ip: &str, port: u16| -> SocketAddr { SocketAddr::new(ip.parse().expect("ip"), port) };
         Ok(Self {
             provider: PeerEchoServer::bind_in(&netns, at(PROVIDER_V4, 443))?,
             other: PeerEchoServer::bind_in(&netns, at(OTHER_V4, 443))?,
@@ -87,9 +79,7 @@ impl World {
     /// Flushes conntrack in the namespace, so that entries of an earlier
     /// phase cannot decide NAT for a later one.
     pub fn flush_conntrack(&self) -> Result<()> {
-        let out = Command::new(tool("ip"))
-            .args(["netns", "exec", self.netns.name(), "conntrack", "-F"])
-            .output()?;
+        let out = Command::new(tool("ip")).args(["netns", "exec", self.netns.name(), "conntrack", "-F"]).output()?;
         // conntrack -F exits non-zero when the table is already empty on
         // some versions; only a missing binary is an error.
         if !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not found") {
@@ -102,11 +92,7 @@ impl World {
 /// Config for an interceptor in a test namespace, with `cidrs` as targets and
 /// no domains (tests never resolve real names).
 pub fn config(cidrs: &[&str], extra: &str) -> String {
-    let cidrs = cidrs
-        .iter()
-        .map(|c| format!("\"{c}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let cidrs = cidrs.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ");
     format!("[targets]\ndomains = []\ncidrs = [{cidrs}]\nresolve_interval = \"1s\"\n\n{extra}\n")
 }
 
@@ -130,53 +116,25 @@ impl ClientResult {
 /// curl to `http://addr:port/` (the fake provider answers one line; HTTP/0.9
 /// allowed) from `cgroup` in the namespace.
 pub fn curl(netns: &Netns, cgroup: &Cgroup, host: &str, port: u16) -> Result<ClientResult> {
-    let url_host = if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.to_string()
-    };
+    let url_host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
     let mut cmd = Command::new(tool("curl"));
-    cmd.args([
-        "-sS",
-        "--http0.9",
-        "--max-time",
-        "8",
-        "-w",
-        "\nlocal=%{local_ip} %{local_port}\n",
-    ])
-    .arg(format!("http://{url_host}:{port}/"))
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    cmd.args(["-sS", "--http0.9", "--max-time", "8", "-w", "\nlocal=%{local_ip} %{local_port}\n"])
+        .arg(format!("http://{url_host}:{port}/"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let child = spawn_in(&mut cmd, Some(netns), Some(cgroup))?;
     let pid = child.id();
     let out = wait_output(child)?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
-        bail!(
-            "curl failed ({}): {}{}",
-            out.status,
-            text,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("curl failed ({}): {}{}", out.status, text, String::from_utf8_lossy(&out.stderr));
     }
-    let reply_line = text
-        .lines()
-        .find(|l| l.starts_with("peer="))
-        .context("no reply from the provider")?;
-    let local_line = text
-        .lines()
-        .find_map(|l| l.strip_prefix("local="))
-        .context("no local address")?;
-    let (ip, port) = local_line
-        .split_once(' ')
-        .context("malformed local address")?;
+    let reply_line = text.lines().find(|l| l.starts_with("peer=")).context("no reply from the provider")?;
+    let local_line = text.lines().find_map(|l| l.strip_prefix("local=")).context("no local address")?;
+    let (ip, port) = local_line.split_once(' ').context("malformed local address")?;
     let ip: std::net::IpAddr = ip.parse()?;
-    Ok(ClientResult {
-        pid,
-        local: SocketAddr::new(ip, port.parse()?),
-        reply: EchoReply::parse(reply_line)?,
-    })
+    Ok(ClientResult { pid, local: SocketAddr::new(ip, port.parse()?), reply: EchoReply::parse(reply_line)? })
 }
 
 const PY_TCP: &str = r#"
@@ -199,13 +157,7 @@ print(json.dumps({"pid": os.getpid(), "local": [local[0], local[1]], "reply": da
 
 /// A Python socket client. `family` "4" or "6" (an AF_INET6 socket may
 /// connect to a v4-mapped address).
-pub fn python(
-    netns: &Netns,
-    cgroup: &Cgroup,
-    host: &str,
-    port: u16,
-    family: &str,
-) -> Result<ClientResult> {
+pub fn python(netns: &Netns, cgroup: &Cgroup, host: &str, port: u16, family: &str) -> Result<ClientResult> {
     let mut cmd = Command::new(tool("python3"));
     cmd.args(["-c", PY_TCP, host, &port.to_string(), family])
         .stdin(Stdio::null())
@@ -214,18 +166,11 @@ pub fn python(
     let child = spawn_in(&mut cmd, Some(netns), Some(cgroup))?;
     let out = wait_output(child)?;
     if !out.status.success() {
-        bail!(
-            "python client failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("python client failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let ip: std::net::IpAddr = v["local"][0].as_str().context("local ip")?.parse()?;
-    let local = interceptor::net::canonical(SocketAddr::new(
-        ip,
-        v["local"][1].as_u64().context("port")? as u16,
-    ));
+    let local = interceptor::net::canonical(SocketAddr::new(ip, v["local"][1].as_u64().context("port")? as u16));
     Ok(ClientResult {
         pid: v["pid"].as_u64().context("pid")? as u32,
         local,
@@ -282,15 +227,9 @@ fn wait_output(mut child: std::process::Child) -> Result<std::process::Output> {
 
 /// Programs currently attached to a cgroup directory, as bpftool lists them.
 pub fn attached_programs(cgroup: &std::path::Path) -> Result<String> {
-    let out = Command::new(tool("bpftool"))
-        .args(["cgroup", "show"])
-        .arg(cgroup)
-        .output()?;
+    let out = Command::new(tool("bpftool")).args(["cgroup", "show"]).arg(cgroup).output()?;
     if !out.status.success() {
-        bail!(
-            "bpftool cgroup show failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("bpftool cgroup show failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -301,23 +240,11 @@ pub fn iptables_rules(world: &World) -> Result<String> {
     for ipt in ["iptables", "ip6tables"] {
         for table in ["nat", "filter"] {
             let out = Command::new(tool("ip"))
-                .args([
-                    "netns",
-                    "exec",
-                    world.netns.name(),
-                    ipt,
-                    "-w",
-                    "-t",
-                    table,
-                    "-S",
-                ])
+                .args(["netns", "exec", world.netns.name(), ipt, "-w", "-t", table, "-S"])
                 .output()?;
             all.push_str(&String::from_utf8_lossy(&out.stdout));
         }
     }
-    Ok(all
-        .lines()
-        .filter(|l| l.contains("INTERCEPTOR"))
-        .collect::<Vec<_>>()
-        .join("\n"))
+    Ok(all.lines().filter(|l| l.contains("INTERCEPTOR")).collect::<Vec<_>>().join("\n"))
 }
+pub mod inprocess;

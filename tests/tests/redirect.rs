@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::Result;
 use interceptor::testing::{Interceptor, require_privileges};
 use interceptor_tests::{
-    LATER_V4, OTHER_V4, PROVIDER_V4, PROVIDER_V6, World, attached_programs, config, curl,
-    iptables_rules, python, python_udp,
+    LATER_V4, OTHER_V4, PROVIDER_V4, PROVIDER_V6, World, attached_programs, config, curl, iptables_rules, python,
+    python_udp,
 };
 use serde_json::Value;
 
@@ -40,11 +40,7 @@ fn start_ebpf(
 
 /// The connection record for a client's connection, found by its source port.
 fn record_for(proxy: &Interceptor, local_port: u16) -> Result<Value> {
-    proxy.wait_connection(LOG_WAIT, |e| {
-        e["client"]
-            .as_str()
-            .is_some_and(|c| c.ends_with(&format!(":{local_port}")))
-    })
+    proxy.wait_connection(LOG_WAIT, |e| e["client"].as_str().is_some_and(|c| c.ends_with(&format!(":{local_port}"))))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,12 +51,7 @@ async fn ebpf_redirects_curl_and_python_with_original_destination_and_process() 
     let world = World::new("ebpf_basic")?;
     // The interceptor runs outside the attached cgroup, as an operator covering
     // only some workloads with --cgroup would run it.
-    let proxy = start_ebpf(
-        &world,
-        world.client_cg.path(),
-        &world.proxy_cg,
-        &[PROVIDER_V4],
-    )?;
+    let proxy = start_ebpf(&world, world.client_cg.path(), &world.proxy_cg, &[PROVIDER_V4])?;
     let client_cgroup_id = world.client_cg.id()?;
 
     let c = curl(&world.netns, &world.client_cg, PROVIDER_V4, 443)?;
@@ -72,15 +63,7 @@ async fn ebpf_redirects_curl_and_python_with_original_destination_and_process() 
     assert_eq!(rec["comm"], "curl", "{rec}");
     assert_eq!(rec["cgroup_id"], client_cgroup_id, "{rec}");
     // The provider saw the proxy's socket, and the client got its answer.
-    assert_eq!(
-        c.reply.peer.port(),
-        world
-            .provider
-            .peers()
-            .last()
-            .expect("provider saw a peer")
-            .port()
-    );
+    assert_eq!(c.reply.peer.port(), world.provider.peers().last().expect("provider saw a peer").port());
 
     let p = python(&world.netns, &world.client_cg, PROVIDER_V4, 443, "4")?;
     assert!(p.intercepted(), "python was not intercepted: {p:?}");
@@ -104,10 +87,7 @@ async fn ebpf_leaves_other_processes_destinations_and_its_own_upstream_alone() -
     let proxy = start_ebpf(&world, world.root.path(), &world.proxy_cg, &[PROVIDER_V4])?;
 
     let c = python(&world.netns, &world.client_cg, PROVIDER_V4, 443, "4")?;
-    assert!(
-        c.intercepted(),
-        "client in the attached cgroup must be intercepted: {c:?}"
-    );
+    assert!(c.intercepted(), "client in the attached cgroup must be intercepted: {c:?}");
     assert_eq!(record_for(&proxy, c.local.port())?["outcome"], "relayed");
     // The relay succeeding already shows the upstream socket was not sent
     // back to the proxy; the kernel counter shows it was the mark that did it.
@@ -122,19 +102,13 @@ async fn ebpf_leaves_other_processes_destinations_and_its_own_upstream_alone() -
         if skipped >= 1 {
             break;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "own-mark skip never counted: {status}"
-        );
+        assert!(std::time::Instant::now() < deadline, "own-mark skip never counted: {status}");
         std::thread::sleep(Duration::from_millis(250));
     }
 
     // Not a target: untouched.
     let o = python(&world.netns, &world.client_cg, OTHER_V4, 443, "4")?;
-    assert!(
-        !o.intercepted(),
-        "non-target destination was redirected: {o:?}"
-    );
+    assert!(!o.intercepted(), "non-target destination was redirected: {o:?}");
     // Target port but different port number: untouched.
     let u = python_udp(&world.netns, &world.client_cg, PROVIDER_V4, 8443)?;
     assert!(u.starts_with("reply"), "UDP to another port must work: {u}");
@@ -142,17 +116,10 @@ async fn ebpf_leaves_other_processes_destinations_and_its_own_upstream_alone() -
     // A process outside the attached cgroup: untouched.
     let outside = interceptor::testing::Cgroup::new("ebpf_scope_outside")?;
     let x = python(&world.netns, &outside, PROVIDER_V4, 443, "4")?;
-    assert!(
-        !x.intercepted(),
-        "process outside the cgroup was redirected: {x:?}"
-    );
+    assert!(!x.intercepted(), "process outside the cgroup was redirected: {x:?}");
     let n_before = proxy.connections().len();
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(
-        proxy.connections().len(),
-        n_before,
-        "the proxy saw a connection it should not have"
-    );
+    assert_eq!(proxy.connections().len(), n_before, "the proxy saw a connection it should not have");
     Ok(())
 }
 
@@ -165,36 +132,18 @@ async fn ebpf_redirects_dual_stack_and_ipv6_and_refuses_quic() -> Result<()> {
     let proxy = start_ebpf(&world, world.client_cg.path(), &world.proxy_cg, &targets())?;
 
     // AF_INET6 socket to ::ffff:198.18.0.10 only passes through connect6.
-    let m = python(
-        &world.netns,
-        &world.client_cg,
-        "::ffff:198.18.0.10",
-        443,
-        "6",
-    )?;
-    assert!(
-        m.intercepted(),
-        "v4-mapped connect was not intercepted: {m:?}"
-    );
-    assert_eq!(
-        record_for(&proxy, m.local.port())?["orig_dst"],
-        "198.18.0.10:443"
-    );
+    let m = python(&world.netns, &world.client_cg, "::ffff:198.18.0.10", 443, "6")?;
+    assert!(m.intercepted(), "v4-mapped connect was not intercepted: {m:?}");
+    assert_eq!(record_for(&proxy, m.local.port())?["orig_dst"], "198.18.0.10:443");
 
     let n = python(&world.netns, &world.client_cg, PROVIDER_V6, 443, "6")?;
-    assert!(
-        n.intercepted(),
-        "native IPv6 connect was not intercepted: {n:?}"
-    );
+    assert!(n.intercepted(), "native IPv6 connect was not intercepted: {n:?}");
     let rec = record_for(&proxy, n.local.port())?;
     assert_eq!(rec["orig_dst"], "[2001:db8::10]:443", "{rec}");
     assert_eq!(rec["comm"], "python3");
 
     let c6 = curl(&world.netns, &world.client_cg, PROVIDER_V6, 443)?;
-    assert!(
-        c6.intercepted(),
-        "curl over IPv6 was not intercepted: {c6:?}"
-    );
+    assert!(c6.intercepted(), "curl over IPv6 was not intercepted: {c6:?}");
 
     // QUIC to a target is refused with EPERM, so clients fall back to TCP.
     let q = python_udp(&world.netns, &world.client_cg, PROVIDER_V4, 443)?;
@@ -204,22 +153,15 @@ async fn ebpf_redirects_dual_stack_and_ipv6_and_refuses_quic() -> Result<()> {
     assert!(world.udp_provider.peers().is_empty() && world.udp_provider_v6.peers().is_empty());
     // UDP elsewhere works.
     let ok = python_udp(&world.netns, &world.client_cg, OTHER_V4, 443)?;
-    assert!(
-        ok.starts_with("reply"),
-        "UDP 443 to a non-target must work: {ok}"
-    );
+    assert!(ok.starts_with("reply"), "UDP 443 to a non-target must work: {ok}");
     let ok = python_udp(&world.netns, &world.client_cg, PROVIDER_V4, 8443)?;
-    assert!(
-        ok.starts_with("reply"),
-        "UDP to a target on another port must work: {ok}"
-    );
+    assert!(ok.starts_with("reply"), "UDP to a target on another port must work: {ok}");
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_redirects_a_client_in_another_network_namespace_to_a_node_address() -> Result<()> {
-    if !require_privileges("ebpf_redirects_a_client_in_another_network_namespace_to_a_node_address")
-    {
+    if !require_privileges("ebpf_redirects_a_client_in_another_network_namespace_to_a_node_address") {
         return Ok(());
     }
     // The test namespace plays a node; a second namespace joined by a veth
@@ -227,18 +169,10 @@ async fn ebpf_redirects_a_client_in_another_network_namespace_to_a_node_address(
     // address, so the proxy sees the pod's address as the peer.
     let world = World::new("ebpf_pod")?;
     let pod = interceptor::testing::Netns::new("ebpf_pod_p")?;
-    let _veth = interceptor::testing::veth_pair(
-        Some(&world.netns),
-        &pod,
-        "198.18.1.1/24",
-        "198.18.1.2/24",
-    )?;
+    let _veth = interceptor::testing::veth_pair(Some(&world.netns), &pod, "198.18.1.1/24", "198.18.1.2/24")?;
     pod.run(&["route", "add", "default", "via", "198.18.1.1"])?;
     let direct = python(&pod, &world.client_cg, PROVIDER_V4, 443, "4")?;
-    assert!(
-        !direct.intercepted(),
-        "baseline: the pod reaches the provider directly"
-    );
+    assert!(!direct.intercepted(), "baseline: the pod reaches the provider directly");
 
     let extra = "[proxy]\naddress_v4 = \"198.18.1.1\"\naddress_v6 = \"\"\n";
     let attach = world.client_cg.path().to_str().expect("utf-8");
@@ -253,11 +187,7 @@ async fn ebpf_redirects_a_client_in_another_network_namespace_to_a_node_address(
     assert!(p.intercepted(), "pod connection not intercepted: {p:?}");
     assert_eq!(p.local.ip().to_string(), "198.18.1.2");
     let rec = record_for(&proxy, p.local.port())?;
-    assert_eq!(
-        rec["client"],
-        format!("198.18.1.2:{}", p.local.port()),
-        "{rec}"
-    );
+    assert_eq!(rec["client"], format!("198.18.1.2:{}", p.local.port()), "{rec}");
     assert_eq!(rec["orig_dst"], "198.18.0.10:443", "{rec}");
     assert_eq!(rec["pid"], p.pid, "{rec}");
     assert_eq!(rec["comm"], "python3", "{rec}");
@@ -270,12 +200,7 @@ async fn ebpf_adds_targets_at_runtime_without_restart() -> Result<()> {
         return Ok(());
     }
     let world = World::new("ebpf_live")?;
-    let proxy = start_ebpf(
-        &world,
-        world.client_cg.path(),
-        &world.proxy_cg,
-        &[PROVIDER_V4],
-    )?;
+    let proxy = start_ebpf(&world, world.client_cg.path(), &world.proxy_cg, &[PROVIDER_V4])?;
     let before = python(&world.netns, &world.client_cg, LATER_V4, 443, "4")?;
     assert!(!before.intercepted(), "not yet a target: {before:?}");
 
@@ -285,17 +210,10 @@ async fn ebpf_adds_targets_at_runtime_without_restart() -> Result<()> {
     loop {
         let after = python(&world.netns, &world.client_cg, LATER_V4, 443, "4")?;
         if after.intercepted() {
-            assert_eq!(
-                record_for(&proxy, after.local.port())?["orig_dst"],
-                "198.18.0.20:443"
-            );
+            assert_eq!(record_for(&proxy, after.local.port())?["orig_dst"], "198.18.0.20:443");
             break;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "new target never redirected; log:\n{}",
-            proxy.log_text()
-        );
+        assert!(std::time::Instant::now() < deadline, "new target never redirected; log:\n{}", proxy.log_text());
         std::thread::sleep(Duration::from_millis(200));
     }
     // And removing it stops the redirect again.
@@ -303,10 +221,7 @@ async fn ebpf_adds_targets_at_runtime_without_restart() -> Result<()> {
     proxy.signal(nix::sys::signal::Signal::SIGHUP)?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while python(&world.netns, &world.client_cg, LATER_V4, 443, "4")?.intercepted() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "removed target still redirected"
-        );
+        assert!(std::time::Instant::now() < deadline, "removed target still redirected");
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(())
@@ -319,52 +234,26 @@ async fn ebpf_leaves_nothing_behind_after_sigterm_or_sigkill() -> Result<()> {
     }
     let world = World::new("ebpf_exit")?;
     for kill in [false, true] {
-        let mut proxy = start_ebpf(
-            &world,
-            world.client_cg.path(),
-            &world.proxy_cg,
-            &[PROVIDER_V4],
-        )?;
-        assert!(
-            !attached_programs(world.client_cg.path())?.trim().is_empty(),
-            "programs not attached"
-        );
+        let mut proxy = start_ebpf(&world, world.client_cg.path(), &world.proxy_cg, &[PROVIDER_V4])?;
+        assert!(!attached_programs(world.client_cg.path())?.trim().is_empty(), "programs not attached");
         assert!(python(&world.netns, &world.client_cg, PROVIDER_V4, 443, "4")?.intercepted());
-        let status = if kill {
-            proxy.kill()?
-        } else {
-            proxy.terminate(STOP)?
-        };
+        let status = if kill { proxy.kill()? } else { proxy.terminate(STOP)? };
         if !kill {
-            assert!(
-                status.success(),
-                "SIGTERM exit status {status}; log:\n{}",
-                proxy.log_text()
-            );
+            assert!(status.success(), "SIGTERM exit status {status}; log:\n{}", proxy.log_text());
         }
         // Links are descriptors of the process: gone with it.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
-            let left = attached_programs(world.client_cg.path())?
-                + &attached_programs(world.proxy_cg.path())?;
+            let left = attached_programs(world.client_cg.path())? + &attached_programs(world.proxy_cg.path())?;
             if left.trim().is_empty() {
                 break;
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "programs left after exit (kill={kill}):\n{left}"
-            );
+            assert!(std::time::Instant::now() < deadline, "programs left after exit (kill={kill}):\n{left}");
             std::thread::sleep(Duration::from_millis(100));
         }
         let direct = python(&world.netns, &world.client_cg, PROVIDER_V4, 443, "4")?;
-        assert!(
-            !direct.intercepted(),
-            "still redirected after exit (kill={kill})"
-        );
-        assert_eq!(
-            direct.reply.line, "python",
-            "the provider must be reachable directly"
-        );
+        assert!(!direct.intercepted(), "still redirected after exit (kill={kill})");
+        assert_eq!(direct.reply.line, "python", "the provider must be reachable directly");
     }
     Ok(())
 }
@@ -387,57 +276,26 @@ async fn iptables_redirects_clients_and_cleans_up_after_sigterm_and_sigkill() ->
     };
     let mut proxy = start(&world)?;
     let rules = iptables_rules(&world)?;
-    assert!(
-        rules.contains("REDIRECT"),
-        "no REDIRECT rule installed:\n{rules}"
-    );
+    assert!(rules.contains("REDIRECT"), "no REDIRECT rule installed:\n{rules}");
 
     let c = curl(&world.netns, &world.client_cg, PROVIDER_V4, 443)?;
-    assert!(
-        c.intercepted(),
-        "curl not intercepted in iptables mode: {c:?}"
-    );
-    assert_eq!(
-        record_for(&proxy, c.local.port())?["orig_dst"],
-        "198.18.0.10:443"
-    );
+    assert!(c.intercepted(), "curl not intercepted in iptables mode: {c:?}");
+    assert_eq!(record_for(&proxy, c.local.port())?["orig_dst"], "198.18.0.10:443");
     let p = python(&world.netns, &world.client_cg, PROVIDER_V4, 443, "4")?;
-    assert!(
-        p.intercepted(),
-        "python not intercepted in iptables mode: {p:?}"
-    );
-    assert_eq!(
-        record_for(&proxy, p.local.port())?["orig_dst"],
-        "198.18.0.10:443"
-    );
+    assert!(p.intercepted(), "python not intercepted in iptables mode: {p:?}");
+    assert_eq!(record_for(&proxy, p.local.port())?["orig_dst"], "198.18.0.10:443");
     let v6 = python(&world.netns, &world.client_cg, PROVIDER_V6, 443, "6")?;
-    assert!(
-        v6.intercepted(),
-        "IPv6 not intercepted in iptables mode: {v6:?}"
-    );
-    assert_eq!(
-        record_for(&proxy, v6.local.port())?["orig_dst"],
-        "[2001:db8::10]:443"
-    );
+    assert!(v6.intercepted(), "IPv6 not intercepted in iptables mode: {v6:?}");
+    assert_eq!(record_for(&proxy, v6.local.port())?["orig_dst"], "[2001:db8::10]:443");
     // The REJECT of a local datagram surfaces as EPERM or ECONNREFUSED.
     let q = python_udp(&world.netns, &world.client_cg, PROVIDER_V4, 443)?;
-    assert!(
-        q.starts_with("refused") || q.starts_with("error"),
-        "QUIC must be refused: {q}"
-    );
-    assert!(
-        world.udp_provider.peers().is_empty(),
-        "a QUIC datagram reached the provider"
-    );
+    assert!(q.starts_with("refused") || q.starts_with("error"), "QUIC must be refused: {q}");
+    assert!(world.udp_provider.peers().is_empty(), "a QUIC datagram reached the provider");
     let o = python(&world.netns, &world.client_cg, OTHER_V4, 443, "4")?;
     assert!(!o.intercepted(), "non-target redirected in iptables mode");
 
     // SIGTERM: rules gone, provider reachable directly.
-    assert!(
-        proxy.terminate(STOP)?.success(),
-        "log:\n{}",
-        proxy.log_text()
-    );
+    assert!(proxy.terminate(STOP)?.success(), "log:\n{}", proxy.log_text());
     assert_eq!(iptables_rules(&world)?, "", "rules left after SIGTERM");
     world.flush_conntrack()?;
     let direct = python(&world.netns, &world.client_cg, PROVIDER_V4, 443, "4")?;
@@ -447,10 +305,7 @@ async fn iptables_redirects_clients_and_cleans_up_after_sigterm_and_sigkill() ->
     // port fail loudly rather than bypassing; a restart cleans up and works.
     let mut proxy = start(&world)?;
     proxy.kill()?;
-    assert!(
-        !iptables_rules(&world)?.is_empty(),
-        "SIGKILL cannot remove rules"
-    );
+    assert!(!iptables_rules(&world)?.is_empty(), "SIGKILL cannot remove rules");
     world.flush_conntrack()?;
     assert!(
         python(&world.netns, &world.client_cg, PROVIDER_V4, 443, "4").is_err(),
@@ -458,21 +313,11 @@ async fn iptables_redirects_clients_and_cleans_up_after_sigterm_and_sigkill() ->
     );
     let mut proxy = start(&world)?;
     let rules = iptables_rules(&world)?;
-    assert_eq!(
-        rules.matches("-A OUTPUT").count(),
-        4,
-        "stale jumps not cleaned (2 tables x 2 families):\n{rules}"
-    );
+    assert_eq!(rules.matches("-A OUTPUT").count(), 4, "stale jumps not cleaned (2 tables x 2 families):\n{rules}");
     world.flush_conntrack()?;
     let again = python(&world.netns, &world.client_cg, PROVIDER_V4, 443, "4")?;
-    assert!(
-        again.intercepted(),
-        "restart after SIGKILL does not redirect"
-    );
-    assert_eq!(
-        record_for(&proxy, again.local.port())?["orig_dst"],
-        "198.18.0.10:443"
-    );
+    assert!(again.intercepted(), "restart after SIGKILL does not redirect");
+    assert_eq!(record_for(&proxy, again.local.port())?["orig_dst"], "198.18.0.10:443");
     proxy.kill()?;
 
     // `interceptor cleanup` removes what a crash left.
@@ -481,16 +326,8 @@ async fn iptables_redirects_clients_and_cleans_up_after_sigterm_and_sigkill() ->
         .arg(interceptor::testing::interceptor_bin())
         .arg("cleanup")
         .output()?;
-    assert!(
-        out.status.success(),
-        "cleanup failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        iptables_rules(&world)?,
-        "",
-        "rules left after `interceptor cleanup`"
-    );
+    assert!(out.status.success(), "cleanup failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(iptables_rules(&world)?, "", "rules left after `interceptor cleanup`");
     Ok(())
 }
 
@@ -530,20 +367,10 @@ async fn iptables_guard_refuses_connections_that_escape_nat() -> Result<()> {
             "RETURN",
         ])
         .output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r = python(&world.netns, &world.client_cg, PROVIDER_V4, 443, "4");
-    assert!(
-        r.is_err(),
-        "a connection that escaped NAT reached the provider: {r:?}"
-    );
-    assert!(
-        world.provider.peers().is_empty(),
-        "provider was reached directly"
-    );
+    assert!(r.is_err(), "a connection that escaped NAT reached the provider: {r:?}");
+    assert!(world.provider.peers().is_empty(), "provider was reached directly");
     proxy.terminate(STOP)?;
     Ok(())
 }
@@ -553,16 +380,11 @@ fn doctor_reports_available_modes() {
     if !require_privileges("doctor_reports_available_modes") {
         return;
     }
-    let out = std::process::Command::new(interceptor::testing::interceptor_bin())
-        .arg("doctor")
-        .output()
-        .expect("run doctor");
+    let out =
+        std::process::Command::new(interceptor::testing::interceptor_bin()).arg("doctor").output().expect("run doctor");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("ebpf      available"), "{text}");
     assert!(text.contains("iptables  available"), "{text}");
-    assert!(
-        text.contains("eBPF programs load and pass the verifier"),
-        "{text}"
-    );
+    assert!(text.contains("eBPF programs load and pass the verifier"), "{text}");
 }

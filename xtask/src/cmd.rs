@@ -63,9 +63,7 @@ pub fn cargo() -> Command {
 
 /// Finds an executable on the child `PATH`.
 pub fn find_executable(name: &str) -> Option<PathBuf> {
-    env::split_paths(&child_path())
-        .map(|dir| dir.join(name))
-        .find(|path| is_executable(path))
+    env::split_paths(&child_path()).map(|dir| dir.join(name)).find(|path| is_executable(path))
 }
 
 fn is_executable(path: &Path) -> bool {
@@ -74,11 +72,7 @@ fn is_executable(path: &Path) -> bool {
 
 /// Renders a command the way a shell user would type it, for logs and errors.
 pub fn display(cmd: &Command) -> String {
-    let mut line = Path::new(cmd.get_program())
-        .file_name()
-        .unwrap_or(cmd.get_program())
-        .to_string_lossy()
-        .into_owned();
+    let mut line = Path::new(cmd.get_program()).file_name().unwrap_or(cmd.get_program()).to_string_lossy().into_owned();
     for arg in cmd.get_args() {
         line.push(' ');
         line.push_str(&arg.to_string_lossy());
@@ -90,9 +84,7 @@ pub fn display(cmd: &Command) -> String {
 pub fn run(cmd: &mut Command) -> Result<()> {
     let line = display(cmd);
     println!("+ {line}");
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start `{line}`"))?;
+    let status = cmd.status().with_context(|| format!("cannot start `{line}`"))?;
     if !status.success() {
         bail!("`{line}` failed ({status})");
     }
@@ -102,16 +94,9 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 /// Runs a command quietly and returns its stdout; fails unless it exits with 0.
 pub fn stdout(cmd: &mut Command) -> Result<String> {
     let line = display(cmd);
-    let output = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot start `{line}`"))?;
+    let output = cmd.stdin(Stdio::null()).output().with_context(|| format!("cannot start `{line}`"))?;
     if !output.status.success() {
-        bail!(
-            "`{line}` failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
+        bail!("`{line}` failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }

@@ -91,16 +91,10 @@ pub struct RunArgs {
 pub fn run(args: RunArgs) -> Result<()> {
     require_privileges(args.redirect)?;
     setup::setup()?;
-    let profile = if args.release {
-        Profile::Release
-    } else {
-        Profile::Dev
-    };
+    let profile = if args.release { Profile::Release } else { Profile::Dev };
     let bin = build(profile)?;
 
-    let state_dir = args
-        .state_dir
-        .unwrap_or_else(|| cmd::target_dir().join("interceptor-state"));
+    let state_dir = args.state_dir.unwrap_or_else(|| cmd::target_dir().join("interceptor-state"));
     let mut interceptor = Command::new(&bin);
     interceptor.arg("run").arg("--state-dir").arg(&state_dir);
     if let Some(cgroup) = &args.cgroup {
@@ -138,12 +132,8 @@ fn require_privileges(redirect: Option<Redirect>) -> Result<()> {
             )
         }
         Some(Redirect::Iptables) => {
-            bail!(
-                "--redirect iptables needs root (it changes iptables nat rules): run as root, or use --redirect none"
-            )
+            bail!("--redirect iptables needs root (it changes iptables nat rules): run as root, or use --redirect none")
         }
-        None => bail!(
-            "the interceptor's default redirect mode needs root: run as root, or use --redirect none"
-        ),
+        None => bail!("the interceptor's default redirect mode needs root: run as root, or use --redirect none"),
     }
 }

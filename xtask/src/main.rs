@@ -15,11 +15,7 @@ use clap::{Parser, Subcommand};
 use crate::interceptor::{Profile, RunArgs};
 
 #[derive(Parser)]
-#[command(
-    name = "xtask",
-    bin_name = "cargo xtask",
-    about = "Build, run and test the interceptor"
-)]
+#[command(name = "xtask", bin_name = "cargo xtask", about = "Build, run and test the interceptor")]
 struct Cli {
     #[command(subcommand)]
     task: Task,
@@ -51,11 +47,7 @@ fn main() -> Result<()> {
         Task::Setup => setup::setup(),
         Task::Build { release } => {
             setup::setup()?;
-            let profile = if release {
-                Profile::Release
-            } else {
-                Profile::Dev
-            };
+            let profile = if release { Profile::Release } else { Profile::Dev };
             let bin = interceptor::build(profile)?;
             println!("built {}", bin.display());
             Ok(())
@@ -78,8 +70,7 @@ mod tests {
 
     #[test]
     fn test_keeps_a_second_separator_for_the_harness() {
-        let Task::Test { args } = parse(&["test", "--", "--no-fail-fast", "--", "--nocapture"])
-        else {
+        let Task::Test { args } = parse(&["test", "--", "--no-fail-fast", "--", "--nocapture"]) else {
             panic!("not the test task");
         };
         assert_eq!(args, ["--no-fail-fast", "--", "--nocapture"]);

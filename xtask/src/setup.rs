@@ -44,10 +44,7 @@ pub fn setup() -> Result<()> {
 
 fn apt_packages() -> Result<()> {
     if !dpkg_available() {
-        println!(
-            "skip: dpkg-query not found (not Debian?); make sure these are installed: {}",
-            APT_PACKAGES.join(" ")
-        );
+        println!("skip: dpkg-query not found (not Debian?); make sure these are installed: {}", APT_PACKAGES.join(" "));
         return Ok(());
     }
     let mut missing = Vec::new();
@@ -62,9 +59,7 @@ fn apt_packages() -> Result<()> {
     }
     let list = missing.join(" ");
     if !cmd::is_root()? {
-        bail!(
-            "missing apt packages: {list}; installing them needs root: run `cargo xtask setup` as root"
-        );
+        bail!("missing apt packages: {list}; installing them needs root: run `cargo xtask setup` as root");
     }
     println!("installing apt packages: {list}");
     apt_get(&["update"])?;
@@ -99,20 +94,13 @@ fn is_installed_status(status: &str) -> bool {
 }
 
 fn apt_get(args: &[&str]) -> Result<()> {
-    cmd::run(
-        cmd::command("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null()),
-    )
+    cmd::run(cmd::command("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive").stdin(Stdio::null()))
 }
 
 /// The eBPF crate builds with nightly and `-Z build-std=core`, which needs rust-src.
 fn nightly_rust_src() -> Result<()> {
     if cmd::find_executable("rustup").is_none() {
-        bail!(
-            "rustup not found: the eBPF build needs a rustup-managed nightly toolchain (https://rustup.rs)"
-        );
+        bail!("rustup not found: the eBPF build needs a rustup-managed nightly toolchain (https://rustup.rs)");
     }
     let toolchains = cmd::stdout(cmd::command("rustup").args(["toolchain", "list"]))?;
     if !toolchains.lines().any(is_plain_nightly) {
@@ -127,25 +115,14 @@ fn nightly_rust_src() -> Result<()> {
             "rust-src",
         ]));
     }
-    let components = cmd::stdout(cmd::command("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        "nightly",
-    ]))?;
+    let components =
+        cmd::stdout(cmd::command("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))?;
     if components.lines().any(|line| line.trim() == "rust-src") {
         println!("ok: nightly rust-src present");
         return Ok(());
     }
     println!("installing rust-src for nightly");
-    cmd::run(cmd::command("rustup").args([
-        "component",
-        "add",
-        "rust-src",
-        "--toolchain",
-        "nightly",
-    ]))
+    cmd::run(cmd::command("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
 }
 
 /// Whether a `rustup toolchain list` line is the toolchain `+nightly` selects (`nightly-<host>`),
@@ -153,9 +130,7 @@ fn nightly_rust_src() -> Result<()> {
 fn is_plain_nightly(line: &str) -> bool {
     let name = line.split_whitespace().next().unwrap_or_default();
     name == "nightly"
-        || name
-            .strip_prefix("nightly-")
-            .is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_digit()))
+        || name.strip_prefix("nightly-").is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_digit()))
 }
 
 fn bpf_linker() -> Result<()> {
@@ -176,9 +151,7 @@ fn bpf_linker() -> Result<()> {
             println!("ok: bpf-linker installed ({})", path.display());
             Ok(())
         }
-        None => bail!(
-            "cargo install bpf-linker succeeded but bpf-linker is not on PATH or in $CARGO_HOME/bin"
-        ),
+        None => bail!("cargo install bpf-linker succeeded but bpf-linker is not on PATH or in $CARGO_HOME/bin"),
     }
 }
 
@@ -198,15 +171,9 @@ mod tests {
     #[test]
     fn plain_nightly_only() {
         assert!(is_plain_nightly("nightly-x86_64-unknown-linux-gnu"));
-        assert!(is_plain_nightly(
-            "nightly-x86_64-unknown-linux-gnu (active)"
-        ));
-        assert!(!is_plain_nightly(
-            "nightly-2025-01-01-x86_64-unknown-linux-gnu"
-        ));
-        assert!(!is_plain_nightly(
-            "stable-x86_64-unknown-linux-gnu (active, default)"
-        ));
+        assert!(is_plain_nightly("nightly-x86_64-unknown-linux-gnu (active)"));
+        assert!(!is_plain_nightly("nightly-2025-01-01-x86_64-unknown-linux-gnu"));
+        assert!(!is_plain_nightly("stable-x86_64-unknown-linux-gnu (active, default)"));
         assert!(!is_plain_nightly(""));
     }
 }

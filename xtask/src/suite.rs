@@ -46,20 +46,12 @@ impl Steps {
                 (Outcome::Failed(format!("{err:#}")), None)
             }
         };
-        self.0.push(Step {
-            name,
-            outcome,
-            duration: start.elapsed(),
-        });
+        self.0.push(Step { name, outcome, duration: start.elapsed() });
         value
     }
 
     fn skip(&mut self, name: &'static str, reason: &'static str) {
-        self.0.push(Step {
-            name,
-            outcome: Outcome::Skipped(reason),
-            duration: Duration::ZERO,
-        });
+        self.0.push(Step { name, outcome: Outcome::Skipped(reason), duration: Duration::ZERO });
     }
 
     fn print_summary(&self) {
@@ -70,19 +62,12 @@ impl Steps {
                 Outcome::Failed(err) => ("FAILED", format!("  {err}")),
                 Outcome::Skipped(reason) => ("skipped", format!("  {reason}")),
             };
-            println!(
-                "  {label:<8} {:<34} {:>7.1}s{detail}",
-                step.name,
-                step.duration.as_secs_f64()
-            );
+            println!("  {label:<8} {:<34} {:>7.1}s{detail}", step.name, step.duration.as_secs_f64());
         }
     }
 
     fn failures(&self) -> usize {
-        self.0
-            .iter()
-            .filter(|step| !matches!(step.outcome, Outcome::Passed))
-            .count()
+        self.0.iter().filter(|step| !matches!(step.outcome, Outcome::Passed)).count()
     }
 }
 
@@ -92,12 +77,8 @@ pub fn test(extra: &[String]) -> Result<()> {
     let mut steps = Steps::default();
 
     if steps.run("setup", setup::setup).is_some() {
-        steps.run("unit and in-process tests", || {
-            cmd::run(&mut unit_tests(cargo_args, harness_args))
-        });
-        let bin = steps.run("build interceptor (dev)", || {
-            interceptor::build(Profile::Dev)
-        });
+        steps.run("unit and in-process tests", || cmd::run(&mut unit_tests(cargo_args, harness_args)));
+        let bin = steps.run("build interceptor (dev)", || interceptor::build(Profile::Dev));
         match bin {
             Some(bin) => {
                 steps.run("privileged tests", || {
@@ -143,18 +124,10 @@ fn privileged_tests(bin: &Path, cargo_args: &[String], harness_args: &[String]) 
     let mut cargo = cmd::cargo();
     cargo
         .args(["test", "--package", PRIVILEGED_TESTS])
-        .args([
-            "--package",
-            "interceptor",
-            "--features",
-            "interceptor/testing",
-        ])
+        .args(["--package", "interceptor", "--features", "interceptor/testing"])
         .args(cargo_args)
         .arg("--");
-    if !harness_args
-        .iter()
-        .any(|arg| arg.starts_with("--test-threads"))
-    {
+    if !harness_args.iter().any(|arg| arg.starts_with("--test-threads")) {
         cargo.arg("--test-threads=1");
     }
     cargo.args(harness_args).env("INTERCEPTOR_BIN", bin);
@@ -197,11 +170,7 @@ mod tests {
              -- --test-threads=1 --nocapture"
         ));
 
-        let cargo = privileged_tests(
-            Path::new("/t/interceptor"),
-            &[],
-            &strings(&["--test-threads=2"]),
-        );
+        let cargo = privileged_tests(Path::new("/t/interceptor"), &[], &strings(&["--test-threads=2"]));
         assert!(!cmd::display(&cargo).contains("--test-threads=1"));
     }
 }

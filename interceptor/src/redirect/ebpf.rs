@@ -21,10 +21,9 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps},
 };
 use interceptor_common::{
-    CONFIG_F_ENABLED, CONFIG_F_HAVE_V6, MAP_BY_ADDR, MAP_CONFIG, MAP_STATS, MAP_TARGETS_V4,
-    MAP_TARGETS_V6, MAX_PORTS, OrigDst, RedirectConfig, STAT_ESTABLISHED, STAT_ORIGDST_ANSWERED,
-    STAT_REDIRECTED_V4, STAT_REDIRECTED_V6, STAT_SKIPPED_MARK, STAT_UDP_REFUSED, STAT_V6_REFUSED,
-    SockKey, Target, v4_mapped,
+    CONFIG_F_ENABLED, CONFIG_F_HAVE_V6, MAP_BY_ADDR, MAP_CONFIG, MAP_STATS, MAP_TARGETS_V4, MAP_TARGETS_V6, MAX_PORTS,
+    OrigDst, RedirectConfig, STAT_ESTABLISHED, STAT_ORIGDST_ANSWERED, STAT_REDIRECTED_V4, STAT_REDIRECTED_V6,
+    STAT_SKIPPED_MARK, STAT_UDP_REFUSED, STAT_V6_REFUSED, SockKey, Target, v4_mapped,
 };
 use ipnet::IpNet;
 
@@ -35,12 +34,7 @@ use crate::{cgroup, net::ClientAddr, targets::TargetSet};
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
 
 /// Programs attached to the target cgroup: (program name, description).
-const CGROUP_PROGRAMS: [&str; 4] = [
-    "intercept_connect4",
-    "intercept_connect6",
-    "refuse_quic4",
-    "refuse_quic6",
-];
+const CGROUP_PROGRAMS: [&str; 4] = ["intercept_connect4", "intercept_connect6", "refuse_quic4", "refuse_quic6"];
 const SOCK_OPS_PROGRAM: &str = "record_established";
 const GETSOCKOPT_PROGRAM: &str = "answer_original_dst";
 
@@ -69,22 +63,12 @@ fn load_err(e: impl std::error::Error + Send + Sync + 'static) -> RedirectError 
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> RedirectError {
-    move |e| RedirectError::Map {
-        map,
-        source: Box::new(e),
-    }
+    move |e| RedirectError::Map { map, source: Box::new(e) }
 }
 
-fn attach_err(
-    program: &'static str,
-    path: &Path,
-) -> impl FnOnce(aya::programs::ProgramError) -> RedirectError {
+fn attach_err(program: &'static str, path: &Path) -> impl FnOnce(aya::programs::ProgramError) -> RedirectError {
     let path = path.to_path_buf();
-    move |e| RedirectError::Attach {
-        program,
-        path,
-        source: Box::new(e),
-    }
+    move |e| RedirectError::Attach { program, path, source: Box::new(e) }
 }
 
 /// Loads every program into the kernel without attaching anything: proves
@@ -106,9 +90,9 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, R
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let p = ebpf.program_mut(name).ok_or_else(|| {
-        RedirectError::Load(format!("program {name} missing from the eBPF object").into())
-    })?;
+    let p = ebpf
+        .program_mut(name)
+        .ok_or_else(|| RedirectError::Load(format!("program {name} missing from the eBPF object").into()))?;
     p.try_into().map_err(load_err)
 }
 
@@ -116,9 +100,9 @@ fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, RedirectError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf.take_map(name).ok_or_else(|| {
-        RedirectError::Load(format!("map {name} missing from the eBPF object").into())
-    })?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| RedirectError::Load(format!("map {name} missing from the eBPF object").into()))?;
     T::try_from(map).map_err(map_err(name))
 }
 
@@ -127,11 +111,7 @@ impl EbpfRedirector {
     /// root. Must be called inside a tokio runtime (kernel log forwarding).
     pub fn install(cgroup: &Path, proxy: ProxyAddrs, ports: &[u16]) -> Result<Self, RedirectError> {
         let root = cgroup::cgroup2_root()?;
-        let target = if cgroup.as_os_str().is_empty() {
-            root.clone()
-        } else {
-            cgroup.to_path_buf()
-        };
+        let target = if cgroup.as_os_str().is_empty() { root.clone() } else { cgroup.to_path_buf() };
         cgroup::check_cgroup_dir(&target, &root)?;
         let own = cgroup::own_cgroup(&root)?;
 
@@ -140,9 +120,7 @@ impl EbpfRedirector {
 
         let mut config: Array<MapData, RedirectConfig> = take_map(&mut ebpf, MAP_CONFIG)?;
         let config_value = redirect_config(proxy, ports);
-        config
-            .set(0, config_value, 0)
-            .map_err(map_err(MAP_CONFIG))?;
+        config.set(0, config_value, 0).map_err(map_err(MAP_CONFIG))?;
 
         let target_fd = File::open(&target).map_err(|e| RedirectError::Attach {
             program: "cgroup",
@@ -152,13 +130,11 @@ impl EbpfRedirector {
         for name in CGROUP_PROGRAMS {
             let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             p.load().map_err(load_err)?;
-            p.attach(&target_fd, ATTACH_MODE)
-                .map_err(attach_err(name, &target))?;
+            p.attach(&target_fd, ATTACH_MODE).map_err(attach_err(name, &target))?;
         }
         let p: &mut SockOps = program(&mut ebpf, SOCK_OPS_PROGRAM)?;
         p.load().map_err(load_err)?;
-        p.attach(&target_fd, ATTACH_MODE)
-            .map_err(attach_err(SOCK_OPS_PROGRAM, &target))?;
+        p.attach(&target_fd, ATTACH_MODE).map_err(attach_err(SOCK_OPS_PROGRAM, &target))?;
 
         // Accepted sockets belong to the listener's cgroup, i.e. ours, which
         // need not be inside the target cgroup (an operator covering only
@@ -170,8 +146,7 @@ impl EbpfRedirector {
         })?;
         let p: &mut CgroupSockopt = program(&mut ebpf, GETSOCKOPT_PROGRAM)?;
         p.load().map_err(load_err)?;
-        p.attach(&own_fd, ATTACH_MODE)
-            .map_err(attach_err(GETSOCKOPT_PROGRAM, &own))?;
+        p.attach(&own_fd, ATTACH_MODE).map_err(attach_err(GETSOCKOPT_PROGRAM, &own))?;
 
         let targets_v4 = take_map(&mut ebpf, MAP_TARGETS_V4)?;
         let targets_v6 = take_map(&mut ebpf, MAP_TARGETS_V6)?;
@@ -195,27 +170,19 @@ impl EbpfRedirector {
     fn insert(&mut self, net: &IpNet) -> Result<(), aya::maps::MapError> {
         let value = Target::default();
         match net {
-            IpNet::V4(n) => self.targets_v4.insert(
-                &Key::new(u32::from(n.prefix_len()), n.network().octets()),
-                value,
-                0,
-            ),
-            IpNet::V6(n) => self.targets_v6.insert(
-                &Key::new(u32::from(n.prefix_len()), n.network().octets()),
-                value,
-                0,
-            ),
+            IpNet::V4(n) => {
+                self.targets_v4.insert(&Key::new(u32::from(n.prefix_len()), n.network().octets()), value, 0)
+            }
+            IpNet::V6(n) => {
+                self.targets_v6.insert(&Key::new(u32::from(n.prefix_len()), n.network().octets()), value, 0)
+            }
         }
     }
 
     fn remove(&mut self, net: &IpNet) -> Result<(), aya::maps::MapError> {
         match net {
-            IpNet::V4(n) => self
-                .targets_v4
-                .remove(&Key::new(u32::from(n.prefix_len()), n.network().octets())),
-            IpNet::V6(n) => self
-                .targets_v6
-                .remove(&Key::new(u32::from(n.prefix_len()), n.network().octets())),
+            IpNet::V4(n) => self.targets_v4.remove(&Key::new(u32::from(n.prefix_len()), n.network().octets())),
+            IpNet::V6(n) => self.targets_v6.remove(&Key::new(u32::from(n.prefix_len()), n.network().octets())),
         }
     }
 }
@@ -244,16 +211,10 @@ fn forward_kernel_logs(ebpf: &mut Ebpf) {
         Ok(logger) => {
             // SAFETY: the AsyncFd owns the logger, which owns the ring buffer
             // descriptor, so the descriptor stays open while registered.
-            let registered = unsafe {
-                tokio::io::unix::AsyncFd::register_with_interest(
-                    logger,
-                    tokio::io::Interest::READABLE,
-                )
-            };
+            let registered =
+                unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
             let Ok(mut logger) = registered else {
-                tracing::warn!(
-                    "cannot poll the eBPF log buffer; kernel-side warnings will not be shown"
-                );
+                tracing::warn!("cannot poll the eBPF log buffer; kernel-side warnings will not be shown");
                 return;
             };
             tokio::spawn(async move {
@@ -274,19 +235,11 @@ fn sock_key(client: SocketAddr) -> SockKey {
         IpAddr::V4(v4) => v4_mapped(v4.octets()),
         IpAddr::V6(v6) => v6.octets(),
     };
-    SockKey {
-        addr,
-        port: client.port(),
-        _pad: [0; 6],
-    }
+    SockKey { addr, port: client.port(), _pad: [0; 6] }
 }
 
 fn workload_of(entry: &OrigDst) -> Workload {
-    let end = entry
-        .comm
-        .iter()
-        .position(|&b| b == 0)
-        .unwrap_or(entry.comm.len());
+    let end = entry.comm.iter().position(|&b| b == 0).unwrap_or(entry.comm.len());
     Workload {
         pid: entry.tgid,
         tid: entry.pid,
@@ -303,11 +256,7 @@ impl Redirector for EbpfRedirector {
     }
 
     fn attach_point(&self) -> String {
-        format!(
-            "{} (getsockopt on {})",
-            self.cgroup.display(),
-            self.own_cgroup.display()
-        )
+        format!("{} (getsockopt on {})", self.cgroup.display(), self.own_cgroup.display())
     }
 
     fn set_targets(&mut self, targets: &TargetSet) -> Result<(), RedirectError> {
@@ -354,16 +303,14 @@ impl Redirector for EbpfRedirector {
 
     fn resolver(&self) -> Arc<dyn OrigDstResolver> {
         let by_addr = Arc::clone(&self.by_addr);
-        Arc::new(SockoptResolver::new(Some(Arc::new(
-            move |client: ClientAddr| {
-                let key = sock_key(client.0);
-                let mut map = by_addr.lock().unwrap_or_else(|e| e.into_inner());
-                let entry = map.get(&key, 0).ok()?;
-                // The record has served its purpose; keep the map small.
-                let _ = map.remove(&key);
-                Some(workload_of(&entry))
-            },
-        ))))
+        Arc::new(SockoptResolver::new(Some(Arc::new(move |client: ClientAddr| {
+            let key = sock_key(client.0);
+            let mut map = by_addr.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = map.get(&key, 0).ok()?;
+            // The record has served its purpose; keep the map small.
+            let _ = map.remove(&key);
+            Some(workload_of(&entry))
+        }))))
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
@@ -376,15 +323,7 @@ impl Redirector for EbpfRedirector {
             (STAT_ESTABLISHED, "established"),
             (STAT_ORIGDST_ANSWERED, "original_dst_answered"),
         ];
-        names
-            .iter()
-            .map(|&(i, name)| {
-                (
-                    name,
-                    self.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0),
-                )
-            })
-            .collect()
+        names.iter().map(|&(i, name)| (name, self.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))).collect()
     }
 }
 
@@ -400,24 +339,14 @@ mod tests {
 
     #[test]
     fn config_carries_ports_addresses_and_flags() {
-        let proxy = ProxyAddrs {
-            v4: "127.0.0.1:15443".parse().unwrap(),
-            v6: None,
-            mark: 0x1e7,
-        };
+        let proxy = ProxyAddrs { v4: "127.0.0.1:15443".parse().unwrap(), v6: None, mark: 0x1e7 };
         let c = redirect_config(proxy, &[443, 8443]);
         assert_eq!(c.proxy_addr_v4, [127, 0, 0, 1]);
         assert_eq!(c.proxy_port, 15443);
         assert_eq!(c.flags, CONFIG_F_ENABLED);
         assert!(c.has_port(443) && c.has_port(8443) && !c.has_port(80));
-        let proxy = ProxyAddrs {
-            v6: Some("[::1]:15443".parse().unwrap()),
-            ..proxy
-        };
-        assert_eq!(
-            redirect_config(proxy, &[443]).flags,
-            CONFIG_F_ENABLED | CONFIG_F_HAVE_V6
-        );
+        let proxy = ProxyAddrs { v6: Some("[::1]:15443".parse().unwrap()), ..proxy };
+        assert_eq!(redirect_config(proxy, &[443]).flags, CONFIG_F_ENABLED | CONFIG_F_HAVE_V6);
     }
 
     #[test]
@@ -445,9 +374,6 @@ mod tests {
             comm,
         };
         let w = workload_of(&e);
-        assert_eq!(
-            (w.pid, w.tid, w.comm.as_str(), w.cgroup_id),
-            (7, 8, "curl", 9)
-        );
+        assert_eq!((w.pid, w.tid, w.comm.as_str(), w.cgroup_id), (7, 8, "curl", 9));
     }
 }

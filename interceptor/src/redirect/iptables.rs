@@ -44,10 +44,7 @@ impl Family {
     }
 
     fn matches(self, net: &IpNet) -> bool {
-        matches!(
-            (self, net),
-            (Self::V4, IpNet::V4(_)) | (Self::V6, IpNet::V6(_))
-        )
+        matches!((self, net), (Self::V4, IpNet::V4(_)) | (Self::V6, IpNet::V6(_)))
     }
 }
 
@@ -62,24 +59,11 @@ impl IptablesRedirector {
     /// Removes stale rules, then creates the chains and the jumps to them.
     pub fn install(proxy: ProxyAddrs, ports: &[u16]) -> Result<Self, RedirectError> {
         cleanup()?;
-        let this = Self {
-            proxy,
-            ports: ports.to_vec(),
-            installed: true,
-            current: BTreeSet::new(),
-        };
+        let this = Self { proxy, ports: ports.to_vec(), installed: true, current: BTreeSet::new() };
         for family in [Family::V4, Family::V6] {
             restore(family, &this.rules(family))?;
-            run(
-                family.iptables(),
-                &[
-                    "-w", "-t", "nat", "-I", "OUTPUT", "1", "-p", "tcp", "-j", CHAIN,
-                ],
-            )?;
-            run(
-                family.iptables(),
-                &["-w", "-t", "filter", "-I", "OUTPUT", "1", "-j", CHAIN],
-            )?;
+            run(family.iptables(), &["-w", "-t", "nat", "-I", "OUTPUT", "1", "-p", "tcp", "-j", CHAIN])?;
+            run(family.iptables(), &["-w", "-t", "filter", "-I", "OUTPUT", "1", "-j", CHAIN])?;
         }
         tracing::info!("iptables redirect installed");
         Ok(this)
@@ -92,25 +76,14 @@ impl IptablesRedirector {
 
 /// The iptables-restore input for one family. Declaring a chain flushes it,
 /// so applying this replaces the chain's rules atomically.
-pub fn rules(
-    family: Family,
-    targets: &BTreeSet<IpNet>,
-    proxy: &ProxyAddrs,
-    ports: &[u16],
-) -> String {
-    let ports = ports
-        .iter()
-        .map(u16::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
+pub fn rules(family: Family, targets: &BTreeSet<IpNet>, proxy: &ProxyAddrs, ports: &[u16]) -> String {
+    let ports = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
     let nets: Vec<&IpNet> = targets.iter().filter(|n| family.matches(n)).collect();
     let mark = format!("-A {CHAIN} -m mark --mark {:#x} -j RETURN\n", proxy.mark);
     // REDIRECT sends to the loopback address (127.0.0.1 or ::1) for locally
     // generated traffic; any other proxy address needs DNAT.
     let to = match family {
-        Family::V4 if proxy.v4.ip().is_loopback() => {
-            Some(format!("REDIRECT --to-ports {}", proxy.v4.port()))
-        }
+        Family::V4 if proxy.v4.ip().is_loopback() => Some(format!("REDIRECT --to-ports {}", proxy.v4.port())),
         Family::V4 => Some(format!("DNAT --to-destination {}", proxy.v4)),
         Family::V6 => proxy.v6.map(|v6| {
             if v6.ip().is_loopback() {
@@ -126,10 +99,7 @@ pub fn rules(
     out.push_str(&mark);
     if let Some(to) = &to {
         for net in &nets {
-            let _ = writeln!(
-                out,
-                "-A {CHAIN} -d {net} -p tcp -m multiport --dports {ports} -j {to}"
-            );
+            let _ = writeln!(out, "-A {CHAIN} -d {net} -p tcp -m multiport --dports {ports} -j {to}");
         }
     }
     out.push_str("COMMIT\n*filter\n");
@@ -144,10 +114,8 @@ pub fn rules(
             out,
             "-A {CHAIN} -d {net} -p udp -m multiport --dports {ports} -j REJECT --reject-with {unreachable}"
         );
-        let _ = writeln!(
-            out,
-            "-A {CHAIN} -d {net} -p tcp -m multiport --dports {ports} -j REJECT --reject-with tcp-reset"
-        );
+        let _ =
+            writeln!(out, "-A {CHAIN} -d {net} -p tcp -m multiport --dports {ports} -j REJECT --reject-with tcp-reset");
     }
     out.push_str("COMMIT\n");
     out
@@ -161,31 +129,17 @@ fn restore(family: Family, input: &str) -> Result<(), RedirectError> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|source| RedirectError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
+        .map_err(|source| RedirectError::Spawn { command: command.clone(), source })?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(input.as_bytes())
-            .map_err(|source| RedirectError::Spawn {
-                command: command.clone(),
-                source,
-            })?;
+            .map_err(|source| RedirectError::Spawn { command: command.clone(), source })?;
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|source| RedirectError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
+    let out = child.wait_with_output().map_err(|source| RedirectError::Spawn { command: command.clone(), source })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(RedirectError::Command {
-            command,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
+        Err(RedirectError::Command { command, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() })
     }
 }
 
@@ -194,17 +148,11 @@ fn run(program: &str, args: &[&str]) -> Result<(), RedirectError> {
     let out = Command::new(program)
         .args(args)
         .output()
-        .map_err(|source| RedirectError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
+        .map_err(|source| RedirectError::Spawn { command: command.clone(), source })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(RedirectError::Command {
-            command,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
+        Err(RedirectError::Command { command, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() })
     }
 }
 
@@ -217,10 +165,7 @@ pub fn cleanup() -> Result<(), RedirectError> {
         if which(ipt).is_none() {
             continue;
         }
-        for (table, jump) in [
-            ("nat", &["-p", "tcp", "-j", CHAIN][..]),
-            ("filter", &["-j", CHAIN][..]),
-        ] {
+        for (table, jump) in [("nat", &["-p", "tcp", "-j", CHAIN][..]), ("filter", &["-j", CHAIN][..])] {
             // Remove every copy of the jump (a crashed run may have left several).
             for _ in 0..64 {
                 let mut args = vec!["-w", "-t", table, "-D", "OUTPUT"];
@@ -314,10 +259,7 @@ mod tests {
     }
 
     fn targets() -> BTreeSet<IpNet> {
-        ["198.18.0.10/32", "2001:db8::10/128"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect()
+        ["198.18.0.10/32", "2001:db8::10/128"].iter().map(|s| s.parse().unwrap()).collect()
     }
 
     #[test]
@@ -340,7 +282,9 @@ mod tests {
     fn v6_without_listener_has_no_redirect_but_keeps_the_guard() {
         let r = rules(Family::V6, &targets(), &proxy(false), &[443, 8443]);
         assert!(!r.contains("REDIRECT"), "{r}");
-        assert!(r.contains("-d 2001:db8::10/128 -p tcp -m multiport --dports 443,8443 -j REJECT --reject-with tcp-reset"));
+        assert!(
+            r.contains("-d 2001:db8::10/128 -p tcp -m multiport --dports 443,8443 -j REJECT --reject-with tcp-reset")
+        );
         assert!(!r.contains("198.18.0.10"));
     }
 

@@ -67,9 +67,7 @@ impl ProxyAddrs {
     pub fn is_proxy(&self, addr: SocketAddr) -> bool {
         match net::canonical(addr) {
             SocketAddr::V4(a) => a == self.v4,
-            SocketAddr::V6(a) => self
-                .v6
-                .is_some_and(|v6| v6.ip() == a.ip() && v6.port() == a.port()),
+            SocketAddr::V6(a) => self.v6.is_some_and(|v6| v6.ip() == a.ip() && v6.port() == a.port()),
         }
     }
 }
@@ -88,11 +86,7 @@ pub struct Workload {
 
 /// Per-connection lookups the data plane needs.
 pub trait OrigDstResolver: Send + Sync + 'static {
-    fn original_dst(
-        &self,
-        sock: &TcpStream,
-        client: ClientAddr,
-    ) -> Result<OrigDstAddr, RedirectError>;
+    fn original_dst(&self, sock: &TcpStream, client: ClientAddr) -> Result<OrigDstAddr, RedirectError>;
     /// Who opened the connection, when the redirect mode records it. Consumes
     /// the record: call once per connection.
     fn workload(&self, client: ClientAddr) -> Option<Workload>;
@@ -122,31 +116,17 @@ pub struct SockoptResolver {
 }
 
 impl SockoptResolver {
-    pub fn new(
-        workloads: Option<Arc<dyn Fn(ClientAddr) -> Option<Workload> + Send + Sync>>,
-    ) -> Self {
+    pub fn new(workloads: Option<Arc<dyn Fn(ClientAddr) -> Option<Workload> + Send + Sync>>) -> Self {
         Self { workloads }
     }
 }
 
 impl OrigDstResolver for SockoptResolver {
-    fn original_dst(
-        &self,
-        sock: &TcpStream,
-        client: ClientAddr,
-    ) -> Result<OrigDstAddr, RedirectError> {
-        let local = sock
-            .local_addr()
-            .map_err(|source| RedirectError::NoOriginalDst {
-                client: client.0,
-                source,
-            })?;
+    fn original_dst(&self, sock: &TcpStream, client: ClientAddr) -> Result<OrigDstAddr, RedirectError> {
+        let local = sock.local_addr().map_err(|source| RedirectError::NoOriginalDst { client: client.0, source })?;
         net::original_dst(sock, local)
             .map(OrigDstAddr)
-            .map_err(|source| RedirectError::NoOriginalDst {
-                client: client.0,
-                source,
-            })
+            .map_err(|source| RedirectError::NoOriginalDst { client: client.0, source })
     }
 
     fn workload(&self, client: ClientAddr) -> Option<Workload> {
@@ -185,20 +165,12 @@ pub struct MockOrigDst {
 
 #[cfg(any(test, feature = "testing"))]
 impl OrigDstResolver for MockOrigDst {
-    fn original_dst(
-        &self,
-        _: &TcpStream,
-        client: ClientAddr,
-    ) -> Result<OrigDstAddr, RedirectError> {
+    fn original_dst(&self, _: &TcpStream, client: ClientAddr) -> Result<OrigDstAddr, RedirectError> {
         let map = self.dst.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(&client.0)
-            .copied()
-            .or(self.default)
-            .map(OrigDstAddr)
-            .ok_or_else(|| RedirectError::NoOriginalDst {
-                client: client.0,
-                source: std::io::ErrorKind::NotFound.into(),
-            })
+        map.get(&client.0).copied().or(self.default).map(OrigDstAddr).ok_or_else(|| RedirectError::NoOriginalDst {
+            client: client.0,
+            source: std::io::ErrorKind::NotFound.into(),
+        })
     }
 
     fn workload(&self, _: ClientAddr) -> Option<Workload> {
@@ -212,11 +184,7 @@ mod tests {
 
     #[test]
     fn proxy_address_check_handles_v4_mapped_form() {
-        let p = ProxyAddrs {
-            v4: "127.0.0.1:15443".parse().unwrap(),
-            v6: None,
-            mark: 1,
-        };
+        let p = ProxyAddrs { v4: "127.0.0.1:15443".parse().unwrap(), v6: None, mark: 1 };
         assert!(p.is_proxy("[::ffff:127.0.0.1]:15443".parse().unwrap()));
         assert!(p.is_proxy("127.0.0.1:15443".parse().unwrap()));
         assert!(!p.is_proxy("127.0.0.1:443".parse().unwrap()));

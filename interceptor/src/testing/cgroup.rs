@@ -68,11 +68,7 @@ impl Cgroup {
     /// Creates `<cgroup2 root>/interceptor-test-<name>-<unique>`.
     pub fn new(name: &str) -> Result<Cgroup> {
         let root = cgroup2_root()?;
-        let dir = format!(
-            "interceptor-test-{}-{}",
-            super::sanitize(name, 40),
-            super::unique_suffix()
-        );
+        let dir = format!("interceptor-test-{}-{}", super::sanitize(name, 40), super::unique_suffix());
         let path = root.join(dir);
         fs::create_dir(&path).with_context(|| format!("create cgroup {}", path.display()))?;
         Ok(Cgroup { path, root })
@@ -83,10 +79,7 @@ impl Cgroup {
     pub fn child(&self, name: &str) -> Result<Cgroup> {
         let path = self.path.join(super::sanitize(name, 40));
         fs::create_dir(&path).with_context(|| format!("create cgroup {}", path.display()))?;
-        Ok(Cgroup {
-            path,
-            root: self.root.clone(),
-        })
+        Ok(Cgroup { path, root: self.root.clone() })
     }
 
     /// Absolute path of the cgroup directory.
@@ -104,8 +97,7 @@ impl Cgroup {
     /// The cgroup id (what `bpf_get_current_cgroup_id` returns): the inode
     /// number of the cgroup directory.
     pub fn id(&self) -> Result<u64> {
-        let meta = fs::metadata(&self.path)
-            .with_context(|| format!("stat cgroup {}", self.path.display()))?;
+        let meta = fs::metadata(&self.path).with_context(|| format!("stat cgroup {}", self.path.display()))?;
         Ok(meta.ino())
     }
 
@@ -117,8 +109,7 @@ impl Cgroup {
     /// Moves a running process (all its threads) into this cgroup.
     pub fn add_pid(&self, pid: u32) -> Result<()> {
         let procs = self.path.join("cgroup.procs");
-        fs::write(&procs, pid.to_string())
-            .with_context(|| format!("move pid {pid} into {}", self.path.display()))
+        fs::write(&procs, pid.to_string()).with_context(|| format!("move pid {pid} into {}", self.path.display()))
     }
 }
 
@@ -141,10 +132,7 @@ fn subtree(dir: &Path) -> Vec<PathBuf> {
     let mut i = 0;
     while i < all.len() {
         if let Ok(entries) = fs::read_dir(&all[i]) {
-            let children = entries
-                .flatten()
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .map(|e| e.path());
+            let children = entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path());
             all.extend(children.collect::<Vec<_>>());
         }
         i += 1;
@@ -183,10 +171,7 @@ fn destroy(path: &Path) -> Result<()> {
         };
         if Instant::now() >= deadline {
             let left = read_procs(&dir).unwrap_or_default();
-            bail!(
-                "remove {} after {CLEANUP_TIMEOUT:?}: {err} (pids left: {left:?})",
-                dir.display()
-            );
+            bail!("remove {} after {CLEANUP_TIMEOUT:?}: {err} (pids left: {left:?})", dir.display());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -213,36 +198,24 @@ mod tests {
         let parent = Cgroup::new("lifecycle").expect("create cgroup");
         let child = parent.child("leaf").expect("create child");
         let grandchild = child.child("deeper").expect("create grandchild");
-        assert!(
-            parent
-                .relative_path()
-                .starts_with("/interceptor-test-lifecycle-")
-        );
+        assert!(parent.relative_path().starts_with("/interceptor-test-lifecycle-"));
         assert!(grandchild.relative_path().ends_with("/leaf/deeper"));
         assert_ne!(parent.id().expect("id"), child.id().expect("id"));
 
-        let mut in_parent = spawn_in(Command::new("sleep").arg("100"), None, Some(&parent))
-            .expect("spawn in parent");
+        let mut in_parent = spawn_in(Command::new("sleep").arg("100"), None, Some(&parent)).expect("spawn in parent");
         // A shell with background children: all of them must go.
-        let mut in_child = spawn_in(
-            Command::new("sh").args(["-c", "sleep 100 & sleep 100 & wait"]),
-            None,
-            Some(&child),
-        )
-        .expect("spawn in child");
-        let mut in_grandchild = spawn_in(Command::new("sleep").arg("100"), None, Some(&grandchild))
-            .expect("spawn in grandchild");
+        let mut in_child =
+            spawn_in(Command::new("sh").args(["-c", "sleep 100 & sleep 100 & wait"]), None, Some(&child))
+                .expect("spawn in child");
+        let mut in_grandchild =
+            spawn_in(Command::new("sleep").arg("100"), None, Some(&grandchild)).expect("spawn in grandchild");
         assert_eq!(parent.procs().expect("procs"), vec![in_parent.id()]);
         let started = Instant::now();
-        while child.procs().expect("procs").len() < 3 && started.elapsed() < Duration::from_secs(2)
-        {
+        while child.procs().expect("procs").len() < 3 && started.elapsed() < Duration::from_secs(2) {
             std::thread::sleep(Duration::from_millis(10));
         }
         let child_procs = child.procs().expect("procs");
-        assert!(
-            child_procs.len() == 3 && child_procs.contains(&in_child.id()),
-            "{child_procs:?}"
-        );
+        assert!(child_procs.len() == 3 && child_procs.contains(&in_child.id()), "{child_procs:?}");
         assert_eq!(grandchild.procs().expect("procs"), vec![in_grandchild.id()]);
 
         // Dropping the parent first removes the whole subtree; the child

@@ -29,16 +29,11 @@ fn snapshot(peers: &Peers) -> Vec<SocketAddr> {
 }
 
 fn record(peers: &Peers, peer: SocketAddr) {
-    peers
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .push(peer);
+    peers.lock().unwrap_or_else(PoisonError::into_inner).push(peer);
 }
 
 fn require_runtime() -> Result<()> {
-    tokio::runtime::Handle::try_current()
-        .map(drop)
-        .context("fake servers need a tokio runtime (call from within one)")
+    tokio::runtime::Handle::try_current().map(drop).context("fake servers need a tokio runtime (call from within one)")
 }
 
 /// A TCP server that reads one line per connection and answers
@@ -56,18 +51,12 @@ impl PeerEchoServer {
     /// inside a namespace). Must be called within a tokio runtime.
     pub fn start(listener: std::net::TcpListener) -> Result<PeerEchoServer> {
         require_runtime()?;
-        listener
-            .set_nonblocking(true)
-            .context("set listener non-blocking")?;
+        listener.set_nonblocking(true).context("set listener non-blocking")?;
         let local_addr = listener.local_addr().context("listener address")?;
         let listener = tokio::net::TcpListener::from_std(listener).context("register listener")?;
         let peers = Peers::default();
         let task = tokio::spawn(accept_loop(listener, Arc::clone(&peers)));
-        Ok(PeerEchoServer {
-            local_addr,
-            peers,
-            task,
-        })
+        Ok(PeerEchoServer { local_addr, peers, task })
     }
 
     /// Binds `addr` inside `netns` and serves there. Must be called within a
@@ -154,34 +143,19 @@ impl EchoReply {
         let Some((peer, local, line)) = parsed else {
             bail!("not an echo reply: {text:?}");
         };
-        Ok(EchoReply {
-            peer,
-            local,
-            line: line.to_owned(),
-        })
+        Ok(EchoReply { peer, local, line: line.to_owned() })
     }
 }
 
 /// Blocking client for [`PeerEchoServer`]: connects from the calling thread's
 /// namespace (wrap it in [`in_netns`] to connect from elsewhere), sends `line`,
 /// and returns its own local address with the parsed reply.
-pub fn echo_client(
-    addr: SocketAddr,
-    line: &str,
-    timeout: Duration,
-) -> Result<(SocketAddr, EchoReply)> {
-    let mut stream =
-        TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect {addr}"))?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .context("set read timeout")?;
-    stream
-        .set_write_timeout(Some(timeout))
-        .context("set write timeout")?;
+pub fn echo_client(addr: SocketAddr, line: &str, timeout: Duration) -> Result<(SocketAddr, EchoReply)> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect {addr}"))?;
+    stream.set_read_timeout(Some(timeout)).context("set read timeout")?;
+    stream.set_write_timeout(Some(timeout)).context("set write timeout")?;
     let local = stream.local_addr().context("client address")?;
-    stream
-        .write_all(format!("{line}\n").as_bytes())
-        .context("send line")?;
+    stream.write_all(format!("{line}\n").as_bytes()).context("send line")?;
     let mut reply = String::new();
     stream.read_to_string(&mut reply).context("read reply")?;
     Ok((local, EchoReply::parse(&reply)?))
@@ -200,18 +174,12 @@ impl UdpEcho {
     /// Serves on an already bound socket. Must be called within a tokio runtime.
     pub fn start(socket: std::net::UdpSocket) -> Result<UdpEcho> {
         require_runtime()?;
-        socket
-            .set_nonblocking(true)
-            .context("set socket non-blocking")?;
+        socket.set_nonblocking(true).context("set socket non-blocking")?;
         let local_addr = socket.local_addr().context("socket address")?;
         let socket = tokio::net::UdpSocket::from_std(socket).context("register socket")?;
         let peers = Peers::default();
         let task = tokio::spawn(echo_datagrams(socket, Arc::clone(&peers)));
-        Ok(UdpEcho {
-            local_addr,
-            peers,
-            task,
-        })
+        Ok(UdpEcho { local_addr, peers, task })
     }
 
     /// Binds `addr` inside `netns` and serves there. Must be called within a
@@ -260,8 +228,7 @@ mod tests {
 
     #[test]
     fn parses_replies() {
-        let reply = EchoReply::parse("peer=10.0.0.2:40000 local=198.18.0.10:443 line=a b=c\n")
-            .expect("parse");
+        let reply = EchoReply::parse("peer=10.0.0.2:40000 local=198.18.0.10:443 line=a b=c\n").expect("parse");
         assert_eq!(reply.peer, "10.0.0.2:40000".parse().expect("addr"));
         assert_eq!(reply.local, "198.18.0.10:443".parse().expect("addr"));
         assert_eq!(reply.line, "a b=c");
@@ -281,19 +248,11 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let server = PeerEchoServer::start(listener).expect("start");
         let addr = server.local_addr();
-        let (local, reply) =
-            tokio::task::spawn_blocking(move || echo_client(addr, "hello", Duration::from_secs(5)))
-                .await
-                .expect("join")
-                .expect("echo");
-        assert_eq!(
-            reply,
-            EchoReply {
-                peer: local,
-                local: addr,
-                line: "hello".into()
-            }
-        );
+        let (local, reply) = tokio::task::spawn_blocking(move || echo_client(addr, "hello", Duration::from_secs(5)))
+            .await
+            .expect("join")
+            .expect("echo");
+        assert_eq!(reply, EchoReply { peer: local, local: addr, line: "hello".into() });
         assert_eq!(server.peers(), vec![local]);
     }
 
@@ -304,16 +263,13 @@ mod tests {
         }
         let ns = Netns::new("fake").expect("create netns");
         ns.add_addr("lo", "198.18.0.10/32").expect("add addr");
-        let tcp =
-            PeerEchoServer::bind_in(&ns, "198.18.0.10:443".parse().expect("addr")).expect("tcp");
+        let tcp = PeerEchoServer::bind_in(&ns, "198.18.0.10:443".parse().expect("addr")).expect("tcp");
         let udp = UdpEcho::bind_in(&ns, "198.18.0.10:5353".parse().expect("addr")).expect("udp");
 
         let (tcp_addr, udp_addr) = (tcp.local_addr(), udp.local_addr());
         let ns_ref = &ns;
         let (tcp_result, udp_result) = tokio::task::block_in_place(|| {
-            let tcp_result = in_netns(ns_ref, || {
-                echo_client(tcp_addr, "ping", Duration::from_secs(5))
-            });
+            let tcp_result = in_netns(ns_ref, || echo_client(tcp_addr, "ping", Duration::from_secs(5)));
             let udp_result = in_netns(ns_ref, || -> Result<(SocketAddr, Vec<u8>)> {
                 let socket = std::net::UdpSocket::bind("198.18.0.10:0")?;
                 socket.set_read_timeout(Some(Duration::from_secs(5)))?;

@@ -42,12 +42,7 @@ impl Interceptor {
     /// Writes `config_toml` to a fresh directory (which also holds the state
     /// directory and the log) and starts `interceptor --config … run` with
     /// `args` in `netns` and, if given, `cgroup`.
-    pub fn start(
-        netns: &Netns,
-        cgroup: Option<&Cgroup>,
-        config_toml: &str,
-        args: &[&str],
-    ) -> Result<Self> {
+    pub fn start(netns: &Netns, cgroup: Option<&Cgroup>, config_toml: &str, args: &[&str]) -> Result<Self> {
         static N: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "interceptor-test-{}-{}",
@@ -96,36 +91,23 @@ impl Interceptor {
 
     /// Log lines parsed as JSON (non-JSON lines are skipped).
     pub fn events(&self) -> Vec<Value> {
-        self.log_text()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        self.log_text().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
     /// The per-connection records.
     pub fn connections(&self) -> Vec<Value> {
-        self.events()
-            .into_iter()
-            .filter(|e| e["event"] == "connection")
-            .collect()
+        self.events().into_iter().filter(|e| e["event"] == "connection").collect()
     }
 
     /// Waits until a connection record matching `pred` is logged.
-    pub fn wait_connection(
-        &self,
-        timeout: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Result<Value> {
+    pub fn wait_connection(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Result<Value> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(found) = self.connections().into_iter().find(|e| pred(e)) {
                 return Ok(found);
             }
             if Instant::now() > deadline {
-                bail!(
-                    "no matching connection record within {timeout:?}; log:\n{}",
-                    self.log_text()
-                );
+                bail!("no matching connection record within {timeout:?}; log:\n{}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -138,19 +120,13 @@ impl Interceptor {
             if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait()?
             {
-                bail!(
-                    "interceptor exited during start-up ({status}); log:\n{}",
-                    self.log_text()
-                );
+                bail!("interceptor exited during start-up ({status}); log:\n{}", self.log_text());
             }
             if let Ok((200, _)) = http_get(netns, ADMIN.parse()?, "/readyz") {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!(
-                    "interceptor not ready within {timeout:?}; log:\n{}",
-                    self.log_text()
-                );
+                bail!("interceptor not ready within {timeout:?}; log:\n{}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -193,10 +169,7 @@ impl Interceptor {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                bail!(
-                    "interceptor did not exit within {timeout:?}; log:\n{}",
-                    self.log_text()
-                );
+                bail!("interceptor did not exit within {timeout:?}; log:\n{}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -219,11 +192,7 @@ impl Drop for Interceptor {
             let _ = child.wait();
         }
         if std::thread::panicking() {
-            eprintln!(
-                "--- interceptor log ({}) ---\n{}",
-                self.dir.display(),
-                self.log_text()
-            );
+            eprintln!("--- interceptor log ({}) ---\n{}", self.dir.display(), self.log_text());
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -238,15 +207,8 @@ pub fn http_get(netns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, Str
         write!(s, "GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n")?;
         let mut text = String::new();
         s.read_to_string(&mut text)?;
-        let code = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .context("malformed HTTP response")?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
+        let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("malformed HTTP response")?;
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
         Ok((code, body))
     })?
 }

@@ -10,10 +10,12 @@
 //! they favour clear failures over speed and must not be used outside tests.
 
 mod cgroup;
+pub mod clients;
 mod fake;
 mod harness;
 mod netns;
 mod process;
+pub mod provider;
 
 pub use cgroup::{Cgroup, cgroup2_root};
 pub use fake::{EchoReply, PeerEchoServer, Peers, UdpEcho, echo_client};
@@ -53,8 +55,7 @@ fn probe_privileges() -> Result<(), String> {
         return Err("not running as root (euid is not 0)".into());
     }
     cgroup2_root().map_err(|e| format!("{e:#}"))?;
-    run_checked(Command::new(tool("ip")).arg("-V"))
-        .map_err(|e| format!("iproute2 `ip` is not usable: {e:#}"))?;
+    run_checked(Command::new(tool("ip")).arg("-V")).map_err(|e| format!("iproute2 `ip` is not usable: {e:#}"))?;
     Netns::new("probe").map_err(|e| format!("cannot create a network namespace: {e:#}"))?;
     Cgroup::new("probe").map_err(|e| format!("cannot create a cgroup: {e:#}"))?;
     Ok(())
@@ -81,16 +82,7 @@ fn unique_suffix() -> String {
 
 /// Keeps `[A-Za-z0-9_]` of a test name (others become `_`), at most `max` chars.
 fn sanitize(name: &str, max: usize) -> String {
-    name.chars()
-        .take(max)
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    name.chars().take(max).map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect()
 }
 
 /// Runs a command to completion; its stdout on success, an error carrying the
@@ -98,11 +90,7 @@ fn sanitize(name: &str, max: usize) -> String {
 fn run_checked(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -124,8 +112,7 @@ mod tests {
 
     #[test]
     fn run_checked_reports_stderr() {
-        let err = run_checked(Command::new("sh").args(["-c", "echo boom >&2; exit 3"]))
-            .expect_err("must fail");
+        let err = run_checked(Command::new("sh").args(["-c", "echo boom >&2; exit 3"])).expect_err("must fail");
         assert!(format!("{err:#}").contains("boom"), "{err:#}");
     }
 }

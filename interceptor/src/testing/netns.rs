@@ -43,10 +43,7 @@ impl Netns {
                 Err(e) => return Err(e.context(format!("create network namespace {name}"))),
             }
         };
-        let netns = Netns {
-            path: Path::new(NETNS_RUN_DIR).join(&name),
-            name,
-        };
+        let netns = Netns { path: Path::new(NETNS_RUN_DIR).join(&name), name };
         netns.run(&["link", "set", "lo", "up"])?;
         Ok(netns)
     }
@@ -68,23 +65,14 @@ impl Netns {
 
     /// Runs `ip -n <name> <args>`; stdout, or an error with stderr.
     pub fn run(&self, args: &[&str]) -> Result<String> {
-        run_checked(
-            Command::new(tool("ip"))
-                .arg("-n")
-                .arg(&self.name)
-                .args(args),
-        )
+        run_checked(Command::new(tool("ip")).arg("-n").arg(&self.name).args(args))
     }
 
     /// Runs a command inside the namespace through `ip netns exec` (which
     /// hides the cgroup mount, see the module docs); stdout, or an error with
     /// stderr.
     pub fn exec(&self, cmd: &[&str]) -> Result<String> {
-        run_checked(
-            Command::new(tool("ip"))
-                .args(["netns", "exec", &self.name])
-                .args(cmd),
-        )
+        run_checked(Command::new(tool("ip")).args(["netns", "exec", &self.name]).args(cmd))
     }
 
     /// `ip addr add <cidr> dev <dev>` inside the namespace.
@@ -131,8 +119,7 @@ pub fn in_netns<T: Send>(netns: &Netns, f: impl FnOnce() -> T + Send) -> Result<
     let joined = std::thread::scope(|scope| {
         scope
             .spawn(move || -> Result<T> {
-                setns(&file, CloneFlags::CLONE_NEWNET)
-                    .with_context(|| format!("setns into {}", netns.name()))?;
+                setns(&file, CloneFlags::CLONE_NEWNET).with_context(|| format!("setns into {}", netns.name()))?;
                 Ok(f())
             })
             .join()
@@ -177,12 +164,7 @@ impl Drop for VethPair {
 /// `cidr_a` and end b `cidr_b` (e.g. `10.77.0.1/24` and `10.77.0.2/24`) and
 /// brings both up. Interface names are short and unique (`iv<pid>x<n>a|b`,
 /// within the 15-byte limit).
-pub fn veth_pair(
-    ns_a: Option<&Netns>,
-    ns_b: &Netns,
-    cidr_a: &str,
-    cidr_b: &str,
-) -> Result<VethPair> {
+pub fn veth_pair(ns_a: Option<&Netns>, ns_b: &Netns, cidr_a: &str, cidr_b: &str) -> Result<VethPair> {
     let base = format!("iv{}", unique_suffix().replace('-', "x"));
     let pair = VethPair {
         name_a: format!("{base}a"),
@@ -196,19 +178,8 @@ pub fn veth_pair(
         }
         run_checked(cmd.args(args))
     };
-    ip_a(&[
-        "link",
-        "add",
-        &pair.name_a,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &pair.name_b,
-        "netns",
-        ns_b.name(),
-    ])
-    .context("create veth pair")?;
+    ip_a(&["link", "add", &pair.name_a, "type", "veth", "peer", "name", &pair.name_b, "netns", ns_b.name()])
+        .context("create veth pair")?;
     ip_a(&["addr", "add", cidr_a, "dev", &pair.name_a])?;
     ip_a(&["link", "set", &pair.name_a, "up"])?;
     ns_b.add_addr(&pair.name_b, cidr_b)?;
@@ -222,10 +193,8 @@ mod tests {
     use super::*;
 
     fn listed(name: &str) -> bool {
-        let list =
-            run_checked(Command::new(tool("ip")).args(["netns", "list"])).unwrap_or_default();
-        list.lines()
-            .any(|l| l.split_whitespace().next() == Some(name))
+        let list = run_checked(Command::new(tool("ip")).args(["netns", "list"])).unwrap_or_default();
+        list.lines().any(|l| l.split_whitespace().next() == Some(name))
     }
 
     #[test]
@@ -235,33 +204,20 @@ mod tests {
         }
         let ns = Netns::new("lifecycle/test").expect("create netns");
         let name = ns.name().to_owned();
-        assert!(
-            name.starts_with("ict-") && name.ends_with("-lifecycle_te"),
-            "{name}"
-        );
+        assert!(name.starts_with("ict-") && name.ends_with("-lifecycle_te"), "{name}");
         assert!(listed(&name));
         assert!(ns.path().exists());
 
         ns.add_addr("lo", "198.18.0.10/32").expect("add addr");
-        let addrs = ns
-            .run(&["-o", "addr", "show", "dev", "lo"])
-            .expect("show addr");
+        let addrs = ns.run(&["-o", "addr", "show", "dev", "lo"]).expect("show addr");
         assert!(addrs.contains("198.18.0.10/32"), "{addrs}");
-        assert!(
-            ns.exec(&["ip", "-o", "link"])
-                .expect("exec")
-                .contains("lo:")
-        );
-        let err = ns
-            .run(&["link", "set", "nope0", "up"])
-            .expect_err("no such device");
+        assert!(ns.exec(&["ip", "-o", "link"]).expect("exec").contains("lo:"));
+        let err = ns.run(&["link", "set", "nope0", "up"]).expect_err("no such device");
         assert!(format!("{err:#}").contains("nope0"), "{err:#}");
 
         // A process left inside is killed on drop.
-        let mut sleeper = Command::new(tool("ip"))
-            .args(["netns", "exec", &name, "sleep", "100"])
-            .spawn()
-            .expect("spawn sleep");
+        let mut sleeper =
+            Command::new(tool("ip")).args(["netns", "exec", &name, "sleep", "100"]).spawn().expect("spawn sleep");
         let started = Instant::now();
         while ns.pids().expect("pids").is_empty() && started.elapsed() < Duration::from_secs(2) {
             std::thread::sleep(Duration::from_millis(10));
@@ -279,16 +235,14 @@ mod tests {
         }
         let ns = Netns::new("in_netns").expect("create netns");
         ns.add_addr("lo", "198.18.0.10/32").expect("add addr");
-        let listener = in_netns(&ns, || std::net::TcpListener::bind("198.18.0.10:0"))
-            .expect("enter netns")
-            .expect("bind inside");
+        let listener =
+            in_netns(&ns, || std::net::TcpListener::bind("198.18.0.10:0")).expect("enter netns").expect("bind inside");
         let addr = listener.local_addr().expect("local addr");
         // The address exists only inside the namespace.
         assert!(std::net::TcpListener::bind("198.18.0.10:0").is_err());
         // The listener keeps working from this (host) thread; connect from inside.
-        let client = in_netns(&ns, || std::net::TcpStream::connect(addr))
-            .expect("enter netns")
-            .expect("connect inside");
+        let client =
+            in_netns(&ns, || std::net::TcpStream::connect(addr)).expect("enter netns").expect("connect inside");
         let (_server_side, peer) = listener.accept().expect("accept");
         assert_eq!(peer, client.local_addr().expect("client addr"));
     }
@@ -302,34 +256,23 @@ mod tests {
         let pod = Netns::new("pod").expect("create pod");
         let link = veth_pair(Some(&node), &pod, "10.231.0.1/30", "10.231.0.2/30").expect("veth");
         assert!(link.name_a().len() <= 15 && link.name_b().len() <= 15);
-        let listener = in_netns(&node, || std::net::TcpListener::bind("10.231.0.1:0"))
-            .expect("enter node")
-            .expect("bind in node");
+        let listener =
+            in_netns(&node, || std::net::TcpListener::bind("10.231.0.1:0")).expect("enter node").expect("bind in node");
         let addr = listener.local_addr().expect("local addr");
-        let client = in_netns(&pod, || {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        })
-        .expect("enter pod")
-        .expect("pod reaches node");
-        assert_eq!(
-            listener.accept().expect("accept").1,
-            client.local_addr().expect("client addr")
-        );
+        let client = in_netns(&pod, || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
+            .expect("enter pod")
+            .expect("pod reaches node");
+        assert_eq!(listener.accept().expect("accept").1, client.local_addr().expect("client addr"));
 
         let host = veth_pair(None, &node, "10.231.1.1/30", "10.231.1.2/30").expect("veth");
         let listener = std::net::TcpListener::bind("10.231.1.1:0").expect("bind on host");
         let addr = listener.local_addr().expect("local addr");
-        in_netns(&node, || {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        })
-        .expect("enter node")
-        .expect("node reaches host");
+        in_netns(&node, || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
+            .expect("enter node")
+            .expect("node reaches host");
         let host_if = host.name_a().to_owned();
         drop(host);
         let links = run_checked(Command::new(tool("ip")).args(["-o", "link"])).expect("links");
-        assert!(
-            !links.contains(&format!("{host_if}@")),
-            "{host_if} left on host"
-        );
+        assert!(!links.contains(&format!("{host_if}@")), "{host_if} left on host");
     }
 }

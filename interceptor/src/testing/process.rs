@@ -25,11 +25,7 @@ const PIPE_GRACE: Duration = Duration::from_secs(1);
 /// Spawns `cmd` with the child moved into `cgroup` and then into `netns`
 /// before it execs. Each call adds a pre-exec hook to `cmd`: use a fresh
 /// `Command` per spawn.
-pub fn spawn_in(
-    cmd: &mut Command,
-    netns: Option<&Netns>,
-    cgroup: Option<&Cgroup>,
-) -> io::Result<Child> {
+pub fn spawn_in(cmd: &mut Command, netns: Option<&Netns>, cgroup: Option<&Cgroup>) -> io::Result<Child> {
     let placement = Placement::open(netns, cgroup)?;
     // SAFETY: the hook runs between fork and exec; it only makes the
     // async-signal-safe write(2) and setns(2) calls on descriptors opened
@@ -59,9 +55,7 @@ pub fn output_in(
     cgroup: Option<&Cgroup>,
     timeout: Duration,
 ) -> Result<Output> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = spawn_in(cmd, netns, cgroup).with_context(|| format!("spawn {cmd:?}"))?;
     let stdout = Drain::start(child.stdout.take());
     let stderr = Drain::start(child.stderr.take());
@@ -82,11 +76,7 @@ pub fn output_in(
     if !(out_done && err_done) {
         bail!("{cmd:?} exited ({status}) but a background process still holds its output pipes");
     }
-    Ok(Output {
-        status,
-        stdout,
-        stderr,
-    })
+    Ok(Output { status, stdout, stderr })
 }
 
 /// `Some(status)` once the child exits, `None` if it is still running at the deadline.
@@ -111,18 +101,10 @@ struct Placement {
 
 impl Placement {
     fn open(netns: Option<&Netns>, cgroup: Option<&Cgroup>) -> io::Result<Placement> {
-        let cgroup_procs = cgroup
-            .map(|cg| {
-                OpenOptions::new()
-                    .write(true)
-                    .open(cg.path().join("cgroup.procs"))
-            })
-            .transpose()?;
+        let cgroup_procs =
+            cgroup.map(|cg| OpenOptions::new().write(true).open(cg.path().join("cgroup.procs"))).transpose()?;
         let netns = netns.map(|ns| File::open(ns.path())).transpose()?;
-        Ok(Placement {
-            cgroup_procs,
-            netns,
-        })
+        Ok(Placement { cgroup_procs, netns })
     }
 
     /// Runs in the forked child: only async-signal-safe calls, no allocation.
@@ -162,9 +144,7 @@ impl Drain {
             if let Some(mut pipe) = pipe {
                 let mut chunk = [0u8; 8192];
                 while let Ok(n @ 1..) = pipe.read(&mut chunk) {
-                    sink.lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .extend_from_slice(&chunk[..n]);
+                    sink.lock().unwrap_or_else(PoisonError::into_inner).extend_from_slice(&chunk[..n]);
                 }
             }
             let _ = tx.send(());
@@ -202,29 +182,17 @@ mod tests {
         .expect("run");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{out:?}");
-        let unified = text
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .expect("cgroup2 line");
+        let unified = text.lines().find_map(|l| l.strip_prefix("0::")).expect("cgroup2 line");
         assert_eq!(unified, cgroup.relative_path(), "{text}");
         assert!(text.contains("198.18.0.10/32"), "{text}");
         // Only the namespace's own interface: lo.
         let addr_lines = text.lines().filter(|l| l.contains(" inet"));
-        assert!(
-            addr_lines.clone().count() > 0 && addr_lines.clone().all(|l| l.starts_with("1: lo ")),
-            "{text}"
-        );
+        assert!(addr_lines.clone().count() > 0 && addr_lines.clone().all(|l| l.starts_with("1: lo ")), "{text}");
     }
 
     #[test]
     fn spawn_without_placement_stays_put() {
-        let out = output_in(
-            Command::new("true").arg("x"),
-            None,
-            None,
-            Duration::from_secs(10),
-        )
-        .expect("run");
+        let out = output_in(Command::new("true").arg("x"), None, None, Duration::from_secs(10)).expect("run");
         assert!(out.status.success());
     }
 
@@ -239,10 +207,7 @@ mod tests {
         )
         .expect_err("must time out");
         let msg = format!("{err:#}");
-        assert!(
-            msg.contains("timed out") && msg.contains("started"),
-            "{msg}"
-        );
+        assert!(msg.contains("timed out") && msg.contains("started"), "{msg}");
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 
@@ -254,19 +219,13 @@ mod tests {
         let ns = Netns::new("spawn_tokio").expect("create netns");
         let cgroup = Cgroup::new("spawn_tokio").expect("create cgroup");
         let mut cmd = tokio::process::Command::new("cat");
-        cmd.arg("/proc/self/cgroup")
-            .stdout(Stdio::piped())
-            .kill_on_drop(true);
+        cmd.arg("/proc/self/cgroup").stdout(Stdio::piped()).kill_on_drop(true);
         let child = spawn_in_tokio(&mut cmd, Some(&ns), Some(&cgroup)).expect("spawn");
         let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
             .await
             .expect("in time")
             .expect("output");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            text.lines()
-                .any(|l| l.strip_prefix("0::") == Some(&*cgroup.relative_path())),
-            "{text}"
-        );
+        assert!(text.lines().any(|l| l.strip_prefix("0::") == Some(&*cgroup.relative_path())), "{text}");
     }
 }

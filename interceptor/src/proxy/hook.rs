@@ -1,0 +1,71 @@
+//! The point where guardrails plug into the data plane.
+//!
+//! A [`Hook`] sees every intercepted request with its whole body (buffered up
+//! to a limit) and every response head; it may let the exchange through,
+//! replace the request body, answer the client itself (the provider is then
+//! never called), or inspect and rewrite the response body chunk by chunk as
+//! it streams. Without a hook, bodies are streamed through untouched and
+//! nothing is buffered.
+
+use bytes::Bytes;
+use http_body_util::Full;
+
+use crate::{
+    net::{ClientAddr, OrigDstAddr},
+    redirect::Workload,
+};
+
+/// What the data plane knows about an intercepted connection.
+#[derive(Clone, Debug)]
+pub struct Exchange {
+    pub client: ClientAddr,
+    pub orig_dst: OrigDstAddr,
+    pub sni: String,
+    pub workload: Option<Workload>,
+}
+
+pub enum RequestAction {
+    /// Forward the request unchanged.
+    Forward,
+    /// Forward with this body instead (Content-Length is fixed).
+    ReplaceBody(Bytes),
+    /// Answer the client with this response; the provider is not called.
+    Respond(http::Response<Full<Bytes>>),
+}
+
+pub enum ResponseAction {
+    /// Stream the response unchanged.
+    Forward,
+    /// Replace the whole response.
+    Respond(http::Response<Full<Bytes>>),
+    /// Stream the body through this inspector.
+    Inspect(Box<dyn BodyInspector>),
+}
+
+pub enum ChunkAction {
+    /// Send these bytes to the client (the chunk itself, or a rewrite of it;
+    /// empty to hold it back).
+    Forward(Bytes),
+    /// Send these bytes, then end the body: the rest of the upstream body is
+    /// dropped.
+    End(Bytes),
+}
+
+#[async_trait::async_trait]
+pub trait Hook: Send + Sync + 'static {
+    async fn on_request(&self, exchange: &Exchange, head: &http::request::Parts, body: &Bytes) -> RequestAction;
+
+    async fn on_response(
+        &self,
+        exchange: &Exchange,
+        request: &http::request::Parts,
+        head: &http::response::Parts,
+    ) -> ResponseAction;
+}
+
+#[async_trait::async_trait]
+pub trait BodyInspector: Send + 'static {
+    async fn on_chunk(&mut self, chunk: Bytes) -> ChunkAction;
+    /// Bytes to send before the body ends (e.g. held-back text).
+    async fn on_end(&mut self) -> Bytes;
+}

@@ -1,0 +1,402 @@
+//! HTTP on an intercepted connection: served with hyper (HTTP/1.1 or HTTP/2
+//! as negotiated with the client) and relayed to the provider through the
+//! pooled upstream client (HTTP/1.1 or HTTP/2 as negotiated with the
+//! provider). Bodies stream in both directions; upgrades (WebSocket) are
+//! tunnelled after the 101; trailers pass through. The guardrail hook, when
+//! present, runs here.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::{BodyExt as _, Full, StreamBody};
+use hyper::{body::Frame, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tokio::{net::TcpStream, sync::mpsc};
+use tokio_rustls::server::TlsStream;
+
+use super::{
+    BoxBody, BoxError, ProxyError,
+    hook::{BodyInspector, ChunkAction, Exchange, Hook, RequestAction, ResponseAction},
+    upstream::Upstream,
+};
+
+/// Header naming the interceptor as the source of a response it generated.
+pub const ERROR_HEADER: &str = "x-interceptor-error";
+
+/// Boxes a body error. A plain function, not `BoxError::from`: the latter
+/// leaves a lifetime for the compiler to infer through hyper's bounds.
+fn boxed<E: std::error::Error + Send + Sync + 'static>(error: E) -> BoxError {
+    Box::new(error)
+}
+
+/// Per-connection state of an intercepted connection.
+pub struct Intercepted {
+    pub exchange: Arc<Exchange>,
+    pub upstream: Upstream,
+    pub hook: Option<Arc<dyn Hook>>,
+    pub max_inspected_body: usize,
+    pub requests: AtomicU64,
+}
+
+/// Serves HTTP on a terminated TLS stream until the client is done.
+pub async fn serve(io: TlsStream<TcpStream>, conn: Arc<Intercepted>) -> Result<(), BoxError> {
+    let service = service_fn(move |req| {
+        let conn = Arc::clone(&conn);
+        // Boxed: spelling out `Send` here spares the compiler a higher-ranked
+        // inference it cannot finish through hyper's service bounds.
+        let fut: Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>> =
+            Box::pin(async move { Ok(handle(req, conn).await) });
+        fut
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let result = builder.serve_connection_with_upgrades(TokioIo::new(io), service).await;
+    result.map_err(|e| -> BoxError { e })
+}
+
+async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>) -> Response<BoxBody> {
+    conn.requests.fetch_add(1, Ordering::Relaxed);
+    let upgrade = is_upgrade(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    if let Err(response) = prepare_request(&mut parts, &conn.exchange, upgrade) {
+        return response;
+    }
+    let mut body: BoxBody = body.map_err(boxed).boxed_unsync();
+
+    if let Some(hook) = &conn.hook {
+        let bytes = match collect_limited(body, conn.max_inspected_body).await {
+            Ok(bytes) => bytes,
+            Err(None) => {
+                return error_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request_too_large",
+                    &format!("request body exceeds the inspection limit of {} bytes", conn.max_inspected_body),
+                );
+            }
+            Err(Some(error)) => {
+                return error_response(StatusCode::BAD_REQUEST, "request_body_error", &error.to_string());
+            }
+        };
+        let bytes = match hook.on_request(&conn.exchange, &parts, &bytes).await {
+            RequestAction::Forward => bytes,
+            RequestAction::ReplaceBody(new) => {
+                set_content_length(&mut parts.headers, new.len());
+                new
+            }
+            RequestAction::Respond(response) => return response.map(|b| b.map_err(boxed).boxed_unsync()),
+        };
+        body = Full::new(bytes).map_err(boxed).boxed_unsync();
+        let request_head = parts.clone();
+        let response = send(Request::from_parts(parts, body), &conn, upgrade, client_upgrade).await;
+        return match response {
+            Ok(resp) => inspect_response(hook.as_ref(), &conn.exchange, &request_head, resp).await,
+            Err(resp) => resp,
+        };
+    }
+    match send(Request::from_parts(parts, body), &conn, upgrade, client_upgrade).await {
+        Ok(resp) => resp.map(|b| b.map_err(boxed).boxed_unsync()),
+        Err(resp) => resp,
+    }
+}
+
+/// Reads a whole body, at most `max` bytes: `Err(None)` when it is larger.
+/// (Request trailers are not kept once a body is buffered.)
+async fn collect_limited(mut body: BoxBody, max: usize) -> Result<Bytes, Option<BoxError>> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.map_err(Some)?.into_data() {
+            if buf.len() + data.len() > max {
+                return Err(None);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Sends the request upstream; on a 101, tunnels the two upgraded streams.
+async fn send(
+    req: Request<BoxBody>,
+    conn: &Intercepted,
+    upgrade: bool,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Result<Response<hyper::body::Incoming>, Response<BoxBody>> {
+    let client = if upgrade { &conn.upstream.http1 } else { &conn.upstream.client };
+    let mut resp = client.request(req).await.map_err(|e| upstream_error_response(&e))?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_side) = client_upgrade {
+            let upstream_side = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                match (client_side.await, upstream_side.await) {
+                    (Ok(a), Ok(b)) => {
+                        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
+                    }
+                    (Err(error), _) | (_, Err(error)) => tracing::debug!(%error, "upgrade failed"),
+                }
+            });
+        }
+    } else {
+        strip_hop_by_hop(resp.headers_mut(), false);
+    }
+    Ok(resp)
+}
+
+async fn inspect_response(
+    hook: &dyn Hook,
+    exchange: &Exchange,
+    request: &http::request::Parts,
+    resp: Response<hyper::body::Incoming>,
+) -> Response<BoxBody> {
+    let (mut head, body) = resp.into_parts();
+    match hook.on_response(exchange, request, &head).await {
+        ResponseAction::Forward => Response::from_parts(head, body.map_err(boxed).boxed_unsync()),
+        ResponseAction::Respond(response) => response.map(|b| b.map_err(boxed).boxed_unsync()),
+        ResponseAction::Inspect(inspector) => {
+            // The inspector may change the length.
+            head.headers.remove(header::CONTENT_LENGTH);
+            Response::from_parts(head, inspected_body(body, inspector))
+        }
+    }
+}
+
+/// Runs the upstream body through an inspector as it streams.
+fn inspected_body(mut body: hyper::body::Incoming, mut inspector: Box<dyn BodyInspector>) -> BoxBody {
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+    tokio::spawn(async move {
+        loop {
+            let frame = match body.frame().await {
+                Some(Ok(frame)) => frame,
+                Some(Err(error)) => {
+                    let _ = tx.send(Err(boxed(error))).await;
+                    return;
+                }
+                None => break,
+            };
+            match frame.into_data() {
+                Ok(chunk) => match inspector.on_chunk(chunk).await {
+                    ChunkAction::Forward(bytes) => {
+                        if !bytes.is_empty() && tx.send(Ok(Frame::data(bytes))).await.is_err() {
+                            return;
+                        }
+                    }
+                    ChunkAction::End(bytes) => {
+                        if !bytes.is_empty() {
+                            let _ = tx.send(Ok(Frame::data(bytes))).await;
+                        }
+                        return;
+                    }
+                },
+                Err(frame) => {
+                    if tx.send(Ok(frame)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let tail = inspector.on_end().await;
+        if !tail.is_empty() {
+            let _ = tx.send(Ok(Frame::data(tail))).await;
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    StreamBody::new(stream).boxed_unsync()
+}
+
+/// Makes the request absolute (`https://<authority><path>`) for the upstream
+/// client and removes hop-by-hop headers.
+fn prepare_request(
+    parts: &mut http::request::Parts,
+    exchange: &Exchange,
+    upgrade: bool,
+) -> Result<(), Response<BoxBody>> {
+    let authority = match parts.uri.authority() {
+        Some(a) => a.as_str().to_string(),
+        None => match parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
+            Some(host) => host.to_string(),
+            None => default_authority(exchange),
+        },
+    };
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    parts.uri = match Uri::builder().scheme("https").authority(authority.as_str()).path_and_query(path).build() {
+        Ok(uri) => uri,
+        Err(error) => {
+            return Err(error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("invalid request target: {error}"),
+            ));
+        }
+    };
+    // The upstream client derives Host (HTTP/1.1) or :authority (HTTP/2)
+    // from the URI; HTTP/2 forbids a conflicting Host header.
+    parts.headers.remove(header::HOST);
+    parts.version = Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    Ok(())
+}
+
+fn default_authority(exchange: &Exchange) -> String {
+    match exchange.orig_dst.0.port() {
+        443 => exchange.sni.clone(),
+        port => format!("{}:{port}", exchange.sni),
+    }
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes connection-specific headers (RFC 9110 section 7.6.1). For an
+/// upgrade, `Connection: upgrade` and `Upgrade` must reach the provider.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in ["keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "transfer-encoding"] {
+        headers.remove(name);
+    }
+    if !keep_upgrade {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+    // `TE: trailers` is the one TE value HTTP/2 allows; keep it.
+    if headers.get(header::TE).is_some_and(|v| v != "trailers") {
+        headers.remove(header::TE);
+    }
+}
+
+fn set_content_length(headers: &mut HeaderMap, len: usize) {
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+}
+
+/// The one place that turns an interceptor-side failure into what the client
+/// sees: a JSON error in the shape provider SDKs understand, with a header
+/// naming the interceptor as its source.
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response<BoxBody> {
+    let body = serde_json::json!({
+        "error": { "type": "interceptor_error", "code": code, "message": message }
+    });
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())).map_err(boxed).boxed_unsync());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Ok(v) = HeaderValue::from_str(code) {
+        resp.headers_mut().insert(ERROR_HEADER, v);
+    }
+    resp
+}
+
+fn upstream_error_response(error: &hyper_util::client::legacy::Error) -> Response<BoxBody> {
+    let (status, code) = classify(error);
+    let message = crate::telemetry::chain(error);
+    tracing::warn!(code, error = %message, "upstream request failed");
+    error_response(status, code, &message)
+}
+
+/// Whose fault and which status: a connect timeout is a 504, any other
+/// failure to reach or verify the provider a 502.
+fn classify(error: &(dyn std::error::Error + 'static)) -> (StatusCode, &'static str) {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(p) = e.downcast_ref::<ProxyError>() {
+            return match p {
+                ProxyError::ConnectTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+                _ => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
+            };
+        }
+        if e.downcast_ref::<rustls::Error>().is_some() {
+            return (StatusCode::BAD_GATEWAY, "upstream_tls_error");
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.get_ref().is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+        {
+            return (StatusCode::BAD_GATEWAY, "upstream_tls_error");
+        }
+        source = e.source();
+    }
+    (StatusCode::BAD_GATEWAY, "upstream_error")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_but_upgrade_kept_when_asked() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-foo, upgrade"));
+        h.insert("x-foo", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("authorization", HeaderValue::from_static("Bearer x"));
+        let mut plain = h.clone();
+        strip_hop_by_hop(&mut plain, false);
+        assert!(plain.get("x-foo").is_none() && plain.get("keep-alive").is_none());
+        assert!(plain.get(header::UPGRADE).is_none() && plain.get(header::CONNECTION).is_none());
+        assert_eq!(plain.get(header::TE).unwrap(), "trailers");
+        assert!(plain.get("authorization").is_some());
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
+        assert!(h.get(header::CONNECTION).is_some());
+    }
+
+    #[test]
+    fn upgrade_needs_both_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(!is_upgrade(&h));
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        assert!(is_upgrade(&h));
+    }
+
+    #[test]
+    fn connect_timeouts_are_504_other_failures_502() {
+        let t = ProxyError::ConnectTimeout {
+            dst: "192.0.2.1:443".parse().unwrap(),
+            timeout: std::time::Duration::from_secs(1),
+        };
+        assert_eq!(classify(&t).0, StatusCode::GATEWAY_TIMEOUT);
+        let c = ProxyError::Connect {
+            dst: "192.0.2.1:443".parse().unwrap(),
+            source: std::io::ErrorKind::ConnectionRefused.into(),
+        };
+        assert_eq!(classify(&c), (StatusCode::BAD_GATEWAY, "upstream_unreachable"));
+        let tls = std::io::Error::other(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer));
+        assert_eq!(classify(&tls), (StatusCode::BAD_GATEWAY, "upstream_tls_error"));
+    }
+
+    #[test]
+    fn error_responses_name_the_interceptor() {
+        let r = error_response(StatusCode::BAD_GATEWAY, "upstream_unreachable", "no route");
+        assert_eq!(r.status(), 502);
+        assert_eq!(r.headers()[ERROR_HEADER], "upstream_unreachable");
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+    }
+}

@@ -1,0 +1,525 @@
+//! The data plane: accept redirected connections, find where they were going
+//! and who opened them, peek at the TLS ClientHello, and either terminate TLS
+//! and relay HTTP through the guardrail hook (AI domains) or relay the bytes
+//! untouched (everything else). Upstream sockets carry the proxy's mark, which
+//! the redirect never sends back to us.
+//!
+//! Every connection is recorded exactly once, when it ends, by a drop guard.
+//! This module knows nothing of eBPF or iptables: it only sees an
+//! [`OrigDstResolver`], and it reads the domain policy from an immutable
+//! snapshot the control plane publishes.
+
+pub mod hook;
+pub mod http;
+pub mod sni;
+pub mod tls;
+pub mod upstream;
+
+use std::{
+    collections::HashSet,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    path::PathBuf,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::{mpsc, watch},
+};
+
+pub use self::upstream::connect_upstream;
+use self::{
+    hook::{Exchange, Hook},
+    sni::Peeked,
+    tls::TlsTermination,
+};
+use crate::{
+    net::{self, ClientAddr, OrigDstAddr},
+    policy::DomainPolicy,
+    redirect::{OrigDstResolver, ProxyAddrs, Workload},
+    telemetry,
+};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot connect to {dst}")]
+    Connect {
+        dst: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connecting to {dst} timed out after {timeout:?}")]
+    ConnectTimeout { dst: SocketAddr, timeout: Duration },
+    #[error("cannot mark the upstream socket (needs CAP_NET_ADMIN)")]
+    Mark(#[source] std::io::Error),
+    #[error("cannot use the upstream CA file {path}: {reason}")]
+    UpstreamCa { path: PathBuf, reason: String },
+    #[error("{0:?} is not a valid server name")]
+    Sni(String),
+    #[error("no trusted root certificates for upstream connections (install ca-certificates or set tls.upstream_ca)")]
+    NoRoots,
+}
+
+/// What the control plane publishes for the data plane; replaced whole on
+/// every policy change, read once per connection.
+pub struct Snapshot {
+    pub policy: DomainPolicy,
+}
+
+/// The bound listeners, before serving.
+pub struct Listeners {
+    v4: TcpListener,
+    v6: Option<TcpListener>,
+    pub addrs: ProxyAddrs,
+}
+
+impl Listeners {
+    /// Binds the IPv4 address and, if given, the IPv6 address on the same
+    /// port. Port 0 picks a free port (the IPv6 listener then reuses it).
+    pub async fn bind(v4: Ipv4Addr, v6: Option<Ipv6Addr>, port: u16, mark: u32) -> Result<Self, ProxyError> {
+        let addr = SocketAddr::from((v4, port));
+        let l4 = TcpListener::bind(addr).await.map_err(|source| ProxyError::Bind { addr, source })?;
+        let port = l4.local_addr().map_err(|source| ProxyError::Bind { addr, source })?.port();
+        let l6 = match v6 {
+            Some(ip) => {
+                let addr = SocketAddr::from((ip, port));
+                Some(bind_v6_only(addr).map_err(|source| ProxyError::Bind { addr, source })?)
+            }
+            None => None,
+        };
+        let addrs =
+            ProxyAddrs { v4: SocketAddrV4::new(v4, port), v6: v6.map(|ip| SocketAddrV6::new(ip, port, 0, 0)), mark };
+        Ok(Self { v4: l4, v6: l6, addrs })
+    }
+}
+
+fn bind_v6_only(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = TcpSocket::new_v6()?;
+    nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::Ipv6V6Only, &true)?;
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(1024)
+}
+
+/// Settings of the data plane.
+#[derive(Clone)]
+pub struct ProxySettings {
+    pub connect_timeout: Duration,
+    /// How long to wait for a TLS ClientHello before passing a connection
+    /// through untouched.
+    pub client_hello_timeout: Duration,
+    pub max_inspected_body: usize,
+    /// After a client rejects our certificate (pinning, untrusted CA), pass
+    /// that (process, host) pair through instead of failing every time.
+    pub passthrough_on_reject: bool,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            client_hello_timeout: Duration::from_secs(5),
+            max_inspected_body: 16 << 20,
+            passthrough_on_reject: false,
+        }
+    }
+}
+
+/// Everything a connection handler needs.
+pub struct DataPlane {
+    pub resolver: Arc<dyn OrigDstResolver>,
+    pub settings: ProxySettings,
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    /// TLS termination; `None` passes every connection through.
+    pub tls: Option<Arc<TlsTermination>>,
+    pub hook: Option<Arc<dyn Hook>>,
+}
+
+struct Shared {
+    plane: DataPlane,
+    addrs: ProxyAddrs,
+    /// (process, host) pairs whose client rejected our certificate.
+    rejected: Mutex<HashSet<(String, String)>>,
+    /// Each connection holds a clone; draining waits for all to drop.
+    in_flight: mpsc::Sender<()>,
+}
+
+/// Bound on remembered certificate rejections.
+const MAX_REJECTED: usize = 4096;
+
+/// A running proxy. `drain` waits for in-flight connections.
+pub struct Proxy {
+    in_flight: mpsc::Receiver<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Starts accepting on every listener until `shutdown` turns true.
+    pub fn serve(listeners: Listeners, plane: DataPlane, shutdown: watch::Receiver<bool>) -> Self {
+        let (tx, rx) = mpsc::channel(1);
+        let shared =
+            Arc::new(Shared { plane, addrs: listeners.addrs, rejected: Mutex::new(HashSet::new()), in_flight: tx });
+        let mut tasks = vec![tokio::spawn(accept_loop(listeners.v4, Arc::clone(&shared), shutdown.clone()))];
+        if let Some(v6) = listeners.v6 {
+            tasks.push(tokio::spawn(accept_loop(v6, Arc::clone(&shared), shutdown)));
+        }
+        Self { in_flight: rx, tasks }
+    }
+
+    /// Waits until every accepted connection has finished, at most `deadline`.
+    /// Returns whether all finished in time.
+    pub async fn drain(mut self, deadline: Duration) -> bool {
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        // The accept loops are gone, so only connections hold senders now.
+        tokio::time::timeout(deadline, self.in_flight.recv()).await.is_ok()
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let shared = Arc::clone(&shared);
+                    tokio::spawn(async move {
+                        let guard = shared.in_flight.clone();
+                        handle(stream, ClientAddr(net::canonical(peer)), &shared).await;
+                        drop(guard);
+                    });
+                }
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// What happened to one connection; logged once when dropped.
+struct ConnectionRecord {
+    client: ClientAddr,
+    orig_dst: Option<OrigDstAddr>,
+    workload: Option<Workload>,
+    sni: Option<String>,
+    mode: &'static str,
+    reason: Option<String>,
+    outcome: &'static str,
+    error: Option<String>,
+    requests: u64,
+    bytes_up: u64,
+    bytes_down: u64,
+    started: Instant,
+}
+
+impl ConnectionRecord {
+    fn fail(&mut self, outcome: &'static str, error: &dyn std::error::Error) {
+        self.outcome = outcome;
+        self.error = Some(telemetry::chain(error));
+    }
+}
+
+impl Drop for ConnectionRecord {
+    fn drop(&mut self) {
+        let w = self.workload.as_ref();
+        tracing::info!(
+            event = "connection",
+            outcome = self.outcome,
+            mode = self.mode,
+            client = %self.client,
+            orig_dst = self.orig_dst.map(|d| d.to_string()),
+            sni = self.sni.as_deref(),
+            reason = self.reason.as_deref(),
+            pid = w.map(|w| w.pid),
+            tid = w.map(|w| w.tid),
+            uid = w.map(|w| w.uid),
+            comm = w.map(|w| w.comm.as_str()),
+            cgroup_id = w.map(|w| w.cgroup_id),
+            requests = self.requests,
+            bytes_up = self.bytes_up,
+            bytes_down = self.bytes_down,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            error = self.error.as_deref(),
+            "connection closed"
+        );
+    }
+}
+
+async fn handle(stream: TcpStream, client: ClientAddr, shared: &Shared) {
+    let plane = &shared.plane;
+    let mut record = ConnectionRecord {
+        client,
+        orig_dst: None,
+        workload: None,
+        sni: None,
+        mode: "none",
+        reason: None,
+        outcome: "closed",
+        error: None,
+        requests: 0,
+        bytes_up: 0,
+        bytes_down: 0,
+        started: Instant::now(),
+    };
+    let orig = match plane.resolver.original_dst(&stream, client) {
+        Ok(orig) => OrigDstAddr(net::canonical(orig.0)),
+        Err(error) => {
+            // Not redirected to us (or the record was lost): refuse. The
+            // proxy is never an open relay.
+            record.fail("no_original_dst", &error);
+            return;
+        }
+    };
+    record.orig_dst = Some(orig);
+    record.workload = plane.resolver.workload(client);
+    if shared.addrs.is_proxy(orig.0) {
+        record.outcome = "refused_loop";
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+
+    let hello = sni::peek_client_hello(&stream, plane.settings.client_hello_timeout).await;
+    let intercept = match (&hello, &plane.tls) {
+        (Peeked::Tls(info), Some(tls)) => {
+            record.sni = info.sni.clone();
+            let decision = plane.snapshot.borrow().policy.classify(info.sni.as_deref());
+            record.reason = Some(decision.reason.to_string());
+            match info.sni.as_deref() {
+                Some(sni) if decision.intercept => {
+                    let comm = record.workload.as_ref().map(|w| w.comm.clone()).unwrap_or_default();
+                    if shared.rejected_before(&comm, sni) {
+                        record.reason = Some("client rejected our certificate before".into());
+                        None
+                    } else {
+                        Some((Arc::clone(tls), sni.to_string(), comm))
+                    }
+                }
+                _ => None,
+            }
+        }
+        (Peeked::Tls(info), None) => {
+            record.sni = info.sni.clone();
+            record.reason = Some("TLS interception disabled".into());
+            None
+        }
+        (Peeked::NotTls, _) => {
+            record.reason = Some("not TLS".into());
+            None
+        }
+        (Peeked::Timeout, _) => {
+            record.reason = Some("no ClientHello in time".into());
+            None
+        }
+    };
+    match intercept {
+        Some((tls, sni, comm)) => {
+            record.mode = "intercept";
+            intercept_connection(stream, orig, sni, comm, tls, shared, &mut record).await;
+        }
+        None => {
+            record.mode = "passthrough";
+            passthrough(stream, orig, shared, &mut record).await;
+        }
+    }
+}
+
+impl Shared {
+    fn rejected_before(&self, comm: &str, sni: &str) -> bool {
+        self.plane.settings.passthrough_on_reject
+            && self.rejected.lock().unwrap_or_else(|e| e.into_inner()).contains(&(comm.to_string(), sni.to_string()))
+    }
+
+    /// Logs a client's rejection of our certificate once per (process, host).
+    fn note_rejection(&self, comm: &str, sni: &str, record: &ConnectionRecord, error: &str) {
+        let mut rejected = self.rejected.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (comm.to_string(), sni.to_string());
+        if rejected.contains(&key) {
+            return;
+        }
+        if rejected.len() >= MAX_REJECTED {
+            rejected.clear();
+        }
+        rejected.insert(key);
+        tracing::warn!(
+            event = "certificate_rejected",
+            sni,
+            comm,
+            pid = record.workload.as_ref().map(|w| w.pid),
+            error,
+            passthrough_from_now = self.plane.settings.passthrough_on_reject,
+            "client rejected the interceptor's certificate (pinned certificate, or our CA is not trusted: see `interceptor ca install`)"
+        );
+    }
+}
+
+async fn intercept_connection(
+    stream: TcpStream,
+    orig: OrigDstAddr,
+    sni: String,
+    comm: String,
+    tls: Arc<TlsTermination>,
+    shared: &Shared,
+    record: &mut ConnectionRecord,
+) {
+    let tls_stream = match tls.accept(stream, &sni).await {
+        Ok(s) => s,
+        Err(error) => {
+            let text = telemetry::chain(&error);
+            if tls::is_certificate_rejection(&error) {
+                shared.note_rejection(&comm, &sni, record, &text);
+                record.outcome = "client_rejected_certificate";
+            } else {
+                record.outcome = "client_tls_failed";
+            }
+            record.error = Some(text);
+            return;
+        }
+    };
+    let upstream = match tls.pool.get(orig.0, &sni) {
+        Ok(u) => u,
+        Err(error) => {
+            record.fail("invalid_sni", &error);
+            return;
+        }
+    };
+    let conn = Arc::new(http::Intercepted {
+        exchange: Arc::new(Exchange {
+            client: record.client,
+            orig_dst: orig,
+            sni: sni.clone(),
+            workload: record.workload.clone(),
+        }),
+        upstream,
+        hook: shared.plane.hook.clone(),
+        max_inspected_body: shared.plane.settings.max_inspected_body,
+        requests: Default::default(),
+    });
+    let result = http::serve(tls_stream, Arc::clone(&conn)).await;
+    record.requests = conn.requests.load(Ordering::Relaxed);
+    match result {
+        Ok(()) => record.outcome = "intercepted",
+        Err(error) => {
+            record.outcome = "intercepted";
+            record.error = Some(telemetry::chain(error.as_ref()));
+        }
+    }
+}
+
+async fn passthrough(mut client_stream: TcpStream, orig: OrigDstAddr, shared: &Shared, record: &mut ConnectionRecord) {
+    let settings = &shared.plane.settings;
+    let mut upstream = match connect_upstream(orig.0, shared.addrs.mark, settings.connect_timeout).await {
+        Ok(s) => s,
+        Err(error) => {
+            record.fail("upstream_connect_failed", &error);
+            return;
+        }
+    };
+    match tokio::io::copy_bidirectional(&mut client_stream, &mut upstream).await {
+        Ok((up, down)) => {
+            record.outcome = "relayed";
+            record.bytes_up = up;
+            record.bytes_down = down;
+        }
+        Err(error) => record.fail("relay_error", &error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::{policy::DomainsConfig, redirect::MockOrigDst};
+
+    fn plane(resolver: Arc<dyn OrigDstResolver>) -> DataPlane {
+        let policy = DomainPolicy::compile(&DomainsConfig::default()).unwrap();
+        let (_tx, snapshot) = watch::channel(Arc::new(Snapshot { policy }));
+        let settings = ProxySettings {
+            connect_timeout: Duration::from_secs(2),
+            client_hello_timeout: Duration::from_millis(200),
+            ..ProxySettings::default()
+        };
+        DataPlane { resolver, settings, snapshot, tls: None, hook: None }
+    }
+
+    async fn start(default: Option<SocketAddr>) -> (Proxy, ProxyAddrs, watch::Sender<bool>) {
+        let listeners = Listeners::bind(Ipv4Addr::LOCALHOST, None, 0, 0).await.unwrap();
+        let addrs = listeners.addrs;
+        let resolver = Arc::new(MockOrigDst { dst: std::sync::Mutex::new(HashMap::new()), default });
+        let (tx, rx) = watch::channel(false);
+        (Proxy::serve(listeners, plane(resolver), rx), addrs, tx)
+    }
+
+    #[tokio::test]
+    async fn relays_non_tls_bytes_both_ways_to_the_original_destination() {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = upstream.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = upstream.accept().await.unwrap();
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).await.unwrap();
+            s.write_all(&[&buf[..], b"-back"].concat()).await.unwrap();
+        });
+        let (proxy, addrs, stop) = start(Some(up_addr)).await;
+        let mut c = TcpStream::connect(SocketAddr::V4(addrs.v4)).await.unwrap();
+        c.write_all(b"hello").await.unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hello-back");
+        drop(c);
+        stop.send(true).unwrap();
+        assert!(proxy.drain(Duration::from_secs(2)).await);
+    }
+
+    #[tokio::test]
+    async fn connection_without_original_destination_is_closed() {
+        let (_proxy, addrs, _stop) = start(None).await;
+        let mut c = TcpStream::connect(SocketAddr::V4(addrs.v4)).await.unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.unwrap();
+        assert!(got.is_empty());
+    }
+
+    #[tokio::test]
+    async fn connection_aimed_at_the_proxy_itself_is_refused() {
+        let listeners = Listeners::bind(Ipv4Addr::LOCALHOST, None, 0, 0).await.unwrap();
+        let addrs = listeners.addrs;
+        let resolver = Arc::new(MockOrigDst {
+            dst: std::sync::Mutex::new(HashMap::new()),
+            default: Some(SocketAddr::V4(addrs.v4)),
+        });
+        let (_tx, rx) = watch::channel(false);
+        let _proxy = Proxy::serve(listeners, plane(resolver), rx);
+        let mut c = TcpStream::connect(SocketAddr::V4(addrs.v4)).await.unwrap();
+        let mut got = Vec::new();
+        // Closed at once rather than looping into itself.
+        tokio::time::timeout(Duration::from_secs(2), c.read_to_end(&mut got)).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn unreachable_upstream_closes_the_client() {
+        // A port nobody listens on.
+        let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let (_proxy, addrs, _stop) = start(Some(dead)).await;
+        let mut c = TcpStream::connect(SocketAddr::V4(addrs.v4)).await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(3), c.read_to_end(&mut got)).await.unwrap().unwrap();
+        assert!(got.is_empty());
+    }
+}

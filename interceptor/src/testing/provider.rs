@@ -1,0 +1,1079 @@
+//! A fake AI provider for tests: a throwaway test PKI ([`TestPki`]) and a real
+//! HTTPS server ([`FakeProvider`]) that answers like a provider and records
+//! every TLS handshake and request from its own side.
+//!
+//! The server speaks HTTP/1.1 and HTTP/2 (chosen by ALPN), streams server-sent
+//! events with real gaps between them, upgrades `GET /ws` to an echoing
+//! WebSocket, and sends trailers on `GET /trailers`. Routes:
+//!
+//! | request | answer |
+//! |---|---|
+//! | any `POST` | 200 JSON chat completion (about 1 KB) with `"echo_len"`; with `"stream": true` in a JSON body, an SSE stream of chunks instead |
+//! | `GET /sse?n=5&interval_ms=200` | `text/event-stream`: `n` events, one per write, `interval_ms` apart, then `data: [DONE]` |
+//! | `GET /ws` | WebSocket upgrade (HTTP/1.1), then every text or binary message is echoed |
+//! | `GET /trailers` | HTTP/2 or chunked HTTP/1.1 body followed by the trailer `x-checksum: abc` (over HTTP/1.1 only if the request says `te: trailers`: hyper's rule) |
+//! | `GET /status/{code}` | that status, empty body |
+//! | `GET /big?bytes=N` | `N` bytes of `abc…z` repeated, with a content length |
+//! | anything else | 404 JSON error |
+//!
+//! A request header `x-fake-reply: <text>` replaces the assistant text in chat
+//! answers, so a test can make the "model" say something specific.
+//!
+//! The server runs on the current tokio runtime and stops when dropped.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::ServerConfig;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+use super::{Netns, in_netns};
+
+/// Host names the default [`TestPki`] certificate covers: the providers the
+/// interceptor knows, plus one name it should pass through untouched.
+pub const DEFAULT_NAMES: &[&str] = &[
+    "api.openai.com",
+    "api.anthropic.com",
+    "generativelanguage.googleapis.com",
+    "bedrock-runtime.us-east-1.amazonaws.com",
+    "passthrough.example",
+];
+
+/// The address tests give the fake provider inside their namespace (TEST-NET
+/// benchmarking range, never routed).
+pub const PROVIDER_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(198, 18, 0, 10));
+
+/// Common name of the test CA, as clients report it in the issuer.
+pub const TEST_CA_NAME: &str = "Interceptor Test Upstream CA";
+
+/// Common name of the fake provider's certificate, as clients report it in the subject.
+pub const PROVIDER_CERT_NAME: &str = "fake-provider";
+
+/// ALPN the fake provider offers by default, in preference order.
+pub const DEFAULT_ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
+
+/// How long a client may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request body the server reads.
+const MAX_BODY: usize = 64 * 1024 * 1024;
+/// Chunk size of `/big` bodies: a multiple of 26, so the `a..z` pattern runs on.
+const BIG_CHUNK: usize = 26 * 2048;
+/// Longest `/sse` stream accepted (events and gap), so a typo cannot hang a test.
+const MAX_SSE_EVENTS: u64 = 10_000;
+const MAX_SSE_INTERVAL_MS: u64 = 60_000;
+
+/// A throwaway CA (ECDSA P-256) and one server certificate it signed. The CA
+/// plays the real providers' public CA: tests write it out for clients and for
+/// the interceptor's `--upstream-ca`.
+pub struct TestPki {
+    ca_der: CertificateDer<'static>,
+    ca_pem: String,
+    server_chain: Vec<CertificateDer<'static>>,
+    server_key: PrivatePkcs8KeyDer<'static>,
+}
+
+impl std::fmt::Debug for TestPki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestPki").finish_non_exhaustive()
+    }
+}
+
+impl TestPki {
+    /// A fresh CA and a server certificate for `names` (DNS) and `ips`.
+    pub fn new(names: &[&str], ips: &[IpAddr]) -> Result<TestPki> {
+        let now = time::OffsetDateTime::now_utc();
+        // Backdated a day so clock skew between processes never matters.
+        let not_before = now - time::Duration::days(1);
+        let not_after = now + time::Duration::days(365);
+
+        let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("CA key")?;
+        let mut ca_params = CertificateParams::default();
+        ca_params.distinguished_name = name(TEST_CA_NAME);
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        ca_params.not_before = not_before;
+        ca_params.not_after = not_after;
+        ca_params.serial_number = Some(random_serial());
+        let ca_cert = ca_params.self_signed(&ca_key).context("sign CA")?;
+        let issuer = Issuer::new(ca_params, ca_key);
+
+        let sans: Vec<String> =
+            names.iter().map(|n| (*n).to_owned()).chain(ips.iter().map(IpAddr::to_string)).collect();
+        let mut params = CertificateParams::new(sans).context("server certificate names")?;
+        params.distinguished_name = name(PROVIDER_CERT_NAME);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = not_before;
+        params.not_after = not_after;
+        params.serial_number = Some(random_serial());
+        let server_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("server key")?;
+        let server_cert = params.signed_by(&server_key, &issuer).context("sign server certificate")?;
+
+        Ok(TestPki {
+            ca_pem: ca_cert.pem(),
+            ca_der: ca_cert.der().clone(),
+            server_chain: vec![server_cert.der().clone()],
+            server_key: PrivatePkcs8KeyDer::from(server_key.serialize_der()),
+        })
+    }
+
+    /// [`TestPki::new`] for [`DEFAULT_NAMES`] and [`PROVIDER_IP`].
+    pub fn with_defaults() -> Result<TestPki> {
+        TestPki::new(DEFAULT_NAMES, &[PROVIDER_IP])
+    }
+
+    /// The CA certificate, PEM.
+    pub fn ca_pem(&self) -> String {
+        self.ca_pem.clone()
+    }
+
+    /// The CA certificate, DER.
+    pub fn ca_der(&self) -> CertificateDer<'static> {
+        self.ca_der.clone()
+    }
+
+    /// Writes the CA certificate to `dir/test-ca.pem` and returns that path.
+    pub fn write_ca(&self, dir: &Path) -> Result<PathBuf> {
+        let path = dir.join("test-ca.pem");
+        std::fs::write(&path, &self.ca_pem).with_context(|| format!("write {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// A server configuration presenting the server certificate and offering
+    /// `alpn` (e.g. [`DEFAULT_ALPN`], or `&[b"http/1.1"]` for an HTTP/1-only provider).
+    pub fn server_config(&self, alpn: &[&[u8]]) -> Arc<ServerConfig> {
+        let key = PrivateKeyDer::Pkcs8(self.server_key.clone_key());
+        // A fresh rcgen key and certificate always match; failure is a bug here.
+        let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("default protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(self.server_chain.clone(), key)
+            .expect("test certificate and key match");
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+
+    /// A client configuration that trusts only this CA and offers `alpn`,
+    /// for in-process clients.
+    pub fn client_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        // Our own freshly generated CA always parses.
+        roots.add(self.ca_der.clone()).expect("test CA parses");
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("default protocol versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+}
+
+fn name(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Interceptor Tests");
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+fn random_serial() -> rcgen::SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    // Positive, as DER integers for serials must be.
+    bytes[0] &= 0x7f;
+    rcgen::SerialNumber::from_slice(&bytes)
+}
+
+/// One request as the fake provider saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedRequest {
+    /// Number of the TLS connection it came on (1 for the first handshake).
+    pub connection: u64,
+    /// Server name the client sent in its ClientHello.
+    pub sni: Option<String>,
+    /// Negotiated ALPN protocol (`h2`, `http/1.1`), if any.
+    pub alpn: Option<String>,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
+    pub method: String,
+    /// Path with query, e.g. `/sse?n=5`.
+    pub path: String,
+    /// Authority from the request target (HTTP/2) or the `host` header.
+    pub authority: Option<String>,
+    /// Header names lower-case, values lossily decoded, in received order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// The client address as the server saw it.
+    pub peer: SocketAddr,
+}
+
+impl RecordedRequest {
+    /// First value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// The body parsed as JSON.
+    pub fn json(&self) -> Result<serde_json::Value> {
+        serde_json::from_slice(&self.body).context("request body is not JSON")
+    }
+}
+
+/// A completed TLS handshake as the fake provider saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandshakeInfo {
+    /// Number of the connection (1 for the first).
+    pub connection: u64,
+    pub sni: Option<String>,
+    pub alpn: Option<String>,
+    pub peer: SocketAddr,
+}
+
+#[derive(Default)]
+struct Recorder {
+    requests: Mutex<Vec<RecordedRequest>>,
+    handshakes: Mutex<Vec<HandshakeInfo>>,
+    failed_handshakes: AtomicUsize,
+    next_connection: AtomicU64,
+}
+
+/// What one connection knows about itself, shared by its requests.
+#[derive(Clone)]
+struct ConnInfo {
+    connection: u64,
+    sni: Option<String>,
+    alpn: Option<String>,
+    peer: SocketAddr,
+    recorder: Arc<Recorder>,
+    shutdown: watch::Receiver<()>,
+}
+
+/// A fake HTTPS provider; see the module docs for its routes. Dropping it
+/// stops the listener and every connection.
+pub struct FakeProvider {
+    local_addr: SocketAddr,
+    recorder: Arc<Recorder>,
+    accept: JoinHandle<()>,
+    // Dropping the sender wakes every task waiting on `shutdown.changed()`.
+    _shutdown: watch::Sender<()>,
+}
+
+impl std::fmt::Debug for FakeProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeProvider").field("local_addr", &self.local_addr).finish_non_exhaustive()
+    }
+}
+
+impl FakeProvider {
+    /// Serves on an already bound listener with the PKI's server certificate,
+    /// offering `h2` and `http/1.1`. Must be called within a tokio runtime.
+    pub fn start(listener: std::net::TcpListener, pki: &TestPki) -> Result<FakeProvider> {
+        FakeProvider::start_with_tls(listener, pki.server_config(DEFAULT_ALPN))
+    }
+
+    /// Binds `addr` inside `netns` (the address must already be on one of its
+    /// interfaces, e.g. `netns.add_addr("lo", "198.18.0.10/32")`) and serves
+    /// there. Must be called within a tokio runtime.
+    pub fn start_in(netns: &Netns, addr: SocketAddr, pki: &TestPki) -> Result<FakeProvider> {
+        let listener = in_netns(netns, || std::net::TcpListener::bind(addr))?
+            .with_context(|| format!("bind {addr} in {}", netns.name()))?;
+        FakeProvider::start(listener, pki)
+    }
+
+    /// Serves on `listener` with a caller-made TLS configuration (another
+    /// certificate, or other ALPN). Must be called within a tokio runtime.
+    pub fn start_with_tls(listener: std::net::TcpListener, tls: Arc<ServerConfig>) -> Result<FakeProvider> {
+        tokio::runtime::Handle::try_current()
+            .context("the fake provider needs a tokio runtime (call from within one)")?;
+        listener.set_nonblocking(true).context("set listener non-blocking")?;
+        let local_addr = listener.local_addr().context("listener address")?;
+        let listener = tokio::net::TcpListener::from_std(listener).context("register listener")?;
+        let recorder = Arc::new(Recorder::default());
+        let (shutdown_tx, shutdown) = watch::channel(());
+        let accept =
+            tokio::spawn(accept_loop(listener, tokio_rustls::TlsAcceptor::from(tls), Arc::clone(&recorder), shutdown));
+        Ok(FakeProvider { local_addr, recorder, accept, _shutdown: shutdown_tx })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Every request completed so far (head and whole body read), in order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        lock(&self.recorder.requests).clone()
+    }
+
+    /// Number of completed TLS handshakes (one per connection).
+    pub fn handshakes(&self) -> usize {
+        lock(&self.recorder.handshakes).len()
+    }
+
+    /// The completed TLS handshakes, in order.
+    pub fn handshake_log(&self) -> Vec<HandshakeInfo> {
+        lock(&self.recorder.handshakes).clone()
+    }
+
+    /// Number of TLS handshakes that failed or timed out (e.g. a client that
+    /// rejected the certificate).
+    pub fn failed_handshakes(&self) -> usize {
+        self.recorder.failed_handshakes.load(Ordering::Relaxed)
+    }
+
+    /// Waits up to `timeout` until at least `n` requests are recorded; returns them.
+    pub async fn wait_requests(&self, n: usize, timeout: Duration) -> Result<Vec<RecordedRequest>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let requests = self.requests();
+            if requests.len() >= n {
+                return Ok(requests);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("fake provider saw {} requests within {timeout:?}, wanted {n}: {requests:#?}", requests.len());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for FakeProvider {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    recorder: Arc<Recorder>,
+    shutdown: watch::Receiver<()>,
+) {
+    // Connections live in this set, so aborting this task ends them too.
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    connections.spawn(serve_connection(
+                        stream,
+                        peer,
+                        acceptor.clone(),
+                        Arc::clone(&recorder),
+                        shutdown.clone(),
+                    ));
+                }
+                // Transient (e.g. out of descriptors): back off instead of spinning.
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            },
+            Some(_) = connections.join_next() => {}
+        }
+    }
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    recorder: Arc<Recorder>,
+    shutdown: watch::Receiver<()>,
+) {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        _ => {
+            recorder.failed_handshakes.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    let (sni, alpn) = {
+        let conn = tls.get_ref().1;
+        (conn.server_name().map(str::to_owned), conn.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned()))
+    };
+    let connection = recorder.next_connection.fetch_add(1, Ordering::Relaxed) + 1;
+    lock(&recorder.handshakes).push(HandshakeInfo { connection, sni: sni.clone(), alpn: alpn.clone(), peer });
+    let info = ConnInfo { connection, sni, alpn: alpn.clone(), peer, recorder, shutdown: shutdown.clone() };
+    let service = service_fn(move |req| {
+        let info = info.clone();
+        async move { Ok::<_, Infallible>(handle(req, info).await) }
+    });
+    // Mirror ALPN like a real provider; without ALPN, detect by the h2 preface.
+    let builder = match alpn.as_deref() {
+        Some("h2") => auto::Builder::new(TokioExecutor::new()).http2_only(),
+        Some("http/1.1") => auto::Builder::new(TokioExecutor::new()).http1_only(),
+        _ => auto::Builder::new(TokioExecutor::new()),
+    };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    let mut shutdown = shutdown;
+    tokio::select! {
+        _ = conn => {}
+        _ = shutdown.changed() => {}
+    }
+}
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into()).boxed_unsync()
+}
+
+fn empty() -> Body {
+    Empty::new().boxed_unsync()
+}
+
+fn respond(status: StatusCode, content_type: Option<&'static str>, body: Body) -> Response<Body> {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    if let Some(ct) = content_type {
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    }
+    response
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    respond(status, Some("application/json"), full(value.to_string()))
+}
+
+async fn handle(mut req: Request<Incoming>, info: ConnInfo) -> Response<Body> {
+    // Taken before the body is read: the upgrade handle lives in the extensions.
+    let upgrade = (req.method() == Method::GET && req.uri().path() == "/ws").then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes().to_vec(),
+        Err(e) => {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                &error_json(&format!("cannot read request body: {e}"), "bad_request"),
+            );
+        }
+    };
+    let path = parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned());
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| parts.headers.get(header::HOST).map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned()));
+    let recorded = RecordedRequest {
+        connection: info.connection,
+        sni: info.sni.clone(),
+        alpn: info.alpn.clone(),
+        version: format!("{:?}", parts.version),
+        method: parts.method.to_string(),
+        path,
+        authority,
+        headers: parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect(),
+        body,
+        peer: info.peer,
+    };
+    lock(&info.recorder.requests).push(recorded.clone());
+    route(&parts, &recorded, upgrade, info.shutdown)
+}
+
+fn route(
+    parts: &http::request::Parts,
+    req: &RecordedRequest,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+    shutdown: watch::Receiver<()>,
+) -> Response<Body> {
+    let query = parts.uri.query().unwrap_or("");
+    let path = parts.uri.path();
+    if parts.method == Method::POST {
+        return chat_completion(parts, req, query);
+    }
+    if parts.method != Method::GET && parts.method != Method::HEAD {
+        return not_found(parts);
+    }
+    match path {
+        "/sse" => {
+            let n = query_u64(query, "n").unwrap_or(5);
+            let interval = query_u64(query, "interval_ms").unwrap_or(200);
+            if n > MAX_SSE_EVENTS || interval > MAX_SSE_INTERVAL_MS {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    &error_json("n or interval_ms too large", "bad_request"),
+                );
+            }
+            sse_response(n, Duration::from_millis(interval), reply_text(&parts.headers))
+        }
+        "/ws" => websocket(parts, upgrade, shutdown),
+        "/trailers" => trailers_response(),
+        "/big" => big_response(query_u64(query, "bytes").unwrap_or(0)),
+        _ => match path.strip_prefix("/status/") {
+            Some(code) => match code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()) {
+                Some(status) => respond(status, None, empty()),
+                None => json_response(
+                    StatusCode::BAD_REQUEST,
+                    &error_json(&format!("bad status code {code:?}"), "bad_request"),
+                ),
+            },
+            None => not_found(parts),
+        },
+    }
+}
+
+fn query_u64(query: &str, key: &str) -> Option<u64> {
+    query.split('&').filter_map(|pair| pair.split_once('=')).find(|(k, _)| *k == key).and_then(|(_, v)| v.parse().ok())
+}
+
+fn error_json(message: &str, code: &str) -> serde_json::Value {
+    json!({
+        "error": {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": null,
+            "code": code,
+        }
+    })
+}
+
+fn not_found(parts: &http::request::Parts) -> Response<Body> {
+    json_response(
+        StatusCode::NOT_FOUND,
+        &error_json(&format!("no route for {} {}", parts.method, parts.uri.path()), "not_found"),
+    )
+}
+
+const DEFAULT_REPLY: &str = "Hello! I am the fake provider used by the interceptor tests. \
+    I answer every chat request with this canned text, which is long enough to look like a \
+    real model reply and to exercise response inspection without being expensive to scan.";
+
+fn reply_text(headers: &HeaderMap) -> String {
+    headers
+        .get("x-fake-reply")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_else(|| DEFAULT_REPLY.to_owned())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// An OpenAI-style chat completion, or a stream of chunks for `"stream": true`.
+fn chat_completion(parts: &http::request::Parts, req: &RecordedRequest, query: &str) -> Response<Body> {
+    let request_json: Option<serde_json::Value> = serde_json::from_slice(&req.body).ok();
+    let model = request_json
+        .as_ref()
+        .and_then(|v| v.get("model"))
+        .and_then(|m| m.as_str())
+        .unwrap_or("gpt-4o-mini-2024-07-18")
+        .to_owned();
+    let reply = reply_text(&parts.headers);
+    if request_json.as_ref().and_then(|v| v.get("stream")).and_then(serde_json::Value::as_bool) == Some(true) {
+        let n = query_u64(query, "n").unwrap_or(5).min(MAX_SSE_EVENTS);
+        let interval = query_u64(query, "interval_ms").unwrap_or(50).min(MAX_SSE_INTERVAL_MS);
+        return sse_response(n, Duration::from_millis(interval), reply);
+    }
+    let prompt_tokens = req.body.len() / 4;
+    let completion_tokens = reply.len() / 4;
+    let body = json!({
+        "id": "chatcmpl-FAKE0123456789abcdefghijklmnop",
+        "object": "chat.completion",
+        "created": unix_now(),
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": reply,
+                "refusal": null,
+                "annotations": [],
+            },
+            "logprobs": null,
+            "finish_reason": "stop",
+        }],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+        },
+        "service_tier": "default",
+        "system_fingerprint": "fp_fake0001",
+        "echo_len": req.body.len(),
+        "echo_path": req.path,
+    });
+    let mut response = json_response(StatusCode::OK, &body);
+    let headers = response.headers_mut();
+    headers.insert("x-request-id", HeaderValue::from_static("req_fake0001"));
+    headers.insert("openai-processing-ms", HeaderValue::from_static("12"));
+    response
+}
+
+/// `n` chat-completion chunks as server-sent events, `interval` apart (the
+/// first at once), each its own body frame, then `data: [DONE]`.
+fn sse_response(n: u64, interval: Duration, text: String) -> Response<Body> {
+    let words: Vec<String> = text.split_whitespace().map(str::to_owned).collect();
+    let events = futures_util::stream::unfold(0u64, move |k| {
+        let word =
+            words.get(usize::try_from(k).unwrap_or(usize::MAX) % words.len().max(1)).cloned().unwrap_or_default();
+        async move {
+            if k > n {
+                return None;
+            }
+            if k == n {
+                let frame = Frame::data(Bytes::from_static(b"data: [DONE]\n\n"));
+                return Some((Ok::<_, Infallible>(frame), k + 1));
+            }
+            if k > 0 {
+                tokio::time::sleep(interval).await;
+            }
+            // `i` first, so the events read `data: {"i":k,...}` (serde_json sorts keys).
+            let rest = json!({
+                "id": "chatcmpl-FAKESSE",
+                "object": "chat.completion.chunk",
+                "created": unix_now(),
+                "model": "gpt-4o-mini-2024-07-18",
+                "choices": [{
+                    "index": 0,
+                    "delta": {"content": format!("{word} ")},
+                    "finish_reason": if k + 1 == n { json!("stop") } else { json!(null) },
+                }],
+            });
+            let rest = rest.to_string();
+            let rest = rest.strip_prefix('{').unwrap_or(&rest);
+            let frame = Frame::data(Bytes::from(format!("data: {{\"i\":{k},{rest}\n\n")));
+            Some((Ok(frame), k + 1))
+        }
+    });
+    let mut response = respond(StatusCode::OK, Some("text/event-stream"), StreamBody::new(events).boxed_unsync());
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// Two data frames then the trailer `x-checksum: abc`. Over HTTP/1.1 hyper
+/// sends trailers only when the response announces them in `trailer` and the
+/// request carried `te: trailers`; otherwise it drops them.
+fn trailers_response() -> Response<Body> {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-checksum", HeaderValue::from_static("abc"));
+    let frames = futures_util::stream::iter([
+        Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"part one\n"))),
+        Ok(Frame::data(Bytes::from_static(b"part two\n"))),
+        Ok(Frame::trailers(trailers)),
+    ]);
+    let mut response = respond(StatusCode::OK, Some("text/plain"), StreamBody::new(frames).boxed_unsync());
+    response.headers_mut().insert(header::TRAILER, HeaderValue::from_static("x-checksum"));
+    response
+}
+
+/// `bytes` bytes of the `a..z` pattern, streamed in chunks, with a content length.
+fn big_response(bytes: u64) -> Response<Body> {
+    let pattern: Bytes = (0..BIG_CHUNK).map(|i| b'a' + u8::try_from(i % 26).unwrap_or(0)).collect::<Vec<u8>>().into();
+    let chunks = futures_util::stream::unfold(bytes, move |left| {
+        let pattern = pattern.clone();
+        async move {
+            if left == 0 {
+                return None;
+            }
+            let take = usize::try_from(left).map_or(BIG_CHUNK, |l| l.min(BIG_CHUNK));
+            Some((Ok::<_, Infallible>(Frame::data(pattern.slice(..take))), left - take as u64))
+        }
+    });
+    let mut response =
+        respond(StatusCode::OK, Some("application/octet-stream"), StreamBody::new(chunks).boxed_unsync());
+    response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(bytes));
+    response
+}
+
+/// Answers an HTTP/1.1 WebSocket upgrade with 101 and echoes messages on the
+/// upgraded connection until the client closes it.
+fn websocket(
+    parts: &http::request::Parts,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+    mut shutdown: watch::Receiver<()>,
+) -> Response<Body> {
+    let wants_ws = parts.headers.get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    let key = parts.headers.get(header::SEC_WEBSOCKET_KEY);
+    let (true, Some(key), Some(upgrade)) = (wants_ws, key, upgrade) else {
+        return json_response(
+            StatusCode::UPGRADE_REQUIRED,
+            &error_json("websocket upgrade required", "upgrade_required"),
+        );
+    };
+    let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) else {
+        return json_response(StatusCode::BAD_REQUEST, &error_json("bad sec-websocket-key", "bad_request"));
+    };
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else {
+            return;
+        };
+        let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let echo = async {
+            while let Some(Ok(msg)) = ws.next().await {
+                let reply = match msg {
+                    Message::Text(_) | Message::Binary(_) => msg,
+                    // The protocol layer queues the close reply and pings'
+                    // pongs; reading on sends them and ends the stream.
+                    _ => continue,
+                };
+                if ws.send(reply).await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            _ = echo => {}
+            _ = shutdown.changed() => {}
+        }
+    });
+    let mut response = respond(StatusCode::SWITCHING_PROTOCOLS, None, empty());
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+    use rustls_pki_types::ServerName;
+    use tokio::net::TcpStream;
+    use tokio_rustls::client::TlsStream;
+
+    const STEP: Duration = Duration::from_secs(10);
+
+    fn loopback(pki: &TestPki) -> FakeProvider {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        FakeProvider::start(listener, pki).expect("start")
+    }
+
+    async fn tls_connect(
+        addr: SocketAddr,
+        pki: &TestPki,
+        server_name: &str,
+        alpn: &[&[u8]],
+    ) -> Result<TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(addr).await?;
+        let connector = tokio_rustls::TlsConnector::from(pki.client_config(alpn));
+        let name = ServerName::try_from(server_name.to_owned())?;
+        Ok(tokio::time::timeout(STEP, connector.connect(name, tcp)).await??)
+    }
+
+    /// A response: head, body, and trailers.
+    struct Got {
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        trailers: Option<HeaderMap>,
+    }
+
+    async fn read(response: Response<Incoming>) -> Result<Got> {
+        let (parts, body) = response.into_parts();
+        let collected = tokio::time::timeout(STEP, body.collect()).await??;
+        let trailers = collected.trailers().cloned();
+        Ok(Got { status: parts.status, headers: parts.headers, body: collected.to_bytes(), trailers })
+    }
+
+    fn request(method: Method, uri: &str, body: &'static [u8]) -> Request<Full<Bytes>> {
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::HOST, "api.openai.com")
+            .body(Full::new(Bytes::from_static(body)))
+            .expect("request")
+    }
+
+    async fn h1(addr: SocketAddr, pki: &TestPki) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+        let tls = tls_connect(addr, pki, "api.openai.com", &[b"http/1.1"]).await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+
+    async fn h2(addr: SocketAddr, pki: &TestPki) -> Result<hyper::client::conn::http2::SendRequest<Full<Bytes>>> {
+        let tls = tls_connect(addr, pki, "api.openai.com", &[b"h2"]).await?;
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await?;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+
+    #[test]
+    fn pki_writes_a_pem_ca() {
+        let pki = TestPki::with_defaults().expect("pki");
+        assert!(pki.ca_pem().starts_with("-----BEGIN CERTIFICATE-----"));
+        let dir = std::env::temp_dir().join(format!("interceptor-pki-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = pki.write_ca(&dir).expect("write");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), pki.ca_pem());
+        let _ = std::fs::remove_dir_all(&dir);
+        // Two PKIs never trust each other.
+        assert_ne!(TestPki::with_defaults().expect("pki").ca_pem(), pki.ca_pem());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn certificate_covers_names_and_ip_only() {
+        let pki = TestPki::with_defaults().expect("pki");
+        let provider = loopback(&pki);
+        let addr = provider.local_addr();
+        for name in DEFAULT_NAMES.iter().copied().chain(["198.18.0.10"]) {
+            let tls = tls_connect(addr, &pki, name, DEFAULT_ALPN).await.unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            drop(tls);
+        }
+        assert!(tls_connect(addr, &pki, "api.example.org", DEFAULT_ALPN).await.is_err());
+        let other = TestPki::with_defaults().expect("other pki");
+        assert!(tls_connect(addr, &other, "api.openai.com", DEFAULT_ALPN).await.is_err());
+        let deadline = tokio::time::Instant::now() + STEP;
+        while provider.failed_handshakes() < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(provider.failed_handshakes(), 2);
+        let log = provider.handshake_log();
+        assert_eq!(log.len(), DEFAULT_NAMES.len() + 1);
+        assert_eq!(log[0].sni.as_deref(), Some("api.openai.com"));
+        // Clients send no SNI for an IP address.
+        assert_eq!(log[DEFAULT_NAMES.len()].sni, None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chat_over_http1_keeps_the_connection() {
+        let pki = TestPki::with_defaults().expect("pki");
+        let provider = loopback(&pki);
+        let mut sender = h1(provider.local_addr(), &pki).await.expect("connect");
+        let body = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+        for _ in 0..3 {
+            let got =
+                read(sender.send_request(request(Method::POST, "/v1/chat/completions?x=1", body)).await.expect("send"))
+                    .await
+                    .expect("read");
+            assert_eq!(got.status, StatusCode::OK);
+            assert_eq!(got.headers[header::CONTENT_TYPE], "application/json");
+            let json: serde_json::Value = serde_json::from_slice(&got.body).expect("json");
+            assert_eq!(json["echo_len"], body.len());
+            assert_eq!(json["model"], "gpt-4o");
+            assert_eq!(json["object"], "chat.completion");
+            assert!(got.body.len() > 700, "{}", got.body.len());
+        }
+        assert_eq!(provider.handshakes(), 1);
+        let requests = provider.requests();
+        assert_eq!(requests.len(), 3);
+        let r = &requests[0];
+        assert_eq!(r.version, "HTTP/1.1");
+        assert_eq!(r.alpn.as_deref(), Some("http/1.1"));
+        assert_eq!(r.sni.as_deref(), Some("api.openai.com"));
+        assert_eq!(r.method, "POST");
+        assert_eq!(r.path, "/v1/chat/completions?x=1");
+        assert_eq!(r.authority.as_deref(), Some("api.openai.com"));
+        assert_eq!(r.header("HOST"), Some("api.openai.com"));
+        assert_eq!(r.body, body);
+        assert_eq!(r.json().expect("json")["model"], "gpt-4o");
+        assert!(requests.iter().all(|q| q.connection == 1 && q.peer == r.peer));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn http2_routes_and_trailers() {
+        let pki = TestPki::with_defaults().expect("pki");
+        let provider = loopback(&pki);
+        let mut sender = h2(provider.local_addr(), &pki).await.expect("connect");
+        let uri = |path: &str| format!("https://api.openai.com{path}");
+
+        let got = read(sender.send_request(request(Method::GET, &uri("/trailers"), b"")).await.expect("send"))
+            .await
+            .expect("read");
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(&got.body[..], b"part one\npart two\n");
+        assert_eq!(got.trailers.expect("trailers").get("x-checksum").expect("x-checksum"), "abc");
+
+        let got = read(sender.send_request(request(Method::GET, &uri("/status/503"), b"")).await.expect("send"))
+            .await
+            .expect("read");
+        assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(got.body.is_empty());
+
+        let got = read(sender.send_request(request(Method::GET, &uri("/big?bytes=100000"), b"")).await.expect("send"))
+            .await
+            .expect("read");
+        assert_eq!(got.body.len(), 100_000);
+        assert_eq!(got.headers[header::CONTENT_LENGTH], "100000");
+        assert!(got.body.iter().enumerate().all(|(i, &b)| b == b'a' + (i % 26) as u8));
+
+        let got = read(sender.send_request(request(Method::GET, &uri("/nope"), b"")).await.expect("send"))
+            .await
+            .expect("read");
+        assert_eq!(got.status, StatusCode::NOT_FOUND);
+        let json: serde_json::Value = serde_json::from_slice(&got.body).expect("json");
+        assert_eq!(json["error"]["code"], "not_found");
+
+        let requests = provider.requests();
+        assert_eq!(requests.len(), 4);
+        assert!(requests.iter().all(|r| r.version == "HTTP/2.0"
+            && r.alpn.as_deref() == Some("h2")
+            && r.authority.as_deref() == Some("api.openai.com")));
+        assert_eq!(requests[1].path, "/status/503");
+        assert_eq!(provider.handshakes(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn http1_chunked_trailers() {
+        let pki = TestPki::with_defaults().expect("pki");
+        let provider = loopback(&pki);
+        let mut sender = h1(provider.local_addr(), &pki).await.expect("connect");
+        // hyper sends HTTP/1.1 trailers only to a client that asked with `te: trailers`.
+        let mut req = request(Method::GET, "/trailers", b"");
+        req.headers_mut().insert(header::TE, HeaderValue::from_static("trailers"));
+        let got = read(sender.send_request(req).await.expect("send")).await.expect("read");
+        assert_eq!(got.headers[header::TRANSFER_ENCODING], "chunked");
+        assert_eq!(got.headers[header::TRAILER], "x-checksum");
+        assert_eq!(&got.body[..], b"part one\npart two\n");
+        assert_eq!(got.trailers.expect("trailers").get("x-checksum").expect("x-checksum"), "abc");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sse_events_arrive_spaced() {
+        let pki = TestPki::with_defaults().expect("pki");
+        let provider = loopback(&pki);
+        let mut sender = h2(provider.local_addr(), &pki).await.expect("connect");
+        let started = tokio::time::Instant::now();
+        let response = sender
+            .send_request(request(Method::GET, "https://api.openai.com/sse?n=3&interval_ms=150", b""))
+            .await
+            .expect("send");
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "text/event-stream");
+        let mut body = response.into_body();
+        let mut events = Vec::new();
+        while let Some(frame) = tokio::time::timeout(STEP, body.frame()).await.expect("in time") {
+            let frame = frame.expect("frame");
+            if let Some(data) = frame.data_ref().filter(|d| !d.is_empty()) {
+                events.push((started.elapsed(), String::from_utf8_lossy(data).into_owned()));
+            }
+        }
+        assert_eq!(events.len(), 4, "{events:?}");
+        assert!(events[0].1.starts_with("data: {\"i\":0,"), "{events:?}");
+        assert_eq!(events[3].1, "data: [DONE]\n\n");
+        assert!(events[0].0 + Duration::from_millis(250) < events[2].0, "{events:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn streamed_chat_completion() {
+        let pki = TestPki::with_defaults().expect("pki");
+        let provider = loopback(&pki);
+        let mut sender = h1(provider.local_addr(), &pki).await.expect("connect");
+        let mut req = request(
+            Method::POST,
+            "/v1/chat/completions?interval_ms=1",
+            br#"{"model":"gpt-4o","stream":true,"messages":[]}"#,
+        );
+        req.headers_mut().insert("x-fake-reply", HeaderValue::from_static("alpha beta"));
+        let got = read(sender.send_request(req).await.expect("send")).await.expect("read");
+        let text = String::from_utf8_lossy(&got.body);
+        assert_eq!(got.headers[header::CONTENT_TYPE], "text/event-stream");
+        assert_eq!(text.matches("data: ").count(), 6, "{text}");
+        assert!(text.contains(r#""content":"alpha ""#) && text.contains(r#""content":"beta ""#));
+        assert!(text.ends_with("data: [DONE]\n\n"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn websocket_echo() {
+        let pki = TestPki::with_defaults().expect("pki");
+        let provider = loopback(&pki);
+        let tls = tls_connect(provider.local_addr(), &pki, "api.openai.com", &[b"http/1.1"]).await.expect("connect");
+        let (mut ws, response) =
+            tokio::time::timeout(STEP, tokio_tungstenite::client_async("wss://api.openai.com/ws", tls))
+                .await
+                .expect("in time")
+                .expect("upgrade");
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        ws.send(Message::text("hello")).await.expect("send");
+        let echoed = tokio::time::timeout(STEP, ws.next()).await.expect("in time");
+        assert_eq!(echoed.expect("frame").expect("ok"), Message::text("hello"));
+        ws.send(Message::binary(vec![1u8, 2, 3])).await.expect("send");
+        let echoed = tokio::time::timeout(STEP, ws.next()).await.expect("in time");
+        assert_eq!(echoed.expect("frame").expect("ok"), Message::binary(vec![1u8, 2, 3]));
+        ws.close(None).await.expect("close");
+        assert_eq!(provider.requests()[0].path, "/ws");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn websocket_without_upgrade_is_426() {
+        let pki = TestPki::with_defaults().expect("pki");
+        let provider = loopback(&pki);
+        let mut sender = h1(provider.local_addr(), &pki).await.expect("connect");
+        let got = read(sender.send_request(request(Method::GET, "/ws", b"")).await.expect("send")).await.expect("read");
+        assert_eq!(got.status, StatusCode::UPGRADE_REQUIRED);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn http1_only_provider() {
+        let pki = TestPki::with_defaults().expect("pki");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let provider = FakeProvider::start_with_tls(listener, pki.server_config(&[b"http/1.1"])).expect("start");
+        let tls = tls_connect(provider.local_addr(), &pki, "api.openai.com", DEFAULT_ALPN).await.expect("connect");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drop_stops_the_server() {
+        let pki = TestPki::with_defaults().expect("pki");
+        let provider = loopback(&pki);
+        let addr = provider.local_addr();
+        let mut sender = h1(addr, &pki).await.expect("connect");
+        drop(provider);
+        let deadline = tokio::time::Instant::now() + STEP;
+        while TcpStream::connect(addr).await.is_ok() {
+            assert!(tokio::time::Instant::now() < deadline, "still listening");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The open connection is closed too.
+        let _ = tokio::time::timeout(STEP, sender.ready()).await.expect("in time");
+        assert!(sender.send_request(request(Method::GET, "/status/200", b"")).await.is_err());
+    }
+
+    #[test]
+    fn start_outside_a_runtime_is_an_error() {
+        let pki = TestPki::with_defaults().expect("pki");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        assert!(FakeProvider::start(listener, &pki).is_err());
+    }
+
+    #[test]
+    fn query_parsing() {
+        assert_eq!(query_u64("n=5&interval_ms=200", "interval_ms"), Some(200));
+        assert_eq!(query_u64("n=x", "n"), None);
+        assert_eq!(query_u64("", "n"), None);
+    }
+}

@@ -1,0 +1,85 @@
+//! The proxy in this process, on loopback, for end-to-end tests without
+//! privileges: a mock original-destination resolver sends every connection
+//! to a fake provider, our CA lives in a temporary directory, and upstream
+//! TLS trusts the fake provider's test CA.
+
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+use anyhow::Result;
+use interceptor::{
+    ca::{CertificateAuthority, LeafIssuer, LeafSettings},
+    policy::{DomainPolicy, DomainsConfig},
+    proxy::{
+        DataPlane, Listeners, Proxy, ProxySettings, Snapshot,
+        hook::Hook,
+        tls::TlsTermination,
+        upstream::{UpstreamPool, client_tls_config},
+    },
+    redirect::MockOrigDst,
+};
+use tokio::sync::watch;
+
+pub struct InProcessProxy {
+    pub addr: SocketAddr,
+    pub ca_pem: String,
+    pub ca_path: std::path::PathBuf,
+    stop: watch::Sender<bool>,
+    proxy: Option<Proxy>,
+    _dir: tempfile::TempDir,
+}
+
+impl InProcessProxy {
+    /// Starts the proxy; every connection's original destination is `upstream`.
+    pub async fn start(
+        upstream: SocketAddr,
+        upstream_ca: &Path,
+        domains: DomainsConfig,
+        hook: Option<Arc<dyn Hook>>,
+    ) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let ca = CertificateAuthority::load_or_create(dir.path())?;
+        let ca_pem = ca.cert_pem().to_string();
+        let ca_path = ca.cert_path().to_path_buf();
+        let issuer = LeafIssuer::new(Arc::new(ca), LeafSettings::default())?;
+        let pool = UpstreamPool::new(client_tls_config(Some(upstream_ca))?, 0, Duration::from_secs(5));
+        let tls = TlsTermination::new(Arc::new(issuer), pool);
+        let (_snap_tx, snapshot) = watch::channel(Arc::new(Snapshot { policy: DomainPolicy::compile(&domains)? }));
+        let resolver = Arc::new(MockOrigDst { dst: Default::default(), default: Some(upstream) });
+        let settings = ProxySettings { client_hello_timeout: Duration::from_secs(2), ..ProxySettings::default() };
+        let plane = DataPlane { resolver, settings, snapshot, tls: Some(Arc::new(tls)), hook };
+        let listeners = Listeners::bind(std::net::Ipv4Addr::LOCALHOST, None, 0, 0).await?;
+        let addr = SocketAddr::V4(listeners.addrs.v4);
+        let (stop, shutdown) = watch::channel(false);
+        let proxy = Proxy::serve(listeners, plane, shutdown);
+        Ok(Self { addr, ca_pem, ca_path, stop, proxy: Some(proxy), _dir: dir })
+    }
+
+    /// Stops accepting and waits for connections to finish.
+    pub async fn shutdown(mut self, deadline: Duration) -> bool {
+        let _ = self.stop.send(true);
+        match self.proxy.take() {
+            Some(p) => p.drain(deadline).await,
+            None => true,
+        }
+    }
+}
+
+/// A reqwest client that reaches `host` at `addr` (SNI and Host stay
+/// `host`), trusting only the given PEM certificates.
+pub fn client_for(host: &str, addr: SocketAddr, trusted_pem: &[&str], http2_only: bool) -> Result<reqwest::Client> {
+    let mut certs = Vec::new();
+    for pem in trusted_pem {
+        certs.extend(reqwest::Certificate::from_pem_bundle(pem.as_bytes())?);
+    }
+    let mut builder = reqwest::Client::builder()
+        .tls_certs_only(certs)
+        .resolve(host, addr)
+        .no_proxy()
+        .timeout(Duration::from_secs(20));
+    if http2_only {
+        builder = builder.http2_prior_knowledge();
+    } else {
+        builder = builder.http1_only();
+    }
+    Ok(builder.build()?)
+}
