@@ -6,6 +6,8 @@
 //! reaches the provider from the proxy's own socket, so the source port the
 //! provider sees differs from the client's local port.
 
+pub mod inprocess;
+
 use std::{
     net::SocketAddr,
     process::{Command, Stdio},
@@ -247,4 +249,3 @@ pub fn iptables_rules(world: &World) -> Result<String> {
     }
     Ok(all.lines().filter(|l| l.contains("INTERCEPTOR")).collect::<Vec<_>>().join("\n"))
 }
-pub mod inprocess;

@@ -330,17 +330,24 @@ fn classify(error: &(dyn std::error::Error + 'static)) -> (StatusCode, &'static 
                 _ => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
             };
         }
-        if e.downcast_ref::<rustls::Error>().is_some() {
-            return (StatusCode::BAD_GATEWAY, "upstream_tls_error");
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && io.get_ref().is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
-        {
+        if is_tls_error(e) {
             return (StatusCode::BAD_GATEWAY, "upstream_tls_error");
         }
         source = e.source();
     }
     (StatusCode::BAD_GATEWAY, "upstream_error")
+}
+
+/// A rustls error, possibly wrapped in (nested) I/O errors, whose `source`
+/// skips the wrapped error itself.
+fn is_tls_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    if e.downcast_ref::<rustls::Error>().is_some() {
+        return true;
+    }
+    match e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+        Some(inner) => is_tls_error(inner),
+        None => false,
+    }
 }
 
 #[cfg(test)]
@@ -390,6 +397,9 @@ mod tests {
         assert_eq!(classify(&c), (StatusCode::BAD_GATEWAY, "upstream_unreachable"));
         let tls = std::io::Error::other(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer));
         assert_eq!(classify(&tls), (StatusCode::BAD_GATEWAY, "upstream_tls_error"));
+        // hyper-rustls wraps tokio-rustls's I/O error in another one.
+        let nested = std::io::Error::other(std::io::Error::other(rustls::Error::DecryptError));
+        assert_eq!(classify(&nested), (StatusCode::BAD_GATEWAY, "upstream_tls_error"));
     }
 
     #[test]

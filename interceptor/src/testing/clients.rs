@@ -49,11 +49,11 @@ pub struct ScratchDir {
 }
 
 impl ScratchDir {
-    /// Creates `interceptor-<hint>-<pid>-<n>` in the temp dir.
+    /// Creates `interceptor-scratch-<hint>-<pid>-<n>` in the temp dir.
     pub fn new(hint: &str) -> Result<ScratchDir> {
         static N: AtomicU32 = AtomicU32::new(0);
         let path = std::env::temp_dir().join(format!(
-            "interceptor-{}-{}-{}",
+            "interceptor-scratch-{}-{}-{}",
             super::sanitize(hint, 24),
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
@@ -1169,5 +1169,8 @@ mod tests {
         assert_eq!(seen[0].version, "HTTP/1.1");
         assert_eq!(seen[0].body, req.body.clone().unwrap_or_default());
         assert_eq!(seen[1].path, "/sse?n=5&interval_ms=200");
+        // undici's own headers: a guardrail sees these on every Node request.
+        assert_eq!(seen[0].header("user-agent"), Some("node"));
+        assert_eq!(seen[0].header("sec-fetch-mode"), Some("cors"));
     }
 }

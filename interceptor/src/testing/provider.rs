@@ -745,8 +745,8 @@ fn websocket(
             while let Some(Ok(msg)) = ws.next().await {
                 let reply = match msg {
                     Message::Text(_) | Message::Binary(_) => msg,
-                    // The protocol layer queues the close reply and pings'
-                    // pongs; reading on sends them and ends the stream.
+                    // The protocol layer queues pong and close replies;
+                    // reading on sends them, and ends the stream after a close.
                     _ => continue,
                 };
                 if ws.send(reply).await.is_err() {

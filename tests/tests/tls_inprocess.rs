@@ -1,0 +1,217 @@
+//! In-process end-to-end tests of the TLS-terminating proxy: the proxy on
+//! loopback with a mock original destination, a fake HTTPS provider signed by
+//! a throwaway test CA, and clients that trust our CA. No privileges, no
+//! fixed ports, no network.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Result;
+use bytes::Bytes;
+use interceptor::{
+    policy::DomainsConfig,
+    proxy::hook::{BodyInspector, ChunkAction, Exchange, Hook, RequestAction, ResponseAction},
+    testing::provider::{FakeProvider, TestPki},
+};
+use interceptor_tests::inprocess::{InProcessProxy, client_for};
+
+struct Setup {
+    provider: FakeProvider,
+    pki: TestPki,
+    proxy: InProcessProxy,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(hook: Option<Arc<dyn Hook>>) -> Result<Setup> {
+    let pki = TestPki::with_defaults()?;
+    let provider = FakeProvider::start(std::net::TcpListener::bind("127.0.0.1:0")?, &pki)?;
+    let dir = tempfile::tempdir()?;
+    let upstream_ca = pki.write_ca(dir.path())?;
+    let proxy = InProcessProxy::start(provider.local_addr(), &upstream_ca, DomainsConfig::default(), hook).await?;
+    Ok(Setup { provider, pki, proxy, _dir: dir })
+}
+
+const CHAT: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hello"}]}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intercepts_ai_domain_with_our_certificate_over_http1_and_http2() -> Result<()> {
+    let s = setup(None).await?;
+    for http2 in [false, true] {
+        // Trusting only our CA: success proves the certificate is ours and
+        // names the SNI.
+        let client = client_for("api.openai.com", s.proxy.addr, &[&s.proxy.ca_pem], http2)?;
+        let resp = client
+            .post("https://api.openai.com/v1/chat/completions")
+            .header("authorization", "Bearer sk-test")
+            .header("content-type", "application/json")
+            .body(CHAT)
+            .send()
+            .await?;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), if http2 { http::Version::HTTP_2 } else { http::Version::HTTP_11 });
+        let body: serde_json::Value = resp.json().await?;
+        assert_eq!(body["echo_len"], CHAT.len());
+        let seen = s.provider.requests().pop().expect("the provider saw the request");
+        assert_eq!(seen.sni.as_deref(), Some("api.openai.com"), "upstream SNI is the client's");
+        assert_eq!(seen.authority.as_deref(), Some("api.openai.com"));
+        assert_eq!(seen.body, CHAT.as_bytes(), "body relayed byte for byte");
+        assert_eq!(seen.header("authorization"), Some("Bearer sk-test"));
+        assert_eq!(seen.path, "/v1/chat/completions");
+    }
+    // The provider's own certificate is not what an intercepted client sees.
+    let only_provider_ca = client_for("api.openai.com", s.proxy.addr, &[&s.pki.ca_pem()], false)?;
+    assert!(only_provider_ca.get("https://api.openai.com/status/200").send().await.is_err());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passes_non_ai_hosts_through_with_the_providers_own_certificate() -> Result<()> {
+    let s = setup(None).await?;
+    // Trusting only the provider's CA works: the bytes went through untouched.
+    let client = client_for("passthrough.example", s.proxy.addr, &[&s.pki.ca_pem()], false)?;
+    let resp = client.get("https://passthrough.example/status/204").send().await?;
+    assert_eq!(resp.status(), 204);
+    let seen = s.provider.requests().pop().expect("request reached the provider");
+    assert_eq!(seen.sni.as_deref(), Some("passthrough.example"));
+    // And our CA is not involved.
+    let ours = client_for("passthrough.example", s.proxy.addr, &[&s.proxy.ca_pem], false)?;
+    assert!(ours.get("https://passthrough.example/status/204").send().await.is_err());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_server_sent_events_as_they_arrive() -> Result<()> {
+    let s = setup(None).await?;
+    for http2 in [false, true] {
+        let client = client_for("api.openai.com", s.proxy.addr, &[&s.proxy.ca_pem], http2)?;
+        let start = std::time::Instant::now();
+        let mut resp = client.get("https://api.openai.com/sse?n=5&interval_ms=200").send().await?;
+        let mut arrivals = Vec::new();
+        let mut text = String::new();
+        while let Some(chunk) = resp.chunk().await? {
+            arrivals.push(start.elapsed());
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        assert!(text.contains("[DONE]"), "{text}");
+        let (first, last) = (arrivals[0], *arrivals.last().expect("chunks"));
+        assert!(last - first >= Duration::from_millis(600), "events were buffered: first {first:?}, last {last:?}");
+        assert!(arrivals.len() >= 5, "expected one chunk per event, got {}", arrivals.len());
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reuses_pooled_upstream_connections_across_client_connections() -> Result<()> {
+    let s = setup(None).await?;
+    for _ in 0..5 {
+        // A new client each time: a new downstream connection and handshake.
+        let client = client_for("api.openai.com", s.proxy.addr, &[&s.proxy.ca_pem], false)?;
+        let resp = client.post("https://api.openai.com/v1/chat/completions").body(CHAT).send().await?;
+        assert_eq!(resp.status(), 200);
+        resp.bytes().await?;
+    }
+    assert_eq!(s.provider.requests().len(), 5);
+    assert_eq!(s.provider.handshakes(), 1, "upstream connections must be pooled per (destination, SNI)");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_upstream_gets_a_json_502_from_the_interceptor() -> Result<()> {
+    let pki = TestPki::with_defaults()?;
+    let dir = tempfile::tempdir()?;
+    let upstream_ca = pki.write_ca(dir.path())?;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let proxy = InProcessProxy::start(dead, &upstream_ca, DomainsConfig::default(), None).await?;
+    let client = client_for("api.openai.com", proxy.addr, &[&proxy.ca_pem], false)?;
+    let resp = client.post("https://api.openai.com/v1/chat/completions").body(CHAT).send().await?;
+    assert_eq!(resp.status(), 502);
+    assert_eq!(resp.headers()["x-interceptor-error"], "upstream_unreachable");
+    let body: serde_json::Value = resp.json().await?;
+    assert_eq!(body["error"]["code"], "upstream_unreachable");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_certificate_is_verified() -> Result<()> {
+    // The proxy trusts some other CA, not the provider's: it must refuse.
+    let pki = TestPki::with_defaults()?;
+    let provider = FakeProvider::start(std::net::TcpListener::bind("127.0.0.1:0")?, &pki)?;
+    let other = TestPki::with_defaults()?;
+    let dir = tempfile::tempdir()?;
+    let wrong_ca = other.write_ca(dir.path())?;
+    let proxy = InProcessProxy::start(provider.local_addr(), &wrong_ca, DomainsConfig::default(), None).await?;
+    let client = client_for("api.openai.com", proxy.addr, &[&proxy.ca_pem], false)?;
+    let resp = client.post("https://api.openai.com/v1/chat/completions").body(CHAT).send().await?;
+    assert_eq!(resp.status(), 502);
+    assert_eq!(resp.headers()["x-interceptor-error"], "upstream_tls_error");
+    assert!(provider.requests().is_empty(), "no request may reach an unverified upstream");
+    Ok(())
+}
+
+/// A hook that blocks bodies containing "BLOCK", rewrites "secret" and
+/// upper-cases streamed response text.
+struct TestHook;
+
+struct Upper;
+
+#[async_trait::async_trait]
+impl BodyInspector for Upper {
+    async fn on_chunk(&mut self, chunk: Bytes) -> ChunkAction {
+        ChunkAction::Forward(Bytes::from(chunk.to_ascii_uppercase()))
+    }
+    async fn on_end(&mut self) -> Bytes {
+        Bytes::from_static(b"<end>")
+    }
+}
+
+#[async_trait::async_trait]
+impl Hook for TestHook {
+    async fn on_request(&self, _: &Exchange, _: &http::request::Parts, body: &Bytes) -> RequestAction {
+        let text = String::from_utf8_lossy(body);
+        if text.contains("BLOCK") {
+            let resp = http::Response::builder()
+                .status(403)
+                .body(http_body_util::Full::new(Bytes::from_static(b"{\"error\":\"blocked\"}")))
+                .expect("static response");
+            return RequestAction::Respond(resp);
+        }
+        if text.contains("secret") {
+            return RequestAction::ReplaceBody(Bytes::from(text.replace("secret", "[redacted]")));
+        }
+        RequestAction::Forward
+    }
+
+    async fn on_response(&self, _: &Exchange, req: &http::request::Parts, _: &http::response::Parts) -> ResponseAction {
+        if req.uri.path() == "/sse" { ResponseAction::Inspect(Box::new(Upper)) } else { ResponseAction::Forward }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hook_can_block_rewrite_and_inspect_streams() -> Result<()> {
+    let s = setup(Some(Arc::new(TestHook))).await?;
+    let client = client_for("api.openai.com", s.proxy.addr, &[&s.proxy.ca_pem], false)?;
+
+    let blocked = client.post("https://api.openai.com/v1/chat/completions").body("BLOCK me").send().await?;
+    assert_eq!(blocked.status(), 403);
+    assert!(s.provider.requests().is_empty(), "a blocked request never reaches the provider");
+
+    let body = r#"{"messages":[{"role":"user","content":"my secret"}]}"#;
+    let ok = client.post("https://api.openai.com/v1/chat/completions").body(body).send().await?;
+    assert_eq!(ok.status(), 200);
+    let seen = s.provider.requests().pop().expect("forwarded");
+    assert_eq!(String::from_utf8_lossy(&seen.body), body.replace("secret", "[redacted]"));
+    assert_eq!(seen.header("content-length"), Some(seen.body.len().to_string().as_str()));
+
+    let sse = client.get("https://api.openai.com/sse?n=2&interval_ms=10").send().await?.text().await?;
+    assert!(sse.contains("DATA:") && sse.ends_with("<end>"), "{sse}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_rejects_our_certificate_does_not_disturb_others() -> Result<()> {
+    let s = setup(None).await?;
+    let distrustful = client_for("api.openai.com", s.proxy.addr, &[&s.pki.ca_pem()], false)?;
+    assert!(distrustful.get("https://api.openai.com/status/200").send().await.is_err());
+    let good = client_for("api.openai.com", s.proxy.addr, &[&s.proxy.ca_pem], false)?;
+    assert_eq!(good.get("https://api.openai.com/status/200").send().await?.status(), 200);
+    Ok(())
+}
