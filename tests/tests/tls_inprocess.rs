@@ -215,3 +215,59 @@ async fn a_client_that_rejects_our_certificate_does_not_disturb_others() -> Resu
     assert_eq!(good.get("https://api.openai.com/status/200").send().await?.status(), 200);
     Ok(())
 }
+
+/// A TLS connection to the proxy for `host`, trusting only our CA, offering `alpn`.
+async fn tls_to_proxy(
+    proxy: &InProcessProxy,
+    host: &str,
+    alpn: &[&[u8]],
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(proxy.ca_pem.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await?;
+    let name = rustls_pki_types::ServerName::try_from(host.to_string())?;
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_is_tunnelled_after_the_101() -> Result<()> {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    let s = setup(None).await?;
+    let tls = tls_to_proxy(&s.proxy, "api.openai.com", &[b"http/1.1"]).await?;
+    let (mut ws, resp) = tokio_tungstenite::client_async("wss://api.openai.com/ws", tls).await?;
+    assert_eq!(resp.status(), 101);
+    for text in ["hello", "world"] {
+        ws.send(tokio_tungstenite::tungstenite::Message::text(text)).await?;
+        let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next()).await?.expect("echo")?;
+        assert_eq!(echoed.into_text()?.as_str(), text);
+    }
+    let seen = s.provider.requests().pop().expect("upgrade request");
+    assert_eq!(seen.path, "/ws");
+    assert_eq!(seen.header("upgrade"), Some("websocket"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_trailers_are_preserved() -> Result<()> {
+    use http_body_util::BodyExt as _;
+    let s = setup(None).await?;
+    let tls = tls_to_proxy(&s.proxy, "api.openai.com", &[b"h2"]).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tls))
+            .await?;
+    tokio::spawn(conn);
+    let req = http::Request::get("https://api.openai.com/trailers")
+        .header("te", "trailers")
+        .body(http_body_util::Empty::<Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    assert_eq!(resp.status(), 200);
+    let collected = resp.into_body().collect().await?;
+    let trailers = collected.trailers().cloned().expect("trailers relayed");
+    assert_eq!(trailers["x-checksum"], "abc");
+    Ok(())
+}
