@@ -80,6 +80,11 @@ impl Interceptor {
         self.child.as_ref().map(Child::id)
     }
 
+    /// The interceptor's state directory (its CA lives here).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.join("config.toml")
     }
