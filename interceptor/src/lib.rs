@@ -12,6 +12,7 @@ pub mod ca;
 pub mod cgroup;
 pub mod config;
 pub mod doctor;
+pub mod guardrails;
 pub mod net;
 pub mod policy;
 pub mod proxy;

@@ -10,6 +10,7 @@
 //! they favour clear failures over speed and must not be used outside tests.
 
 mod cgroup;
+pub mod akto;
 pub mod clients;
 mod fake;
 mod harness;

@@ -1,0 +1,16 @@
+//! Guardrails: provider-aware inspection of every intercepted request and
+//! response, and the allow / modify / block decision.
+//!
+//! * `model` — the normalized model (pure).
+//! * `providers` — provider wire formats into the model, and back (pure).
+//! * `framing` — SSE, AWS event-stream and streamed JSON arrays (pure).
+//! * `decode` — content-encoding decompression with hard limits (pure).
+//! * `engine` — the embedded local engine: detectors, policy, redaction (pure).
+//! * `akto` — the Akto-compatible remote backend (I/O).
+
+pub mod model;
+pub mod akto;
+pub mod decode;
+pub mod engine;
+pub mod framing;
+pub mod providers;

@@ -1,0 +1,121 @@
+//! The normalized model every provider format is parsed into.
+//!
+//! Texts are not copied out of their document and forgotten: each
+//! [`TextSpan`] carries the JSON path it came from, so a guardrail can
+//! rewrite exactly that string and leave every other field (`model`,
+//! `tools`, `max_tokens`, ...) byte-for-byte intact. Pure types, no I/O.
+
+use serde::Serialize;
+
+/// Which wire format a body is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Provider {
+    /// OpenAI Chat Completions (also Copilot's `/chat/completions`).
+    OpenAiChat,
+    /// OpenAI Responses (also `chatgpt.com/backend-api/codex/responses`, Copilot `/responses`).
+    OpenAiResponses,
+    /// Anthropic Messages (also Bedrock InvokeModel with an Anthropic model).
+    Anthropic,
+    /// Bedrock InvokeModel with a non-Anthropic model-native body (Titan, Llama, Mistral, Cohere).
+    BedrockInvoke,
+    /// Bedrock Converse / ConverseStream.
+    BedrockConverse,
+    /// Gemini generateContent / streamGenerateContent (and Vertex).
+    Gemini,
+    /// Unknown JSON: every string field is inspected.
+    Generic,
+}
+
+impl Provider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OpenAiChat => "openai_chat",
+            Self::OpenAiResponses => "openai_responses",
+            Self::Anthropic => "anthropic",
+            Self::BedrockInvoke => "bedrock_invoke",
+            Self::BedrockConverse => "bedrock_converse",
+            Self::Gemini => "gemini",
+            Self::Generic => "generic",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    System,
+    Developer,
+    User,
+    Assistant,
+    Tool,
+    Unknown,
+}
+
+/// What a piece of text is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextKind {
+    /// Message content (prompt or completion text).
+    Content,
+    /// System or developer instructions.
+    Instructions,
+    /// Arguments of a tool call the model made (a JSON string, or JSON).
+    ToolCall,
+    /// Output of a tool sent back to the model.
+    ToolResult,
+    /// Reasoning / thinking text.
+    Reasoning,
+    /// A string field of an unknown body.
+    Other,
+}
+
+/// One step of a JSON path.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(untagged)]
+pub enum PathSeg {
+    Key(String),
+    Index(usize),
+}
+
+/// A string inside a JSON document, with where it lives and what it is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TextSpan {
+    /// Path from the document root to the JSON string holding the text.
+    pub path: Vec<PathSeg>,
+    pub role: Role,
+    pub kind: TextKind,
+    pub text: String,
+}
+
+/// A request body, normalized.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct NormalizedRequest {
+    pub model: Option<String>,
+    /// Whether the client asked for a streamed response.
+    pub stream: bool,
+    pub texts: Vec<TextSpan>,
+}
+
+/// A whole (non-streamed) response body, normalized.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct NormalizedResponse {
+    pub texts: Vec<TextSpan>,
+}
+
+/// The text a single stream event adds (completion text, tool-call argument
+/// fragments, reasoning), in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct StreamDelta {
+    pub texts: Vec<(TextKind, String)>,
+    /// The event ends the stream (e.g. `[DONE]`, `message_stop`, `response.completed`).
+    pub end: bool,
+}
+
+/// Which direction a check is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Request,
+    Response,
+}
