@@ -36,6 +36,18 @@ impl InProcessProxy {
         domains: DomainsConfig,
         hook: Option<Arc<dyn Hook>>,
     ) -> Result<Self> {
+        let settings = ProxySettings { client_hello_timeout: Duration::from_secs(2), ..ProxySettings::default() };
+        Self::start_with(upstream, upstream_ca, domains, hook, settings).await
+    }
+
+    /// Like [`InProcessProxy::start`] with explicit data-plane settings.
+    pub async fn start_with(
+        upstream: SocketAddr,
+        upstream_ca: &Path,
+        domains: DomainsConfig,
+        hook: Option<Arc<dyn Hook>>,
+        settings: ProxySettings,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let ca = CertificateAuthority::load_or_create(dir.path())?;
         let ca_pem = ca.cert_pem().to_string();
@@ -45,7 +57,6 @@ impl InProcessProxy {
         let tls = TlsTermination::new(Arc::new(issuer), pool);
         let (_snap_tx, snapshot) = watch::channel(Arc::new(Snapshot { policy: DomainPolicy::compile(&domains)? }));
         let resolver = Arc::new(MockOrigDst { dst: Default::default(), default: Some(upstream) });
-        let settings = ProxySettings { client_hello_timeout: Duration::from_secs(2), ..ProxySettings::default() };
         let plane = DataPlane { resolver, settings, snapshot, tls: Some(Arc::new(tls)), hook };
         let listeners = Listeners::bind(std::net::Ipv4Addr::LOCALHOST, None, 0, 0).await?;
         let addr = SocketAddr::V4(listeners.addrs.v4);

@@ -56,6 +56,9 @@ async fn intercepts_ai_domain_with_our_certificate_over_http1_and_http2() -> Res
         assert_eq!(seen.body, CHAT.as_bytes(), "body relayed byte for byte");
         assert_eq!(seen.header("authorization"), Some("Bearer sk-test"));
         assert_eq!(seen.path, "/v1/chat/completions");
+        // The provider offers h2, so the pooled upstream speaks it whatever
+        // the client negotiated with us.
+        assert_eq!(seen.version, "HTTP/2.0");
     }
     // The provider's own certificate is not what an intercepted client sees.
     let only_provider_ca = client_for("api.openai.com", s.proxy.addr, &[&s.pki.ca_pem()], false)?;
@@ -111,6 +114,22 @@ async fn reuses_pooled_upstream_connections_across_client_connections() -> Resul
     }
     assert_eq!(s.provider.requests().len(), 5);
     assert_eq!(s.provider.handshakes(), 1, "upstream connections must be pooled per (destination, SNI)");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_only_provider_is_spoken_to_in_http1() -> Result<()> {
+    let pki = TestPki::with_defaults()?;
+    let tls = pki.server_config(&[b"http/1.1"]);
+    let provider = FakeProvider::start_with_tls(std::net::TcpListener::bind("127.0.0.1:0")?, tls)?;
+    let dir = tempfile::tempdir()?;
+    let upstream_ca = pki.write_ca(dir.path())?;
+    let proxy = InProcessProxy::start(provider.local_addr(), &upstream_ca, DomainsConfig::default(), None).await?;
+    let client = client_for("api.openai.com", proxy.addr, &[&proxy.ca_pem], true)?;
+    let resp = client.post("https://api.openai.com/v1/chat/completions").body(CHAT).send().await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), http::Version::HTTP_2, "the client side stays HTTP/2");
+    assert_eq!(provider.requests().pop().expect("request").version, "HTTP/1.1");
     Ok(())
 }
 
@@ -210,7 +229,10 @@ async fn hook_can_block_rewrite_and_inspect_streams() -> Result<()> {
 async fn a_client_that_rejects_our_certificate_does_not_disturb_others() -> Result<()> {
     let s = setup(None).await?;
     let distrustful = client_for("api.openai.com", s.proxy.addr, &[&s.pki.ca_pem()], false)?;
-    assert!(distrustful.get("https://api.openai.com/status/200").send().await.is_err());
+    for _ in 0..3 {
+        // By default a rejection is not turned into a bypass: it keeps failing.
+        assert!(distrustful.get("https://api.openai.com/status/200").send().await.is_err());
+    }
     let good = client_for("api.openai.com", s.proxy.addr, &[&s.proxy.ca_pem], false)?;
     assert_eq!(good.get("https://api.openai.com/status/200").send().await?.status(), 200);
     Ok(())
@@ -269,5 +291,40 @@ async fn http2_trailers_are_preserved() -> Result<()> {
     let collected = resp.into_body().collect().await?;
     let trailers = collected.trailers().cloned().expect("trailers relayed");
     assert_eq!(trailers["x-checksum"], "abc");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_certificate_can_turn_into_passthrough_for_that_process_and_host() -> Result<()> {
+    let pki = TestPki::with_defaults()?;
+    let provider = FakeProvider::start(std::net::TcpListener::bind("127.0.0.1:0")?, &pki)?;
+    let dir = tempfile::tempdir()?;
+    let upstream_ca = pki.write_ca(dir.path())?;
+    let settings = interceptor::proxy::ProxySettings {
+        passthrough_on_reject: true,
+        client_hello_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let proxy =
+        InProcessProxy::start_with(provider.local_addr(), &upstream_ca, DomainsConfig::default(), None, settings)
+            .await?;
+    // A "pinned" client that only accepts the provider's own certificate.
+    let pinned = client_for("api.openai.com", proxy.addr, &[&pki.ca_pem()], false)?;
+    assert!(pinned.get("https://api.openai.com/status/200").send().await.is_err(), "first attempt meets our CA");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        // The rejection is noted when the handshake fails; later connections
+        // of the same (process, host) pass through untouched.
+        match pinned.get("https://api.openai.com/status/200").send().await {
+            Ok(resp) => {
+                assert_eq!(resp.status(), 200);
+                break;
+            }
+            Err(e) => assert!(std::time::Instant::now() < deadline, "never passed through: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Without the setting (the default), the client keeps failing: see
+    // `a_client_that_rejects_our_certificate_does_not_disturb_others`.
     Ok(())
 }

@@ -33,6 +33,8 @@ enum Task {
     },
     /// Set up, build, then replace this process with `interceptor run`.
     Run(RunArgs),
+    /// Set up, then measure the intercepted path against a direct connection.
+    Bench,
     /// Set up, then run the unit, in-process and privileged tests.
     Test {
         /// Extra `cargo test` arguments for every step; arguments after a second `--` go
@@ -54,6 +56,10 @@ fn main() -> Result<()> {
         }
         Task::Run(args) => interceptor::run(args),
         Task::Test { args } => suite::test(&args),
+        Task::Bench => {
+            setup::setup()?;
+            cmd::run(cmd::cargo().args(["run", "--release", "--package", "interceptor-tests", "--bin", "bench"]))
+        }
     }
 }
 

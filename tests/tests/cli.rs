@@ -1,0 +1,60 @@
+//! The command line: CA export and persistence, configuration checking.
+
+use std::{os::unix::fs::PermissionsExt as _, process::Command};
+
+use anyhow::Result;
+use interceptor::testing::interceptor_bin;
+
+fn run(args: &[&str]) -> Result<std::process::Output> {
+    Ok(Command::new(interceptor_bin()).args(args).output()?)
+}
+
+#[test]
+fn ca_is_created_once_with_a_private_key_only_root_can_read() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("state");
+    let state = state.to_str().expect("utf-8");
+    let first = run(&["ca", "export", "--state-dir", state])?;
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let pem = String::from_utf8(first.stdout)?;
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+    let key = std::path::Path::new(state).join("ca.key");
+    assert_eq!(std::fs::metadata(&key)?.permissions().mode() & 0o777, 0o600);
+    let key_text = std::fs::read_to_string(&key)?;
+    assert!(!pem.contains("PRIVATE KEY") && key_text.contains("PRIVATE KEY"));
+    // A restart reuses the same CA.
+    let second = run(&["ca", "export", "--state-dir", state])?;
+    assert_eq!(String::from_utf8(second.stdout)?, pem);
+    assert_eq!(std::fs::read_to_string(&key)?, key_text);
+    // A key others can read is refused rather than used.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644))?;
+    let refused = run(&["ca", "export", "--state-dir", state])?;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("600"), "{}", String::from_utf8_lossy(&refused.stderr));
+    Ok(())
+}
+
+#[test]
+fn check_config_reports_every_error_and_exits_2() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[redirect]\nports = [0]\n[targets]\ncidrs = [\"nope\"]\n[domains]\nai = [\"a*b.com\"]\n[admin]\naddress = \"0.0.0.0:1\"\n",
+    )?;
+    let out = run(&["--config", path.to_str().expect("utf-8"), "check-config"])?;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in ["redirect.ports", "targets.cidrs", "domains.ai", "admin.address"] {
+        assert!(err.contains(needle), "missing {needle} in:\n{err}");
+    }
+    std::fs::write(&path, "[proxy]\nprot = 1\n")?;
+    let out = run(&["--config", path.to_str().expect("utf-8"), "check-config"])?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("prot"));
+
+    let good = run(&["check-config"])?;
+    assert!(good.status.success());
+    assert!(String::from_utf8_lossy(&good.stdout).contains("[domains]"));
+    Ok(())
+}
