@@ -1,6 +1,7 @@
 //! The loopback admin API: `/healthz` (the process answers), `/readyz` (the
 //! proxy listens and the redirect is installed with its first target set),
-//! `/status` (JSON: mode, attach point, targets, kernel counters).
+//! `/status` (JSON: mode, attach point, targets, kernel counters), `/metrics`
+//! (Prometheus).
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -10,7 +11,7 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{redirect::ProxyAddrs, targets::TargetSet};
+use crate::{metrics::Metrics, redirect::ProxyAddrs, targets::TargetSet};
 
 /// What the control plane publishes for the admin API.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -28,16 +29,25 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-pub async fn serve(listener: TcpListener, status: watch::Receiver<Arc<Status>>) {
+pub async fn serve(listener: TcpListener, status: watch::Receiver<Arc<Status>>, metrics: Arc<Metrics>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let status = status.clone();
+        let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let snapshot = Arc::clone(&status.borrow());
-                async move { Ok::<_, Infallible>(route(&req, &snapshot)) }
+                let response = if req.uri().path() == "/metrics" {
+                    Response::builder()
+                        .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                        .body(Full::new(Bytes::from(metrics.encode())))
+                        .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "error\n"))
+                } else {
+                    route(&req, &snapshot)
+                };
+                async move { Ok::<_, Infallible>(response) }
             });
             let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });

@@ -19,6 +19,7 @@ use tokio::{
 use crate::{
     admin::{self, Status},
     ca::{CertificateAuthority, LeafIssuer, LeafSettings},
+    metrics::Metrics,
     config::{Config, Overrides, RedirectMode},
     policy::DomainPolicy,
     proxy::{
@@ -85,7 +86,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         proxy: Some(addrs),
         ..Default::default()
     }));
-    tokio::spawn(admin::serve(admin_listener, status_rx));
+    let metrics = Arc::new(Metrics::new());
+    tokio::spawn(admin::serve(admin_listener, status_rx, Arc::clone(&metrics)));
 
     let policy = DomainPolicy::compile(&config.domains).context("compiling the domain policy")?;
     let names = resolve_names(&policy, &config);
@@ -99,7 +101,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         max_inspected_body: config.proxy.max_inspected_body,
         passthrough_on_reject: config.tls.passthrough_on_reject,
     };
-    let plane = DataPlane { resolver: redirector.resolver(), settings, snapshot: snapshot_rx, tls, hook: None };
+    let plane = DataPlane {
+        resolver: redirector.resolver(),
+        settings,
+        snapshot: snapshot_rx,
+        tls,
+        hook: None,
+        metrics: Arc::clone(&metrics),
+    };
     let proxy = Proxy::serve(listeners, plane, shutdown_rx);
 
     let drain_timeout = config.proxy.drain_timeout;

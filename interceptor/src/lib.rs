@@ -8,11 +8,14 @@
 
 pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod ca;
 pub mod cgroup;
 pub mod config;
 pub mod doctor;
+
 pub mod guardrails;
+pub mod metrics;
 pub mod net;
 pub mod policy;
 pub mod proxy;

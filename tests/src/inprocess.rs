@@ -57,7 +57,8 @@ impl InProcessProxy {
         let tls = TlsTermination::new(Arc::new(issuer), pool);
         let (_snap_tx, snapshot) = watch::channel(Arc::new(Snapshot { policy: DomainPolicy::compile(&domains)? }));
         let resolver = Arc::new(MockOrigDst { dst: Default::default(), default: Some(upstream) });
-        let plane = DataPlane { resolver, settings, snapshot, tls: Some(Arc::new(tls)), hook };
+        let metrics = Arc::new(interceptor::metrics::Metrics::new());
+        let plane = DataPlane { resolver, settings, snapshot, tls: Some(Arc::new(tls)), hook, metrics };
         let listeners = Listeners::bind(std::net::Ipv4Addr::LOCALHOST, None, 0, 0).await?;
         let addr = SocketAddr::V4(listeners.addrs.v4);
         let (stop, shutdown) = watch::channel(false);

@@ -40,6 +40,17 @@ pub enum ResponseAction {
     Respond(http::Response<Full<Bytes>>),
     /// Stream the body through this inspector.
     Inspect(Box<dyn BodyInspector>),
+    /// Read the whole body (up to the inspection limit) and call
+    /// [`Hook::on_response_body`] before anything is sent to the client, so
+    /// the verdict can still change the status.
+    Collect,
+}
+
+pub enum BodyAction {
+    Forward,
+    /// Send this body instead (Content-Length is fixed).
+    ReplaceBody(Bytes),
+    Respond(http::Response<Full<Bytes>>),
 }
 
 pub enum ChunkAction {
@@ -61,6 +72,17 @@ pub trait Hook: Send + Sync + 'static {
         request: &http::request::Parts,
         head: &http::response::Parts,
     ) -> ResponseAction;
+
+    /// The whole response body, after [`ResponseAction::Collect`].
+    async fn on_response_body(
+        &self,
+        _exchange: &Exchange,
+        _request: &http::request::Parts,
+        _head: &http::response::Parts,
+        _body: &Bytes,
+    ) -> BodyAction {
+        BodyAction::Forward
+    }
 }
 
 #[async_trait::async_trait]

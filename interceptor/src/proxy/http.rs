@@ -28,7 +28,7 @@ use tokio_rustls::server::TlsStream;
 
 use super::{
     BoxBody, BoxError, ProxyError,
-    hook::{BodyInspector, ChunkAction, Exchange, Hook, RequestAction, ResponseAction},
+    hook::{BodyAction, BodyInspector, ChunkAction, Exchange, Hook, RequestAction, ResponseAction},
     upstream::Upstream,
 };
 
@@ -101,7 +101,7 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
         let request_head = parts.clone();
         let response = send(Request::from_parts(parts, body), &conn, upgrade, client_upgrade).await;
         return match response {
-            Ok(resp) => inspect_response(hook.as_ref(), &conn.exchange, &request_head, resp).await,
+            Ok(resp) => inspect_response(hook.as_ref(), &conn, &request_head, resp).await,
             Err(resp) => resp,
         };
     }
@@ -155,12 +155,36 @@ async fn send(
 
 async fn inspect_response(
     hook: &dyn Hook,
-    exchange: &Exchange,
+    conn: &Intercepted,
     request: &http::request::Parts,
     resp: Response<hyper::body::Incoming>,
 ) -> Response<BoxBody> {
+    let exchange = &conn.exchange;
     let (mut head, body) = resp.into_parts();
     match hook.on_response(exchange, request, &head).await {
+        ResponseAction::Collect => {
+            let bytes = match collect_limited(body.map_err(boxed).boxed_unsync(), conn.max_inspected_body).await {
+                Ok(bytes) => bytes,
+                Err(None) => {
+                    return error_response(
+                        StatusCode::BAD_GATEWAY,
+                        "response_too_large",
+                        &format!("response body exceeds the inspection limit of {} bytes", conn.max_inspected_body),
+                    );
+                }
+                Err(Some(error)) => {
+                    return error_response(StatusCode::BAD_GATEWAY, "upstream_body_error", &error.to_string());
+                }
+            };
+            match hook.on_response_body(exchange, request, &head, &bytes).await {
+                BodyAction::Forward => Response::from_parts(head, Full::new(bytes).map_err(boxed).boxed_unsync()),
+                BodyAction::ReplaceBody(new) => {
+                    set_content_length(&mut head.headers, new.len());
+                    Response::from_parts(head, Full::new(new).map_err(boxed).boxed_unsync())
+                }
+                BodyAction::Respond(response) => response.map(|b| b.map_err(boxed).boxed_unsync()),
+            }
+        }
         ResponseAction::Forward => Response::from_parts(head, body.map_err(boxed).boxed_unsync()),
         ResponseAction::Respond(response) => response.map(|b| b.map_err(boxed).boxed_unsync()),
         ResponseAction::Inspect(inspector) => {

@@ -35,6 +35,7 @@ use self::{
     tls::TlsTermination,
 };
 use crate::{
+    metrics::{ConnectionLabels, Metrics},
     net::{self, ClientAddr, OrigDstAddr},
     policy::DomainPolicy,
     redirect::{OrigDstResolver, ProxyAddrs, Workload},
@@ -143,6 +144,7 @@ pub struct DataPlane {
     /// TLS termination; `None` passes every connection through.
     pub tls: Option<Arc<TlsTermination>>,
     pub hook: Option<Arc<dyn Hook>>,
+    pub metrics: Arc<Metrics>,
 }
 
 struct Shared {
@@ -212,6 +214,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: w
 
 /// What happened to one connection; logged once when dropped.
 struct ConnectionRecord {
+    metrics: Arc<Metrics>,
     client: ClientAddr,
     orig_dst: Option<OrigDstAddr>,
     workload: Option<Workload>,
@@ -235,6 +238,7 @@ impl ConnectionRecord {
 
 impl Drop for ConnectionRecord {
     fn drop(&mut self) {
+        self.metrics.connections.get_or_create(&ConnectionLabels { mode: self.mode, outcome: self.outcome }).inc();
         let w = self.workload.as_ref();
         tracing::info!(
             event = "connection",
@@ -262,6 +266,7 @@ impl Drop for ConnectionRecord {
 async fn handle(stream: TcpStream, client: ClientAddr, shared: &Shared) {
     let plane = &shared.plane;
     let mut record = ConnectionRecord {
+        metrics: Arc::clone(&plane.metrics),
         client,
         orig_dst: None,
         workload: None,
@@ -455,7 +460,7 @@ mod tests {
             client_hello_timeout: Duration::from_millis(200),
             ..ProxySettings::default()
         };
-        DataPlane { resolver, settings, snapshot, tls: None, hook: None }
+        DataPlane { resolver, settings, snapshot, tls: None, hook: None, metrics: Arc::new(Metrics::new()) }
     }
 
     async fn start(default: Option<SocketAddr>) -> (Proxy, ProxyAddrs, watch::Sender<bool>) {

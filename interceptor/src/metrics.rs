@@ -1,0 +1,88 @@
+//! Prometheus metrics, served on the admin port at `/metrics`.
+//!
+//! One [`Metrics`] is created at start and shared; recording is a lock-free
+//! counter increment on label sets that already exist.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub mode: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub provider: &'static str,
+    pub direction: &'static str,
+    pub action: &'static str,
+    pub rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: &'static str,
+    pub kind: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Family<ConnectionLabels, Counter>,
+    pub decisions: Family<DecisionLabels, Counter>,
+    pub backend_errors: Family<BackendLabels, Counter>,
+    pub guardrail_seconds: Histogram,
+    pub audit_write_errors: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("interceptor");
+        let connections = Family::default();
+        registry.register("connections", "Connections handled, by mode and outcome", connections.clone());
+        let decisions = Family::default();
+        registry.register("guardrail_decisions", "Guardrail decisions by provider, direction, action and rule", decisions.clone());
+        let backend_errors = Family::default();
+        registry.register("guardrail_backend_errors", "Failed guardrail backend calls", backend_errors.clone());
+        let guardrail_seconds = Histogram::new([0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]);
+        registry.register("guardrail_duration_seconds", "Time spent deciding one request or response", guardrail_seconds.clone());
+        let audit_write_errors = Counter::default();
+        registry.register("audit_write_errors", "Audit events that could not be written to the audit file", audit_write_errors.clone());
+        Self { registry, connections, decisions, backend_errors, guardrail_seconds, audit_write_errors }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_appear_in_the_exposition() {
+        let m = Metrics::new();
+        m.decisions
+            .get_or_create(&DecisionLabels { provider: "openai_chat", direction: "request", action: "block", rule: "credentials".into() })
+            .inc();
+        m.connections.get_or_create(&ConnectionLabels { mode: "intercept", outcome: "intercepted" }).inc();
+        let text = m.encode();
+        assert!(text.contains("interceptor_guardrail_decisions_total{provider=\"openai_chat\",direction=\"request\",action=\"block\",rule=\"credentials\"} 1"), "{text}");
+        assert!(text.contains("interceptor_connections_total{mode=\"intercept\",outcome=\"intercepted\"} 1"), "{text}");
+    }
+}
