@@ -18,10 +18,18 @@ use tokio::{
 
 use crate::{
     admin::{self, Status},
+    audit::AuditLog,
     ca::{CertificateAuthority, LeafIssuer, LeafSettings},
-    metrics::Metrics,
+    config::Backend,
     config::{Config, Overrides, RedirectMode},
+    guardrails::{
+        akto::AktoClient,
+        engine::{Engine, Policy},
+        pipeline::{Guardrails, Pipeline},
+    },
+    metrics::Metrics,
     policy::DomainPolicy,
+    proxy::hook::Hook,
     proxy::{
         DataPlane, Listeners, Proxy, ProxySettings, Snapshot,
         tls::TlsTermination,
@@ -101,12 +109,21 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         max_inspected_body: config.proxy.max_inspected_body,
         passthrough_on_reject: config.tls.passthrough_on_reject,
     };
+    let (policy_text, guardrails) = build_guardrails(&config).context("preparing the guardrails")?;
+    let (guardrails_tx, guardrails_rx) = watch::channel(Arc::new(guardrails));
+    let hook: Option<Arc<dyn Hook>> = if config.guardrails.enabled {
+        let audit_file = Some(config.guardrails.audit_file.clone()).filter(|p| !p.as_os_str().is_empty());
+        let audit = AuditLog::start(audit_file, Arc::clone(&metrics));
+        Some(Arc::new(Pipeline::new(guardrails_rx, audit, Arc::clone(&metrics))))
+    } else {
+        None
+    };
     let plane = DataPlane {
         resolver: redirector.resolver(),
         settings,
         snapshot: snapshot_rx,
         tls,
-        hook: None,
+        hook,
         metrics: Arc::clone(&metrics),
     };
     let proxy = Proxy::serve(listeners, plane, shutdown_rx);
@@ -115,6 +132,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut control = Control {
         resolver: TargetResolver::new(names, config.cidrs(), config.targets.address_grace),
         snapshot: snapshot_tx,
+        guardrails: guardrails_tx,
+        policy_text,
         config,
         config_path,
         overrides,
@@ -151,6 +170,34 @@ fn tls_termination(config: &Config, state_dir: &Path) -> anyhow::Result<TlsTermi
     Ok(TlsTermination::new(Arc::new(issuer), pool))
 }
 
+/// The local engine (policy file or built-in policy) and the Akto client,
+/// per the configuration. Returns the policy file's text for change
+/// detection.
+fn build_guardrails(config: &Config) -> anyhow::Result<(Option<String>, Guardrails)> {
+    let g = &config.guardrails;
+    let mut policy_text = None;
+    let engine = if g.backends.contains(&Backend::Local) {
+        let policy = if g.policy_file.as_os_str().is_empty() {
+            Policy::builtin()?
+        } else {
+            let text = std::fs::read_to_string(&g.policy_file)
+                .with_context(|| format!("reading the policy file {}", g.policy_file.display()))?;
+            let policy = Policy::from_toml(&text, &g.policy_file.display().to_string())?;
+            policy_text = Some(text);
+            policy
+        };
+        Some(Arc::new(Engine::new(&policy)?))
+    } else {
+        None
+    };
+    let akto = if g.backends.contains(&Backend::Akto) {
+        Some(Arc::new(AktoClient::new(g.akto.clone()).context("preparing the Akto backend")?))
+    } else {
+        None
+    };
+    Ok((policy_text, Guardrails { engine, akto, cfg: g.clone() }))
+}
+
 /// Names resolved for redirect targets: the exact AI names of the policy
 /// plus any extra names configured.
 fn resolve_names(policy: &DomainPolicy, config: &Config) -> Vec<String> {
@@ -179,6 +226,9 @@ struct Control<'a> {
     redirector: &'a mut dyn Redirector,
     resolver: TargetResolver,
     snapshot: watch::Sender<Arc<Snapshot>>,
+    guardrails: watch::Sender<Arc<Guardrails>>,
+    /// The policy file's text as last loaded, to notice changes.
+    policy_text: Option<String>,
     status: watch::Sender<Arc<Status>>,
     targets: TargetSet,
 }
@@ -205,12 +255,52 @@ impl Control<'_> {
                         resolve_tick = tokio::time::interval(self.config.targets.resolve_interval);
                     }
                 }
-                _ = poll_tick.tick(), if self.config_path.is_some() => {
-                    if self.reload(&mut last_text, false) {
+                _ = poll_tick.tick() => {
+                    if self.config_path.is_some() && self.reload(&mut last_text, false) {
                         resolve_tick = tokio::time::interval(self.config.targets.resolve_interval);
                     }
+                    self.reload_policy_if_changed();
                 }
             }
+        }
+    }
+
+    /// Reloads the policy file when its content changed. An invalid policy
+    /// is rejected with a log line and the running one stays.
+    fn reload_policy_if_changed(&mut self) {
+        let path = &self.config.guardrails.policy_file;
+        if path.as_os_str().is_empty() || !self.config.guardrails.backends.contains(&Backend::Local) {
+            return;
+        }
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(error) => {
+                if self.policy_text.take().is_some() {
+                    tracing::error!(path = %path.display(), %error, "cannot read the policy file; keeping the running policy");
+                }
+                return;
+            }
+        };
+        if self.policy_text.as_deref() == Some(text.as_str()) {
+            return;
+        }
+        self.policy_text = Some(text.clone());
+        let engine = Policy::from_toml(&text, &path.display().to_string()).and_then(|p| Engine::new(&p));
+        match engine {
+            Ok(engine) => {
+                let current = self.guardrails.borrow().clone();
+                let _ = self.guardrails.send(Arc::new(Guardrails {
+                    engine: Some(Arc::new(engine)),
+                    akto: current.akto.clone(),
+                    cfg: current.cfg.clone(),
+                }));
+                tracing::info!(path = %path.display(), "guardrail policy reloaded");
+            }
+            Err(error) => tracing::error!(
+                path = %path.display(),
+                error = %telemetry::chain(&error),
+                "guardrail policy rejected; keeping the running policy"
+            ),
         }
     }
 
@@ -294,6 +384,22 @@ impl Control<'_> {
         ] {
             if changed {
                 tracing::warn!(section, "this section changed but only takes effect after a restart");
+            }
+        }
+        if new.guardrails != self.config.guardrails {
+            match build_guardrails(&new) {
+                Ok((text, guardrails)) => {
+                    self.policy_text = text;
+                    let _ = self.guardrails.send(Arc::new(guardrails));
+                    self.config.guardrails = new.guardrails.clone();
+                    tracing::info!("guardrail settings reloaded");
+                }
+                Err(error) => {
+                    tracing::error!(
+                        error = format!("{error:#}"),
+                        "guardrail settings rejected; keeping the running ones"
+                    );
+                }
             }
         }
         self.resolver.reconfigure(resolve_names(&policy, &new), new.cidrs(), new.targets.address_grace);

@@ -115,9 +115,7 @@ fn report(path: &Path, error: &std::io::Error, metrics: &Metrics) {
 
 /// Current time, RFC 3339 UTC.
 pub fn now() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 #[cfg(test)]

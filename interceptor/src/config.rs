@@ -16,7 +16,7 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::DomainsConfig;
+use crate::{guardrails::akto::AktoConfig, policy::DomainsConfig};
 
 /// The documented default configuration file.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/default.toml");
@@ -46,6 +46,7 @@ pub struct Config {
     pub redirect: RedirectConfig,
     pub domains: DomainsConfig,
     pub tls: TlsConfig,
+    pub guardrails: GuardrailsConfig,
     pub targets: TargetsConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
@@ -66,6 +67,91 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
     /// Largest request body the guardrails buffer for inspection, in bytes.
     pub max_inspected_body: usize,
+}
+
+/// A guardrail backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The embedded engine (`policy_file`, or the built-in policy).
+    Local,
+    /// The Akto guardrail service (`[guardrails.akto]`, `AKTO_URL`).
+    Akto,
+}
+
+/// What a backend failure means for the traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// Let the traffic through and record the failure.
+    Open,
+    /// Refuse it (`503`).
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamMode {
+    /// Forward every chunk at once; verdicts are recorded, never enforced.
+    Monitor,
+    /// Hold back at most one window until its verdict; cut on a block.
+    Enforce,
+}
+
+/// What to do when a guardrail would modify a body signed with AWS SigV4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SigV4Action {
+    Block,
+    /// Forward the original unmodified and record it.
+    Alert,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GuardrailsConfig {
+    /// Run guardrails on intercepted traffic. Off: intercepted traffic is
+    /// only relayed (and audited per connection).
+    pub enabled: bool,
+    /// Backends in order; a block by one skips the rest.
+    pub backends: Vec<Backend>,
+    /// Local engine policy (TOML). Empty: the built-in policy.
+    pub policy_file: PathBuf,
+    pub fail_mode_request: FailMode,
+    pub fail_mode_response: FailMode,
+    pub stream_mode: StreamMode,
+    /// Characters of streamed text per check.
+    pub stream_window: usize,
+    /// Characters of each window checked again with the next one.
+    pub stream_overlap: usize,
+    /// Largest decompressed body inspected, in bytes.
+    pub max_decoded_body: usize,
+    pub sigv4: SigV4Action,
+    /// JSON-lines audit file. Empty: the log only.
+    pub audit_file: PathBuf,
+    /// Include prompt text in audit events.
+    pub audit_prompts: bool,
+    pub akto: AktoConfig,
+}
+
+impl Default for GuardrailsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            backends: vec![Backend::Local],
+            policy_file: PathBuf::new(),
+            fail_mode_request: FailMode::Open,
+            fail_mode_response: FailMode::Open,
+            stream_mode: StreamMode::Monitor,
+            stream_window: 600,
+            stream_overlap: 100,
+            max_decoded_body: 16 << 20,
+            sigv4: SigV4Action::Block,
+            audit_file: PathBuf::new(),
+            audit_prompts: false,
+            akto: AktoConfig::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -216,6 +302,12 @@ pub struct Overrides {
     pub cgroup: Option<PathBuf>,
     pub port: Option<u16>,
     pub upstream_ca: Option<PathBuf>,
+    /// `AKTO_URL`: enables the Akto backend (appended after the local one).
+    pub akto_url: Option<String>,
+    /// `APP_NAME`.
+    pub app_name: Option<String>,
+    /// `AKTO_API_TOKEN`.
+    pub akto_token: Option<String>,
     pub admin: Option<SocketAddr>,
     pub log_format: Option<LogFormat>,
 }
@@ -256,6 +348,18 @@ impl Config {
         }
         if let Some(ca) = &o.upstream_ca {
             self.tls.upstream_ca = ca.clone();
+        }
+        if let Some(url) = o.akto_url.as_ref().filter(|u| !u.is_empty()) {
+            self.guardrails.akto.url = url.clone();
+            if !self.guardrails.backends.contains(&Backend::Akto) {
+                self.guardrails.backends.push(Backend::Akto);
+            }
+        }
+        if let Some(name) = &o.app_name {
+            self.guardrails.akto.app_name = name.clone();
+        }
+        if let Some(token) = o.akto_token.as_ref().filter(|t| !t.is_empty()) {
+            self.guardrails.akto.token = Some(token.clone());
         }
         if let Some(admin) = o.admin {
             self.admin.address = admin;
@@ -310,6 +414,22 @@ impl Config {
         }
         if self.tls.leaf_validity < Duration::from_secs(3600) {
             errors.push("tls.leaf_validity: must be at least 1h".to_string());
+        }
+        let g = &self.guardrails;
+        if g.backends.contains(&Backend::Akto) {
+            errors.extend(g.akto.validate().into_iter().map(|e| format!("guardrails.akto: {e}")));
+        }
+        if !g.policy_file.as_os_str().is_empty() && !g.policy_file.is_file() {
+            errors.push(format!("guardrails.policy_file: {} is not a readable file", g.policy_file.display()));
+        }
+        if g.stream_window == 0 {
+            errors.push("guardrails.stream_window: must be greater than zero".to_string());
+        }
+        if g.stream_overlap >= g.stream_window {
+            errors.push("guardrails.stream_overlap: must be smaller than stream_window".to_string());
+        }
+        if g.max_decoded_body == 0 {
+            errors.push("guardrails.max_decoded_body: must be greater than zero".to_string());
         }
         if self.proxy.max_inspected_body == 0 {
             errors.push("proxy.max_inspected_body: must be greater than zero".to_string());

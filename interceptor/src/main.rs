@@ -74,6 +74,15 @@ struct RunArgs {
     /// Directory for persistent state (the CA).
     #[arg(long, env = "INTERCEPTOR_STATE_DIR", default_value = "/var/lib/interceptor")]
     state_dir: PathBuf,
+    /// Base URL of an Akto instance: adds the Akto guardrail backend.
+    #[arg(long, env = "AKTO_URL")]
+    akto_url: Option<String>,
+    /// Application name that groups this traffic in Akto.
+    #[arg(long, env = "APP_NAME")]
+    app_name: Option<String>,
+    /// Token sent to Akto as `Authorization` (prefer the environment).
+    #[arg(long, env = "AKTO_API_TOKEN", hide_env_values = true)]
+    akto_token: Option<String>,
 }
 
 impl RunArgs {
@@ -83,6 +92,9 @@ impl RunArgs {
             cgroup: self.cgroup.clone(),
             port: self.port,
             upstream_ca: self.upstream_ca.clone(),
+            akto_url: self.akto_url.clone(),
+            app_name: self.app_name.clone(),
+            akto_token: self.akto_token.clone(),
             admin: self.admin,
             log_format: self.log_format,
         }

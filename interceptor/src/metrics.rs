@@ -50,13 +50,25 @@ impl Metrics {
         let connections = Family::default();
         registry.register("connections", "Connections handled, by mode and outcome", connections.clone());
         let decisions = Family::default();
-        registry.register("guardrail_decisions", "Guardrail decisions by provider, direction, action and rule", decisions.clone());
+        registry.register(
+            "guardrail_decisions",
+            "Guardrail decisions by provider, direction, action and rule",
+            decisions.clone(),
+        );
         let backend_errors = Family::default();
         registry.register("guardrail_backend_errors", "Failed guardrail backend calls", backend_errors.clone());
         let guardrail_seconds = Histogram::new([0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]);
-        registry.register("guardrail_duration_seconds", "Time spent deciding one request or response", guardrail_seconds.clone());
+        registry.register(
+            "guardrail_duration_seconds",
+            "Time spent deciding one request or response",
+            guardrail_seconds.clone(),
+        );
         let audit_write_errors = Counter::default();
-        registry.register("audit_write_errors", "Audit events that could not be written to the audit file", audit_write_errors.clone());
+        registry.register(
+            "audit_write_errors",
+            "Audit events that could not be written to the audit file",
+            audit_write_errors.clone(),
+        );
         Self { registry, connections, decisions, backend_errors, guardrail_seconds, audit_write_errors }
     }
 
@@ -78,7 +90,12 @@ mod tests {
     fn counters_appear_in_the_exposition() {
         let m = Metrics::new();
         m.decisions
-            .get_or_create(&DecisionLabels { provider: "openai_chat", direction: "request", action: "block", rule: "credentials".into() })
+            .get_or_create(&DecisionLabels {
+                provider: "openai_chat",
+                direction: "request",
+                action: "block",
+                rule: "credentials".into(),
+            })
             .inc();
         m.connections.get_or_create(&ConnectionLabels { mode: "intercept", outcome: "intercepted" }).inc();
         let text = m.encode();

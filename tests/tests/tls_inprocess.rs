@@ -184,7 +184,7 @@ impl BodyInspector for Upper {
 
 #[async_trait::async_trait]
 impl Hook for TestHook {
-    async fn on_request(&self, _: &Exchange, _: &http::request::Parts, body: &Bytes) -> RequestAction {
+    async fn on_request(&self, _: &Exchange, _: &mut http::request::Parts, body: &Bytes) -> RequestAction {
         let text = String::from_utf8_lossy(body);
         if text.contains("BLOCK") {
             let resp = http::Response::builder()

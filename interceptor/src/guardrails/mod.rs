@@ -7,10 +7,13 @@
 //! * `decode` — content-encoding decompression with hard limits (pure).
 //! * `engine` — the embedded local engine: detectors, policy, redaction (pure).
 //! * `akto` — the Akto-compatible remote backend (I/O).
+//! * `pipeline` — the data plane's hook: runs the backends, applies the
+//!   verdicts, writes the audit trail.
 
-pub mod model;
 pub mod akto;
 pub mod decode;
 pub mod engine;
 pub mod framing;
+pub mod model;
+pub mod pipeline;
 pub mod providers;

@@ -64,7 +64,8 @@ pub enum ChunkAction {
 
 #[async_trait::async_trait]
 pub trait Hook: Send + Sync + 'static {
-    async fn on_request(&self, exchange: &Exchange, head: &http::request::Parts, body: &Bytes) -> RequestAction;
+    /// `head` may be changed (headers, extensions carried to the response).
+    async fn on_request(&self, exchange: &Exchange, head: &mut http::request::Parts, body: &Bytes) -> RequestAction;
 
     async fn on_response(
         &self,

@@ -89,7 +89,7 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
                 return error_response(StatusCode::BAD_REQUEST, "request_body_error", &error.to_string());
             }
         };
-        let bytes = match hook.on_request(&conn.exchange, &parts, &bytes).await {
+        let bytes = match hook.on_request(&conn.exchange, &mut parts, &bytes).await {
             RequestAction::Forward => bytes,
             RequestAction::ReplaceBody(new) => {
                 set_content_length(&mut parts.headers, new.len());

@@ -9,8 +9,8 @@
 //! These helpers shell out to iproute2 (`ip`) and make raw namespace syscalls;
 //! they favour clear failures over speed and must not be used outside tests.
 
-mod cgroup;
 pub mod akto;
+mod cgroup;
 pub mod clients;
 mod fake;
 mod harness;

@@ -112,7 +112,10 @@ async fn main() -> Result<()> {
     );
     let direct = load(provider.local_addr(), &pki.ca_pem(), Arc::clone(&body)).await?;
     let intercepted = load(proxy.addr, &proxy.ca_pem, Arc::clone(&body)).await?;
-    println!("{:<14}{:>10}{:>8}{:>12}{:>10}{:>10}{:>12}", "mode", "requests", "errors", "req/s", "p50 ms", "p99 ms", "vs direct");
+    println!(
+        "{:<14}{:>10}{:>8}{:>12}{:>10}{:>10}{:>12}",
+        "mode", "requests", "errors", "req/s", "p50 ms", "p99 ms", "vs direct"
+    );
     for (name, f) in [("direct", &direct), ("intercepted", &intercepted)] {
         println!(
             "{:<14}{:>10}{:>8}{:>12.0}{:>10.3}{:>10.3}{:>11.0}%",
@@ -125,9 +128,6 @@ async fn main() -> Result<()> {
             100.0 * f.rps / direct.rps.max(1.0)
         );
     }
-    println!(
-        "added p50 latency: {:.3} ms",
-        (intercepted.p50.as_secs_f64() - direct.p50.as_secs_f64()) * 1e3
-    );
+    println!("added p50 latency: {:.3} ms", (intercepted.p50.as_secs_f64() - direct.p50.as_secs_f64()) * 1e3);
     Ok(())
 }

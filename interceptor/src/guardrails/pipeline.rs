@@ -1,0 +1,1072 @@
+//! The guardrail pipeline: the data plane's [`Hook`], running the configured
+//! backends (the local engine, the Akto service) on every intercepted
+//! request, response and stream, and turning their verdicts into the seed's
+//! contract:
+//!
+//! * allowed: forwarded unchanged;
+//! * modified: the changed texts are written back into the original JSON
+//!   (every other field survives) and Content-Length is fixed;
+//! * blocked: `403`, body `{"error": "<reason>"}`, header
+//!   `X-Akto-Guardrails-Decision: blocked`; a blocked request never reaches
+//!   the provider; a blocked stream ends with an error event valid for the
+//!   provider's format.
+//!
+//! Backends run in the configured order; a block short-circuits. A backend
+//! failure follows the fail mode of its direction (open: let through and
+//! record; closed: refuse with `503`). Every decision becomes one audit event
+//! and a metric.
+
+use std::{sync::Arc, time::Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, StatusCode, header};
+use http_body_util::Full;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use super::{
+    akto::{AktoClient, CallInfo, RemoteVerdict, merge_modified_payload, redact_path},
+    decode::decode_body,
+    engine::{Decision as EngineDecision, Engine, ScanContext, WorkloadRef},
+    framing::{FramingKind, eventstream, json_array::JsonArrayStream, sse::SseParser},
+    model::{Direction, NormalizedRequest, Provider, Role, TextKind, TextSpan},
+    providers::{self, StreamEventRef},
+};
+use crate::{
+    audit::{self, AuditEvent, AuditLog, WorkloadInfo},
+    config::{Backend, FailMode, GuardrailsConfig, SigV4Action, StreamMode},
+    metrics::{BackendLabels, DecisionLabels, Metrics},
+    proxy::hook::{BodyAction, BodyInspector, ChunkAction, Exchange, Hook, RequestAction, ResponseAction},
+};
+
+/// Header of the seed's block contract.
+pub const DECISION_HEADER: &str = "x-akto-guardrails-decision";
+
+/// The backends and settings in force; replaced whole on reload.
+pub struct Guardrails {
+    pub engine: Option<Arc<Engine>>,
+    pub akto: Option<Arc<AktoClient>>,
+    pub cfg: GuardrailsConfig,
+}
+
+/// The data plane's guardrail hook.
+pub struct Pipeline {
+    current: watch::Receiver<Arc<Guardrails>>,
+    audit: AuditLog,
+    metrics: Arc<Metrics>,
+}
+
+impl Pipeline {
+    pub fn new(current: watch::Receiver<Arc<Guardrails>>, audit: AuditLog, metrics: Arc<Metrics>) -> Self {
+        Self { current, audit, metrics }
+    }
+}
+
+/// Carried from the request to its response in the request's extensions.
+#[derive(Clone)]
+struct RequestState {
+    request_id: String,
+    provider: Provider,
+    model: Option<String>,
+    call: Arc<CallInfo>,
+}
+
+/// What the backends decided for one check, accumulated in order.
+#[derive(Default)]
+struct Outcome {
+    block: Option<Block>,
+    modified: bool,
+    alert: bool,
+    error: bool,
+    rules: Vec<String>,
+    detectors: Vec<String>,
+    reasons: Vec<String>,
+    backends: Vec<&'static str>,
+}
+
+struct Block {
+    status: StatusCode,
+    reason: String,
+    backend: &'static str,
+    rule: String,
+}
+
+impl Outcome {
+    fn decision(&self) -> &'static str {
+        if self.block.is_some() {
+            "block"
+        } else if self.modified {
+            "modify"
+        } else if self.error {
+            "error"
+        } else if self.alert {
+            "alert"
+        } else {
+            "allow"
+        }
+    }
+
+    fn note_rule(&mut self, rule: &str) {
+        if !self.rules.iter().any(|r| r == rule) {
+            self.rules.push(rule.to_string());
+        }
+    }
+
+    fn note_detector(&mut self, detector: &str) {
+        if !self.detectors.iter().any(|d| d == detector) {
+            self.detectors.push(detector.to_string());
+        }
+    }
+
+    /// Folds a remote verdict in; returns a payload to merge when modified.
+    fn remote(&mut self, v: &RemoteVerdict, default_reason: &str) -> Option<String> {
+        for rule in v.rule.iter().chain(v.policy.iter()) {
+            self.note_rule(rule);
+        }
+        if let Some(reason) = &v.reason {
+            self.reasons.push(reason.clone());
+        }
+        if v.block {
+            self.block = Some(Block {
+                status: StatusCode::FORBIDDEN,
+                reason: v.reason.clone().unwrap_or_else(|| default_reason.to_string()),
+                backend: "akto",
+                rule: v.rule.clone().or_else(|| v.policy.clone()).unwrap_or_default(),
+            });
+            return None;
+        }
+        if !v.allowed {
+            self.alert = true;
+        }
+        v.modified_payload.clone()
+    }
+
+    /// A backend failed: fail open (record) or closed (refuse).
+    fn backend_failed(&mut self, backend: &'static str, error: &str, mode: FailMode) {
+        self.error = true;
+        self.reasons.push(format!("{backend} unavailable: {error}"));
+        if mode == FailMode::Closed {
+            self.block = Some(Block {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                reason: "guardrail backend unavailable".into(),
+                backend,
+                rule: "fail_closed".into(),
+            });
+        }
+    }
+}
+
+/// The seed's block response: 403 `{"error": reason}` with the decision
+/// header (or 503 when failing closed).
+pub fn blocked_response(status: StatusCode, reason: &str) -> http::Response<Full<Bytes>> {
+    let body = serde_json::json!({ "error": reason }).to_string();
+    let mut resp = http::Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(DECISION_HEADER, HeaderValue::from_static("blocked"));
+    resp
+}
+
+fn workload_ref(ex: &Exchange) -> Option<WorkloadRef<'_>> {
+    ex.workload.as_ref().map(|w| WorkloadRef { comm: &w.comm, cgroup: None })
+}
+
+fn request_id(headers: &http::HeaderMap) -> String {
+    for name in ["x-request-id", "request-id"] {
+        if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok())
+            && !v.is_empty()
+            && v.len() <= 128
+        {
+            return v.to_string();
+        }
+    }
+    let bytes: [u8; 16] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Headers the Akto call may see; the client module drops credentials again.
+fn visible_headers(headers: &http::HeaderMap) -> Vec<(String, String)> {
+    headers.iter().filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_string(), v.to_string()))).collect()
+}
+
+fn is_sigv4(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("AWS4-HMAC-SHA256"))
+}
+
+/// What Akto's `requestPayload` holds: `{"messages": [...]}` when the body
+/// has messages, else `{"raw": <body>}`.
+fn akto_payload(doc: Option<&Value>, raw: &[u8]) -> String {
+    match doc.and_then(|d| d.get("messages")) {
+        Some(messages) => serde_json::json!({ "messages": messages }).to_string(),
+        None => serde_json::json!({ "raw": String::from_utf8_lossy(raw) }).to_string(),
+    }
+}
+
+impl Pipeline {
+    fn snapshot(&self) -> Arc<Guardrails> {
+        Arc::clone(&self.current.borrow())
+    }
+
+    fn record_metrics(&self, provider: Provider, direction: Direction, outcome: &Outcome, started: Instant) {
+        self.metrics.guardrail_seconds.observe(started.elapsed().as_secs_f64());
+        let direction = match direction {
+            Direction::Request => "request",
+            Direction::Response => "response",
+        };
+        let rules: Vec<String> = if outcome.rules.is_empty() { vec![String::new()] } else { outcome.rules.clone() };
+        for rule in rules {
+            self.metrics
+                .decisions
+                .get_or_create(&DecisionLabels {
+                    provider: provider.as_str(),
+                    direction,
+                    action: outcome.decision(),
+                    rule,
+                })
+                .inc();
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn audit(
+        &self,
+        g: &Guardrails,
+        ex: &Exchange,
+        state: &RequestState,
+        direction: Direction,
+        outcome: &Outcome,
+        started: Instant,
+        prompt: Option<String>,
+    ) {
+        self.record_metrics(state.provider, direction, outcome, started);
+        let w = ex.workload.as_ref();
+        self.audit
+            .record(AuditEvent {
+                time: audit::now(),
+                event: "guardrail_decision",
+                request_id: state.request_id.clone(),
+                direction: match direction {
+                    Direction::Request => "request",
+                    Direction::Response => "response",
+                },
+                decision: outcome.decision(),
+                provider: state.provider.as_str(),
+                host: ex.sni.clone(),
+                path: redact_path(&state.call.path),
+                method: state.call.method.clone(),
+                model: state.model.clone(),
+                rules: outcome.rules.clone(),
+                detectors: outcome.detectors.clone(),
+                reasons: outcome
+                    .block
+                    .iter()
+                    .map(|b| b.reason.clone())
+                    .chain(outcome.reasons.iter().cloned())
+                    .collect(),
+                backends: outcome.backends.clone(),
+                latency_ms: started.elapsed().as_secs_f64() * 1e3,
+                client: ex.client.to_string(),
+                orig_dst: ex.orig_dst.to_string(),
+                workload: WorkloadInfo {
+                    pid: w.map(|w| w.pid),
+                    uid: w.map(|w| w.uid),
+                    comm: w.map(|w| w.comm.clone()),
+                    cgroup_id: w.map(|w| w.cgroup_id),
+                },
+                prompt: if g.cfg.audit_prompts { prompt } else { None },
+            })
+            .await;
+    }
+
+    fn backend_error(&self, backend: &'static str, kind: &'static str) {
+        self.metrics.backend_errors.get_or_create(&BackendLabels { backend, kind }).inc();
+    }
+}
+
+#[async_trait::async_trait]
+impl Hook for Pipeline {
+    async fn on_request(&self, ex: &Exchange, head: &mut http::request::Parts, body: &Bytes) -> RequestAction {
+        let g = self.snapshot();
+        let started = Instant::now();
+        let path_and_query = head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+        let mut provider = providers::detect(&ex.sni, &path_and_query);
+        let request_id = request_id(&head.headers);
+        let call = Arc::new(CallInfo {
+            request_id: request_id.clone(),
+            method: head.method.to_string(),
+            path: path_and_query.clone(),
+            host: ex.sni.clone(),
+            request_headers: visible_headers(&head.headers),
+            request_body: body.clone(),
+            client_ip: Some(ex.client.0.ip()),
+            dest_ip: Some(ex.orig_dst.0.ip()),
+            workload: ex.workload.clone(),
+        });
+        let mut state = RequestState { request_id, provider, model: None, call };
+        let mut outcome = Outcome::default();
+
+        // Responses are inspected as they stream: ask for them uncompressed.
+        head.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+
+        let encoding = head.headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let decoded = match decode_body(encoding.as_deref(), body, g.cfg.max_decoded_body) {
+            Ok(d) => d.into_owned(),
+            Err(error) => {
+                outcome.backends.push("decode");
+                outcome.backend_failed("decode", &error.to_string(), g.cfg.fail_mode_request);
+                head.extensions.insert(state.clone());
+                self.audit(&g, ex, &state, Direction::Request, &outcome, started, None).await;
+                return match outcome.block {
+                    Some(b) => RequestAction::Respond(blocked_response(
+                        StatusCode::FORBIDDEN,
+                        &format!("request body cannot be inspected: {}", b.reason),
+                    )),
+                    None => RequestAction::Forward,
+                };
+            }
+        };
+        let mut doc: Option<Value> = serde_json::from_slice(&decoded).ok();
+        if provider == Provider::Generic
+            && let Some(p) = doc.as_ref().and_then(providers::detect_from_body)
+        {
+            provider = p;
+        }
+        state.provider = provider;
+        let normalized = match &doc {
+            Some(d) => providers::parse_request(provider, d),
+            None if decoded.is_empty() => NormalizedRequest::default(),
+            None => NormalizedRequest {
+                model: None,
+                stream: false,
+                texts: vec![TextSpan {
+                    path: Vec::new(),
+                    role: Role::Unknown,
+                    kind: TextKind::Other,
+                    text: String::from_utf8_lossy(&decoded).into_owned(),
+                }],
+            },
+        };
+        state.model = normalized.model.clone().or_else(|| providers::model_from_path(&path_and_query));
+        let mut raw_text: Option<String> = None;
+
+        for backend in &g.cfg.backends {
+            if outcome.block.is_some() {
+                break;
+            }
+            match backend {
+                Backend::Local => {
+                    let Some(engine) = &g.engine else { continue };
+                    outcome.backends.push("local");
+                    let ctx = ScanContext {
+                        direction: Direction::Request,
+                        provider,
+                        host: &ex.sni,
+                        workload: workload_ref(ex),
+                    };
+                    let scan = engine.scan(&ctx, normalized.texts.iter().map(|t| (t.kind, t.text.as_str())));
+                    for f in &scan.findings {
+                        outcome.note_rule(&f.rule_id);
+                        outcome.note_detector(&f.detector);
+                    }
+                    match &scan.decision {
+                        EngineDecision::Block(b) => {
+                            outcome.block = Some(Block {
+                                status: StatusCode::FORBIDDEN,
+                                reason: b.reason.clone(),
+                                backend: "local",
+                                rule: b.rule_id.to_string(),
+                            });
+                        }
+                        EngineDecision::Redact => {
+                            for (i, t) in normalized.texts.iter().enumerate() {
+                                let Some(new) = scan.redacted(i, &t.text) else { continue };
+                                match doc.as_mut() {
+                                    Some(d) if !t.path.is_empty() => {
+                                        if providers::set_text(d, &t.path, &new).is_ok() {
+                                            outcome.modified = true;
+                                        }
+                                    }
+                                    _ => {
+                                        raw_text = Some(new);
+                                        outcome.modified = true;
+                                    }
+                                }
+                            }
+                        }
+                        EngineDecision::Alert => outcome.alert = true,
+                        EngineDecision::Allow => {}
+                    }
+                    if outcome.block.is_none()
+                        && let Some(d) = doc.as_mut()
+                    {
+                        for instruction in engine.system_instructions(&ctx) {
+                            match providers::insert_instruction(provider, d, &instruction.text) {
+                                Ok(()) => {
+                                    outcome.modified = true;
+                                    outcome.note_rule(&instruction.id);
+                                }
+                                Err(error) => outcome
+                                    .reasons
+                                    .push(format!("system instruction {} not applied: {error}", instruction.id)),
+                            }
+                        }
+                    }
+                }
+                Backend::Akto => {
+                    let Some(akto) = &g.akto else { continue };
+                    outcome.backends.push("akto");
+                    let current = current_body(doc.as_ref(), raw_text.as_deref(), &decoded, outcome.modified);
+                    let payload = akto_payload(doc.as_ref(), &current);
+                    let call = Arc::new(CallInfo { request_body: current.clone(), ..(*state.call).clone() });
+                    state.call = Arc::clone(&call);
+                    match akto.check_request(&call, &payload).await {
+                        Ok(verdict) => {
+                            if let Some(modified) = outcome.remote(&verdict, "blocked by guardrail policy") {
+                                match doc.as_ref().map(|d| merge_modified_payload(d, &modified)) {
+                                    Some(Ok(merged)) => {
+                                        doc = Some(merged);
+                                        outcome.modified = true;
+                                    }
+                                    Some(Err(error)) => {
+                                        outcome.backend_failed("akto", &error.to_string(), g.cfg.fail_mode_request)
+                                    }
+                                    None => {
+                                        raw_text = Some(modified);
+                                        outcome.modified = true;
+                                    }
+                                }
+                            }
+                        }
+                        Err(error) => {
+                            self.backend_error("akto", error.kind());
+                            outcome.backend_failed("akto", &error.to_string(), g.cfg.fail_mode_request);
+                        }
+                    }
+                }
+            }
+        }
+
+        if outcome.block.is_none() && outcome.modified && is_sigv4(&head.headers) {
+            // The body hash is signed: a rewrite would be rejected upstream.
+            match g.cfg.sigv4 {
+                SigV4Action::Block => {
+                    outcome.block = Some(Block {
+                        status: StatusCode::FORBIDDEN,
+                        reason: "request must be modified by a guardrail but is signed with AWS SigV4; blocked instead"
+                            .into(),
+                        backend: "local",
+                        rule: "sigv4_unmodifiable".into(),
+                    });
+                }
+                SigV4Action::Alert => {
+                    outcome.modified = false;
+                    outcome.alert = true;
+                    outcome.reasons.push("modification skipped: body is signed with AWS SigV4".into());
+                }
+            }
+        }
+
+        let prompt = normalized.texts.iter().map(|t| t.text.as_str()).collect::<Vec<_>>().join("\n");
+        head.extensions.insert(state.clone());
+        self.audit(&g, ex, &state, Direction::Request, &outcome, started, Some(prompt)).await;
+        if let Some(block) = outcome.block {
+            if block.backend == "local"
+                && let Some(akto) = g.akto.clone()
+            {
+                // Report local blocks to Akto as security events.
+                let (call, payload, rule, reason) = (
+                    Arc::clone(&state.call),
+                    akto_payload(doc.as_ref(), &decoded),
+                    block.rule.clone(),
+                    block.reason.clone(),
+                );
+                tokio::spawn(async move {
+                    if let Err(error) = akto.report_local_block(&call, &payload, &rule, &reason).await {
+                        tracing::debug!(%error, "could not report a local block to Akto");
+                    }
+                });
+            }
+            return RequestAction::Respond(blocked_response(block.status, &block.reason));
+        }
+        if outcome.modified {
+            head.headers.remove(header::CONTENT_ENCODING);
+            return RequestAction::ReplaceBody(current_body(doc.as_ref(), raw_text.as_deref(), &decoded, true));
+        }
+        RequestAction::Forward
+    }
+
+    async fn on_response(
+        &self,
+        _ex: &Exchange,
+        request: &http::request::Parts,
+        head: &http::response::Parts,
+    ) -> ResponseAction {
+        let Some(state) = request.extensions.get::<RequestState>() else {
+            return ResponseAction::Forward;
+        };
+        if !head.status.is_success() {
+            return ResponseAction::Forward;
+        }
+        let g = self.snapshot();
+        if g.engine.is_none() && g.akto.is_none() {
+            return ResponseAction::Forward;
+        }
+        let content_type = head.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let path = request.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        if head.headers.contains_key(header::CONTENT_ENCODING) {
+            // We asked for identity; a compressed stream cannot be inspected
+            // incrementally, a compressed whole body can.
+            if providers::response_framing(state.provider, path, content_type).is_some() {
+                return ResponseAction::Forward;
+            }
+            return ResponseAction::Collect;
+        }
+        match providers::response_framing(state.provider, path, content_type) {
+            Some(kind) => ResponseAction::Inspect(Box::new(StreamGuard::new(self, g, state.clone(), kind, head))),
+            None if content_type.contains("json") || content_type.is_empty() => ResponseAction::Collect,
+            None => ResponseAction::Forward,
+        }
+    }
+
+    async fn on_response_body(
+        &self,
+        ex: &Exchange,
+        request: &http::request::Parts,
+        head: &http::response::Parts,
+        body: &Bytes,
+    ) -> BodyAction {
+        let Some(state) = request.extensions.get::<RequestState>() else {
+            return BodyAction::Forward;
+        };
+        let g = self.snapshot();
+        let started = Instant::now();
+        let mut outcome = Outcome::default();
+        let encoding = head.headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
+        let decoded = match decode_body(encoding, body, g.cfg.max_decoded_body) {
+            Ok(d) => d.into_owned(),
+            Err(error) => {
+                outcome.backend_failed("decode", &error.to_string(), g.cfg.fail_mode_response);
+                self.audit(&g, ex, state, Direction::Response, &outcome, started, None).await;
+                return match outcome.block {
+                    Some(b) => BodyAction::Respond(blocked_response(b.status, &b.reason)),
+                    None => BodyAction::Forward,
+                };
+            }
+        };
+        let mut doc: Option<Value> = serde_json::from_slice(&decoded).ok();
+        let texts: Vec<TextSpan> = match &doc {
+            Some(d) => providers::parse_response(state.provider, d).texts,
+            None => vec![TextSpan {
+                path: Vec::new(),
+                role: Role::Assistant,
+                kind: TextKind::Other,
+                text: String::from_utf8_lossy(&decoded).into_owned(),
+            }],
+        };
+        for backend in &g.cfg.backends {
+            if outcome.block.is_some() {
+                break;
+            }
+            match backend {
+                Backend::Local => {
+                    let Some(engine) = &g.engine else { continue };
+                    outcome.backends.push("local");
+                    let ctx = ScanContext {
+                        direction: Direction::Response,
+                        provider: state.provider,
+                        host: &ex.sni,
+                        workload: workload_ref(ex),
+                    };
+                    let scan = engine.scan(&ctx, texts.iter().map(|t| (t.kind, t.text.as_str())));
+                    for f in &scan.findings {
+                        outcome.note_rule(&f.rule_id);
+                        outcome.note_detector(&f.detector);
+                    }
+                    match &scan.decision {
+                        EngineDecision::Block(b) => {
+                            outcome.block = Some(Block {
+                                status: StatusCode::FORBIDDEN,
+                                reason: b.reason.clone(),
+                                backend: "local",
+                                rule: b.rule_id.to_string(),
+                            });
+                        }
+                        EngineDecision::Redact => {
+                            for (i, t) in texts.iter().enumerate() {
+                                if let (Some(new), Some(d)) = (scan.redacted(i, &t.text), doc.as_mut())
+                                    && !t.path.is_empty()
+                                    && providers::set_text(d, &t.path, &new).is_ok()
+                                {
+                                    outcome.modified = true;
+                                }
+                            }
+                        }
+                        EngineDecision::Alert => outcome.alert = true,
+                        EngineDecision::Allow => {}
+                    }
+                }
+                Backend::Akto => {
+                    let Some(akto) = &g.akto else { continue };
+                    outcome.backends.push("akto");
+                    let headers = visible_headers(&head.headers);
+                    let payload = String::from_utf8_lossy(&decoded);
+                    match akto.check_response(&state.call, head.status.as_u16(), &headers, &payload).await {
+                        Ok(verdict) => {
+                            if let Some(modified) = outcome.remote(&verdict, "response blocked by guardrail policy") {
+                                match doc.as_ref().map(|d| merge_modified_payload(d, &modified)) {
+                                    Some(Ok(merged)) => {
+                                        doc = Some(merged);
+                                        outcome.modified = true;
+                                    }
+                                    _ => outcome.backend_failed(
+                                        "akto",
+                                        "unusable modified payload",
+                                        g.cfg.fail_mode_response,
+                                    ),
+                                }
+                            }
+                        }
+                        Err(error) => {
+                            self.backend_error("akto", error.kind());
+                            outcome.backend_failed("akto", &error.to_string(), g.cfg.fail_mode_response);
+                        }
+                    }
+                }
+            }
+        }
+        self.audit(&g, ex, state, Direction::Response, &outcome, started, None).await;
+        if let Some(block) = outcome.block {
+            return BodyAction::Respond(blocked_response(block.status, &block.reason));
+        }
+        if outcome.modified
+            && let Some(d) = doc
+        {
+            return BodyAction::ReplaceBody(Bytes::from(serde_json::to_vec(&d).unwrap_or_default()));
+        }
+        BodyAction::Forward
+    }
+}
+
+/// The body to forward: the rewritten JSON, the rewritten raw text, or the
+/// decoded original.
+fn current_body(doc: Option<&Value>, raw_text: Option<&str>, decoded: &[u8], modified: bool) -> Bytes {
+    if !modified {
+        return Bytes::copy_from_slice(decoded);
+    }
+    match (doc, raw_text) {
+        (_, Some(raw)) => Bytes::from(raw.to_owned()),
+        (Some(d), None) => Bytes::from(serde_json::to_vec(d).unwrap_or_default()),
+        (None, None) => Bytes::copy_from_slice(decoded),
+    }
+}
+
+/// Incremental parser for whichever framing the stream uses.
+enum Framer {
+    Sse(SseParser),
+    EventStream(eventstream::Decoder),
+    JsonArray(JsonArrayStream),
+}
+
+/// Maximum size of one stream event (SSE event, frame or array element).
+const MAX_EVENT: usize = 16 << 20;
+
+/// Inspects a streamed response: completion text is accumulated into
+/// windows that overlap, so a phrase split across two windows is still
+/// caught. `monitor` forwards every chunk at once and records verdicts;
+/// `enforce` holds back the bytes of at most one window until its verdict and
+/// ends the stream with a provider-valid error event on a block.
+struct StreamGuard {
+    g: Arc<Guardrails>,
+    state: RequestState,
+    kind: FramingKind,
+    framer: Framer,
+    audit: AuditLog,
+    metrics: Arc<Metrics>,
+    status: u16,
+    headers: Vec<(String, String)>,
+    /// Text of parsed events not yet checked.
+    pending: String,
+    /// Tail of the previous window, checked again with the next one.
+    carry: String,
+    /// Enforce: bytes received but not yet released.
+    held: BytesMut,
+    /// Enforce: how many of the held bytes belong to parsed events.
+    parsed_held: usize,
+    released_any: bool,
+    outcome: Outcome,
+    started: Instant,
+    exchange_host: String,
+    workload_comm: Option<String>,
+    client: String,
+    orig_dst: String,
+    workload: WorkloadInfo,
+    framing_broken: bool,
+}
+
+impl StreamGuard {
+    fn new(
+        p: &Pipeline,
+        g: Arc<Guardrails>,
+        state: RequestState,
+        kind: FramingKind,
+        head: &http::response::Parts,
+    ) -> Self {
+        let framer = match kind {
+            FramingKind::Sse => Framer::Sse(SseParser::new(MAX_EVENT)),
+            FramingKind::EventStream => Framer::EventStream(eventstream::Decoder::new(MAX_EVENT)),
+            FramingKind::JsonArray => Framer::JsonArray(JsonArrayStream::new(MAX_EVENT)),
+        };
+        let call = &state.call;
+        let w = call.workload.as_ref();
+        Self {
+            exchange_host: call.host.clone(),
+            workload_comm: w.map(|w| w.comm.clone()),
+            client: call.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            orig_dst: call.dest_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            workload: WorkloadInfo {
+                pid: w.map(|w| w.pid),
+                uid: w.map(|w| w.uid),
+                comm: w.map(|w| w.comm.clone()),
+                cgroup_id: w.map(|w| w.cgroup_id),
+            },
+            g,
+            state,
+            kind,
+            framer,
+            audit: p.audit.clone(),
+            metrics: Arc::clone(&p.metrics),
+            status: head.status.as_u16(),
+            headers: visible_headers(&head.headers),
+            pending: String::new(),
+            carry: String::new(),
+            held: BytesMut::new(),
+            parsed_held: 0,
+            released_any: false,
+            outcome: Outcome::default(),
+            started: Instant::now(),
+            framing_broken: false,
+        }
+    }
+
+    fn enforce(&self) -> bool {
+        self.g.cfg.stream_mode == StreamMode::Enforce
+    }
+
+    /// Parses a chunk; returns the raw length of the events completed and
+    /// whether one of them ends the stream.
+    fn parse(&mut self, chunk: &[u8]) -> (usize, bool) {
+        if self.framing_broken {
+            return (0, false);
+        }
+        let provider = self.state.provider;
+        let mut consumed = 0;
+        let mut end = false;
+        let mut texts = Vec::new();
+        let result = match &mut self.framer {
+            Framer::Sse(p) => p
+                .feed(chunk)
+                .map(|events| {
+                    for e in &events {
+                        consumed += e.raw_len;
+                        let d = providers::stream_delta(provider, StreamEventRef::from(e));
+                        end |= d.end;
+                        texts.extend(d.texts.into_iter().map(|(_, t)| t));
+                    }
+                })
+                .map_err(|e| e.to_string()),
+            Framer::EventStream(p) => p
+                .feed(chunk)
+                .map(|frames| {
+                    for f in &frames {
+                        consumed += f.raw_len;
+                        let d = providers::stream_delta(provider, StreamEventRef::from(f));
+                        end |= d.end;
+                        texts.extend(d.texts.into_iter().map(|(_, t)| t));
+                    }
+                })
+                .map_err(|e| e.to_string()),
+            Framer::JsonArray(p) => p
+                .feed(chunk)
+                .map(|elements| {
+                    for el in &elements {
+                        consumed += el.raw_len;
+                        let d = providers::stream_delta(provider, StreamEventRef::from(&el.value));
+                        end |= d.end;
+                        texts.extend(d.texts.into_iter().map(|(_, t)| t));
+                    }
+                })
+                .map_err(|e| e.to_string()),
+        };
+        if let Err(error) = result {
+            // Malformed framing: stop inspecting, per the response fail mode.
+            self.framing_broken = true;
+            self.outcome.backend_failed("framing", &error, self.g.cfg.fail_mode_response);
+        }
+        for t in texts {
+            self.pending.push_str(&t);
+        }
+        (consumed, end)
+    }
+
+    /// Checks the pending window (with the carried overlap). Returns the
+    /// block reason, if any.
+    async fn check_window(&mut self) -> Option<String> {
+        if self.pending.is_empty() {
+            return self.outcome.block.as_ref().map(|b| b.reason.clone());
+        }
+        let text = format!("{}{}", self.carry, self.pending);
+        self.pending.clear();
+        let overlap = self.g.cfg.stream_overlap;
+        self.carry = tail_chars(&text, overlap).to_string();
+        let g = Arc::clone(&self.g);
+        for backend in &g.cfg.backends {
+            if self.outcome.block.is_some() {
+                break;
+            }
+            match backend {
+                Backend::Local => {
+                    let Some(engine) = &g.engine else { continue };
+                    if !self.outcome.backends.contains(&"local") {
+                        self.outcome.backends.push("local");
+                    }
+                    let workload = self.workload_comm.as_deref().map(|comm| WorkloadRef { comm, cgroup: None });
+                    let ctx = ScanContext {
+                        direction: Direction::Response,
+                        provider: self.state.provider,
+                        host: &self.exchange_host,
+                        workload,
+                    };
+                    let scan = engine.scan(&ctx, [(TextKind::Content, text.as_str())]);
+                    for f in &scan.findings {
+                        self.outcome.note_rule(&f.rule_id);
+                        self.outcome.note_detector(&f.detector);
+                    }
+                    match scan.decision {
+                        EngineDecision::Block(b) => {
+                            self.outcome.block = Some(Block {
+                                status: StatusCode::FORBIDDEN,
+                                reason: b.reason,
+                                backend: "local",
+                                rule: b.rule_id.to_string(),
+                            });
+                        }
+                        // A stream cannot be rewritten in place: record it.
+                        EngineDecision::Redact | EngineDecision::Alert => self.outcome.alert = true,
+                        EngineDecision::Allow => {}
+                    }
+                }
+                Backend::Akto => {
+                    let Some(akto) = &g.akto else { continue };
+                    if !self.outcome.backends.contains(&"akto") {
+                        self.outcome.backends.push("akto");
+                    }
+                    if self.enforce() {
+                        match akto.check_stream_batch(&self.state.call, self.status, &self.headers, &text).await {
+                            Ok(v) => {
+                                let _ = self.outcome.remote(&v, "response blocked by guardrail policy");
+                            }
+                            Err(error) => {
+                                self.metrics
+                                    .backend_errors
+                                    .get_or_create(&BackendLabels { backend: "akto", kind: error.kind() })
+                                    .inc();
+                                self.outcome.backend_failed("akto", &error.to_string(), self.g.cfg.fail_mode_response);
+                            }
+                        }
+                    } else {
+                        // Monitor: never wait on the network in the stream path.
+                        let (akto, call, status, headers, text) = (
+                            Arc::clone(akto),
+                            Arc::clone(&self.state.call),
+                            self.status,
+                            self.headers.clone(),
+                            text.clone(),
+                        );
+                        tokio::spawn(async move {
+                            match akto.check_stream_batch(&call, status, &headers, &text).await {
+                                Ok(v) if v.block || !v.allowed => tracing::warn!(
+                                    request_id = %call.request_id,
+                                    reason = v.reason.as_deref().unwrap_or(""),
+                                    "stream flagged by the remote guardrail (monitor mode: not cut)"
+                                ),
+                                Ok(_) => {}
+                                Err(error) => tracing::debug!(%error, "stream batch check failed"),
+                            }
+                        });
+                    }
+                }
+            }
+        }
+        if !self.enforce()
+            && let Some(block) = self.outcome.block.take()
+        {
+            // Monitor mode records what enforce would have done.
+            self.outcome.alert = true;
+            self.outcome.reasons.push(format!("monitor mode, not enforced: {}", block.reason));
+            self.outcome.note_rule(&block.rule);
+            return None;
+        }
+        self.outcome.block.as_ref().map(|b| b.reason.clone())
+    }
+
+    fn block_bytes(&self, reason: &str) -> Bytes {
+        let bytes = match self.kind {
+            FramingKind::JsonArray => providers::json_array_block(reason, self.released_any),
+            kind => providers::stream_block(self.state.provider, kind, reason),
+        };
+        Bytes::from(bytes)
+    }
+
+    async fn finish_audit(&mut self) {
+        let outcome = std::mem::take(&mut self.outcome);
+        let metrics = &self.metrics;
+        metrics.guardrail_seconds.observe(self.started.elapsed().as_secs_f64());
+        let rules: Vec<String> = if outcome.rules.is_empty() { vec![String::new()] } else { outcome.rules.clone() };
+        for rule in rules {
+            metrics
+                .decisions
+                .get_or_create(&DecisionLabels {
+                    provider: self.state.provider.as_str(),
+                    direction: "response",
+                    action: outcome.decision(),
+                    rule,
+                })
+                .inc();
+        }
+        self.audit
+            .record(AuditEvent {
+                time: audit::now(),
+                event: "guardrail_decision",
+                request_id: self.state.request_id.clone(),
+                direction: "response",
+                decision: outcome.decision(),
+                provider: self.state.provider.as_str(),
+                host: self.exchange_host.clone(),
+                path: redact_path(&self.state.call.path),
+                method: self.state.call.method.clone(),
+                model: self.state.model.clone(),
+                rules: outcome.rules.clone(),
+                detectors: outcome.detectors.clone(),
+                reasons: outcome
+                    .block
+                    .iter()
+                    .map(|b| b.reason.clone())
+                    .chain(outcome.reasons.iter().cloned())
+                    .collect(),
+                backends: outcome.backends.clone(),
+                latency_ms: self.started.elapsed().as_secs_f64() * 1e3,
+                client: self.client.clone(),
+                orig_dst: self.orig_dst.clone(),
+                workload: self.workload.clone(),
+                prompt: None,
+            })
+            .await;
+        self.outcome = outcome;
+    }
+}
+
+/// The last `n` characters of `s`.
+fn tail_chars(s: &str, n: usize) -> &str {
+    if n == 0 {
+        return "";
+    }
+    match s.char_indices().rev().nth(n - 1) {
+        Some((i, _)) => &s[i..],
+        None => s,
+    }
+}
+
+#[async_trait::async_trait]
+impl BodyInspector for StreamGuard {
+    async fn on_chunk(&mut self, chunk: Bytes) -> ChunkAction {
+        let (consumed, end) = self.parse(&chunk);
+        let window = self.g.cfg.stream_window.max(1);
+        if !self.enforce() {
+            if self.pending.len() >= window || end {
+                let _ = self.check_window().await;
+            }
+            self.released_any = true;
+            return ChunkAction::Forward(chunk);
+        }
+        self.held.extend_from_slice(&chunk);
+        self.parsed_held += consumed;
+        if self.framing_broken && self.outcome.block.is_none() {
+            // Fail open on malformed framing: release everything from here on.
+            self.parsed_held = self.held.len();
+        }
+        if let Some(block) = &self.outcome.block {
+            let reason = block.reason.clone();
+            self.finish_audit().await;
+            return ChunkAction::End(self.block_bytes(&reason));
+        }
+        if self.pending.len() >= window || end || self.framing_broken {
+            if let Some(reason) = self.check_window().await {
+                self.finish_audit().await;
+                return ChunkAction::End(self.block_bytes(&reason));
+            }
+            let release = self.held.split_to(self.parsed_held.min(self.held.len())).freeze();
+            self.parsed_held = 0;
+            if !release.is_empty() {
+                self.released_any = true;
+            }
+            return ChunkAction::Forward(release);
+        }
+        ChunkAction::Forward(Bytes::new())
+    }
+
+    async fn on_end(&mut self) -> Bytes {
+        let blocked = self.check_window().await;
+        self.finish_audit().await;
+        match blocked {
+            Some(reason) if self.enforce() => self.block_bytes(&reason),
+            _ => std::mem::take(&mut self.held).freeze(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_chars_counts_characters_not_bytes() {
+        assert_eq!(tail_chars("héllo", 3), "llo");
+        assert_eq!(tail_chars("hé", 5), "hé");
+        assert_eq!(tail_chars("abc", 0), "");
+    }
+
+    #[test]
+    fn blocked_response_follows_the_contract() {
+        let r = blocked_response(StatusCode::FORBIDDEN, "no secrets");
+        assert_eq!(r.status(), 403);
+        assert_eq!(r.headers()[DECISION_HEADER], "blocked");
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+    }
+
+    #[test]
+    fn akto_payload_prefers_messages() {
+        let doc = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        assert_eq!(akto_payload(Some(&doc), b""), r#"{"messages":[{"role":"user","content":"hi"}]}"#);
+        assert_eq!(akto_payload(None, b"plain"), r#"{"raw":"plain"}"#);
+    }
+
+    #[test]
+    fn sigv4_is_recognized() {
+        let mut h = http::HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("AWS4-HMAC-SHA256 Credential=x"));
+        assert!(is_sigv4(&h));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        assert!(!is_sigv4(&h));
+    }
+
+    #[test]
+    fn request_ids_are_reused_or_made() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(request_id(&h).len(), 32);
+        h.insert("x-request-id", HeaderValue::from_static("abc"));
+        assert_eq!(request_id(&h), "abc");
+    }
+}
