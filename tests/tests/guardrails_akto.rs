@@ -1,0 +1,235 @@
+//! The Akto-compatible remote backend end to end: the in-process proxy with
+//! the guardrail pipeline calling a fake Akto service, in front of a fake
+//! provider. Verdicts in both key casings, the merged request/response
+//! shape, a 422, timeouts in fail-open and fail-closed, and the local
+//! engine short-circuiting the remote one.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Result;
+use interceptor::{
+    audit::AuditLog,
+    config::{Backend, FailMode, GuardrailsConfig},
+    guardrails::{
+        akto::{AktoClient, AktoConfig},
+        engine::Engine,
+        pipeline::{Guardrails, Pipeline},
+    },
+    metrics::Metrics,
+    policy::DomainsConfig,
+    testing::{
+        akto::{FakeAkto, Reply},
+        provider::{FakeProvider, TestPki},
+    },
+};
+use interceptor_tests::inprocess::{InProcessProxy, client_for};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+struct Setup {
+    provider: FakeProvider,
+    akto: FakeAkto,
+    proxy: InProcessProxy,
+    audit: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(backends: Vec<Backend>, fail: FailMode, timeout: Duration) -> Result<Setup> {
+    let pki = TestPki::with_defaults()?;
+    let provider = FakeProvider::start(std::net::TcpListener::bind("127.0.0.1:0")?, &pki)?;
+    let akto = FakeAkto::start()?;
+    let dir = tempfile::tempdir()?;
+    let upstream_ca = pki.write_ca(dir.path())?;
+    let akto_cfg = AktoConfig {
+        url: akto.url(),
+        app_name: "Billing Agent".into(),
+        token: Some("akto-secret-token".into()),
+        request_timeout: timeout,
+        stream_timeout: timeout,
+        ..AktoConfig::default()
+    };
+    let cfg = GuardrailsConfig {
+        backends: backends.clone(),
+        fail_mode_request: fail,
+        fail_mode_response: fail,
+        akto: akto_cfg.clone(),
+        ..GuardrailsConfig::default()
+    };
+    let guardrails = Guardrails {
+        engine: backends.contains(&Backend::Local).then(|| Engine::builtin().map(Arc::new)).transpose()?,
+        akto: Some(Arc::new(AktoClient::new(akto_cfg)?)),
+        cfg,
+    };
+    // The receiver keeps the last value after the sender is gone.
+    let (_, rx) = watch::channel(Arc::new(guardrails));
+    let metrics = Arc::new(Metrics::new());
+    let audit = dir.path().join("audit.jsonl");
+    let pipeline = Pipeline::new(rx, AuditLog::start(Some(audit.clone()), Arc::clone(&metrics)), metrics);
+    let proxy =
+        InProcessProxy::start(provider.local_addr(), &upstream_ca, DomainsConfig::default(), Some(Arc::new(pipeline)))
+            .await?;
+    Ok(Setup { provider, akto, proxy, audit, _dir: dir })
+}
+
+fn chat_body(prompt: &str) -> String {
+    json!({
+        "model": "gpt-4o",
+        "max_tokens": 64,
+        "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}],
+        "messages": [{"role": "user", "content": prompt}]
+    })
+    .to_string()
+}
+
+async fn post(s: &Setup, body: &str) -> Result<reqwest::Response> {
+    let client = client_for("api.openai.com", s.proxy.addr, &[&s.proxy.ca_pem], false)?;
+    Ok(client
+        .post("https://api.openai.com/v1/chat/completions")
+        .header("authorization", "Bearer sk-user-key")
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await?)
+}
+
+async fn assert_blocked(resp: reqwest::Response, reason: &str) -> Result<()> {
+    assert_eq!(resp.status(), 403);
+    assert_eq!(resp.headers()["x-akto-guardrails-decision"], "blocked");
+    let body: Value = resp.json().await?;
+    assert_eq!(body, json!({ "error": reason }), "exact block body");
+    Ok(())
+}
+
+fn request_checks(akto: &FakeAkto) -> Vec<interceptor::testing::akto::RecordedCall> {
+    akto.calls().into_iter().filter(|c| c.query_param("guardrails") == Some("true")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_verdict_forwards_and_the_call_carries_the_akto_fields() -> Result<()> {
+    let s = setup(vec![Backend::Akto], FailMode::Open, Duration::from_secs(5)).await?;
+    s.akto.set_request_reply(Reply::allowed());
+    s.akto.set_response_reply(Reply::allowed());
+    let body = chat_body("hello there");
+    let resp = post(&s, &body).await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(s.provider.requests().pop().expect("forwarded").body, body.as_bytes());
+
+    let calls = s.akto.calls();
+    let check = calls.iter().find(|c| c.query_param("guardrails") == Some("true")).expect("request check");
+    assert_eq!(check.query_param("ingest_data"), Some("true"));
+    assert_eq!(check.header("authorization"), Some("akto-secret-token"));
+    let b = &check.body;
+    assert_eq!(b["method"], "POST");
+    assert_eq!(b["path"], "/v1/chat/completions");
+    assert_eq!(b["source"], "MIRRORING");
+    assert_eq!(b["statusCode"], "200");
+    let payload: Value = serde_json::from_str(b["requestPayload"].as_str().expect("string"))?;
+    assert_eq!(payload["messages"][0]["content"], "hello there");
+    let headers: Value = serde_json::from_str(b["requestHeaders"].as_str().expect("string"))?;
+    assert_eq!(headers["host"], "billing-agent");
+    // Every value is a string or null, and no credential leaks to Akto.
+    for (k, v) in b.as_object().expect("object") {
+        assert!(v.is_string() || v.is_null(), "{k} is {v}");
+    }
+    let text = b.to_string();
+    assert!(!text.contains("sk-user-key") && !text.contains("akto-secret-token"), "{text}");
+    // The response was checked too, with the same request id.
+    let resp_check = calls.iter().find(|c| c.query_param("response_guardrails") == Some("true")).expect("response check");
+    assert_eq!(resp_check.header("x-request-id"), check.header("x-request-id"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_verdicts_in_both_casings_answer_403_and_never_call_the_provider() -> Result<()> {
+    let s = setup(vec![Backend::Akto], FailMode::Open, Duration::from_secs(5)).await?;
+    for reply in [Reply::blocked("no PII allowed"), Reply::blocked("no PII allowed").lowercase_keys()] {
+        s.akto.set_request_reply(reply);
+        assert_blocked(post(&s, &chat_body("my ssn")).await?, "no PII allowed").await?;
+    }
+    // The merged shape: the request result decides a request check.
+    s.akto.set_request_reply(Reply::merged(&Reply::blocked("request says no"), &Reply::allowed()));
+    assert_blocked(post(&s, &chat_body("x")).await?, "request says no").await?;
+    assert!(s.provider.requests().is_empty(), "a blocked request never reaches the provider");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modified_verdict_rewrites_only_the_messages() -> Result<()> {
+    let s = setup(vec![Backend::Akto], FailMode::Open, Duration::from_secs(5)).await?;
+    s.akto.set_response_reply(Reply::allowed());
+    let modified = json!({"messages": [{"role": "user", "content": "my card is [MASKED]"}]}).to_string();
+    s.akto.set_request_reply(Reply::modified(&modified));
+    let resp = post(&s, &chat_body("my card is 4111 1111 1111 1111")).await?;
+    assert_eq!(resp.status(), 200);
+    let seen = s.provider.requests().pop().expect("forwarded");
+    let sent: Value = serde_json::from_slice(&seen.body)?;
+    assert_eq!(sent["messages"][0]["content"], "my card is [MASKED]");
+    assert_eq!(sent["model"], "gpt-4o");
+    assert_eq!(sent["max_tokens"], 64);
+    assert_eq!(sent["tools"][0]["function"]["name"], "lookup");
+    assert_eq!(seen.header("content-length"), Some(seen.body.len().to_string().as_str()));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_response_is_replaced_by_the_403_contract() -> Result<()> {
+    let s = setup(vec![Backend::Akto], FailMode::Open, Duration::from_secs(5)).await?;
+    s.akto.set_request_reply(Reply::allowed());
+    s.akto.set_response_reply(Reply::blocked("response leaks data"));
+    assert_blocked(post(&s, &chat_body("hi")).await?, "response leaks data").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_errors_follow_the_fail_mode() -> Result<()> {
+    // A 422 and a timeout, failing open: forwarded, recorded as errors.
+    let open = setup(vec![Backend::Akto], FailMode::Open, Duration::from_millis(300)).await?;
+    open.akto.set_response_reply(Reply::allowed());
+    open.akto.set_request_reply(Reply::rejected(&["requestPayload is empty"]));
+    assert_eq!(post(&open, &chat_body("a")).await?.status(), 200);
+    open.akto.set_request_reply(Reply::allowed().delayed(Duration::from_secs(2)));
+    assert_eq!(post(&open, &chat_body("b")).await?.status(), 200);
+    assert_eq!(open.provider.requests().len(), 2);
+    let audit = std::fs::read_to_string(&open.audit)?;
+    assert!(audit.lines().filter(|l| l.contains("\"decision\":\"error\"")).count() >= 2, "{audit}");
+
+    // The same failures, failing closed: refused with 503, provider untouched.
+    let closed = setup(vec![Backend::Akto], FailMode::Closed, Duration::from_millis(300)).await?;
+    closed.akto.set_request_reply(Reply::rejected(&["requestPayload is empty"]));
+    let resp = post(&closed, &chat_body("a")).await?;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["x-akto-guardrails-decision"], "blocked");
+    closed.akto.set_request_reply(Reply::allowed().delayed(Duration::from_secs(2)));
+    let started = std::time::Instant::now();
+    assert_eq!(post(&closed, &chat_body("b")).await?.status(), 503);
+    assert!(started.elapsed() < Duration::from_millis(1500), "the timeout bounds the wait");
+    assert!(closed.provider.requests().is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_block_short_circuits_the_remote_check() -> Result<()> {
+    let s = setup(vec![Backend::Local, Backend::Akto], FailMode::Open, Duration::from_secs(5)).await?;
+    s.akto.set_request_reply(Reply::allowed());
+    let key = format!("-----BEGIN RSA PRIVATE KEY-----\n{}\n-----END RSA PRIVATE KEY-----", "MIIBOgIBAAJBAK".repeat(4));
+    let resp = post(&s, &chat_body(&key)).await?;
+    assert_eq!(resp.status(), 403);
+    assert_eq!(resp.headers()["x-akto-guardrails-decision"], "blocked");
+    let body: Value = resp.json().await?;
+    assert!(body["error"].as_str().is_some_and(|r| r.contains("private_key") && !r.contains("MIIB")), "{body}");
+    assert!(request_checks(&s.akto).is_empty(), "no remote verdict asked after a local block");
+    assert!(s.provider.requests().is_empty());
+    // The local block is reported to Akto as an event.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let reported = s.akto.calls().into_iter().any(|c| c.body["statusCode"] == "403");
+        if reported {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "local block not reported: {:?}", s.akto.calls());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let audit = std::fs::read_to_string(&s.audit)?;
+    assert!(audit.contains("\"decision\":\"block\"") && !audit.contains("MIIB"), "{audit}");
+    Ok(())
+}
