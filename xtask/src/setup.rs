@@ -39,7 +39,29 @@ pub fn setup() -> Result<()> {
     apt_packages()?;
     nightly_rust_src()?;
     bpf_linker()?;
+    python_sdks()?;
     Ok(())
+}
+
+/// The providers' official Python SDKs, used as real clients by the tests.
+const PYTHON_PACKAGES: &[&str] = &["openai", "anthropic"];
+
+fn python_sdks() -> Result<()> {
+    let import = format!("import {}", PYTHON_PACKAGES.join(", "));
+    let present = std::process::Command::new("python3")
+        .args(["-c", &import])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if present {
+        println!("ok: python SDKs present ({})", PYTHON_PACKAGES.join(", "));
+        return Ok(());
+    }
+    println!("installing python SDKs: {}", PYTHON_PACKAGES.join(" "));
+    let mut pip = std::process::Command::new("python3");
+    pip.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).args(PYTHON_PACKAGES);
+    cmd::run(&mut pip)
 }
 
 fn apt_packages() -> Result<()> {

@@ -575,6 +575,14 @@ async fn run_python<T: for<'de> Deserialize<'de>>(
     parse_script_output("python", &out)
 }
 
+/// Runs a Python script placed as `env` says, with extra environment
+/// variables, and returns its raw output (for clients such as the providers'
+/// SDKs whose scripts the tests write themselves).
+pub async fn python_script(env: &ClientEnv<'_>, script: &str, vars: &[(&str, &str)]) -> Result<Output> {
+    let vars: Vec<(&str, OsString)> = vars.iter().map(|(k, v)| (*k, OsString::from(v))).collect();
+    run(env, &tool("python3"), &["-c".into(), script.into()], &vars).await
+}
+
 /// The scripts print one JSON object: the result, or `{"error": ...}` with a
 /// non-zero exit.
 fn parse_script_output<T: for<'de> Deserialize<'de>>(who: &str, out: &Output) -> Result<T> {
