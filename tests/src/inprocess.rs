@@ -95,3 +95,21 @@ pub fn client_for(host: &str, addr: SocketAddr, trusted_pem: &[&str], http2_only
     }
     Ok(builder.build()?)
 }
+
+/// A guardrail pipeline with the built-in local policy and `cfg`'s other
+/// settings, auditing to `audit` (the log only when `None`).
+pub fn local_pipeline(
+    cfg: interceptor::config::GuardrailsConfig,
+    audit: Option<std::path::PathBuf>,
+) -> Result<Arc<dyn Hook>> {
+    use interceptor::guardrails::{
+        engine::Engine,
+        pipeline::{Guardrails, Pipeline},
+    };
+    let metrics = Arc::new(interceptor::metrics::Metrics::new());
+    let guardrails = Guardrails { engine: Some(Arc::new(Engine::builtin()?)), akto: None, cfg };
+    // The receiver keeps the last value after the sender is gone.
+    let (_, rx) = watch::channel(Arc::new(guardrails));
+    let audit = interceptor::audit::AuditLog::start(audit, Arc::clone(&metrics));
+    Ok(Arc::new(Pipeline::new(rx, audit, metrics)))
+}

@@ -7,6 +7,7 @@
 //! provider sees differs from the client's local port.
 
 pub mod inprocess;
+pub mod stage;
 
 use std::{
     net::SocketAddr,

@@ -5,93 +5,14 @@
 //! eBPF redirect sends them to the interceptor, which terminates TLS with its
 //! own CA and relays to the fake provider over verified TLS.
 
-use std::time::Duration;
-
-use anyhow::{Context, Result};
+use anyhow::Result;
 use interceptor::testing::{
-    Cgroup, Interceptor, Netns,
-    clients::{
-        ClientEnv, HostsFile, HttpRequest, HttpVersion, ScratchDir, curl, node_fetch, python_https, python_sse,
-        python_ws,
-    },
-    provider::{FakeProvider, TEST_CA_NAME, TestPki},
+    clients::{HttpRequest, HttpVersion, curl, node_fetch, python_https, python_sse, python_ws},
+    provider::TEST_CA_NAME,
     require_privileges,
 };
-use serde_json::Value;
-
-const READY: Duration = Duration::from_secs(20);
+use interceptor_tests::stage::Stage;
 const CHAT_URL: &str = "https://api.openai.com/v1/chat/completions";
-
-/// A namespace with the fake provider, the interceptor redirecting the
-/// client cgroup, and a CA bundle trusting both our CA and the provider's.
-struct Stage {
-    netns: Netns,
-    _root: Cgroup,
-    // Dropping a test cgroup kills its processes: keep the interceptor's.
-    _proxy_cg: Cgroup,
-    client_cg: Cgroup,
-    provider: FakeProvider,
-    proxy: Interceptor,
-    hosts: HostsFile,
-    bundle: std::path::PathBuf,
-    _scratch: ScratchDir,
-}
-
-impl Stage {
-    fn new(name: &str, redirect: &str) -> Result<Self> {
-        let netns = Netns::new(name)?;
-        netns.add_addr("lo", "198.18.0.10/32")?;
-        let root = Cgroup::new(name)?;
-        let proxy_cg = root.child("proxy")?;
-        let client_cg = root.child("client")?;
-        let pki = TestPki::with_defaults()?;
-        let scratch = ScratchDir::new(name)?;
-        let upstream_ca = pki.write_ca(scratch.path())?;
-        let provider = FakeProvider::start_in(&netns, "198.18.0.10:443".parse()?, &pki)?;
-        let config = format!(
-            "[targets]\ncidrs = [\"198.18.0.10\"]\nresolve_interval = \"1s\"\n[tls]\nupstream_ca = \"{}\"\n",
-            upstream_ca.display()
-        );
-        let attach = client_cg.path().to_str().context("utf-8 path")?.to_string();
-        let mut args = vec!["--redirect", redirect];
-        if redirect == "ebpf" {
-            args.extend(["--cgroup", attach.as_str()]);
-        }
-        let mut proxy = Interceptor::start(&netns, Some(&proxy_cg), &config, &args)?;
-        proxy.wait_ready(&netns, READY)?;
-        let ours = std::fs::read_to_string(proxy.state_dir().join("ca.crt"))?;
-        let bundle = scratch.path().join("bundle.pem");
-        std::fs::write(&bundle, format!("{ours}{}", pki.ca_pem()))?;
-        let hosts = HostsFile::with_defaults()?;
-        Ok(Self {
-            netns,
-            _root: root,
-            _proxy_cg: proxy_cg,
-            client_cg,
-            provider,
-            proxy,
-            hosts,
-            bundle,
-            _scratch: scratch,
-        })
-    }
-
-    fn env(&self) -> ClientEnv<'_> {
-        ClientEnv::new(&self.bundle).in_netns(&self.netns).in_cgroup(&self.client_cg).with_hosts(&self.hosts)
-    }
-
-    /// The interceptor's record of the connection from `local_port`.
-    fn record(&self, local_port: u16) -> Result<Value> {
-        self.proxy.wait_connection(Duration::from_secs(5), |e| {
-            e["client"].as_str().is_some_and(|c| c.ends_with(&format!(":{local_port}")))
-        })
-    }
-
-    /// The interceptor's records for a process name.
-    fn records_of(&self, comm: &str) -> Result<Value> {
-        self.proxy.wait_connection(Duration::from_secs(5), |e| e["comm"] == comm)
-    }
-}
 
 fn chat() -> HttpRequest {
     HttpRequest::post_json(CHAT_URL, &HttpRequest::openai_chat_body("hello", false))
@@ -103,7 +24,7 @@ async fn curl_python_and_node_are_intercepted_with_our_certificate() -> Result<(
     if !require_privileges("curl_python_and_node_are_intercepted_with_our_certificate") {
         return Ok(());
     }
-    let stage = Stage::new("tls_clients", "ebpf")?;
+    let stage = Stage::new("tls_clients", "ebpf", "")?;
     let env = stage.env();
 
     for version in [HttpVersion::Http11, HttpVersion::Http2] {
@@ -148,7 +69,7 @@ async fn streamed_responses_arrive_chunk_by_chunk_through_the_proxy() -> Result<
     if !require_privileges("streamed_responses_arrive_chunk_by_chunk_through_the_proxy") {
         return Ok(());
     }
-    let stage = Stage::new("tls_sse", "ebpf")?;
+    let stage = Stage::new("tls_sse", "ebpf", "")?;
     let env = stage.env();
     let sse = HttpRequest::get("https://api.openai.com/sse?n=5&interval_ms=200");
     for (client, result) in [("python", python_sse(&env, &sse).await?), ("node", node_fetch(&env, &sse).await?)] {
@@ -167,7 +88,7 @@ async fn websocket_echo_works_through_the_proxy() -> Result<()> {
     if !require_privileges("websocket_echo_works_through_the_proxy") {
         return Ok(());
     }
-    let stage = Stage::new("tls_ws", "ebpf")?;
+    let stage = Stage::new("tls_ws", "ebpf", "")?;
     let ws = python_ws(&stage.env(), "wss://api.openai.com/ws", &["hello", "second message"]).await?;
     assert_eq!(ws.status, 101);
     assert!(ws.accept_ok, "Sec-WebSocket-Accept must survive the proxy");
@@ -183,7 +104,7 @@ async fn a_non_ai_name_on_a_shared_address_passes_through_with_the_providers_cer
     if !require_privileges("a_non_ai_name_on_a_shared_address_passes_through_with_the_providers_certificate") {
         return Ok(());
     }
-    let stage = Stage::new("tls_pass", "ebpf")?;
+    let stage = Stage::new("tls_pass", "ebpf", "")?;
     let r = curl(&stage.env(), &HttpRequest::get("https://passthrough.example/status/204"), HttpVersion::Http2).await?;
     assert_eq!(r.status, 204, "{}", r.verbose);
     let issuer = r.issuer.clone().unwrap_or_default();
@@ -201,7 +122,7 @@ async fn interception_works_in_iptables_mode() -> Result<()> {
     if !require_privileges("interception_works_in_iptables_mode") {
         return Ok(());
     }
-    let stage = Stage::new("tls_ipt", "iptables")?;
+    let stage = Stage::new("tls_ipt", "iptables", "")?;
     let r = curl(&stage.env(), &chat(), HttpVersion::Http2).await?;
     assert_eq!(r.status, 200, "{}", r.verbose);
     assert!(r.issuer.clone().unwrap_or_default().contains("interceptor CA"));

@@ -3,7 +3,9 @@
 //!
 //! The fake provider, the proxy and the load generator share this process
 //! and the machine's cores, so the ratios are what count, not the absolute
-//! figures. Each mode runs a fixed time with a fixed number of keep-alive
+//! figures. Modes: direct, intercepted (TLS terminated and relayed, no
+//! guardrails), and intercepted with the default local guardrails (audit to
+//! the log, which this benchmark discards). Each mode runs a fixed time with a fixed number of keep-alive
 //! connections sending ~2 KB chat-completion requests.
 
 use std::{
@@ -17,7 +19,7 @@ use interceptor::{
     policy::DomainsConfig,
     testing::provider::{FakeProvider, TestPki},
 };
-use interceptor_tests::inprocess::{InProcessProxy, client_for};
+use interceptor_tests::inprocess::{InProcessProxy, client_for, local_pipeline};
 
 const CONNECTIONS: usize = 16;
 const WARMUP: Duration = Duration::from_secs(1);
@@ -104,6 +106,8 @@ async fn main() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let upstream_ca = pki.write_ca(dir.path())?;
     let proxy = InProcessProxy::start(provider.local_addr(), &upstream_ca, DomainsConfig::default(), None).await?;
+    let hook = local_pipeline(interceptor::config::GuardrailsConfig::default(), None)?;
+    let guarded = InProcessProxy::start(provider.local_addr(), &upstream_ca, DomainsConfig::default(), Some(hook)).await?;
     let body = Arc::new(chat_body());
     println!(
         "interceptor benchmark: loopback, one process, {CONNECTIONS} keep-alive connections, {} byte JSON POST, {}s per mode",
@@ -112,11 +116,12 @@ async fn main() -> Result<()> {
     );
     let direct = load(provider.local_addr(), &pki.ca_pem(), Arc::clone(&body)).await?;
     let intercepted = load(proxy.addr, &proxy.ca_pem, Arc::clone(&body)).await?;
+    let guardrails = load(guarded.addr, &guarded.ca_pem, Arc::clone(&body)).await?;
     println!(
         "{:<14}{:>10}{:>8}{:>12}{:>10}{:>10}{:>12}",
         "mode", "requests", "errors", "req/s", "p50 ms", "p99 ms", "vs direct"
     );
-    for (name, f) in [("direct", &direct), ("intercepted", &intercepted)] {
+    for (name, f) in [("direct", &direct), ("intercepted", &intercepted), ("+guardrails", &guardrails)] {
         println!(
             "{:<14}{:>10}{:>8}{:>12.0}{:>10.3}{:>10.3}{:>11.0}%",
             name,

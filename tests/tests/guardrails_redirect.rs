@@ -1,0 +1,134 @@
+//! Privileged end-to-end guardrail tests with the redirect active: the
+//! official OpenAI and Anthropic Python SDKs, pointed at their normal hosts
+//! (resolved to the fake provider inside the namespace), with no proxy
+//! settings; and a live policy reload with a valid and an invalid file.
+
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use interceptor::testing::{clients::python_script, require_privileges};
+use interceptor_tests::stage::Stage;
+use serde_json::Value;
+
+/// Runs a Python snippet with the SDKs in the stage's client cgroup and
+/// namespace; it prints one JSON object.
+async fn sdk(stage: &Stage, script: &str) -> Result<Value> {
+    let bundle = stage.bundle.to_string_lossy().to_string();
+    let vars = [
+        ("SSL_CERT_FILE", bundle.as_str()),
+        ("OPENAI_API_KEY", "sk-test-not-a-real-key"),
+        ("ANTHROPIC_API_KEY", "sk-ant-test-not-a-real-key"),
+        ("OPENAI_MAX_RETRIES", "0"),
+    ];
+    let out = python_script(&stage.env(), script, &vars).await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    match serde_json::from_str(stdout.trim()) {
+        Ok(v) => Ok(v),
+        Err(_) => bail!("sdk script printed {stdout:?}; stderr: {}", String::from_utf8_lossy(&out.stderr)),
+    }
+}
+
+const OPENAI: &str = r#"
+import json, openai
+# Trust comes from SSL_CERT_FILE, as an operator would set it.
+client = openai.OpenAI(max_retries=0)
+out = {}
+def call(prompt):
+    try:
+        r = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": prompt}])
+        return {"ok": True, "text": r.choices[0].message.content}
+    except openai.APIStatusError as e:
+        return {"ok": False, "status": e.status_code, "body": e.response.text}
+out["plain"] = call("hello")
+out["card"] = call("charge card 4111 1111 1111 1111 please")
+out["key"] = call("-----BEGIN RSA PRIVATE KEY-----\n" + "MIIBOgIBAAJBAK" * 4 + "\n-----END RSA PRIVATE KEY-----")
+print(json.dumps(out))
+"#;
+
+const ANTHROPIC: &str = r#"
+import json, anthropic
+client = anthropic.Anthropic(max_retries=0)
+out = {}
+def call(prompt):
+    try:
+        r = client.messages.create(model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": prompt}])
+        return {"ok": True, "text": "".join(b.text for b in r.content if b.type == "text")}
+    except anthropic.APIStatusError as e:
+        return {"ok": False, "status": e.status_code, "body": e.response.text}
+out["plain"] = call("hello")
+out["card"] = call("my card is 4111 1111 1111 1111")
+out["key"] = call("-----BEGIN RSA PRIVATE KEY-----\n" + "MIIBOgIBAAJBAK" * 4 + "\n-----END RSA PRIVATE KEY-----")
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_sdks_are_guardrailed_without_proxy_settings() -> Result<()> {
+    if !require_privileges("official_sdks_are_guardrailed_without_proxy_settings") {
+        return Ok(());
+    }
+    let stage = Stage::new("sdk", "ebpf", "")?;
+    for (name, script, path) in [("openai", OPENAI, "/v1/chat/completions"), ("anthropic", ANTHROPIC, "/v1/messages")]
+    {
+        let out = sdk(&stage, script).await?;
+        assert_eq!(out["plain"]["ok"], true, "{name}: {out}");
+        assert_eq!(out["card"]["ok"], true, "{name}: {out}");
+        assert_eq!(out["key"]["ok"], false, "{name}: a private key must be blocked: {out}");
+        assert_eq!(out["key"]["status"], 403, "{name}: {out}");
+        let body: Value = serde_json::from_str(out["key"]["body"].as_str().unwrap_or("{}"))?;
+        assert!(body["error"].as_str().is_some_and(|e| e.contains("private_key")), "{name}: {body}");
+
+        let seen: Vec<_> = stage.provider.requests().into_iter().filter(|r| r.path.starts_with(path)).collect();
+        assert_eq!(seen.len(), 2, "{name}: the blocked call never reached the provider: {seen:#?}");
+        let card = String::from_utf8_lossy(&seen[1].body).to_string();
+        assert!(!card.contains("4111 1111 1111 1111"), "{name}: card not redacted: {card}");
+        assert!(card.contains("REDACTED"), "{name}: {card}");
+        let rec = stage.records_of("python3")?;
+        assert_eq!(rec["mode"], "intercept", "{rec}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_file_reloads_live_and_an_invalid_one_is_rejected() -> Result<()> {
+    if !require_privileges("the_policy_file_reloads_live_and_an_invalid_one_is_rejected") {
+        return Ok(());
+    }
+    // The policy file lives next to the stage; it is written before start.
+    let dir = tempfile::tempdir()?;
+    let policy = dir.path().join("policy.toml");
+    let blocking = "[[rules]]\nid = \"codename\"\ndetectors = [\"codename\"]\naction = \"block\"\n\n\
+                    [[detectors]]\nname = \"codename\"\nkeywords = [\"project zebra\"]\n";
+    let allowing = blocking.replace("action = \"block\"", "action = \"alert\"");
+    std::fs::write(&policy, &blocking)?;
+    let extra = format!("[guardrails]\npolicy_file = \"{}\"\n", policy.display());
+    let stage = Stage::new("reload", "ebpf", &extra)?;
+    let script = OPENAI.replace("call(\"hello\")", "call(\"tell me about Project Zebra\")");
+    let stage = &stage;
+    let ask = |_: &str| sdk(stage, &script);
+
+    let out = ask("tell me about Project Zebra").await?;
+    assert_eq!(out["plain"]["status"], 403, "the keyword rule blocks: {out}");
+
+    std::fs::write(&policy, &allowing)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = ask("tell me about Project Zebra").await?;
+        if out["plain"]["ok"] == true {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "new policy never applied: {out}\n{}", stage.proxy.log_text());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    std::fs::write(&policy, "[[rules]]\nid = \"broken\"\naction = \"explode\"\n")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !stage.proxy.log_text().contains("guardrail policy rejected") {
+        assert!(std::time::Instant::now() < deadline, "invalid policy not reported:\n{}", stage.proxy.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let out = ask("tell me about Project Zebra").await?;
+    assert_eq!(out["plain"]["ok"], true, "the previous policy keeps running: {out}");
+    // A policy file replaces the built-in policy: this one has no credential rule.
+    assert_eq!(out["key"]["ok"], true, "{out}");
+    Ok(())
+}
