@@ -88,4 +88,3 @@ impl Stage {
         self.proxy.wait_connection(Duration::from_secs(5), |e| e["comm"] == comm)
     }
 }
-

@@ -134,7 +134,8 @@ async fn allowed_verdict_forwards_and_the_call_carries_the_akto_fields() -> Resu
     let text = b.to_string();
     assert!(!text.contains("sk-user-key") && !text.contains("akto-secret-token"), "{text}");
     // The response was checked too, with the same request id.
-    let resp_check = calls.iter().find(|c| c.query_param("response_guardrails") == Some("true")).expect("response check");
+    let resp_check =
+        calls.iter().find(|c| c.query_param("response_guardrails") == Some("true")).expect("response check");
     assert_eq!(resp_check.header("x-request-id"), check.header("x-request-id"));
     Ok(())
 }

@@ -67,8 +67,7 @@ async fn official_sdks_are_guardrailed_without_proxy_settings() -> Result<()> {
         return Ok(());
     }
     let stage = Stage::new("sdk", "ebpf", "")?;
-    for (name, script, path) in [("openai", OPENAI, "/v1/chat/completions"), ("anthropic", ANTHROPIC, "/v1/messages")]
-    {
+    for (name, script, path) in [("openai", OPENAI, "/v1/chat/completions"), ("anthropic", ANTHROPIC, "/v1/messages")] {
         let out = sdk(&stage, script).await?;
         assert_eq!(out["plain"]["ok"], true, "{name}: {out}");
         assert_eq!(out["card"]["ok"], true, "{name}: {out}");
@@ -131,4 +130,109 @@ async fn the_policy_file_reloads_live_and_an_invalid_one_is_rejected() -> Result
     // A policy file replaces the built-in policy: this one has no credential rule.
     assert_eq!(out["key"]["ok"], true, "{out}");
     Ok(())
+}
+
+/// One provider's endpoints and request shape.
+struct Shape {
+    name: &'static str,
+    host: &'static str,
+    path: &'static str,
+    stream_path: &'static str,
+    body: fn(&str, bool) -> Value,
+}
+
+fn shapes() -> Vec<Shape> {
+    vec![
+        Shape {
+            name: "openai",
+            host: "api.openai.com",
+            path: "/v1/chat/completions",
+            stream_path: "/v1/chat/completions",
+            body: |p, stream| serde_json::json!({"model": "gpt-4o", "max_tokens": 32, "stream": stream, "messages": [{"role": "user", "content": p}]}),
+        },
+        Shape {
+            name: "anthropic",
+            host: "api.anthropic.com",
+            path: "/v1/messages",
+            stream_path: "/v1/messages",
+            body: |p, stream| serde_json::json!({"model": "claude-sonnet-4-5", "max_tokens": 32, "stream": stream, "messages": [{"role": "user", "content": p}]}),
+        },
+        Shape {
+            name: "bedrock",
+            host: "bedrock-runtime.us-east-1.amazonaws.com",
+            path: "/model/anthropic.claude-3-5-sonnet-20240620-v1:0/invoke",
+            stream_path: "/model/anthropic.claude-3-5-sonnet-20240620-v1:0/invoke-with-response-stream",
+            body: |p, _| serde_json::json!({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 32, "messages": [{"role": "user", "content": p}]}),
+        },
+        Shape {
+            name: "gemini",
+            host: "generativelanguage.googleapis.com",
+            path: "/v1beta/models/gemini-2.0-flash:generateContent",
+            stream_path: "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+            body: |p, _| serde_json::json!({"generationConfig": {"maxOutputTokens": 32}, "contents": [{"role": "user", "parts": [{"text": p}]}]}),
+        },
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_provider_shape_is_guardrailed_through_the_redirect() -> Result<()> {
+    use interceptor::testing::clients::{HttpRequest, HttpVersion, curl};
+    if !require_privileges("every_provider_shape_is_guardrailed_through_the_redirect") {
+        return Ok(());
+    }
+    let stage = Stage::new("shapes", "ebpf", "[guardrails]\nstream_mode = \"enforce\"\n")?;
+    let env = stage.env();
+    let key = format!("-----BEGIN RSA PRIVATE KEY-----\n{}\n-----END RSA PRIVATE KEY-----", "MIIBOgIBAAJBAK".repeat(4));
+    let token = format!("ghp_{}", "a1B2".repeat(9));
+    for shape in shapes() {
+        let url = |path: &str| format!("https://{}{}", shape.host, path);
+        let n = shape.name;
+
+        // A card number is redacted before the provider sees it; the rest of
+        // the body is untouched.
+        let body = (shape.body)("pay with 4111 1111 1111 1111", false);
+        let r = curl(&env, &HttpRequest::post_json(&url(shape.path), &body), HttpVersion::Http2).await?;
+        assert_eq!(r.status, 200, "{n}: {}", r.body_text());
+        let seen = stage.provider.requests().pop().expect("forwarded");
+        let sent: Value = serde_json::from_slice(&seen.body)?;
+        let text = sent.to_string();
+        assert!(!text.contains("4111 1111 1111 1111") && text.contains("REDACTED"), "{n}: {text}");
+        let mut expected = body.clone();
+        let mut got = sent.clone();
+        for v in [&mut expected, &mut got] {
+            strip_strings_with(v, "pay with");
+        }
+        assert_eq!(got, expected, "{n}: only the card may change");
+
+        // A private key is blocked with the exact contract; nothing reaches the provider.
+        let before = stage.provider.requests().len();
+        let body = (shape.body)(&key, false);
+        let r = curl(&env, &HttpRequest::post_json(&url(shape.path), &body), HttpVersion::Http11).await?;
+        assert_eq!(r.status, 403, "{n}");
+        assert_eq!(r.header("x-akto-guardrails-decision"), Some("blocked"), "{n}");
+        let json: Value = serde_json::from_slice(&r.body)?;
+        assert_eq!(json.as_object().map(|o| o.len()), Some(1), "{n}: {json}");
+        assert!(json["error"].is_string(), "{n}: {json}");
+        assert_eq!(stage.provider.requests().len(), before, "{n}: the provider was called");
+
+        // A streamed answer that leaks a token is cut with an error event.
+        let body = (shape.body)("hello", true);
+        let req = HttpRequest::post_json(&url(shape.stream_path), &body)
+            .header("x-fake-reply", &format!("here: {token} done"));
+        let r = curl(&env, &req, HttpVersion::Http2).await?;
+        let text = String::from_utf8_lossy(&r.body).to_string();
+        assert!(!text.contains(&token), "{n}: the secret reached the client: {text}");
+        assert!(text.contains("rror") || text.contains("xception"), "{n}: no error event: {text}");
+    }
+    Ok(())
+}
+
+/// Replaces every string containing `marker` with a fixed value.
+fn strip_strings_with(v: &mut Value, marker: &str) {
+    match v {
+        Value::String(s) if s.contains(marker) => *s = "<text>".into(),
+        Value::Array(a) => a.iter_mut().for_each(|x| strip_strings_with(x, marker)),
+        Value::Object(o) => o.values_mut().for_each(|x| strip_strings_with(x, marker)),
+        _ => {}
+    }
 }

@@ -693,9 +693,12 @@ struct StreamGuard {
     carry: String,
     /// Enforce: bytes received but not yet released.
     held: BytesMut,
-    /// Enforce: how many of the held bytes belong to parsed events.
-    parsed_held: usize,
+    /// Enforce: the parsed events among the held bytes, oldest first: (raw
+    /// length, characters of text).
+    held_events: std::collections::VecDeque<(usize, usize)>,
     released_any: bool,
+    /// The last byte released, to finish a CRLF line before an error event.
+    last_released: Option<u8>,
     outcome: Outcome,
     started: Instant,
     exchange_host: String,
@@ -743,8 +746,9 @@ impl StreamGuard {
             pending: String::new(),
             carry: String::new(),
             held: BytesMut::new(),
-            parsed_held: 0,
+            held_events: std::collections::VecDeque::new(),
             released_any: false,
+            last_released: None,
             outcome: Outcome::default(),
             started: Instant::now(),
             framing_broken: false,
@@ -755,25 +759,21 @@ impl StreamGuard {
         self.g.cfg.stream_mode == StreamMode::Enforce
     }
 
-    /// Parses a chunk; returns the raw length of the events completed and
-    /// whether one of them ends the stream.
-    fn parse(&mut self, chunk: &[u8]) -> (usize, bool) {
+    /// Parses a chunk: the completed events' raw lengths and text go to
+    /// `held_events` and `pending`; returns whether one of them ends the
+    /// stream.
+    fn parse(&mut self, chunk: &[u8]) -> bool {
         if self.framing_broken {
-            return (0, false);
+            return false;
         }
         let provider = self.state.provider;
-        let mut consumed = 0;
-        let mut end = false;
-        let mut texts = Vec::new();
+        let mut events: Vec<(usize, super::model::StreamDelta)> = Vec::new();
         let result = match &mut self.framer {
             Framer::Sse(p) => p
                 .feed(chunk)
-                .map(|events| {
-                    for e in &events {
-                        consumed += e.raw_len;
-                        let d = providers::stream_delta(provider, StreamEventRef::from(e));
-                        end |= d.end;
-                        texts.extend(d.texts.into_iter().map(|(_, t)| t));
+                .map(|evs| {
+                    for e in &evs {
+                        events.push((e.raw_len, providers::stream_delta(provider, StreamEventRef::from(e))));
                     }
                 })
                 .map_err(|e| e.to_string()),
@@ -781,10 +781,7 @@ impl StreamGuard {
                 .feed(chunk)
                 .map(|frames| {
                     for f in &frames {
-                        consumed += f.raw_len;
-                        let d = providers::stream_delta(provider, StreamEventRef::from(f));
-                        end |= d.end;
-                        texts.extend(d.texts.into_iter().map(|(_, t)| t));
+                        events.push((f.raw_len, providers::stream_delta(provider, StreamEventRef::from(f))));
                     }
                 })
                 .map_err(|e| e.to_string()),
@@ -792,23 +789,54 @@ impl StreamGuard {
                 .feed(chunk)
                 .map(|elements| {
                     for el in &elements {
-                        consumed += el.raw_len;
-                        let d = providers::stream_delta(provider, StreamEventRef::from(&el.value));
-                        end |= d.end;
-                        texts.extend(d.texts.into_iter().map(|(_, t)| t));
+                        events.push((el.raw_len, providers::stream_delta(provider, StreamEventRef::from(&el.value))));
                     }
                 })
                 .map_err(|e| e.to_string()),
         };
+        let mut end = false;
+        for (raw_len, delta) in events {
+            end |= delta.end;
+            let mut chars = 0;
+            for (_, text) in delta.texts {
+                chars += text.chars().count();
+                self.pending.push_str(&text);
+            }
+            self.held_events.push_back((raw_len, chars));
+        }
         if let Err(error) = result {
             // Malformed framing: stop inspecting, per the response fail mode.
             self.framing_broken = true;
             self.outcome.backend_failed("framing", &error, self.g.cfg.fail_mode_response);
         }
-        for t in texts {
-            self.pending.push_str(&t);
+        end
+    }
+
+    /// Releases the held bytes of checked events, except those carrying the
+    /// last `stream_overlap` characters: they are checked again with the next
+    /// window, and a secret that starts in them must not be half-sent.
+    /// `all`: release every held byte (end of stream, or failing open).
+    fn release(&mut self, all: bool) -> Bytes {
+        let count = if all {
+            self.held.len()
+        } else {
+            let mut keep = self.held_events.len();
+            let mut tail = 0;
+            while keep > 0 && tail < self.g.cfg.stream_overlap {
+                keep -= 1;
+                tail += self.held_events[keep].1;
+            }
+            self.held_events.drain(..keep).map(|(raw, _)| raw).sum::<usize>().min(self.held.len())
+        };
+        if all {
+            self.held_events.clear();
         }
-        (consumed, end)
+        let out = self.held.split_to(count).freeze();
+        if let Some(&last) = out.last() {
+            self.released_any = true;
+            self.last_released = Some(last);
+        }
+        out
     }
 
     /// Checks the pending window (with the carried overlap). Returns the
@@ -913,11 +941,17 @@ impl StreamGuard {
     }
 
     fn block_bytes(&self, reason: &str) -> Bytes {
-        let bytes = match self.kind {
+        let mut out = Vec::new();
+        // An SSE event released up to its `\r` still owes the `\n` of a
+        // CRLF line end; without it some SDKs would not see the next event.
+        if self.kind == FramingKind::Sse && self.last_released == Some(b'\r') && self.held.first() == Some(&b'\n') {
+            out.push(b'\n');
+        }
+        out.extend(match self.kind {
             FramingKind::JsonArray => providers::json_array_block(reason, self.released_any),
             kind => providers::stream_block(self.state.provider, kind, reason),
-        };
-        Bytes::from(bytes)
+        });
+        Bytes::from(out)
     }
 
     async fn finish_audit(&mut self) {
@@ -982,37 +1016,32 @@ fn tail_chars(s: &str, n: usize) -> &str {
 #[async_trait::async_trait]
 impl BodyInspector for StreamGuard {
     async fn on_chunk(&mut self, chunk: Bytes) -> ChunkAction {
-        let (consumed, end) = self.parse(&chunk);
+        let end = self.parse(&chunk);
         let window = self.g.cfg.stream_window.max(1);
         if !self.enforce() {
             if self.pending.len() >= window || end {
                 let _ = self.check_window().await;
             }
+            self.held_events.clear();
             self.released_any = true;
             return ChunkAction::Forward(chunk);
         }
         self.held.extend_from_slice(&chunk);
-        self.parsed_held += consumed;
-        if self.framing_broken && self.outcome.block.is_none() {
-            // Fail open on malformed framing: release everything from here on.
-            self.parsed_held = self.held.len();
-        }
         if let Some(block) = &self.outcome.block {
             let reason = block.reason.clone();
             self.finish_audit().await;
             return ChunkAction::End(self.block_bytes(&reason));
         }
-        if self.pending.len() >= window || end || self.framing_broken {
+        if self.framing_broken {
+            // Malformed framing and failing open: stop holding anything back.
+            return ChunkAction::Forward(self.release(true));
+        }
+        if self.pending.len() >= window || end {
             if let Some(reason) = self.check_window().await {
                 self.finish_audit().await;
                 return ChunkAction::End(self.block_bytes(&reason));
             }
-            let release = self.held.split_to(self.parsed_held.min(self.held.len())).freeze();
-            self.parsed_held = 0;
-            if !release.is_empty() {
-                self.released_any = true;
-            }
-            return ChunkAction::Forward(release);
+            return ChunkAction::Forward(self.release(false));
         }
         ChunkAction::Forward(Bytes::new())
     }
@@ -1022,7 +1051,7 @@ impl BodyInspector for StreamGuard {
         self.finish_audit().await;
         match blocked {
             Some(reason) if self.enforce() => self.block_bytes(&reason),
-            _ => std::mem::take(&mut self.held).freeze(),
+            _ => self.release(true),
         }
     }
 }

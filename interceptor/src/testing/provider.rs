@@ -8,7 +8,16 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | any `POST` | 200 JSON chat completion (about 1 KB) with `"echo_len"`; with `"stream": true` in a JSON body, an SSE stream of chunks instead |
+//! | `POST /v1/responses` | OpenAI Responses object; with `"stream": true`, its SSE events (`event:` lines, no `[DONE]`) |
+//! | `POST /v1/messages` | Anthropic message; with `"stream": true`, the Messages SSE sequence |
+//! | `POST /model/{id}/invoke` | Bedrock InvokeModel: the Anthropic message for an `anthropic.` model id, a Titan body otherwise |
+//! | `POST /model/{id}/invoke-with-response-stream` | `application/vnd.amazon.eventstream` `chunk` frames wrapping the same model's stream events |
+//! | `POST /model/{id}/converse` | Bedrock Converse output |
+//! | `POST /model/{id}/converse-stream` | event-stream frames `messageStart`, `contentBlockDelta`…, `contentBlockStop`, `messageStop`, `metadata` |
+//! | `POST …/models/{m}:generateContent` | Gemini `GenerateContentResponse` |
+//! | `POST …/models/{m}:streamGenerateContent?alt=sse` | SSE `data:` chunks, no `[DONE]` |
+//! | `POST …/models/{m}:streamGenerateContent` | one JSON array streamed element by element (`[{…},\r\n{…}]`) |
+//! | any other `POST` | 200 JSON chat completion (about 1 KB) with `"echo_len"`; with `"stream": true` in a JSON body, an SSE stream of chunks instead |
 //! | `GET /sse?n=5&interval_ms=200` | `text/event-stream`: `n` events, one per write, `interval_ms` apart, then `data: [DONE]` |
 //! | `GET /ws` | WebSocket upgrade (HTTP/1.1), then every text or binary message is echoed |
 //! | `GET /trailers` | HTTP/2 or chunked HTTP/1.1 body followed by the trailer `x-checksum: abc` (over HTTP/1.1 only if the request says `te: trailers`: hyper's rule) |
@@ -17,7 +26,12 @@
 //! | anything else | 404 JSON error |
 //!
 //! A request header `x-fake-reply: <text>` replaces the assistant text in chat
-//! answers, so a test can make the "model" say something specific.
+//! answers, so a test can make the "model" say something specific. Streams
+//! split that text into deltas at word boundaries, and words longer than
+//! twelve characters (a token, a key) across several deltas, as real models
+//! do; each event or frame is its own write, `interval_ms` (query, default
+//! 20; 50 for chat completions) apart. Answers carry no clock or random
+//! values: the same request always gets the same bytes.
 //!
 //! The server runs on the current tokio runtime and stops when dropped.
 
@@ -29,6 +43,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
@@ -53,6 +68,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
 use super::{Netns, in_netns};
+use crate::guardrails::framing::eventstream;
 
 /// Host names the default [`TestPki`] certificate covers: the providers the
 /// interceptor knows, plus one name it should pass through untouched.
@@ -515,7 +531,7 @@ fn route(
     let query = parts.uri.query().unwrap_or("");
     let path = parts.uri.path();
     if parts.method == Method::POST {
-        return chat_completion(parts, req, query);
+        return post(parts, req, query);
     }
     if parts.method != Method::GET && parts.method != Method::HEAD {
         return not_found(parts);
@@ -530,7 +546,7 @@ fn route(
                     &error_json("n or interval_ms too large", "bad_request"),
                 );
             }
-            sse_response(n, Duration::from_millis(interval), reply_text(&parts.headers))
+            sse_response(n, Duration::from_millis(interval), chat_pieces(&reply_text(&parts.headers)))
         }
         "/ws" => websocket(parts, upgrade, shutdown),
         "/trailers" => trailers_response(),
@@ -581,8 +597,42 @@ fn reply_text(headers: &HeaderMap) -> String {
         .unwrap_or_else(|| DEFAULT_REPLY.to_owned())
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+/// The `created` time of every answer (2025-01-01): fixed, so that the same
+/// request always gets the same bytes.
+const FAKE_CREATED: u64 = 1_735_689_600;
+
+/// Longest piece of one word in a streamed delta.
+const MAX_PIECE_CHARS: usize = 12;
+
+/// Default gap between the events of the provider-shaped streams.
+const STREAM_INTERVAL_MS: u64 = 20;
+
+/// `text` cut into stream deltas: each word with the whitespace after it,
+/// words longer than [`MAX_PIECE_CHARS`] in several pieces. The pieces
+/// concatenate to `text` exactly.
+fn split_pieces(text: &str) -> Vec<String> {
+    let mut pieces = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let word_len = rest.find(char::is_whitespace).unwrap_or(rest.len());
+        let (word, tail) = rest.split_at(word_len);
+        let space_len = tail.find(|c: char| !c.is_whitespace()).unwrap_or(tail.len());
+        let (space, next) = tail.split_at(space_len);
+        let mut start = 0;
+        for (cut, _) in word.char_indices().step_by(MAX_PIECE_CHARS).skip(1) {
+            pieces.push(word[start..cut].to_owned());
+            start = cut;
+        }
+        pieces.push(format!("{}{space}", &word[start..]));
+        rest = next;
+    }
+    pieces
+}
+
+/// The deltas of a chat-completion stream: the words separated (and
+/// followed) by one space, long words split.
+fn chat_pieces(text: &str) -> Vec<String> {
+    split_pieces(&format!("{} ", text.split_whitespace().collect::<Vec<_>>().join(" ")))
 }
 
 /// An OpenAI-style chat completion, or a stream of chunks for `"stream": true`.
@@ -596,16 +646,18 @@ fn chat_completion(parts: &http::request::Parts, req: &RecordedRequest, query: &
         .to_owned();
     let reply = reply_text(&parts.headers);
     if request_json.as_ref().and_then(|v| v.get("stream")).and_then(serde_json::Value::as_bool) == Some(true) {
-        let n = query_u64(query, "n").unwrap_or(5).min(MAX_SSE_EVENTS);
+        let pieces = chat_pieces(&reply);
+        // At least five events, and enough to carry the whole reply once.
+        let n = query_u64(query, "n").unwrap_or_else(|| pieces.len().max(5) as u64).min(MAX_SSE_EVENTS);
         let interval = query_u64(query, "interval_ms").unwrap_or(50).min(MAX_SSE_INTERVAL_MS);
-        return sse_response(n, Duration::from_millis(interval), reply);
+        return sse_response(n, Duration::from_millis(interval), pieces);
     }
     let prompt_tokens = req.body.len() / 4;
     let completion_tokens = reply.len() / 4;
     let body = json!({
         "id": "chatcmpl-FAKE0123456789abcdefghijklmnop",
         "object": "chat.completion",
-        "created": unix_now(),
+        "created": FAKE_CREATED,
         "model": model,
         "choices": [{
             "index": 0,
@@ -643,12 +695,12 @@ fn chat_completion(parts: &http::request::Parts, req: &RecordedRequest, query: &
 }
 
 /// `n` chat-completion chunks as server-sent events, `interval` apart (the
-/// first at once), each its own body frame, then `data: [DONE]`.
-fn sse_response(n: u64, interval: Duration, text: String) -> Response<Body> {
-    let words: Vec<String> = text.split_whitespace().map(str::to_owned).collect();
+/// first at once), each its own body frame, then `data: [DONE]`. Event `k`
+/// carries `pieces[k % pieces.len()]`.
+fn sse_response(n: u64, interval: Duration, pieces: Vec<String>) -> Response<Body> {
     let events = futures_util::stream::unfold(0u64, move |k| {
-        let word =
-            words.get(usize::try_from(k).unwrap_or(usize::MAX) % words.len().max(1)).cloned().unwrap_or_default();
+        let piece =
+            pieces.get(usize::try_from(k).unwrap_or(usize::MAX) % pieces.len().max(1)).cloned().unwrap_or_default();
         async move {
             if k > n {
                 return None;
@@ -664,11 +716,11 @@ fn sse_response(n: u64, interval: Duration, text: String) -> Response<Body> {
             let rest = json!({
                 "id": "chatcmpl-FAKESSE",
                 "object": "chat.completion.chunk",
-                "created": unix_now(),
+                "created": FAKE_CREATED,
                 "model": "gpt-4o-mini-2024-07-18",
                 "choices": [{
                     "index": 0,
-                    "delta": {"content": format!("{word} ")},
+                    "delta": {"content": piece},
                     "finish_reason": if k + 1 == n { json!("stop") } else { json!(null) },
                 }],
             });
@@ -681,6 +733,361 @@ fn sse_response(n: u64, interval: Duration, text: String) -> Response<Body> {
     let mut response = respond(StatusCode::OK, Some("text/event-stream"), StreamBody::new(events).boxed_unsync());
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
+}
+
+/// A `POST`: the answer in the shape of the provider the path belongs to.
+fn post(parts: &http::request::Parts, req: &RecordedRequest, query: &str) -> Response<Body> {
+    let path = parts.uri.path();
+    let request: Option<serde_json::Value> = serde_json::from_slice(&req.body).ok();
+    let wants_stream =
+        request.as_ref().and_then(|v| v.get("stream")).and_then(serde_json::Value::as_bool) == Some(true);
+    let model_in_body = request.as_ref().and_then(|v| v.get("model")).and_then(serde_json::Value::as_str);
+    let interval =
+        Duration::from_millis(query_u64(query, "interval_ms").unwrap_or(STREAM_INTERVAL_MS).min(MAX_SSE_INTERVAL_MS));
+    let reply = Reply::new(reply_text(&parts.headers), req.body.len());
+    if path == "/v1/responses" {
+        let model = model_in_body.unwrap_or("gpt-4.1-2025-04-14");
+        return if wants_stream {
+            spaced(TEXT_EVENT_STREAM, responses_events(model, &reply), interval)
+        } else {
+            json_response(StatusCode::OK, &responses_object(model, &reply, "completed"))
+        };
+    }
+    if path == "/v1/messages" {
+        let model = model_in_body.unwrap_or("claude-sonnet-4-5-20250929");
+        let mut response = if wants_stream {
+            let events = anthropic_events(model, &reply, false)
+                .into_iter()
+                .map(|(name, data)| sse_bytes(Some(name), &data, "\n"))
+                .collect();
+            spaced(TEXT_EVENT_STREAM, events, interval)
+        } else {
+            json_response(StatusCode::OK, &anthropic_message(model, &reply))
+        };
+        response.headers_mut().insert("request-id", HeaderValue::from_static("req_fake0001"));
+        return response;
+    }
+    if let Some((id, operation)) = path.strip_prefix("/model/").and_then(|rest| rest.rsplit_once('/'))
+        && let Some(response) = bedrock(id, operation, &reply, interval)
+    {
+        return response;
+    }
+    if let Some((model_path, method)) = path.rsplit_once(':')
+        && let Some((_, model)) = model_path.rsplit_once("/models/")
+    {
+        let sse = query.split('&').any(|pair| pair == "alt=sse");
+        match method {
+            "generateContent" => {
+                return json_response(StatusCode::OK, &gemini_chunk(model, &reply.text, true, &reply));
+            }
+            "streamGenerateContent" => return gemini_stream(model, &reply, sse, interval),
+            _ => {}
+        }
+    }
+    chat_completion(parts, req, query)
+}
+
+const TEXT_EVENT_STREAM: &str = "text/event-stream";
+const AMZ_EVENT_STREAM: &str = "application/vnd.amazon.eventstream";
+
+/// The assistant text of one answer, its stream deltas and token counts
+/// (a quarter of the bytes, like the chat completion's).
+struct Reply {
+    text: String,
+    pieces: Vec<String>,
+    input_tokens: usize,
+    output_tokens: usize,
+}
+
+impl Reply {
+    fn new(text: String, request_len: usize) -> Reply {
+        let pieces = split_pieces(&text);
+        Reply { input_tokens: request_len / 4, output_tokens: text.len() / 4, text, pieces }
+    }
+}
+
+/// Each chunk its own body frame, `interval` apart (the first at once).
+fn spaced(content_type: &'static str, chunks: Vec<Bytes>, interval: Duration) -> Response<Body> {
+    let frames = futures_util::stream::iter(chunks.into_iter().enumerate()).then(move |(i, chunk)| async move {
+        if i > 0 {
+            tokio::time::sleep(interval).await;
+        }
+        Ok::<_, Infallible>(Frame::data(chunk))
+    });
+    let mut response = respond(StatusCode::OK, Some(content_type), StreamBody::new(frames).boxed_unsync());
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// One server-sent event, lines ended by `eol`.
+fn sse_bytes(event: Option<&str>, data: &serde_json::Value, eol: &str) -> Bytes {
+    let event = event.map(|e| format!("event: {e}{eol}")).unwrap_or_default();
+    Bytes::from(format!("{event}data: {data}{eol}{eol}"))
+}
+
+/// One AWS event-stream `event` frame.
+fn event_frame(event_type: &str, payload: &serde_json::Value) -> Bytes {
+    let headers = [
+        (":event-type", eventstream::HeaderValue::from(event_type)),
+        (":content-type", eventstream::HeaderValue::from("application/json")),
+        (":message-type", eventstream::HeaderValue::from("event")),
+    ];
+    // Short fixed headers and a small payload always fit the frame format.
+    eventstream::encode_frame(&headers, payload.to_string().as_bytes()).map(Bytes::from).unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------
+// OpenAI Responses
+
+fn responses_message(reply: &Reply, status: &str) -> serde_json::Value {
+    json!({
+        "id": "msg_fake0001",
+        "type": "message",
+        "status": status,
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": reply.text, "annotations": []}],
+    })
+}
+
+fn responses_object(model: &str, reply: &Reply, status: &str) -> serde_json::Value {
+    let done = status == "completed";
+    json!({
+        "id": "resp_fake0001",
+        "object": "response",
+        "created_at": FAKE_CREATED,
+        "status": status,
+        "error": null,
+        "model": model,
+        "output": if done { json!([responses_message(reply, "completed")]) } else { json!([]) },
+        "usage": if done {
+            json!({
+                "input_tokens": reply.input_tokens,
+                "output_tokens": reply.output_tokens,
+                "total_tokens": reply.input_tokens + reply.output_tokens,
+            })
+        } else {
+            json!(null)
+        },
+    })
+}
+
+/// The Responses stream: `event:` lines mirroring each data's `type`,
+/// numbered, ending with `response.completed` (no `[DONE]`).
+fn responses_events(model: &str, reply: &Reply) -> Vec<Bytes> {
+    let part = |text: &str| json!({"type": "output_text", "text": text, "annotations": []});
+    let mut events = vec![
+        json!({"type": "response.created", "response": responses_object(model, reply, "in_progress")}),
+        json!({"type": "response.in_progress", "response": responses_object(model, reply, "in_progress")}),
+        json!({"type": "response.output_item.added", "output_index": 0, "item": {
+            "id": "msg_fake0001", "type": "message", "status": "in_progress", "role": "assistant", "content": [],
+        }}),
+        json!({"type": "response.content_part.added", "item_id": "msg_fake0001", "output_index": 0,
+            "content_index": 0, "part": part("")}),
+    ];
+    for piece in &reply.pieces {
+        events.push(json!({"type": "response.output_text.delta", "item_id": "msg_fake0001", "output_index": 0,
+            "content_index": 0, "delta": piece}));
+    }
+    events.extend([
+        json!({"type": "response.output_text.done", "item_id": "msg_fake0001", "output_index": 0,
+            "content_index": 0, "text": reply.text}),
+        json!({"type": "response.content_part.done", "item_id": "msg_fake0001", "output_index": 0,
+            "content_index": 0, "part": part(&reply.text)}),
+        json!({"type": "response.output_item.done", "output_index": 0,
+            "item": responses_message(reply, "completed")}),
+        json!({"type": "response.completed", "response": responses_object(model, reply, "completed")}),
+    ]);
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(seq, mut event)| {
+            let name = event["type"].as_str().unwrap_or_default().to_owned();
+            if let Some(obj) = event.as_object_mut() {
+                obj.insert("sequence_number".into(), json!(seq));
+            }
+            sse_bytes(Some(&name), &event, "\n")
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Anthropic Messages (also Claude on Bedrock)
+
+fn anthropic_message(model: &str, reply: &Reply) -> serde_json::Value {
+    json!({
+        "id": "msg_fake0001",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": reply.text}],
+        "stop_reason": "end_turn",
+        "stop_sequence": null,
+        "usage": {"input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens},
+    })
+}
+
+/// The Messages stream as (event name, data). Bedrock sends no `ping` and
+/// adds its invocation metrics to `message_stop`.
+fn anthropic_events(model: &str, reply: &Reply, bedrock: bool) -> Vec<(&'static str, serde_json::Value)> {
+    let mut events = vec![
+        (
+            "message_start",
+            json!({"type": "message_start", "message": {
+                "id": "msg_fake0001", "type": "message", "role": "assistant", "model": model, "content": [],
+                "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": reply.input_tokens, "output_tokens": 1},
+            }}),
+        ),
+        (
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+    ];
+    if !bedrock {
+        events.push(("ping", json!({"type": "ping"})));
+    }
+    for piece in &reply.pieces {
+        events.push((
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}),
+        ));
+    }
+    events.push(("content_block_stop", json!({"type": "content_block_stop", "index": 0})));
+    events.push((
+        "message_delta",
+        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+            "usage": {"output_tokens": reply.output_tokens}}),
+    ));
+    let mut stop = json!({"type": "message_stop"});
+    if bedrock && let Some(obj) = stop.as_object_mut() {
+        obj.insert(
+            "amazon-bedrock-invocationMetrics".into(),
+            json!({"inputTokenCount": reply.input_tokens, "outputTokenCount": reply.output_tokens,
+                "invocationLatency": 120, "firstByteLatency": 40}),
+        );
+    }
+    events.push(("message_stop", stop));
+    events
+}
+
+// ---------------------------------------------------------------------------
+// Amazon Bedrock
+
+/// `/model/{id}/{operation}`; `None` for an operation this fake does not know.
+fn bedrock(id: &str, operation: &str, reply: &Reply, interval: Duration) -> Option<Response<Body>> {
+    // Ids are URL-encoded (inference profile ARNs); the provider name survives that.
+    let claude = id.contains("anthropic.");
+    let mut response = match operation {
+        "invoke" if claude => json_response(StatusCode::OK, &anthropic_message(id, reply)),
+        "invoke" => json_response(StatusCode::OK, &titan_body(reply)),
+        "invoke-with-response-stream" => {
+            let chunks: Vec<serde_json::Value> = if claude {
+                anthropic_events(id, reply, true).into_iter().map(|(_, data)| data).collect()
+            } else {
+                titan_chunks(reply)
+            };
+            let frames = chunks
+                .iter()
+                .map(|inner| {
+                    let bytes = base64::engine::general_purpose::STANDARD.encode(inner.to_string());
+                    event_frame("chunk", &json!({"bytes": bytes}))
+                })
+                .collect();
+            spaced(AMZ_EVENT_STREAM, frames, interval)
+        }
+        "converse" => json_response(
+            StatusCode::OK,
+            &json!({
+                "output": {"message": {"role": "assistant", "content": [{"text": reply.text}]}},
+                "stopReason": "end_turn",
+                "usage": converse_usage(reply),
+                "metrics": {"latencyMs": 120},
+            }),
+        ),
+        "converse-stream" => {
+            let mut frames = vec![event_frame("messageStart", &json!({"role": "assistant"}))];
+            for piece in &reply.pieces {
+                frames
+                    .push(event_frame("contentBlockDelta", &json!({"contentBlockIndex": 0, "delta": {"text": piece}})));
+            }
+            frames.extend([
+                event_frame("contentBlockStop", &json!({"contentBlockIndex": 0})),
+                event_frame("messageStop", &json!({"stopReason": "end_turn"})),
+                event_frame("metadata", &json!({"usage": converse_usage(reply), "metrics": {"latencyMs": 120}})),
+            ]);
+            spaced(AMZ_EVENT_STREAM, frames, interval)
+        }
+        _ => return None,
+    };
+    response.headers_mut().insert("x-amzn-requestid", HeaderValue::from_static("fake-0001"));
+    Some(response)
+}
+
+fn converse_usage(reply: &Reply) -> serde_json::Value {
+    json!({
+        "inputTokens": reply.input_tokens,
+        "outputTokens": reply.output_tokens,
+        "totalTokens": reply.input_tokens + reply.output_tokens,
+    })
+}
+
+/// Amazon Titan Text, for invoke calls on other models.
+fn titan_body(reply: &Reply) -> serde_json::Value {
+    json!({
+        "inputTextTokenCount": reply.input_tokens,
+        "results": [{"tokenCount": reply.output_tokens, "outputText": reply.text, "completionReason": "FINISH"}],
+    })
+}
+
+fn titan_chunks(reply: &Reply) -> Vec<serde_json::Value> {
+    let last = reply.pieces.len().saturating_sub(1);
+    reply
+        .pieces
+        .iter()
+        .enumerate()
+        .map(|(i, piece)| {
+            json!({"outputText": piece, "index": 0, "totalOutputTextTokenCount": i + 1,
+                "completionReason": if i == last { json!("FINISH") } else { json!(null) },
+                "inputTextTokenCount": reply.input_tokens})
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Gemini
+
+/// A `GenerateContentResponse` carrying `text`; the last one of a stream (or
+/// a whole answer) has the finish reason and the full usage.
+fn gemini_chunk(model: &str, text: &str, last: bool, reply: &Reply) -> serde_json::Value {
+    let mut candidate = json!({"content": {"parts": [{"text": text}], "role": "model"}, "index": 0});
+    let mut usage = json!({"promptTokenCount": reply.input_tokens, "totalTokenCount": reply.input_tokens});
+    if last {
+        candidate["finishReason"] = json!("STOP");
+        usage = json!({
+            "promptTokenCount": reply.input_tokens,
+            "candidatesTokenCount": reply.output_tokens,
+            "totalTokenCount": reply.input_tokens + reply.output_tokens,
+        });
+    }
+    json!({"candidates": [candidate], "usageMetadata": usage, "modelVersion": model, "responseId": "fake0001"})
+}
+
+/// `streamGenerateContent`: SSE `data:` chunks (CRLF, as Google sends them,
+/// no `[DONE]`) with `alt=sse`, else one JSON array written an element at a
+/// time: `[{…}`, `,\r\n{…}`, …, `]`.
+fn gemini_stream(model: &str, reply: &Reply, sse: bool, interval: Duration) -> Response<Body> {
+    let last = reply.pieces.len().saturating_sub(1);
+    let chunks = reply.pieces.iter().enumerate().map(|(i, piece)| gemini_chunk(model, piece, i == last, reply));
+    if sse {
+        return spaced(TEXT_EVENT_STREAM, chunks.map(|c| sse_bytes(None, &c, "\r\n")).collect(), interval);
+    }
+    let mut writes: Vec<Bytes> =
+        chunks.enumerate().map(|(i, c)| Bytes::from(format!("{}{c}", if i == 0 { "[" } else { ",\r\n" }))).collect();
+    if writes.is_empty() {
+        writes.push(Bytes::from_static(b"["));
+    }
+    writes.push(Bytes::from_static(b"]"));
+    spaced("application/json; charset=UTF-8", writes, interval)
 }
 
 /// Two data frames then the trailer `x-checksum: abc`. Over HTTP/1.1 hyper
@@ -877,6 +1284,9 @@ mod tests {
         let mut sender = h1(provider.local_addr(), &pki).await.expect("connect");
         let body = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
         for _ in 0..3 {
+            // The HTTP/1 dispatcher takes the next request only once it has
+            // finished with the previous response.
+            tokio::time::timeout(STEP, sender.ready()).await.expect("in time").expect("ready");
             let got =
                 read(sender.send_request(request(Method::POST, "/v1/chat/completions?x=1", body)).await.expect("send"))
                     .await
@@ -1068,6 +1478,138 @@ mod tests {
         let pki = TestPki::with_defaults().expect("pki");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         assert!(FakeProvider::start(listener, &pki).is_err());
+    }
+
+    #[test]
+    fn pieces_concatenate_to_the_text() {
+        let text = format!("Here  it is: {}\nbye ", "x".repeat(30));
+        let pieces = split_pieces(&text);
+        assert_eq!(pieces.concat(), text);
+        assert_eq!(pieces[..3], ["Here  ", "it ", "is: "]);
+        assert_eq!(pieces[3..6], ["x".repeat(12), "x".repeat(12), "x".repeat(6) + "\n"]);
+        assert!(pieces.iter().all(|p| p.trim_end().chars().count() <= MAX_PIECE_CHARS));
+        assert_eq!(chat_pieces("alpha  beta"), ["alpha ", "beta "]);
+        assert!(split_pieces("").is_empty());
+    }
+
+    /// Every provider-shaped route, read back with the interceptor's own
+    /// framing and provider parsers: the texts add up to the reply, streams
+    /// end where the provider ends them and arrive one event per frame, and
+    /// the same request gets the same bytes twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn provider_shapes_parse_as_their_provider() {
+        use crate::guardrails::framing::FramingKind;
+        use crate::guardrails::framing::{eventstream::Decoder, json_array::JsonArrayStream, sse::SseParser};
+        use crate::guardrails::model::StreamDelta;
+        use crate::guardrails::providers::{self, StreamEventRef};
+
+        const CLAUDE: &str = "/model/anthropic.claude-3-5-sonnet-20241022-v2:0";
+        const TITAN: &str = "/model/amazon.titan-text-express-v1";
+        const NOVA: &str = "/model/amazon.nova-pro-v1:0";
+        const GEMINI: &str = "/v1beta/models/gemini-2.0-flash";
+        let chat = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+        let chat_stream = r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let responses = r#"{"model":"gpt-4.1","input":"hi"}"#;
+        let responses_stream = r#"{"model":"gpt-4.1","input":"hi","stream":true}"#;
+        let messages = r#"{"model":"claude-sonnet-4-5","max_tokens":9,"messages":[{"role":"user","content":"hi"}]}"#;
+        let messages_stream =
+            r#"{"model":"claude-sonnet-4-5","max_tokens":9,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let invoke =
+            r#"{"anthropic_version":"bedrock-2023-05-31","max_tokens":9,"messages":[{"role":"user","content":"hi"}]}"#;
+        let titan = r#"{"inputText":"hi"}"#;
+        let converse = r#"{"messages":[{"role":"user","content":[{"text":"hi"}]}]}"#;
+        let gemini = r#"{"contents":[{"role":"user","parts":[{"text":"hi"}]}]}"#;
+        let cases: Vec<(&str, String, &str)> = vec![
+            ("api.openai.com", "/v1/chat/completions".into(), chat),
+            ("api.openai.com", "/v1/chat/completions".into(), chat_stream),
+            ("api.openai.com", "/v1/responses".into(), responses),
+            ("api.openai.com", "/v1/responses".into(), responses_stream),
+            ("api.anthropic.com", "/v1/messages".into(), messages),
+            ("api.anthropic.com", "/v1/messages".into(), messages_stream),
+            ("bedrock-runtime.us-east-1.amazonaws.com", format!("{CLAUDE}/invoke"), invoke),
+            ("bedrock-runtime.us-east-1.amazonaws.com", format!("{CLAUDE}/invoke-with-response-stream"), invoke),
+            ("bedrock-runtime.us-east-1.amazonaws.com", format!("{TITAN}/invoke"), titan),
+            ("bedrock-runtime.us-east-1.amazonaws.com", format!("{TITAN}/invoke-with-response-stream"), titan),
+            ("bedrock-runtime.us-east-1.amazonaws.com", format!("{NOVA}/converse"), converse),
+            ("bedrock-runtime.us-east-1.amazonaws.com", format!("{NOVA}/converse-stream"), converse),
+            ("generativelanguage.googleapis.com", format!("{GEMINI}:generateContent"), gemini),
+            ("generativelanguage.googleapis.com", format!("{GEMINI}:streamGenerateContent?alt=sse"), gemini),
+            ("generativelanguage.googleapis.com", format!("{GEMINI}:streamGenerateContent"), gemini),
+        ];
+        let reply = format!("The word {} is long.", "x".repeat(30));
+        let pieces = split_pieces(&reply).len();
+
+        let pki = TestPki::with_defaults().expect("pki");
+        let provider = loopback(&pki);
+        let mut sender = h2(provider.local_addr(), &pki).await.expect("connect");
+        for (host, path, body) in cases {
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let send = || {
+                Request::builder()
+                    .method(Method::POST)
+                    .uri(format!("https://{host}{path}{sep}interval_ms=1"))
+                    .header("x-fake-reply", reply.as_str())
+                    .body(Full::new(Bytes::from_static(body.as_bytes())))
+                    .expect("request")
+            };
+            let response = sender.send_request(send()).await.expect("send");
+            assert_eq!(response.status(), StatusCode::OK, "{path}");
+            let content_type = response.headers()[header::CONTENT_TYPE].to_str().expect("ascii").to_owned();
+            let mut frames = Vec::new();
+            let mut body_stream = response.into_body();
+            while let Some(frame) = tokio::time::timeout(STEP, body_stream.frame()).await.expect("in time") {
+                if let Some(data) = frame.expect("frame").data_ref().filter(|d| !d.is_empty()) {
+                    frames.push(data.clone());
+                }
+            }
+            let got: Vec<u8> = frames.concat();
+            let again = read(sender.send_request(send()).await.expect("send")).await.expect("read");
+            assert_eq!(again.body, got, "{path}: not deterministic");
+
+            let kind = providers::detect(host, &path);
+            let mut deltas: Vec<StreamDelta> = Vec::new();
+            match providers::response_framing(kind, &path, &content_type) {
+                None => {
+                    assert_eq!(frames.len(), 1, "{path}");
+                    let doc: serde_json::Value = serde_json::from_slice(&got).expect("json");
+                    let texts = providers::parse_response(kind, &doc).texts;
+                    let text: String = texts.iter().map(|t| t.text.as_str()).collect();
+                    assert_eq!(text, reply, "{path}: {doc}");
+                    continue;
+                }
+                Some(FramingKind::Sse) => {
+                    let mut parser = SseParser::new(1 << 20);
+                    for event in parser.feed(&got).expect("sse") {
+                        deltas.push(providers::stream_delta(kind, StreamEventRef::from(&event)));
+                    }
+                    assert!(parser.finish().is_none(), "{path}: trailing partial event");
+                }
+                Some(FramingKind::EventStream) => {
+                    let mut decoder = Decoder::default();
+                    for message in decoder.feed(&got).expect("event-stream") {
+                        assert_eq!(message.message_type(), Some("event"));
+                        assert_eq!(message.content_type(), Some("application/json"));
+                        deltas.push(providers::stream_delta(kind, StreamEventRef::from(&message)));
+                    }
+                    decoder.finish().expect("whole frames");
+                }
+                Some(FramingKind::JsonArray) => {
+                    let mut parser = JsonArrayStream::new(1 << 20);
+                    for element in parser.feed(&got).expect("json array") {
+                        deltas.push(providers::stream_delta(kind, StreamEventRef::from(&element.value)));
+                    }
+                    assert!(parser.is_done(), "{path}: array not closed");
+                    let whole: serde_json::Value = serde_json::from_slice(&got).expect("one json array");
+                    assert_eq!(whole.as_array().map(Vec::len), Some(pieces), "{path}");
+                }
+            }
+            let text: String = deltas.iter().flat_map(|d| d.texts.iter().map(|(_, t)| t.as_str())).collect();
+            assert_eq!(text.trim_end(), reply, "{path}");
+            assert!(deltas.iter().any(|d| d.end), "{path}: the stream never ends");
+            let deltas_with_text = deltas.iter().filter(|d| !d.texts.is_empty()).count();
+            assert_eq!(deltas_with_text, pieces, "{path}: one delta per piece");
+            assert!(frames.len() >= pieces, "{path}: {} frames for {pieces} pieces", frames.len());
+        }
     }
 
     #[test]

@@ -107,7 +107,8 @@ async fn main() -> Result<()> {
     let upstream_ca = pki.write_ca(dir.path())?;
     let proxy = InProcessProxy::start(provider.local_addr(), &upstream_ca, DomainsConfig::default(), None).await?;
     let hook = local_pipeline(interceptor::config::GuardrailsConfig::default(), None)?;
-    let guarded = InProcessProxy::start(provider.local_addr(), &upstream_ca, DomainsConfig::default(), Some(hook)).await?;
+    let guarded =
+        InProcessProxy::start(provider.local_addr(), &upstream_ca, DomainsConfig::default(), Some(hook)).await?;
     let body = Arc::new(chat_body());
     println!(
         "interceptor benchmark: loopback, one process, {CONNECTIONS} keep-alive connections, {} byte JSON POST, {}s per mode",
