@@ -79,6 +79,9 @@ impl AuditLog {
 }
 
 fn emit_log(event: &AuditEvent) {
+    if !tracing::enabled!(target: "audit", tracing::Level::INFO) {
+        return;
+    }
     let json = serde_json::to_string(event).unwrap_or_default();
     tracing::info!(target: "audit", event = "guardrail_decision", decision = event.decision, audit = %json, "guardrail decision");
 }

@@ -90,8 +90,7 @@ async fn a_sigv4_signed_body_is_blocked_or_left_alone_instead_of_rewritten() -> 
     for (action, expect_status) in [(SigV4Action::Block, 403), (SigV4Action::Alert, 200)] {
         let cfg = GuardrailsConfig { sigv4: action, ..GuardrailsConfig::default() };
         let s = setup(cfg, settings()).await?;
-        let client =
-            client_for("bedrock-runtime.us-east-1.amazonaws.com", s.proxy.addr, &[&s.proxy.ca_pem], false)?;
+        let client = client_for("bedrock-runtime.us-east-1.amazonaws.com", s.proxy.addr, &[&s.proxy.ca_pem], false)?;
         let resp = client.post(url).header("authorization", signed).body(body.clone()).send().await?;
         assert_eq!(resp.status().as_u16(), expect_status, "{action:?}");
         if action == SigV4Action::Alert {

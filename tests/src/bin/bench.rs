@@ -86,6 +86,31 @@ async fn load(addr: SocketAddr, trusted_pem: &str, body: Arc<String>) -> Result<
     })
 }
 
+/// Median time to the first and to the last chunk of a streamed (SSE)
+/// response, over sequential requests on one keep-alive connection.
+async fn stream_timing(addr: SocketAddr, trusted_pem: &str) -> Result<(Duration, Duration)> {
+    let client = client_for("api.openai.com", addr, &[trusted_pem], false)?;
+    let (mut first, mut last) = (Vec::new(), Vec::new());
+    for i in 0..STREAMS + 3 {
+        let start = Instant::now();
+        let mut resp = client.get("https://api.openai.com/sse?n=5&interval_ms=10").send().await?;
+        let mut first_at = None;
+        while let Some(_chunk) = resp.chunk().await? {
+            first_at.get_or_insert_with(|| start.elapsed());
+        }
+        // The first requests warm the connection and the certificate cache.
+        if i >= 3 {
+            first.push(first_at.unwrap_or_default());
+            last.push(start.elapsed());
+        }
+    }
+    first.sort();
+    last.sort();
+    Ok((first[first.len() / 2], last[last.len() / 2]))
+}
+
+const STREAMS: usize = 40;
+
 fn chat_body() -> String {
     let filler = "Summarise the quarterly report for the operations team. ".repeat(30);
     serde_json::json!({
@@ -134,6 +159,39 @@ async fn main() -> Result<()> {
             100.0 * f.rps / direct.rps.max(1.0)
         );
     }
-    println!("added p50 latency: {:.3} ms", (intercepted.p50.as_secs_f64() - direct.p50.as_secs_f64()) * 1e3);
+    for (name, f) in [("intercepted", &intercepted), ("+guardrails", &guardrails)] {
+        println!("{name}: added p50 latency {:.3} ms", (f.p50.as_secs_f64() - direct.p50.as_secs_f64()) * 1e3);
+    }
+
+    let enforce = interceptor::config::GuardrailsConfig {
+        stream_mode: interceptor::config::StreamMode::Enforce,
+        ..Default::default()
+    };
+    let enforcing = InProcessProxy::start(
+        provider.local_addr(),
+        &upstream_ca,
+        DomainsConfig::default(),
+        Some(local_pipeline(enforce, None)?),
+    )
+    .await?;
+    println!("\nstreamed response (SSE, 5 events 10 ms apart), median of {STREAMS} on one keep-alive connection:");
+    println!("{:<22}{:>15}{:>15}{:>22}", "mode", "first byte ms", "last byte ms", "added first / last");
+    let (d_first, d_last) = stream_timing(provider.local_addr(), &pki.ca_pem()).await?;
+    for (name, addr, pem) in [
+        ("direct", provider.local_addr(), pki.ca_pem()),
+        ("intercepted", proxy.addr, proxy.ca_pem.clone()),
+        ("guardrails monitor", guarded.addr, guarded.ca_pem.clone()),
+        ("guardrails enforce", enforcing.addr, enforcing.ca_pem.clone()),
+    ] {
+        let (first, last) = if name == "direct" { (d_first, d_last) } else { stream_timing(addr, &pem).await? };
+        println!(
+            "{:<22}{:>15.3}{:>15.3}{:>12.3} / {:.3}",
+            name,
+            first.as_secs_f64() * 1e3,
+            last.as_secs_f64() * 1e3,
+            (first.as_secs_f64() - d_first.as_secs_f64()) * 1e3,
+            (last.as_secs_f64() - d_last.as_secs_f64()) * 1e3
+        );
+    }
     Ok(())
 }
