@@ -1,6 +1,7 @@
 //! The loopback admin API: `/healthz` (the process answers), `/readyz` (the
 //! proxy listens and the redirect is installed with its first target set),
-//! `/status` (JSON: mode, attach point, targets, kernel counters), `/metrics`
+//! `/status` (JSON: mode, attach point, targets, kernel counters), `/targets`
+//! (the redirected networks and the domains each address came from), `/metrics`
 //! (Prometheus).
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
@@ -59,14 +60,19 @@ fn route<B>(req: &Request<B>, status: &Status) -> Response<Full<Bytes>> {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if status.ready => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        "/status" => match serde_json::to_vec_pretty(status) {
-            Ok(body) => Response::builder()
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(body)))
-                .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "error\n")),
-            Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "error\n"),
-        },
+        "/targets" => json(&status.targets),
+        "/status" => json(status),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn json<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => Response::builder()
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "error\n")),
+        Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "error\n"),
     }
 }
 

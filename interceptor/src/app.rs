@@ -21,7 +21,7 @@ use crate::{
     audit::AuditLog,
     ca::{CertificateAuthority, LeafIssuer, LeafSettings},
     config::Backend,
-    config::{Config, Overrides, RedirectMode},
+    config::{Config, Overrides, RedirectMode, TargetMode},
     guardrails::{
         akto::AktoClient,
         engine::{Engine, Policy},
@@ -130,7 +130,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     let drain_timeout = config.proxy.drain_timeout;
     let mut control = Control {
-        resolver: TargetResolver::new(names, config.cidrs(), config.targets.address_grace),
+        resolver: {
+            let mut r = TargetResolver::new(names, config.cidrs(), config.targets.address_grace);
+            r.set_all_tls(config.targets.mode == TargetMode::AllTls);
+            r
+        },
         snapshot: snapshot_tx,
         guardrails: guardrails_tx,
         policy_text,
@@ -403,6 +407,7 @@ impl Control<'_> {
             }
         }
         self.resolver.reconfigure(resolve_names(&policy, &new), new.cidrs(), new.targets.address_grace);
+        self.resolver.set_all_tls(new.targets.mode == TargetMode::AllTls);
         let _ = self.snapshot.send(Arc::new(Snapshot { policy }));
         self.config.targets = new.targets;
         self.config.domains = new.domains;

@@ -220,9 +220,23 @@ pub struct RedirectConfig {
     pub ports: Vec<u16>,
 }
 
+/// How the set of redirected addresses is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetMode {
+    /// Periodic resolution of the AI domains, configured CIDRs, and the
+    /// addresses agents' own DNS answers give for AI domains.
+    Dns,
+    /// Periodic resolution and configured CIDRs only.
+    Resolve,
+    /// Every address on the redirected ports: the SNI decides.
+    AllTls,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TargetsConfig {
+    pub mode: TargetMode,
     pub domains: Vec<String>,
     /// Kept as text so that every bad entry is reported at once.
     pub cidrs: Vec<String>,
@@ -274,6 +288,7 @@ impl Default for RedirectConfig {
 impl Default for TargetsConfig {
     fn default() -> Self {
         Self {
+            mode: TargetMode::Dns,
             domains: Vec::new(),
             cidrs: Vec::new(),
             resolve_interval: Duration::from_secs(60),

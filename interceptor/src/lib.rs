@@ -12,6 +12,7 @@ pub mod audit;
 pub mod ca;
 pub mod cgroup;
 pub mod config;
+pub mod dns;
 pub mod doctor;
 
 pub mod guardrails;

@@ -28,6 +28,8 @@ enum Command {
     Doctor(RunArgs),
     /// Remove iptables rules left behind by a run that was killed.
     Cleanup,
+    /// Show what the running interceptor is doing (from its admin API).
+    Status(RunArgs),
     /// Validate the configuration and print the effective settings.
     CheckConfig(RunArgs),
     /// The certificate authority that signs intercepted connections.
@@ -106,6 +108,45 @@ fn load(path: Option<&PathBuf>, args: &RunArgs) -> Result<Config, ExitCode> {
         eprintln!("error: {}", telemetry::chain(&error));
         ExitCode::from(2)
     })
+}
+
+/// Reads `/status` from the admin API and renders it for a person.
+fn status(admin: SocketAddr) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let body: serde_json::Value = runtime.block_on(async {
+        let client = reqwest::Client::builder().no_proxy().timeout(std::time::Duration::from_secs(5)).build()?;
+        anyhow::Ok(client.get(format!("http://{admin}/status")).send().await?.error_for_status()?.json().await?)
+    })?;
+    let mut out = String::new();
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_string();
+    writeln!(out, "redirect:  {} ({})", s(&body["redirect_mode"]), s(&body["attach_point"]))?;
+    writeln!(out, "ready:     {}", if body["ready"] == true { "yes" } else { "no" })?;
+    if let Some(proxy) = body["proxy"].as_object() {
+        writeln!(out, "proxy:     {} {}", proxy["v4"], proxy.get("v6").map(|v| v.to_string()).unwrap_or_default())?;
+    }
+    let nets = body["targets"]["nets"].as_array().cloned().unwrap_or_default();
+    let mut per_domain: std::collections::BTreeMap<String, usize> = Default::default();
+    let sources = body["targets"]["sources"].as_object().cloned().unwrap_or_default();
+    for names in sources.values() {
+        for name in names.as_array().into_iter().flatten() {
+            *per_domain.entry(s(name)).or_default() += 1;
+        }
+    }
+    writeln!(out, "targets:   {} networks", nets.len())?;
+    for (domain, count) in &per_domain {
+        writeln!(out, "  {domain:<40} {count} address(es)")?;
+    }
+    let static_nets: Vec<String> =
+        nets.iter().map(s).filter(|n| !sources.keys().any(|ip| n.starts_with(&format!("{ip}/")))).collect();
+    if !static_nets.is_empty() {
+        writeln!(out, "  configured: {}", static_nets.join(", "))?;
+    }
+    writeln!(out, "counters:")?;
+    for pair in body["counters"].as_array().into_iter().flatten() {
+        writeln!(out, "  {:<24} {}", s(&pair[0]), pair[1])?;
+    }
+    Ok(out)
 }
 
 fn ca_command(command: CaCommand) -> ExitCode {
@@ -206,6 +247,24 @@ fn main() -> ExitCode {
             }
         }
         Command::Ca(command) => ca_command(command),
+        Command::Status(args) => {
+            let admin = match load(cli.config.as_ref(), &args) {
+                Ok(c) => c.admin.address,
+                Err(code) => return code,
+            };
+            match status(admin) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!(
+                        "error: cannot read the status from http://{admin}/status: {error:#} (is the interceptor running?)"
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::CheckConfig(args) => match load(cli.config.as_ref(), &args) {
             Ok(config) => {
                 match toml::to_string_pretty(&config) {

@@ -46,11 +46,44 @@ pub struct TargetResolver {
     grace: Duration,
     /// address → (domains it was seen for, last time seen)
     seen: HashMap<IpAddr, (BTreeSet<String>, Instant)>,
+    /// Addresses learned from agents' DNS answers → (domains, expiry).
+    learned: HashMap<IpAddr, (BTreeSet<String>, Instant)>,
+    /// Every address on the redirected ports is a target (`all-tls`).
+    all_tls: bool,
+}
+
+/// Networks that cover every address, for `all-tls` targeting.
+pub fn everything() -> [IpNet; 2] {
+    [IpNet::V4(ipnet::Ipv4Net::default()), IpNet::V6(ipnet::Ipv6Net::default())]
 }
 
 impl TargetResolver {
     pub fn new(domains: Vec<String>, cidrs: Vec<IpNet>, grace: Duration) -> Self {
-        Self { domains, cidrs, grace, seen: HashMap::new() }
+        Self { domains, cidrs, grace, seen: HashMap::new(), learned: HashMap::new(), all_tls: false }
+    }
+
+    /// `all-tls`: every address is a target; the proxy's SNI check decides.
+    pub fn set_all_tls(&mut self, all: bool) {
+        self.all_tls = all;
+    }
+
+    /// Records an address an agent's DNS answer gave for an AI domain. It
+    /// stays a target for its TTL (at least `floor`) plus `grace`, for
+    /// clients that keep using a cached answer. Returns whether the address
+    /// was not a target yet.
+    pub fn learn(&mut self, domain: &str, ip: IpAddr, ttl: Duration, floor: Duration, grace: Duration) -> bool {
+        let ip = canonical_ip(ip);
+        let expires = Instant::now() + ttl.max(floor) + grace;
+        let is_new = !self.learned.contains_key(&ip) && !self.seen.contains_key(&ip);
+        let entry = self.learned.entry(ip).or_insert_with(|| (BTreeSet::new(), expires));
+        entry.0.insert(domain.to_string());
+        entry.1 = entry.1.max(expires);
+        is_new
+    }
+
+    /// The current set, without resolving anything.
+    pub fn current(&mut self) -> TargetSet {
+        self.snapshot(Instant::now())
     }
 
     /// Replaces the domain and CIDR lists (config reload). Addresses already
@@ -116,11 +149,15 @@ impl TargetResolver {
     fn snapshot(&mut self, now: Instant) -> TargetSet {
         let grace = self.grace;
         self.seen.retain(|_, (_, last)| now.duration_since(*last) <= grace);
+        self.learned.retain(|_, (_, expires)| *expires > now);
         let mut set = TargetSet::default();
         set.nets.extend(self.cidrs.iter().copied());
-        for (ip, (names, _)) in &self.seen {
+        if self.all_tls {
+            set.nets.extend(everything());
+        }
+        for (ip, (names, _)) in self.seen.iter().chain(self.learned.iter()) {
             set.nets.insert(IpNet::from(*ip));
-            set.sources.insert(*ip, names.clone());
+            set.sources.entry(*ip).or_default().extend(names.iter().cloned());
         }
         set
     }
@@ -172,6 +209,29 @@ mod tests {
         r.observe("a.example", "192.0.2.1".parse().unwrap(), t0);
         r.reconfigure(vec!["b.example".into()], vec![], Duration::from_secs(10));
         assert!(r.snapshot(t0).is_empty());
+    }
+
+    #[test]
+    fn learned_addresses_expire_after_ttl_floor_and_grace() {
+        let mut r = TargetResolver::new(vec![], vec![], Duration::from_secs(10));
+        let ip: IpAddr = "198.18.0.30".parse().unwrap();
+        assert!(r.learn("api.openai.com", ip, Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(2)));
+        assert!(!r.learn("api.openai.com", ip, Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(2)));
+        let now = Instant::now();
+        let set = r.snapshot(now);
+        assert!(set.contains(ip));
+        assert!(set.sources[&ip].contains("api.openai.com"));
+        // TTL 1s raised to the 5s floor, plus 2s grace.
+        assert!(r.snapshot(now + Duration::from_secs(6)).contains(ip));
+        assert!(!r.snapshot(now + Duration::from_secs(8)).contains(ip));
+    }
+
+    #[test]
+    fn all_tls_targets_every_address() {
+        let mut r = TargetResolver::new(vec![], vec![], Duration::from_secs(10));
+        r.set_all_tls(true);
+        let set = r.current();
+        assert!(set.contains("203.0.113.7".parse().unwrap()) && set.contains("2001:db8::7".parse().unwrap()));
     }
 
     #[test]

@@ -1,0 +1,1122 @@
+//! DNS forwarder for DNS-aware targeting.
+//!
+//! Agents' DNS queries are redirected here by the kernel (not this module's
+//! concern). Each query is forwarded unchanged to an upstream resolver; when
+//! the answer maps an AI domain to addresses, the forwarder hands them to a
+//! [`DnsObserver`] and holds the reply until the observer returns, so the
+//! client's next `connect()` to those addresses is already redirected.
+//!
+//! This module owns the DNS exchange (wire format through `hickory-proto`,
+//! never by hand). It does not decide what an AI domain is and does not touch
+//! redirect state: the observer does both. Upstream sockets carry the
+//! configured `SO_MARK` so the redirect skips the forwarder's own traffic.
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6},
+    os::fd::AsFd,
+    sync::Arc,
+    time::Duration,
+};
+
+use hickory_proto::{
+    ProtoError,
+    op::{Header, Message, MessageType, ResponseCode},
+    rr::{Name, RData},
+    serialize::binary::{BinDecodable, BinDecoder, DecodeError},
+};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::{TcpListener, TcpSocket, TcpStream, UdpSocket},
+    sync::{Semaphore, watch},
+    task::JoinHandle,
+    time::timeout,
+};
+
+use crate::{net::set_mark, telemetry};
+
+/// How long one upstream attempt may take.
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a reply is held for the observer.
+pub const DEFAULT_OBSERVER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a client TCP connection may sit without a complete query.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Queries answered at once (and, separately, client TCP connections).
+pub const DEFAULT_MAX_INFLIGHT: usize = 1024;
+
+/// The largest DNS message: a UDP datagram or a TCP frame (RFC 1035 4.2.2).
+const MAX_MESSAGE: usize = 65535;
+/// Pause after a failed `accept()` (e.g. out of file descriptors) so the loop
+/// does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("cannot open a socket for upstream {upstream}")]
+    Socket {
+        upstream: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot set mark {mark:#x} on a socket for upstream {upstream}")]
+    Mark {
+        upstream: SocketAddr,
+        mark: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("exchange with upstream {upstream} failed")]
+    Io {
+        upstream: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("upstream {upstream} did not answer within {timeout:?}")]
+    Timeout { upstream: SocketAddr, timeout: Duration },
+    #[error("reply from upstream {upstream} does not parse")]
+    Decode {
+        upstream: SocketAddr,
+        #[source]
+        source: DecodeError,
+    },
+    #[error("reply from upstream {upstream} does not match the query")]
+    Mismatch { upstream: SocketAddr },
+    #[error("cannot encode a dns message")]
+    Encode {
+        #[source]
+        source: ProtoError,
+    },
+}
+
+/// An address an answer tied to an AI domain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Learned {
+    /// The AI domain that matched: the query name or the first name in its
+    /// CNAME chain that is one (lowercase, no trailing dot).
+    pub name: String,
+    pub addr: IpAddr,
+    /// The A/AAAA record's TTL (may be zero).
+    pub ttl: Duration,
+}
+
+/// Decides which names matter and takes what answers teach.
+#[async_trait::async_trait]
+pub trait DnsObserver: Send + Sync + 'static {
+    /// Whether `name` (lowercase, no trailing dot) is an AI domain.
+    fn is_ai_domain(&self, name: &str) -> bool;
+
+    /// Called with what an answer taught; the reply is held until this
+    /// returns or [`ForwarderConfig::observer_timeout`] passes.
+    async fn learned(&self, learned: Vec<Learned>);
+}
+
+/// How the forwarder reaches upstream and bounds its work.
+#[derive(Clone, Debug)]
+pub struct ForwarderConfig {
+    /// Tried in order; the next one on error or timeout.
+    pub upstreams: Vec<SocketAddr>,
+    /// `SO_MARK` on upstream sockets; 0 sets none.
+    pub mark: u32,
+    /// Per upstream attempt.
+    pub timeout: Duration,
+    /// How long a reply waits for [`DnsObserver::learned`]. Past it the reply
+    /// goes out anyway and an error is logged: learning fails open, so the
+    /// client may connect before its address is redirected, but DNS never
+    /// hangs on a stuck observer.
+    pub observer_timeout: Duration,
+    /// How long a client TCP connection may stay without a complete query.
+    pub idle_timeout: Duration,
+    /// Queries handled at once; UDP queries beyond it are dropped (the client
+    /// retries), TCP queries wait. Client TCP connections have their own
+    /// limit of the same size.
+    pub max_inflight: usize,
+}
+
+impl Default for ForwarderConfig {
+    fn default() -> Self {
+        Self {
+            upstreams: Vec::new(),
+            mark: 0,
+            timeout: DEFAULT_UPSTREAM_TIMEOUT,
+            observer_timeout: DEFAULT_OBSERVER_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_inflight: DEFAULT_MAX_INFLIGHT,
+        }
+    }
+}
+
+/// A running forwarder: its UDP and TCP listener tasks.
+#[derive(Debug)]
+pub struct DnsForwarder {
+    udp: JoinHandle<()>,
+    tcp: JoinHandle<()>,
+}
+
+impl DnsForwarder {
+    /// Serves UDP and TCP on the given sockets until `shutdown` turns true
+    /// (or its sender is dropped). Must be called within a tokio runtime.
+    pub fn serve(
+        udp: UdpSocket,
+        tcp: TcpListener,
+        cfg: ForwarderConfig,
+        observer: Arc<dyn DnsObserver>,
+        shutdown: watch::Receiver<bool>,
+    ) -> DnsForwarder {
+        if cfg.upstreams.is_empty() {
+            tracing::warn!("no dns upstreams configured; every query will be answered with servfail");
+        }
+        let limit = cfg.max_inflight.clamp(1, Semaphore::MAX_PERMITS);
+        let shared = Arc::new(Shared { cfg, observer, inflight: Arc::new(Semaphore::new(limit)) });
+        let udp = tokio::spawn(serve_udp(udp, shared.clone(), shutdown.clone()));
+        let tcp = tokio::spawn(serve_tcp(tcp, shared, limit, shutdown));
+        DnsForwarder { udp, tcp }
+    }
+
+    /// Waits for both listeners to stop. Queries already in flight finish on
+    /// their own, bounded by the timeouts.
+    pub async fn join(self) {
+        for (transport, task) in [("udp", self.udp), ("tcp", self.tcp)] {
+            if let Err(error) = task.await {
+                tracing::error!(transport, %error, "dns listener task failed");
+            }
+        }
+    }
+
+    /// Stops both listeners at once, without waiting for `shutdown`.
+    pub fn abort(&self) {
+        self.udp.abort();
+        self.tcp.abort();
+    }
+}
+
+/// The `nameserver` entries of a resolv.conf, on port 53, in order, without
+/// duplicates. A numeric IPv6 zone (`fe80::1%2`) becomes the scope id; a named
+/// one cannot be resolved without I/O, so that entry is skipped.
+pub fn system_upstreams(resolv_conf: &str) -> Vec<SocketAddr> {
+    let mut upstreams = Vec::new();
+    for line in resolv_conf.lines() {
+        let line = line.split(['#', ';']).next().unwrap_or_default();
+        let mut words = line.split_whitespace();
+        if words.next() != Some("nameserver") {
+            continue;
+        }
+        let Some(addr) = words.next().and_then(parse_nameserver) else {
+            continue;
+        };
+        if !upstreams.contains(&addr) {
+            upstreams.push(addr);
+        }
+    }
+    upstreams
+}
+
+fn parse_nameserver(word: &str) -> Option<SocketAddr> {
+    let (ip, zone) = match word.split_once('%') {
+        Some((ip, zone)) => (ip, Some(zone)),
+        None => (word, None),
+    };
+    match (ip.parse::<IpAddr>().ok()?, zone) {
+        (IpAddr::V4(v4), None) => Some(SocketAddr::new(IpAddr::V4(v4), 53)),
+        (IpAddr::V4(_), Some(_)) => None,
+        (IpAddr::V6(v6), None) => Some(SocketAddr::new(IpAddr::V6(v6), 53)),
+        (IpAddr::V6(v6), Some(zone)) => {
+            let scope = zone.parse::<u32>().ok()?;
+            Some(SocketAddr::V6(SocketAddrV6::new(v6, 53, 0, scope)))
+        }
+    }
+}
+
+/// What an answer teaches: the A and AAAA records of the answer section owned
+/// by the query name or a name its CNAME chain (in the answer section)
+/// reaches, when the query name or any name of that chain is an AI domain.
+/// Records not connected to the question are ignored; names compare without
+/// case or trailing dot; each address is reported once.
+pub fn extract(message: &Message, observer: &dyn DnsObserver) -> Vec<Learned> {
+    let Some(question) = message.queries.first() else {
+        return Vec::new();
+    };
+    let mut chain = vec![normalize(question.name())];
+    // A chain may be listed in any order and may loop; it cannot be longer
+    // than the answer section.
+    while chain.len() <= message.answers.len() {
+        let Some(current) = chain.last() else {
+            break;
+        };
+        let next = message.answers.iter().find_map(|record| match &record.data {
+            RData::CNAME(target) if normalize(&record.name) == *current => Some(normalize(&target.0)),
+            _ => None,
+        });
+        match next {
+            Some(next) if !chain.contains(&next) => chain.push(next),
+            _ => break,
+        }
+    }
+    let Some(ai_name) = chain.iter().find(|name| observer.is_ai_domain(name)) else {
+        return Vec::new();
+    };
+
+    let mut learned: Vec<Learned> = Vec::new();
+    for record in &message.answers {
+        let addr = match &record.data {
+            RData::A(a) => IpAddr::V4(a.0),
+            RData::AAAA(aaaa) => IpAddr::V6(aaaa.0),
+            _ => continue,
+        };
+        if !chain.contains(&normalize(&record.name)) || learned.iter().any(|l| l.addr == addr) {
+            continue;
+        }
+        learned.push(Learned { name: ai_name.clone(), addr, ttl: Duration::from_secs(u64::from(record.ttl)) });
+    }
+    learned
+}
+
+/// Lowercase ASCII (IDNs as punycode) without the trailing dot.
+fn normalize(name: &Name) -> String {
+    let mut text = name.to_ascii().to_ascii_lowercase();
+    if text.ends_with('.') {
+        text.pop();
+    }
+    text
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Transport {
+    Udp,
+    Tcp,
+}
+
+struct Shared {
+    cfg: ForwarderConfig,
+    observer: Arc<dyn DnsObserver>,
+    inflight: Arc<Semaphore>,
+}
+
+/// Resolves when `shutdown` turns true. A dropped sender also stops serving:
+/// nobody is left to stop us later.
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+async fn serve_udp(socket: UdpSocket, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let socket = Arc::new(socket);
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    loop {
+        let (len, client) = tokio::select! {
+            () = stopped(&mut shutdown) => break,
+            received = socket.recv_from(&mut buf) => match received {
+                Ok(received) => received,
+                Err(error) => {
+                    tracing::debug!(%error, "cannot receive a dns datagram");
+                    continue;
+                }
+            },
+        };
+        // Dropping beyond the limit keeps a flood from growing memory; the
+        // client retries like it would after a lost datagram.
+        let Ok(permit) = shared.inflight.clone().try_acquire_owned() else {
+            tracing::debug!(%client, "too many dns queries in flight; dropping one");
+            continue;
+        };
+        let query = buf[..len].to_vec();
+        let socket = socket.clone();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Some(reply) = shared.answer(&query, Transport::Udp).await
+                && let Err(error) = socket.send_to(&reply, client).await
+            {
+                tracing::debug!(%client, %error, "cannot send a dns reply");
+            }
+        });
+    }
+}
+
+async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>, limit: usize, mut shutdown: watch::Receiver<bool>) {
+    let connections = Arc::new(Semaphore::new(limit));
+    loop {
+        let (stream, client) = tokio::select! {
+            () = stopped(&mut shutdown) => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::debug!(%error, "cannot accept a dns connection");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::debug!(%client, "too many dns connections; closing one");
+            continue;
+        };
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            shared.serve_connection(stream, client, shutdown).await;
+        });
+    }
+}
+
+impl Shared {
+    /// Answers length-prefixed queries one after another until the client
+    /// closes, idles, sends garbage, or the forwarder stops.
+    async fn serve_connection(&self, mut stream: TcpStream, client: SocketAddr, mut shutdown: watch::Receiver<bool>) {
+        let idle = self.cfg.idle_timeout;
+        loop {
+            let len = tokio::select! {
+                () = stopped(&mut shutdown) => return,
+                read = timeout(idle, stream.read_u16()) => match read {
+                    Ok(Ok(len)) => len,
+                    Ok(Err(error)) => {
+                        if error.kind() != io::ErrorKind::UnexpectedEof {
+                            tracing::debug!(%client, %error, "cannot read a dns query");
+                        }
+                        return;
+                    }
+                    Err(_) => return,
+                },
+            };
+            let mut query = vec![0u8; usize::from(len)];
+            match timeout(idle, stream.read_exact(&mut query)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    tracing::debug!(%client, %error, "cannot read a dns query");
+                    return;
+                }
+                Err(_) => return,
+            }
+            let Ok(_permit) = self.inflight.acquire().await else {
+                return;
+            };
+            let Some(reply) = self.answer(&query, Transport::Tcp).await else {
+                return;
+            };
+            match timeout(idle, write_frame(&mut stream, &reply)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::debug!(%client, %error, "cannot send a dns reply");
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// The bytes to send back for one query, or `None` to stay silent
+    /// (unparsable header, or not a query).
+    async fn answer(&self, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        let request = match Message::from_vec(query) {
+            Ok(request) => request,
+            Err(error) => return format_error(query, &error),
+        };
+        if request.metadata.message_type != MessageType::Query {
+            tracing::debug!(id = request.metadata.id, "ignoring a dns message that is not a query");
+            return None;
+        }
+        let Some((reply, message)) = self.forward(query, &request, transport).await else {
+            return encode(&servfail(&request));
+        };
+        let learned = extract(&message, self.observer.as_ref());
+        if !learned.is_empty() {
+            let count = learned.len();
+            if timeout(self.cfg.observer_timeout, self.observer.learned(learned)).await.is_err() {
+                tracing::error!(
+                    name = %query_name(&message),
+                    count,
+                    timeout = ?self.cfg.observer_timeout,
+                    "dns observer did not finish in time; replying anyway, the addresses may not be redirected yet"
+                );
+            }
+        }
+        Some(reply)
+    }
+
+    /// Tries each upstream in order; the raw reply and its parse on success.
+    async fn forward(&self, query: &[u8], request: &Message, transport: Transport) -> Option<(Vec<u8>, Message)> {
+        for &upstream in &self.cfg.upstreams {
+            let attempt = match transport {
+                Transport::Udp => self.exchange_udp(upstream, query, request).await,
+                Transport::Tcp => self.exchange_tcp(upstream, query, request).await,
+            };
+            match attempt {
+                Ok(reply) => return Some(reply),
+                Err(error) => tracing::debug!(error = %telemetry::chain(&error), "dns upstream attempt failed"),
+            }
+        }
+        tracing::warn!(
+            name = %query_name(request),
+            upstreams = self.cfg.upstreams.len(),
+            "every dns upstream failed; answering servfail"
+        );
+        None
+    }
+
+    // The query goes upstream byte for byte, with the client's ID, from a
+    // fresh connected socket (random source port): off-path spoofing is as
+    // hard as it would have been for the client talking to the resolver
+    // itself, and nothing in the query or reply is rewritten.
+    async fn exchange_udp(
+        &self,
+        upstream: SocketAddr,
+        query: &[u8],
+        request: &Message,
+    ) -> Result<(Vec<u8>, Message), DnsError> {
+        let io_err = |source| DnsError::Io { upstream, source };
+        let exchange = async {
+            let socket =
+                UdpSocket::bind(unspecified(upstream)).await.map_err(|source| DnsError::Socket { upstream, source })?;
+            self.mark(&socket, upstream)?;
+            socket.connect(upstream).await.map_err(io_err)?;
+            socket.send(query).await.map_err(io_err)?;
+            let mut buf = vec![0u8; MAX_MESSAGE];
+            loop {
+                let len = socket.recv(&mut buf).await.map_err(io_err)?;
+                let bytes = &buf[..len];
+                match Message::from_vec(bytes) {
+                    // A truncated reply is relayed as is; the client retries over TCP.
+                    Ok(reply) if replies_to(request, &reply) => return Ok((bytes.to_vec(), reply)),
+                    Ok(_) => tracing::debug!(%upstream, "ignoring a dns reply that does not match the query"),
+                    Err(error) => tracing::debug!(%upstream, %error, "ignoring an unparsable dns reply"),
+                }
+            }
+        };
+        timeout(self.cfg.timeout, exchange)
+            .await
+            .map_err(|_| DnsError::Timeout { upstream, timeout: self.cfg.timeout })?
+    }
+
+    async fn exchange_tcp(
+        &self,
+        upstream: SocketAddr,
+        query: &[u8],
+        request: &Message,
+    ) -> Result<(Vec<u8>, Message), DnsError> {
+        let io_err = |source| DnsError::Io { upstream, source };
+        let exchange = async {
+            let socket = match upstream {
+                SocketAddr::V4(_) => TcpSocket::new_v4(),
+                SocketAddr::V6(_) => TcpSocket::new_v6(),
+            }
+            .map_err(|source| DnsError::Socket { upstream, source })?;
+            self.mark(&socket, upstream)?;
+            let mut stream = socket.connect(upstream).await.map_err(io_err)?;
+            write_frame(&mut stream, query).await.map_err(io_err)?;
+            let reply = read_frame(&mut stream).await.map_err(io_err)?;
+            let message = Message::from_vec(&reply).map_err(|source| DnsError::Decode { upstream, source })?;
+            if !replies_to(request, &message) {
+                return Err(DnsError::Mismatch { upstream });
+            }
+            Ok((reply, message))
+        };
+        timeout(self.cfg.timeout, exchange)
+            .await
+            .map_err(|_| DnsError::Timeout { upstream, timeout: self.cfg.timeout })?
+    }
+
+    fn mark<F: AsFd>(&self, socket: &F, upstream: SocketAddr) -> Result<(), DnsError> {
+        let mark = self.cfg.mark;
+        if mark == 0 {
+            return Ok(());
+        }
+        set_mark(socket, mark).map_err(|source| DnsError::Mark { upstream, mark, source })
+    }
+}
+
+/// Whether `reply` answers `request`: same ID, a response, the same question
+/// (names compare without case). Some servers leave the question out of an
+/// error reply, so an empty question is accepted there.
+fn replies_to(request: &Message, reply: &Message) -> bool {
+    reply.metadata.id == request.metadata.id
+        && reply.metadata.message_type == MessageType::Response
+        && (reply.queries == request.queries
+            || (reply.queries.is_empty() && reply.metadata.response_code != ResponseCode::NoError))
+}
+
+/// FORMERR for a query whose header parses but whose body does not; nothing
+/// when even the header is unreadable or the message is not a query.
+fn format_error(query: &[u8], error: &DecodeError) -> Option<Vec<u8>> {
+    let Ok(header) = Header::read(&mut BinDecoder::new(query)) else {
+        tracing::debug!(%error, len = query.len(), "dropping an unparsable dns message");
+        return None;
+    };
+    let metadata = header.metadata;
+    if metadata.message_type != MessageType::Query {
+        tracing::debug!(%error, id = metadata.id, "dropping an unparsable dns message that is not a query");
+        return None;
+    }
+    tracing::debug!(%error, id = metadata.id, "answering formerr to an unparsable dns query");
+    let mut reply = Message::error_msg(metadata.id, metadata.op_code, ResponseCode::FormErr);
+    reply.metadata.recursion_desired = metadata.recursion_desired;
+    encode(&reply)
+}
+
+fn servfail(request: &Message) -> Message {
+    let mut reply = Message::error_msg(request.metadata.id, request.metadata.op_code, ResponseCode::ServFail);
+    reply.metadata.recursion_desired = request.metadata.recursion_desired;
+    reply.metadata.recursion_available = true;
+    reply.add_queries(request.queries.iter().cloned());
+    reply
+}
+
+fn encode(message: &Message) -> Option<Vec<u8>> {
+    match message.to_vec() {
+        Ok(bytes) => Some(bytes),
+        Err(source) => {
+            let error = DnsError::Encode { source };
+            tracing::error!(error = %telemetry::chain(&error), "cannot answer a dns query");
+            None
+        }
+    }
+}
+
+/// The first query name, for logs.
+fn query_name(message: &Message) -> String {
+    message.queries.first().map(|q| normalize(q.name())).unwrap_or_default()
+}
+
+fn unspecified(upstream: SocketAddr) -> SocketAddr {
+    match upstream {
+        SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+        SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+    }
+}
+
+/// Writes one length-prefixed message (RFC 1035 4.2.2) in a single write.
+async fn write_frame<W: AsyncWrite + Unpin>(stream: &mut W, message: &[u8]) -> io::Result<()> {
+    let len = u16::try_from(message.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "dns message longer than 65535 bytes"))?;
+    let mut frame = Vec::with_capacity(2 + message.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(message);
+    stream.write_all(&frame).await
+}
+
+/// Reads one length-prefixed message (RFC 1035 4.2.2).
+async fn read_frame<R: AsyncRead + Unpin>(stream: &mut R) -> io::Result<Vec<u8>> {
+    let len = stream.read_u16().await?;
+    let mut message = vec![0u8; usize::from(len)];
+    stream.read_exact(&mut message).await?;
+    Ok(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{str::FromStr, sync::Mutex};
+
+    use hickory_proto::{
+        op::Query,
+        rr::{
+            Record, RecordType,
+            rdata::{A, AAAA, CNAME},
+        },
+    };
+    use tokio::time::Instant;
+
+    use super::*;
+
+    struct Recorder {
+        delay: Duration,
+        calls: Mutex<Vec<(Instant, Vec<Learned>)>>,
+    }
+
+    impl Recorder {
+        fn new(delay: Duration) -> Arc<Self> {
+            Arc::new(Self { delay, calls: Mutex::new(Vec::new()) })
+        }
+
+        fn calls(&self) -> Vec<(Instant, Vec<Learned>)> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl DnsObserver for Recorder {
+        fn is_ai_domain(&self, name: &str) -> bool {
+            name == "openai.com" || name.ends_with(".openai.com")
+        }
+
+        async fn learned(&self, learned: Vec<Learned>) {
+            tokio::time::sleep(self.delay).await;
+            self.calls.lock().unwrap().push((Instant::now(), learned));
+        }
+    }
+
+    fn name(text: &str) -> Name {
+        Name::from_str(text).unwrap()
+    }
+
+    fn a(owner: &str, ip: &str, ttl: u32) -> Record {
+        Record::from_rdata(name(owner), ttl, RData::A(A(ip.parse().unwrap())))
+    }
+
+    fn aaaa(owner: &str, ip: &str, ttl: u32) -> Record {
+        Record::from_rdata(name(owner), ttl, RData::AAAA(AAAA(ip.parse().unwrap())))
+    }
+
+    fn cname(owner: &str, target: &str) -> Record {
+        Record::from_rdata(name(owner), 60, RData::CNAME(CNAME(name(target))))
+    }
+
+    fn response(qname: &str, qtype: RecordType, answers: Vec<Record>) -> Message {
+        let mut message = Message::response(7, hickory_proto::op::OpCode::Query);
+        message.add_query(Query::query(name(qname), qtype));
+        message.add_answers(answers);
+        message
+    }
+
+    fn learned(name: &str, addr: &str, ttl: u64) -> Learned {
+        Learned { name: name.into(), addr: addr.parse().unwrap(), ttl: Duration::from_secs(ttl) }
+    }
+
+    fn observer() -> Arc<Recorder> {
+        Recorder::new(Duration::ZERO)
+    }
+
+    #[test]
+    fn extract_direct_a_and_aaaa() {
+        let obs = observer();
+        let m = response("api.openai.com.", RecordType::A, vec![a("api.openai.com.", "198.18.0.10", 30)]);
+        assert_eq!(extract(&m, obs.as_ref()), vec![learned("api.openai.com", "198.18.0.10", 30)]);
+
+        let m = response("api.openai.com.", RecordType::AAAA, vec![aaaa("api.openai.com.", "2001:db8::10", 45)]);
+        assert_eq!(extract(&m, obs.as_ref()), vec![learned("api.openai.com", "2001:db8::10", 45)]);
+    }
+
+    #[test]
+    fn extract_follows_the_cname_chain() {
+        let obs = observer();
+        let m = response(
+            "api.openai.com.",
+            RecordType::A,
+            vec![
+                cname("api.openai.com.", "x.cdn.example."),
+                a("x.cdn.example.", "198.18.0.30", 20),
+                a("x.cdn.example.", "198.18.0.31", 20),
+            ],
+        );
+        assert_eq!(
+            extract(&m, obs.as_ref()),
+            vec![learned("api.openai.com", "198.18.0.30", 20), learned("api.openai.com", "198.18.0.31", 20),]
+        );
+
+        // Listed out of order, two hops.
+        let m = response(
+            "api.openai.com.",
+            RecordType::A,
+            vec![
+                a("edge.cdn.example.", "198.18.0.32", 5),
+                cname("x.cdn.example.", "edge.cdn.example."),
+                cname("api.openai.com.", "x.cdn.example."),
+            ],
+        );
+        assert_eq!(extract(&m, obs.as_ref()), vec![learned("api.openai.com", "198.18.0.32", 5)]);
+    }
+
+    #[test]
+    fn extract_learns_when_only_the_cname_target_is_ai() {
+        let obs = observer();
+        let m = response(
+            "llm.corp.example.",
+            RecordType::A,
+            vec![
+                cname("llm.corp.example.", "api.openai.com."),
+                cname("api.openai.com.", "x.cdn.example."),
+                a("x.cdn.example.", "198.18.0.40", 15),
+            ],
+        );
+        assert_eq!(extract(&m, obs.as_ref()), vec![learned("api.openai.com", "198.18.0.40", 15)]);
+    }
+
+    #[test]
+    fn extract_ignores_non_ai_names() {
+        let obs = observer();
+        let m = response("example.com.", RecordType::A, vec![a("example.com.", "192.0.2.1", 300)]);
+        assert!(extract(&m, obs.as_ref()).is_empty());
+        let m = response(
+            "www.example.com.",
+            RecordType::A,
+            vec![cname("www.example.com.", "cdn.example.net."), a("cdn.example.net.", "192.0.2.2", 300)],
+        );
+        assert!(extract(&m, obs.as_ref()).is_empty());
+    }
+
+    #[test]
+    fn extract_ignores_records_not_connected_to_the_question() {
+        let obs = observer();
+        let m = response(
+            "api.openai.com.",
+            RecordType::A,
+            vec![
+                a("api.openai.com.", "198.18.0.10", 30),
+                a("other.example.", "192.0.2.9", 30),
+                // An AI name in the answer that the question does not lead to.
+                cname("evil.example.", "chat.openai.com."),
+                a("chat.openai.com.", "192.0.2.10", 30),
+            ],
+        );
+        assert_eq!(extract(&m, obs.as_ref()), vec![learned("api.openai.com", "198.18.0.10", 30)]);
+
+        let m = response(
+            "example.com.",
+            RecordType::A,
+            vec![a("example.com.", "192.0.2.1", 30), a("api.openai.com.", "198.18.0.10", 30)],
+        );
+        assert!(extract(&m, obs.as_ref()).is_empty());
+
+        let m = Message::response(1, hickory_proto::op::OpCode::Query);
+        assert!(extract(&m, obs.as_ref()).is_empty());
+    }
+
+    #[test]
+    fn extract_ignores_case_and_trailing_dots_and_survives_loops() {
+        let obs = observer();
+        let m = response(
+            "API.OpenAI.com.",
+            RecordType::A,
+            vec![cname("api.openai.COM", "X.CDN.example."), a("x.cdn.EXAMPLE", "198.18.0.50", 9)],
+        );
+        assert_eq!(extract(&m, obs.as_ref()), vec![learned("api.openai.com", "198.18.0.50", 9)]);
+
+        let m = response(
+            "api.openai.com.",
+            RecordType::A,
+            vec![
+                cname("api.openai.com.", "loop.example."),
+                cname("loop.example.", "api.openai.com."),
+                a("loop.example.", "198.18.0.51", 9),
+                a("loop.example.", "198.18.0.51", 9),
+            ],
+        );
+        assert_eq!(extract(&m, obs.as_ref()), vec![learned("api.openai.com", "198.18.0.51", 9)]);
+    }
+
+    #[test]
+    fn system_upstreams_reads_nameserver_lines() {
+        let conf = "\
+# generated
+nameserver 127.0.0.53
+nameserver  2001:db8::1   # trailing comment
+nameserver fe80::1%2
+nameserver fe80::2%eth0
+nameserver not-an-address
+nameserver 10.0.0.1%3
+;nameserver 10.0.0.2
+#nameserver 10.0.0.3
+search example.com
+options edns0 trust-ad
+nameserver 127.0.0.53
+nameserver
+";
+        let expected: Vec<SocketAddr> = vec![
+            "127.0.0.53:53".parse().unwrap(),
+            "[2001:db8::1]:53".parse().unwrap(),
+            SocketAddr::V6(SocketAddrV6::new("fe80::1".parse().unwrap(), 53, 0, 2)),
+        ];
+        assert_eq!(system_upstreams(conf), expected);
+        assert!(system_upstreams("").is_empty());
+    }
+
+    // ---- end to end ----
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    /// What the fake upstream answers. `big.openai.com` is too large for
+    /// UDP: the UDP answer only has the TC bit.
+    fn fake_answer(query: &[u8], udp: bool) -> Option<Vec<u8>> {
+        let query = Message::from_vec(query).ok()?;
+        let question = query.queries.first()?.clone();
+        let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
+        reply.metadata.recursion_desired = query.metadata.recursion_desired;
+        reply.metadata.recursion_available = true;
+        reply.add_query(question.clone());
+        match normalize(question.name()).as_str() {
+            "api.openai.com" => {
+                reply.add_answer(a("api.openai.com.", "198.18.0.10", 30));
+            }
+            "example.com" => {
+                reply.add_answer(a("example.com.", "192.0.2.1", 300));
+            }
+            "big.openai.com" if udp => reply.metadata.truncation = true,
+            "big.openai.com" => {
+                reply.add_answer(a("big.openai.com.", "198.18.0.11", 60));
+            }
+            _ => reply.metadata.response_code = ResponseCode::NXDomain,
+        }
+        reply.to_vec().ok()
+    }
+
+    /// A fake resolver on 127.0.0.1, UDP and TCP on the same port.
+    async fn fake_upstream() -> SocketAddr {
+        let (udp, tcp) = same_port_pair().await;
+        let addr = udp.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_MESSAGE];
+            while let Ok((len, peer)) = udp.recv_from(&mut buf).await {
+                if let Some(reply) = fake_answer(&buf[..len], true) {
+                    let _ = udp.send_to(&reply, peer).await;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = tcp.accept().await {
+                tokio::spawn(async move {
+                    while let Ok(query) = read_frame(&mut stream).await {
+                        let Some(reply) = fake_answer(&query, false) else { return };
+                        if write_frame(&mut stream, &reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    async fn same_port_pair() -> (UdpSocket, TcpListener) {
+        loop {
+            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            if let Ok(tcp) = TcpListener::bind(udp.local_addr().unwrap()).await {
+                return (udp, tcp);
+            }
+        }
+    }
+
+    struct Running {
+        udp: SocketAddr,
+        tcp: SocketAddr,
+        stop: watch::Sender<bool>,
+        forwarder: DnsForwarder,
+    }
+
+    async fn start(cfg: ForwarderConfig, observer: Arc<dyn DnsObserver>) -> Running {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (udp_addr, tcp_addr) = (udp.local_addr().unwrap(), tcp.local_addr().unwrap());
+        let (stop, shutdown) = watch::channel(false);
+        let forwarder = DnsForwarder::serve(udp, tcp, cfg, observer, shutdown);
+        Running { udp: udp_addr, tcp: tcp_addr, stop, forwarder }
+    }
+
+    fn config(upstreams: Vec<SocketAddr>) -> ForwarderConfig {
+        ForwarderConfig { upstreams, timeout: Duration::from_millis(300), ..ForwarderConfig::default() }
+    }
+
+    fn query(qname: &str, id: u16) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = id;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(name(qname), RecordType::A));
+        m.to_vec().unwrap()
+    }
+
+    async fn client() -> UdpSocket {
+        UdpSocket::bind("127.0.0.1:0").await.unwrap()
+    }
+
+    async fn recv(socket: &UdpSocket, wait: Duration) -> Option<Message> {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let len = timeout(wait, socket.recv(&mut buf)).await.ok()?.unwrap();
+        Some(Message::from_vec(&buf[..len]).unwrap())
+    }
+
+    async fn ask_udp(server: SocketAddr, qname: &str, id: u16) -> Message {
+        let socket = client().await;
+        socket.send_to(&query(qname, id), server).await.unwrap();
+        let reply = recv(&socket, WAIT).await.expect("a reply");
+        assert_eq!(reply.metadata.id, id);
+        reply
+    }
+
+    fn addrs(reply: &Message) -> Vec<IpAddr> {
+        reply.answers.iter().filter_map(|r| r.data.ip_addr()).collect()
+    }
+
+    #[tokio::test]
+    async fn udp_reply_waits_for_the_observer() {
+        let upstream = fake_upstream().await;
+        let obs = Recorder::new(Duration::from_millis(100));
+        let fwd = start(config(vec![upstream]), obs.clone()).await;
+
+        let asked = Instant::now();
+        let reply = ask_udp(fwd.udp, "api.openai.com.", 0x1234).await;
+        let answered = Instant::now();
+        assert_eq!(addrs(&reply), vec!["198.18.0.10".parse::<IpAddr>().unwrap()]);
+        let calls = obs.calls();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].1, vec![learned("api.openai.com", "198.18.0.10", 30)]);
+        assert!(calls[0].0 <= answered, "the reply left before the observer finished");
+        assert!(answered - asked >= Duration::from_millis(100));
+
+        let reply = ask_udp(fwd.udp, "example.com.", 0x1235).await;
+        assert_eq!(addrs(&reply), vec!["192.0.2.1".parse::<IpAddr>().unwrap()]);
+        let reply = ask_udp(fwd.udp, "nowhere.example.", 0x1236).await;
+        assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(obs.calls().len(), 1, "non-AI names taught something");
+
+        fwd.stop.send_replace(true);
+        timeout(WAIT, fwd.forwarder.join()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn tcp_serves_several_queries_per_connection() {
+        let upstream = fake_upstream().await;
+        let obs = Recorder::new(Duration::from_millis(100));
+        let fwd = start(config(vec![upstream]), obs.clone()).await;
+
+        let mut stream = TcpStream::connect(fwd.tcp).await.unwrap();
+        write_frame(&mut stream, &query("api.openai.com.", 1)).await.unwrap();
+        let reply = Message::from_vec(&timeout(WAIT, read_frame(&mut stream)).await.unwrap().unwrap()).unwrap();
+        let answered = Instant::now();
+        assert_eq!(reply.metadata.id, 1);
+        assert_eq!(addrs(&reply), vec!["198.18.0.10".parse::<IpAddr>().unwrap()]);
+        let calls = obs.calls();
+        assert_eq!(calls.len(), 1);
+        assert!(calls[0].0 <= answered);
+
+        write_frame(&mut stream, &query("example.com.", 2)).await.unwrap();
+        let reply = Message::from_vec(&timeout(WAIT, read_frame(&mut stream)).await.unwrap().unwrap()).unwrap();
+        assert_eq!(reply.metadata.id, 2);
+        assert_eq!(addrs(&reply), vec!["192.0.2.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(obs.calls().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn truncated_udp_reply_is_relayed_and_tcp_has_the_answer() {
+        let upstream = fake_upstream().await;
+        let obs = observer();
+        let fwd = start(config(vec![upstream]), obs.clone()).await;
+
+        let reply = ask_udp(fwd.udp, "big.openai.com.", 9).await;
+        assert!(reply.metadata.truncation);
+        assert!(reply.answers.is_empty());
+
+        let mut stream = TcpStream::connect(fwd.tcp).await.unwrap();
+        write_frame(&mut stream, &query("big.openai.com.", 10)).await.unwrap();
+        let reply = Message::from_vec(&timeout(WAIT, read_frame(&mut stream)).await.unwrap().unwrap()).unwrap();
+        assert!(!reply.metadata.truncation);
+        assert_eq!(addrs(&reply), vec!["198.18.0.11".parse::<IpAddr>().unwrap()]);
+        assert_eq!(obs.calls().len(), 1);
+    }
+
+    /// A port nothing listens on (bound, read, released).
+    async fn closed_port() -> SocketAddr {
+        let (udp, tcp) = same_port_pair().await;
+        let addr = udp.local_addr().unwrap();
+        drop((udp, tcp));
+        addr
+    }
+
+    #[tokio::test]
+    async fn next_upstream_is_tried_after_a_failure() {
+        let upstream = fake_upstream().await;
+        let fwd = start(config(vec![closed_port().await, upstream]), observer()).await;
+        let reply = ask_udp(fwd.udp, "example.com.", 3).await;
+        assert_eq!(addrs(&reply), vec!["192.0.2.1".parse::<IpAddr>().unwrap()]);
+
+        let mut stream = TcpStream::connect(fwd.tcp).await.unwrap();
+        write_frame(&mut stream, &query("example.com.", 4)).await.unwrap();
+        let reply = Message::from_vec(&timeout(WAIT, read_frame(&mut stream)).await.unwrap().unwrap()).unwrap();
+        assert_eq!(addrs(&reply), vec!["192.0.2.1".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[tokio::test]
+    async fn unreachable_upstreams_yield_servfail_within_the_timeout() {
+        // One upstream that never answers (bound, never read, never
+        // accepted) and one that refuses.
+        let (silent_udp, silent_tcp) = same_port_pair().await;
+        let silent = silent_udp.local_addr().unwrap();
+        let cfg = config(vec![silent, closed_port().await]);
+        let fwd = start(cfg, observer()).await;
+
+        let asked = Instant::now();
+        let reply = ask_udp(fwd.udp, "api.openai.com.", 0x0bad).await;
+        let elapsed = asked.elapsed();
+        assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
+        assert_eq!(reply.metadata.message_type, MessageType::Response);
+        assert_eq!(reply.queries.len(), 1);
+        assert!(elapsed >= Duration::from_millis(300), "{elapsed:?}");
+        assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
+
+        let asked = Instant::now();
+        let mut stream = TcpStream::connect(fwd.tcp).await.unwrap();
+        write_frame(&mut stream, &query("api.openai.com.", 0x0bae)).await.unwrap();
+        let reply = Message::from_vec(&timeout(WAIT, read_frame(&mut stream)).await.unwrap().unwrap()).unwrap();
+        assert_eq!(reply.metadata.id, 0x0bae);
+        assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
+        assert!(asked.elapsed() < Duration::from_secs(2));
+        drop((silent_udp, silent_tcp));
+    }
+
+    #[tokio::test]
+    async fn no_upstreams_yield_servfail() {
+        let fwd = start(config(Vec::new()), observer()).await;
+        let reply = ask_udp(fwd.udp, "api.openai.com.", 5).await;
+        assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
+    }
+
+    #[tokio::test]
+    async fn stuck_observer_delays_the_reply_only_until_its_timeout() {
+        let upstream = fake_upstream().await;
+        let cfg = ForwarderConfig { observer_timeout: Duration::from_millis(200), ..config(vec![upstream]) };
+        let fwd = start(cfg, Recorder::new(Duration::from_secs(60))).await;
+        let asked = Instant::now();
+        let reply = ask_udp(fwd.udp, "api.openai.com.", 6).await;
+        assert_eq!(addrs(&reply), vec!["198.18.0.10".parse::<IpAddr>().unwrap()]);
+        let elapsed = asked.elapsed();
+        assert!(elapsed >= Duration::from_millis(200) && elapsed < Duration::from_secs(2), "{elapsed:?}");
+    }
+
+    #[tokio::test]
+    async fn malformed_input_does_not_stop_the_server() {
+        let upstream = fake_upstream().await;
+        let obs = observer();
+        let fwd = start(config(vec![upstream]), obs).await;
+        let socket = client().await;
+
+        // Too short for a header: dropped silently.
+        socket.send_to(&[0x01], fwd.udp).await.unwrap();
+        assert!(recv(&socket, Duration::from_millis(200)).await.is_none());
+
+        // A header that promises a question that is not there: FORMERR.
+        let full = query("api.openai.com.", 0x4242);
+        socket.send_to(&full[..14], fwd.udp).await.unwrap();
+        let reply = recv(&socket, WAIT).await.expect("formerr");
+        assert_eq!(reply.metadata.id, 0x4242);
+        assert_eq!(reply.metadata.response_code, ResponseCode::FormErr);
+
+        // A response sent to us is not answered.
+        let mut not_a_query = Message::from_vec(&full).unwrap();
+        not_a_query.metadata.message_type = MessageType::Response;
+        socket.send_to(&not_a_query.to_vec().unwrap(), fwd.udp).await.unwrap();
+        assert!(recv(&socket, Duration::from_millis(200)).await.is_none());
+
+        // TCP garbage, an empty frame and a truncated frame close their
+        // connections.
+        for bytes in [&b"\x00\x03abc"[..], &b"\x00\x00"[..], &b"\x00\x10abc"[..]] {
+            let mut stream = TcpStream::connect(fwd.tcp).await.unwrap();
+            stream.write_all(bytes).await.unwrap();
+            stream.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            let read = timeout(WAIT, stream.read_to_end(&mut rest)).await.unwrap();
+            assert!(read.is_err() || rest.is_empty(), "{rest:?}");
+        }
+
+        // Still serving.
+        let reply = ask_udp(fwd.udp, "example.com.", 0x4343).await;
+        assert_eq!(addrs(&reply), vec!["192.0.2.1".parse::<IpAddr>().unwrap()]);
+        let mut stream = TcpStream::connect(fwd.tcp).await.unwrap();
+        write_frame(&mut stream, &query("example.com.", 0x4344)).await.unwrap();
+        let reply = Message::from_vec(&timeout(WAIT, read_frame(&mut stream)).await.unwrap().unwrap()).unwrap();
+        assert_eq!(reply.metadata.id, 0x4344);
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_both_listeners() {
+        let fwd = start(config(Vec::new()), observer()).await;
+        fwd.stop.send_replace(true);
+        timeout(WAIT, fwd.forwarder.join()).await.unwrap();
+        // The listening sockets are gone with their tasks.
+        assert!(TcpStream::connect(fwd.tcp).await.is_err());
+    }
+}
