@@ -22,6 +22,9 @@ pub const MAP_TARGETS_V6: &str = "TARGETS_V6";
 pub const MAP_BY_COOKIE: &str = "ORIG_BY_COOKIE";
 /// Name of the map from the client's address ([`SockKey`]) to [`OrigDst`].
 pub const MAP_BY_ADDR: &str = "ORIG_BY_ADDR";
+/// Name of the map from socket cookie to the DNS server a UDP socket aimed
+/// at ([`DnsOrig`]), to restore the source of the forwarder's replies.
+pub const MAP_DNS_ORIG: &str = "DNS_ORIG";
 /// Name of the per-CPU counters array (see the `STAT_*` indexes).
 pub const MAP_STATS: &str = "STATS";
 
@@ -40,6 +43,7 @@ pub const STAT_UDP_REFUSED: u32 = 3;
 pub const STAT_V6_REFUSED: u32 = 4;
 pub const STAT_ESTABLISHED: u32 = 5;
 pub const STAT_ORIGDST_ANSWERED: u32 = 6;
+pub const STAT_DNS_REDIRECTED: u32 = 7;
 pub const STAT_MAX: u32 = 8;
 
 /// `RedirectConfig::flags`: redirect is active. Cleared, the programs let
@@ -71,6 +75,21 @@ pub struct RedirectConfig {
     /// Destination ports that are redirected (TCP) or refused (UDP), host
     /// byte order; zero entries are unused.
     pub ports: [u16; MAX_PORTS],
+    /// Port of the DNS forwarder on the proxy addresses, host byte order.
+    /// Non-zero: UDP and TCP port 53 go to it. Zero: DNS is left alone.
+    pub dns_port: u16,
+    pub _pad: u16,
+}
+
+/// Where a UDP socket's DNS query was going before it was redirected.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsOrig {
+    /// IPv6 or IPv4-mapped, network byte order.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
 }
 
 impl RedirectConfig {
@@ -159,7 +178,8 @@ pub const fn as_v4(addr: &[u8; 16]) -> Option<[u8; 4]> {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<RedirectConfig>() == 44);
+const _: () = assert!(core::mem::size_of::<RedirectConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<DnsOrig>() == 24);
 const _: () = assert!(core::mem::size_of::<Target>() == 4);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 24);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 64);
@@ -176,6 +196,8 @@ mod user {
     unsafe impl aya::Pod for super::SockKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DnsOrig {}
 }
 
 #[cfg(test)]
@@ -200,6 +222,8 @@ mod tests {
             flags: CONFIG_F_ENABLED,
             mark: 0x1e7,
             ports: [0; MAX_PORTS],
+            dns_port: 0,
+            _pad: 0,
         };
         assert!(!c.has_port(0), "unused slots must not match port 0");
         c.ports[0] = 443;
@@ -214,5 +238,6 @@ mod tests {
         assert_eq!(core::mem::offset_of!(SockKey, port), 16);
         assert_eq!(core::mem::offset_of!(RedirectConfig, mark), 24);
         assert_eq!(core::mem::offset_of!(RedirectConfig, ports), 28);
+        assert_eq!(core::mem::offset_of!(RedirectConfig, dns_port), 44);
     }
 }

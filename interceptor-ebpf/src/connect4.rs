@@ -14,6 +14,7 @@ use interceptor_common::{
     AF_INET, OrigDst, RedirectConfig, STAT_REDIRECTED_V4, STAT_SKIPPED_MARK, STAT_UDP_REFUSED, v4_mapped,
 };
 
+use crate::dns::{dns_applies, redirect_dns4};
 use crate::maps::{ALLOW, DENY, ORIG_BY_COOKIE, SOCK_DGRAM, SOCK_STREAM, bump, enabled_config, is_target_v4};
 
 #[cgroup_sock_addr(connect4)]
@@ -31,6 +32,10 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     let ip = sa.user_ip4.to_ne_bytes();
     // user_port holds a network-order 16-bit port in the low half of a u32.
     let port = u16::from_be(sa.user_port as u16);
+    if dns_applies(ctx, cfg, port) {
+        redirect_dns4(ctx, cfg);
+        return Ok(ALLOW);
+    }
     if !cfg.has_port(port) || !is_target_v4(ip) {
         return Ok(ALLOW);
     }

@@ -11,6 +11,7 @@ use interceptor_common::{
 
 use crate::{
     connect4::{early_verdict, record},
+    dns::{dns_applies, redirect_dns6},
     maps::{ALLOW, DENY, bump, bytes_to_words, enabled_config, is_target_v4, is_target_v6, words_to_bytes},
 };
 
@@ -27,6 +28,10 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     let sa = unsafe { &mut *ctx.sock_addr };
     let addr = words_to_bytes(sa.user_ip6);
     let port = u16::from_be(sa.user_port as u16);
+    if dns_applies(ctx, cfg, port) {
+        redirect_dns6(ctx, cfg);
+        return Ok(ALLOW);
+    }
     if !cfg.has_port(port) {
         return Ok(ALLOW);
     }

@@ -18,6 +18,7 @@
 
 mod connect4;
 mod connect6;
+mod dns;
 mod getsockopt;
 mod maps;
 mod sendmsg;

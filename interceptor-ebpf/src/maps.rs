@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
 };
-use interceptor_common::{ORIG_DST_MAX, OrigDst, RedirectConfig, STAT_MAX, SockKey, TARGETS_MAX, Target};
+use interceptor_common::{DnsOrig, ORIG_DST_MAX, OrigDst, RedirectConfig, STAT_MAX, SockKey, TARGETS_MAX, Target};
 
 /// Program return codes for cgroup sock_addr and sockopt programs.
 pub const ALLOW: i32 = 1;
@@ -27,6 +27,9 @@ pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entri
 
 #[map(name = "ORIG_BY_ADDR")]
 pub static ORIG_BY_ADDR: LruHashMap<SockKey, OrigDst> = LruHashMap::with_max_entries(ORIG_DST_MAX, 0);
+
+#[map(name = "DNS_ORIG")]
+pub static DNS_ORIG: LruHashMap<u64, DnsOrig> = LruHashMap::with_max_entries(ORIG_DST_MAX, 0);
 
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_MAX, 0);

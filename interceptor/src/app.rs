@@ -5,13 +5,15 @@
 //! in-flight connections drained.
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::Context as _;
 use tokio::{
+    net::{TcpListener, UdpSocket},
     signal::unix::{SignalKind, signal},
     sync::watch,
 };
@@ -22,6 +24,7 @@ use crate::{
     ca::{CertificateAuthority, LeafIssuer, LeafSettings},
     config::Backend,
     config::{Config, Overrides, RedirectMode, TargetMode},
+    dns::{self, DnsForwarder, DnsObserver, ForwarderConfig, Learned},
     guardrails::{
         akto::AktoClient,
         engine::{Engine, Policy},
@@ -68,13 +71,34 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("starting the admin API on {}", config.admin.address))?;
 
-    let mut redirector: Box<dyn Redirector> = match config.redirect.mode {
+    // Without a resolver to forward to, redirecting DNS would black-hole it:
+    // learn nothing rather than break name resolution, and say so.
+    let dns_upstreams = match config.targets.mode {
+        TargetMode::Dns => match dns_upstreams(&config) {
+            Ok(u) => Some(u),
+            Err(error) => {
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    "DNS-aware targeting disabled: falling back to resolve mode"
+                );
+                None
+            }
+        },
+        _ => None,
+    };
+    let dns_port = dns_upstreams.as_ref().map(|_| config.targets.dns_port);
+    // The forwarder must listen before DNS is redirected to it.
+    let dns_sockets = match dns_port {
+        Some(port) => Some(bind_dns(&config, port).await?),
+        None => None,
+    };
+    let redirector: Box<dyn Redirector> = match config.redirect.mode {
         RedirectMode::Ebpf => Box::new(
-            EbpfRedirector::install(&config.redirect.cgroup, addrs, &config.redirect.ports)
+            EbpfRedirector::install(&config.redirect.cgroup, addrs, &config.redirect.ports, dns_port)
                 .context("installing the eBPF redirect (run `interceptor doctor` to see what this host supports)")?,
         ),
         RedirectMode::Iptables => Box::new(
-            IptablesRedirector::install(addrs, &config.redirect.ports)
+            IptablesRedirector::install(addrs, &config.redirect.ports, dns_port)
                 .context("installing the iptables redirect (run `interceptor doctor`)")?,
         ),
         RedirectMode::None => Box::new(NoRedirect),
@@ -103,6 +127,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let tls = if config.tls.intercept { Some(Arc::new(tls_termination(&config, &state_dir)?)) } else { None };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (shutdown_dns_tx, shutdown_rx_dns) = watch::channel(false);
     let settings = ProxySettings {
         connect_timeout: config.proxy.connect_timeout,
         client_hello_timeout: config.tls.client_hello_timeout,
@@ -129,30 +154,50 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let proxy = Proxy::serve(listeners, plane, shutdown_rx);
 
     let drain_timeout = config.proxy.drain_timeout;
+    let resolver = {
+        let mut r = TargetResolver::new(names, config.cidrs(), config.targets.address_grace);
+        r.set_all_tls(config.targets.mode == TargetMode::AllTls);
+        r
+    };
+    let targeting = Arc::new(Mutex::new(Targeting { redirector, resolver, targets: TargetSet::default() }));
+    let mut forwarders = Vec::new();
+    if let (Some(sockets), Some(upstreams)) = (dns_sockets, dns_upstreams) {
+        let learner = Arc::new(Learner {
+            targeting: Arc::clone(&targeting),
+            snapshot: snapshot_tx.subscribe(),
+            floor: config.targets.learned_ttl_floor,
+            grace: config.targets.learned_grace,
+        });
+        tracing::info!(upstreams = ?upstreams, port = dns_port, "DNS forwarder listening");
+        let cfg = ForwarderConfig { upstreams, mark: config.proxy.mark, ..ForwarderConfig::default() };
+        for (udp, tcp) in sockets {
+            forwarders.push(DnsForwarder::serve(udp, tcp, cfg.clone(), learner.clone(), shutdown_rx_dns.clone()));
+        }
+    }
     let mut control = Control {
-        resolver: {
-            let mut r = TargetResolver::new(names, config.cidrs(), config.targets.address_grace);
-            r.set_all_tls(config.targets.mode == TargetMode::AllTls);
-            r
-        },
+        targeting: Arc::clone(&targeting),
         snapshot: snapshot_tx,
         guardrails: guardrails_tx,
         policy_text,
         config,
         config_path,
         overrides,
-        redirector: redirector.as_mut(),
         status: status_tx,
-        targets: TargetSet::default(),
     };
     let result = control.run().await;
 
     // Redirect off first: from now on new connections go direct.
-    if let Err(error) = redirector.uninstall() {
-        tracing::error!(error = %telemetry::chain(&error), "cannot remove the redirect");
+    {
+        let mut t = targeting.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(error) = t.redirector.uninstall() {
+            tracing::error!(error = %telemetry::chain(&error), "cannot remove the redirect");
+        }
     }
-    drop(redirector);
     let _ = shutdown_tx.send(true);
+    let _ = shutdown_dns_tx.send(true);
+    for forwarder in forwarders {
+        forwarder.abort();
+    }
     if proxy.drain(drain_timeout).await {
         tracing::info!("all connections finished; stopped");
     } else {
@@ -202,6 +247,93 @@ fn build_guardrails(config: &Config) -> anyhow::Result<(Option<String>, Guardrai
     Ok((policy_text, Guardrails { engine, akto, cfg: g.clone() }))
 }
 
+/// Binds the DNS forwarder's UDP and TCP sockets on the proxy addresses.
+async fn bind_dns(config: &Config, port: u16) -> anyhow::Result<Vec<(UdpSocket, TcpListener)>> {
+    let mut addrs = vec![SocketAddr::from((config.proxy.address_v4, port))];
+    if let Some(v6) = config.proxy.address_v6 {
+        addrs.push(SocketAddr::from((v6, port)));
+    }
+    let mut out = Vec::new();
+    for addr in addrs {
+        let udp = UdpSocket::bind(addr).await.with_context(|| format!("starting the DNS forwarder on udp {addr}"))?;
+        let tcp = TcpListener::bind(addr).await.with_context(|| format!("starting the DNS forwarder on tcp {addr}"))?;
+        out.push((udp, tcp));
+    }
+    Ok(out)
+}
+
+/// The resolvers the forwarder asks: configured, else /etc/resolv.conf's.
+fn dns_upstreams(config: &Config) -> anyhow::Result<Vec<SocketAddr>> {
+    let own: [Option<std::net::IpAddr>; 2] =
+        [Some(config.proxy.address_v4.into()), config.proxy.address_v6.map(std::net::IpAddr::from)];
+    let configured: Vec<SocketAddr> =
+        config.targets.dns_upstreams.iter().filter_map(|u| crate::config::parse_dns_upstream(u)).collect();
+    let upstreams = if configured.is_empty() {
+        let text = std::fs::read_to_string("/etc/resolv.conf").context("reading /etc/resolv.conf for DNS upstreams")?;
+        dns::system_upstreams(&text)
+    } else {
+        configured
+    };
+    // Never forward to ourselves.
+    let upstreams: Vec<SocketAddr> = upstreams
+        .into_iter()
+        .filter(|u| !(u.port() == config.targets.dns_port && own.contains(&Some(u.ip()))))
+        .collect();
+    if upstreams.is_empty() {
+        anyhow::bail!("no DNS upstream: set targets.dns_upstreams, or use targets.mode = \"resolve\"");
+    }
+    Ok(upstreams)
+}
+
+/// The redirector and the target set, shared by the control loop and the
+/// DNS forwarder's learner. Held only for map or rule updates, never across
+/// an await.
+struct Targeting {
+    redirector: Box<dyn Redirector>,
+    resolver: TargetResolver,
+    targets: TargetSet,
+}
+
+impl Targeting {
+    fn apply(&mut self) -> Result<(), crate::redirect::RedirectError> {
+        let set = self.resolver.current();
+        self.redirector.set_targets(&set)?;
+        self.targets = set;
+        Ok(())
+    }
+}
+
+/// Learns AI providers' addresses from the answers agents get, and makes
+/// them targets before the answer is released.
+struct Learner {
+    targeting: Arc<Mutex<Targeting>>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    floor: Duration,
+    grace: Duration,
+}
+
+#[async_trait::async_trait]
+impl DnsObserver for Learner {
+    fn is_ai_domain(&self, name: &str) -> bool {
+        self.snapshot.borrow().policy.classify(Some(name)).intercept
+    }
+
+    async fn learned(&self, learned: Vec<Learned>) {
+        let mut t = self.targeting.lock().unwrap_or_else(|e| e.into_inner());
+        let mut new = 0;
+        for l in &learned {
+            if t.resolver.learn(&l.name, l.addr, l.ttl, self.floor, self.grace) {
+                new += 1;
+            }
+        }
+        match t.apply() {
+            Ok(()) if new > 0 => tracing::info!(new, "learned AI provider addresses from DNS"),
+            Ok(()) => {}
+            Err(error) => tracing::error!(error = %telemetry::chain(&error), "cannot redirect learned addresses"),
+        }
+    }
+}
+
 /// Names resolved for redirect targets: the exact AI names of the policy
 /// plus any extra names configured.
 fn resolve_names(policy: &DomainPolicy, config: &Config) -> Vec<String> {
@@ -223,21 +355,23 @@ fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("creating the state directory {}", dir.display()))
 }
 
-struct Control<'a> {
+struct Control {
     config: Config,
     config_path: Option<PathBuf>,
     overrides: Overrides,
-    redirector: &'a mut dyn Redirector,
-    resolver: TargetResolver,
+    targeting: Arc<Mutex<Targeting>>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     guardrails: watch::Sender<Arc<Guardrails>>,
     /// The policy file's text as last loaded, to notice changes.
     policy_text: Option<String>,
     status: watch::Sender<Arc<Status>>,
-    targets: TargetSet,
 }
 
-impl Control<'_> {
+impl Control {
+    fn targeting(&self) -> std::sync::MutexGuard<'_, Targeting> {
+        self.targeting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Runs until SIGINT or SIGTERM.
     async fn run(&mut self) -> anyhow::Result<()> {
         let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -309,15 +443,18 @@ impl Control<'_> {
     }
 
     async fn refresh_targets(&mut self) {
-        let Ok(set) = tokio::time::timeout(RESOLVE_TIMEOUT, self.resolver.resolve()).await else {
+        let domains = self.targeting().resolver.domains();
+        let Ok(results) = tokio::time::timeout(RESOLVE_TIMEOUT, crate::targets::lookup(domains)).await else {
             tracing::warn!(timeout = ?RESOLVE_TIMEOUT, "target resolution timed out; keeping the current targets");
             return;
         };
-        match self.redirector.set_targets(&set) {
-            Ok(()) => {
-                self.targets = set;
-                self.publish_ready();
-            }
+        let applied = {
+            let mut t = self.targeting();
+            t.resolver.apply(results);
+            t.apply()
+        };
+        match applied {
+            Ok(()) => self.publish_ready(),
             Err(error) => {
                 tracing::error!(error = %telemetry::chain(&error), "cannot update redirect targets; keeping the previous ones")
             }
@@ -330,8 +467,14 @@ impl Control<'_> {
     }
 
     fn publish(&self) {
-        let counters = self.redirector.counters();
-        let targets = self.targets.clone();
+        let (counters, targets) = {
+            let mut t = self.targeting();
+            // Expired learned addresses leave the kernel maps here too.
+            if let Err(error) = t.apply() {
+                tracing::error!(error = %telemetry::chain(&error), "cannot update redirect targets");
+            }
+            (t.redirector.counters(), t.targets.clone())
+        };
         self.status.send_modify(|s| {
             let s = Arc::make_mut(s);
             s.counters = counters;
@@ -406,8 +549,11 @@ impl Control<'_> {
                 }
             }
         }
-        self.resolver.reconfigure(resolve_names(&policy, &new), new.cidrs(), new.targets.address_grace);
-        self.resolver.set_all_tls(new.targets.mode == TargetMode::AllTls);
+        {
+            let mut t = self.targeting();
+            t.resolver.reconfigure(resolve_names(&policy, &new), new.cidrs(), new.targets.address_grace);
+            t.resolver.set_all_tls(new.targets.mode == TargetMode::AllTls);
+        }
         let _ = self.snapshot.send(Arc::new(Snapshot { policy }));
         self.config.targets = new.targets;
         self.config.domains = new.domains;

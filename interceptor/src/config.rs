@@ -237,6 +237,17 @@ pub enum TargetMode {
 #[serde(default, deny_unknown_fields)]
 pub struct TargetsConfig {
     pub mode: TargetMode,
+    /// Port of the DNS forwarder (on the proxy addresses), `dns` mode.
+    pub dns_port: u16,
+    /// Resolvers the forwarder asks (`ip` or `ip:port`). Empty: the
+    /// `nameserver` lines of /etc/resolv.conf.
+    pub dns_upstreams: Vec<String>,
+    /// Shortest time a learned address stays a target, whatever its TTL.
+    #[serde(with = "humantime_serde")]
+    pub learned_ttl_floor: Duration,
+    /// Added to a learned address's TTL, for clients reusing a cached answer.
+    #[serde(with = "humantime_serde")]
+    pub learned_grace: Duration,
     pub domains: Vec<String>,
     /// Kept as text so that every bad entry is reported at once.
     pub cidrs: Vec<String>,
@@ -289,6 +300,10 @@ impl Default for TargetsConfig {
     fn default() -> Self {
         Self {
             mode: TargetMode::Dns,
+            dns_port: 15053,
+            dns_upstreams: Vec::new(),
+            learned_ttl_floor: Duration::from_secs(30),
+            learned_grace: Duration::from_secs(300),
             domains: Vec::new(),
             cidrs: Vec::new(),
             resolve_interval: Duration::from_secs(60),
@@ -454,6 +469,14 @@ impl Config {
                 errors.push(format!("targets.domains: {domain:?}: {why}"));
             }
         }
+        for upstream in &self.targets.dns_upstreams {
+            if parse_dns_upstream(upstream).is_none() {
+                errors.push(format!("targets.dns_upstreams: {upstream:?} is not an address or address:port"));
+            }
+        }
+        if self.targets.mode == TargetMode::Dns && self.targets.dns_port == 0 {
+            errors.push("targets.dns_port: must be non-zero in dns mode".to_string());
+        }
         for cidr in &self.targets.cidrs {
             if let Err(why) = parse_cidr(cidr) {
                 errors.push(format!("targets.cidrs: {cidr:?}: {why}"));
@@ -475,6 +498,11 @@ impl Config {
     pub fn cidrs(&self) -> Vec<IpNet> {
         self.targets.cidrs.iter().filter_map(|c| parse_cidr(c).ok()).collect()
     }
+}
+
+/// `ip` (port 53) or `ip:port` / `[ipv6]:port`.
+pub fn parse_dns_upstream(text: &str) -> Option<SocketAddr> {
+    text.parse::<SocketAddr>().ok().or_else(|| text.parse::<std::net::IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)))
 }
 
 /// Accepts `a.b.c.d`, `a.b.c.d/n` and the IPv6 equivalents.

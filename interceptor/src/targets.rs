@@ -100,20 +100,19 @@ impl TargetResolver {
 
     /// Resolves every domain concurrently and returns the current set.
     pub async fn resolve(&mut self) -> TargetSet {
-        let mut lookups = JoinSet::new();
-        for domain in self.domains.clone() {
-            lookups.spawn(async move {
-                let result = tokio::net::lookup_host((domain.as_str(), 443))
-                    .await
-                    .map(|addrs| addrs.map(|a| a.ip()).collect::<Vec<_>>());
-                (domain, result)
-            });
-        }
+        let results = lookup(self.domains.clone()).await;
+        self.apply(results)
+    }
+
+    /// The domains resolved periodically.
+    pub fn domains(&self) -> Vec<String> {
+        self.domains.clone()
+    }
+
+    /// Folds in the results of [`lookup`] and returns the current set.
+    pub fn apply(&mut self, results: Vec<(String, std::io::Result<Vec<IpAddr>>)>) -> TargetSet {
         let now = Instant::now();
-        while let Some(joined) = lookups.join_next().await {
-            let Ok((domain, result)) = joined else {
-                continue;
-            };
+        for (domain, result) in results {
             match result {
                 Ok(addrs) => {
                     tracing::debug!(%domain, count = addrs.len(), "resolved target domain");
@@ -161,6 +160,25 @@ impl TargetResolver {
         }
         set
     }
+}
+
+/// Resolves `domains` concurrently through the system resolver.
+pub async fn lookup(domains: Vec<String>) -> Vec<(String, std::io::Result<Vec<IpAddr>>)> {
+    let mut lookups = JoinSet::new();
+    for domain in domains {
+        lookups.spawn(async move {
+            let result =
+                tokio::net::lookup_host((domain.as_str(), 443)).await.map(|addrs| addrs.map(|a| a.ip()).collect());
+            (domain, result)
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(joined) = lookups.join_next().await {
+        if let Ok(item) = joined {
+            out.push(item);
+        }
+    }
+    out
 }
 
 fn canonical_ip(ip: IpAddr) -> IpAddr {

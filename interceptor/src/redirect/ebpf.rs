@@ -22,8 +22,8 @@ use aya::{
 };
 use interceptor_common::{
     CONFIG_F_ENABLED, CONFIG_F_HAVE_V6, MAP_BY_ADDR, MAP_CONFIG, MAP_STATS, MAP_TARGETS_V4, MAP_TARGETS_V6, MAX_PORTS,
-    OrigDst, RedirectConfig, STAT_ESTABLISHED, STAT_ORIGDST_ANSWERED, STAT_REDIRECTED_V4, STAT_REDIRECTED_V6,
-    STAT_SKIPPED_MARK, STAT_UDP_REFUSED, STAT_V6_REFUSED, SockKey, Target, v4_mapped,
+    OrigDst, RedirectConfig, STAT_DNS_REDIRECTED, STAT_ESTABLISHED, STAT_ORIGDST_ANSWERED, STAT_REDIRECTED_V4,
+    STAT_REDIRECTED_V6, STAT_SKIPPED_MARK, STAT_UDP_REFUSED, STAT_V6_REFUSED, SockKey, Target, v4_mapped,
 };
 use ipnet::IpNet;
 
@@ -34,7 +34,8 @@ use crate::{cgroup, net::ClientAddr, targets::TargetSet};
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
 
 /// Programs attached to the target cgroup: (program name, description).
-const CGROUP_PROGRAMS: [&str; 4] = ["intercept_connect4", "intercept_connect6", "refuse_quic4", "refuse_quic6"];
+const CGROUP_PROGRAMS: [&str; 6] =
+    ["intercept_connect4", "intercept_connect6", "refuse_quic4", "refuse_quic6", "restore_dns4", "restore_dns6"];
 const SOCK_OPS_PROGRAM: &str = "record_established";
 const GETSOCKOPT_PROGRAM: &str = "answer_original_dst";
 
@@ -109,7 +110,13 @@ where
 impl EbpfRedirector {
     /// Loads and attaches the programs. `cgroup` empty means the cgroup2
     /// root. Must be called inside a tokio runtime (kernel log forwarding).
-    pub fn install(cgroup: &Path, proxy: ProxyAddrs, ports: &[u16]) -> Result<Self, RedirectError> {
+    /// `dns_port`: send UDP and TCP port 53 to the DNS forwarder on that port.
+    pub fn install(
+        cgroup: &Path,
+        proxy: ProxyAddrs,
+        ports: &[u16],
+        dns_port: Option<u16>,
+    ) -> Result<Self, RedirectError> {
         let root = cgroup::cgroup2_root()?;
         let target = if cgroup.as_os_str().is_empty() { root.clone() } else { cgroup.to_path_buf() };
         cgroup::check_cgroup_dir(&target, &root)?;
@@ -119,7 +126,7 @@ impl EbpfRedirector {
         forward_kernel_logs(&mut ebpf);
 
         let mut config: Array<MapData, RedirectConfig> = take_map(&mut ebpf, MAP_CONFIG)?;
-        let config_value = redirect_config(proxy, ports);
+        let config_value = redirect_config(proxy, ports, dns_port);
         config.set(0, config_value, 0).map_err(map_err(MAP_CONFIG))?;
 
         let target_fd = File::open(&target).map_err(|e| RedirectError::Attach {
@@ -187,7 +194,7 @@ impl EbpfRedirector {
     }
 }
 
-fn redirect_config(proxy: ProxyAddrs, ports: &[u16]) -> RedirectConfig {
+fn redirect_config(proxy: ProxyAddrs, ports: &[u16], dns_port: Option<u16>) -> RedirectConfig {
     let mut port_slots = [0u16; MAX_PORTS];
     for (slot, port) in port_slots.iter_mut().zip(ports) {
         *slot = *port;
@@ -203,6 +210,8 @@ fn redirect_config(proxy: ProxyAddrs, ports: &[u16]) -> RedirectConfig {
         flags,
         mark: proxy.mark,
         ports: port_slots,
+        dns_port: dns_port.unwrap_or(0),
+        _pad: 0,
     }
 }
 
@@ -322,6 +331,7 @@ impl Redirector for EbpfRedirector {
             (STAT_V6_REFUSED, "ipv6_refused"),
             (STAT_ESTABLISHED, "established"),
             (STAT_ORIGDST_ANSWERED, "original_dst_answered"),
+            (STAT_DNS_REDIRECTED, "dns_redirected"),
         ];
         names.iter().map(|&(i, name)| (name, self.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))).collect()
     }
@@ -340,13 +350,14 @@ mod tests {
     #[test]
     fn config_carries_ports_addresses_and_flags() {
         let proxy = ProxyAddrs { v4: "127.0.0.1:15443".parse().unwrap(), v6: None, mark: 0x1e7 };
-        let c = redirect_config(proxy, &[443, 8443]);
+        let c = redirect_config(proxy, &[443, 8443], None);
         assert_eq!(c.proxy_addr_v4, [127, 0, 0, 1]);
         assert_eq!(c.proxy_port, 15443);
         assert_eq!(c.flags, CONFIG_F_ENABLED);
         assert!(c.has_port(443) && c.has_port(8443) && !c.has_port(80));
         let proxy = ProxyAddrs { v6: Some("[::1]:15443".parse().unwrap()), ..proxy };
-        assert_eq!(redirect_config(proxy, &[443]).flags, CONFIG_F_ENABLED | CONFIG_F_HAVE_V6);
+        assert_eq!(redirect_config(proxy, &[443], Some(15053)).flags, CONFIG_F_ENABLED | CONFIG_F_HAVE_V6);
+        assert_eq!(redirect_config(proxy, &[443], Some(15053)).dns_port, 15053);
     }
 
     #[test]

@@ -51,18 +51,19 @@ impl Family {
 pub struct IptablesRedirector {
     proxy: ProxyAddrs,
     ports: Vec<u16>,
+    dns_port: Option<u16>,
     installed: bool,
     current: BTreeSet<IpNet>,
 }
 
 impl IptablesRedirector {
     /// Removes stale rules, then creates the chains and the jumps to them.
-    pub fn install(proxy: ProxyAddrs, ports: &[u16]) -> Result<Self, RedirectError> {
+    pub fn install(proxy: ProxyAddrs, ports: &[u16], dns_port: Option<u16>) -> Result<Self, RedirectError> {
         cleanup()?;
-        let this = Self { proxy, ports: ports.to_vec(), installed: true, current: BTreeSet::new() };
+        let this = Self { proxy, ports: ports.to_vec(), dns_port, installed: true, current: BTreeSet::new() };
         for family in [Family::V4, Family::V6] {
             restore(family, &this.rules(family))?;
-            run(family.iptables(), &["-w", "-t", "nat", "-I", "OUTPUT", "1", "-p", "tcp", "-j", CHAIN])?;
+            run(family.iptables(), &["-w", "-t", "nat", "-I", "OUTPUT", "1", "-j", CHAIN])?;
             run(family.iptables(), &["-w", "-t", "filter", "-I", "OUTPUT", "1", "-j", CHAIN])?;
         }
         tracing::info!("iptables redirect installed");
@@ -70,33 +71,47 @@ impl IptablesRedirector {
     }
 
     fn rules(&self, family: Family) -> String {
-        rules(family, &self.current, &self.proxy, &self.ports)
+        rules(family, &self.current, &self.proxy, &self.ports, self.dns_port)
     }
 }
 
 /// The iptables-restore input for one family. Declaring a chain flushes it,
 /// so applying this replaces the chain's rules atomically.
-pub fn rules(family: Family, targets: &BTreeSet<IpNet>, proxy: &ProxyAddrs, ports: &[u16]) -> String {
+pub fn rules(
+    family: Family,
+    targets: &BTreeSet<IpNet>,
+    proxy: &ProxyAddrs,
+    ports: &[u16],
+    dns_port: Option<u16>,
+) -> String {
     let ports = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
     let nets: Vec<&IpNet> = targets.iter().filter(|n| family.matches(n)).collect();
     let mark = format!("-A {CHAIN} -m mark --mark {:#x} -j RETURN\n", proxy.mark);
     // REDIRECT sends to the loopback address (127.0.0.1 or ::1) for locally
     // generated traffic; any other proxy address needs DNAT.
-    let to = match family {
-        Family::V4 if proxy.v4.ip().is_loopback() => Some(format!("REDIRECT --to-ports {}", proxy.v4.port())),
-        Family::V4 => Some(format!("DNAT --to-destination {}", proxy.v4)),
+    let to_port = |port: u16| match family {
+        Family::V4 if proxy.v4.ip().is_loopback() => Some(format!("REDIRECT --to-ports {port}")),
+        Family::V4 => Some(format!("DNAT --to-destination {}:{port}", proxy.v4.ip())),
         Family::V6 => proxy.v6.map(|v6| {
             if v6.ip().is_loopback() {
-                format!("REDIRECT --to-ports {}", v6.port())
+                format!("REDIRECT --to-ports {port}")
             } else {
-                format!("DNAT --to-destination {v6}")
+                format!("DNAT --to-destination [{}]:{port}", v6.ip())
             }
         }),
     };
+    let to = to_port(proxy.v4.port());
     let mut out = String::new();
     out.push_str("*nat\n");
     let _ = writeln!(out, ":{CHAIN} - [0:0]");
     out.push_str(&mark);
+    // DNS from every process to the forwarder (replies are un-NATed by
+    // conntrack); the forwarder's own queries carry the mark.
+    if let Some(to) = dns_port.and_then(to_port) {
+        for proto in ["udp", "tcp"] {
+            let _ = writeln!(out, "-A {CHAIN} -p {proto} --dport 53 -j {to}");
+        }
+    }
     if let Some(to) = &to {
         for net in &nets {
             let _ = writeln!(out, "-A {CHAIN} -d {net} -p tcp -m multiport --dports {ports} -j {to}");
@@ -165,7 +180,10 @@ pub fn cleanup() -> Result<(), RedirectError> {
         if which(ipt).is_none() {
             continue;
         }
-        for (table, jump) in [("nat", &["-p", "tcp", "-j", CHAIN][..]), ("filter", &["-j", CHAIN][..])] {
+        // The nat jump had `-p tcp` in earlier versions: remove both forms.
+        for (table, jump) in
+            [("nat", &["-j", CHAIN][..]), ("nat", &["-p", "tcp", "-j", CHAIN][..]), ("filter", &["-j", CHAIN][..])]
+        {
             // Remove every copy of the jump (a crashed run may have left several).
             for _ in 0..64 {
                 let mut args = vec!["-w", "-t", table, "-D", "OUTPUT"];
@@ -264,7 +282,7 @@ mod tests {
 
     #[test]
     fn v4_rules_redirect_tcp_refuse_udp_and_guard() {
-        let r = rules(Family::V4, &targets(), &proxy(true), &[443]);
+        let r = rules(Family::V4, &targets(), &proxy(true), &[443], None);
         assert_eq!(
             r,
             "*nat\n:INTERCEPTOR - [0:0]\n\
@@ -280,7 +298,7 @@ mod tests {
 
     #[test]
     fn v6_without_listener_has_no_redirect_but_keeps_the_guard() {
-        let r = rules(Family::V6, &targets(), &proxy(false), &[443, 8443]);
+        let r = rules(Family::V6, &targets(), &proxy(false), &[443, 8443], None);
         assert!(!r.contains("REDIRECT"), "{r}");
         assert!(
             r.contains("-d 2001:db8::10/128 -p tcp -m multiport --dports 443,8443 -j REJECT --reject-with tcp-reset")
@@ -292,7 +310,8 @@ mod tests {
     fn non_loopback_proxy_address_uses_dnat() {
         let mut p = proxy(false);
         p.v4 = "10.0.0.5:15443".parse().unwrap();
-        let r = rules(Family::V4, &targets(), &p, &[443]);
+        let r = rules(Family::V4, &targets(), &p, &[443], Some(15053));
+        assert!(r.contains("-A INTERCEPTOR -p udp --dport 53 -j DNAT --to-destination 10.0.0.5:15053"), "{r}");
         assert!(r.contains("-j DNAT --to-destination 10.0.0.5:15443"), "{r}");
     }
 }
