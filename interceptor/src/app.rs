@@ -118,6 +118,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         proxy: Some(addrs),
         ..Default::default()
     }));
+    let status_tx = Arc::new(status_tx);
     let metrics = Arc::new(Metrics::new());
     tokio::spawn(admin::serve(admin_listener, status_rx, Arc::clone(&metrics)));
 
@@ -165,6 +166,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         let learner = Arc::new(Learner {
             targeting: Arc::clone(&targeting),
             snapshot: snapshot_tx.subscribe(),
+            status: Arc::clone(&status_tx),
             floor: config.targets.learned_ttl_floor,
             grace: config.targets.learned_grace,
         });
@@ -308,6 +310,7 @@ impl Targeting {
 struct Learner {
     targeting: Arc<Mutex<Targeting>>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
+    status: Arc<watch::Sender<Arc<Status>>>,
     floor: Duration,
     grace: Duration,
 }
@@ -326,7 +329,11 @@ impl DnsObserver for Learner {
                 new += 1;
             }
         }
-        match t.apply() {
+        let applied = t.apply();
+        let targets = t.targets.clone();
+        drop(t);
+        self.status.send_modify(|s| Arc::make_mut(s).targets = targets);
+        match applied {
             Ok(()) if new > 0 => tracing::info!(new, "learned AI provider addresses from DNS"),
             Ok(()) => {}
             Err(error) => tracing::error!(error = %telemetry::chain(&error), "cannot redirect learned addresses"),
@@ -364,7 +371,7 @@ struct Control {
     guardrails: watch::Sender<Arc<Guardrails>>,
     /// The policy file's text as last loaded, to notice changes.
     policy_text: Option<String>,
-    status: watch::Sender<Arc<Status>>,
+    status: Arc<watch::Sender<Arc<Status>>>,
 }
 
 impl Control {

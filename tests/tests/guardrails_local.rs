@@ -2,7 +2,7 @@
 //! bodies, SigV4-signed bodies that cannot be modified, oversized bodies, and
 //! the audit trail keeping secrets and prompts out.
 
-use std::{io::Write as _, sync::Arc};
+use std::io::Write as _;
 
 use anyhow::Result;
 use interceptor::{

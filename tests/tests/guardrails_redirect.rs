@@ -98,7 +98,7 @@ async fn the_policy_file_reloads_live_and_an_invalid_one_is_rejected() -> Result
     let blocking = "[[rules]]\nid = \"codename\"\ndetectors = [\"codename\"]\naction = \"block\"\n\n\
                     [[detectors]]\nname = \"codename\"\nkeywords = [\"project zebra\"]\n";
     let allowing = blocking.replace("action = \"block\"", "action = \"alert\"");
-    std::fs::write(&policy, &blocking)?;
+    std::fs::write(&policy, blocking)?;
     let extra = format!("[guardrails]\npolicy_file = \"{}\"\n", policy.display());
     let stage = Stage::new("reload", "ebpf", &extra)?;
     let script = OPENAI.replace("call(\"hello\")", "call(\"tell me about Project Zebra\")");

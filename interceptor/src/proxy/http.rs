@@ -71,7 +71,7 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     if let Err(response) = prepare_request(&mut parts, &conn.exchange, upgrade) {
-        return response;
+        return *response;
     }
     let mut body: BoxBody = body.map_err(boxed).boxed_unsync();
 
@@ -244,7 +244,7 @@ fn prepare_request(
     parts: &mut http::request::Parts,
     exchange: &Exchange,
     upgrade: bool,
-) -> Result<(), Response<BoxBody>> {
+) -> Result<(), Box<Response<BoxBody>>> {
     let authority = match parts.uri.authority() {
         Some(a) => a.as_str().to_string(),
         None => match parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
@@ -256,11 +256,11 @@ fn prepare_request(
     parts.uri = match Uri::builder().scheme("https").authority(authority.as_str()).path_and_query(path).build() {
         Ok(uri) => uri,
         Err(error) => {
-            return Err(error_response(
+            return Err(Box::new(error_response(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 &format!("invalid request target: {error}"),
-            ));
+            )));
         }
     };
     // The upstream client derives Host (HTTP/1.1) or :authority (HTTP/2)
