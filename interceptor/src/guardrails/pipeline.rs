@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use super::{
     akto::{AktoClient, CallInfo, RemoteVerdict, merge_modified_payload, redact_path},
     decode::decode_body,
-    engine::{Decision as EngineDecision, Engine, ScanContext, WorkloadRef},
+    engine::{Decision as EngineDecision, Engine, Scan, ScanContext, WorkloadRef},
     framing::{FramingKind, eventstream, json_array::JsonArrayStream, sse::SseParser},
     model::{Direction, NormalizedRequest, Provider, Role, TextKind, TextSpan},
     providers::{self, StreamEventRef},
@@ -115,6 +115,32 @@ impl Outcome {
     fn note_detector(&mut self, detector: &str) {
         if !self.detectors.iter().any(|d| d == detector) {
             self.detectors.push(detector.to_string());
+        }
+    }
+
+    /// Folds a local scan in: rules and detectors noted, a block or an
+    /// alert recorded. Returns whether texts must be redacted.
+    fn local(&mut self, scan: &Scan) -> bool {
+        for f in &scan.findings {
+            self.note_rule(&f.rule_id);
+            self.note_detector(&f.detector);
+        }
+        match &scan.decision {
+            EngineDecision::Block(b) => {
+                self.block = Some(Block {
+                    status: StatusCode::FORBIDDEN,
+                    reason: b.reason.clone(),
+                    backend: "local",
+                    rule: b.rule_id.to_string(),
+                });
+                false
+            }
+            EngineDecision::Redact => true,
+            EngineDecision::Alert => {
+                self.alert = true;
+                false
+            }
+            EngineDecision::Allow => false,
         }
     }
 
@@ -367,37 +393,21 @@ impl Hook for Pipeline {
                         workload: workload_ref(ex),
                     };
                     let scan = engine.scan(&ctx, normalized.texts.iter().map(|t| (t.kind, t.text.as_str())));
-                    for f in &scan.findings {
-                        outcome.note_rule(&f.rule_id);
-                        outcome.note_detector(&f.detector);
-                    }
-                    match &scan.decision {
-                        EngineDecision::Block(b) => {
-                            outcome.block = Some(Block {
-                                status: StatusCode::FORBIDDEN,
-                                reason: b.reason.clone(),
-                                backend: "local",
-                                rule: b.rule_id.to_string(),
-                            });
-                        }
-                        EngineDecision::Redact => {
-                            for (i, t) in normalized.texts.iter().enumerate() {
-                                let Some(new) = scan.redacted(i, &t.text) else { continue };
-                                match doc.as_mut() {
-                                    Some(d) if !t.path.is_empty() => {
-                                        if providers::set_text(d, &t.path, &new).is_ok() {
-                                            outcome.modified = true;
-                                        }
-                                    }
-                                    _ => {
-                                        raw_text = Some(new);
+                    if outcome.local(&scan) {
+                        for (i, t) in normalized.texts.iter().enumerate() {
+                            let Some(new) = scan.redacted(i, &t.text) else { continue };
+                            match doc.as_mut() {
+                                Some(d) if !t.path.is_empty() => {
+                                    if providers::set_text(d, &t.path, &new).is_ok() {
                                         outcome.modified = true;
                                     }
                                 }
+                                _ => {
+                                    raw_text = Some(new);
+                                    outcome.modified = true;
+                                }
                             }
                         }
-                        EngineDecision::Alert => outcome.alert = true,
-                        EngineDecision::Allow => {}
                     }
                     if outcome.block.is_none()
                         && let Some(d) = doc.as_mut()
@@ -581,31 +591,15 @@ impl Hook for Pipeline {
                         workload: workload_ref(ex),
                     };
                     let scan = engine.scan(&ctx, texts.iter().map(|t| (t.kind, t.text.as_str())));
-                    for f in &scan.findings {
-                        outcome.note_rule(&f.rule_id);
-                        outcome.note_detector(&f.detector);
-                    }
-                    match &scan.decision {
-                        EngineDecision::Block(b) => {
-                            outcome.block = Some(Block {
-                                status: StatusCode::FORBIDDEN,
-                                reason: b.reason.clone(),
-                                backend: "local",
-                                rule: b.rule_id.to_string(),
-                            });
-                        }
-                        EngineDecision::Redact => {
-                            for (i, t) in texts.iter().enumerate() {
-                                if let (Some(new), Some(d)) = (scan.redacted(i, &t.text), doc.as_mut())
-                                    && !t.path.is_empty()
-                                    && providers::set_text(d, &t.path, &new).is_ok()
-                                {
-                                    outcome.modified = true;
-                                }
+                    if outcome.local(&scan) {
+                        for (i, t) in texts.iter().enumerate() {
+                            if let (Some(new), Some(d)) = (scan.redacted(i, &t.text), doc.as_mut())
+                                && !t.path.is_empty()
+                                && providers::set_text(d, &t.path, &new).is_ok()
+                            {
+                                outcome.modified = true;
                             }
                         }
-                        EngineDecision::Alert => outcome.alert = true,
-                        EngineDecision::Allow => {}
                     }
                 }
                 Backend::Akto => {
@@ -868,22 +862,9 @@ impl StreamGuard {
                         workload,
                     };
                     let scan = engine.scan(&ctx, [(TextKind::Content, text.as_str())]);
-                    for f in &scan.findings {
-                        self.outcome.note_rule(&f.rule_id);
-                        self.outcome.note_detector(&f.detector);
-                    }
-                    match scan.decision {
-                        EngineDecision::Block(b) => {
-                            self.outcome.block = Some(Block {
-                                status: StatusCode::FORBIDDEN,
-                                reason: b.reason,
-                                backend: "local",
-                                rule: b.rule_id.to_string(),
-                            });
-                        }
+                    if self.outcome.local(&scan) {
                         // A stream cannot be rewritten in place: record it.
-                        EngineDecision::Redact | EngineDecision::Alert => self.outcome.alert = true,
-                        EngineDecision::Allow => {}
+                        self.outcome.alert = true;
                     }
                 }
                 Backend::Akto => {
