@@ -35,6 +35,9 @@ enum Task {
     Run(RunArgs),
     /// Set up, then measure the intercepted path against a direct connection.
     Bench,
+    /// Set up, then show interception and guardrails end to end in a throwaway
+    /// network namespace (no internet or API key needed; needs root).
+    Demo,
     /// Set up, then run the unit, in-process and privileged tests.
     Test {
         /// Extra `cargo test` arguments for every step; arguments after a second `--` go
@@ -56,6 +59,15 @@ fn main() -> Result<()> {
         }
         Task::Run(args) => interceptor::run(args),
         Task::Test { args } => suite::test(&args),
+        Task::Demo => {
+            setup::setup()?;
+            let bin = interceptor::build(Profile::Dev)?;
+            cmd::run(
+                cmd::cargo()
+                    .args(["run", "--quiet", "--package", "interceptor-tests", "--bin", "demo"])
+                    .env("INTERCEPTOR_BIN", bin),
+            )
+        }
         Task::Bench => {
             setup::setup()?;
             cmd::run(cmd::cargo().args(["run", "--release", "--package", "interceptor-tests", "--bin", "bench"]))
