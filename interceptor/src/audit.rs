@@ -26,6 +26,33 @@ pub struct WorkloadInfo {
     pub uid: Option<u32>,
     pub comm: Option<String>,
     pub cgroup_id: Option<u64>,
+    /// cgroup path, relative to the cgroup2 mount.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// Kubernetes pod UID and container ID, when the cgroup path shows them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+}
+
+impl WorkloadInfo {
+    /// What is known of the process behind a connection, with its cgroup
+    /// named and, on Kubernetes nodes, its pod and container.
+    pub fn of(workload: Option<&crate::redirect::Workload>) -> Self {
+        let Some(w) = workload else { return Self::default() };
+        let cgroup = crate::workload::cgroup_path(w.cgroup_id);
+        let kube = cgroup.as_deref().and_then(crate::workload::kube_identity);
+        Self {
+            pid: Some(w.pid),
+            uid: Some(w.uid),
+            comm: Some(w.comm.clone()),
+            cgroup_id: Some(w.cgroup_id),
+            cgroup: cgroup.map(|c| c.to_string()),
+            pod_uid: kube.as_ref().map(|k| k.pod_uid.clone()),
+            container_id: kube.and_then(|k| k.container_id),
+        }
+    }
 }
 
 /// One guardrail decision.

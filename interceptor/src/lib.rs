@@ -23,6 +23,7 @@ pub mod proxy;
 pub mod redirect;
 pub mod targets;
 pub mod telemetry;
+pub mod workload;
 
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -28,7 +28,10 @@ async fn pod_clients_are_intercepted_and_guardrailed_by_the_node_interceptor() -
     // The attach point plays the node's cgroup root; the pod's cgroup is a child.
     let root = Cgroup::new("pod_root")?;
     let node_cg = Cgroup::new("pod_agent")?;
-    let pod_cg = root.child("kubepods-pod1")?;
+    // Named the way the kubelet's systemd cgroup driver names them.
+    let kubepods = root.child_named("kubepods.slice")?;
+    let besteffort = kubepods.child_named("kubepods-besteffort.slice")?;
+    let pod_cg = besteffort.child_named("kubepods-besteffort-pod1f2e3d4c_5b6a_7980_a1b2_c3d4e5f60718.slice")?;
 
     let pki = TestPki::with_defaults()?;
     let dir = tempfile::tempdir()?;
@@ -64,6 +67,17 @@ async fn pod_clients_are_intercepted_and_guardrailed_by_the_node_interceptor() -
     assert_eq!(rec["cgroup_id"], pod_cg.id()?, "{rec}");
     let seen = String::from_utf8_lossy(&provider.requests().pop().context("forwarded")?.body).to_string();
     assert!(seen.contains("[REDACTED:credit_card]") && !seen.contains("4111"), "{seen}");
+
+    // The audit event names the pod from its cgroup path.
+    let audit = proxy
+        .events()
+        .into_iter()
+        .filter(|e| e["target"] == "audit")
+        .filter_map(|e| serde_json::from_str::<serde_json::Value>(e["audit"].as_str()?).ok())
+        .find(|a| a["decision"] == "modify")
+        .context("no audit event for the redaction")?;
+    assert_eq!(audit["workload"]["pod_uid"], "1f2e3d4c-5b6a-7980-a1b2-c3d4e5f60718", "{audit}");
+    assert_eq!(audit["workload"]["comm"], "curl", "{audit}");
 
     let key = format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----", "MIIEvQIBADANBgkq".repeat(3));
     let r = node_fetch(&env, &chat(&key)).await?;

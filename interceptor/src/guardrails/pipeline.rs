@@ -296,12 +296,7 @@ impl Pipeline {
                 latency_ms: started.elapsed().as_secs_f64() * 1e3,
                 client: ex.client.to_string(),
                 orig_dst: ex.orig_dst.to_string(),
-                workload: WorkloadInfo {
-                    pid: w.map(|w| w.pid),
-                    uid: w.map(|w| w.uid),
-                    comm: w.map(|w| w.comm.clone()),
-                    cgroup_id: w.map(|w| w.cgroup_id),
-                },
+                workload: WorkloadInfo::of(w),
                 prompt: if g.cfg.audit_prompts { prompt } else { None },
             })
             .await;
@@ -723,12 +718,7 @@ impl StreamGuard {
             workload_comm: w.map(|w| w.comm.clone()),
             client: call.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
             orig_dst: call.dest_ip.map(|ip| ip.to_string()).unwrap_or_default(),
-            workload: WorkloadInfo {
-                pid: w.map(|w| w.pid),
-                uid: w.map(|w| w.uid),
-                comm: w.map(|w| w.comm.clone()),
-                cgroup_id: w.map(|w| w.cgroup_id),
-            },
+            workload: WorkloadInfo::of(w),
             g,
             state,
             kind,

@@ -82,6 +82,17 @@ impl Cgroup {
         Ok(Cgroup { path, root: self.root.clone() })
     }
 
+    /// Creates a sub-cgroup with exactly `name` (one path component, e.g. a
+    /// kubelet-style `kubepods-besteffort-pod<uid>.slice`).
+    pub fn child_named(&self, name: &str) -> Result<Cgroup> {
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            bail!("{name:?} is not a single path component");
+        }
+        let path = self.path.join(name);
+        fs::create_dir(&path).with_context(|| format!("create cgroup {}", path.display()))?;
+        Ok(Cgroup { path, root: self.root.clone() })
+    }
+
     /// Absolute path of the cgroup directory.
     pub fn path(&self) -> &Path {
         &self.path

@@ -1,0 +1,158 @@
+//! Naming workloads from what the kernel recorded: a cgroup id becomes the
+//! cgroup's path, and a path in the kubelet's naming becomes a pod UID and a
+//! container ID (systemd driver: `kubepods.slice/kubepods-burstable.slice/
+//! kubepods-burstable-pod<uid>.slice/cri-containerd-<id>.scope`; cgroupfs
+//! driver: `kubepods/burstable/pod<uid>/<id>`).
+//!
+//! Paths are found by walking the cgroup2 tree once per unknown id (the id is
+//! the directory's inode number) and cached.
+
+use std::{
+    collections::HashMap,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, OnceLock},
+};
+
+use serde::Serialize;
+
+/// Bound on cached ids; the cache starts over when full.
+const CACHE: usize = 16_384;
+/// Bound on directories visited per lookup.
+const MAX_WALK: usize = 100_000;
+
+/// Pod and container, as the cgroup path reveals them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct KubeIdentity {
+    pub pod_uid: String,
+    pub container_id: Option<String>,
+    pub qos: Option<String>,
+}
+
+struct Names {
+    root: Option<PathBuf>,
+    cache: Mutex<HashMap<u64, Option<Arc<str>>>>,
+}
+
+fn names() -> &'static Names {
+    static NAMES: OnceLock<Names> = OnceLock::new();
+    NAMES.get_or_init(|| Names { root: crate::cgroup::cgroup2_root().ok(), cache: Mutex::new(HashMap::new()) })
+}
+
+/// The cgroup path (relative to the cgroup2 mount, starting with `/`) of a
+/// cgroup id, if it still exists.
+pub fn cgroup_path(id: u64) -> Option<Arc<str>> {
+    let names = names();
+    let root = names.root.as_deref()?;
+    if let Some(found) = names.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+        return found.clone();
+    }
+    let found = find(root, id).map(|p| Arc::<str>::from(p.as_str()));
+    let mut cache = names.cache.lock().unwrap_or_else(|e| e.into_inner());
+    if cache.len() >= CACHE {
+        cache.clear();
+    }
+    cache.insert(id, found.clone());
+    found
+}
+
+fn find(root: &Path, id: u64) -> Option<String> {
+    let mut stack = vec![root.to_path_buf()];
+    let mut visited = 0;
+    while let Some(dir) = stack.pop() {
+        visited += 1;
+        if visited > MAX_WALK {
+            return None;
+        }
+        if std::fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
+            let rel = dir.strip_prefix(root).ok()?.to_string_lossy().into_owned();
+            return Some(format!("/{rel}"));
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(entry.path());
+            }
+        }
+    }
+    None
+}
+
+/// Pod UID, container ID and QoS class from a kubelet cgroup path.
+pub fn kube_identity(path: &str) -> Option<KubeIdentity> {
+    let mut identity: Option<KubeIdentity> = None;
+    let mut qos = None;
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        let name = part.trim_end_matches(".slice").trim_end_matches(".scope");
+        if let Some(rest) = name.strip_prefix("kubepods-") {
+            // kubepods-burstable, kubepods-burstable-pod<uid>, kubepods-pod<uid>
+            let (class, pod) = match rest.split_once("-pod") {
+                Some((class, pod)) => (Some(class), Some(pod)),
+                None if rest.starts_with("pod") => (None, rest.strip_prefix("pod")),
+                None => (Some(rest), None),
+            };
+            if let Some(class) = class {
+                qos = Some(class.to_string());
+            }
+            if let Some(pod) = pod {
+                // The systemd driver writes the UID's dashes as underscores.
+                identity = Some(KubeIdentity { pod_uid: pod.replace('_', "-"), container_id: None, qos: qos.clone() });
+            }
+        } else if let Some(pod) = name.strip_prefix("pod") {
+            if !pod.is_empty() && pod.contains('-') {
+                identity = Some(KubeIdentity { pod_uid: pod.to_string(), container_id: None, qos: qos.clone() });
+            }
+        } else if matches!(name, "burstable" | "besteffort" | "guaranteed") {
+            qos = Some(name.to_string());
+        } else if let Some(id) = identity.as_mut() {
+            // cri-containerd-<id>, crio-<id>, docker-<id>, or a bare id.
+            let container = name.rsplit('-').next().unwrap_or(name);
+            if container.len() >= 12 && container.bytes().all(|b| b.is_ascii_hexdigit()) {
+                id.container_id = Some(container.to_string());
+            }
+        }
+    }
+    identity
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn systemd_driver_paths_name_the_pod_and_container() {
+        let p = "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1f2e3d4c_5b6a_7980_a1b2_c3d4e5f60718.slice/cri-containerd-0123456789abcdef0123456789abcdef.scope";
+        let id = kube_identity(p).unwrap();
+        assert_eq!(id.pod_uid, "1f2e3d4c-5b6a-7980-a1b2-c3d4e5f60718");
+        assert_eq!(id.container_id.as_deref(), Some("0123456789abcdef0123456789abcdef"));
+        assert_eq!(id.qos.as_deref(), Some("burstable"));
+    }
+
+    #[test]
+    fn cgroupfs_driver_paths_name_the_pod_and_container() {
+        let p = "/kubepods/besteffort/pod1f2e3d4c-5b6a-7980-a1b2-c3d4e5f60718/0123456789abcdef0123";
+        let id = kube_identity(p).unwrap();
+        assert_eq!(id.pod_uid, "1f2e3d4c-5b6a-7980-a1b2-c3d4e5f60718");
+        assert_eq!(id.container_id.as_deref(), Some("0123456789abcdef0123"));
+        assert_eq!(id.qos.as_deref(), Some("besteffort"));
+        let guaranteed =
+            kube_identity("/kubepods.slice/kubepods-pod9a8b7c6d_0000_1111_2222_333344445555.slice").unwrap();
+        assert_eq!(guaranteed.pod_uid, "9a8b7c6d-0000-1111-2222-333344445555");
+    }
+
+    #[test]
+    fn other_paths_are_not_pods() {
+        assert_eq!(kube_identity("/user.slice/user-0.slice/session-1.scope"), None);
+        assert_eq!(kube_identity("/system.slice/interceptor.service"), None);
+    }
+
+    #[test]
+    fn a_cgroup_id_resolves_to_its_path() {
+        let Ok(root) = crate::cgroup::cgroup2_root() else { return };
+        let own = crate::cgroup::own_cgroup(&root).unwrap();
+        let id = std::fs::metadata(&own).unwrap().ino();
+        let path = cgroup_path(id).expect("own cgroup found");
+        assert_eq!(root.join(path.trim_start_matches('/')), own);
+        assert_eq!(cgroup_path(u64::MAX), None);
+    }
+}
