@@ -1,0 +1,183 @@
+//! The Kubernetes manifests in deploy/kubernetes: schema-valid for a recent
+//! Kubernetes, clean under checkov's policies (accepted findings are skipped
+//! in the manifests with a justification), and carrying a configuration the
+//! interceptor accepts.
+//!
+//! Unprivileged. The validators are Python tools (`cargo xtask setup`
+//! installs them); without them a test prints `SKIP <test>: <reason>`, or
+//! fails when `CI` is set.
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use anyhow::{Context as _, Result, bail};
+use interceptor::testing::interceptor_bin;
+
+/// The Kubernetes version the manifests are validated against.
+const KUBERNETES_VERSION: &str = "1.33.0";
+
+/// The proxy address of configmap.yaml, which the DaemonSet's initContainer
+/// binds on the host.
+const PROXY_ADDRESS: &str = "169.254.20.11";
+
+fn manifests_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes")
+}
+
+/// Every manifest but kustomization.yaml (a kustomize file, not a Kubernetes
+/// object), sorted.
+fn manifests() -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(manifests_dir()).context("reading deploy/kubernetes")? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if (name.ends_with(".yaml") || name.ends_with(".yml")) && name != "kustomization.yaml" {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Whether `tool` is usable (`probe` runs it harmlessly). When it is not,
+/// prints `SKIP <test>: <reason>` and returns false, or panics when `CI` is
+/// set: a CI run must not skip silently.
+fn require_tool(test_name: &str, tool: &str, probe: &mut Command) -> bool {
+    let reason = match probe.output() {
+        Ok(out) if out.status.success() => return true,
+        Ok(out) => format!("`{tool}` does not run: {}", String::from_utf8_lossy(&out.stderr).trim()),
+        Err(e) => format!("`{tool}` not found: {e}"),
+    };
+    let reason = format!("{reason} (install it with `cargo xtask setup` or `python3 -m pip install {tool}`)");
+    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
+        panic!("{test_name}: cannot run (CI is set, so not skipping): {reason}");
+    }
+    // Straight to stderr, not `eprintln!`, which the test harness captures.
+    let _ = writeln!(std::io::stderr(), "SKIP {test_name}: {reason}");
+    false
+}
+
+fn describe(out: &Output) -> String {
+    format!("stdout:\n{}\nstderr:\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn manifests_validate_against_the_kubernetes_schema() -> Result<()> {
+    let name = "manifests_validate_against_the_kubernetes_schema";
+    if !require_tool(
+        name,
+        "kubernetes-validate",
+        Command::new("python3").args(["-m", "kubernetes_validate", "--version"]),
+    ) {
+        return Ok(());
+    }
+    let files = manifests()?;
+    assert!(files.len() >= 4, "expected the manifests in deploy/kubernetes, found {files:?}");
+    for file in files {
+        // --strict rejects unknown fields (a misspelt or misplaced key).
+        let out = Command::new("python3")
+            .args(["-m", "kubernetes_validate", "--strict", "--kubernetes-version", KUBERNETES_VERSION])
+            .arg(&file)
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{} is not a valid Kubernetes {KUBERNETES_VERSION} object:\n{}",
+            file.display(),
+            describe(&out)
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn manifests_pass_checkov() -> Result<()> {
+    let name = "manifests_pass_checkov";
+    if !require_tool(name, "checkov", Command::new("checkov").arg("--version")) {
+        return Ok(());
+    }
+    let out = Command::new("checkov")
+        .arg("--directory")
+        .arg(manifests_dir())
+        .args(["--framework", "kubernetes", "--compact", "--quiet"])
+        // Offline: no guideline download from the vendor's platform.
+        .arg("--skip-download")
+        .env("BC_SKIP_MAPPING", "TRUE")
+        .output()?;
+    assert!(
+        out.status.success(),
+        "checkov found problems in deploy/kubernetes (fix them, or skip an accepted finding in the manifest with a \
+         `checkov.io/skipN: CKV_K8S_xx=<justification>` annotation):\n{}",
+        describe(&out)
+    );
+    Ok(())
+}
+
+/// The `config.toml` block scalar (`|`) of configmap.yaml, de-indented.
+fn configmap_toml(yaml: &str) -> Result<String> {
+    let mut lines = yaml.lines().skip_while(|l| l.trim() != "config.toml: |");
+    if lines.next().is_none() {
+        bail!("configmap.yaml has no `config.toml: |` entry");
+    }
+    let body: Vec<&str> = lines.take_while(|l| l.trim().is_empty() || l.starts_with("    ")).collect();
+    let indent = body.iter().find(|l| !l.trim().is_empty()).map_or(0, |l| l.len() - l.trim_start().len());
+    let mut toml = String::new();
+    for line in body {
+        toml.push_str(line.get(indent..).unwrap_or(""));
+        toml.push('\n');
+    }
+    Ok(toml)
+}
+
+#[test]
+fn configmap_holds_a_valid_node_config() -> Result<()> {
+    let dir = manifests_dir();
+    let toml = configmap_toml(&std::fs::read_to_string(dir.join("configmap.yaml"))?)?;
+    assert!(toml.contains("[proxy]") && toml.contains("[targets]"), "extracted config looks truncated:\n{toml}");
+    let tmp = tempfile::tempdir()?;
+    let path = tmp.path().join("config.toml");
+    std::fs::write(&path, &toml)?;
+
+    let mut check = Command::new(interceptor_bin());
+    check.arg("check-config").arg("--config").arg(&path);
+    // Only the file decides: no overrides leaking in from this environment.
+    for (key, _) in std::env::vars_os() {
+        if key.to_str().is_some_and(|k| k.starts_with("INTERCEPTOR_") || k.starts_with("AKTO_") || k == "APP_NAME") {
+            check.env_remove(key);
+        }
+    }
+    let out = check.output()?;
+    assert!(out.status.success(), "interceptor check-config rejects the ConfigMap's config:\n{}", describe(&out));
+
+    // The effective settings the DaemonSet relies on.
+    let effective = String::from_utf8_lossy(&out.stdout);
+    for expected in [
+        format!("address_v4 = \"{PROXY_ADDRESS}\""),
+        "mode = \"ebpf\"".to_owned(),
+        "cgroup = \"\"".to_owned(),
+        "address = \"127.0.0.1:15000\"".to_owned(),
+    ] {
+        assert!(effective.contains(&expected), "effective config lacks `{expected}`:\n{effective}");
+    }
+    assert!(!effective.contains("dns_upstreams = []"), "pods would lose cluster DNS:\n{effective}");
+    Ok(())
+}
+
+#[test]
+fn daemonset_and_kustomization_agree_with_the_rest() -> Result<()> {
+    let dir = manifests_dir();
+    let daemonset = std::fs::read_to_string(dir.join("daemonset.yaml"))?;
+    // The initContainer binds the address the proxy is configured to use.
+    assert!(daemonset.contains(&format!("\"{PROXY_ADDRESS}/32\"")), "daemonset.yaml does not bind {PROXY_ADDRESS}");
+    // The probes hit the admin address of the config.
+    assert!(daemonset.contains("port: 15000") && daemonset.contains("host: 127.0.0.1"));
+    // kustomization.yaml lists every manifest.
+    let kustomization = std::fs::read_to_string(dir.join("kustomization.yaml"))?;
+    for file in manifests()? {
+        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        assert!(kustomization.contains(&format!("- {name}")), "kustomization.yaml does not list {name}");
+    }
+    Ok(())
+}
