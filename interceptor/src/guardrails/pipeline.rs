@@ -751,32 +751,29 @@ impl StreamGuard {
             return false;
         }
         let provider = self.state.provider;
-        let mut events: Vec<(usize, super::model::StreamDelta)> = Vec::new();
-        let result = match &mut self.framer {
+        let delta = |ev: StreamEventRef<'_>| providers::stream_delta(provider, ev);
+        let result: Result<Vec<(usize, super::model::StreamDelta)>, String> = match &mut self.framer {
             Framer::Sse(p) => p
                 .feed(chunk)
-                .map(|evs| {
-                    for e in &evs {
-                        events.push((e.raw_len, providers::stream_delta(provider, StreamEventRef::from(e))));
-                    }
-                })
+                .map(|evs| evs.iter().map(|e| (e.raw_len, delta(e.into()))).collect())
                 .map_err(|e| e.to_string()),
             Framer::EventStream(p) => p
                 .feed(chunk)
-                .map(|frames| {
-                    for f in &frames {
-                        events.push((f.raw_len, providers::stream_delta(provider, StreamEventRef::from(f))));
-                    }
-                })
+                .map(|fs| fs.iter().map(|f| (f.raw_len, delta(f.into()))).collect())
                 .map_err(|e| e.to_string()),
             Framer::JsonArray(p) => p
                 .feed(chunk)
-                .map(|elements| {
-                    for el in &elements {
-                        events.push((el.raw_len, providers::stream_delta(provider, StreamEventRef::from(&el.value))));
-                    }
-                })
+                .map(|els| els.iter().map(|el| (el.raw_len, delta((&el.value).into()))).collect())
                 .map_err(|e| e.to_string()),
+        };
+        let events = match result {
+            Ok(events) => events,
+            Err(error) => {
+                // Malformed framing: stop inspecting, per the response fail mode.
+                self.framing_broken = true;
+                self.outcome.backend_failed("framing", &error, self.g.cfg.fail_mode_response);
+                Vec::new()
+            }
         };
         let mut end = false;
         for (raw_len, delta) in events {
@@ -787,11 +784,6 @@ impl StreamGuard {
                 self.pending.push_str(&text);
             }
             self.held_events.push_back((raw_len, chars));
-        }
-        if let Err(error) = result {
-            // Malformed framing: stop inspecting, per the response fail mode.
-            self.framing_broken = true;
-            self.outcome.backend_failed("framing", &error, self.g.cfg.fail_mode_response);
         }
         end
     }
