@@ -30,6 +30,36 @@ pub struct Stage {
     _scratch: ScratchDir,
 }
 
+/// Starts the interceptor in `netns` and `proxy_cg` with `config`, the
+/// redirect covering `attach` (eBPF) or the namespace (iptables), and waits
+/// until it is ready.
+pub fn start_interceptor(
+    netns: &Netns,
+    proxy_cg: &Cgroup,
+    attach: &Cgroup,
+    config: &str,
+    redirect: &str,
+) -> Result<Interceptor> {
+    let attach = attach.path().to_str().context("utf-8 path")?.to_string();
+    let mut args = vec!["--redirect", redirect];
+    if redirect == "ebpf" {
+        args.extend(["--cgroup", attach.as_str()]);
+    }
+    let mut proxy = Interceptor::start(netns, Some(proxy_cg), config, &args)?;
+    proxy.wait_ready(netns, READY)?;
+    Ok(proxy)
+}
+
+/// A CA bundle in `dir` trusting the interceptor's CA and the fake
+/// provider's: what clients need to reach intercepted and passed-through
+/// hosts alike.
+pub fn trust_bundle(proxy: &Interceptor, pki: &TestPki, dir: &std::path::Path) -> Result<std::path::PathBuf> {
+    let ours = std::fs::read_to_string(proxy.state_dir().join("ca.crt"))?;
+    let bundle = dir.join("bundle.pem");
+    std::fs::write(&bundle, format!("{ours}{}", pki.ca_pem()))?;
+    Ok(bundle)
+}
+
 impl Stage {
     /// `extra` is appended to the interceptor's configuration.
     pub fn new(name: &str, redirect: &str, extra: &str) -> Result<Self> {
@@ -46,16 +76,8 @@ impl Stage {
             "[targets]\ncidrs = [\"198.18.0.10\"]\nresolve_interval = \"1s\"\n[tls]\nupstream_ca = \"{}\"\n{extra}\n",
             upstream_ca.display()
         );
-        let attach = client_cg.path().to_str().context("utf-8 path")?.to_string();
-        let mut args = vec!["--redirect", redirect];
-        if redirect == "ebpf" {
-            args.extend(["--cgroup", attach.as_str()]);
-        }
-        let mut proxy = Interceptor::start(&netns, Some(&proxy_cg), &config, &args)?;
-        proxy.wait_ready(&netns, READY)?;
-        let ours = std::fs::read_to_string(proxy.state_dir().join("ca.crt"))?;
-        let bundle = scratch.path().join("bundle.pem");
-        std::fs::write(&bundle, format!("{ours}{}", pki.ca_pem()))?;
+        let proxy = start_interceptor(&netns, &proxy_cg, &client_cg, &config, redirect)?;
+        let bundle = trust_bundle(&proxy, &pki, scratch.path())?;
         let hosts = HostsFile::with_defaults()?;
         let scratch_path = scratch.path().to_path_buf();
         Ok(Self {

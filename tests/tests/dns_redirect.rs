@@ -19,9 +19,9 @@ use interceptor::testing::{
     provider::{FakeProvider, TestPki},
     require_privileges, spawn_in_tokio, tool,
 };
+use interceptor_tests::stage::{start_interceptor, trust_bundle};
 use serde_json::Value;
 
-const READY: Duration = Duration::from_secs(20);
 const TTL: u32 = 2;
 
 /// The fake resolver's zone.
@@ -118,16 +118,8 @@ impl DnsStage {
              learned_grace = \"1s\"\nresolve_interval = \"1s\"\n[tls]\nupstream_ca = \"{}\"\n{extra}\n",
             upstream_ca.display()
         );
-        let attach = client_cg.path().to_str().context("utf-8")?.to_string();
-        let mut args = vec!["--redirect", redirect];
-        if redirect == "ebpf" {
-            args.extend(["--cgroup", attach.as_str()]);
-        }
-        let mut proxy = Interceptor::start(&netns, Some(&proxy_cg), &config, &args)?;
-        proxy.wait_ready(&netns, READY)?;
-        let ours = std::fs::read_to_string(proxy.state_dir().join("ca.crt"))?;
-        let bundle = dir.path().join("bundle.pem");
-        std::fs::write(&bundle, format!("{ours}{}", pki.ca_pem()))?;
+        let proxy = start_interceptor(&netns, &proxy_cg, &client_cg, &config, redirect)?;
+        let bundle = trust_bundle(&proxy, &pki, dir.path())?;
         let resolv = dir.path().join("resolv.conf");
         std::fs::write(&resolv, "nameserver 198.18.0.53\noptions timeout:2 attempts:2\n")?;
         Ok(Self {

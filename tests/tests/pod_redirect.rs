@@ -9,11 +9,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use interceptor::testing::{
-    Cgroup, Interceptor, Netns,
+    Cgroup, Netns,
     clients::{ClientEnv, HostsFile, HttpRequest, HttpVersion, curl, node_fetch},
     provider::{FakeProvider, TestPki},
     require_privileges, veth_pair,
 };
+use interceptor_tests::stage::{start_interceptor, trust_bundle};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_clients_are_intercepted_and_guardrailed_by_the_node_interceptor() -> Result<()> {
@@ -42,12 +43,8 @@ async fn pod_clients_are_intercepted_and_guardrailed_by_the_node_interceptor() -
          [tls]\nupstream_ca = \"{}\"\n",
         upstream_ca.display()
     );
-    let attach = root.path().to_str().context("utf-8")?.to_string();
-    let mut proxy = Interceptor::start(&node, Some(&node_cg), &config, &["--redirect", "ebpf", "--cgroup", &attach])?;
-    proxy.wait_ready(&node, Duration::from_secs(20))?;
-    let ours = std::fs::read_to_string(proxy.state_dir().join("ca.crt"))?;
-    let bundle = dir.path().join("bundle.pem");
-    std::fs::write(&bundle, format!("{ours}{}", pki.ca_pem()))?;
+    let proxy = start_interceptor(&node, &node_cg, &root, &config, "ebpf")?;
+    let bundle = trust_bundle(&proxy, &pki, dir.path())?;
     let hosts = HostsFile::with_defaults()?;
     let env = ClientEnv::new(&bundle).in_netns(&pod).in_cgroup(&pod_cg).with_hosts(&hosts);
 
