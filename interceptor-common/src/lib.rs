@@ -27,6 +27,14 @@ pub const MAP_BY_ADDR: &str = "ORIG_BY_ADDR";
 pub const MAP_DNS_ORIG: &str = "DNS_ORIG";
 /// Name of the per-CPU counters array (see the `STAT_*` indexes).
 pub const MAP_STATS: &str = "STATS";
+/// Name of the one-slot array holding the proxy's last heartbeat, in
+/// `CLOCK_MONOTONIC` nanoseconds (the clock of `bpf_ktime_get_ns`).
+pub const MAP_HEARTBEAT: &str = "HEARTBEAT";
+/// Name of the map from instance id to that instance's last heartbeat: which
+/// interceptor processes share the pinned maps (user space only).
+pub const MAP_INSTANCES: &str = "INSTANCES";
+/// Capacity of [`MAP_INSTANCES`].
+pub const INSTANCES_MAX: u32 = 64;
 
 /// Capacity of each LPM trie of targets.
 pub const TARGETS_MAX: u32 = 65_536;
@@ -44,7 +52,13 @@ pub const STAT_V6_REFUSED: u32 = 4;
 pub const STAT_ESTABLISHED: u32 = 5;
 pub const STAT_ORIGDST_ANSWERED: u32 = 6;
 pub const STAT_DNS_REDIRECTED: u32 = 7;
-pub const STAT_MAX: u32 = 8;
+/// Connects to a target let through directly because the proxy's heartbeat
+/// was stale (fail open).
+pub const STAT_FAIL_OPEN: u32 = 8;
+/// Connects to a target refused because the proxy's heartbeat was stale
+/// (fail closed).
+pub const STAT_FAIL_CLOSED: u32 = 9;
+pub const STAT_MAX: u32 = 10;
 
 /// `RedirectConfig::flags`: redirect is active. Cleared, the programs let
 /// every connection through untouched.
@@ -53,6 +67,9 @@ pub const CONFIG_F_ENABLED: u16 = 1;
 /// connections to a target are refused so that clients fall back to IPv4
 /// (and get intercepted) instead of bypassing the proxy.
 pub const CONFIG_F_HAVE_V6: u16 = 2;
+/// `RedirectConfig::flags`: while the proxy's heartbeat is stale, refuse
+/// connects to targets instead of letting them go direct.
+pub const CONFIG_F_FAIL_CLOSED: u16 = 4;
 
 /// Maximum number of redirected destination ports.
 pub const MAX_PORTS: usize = 8;
@@ -79,6 +96,9 @@ pub struct RedirectConfig {
     /// Non-zero: UDP and TCP port 53 go to it. Zero: DNS is left alone.
     pub dns_port: u16,
     pub _pad: u16,
+    /// The proxy counts as alive while its heartbeat is at most this old, in
+    /// milliseconds. Zero: always alive (no heartbeat check).
+    pub heartbeat_timeout_ms: u32,
 }
 
 /// Where a UDP socket's DNS query was going before it was redirected.
@@ -178,7 +198,7 @@ pub const fn as_v4(addr: &[u8; 16]) -> Option<[u8; 4]> {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<RedirectConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<RedirectConfig>() == 52);
 const _: () = assert!(core::mem::size_of::<DnsOrig>() == 24);
 const _: () = assert!(core::mem::size_of::<Target>() == 4);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 24);
@@ -224,6 +244,7 @@ mod tests {
             ports: [0; MAX_PORTS],
             dns_port: 0,
             _pad: 0,
+            heartbeat_timeout_ms: 0,
         };
         assert!(!c.has_port(0), "unused slots must not match port 0");
         c.ports[0] = 443;
@@ -239,5 +260,6 @@ mod tests {
         assert_eq!(core::mem::offset_of!(RedirectConfig, mark), 24);
         assert_eq!(core::mem::offset_of!(RedirectConfig, ports), 28);
         assert_eq!(core::mem::offset_of!(RedirectConfig, dns_port), 44);
+        assert_eq!(core::mem::offset_of!(RedirectConfig, heartbeat_timeout_ms), 48);
     }
 }

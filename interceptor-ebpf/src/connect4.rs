@@ -15,7 +15,9 @@ use interceptor_common::{
 };
 
 use crate::dns::{dns_applies, redirect_dns4};
-use crate::maps::{ALLOW, DENY, ORIG_BY_COOKIE, SOCK_DGRAM, SOCK_STREAM, bump, enabled_config, is_target_v4};
+use crate::maps::{
+    ALLOW, DENY, ORIG_BY_COOKIE, SOCK_DGRAM, SOCK_STREAM, bump, enabled_config, is_target_v4, proxy_down_verdict,
+};
 
 #[cgroup_sock_addr(connect4)]
 pub fn intercept_connect4(ctx: SockAddrContext) -> i32 {
@@ -56,12 +58,13 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
 
 /// For a connect to a target: the verdict when the socket must not be
 /// redirected (UDP is refused, the proxy's own sockets and other socket
-/// types pass), `None` when it must.
+/// types pass, TCP follows the fail mode while the proxy is down), `None`
+/// when it must.
 #[inline(always)]
 pub fn early_verdict(ctx: &SockAddrContext, cfg: &RedirectConfig, sock_type: u32) -> Option<i32> {
     match sock_type {
         SOCK_STREAM if skip_own_socket(ctx, cfg) => Some(ALLOW),
-        SOCK_STREAM => None,
+        SOCK_STREAM => proxy_down_verdict(cfg),
         SOCK_DGRAM => {
             // QUIC / HTTP/3 to a provider would bypass the TLS proxy: refuse
             // it (EPERM) so clients fall back to TCP.

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use interceptor_common::{CONFIG_F_HAVE_V6, DnsOrig, RedirectConfig, STAT_DNS_REDIRECTED, as_v4, v4_mapped};
 
-use crate::maps::{ALLOW, DNS_ORIG, SOCK_DGRAM, bump, bytes_to_words, enabled_config, words_to_bytes};
+use crate::maps::{ALLOW, DNS_ORIG, SOCK_DGRAM, bump, bytes_to_words, enabled_config, proxy_alive, words_to_bytes};
 
 pub const DNS_PORT: u16 = 53;
 
@@ -19,7 +19,9 @@ pub const DNS_PORT: u16 = 53;
 /// its mark).
 #[inline(always)]
 pub fn dns_applies(ctx: &SockAddrContext, cfg: &RedirectConfig, port: u16) -> bool {
-    if port != DNS_PORT || cfg.dns_port == 0 {
+    // A dead forwarder must never take DNS down with it: whatever the fail
+    // mode, queries go to their own server while the proxy is down.
+    if port != DNS_PORT || cfg.dns_port == 0 || !proxy_alive(cfg) {
         return false;
     }
     if cfg.mark != 0 {

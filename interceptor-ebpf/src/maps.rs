@@ -1,10 +1,14 @@
 //! Maps shared by the programs, and small helpers over them.
 
 use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
 };
-use interceptor_common::{DnsOrig, ORIG_DST_MAX, OrigDst, RedirectConfig, STAT_MAX, SockKey, TARGETS_MAX, Target};
+use interceptor_common::{
+    CONFIG_F_FAIL_CLOSED, DnsOrig, INSTANCES_MAX, ORIG_DST_MAX, OrigDst, RedirectConfig, STAT_FAIL_CLOSED,
+    STAT_FAIL_OPEN, STAT_MAX, SockKey, TARGETS_MAX, Target,
+};
 
 /// Program return codes for cgroup sock_addr and sockopt programs.
 pub const ALLOW: i32 = 1;
@@ -31,6 +35,14 @@ pub static ORIG_BY_ADDR: LruHashMap<SockKey, OrigDst> = LruHashMap::with_max_ent
 #[map(name = "DNS_ORIG")]
 pub static DNS_ORIG: LruHashMap<u64, DnsOrig> = LruHashMap::with_max_entries(ORIG_DST_MAX, 0);
 
+/// The proxy's last heartbeat (`bpf_ktime_get_ns` clock), written by user space.
+#[map(name = "HEARTBEAT")]
+pub static HEARTBEAT: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Instance id -> last heartbeat; only user space reads and writes it.
+#[map(name = "INSTANCES")]
+pub static INSTANCES: HashMap<u64, u64> = HashMap::with_max_entries(INSTANCES_MAX, 0);
+
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_MAX, 0);
 
@@ -42,6 +54,37 @@ pub fn enabled_config() -> Option<&'static RedirectConfig> {
         return None;
     }
     Some(cfg)
+}
+
+/// Whether the proxy's heartbeat is fresh enough to send connections to it.
+#[inline(always)]
+pub fn proxy_alive(cfg: &RedirectConfig) -> bool {
+    if cfg.heartbeat_timeout_ms == 0 {
+        return true;
+    }
+    let Some(&beat) = HEARTBEAT.get(0) else {
+        return true;
+    };
+    // SAFETY: helper available to every program type.
+    let now = unsafe { bpf_ktime_get_ns() };
+    now.saturating_sub(beat) <= u64::from(cfg.heartbeat_timeout_ms) * 1_000_000
+}
+
+/// For a TCP connect to a target: `None` while the proxy is alive (redirect
+/// it); otherwise the fail-mode verdict: refuse (fail closed) or let it go
+/// direct (fail open).
+#[inline(always)]
+pub fn proxy_down_verdict(cfg: &RedirectConfig) -> Option<i32> {
+    if proxy_alive(cfg) {
+        return None;
+    }
+    if cfg.flags & CONFIG_F_FAIL_CLOSED != 0 {
+        bump(STAT_FAIL_CLOSED);
+        Some(DENY)
+    } else {
+        bump(STAT_FAIL_OPEN);
+        Some(ALLOW)
+    }
 }
 
 #[inline(always)]

@@ -26,8 +26,10 @@ pub struct Status {
 }
 
 /// Binds the admin address; serving happens in [`serve`].
+/// Shared (`SO_REUSEPORT`) so that a second instance can start during an
+/// upgrade; either answers.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+    crate::net::shared_listener(addr)
 }
 
 pub async fn serve(listener: TcpListener, status: watch::Receiver<Arc<Status>>, metrics: Arc<Metrics>) {

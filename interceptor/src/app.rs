@@ -61,6 +61,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let RunOptions { config, config_path, overrides, state_dir } = opts;
     tracing::info!(config = %serde_json::to_string(&config).unwrap_or_default(), "starting interceptor");
     prepare_state_dir(&state_dir)?;
+    // What can fail at start fails before anything is redirected: a proxy
+    // that exits after installing the redirect would leave traffic to its
+    // fail mode.
+    let policy = DomainPolicy::compile(&config.domains).context("compiling the domain policy")?;
+    let names = resolve_names(&policy, &config);
+    let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot { policy }));
+    let tls = if config.tls.intercept { Some(Arc::new(tls_termination(&config, &state_dir)?)) } else { None };
 
     let listeners =
         Listeners::bind(config.proxy.address_v4, config.proxy.address_v6, config.proxy.port, config.proxy.mark)
@@ -94,15 +101,29 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
     let redirector: Box<dyn Redirector> = match config.redirect.mode {
         RedirectMode::Ebpf => Box::new(
-            EbpfRedirector::install(&config.redirect.cgroup, addrs, &config.redirect.ports, dns_port)
-                .context("installing the eBPF redirect (run `interceptor doctor` to see what this host supports)")?,
+            EbpfRedirector::install(
+                &config.redirect.cgroup,
+                addrs,
+                &config.redirect.ports,
+                dns_port,
+                config.redirect.fail_safe(),
+            )
+            .context("installing the eBPF redirect (run `interceptor doctor` to see what this host supports)")?,
         ),
         RedirectMode::Iptables => Box::new(
-            IptablesRedirector::install(addrs, &config.redirect.ports, dns_port)
+            IptablesRedirector::install(
+                addrs,
+                &config.redirect.ports,
+                dns_port,
+                config.redirect.fail_mode == crate::config::FailMode::Open,
+            )
                 .context("installing the iptables redirect (run `interceptor doctor`)")?,
         ),
         RedirectMode::None => Box::new(NoRedirect),
     };
+    if let Some(liveness) = redirector.liveness() {
+        tokio::spawn(beat(liveness));
+    }
     tracing::info!(
         mode = redirector.mode(),
         attach = %redirector.attach_point(),
@@ -110,6 +131,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         proxy_v6 = addrs.v6.map(|a| a.to_string()),
         "redirect installed"
     );
+    // Listeners bound, redirect attached: keep only what running needs.
+    match crate::privileges::drop_privileges(&crate::privileges::runtime_capabilities(config.redirect.mode)) {
+        Ok(d) => {
+            tracing::info!(kept = ?d.kept, bounding_reduced = d.bounding_reduced, threads = d.threads, "privileges dropped")
+        }
+        Err(error) => tracing::error!(error = %telemetry::chain(&error), "cannot drop privileges; running with them"),
+    }
 
     let (status_tx, status_rx) = watch::channel(Arc::new(Status {
         ready: false,
@@ -122,10 +150,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     tokio::spawn(admin::serve(admin_listener, status_rx, Arc::clone(&metrics)));
 
-    let policy = DomainPolicy::compile(&config.domains).context("compiling the domain policy")?;
-    let names = resolve_names(&policy, &config);
-    let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot { policy }));
-    let tls = if config.tls.intercept { Some(Arc::new(tls_termination(&config, &state_dir)?)) } else { None };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (shutdown_dns_tx, shutdown_rx_dns) = watch::channel(false);
@@ -134,6 +158,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         client_hello_timeout: config.tls.client_hello_timeout,
         max_inspected_body: config.proxy.max_inspected_body,
         passthrough_on_reject: config.tls.passthrough_on_reject,
+        oversize: config.guardrails.oversize,
+        max_header_bytes: config.proxy.max_header_bytes,
+        header_read_timeout: config.proxy.header_read_timeout,
+        idle_timeout: config.proxy.idle_timeout,
+        max_connections: config.proxy.max_connections,
+        max_connections_per_workload: config.proxy.max_connections_per_workload,
     };
     let (policy_text, guardrails) = build_guardrails(&config).context("preparing the guardrails")?;
     let (guardrails_tx, guardrails_rx) = watch::channel(Arc::new(guardrails));
@@ -210,14 +240,17 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
 /// The CA (created on first run), the leaf issuer and the upstream pool.
 fn tls_termination(config: &Config, state_dir: &Path) -> anyhow::Result<TlsTermination> {
-    let ca = CertificateAuthority::load_or_create(state_dir).context("loading the certificate authority")?;
+    let ca = CertificateAuthority::load_or_create(state_dir).with_context(|| {
+        format!("loading the certificate authority in the state directory {} (it must be writable on first start)", state_dir.display())
+    })?;
     tracing::info!(cert = %ca.cert_path().display(), "certificate authority ready");
     let issuer =
         LeafIssuer::new(Arc::new(ca), LeafSettings { validity: config.tls.leaf_validity, ..LeafSettings::default() })
             .context("preparing certificate issuance")?;
     let upstream_ca = Some(config.tls.upstream_ca.as_path()).filter(|p| !p.as_os_str().is_empty());
     let client_tls = client_tls_config(upstream_ca).context("preparing upstream TLS")?;
-    let pool = UpstreamPool::new(client_tls, config.proxy.mark, config.proxy.connect_timeout);
+    let pool = UpstreamPool::new(client_tls, config.proxy.mark, config.proxy.connect_timeout)
+        .with_idle_timeout(config.proxy.upstream_idle_timeout);
     Ok(TlsTermination::new(Arc::new(issuer), pool))
 }
 
@@ -249,6 +282,17 @@ fn build_guardrails(config: &Config) -> anyhow::Result<(Option<String>, Guardrai
     Ok((policy_text, Guardrails { engine, akto, cfg: g.clone() }))
 }
 
+/// Keeps the redirect's heartbeat fresh for as long as this runtime runs: if
+/// the process hangs, the redirect applies its fail mode.
+async fn beat(liveness: Arc<dyn crate::redirect::Liveness>) {
+    let mut tick = tokio::time::interval(liveness.interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        liveness.beat();
+    }
+}
+
 /// Binds the DNS forwarder's UDP and TCP sockets on the proxy addresses.
 async fn bind_dns(config: &Config, port: u16) -> anyhow::Result<Vec<(UdpSocket, TcpListener)>> {
     let mut addrs = vec![SocketAddr::from((config.proxy.address_v4, port))];
@@ -257,8 +301,9 @@ async fn bind_dns(config: &Config, port: u16) -> anyhow::Result<Vec<(UdpSocket, 
     }
     let mut out = Vec::new();
     for addr in addrs {
-        let udp = UdpSocket::bind(addr).await.with_context(|| format!("starting the DNS forwarder on udp {addr}"))?;
-        let tcp = TcpListener::bind(addr).await.with_context(|| format!("starting the DNS forwarder on tcp {addr}"))?;
+        // Shared with a second instance during an upgrade, like the proxy port.
+        let udp = crate::net::shared_udp(addr).with_context(|| format!("starting the DNS forwarder on udp {addr}"))?;
+        let tcp = crate::net::shared_listener(addr).with_context(|| format!("starting the DNS forwarder on tcp {addr}"))?;
         out.push((udp, tcp));
     }
     Ok(out)
@@ -469,6 +514,9 @@ impl Control {
     }
 
     fn publish_ready(&self) {
+        if !self.status.borrow().ready {
+            tracing::info!(event = "ready", "interceptor ready: redirect targets in place");
+        }
         self.status.send_modify(|s| Arc::make_mut(s).ready = true);
         self.publish();
     }

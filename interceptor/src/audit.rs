@@ -2,8 +2,14 @@
 //! (target `audit`) and, when configured, to a JSON-lines file.
 //!
 //! Events go through a bounded queue to one writer task: a slow disk slows
-//! decisions down rather than losing events. A failed write (disk full, file
-//! removed) is logged and counted, and the event still reaches the log.
+//! decisions down rather than losing events. Traffic never waits on a broken
+//! audit file: when a write fails (disk full, file removed, read-only) the
+//! event still reaches the log, is counted in `audit_events_dropped`, and an
+//! error names the file and the count: at once for the first loss, then at
+//! most every [`REPORT_EVERY`] while the file stays broken, and once more
+//! when it is writable again. Each event is retried on a fresh open, so the
+//! file recovers by itself once space is freed; a file removed or rotated
+//! away is noticed at the next event and opened anew.
 //! Prompt text is only included when the operator enables it.
 
 use std::{
@@ -19,6 +25,8 @@ use crate::metrics::Metrics;
 
 /// Queue length between deciders and the writer.
 const QUEUE: usize = 4096;
+/// Least time between two error lines about the same audit file outage.
+pub const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct WorkloadInfo {
@@ -114,20 +122,106 @@ fn emit_log(event: &AuditEvent) {
 }
 
 async fn writer(mut rx: mpsc::Receiver<AuditEvent>, file: Option<PathBuf>, metrics: Arc<Metrics>) {
-    let mut out = file.as_deref().and_then(|p| open(p).map_err(|e| report(p, &e, &metrics)).ok());
+    let mut file = file.map(|path| AuditFile::new(path, metrics));
     while let Some(event) = rx.recv().await {
         emit_log(&event);
-        let Some(path) = file.as_deref() else { continue };
-        if out.is_none() {
-            // Reopen after a failure (file removed, disk freed).
-            out = open(path).map_err(|e| report(path, &e, &metrics)).ok();
+        if let Some(file) = file.as_mut() {
+            file.append(&event);
         }
-        if let Some(f) = out.as_mut() {
-            let mut line = serde_json::to_vec(&event).unwrap_or_default();
-            line.push(b'\n');
-            if let Err(e) = f.write_all(&line).and_then(|()| f.flush()) {
-                report(path, &e, &metrics);
-                out = None;
+    }
+}
+
+/// The JSON-lines file and the state of an outage.
+struct AuditFile {
+    path: PathBuf,
+    metrics: Arc<Metrics>,
+    out: Option<std::fs::File>,
+    /// Events lost since the outage began; `None` while writes succeed.
+    outage: Option<Outage>,
+}
+
+struct Outage {
+    lost: u64,
+    lost_since_report: u64,
+    last_report: std::time::Instant,
+}
+
+impl AuditFile {
+    fn new(path: PathBuf, metrics: Arc<Metrics>) -> Self {
+        Self { path, metrics, out: None, outage: None }
+    }
+
+    fn append(&mut self, event: &AuditEvent) {
+        let mut line = serde_json::to_vec(event).unwrap_or_default();
+        line.push(b'\n');
+        match self.write(&line) {
+            Ok(()) => {
+                if let Some(outage) = self.outage.take() {
+                    tracing::warn!(
+                        path = %self.path.display(),
+                        lost = outage.lost,
+                        "the audit file is writable again; the events it lost are in the log only"
+                    );
+                }
+            }
+            Err(error) => {
+                // Reopen for the next event (file removed, disk freed).
+                self.out = None;
+                self.metrics.audit_write_errors.inc();
+                self.metrics.audit_events_dropped.inc();
+                self.lost(&error);
+            }
+        }
+    }
+
+    fn write(&mut self, line: &[u8]) -> std::io::Result<()> {
+        // Removed or rotated away: writing on would reach no one.
+        if self.out.as_ref().is_some_and(|f| !same_file(f, &self.path)) {
+            self.out = None;
+        }
+        let f = match self.out.as_mut() {
+            Some(f) => f,
+            None => {
+                let mut f = open(&self.path)?;
+                // A write cut short by a full disk leaves half a line: start
+                // on a fresh one.
+                if self.outage.is_some() && ends_mid_line(&self.path) {
+                    f.write_all(b"\n")?;
+                }
+                self.out.insert(f)
+            }
+        };
+        f.write_all(line)?;
+        f.flush()
+    }
+
+    fn lost(&mut self, error: &std::io::Error) {
+        let now = std::time::Instant::now();
+        let path = self.path.display();
+        match self.outage.as_mut() {
+            None => {
+                self.outage = Some(Outage { lost: 1, lost_since_report: 0, last_report: now });
+                tracing::error!(
+                    path = %path,
+                    %error,
+                    dropped = 1,
+                    "cannot write the audit file; audit events go to the log only until it is writable again"
+                );
+            }
+            Some(outage) => {
+                outage.lost += 1;
+                outage.lost_since_report += 1;
+                if now.duration_since(outage.last_report) >= REPORT_EVERY {
+                    tracing::error!(
+                        path = %path,
+                        %error,
+                        dropped = outage.lost_since_report,
+                        dropped_in_outage = outage.lost,
+                        "the audit file is still not writable; these audit events are in the log only"
+                    );
+                    outage.lost_since_report = 0;
+                    outage.last_report = now;
+                }
             }
         }
     }
@@ -138,9 +232,24 @@ fn open(path: &Path) -> std::io::Result<std::fs::File> {
     std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)
 }
 
-fn report(path: &Path, error: &std::io::Error, metrics: &Metrics) {
-    metrics.audit_write_errors.inc();
-    tracing::error!(path = %path.display(), %error, "cannot write the audit file; the event is in the log only");
+/// Whether `path` still names the open file `f`.
+fn same_file(f: &std::fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (f.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Whether a regular file's last byte is not a newline.
+fn ends_mid_line(path: &Path) -> bool {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else { return false };
+    if !f.metadata().is_ok_and(|m| m.is_file() && m.len() > 0) {
+        return false;
+    }
+    let mut last = [0u8; 1];
+    f.seek(SeekFrom::End(-1)).and_then(|_| f.read_exact(&mut last)).is_ok_and(|()| last[0] != b'\n')
 }
 
 /// Current time, RFC 3339 UTC.
@@ -209,5 +318,54 @@ mod tests {
             assert!(std::time::Instant::now() < deadline);
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+        assert_eq!(metrics.audit_events_dropped.get(), 1);
+    }
+
+    async fn wait_for(what: &str, cond: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !cond() {
+            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_counts_every_lost_event() {
+        let metrics = Arc::new(Metrics::new());
+        let log = AuditLog::start(Some(PathBuf::from("/dev/full")), Arc::clone(&metrics));
+        for _ in 0..5 {
+            log.record(event("allow")).await;
+        }
+        wait_for("5 dropped events", || metrics.audit_events_dropped.get() == 5).await;
+        assert!(metrics.encode().contains("interceptor_audit_events_dropped_total 5"), "{}", metrics.encode());
+    }
+
+    #[tokio::test]
+    async fn the_file_recovers_after_an_outage_on_a_fresh_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("audit");
+        std::fs::create_dir(&sub).unwrap();
+        let path = sub.join("audit.jsonl");
+        let metrics = Arc::new(Metrics::new());
+        let log = AuditLog::start(Some(path.clone()), Arc::clone(&metrics));
+        log.record(event("allow")).await;
+        wait_for("the first event", || std::fs::read_to_string(&path).is_ok_and(|t| t.lines().count() == 1)).await;
+        // The file and its directory go away (disk replaced, say); a half
+        // line is left behind when it comes back.
+        std::fs::remove_dir_all(&sub).unwrap();
+        log.record(event("block")).await;
+        log.record(event("block")).await;
+        wait_for("2 dropped events", || metrics.audit_events_dropped.get() == 2).await;
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(&path, "{\"cut\":").unwrap();
+        log.record(event("modify")).await;
+        wait_for("the event after the outage", || {
+            std::fs::read_to_string(&path).is_ok_and(|t| t.contains("\"decision\":\"modify\""))
+        })
+        .await;
+        let text = std::fs::read_to_string(&path).unwrap();
+        let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(last["decision"], "modify", "{text}");
+        assert_eq!(metrics.audit_events_dropped.get(), 2);
     }
 }

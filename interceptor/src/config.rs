@@ -18,6 +18,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{guardrails::akto::AktoConfig, policy::DomainsConfig};
 
+/// Smallest `proxy.max_header_bytes` (the HTTP/1.1 server's minimum buffer).
+pub const MIN_HEADER_BYTES: usize = 8192;
+
 /// The documented default configuration file.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/default.toml");
 
@@ -63,10 +66,30 @@ pub struct ProxyConfig {
     pub mark: u32,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Longest silence from a provider (no response head, or no body frame
+    /// of a response being relayed) before the request is given up: 504
+    /// before the head, a cut body after it.
+    #[serde(with = "humantime_serde")]
+    pub upstream_idle_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
     /// Largest request body the guardrails buffer for inspection, in bytes.
     pub max_inspected_body: usize,
+    /// Largest request head (HTTP/1.1 read buffer, HTTP/2 header list), in
+    /// bytes; larger heads get `431` (HTTP/1.1) or a stream reset (HTTP/2).
+    pub max_header_bytes: usize,
+    /// How long a client may take to send a whole request head.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// An intercepted connection with no request in flight for this long is
+    /// closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Connections open at once, from every client together; 0: no cap.
+    pub max_connections: usize,
+    /// Connections open at once from one workload (cgroup, else client
+    /// address); 0: no cap.
+    pub max_connections_per_workload: usize,
 }
 
 /// A guardrail backend.
@@ -79,7 +102,8 @@ pub enum Backend {
     Akto,
 }
 
-/// What a backend failure means for the traffic.
+/// What a failure means for the traffic: a guardrail backend failing, or
+/// (`redirect.fail_mode`) the proxy itself being down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FailMode {
@@ -96,6 +120,17 @@ pub enum StreamMode {
     Monitor,
     /// Hold back at most one window until its verdict; cut on a block.
     Enforce,
+}
+
+/// What to do with a body too large to inspect (over `max_inspected_body`,
+/// or decompressing past `max_decoded_body` or `max_decompression_ratio`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OversizeAction {
+    /// Refuse it: `413` for a request, `502` for a response.
+    Block,
+    /// Forward it unmodified and record an alert ("not inspected: too large").
+    Pass,
 }
 
 /// What to do when a guardrail would modify a body signed with AWS SigV4.
@@ -126,6 +161,10 @@ pub struct GuardrailsConfig {
     pub stream_overlap: usize,
     /// Largest decompressed body inspected, in bytes.
     pub max_decoded_body: usize,
+    /// Largest ratio of decompressed to compressed size (zip bombs).
+    pub max_decompression_ratio: usize,
+    /// A body over the inspection limits.
+    pub oversize: OversizeAction,
     pub sigv4: SigV4Action,
     /// JSON-lines audit file. Empty: the log only.
     pub audit_file: PathBuf,
@@ -146,6 +185,8 @@ impl Default for GuardrailsConfig {
             stream_window: 600,
             stream_overlap: 100,
             max_decoded_body: 16 << 20,
+            max_decompression_ratio: 1000,
+            oversize: OversizeAction::Block,
             sigv4: SigV4Action::Block,
             audit_file: PathBuf::new(),
             audit_prompts: false,
@@ -218,6 +259,17 @@ pub struct RedirectConfig {
     /// Empty: the cgroup2 root.
     pub cgroup: PathBuf,
     pub ports: Vec<u16>,
+    /// What happens to target connections while the proxy is down.
+    pub fail_mode: FailMode,
+    /// The proxy counts as down when its heartbeat is older than this.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+}
+
+impl RedirectConfig {
+    pub fn fail_safe(&self) -> crate::redirect::liveness::FailSafe {
+        crate::redirect::liveness::FailSafe { closed: self.fail_mode == FailMode::Closed, timeout: self.heartbeat_timeout }
+    }
 }
 
 /// How the set of redirected addresses is built.
@@ -284,15 +336,27 @@ impl Default for ProxyConfig {
             address_v6: Some(Ipv6Addr::LOCALHOST),
             mark: 0x1e7,
             connect_timeout: Duration::from_secs(10),
+            upstream_idle_timeout: Duration::from_secs(600),
             drain_timeout: Duration::from_secs(10),
             max_inspected_body: 16 << 20,
+            max_header_bytes: 64 << 10,
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(120),
+            max_connections: 8192,
+            max_connections_per_workload: 1024,
         }
     }
 }
 
 impl Default for RedirectConfig {
     fn default() -> Self {
-        Self { mode: RedirectMode::Ebpf, cgroup: PathBuf::new(), ports: vec![443] }
+        Self {
+            mode: RedirectMode::Ebpf,
+            cgroup: PathBuf::new(),
+            ports: vec![443],
+            fail_mode: FailMode::Open,
+            heartbeat_timeout: Duration::from_secs(2),
+        }
     }
 }
 
@@ -412,6 +476,9 @@ impl Config {
                 self.redirect.ports.len()
             ));
         }
+        if self.redirect.heartbeat_timeout < Duration::from_millis(100) {
+            errors.push("redirect.heartbeat_timeout: must be at least 100ms".to_string());
+        }
         if self.redirect.ports.contains(&0) {
             errors.push("redirect.ports: port 0 is not a valid destination port".to_string());
         }
@@ -431,6 +498,9 @@ impl Config {
         }
         if self.proxy.connect_timeout.is_zero() {
             errors.push("proxy.connect_timeout: must be greater than zero".to_string());
+        }
+        if self.proxy.upstream_idle_timeout.is_zero() {
+            errors.push("proxy.upstream_idle_timeout: must be greater than zero".to_string());
         }
         if !self.redirect.cgroup.as_os_str().is_empty() && !self.redirect.cgroup.is_absolute() {
             errors.push(format!(
@@ -463,6 +533,18 @@ impl Config {
         }
         if self.proxy.max_inspected_body == 0 {
             errors.push("proxy.max_inspected_body: must be greater than zero".to_string());
+        }
+        if g.max_decompression_ratio == 0 {
+            errors.push("guardrails.max_decompression_ratio: must be greater than zero".to_string());
+        }
+        if !(MIN_HEADER_BYTES..=u32::MAX as usize).contains(&self.proxy.max_header_bytes) {
+            errors.push(format!("proxy.max_header_bytes: must be between {MIN_HEADER_BYTES} and {} bytes", u32::MAX));
+        }
+        if self.proxy.header_read_timeout.is_zero() {
+            errors.push("proxy.header_read_timeout: must be greater than zero".to_string());
+        }
+        if self.proxy.idle_timeout.is_zero() {
+            errors.push("proxy.idle_timeout: must be greater than zero".to_string());
         }
         for domain in &self.targets.domains {
             if let Err(why) = check_domain(domain) {
@@ -584,6 +666,36 @@ mod tests {
         c.proxy.mark = 0;
         let ConfigError::Invalid { errors } = c.validate().unwrap_err() else { panic!() };
         assert_eq!(errors.len(), 6, "{errors:#?}");
+    }
+
+    #[test]
+    fn the_admin_api_must_listen_on_loopback() {
+        for ok in ["127.0.0.1:15000", "[::1]:15000", "127.0.0.9:9"] {
+            let mut c = Config::default();
+            c.admin.address = ok.parse().unwrap();
+            c.validate().unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in ["0.0.0.0:15000", "[::]:15000", "10.0.0.5:15000", "[2001:db8::1]:15000"] {
+            let mut c = Config::default();
+            c.admin.address = bad.parse().unwrap();
+            let ConfigError::Invalid { errors } = c.validate().unwrap_err() else { panic!() };
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert!(errors[0].starts_with("admin.address:") && errors[0].contains("not a loopback address"), "{errors:?}");
+        }
+    }
+
+    #[test]
+    fn limits_are_validated() {
+        let mut c = Config::default();
+        c.proxy.max_header_bytes = 4096;
+        c.proxy.header_read_timeout = Duration::ZERO;
+        c.proxy.idle_timeout = Duration::ZERO;
+        c.guardrails.max_decompression_ratio = 0;
+        let ConfigError::Invalid { errors } = c.validate().unwrap_err() else { panic!() };
+        assert_eq!(errors.len(), 4, "{errors:#?}");
+        let c = Config::from_toml("[guardrails]\noversize = \"pass\"\n", Path::new("x")).unwrap();
+        assert_eq!(c.guardrails.oversize, OversizeAction::Pass);
+        assert!(Config::from_toml("[guardrails]\noversize = \"maybe\"\n", Path::new("x")).is_err());
     }
 
     #[test]

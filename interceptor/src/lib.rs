@@ -19,6 +19,7 @@ pub mod guardrails;
 pub mod metrics;
 pub mod net;
 pub mod policy;
+pub mod privileges;
 pub mod proxy;
 pub mod redirect;
 pub mod targets;

@@ -26,8 +26,13 @@ enum Command {
     Run(RunArgs),
     /// Check this host and report which redirect modes work here.
     Doctor(RunArgs),
-    /// Remove iptables rules left behind by a run that was killed.
+    /// Remove redirect state a killed run left behind: iptables rules, and the
+    /// pinned eBPF programs a fail-closed instance keeps on purpose.
     Cleanup,
+    /// Internal: started by `run` in iptables mode with fail_mode = open;
+    /// removes the rules when the proxy's pipe on stdin closes.
+    #[command(hide = true)]
+    Watchdog,
     /// Show what the running interceptor is doing (from its admin API).
     Status(RunArgs),
     /// Validate the configuration and print the effective settings.
@@ -231,12 +236,25 @@ fn main() -> ExitCode {
             };
             if doctor::run(mode) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
+        Command::Watchdog => {
+            telemetry::init(LogFormat::Json);
+            match redirect::iptables::watchdog() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::error!(error = %telemetry::chain(&error), "watchdog cannot remove the iptables redirect");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Cleanup => {
             telemetry::init(LogFormat::Text);
-            match redirect::iptables::cleanup() {
+            // Pinned eBPF links and maps (left on purpose by a fail-closed
+            // instance that crashed) and iptables chains.
+            let pinned = redirect::liveness::cleanup();
+            match redirect::iptables::cleanup().and(pinned.map(|_| ()).map_err(|e| redirect::RedirectError::Pin(e.to_string()))) {
                 Ok(()) => {
                     println!(
-                        "no interceptor redirect rules remain (eBPF programs are removed by the kernel when the interceptor exits)"
+                        "no interceptor redirect remains (no iptables rules, no pinned eBPF programs; unpinned eBPF programs go when the interceptor exits)"
                     );
                     ExitCode::SUCCESS
                 }

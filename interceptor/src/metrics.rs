@@ -36,6 +36,7 @@ pub struct Metrics {
     pub backend_errors: Family<BackendLabels, Counter>,
     pub guardrail_seconds: Histogram,
     pub audit_write_errors: Counter,
+    pub audit_events_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -69,7 +70,21 @@ impl Metrics {
             "Audit events that could not be written to the audit file",
             audit_write_errors.clone(),
         );
-        Self { registry, connections, decisions, backend_errors, guardrail_seconds, audit_write_errors }
+        let audit_events_dropped = Counter::default();
+        registry.register(
+            "audit_events_dropped",
+            "Audit events missing from the audit file (they are still in the log)",
+            audit_events_dropped.clone(),
+        );
+        Self {
+            registry,
+            connections,
+            decisions,
+            backend_errors,
+            guardrail_seconds,
+            audit_write_errors,
+            audit_events_dropped,
+        }
     }
 
     /// The text exposition format.

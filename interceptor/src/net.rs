@@ -67,6 +67,38 @@ pub fn set_mark<F: AsFd>(sock: &F, mark: u32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Binds a TCP listener that another interceptor process of the same user
+/// may bind too (`SO_REUSEPORT`): a new instance takes over the port before
+/// the old one stops, so no connection is refused during an upgrade.
+pub fn shared_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let sock = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => {
+            let sock = tokio::net::TcpSocket::new_v6()?;
+            setsockopt(&sock, sockopt::Ipv6V6Only, &true)?;
+            sock
+        }
+    };
+    sock.set_reuseaddr(true)?;
+    sock.set_reuseport(true)?;
+    sock.bind(addr)?;
+    sock.listen(1024)
+}
+
+/// The UDP counterpart of [`shared_listener`].
+pub fn shared_udp(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, socket};
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket(family, SockType::Datagram, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
+    if addr.is_ipv6() {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    }
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    setsockopt(&fd, sockopt::ReusePort, &true)?;
+    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(addr))?;
+    tokio::net::UdpSocket::from_std(std::net::UdpSocket::from(fd))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

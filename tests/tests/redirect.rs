@@ -268,7 +268,9 @@ async fn iptables_redirects_clients_and_cleans_up_after_sigterm_and_sigkill() ->
         let mut p = Interceptor::start(
             &world.netns,
             Some(&world.proxy_cg),
-            &config(&targets(), ""),
+            // Fail closed: the rules outlive a killed proxy (fail open is
+            // tested with the watchdog in failsafe.rs).
+            &config(&targets(), "[redirect]\nfail_mode = \"closed\"\n"),
             &["--redirect", "iptables"],
         )?;
         p.wait_ready(&world.netns, READY)?;

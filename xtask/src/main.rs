@@ -5,6 +5,7 @@
 //! interceptor's build script does that.
 
 mod cmd;
+mod fuzz;
 mod interceptor;
 mod setup;
 mod suite;
@@ -35,6 +36,21 @@ enum Task {
     Run(RunArgs),
     /// Set up, then measure the intercepted path against a direct connection.
     Bench,
+    /// Set up, then run the micro-benchmarks (guardrail engine, provider parsers, stream
+    /// framing, leaf certificates): `cargo bench -p interceptor`.
+    Microbench {
+        /// Extra `cargo bench` arguments, e.g. a benchmark name filter after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run the fuzz targets (cargo-fuzz, nightly) one after another.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
     /// Set up, then show interception and guardrails end to end in a throwaway
     /// network namespace (no internet or API key needed; needs root).
     Demo,
@@ -67,6 +83,14 @@ fn main() -> Result<()> {
                     .args(["run", "--quiet", "--package", "interceptor-tests", "--bin", "demo"])
                     .env("INTERCEPTOR_BIN", bin),
             )
+        }
+        Task::Microbench { args } => {
+            setup::setup()?;
+            cmd::run(cmd::cargo().args(["bench", "--package", "interceptor"]).args(args))
+        }
+        Task::Fuzz { time, targets } => {
+            setup::setup()?;
+            fuzz::run(&targets, std::time::Duration::from_secs(time))
         }
         Task::Bench => {
             setup::setup()?;

@@ -40,7 +40,18 @@ pub fn setup() -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     python_sdks()?;
+    cargo_fuzz()?;
     Ok(())
+}
+
+/// cargo-fuzz runs the fuzz targets (with the nightly toolchain).
+fn cargo_fuzz() -> Result<()> {
+    if let Some(path) = cmd::find_executable("cargo-fuzz") {
+        println!("ok: cargo-fuzz present ({})", path.display());
+        return Ok(());
+    }
+    println!("installing cargo-fuzz (cargo install, about a minute)");
+    cmd::run(cmd::cargo().args(["install", "cargo-fuzz", "--locked"]))
 }
 
 /// Python packages as (pip name, import name): the providers' official SDKs,

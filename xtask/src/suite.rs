@@ -2,7 +2,8 @@
 //!
 //! Steps: setup; unit and in-process tests for the workspace; a dev build of the
 //! interceptor binary; the privileged tests (`interceptor-tests`) one at a time, with
-//! `INTERCEPTOR_BIN` pointing at that binary. Every step that can run does, so one failure
+//! `INTERCEPTOR_BIN` pointing at that binary; then every fuzz target for a few seconds from
+//! its seed corpus (a crash fails the suite). Every step that can run does, so one failure
 //! does not hide another; a summary with durations closes the run.
 
 use std::path::Path;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 
 use crate::interceptor::{self, Profile};
-use crate::{cmd, setup};
+use crate::{cmd, fuzz, setup};
 
 /// Package holding the privileged tests.
 const PRIVILEGED_TESTS: &str = "interceptor-tests";
@@ -88,6 +89,7 @@ pub fn test(extra: &[String]) -> Result<()> {
             }
             None => steps.skip("privileged tests", "needs the interceptor build"),
         }
+        steps.run("fuzz targets (8s each)", || fuzz::run(&[], fuzz::SUITE_TIME));
     }
 
     steps.print_summary();

@@ -578,12 +578,20 @@ impl AktoClient {
                 modified = v.modified_payload.is_some(),
                 "akto verdict"
             ),
-            Err(e) => tracing::debug!(
+            // An open circuit was reported when it opened.
+            Err(e @ AktoError::CircuitOpen { .. }) => tracing::debug!(
+                check = kind.as_str(),
+                request_id = %call.request_id,
+                error = %e,
+                "akto check skipped"
+            ),
+            Err(e) => tracing::warn!(
                 check = kind.as_str(),
                 request_id = %call.request_id,
                 latency_ms,
-                error = %e,
-                "akto check failed"
+                kind = e.kind(),
+                error = %crate::telemetry::chain(e),
+                "akto check failed; the fail mode decides"
             ),
         }
         result

@@ -3,7 +3,9 @@
 //!
 //! Decoders are streamed into a buffer whose capacity never exceeds the limit,
 //! so a compression bomb costs at most `max_decoded` bytes (plus the
-//! decoders' fixed state: zstd's window is capped too). Stacked encodings
+//! decoders' fixed state: zstd's window is capped too). A ratio limit stops
+//! earlier still: a body may not decode to more than `max_ratio` times its
+//! compressed size, so a 100-byte bomb is refused after a few kilobytes. Stacked encodings
 //! (`gzip, br`) were applied in listed order, so they are undone in reverse.
 //!
 //! Re-encoding: [`encode_like`] reproduces the same stack. The pipeline may
@@ -20,6 +22,8 @@ use std::{
 pub enum DecodeError {
     #[error("decoded body exceeds the {max} byte limit")]
     TooLarge { max: usize },
+    #[error("body decompresses to more than {max_ratio} times its {compressed} bytes")]
+    RatioExceeded { max_ratio: usize, compressed: usize },
     #[error("unsupported content-encoding {encoding:?}")]
     Unsupported { encoding: String },
     #[error("corrupt {encoding} data")]
@@ -34,6 +38,13 @@ pub enum DecodeError {
         #[source]
         source: io::Error,
     },
+}
+
+impl DecodeError {
+    /// The body is too large to inspect (a limit, not corruption).
+    pub fn is_oversize(&self) -> bool {
+        matches!(self, Self::TooLarge { .. } | Self::RatioExceeded { .. })
+    }
 }
 
 /// One supported content coding.
@@ -88,6 +99,18 @@ pub fn decode_body<'a>(
     body: &'a [u8],
     max_decoded: usize,
 ) -> Result<Cow<'a, [u8]>, DecodeError> {
+    decode_body_bounded(content_encoding, body, max_decoded, usize::MAX)
+}
+
+/// [`decode_body`] that also refuses to decode to more than `max_ratio`
+/// times the compressed size (every layer of a stack is held to the size of
+/// the body as received).
+pub fn decode_body_bounded<'a>(
+    content_encoding: Option<&str>,
+    body: &'a [u8],
+    max_decoded: usize,
+    max_ratio: usize,
+) -> Result<Cow<'a, [u8]>, DecodeError> {
     let encodings = parse_encodings(content_encoding)?;
     if encodings.is_empty() || body.is_empty() {
         if body.len() > max_decoded {
@@ -95,9 +118,16 @@ pub fn decode_body<'a>(
         }
         return Ok(Cow::Borrowed(body));
     }
+    let by_ratio = body.len().saturating_mul(max_ratio.max(1));
+    let cap = max_decoded.min(by_ratio);
     let mut current: Cow<'a, [u8]> = Cow::Borrowed(body);
     for enc in encodings.into_iter().rev() {
-        let decoded = decode_one(enc, &current, max_decoded)?;
+        let decoded = match decode_one(enc, &current, cap) {
+            Err(DecodeError::TooLarge { .. }) if by_ratio < max_decoded => {
+                return Err(DecodeError::RatioExceeded { max_ratio, compressed: body.len() });
+            }
+            other => other?,
+        };
         current = Cow::Owned(decoded);
     }
     Ok(current)
@@ -259,6 +289,28 @@ mod tests {
             // Exactly at the limit is fine.
             assert_eq!(decode_body(Some(ce), &bomb, 8 << 20).unwrap().len(), 8 << 20);
         }
+    }
+
+    #[test]
+    fn ratio_stops_a_bomb_long_before_the_size_limit() {
+        // 32 MiB of zeros is about 32 kB of gzip and far less of zstd or br.
+        let zeros = vec![0u8; 32 << 20];
+        for ce in ["gzip", "zstd", "br"] {
+            let bomb = encode_like(Some(ce), &zeros).unwrap();
+            let r = decode_body_bounded(Some(ce), &bomb, 256 << 20, 100);
+            assert!(
+                matches!(r, Err(DecodeError::RatioExceeded { max_ratio: 100, compressed }) if compressed == bomb.len()),
+                "{ce}: {r:?}"
+            );
+            assert!(r.unwrap_err().is_oversize());
+            // The size limit, when it is the smaller one, is named instead.
+            let r = decode_body_bounded(Some(ce), &bomb, 1 << 20, 1_000_000);
+            assert!(matches!(r, Err(DecodeError::TooLarge { max }) if max == 1 << 20), "{ce}");
+        }
+        // Ordinary JSON is far below any sane ratio.
+        let encoded = encode_like(Some("gzip"), TEXT).unwrap();
+        assert_eq!(&*decode_body_bounded(Some("gzip"), &encoded, 1 << 20, 10).unwrap(), TEXT);
+        assert!(!DecodeError::Unsupported { encoding: "x".into() }.is_oversize());
     }
 
     #[test]

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use super::{
     akto::{AktoClient, CallInfo, RemoteVerdict, merge_modified_payload, redact_path},
-    decode::decode_body,
+    decode::decode_body_bounded,
     engine::{Decision as EngineDecision, Engine, Scan, ScanContext, WorkloadRef},
     framing::{FramingKind, eventstream, json_array::JsonArrayStream, sse::SseParser},
     model::{Direction, NormalizedRequest, Provider, Role, TextKind, TextSpan},
@@ -34,7 +34,7 @@ use super::{
 };
 use crate::{
     audit::{self, AuditEvent, AuditLog, WorkloadInfo},
-    config::{Backend, FailMode, GuardrailsConfig, SigV4Action, StreamMode},
+    config::{Backend, FailMode, GuardrailsConfig, OversizeAction, SigV4Action, StreamMode},
     metrics::{BackendLabels, DecisionLabels, Metrics},
     proxy::hook::{BodyAction, BodyInspector, ChunkAction, Exchange, Hook, RequestAction, ResponseAction},
 };
@@ -193,6 +193,29 @@ pub fn blocked_response(status: StatusCode, reason: &str) -> http::Response<Full
     resp
 }
 
+/// A body over the inspection limits, per the oversize policy: an alert
+/// when passed, and the response to send when blocked.
+fn oversize(
+    outcome: &mut Outcome,
+    action: OversizeAction,
+    status: StatusCode,
+    reason: String,
+) -> Option<http::Response<Full<Bytes>>> {
+    outcome.backends.push("decode");
+    match action {
+        OversizeAction::Pass => {
+            outcome.alert = true;
+            outcome.reasons.push(reason);
+            None
+        }
+        OversizeAction::Block => {
+            let response = blocked_response(status, &reason);
+            outcome.block = Some(Block { status, reason, backend: "decode", rule: "oversize".into() });
+            Some(response)
+        }
+    }
+}
+
 fn workload_ref(ex: &Exchange) -> Option<WorkloadRef<'_>> {
     ex.workload.as_ref().map(|w| WorkloadRef { comm: &w.comm, cgroup: None })
 }
@@ -333,8 +356,19 @@ impl Hook for Pipeline {
         head.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
 
         let encoding = head.headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let decoded = match decode_body(encoding.as_deref(), body, g.cfg.max_decoded_body) {
+        let (max_decoded, max_ratio) = (g.cfg.max_decoded_body, g.cfg.max_decompression_ratio);
+        let decoded = match decode_body_bounded(encoding.as_deref(), body, max_decoded, max_ratio) {
             Ok(d) => d.into_owned(),
+            Err(error) if error.is_oversize() => {
+                head.extensions.insert(state.clone());
+                let reason = format!("not inspected: too large ({error})");
+                let blocked = oversize(&mut outcome, g.cfg.oversize, StatusCode::PAYLOAD_TOO_LARGE, reason);
+                self.audit(&g, ex, &state, Direction::Request, &outcome, started, None).await;
+                return match blocked {
+                    Some(response) => RequestAction::Respond(response),
+                    None => RequestAction::Forward,
+                };
+            }
             Err(error) => {
                 outcome.backends.push("decode");
                 outcome.backend_failed("decode", &error.to_string(), g.cfg.fail_mode_request);
@@ -536,6 +570,45 @@ impl Hook for Pipeline {
         }
     }
 
+    async fn on_not_inspected(
+        &self,
+        ex: &Exchange,
+        request: &http::request::Parts,
+        response: Option<&http::response::Parts>,
+        reason: &str,
+    ) {
+        let g = self.snapshot();
+        let started = Instant::now();
+        let state = match request.extensions.get::<RequestState>() {
+            Some(state) => state.clone(),
+            None => {
+                // The request itself was not inspected: only its head is known.
+                let path = request.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+                let request_id = request_id(&request.headers);
+                RequestState {
+                    request_id: request_id.clone(),
+                    provider: providers::detect(&ex.sni, &path),
+                    model: providers::model_from_path(&path),
+                    call: Arc::new(CallInfo {
+                        request_id,
+                        method: request.method.to_string(),
+                        path,
+                        host: ex.sni.clone(),
+                        request_headers: Vec::new(),
+                        request_body: Bytes::new(),
+                        client_ip: Some(ex.client.0.ip()),
+                        dest_ip: Some(ex.orig_dst.0.ip()),
+                        workload: ex.workload.clone(),
+                    }),
+                }
+            }
+        };
+        let mut outcome = Outcome { alert: true, ..Outcome::default() };
+        outcome.reasons.push(format!("not inspected: too large ({reason})"));
+        let direction = if response.is_some() { Direction::Response } else { Direction::Request };
+        self.audit(&g, ex, &state, direction, &outcome, started, None).await;
+    }
+
     async fn on_response_body(
         &self,
         ex: &Exchange,
@@ -550,8 +623,18 @@ impl Hook for Pipeline {
         let started = Instant::now();
         let mut outcome = Outcome::default();
         let encoding = head.headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
-        let decoded = match decode_body(encoding, body, g.cfg.max_decoded_body) {
+        let (max_decoded, max_ratio) = (g.cfg.max_decoded_body, g.cfg.max_decompression_ratio);
+        let decoded = match decode_body_bounded(encoding, body, max_decoded, max_ratio) {
             Ok(d) => d.into_owned(),
+            Err(error) if error.is_oversize() => {
+                let reason = format!("not inspected: too large ({error})");
+                let blocked = oversize(&mut outcome, g.cfg.oversize, StatusCode::BAD_GATEWAY, reason);
+                self.audit(&g, ex, state, Direction::Response, &outcome, started, None).await;
+                return match blocked {
+                    Some(response) => BodyAction::Respond(response),
+                    None => BodyAction::Forward,
+                };
+            }
             Err(error) => {
                 outcome.backend_failed("decode", &error.to_string(), g.cfg.fail_mode_response);
                 self.audit(&g, ex, state, Direction::Response, &outcome, started, None).await;
@@ -769,9 +852,7 @@ impl StreamGuard {
         let events = match result {
             Ok(events) => events,
             Err(error) => {
-                // Malformed framing: stop inspecting, per the response fail mode.
-                self.framing_broken = true;
-                self.outcome.backend_failed("framing", &error, self.g.cfg.fail_mode_response);
+                self.framing_failed(error);
                 Vec::new()
             }
         };
@@ -786,6 +867,48 @@ impl StreamGuard {
             self.held_events.push_back((raw_len, chars));
         }
         end
+    }
+
+    /// The provider's stream cannot be parsed (bad CRC, truncated frame,
+    /// oversized event): inspection stops. Enforce: what cannot be read
+    /// cannot be vouched for, so the stream is cut with the provider's error
+    /// event. Monitor: the rest passes through and the error is logged.
+    fn framing_failed(&mut self, error: String) {
+        self.framing_broken = true;
+        self.outcome.error = true;
+        if self.enforce() {
+            self.outcome.block = Some(Block {
+                status: StatusCode::BAD_GATEWAY,
+                reason: "the provider's stream could not be parsed".into(),
+                backend: "framing",
+                rule: "malformed_stream".into(),
+            });
+            self.outcome.reasons.push(format!("malformed stream: {error}"));
+        } else {
+            self.outcome.reasons.push(format!("malformed stream, not inspected further: {error}"));
+            tracing::warn!(
+                request_id = %self.state.request_id,
+                provider = self.state.provider.as_str(),
+                host = %self.exchange_host,
+                %error,
+                "malformed provider stream passed through uninspected (monitor mode)"
+            );
+        }
+    }
+
+    /// A framing error the end of the stream reveals: a frame cut short.
+    fn check_finished(&mut self) {
+        if self.framing_broken {
+            return;
+        }
+        let unfinished = match &mut self.framer {
+            Framer::EventStream(d) => d.finish().err().map(|e| e.to_string()),
+            Framer::JsonArray(a) => a.finish().err().map(|e| e.to_string()),
+            Framer::Sse(_) => None,
+        };
+        if let Some(error) = unfinished {
+            self.framing_failed(error);
+        }
     }
 
     /// Releases the held bytes of checked events, except those carrying the
@@ -996,7 +1119,8 @@ impl BodyInspector for StreamGuard {
             return ChunkAction::End(self.block_bytes(&reason));
         }
         if self.framing_broken {
-            // Malformed framing and failing open: stop holding anything back.
+            // Unreachable in enforce mode (a broken stream is cut above);
+            // kept so nothing is ever held back for good.
             return ChunkAction::Forward(self.release(true));
         }
         if self.pending.len() >= window || end {
@@ -1010,12 +1134,22 @@ impl BodyInspector for StreamGuard {
     }
 
     async fn on_end(&mut self) -> Bytes {
+        self.check_finished();
         let blocked = self.check_window().await;
         self.finish_audit().await;
         match blocked {
             Some(reason) if self.enforce() => self.block_bytes(&reason),
             _ => self.release(true),
         }
+    }
+
+    /// The text seen so far is still checked, and the audit event says the
+    /// stream was cut short.
+    async fn on_abort(&mut self, reason: &str) {
+        let _ = self.check_window().await;
+        self.outcome.error = true;
+        self.outcome.reasons.push(format!("stream cut short: {reason}"));
+        self.finish_audit().await;
     }
 }
 

@@ -74,6 +74,18 @@ pub trait Hook: Send + Sync + 'static {
         head: &http::response::Parts,
     ) -> ResponseAction;
 
+    /// A body is forwarded uninspected: it is over an inspection limit and
+    /// the oversize policy is `pass`. `response` is `None` for the request
+    /// body. Records it; cannot stop it.
+    async fn on_not_inspected(
+        &self,
+        _exchange: &Exchange,
+        _request: &http::request::Parts,
+        _response: Option<&http::response::Parts>,
+        _reason: &str,
+    ) {
+    }
+
     /// The whole response body, after [`ResponseAction::Collect`].
     async fn on_response_body(
         &self,
@@ -91,4 +103,9 @@ pub trait BodyInspector: Send + 'static {
     async fn on_chunk(&mut self, chunk: Bytes) -> ChunkAction;
     /// Bytes to send before the body ends (e.g. held-back text).
     async fn on_end(&mut self) -> Bytes;
+    /// The body will not end normally (the provider failed or went quiet,
+    /// or the client left): record what was seen. Nothing more is sent.
+    async fn on_abort(&mut self, _reason: &str) {
+        let _ = self.on_end().await;
+    }
 }

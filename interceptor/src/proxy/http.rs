@@ -4,6 +4,13 @@
 //! provider). Bodies stream in both directions; upgrades (WebSocket) are
 //! tunnelled after the 101; trailers pass through. The guardrail hook, when
 //! present, runs here.
+//!
+//! Faults end cleanly: a provider that cannot be reached gets the client a
+//! JSON error (502, or 504 when it sends no response head within the idle
+//! timeout); a provider that fails or goes quiet mid-body cuts the client's
+//! body with an error (HTTP/1.1: the connection closes before the end of the
+//! body; HTTP/2: the stream is reset), logged with the exchange; a client
+//! that leaves cancels the upstream request, also mid-stream.
 
 use std::{
     convert::Infallible,
@@ -13,24 +20,34 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
+    task::{Context, Poll},
+    time::Duration,
 };
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::{BodyExt as _, Full, StreamBody};
-use hyper::{body::Frame, service::service_fn};
+use hyper::{
+    body::{Body, Frame, SizeHint},
+    service::service_fn,
+};
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
-use tokio::{net::TcpStream, sync::mpsc};
+use tokio::{
+    net::TcpStream,
+    sync::{mpsc, watch},
+};
 use tokio_rustls::server::TlsStream;
 
 use super::{
-    BoxBody, BoxError, ProxyError,
+    BoxBody, BoxError, ProxyError, ProxySettings,
     hook::{BodyAction, BodyInspector, ChunkAction, Exchange, Hook, RequestAction, ResponseAction},
     upstream::Upstream,
 };
+
+use crate::config::OversizeAction;
 
 /// Header naming the interceptor as the source of a response it generated.
 pub const ERROR_HEADER: &str = "x-interceptor-error";
@@ -41,28 +58,132 @@ fn boxed<E: std::error::Error + Send + Sync + 'static>(error: E) -> BoxError {
     Box::new(error)
 }
 
+/// The provider sent nothing for longer than the idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the provider sent nothing for {timeout:?}")]
+pub struct UpstreamIdle {
+    pub timeout: Duration,
+}
+
 /// Per-connection state of an intercepted connection.
 pub struct Intercepted {
     pub exchange: Arc<Exchange>,
     pub upstream: Upstream,
     pub hook: Option<Arc<dyn Hook>>,
-    pub max_inspected_body: usize,
+    pub limits: HttpLimits,
+    /// Requests whose response is not finished yet (the idle clock runs
+    /// only while this is zero).
+    pub active: watch::Sender<usize>,
     pub requests: AtomicU64,
+}
+
+/// Limits on what one client may make an intercepted connection hold.
+#[derive(Clone, Debug)]
+pub struct HttpLimits {
+    pub max_inspected_body: usize,
+    pub oversize: OversizeAction,
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl From<&ProxySettings> for HttpLimits {
+    fn from(s: &ProxySettings) -> Self {
+        Self {
+            max_inspected_body: s.max_inspected_body,
+            oversize: s.oversize,
+            max_header_bytes: s.max_header_bytes,
+            header_read_timeout: s.header_read_timeout,
+            idle_timeout: s.idle_timeout,
+        }
+    }
+}
+
+/// The connection was closed for having no request in flight too long.
+#[derive(Debug, thiserror::Error)]
+#[error("closed after {timeout:?} without a request")]
+pub struct ClientIdle {
+    pub timeout: Duration,
+}
+
+/// Counts a request as in flight until its response body is dropped.
+struct InFlight(Arc<Intercepted>);
+
+impl InFlight {
+    fn new(conn: &Arc<Intercepted>) -> Self {
+        conn.active.send_modify(|n| *n += 1);
+        Self(Arc::clone(conn))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.active.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Resolves once no request has been in flight for `timeout`.
+async fn idle_for(mut active: watch::Receiver<usize>, timeout: Duration) {
+    loop {
+        if active.wait_for(|n| *n == 0).await.is_err() {
+            return std::future::pending().await;
+        }
+        if tokio::time::timeout(timeout, active.wait_for(|n| *n > 0)).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Serves HTTP on a terminated TLS stream until the client is done.
 pub async fn serve(io: TlsStream<TcpStream>, conn: Arc<Intercepted>) -> Result<(), BoxError> {
+    let limits = conn.limits.clone();
+    let idle = idle_for(conn.active.subscribe(), limits.idle_timeout);
     let service = service_fn(move |req| {
         let conn = Arc::clone(&conn);
         // Boxed: spelling out `Send` here spares the compiler a higher-ranked
         // inference it cannot finish through hyper's service bounds.
-        let fut: Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>> =
-            Box::pin(async move { Ok(handle(req, conn).await) });
+        let fut: Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>> = Box::pin(async move {
+            let in_flight = InFlight::new(&conn);
+            let resp = handle(req, conn).await;
+            // The closure owns the guard: dropped with the body.
+            Ok(resp.map(|b| {
+                b.map_frame(move |f| {
+                    let _held = &in_flight;
+                    f
+                })
+                .boxed_unsync()
+            }))
+        });
         fut
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let result = builder.serve_connection_with_upgrades(TokioIo::new(io), service).await;
-    result.map_err(|e| -> BoxError { e })
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // An oversized HTTP/1.1 head gets 431 from hyper; a slow one is closed
+    // after the timeout (which also bounds an idle kept-alive connection).
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(crate::config::MIN_HEADER_BYTES));
+    // HTTP/2: an oversized header list resets the stream; a peer that stops
+    // answering pings is closed.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(limits.header_read_timeout)
+        .keep_alive_timeout(limits.header_read_timeout);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(connection, idle);
+    tokio::select! {
+        result = connection.as_mut() => return result.map_err(|e| -> BoxError { e }),
+        () = &mut idle => {}
+    }
+    // HTTP/2 gets a GOAWAY; a request that raced in may finish.
+    connection.as_mut().graceful_shutdown();
+    match tokio::time::timeout(limits.header_read_timeout, connection).await {
+        Ok(Err(error)) => Err(error),
+        Ok(Ok(())) | Err(_) => Err(boxed(ClientIdle { timeout: limits.idle_timeout })),
+    }
 }
 
 async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>) -> Response<BoxBody> {
@@ -76,16 +197,22 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
     let mut body: BoxBody = body.map_err(boxed).boxed_unsync();
 
     if let Some(hook) = &conn.hook {
-        let bytes = match collect_limited(body, conn.max_inspected_body).await {
-            Ok(bytes) => bytes,
-            Err(None) => {
-                return error_response(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "request_too_large",
-                    &format!("request body exceeds the inspection limit of {} bytes", conn.max_inspected_body),
-                );
+        let max = conn.limits.max_inspected_body;
+        let bytes = match collect_limited(body, max).await {
+            Ok(Collected::Whole(bytes)) => bytes,
+            Ok(Collected::Over { prefix, rest }) => {
+                let reason = format!("request body exceeds the inspection limit of {max} bytes");
+                if conn.limits.oversize == OversizeAction::Block {
+                    tracing::warn!(sni = %conn.exchange.sni, client = %conn.exchange.client, %reason, "request refused");
+                    return error_response(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", &reason);
+                }
+                hook.on_not_inspected(&conn.exchange, &parts, None, &reason).await;
+                let body = prepend(prefix, rest);
+                let (Ok(resp) | Err(resp)) =
+                    send(Request::from_parts(parts, body), &conn, upgrade, client_upgrade).await;
+                return resp;
             }
-            Err(Some(error)) => {
+            Err(error) => {
                 return error_response(StatusCode::BAD_REQUEST, "request_body_error", &error.to_string());
             }
         };
@@ -106,35 +233,62 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
         };
     }
     match send(Request::from_parts(parts, body), &conn, upgrade, client_upgrade).await {
-        Ok(resp) => resp.map(|b| b.map_err(boxed).boxed_unsync()),
-        Err(resp) => resp,
+        Ok(resp) | Err(resp) => resp,
     }
 }
 
-/// Reads a whole body, at most `max` bytes: `Err(None)` when it is larger.
+/// A body read up to a limit.
+enum Collected {
+    Whole(Bytes),
+    /// Over the limit: what was read (at most the limit plus one frame) and
+    /// the unread rest, to forward untouched or drop.
+    Over {
+        prefix: Bytes,
+        rest: BoxBody,
+    },
+}
+
+/// Reads a whole body, at most `max` bytes; never buffers more.
 /// (Request trailers are not kept once a body is buffered.)
-async fn collect_limited(mut body: BoxBody, max: usize) -> Result<Bytes, Option<BoxError>> {
+async fn collect_limited(mut body: BoxBody, max: usize) -> Result<Collected, BoxError> {
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame.map_err(Some)?.into_data() {
-            if buf.len() + data.len() > max {
-                return Err(None);
-            }
+        if let Ok(data) = frame?.into_data() {
             buf.extend_from_slice(&data);
+            if buf.len() > max {
+                return Ok(Collected::Over { prefix: buf.freeze(), rest: body });
+            }
         }
     }
-    Ok(buf.freeze())
+    Ok(Collected::Whole(buf.freeze()))
+}
+
+/// `prefix`, then the rest of `body`.
+fn prepend(prefix: Bytes, rest: BoxBody) -> BoxBody {
+    use futures_util::StreamExt as _;
+    let first = futures_util::stream::once(async move { Ok::<_, BoxError>(Frame::data(prefix)) });
+    StreamBody::new(first.chain(http_body_util::BodyStream::new(rest))).boxed_unsync()
 }
 
 /// Sends the request upstream; on a 101, tunnels the two upgraded streams.
+/// The response body comes back under the idle timeout.
 async fn send(
     req: Request<BoxBody>,
     conn: &Intercepted,
     upgrade: bool,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-) -> Result<Response<hyper::body::Incoming>, Response<BoxBody>> {
+) -> Result<Response<BoxBody>, Response<BoxBody>> {
     let client = if upgrade { &conn.upstream.http1 } else { &conn.upstream.client };
-    let mut resp = client.request(req).await.map_err(|e| upstream_error_response(&e))?;
+    let idle = conn.upstream.idle_timeout;
+    let path = req.uri().path().to_string();
+    let mut resp = match tokio::time::timeout(idle, client.request(req)).await {
+        Ok(resp) => resp.map_err(|e| upstream_error_response(&e))?,
+        Err(_) => {
+            let error = UpstreamIdle { timeout: idle };
+            tracing::warn!(sni = %conn.exchange.sni, path, %error, "no response head from the provider; answering 504");
+            return Err(error_response(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", &error.to_string()));
+        }
+    };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_side) = client_upgrade {
             let upstream_side = hyper::upgrade::on(&mut resp);
@@ -150,29 +304,106 @@ async fn send(
     } else {
         strip_hop_by_hop(resp.headers_mut(), false);
     }
-    Ok(resp)
+    let exchange = Arc::clone(&conn.exchange);
+    Ok(resp.map(|inner| UpstreamBody::new(inner, idle, exchange, path).boxed_unsync()))
+}
+
+/// The provider's response body, failing when the provider sends nothing
+/// for `idle` while a frame is awaited, and logging any way it ends badly.
+/// The clock only runs while waiting on the provider, not while the client
+/// is slow to read.
+struct UpstreamBody {
+    inner: hyper::body::Incoming,
+    idle: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    waiting: bool,
+    exchange: Arc<Exchange>,
+    path: String,
+}
+
+impl UpstreamBody {
+    fn new(inner: hyper::body::Incoming, idle: Duration, exchange: Arc<Exchange>, path: String) -> Self {
+        let sleep = Box::pin(tokio::time::sleep(idle));
+        Self { inner, idle, sleep, waiting: false, exchange, path }
+    }
+
+    fn failed(&self, error: &(dyn std::error::Error + 'static)) {
+        tracing::warn!(
+            sni = %self.exchange.sni,
+            client = %self.exchange.client,
+            path = %self.path,
+            error = %crate::telemetry::chain(error),
+            "upstream response body failed; the client's response is cut short"
+        );
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.waiting = false;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(error))) => {
+                this.failed(&error);
+                Poll::Ready(Some(Err(boxed(error))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if !this.waiting {
+                    this.waiting = true;
+                    let deadline = tokio::time::Instant::now() + this.idle;
+                    this.sleep.as_mut().reset(deadline);
+                }
+                match this.sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        let error = UpstreamIdle { timeout: this.idle };
+                        this.failed(&error);
+                        Poll::Ready(Some(Err(boxed(error))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 async fn inspect_response(
     hook: &dyn Hook,
     conn: &Intercepted,
     request: &http::request::Parts,
-    resp: Response<hyper::body::Incoming>,
+    resp: Response<BoxBody>,
 ) -> Response<BoxBody> {
     let exchange = &conn.exchange;
     let (mut head, body) = resp.into_parts();
     match hook.on_response(exchange, request, &head).await {
         ResponseAction::Collect => {
-            let bytes = match collect_limited(body.map_err(boxed).boxed_unsync(), conn.max_inspected_body).await {
-                Ok(bytes) => bytes,
-                Err(None) => {
-                    return error_response(
-                        StatusCode::BAD_GATEWAY,
-                        "response_too_large",
-                        &format!("response body exceeds the inspection limit of {} bytes", conn.max_inspected_body),
-                    );
+            let max = conn.limits.max_inspected_body;
+            let bytes = match collect_limited(body, max).await {
+                Ok(Collected::Whole(bytes)) => bytes,
+                Ok(Collected::Over { prefix, rest }) => {
+                    let reason = format!("response body exceeds the inspection limit of {max} bytes");
+                    if conn.limits.oversize == OversizeAction::Block {
+                        tracing::warn!(sni = %exchange.sni, client = %exchange.client, %reason, "response refused");
+                        return error_response(StatusCode::BAD_GATEWAY, "response_too_large", &reason);
+                    }
+                    hook.on_not_inspected(exchange, request, Some(&head), &reason).await;
+                    return Response::from_parts(head, prepend(prefix, rest));
                 }
-                Err(Some(error)) => {
+                Err(error) => {
                     return error_response(StatusCode::BAD_GATEWAY, "upstream_body_error", &error.to_string());
                 }
             };
@@ -185,7 +416,7 @@ async fn inspect_response(
                 BodyAction::Respond(response) => response.map(|b| b.map_err(boxed).boxed_unsync()),
             }
         }
-        ResponseAction::Forward => Response::from_parts(head, body.map_err(boxed).boxed_unsync()),
+        ResponseAction::Forward => Response::from_parts(head, body),
         ResponseAction::Respond(response) => response.map(|b| b.map_err(boxed).boxed_unsync()),
         ResponseAction::Inspect(inspector) => {
             // The inspector may change the length.
@@ -195,15 +426,28 @@ async fn inspect_response(
     }
 }
 
-/// Runs the upstream body through an inspector as it streams.
-fn inspected_body(mut body: hyper::body::Incoming, mut inspector: Box<dyn BodyInspector>) -> BoxBody {
+/// Runs the upstream body through an inspector as it streams. The task
+/// ends, and the upstream body with it, as soon as the client is gone, even
+/// while the provider is quiet; a body cut short still gets its audit event.
+fn inspected_body(mut body: BoxBody, mut inspector: Box<dyn BodyInspector>) -> BoxBody {
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
     tokio::spawn(async move {
         loop {
-            let frame = match body.frame().await {
+            // Biased: once the client is gone, nothing more is read.
+            let next = tokio::select! {
+                biased;
+                () = tx.closed() => {
+                    tracing::debug!("client left mid-stream; upstream request cancelled");
+                    inspector.on_abort("the client went away").await;
+                    return;
+                }
+                next = body.frame() => next,
+            };
+            let frame = match next {
                 Some(Ok(frame)) => frame,
                 Some(Err(error)) => {
-                    let _ = tx.send(Err(boxed(error))).await;
+                    inspector.on_abort(&error.to_string()).await;
+                    let _ = tx.send(Err(error)).await;
                     return;
                 }
                 None => break,
@@ -211,8 +455,10 @@ fn inspected_body(mut body: hyper::body::Incoming, mut inspector: Box<dyn BodyIn
             match frame.into_data() {
                 Ok(chunk) => match inspector.on_chunk(chunk).await {
                     ChunkAction::Forward(bytes) => {
-                        if !bytes.is_empty() && tx.send(Ok(Frame::data(bytes))).await.is_err() {
-                            return;
+                        // A failed send means the client left: the next turn
+                        // of the loop records that.
+                        if !bytes.is_empty() {
+                            let _ = tx.send(Ok(Frame::data(bytes))).await;
                         }
                     }
                     ChunkAction::End(bytes) => {
@@ -223,9 +469,7 @@ fn inspected_body(mut body: hyper::body::Incoming, mut inspector: Box<dyn BodyIn
                     }
                 },
                 Err(frame) => {
-                    if tx.send(Ok(frame)).await.is_err() {
-                        return;
-                    }
+                    let _ = tx.send(Ok(frame)).await;
                 }
             }
         }

@@ -5,6 +5,8 @@
 //! the redirect never sends back to us.
 //!
 //! Every connection is recorded exactly once, when it ends, by a drop guard.
+//! Connections beyond the global cap or their workload's cap are closed at
+//! once, before any byte is read.
 //! This module knows nothing of eBPF or iptables: it only sees an
 //! [`OrigDstResolver`], and it reads the domain policy from an immutable
 //! snapshot the control plane publishes.
@@ -16,15 +18,18 @@ pub mod tls;
 pub mod upstream;
 
 use std::{
-    collections::HashSet,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use tokio::{
-    net::{TcpListener, TcpSocket, TcpStream},
+    net::{TcpListener, TcpStream},
     sync::{mpsc, watch},
 };
 
@@ -35,6 +40,7 @@ use self::{
     tls::TlsTermination,
 };
 use crate::{
+    config::OversizeAction,
     metrics::{ConnectionLabels, Metrics},
     net::{self, ClientAddr, OrigDstAddr},
     policy::DomainPolicy,
@@ -89,12 +95,12 @@ impl Listeners {
     /// port. Port 0 picks a free port (the IPv6 listener then reuses it).
     pub async fn bind(v4: Ipv4Addr, v6: Option<Ipv6Addr>, port: u16, mark: u32) -> Result<Self, ProxyError> {
         let addr = SocketAddr::from((v4, port));
-        let l4 = TcpListener::bind(addr).await.map_err(|source| ProxyError::Bind { addr, source })?;
+        let l4 = net::shared_listener(addr).map_err(|source| ProxyError::Bind { addr, source })?;
         let port = l4.local_addr().map_err(|source| ProxyError::Bind { addr, source })?.port();
         let l6 = match v6 {
             Some(ip) => {
                 let addr = SocketAddr::from((ip, port));
-                Some(bind_v6_only(addr).map_err(|source| ProxyError::Bind { addr, source })?)
+                Some(net::shared_listener(addr).map_err(|source| ProxyError::Bind { addr, source })?)
             }
             None => None,
         };
@@ -102,14 +108,6 @@ impl Listeners {
             ProxyAddrs { v4: SocketAddrV4::new(v4, port), v6: v6.map(|ip| SocketAddrV6::new(ip, port, 0, 0)), mark };
         Ok(Self { v4: l4, v6: l6, addrs })
     }
-}
-
-fn bind_v6_only(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let sock = TcpSocket::new_v6()?;
-    nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::Ipv6V6Only, &true)?;
-    sock.set_reuseaddr(true)?;
-    sock.bind(addr)?;
-    sock.listen(1024)
 }
 
 /// Settings of the data plane.
@@ -123,6 +121,19 @@ pub struct ProxySettings {
     /// After a client rejects our certificate (pinning, untrusted CA), pass
     /// that (process, host) pair through instead of failing every time.
     pub passthrough_on_reject: bool,
+    /// A body over `max_inspected_body`: refuse it or pass it uninspected.
+    pub oversize: OversizeAction,
+    /// Largest request head (HTTP/1.1 buffer, HTTP/2 header list).
+    pub max_header_bytes: usize,
+    /// How long a client may take to send a request head.
+    pub header_read_timeout: Duration,
+    /// An intercepted connection with no request in flight this long is
+    /// closed.
+    pub idle_timeout: Duration,
+    /// Connections served at once; 0: no cap.
+    pub max_connections: usize,
+    /// Connections served at once per workload; 0: no cap.
+    pub max_connections_per_workload: usize,
 }
 
 impl Default for ProxySettings {
@@ -132,6 +143,12 @@ impl Default for ProxySettings {
             client_hello_timeout: Duration::from_secs(5),
             max_inspected_body: 16 << 20,
             passthrough_on_reject: false,
+            oversize: OversizeAction::Block,
+            max_header_bytes: 64 << 10,
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(120),
+            max_connections: 8192,
+            max_connections_per_workload: 1024,
         }
     }
 }
@@ -154,6 +171,122 @@ struct Shared {
     rejected: Mutex<HashSet<(String, String)>>,
     /// Each connection holds a clone; draining waits for all to drop.
     in_flight: mpsc::Sender<()>,
+    limits: Arc<ConnectionLimits>,
+}
+
+/// Whom a per-workload connection cap counts against: the cgroup when the
+/// redirect recorded it, else the client address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum WorkloadKey {
+    Cgroup(u64),
+    Client(IpAddr),
+}
+
+impl WorkloadKey {
+    fn of(workload: Option<&Workload>, client: ClientAddr) -> Self {
+        match workload {
+            Some(w) if w.cgroup_id != 0 => Self::Cgroup(w.cgroup_id),
+            _ => Self::Client(client.0.ip()),
+        }
+    }
+}
+
+/// Open connections, all together and per workload.
+struct ConnectionLimits {
+    max_total: usize,
+    max_per_workload: usize,
+    total: AtomicUsize,
+    per_workload: Mutex<HashMap<WorkloadKey, usize>>,
+    /// When the last refusal was logged, and how many went unlogged since.
+    warned: Mutex<(Option<Instant>, u64)>,
+}
+
+/// A connection counted against the caps; released on drop.
+struct Slot {
+    limits: Arc<ConnectionLimits>,
+    key: Option<WorkloadKey>,
+}
+
+impl ConnectionLimits {
+    fn new(settings: &ProxySettings) -> Self {
+        Self {
+            max_total: settings.max_connections,
+            max_per_workload: settings.max_connections_per_workload,
+            total: AtomicUsize::new(0),
+            per_workload: Mutex::new(HashMap::new()),
+            warned: Mutex::new((None, 0)),
+        }
+    }
+
+    /// A slot under the global cap, or `None` when it is reached.
+    fn admit(self: &Arc<Self>) -> Option<Slot> {
+        let admitted = self
+            .total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (self.max_total == 0 || n < self.max_total).then_some(n + 1)
+            })
+            .is_ok();
+        admitted.then(|| Slot { limits: Arc::clone(self), key: None })
+    }
+
+    /// Counts the slot against its workload too; false when that workload
+    /// is at its cap.
+    fn admit_workload(&self, slot: &mut Slot, key: WorkloadKey) -> bool {
+        let mut per = self.per_workload.lock().unwrap_or_else(|e| e.into_inner());
+        let open = per.entry(key).or_insert(0);
+        if self.max_per_workload != 0 && *open >= self.max_per_workload {
+            if *open == 0 {
+                per.remove(&key);
+            }
+            return false;
+        }
+        *open += 1;
+        slot.key = Some(key);
+        true
+    }
+
+    /// Logs a refused connection, at most once a second (with how many were
+    /// refused unlogged in between), so a flood cannot flood the log.
+    fn warn_refused(&self, limit: &'static str, client: ClientAddr, key: Option<WorkloadKey>) {
+        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if warned.0.is_some_and(|at| now.duration_since(at) < Duration::from_secs(1)) {
+            warned.1 += 1;
+            return;
+        }
+        let suppressed = std::mem::take(&mut warned.1);
+        warned.0 = Some(now);
+        let (cgroup_id, max) = match limit {
+            "max_connections" => (None, self.max_total),
+            _ => {
+                (key.and_then(|k| if let WorkloadKey::Cgroup(id) = k { Some(id) } else { None }), self.max_per_workload)
+            }
+        };
+        tracing::warn!(
+            event = "connection_refused",
+            limit,
+            max,
+            client = %client,
+            cgroup_id,
+            suppressed,
+            "connection closed: too many open connections"
+        );
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.limits.total.fetch_sub(1, Ordering::AcqRel);
+        if let Some(key) = self.key {
+            let mut per = self.limits.per_workload.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(open) = per.get_mut(&key) {
+                *open -= 1;
+                if *open == 0 {
+                    per.remove(&key);
+                }
+            }
+        }
+    }
 }
 
 /// Bound on remembered certificate rejections.
@@ -169,8 +302,14 @@ impl Proxy {
     /// Starts accepting on every listener until `shutdown` turns true.
     pub fn serve(listeners: Listeners, plane: DataPlane, shutdown: watch::Receiver<bool>) -> Self {
         let (tx, rx) = mpsc::channel(1);
-        let shared =
-            Arc::new(Shared { plane, addrs: listeners.addrs, rejected: Mutex::new(HashSet::new()), in_flight: tx });
+        let limits = Arc::new(ConnectionLimits::new(&plane.settings));
+        let shared = Arc::new(Shared {
+            plane,
+            addrs: listeners.addrs,
+            rejected: Mutex::new(HashSet::new()),
+            in_flight: tx,
+            limits,
+        });
         let mut tasks = vec![tokio::spawn(accept_loop(listeners.v4, Arc::clone(&shared), shutdown.clone()))];
         if let Some(v6) = listeners.v6 {
             tasks.push(tokio::spawn(accept_loop(v6, Arc::clone(&shared), shutdown)));
@@ -195,10 +334,18 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: w
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let client = ClientAddr(net::canonical(peer));
+                    let Some(slot) = shared.limits.admit() else {
+                        // Closed before anything is read or spawned.
+                        drop(stream);
+                        refused(&shared.plane.metrics, "over_max_connections");
+                        shared.limits.warn_refused("max_connections", client, None);
+                        continue;
+                    };
                     let shared = Arc::clone(&shared);
                     tokio::spawn(async move {
                         let guard = shared.in_flight.clone();
-                        handle(stream, ClientAddr(net::canonical(peer)), &shared).await;
+                        handle(stream, client, slot, &shared).await;
                         drop(guard);
                     });
                 }
@@ -210,6 +357,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: w
             }
         }
     }
+}
+
+fn refused(metrics: &Metrics, outcome: &'static str) {
+    metrics.connections.get_or_create(&ConnectionLabels { mode: "none", outcome }).inc();
 }
 
 /// What happened to one connection; logged once when dropped.
@@ -227,6 +378,8 @@ struct ConnectionRecord {
     bytes_up: u64,
     bytes_down: u64,
     started: Instant,
+    /// Already counted and logged elsewhere.
+    quiet: bool,
 }
 
 impl ConnectionRecord {
@@ -238,6 +391,9 @@ impl ConnectionRecord {
 
 impl Drop for ConnectionRecord {
     fn drop(&mut self) {
+        if self.quiet {
+            return;
+        }
         self.metrics.connections.get_or_create(&ConnectionLabels { mode: self.mode, outcome: self.outcome }).inc();
         let w = self.workload.as_ref();
         tracing::info!(
@@ -263,7 +419,7 @@ impl Drop for ConnectionRecord {
     }
 }
 
-async fn handle(stream: TcpStream, client: ClientAddr, shared: &Shared) {
+async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &Shared) {
     let plane = &shared.plane;
     let mut record = ConnectionRecord {
         metrics: Arc::clone(&plane.metrics),
@@ -279,6 +435,7 @@ async fn handle(stream: TcpStream, client: ClientAddr, shared: &Shared) {
         bytes_up: 0,
         bytes_down: 0,
         started: Instant::now(),
+        quiet: false,
     };
     let orig = match plane.resolver.original_dst(&stream, client) {
         Ok(orig) => OrigDstAddr(net::canonical(orig.0)),
@@ -293,6 +450,14 @@ async fn handle(stream: TcpStream, client: ClientAddr, shared: &Shared) {
     record.workload = plane.resolver.workload(client);
     if shared.addrs.is_proxy(orig.0) {
         record.outcome = "refused_loop";
+        return;
+    }
+    let key = WorkloadKey::of(record.workload.as_ref(), client);
+    if !shared.limits.admit_workload(&mut slot, key) {
+        // Counted and logged (rate-limited) here, not once per connection.
+        record.quiet = true;
+        refused(&plane.metrics, "over_max_connections_per_workload");
+        shared.limits.warn_refused("max_connections_per_workload", client, Some(key));
         return;
     }
     let _ = stream.set_nodelay(true);
@@ -410,7 +575,8 @@ async fn intercept_connection(
         }),
         upstream,
         hook: shared.plane.hook.clone(),
-        max_inspected_body: shared.plane.settings.max_inspected_body,
+        limits: http::HttpLimits::from(&shared.plane.settings),
+        active: tokio::sync::watch::Sender::new(0),
         requests: Default::default(),
     });
     let result = http::serve(tls_stream, Arc::clone(&conn)).await;

@@ -47,7 +47,7 @@ async fn peek_loop(stream: &TcpStream) -> Peeked {
         }
         if n != last {
             last = n;
-            match parse(&buf[..n]) {
+            match parse_client_hello(&buf[..n]) {
                 Parse::Done(info) => return Peeked::Tls(info),
                 Parse::Invalid => return Peeked::NotTls,
                 Parse::NeedMore => {}
@@ -66,13 +66,18 @@ async fn peek_loop(stream: &TcpStream) -> Peeked {
     }
 }
 
-enum Parse {
+/// What the bytes received so far make of a ClientHello.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parse {
     Done(ClientHelloInfo),
+    /// A valid start: wait for more bytes.
     NeedMore,
     Invalid,
 }
 
-fn parse(bytes: &[u8]) -> Parse {
+/// Parses the first bytes of a connection as TLS records carrying a
+/// ClientHello. Pure; [`peek_client_hello`] calls it on peeked bytes.
+pub fn parse_client_hello(bytes: &[u8]) -> Parse {
     let mut acceptor = rustls::server::Acceptor::default();
     let mut reader = bytes;
     while !reader.is_empty() {
@@ -179,7 +184,7 @@ mod tests {
         let mut conn = rustls::ClientConnection::new(Arc::new(config), ip).unwrap();
         let mut out = Vec::new();
         conn.write_tls(&mut out).unwrap();
-        let Parse::Done(info) = parse(&out) else { panic!() };
+        let Parse::Done(info) = parse_client_hello(&out) else { panic!() };
         assert_eq!(info.sni, None);
     }
 }

@@ -30,6 +30,10 @@ use crate::net;
 const POOL_IDLE: Duration = Duration::from_secs(90);
 /// Upper bound on distinct (destination, SNI) pairs with a live pool entry.
 const MAX_POOLS: usize = 4096;
+/// How long the provider may send nothing (no response head, no body frame)
+/// before the request is given up: the providers' SDKs' own default timeout,
+/// so the interceptor never gives up before the client would.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub type UpstreamClient = Client<HttpsConnector<MarkedConnector>, BoxBody>;
 
@@ -115,6 +119,9 @@ pub async fn connect_upstream(dst: SocketAddr, mark: u32, timeout: Duration) -> 
 pub struct Upstream {
     pub client: UpstreamClient,
     pub http1: UpstreamClient,
+    /// Longest silence from the provider while a response is awaited or
+    /// streamed.
+    pub idle_timeout: Duration,
 }
 
 /// Pools keyed by (original destination, SNI).
@@ -122,12 +129,19 @@ pub struct UpstreamPool {
     tls: rustls::ClientConfig,
     mark: u32,
     connect_timeout: Duration,
+    idle_timeout: Duration,
     pools: Mutex<HashMap<(SocketAddr, String), Upstream>>,
 }
 
 impl UpstreamPool {
     pub fn new(tls: rustls::ClientConfig, mark: u32, connect_timeout: Duration) -> Self {
-        Self { tls, mark, connect_timeout, pools: Mutex::new(HashMap::new()) }
+        Self { tls, mark, connect_timeout, idle_timeout: DEFAULT_IDLE_TIMEOUT, pools: Mutex::new(HashMap::new()) }
+    }
+
+    /// Sets the longest silence from the provider (see [`Upstream::idle_timeout`]).
+    pub fn with_idle_timeout(mut self, idle_timeout: Duration) -> Self {
+        self.idle_timeout = idle_timeout;
+        self
     }
 
     pub fn get(&self, dst: SocketAddr, sni: &str) -> Result<Upstream, ProxyError> {
@@ -140,7 +154,11 @@ impl UpstreamPool {
             // clone. Start over rather than grow without bound.
             pools.clear();
         }
-        let upstream = Upstream { client: self.build(dst, sni, true)?, http1: self.build(dst, sni, false)? };
+        let upstream = Upstream {
+            client: self.build(dst, sni, true)?,
+            http1: self.build(dst, sni, false)?,
+            idle_timeout: self.idle_timeout,
+        };
         pools.insert((dst, sni.to_string()), upstream.clone());
         Ok(upstream)
     }

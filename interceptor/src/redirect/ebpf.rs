@@ -3,9 +3,11 @@
 //! getsockopt program to the proxy's own cgroup, and keeps the target maps in
 //! step with the target set.
 //!
-//! Links are file-descriptor based and not pinned: when this process exits,
-//! however it exits, the kernel detaches every program. Nothing is left
-//! behind.
+//! Links are file-descriptor based: when this process exits, however it
+//! exits, the kernel detaches its programs. Only in fail-closed mode are the
+//! connect and sendmsg links also pinned, on purpose, so that target
+//! connections stay refused while no proxy runs (see [`super::liveness`]).
+//! The maps are pinned per target cgroup so that instances can hand over.
 
 use std::{
     collections::BTreeSet,
@@ -16,19 +18,39 @@ use std::{
 };
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps,
+        links::{FdLink, PinnedLink},
+    },
 };
 use interceptor_common::{
-    CONFIG_F_ENABLED, CONFIG_F_HAVE_V6, MAP_BY_ADDR, MAP_CONFIG, MAP_STATS, MAP_TARGETS_V4, MAP_TARGETS_V6, MAX_PORTS,
-    OrigDst, RedirectConfig, STAT_DNS_REDIRECTED, STAT_ESTABLISHED, STAT_ORIGDST_ANSWERED, STAT_REDIRECTED_V4,
+    CONFIG_F_ENABLED, CONFIG_F_FAIL_CLOSED, CONFIG_F_HAVE_V6, MAP_BY_ADDR, MAP_BY_COOKIE, MAP_CONFIG, MAP_DNS_ORIG,
+    MAP_HEARTBEAT, MAP_INSTANCES, MAP_STATS, MAP_TARGETS_V4, MAP_TARGETS_V6, MAX_PORTS, OrigDst, RedirectConfig,
+    STAT_DNS_REDIRECTED, STAT_ESTABLISHED, STAT_FAIL_CLOSED, STAT_FAIL_OPEN, STAT_ORIGDST_ANSWERED, STAT_REDIRECTED_V4,
     STAT_REDIRECTED_V6, STAT_SKIPPED_MARK, STAT_UDP_REFUSED, STAT_V6_REFUSED, SockKey, Target, v4_mapped,
 };
 use ipnet::IpNet;
 
-use super::{OrigDstResolver, ProxyAddrs, RedirectError, Redirector, SockoptResolver, Workload};
+use super::{
+    Liveness, OrigDstResolver, ProxyAddrs, RedirectError, Redirector, SockoptResolver, Workload,
+    liveness::{self, FailSafe, Heartbeat},
+};
 use crate::{cgroup, net::ClientAddr, targets::TargetSet};
+
+/// Maps shared by every instance covering the same cgroup (pinned).
+const SHARED_MAPS: [&str; 9] = [
+    MAP_CONFIG,
+    MAP_TARGETS_V4,
+    MAP_TARGETS_V6,
+    MAP_BY_COOKIE,
+    MAP_BY_ADDR,
+    MAP_DNS_ORIG,
+    MAP_STATS,
+    MAP_HEARTBEAT,
+    MAP_INSTANCES,
+];
 
 /// The compiled eBPF object, built by build.rs.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
@@ -53,10 +75,60 @@ pub struct EbpfRedirector {
     targets_v4: LpmTrie<MapData, [u8; 4], Target>,
     targets_v6: LpmTrie<MapData, [u8; 16], Target>,
     by_addr: Arc<Mutex<AddrMap>>,
-    stats: PerCpuArray<MapData, u64>,
     current: BTreeSet<IpNet>,
     cgroup: PathBuf,
     own_cgroup: PathBuf,
+    beat: Arc<EbpfBeat>,
+    /// Pin directory of the shared maps; `None` when bpffs is unavailable.
+    pins: Option<PathBuf>,
+    /// This instance's pinned links (fail closed), held open while it runs.
+    pinned_links: Vec<PinnedLink>,
+}
+
+/// The heartbeat, and the fail-mode counters at the last beat (to report
+/// what happened while the proxy was unresponsive).
+pub struct EbpfBeat {
+    state: Mutex<(Heartbeat, [u64; 2], bool)>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl EbpfBeat {
+    fn fail_counters(&self) -> [u64; 2] {
+        [STAT_FAIL_OPEN, STAT_FAIL_CLOSED].map(|i| self.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
+    }
+
+    /// Deregisters; returns whether another live instance remains.
+    fn leave(&self) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.2 = true;
+        state.0.leave()
+    }
+}
+
+impl Liveness for EbpfBeat {
+    fn interval(&self) -> std::time::Duration {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0.fail_safe.interval()
+    }
+
+    fn beat(&self) {
+        let counters = self.fail_counters();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (heartbeat, last_counters, left) = &mut *state;
+        if *left {
+            return;
+        }
+        if let Some(gap) = heartbeat.beat() {
+            tracing::warn!(
+                event = "redirect_resumed",
+                down_ms = gap.as_millis() as u64,
+                went_direct = counters[0].saturating_sub(last_counters[0]),
+                refused = counters[1].saturating_sub(last_counters[1]),
+                fail_mode = if heartbeat.fail_safe.closed { "closed" } else { "open" },
+                "the proxy was unresponsive beyond the heartbeat timeout; redirect resumes"
+            );
+        }
+        *last_counters = counters;
+    }
 }
 
 fn load_err(e: impl std::error::Error + Send + Sync + 'static) -> RedirectError {
@@ -116,17 +188,64 @@ impl EbpfRedirector {
         proxy: ProxyAddrs,
         ports: &[u16],
         dns_port: Option<u16>,
+        fail_safe: FailSafe,
     ) -> Result<Self, RedirectError> {
         let root = cgroup::cgroup2_root()?;
         let target = if cgroup.as_os_str().is_empty() { root.clone() } else { cgroup.to_path_buf() };
         cgroup::check_cgroup_dir(&target, &root)?;
         let own = cgroup::own_cgroup(&root)?;
 
-        let mut ebpf = Ebpf::load(PROGRAMS).map_err(load_err)?;
+        let pins = match pin_dir(&target) {
+            Ok(dir) => Some(dir),
+            Err(reason) if fail_safe.closed => return Err(RedirectError::Pin(reason)),
+            Err(reason) => {
+                tracing::warn!(
+                    reason,
+                    "cannot pin the redirect maps: instances cannot hand over to each other (restarts leave a short \
+                     window where traffic goes direct)"
+                );
+                None
+            }
+        };
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = &pins {
+            for name in SHARED_MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(PROGRAMS).map_err(load_err)?;
         forward_kernel_logs(&mut ebpf);
 
         let mut config: Array<MapData, RedirectConfig> = take_map(&mut ebpf, MAP_CONFIG)?;
-        let config_value = redirect_config(proxy, ports, dns_port);
+        let mut targets_v4: LpmTrie<MapData, [u8; 4], Target> = take_map(&mut ebpf, MAP_TARGETS_V4)?;
+        let mut targets_v6: LpmTrie<MapData, [u8; 16], Target> = take_map(&mut ebpf, MAP_TARGETS_V6)?;
+        let stats: PerCpuArray<MapData, u64> = take_map(&mut ebpf, MAP_STATS)?;
+        let mut heartbeat =
+            Heartbeat::new(fail_safe, take_map(&mut ebpf, MAP_HEARTBEAT)?, take_map(&mut ebpf, MAP_INSTANCES)?);
+        let joined = heartbeat.join();
+        let mut current = BTreeSet::new();
+        if joined.live.is_empty() {
+            // Alone: whatever a crashed instance left in the shared maps is stale.
+            clear_trie(&mut targets_v4);
+            clear_trie(&mut targets_v6);
+            if !joined.stale.is_empty() {
+                tracing::warn!(
+                    event = "redirect_recovered",
+                    down_ms = joined.last_beat_age.map(|d| d.as_millis() as u64),
+                    previous_instances = joined.stale.len(),
+                    "the previous interceptor stopped without removing its redirect (crash or kill); taking over"
+                );
+            }
+        } else {
+            current.extend(trie_nets(&targets_v4, &targets_v6));
+            tracing::info!(
+                event = "redirect_handover",
+                running_instances = joined.live.len(),
+                targets = current.len(),
+                "another interceptor is running on this cgroup; sharing its redirect"
+            );
+        }
+        let config_value = redirect_config(proxy, ports, dns_port, fail_safe);
         config.set(0, config_value, 0).map_err(map_err(MAP_CONFIG))?;
 
         let target_fd = File::open(&target).map_err(|e| RedirectError::Attach {
@@ -134,10 +253,24 @@ impl EbpfRedirector {
             path: target.clone(),
             source: Box::new(e),
         })?;
+        let links_dir = pins.as_ref().filter(|_| fail_safe.closed).map(|dir| liveness::links_dir(dir, heartbeat.id));
+        if let Some(dir) = &links_dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| RedirectError::Pin(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let mut pinned_links = Vec::new();
         for name in CGROUP_PROGRAMS {
             let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             p.load().map_err(load_err)?;
-            p.attach(&target_fd, ATTACH_MODE).map_err(attach_err(name, &target))?;
+            let id = p.attach(&target_fd, ATTACH_MODE).map_err(attach_err(name, &target))?;
+            if let Some(dir) = &links_dir {
+                // Fail closed: the link must outlive this process.
+                let link: FdLink = p.take_link(id).map_err(load_err)?.try_into().map_err(load_err)?;
+                let path = dir.join(name);
+                pinned_links.push(
+                    link.pin(&path).map_err(|e| RedirectError::Pin(format!("cannot pin {}: {e}", path.display())))?,
+                );
+            }
         }
         let p: &mut SockOps = program(&mut ebpf, SOCK_OPS_PROGRAM)?;
         p.load().map_err(load_err)?;
@@ -155,11 +288,24 @@ impl EbpfRedirector {
         p.load().map_err(load_err)?;
         p.attach(&own_fd, ATTACH_MODE).map_err(attach_err(GETSOCKOPT_PROGRAM, &own))?;
 
-        let targets_v4 = take_map(&mut ebpf, MAP_TARGETS_V4)?;
-        let targets_v6 = take_map(&mut ebpf, MAP_TARGETS_V6)?;
         let by_addr: AddrMap = take_map(&mut ebpf, MAP_BY_ADDR)?;
-        let stats = take_map(&mut ebpf, MAP_STATS)?;
-        tracing::info!(cgroup = %target.display(), own_cgroup = %own.display(), "eBPF redirect attached");
+        if let Some(dir) = &pins {
+            // Links a crashed fail-closed instance pinned: ours now do the job.
+            let removed = liveness::remove_dead_links(dir, &heartbeat.live_ids());
+            if removed > 0 {
+                tracing::info!(removed, "removed the pinned links of stopped instances");
+            }
+        }
+        tracing::info!(
+            cgroup = %target.display(),
+            own_cgroup = %own.display(),
+            fail_mode = if fail_safe.closed { "closed" } else { "open" },
+            heartbeat_timeout_ms = fail_safe.timeout_ms(),
+            pinned = pins.as_ref().map(|d| d.display().to_string()),
+            "eBPF redirect attached"
+        );
+        let beat = Arc::new(EbpfBeat { state: Mutex::new((heartbeat, [0; 2], false)), stats });
+        beat.beat();
         Ok(Self {
             ebpf: Some(ebpf),
             config,
@@ -167,10 +313,12 @@ impl EbpfRedirector {
             targets_v4,
             targets_v6,
             by_addr: Arc::new(Mutex::new(by_addr)),
-            stats,
-            current: BTreeSet::new(),
+            current,
             cgroup: target,
             own_cgroup: own,
+            beat,
+            pins,
+            pinned_links,
         })
     }
 
@@ -194,7 +342,7 @@ impl EbpfRedirector {
     }
 }
 
-fn redirect_config(proxy: ProxyAddrs, ports: &[u16], dns_port: Option<u16>) -> RedirectConfig {
+fn redirect_config(proxy: ProxyAddrs, ports: &[u16], dns_port: Option<u16>, fail_safe: FailSafe) -> RedirectConfig {
     let mut port_slots = [0u16; MAX_PORTS];
     for (slot, port) in port_slots.iter_mut().zip(ports) {
         *slot = *port;
@@ -202,6 +350,9 @@ fn redirect_config(proxy: ProxyAddrs, ports: &[u16], dns_port: Option<u16>) -> R
     let mut flags = CONFIG_F_ENABLED;
     if proxy.v6.is_some() {
         flags |= CONFIG_F_HAVE_V6;
+    }
+    if fail_safe.closed {
+        flags |= CONFIG_F_FAIL_CLOSED;
     }
     RedirectConfig {
         proxy_addr_v4: proxy.v4.ip().octets(),
@@ -212,7 +363,40 @@ fn redirect_config(proxy: ProxyAddrs, ports: &[u16], dns_port: Option<u16>) -> R
         ports: port_slots,
         dns_port: dns_port.unwrap_or(0),
         _pad: 0,
+        heartbeat_timeout_ms: fail_safe.timeout_ms(),
     }
+}
+
+/// Makes sure bpffs is mounted and returns (creating it) the pin directory
+/// of the redirect covering `target`.
+fn pin_dir(target: &Path) -> Result<PathBuf, String> {
+    liveness::ensure_bpffs()?;
+    let dir = liveness::pin_dir(target).map_err(|e| format!("cannot stat {}: {e}", target.display()))?;
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+fn clear_trie<K: aya::Pod>(trie: &mut LpmTrie<MapData, K, Target>) {
+    let keys: Vec<Key<K>> = trie.keys().filter_map(Result::ok).collect();
+    for key in keys {
+        let _ = trie.remove(&key);
+    }
+}
+
+/// The networks in the (shared) target tries.
+fn trie_nets(v4: &LpmTrie<MapData, [u8; 4], Target>, v6: &LpmTrie<MapData, [u8; 16], Target>) -> Vec<IpNet> {
+    let mut nets = Vec::new();
+    for key in v4.keys().filter_map(Result::ok) {
+        if let Ok(n) = ipnet::Ipv4Net::new(key.data().into(), key.prefix_len() as u8) {
+            nets.push(IpNet::V4(n));
+        }
+    }
+    for key in v6.keys().filter_map(Result::ok) {
+        if let Ok(n) = ipnet::Ipv6Net::new(key.data().into(), key.prefix_len() as u8) {
+            nets.push(IpNet::V6(n));
+        }
+    }
+    nets
 }
 
 fn forward_kernel_logs(ebpf: &mut Ebpf) {
@@ -299,15 +483,39 @@ impl Redirector for EbpfRedirector {
         if self.ebpf.is_none() {
             return Ok(());
         }
-        // Disable first so no connection is redirected while links go away.
-        let mut disabled = self.config_value;
-        disabled.flags = 0;
-        let _ = self.config.set(0, disabled, 0);
+        let others = self.beat.leave();
+        if !others {
+            // Last one: disable first so no connection is redirected while
+            // links go away.
+            let mut disabled = self.config_value;
+            disabled.flags = 0;
+            let _ = self.config.set(0, disabled, 0);
+        }
         // Dropping the object closes the link descriptors: the kernel
-        // detaches every program.
+        // detaches our programs. Our pinned links go with their pins.
         self.ebpf = None;
+        let id = self.beat.state.lock().unwrap_or_else(|e| e.into_inner()).0.id;
+        if let Some(dir) = &self.pins {
+            let _ = liveness::remove_tree(&liveness::links_dir(dir, id));
+        }
+        self.pinned_links.clear();
+        if others {
+            tracing::info!(cgroup = %self.cgroup.display(), "eBPF redirect left to the other running instance");
+            return Ok(());
+        }
+        if let Some(dir) = &self.pins {
+            if let Err(error) = liveness::remove_tree(dir) {
+                tracing::warn!(%error, dir = %dir.display(), "cannot remove the pinned redirect maps");
+            }
+            // Only removed when no other cgroup's redirect uses it.
+            let _ = std::fs::remove_dir(liveness::PIN_ROOT);
+        }
         tracing::info!(cgroup = %self.cgroup.display(), "eBPF redirect detached");
         Ok(())
+    }
+
+    fn liveness(&self) -> Option<Arc<dyn Liveness>> {
+        Some(Arc::clone(&self.beat) as Arc<dyn Liveness>)
     }
 
     fn resolver(&self) -> Arc<dyn OrigDstResolver> {
@@ -332,8 +540,10 @@ impl Redirector for EbpfRedirector {
             (STAT_ESTABLISHED, "established"),
             (STAT_ORIGDST_ANSWERED, "original_dst_answered"),
             (STAT_DNS_REDIRECTED, "dns_redirected"),
+            (STAT_FAIL_OPEN, "fail_open_direct"),
+            (STAT_FAIL_CLOSED, "fail_closed_refused"),
         ];
-        names.iter().map(|&(i, name)| (name, self.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))).collect()
+        names.iter().map(|&(i, name)| (name, self.beat.stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))).collect()
     }
 }
 
@@ -350,14 +560,20 @@ mod tests {
     #[test]
     fn config_carries_ports_addresses_and_flags() {
         let proxy = ProxyAddrs { v4: "127.0.0.1:15443".parse().unwrap(), v6: None, mark: 0x1e7 };
-        let c = redirect_config(proxy, &[443, 8443], None);
+        let c = redirect_config(proxy, &[443, 8443], None, FailSafe::default());
         assert_eq!(c.proxy_addr_v4, [127, 0, 0, 1]);
         assert_eq!(c.proxy_port, 15443);
         assert_eq!(c.flags, CONFIG_F_ENABLED);
         assert!(c.has_port(443) && c.has_port(8443) && !c.has_port(80));
         let proxy = ProxyAddrs { v6: Some("[::1]:15443".parse().unwrap()), ..proxy };
-        assert_eq!(redirect_config(proxy, &[443], Some(15053)).flags, CONFIG_F_ENABLED | CONFIG_F_HAVE_V6);
-        assert_eq!(redirect_config(proxy, &[443], Some(15053)).dns_port, 15053);
+        let c = redirect_config(proxy, &[443], Some(15053), FailSafe::default());
+        assert_eq!(c.flags, CONFIG_F_ENABLED | CONFIG_F_HAVE_V6);
+        assert_eq!(c.dns_port, 15053);
+        assert_eq!(c.heartbeat_timeout_ms, 2000);
+        let closed = FailSafe { closed: true, timeout: std::time::Duration::from_millis(750) };
+        let c = redirect_config(proxy, &[443], None, closed);
+        assert_eq!(c.flags, CONFIG_F_ENABLED | CONFIG_F_HAVE_V6 | CONFIG_F_FAIL_CLOSED);
+        assert_eq!(c.heartbeat_timeout_ms, 750);
     }
 
     #[test]

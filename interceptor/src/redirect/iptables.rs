@@ -12,8 +12,21 @@
 //!
 //! Chains are replaced atomically with `iptables-restore --noflush`. Stale
 //! chains from a crashed run are removed at start and by `interceptor cleanup`.
+//!
+//! Fail mode: rules are kernel state that cannot see whether the proxy is
+//! alive, so after a crash they stay (fail closed) unless `fail_mode` is
+//! `open`: then a small watchdog process (`interceptor watchdog`, holding a
+//! pipe from the proxy) removes the chains as soon as the proxy process is
+//! gone, however it went. A hung but living proxy is not detected in this
+//! mode, and a new instance replaces the old one's rules (no handover).
 
-use std::{collections::BTreeSet, fmt::Write as _, io::Write as _, process::Command, sync::Arc};
+use std::{
+    collections::BTreeSet,
+    fmt::Write as _,
+    io::{Read as _, Write as _},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+};
 
 use ipnet::IpNet;
 
@@ -54,13 +67,23 @@ pub struct IptablesRedirector {
     dns_port: Option<u16>,
     installed: bool,
     current: BTreeSet<IpNet>,
+    /// Fail open: the process that removes the rules when we die.
+    watchdog: Option<Child>,
 }
 
 impl IptablesRedirector {
     /// Removes stale rules, then creates the chains and the jumps to them.
-    pub fn install(proxy: ProxyAddrs, ports: &[u16], dns_port: Option<u16>) -> Result<Self, RedirectError> {
+    /// `fail_open`: start the watchdog that removes them if this process dies.
+    pub fn install(
+        proxy: ProxyAddrs,
+        ports: &[u16],
+        dns_port: Option<u16>,
+        fail_open: bool,
+    ) -> Result<Self, RedirectError> {
         cleanup()?;
-        let this = Self { proxy, ports: ports.to_vec(), dns_port, installed: true, current: BTreeSet::new() };
+        // The watchdog first: from the first rule on, a crash removes them.
+        let watchdog = if fail_open { Some(spawn_watchdog()?) } else { None };
+        let this = Self { proxy, ports: ports.to_vec(), dns_port, installed: true, current: BTreeSet::new(), watchdog };
         for family in [Family::V4, Family::V6] {
             restore(family, &this.rules(family))?;
             run(family.iptables(), &["-w", "-t", "nat", "-I", "OUTPUT", "1", "-j", CHAIN])?;
@@ -205,6 +228,56 @@ pub fn cleanup() -> Result<(), RedirectError> {
     Ok(())
 }
 
+/// Starts `interceptor watchdog` with a pipe from this process on its stdin.
+fn spawn_watchdog() -> Result<Child, RedirectError> {
+    let exe = std::env::current_exe()
+        .map_err(|source| RedirectError::Spawn { command: "interceptor watchdog".into(), source })?;
+    Command::new(exe)
+        .arg("watchdog")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|source| RedirectError::Spawn { command: "interceptor watchdog".into(), source })
+}
+
+/// The watchdog process: waits until the proxy's pipe closes (the proxy
+/// exited, was killed or crashed), then removes the rules. Ignores SIGINT
+/// and SIGTERM, which a terminal or a service manager send to the whole
+/// group: the proxy handles those itself, and the pipe tells us when it is
+/// gone.
+pub fn watchdog() -> Result<(), RedirectError> {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: installing SIG_IGN runs no handler code.
+        let _ = unsafe { signal(sig, SigHandler::SigIgn) };
+    }
+    let mut stdin = std::io::stdin().lock();
+    let mut buf = [0u8; 64];
+    loop {
+        match stdin.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    let installed = rules_present();
+    cleanup()?;
+    if installed {
+        tracing::warn!(
+            event = "redirect_removed_by_watchdog",
+            "the interceptor exited without removing its iptables redirect (crash or kill); removed it (fail_mode = open): \
+             traffic now goes direct"
+        );
+    }
+    Ok(())
+}
+
+/// Whether our nat chain exists (IPv4).
+fn rules_present() -> bool {
+    which("iptables").is_some() && run("iptables", &["-w", "-t", "nat", "-S", CHAIN]).is_ok()
+}
+
 fn which(program: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?
@@ -248,7 +321,13 @@ impl Redirector for IptablesRedirector {
             return Ok(());
         }
         self.installed = false;
-        cleanup()
+        let result = cleanup();
+        if let Some(mut child) = self.watchdog.take() {
+            // Closing its pipe lets it exit (after a no-op cleanup).
+            drop(child.stdin.take());
+            let _ = child.wait();
+        }
+        result
     }
 
     fn resolver(&self) -> Arc<dyn OrigDstResolver> {

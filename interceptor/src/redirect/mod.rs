@@ -8,6 +8,7 @@
 
 pub mod ebpf;
 pub mod iptables;
+pub mod liveness;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -46,6 +47,8 @@ pub enum RedirectError {
         #[source]
         source: std::io::Error,
     },
+    #[error("pinned redirect state in bpffs: {0}")]
+    Pin(String),
     #[error("no original destination for connection from {client}")]
     NoOriginalDst {
         client: SocketAddr,
@@ -103,10 +106,21 @@ pub trait Redirector: Send {
     fn uninstall(&mut self) -> Result<(), RedirectError>;
     /// The resolver matching this redirect mode.
     fn resolver(&self) -> Arc<dyn OrigDstResolver>;
+    /// The heartbeat that keeps the redirect on, if the mode has one: the
+    /// caller beats it every `interval()` while the proxy is healthy.
+    fn liveness(&self) -> Option<Arc<dyn Liveness>> {
+        None
+    }
     /// Kernel-side counters, if the mode has them.
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
+}
+
+/// Proof of life the redirect needs from the proxy (see [`liveness`]).
+pub trait Liveness: Send + Sync {
+    fn interval(&self) -> std::time::Duration;
+    fn beat(&self);
 }
 
 /// Answers from `SO_ORIGINAL_DST`: conntrack in iptables mode, our getsockopt

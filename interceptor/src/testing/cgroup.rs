@@ -171,6 +171,11 @@ fn destroy(path: &Path) -> Result<()> {
         // Breadth-first order lists parents before children: reversed, children go first.
         let mut last_err = None;
         for dir in dirs.iter().rev() {
+            // Redirect maps an interceptor killed by the test left pinned for
+            // this cgroup (keyed by its inode, which a later cgroup may reuse).
+            if let Ok(pins) = crate::redirect::liveness::pin_dir(dir) {
+                let _ = crate::redirect::liveness::remove_tree(&pins);
+            }
             match fs::remove_dir(dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -19,6 +19,8 @@
 //! | `POST …/models/{m}:streamGenerateContent` | one JSON array streamed element by element (`[{…},\r\n{…}]`) |
 //! | any other `POST` | 200 JSON chat completion (about 1 KB) with `"echo_len"`; with `"stream": true` in a JSON body, an SSE stream of chunks instead |
 //! | `GET /sse?n=5&interval_ms=200` | `text/event-stream`: `n` events, one per write, `interval_ms` apart, then `data: [DONE]` |
+//! | `GET /stall-mid-stream?after=2` | `/sse` that sends `after` events, then nothing more, ever (a stalled provider) |
+//! | `GET /reset-mid-body?after=2` | `/sse` that sends `after` events, then resets the TCP connection (RST) |
 //! | `GET /ws` | WebSocket upgrade (HTTP/1.1), then every text or binary message is echoed |
 //! | `GET /trailers` | HTTP/2 or chunked HTTP/1.1 body followed by the trailer `x-checksum: abc` (over HTTP/1.1 only if the request says `te: trailers`: hyper's rule) |
 //! | `GET /status/{code}` | that status, empty body |
@@ -32,6 +34,13 @@
 //! do; each event or frame is its own write, `interval_ms` (query, default
 //! 20; 50 for chat completions) apart. Answers carry no clock or random
 //! values: the same request always gets the same bytes.
+//!
+//! Faults: `fault=stall&after=N` or `fault=reset&after=N` in the query of a
+//! streamed chat completion (or `/sse`) stops the stream after `N` events,
+//! as `/stall-mid-stream` and `/reset-mid-body` do. The server counts streams
+//! that ended before their last event ([`FakeProvider::cancelled_streams`])
+//! and uploads that broke off ([`FakeProvider::incomplete_uploads`]), which is
+//! what a client or proxy giving up looks like from the provider's side.
 //!
 //! The server runs on the current tokio runtime and stops when dropped.
 
@@ -280,6 +289,9 @@ struct Recorder {
     handshakes: Mutex<Vec<HandshakeInfo>>,
     failed_handshakes: AtomicUsize,
     next_connection: AtomicU64,
+    cancelled_streams: AtomicUsize,
+    incomplete_uploads: AtomicUsize,
+    open_connections: AtomicUsize,
 }
 
 /// What one connection knows about itself, shared by its requests.
@@ -291,6 +303,48 @@ struct ConnInfo {
     peer: SocketAddr,
     recorder: Arc<Recorder>,
     shutdown: watch::Receiver<()>,
+    /// Notified by a response that wants its connection reset.
+    reset: Arc<tokio::sync::Notify>,
+}
+
+/// How a stream misbehaves after some events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// Sends nothing more and never ends.
+    Stall,
+    /// Resets the TCP connection.
+    Reset,
+}
+
+/// `fault=stall|reset&after=N` from a query.
+fn fault_of(query: &str) -> Option<(Fault, u64)> {
+    let after = query_u64(query, "after").unwrap_or(2);
+    let fault = query.split('&').find_map(|pair| match pair {
+        "fault=stall" => Some(Fault::Stall),
+        "fault=reset" => Some(Fault::Reset),
+        _ => None,
+    })?;
+    Some((fault, after))
+}
+
+/// Counts a stream as cancelled when it is dropped before its end.
+struct StreamGuard {
+    recorder: Arc<Recorder>,
+    finished: bool,
+}
+
+impl StreamGuard {
+    fn finish(&mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.recorder.cancelled_streams.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A fake HTTPS provider; see the module docs for its routes. Dropping it
@@ -350,6 +404,14 @@ impl FakeProvider {
         lock(&self.recorder.requests).clone()
     }
 
+    /// Every request recorded so far, forgetting them and the handshake log
+    /// (counters stay), so a long-running test does not grow the recorder
+    /// without bound.
+    pub fn take_requests(&self) -> Vec<RecordedRequest> {
+        lock(&self.recorder.handshakes).clear();
+        std::mem::take(&mut *lock(&self.recorder.requests))
+    }
+
     /// Number of completed TLS handshakes (one per connection).
     pub fn handshakes(&self) -> usize {
         lock(&self.recorder.handshakes).len()
@@ -364,6 +426,22 @@ impl FakeProvider {
     /// rejected the certificate).
     pub fn failed_handshakes(&self) -> usize {
         self.recorder.failed_handshakes.load(Ordering::Relaxed)
+    }
+
+    /// Streamed responses dropped before their last event: the peer went
+    /// away (or the connection was reset) mid-stream.
+    pub fn cancelled_streams(&self) -> usize {
+        self.recorder.cancelled_streams.load(Ordering::Relaxed)
+    }
+
+    /// Requests whose body broke off before its end.
+    pub fn incomplete_uploads(&self) -> usize {
+        self.recorder.incomplete_uploads.load(Ordering::Relaxed)
+    }
+
+    /// TLS connections currently open.
+    pub fn open_connections(&self) -> usize {
+        self.recorder.open_connections.load(Ordering::Relaxed)
     }
 
     /// Waits up to `timeout` until at least `n` requests are recorded; returns them.
@@ -441,7 +519,19 @@ async fn serve_connection(
     };
     let connection = recorder.next_connection.fetch_add(1, Ordering::Relaxed) + 1;
     lock(&recorder.handshakes).push(HandshakeInfo { connection, sni: sni.clone(), alpn: alpn.clone(), peer });
-    let info = ConnInfo { connection, sni, alpn: alpn.clone(), peer, recorder, shutdown: shutdown.clone() };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(tls.get_ref().0);
+    let reset = Arc::new(tokio::sync::Notify::new());
+    recorder.open_connections.fetch_add(1, Ordering::Relaxed);
+    let _open = OpenGuard(Arc::clone(&recorder));
+    let info = ConnInfo {
+        connection,
+        sni,
+        alpn: alpn.clone(),
+        peer,
+        recorder,
+        shutdown: shutdown.clone(),
+        reset: Arc::clone(&reset),
+    };
     let service = service_fn(move |req| {
         let info = info.clone();
         async move { Ok::<_, Infallible>(handle(req, info).await) }
@@ -457,6 +547,25 @@ async fn serve_connection(
     tokio::select! {
         _ = conn => {}
         _ = shutdown.changed() => {}
+        () = reset.notified() => {
+            // SAFETY: `conn` owns the socket and is only dropped at the end
+            // of this function, so the descriptor is open here.
+            let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            // A zero linger makes the close below send RST instead of FIN.
+            let _ = nix::sys::socket::setsockopt(
+                &sock,
+                nix::sys::socket::sockopt::Linger,
+                &nix::libc::linger { l_onoff: 1, l_linger: 0 },
+            );
+        }
+    }
+}
+
+struct OpenGuard(Arc<Recorder>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -490,6 +599,7 @@ async fn handle(mut req: Request<Incoming>, info: ConnInfo) -> Response<Body> {
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(collected) => collected.to_bytes().to_vec(),
         Err(e) => {
+            info.recorder.incomplete_uploads.fetch_add(1, Ordering::Relaxed);
             return json_response(
                 StatusCode::BAD_REQUEST,
                 &error_json(&format!("cannot read request body: {e}"), "bad_request"),
@@ -519,19 +629,27 @@ async fn handle(mut req: Request<Incoming>, info: ConnInfo) -> Response<Body> {
         peer: info.peer,
     };
     lock(&info.recorder.requests).push(recorded.clone());
-    route(&parts, &recorded, upgrade, info.shutdown)
+    route(&parts, &recorded, upgrade, &info)
+}
+
+/// What a streamed response needs to misbehave and be counted.
+struct StreamCtx {
+    fault: Option<(Fault, u64)>,
+    recorder: Arc<Recorder>,
+    reset: Arc<tokio::sync::Notify>,
 }
 
 fn route(
     parts: &http::request::Parts,
     req: &RecordedRequest,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
-    shutdown: watch::Receiver<()>,
+    info: &ConnInfo,
 ) -> Response<Body> {
     let query = parts.uri.query().unwrap_or("");
     let path = parts.uri.path();
+    let ctx = |fault| StreamCtx { fault, recorder: Arc::clone(&info.recorder), reset: Arc::clone(&info.reset) };
     if parts.method == Method::POST {
-        return post(parts, req, query);
+        return post(parts, req, query, ctx(fault_of(query)));
     }
     if parts.method != Method::GET && parts.method != Method::HEAD {
         return not_found(parts);
@@ -546,9 +664,17 @@ fn route(
                     &error_json("n or interval_ms too large", "bad_request"),
                 );
             }
-            sse_response(n, Duration::from_millis(interval), chat_pieces(&reply_text(&parts.headers)))
+            let pieces = chat_pieces(&reply_text(&parts.headers));
+            sse_response(n, Duration::from_millis(interval), pieces, ctx(fault_of(query)))
         }
-        "/ws" => websocket(parts, upgrade, shutdown),
+        "/stall-mid-stream" | "/reset-mid-body" => {
+            let fault = if path == "/stall-mid-stream" { Fault::Stall } else { Fault::Reset };
+            let after = query_u64(query, "after").unwrap_or(2).min(MAX_SSE_EVENTS);
+            let interval = query_u64(query, "interval_ms").unwrap_or(20).min(MAX_SSE_INTERVAL_MS);
+            let pieces = chat_pieces(&reply_text(&parts.headers));
+            sse_response(after + 5, Duration::from_millis(interval), pieces, ctx(Some((fault, after))))
+        }
+        "/ws" => websocket(parts, upgrade, info.shutdown.clone()),
         "/trailers" => trailers_response(),
         "/big" => big_response(query_u64(query, "bytes").unwrap_or(0)),
         _ => match path.strip_prefix("/status/") {
@@ -636,7 +762,12 @@ fn chat_pieces(text: &str) -> Vec<String> {
 }
 
 /// An OpenAI-style chat completion, or a stream of chunks for `"stream": true`.
-fn chat_completion(parts: &http::request::Parts, req: &RecordedRequest, query: &str) -> Response<Body> {
+fn chat_completion(
+    parts: &http::request::Parts,
+    req: &RecordedRequest,
+    query: &str,
+    ctx: StreamCtx,
+) -> Response<Body> {
     let request_json: Option<serde_json::Value> = serde_json::from_slice(&req.body).ok();
     let model = request_json
         .as_ref()
@@ -650,7 +781,7 @@ fn chat_completion(parts: &http::request::Parts, req: &RecordedRequest, query: &
         // At least five events, and enough to carry the whole reply once.
         let n = query_u64(query, "n").unwrap_or_else(|| pieces.len().max(5) as u64).min(MAX_SSE_EVENTS);
         let interval = query_u64(query, "interval_ms").unwrap_or(50).min(MAX_SSE_INTERVAL_MS);
-        return sse_response(n, Duration::from_millis(interval), pieces);
+        return sse_response(n, Duration::from_millis(interval), pieces, ctx);
     }
     let prompt_tokens = req.body.len() / 4;
     let completion_tokens = reply.len() / 4;
@@ -696,18 +827,31 @@ fn chat_completion(parts: &http::request::Parts, req: &RecordedRequest, query: &
 
 /// `n` chat-completion chunks as server-sent events, `interval` apart (the
 /// first at once), each its own body frame, then `data: [DONE]`. Event `k`
-/// carries `pieces[k % pieces.len()]`.
-fn sse_response(n: u64, interval: Duration, pieces: Vec<String>) -> Response<Body> {
-    let events = futures_util::stream::unfold(0u64, move |k| {
+/// carries `pieces[k % pieces.len()]`. With a fault, the stream stalls or the
+/// connection is reset once `after` events are out.
+fn sse_response(n: u64, interval: Duration, pieces: Vec<String>, ctx: StreamCtx) -> Response<Body> {
+    let guard = StreamGuard { recorder: Arc::clone(&ctx.recorder), finished: false };
+    let (fault, reset) = (ctx.fault, ctx.reset);
+    let events = futures_util::stream::unfold((0u64, guard), move |(k, mut guard)| {
         let piece =
             pieces.get(usize::try_from(k).unwrap_or(usize::MAX) % pieces.len().max(1)).cloned().unwrap_or_default();
+        let reset = Arc::clone(&reset);
         async move {
             if k > n {
+                guard.finish();
                 return None;
+            }
+            match fault {
+                Some((Fault::Stall, after)) if k == after => std::future::pending::<()>().await,
+                Some((Fault::Reset, after)) if k == after => {
+                    reset.notify_one();
+                    std::future::pending::<()>().await;
+                }
+                _ => {}
             }
             if k == n {
                 let frame = Frame::data(Bytes::from_static(b"data: [DONE]\n\n"));
-                return Some((Ok::<_, Infallible>(frame), k + 1));
+                return Some((Ok::<_, Infallible>(frame), (k + 1, guard)));
             }
             if k > 0 {
                 tokio::time::sleep(interval).await;
@@ -727,7 +871,7 @@ fn sse_response(n: u64, interval: Duration, pieces: Vec<String>) -> Response<Bod
             let rest = rest.to_string();
             let rest = rest.strip_prefix('{').unwrap_or(&rest);
             let frame = Frame::data(Bytes::from(format!("data: {{\"i\":{k},{rest}\n\n")));
-            Some((Ok(frame), k + 1))
+            Some((Ok(frame), (k + 1, guard)))
         }
     });
     let mut response = respond(StatusCode::OK, Some("text/event-stream"), StreamBody::new(events).boxed_unsync());
@@ -736,7 +880,7 @@ fn sse_response(n: u64, interval: Duration, pieces: Vec<String>) -> Response<Bod
 }
 
 /// A `POST`: the answer in the shape of the provider the path belongs to.
-fn post(parts: &http::request::Parts, req: &RecordedRequest, query: &str) -> Response<Body> {
+fn post(parts: &http::request::Parts, req: &RecordedRequest, query: &str, ctx: StreamCtx) -> Response<Body> {
     let path = parts.uri.path();
     let request: Option<serde_json::Value> = serde_json::from_slice(&req.body).ok();
     let wants_stream =
@@ -784,7 +928,7 @@ fn post(parts: &http::request::Parts, req: &RecordedRequest, query: &str) -> Res
             _ => {}
         }
     }
-    chat_completion(parts, req, query)
+    chat_completion(parts, req, query, ctx)
 }
 
 const TEXT_EVENT_STREAM: &str = "text/event-stream";

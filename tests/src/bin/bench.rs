@@ -1,197 +1,81 @@
-//! `cargo xtask bench`: requests per second and latency of the intercepted
-//! path against a direct connection, measured in the same run on loopback.
+//! `cargo xtask bench`: the interceptor measured against a direct
+//! connection, an nginx reverse proxy and mitmproxy, in a throwaway network
+//! namespace (needs root). See `tests/src/bench/mod.rs` for what runs.
 //!
-//! The fake provider, the proxy and the load generator share this process
-//! and the machine's cores, so the ratios are what count, not the absolute
-//! figures. Modes: direct, intercepted (TLS terminated and relayed, no
-//! guardrails), and intercepted with the default local guardrails (audit to
-//! the log, which this benchmark discards). Each mode runs a fixed time with a fixed number of keep-alive
-//! connections sending ~2 KB chat-completion requests.
+//! ```text
+//! bench [--seconds N] [--connections N] [--idle-connections N]
+//!       [--connect-iterations N] [--stream-requests N] [--perf FILE]
+//! bench --inprocess          the loopback benchmark in one process
+//! bench probe <kind> <json>  (internal) a measurement run in the client cgroup
+//! ```
 
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+#[path = "../bench/mod.rs"]
+mod bench;
 
-use anyhow::Result;
-use interceptor::{
-    policy::DomainsConfig,
-    testing::provider::{FakeProvider, TestPki},
-};
-use interceptor_tests::inprocess::{InProcessProxy, client_for, local_pipeline};
+use anyhow::{Context, Result, bail};
 
-const CONNECTIONS: usize = 16;
-const WARMUP: Duration = Duration::from_secs(1);
-const MEASURE: Duration = Duration::from_secs(5);
-
-struct Figures {
-    requests: usize,
-    errors: usize,
-    rps: f64,
-    p50: Duration,
-    p99: Duration,
-}
-
-async fn load(addr: SocketAddr, trusted_pem: &str, body: Arc<String>) -> Result<Figures> {
-    let client = client_for("api.openai.com", addr, &[trusted_pem], false)?;
-    let run = |until: Instant| {
-        let mut tasks = Vec::new();
-        for _ in 0..CONNECTIONS {
-            let (client, body) = (client.clone(), Arc::clone(&body));
-            tasks.push(tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                let mut errors = 0;
-                while Instant::now() < until {
-                    let start = Instant::now();
-                    let resp = client
-                        .post("https://api.openai.com/v1/chat/completions")
-                        .header("content-type", "application/json")
-                        .body(body.as_str().to_owned())
-                        .send()
-                        .await;
-                    match resp {
-                        Ok(r) if r.status().is_success() => match r.bytes().await {
-                            Ok(_) => latencies.push(start.elapsed()),
-                            Err(_) => errors += 1,
-                        },
-                        _ => errors += 1,
-                    }
-                }
-                (latencies, errors)
-            }));
-        }
-        tasks
+fn parse(args: &[String]) -> Result<Option<bench::Options>> {
+    let mut opts = bench::Options {
+        seconds: 6,
+        connections: 16,
+        idle_connections: 10_000,
+        connect_iterations: 20_000,
+        stream_requests: 40,
+        perf: None,
     };
-    for task in run(Instant::now() + WARMUP) {
-        task.await?;
-    }
-    let started = Instant::now();
-    let mut all = Vec::new();
-    let mut errors = 0;
-    for task in run(started + MEASURE) {
-        let (lat, err) = task.await?;
-        all.extend(lat);
-        errors += err;
-    }
-    let elapsed = started.elapsed();
-    all.sort();
-    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied();
-    Ok(Figures {
-        requests: all.len(),
-        errors,
-        rps: all.len() as f64 / elapsed.as_secs_f64(),
-        p50: pct(0.50).unwrap_or_default(),
-        p99: pct(0.99).unwrap_or_default(),
-    })
-}
-
-/// Median time to the first and to the last chunk of a streamed (SSE)
-/// response, over sequential requests on one keep-alive connection.
-async fn stream_timing(addr: SocketAddr, trusted_pem: &str) -> Result<(Duration, Duration)> {
-    let client = client_for("api.openai.com", addr, &[trusted_pem], false)?;
-    let (mut first, mut last) = (Vec::new(), Vec::new());
-    for i in 0..STREAMS + 3 {
-        let start = Instant::now();
-        let mut resp = client.get("https://api.openai.com/sse?n=5&interval_ms=10").send().await?;
-        let mut first_at = None;
-        while let Some(_chunk) = resp.chunk().await? {
-            first_at.get_or_insert_with(|| start.elapsed());
-        }
-        // The first requests warm the connection and the certificate cache.
-        if i >= 3 {
-            first.push(first_at.unwrap_or_default());
-            last.push(start.elapsed());
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--inprocess" => return Ok(None),
+            "--seconds" => opts.seconds = value()?.parse()?,
+            "--connections" => opts.connections = value()?.parse()?,
+            "--idle-connections" => opts.idle_connections = value()?.parse()?,
+            "--connect-iterations" => opts.connect_iterations = value()?.parse()?,
+            "--stream-requests" => opts.stream_requests = value()?.parse()?,
+            "--perf" => opts.perf = Some(value()?.into()),
+            other => bail!("unknown argument {other}"),
         }
     }
-    first.sort();
-    last.sort();
-    Ok((first[first.len() / 2], last[last.len() / 2]))
+    if opts.seconds == 0 || opts.connections == 0 || opts.stream_requests == 0 {
+        bail!("--seconds, --connections and --stream-requests must be positive");
+    }
+    Ok(Some(opts))
 }
 
-const STREAMS: usize = 40;
-
-fn chat_body() -> String {
-    let filler = "Summarise the quarterly report for the operations team. ".repeat(30);
-    serde_json::json!({
-        "model": "gpt-4o",
-        "messages": [
-            {"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": filler}
-        ],
-        "max_tokens": 256
-    })
-    .to_string()
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [probe, kind, params] = args.as_slice()
+        && probe == "probe"
+    {
+        return bench::probe::main(kind, params);
+    }
+    match parse(&args)? {
+        None => tokio::runtime::Runtime::new()?.block_on(bench::inprocess::run()),
+        Some(opts) => {
+            bench::cleanup::on_signals()?;
+            bench::run(&opts)
+        }
+    }
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() -> Result<()> {
-    let pki = TestPki::with_defaults()?;
-    let provider = FakeProvider::start(std::net::TcpListener::bind("127.0.0.1:0")?, &pki)?;
-    let dir = tempfile::tempdir()?;
-    let upstream_ca = pki.write_ca(dir.path())?;
-    let proxy = InProcessProxy::start(provider.local_addr(), &upstream_ca, DomainsConfig::default(), None).await?;
-    let hook = local_pipeline(interceptor::config::GuardrailsConfig::default(), None)?;
-    let guarded =
-        InProcessProxy::start(provider.local_addr(), &upstream_ca, DomainsConfig::default(), Some(hook)).await?;
-    let body = Arc::new(chat_body());
-    println!(
-        "interceptor benchmark: loopback, one process, {CONNECTIONS} keep-alive connections, {} byte JSON POST, {}s per mode",
-        body.len(),
-        MEASURE.as_secs()
-    );
-    let direct = load(provider.local_addr(), &pki.ca_pem(), Arc::clone(&body)).await?;
-    let intercepted = load(proxy.addr, &proxy.ca_pem, Arc::clone(&body)).await?;
-    let guardrails = load(guarded.addr, &guarded.ca_pem, Arc::clone(&body)).await?;
-    println!(
-        "{:<14}{:>10}{:>8}{:>12}{:>10}{:>10}{:>12}",
-        "mode", "requests", "errors", "req/s", "p50 ms", "p99 ms", "vs direct"
-    );
-    for (name, f) in [("direct", &direct), ("intercepted", &intercepted), ("+guardrails", &guardrails)] {
-        println!(
-            "{:<14}{:>10}{:>8}{:>12.0}{:>10.3}{:>10.3}{:>11.0}%",
-            name,
-            f.requests,
-            f.errors,
-            f.rps,
-            f.p50.as_secs_f64() * 1e3,
-            f.p99.as_secs_f64() * 1e3,
-            100.0 * f.rps / direct.rps.max(1.0)
-        );
-    }
-    for (name, f) in [("intercepted", &intercepted), ("+guardrails", &guardrails)] {
-        println!("{name}: added p50 latency {:.3} ms", (f.p50.as_secs_f64() - direct.p50.as_secs_f64()) * 1e3);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
     }
 
-    let enforce = interceptor::config::GuardrailsConfig {
-        stream_mode: interceptor::config::StreamMode::Enforce,
-        ..Default::default()
-    };
-    let enforcing = InProcessProxy::start(
-        provider.local_addr(),
-        &upstream_ca,
-        DomainsConfig::default(),
-        Some(local_pipeline(enforce, None)?),
-    )
-    .await?;
-    println!("\nstreamed response (SSE, 5 events 10 ms apart), median of {STREAMS} on one keep-alive connection:");
-    println!("{:<22}{:>15}{:>15}{:>22}", "mode", "first byte ms", "last byte ms", "added first / last");
-    let (d_first, d_last) = stream_timing(provider.local_addr(), &pki.ca_pem()).await?;
-    for (name, addr, pem) in [
-        ("direct", provider.local_addr(), pki.ca_pem()),
-        ("intercepted", proxy.addr, proxy.ca_pem.clone()),
-        ("guardrails monitor", guarded.addr, guarded.ca_pem.clone()),
-        ("guardrails enforce", enforcing.addr, enforcing.ca_pem.clone()),
-    ] {
-        let (first, last) = if name == "direct" { (d_first, d_last) } else { stream_timing(addr, &pem).await? };
-        println!(
-            "{:<22}{:>15.3}{:>15.3}{:>12.3} / {:.3}",
-            name,
-            first.as_secs_f64() * 1e3,
-            last.as_secs_f64() * 1e3,
-            (first.as_secs_f64() - d_first.as_secs_f64()) * 1e3,
-            (last.as_secs_f64() - d_last.as_secs_f64()) * 1e3
-        );
+    #[test]
+    fn defaults_and_flags() {
+        let opts = parse(&[]).expect("parse").expect("namespace bench");
+        assert_eq!((opts.seconds, opts.connections, opts.idle_connections), (6, 16, 10_000));
+        let opts = parse(&args(&["--seconds", "2", "--perf", "/tmp/p.data"])).expect("parse").expect("bench");
+        assert_eq!(opts.seconds, 2);
+        assert_eq!(opts.perf.as_deref(), Some(std::path::Path::new("/tmp/p.data")));
+        assert!(parse(&args(&["--inprocess"])).expect("parse").is_none());
+        assert!(parse(&args(&["--seconds"])).is_err());
+        assert!(parse(&args(&["--bogus"])).is_err());
     }
-    Ok(())
 }

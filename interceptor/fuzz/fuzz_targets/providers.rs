@@ -1,0 +1,110 @@
+//! Provider parsers on any request or response body: every text found can be
+//! read back and rewritten at its path, instructions insert, stream events
+//! parse, and the error events that end a blocked stream stay well framed
+//! whatever the reason says.
+#![no_main]
+
+use interceptor::guardrails::{
+    framing::{FramingKind, eventstream::Decoder, sse::SseParser},
+    model::Provider,
+    providers::{
+        self, StreamEventRef, detect, detect_from_body, insert_instruction, json_array_block, model_from_path,
+        parse_request, parse_response, path_requests_stream, set_text, stream_block, stream_delta, text_at,
+    },
+};
+use libfuzzer_sys::fuzz_target;
+use serde_json::Value;
+
+const PROVIDERS: [Provider; 7] = [
+    Provider::OpenAiChat,
+    Provider::OpenAiResponses,
+    Provider::Anthropic,
+    Provider::BedrockInvoke,
+    Provider::BedrockConverse,
+    Provider::Gemini,
+    Provider::Generic,
+];
+
+fuzz_target!(|data: &[u8]| {
+    let [select, body @ ..] = data else { return };
+    let provider = PROVIDERS[usize::from(*select) % PROVIDERS.len()];
+    let text = String::from_utf8_lossy(body);
+
+    // Host and path detection on any text.
+    let (host, path) = text.split_once('\n').unwrap_or(("api.openai.com", &text));
+    let _ = detect(host, path);
+    let _ = model_from_path(path);
+    let _ = path_requests_stream(path);
+    let _ = providers::response_framing(provider, path, host);
+
+    // Stream events of every framing, from the raw bytes.
+    let (event, sse_data) = text.split_once('\u{0}').map_or((None, &*text), |(e, d)| (Some(e), d));
+    let _ = stream_delta(provider, StreamEventRef::Sse { event, data: sse_data });
+    for message_type in ["event", "exception"] {
+        for event_type in ["chunk", "contentBlockDelta", "messageStop", ""] {
+            let _ = stream_delta(provider, StreamEventRef::EventStream { event_type, message_type, payload: body });
+        }
+    }
+
+    // Block events carry any reason without breaking their framing.
+    check_block_framing(provider, &text);
+
+    let Ok(mut doc) = serde_json::from_slice::<Value>(body) else { return };
+    let _ = detect_from_body(&doc);
+    let _ = stream_delta(provider, StreamEventRef::JsonElement(&doc));
+    let _ = parse_response(provider, &doc);
+
+    let request = parse_request(provider, &doc);
+    for span in &request.texts {
+        assert_eq!(text_at(&doc, &span.path), Some(span.text.as_str()), "span not at {}", providers::path_string(&span.path));
+    }
+    // Redacting every span in turn leaves the others where they were.
+    let mut redacted = doc.clone();
+    for span in &request.texts {
+        set_text(&mut redacted, &span.path, "[REDACTED]").expect("a found text can be rewritten");
+    }
+    for span in &request.texts {
+        assert_eq!(text_at(&redacted, &span.path), Some("[REDACTED]"));
+    }
+
+    if insert_instruction(provider, &mut doc, "Never reveal secrets.").is_ok() {
+        let after = parse_request(provider, &doc);
+        assert!(
+            after.texts.iter().any(|t| t.text.contains("Never reveal secrets.")),
+            "{provider:?}: inserted instruction not found in {doc}"
+        );
+    }
+});
+
+fn check_block_framing(provider: Provider, reason: &str) {
+    for framing in [FramingKind::Sse, FramingKind::EventStream, FramingKind::JsonArray] {
+        let bytes = stream_block(provider, framing, reason);
+        match framing {
+            FramingKind::Sse => {
+                let mut p = SseParser::new(usize::MAX);
+                let events = p.feed(&bytes).expect("no limit");
+                assert!(!events.is_empty(), "no event in {:?}", String::from_utf8_lossy(&bytes));
+                assert_eq!(p.buffered_len(), 0, "a block event is left unfinished");
+                for ev in events.iter().filter(|e| e.data != "[DONE]") {
+                    serde_json::from_str::<Value>(&ev.data).expect("block event data is json");
+                    let delta = stream_delta(provider, (&*ev).into());
+                    assert!(delta.texts.is_empty(), "a block event carries model text: {delta:?}");
+                }
+            }
+            FramingKind::EventStream => {
+                let mut d = Decoder::new(usize::MAX);
+                let frames = d.feed(&bytes).expect("block frame decodes");
+                assert_eq!(frames.len(), 1);
+                assert!(d.finish().is_ok());
+                assert!(stream_delta(provider, (&frames[0]).into()).end, "an exception frame ends the stream");
+            }
+            FramingKind::JsonArray => {
+                let whole = json_array_block(reason, false);
+                serde_json::from_slice::<Value>(&whole).expect("a whole block array is json");
+                let mut tail = b"[{}".to_vec();
+                tail.extend_from_slice(&bytes);
+                serde_json::from_slice::<Value>(&tail).expect("a block array tail closes the array");
+            }
+        }
+    }
+}

@@ -1,0 +1,723 @@
+//! `cargo xtask bench`: the interceptor against a direct connection, nginx
+//! and mitmproxy, in one network namespace, with one load generator (wrk)
+//! and the same TLS settings for every row.
+//!
+//! The namespace holds the fake provider (nginx on 198.18.0.10:443 for
+//! `api.openai.com` and `static.example.com`; the in-process fake provider
+//! on 198.18.0.11:443 for paced streams), and cgroups for the provider, the
+//! proxy under test, the peers, the clients, and an `outside` cgroup the
+//! eBPF programs are not attached to. Only one proxy runs at a time.
+
+pub mod cleanup;
+pub mod inprocess;
+pub mod pki;
+pub mod probe;
+pub mod procstat;
+pub mod report;
+pub mod servers;
+pub mod wrk;
+
+use std::{
+    io::{BufRead, BufReader, Write as _},
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use interceptor::testing::{
+    Cgroup, Interceptor, Netns,
+    clients::{HostsFile, ScratchDir},
+    in_netns, interceptor_bin, output_in, spawn_in,
+    provider::FakeProvider,
+    tool,
+};
+use interceptor_tests::stage::start_interceptor;
+
+use self::{
+    probe::{ConnectResult, IdleResult, LatencyParams, LatencyResult},
+    report::{Row, Target},
+    servers::{Mitmproxy, Nginx},
+    wrk::Load,
+};
+
+const PROVIDER: &str = "198.18.0.10";
+const PACED: &str = "198.18.0.11";
+const NON_TARGET: &str = "198.18.0.12";
+const NGINX_PEER_PORT: u16 = 15444;
+const MITM_PEER_PORT: u16 = 15445;
+/// The load generator runs here; the proxy under test on the other CPU.
+const LOAD_CPU: usize = 0;
+/// Requests a latency probe makes before it starts counting.
+const WARMUP_REQUESTS: usize = 5;
+const PROXY_CPU: usize = 1;
+
+/// What to run, from the command line.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub seconds: u64,
+    pub connections: usize,
+    pub idle_connections: usize,
+    pub connect_iterations: usize,
+    pub stream_requests: usize,
+    /// Record a `perf` profile of the interceptor on the allowed path into
+    /// this file (and a text report beside it).
+    pub perf: Option<PathBuf>,
+}
+
+/// Streamed and per-request latency rows.
+struct LatencyRow {
+    name: String,
+    r: LatencyResult,
+    /// CPU of the proxy per request, over the warm-up and measured requests.
+    cpu_us: Option<f64>,
+}
+
+/// Everything the namespace needs, dropped (in reverse order) at the end.
+struct Env {
+    netns: Netns,
+    _root: Cgroup,
+    provider_cg: Cgroup,
+    proxy_cg: Cgroup,
+    peer_cg: Cgroup,
+    client_cg: Cgroup,
+    outside_cg: Cgroup,
+    scratch: ScratchDir,
+    pki: pki::BenchPki,
+    _hosts: HostsFile,
+    hosts_path: PathBuf,
+    bodies: Bodies,
+}
+
+struct Bodies {
+    allowed: String,
+    keepalive: PathBuf,
+    blocked: PathBuf,
+    close: PathBuf,
+}
+
+/// A ~2 KB chat-completion request. With `secret`, the user message also
+/// carries a private key, which the default local policy blocks.
+pub fn chat_body(secret: bool) -> String {
+    let filler = "Summarise the quarterly report for the operations team. ".repeat(30);
+    let content = if secret {
+        format!(
+            "{filler}\n-----BEGIN RSA PRIVATE KEY-----\nMIIBOgIBAAJBAKj34GkxFhD90vcNLYLInFEX6Ppy1tPf9Cnzj4p4WGeKLs1Pt8Qu\n\
+             KUpRKfFLfRYC9AIKjbJTWit+CqvjWYzvQwECAwEAAQJAIJLixBy2qpFoS4DSmoEm\n-----END RSA PRIVATE KEY-----"
+        )
+    } else {
+        filler
+    };
+    serde_json::json!({
+        "model": "gpt-4o",
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": content}
+        ],
+        "max_tokens": 256
+    })
+    .to_string()
+}
+
+impl Env {
+    fn new() -> Result<Env> {
+        let scratch = ScratchDir::new("bench")?;
+        cleanup::dir(scratch.path());
+        let netns = Netns::new("bench")?;
+        cleanup::netns(netns.name());
+        for ip in [PROVIDER, PACED, NON_TARGET] {
+            netns.add_addr("lo", &format!("{ip}/32"))?;
+        }
+        let root = Cgroup::new("bench")?;
+        cleanup::cgroup(root.path());
+        let child = |name: &str| -> Result<Cgroup> {
+            let cg = root.child(name)?;
+            cleanup::cgroup(cg.path());
+            Ok(cg)
+        };
+        let (provider_cg, proxy_cg, peer_cg, client_cg, outside_cg) =
+            (child("provider")?, child("proxy")?, child("peer")?, child("client")?, child("outside")?);
+        let ips: Vec<IpAddr> = vec![PROVIDER.parse()?, PACED.parse()?];
+        let pki_dir = scratch.path().join("pki");
+        std::fs::create_dir_all(&pki_dir)?;
+        let pki = pki::BenchPki::mint(&pki_dir, &["api.openai.com", "static.example.com"], &ips)?;
+        let hosts = HostsFile::new(&[(ips[0], "api.openai.com"), (ips[0], "static.example.com")])?;
+        cleanup::dir(hosts.path().parent().context("hosts dir")?);
+        let dir = scratch.path();
+        let allowed = chat_body(false);
+        for (name, body) in [("allowed.json", &allowed), ("blocked.json", &chat_body(true))] {
+            std::fs::write(dir.join(name), body)?;
+        }
+        let script = |name: &str, body: &str, close: bool| -> Result<PathBuf> {
+            let path = dir.join(name);
+            std::fs::write(&path, wrk::script(&dir.join(body), close))?;
+            Ok(path)
+        };
+        let bodies = Bodies {
+            keepalive: script("keepalive.lua", "allowed.json", false)?,
+            blocked: script("blocked.lua", "blocked.json", false)?,
+            close: script("close.lua", "allowed.json", true)?,
+            allowed,
+        };
+        Ok(Env { hosts_path: hosts.path(), netns, _root: root, provider_cg, proxy_cg, peer_cg, client_cg, outside_cg, scratch, pki, _hosts: hosts, bodies })
+    }
+
+    fn load(&self, connections: usize) -> Load<'_> {
+        Load { netns: &self.netns, cgroup: &self.client_cg, hosts: &self.hosts_path, cpu: LOAD_CPU, connections }
+    }
+
+    fn flush_conntrack(&self) {
+        // Exits non-zero on an empty table on some versions: nothing to check.
+        let _ = self.netns.exec(&["conntrack", "-F"]);
+    }
+
+    /// iptables REDIRECT of the client cgroup's connections to the provider
+    /// to `port` (how the peers are reached); `add` false removes it.
+    fn peer_redirect(&self, port: u16, add: bool) -> Result<()> {
+        let path = self.client_cg.relative_path();
+        let op = if add { "-A" } else { "-D" };
+        let port = port.to_string();
+        self.netns.exec(&[
+            "iptables", "-w", "-t", "nat", op, "OUTPUT", "-p", "tcp", "-d", PROVIDER, "--dport", "443", "-m", "cgroup",
+            "--path", &path, "-j", "REDIRECT", "--to-ports", &port,
+        ])?;
+        self.flush_conntrack();
+        Ok(())
+    }
+
+    /// Runs the probe `kind` (see [`probe`]) in `cgroup` and parses its line.
+    fn probe<T: serde::de::DeserializeOwned>(&self, cgroup: &Cgroup, kind: &str, params: &impl serde::Serialize) -> Result<T> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args(["probe", kind, &serde_json::to_string(params)?]);
+        let out = output_in(&mut cmd, Some(&self.netns), Some(cgroup), Duration::from_secs(120))?;
+        if !out.status.success() {
+            bail!("probe {kind} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout).with_context(|| format!("parse probe {kind} output"))?)
+    }
+
+    fn latency(&self, ca: &Path, addr: &str, path: &str, stream: bool, new_connection: bool, n: usize) -> Result<LatencyResult> {
+        let mut body: serde_json::Value = serde_json::from_str(&self.bodies.allowed)?;
+        if stream {
+            body["stream"] = true.into();
+        }
+        // 20 words: the paced fake provider sends one event per word.
+        let reply = (0..20).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ");
+        let params = LatencyParams {
+            addr: SocketAddr::new(addr.parse()?, 443),
+            sni: "api.openai.com".into(),
+            ca: ca.to_owned(),
+            path: path.into(),
+            body: body.to_string(),
+            headers: vec![("x-fake-reply".into(), reply)],
+            requests: n,
+            warmup: WARMUP_REQUESTS,
+            new_connection,
+        };
+        self.probe(&self.client_cg, "latency", &params)
+    }
+}
+
+/// The interceptor's configuration in the benchmark: both provider
+/// addresses are targets; no domain is resolved (the namespace has no DNS).
+fn interceptor_config(upstream_ca: &Path, extra: &str) -> String {
+    format!(
+        "[targets]\nmode = \"resolve\"\ndomains = []\ncidrs = [\"{PROVIDER}\", \"{PACED}\"]\nresolve_interval = \"60s\"\n\
+         [tls]\nupstream_ca = \"{}\"\n{extra}\n",
+        upstream_ca.display()
+    )
+}
+
+/// Measures one wrk row: a one-second warm-up, then `seconds`, with the CPU
+/// time of the processes in `proxy` (if any) over the measured run.
+fn measure(env: &Env, opts: &Options, name: &str, url: &str, script: &Path, proxy: Option<&Cgroup>) -> Result<Row> {
+    let load = env.load(opts.connections);
+    load.run(url, script, Duration::from_secs(1)).with_context(|| format!("{name}: warm-up"))?;
+    let cpu = |cg: Option<&Cgroup>| cg.map(|cg| procstat::cgroup_cpu_seconds(cg.path())).transpose();
+    let before = cpu(proxy)?;
+    let wrk = load.run(url, script, Duration::from_secs(opts.seconds)).with_context(|| format!("{name}: run"))?;
+    let after = cpu(proxy)?;
+    let row = Row { name: name.into(), wrk, proxy_cpu_s: before.zip(after).map(|(b, a)| a - b) };
+    println!(
+        "  {:<40} {:>8.0} req/s  p50 {:.3} ms  p99 {:.3} ms  errors {}  non-2xx {}{}",
+        row.name,
+        row.wrk.rps(),
+        row.wrk.p50_us / 1e3,
+        row.wrk.p99_us / 1e3,
+        row.wrk.errors,
+        row.wrk.non_2xx,
+        row.cpu_us_per_request().map_or(String::new(), |c| format!("  proxy CPU {c:.1} us/req"))
+    );
+    Ok(row)
+}
+
+/// Asserts what a row must show for its figures to mean anything.
+fn expect(row: &Row, blocked: bool) -> Result<()> {
+    let w = &row.wrk;
+    if w.requests == 0 {
+        bail!("{}: no request completed", row.name);
+    }
+    if blocked && w.non_2xx != w.requests {
+        bail!("{}: {} of {} requests were not blocked", row.name, w.requests - w.non_2xx, w.requests);
+    }
+    if !blocked && (w.non_2xx > 0 || w.errors > w.requests / 100) {
+        bail!("{}: {} error statuses and {} socket errors", row.name, w.non_2xx, w.errors);
+    }
+    Ok(())
+}
+
+/// A running interceptor with its CA bundle, pinned to [`PROXY_CPU`].
+fn interceptor(env: &Env, redirect: &str, extra: &str) -> Result<(Interceptor, PathBuf)> {
+    let config = interceptor_config(&env.pki.ca, extra);
+    let proxy = start_interceptor(&env.netns, &env.proxy_cg, &env.client_cg, &config, redirect)?;
+    cleanup::dir(proxy.state_dir().parent().context("interceptor dir")?);
+    procstat::pin_cgroup(env.proxy_cg.path(), PROXY_CPU)?;
+    let dir = env.scratch.path().join(format!("bundle-{}", proxy.pid().unwrap_or_default()));
+    std::fs::create_dir_all(&dir)?;
+    // Our CA, then the provider's: what a client needs for intercepted and
+    // passed-through hosts alike.
+    let ours = std::fs::read_to_string(proxy.state_dir().join("ca.crt"))?;
+    let bundle = dir.join("bundle.pem");
+    std::fs::write(&bundle, format!("{ours}{}", std::fs::read_to_string(&env.pki.ca)?))?;
+    Ok((proxy, bundle))
+}
+
+fn rss_mb(pid: Option<u32>) -> Result<f64> {
+    Ok(procstat::rss_bytes(pid.context("interceptor not running")?)? as f64 / (1024.0 * 1024.0))
+}
+
+/// Holds `count` idle kept-alive TLS connections through the interceptor and
+/// measures its RSS meanwhile: (connections open, RSS MB, first error).
+fn idle_rss(env: &Env, bundle: &Path, pid: Option<u32>, count: usize) -> Result<(IdleResult, f64)> {
+    let params = probe::IdleParams {
+        addr: SocketAddr::new(PROVIDER.parse()?, 443),
+        sni: "api.openai.com".into(),
+        ca: bundle.to_owned(),
+        count,
+        concurrency: 64,
+        body: env.bodies.allowed.clone(),
+    };
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["probe", "idle", &serde_json::to_string(&params)?])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = spawn_in(&mut cmd, Some(&env.netns), Some(&env.client_cg))?;
+    let stdout = child.stdout.take().context("probe stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = match rx.recv_timeout(Duration::from_secs(180)) {
+        Ok(line) => line,
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("idle connections not open within 180 s");
+        }
+    };
+    let result: IdleResult = serde_json::from_str(line.trim()).with_context(|| format!("parse {line:?}"))?;
+    // Let the proxy settle (pooled upstream connections, freed buffers).
+    std::thread::sleep(Duration::from_millis(500));
+    let rss = rss_mb(pid)?;
+    drop(child.stdin.take());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait()?.is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok((result, rss))
+}
+
+/// connect() to a listener on a non-target address, from the client cgroup
+/// (programs attached) and from the outside cgroup (none), interleaved.
+fn connect_cost(env: &Env, opts: &Options) -> Result<(ConnectResult, ConnectResult)> {
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        let params = probe::ConnectParams {
+            addr: SocketAddr::new(NON_TARGET.parse()?, 8000 + round),
+            iterations: opts.connect_iterations,
+        };
+        // Alternate which goes first, so warm caches favour neither.
+        let (a, b): (ConnectResult, ConnectResult) = if round % 2 == 0 {
+            (env.probe(&env.client_cg, "connect", &params)?, env.probe(&env.outside_cg, "connect", &params)?)
+        } else {
+            let b = env.probe(&env.outside_cg, "connect", &params)?;
+            (env.probe(&env.client_cg, "connect", &params)?, b)
+        };
+        with.extend(a.samples);
+        without.extend(b.samples);
+    }
+    let summary = |mut v: Vec<f64>| ConnectResult {
+        p50_ns: probe::percentile(&mut v, 0.5),
+        p99_ns: probe::percentile(&mut v, 0.99),
+        samples: Vec::new(),
+    };
+    Ok((summary(with), summary(without)))
+}
+
+/// Records a perf profile of `pid` for `seconds` while wrk loads it.
+fn profile(env: &Env, opts: &Options, out: &Path, pid: u32, url: &str) -> Result<()> {
+    let mut perf = Command::new(tool("perf"));
+    perf.args(["record", "-g", "-F", "999", "-p", &pid.to_string(), "-o"])
+        .arg(out)
+        .args(["--", "sleep", &opts.seconds.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = perf.spawn().context("start perf")?;
+    let load = env.load(opts.connections);
+    let result = load.run(url, &env.bodies.keepalive, Duration::from_secs(opts.seconds));
+    child.wait()?;
+    println!("  profile under load: {:.0} req/s (perf attached)", result?.rps());
+    let report = Command::new(tool("perf"))
+        .args(["report", "--no-children", "--percent-limit", "0.5", "--stdio", "-g", "none", "-i"])
+        .arg(out)
+        .output()?;
+    let text_path = out.with_extension("txt");
+    std::fs::write(&text_path, &report.stdout)?;
+    println!("  perf data {} and report {}", out.display(), text_path.display());
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())))
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| procstat::parse_status_kb(&t, "MemTotal:"))
+        .map_or(0.0, |kb| kb as f64 / (1024.0 * 1024.0));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{} CPUs ({cpu}), {mem:.0} GiB, kernel {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        kernel.trim()
+    )
+}
+
+/// Checks the tools the benchmark runs, naming what is missing.
+fn preflight() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the namespace benchmark needs root (network namespaces, cgroups, eBPF, iptables)");
+    }
+    let bin = interceptor_bin();
+    if !bin.is_file() {
+        bail!("interceptor binary {} not found: build it (cargo xtask bench does) or set INTERCEPTOR_BIN", bin.display());
+    }
+    for t in ["wrk", "nginx", "taskset", "unshare", "iptables", "conntrack", "python3"] {
+        if !tool(t).is_absolute() {
+            bail!("{t} not found: run `cargo xtask setup`");
+        }
+    }
+    let mitm = Command::new(tool("python3")).args(["-c", "import mitmproxy.version as v; print(v.VERSION)"]).output()?;
+    if !mitm.status.success() {
+        bail!("mitmproxy is not installed for python3: run `cargo xtask setup`");
+    }
+    Ok(())
+}
+
+/// Raises the open-file limit to its hard limit (children inherit it).
+fn raise_nofile() -> Result<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+    }
+    Ok(lim.rlim_max)
+}
+
+/// Runs every row and prints the tables.
+pub fn run(opts: &Options) -> Result<()> {
+    preflight()?;
+    let nofile = raise_nofile()?;
+    let started = Instant::now();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let _rt = runtime.enter();
+    let env = Env::new()?;
+    println!("interceptor namespace benchmark, {}", chrono_free_date());
+    println!("machine: {}; open files limit {nofile}", machine());
+    println!(
+        "load: wrk, 1 thread, {} keep-alive connections, {} s per row after a 1 s warm-up, {} byte JSON POST over TLS \
+         (HTTP/1.1, SNI api.openai.com); wrk pinned to CPU {LOAD_CPU}, the proxy under test (all its threads or \
+         processes) to CPU {PROXY_CPU}, the provider (nginx, 1 worker) unpinned",
+        opts.connections,
+        opts.seconds,
+        env.bodies.allowed.len()
+    );
+    println!(
+        "TLS: wrk (OpenSSL 3.0) negotiates TLS 1.2 and resumes its session on every new connection; the sequential \
+         probes (rustls) use TLS 1.3, X25519 and a full handshake per new connection"
+    );
+    println!("interceptor: {}", interceptor_bin().display());
+
+    let provider_addr: SocketAddr = format!("{PROVIDER}:443").parse()?;
+    let _provider = Nginx::start(
+        &env.netns,
+        &env.provider_cg,
+        &env.scratch.path().join("provider"),
+        1,
+        &servers::provider_http(provider_addr, &env.pki),
+        provider_addr,
+    )?;
+    let paced_addr: SocketAddr = format!("{PACED}:443").parse()?;
+    let listener = in_netns(&env.netns, || std::net::TcpListener::bind(paced_addr))??;
+    let _paced = FakeProvider::start_with_tls(listener, env.pki.server_config()?)?;
+
+    let url = "https://api.openai.com/v1/chat/completions";
+    let passthrough_url = "https://static.example.com/v1/chat/completions";
+    let (keepalive, blocked, close) = (&env.bodies.keepalive, &env.bodies.blocked, &env.bodies.close);
+    let mut rows = Vec::new();
+    let mut conn_rows = Vec::new();
+    let mut streams = Vec::new();
+    let stream_n = opts.stream_requests;
+    let ca = env.pki.ca.clone();
+
+    println!("\ndirect (no proxy)");
+    let direct = measure(&env, opts, "direct", url, keepalive, None)?;
+    expect(&direct, false)?;
+    rows.push(direct);
+    let direct_close = measure(&env, opts, "direct, new conn per req (TLS resumed)", url, close, None)?;
+    expect(&direct_close, false)?;
+    conn_rows.push(direct_close);
+    let paced_path = "/v1/chat/completions?interval_ms=5";
+    let unpaced_path = "/v1/chat/completions?stream=1";
+    let stream_set = |label: &str, ca: &Path, proxy: Option<&Cgroup>, json: bool, streams: &mut Vec<LatencyRow>| -> Result<()> {
+        let rows = [
+            ("SSE unpaced", PROVIDER, unpaced_path, false),
+            ("SSE paced 20x5ms", PACED, paced_path, false),
+            ("SSE paced, new TLS conn", PACED, paced_path, true),
+            ("JSON, new TLS conn", PROVIDER, "/v1/chat/completions", true),
+        ];
+        for (what, addr, path, new) in rows.into_iter().take(if json { 4 } else { 3 }) {
+            let cpu = || proxy.map(|cg| procstat::cgroup_cpu_seconds(cg.path())).transpose();
+            let before = cpu()?;
+            let r = env.latency(ca, addr, path, path.contains("stream") || addr == PACED, new, stream_n)?;
+            let cpu_us = before.zip(cpu()?).map(|(b, a)| (a - b) * 1e6 / (stream_n + WARMUP_REQUESTS) as f64);
+            streams.push(LatencyRow { name: format!("{label}: {what}"), r, cpu_us });
+        }
+        Ok(())
+    };
+    stream_set("direct", &ca, None, true, &mut streams)?;
+
+    println!("interceptor, eBPF redirect, default local guardrails (stream_mode monitor)");
+    let (proxy, bundle) = interceptor(&env, "ebpf", "")?;
+    let rss_idle = rss_mb(proxy.pid())?;
+    if let Some(pid) = proxy.pid() {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let threads = status.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap_or("?").trim().to_owned();
+        println!("  interceptor pid {pid}, {threads} threads, all pinned to CPU {PROXY_CPU}");
+    }
+    let allowed = measure(&env, opts, "interceptor eBPF, allowed", url, keepalive, Some(&env.proxy_cg))?;
+    expect(&allowed, false)?;
+    let rss_active = rss_mb(proxy.pid())?;
+    rows.push(allowed);
+    let row = measure(&env, opts, "interceptor eBPF, blocked", url, blocked, Some(&env.proxy_cg))?;
+    expect(&row, true)?;
+    rows.push(row);
+    let row = measure(&env, opts, "interceptor eBPF, passthrough", passthrough_url, keepalive, Some(&env.proxy_cg))?;
+    expect(&row, false)?;
+    rows.push(row);
+    let row = measure(&env, opts, "interceptor, new conn per req (TLS resumed)", url, close, Some(&env.proxy_cg))?;
+    expect(&row, false)?;
+    conn_rows.push(row);
+    stream_set("interceptor monitor", &bundle, Some(&env.proxy_cg), true, &mut streams)?;
+    println!("  connect() to a non-target address, {} x 3 rounds", opts.connect_iterations);
+    let (with_progs, without_progs) = connect_cost(&env, opts)?;
+    println!("  {} idle keep-alive TLS connections", opts.idle_connections);
+    let (idle, rss_idle_conns) = idle_rss(&env, &bundle, proxy.pid(), opts.idle_connections)?;
+    println!("  open {}, failed {}{}", idle.open, idle.failed, if idle.failed > 0 { format!(" ({})", idle.first_error) } else { String::new() });
+    if let Some(out) = &opts.perf {
+        profile(&env, opts, out, proxy.pid().context("pid")?, url)?;
+    }
+    drop(proxy);
+
+    println!("interceptor, eBPF redirect, stream_mode enforce");
+    let (proxy, bundle) = interceptor(&env, "ebpf", "[guardrails]\nstream_mode = \"enforce\"\n")?;
+    stream_set("interceptor enforce", &bundle, Some(&env.proxy_cg), false, &mut streams)?;
+    drop(proxy);
+
+    println!("interceptor, iptables redirect");
+    env.flush_conntrack();
+    let (proxy, _bundle) = interceptor(&env, "iptables", "")?;
+    env.flush_conntrack();
+    let row = measure(&env, opts, "interceptor iptables, allowed", url, keepalive, Some(&env.proxy_cg))?;
+    expect(&row, false)?;
+    rows.push(row);
+    drop(proxy);
+    env.flush_conntrack();
+
+    println!("nginx reverse proxy (TLS terminated, re-encrypted, upstream verified, keep-alive), iptables REDIRECT");
+    let peer_dir = env.scratch.path().join("nginx-peer");
+    let peer_addr = SocketAddr::from(([127, 0, 0, 1], NGINX_PEER_PORT));
+    let listen = SocketAddr::from(([0, 0, 0, 0], NGINX_PEER_PORT));
+    let nginx = Nginx::start(&env.netns, &env.peer_cg, &peer_dir, 1, &servers::reverse_proxy_http(listen, provider_addr, &env.pki), peer_addr)?;
+    procstat::pin_cgroup(env.peer_cg.path(), PROXY_CPU)?;
+    env.peer_redirect(NGINX_PEER_PORT, true)?;
+    let row = measure(&env, opts, "nginx proxy, allowed", url, keepalive, Some(&env.peer_cg))?;
+    expect(&row, false)?;
+    rows.push(row);
+    let row = measure(&env, opts, "nginx proxy, new conn per req (TLS resumed)", url, close, Some(&env.peer_cg))?;
+    expect(&row, false)?;
+    conn_rows.push(row);
+    env.peer_redirect(NGINX_PEER_PORT, false)?;
+    drop(nginx);
+
+    println!("mitmproxy {} transparent, guard addon, iptables REDIRECT", servers::MITMPROXY_VERSION);
+    let mitm_dir = env.scratch.path().join("mitm");
+    std::fs::create_dir_all(&mitm_dir)?;
+    let mitm = Mitmproxy::start(&env.netns, &env.peer_cg, &mitm_dir, MITM_PEER_PORT, &env.pki.ca)?;
+    procstat::pin_cgroup(env.peer_cg.path(), PROXY_CPU)?;
+    env.peer_redirect(MITM_PEER_PORT, true)?;
+    let row = measure(&env, opts, "mitmproxy, allowed", url, keepalive, Some(&env.peer_cg))?;
+    expect(&row, false)?;
+    rows.push(row);
+    let row = measure(&env, opts, "mitmproxy, blocked", url, blocked, Some(&env.peer_cg))?;
+    expect(&row, true)?;
+    rows.push(row);
+    let row = measure(&env, opts, "mitmproxy, new conn per req (TLS resumed)", url, close, Some(&env.peer_cg))?;
+    expect(&row, false)?;
+    conn_rows.push(row);
+    let mitm_rss = rss_mb(mitm.pid())?;
+    env.peer_redirect(MITM_PEER_PORT, false)?;
+    drop(mitm);
+
+    print_results(&Results {
+        rows: &rows,
+        conn_rows: &conn_rows,
+        streams: &streams,
+        with_progs: &with_progs,
+        without_progs: &without_progs,
+        rss_idle,
+        rss_active,
+        rss_idle_conns,
+        idle: &idle,
+        mitm_rss,
+        connections: opts.connections,
+    });
+    println!("\ncompleted in {:.0} s", started.elapsed().as_secs_f64());
+    let _ = std::io::stdout().flush();
+    Ok(())
+}
+
+struct Results<'a> {
+    rows: &'a [Row],
+    conn_rows: &'a [Row],
+    streams: &'a [LatencyRow],
+    with_progs: &'a ConnectResult,
+    without_progs: &'a ConnectResult,
+    rss_idle: f64,
+    rss_active: f64,
+    rss_idle_conns: f64,
+    idle: &'a IdleResult,
+    mitm_rss: f64,
+    connections: usize,
+}
+
+fn print_results(r: &Results<'_>) {
+    println!("\n== throughput and latency (wrk, {} keep-alive connections; d = direct, m = mitmproxy, n = nginx; CPU = proxy utime+stime per request) ==", r.connections);
+    print!("{}", report::throughput_table(r.rows, "direct", "mitmproxy, allowed", "nginx proxy, allowed"));
+    println!("\n== new TLS connection per request (wrk, Connection: close; latency excludes the handshake, req/s and CPU include it) ==");
+    print!(
+        "{}",
+        report::throughput_table(
+            r.conn_rows,
+            "direct, new conn per req (TLS resumed)",
+            "mitmproxy, new conn per req (TLS resumed)",
+            "nginx proxy, new conn per req (TLS resumed)"
+        )
+    );
+    println!("\n== sequential requests, one client (first / last body byte; \"new TLS conn\" includes connect and handshake) ==");
+    println!(
+        "{:<48}{:>12}{:>12}{:>12}{:>12}{:>14}{:>14}{:>12}",
+        "row", "first p50", "first p99", "last p50", "last p99", "+first vs d", "+last vs d", "CPU us/req"
+    );
+    for s in r.streams {
+        let what = s.name.split_once(": ").map_or("", |(_, w)| w);
+        let direct = r.streams.iter().find(|d| d.name == format!("direct: {what}"));
+        let added = |f: fn(&LatencyResult) -> f64| {
+            direct.map_or("-".into(), |d| format!("{:+.3} ms", (f(&s.r) - f(&d.r)) / 1e3))
+        };
+        println!(
+            "{:<48}{:>9.3} ms{:>9.3} ms{:>9.3} ms{:>9.3} ms{:>14}{:>14}{:>12}",
+            s.name,
+            s.r.first_p50_us / 1e3,
+            s.r.first_p99_us / 1e3,
+            s.r.last_p50_us / 1e3,
+            s.r.last_p99_us / 1e3,
+            added(|x| x.first_p50_us),
+            added(|x| x.last_p50_us),
+            s.cpu_us.map_or("-".into(), |c| format!("{c:.0}")),
+        );
+    }
+    println!("\n== connect() to a non-target address from a redirected cgroup ==");
+    println!(
+        "  eBPF programs attached: p50 {:.2} us, p99 {:.2} us; not attached: p50 {:.2} us, p99 {:.2} us; difference p50 {:+.2} us, p99 {:+.2} us",
+        r.with_progs.p50_ns / 1e3,
+        r.with_progs.p99_ns / 1e3,
+        r.without_progs.p50_ns / 1e3,
+        r.without_progs.p99_ns / 1e3,
+        (r.with_progs.p50_ns - r.without_progs.p50_ns) / 1e3,
+        (r.with_progs.p99_ns - r.without_progs.p99_ns) / 1e3,
+    );
+    println!("\n== memory (VmRSS) ==");
+    println!(
+        "  interceptor idle {:.1} MB; right after the allowed row ({} active connections) {:.1} MB; with {} idle keep-alive TLS connections {:.1} MB ({} failed); mitmproxy after its rows {:.1} MB",
+        r.rss_idle, r.connections, r.rss_active, r.idle.open, r.rss_idle_conns, r.idle.failed, r.mitm_rss
+    );
+
+    let find = |name: &str| r.rows.iter().find(|x| x.name == name);
+    let stream = |name: &str| r.streams.iter().find(|x| x.name == name).map(|x| &x.r);
+    let mut targets = Vec::new();
+    if let (Some(a), Some(n)) = (find("interceptor eBPF, allowed"), find("nginx proxy, allowed")) {
+        let pct = 100.0 * a.wrk.rps() / n.wrk.rps();
+        targets.push(Target { what: "allowed path req/s vs nginx".into(), goal: ">= 80 %".into(), measured: format!("{pct:.0} %"), met: Some(pct >= 80.0) });
+    }
+    if let Some(c) = find("interceptor eBPF, allowed").and_then(Row::cpu_us_per_request) {
+        targets.push(Target { what: "allowed path proxy CPU per request".into(), goal: "<= 40 us".into(), measured: format!("{c:.1} us"), met: Some(c <= 40.0) });
+    }
+    if let (Some(a), Some(d)) = (find("interceptor eBPF, allowed"), find("direct")) {
+        let added = (a.wrk.p50_us - d.wrk.p50_us) / 1e3;
+        targets.push(Target { what: format!("allowed path added p50 at {} connections", r.connections), goal: "<= 0.4 ms".into(), measured: format!("{added:.3} ms"), met: Some(added <= 0.4) });
+    }
+    if let (Some(p), Some(d)) = (find("interceptor eBPF, passthrough"), find("direct")) {
+        let pct = 100.0 * p.wrk.rps() / d.wrk.rps();
+        targets.push(Target { what: "passthrough req/s vs direct".into(), goal: ">= 90 %".into(), measured: format!("{pct:.0} %"), met: Some(pct >= 90.0) });
+    }
+    for (what, goal, ms, name) in [
+        ("SSE monitor added first byte (keep-alive, paced)", "<= 0.3 ms", 0.3, "SSE paced 20x5ms"),
+        ("SSE monitor added first byte (new TLS connection)", "<= 0.6 ms", 0.6, "SSE paced, new TLS conn"),
+    ] {
+        if let (Some(i), Some(d)) = (stream(&format!("interceptor monitor: {name}")), stream(&format!("direct: {name}"))) {
+            let added = (i.first_p50_us - d.first_p50_us) / 1e3;
+            targets.push(Target { what: what.into(), goal: goal.into(), measured: format!("{added:.3} ms"), met: Some(added <= ms) });
+        }
+    }
+    let diff = (r.with_progs.p50_ns - r.without_progs.p50_ns) / 1e3;
+    targets.push(Target { what: "non-target connect() p50 difference".into(), goal: "<= 1 us".into(), measured: format!("{diff:.2} us"), met: Some(diff <= 1.0) });
+    targets.push(Target { what: "RSS idle".into(), goal: "< 30 MB".into(), measured: format!("{:.1} MB", r.rss_idle), met: Some(r.rss_idle < 30.0) });
+    targets.push(Target {
+        what: format!("RSS with {} idle keep-alive TLS connections", r.idle.open),
+        goal: "< 200 MB @10k".into(),
+        measured: format!("{:.1} MB", r.rss_idle_conns),
+        met: Some(r.rss_idle_conns < 200.0 && r.idle.open >= 10_000),
+    });
+    println!("\n== targets ==");
+    print!("{}", report::targets_table(&targets));
+}
+
+/// Today's date (UTC) from the system clock, without a date crate.
+fn chrono_free_date() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    format!("{:04}-{:02}-{:02} {:02}:{:02} UTC", now.year(), u8::from(now.month()), now.day(), now.hour(), now.minute())
+}

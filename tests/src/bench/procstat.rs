@@ -1,0 +1,100 @@
+//! CPU time and resident memory of processes, from `/proc`.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+/// utime + stime of a process (all its threads), in seconds.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("read /proc/{pid}/stat"))?;
+    let ticks = parse_stat_ticks(&text).with_context(|| format!("parse /proc/{pid}/stat"))?;
+    Ok(ticks as f64 / clock_ticks())
+}
+
+/// Summed CPU seconds of every process in a cgroup (not its children):
+/// the proxy under test may be several processes (nginx's workers).
+pub fn cgroup_cpu_seconds(cgroup: &Path) -> Result<f64> {
+    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs"))?;
+    // A process that exits meanwhile just stops counting.
+    Ok(procs.split_whitespace().filter_map(|p| p.parse().ok()).filter_map(|pid| cpu_seconds(pid).ok()).sum())
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// Fields 14 and 15 (utime, stime) of a `/proc/<pid>/stat` line. The command
+/// name (field 2) may contain spaces and parentheses: count from the last `)`.
+pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state): utime is field 14, index 11.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// VmRSS of a process, in bytes.
+pub fn rss_bytes(pid: u32) -> Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    parse_status_kb(&text, "VmRSS:").map(|kb| kb * 1024).context("no VmRSS line")
+}
+
+pub fn parse_status_kb(status: &str, field: &str) -> Option<u64> {
+    status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
+}
+
+/// Pins every thread of `pid` to `cpu` (threads created later inherit it
+/// from their creator).
+pub fn pin(pid: u32, cpu: usize) -> Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu)?;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let tid: i32 = task?.file_name().to_string_lossy().parse()?;
+        // A thread that exited meanwhile is fine.
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set);
+    }
+    Ok(())
+}
+
+/// Pins every process in a cgroup.
+pub fn pin_cgroup(cgroup: &Path, cpu: usize) -> Result<()> {
+    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs"))?;
+    for pid in procs.split_whitespace().filter_map(|p| p.parse().ok()) {
+        pin(pid, cpu)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_ticks_skip_odd_command_names() {
+        let line = "1234 (tokio (rt) x) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0 1 2 3";
+        assert_eq!(parse_stat_ticks(line), Some(325));
+        assert_eq!(parse_stat_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn own_cpu_time_grows_with_work() {
+        let before = cpu_seconds(std::process::id()).expect("stat");
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(60) {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        assert!(cpu_seconds(std::process::id()).expect("stat") > before);
+    }
+
+    #[test]
+    fn status_fields_in_kb() {
+        let status = "Name:\tx\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\n";
+        assert_eq!(parse_status_kb(status, "VmRSS:"), Some(1024));
+        assert!(rss_bytes(std::process::id()).expect("rss") > 0);
+    }
+}
