@@ -75,6 +75,19 @@ pub fn run(mode: RedirectMode) -> bool {
         format!("kernel BTF {}", if btf { "present" } else { "absent (not required by our programs)" }),
     ));
 
+    // Pinning is optional: without it there is no gapless handover and no
+    // fail_mode = "closed" in eBPF mode.
+    match crate::redirect::liveness::ensure_bpffs() {
+        Ok(()) => checks.push(check(
+            true,
+            format!("bpffs at {} (gapless restarts, fail_mode = \"closed\")", crate::redirect::liveness::BPFFS),
+        )),
+        Err(why) => checks.push(check(
+            false,
+            format!("bpffs unavailable ({why}): no gapless restarts, fail_mode = \"closed\" refused in eBPF mode"),
+        )),
+    }
+
     if bpf {
         match ebpf::probe() {
             Ok(()) => checks.push(check(true, "eBPF programs load and pass the verifier")),

@@ -389,4 +389,5 @@ fn doctor_reports_available_modes() {
     assert!(text.contains("ebpf      available"), "{text}");
     assert!(text.contains("iptables  available"), "{text}");
     assert!(text.contains("eBPF programs load and pass the verifier"), "{text}");
+    assert!(text.contains("[ ok ] bpffs at /sys/fs/bpf"), "{text}");
 }
