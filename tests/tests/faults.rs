@@ -13,7 +13,7 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard, OnceLock},
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -124,9 +124,9 @@ impl Logs {
 }
 
 /// One in-process fault test at a time: they count descriptors and tasks.
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let guard = SERIAL.lock().await;
     log_buffer();
     guard
 }
@@ -397,19 +397,19 @@ async fn backend_fault(fault: AktoFault, kind: &str) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn akto_down_fails_open_with_an_error_event_or_closed_with_a_503() -> Result<()> {
-    let _serial = serial();
+    let _serial = serial().await;
     backend_fault(AktoFault::Down, "unreachable").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn akto_answering_5xx_fails_open_with_an_error_event_or_closed_with_a_503() -> Result<()> {
-    let _serial = serial();
+    let _serial = serial().await;
     backend_fault(AktoFault::Status5xx, "status").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn akto_answering_garbage_fails_open_with_an_error_event_or_closed_with_a_503() -> Result<()> {
-    let _serial = serial();
+    let _serial = serial().await;
     backend_fault(AktoFault::Garbage, "malformed").await
 }
 
@@ -434,7 +434,7 @@ async fn read_body(mut resp: reqwest::Response) -> Result<(Vec<u8>, Option<Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_resetting_mid_response_cuts_the_client_body_with_an_error_and_a_log_line() -> Result<()> {
-    let _serial = serial();
+    let _serial = serial().await;
     let plane = Plane::start(Guard::None, Duration::from_secs(30), None).await?;
     for http2 in [false, true] {
         let logs = Logs::start();
@@ -455,7 +455,7 @@ async fn a_provider_resetting_mid_response_cuts_the_client_body_with_an_error_an
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_stalling_mid_stream_is_cut_after_the_idle_timeout_logged_and_audited() -> Result<()> {
-    let _serial = serial();
+    let _serial = serial().await;
     let idle = Duration::from_millis(600);
     let plane = Plane::start(Guard::Local, idle, None).await?;
     for http2 in [false, true] {
@@ -499,7 +499,7 @@ async fn a_provider_stalling_mid_stream_is_cut_after_the_idle_timeout_logged_and
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_leaving_mid_upload_or_mid_stream_cancels_the_upstream_request_and_leaks_nothing() -> Result<()> {
-    let _serial = serial();
+    let _serial = serial().await;
 
     // Mid-upload, nothing buffered: the request body streams to the provider.
     let mut plane = Plane::start(Guard::None, Duration::from_secs(30), None).await?;
@@ -615,7 +615,7 @@ async fn dns_ask(server: SocketAddr, id: u16) -> Result<(Message, Duration)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_dns_upstream_gets_servfail_promptly_and_the_next_query_is_served() -> Result<()> {
-    let _serial = serial();
+    let _serial = serial().await;
     // One upstream refuses (nothing listens); the other stays silent for the
     // first query and answers the second.
     let scripted = UdpSocket::bind("127.0.0.1:0").await?;
@@ -663,7 +663,7 @@ async fn a_failing_dns_upstream_gets_servfail_promptly_and_the_next_query_is_ser
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_audit_disk_lets_requests_flow_and_counts_and_logs_every_lost_event() -> Result<()> {
-    let _serial = serial();
+    let _serial = serial().await;
     // /dev/full accepts the open and fails every write with ENOSPC.
     let plane = Plane::start(Guard::Local, Duration::from_secs(30), Some(PathBuf::from("/dev/full"))).await?;
     let logs = Logs::start();
