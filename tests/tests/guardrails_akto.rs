@@ -234,3 +234,81 @@ async fn a_local_block_short_circuits_the_remote_check() -> Result<()> {
     assert!(audit.contains("\"decision\":\"block\"") && !audit.contains("MIIB"), "{audit}");
     Ok(())
 }
+
+/// Everything the process logs, at debug level for the interceptor, as JSON.
+fn captured_log() -> &'static std::sync::Mutex<Vec<u8>> {
+    static LOG: std::sync::OnceLock<std::sync::Mutex<Vec<u8>>> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        struct Sink;
+        impl std::io::Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                captured_log().lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info,interceptor=debug"))
+            .with_writer(|| Sink)
+            .try_init();
+        std::sync::Mutex::new(Vec::new())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_credential_reaches_akto_the_audit_or_the_log() -> Result<()> {
+    captured_log();
+    let s = setup(vec![Backend::Local, Backend::Akto], FailMode::Open, Duration::from_secs(5)).await?;
+    s.akto.set_request_reply(Reply::allowed());
+    s.akto.set_response_reply(Reply::allowed());
+    let secrets = ["sk-live-SECRET1", "sk-ant-SECRET2", "AIzaSECRET3", "azure-SECRET4", "AIzaSECRET5"];
+    let client = client_for("api.openai.com", s.proxy.addr, &[&s.proxy.ca_pem], false)?;
+    let key = format!("-----BEGIN RSA PRIVATE KEY-----\n{}\n-----END RSA PRIVATE KEY-----", "MIIBOgIBAAJBAK".repeat(4));
+    let stream = json!({"model": "gpt-4o", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    // Allowed, streamed, and locally blocked (reported to Akto).
+    for body in [chat_body("hello"), stream.to_string(), chat_body(&key)] {
+        let resp = client
+            .post(format!("https://api.openai.com/v1/chat/completions?alt=sse&key={}", secrets[4]))
+            .header("authorization", format!("Bearer {}", secrets[0]))
+            .header("x-api-key", secrets[1])
+            .header("x-goog-api-key", secrets[2])
+            .header("api-key", secrets[3])
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await?;
+        let _ = resp.bytes().await?;
+    }
+    // The provider gets the client's credentials: they are the client's to send.
+    let seen = s.provider.requests();
+    assert!(seen.iter().all(|r| r.header("authorization") == Some("Bearer sk-live-SECRET1")), "{seen:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !s.akto.calls().iter().any(|c| c.body["statusCode"] == "403") {
+        assert!(std::time::Instant::now() < deadline, "local block not reported: {:?}", s.akto.calls());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let calls = s.akto.calls();
+    assert!(calls.len() >= 4, "{calls:?}");
+    let audit = std::fs::read_to_string(&s.audit)?;
+    assert!(audit.lines().count() >= 5, "{audit}");
+    let log = String::from_utf8_lossy(&captured_log().lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    assert!(log.contains("guardrail_decision") || log.contains("request_id"), "nothing captured: {log}");
+    for secret in secrets {
+        for call in &calls {
+            // The fake provider echoes the request path in its answer, and
+            // the provider's answer is forwarded as it is: leave it out.
+            let mut body = call.body.clone();
+            if let Some(o) = body.as_object_mut() {
+                o.remove("responsePayload");
+            }
+            let text = format!("{} {} {:?} {}", call.path, call.query, call.headers, body);
+            assert!(!text.contains(secret), "Akto call leaks {secret}: {text}");
+        }
+        assert!(!audit.contains(secret), "audit leaks {secret}: {audit}");
+        assert!(!log.contains(secret), "log leaks {secret}");
+    }
+    Ok(())
+}
