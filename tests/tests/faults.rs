@@ -454,7 +454,8 @@ async fn a_provider_resetting_mid_response_cuts_the_client_body_with_an_error_an
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_provider_stalling_mid_stream_is_cut_after_the_idle_timeout_logged_and_audited() -> Result<()> {
+async fn a_provider_stalling_before_or_mid_response_is_given_up_after_the_idle_timeout_logged_and_audited() -> Result<()>
+{
     let _serial = serial().await;
     let idle = Duration::from_millis(600);
     let plane = Plane::start(Guard::Local, idle, None).await?;
@@ -479,6 +480,18 @@ async fn a_provider_stalling_mid_stream_is_cut_after_the_idle_timeout_logged_and
         let line = logs.wait_for("upstream response body failed").await?;
         assert!(line["fields"]["error"].as_str().is_some_and(|e| e.contains("sent nothing")), "{line}");
     }
+    // No response head at all: a 504 from the interceptor.
+    let logs = Logs::start();
+    let started = Instant::now();
+    let resp = plane.client(false)?.get("https://api.openai.com/stall-head").send().await?;
+    let elapsed = started.elapsed();
+    assert_eq!(resp.status(), 504);
+    assert_eq!(resp.headers()["x-interceptor-error"], "upstream_timeout");
+    assert!(elapsed >= idle && elapsed < idle + Duration::from_secs(3), "{elapsed:?}");
+    let body: Value = resp.json().await?;
+    assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("sent nothing")), "{body}");
+    logs.wait_for("no response head from the provider").await?;
+
     // The response's audit event is not lost: it says the stream was cut.
     let cut: Vec<Value> = plane
         .audit()
@@ -487,8 +500,8 @@ async fn a_provider_stalling_mid_stream_is_cut_after_the_idle_timeout_logged_and
         .collect();
     assert_eq!(cut.len(), 2, "{:#?}", plane.audit());
     assert_eq!(cut[0]["decision"], "error");
-    eventually(Duration::from_secs(3), "the stalled upstream streams are given up", || {
-        plane.provider.cancelled_streams() == 2
+    eventually(Duration::from_secs(3), "the stalled upstream requests are given up", || {
+        plane.provider.cancelled_streams() == 3
     })
     .await
     .with_context(|| format!("cancelled: {}", plane.provider.cancelled_streams()))?;

@@ -19,6 +19,7 @@
 //! | `POST …/models/{m}:streamGenerateContent` | one JSON array streamed element by element (`[{…},\r\n{…}]`) |
 //! | any other `POST` | 200 JSON chat completion (about 1 KB) with `"echo_len"`; with `"stream": true` in a JSON body, an SSE stream of chunks instead |
 //! | `GET /sse?n=5&interval_ms=200` | `text/event-stream`: `n` events, one per write, `interval_ms` apart, then `data: [DONE]` |
+//! | `GET /stall-head` | no response at all: the request is read, then nothing is sent, ever |
 //! | `GET /stall-mid-stream?after=2` | `/sse` that sends `after` events, then nothing more, ever (a stalled provider) |
 //! | `GET /reset-mid-body?after=2` | `/sse` that sends `after` events, then resets the TCP connection (RST) |
 //! | `GET /ws` | WebSocket upgrade (HTTP/1.1), then every text or binary message is echoed |
@@ -629,6 +630,11 @@ async fn handle(mut req: Request<Incoming>, info: ConnInfo) -> Response<Body> {
         peer: info.peer,
     };
     lock(&info.recorder.requests).push(recorded.clone());
+    if parts.uri.path() == "/stall-head" {
+        // Until the connection goes: the request is then cancelled.
+        let _guard = StreamGuard { recorder: Arc::clone(&info.recorder), finished: false };
+        std::future::pending::<()>().await;
+    }
     route(&parts, &recorded, upgrade, &info)
 }
 
