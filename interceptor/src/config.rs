@@ -78,7 +78,8 @@ pub struct ProxyConfig {
     /// Largest request head (HTTP/1.1 read buffer, HTTP/2 header list), in
     /// bytes; larger heads get `431` (HTTP/1.1) or a stream reset (HTTP/2).
     pub max_header_bytes: usize,
-    /// How long a client may take to send a whole request head.
+    /// How long a client may take to finish the TLS handshake, and to send
+    /// a whole request head (also the HTTP/2 ping interval and timeout).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// An intercepted connection with no request in flight for this long is

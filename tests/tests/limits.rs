@@ -255,6 +255,22 @@ async fn a_slow_request_head_is_closed_after_the_header_timeout_while_others_are
     assert!(!got.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&got));
     assert!(after >= Duration::from_millis(1500) && after < Duration::from_secs(6), "closed after {after:?}");
     assert_eq!(served?, 5, "other clients are served meanwhile");
+
+    // A client that sends its ClientHello and then stalls the handshake.
+    let hello = {
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let name = rustls_pki_types::ServerName::try_from(HOST)?;
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name)?;
+        let mut out = Vec::new();
+        conn.write_tls(&mut out)?;
+        out
+    };
+    let mut stalled = TcpStream::connect(s.proxy.addr).await?;
+    stalled.write_all(&hello).await?;
+    let (_, after) = read_until_closed(&mut stalled, Duration::from_secs(8)).await?;
+    assert!(after >= Duration::from_millis(1500) && after < Duration::from_secs(6), "closed after {after:?}");
     Ok(())
 }
 

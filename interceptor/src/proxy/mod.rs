@@ -545,9 +545,16 @@ async fn intercept_connection(
     shared: &Shared,
     record: &mut ConnectionRecord,
 ) {
-    let tls_stream = match tls.accept(stream, &sni).await {
-        Ok(s) => s,
-        Err(error) => {
+    // A client that stalls mid-handshake is bounded like a slow request head.
+    let handshake_timeout = shared.plane.settings.header_read_timeout;
+    let tls_stream = match tokio::time::timeout(handshake_timeout, tls.accept(stream, &sni)).await {
+        Err(_) => {
+            record.outcome = "client_tls_timeout";
+            record.error = Some(format!("TLS handshake not finished within {handshake_timeout:?}"));
+            return;
+        }
+        Ok(Ok(s)) => s,
+        Ok(Err(error)) => {
             let text = telemetry::chain(&error);
             if tls::is_certificate_rejection(&error) {
                 shared.note_rejection(&comm, &sni, record, &text);
