@@ -247,12 +247,13 @@ impl ConnectionLimits {
 
     /// Logs a refused connection, at most once a second (with how many were
     /// refused unlogged in between), so a flood cannot flood the log.
-    fn warn_refused(&self, limit: &'static str, client: ClientAddr, key: Option<WorkloadKey>) {
+    /// Returns whether it logged.
+    fn warn_refused(&self, limit: &'static str, client: ClientAddr, key: Option<WorkloadKey>) -> bool {
         let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         if warned.0.is_some_and(|at| now.duration_since(at) < Duration::from_secs(1)) {
             warned.1 += 1;
-            return;
+            return false;
         }
         let suppressed = std::mem::take(&mut warned.1);
         warned.0 = Some(now);
@@ -271,6 +272,7 @@ impl ConnectionLimits {
             suppressed,
             "connection closed: too many open connections"
         );
+        true
     }
 }
 
@@ -339,7 +341,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: w
                         // Closed before anything is read or spawned.
                         drop(stream);
                         refused(&shared.plane.metrics, "over_max_connections");
-                        shared.limits.warn_refused("max_connections", client, None);
+                        let _ = shared.limits.warn_refused("max_connections", client, None);
                         continue;
                     };
                     let shared = Arc::clone(&shared);
@@ -457,7 +459,7 @@ async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &
         // Counted and logged (rate-limited) here, not once per connection.
         record.quiet = true;
         refused(&plane.metrics, "over_max_connections_per_workload");
-        shared.limits.warn_refused("max_connections_per_workload", client, Some(key));
+        let _ = shared.limits.warn_refused("max_connections_per_workload", client, Some(key));
         return;
     }
     let _ = stream.set_nodelay(true);
@@ -642,6 +644,58 @@ mod tests {
         let resolver = Arc::new(MockOrigDst { dst: std::sync::Mutex::new(HashMap::new()), default });
         let (tx, rx) = watch::channel(false);
         (Proxy::serve(listeners, plane(resolver), rx), addrs, tx)
+    }
+
+    #[test]
+    fn connection_caps_count_per_workload_and_release_on_drop() {
+        let settings = ProxySettings { max_connections: 3, max_connections_per_workload: 2, ..Default::default() };
+        let limits = Arc::new(ConnectionLimits::new(&settings));
+        let a = WorkloadKey::Cgroup(7);
+        let b = WorkloadKey::Client("10.0.0.2".parse().unwrap());
+        let mut a1 = limits.admit().unwrap();
+        assert!(limits.admit_workload(&mut a1, a));
+        let mut a2 = limits.admit().unwrap();
+        assert!(limits.admit_workload(&mut a2, a));
+        let mut a3 = limits.admit().unwrap();
+        assert!(!limits.admit_workload(&mut a3, a), "a third connection of one workload");
+        drop(a3);
+        let mut b1 = limits.admit().unwrap();
+        assert!(limits.admit_workload(&mut b1, b), "another workload is not affected");
+        assert!(limits.admit().is_none(), "the global cap");
+        drop(a1);
+        let mut again = limits.admit().unwrap();
+        assert!(limits.admit_workload(&mut again, a), "a closed connection frees its slots");
+        drop((a2, b1, again));
+        assert_eq!(limits.total.load(Ordering::Relaxed), 0);
+        assert!(limits.per_workload.lock().unwrap().is_empty(), "no entry left behind");
+        // A workload with a cgroup is keyed by it, else by the client address.
+        let w = Workload { pid: 1, tid: 1, uid: 0, gid: 0, comm: "x".into(), cgroup_id: 9 };
+        let client = ClientAddr("10.0.0.3:5000".parse().unwrap());
+        assert_eq!(WorkloadKey::of(Some(&w), client), WorkloadKey::Cgroup(9));
+        assert_eq!(WorkloadKey::of(None, client), WorkloadKey::Client("10.0.0.3".parse().unwrap()));
+        // Unlimited when 0.
+        let open = Arc::new(ConnectionLimits::new(&ProxySettings {
+            max_connections: 0,
+            max_connections_per_workload: 0,
+            ..Default::default()
+        }));
+        let mut slots = Vec::new();
+        for _ in 0..100 {
+            let mut s = open.admit().unwrap();
+            assert!(open.admit_workload(&mut s, a));
+            slots.push(s);
+        }
+    }
+
+    #[test]
+    fn refusals_are_logged_at_most_once_a_second() {
+        let limits = ConnectionLimits::new(&ProxySettings::default());
+        let client = ClientAddr("10.0.0.3:5000".parse().unwrap());
+        assert!(limits.warn_refused("max_connections", client, None));
+        for _ in 0..1000 {
+            assert!(!limits.warn_refused("max_connections", client, None));
+        }
+        assert_eq!(limits.warned.lock().unwrap().1, 1000, "suppressed refusals are counted");
     }
 
     #[tokio::test]
