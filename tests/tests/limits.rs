@@ -369,8 +369,8 @@ async fn malformed_http_and_malformed_json_get_their_defined_answers() -> Result
     Ok(())
 }
 
-/// A provider that answers every request with `body` as an event stream.
-async fn raw_provider(pki: &TestPki, body: Vec<u8>) -> Result<SocketAddr> {
+/// A provider that answers every request with `body` as `content_type`.
+async fn raw_provider(pki: &TestPki, body: Vec<u8>, content_type: &'static str) -> Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config(&[b"http/1.1"]));
@@ -384,7 +384,7 @@ async fn raw_provider(pki: &TestPki, body: Vec<u8>) -> Result<SocketAddr> {
                     let body = body.clone();
                     async move {
                         http::Response::builder()
-                            .header("content-type", "application/vnd.amazon.eventstream")
+                            .header("content-type", content_type)
                             .body(http_body_util::Full::new(body))
                     }
                 });
@@ -410,36 +410,84 @@ fn chunk_frame(text: &str) -> Result<Vec<u8>> {
     )?)
 }
 
+/// One malformed stream from a provider, and how to read the client's body.
+struct BrokenStream {
+    what: &'static str,
+    host: &'static str,
+    path: &'static str,
+    content_type: &'static str,
+    body: Vec<u8>,
+    /// Enforce: the client's body is well-formed and ends with an error.
+    ends_with_error: fn(&[u8]) -> Result<bool>,
+}
+
+fn eventstream_ends_with_exception(got: &[u8]) -> Result<bool> {
+    let mut decoder = Decoder::new(1 << 20);
+    let frames = decoder.feed(got).context("client got broken frames")?;
+    decoder.finish()?;
+    Ok(frames.last().is_some_and(|f| f.message_type() == Some("exception")))
+}
+
+fn json_array_ends_with_error(got: &[u8]) -> Result<bool> {
+    let array: Value = serde_json::from_slice(got).context("client got a broken array")?;
+    Ok(array.as_array().and_then(|a| a.last()).is_some_and(|e| e.get("error").is_some()))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_provider_stream_ends_with_an_error_event_in_enforce_and_passes_in_monitor() -> Result<()> {
     let good = chunk_frame("hello")?;
     let mut bad_crc = chunk_frame("world")?;
     *bad_crc.last_mut().context("empty frame")? ^= 0xff;
     let truncated = chunk_frame("truncated")?[..20].to_vec();
-    let host = "bedrock-runtime.us-east-1.amazonaws.com";
-    let url = format!("https://{host}/model/anthropic.claude-3-haiku-20240307-v1:0/invoke-with-response-stream");
+    let bedrock = "bedrock-runtime.us-east-1.amazonaws.com";
+    let invoke = "/model/anthropic.claude-3-haiku-20240307-v1:0/invoke-with-response-stream";
+    let eventstream = "application/vnd.amazon.eventstream";
+    let element = r#"{"candidates":[{"content":{"role":"model","parts":[{"text":"hello"}]}}]}"#;
+    let cases = [
+        BrokenStream {
+            what: "bad crc",
+            host: bedrock,
+            path: invoke,
+            content_type: eventstream,
+            body: [good.clone(), bad_crc, good.clone()].concat(),
+            ends_with_error: eventstream_ends_with_exception,
+        },
+        BrokenStream {
+            what: "truncated frame",
+            host: bedrock,
+            path: invoke,
+            content_type: eventstream,
+            body: [good, truncated].concat(),
+            ends_with_error: eventstream_ends_with_exception,
+        },
+        BrokenStream {
+            what: "truncated array",
+            host: "generativelanguage.googleapis.com",
+            path: "/v1beta/models/gemini-2.0-flash:streamGenerateContent",
+            content_type: "application/json",
+            body: format!("[{element},\r\n{{\"candidates\":[{{\"content").into_bytes(),
+            ends_with_error: json_array_ends_with_error,
+        },
+    ];
     let request = json!({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 16,
+        "contents": [{"role": "user", "parts": [{"text": "hi"}]}],
         "messages": [{"role": "user", "content": "hi"}]})
     .to_string();
-    for (what, stream) in
-        [("bad crc", [good.clone(), bad_crc, good.clone()].concat()), ("truncated", [good, truncated].concat())]
-    {
+    for case in &cases {
+        let what = case.what;
         for mode in [StreamMode::Enforce, StreamMode::Monitor] {
             let pki = TestPki::with_defaults()?;
-            let upstream = raw_provider(&pki, stream.clone()).await?;
+            let upstream = raw_provider(&pki, case.body.clone(), case.content_type).await?;
             let dir = tempfile::tempdir()?;
             let audit = dir.path().join("audit.jsonl");
             let cfg = GuardrailsConfig { stream_mode: mode, ..GuardrailsConfig::default() };
             let hook = local_pipeline(cfg, Some(audit.clone()))?;
-            let proxy = InProcessProxy::start_with(
-                upstream,
-                &pki.write_ca(dir.path())?,
-                DomainsConfig::default(),
-                Some(hook),
-                settings(),
-            )
-            .await?;
-            let client = client_for(host, proxy.addr, &[&proxy.ca_pem], false)?;
+            let upstream_ca = pki.write_ca(dir.path())?;
+            let proxy =
+                InProcessProxy::start_with(upstream, &upstream_ca, DomainsConfig::default(), Some(hook), settings())
+                    .await?;
+            let client = client_for(case.host, proxy.addr, &[&proxy.ca_pem], false)?;
+            let url = format!("https://{}{}", case.host, case.path);
             let resp =
                 client.post(&url).header("content-type", "application/json").body(request.clone()).send().await?;
             assert_eq!(resp.status(), 200, "{what} {mode:?}");
@@ -447,14 +495,11 @@ async fn a_malformed_provider_stream_ends_with_an_error_event_in_enforce_and_pas
             let got = resp.bytes().await.with_context(|| format!("{what} {mode:?}: body"))?;
             match mode {
                 StreamMode::Enforce => {
-                    let mut decoder = Decoder::new(1 << 20);
-                    let frames = decoder.feed(&got).with_context(|| format!("{what}: client got broken frames"))?;
-                    decoder.finish()?;
-                    let last = frames.last().with_context(|| format!("{what}: no frame"))?;
-                    assert_eq!(last.message_type(), Some("exception"), "{what}: {frames:?}");
-                    assert_ne!(&got[..], &stream[..], "{what}: malformed bytes forwarded");
+                    let ended = (case.ends_with_error)(&got).with_context(|| format!("{what}: {got:?}"))?;
+                    assert!(ended, "{what}: no error at the end: {got:?}");
+                    assert_ne!(&got[..], &case.body[..], "{what}: malformed bytes forwarded");
                 }
-                StreamMode::Monitor => assert!(got[..] == stream[..], "{what}: monitor must pass the bytes through"),
+                StreamMode::Monitor => assert!(got[..] == case.body[..], "{what}: monitor must pass the bytes through"),
             }
             let events = audit_events(&audit, |e| e["direction"] == "response").await?;
             assert!(reasons(&events[0]).contains("malformed stream"), "{what} {mode:?}: {}", events[0]);
