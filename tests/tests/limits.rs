@@ -198,8 +198,9 @@ async fn a_compression_bomb_is_oversize_per_the_policy() -> Result<()> {
         match action {
             OversizeAction::Block => {
                 assert_eq!(resp.status(), 413);
+                assert_eq!(resp.headers()["x-interceptor-error"], "request_too_large");
                 let body: Value = resp.json().await?;
-                assert!(body["error"].as_str().is_some_and(|e| e.contains("too large")), "{body}");
+                assert!(body["error"]["message"].as_str().is_some_and(|e| e.contains("too large")), "{body}");
                 assert!(s.provider.requests().is_empty(), "a bomb reached the provider");
                 assert_eq!(events[0]["decision"], "block");
             }

@@ -194,7 +194,8 @@ pub fn blocked_response(status: StatusCode, reason: &str) -> http::Response<Full
 }
 
 /// A body over the inspection limits, per the oversize policy: an alert
-/// when passed, and the response to send when blocked.
+/// when passed, and the response to send when blocked (the same JSON error
+/// the data plane sends for a body over `max_inspected_body`).
 fn oversize(
     outcome: &mut Outcome,
     action: OversizeAction,
@@ -209,7 +210,14 @@ fn oversize(
             None
         }
         OversizeAction::Block => {
-            let response = blocked_response(status, &reason);
+            let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "request_too_large" } else { "response_too_large" };
+            let body = serde_json::json!({
+                "error": { "type": "interceptor_error", "code": code, "message": reason }
+            });
+            let mut response = http::Response::new(Full::new(Bytes::from(body.to_string())));
+            *response.status_mut() = status;
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response.headers_mut().insert(crate::proxy::http::ERROR_HEADER, HeaderValue::from_static(code));
             outcome.block = Some(Block { status, reason, backend: "decode", rule: "oversize".into() });
             Some(response)
         }
