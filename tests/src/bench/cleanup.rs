@@ -46,11 +46,7 @@ pub fn on_signals() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     // Registered here, before anything is created, so no signal is missed.
     let mut streams = runtime.block_on(async {
-        anyhow::Ok([
-            signal(SignalKind::interrupt())?,
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::hangup())?,
-        ])
+        anyhow::Ok([signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?, signal(SignalKind::hangup())?])
     })?;
     std::thread::spawn(move || {
         runtime.block_on(async {
@@ -77,8 +73,11 @@ fn remove_all() {
         for _ in 0..3 {
             let pids = Command::new(tool("ip")).args(["netns", "pids", name]).output();
             let Ok(out) = pids else { break };
-            let pids: Vec<String> =
-                String::from_utf8_lossy(&out.stdout).split_whitespace().filter(|p| *p != me).map(str::to_owned).collect();
+            let pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .filter(|p| *p != me)
+                .map(str::to_owned)
+                .collect();
             if pids.is_empty() {
                 break;
             }

@@ -29,9 +29,9 @@ use anyhow::{Context, Result, bail};
 use interceptor::testing::{
     Cgroup, Interceptor, Netns,
     clients::{HostsFile, ScratchDir},
-    in_netns, interceptor_bin, output_in, spawn_in,
+    in_netns, interceptor_bin, output_in,
     provider::FakeProvider,
-    tool,
+    spawn_in, tool,
 };
 use interceptor_tests::stage::start_interceptor;
 
@@ -160,7 +160,20 @@ impl Env {
             close: script("close.lua", "allowed.json", true)?,
             allowed,
         };
-        Ok(Env { hosts_path: hosts.path(), netns, _root: root, provider_cg, proxy_cg, peer_cg, client_cg, outside_cg, scratch, pki, _hosts: hosts, bodies })
+        Ok(Env {
+            hosts_path: hosts.path(),
+            netns,
+            _root: root,
+            provider_cg,
+            proxy_cg,
+            peer_cg,
+            client_cg,
+            outside_cg,
+            scratch,
+            pki,
+            _hosts: hosts,
+            bodies,
+        })
     }
 
     fn load(&self, connections: usize) -> Load<'_> {
@@ -179,25 +192,56 @@ impl Env {
         let op = if add { "-A" } else { "-D" };
         let port = port.to_string();
         self.netns.exec(&[
-            "iptables", "-w", "-t", "nat", op, "OUTPUT", "-p", "tcp", "-d", PROVIDER, "--dport", "443", "-m", "cgroup",
-            "--path", &path, "-j", "REDIRECT", "--to-ports", &port,
+            "iptables",
+            "-w",
+            "-t",
+            "nat",
+            op,
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            PROVIDER,
+            "--dport",
+            "443",
+            "-m",
+            "cgroup",
+            "--path",
+            &path,
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &port,
         ])?;
         self.flush_conntrack();
         Ok(())
     }
 
     /// Runs the probe `kind` (see [`probe`]) in `cgroup` and parses its line.
-    fn probe<T: serde::de::DeserializeOwned>(&self, cgroup: &Cgroup, kind: &str, params: &impl serde::Serialize) -> Result<T> {
+    fn probe<T: serde::de::DeserializeOwned>(
+        &self,
+        cgroup: &Cgroup,
+        kind: &str,
+        params: &impl serde::Serialize,
+    ) -> Result<T> {
         let mut cmd = Command::new(std::env::current_exe()?);
         cmd.args(["probe", kind, &serde_json::to_string(params)?]);
         let out = output_in(&mut cmd, Some(&self.netns), Some(cgroup), Duration::from_secs(120))?;
         if !out.status.success() {
             bail!("probe {kind} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
         }
-        Ok(serde_json::from_slice(&out.stdout).with_context(|| format!("parse probe {kind} output"))?)
+        serde_json::from_slice(&out.stdout).with_context(|| format!("parse probe {kind} output"))
     }
 
-    fn latency(&self, ca: &Path, addr: &str, path: &str, stream: bool, new_connection: bool, n: usize) -> Result<LatencyResult> {
+    fn latency(
+        &self,
+        ca: &Path,
+        addr: &str,
+        path: &str,
+        stream: bool,
+        new_connection: bool,
+        n: usize,
+    ) -> Result<LatencyResult> {
         let mut body: serde_json::Value = serde_json::from_str(&self.bodies.allowed)?;
         if stream {
             body["stream"] = true.into();
@@ -363,7 +407,8 @@ fn connect_cost(env: &Env, opts: &Options) -> Result<(ConnectResult, ConnectResu
 /// Records a perf profile of `pid` for `seconds` while wrk loads it.
 fn profile(env: &Env, opts: &Options, out: &Path, pid: u32, url: &str) -> Result<()> {
     let mut perf = Command::new(tool("perf"));
-    perf.args(["record", "-g", "-F", "999", "-p", &pid.to_string(), "-o"])
+    // DWARF unwinding: the release build keeps debug info but no frame pointers.
+    perf.args(["record", "--call-graph", "dwarf,32768", "-F", "299", "-p", &pid.to_string(), "-o"])
         .arg(out)
         .args(["--", "sleep", &opts.seconds.to_string()])
         .stdout(Stdio::null())
@@ -373,20 +418,26 @@ fn profile(env: &Env, opts: &Options, out: &Path, pid: u32, url: &str) -> Result
     let result = load.run(url, &env.bodies.keepalive, Duration::from_secs(opts.seconds));
     child.wait()?;
     println!("  profile under load: {:.0} req/s (perf attached)", result?.rps());
-    let report = Command::new(tool("perf"))
-        .args(["report", "--no-children", "--percent-limit", "0.5", "--stdio", "-g", "none", "-i"])
-        .arg(out)
-        .output()?;
-    let text_path = out.with_extension("txt");
-    std::fs::write(&text_path, &report.stdout)?;
-    println!("  perf data {} and report {}", out.display(), text_path.display());
+    // Self time per symbol, and time including callees (what each layer costs).
+    for (suffix, mode) in [("self.txt", "--no-children"), ("children.txt", "--children")] {
+        let report = Command::new(tool("perf"))
+            .args(["report", mode, "--percent-limit", "0.5", "--stdio", "-g", "none", "-i"])
+            .arg(out)
+            .output()?;
+        let path = out.with_extension(suffix);
+        std::fs::write(&path, &report.stdout)?;
+        println!("  perf report {}", path.display());
+    }
     Ok(())
 }
 
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())))
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned()))
+        })
         .unwrap_or_default();
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -407,14 +458,18 @@ fn preflight() -> Result<()> {
     }
     let bin = interceptor_bin();
     if !bin.is_file() {
-        bail!("interceptor binary {} not found: build it (cargo xtask bench does) or set INTERCEPTOR_BIN", bin.display());
+        bail!(
+            "interceptor binary {} not found: build it (cargo xtask bench does) or set INTERCEPTOR_BIN",
+            bin.display()
+        );
     }
     for t in ["wrk", "nginx", "taskset", "unshare", "iptables", "conntrack", "python3"] {
         if !tool(t).is_absolute() {
             bail!("{t} not found: run `cargo xtask setup`");
         }
     }
-    let mitm = Command::new(tool("python3")).args(["-c", "import mitmproxy.version as v; print(v.VERSION)"]).output()?;
+    let mitm =
+        Command::new(tool("python3")).args(["-c", "import mitmproxy.version as v; print(v.VERSION)"]).output()?;
     if !mitm.status.success() {
         bail!("mitmproxy is not installed for python3: run `cargo xtask setup`");
     }
@@ -492,27 +547,45 @@ pub fn run(opts: &Options) -> Result<()> {
     conn_rows.push(direct_close);
     let paced_path = "/v1/chat/completions?interval_ms=5";
     let unpaced_path = "/v1/chat/completions?stream=1";
-    let stream_set = |label: &str, ca: &Path, proxy: Option<&Cgroup>, json: bool, streams: &mut Vec<LatencyRow>| -> Result<()> {
-        let rows = [
-            ("SSE unpaced", PROVIDER, unpaced_path, false),
-            ("SSE paced 20x5ms", PACED, paced_path, false),
-            ("SSE paced, new TLS conn", PACED, paced_path, true),
-            ("JSON, new TLS conn", PROVIDER, "/v1/chat/completions", true),
-        ];
-        for (what, addr, path, new) in rows.into_iter().take(if json { 4 } else { 3 }) {
-            let cpu = || proxy.map(|cg| procstat::cgroup_cpu_seconds(cg.path())).transpose();
-            let before = cpu()?;
-            let r = env.latency(ca, addr, path, path.contains("stream") || addr == PACED, new, stream_n)?;
-            let cpu_us = before.zip(cpu()?).map(|(b, a)| (a - b) * 1e6 / (stream_n + WARMUP_REQUESTS) as f64);
-            streams.push(LatencyRow { name: format!("{label}: {what}"), r, cpu_us });
-        }
-        Ok(())
-    };
+    let stream_set =
+        |label: &str, ca: &Path, proxy: Option<&Cgroup>, json: bool, streams: &mut Vec<LatencyRow>| -> Result<()> {
+            let rows = [
+                ("SSE unpaced", PROVIDER, unpaced_path, false),
+                ("SSE paced 20x5ms", PACED, paced_path, false),
+                ("SSE paced, new TLS conn", PACED, paced_path, true),
+                ("JSON, new TLS conn", PROVIDER, "/v1/chat/completions", true),
+            ];
+            for (what, addr, path, new) in rows.into_iter().take(if json { 4 } else { 3 }) {
+                let cpu = || proxy.map(|cg| procstat::cgroup_usage_seconds(cg.path())).transpose();
+                let before = cpu()?;
+                let r = env.latency(ca, addr, path, path.contains("stream") || addr == PACED, new, stream_n)?;
+                let cpu_us = before.zip(cpu()?).map(|(b, a)| (a - b) * 1e6 / (stream_n + WARMUP_REQUESTS) as f64);
+                streams.push(LatencyRow { name: format!("{label}: {what}"), r, cpu_us });
+            }
+            Ok(())
+        };
     stream_set("direct", &ca, None, true, &mut streams)?;
 
+    println!("interceptor, eBPF redirect, guardrails off (TLS termination and relay only)");
+    let (proxy, _bundle) = interceptor(&env, "ebpf", "[guardrails]\nenabled = false\n")?;
+    let row = measure(&env, opts, "interceptor eBPF, guardrails off", url, keepalive, Some(&env.proxy_cg))?;
+    expect(&row, false)?;
+    rows.push(row);
+    drop(proxy);
+
     println!("interceptor, eBPF redirect, default local guardrails (stream_mode monitor)");
-    let (proxy, bundle) = interceptor(&env, "ebpf", "")?;
+    // The per-workload connection limit (default 1024) would refuse the idle
+    // connections test, which opens them all from one process.
+    let limits = format!(
+        "[proxy]\nmax_connections = {n}\nmax_connections_per_workload = {n}\n",
+        n = opts.idle_connections.max(8192) + 1024
+    );
+    let (proxy, bundle) = interceptor(&env, "ebpf", &limits)?;
+    println!("  connection limits raised for the idle connections test: {}", limits.replace('\n', " "));
     let rss_idle = rss_mb(proxy.pid())?;
+    let cpu_before = procstat::cgroup_usage_seconds(env.proxy_cg.path())?;
+    std::thread::sleep(Duration::from_secs(2));
+    let idle_cpu_ms_per_s = (procstat::cgroup_usage_seconds(env.proxy_cg.path())? - cpu_before) * 1e3 / 2.0;
     if let Some(pid) = proxy.pid() {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let threads = status.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap_or("?").trim().to_owned();
@@ -536,7 +609,12 @@ pub fn run(opts: &Options) -> Result<()> {
     let (with_progs, without_progs) = connect_cost(&env, opts)?;
     println!("  {} idle keep-alive TLS connections", opts.idle_connections);
     let (idle, rss_idle_conns) = idle_rss(&env, &bundle, proxy.pid(), opts.idle_connections)?;
-    println!("  open {}, failed {}{}", idle.open, idle.failed, if idle.failed > 0 { format!(" ({})", idle.first_error) } else { String::new() });
+    println!(
+        "  open {}, failed {}{}",
+        idle.open,
+        idle.failed,
+        if idle.failed > 0 { format!(" ({})", idle.first_error) } else { String::new() }
+    );
     if let Some(out) = &opts.perf {
         profile(&env, opts, out, proxy.pid().context("pid")?, url)?;
     }
@@ -561,7 +639,14 @@ pub fn run(opts: &Options) -> Result<()> {
     let peer_dir = env.scratch.path().join("nginx-peer");
     let peer_addr = SocketAddr::from(([127, 0, 0, 1], NGINX_PEER_PORT));
     let listen = SocketAddr::from(([0, 0, 0, 0], NGINX_PEER_PORT));
-    let nginx = Nginx::start(&env.netns, &env.peer_cg, &peer_dir, 1, &servers::reverse_proxy_http(listen, provider_addr, &env.pki), peer_addr)?;
+    let nginx = Nginx::start(
+        &env.netns,
+        &env.peer_cg,
+        &peer_dir,
+        1,
+        &servers::reverse_proxy_http(listen, provider_addr, &env.pki),
+        peer_addr,
+    )?;
     procstat::pin_cgroup(env.peer_cg.path(), PROXY_CPU)?;
     env.peer_redirect(NGINX_PEER_PORT, true)?;
     let row = measure(&env, opts, "nginx proxy, allowed", url, keepalive, Some(&env.peer_cg))?;
@@ -599,6 +684,7 @@ pub fn run(opts: &Options) -> Result<()> {
         with_progs: &with_progs,
         without_progs: &without_progs,
         rss_idle,
+        idle_cpu_ms_per_s,
         rss_active,
         rss_idle_conns,
         idle: &idle,
@@ -617,6 +703,7 @@ struct Results<'a> {
     with_progs: &'a ConnectResult,
     without_progs: &'a ConnectResult,
     rss_idle: f64,
+    idle_cpu_ms_per_s: f64,
     rss_active: f64,
     rss_idle_conns: f64,
     idle: &'a IdleResult,
@@ -625,9 +712,14 @@ struct Results<'a> {
 }
 
 fn print_results(r: &Results<'_>) {
-    println!("\n== throughput and latency (wrk, {} keep-alive connections; d = direct, m = mitmproxy, n = nginx; CPU = proxy utime+stime per request) ==", r.connections);
+    println!(
+        "\n== throughput and latency (wrk, {} keep-alive connections; d = direct, m = mitmproxy, n = nginx; CPU = proxy utime+stime per request) ==",
+        r.connections
+    );
     print!("{}", report::throughput_table(r.rows, "direct", "mitmproxy, allowed", "nginx proxy, allowed"));
-    println!("\n== new TLS connection per request (wrk, Connection: close; latency excludes the handshake, req/s and CPU include it) ==");
+    println!(
+        "\n== new TLS connection per request (wrk, Connection: close; latency excludes the handshake, req/s and CPU include it) =="
+    );
     print!(
         "{}",
         report::throughput_table(
@@ -637,7 +729,9 @@ fn print_results(r: &Results<'_>) {
             "nginx proxy, new conn per req (TLS resumed)"
         )
     );
-    println!("\n== sequential requests, one client (first / last body byte; \"new TLS conn\" includes connect and handshake) ==");
+    println!(
+        "\n== sequential requests, one client (first / last body byte; \"new TLS conn\" includes connect and handshake) =="
+    );
     println!(
         "{:<48}{:>12}{:>12}{:>12}{:>12}{:>14}{:>14}{:>12}",
         "row", "first p50", "first p99", "last p50", "last p99", "+first vs d", "+last vs d", "CPU us/req"
@@ -670,7 +764,8 @@ fn print_results(r: &Results<'_>) {
         (r.with_progs.p50_ns - r.without_progs.p50_ns) / 1e3,
         (r.with_progs.p99_ns - r.without_progs.p99_ns) / 1e3,
     );
-    println!("\n== memory (VmRSS) ==");
+    println!("\n== memory (VmRSS) and idle CPU ==");
+    println!("  interceptor CPU while idle (no traffic, 2 s): {:.2} ms per second", r.idle_cpu_ms_per_s);
     println!(
         "  interceptor idle {:.1} MB; right after the allowed row ({} active connections) {:.1} MB; with {} idle keep-alive TLS connections {:.1} MB ({} failed); mitmproxy after its rows {:.1} MB",
         r.rss_idle, r.connections, r.rss_active, r.idle.open, r.rss_idle_conns, r.idle.failed, r.mitm_rss
@@ -681,31 +776,68 @@ fn print_results(r: &Results<'_>) {
     let mut targets = Vec::new();
     if let (Some(a), Some(n)) = (find("interceptor eBPF, allowed"), find("nginx proxy, allowed")) {
         let pct = 100.0 * a.wrk.rps() / n.wrk.rps();
-        targets.push(Target { what: "allowed path req/s vs nginx".into(), goal: ">= 80 %".into(), measured: format!("{pct:.0} %"), met: Some(pct >= 80.0) });
+        targets.push(Target {
+            what: "allowed path req/s vs nginx".into(),
+            goal: ">= 80 %".into(),
+            measured: format!("{pct:.0} %"),
+            met: Some(pct >= 80.0),
+        });
     }
     if let Some(c) = find("interceptor eBPF, allowed").and_then(Row::cpu_us_per_request) {
-        targets.push(Target { what: "allowed path proxy CPU per request".into(), goal: "<= 40 us".into(), measured: format!("{c:.1} us"), met: Some(c <= 40.0) });
+        targets.push(Target {
+            what: "allowed path proxy CPU per request".into(),
+            goal: "<= 40 us".into(),
+            measured: format!("{c:.1} us"),
+            met: Some(c <= 40.0),
+        });
     }
     if let (Some(a), Some(d)) = (find("interceptor eBPF, allowed"), find("direct")) {
         let added = (a.wrk.p50_us - d.wrk.p50_us) / 1e3;
-        targets.push(Target { what: format!("allowed path added p50 at {} connections", r.connections), goal: "<= 0.4 ms".into(), measured: format!("{added:.3} ms"), met: Some(added <= 0.4) });
+        targets.push(Target {
+            what: format!("allowed path added p50 at {} connections", r.connections),
+            goal: "<= 0.4 ms".into(),
+            measured: format!("{added:.3} ms"),
+            met: Some(added <= 0.4),
+        });
     }
     if let (Some(p), Some(d)) = (find("interceptor eBPF, passthrough"), find("direct")) {
         let pct = 100.0 * p.wrk.rps() / d.wrk.rps();
-        targets.push(Target { what: "passthrough req/s vs direct".into(), goal: ">= 90 %".into(), measured: format!("{pct:.0} %"), met: Some(pct >= 90.0) });
+        targets.push(Target {
+            what: "passthrough req/s vs direct".into(),
+            goal: ">= 90 %".into(),
+            measured: format!("{pct:.0} %"),
+            met: Some(pct >= 90.0),
+        });
     }
     for (what, goal, ms, name) in [
         ("SSE monitor added first byte (keep-alive, paced)", "<= 0.3 ms", 0.3, "SSE paced 20x5ms"),
         ("SSE monitor added first byte (new TLS connection)", "<= 0.6 ms", 0.6, "SSE paced, new TLS conn"),
     ] {
-        if let (Some(i), Some(d)) = (stream(&format!("interceptor monitor: {name}")), stream(&format!("direct: {name}"))) {
+        if let (Some(i), Some(d)) =
+            (stream(&format!("interceptor monitor: {name}")), stream(&format!("direct: {name}")))
+        {
             let added = (i.first_p50_us - d.first_p50_us) / 1e3;
-            targets.push(Target { what: what.into(), goal: goal.into(), measured: format!("{added:.3} ms"), met: Some(added <= ms) });
+            targets.push(Target {
+                what: what.into(),
+                goal: goal.into(),
+                measured: format!("{added:.3} ms"),
+                met: Some(added <= ms),
+            });
         }
     }
     let diff = (r.with_progs.p50_ns - r.without_progs.p50_ns) / 1e3;
-    targets.push(Target { what: "non-target connect() p50 difference".into(), goal: "<= 1 us".into(), measured: format!("{diff:.2} us"), met: Some(diff <= 1.0) });
-    targets.push(Target { what: "RSS idle".into(), goal: "< 30 MB".into(), measured: format!("{:.1} MB", r.rss_idle), met: Some(r.rss_idle < 30.0) });
+    targets.push(Target {
+        what: "non-target connect() p50 difference".into(),
+        goal: "<= 1 us".into(),
+        measured: format!("{diff:.2} us"),
+        met: Some(diff <= 1.0),
+    });
+    targets.push(Target {
+        what: "RSS idle".into(),
+        goal: "< 30 MB".into(),
+        measured: format!("{:.1} MB", r.rss_idle),
+        met: Some(r.rss_idle < 30.0),
+    });
     targets.push(Target {
         what: format!("RSS with {} idle keep-alive TLS connections", r.idle.open),
         goal: "< 200 MB @10k".into(),

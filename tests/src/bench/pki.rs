@@ -38,7 +38,8 @@ impl BenchPki {
         let ca_cert = ca.self_signed(&ca_key).context("sign CA")?;
         let issuer = Issuer::new(ca, ca_key);
 
-        let sans: Vec<String> = names.iter().map(|n| (*n).to_owned()).chain(ips.iter().map(IpAddr::to_string)).collect();
+        let sans: Vec<String> =
+            names.iter().map(|n| (*n).to_owned()).chain(ips.iter().map(IpAddr::to_string)).collect();
         let mut leaf = CertificateParams::new(sans).context("leaf names")?;
         leaf.distinguished_name = dn("bench-provider");
         leaf.is_ca = IsCa::ExplicitNoCa;

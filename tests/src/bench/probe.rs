@@ -141,7 +141,11 @@ fn request(sni: &str, path: &str, body: &str, headers: &[(String, String)]) -> R
 
 /// (time to first body byte, time to last, bytes), from before the
 /// connection (new connection) or before the request.
-async fn one(tls: &TlsConnector, p: &LatencyParams, sender: &mut Option<Sender>) -> Result<(Duration, Duration, usize)> {
+async fn one(
+    tls: &TlsConnector,
+    p: &LatencyParams,
+    sender: &mut Option<Sender>,
+) -> Result<(Duration, Duration, usize)> {
     let start = Instant::now();
     if sender.is_none() || p.new_connection {
         *sender = Some(open(tls, p.addr, &p.sni).await?);

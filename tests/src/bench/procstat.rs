@@ -6,7 +6,8 @@ use anyhow::{Context, Result};
 
 /// utime + stime of a process (all its threads), in seconds.
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("read /proc/{pid}/stat"))?;
+    let text =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("read /proc/{pid}/stat"))?;
     let ticks = parse_stat_ticks(&text).with_context(|| format!("parse /proc/{pid}/stat"))?;
     Ok(ticks as f64 / clock_ticks())
 }
@@ -17,6 +18,19 @@ pub fn cgroup_cpu_seconds(cgroup: &Path) -> Result<f64> {
     let procs = std::fs::read_to_string(cgroup.join("cgroup.procs"))?;
     // A process that exits meanwhile just stops counting.
     Ok(procs.split_whitespace().filter_map(|p| p.parse().ok()).filter_map(|pid| cpu_seconds(pid).ok()).sum())
+}
+
+/// CPU time of everything in a cgroup's subtree so far, in seconds, from its
+/// `cpu.stat` (microsecond resolution; present without any controller):
+/// for short measurements, where 10 ms clock ticks are too coarse.
+pub fn cgroup_usage_seconds(cgroup: &Path) -> Result<f64> {
+    let text = std::fs::read_to_string(cgroup.join("cpu.stat"))?;
+    let usec: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no usage_usec in cpu.stat")?;
+    Ok(usec as f64 / 1e6)
 }
 
 fn clock_ticks() -> f64 {

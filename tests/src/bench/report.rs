@@ -46,8 +46,16 @@ pub fn throughput_table(rows: &[Row], direct: &str, mitm: &str, nginx: &str) -> 
     let _ = writeln!(
         out,
         "{:<40}{:>9}{:>8}{:>8}{:>9}{:>8} | {:>21} | {:>21} | {:>21} | {:>13}",
-        "row", "req/s", "p50 ms", "p99 ms", "CPU us", "errors", "req/s vs d / m / n", "p50 vs d / m / n",
-        "p99 vs d / m / n", "CPU vs m / n"
+        "row",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "CPU us",
+        "errors",
+        "req/s vs d / m / n",
+        "p50 vs d / m / n",
+        "p99 vs d / m / n",
+        "CPU vs m / n"
     );
     for r in rows {
         let me = Some(r);

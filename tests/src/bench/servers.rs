@@ -230,7 +230,9 @@ impl Mitmproxy {
         wait_listening(netns, addr, Duration::from_secs(30), || {
             Ok(child.try_wait()?.map(|status| {
                 let log = std::fs::read_to_string(dir.join("mitmproxy.log")).unwrap_or_default();
-                format!("mitmdump exited ({status}); is mitmproxy {MITMPROXY_VERSION} installed (cargo xtask setup)? {log}")
+                format!(
+                    "mitmdump exited ({status}); is mitmproxy {MITMPROXY_VERSION} installed (cargo xtask setup)? {log}"
+                )
             }))
         })?;
         Ok(m)
