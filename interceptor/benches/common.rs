@@ -154,7 +154,10 @@ pub fn converse_event_stream(events: usize) -> Vec<u8> {
     };
     let mut out = frame("messageStart", json!({"role": "assistant", "p": "abcd"}));
     for piece in answer_pieces(events) {
-        out.extend(frame("contentBlockDelta", json!({"contentBlockIndex": 0, "delta": {"text": piece}, "p": "abcdefgh"})));
+        out.extend(frame(
+            "contentBlockDelta",
+            json!({"contentBlockIndex": 0, "delta": {"text": piece}, "p": "abcdefgh"}),
+        ));
     }
     out.extend(frame("contentBlockStop", json!({"contentBlockIndex": 0})));
     out.extend(frame("messageStop", json!({"stopReason": "end_turn"})));

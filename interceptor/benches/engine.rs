@@ -13,7 +13,12 @@ use interceptor::guardrails::{
 
 fn engine(c: &mut Criterion) {
     let engine = Engine::builtin().expect("built-in policy compiles");
-    let ctx = ScanContext { direction: Direction::Request, provider: Provider::OpenAiChat, host: "api.openai.com", workload: None };
+    let ctx = ScanContext {
+        direction: Direction::Request,
+        provider: Provider::OpenAiChat,
+        host: "api.openai.com",
+        workload: None,
+    };
     let mut group = c.benchmark_group("engine");
     for kb in [4, 16] {
         let clean = common::clean_prompt(kb);

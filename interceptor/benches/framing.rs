@@ -37,7 +37,8 @@ fn sse(c: &mut Criterion) {
             let mut chars = 0;
             for chunk in black_box(&stream).chunks(CHUNK) {
                 for ev in p.feed(chunk).expect("valid stream") {
-                    chars += stream_delta(Provider::OpenAiChat, (&ev).into()).texts.iter().map(|t| t.1.len()).sum::<usize>();
+                    chars +=
+                        stream_delta(Provider::OpenAiChat, (&ev).into()).texts.iter().map(|t| t.1.len()).sum::<usize>();
                 }
             }
             chars
@@ -66,8 +67,11 @@ fn event_stream(c: &mut Criterion) {
             let mut chars = 0;
             for chunk in black_box(&stream).chunks(CHUNK) {
                 for m in d.feed(chunk).expect("valid stream") {
-                    chars +=
-                        stream_delta(Provider::BedrockConverse, (&m).into()).texts.iter().map(|t| t.1.len()).sum::<usize>();
+                    chars += stream_delta(Provider::BedrockConverse, (&m).into())
+                        .texts
+                        .iter()
+                        .map(|t| t.1.len())
+                        .sum::<usize>();
                 }
             }
             chars

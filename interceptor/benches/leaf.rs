@@ -26,7 +26,9 @@ fn leaf(c: &mut Criterion) {
         })
     });
     issuer.issue_blocking("api.openai.com").expect("minted");
-    group.bench_function("cache_hit", |b| b.iter(|| issuer.issue_blocking(black_box("api.openai.com")).expect("cached")));
+    group.bench_function("cache_hit", |b| {
+        b.iter(|| issuer.issue_blocking(black_box("api.openai.com")).expect("cached"))
+    });
     group.finish();
 }
 

@@ -65,7 +65,8 @@ enum Kind {
     Failing,
 }
 
-const KINDS: [Kind; 6] = [Kind::Allowed, Kind::Redacted, Kind::Blocked, Kind::Streamed, Kind::Passthrough, Kind::Failing];
+const KINDS: [Kind; 6] =
+    [Kind::Allowed, Kind::Redacted, Kind::Blocked, Kind::Streamed, Kind::Passthrough, Kind::Failing];
 
 impl Kind {
     /// The audit events of one request of this kind: (direction, decision).
@@ -199,7 +200,12 @@ async fn worker(
 }
 
 /// Runs `WORKERS` clients concurrently; stops all on the first failure.
-async fn run_phase(soak: &Arc<Soak>, phase: &'static str, rounds: usize, time: Duration) -> Result<Vec<(String, Kind)>> {
+async fn run_phase(
+    soak: &Arc<Soak>,
+    phase: &'static str,
+    rounds: usize,
+    time: Duration,
+) -> Result<Vec<(String, Kind)>> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..WORKERS {
@@ -240,15 +246,21 @@ fn open_fds() -> Result<usize> {
     Ok(std::fs::read_dir("/proc/self/fd")?.count())
 }
 
-/// Waits until connections have closed: the fake provider has none open and
-/// the fd count stops falling (at most `SETTLE_TIME`). Returns the fd count.
+/// Upstream connections the proxy keeps in its pool when idle: the fake
+/// provider speaks HTTP/2, so one per (destination, server name).
+const POOLED_UPSTREAM: usize = 1;
+
+/// Waits until connections have closed: the fake provider has no more open
+/// than the proxy's idle pool holds, and the fd count has not changed for a
+/// second (at most `SETTLE_TIME`). Returns the fd count.
 async fn settle(provider: &FakeProvider) -> Result<usize> {
     let deadline = Instant::now() + SETTLE_TIME;
-    let mut last = usize::MAX;
+    let (mut last, mut stable) = (usize::MAX, 0);
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let fds = open_fds()?;
-        if provider.open_connections() == 0 && fds == last {
+        stable = if fds == last { stable + 1 } else { 0 };
+        if provider.open_connections() <= POOLED_UPSTREAM && stable >= 4 {
             return Ok(fds);
         }
         if Instant::now() >= deadline {

@@ -42,7 +42,11 @@ const ROUTES: &[(&str, &str, &str)] = &[
         "/model/amazon.nova-lite-v1%3A0/converse-stream",
         "application/vnd.amazon.eventstream",
     ),
-    ("generativelanguage.googleapis.com", "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse", "text/event-stream"),
+    (
+        "generativelanguage.googleapis.com",
+        "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+        "text/event-stream",
+    ),
     ("generativelanguage.googleapis.com", "/v1beta/models/gemini-2.0-flash:streamGenerateContent", "application/json"),
     ("llm.example.test", "/api/stream", "text/event-stream"),
 ];
@@ -70,7 +74,8 @@ static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
                     ..GuardrailsConfig::default()
                 };
                 let metrics = Arc::new(Metrics::new());
-                let (_, rx) = watch::channel(Arc::new(Guardrails { engine: Some(Arc::clone(&engine)), akto: None, cfg }));
+                let (_, rx) =
+                    watch::channel(Arc::new(Guardrails { engine: Some(Arc::clone(&engine)), akto: None, cfg }));
                 out.push((mode, Pipeline::new(rx, AuditLog::start(None, Arc::clone(&metrics)), metrics)));
             }
         }
@@ -114,8 +119,12 @@ fuzz_target!(|data: &[u8]| {
             }
             RequestAction::Forward | RequestAction::ReplaceBody(_) => {}
         }
-        let (response, ()) =
-            http::Response::builder().status(200).header("content-type", content_type).body(()).expect("head").into_parts();
+        let (response, ()) = http::Response::builder()
+            .status(200)
+            .header("content-type", content_type)
+            .body(())
+            .expect("head")
+            .into_parts();
         let ResponseAction::Inspect(mut guard) = pipeline.on_response(&ex, &head, &response).await else {
             return;
         };
