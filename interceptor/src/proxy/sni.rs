@@ -31,13 +31,19 @@ const HANDSHAKE: u8 = 0x16;
 /// Waits until a whole ClientHello is buffered in the socket and parses it,
 /// leaving every byte in place.
 pub async fn peek_client_hello(stream: &TcpStream, timeout: Duration) -> Peeked {
-    tokio::time::timeout(timeout, peek_loop(stream)).await.unwrap_or(Peeked::Timeout)
+    let mut peeks = 0;
+    tokio::time::timeout(timeout, peek_loop(stream, &mut peeks)).await.unwrap_or(Peeked::Timeout)
 }
 
-async fn peek_loop(stream: &TcpStream) -> Peeked {
+/// Longest wait between two looks at a ClientHello that stopped growing.
+const MAX_PEEK_GAP: Duration = Duration::from_millis(64);
+
+async fn peek_loop(stream: &TcpStream, peeks: &mut u32) -> Peeked {
     let mut buf = vec![0u8; 4096];
     let mut last = 0;
+    let mut gap = Duration::from_millis(1);
     loop {
+        *peeks += 1;
         let n = match stream.peek(&mut buf).await {
             Ok(0) | Err(_) => return Peeked::NotTls,
             Ok(n) => n,
@@ -47,6 +53,7 @@ async fn peek_loop(stream: &TcpStream) -> Peeked {
         }
         if n != last {
             last = n;
+            gap = Duration::from_millis(1);
             match parse_client_hello(&buf[..n]) {
                 Parse::Done(info) => return Peeked::Tls(info),
                 Parse::Invalid => return Peeked::NotTls,
@@ -61,8 +68,11 @@ async fn peek_loop(stream: &TcpStream) -> Peeked {
             continue;
         }
         // Part of the ClientHello is still in flight. `peek` returns at once
-        // while any byte is buffered, so wait a moment before looking again.
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        // while any byte is buffered, so wait before looking again: 1 ms
+        // after new bytes, doubling while none come, so a client that
+        // stalls mid-hello costs a few wake-ups a second, not a thousand.
+        tokio::time::sleep(gap).await;
+        gap = (gap * 2).min(MAX_PEEK_GAP);
     }
 }
 
@@ -174,6 +184,25 @@ mod tests {
         c.write_all(&hello[..20]).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
         assert_eq!(peek_client_hello(&server, Duration::from_millis(200)).await, Peeked::Timeout);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_hello_is_looked_at_a_few_times_a_second_not_a_thousand() {
+        let hello = client_hello("api.openai.com", &[]);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        c.write_all(&hello[..20]).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut peeks = 0;
+        let stalled = tokio::time::timeout(Duration::from_secs(1), peek_loop(&server, &mut peeks)).await;
+        assert!(stalled.is_err(), "an incomplete hello is not a result");
+        assert!((5..=40).contains(&peeks), "{peeks} looks in one second");
+        // The rest still completes it at once.
+        c.write_all(&hello[20..]).await.unwrap();
+        let started = std::time::Instant::now();
+        let Peeked::Tls(info) = peek_client_hello(&server, Duration::from_secs(2)).await else { panic!() };
+        assert_eq!(info.sni.as_deref(), Some("api.openai.com"));
+        assert!(started.elapsed() < Duration::from_millis(500));
     }
 
     #[test]
