@@ -83,7 +83,7 @@ pub struct ProxyConfig {
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// An intercepted connection with no request in flight for this long is
-    /// closed.
+    /// closed; a request body being buffered that stalls this long gets 408.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Connections open at once, from every client together; 0: no cap.

@@ -287,6 +287,15 @@ async fn an_idle_connection_is_closed_after_the_idle_timeout_but_a_long_response
     assert!(got.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&got));
     assert!(after >= Duration::from_millis(900), "closed after {after:?}");
 
+    // A request body that stops coming while it is buffered for inspection.
+    let mut slow_body = tls(&s.proxy, &[b"http/1.1"], lo(1)).await?;
+    let head = format!("POST /v1/chat/completions HTTP/1.1\r\nhost: {HOST}\r\ncontent-length: 100\r\n\r\n");
+    slow_body.write_all(format!("{head}{{\"model\":").as_bytes()).await?;
+    let (got, after) = read_until_closed(&mut slow_body, Duration::from_secs(5)).await?;
+    assert!(got.starts_with(b"HTTP/1.1 408"), "{:?}", String::from_utf8_lossy(&got));
+    assert!(after >= Duration::from_millis(900), "answered after {after:?}");
+    assert!(s.provider.requests().iter().all(|r| r.method != "POST"), "a partial body reached the provider");
+
     // HTTP/2: a stream lasting twice the idle timeout completes, then the
     // idle connection is closed (GOAWAY).
     let tls2 = tls(&s.proxy, &[b"h2"], lo(1)).await?;

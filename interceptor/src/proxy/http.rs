@@ -198,7 +198,7 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
 
     if let Some(hook) = &conn.hook {
         let max = conn.limits.max_inspected_body;
-        let bytes = match collect_limited(body, max).await {
+        let bytes = match collect_limited(body, max, Some(conn.limits.idle_timeout)).await {
             Ok(Collected::Whole(bytes)) => bytes,
             Ok(Collected::Over { prefix, rest }) => {
                 let reason = format!("request body exceeds the inspection limit of {max} bytes");
@@ -211,6 +211,10 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
                 let (Ok(resp) | Err(resp)) =
                     send(Request::from_parts(parts, body), &conn, upgrade, client_upgrade).await;
                 return resp;
+            }
+            Err(error) if error.is::<ClientBodyIdle>() => {
+                tracing::warn!(sni = %conn.exchange.sni, client = %conn.exchange.client, %error, "request refused");
+                return error_response(StatusCode::REQUEST_TIMEOUT, "request_body_timeout", &error.to_string());
             }
             Err(error) => {
                 return error_response(StatusCode::BAD_REQUEST, "request_body_error", &error.to_string());
@@ -248,11 +252,26 @@ enum Collected {
     },
 }
 
-/// Reads a whole body, at most `max` bytes; never buffers more.
+/// The client stopped sending a body that is being buffered.
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent no body bytes for {timeout:?}")]
+pub struct ClientBodyIdle {
+    pub timeout: Duration,
+}
+
+/// Reads a whole body, at most `max` bytes; never buffers more. With
+/// `idle`, fails when no frame arrives for that long.
 /// (Request trailers are not kept once a body is buffered.)
-async fn collect_limited(mut body: BoxBody, max: usize) -> Result<Collected, BoxError> {
+async fn collect_limited(mut body: BoxBody, max: usize, idle: Option<Duration>) -> Result<Collected, BoxError> {
     let mut buf = bytes::BytesMut::new();
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = match idle {
+            Some(timeout) => {
+                tokio::time::timeout(timeout, body.frame()).await.map_err(|_| boxed(ClientBodyIdle { timeout }))?
+            }
+            None => body.frame().await,
+        };
+        let Some(frame) = frame else { break };
         if let Ok(data) = frame?.into_data() {
             buf.extend_from_slice(&data);
             if buf.len() > max {
@@ -392,7 +411,8 @@ async fn inspect_response(
     match hook.on_response(exchange, request, &head).await {
         ResponseAction::Collect => {
             let max = conn.limits.max_inspected_body;
-            let bytes = match collect_limited(body, max).await {
+            // The provider's body has its own idle timeout.
+            let bytes = match collect_limited(body, max, None).await {
                 Ok(Collected::Whole(bytes)) => bytes,
                 Ok(Collected::Over { prefix, rest }) => {
                     let reason = format!("response body exceeds the inspection limit of {max} bytes");
