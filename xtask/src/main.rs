@@ -45,7 +45,7 @@ enum Task {
         args: Vec<String>,
     },
     /// Set up, then run the micro-benchmarks (guardrail engine, provider parsers, stream
-    /// framing, leaf certificates): `cargo bench -p interceptor`.
+    /// framing, leaf certificates): `cargo bench -p interceptor --bench '*'`.
     Microbench {
         /// Extra `cargo bench` arguments, e.g. a benchmark name filter after `--`.
         #[arg(last = true)]
@@ -94,7 +94,7 @@ fn main() -> Result<()> {
         }
         Task::Microbench { args } => {
             setup::setup()?;
-            cmd::run(cmd::cargo().args(["bench", "--package", "interceptor"]).args(args))
+            cmd::run(cmd::cargo().args(["bench", "--package", "interceptor", "--bench", "*"]).args(args))
         }
         Task::Fuzz { time, targets } => {
             setup::setup()?;
