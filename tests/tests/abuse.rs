@@ -1,8 +1,8 @@
 //! Privileged abuse tests with the real binary in a test namespace: the
-//! proxy serves only connections that arrive redirected, and once its
-//! redirect is attached the process keeps only the capabilities it needs,
-//! in every thread, while target updates keep working. Run one at a time
-//! (`--test-threads=1`).
+//! proxy serves only connections that arrive redirected, once its redirect
+//! is attached the process keeps only the capabilities it needs, in every
+//! thread, while target updates keep working, and the per-workload
+//! connection cap counts a cgroup. Run one at a time (`--test-threads=1`).
 
 use std::{
     collections::HashMap,
@@ -199,5 +199,72 @@ async fn iptables_proxy_keeps_only_net_admin_and_raw_refuses_unredirected_connec
     assert_direct_connection_refused(&world, &proxy, &["refused_loop", "no_original_dst"])?;
     // iptables-restore runs with the reduced sets and still updates rules.
     add_target_at_runtime(&world, &proxy)?;
+    Ok(())
+}
+
+const PY_CAP: &str = r#"
+import json, socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+def conn(src):
+    s = socket.socket()
+    s.bind((src, 0))
+    s.settimeout(3)
+    s.connect((host, port))
+    return s
+def closed(s, wait):
+    s.settimeout(wait)
+    try:
+        return s.recv(1) == b""
+    except socket.timeout:
+        return False
+    except ConnectionError:
+        return True
+a = conn("127.0.0.1")
+b = conn("127.0.0.1")
+# Let the proxy admit the first two before the third arrives.
+time.sleep(0.3)
+# Another source address, the same cgroup.
+c = conn("198.18.0.11")
+r = {"third_closed": closed(c, 2.0), "first_open": not closed(a, 0.3), "second_open": not closed(b, 0.3)}
+a.close()
+time.sleep(0.3)
+d = conn("198.18.0.11")
+r["after_release_open"] = not closed(d, 0.5)
+print(json.dumps(r))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_workload_cap_counts_a_cgroup_whatever_its_source_address() -> Result<()> {
+    if !require_privileges("the_per_workload_cap_counts_a_cgroup_whatever_its_source_address") {
+        return Ok(());
+    }
+    let world = World::new("abuse_cap")?;
+    let attach = world.client_cg.path().to_str().context("utf-8 path")?.to_string();
+    let extra = "[proxy]\nmax_connections_per_workload = 2\n";
+    let mut proxy = Interceptor::start(
+        &world.netns,
+        Some(&world.proxy_cg),
+        &config(&[PROVIDER_V4], extra),
+        &["--redirect", "ebpf", "--cgroup", &attach],
+    )?;
+    proxy.wait_ready(&world.netns, READY)?;
+    let mut cmd = Command::new(tool("python3"));
+    cmd.args(["-c", PY_CAP, PROVIDER_V4, "443"]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let out = spawn_in(&mut cmd, Some(&world.netns), Some(&world.client_cg))?.wait_with_output()?;
+    if !out.status.success() {
+        bail!("client failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let r: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(r["third_closed"], true, "{r}\n{}", proxy.log_text());
+    assert_eq!(r["first_open"], true, "{r}");
+    assert_eq!(r["second_open"], true, "{r}");
+    assert_eq!(r["after_release_open"], true, "a closed connection frees its slot: {r}");
+    let refused = proxy
+        .events()
+        .into_iter()
+        .find(|e| e["event"] == "connection_refused")
+        .with_context(|| format!("no refusal logged:\n{}", proxy.log_text()))?;
+    assert_eq!(refused["limit"], "max_connections_per_workload", "{refused}");
+    assert!(refused["cgroup_id"].as_u64().is_some_and(|id| id != 0), "keyed by the cgroup: {refused}");
     Ok(())
 }
