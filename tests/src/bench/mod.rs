@@ -61,6 +61,8 @@ pub struct Options {
     pub idle_connections: usize,
     pub connect_iterations: usize,
     pub stream_requests: usize,
+    /// wrk runs per row; the best one is kept.
+    pub repeat: usize,
     /// Record a `perf` profile of the interceptor on the allowed path into
     /// this file (and a text report beside it).
     pub perf: Option<PathBuf>,
@@ -77,7 +79,7 @@ struct LatencyRow {
 /// Everything the namespace needs, dropped (in reverse order) at the end.
 struct Env {
     netns: Netns,
-    _root: Cgroup,
+    root: Cgroup,
     provider_cg: Cgroup,
     proxy_cg: Cgroup,
     peer_cg: Cgroup,
@@ -163,7 +165,7 @@ impl Env {
         Ok(Env {
             hosts_path: hosts.path(),
             netns,
-            _root: root,
+            root,
             provider_cg,
             proxy_cg,
             peer_cg,
@@ -279,19 +281,33 @@ fn measure(env: &Env, opts: &Options, name: &str, url: &str, script: &Path, prox
     let load = env.load(opts.connections);
     load.run(url, script, Duration::from_secs(1)).with_context(|| format!("{name}: warm-up"))?;
     let cpu = |cg: Option<&Cgroup>| cg.map(|cg| procstat::cgroup_cpu_seconds(cg.path())).transpose();
-    let before = cpu(proxy)?;
-    let wrk = load.run(url, script, Duration::from_secs(opts.seconds)).with_context(|| format!("{name}: run"))?;
-    let after = cpu(proxy)?;
-    let row = Row { name: name.into(), wrk, proxy_cpu_s: before.zip(after).map(|(b, a)| a - b) };
+    let mut best: Option<Row> = None;
+    // Best of `repeat` runs: the machine may be shared, and a run that other
+    // work disturbed only ever measures lower.
+    for _ in 0..opts.repeat.max(1) {
+        let before = cpu(proxy)?;
+        let (busy0, ours0) = (procstat::machine_busy_seconds()?, procstat::cgroup_usage_seconds(env.root.path())?);
+        let wrk = load.run(url, script, Duration::from_secs(opts.seconds)).with_context(|| format!("{name}: run"))?;
+        let (busy1, ours1) = (procstat::machine_busy_seconds()?, procstat::cgroup_usage_seconds(env.root.path())?);
+        let after = cpu(proxy)?;
+        let other = ((busy1 - busy0) - (ours1 - ours0)).max(0.0) / wrk.seconds.max(1e-3);
+        let row =
+            Row { name: name.into(), wrk, proxy_cpu_s: before.zip(after).map(|(b, a)| a - b), other_cpu: Some(other) };
+        if best.as_ref().is_none_or(|b| row.wrk.rps() > b.wrk.rps()) {
+            best = Some(row);
+        }
+    }
+    let row = best.context("no run")?;
     println!(
-        "  {:<40} {:>8.0} req/s  p50 {:.3} ms  p99 {:.3} ms  errors {}  non-2xx {}{}",
+        "  {:<40} {:>8.0} req/s  p50 {:.3} ms  p99 {:.3} ms  errors {}  non-2xx {}{}  other load {:.0} %",
         row.name,
         row.wrk.rps(),
         row.wrk.p50_us / 1e3,
         row.wrk.p99_us / 1e3,
         row.wrk.errors,
         row.wrk.non_2xx,
-        row.cpu_us_per_request().map_or(String::new(), |c| format!("  proxy CPU {c:.1} us/req"))
+        row.cpu_us_per_request().map_or(String::new(), |c| format!("  proxy CPU {c:.1} us/req")),
+        row.other_cpu.unwrap_or_default() * 100.0,
     );
     Ok(row)
 }
@@ -314,7 +330,9 @@ fn expect(row: &Row, blocked: bool) -> Result<()> {
 /// A running interceptor with its CA bundle, pinned to [`PROXY_CPU`].
 fn interceptor(env: &Env, redirect: &str, extra: &str) -> Result<(Interceptor, PathBuf)> {
     let config = interceptor_config(&env.pki.ca, extra);
-    let proxy = start_interceptor(&env.netns, &env.proxy_cg, &env.client_cg, &config, redirect)?;
+    let proxy = procstat::with_cpu(PROXY_CPU, || {
+        start_interceptor(&env.netns, &env.proxy_cg, &env.client_cg, &config, redirect)
+    })??;
     cleanup::dir(proxy.state_dir().parent().context("interceptor dir")?);
     procstat::pin_cgroup(env.proxy_cg.path(), PROXY_CPU)?;
     let dir = env.scratch.path().join(format!("bundle-{}", proxy.pid().unwrap_or_default()));
@@ -504,8 +522,9 @@ pub fn run(opts: &Options) -> Result<()> {
     println!("machine: {}; open files limit {nofile}", machine());
     println!(
         "load: wrk, 1 thread, {} keep-alive connections, {} s per row after a 1 s warm-up, {} byte JSON POST over TLS \
-         (HTTP/1.1, SNI api.openai.com); wrk pinned to CPU {LOAD_CPU}, the proxy under test (all its threads or \
-         processes) to CPU {PROXY_CPU}, the provider (nginx, 1 worker) unpinned",
+         (HTTP/1.1, SNI api.openai.com); wrk pinned to CPU {LOAD_CPU}, the proxy under test started pinned to CPU \
+         {PROXY_CPU} (so tokio runs one worker, like nginx's one worker process), the provider (nginx, 1 worker) \
+         unpinned",
         opts.connections,
         opts.seconds,
         env.bodies.allowed.len()
@@ -514,7 +533,6 @@ pub fn run(opts: &Options) -> Result<()> {
         "TLS: wrk (OpenSSL 3.0) negotiates TLS 1.2 and resumes its session on every new connection; the sequential \
          probes (rustls) use TLS 1.3, X25519 and a full handshake per new connection"
     );
-    println!("interceptor: {}", interceptor_bin().display());
 
     let provider_addr: SocketAddr = format!("{PROVIDER}:443").parse()?;
     let _provider = Nginx::start(
@@ -639,14 +657,16 @@ pub fn run(opts: &Options) -> Result<()> {
     let peer_dir = env.scratch.path().join("nginx-peer");
     let peer_addr = SocketAddr::from(([127, 0, 0, 1], NGINX_PEER_PORT));
     let listen = SocketAddr::from(([0, 0, 0, 0], NGINX_PEER_PORT));
-    let nginx = Nginx::start(
-        &env.netns,
-        &env.peer_cg,
-        &peer_dir,
-        1,
-        &servers::reverse_proxy_http(listen, provider_addr, &env.pki),
-        peer_addr,
-    )?;
+    let nginx = procstat::with_cpu(PROXY_CPU, || {
+        Nginx::start(
+            &env.netns,
+            &env.peer_cg,
+            &peer_dir,
+            1,
+            &servers::reverse_proxy_http(listen, provider_addr, &env.pki),
+            peer_addr,
+        )
+    })??;
     procstat::pin_cgroup(env.peer_cg.path(), PROXY_CPU)?;
     env.peer_redirect(NGINX_PEER_PORT, true)?;
     let row = measure(&env, opts, "nginx proxy, allowed", url, keepalive, Some(&env.peer_cg))?;
@@ -661,7 +681,9 @@ pub fn run(opts: &Options) -> Result<()> {
     println!("mitmproxy {} transparent, guard addon, iptables REDIRECT", servers::MITMPROXY_VERSION);
     let mitm_dir = env.scratch.path().join("mitm");
     std::fs::create_dir_all(&mitm_dir)?;
-    let mitm = Mitmproxy::start(&env.netns, &env.peer_cg, &mitm_dir, MITM_PEER_PORT, &env.pki.ca)?;
+    let mitm = procstat::with_cpu(PROXY_CPU, || {
+        Mitmproxy::start(&env.netns, &env.peer_cg, &mitm_dir, MITM_PEER_PORT, &env.pki.ca)
+    })??;
     procstat::pin_cgroup(env.peer_cg.path(), PROXY_CPU)?;
     env.peer_redirect(MITM_PEER_PORT, true)?;
     let row = measure(&env, opts, "mitmproxy, allowed", url, keepalive, Some(&env.peer_cg))?;
@@ -713,7 +735,7 @@ struct Results<'a> {
 
 fn print_results(r: &Results<'_>) {
     println!(
-        "\n== throughput and latency (wrk, {} keep-alive connections; d = direct, m = mitmproxy, n = nginx; CPU = proxy utime+stime per request) ==",
+        "\n== throughput and latency (wrk, {} keep-alive connections, best of the runs; d = direct, m = mitmproxy, n = nginx; CPU = proxy utime+stime per request; other = CPU used by processes outside the benchmark meanwhile, in % of one CPU) ==",
         r.connections
     );
     print!("{}", report::throughput_table(r.rows, "direct", "mitmproxy, allowed", "nginx proxy, allowed"));

@@ -33,6 +33,21 @@ pub fn cgroup_usage_seconds(cgroup: &Path) -> Result<f64> {
     Ok(usec as f64 / 1e6)
 }
 
+/// CPU time the whole machine spent busy so far (all CPUs), in seconds,
+/// from the first line of `/proc/stat`.
+pub fn machine_busy_seconds() -> Result<f64> {
+    let text = std::fs::read_to_string("/proc/stat")?;
+    let ticks = parse_busy_ticks(&text).context("parse /proc/stat")?;
+    Ok(ticks as f64 / clock_ticks())
+}
+
+/// user + nice + system + irq + softirq + steal of the `cpu` line.
+pub fn parse_busy_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    Some(v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)? + v.get(7).copied().unwrap_or(0))
+}
+
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no memory-safety preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -73,6 +88,20 @@ pub fn pin(pid: u32, cpu: usize) -> Result<()> {
     Ok(())
 }
 
+/// Runs `f` with the calling thread pinned to `cpu`, then restores its
+/// affinity: a process spawned meanwhile starts pinned, so runtimes that size
+/// their thread pools from the affinity mask (tokio does) see one CPU.
+pub fn with_cpu<T>(cpu: usize, f: impl FnOnce() -> T) -> Result<T> {
+    let me = nix::unistd::Pid::from_raw(0);
+    let saved = nix::sched::sched_getaffinity(me)?;
+    let mut one = nix::sched::CpuSet::new();
+    one.set(cpu)?;
+    nix::sched::sched_setaffinity(me, &one)?;
+    let out = f();
+    nix::sched::sched_setaffinity(me, &saved)?;
+    Ok(out)
+}
+
 /// Pins every process in a cgroup.
 pub fn pin_cgroup(cgroup: &Path, cpu: usize) -> Result<()> {
     let procs = std::fs::read_to_string(cgroup.join("cgroup.procs"))?;
@@ -103,6 +132,13 @@ mod tests {
         }
         std::hint::black_box(x);
         assert!(cpu_seconds(std::process::id()).expect("stat") > before);
+    }
+
+    #[test]
+    fn busy_ticks_leave_out_idle_and_iowait() {
+        let stat = "cpu  100 5 50 9000 40 3 2 1 0 0\ncpu0 50 2 25 4500 20 1 1 0 0 0\n";
+        assert_eq!(parse_busy_ticks(stat), Some(100 + 5 + 50 + 3 + 2 + 1));
+        assert!(machine_busy_seconds().expect("/proc/stat") > 0.0);
     }
 
     #[test]

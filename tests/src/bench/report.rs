@@ -12,6 +12,8 @@ pub struct Row {
     pub wrk: WrkResult,
     /// CPU seconds the proxy under test used during the run (None: no proxy).
     pub proxy_cpu_s: Option<f64>,
+    /// CPUs' worth of time used by processes outside the benchmark meanwhile.
+    pub other_cpu: Option<f64>,
 }
 
 impl Row {
@@ -64,13 +66,14 @@ pub fn throughput_table(rows: &[Row], direct: &str, mitm: &str, nginx: &str) -> 
         };
         let _ = writeln!(
             out,
-            "{:<40}{:>9.0}{:>8.3}{:>8.3}{:>9}{:>8} | {:>21} | {:>21} | {:>21} | {:>13}",
+            "{:<40}{:>9.0}{:>8.3}{:>8.3}{:>9}{:>8}{:>7} | {:>21} | {:>21} | {:>21} | {:>13}",
             r.name,
             r.wrk.rps(),
             r.wrk.p50_us / 1e3,
             r.wrk.p99_us / 1e3,
             cpu(me).map_or("-".into(), |c| format!("{c:.1}")),
             r.wrk.errors + r.wrk.non_2xx,
+            r.other_cpu.map_or("-".into(), |o| format!("{:.0}%", o * 100.0)),
             three(&rps),
             three(&p50),
             three(&p99),
@@ -110,6 +113,7 @@ mod tests {
             name: name.into(),
             wrk: WrkResult { requests, seconds: 1.0, errors: 0, non_2xx: 0, p50_us: p50, p99_us: p50 * 2.0 },
             proxy_cpu_s: cpu,
+            other_cpu: None,
         }
     }
 

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! bench [--seconds N] [--connections N] [--idle-connections N]
-//!       [--connect-iterations N] [--stream-requests N] [--perf FILE]
+//!       [--connect-iterations N] [--stream-requests N] [--repeat N] [--perf FILE]
 //! bench --inprocess          the loopback benchmark in one process
 //! bench probe <kind> <json>  (internal) a measurement run in the client cgroup
 //! ```
@@ -21,6 +21,7 @@ fn parse(args: &[String]) -> Result<Option<bench::Options>> {
         idle_connections: 10_000,
         connect_iterations: 20_000,
         stream_requests: 40,
+        repeat: 2,
         perf: None,
     };
     let mut it = args.iter();
@@ -33,6 +34,7 @@ fn parse(args: &[String]) -> Result<Option<bench::Options>> {
             "--idle-connections" => opts.idle_connections = value()?.parse()?,
             "--connect-iterations" => opts.connect_iterations = value()?.parse()?,
             "--stream-requests" => opts.stream_requests = value()?.parse()?,
+            "--repeat" => opts.repeat = value()?.parse()?,
             "--perf" => opts.perf = Some(value()?.into()),
             other => bail!("unknown argument {other}"),
         }
@@ -53,10 +55,30 @@ fn main() -> Result<()> {
     match parse(&args)? {
         None => tokio::runtime::Runtime::new()?.block_on(bench::inprocess::run()),
         Some(opts) => {
+            let copy = private_binary()?;
             bench::cleanup::on_signals()?;
-            bench::run(&opts)
+            bench::cleanup::dir(&copy);
+            let result = bench::run(&opts);
+            let _ = std::fs::remove_dir_all(&copy);
+            result
         }
     }
+}
+
+/// Copies the interceptor binary to a directory of ours and points the
+/// harness at the copy, so a rebuild during the run neither changes what is
+/// measured nor leaves `perf` with a deleted binary to symbolize. Runs before
+/// any other thread exists (it sets an environment variable).
+fn private_binary() -> Result<std::path::PathBuf> {
+    let source = interceptor::testing::interceptor_bin();
+    let dir = std::env::temp_dir().join(format!("interceptor-bench-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let copy = dir.join("interceptor");
+    std::fs::copy(&source, &copy).with_context(|| format!("copy {} (build it first)", source.display()))?;
+    println!("interceptor: {} (run from a private copy)", source.display());
+    // SAFETY: no other thread exists yet, so nothing reads the environment concurrently.
+    unsafe { std::env::set_var("INTERCEPTOR_BIN", &copy) };
+    Ok(dir)
 }
 
 #[cfg(test)]
