@@ -88,6 +88,9 @@ async fn fail_open_kill_sends_traffic_direct_and_restart_resumes_redirect() -> R
     eprintln!("direct {took:?} after SIGKILL");
     assert!(attached_programs(world.client_cg.path())?.trim().is_empty(), "fail open leaves no program attached");
 
+    // Past the heartbeat timeout, the dead instance counts as crashed (a
+    // faster restart counts it as live until it is pruned a beat later).
+    std::thread::sleep(Duration::from_millis(700));
     let proxy = start_ebpf(&world, "open")?;
     let c = client(&world)?;
     assert!(c.intercepted(), "redirect did not resume after restart: {c:?}");

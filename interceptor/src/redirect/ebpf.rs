@@ -90,6 +90,9 @@ pub struct EbpfRedirector {
 pub struct EbpfBeat {
     state: Mutex<(Heartbeat, [u64; 2], bool)>,
     stats: PerCpuArray<MapData, u64>,
+    /// The shared pin directory, to remove the pinned links of instances
+    /// that died while this one runs.
+    pins: Option<PathBuf>,
 }
 
 impl EbpfBeat {
@@ -128,6 +131,16 @@ impl Liveness for EbpfBeat {
             );
         }
         *last_counters = counters;
+        for id in heartbeat.prune() {
+            if let Some(dir) = &self.pins {
+                let _ = liveness::remove_tree(&liveness::links_dir(dir, id));
+            }
+            tracing::warn!(
+                event = "redirect_instance_lost",
+                instance = format!("{id:016x}"),
+                "another interceptor sharing this redirect stopped without leaving (crash or kill)"
+            );
+        }
     }
 }
 
@@ -304,7 +317,7 @@ impl EbpfRedirector {
             pinned = pins.as_ref().map(|d| d.display().to_string()),
             "eBPF redirect attached"
         );
-        let beat = Arc::new(EbpfBeat { state: Mutex::new((heartbeat, [0; 2], false)), stats });
+        let beat = Arc::new(EbpfBeat { state: Mutex::new((heartbeat, [0; 2], false)), stats, pins: pins.clone() });
         beat.beat();
         Ok(Self {
             ebpf: Some(ebpf),

@@ -205,6 +205,24 @@ impl Heartbeat {
         let _ = self.instances.insert(self.id, now, 0);
     }
 
+    /// Forgets instances whose heartbeat is older than the timeout (they
+    /// crashed while another instance was running, e.g. during a restart
+    /// faster than the timeout) and returns their ids.
+    pub fn prune(&mut self) -> Vec<u64> {
+        let now = monotonic_ns();
+        let stale: Vec<u64> = self
+            .instances
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|&(id, beat)| id != self.id && now.saturating_sub(beat) > self.timeout_ns())
+            .map(|(id, _)| id)
+            .collect();
+        for id in &stale {
+            let _ = self.instances.remove(id);
+        }
+        stale
+    }
+
     /// Removes this instance. Returns whether another live instance remains.
     pub fn leave(&mut self) -> bool {
         let _ = self.instances.remove(&self.id);
