@@ -422,20 +422,21 @@ fn connect_cost(env: &Env, opts: &Options) -> Result<(ConnectResult, ConnectResu
     Ok((summary(with), summary(without)))
 }
 
-/// Records a perf profile of `pid` for `seconds` while wrk loads it.
-fn profile(env: &Env, opts: &Options, out: &Path, pid: u32, url: &str) -> Result<()> {
+/// Records a perf profile of `pid` while `work` runs (perf stops when it
+/// returns), and writes two text reports beside `out`.
+fn profile(out: &Path, pid: u32, work: impl FnOnce() -> Result<String>) -> Result<()> {
     let mut perf = Command::new(tool("perf"));
     // DWARF unwinding: the release build keeps debug info but no frame pointers.
     perf.args(["record", "--call-graph", "dwarf,32768", "-F", "299", "-p", &pid.to_string(), "-o"])
         .arg(out)
-        .args(["--", "sleep", &opts.seconds.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let mut child = perf.spawn().context("start perf")?;
-    let load = env.load(opts.connections);
-    let result = load.run(url, &env.bodies.keepalive, Duration::from_secs(opts.seconds));
+    let result = work();
+    // SIGINT ends `perf record` cleanly (it writes its data and exits).
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT);
     child.wait()?;
-    println!("  profile under load: {:.0} req/s (perf attached)", result?.rps());
+    println!("  profiled: {}", result?);
     // Self time per symbol, and time including callees (what each layer costs).
     for (suffix, mode) in [("self.txt", "--no-children"), ("children.txt", "--children")] {
         let report = Command::new(tool("perf"))
@@ -634,7 +635,18 @@ pub fn run(opts: &Options) -> Result<()> {
         if idle.failed > 0 { format!(" ({})", idle.first_error) } else { String::new() }
     );
     if let Some(out) = &opts.perf {
-        profile(&env, opts, out, proxy.pid().context("pid")?, url)?;
+        let pid = proxy.pid().context("pid")?;
+        profile(out, pid, || {
+            let r = env.load(opts.connections).run(url, &env.bodies.keepalive, Duration::from_secs(opts.seconds))?;
+            Ok(format!("allowed path under wrk, {:.0} req/s", r.rps()))
+        })?;
+        // The streamed path: paced SSE through the stream guard (monitor).
+        let sse = out.with_extension("sse.data");
+        profile(&sse, pid, || {
+            let r =
+                env.latency(&bundle, PACED, "/v1/chat/completions?interval_ms=5", true, false, opts.stream_requests)?;
+            Ok(format!("paced SSE, first byte p50 {:.3} ms", r.first_p50_us / 1e3))
+        })?;
     }
     drop(proxy);
 
