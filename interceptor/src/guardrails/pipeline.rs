@@ -237,8 +237,7 @@ fn request_id(headers: &http::HeaderMap) -> String {
             return v.to_string();
         }
     }
-    let bytes: [u8; 16] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    format!("{:032x}", rand::random::<u128>())
 }
 
 /// Headers the Akto call may see; the client module drops credentials again.
