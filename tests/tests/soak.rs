@@ -41,7 +41,7 @@ const ROUNDS_PER_CONNECTION: usize = 5;
 const WARMUP_ROUNDS: usize = 5;
 /// The soak stops at whichever bound comes first...
 const SOAK_TIME: Duration = Duration::from_secs(60);
-const MAX_ROUNDS: usize = 400;
+const MAX_ROUNDS: usize = 1000;
 /// ...and must have done at least this many rounds per client.
 const MIN_ROUNDS: usize = 20;
 /// How much resident memory may grow from the warm-up baseline.
