@@ -355,13 +355,18 @@ type Expected = BTreeMap<String, (&'static str, Vec<(&'static str, &'static str)
 /// returns them with the raw text.
 async fn audit_events(path: &std::path::Path, n: usize) -> Result<(Vec<Value>, String)> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // Only complete lines: the writer may be mid-write when we read.
+    let complete = |text: &str| -> Vec<String> {
+        text.split_inclusive('\n').filter(|l| l.ends_with('\n')).map(|l| l.trim_end().to_owned()).collect()
+    };
     loop {
         let text = std::fs::read_to_string(path).unwrap_or_default();
-        if text.lines().count() >= n || tokio::time::Instant::now() >= deadline {
+        if complete(&text).len() >= n || tokio::time::Instant::now() >= deadline {
             // A little longer, so that an extra event would show.
             tokio::time::sleep(Duration::from_millis(200)).await;
             let text = std::fs::read_to_string(path).unwrap_or_default();
-            let events = text.lines().map(serde_json::from_str).collect::<Result<Vec<Value>, _>>()?;
+            let events =
+                complete(&text).iter().map(|l| serde_json::from_str(l)).collect::<Result<Vec<Value>, _>>()?;
             return Ok((events, text));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -113,6 +113,7 @@ fn unit_tests(cargo_args: &[String], harness_args: &[String]) -> Command {
     cargo
         .args(["test", "--workspace", "--exclude", "interceptor-ebpf"])
         .args(["--exclude", PRIVILEGED_TESTS])
+        .args(no_fail_fast(cargo_args))
         .args(cargo_args);
     if !harness_args.is_empty() {
         cargo.arg("--").args(harness_args);
@@ -127,6 +128,7 @@ fn privileged_tests(bin: &Path, cargo_args: &[String], harness_args: &[String]) 
     cargo
         .args(["test", "--package", PRIVILEGED_TESTS])
         .args(["--package", "interceptor", "--features", "interceptor/testing"])
+        .args(no_fail_fast(cargo_args))
         .args(cargo_args)
         .arg("--");
     if !harness_args.iter().any(|arg| arg.starts_with("--test-threads")) {
@@ -134,6 +136,11 @@ fn privileged_tests(bin: &Path, cargo_args: &[String], harness_args: &[String]) 
     }
     cargo.args(harness_args).env("INTERCEPTOR_BIN", bin);
     cargo
+}
+
+/// Every test binary runs even after one fails, so one failure hides no other.
+fn no_fail_fast(cargo_args: &[String]) -> Option<&'static str> {
+    (!cargo_args.iter().any(|arg| arg == "--no-fail-fast")).then_some("--no-fail-fast")
 }
 
 fn privileged_note() {
@@ -169,7 +176,7 @@ mod tests {
         let line = cmd::display(&cargo);
         assert!(line.ends_with(
             "test --package interceptor-tests --package interceptor --features interceptor/testing \
-             -- --test-threads=1 --nocapture"
+             --no-fail-fast -- --test-threads=1 --nocapture"
         ));
 
         let cargo = privileged_tests(Path::new("/t/interceptor"), &[], &strings(&["--test-threads=2"]));
