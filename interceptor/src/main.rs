@@ -195,12 +195,6 @@ fn ca_command(command: CaCommand) -> ExitCode {
     }
 }
 
-/// mimalloc: the proxy allocates and frees many small buffers per request
-/// (TLS records, headers, JSON); glibc malloc was 14 % of the allowed path's
-/// profile.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli
