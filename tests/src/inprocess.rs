@@ -113,3 +113,33 @@ pub fn local_pipeline(
     let audit = interceptor::audit::AuditLog::start(audit, Arc::clone(&metrics));
     Ok(Arc::new(Pipeline::new(rx, audit, metrics)))
 }
+
+/// A fake provider behind an in-process proxy running the local guardrails,
+/// which write their audit events to `audit`.
+pub struct GuardedProxy {
+    pub provider: interceptor::testing::provider::FakeProvider,
+    pub proxy: InProcessProxy,
+    pub audit: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl GuardedProxy {
+    pub async fn start(cfg: interceptor::config::GuardrailsConfig, settings: ProxySettings) -> Result<Self> {
+        let pki = interceptor::testing::provider::TestPki::with_defaults()?;
+        let provider =
+            interceptor::testing::provider::FakeProvider::start(std::net::TcpListener::bind("127.0.0.1:0")?, &pki)?;
+        let dir = tempfile::tempdir()?;
+        let upstream_ca = pki.write_ca(dir.path())?;
+        let audit = dir.path().join("audit.jsonl");
+        let hook = local_pipeline(cfg, Some(audit.clone()))?;
+        let proxy = InProcessProxy::start_with(
+            provider.local_addr(),
+            &upstream_ca,
+            DomainsConfig::default(),
+            Some(hook),
+            settings,
+        )
+        .await?;
+        Ok(Self { provider, proxy, audit, _dir: dir })
+    }
+}

@@ -151,6 +151,18 @@ fn alive_tasks() -> usize {
     tokio::runtime::Handle::current().metrics().num_alive_tasks()
 }
 
+/// Waits until open descriptors and live tasks are back to a baseline.
+async fn back_to_baseline(fds: usize, tasks: usize) -> Result<()> {
+    eventually(Duration::from_secs(5), &format!("descriptors back to {fds} (now {})", open_fds()), || {
+        open_fds() <= fds
+    })
+    .await?;
+    eventually(Duration::from_secs(5), &format!("tasks back to {tasks} (now {})", alive_tasks()), || {
+        alive_tasks() <= tasks
+    })
+    .await
+}
+
 /// A port on 127.0.0.1 nothing listens on (TCP and UDP).
 fn closed_port() -> Result<SocketAddr> {
     loop {
@@ -540,14 +552,7 @@ async fn a_client_leaving_mid_upload_or_mid_stream_cancels_the_upstream_request_
     let record = logs.wait_for("connection closed").await?;
     assert_eq!(record["fields"]["mode"], "intercept", "{record}");
     assert_eq!(plane.provider.requests().len(), 1, "only the warm-up request completed");
-    eventually(Duration::from_secs(5), &format!("descriptors back to {fds} (now {})", open_fds()), || {
-        open_fds() <= fds
-    })
-    .await?;
-    eventually(Duration::from_secs(5), &format!("tasks back to {tasks} (now {})", alive_tasks()), || {
-        alive_tasks() <= tasks
-    })
-    .await?;
+    back_to_baseline(fds, tasks).await?;
     assert!(plane.drain(Duration::from_secs(2)).await, "every connection task finished");
 
     // Mid-stream, with the stream inspected, while the provider is quiet:
@@ -583,14 +588,7 @@ async fn a_client_leaving_mid_upload_or_mid_stream_cancels_the_upstream_request_
         plane.wait_audit("the cut stream", |e| e["direction"] == "response" && e["decision"] == "error").await?;
     assert!(event["reasons"].to_string().contains("the client went away"), "{event}");
     logs.wait_for("connection closed").await?;
-    eventually(Duration::from_secs(5), &format!("descriptors back to {fds} (now {})", open_fds()), || {
-        open_fds() <= fds
-    })
-    .await?;
-    eventually(Duration::from_secs(5), &format!("tasks back to {tasks} (now {})", alive_tasks()), || {
-        alive_tasks() <= tasks
-    })
-    .await?;
+    back_to_baseline(fds, tasks).await?;
     assert!(plane.drain(Duration::from_secs(2)).await, "every connection task finished");
     Ok(())
 }

@@ -7,31 +7,15 @@ use std::io::Write as _;
 use anyhow::Result;
 use interceptor::{
     config::{GuardrailsConfig, SigV4Action},
-    policy::DomainsConfig,
     proxy::ProxySettings,
-    testing::provider::{FakeProvider, TestPki},
 };
-use interceptor_tests::inprocess::{InProcessProxy, client_for, local_pipeline};
+use interceptor_tests::inprocess::{GuardedProxy, client_for};
 use serde_json::{Value, json};
 
-struct Setup {
-    provider: FakeProvider,
-    proxy: InProcessProxy,
-    audit: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
+type Setup = GuardedProxy;
 
 async fn setup(cfg: GuardrailsConfig, settings: ProxySettings) -> Result<Setup> {
-    let pki = TestPki::with_defaults()?;
-    let provider = FakeProvider::start(std::net::TcpListener::bind("127.0.0.1:0")?, &pki)?;
-    let dir = tempfile::tempdir()?;
-    let upstream_ca = pki.write_ca(dir.path())?;
-    let audit = dir.path().join("audit.jsonl");
-    let hook = local_pipeline(cfg, Some(audit.clone()))?;
-    let proxy =
-        InProcessProxy::start_with(provider.local_addr(), &upstream_ca, DomainsConfig::default(), Some(hook), settings)
-            .await?;
-    Ok(Setup { provider, proxy, audit, _dir: dir })
+    GuardedProxy::start(cfg, settings).await
 }
 
 fn settings() -> ProxySettings {

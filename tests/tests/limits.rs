@@ -7,7 +7,7 @@
 use std::{
     io::Write as _,
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
+    path::Path,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -19,9 +19,9 @@ use interceptor::{
     guardrails::framing::eventstream::{self, Decoder, HeaderValue},
     policy::DomainsConfig,
     proxy::ProxySettings,
-    testing::provider::{FakeProvider, TestPki},
+    testing::provider::TestPki,
 };
-use interceptor_tests::inprocess::{InProcessProxy, client_for, local_pipeline};
+use interceptor_tests::inprocess::{GuardedProxy, InProcessProxy, client_for, local_pipeline};
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
@@ -32,25 +32,11 @@ use tokio_rustls::client::TlsStream;
 const HOST: &str = "api.openai.com";
 const CHAT: &str = "https://api.openai.com/v1/chat/completions";
 
-struct Setup {
-    provider: FakeProvider,
-    proxy: InProcessProxy,
-    audit: PathBuf,
-    _dir: tempfile::TempDir,
-}
+type Setup = GuardedProxy;
 
 /// The fake provider behind the in-process proxy with the local guardrails.
 async fn setup(cfg: GuardrailsConfig, settings: ProxySettings) -> Result<Setup> {
-    let pki = TestPki::with_defaults()?;
-    let provider = FakeProvider::start(std::net::TcpListener::bind("127.0.0.1:0")?, &pki)?;
-    let dir = tempfile::tempdir()?;
-    let upstream_ca = pki.write_ca(dir.path())?;
-    let audit = dir.path().join("audit.jsonl");
-    let hook = local_pipeline(cfg, Some(audit.clone()))?;
-    let proxy =
-        InProcessProxy::start_with(provider.local_addr(), &upstream_ca, DomainsConfig::default(), Some(hook), settings)
-            .await?;
-    Ok(Setup { provider, proxy, audit, _dir: dir })
+    GuardedProxy::start(cfg, settings).await
 }
 
 fn settings() -> ProxySettings {
