@@ -9,6 +9,7 @@ mod fuzz;
 mod interceptor;
 mod setup;
 mod suite;
+mod testlog;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 
 use crate::interceptor::{self, Profile};
-use crate::{cmd, fuzz, setup};
+use crate::{cmd, fuzz, setup, testlog};
 
 /// Package holding the privileged tests.
 const PRIVILEGED_TESTS: &str = "interceptor-tests";
@@ -78,13 +78,13 @@ pub fn test(extra: &[String]) -> Result<()> {
     let mut steps = Steps::default();
 
     if steps.run("setup", setup::setup).is_some() {
-        steps.run("unit and in-process tests", || cmd::run(&mut unit_tests(cargo_args, harness_args)));
+        steps.run("unit and in-process tests", || testlog::run(&mut unit_tests(cargo_args, harness_args)));
         let bin = steps.run("build interceptor (dev)", || interceptor::build(Profile::Dev));
         match bin {
             Some(bin) => {
                 steps.run("privileged tests", || {
                     privileged_note();
-                    cmd::run(&mut privileged_tests(&bin, cargo_args, harness_args))
+                    testlog::run(&mut privileged_tests(&bin, cargo_args, harness_args))
                 });
             }
             None => steps.skip("privileged tests", "needs the interceptor build"),
