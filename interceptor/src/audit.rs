@@ -7,9 +7,10 @@
 //! event still reaches the log, is counted in `audit_events_dropped`, and an
 //! error names the file and the count: at once for the first loss, then at
 //! most every [`REPORT_EVERY`] while the file stays broken, and once more
-//! when it is writable again. Each event is retried on a fresh open, so the
-//! file recovers by itself once space is freed; a file removed or rotated
-//! away is noticed at the next event and opened anew.
+//! when it is writable again. The writer takes what is queued in one batch
+//! (one write to the log, one append to the file); each batch is retried on
+//! a fresh open, so the file recovers by itself once space is freed; a file
+//! removed or rotated away is noticed at the next batch and opened anew.
 //! Prompt text is only included when the operator enables it.
 
 use std::{
@@ -108,26 +109,100 @@ impl AuditLog {
     pub async fn record(&self, event: AuditEvent) {
         if let Err(mpsc::error::SendError(event)) = self.tx.send(event).await {
             // The writer is gone (shutdown): still leave a trace.
-            emit_log(&event);
+            let batch = Batch::encode(std::slice::from_ref(&event));
+            batch.log(std::slice::from_ref(&event));
         }
     }
 }
 
-fn emit_log(event: &AuditEvent) {
-    if !tracing::enabled!(target: "audit", tracing::Level::INFO) {
-        return;
-    }
-    let json = serde_json::to_string(event).unwrap_or_default();
-    tracing::info!(target: "audit", event = "guardrail_decision", decision = event.decision, audit = %json, "guardrail decision");
+/// Events taken from the queue at once, as JSON lines.
+struct Batch {
+    /// Every event's JSON, each followed by a newline.
+    lines: Vec<u8>,
+    /// Where each event's JSON is in `lines` (without its newline).
+    spans: Vec<std::ops::Range<usize>>,
 }
+
+impl Batch {
+    fn encode(events: &[AuditEvent]) -> Self {
+        let mut lines = Vec::with_capacity(events.len() * 768);
+        let mut spans = Vec::with_capacity(events.len());
+        for event in events {
+            let start = lines.len();
+            // Serializing plain structs into memory cannot fail.
+            let _ = serde_json::to_writer(&mut lines, event);
+            spans.push(start..lines.len());
+            lines.push(b'\n');
+        }
+        Self { lines, spans }
+    }
+
+    fn json(&self, i: usize) -> &str {
+        std::str::from_utf8(&self.lines[self.spans[i].clone()]).unwrap_or_default()
+    }
+
+    /// Writes `events` (those this batch encodes) to the log, target
+    /// `audit`. In the product's JSON log the lines are built here, in the
+    /// JSON formatter's shape, and written with one `write(2)` for the batch:
+    /// the formatter would escape each event through `fmt::Write` again.
+    fn log(&self, events: &[AuditEvent]) {
+        if !tracing::enabled!(target: "audit", tracing::Level::INFO) {
+            return;
+        }
+        if !crate::telemetry::json_on_stderr() {
+            for (i, event) in events.iter().enumerate() {
+                let json = self.json(i);
+                tracing::info!(target: "audit", event = "guardrail_decision", decision = event.decision, audit = %json, "guardrail decision");
+            }
+            return;
+        }
+        let out = self.json_log_lines(events, &log_timestamp());
+        let _ = std::io::stderr().lock().write_all(&out);
+    }
+
+    fn json_log_lines(&self, events: &[AuditEvent], timestamp: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.lines.len() + events.len() * 256);
+        for (i, event) in events.iter().enumerate() {
+            out.extend_from_slice(b"{\"timestamp\":\"");
+            out.extend_from_slice(timestamp.as_bytes());
+            out.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"guardrail decision\",\"event\":\"guardrail_decision\",\"decision\":\"");
+            out.extend_from_slice(event.decision.as_bytes());
+            out.extend_from_slice(b"\",\"audit\":");
+            let _ = serde_json::to_writer(&mut out, self.json(i));
+            out.extend_from_slice(b",\"target\":\"audit\"}\n");
+        }
+        out
+    }
+}
+
+/// The log's timestamp format: RFC 3339, UTC, microseconds.
+fn log_timestamp() -> String {
+    let t = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.microsecond()
+    )
+}
+
+/// Most events taken from the queue per wake-up.
+const BATCH: usize = 256;
 
 async fn writer(mut rx: mpsc::Receiver<AuditEvent>, file: Option<PathBuf>, metrics: Arc<Metrics>) {
     let mut file = file.map(|path| AuditFile::new(path, metrics));
-    while let Some(event) = rx.recv().await {
-        emit_log(&event);
+    let mut events = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut events, BATCH).await > 0 {
+        let batch = Batch::encode(&events);
+        batch.log(&events);
         if let Some(file) = file.as_mut() {
-            file.append(&event);
+            file.append(&batch.lines, events.len() as u64);
         }
+        events.clear();
     }
 }
 
@@ -151,10 +226,9 @@ impl AuditFile {
         Self { path, metrics, out: None, outage: None }
     }
 
-    fn append(&mut self, event: &AuditEvent) {
-        let mut line = serde_json::to_vec(event).unwrap_or_default();
-        line.push(b'\n');
-        match self.write(&line) {
+    /// Appends `count` events' JSON lines with one write.
+    fn append(&mut self, lines: &[u8], count: u64) {
+        match self.write(lines) {
             Ok(()) => {
                 if let Some(outage) = self.outage.take() {
                     tracing::warn!(
@@ -168,8 +242,8 @@ impl AuditFile {
                 // Reopen for the next event (file removed, disk freed).
                 self.out = None;
                 self.metrics.audit_write_errors.inc();
-                self.metrics.audit_events_dropped.inc();
-                self.lost(&error);
+                self.metrics.audit_events_dropped.inc_by(count);
+                self.lost(&error, count);
             }
         }
     }
@@ -195,22 +269,22 @@ impl AuditFile {
         f.flush()
     }
 
-    fn lost(&mut self, error: &std::io::Error) {
+    fn lost(&mut self, error: &std::io::Error, count: u64) {
         let now = std::time::Instant::now();
         let path = self.path.display();
         match self.outage.as_mut() {
             None => {
-                self.outage = Some(Outage { lost: 1, lost_since_report: 0, last_report: now });
+                self.outage = Some(Outage { lost: count, lost_since_report: 0, last_report: now });
                 tracing::error!(
                     path = %path,
                     %error,
-                    dropped = 1,
+                    dropped = count,
                     "cannot write the audit file; audit events go to the log only until it is writable again"
                 );
             }
             Some(outage) => {
-                outage.lost += 1;
-                outage.lost_since_report += 1;
+                outage.lost += count;
+                outage.lost_since_report += count;
                 if now.duration_since(outage.last_report) >= REPORT_EVERY {
                     tracing::error!(
                         path = %path,
@@ -283,6 +357,52 @@ mod tests {
             workload: WorkloadInfo::default(),
             prompt: None,
         }
+    }
+
+    #[test]
+    fn direct_log_lines_have_the_json_formatters_fields() {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let events = [event("block"), event("allow")];
+        let batch = Batch::encode(&events);
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        // Without our subscriber on stderr, events go through tracing.
+        tracing::subscriber::with_default(subscriber, || batch.log(&events));
+        let parse = |text: &[u8]| -> Vec<serde_json::Value> {
+            String::from_utf8_lossy(text)
+                .lines()
+                .map(|l| {
+                    let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    let time = v.as_object_mut().unwrap().remove("timestamp").unwrap();
+                    assert!(time.as_str().unwrap().ends_with('Z'), "{time}");
+                    v
+                })
+                .collect()
+        };
+        let via_tracing = parse(&buf.0.lock().unwrap());
+        let direct = batch.json_log_lines(&events, &log_timestamp());
+        assert_eq!(parse(&direct), via_tracing);
+        assert_eq!(via_tracing.len(), 2);
+        let audit: serde_json::Value = serde_json::from_str(via_tracing[0]["audit"].as_str().unwrap()).unwrap();
+        assert_eq!(audit["decision"], "block");
+        let stamp = log_timestamp();
+        assert!(time::OffsetDateTime::parse(&stamp, &time::format_description::well_known::Rfc3339).is_ok(), "{stamp}");
     }
 
     #[tokio::test]

@@ -241,7 +241,11 @@ fn request_id(headers: &http::HeaderMap) -> String {
 }
 
 /// Headers the Akto call may see; the client module drops credentials again.
-fn visible_headers(headers: &http::HeaderMap) -> Vec<(String, String)> {
+/// Only copied when Akto is configured.
+fn visible_headers(g: &Guardrails, headers: &http::HeaderMap) -> Vec<(String, String)> {
+    if g.akto.is_none() {
+        return Vec::new();
+    }
     headers.iter().filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_string(), v.to_string()))).collect()
 }
 
@@ -350,7 +354,7 @@ impl Hook for Pipeline {
             method: head.method.to_string(),
             path: path_and_query.clone(),
             host: ex.sni.clone(),
-            request_headers: visible_headers(&head.headers),
+            request_headers: visible_headers(&g, &head.headers),
             request_body: body.clone(),
             client_ip: Some(ex.client.0.ip()),
             dest_ip: Some(ex.orig_dst.0.ip()),
@@ -365,7 +369,7 @@ impl Hook for Pipeline {
         let encoding = head.headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let (max_decoded, max_ratio) = (g.cfg.max_decoded_body, g.cfg.max_decompression_ratio);
         let decoded = match decode_body_bounded(encoding.as_deref(), body, max_decoded, max_ratio) {
-            Ok(d) => d.into_owned(),
+            Ok(d) => d,
             Err(error) if error.is_oversize() => {
                 head.extensions.insert(state.clone());
                 let reason = format!("not inspected: too large ({error})");
@@ -515,9 +519,12 @@ impl Hook for Pipeline {
             }
         }
 
-        let prompt = normalized.texts.iter().map(|t| t.text.as_str()).collect::<Vec<_>>().join("\n");
+        let prompt = g
+            .cfg
+            .audit_prompts
+            .then(|| normalized.texts.iter().map(|t| t.text.as_str()).collect::<Vec<_>>().join("\n"));
         head.extensions.insert(state.clone());
-        self.audit(&g, ex, &state, Direction::Request, &outcome, started, Some(prompt)).await;
+        self.audit(&g, ex, &state, Direction::Request, &outcome, started, prompt).await;
         if let Some(block) = outcome.block {
             if block.backend == "local"
                 && let Some(akto) = g.akto.clone()
@@ -632,7 +639,7 @@ impl Hook for Pipeline {
         let encoding = head.headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
         let (max_decoded, max_ratio) = (g.cfg.max_decoded_body, g.cfg.max_decompression_ratio);
         let decoded = match decode_body_bounded(encoding, body, max_decoded, max_ratio) {
-            Ok(d) => d.into_owned(),
+            Ok(d) => d,
             Err(error) if error.is_oversize() => {
                 let reason = format!("not inspected: too large ({error})");
                 let blocked = oversize(&mut outcome, g.cfg.oversize, StatusCode::BAD_GATEWAY, reason);
@@ -690,7 +697,7 @@ impl Hook for Pipeline {
                 Backend::Akto => {
                     let Some(akto) = &g.akto else { continue };
                     outcome.backends.push("akto");
-                    let headers = visible_headers(&head.headers);
+                    let headers = visible_headers(&g, &head.headers);
                     let payload = String::from_utf8_lossy(&decoded);
                     match akto.check_response(&state.call, head.status.as_u16(), &headers, &payload).await {
                         Ok(verdict) => {
@@ -803,6 +810,7 @@ impl StreamGuard {
         };
         let call = &state.call;
         let w = call.workload.as_ref();
+        let headers = visible_headers(&g, &head.headers);
         Self {
             exchange_host: call.host.clone(),
             workload_comm: w.map(|w| w.comm.clone()),
@@ -816,7 +824,7 @@ impl StreamGuard {
             audit: p.audit.clone(),
             metrics: Arc::clone(&p.metrics),
             status: head.status.as_u16(),
-            headers: visible_headers(&head.headers),
+            headers,
             pending: String::new(),
             carry: String::new(),
             held: BytesMut::new(),
