@@ -48,12 +48,38 @@ impl InProcessProxy {
         hook: Option<Arc<dyn Hook>>,
         settings: ProxySettings,
     ) -> Result<Self> {
+        Self::start_inner(upstream, upstream_ca, domains, hook, settings, None).await
+    }
+
+    /// Like [`InProcessProxy::start`], giving up on an upstream that sends
+    /// nothing for `upstream_idle` (`proxy.upstream_idle_timeout`).
+    pub async fn start_with_upstream_idle(
+        upstream: SocketAddr,
+        upstream_ca: &Path,
+        hook: Option<Arc<dyn Hook>>,
+        upstream_idle: Duration,
+    ) -> Result<Self> {
+        let settings = ProxySettings { client_hello_timeout: Duration::from_secs(2), ..ProxySettings::default() };
+        Self::start_inner(upstream, upstream_ca, DomainsConfig::default(), hook, settings, Some(upstream_idle)).await
+    }
+
+    async fn start_inner(
+        upstream: SocketAddr,
+        upstream_ca: &Path,
+        domains: DomainsConfig,
+        hook: Option<Arc<dyn Hook>>,
+        settings: ProxySettings,
+        upstream_idle: Option<Duration>,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let ca = CertificateAuthority::load_or_create(dir.path())?;
         let ca_pem = ca.cert_pem().to_string();
         let ca_path = ca.cert_path().to_path_buf();
         let issuer = LeafIssuer::new(Arc::new(ca), LeafSettings::default())?;
-        let pool = UpstreamPool::new(client_tls_config(Some(upstream_ca))?, 0, Duration::from_secs(5));
+        let mut pool = UpstreamPool::new(client_tls_config(Some(upstream_ca))?, 0, Duration::from_secs(5));
+        if let Some(idle) = upstream_idle {
+            pool = pool.with_idle_timeout(idle);
+        }
         let tls = TlsTermination::new(Arc::new(issuer), pool);
         let (_snap_tx, snapshot) = watch::channel(Arc::new(Snapshot { policy: DomainPolicy::compile(&domains)? }));
         let resolver = Arc::new(MockOrigDst { dst: Default::default(), default: Some(upstream) });
@@ -68,6 +94,11 @@ impl InProcessProxy {
 
     /// Stops accepting and waits for connections to finish.
     pub async fn shutdown(mut self, deadline: Duration) -> bool {
+        self.drain(deadline).await
+    }
+
+    /// Stops accepting; true when every connection finished within `deadline`.
+    pub async fn drain(&mut self, deadline: Duration) -> bool {
         let _ = self.stop.send(true);
         match self.proxy.take() {
             Some(p) => p.drain(deadline).await,

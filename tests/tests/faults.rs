@@ -24,7 +24,6 @@ use hickory_proto::{
 };
 use interceptor::{
     audit::AuditLog,
-    ca::{CertificateAuthority, LeafIssuer, LeafSettings},
     config::{Backend, FailMode, GuardrailsConfig},
     dns::{DnsForwarder, DnsObserver, ForwarderConfig, Learned},
     guardrails::{
@@ -33,14 +32,7 @@ use interceptor::{
         pipeline::{Guardrails, Pipeline},
     },
     metrics::Metrics,
-    policy::{DomainPolicy, DomainsConfig},
-    proxy::{
-        DataPlane, Listeners, Proxy, ProxySettings, Snapshot,
-        hook::Hook,
-        tls::TlsTermination,
-        upstream::{UpstreamPool, client_tls_config},
-    },
-    redirect::MockOrigDst,
+    proxy::hook::Hook,
     testing::{
         ADMIN, Interceptor, Netns,
         akto::{FakeAkto, Reply},
@@ -49,7 +41,7 @@ use interceptor::{
         require_privileges, spawn_in,
     },
 };
-use interceptor_tests::inprocess::client_for;
+use interceptor_tests::inprocess::{InProcessProxy, client_for};
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -180,12 +172,10 @@ fn closed_port() -> Result<SocketAddr> {
 /// metrics, upstream idle timeout and (optionally) guardrail pipeline.
 struct Plane {
     provider: FakeProvider,
-    addr: SocketAddr,
-    ca_pem: String,
+    proxy: InProcessProxy,
+    /// The pipeline's metrics.
     metrics: Arc<Metrics>,
     audit: PathBuf,
-    stop: watch::Sender<bool>,
-    proxy: Option<Proxy>,
     _dir: tempfile::TempDir,
 }
 
@@ -232,28 +222,12 @@ impl Plane {
                 Some(pipeline(g, &audit, &metrics))
             }
         };
-        let state = dir.path().join("state");
-        let ca = CertificateAuthority::load_or_create(&state)?;
-        let ca_pem = ca.cert_pem().to_string();
-        let issuer = LeafIssuer::new(Arc::new(ca), LeafSettings::default())?;
-        let pool = UpstreamPool::new(client_tls_config(Some(&upstream_ca))?, 0, Duration::from_secs(2))
-            .with_idle_timeout(idle);
-        let tls = TlsTermination::new(Arc::new(issuer), pool);
-        let (_snap_tx, snapshot) =
-            watch::channel(Arc::new(Snapshot { policy: DomainPolicy::compile(&DomainsConfig::default())? }));
-        let resolver = Arc::new(MockOrigDst { dst: Default::default(), default: Some(provider.local_addr()) });
-        let settings = ProxySettings { client_hello_timeout: Duration::from_secs(2), ..ProxySettings::default() };
-        let plane =
-            DataPlane { resolver, settings, snapshot, tls: Some(Arc::new(tls)), hook, metrics: Arc::clone(&metrics) };
-        let listeners = Listeners::bind(std::net::Ipv4Addr::LOCALHOST, None, 0, 0).await?;
-        let addr = SocketAddr::V4(listeners.addrs.v4);
-        let (stop, shutdown) = watch::channel(false);
-        let proxy = Proxy::serve(listeners, plane, shutdown);
-        Ok(Plane { provider, addr, ca_pem, metrics, audit, stop, proxy: Some(proxy), _dir: dir })
+        let proxy = InProcessProxy::start_with_upstream_idle(provider.local_addr(), &upstream_ca, hook, idle).await?;
+        Ok(Plane { provider, proxy, metrics, audit, _dir: dir })
     }
 
     fn client(&self, http2: bool) -> Result<reqwest::Client> {
-        client_for("api.openai.com", self.addr, &[&self.ca_pem], http2)
+        client_for("api.openai.com", self.proxy.addr, &[&self.proxy.ca_pem], http2)
     }
 
     /// Audit events written so far.
@@ -285,23 +259,19 @@ impl Plane {
 
     /// Stops accepting; true when every connection finished in time.
     async fn drain(&mut self, deadline: Duration) -> bool {
-        let _ = self.stop.send(true);
-        match self.proxy.take() {
-            Some(p) => p.drain(deadline).await,
-            None => true,
-        }
+        self.proxy.drain(deadline).await
     }
 
     /// A raw HTTP/1.1-over-TLS connection to the proxy for `api.openai.com`.
     async fn raw(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
         use rustls_pki_types::pem::PemObject as _;
         let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(self.proxy.ca_pem.as_bytes()) {
             roots.add(cert?)?;
         }
         let mut cfg = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let tcp = TcpStream::connect(self.addr).await?;
+        let tcp = TcpStream::connect(self.proxy.addr).await?;
         let name = rustls_pki_types::ServerName::try_from("api.openai.com")?;
         Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await?)
     }
@@ -322,6 +292,12 @@ fn pipeline(g: Guardrails, audit: &Path, metrics: &Arc<Metrics>) -> Arc<dyn Hook
     let (_, rx) = watch::channel(Arc::new(g));
     let audit = AuditLog::start(Some(audit.to_path_buf()), Arc::clone(metrics));
     Arc::new(Pipeline::new(rx, audit, Arc::clone(metrics)))
+}
+
+/// POSTs a JSON body to `api.openai.com` at `path`.
+async fn post_chat(client: &reqwest::Client, path: &str, body: String) -> Result<reqwest::Response> {
+    let url = format!("https://api.openai.com{path}");
+    Ok(client.post(url).header("content-type", "application/json").body(body).send().await?)
 }
 
 fn chat(prompt: &str, stream: bool) -> String {
@@ -366,13 +342,7 @@ async fn backend_fault(fault: AktoFault, kind: &str) -> Result<()> {
         };
         let plane = Plane::start(Guard::Akto { url, fail }, Duration::from_secs(30), None).await?;
         let logs = Logs::start();
-        let resp = plane
-            .client(false)?
-            .post("https://api.openai.com/v1/chat/completions")
-            .header("content-type", "application/json")
-            .body(chat("hello", false))
-            .send()
-            .await?;
+        let resp = post_chat(&plane.client(false)?, "/v1/chat/completions", chat("hello", false)).await?;
         let line = logs.wait_for("akto check failed").await?;
         assert_eq!(line["fields"]["kind"], kind, "{line}");
         assert_eq!(line["level"], "WARN");
@@ -474,13 +444,8 @@ async fn a_provider_stalling_before_or_mid_response_is_given_up_after_the_idle_t
     for http2 in [false, true] {
         let logs = Logs::start();
         let started = Instant::now();
-        let resp = plane
-            .client(http2)?
-            .post("https://api.openai.com/v1/chat/completions?fault=stall&after=2&interval_ms=10")
-            .header("content-type", "application/json")
-            .body(chat("tell me a story", true))
-            .send()
-            .await?;
+        let path = "/v1/chat/completions?fault=stall&after=2&interval_ms=10";
+        let resp = post_chat(&plane.client(http2)?, path, chat("tell me a story", true)).await?;
         assert_eq!(resp.status(), 200);
         let (got, error) = read_body(resp).await?;
         let elapsed = started.elapsed();
@@ -680,12 +645,7 @@ async fn a_full_audit_disk_lets_requests_flow_and_counts_and_logs_every_lost_eve
     let logs = Logs::start();
     let client = plane.client(false)?;
     for prompt in ["one", "two", "three"] {
-        let resp = client
-            .post("https://api.openai.com/v1/chat/completions")
-            .header("content-type", "application/json")
-            .body(chat(prompt, false))
-            .send()
-            .await?;
+        let resp = post_chat(&client, "/v1/chat/completions", chat(prompt, false)).await?;
         assert_eq!(resp.status(), 200, "requests flow while the audit file is broken");
     }
     // Two events per request (request and response), none in the file.

@@ -15,19 +15,9 @@ use interceptor::guardrails::{
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
-const PROVIDERS: [Provider; 7] = [
-    Provider::OpenAiChat,
-    Provider::OpenAiResponses,
-    Provider::Anthropic,
-    Provider::BedrockInvoke,
-    Provider::BedrockConverse,
-    Provider::Gemini,
-    Provider::Generic,
-];
-
 fuzz_target!(|data: &[u8]| {
     let [select, body @ ..] = data else { return };
-    let provider = PROVIDERS[usize::from(*select) % PROVIDERS.len()];
+    let provider = Provider::ALL[usize::from(*select) % Provider::ALL.len()];
     let text = String::from_utf8_lossy(body);
 
     // Host and path detection on any text.

@@ -27,7 +27,30 @@ pub enum Provider {
     Generic,
 }
 
+/// Fails to compile when a provider is added, so [`Provider::ALL`] is kept whole.
+const _: fn(Provider) = |p| match p {
+    Provider::OpenAiChat
+    | Provider::OpenAiResponses
+    | Provider::Anthropic
+    | Provider::BedrockInvoke
+    | Provider::BedrockConverse
+    | Provider::Gemini
+    | Provider::Generic => {}
+};
+
 impl Provider {
+    /// Every provider.
+    pub const ALL: [Provider; 7] = [
+        Provider::OpenAiChat,
+        Provider::OpenAiResponses,
+        Provider::Anthropic,
+        Provider::BedrockInvoke,
+        Provider::BedrockConverse,
+        Provider::Gemini,
+        Provider::Generic,
+    ];
+
+    /// The provider's name in policies, metrics and audit events.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::OpenAiChat => "openai_chat",

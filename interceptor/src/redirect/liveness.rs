@@ -31,8 +31,6 @@ use aya::maps::{Array, HashMap, MapData};
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// Our directory in bpffs: one subdirectory per target cgroup.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/interceptor";
-/// statfs magic of bpffs.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// What the redirect does while the proxy is down (crashed or hung).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,8 +68,8 @@ pub fn monotonic_ns() -> u64 {
 /// Makes sure bpffs is mounted at [`BPFFS`]. Returns an error describing why
 /// pinning is impossible otherwise.
 pub fn ensure_bpffs() -> Result<(), String> {
-    let is_bpffs =
-        |p: &str| nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC).unwrap_or(false);
+    use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
+    let is_bpffs = |p: &str| statfs(p).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC);
     if is_bpffs(BPFFS) {
         return Ok(());
     }

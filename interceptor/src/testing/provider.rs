@@ -121,6 +121,8 @@ pub struct TestPki {
     ca_pem: String,
     server_chain: Vec<CertificateDer<'static>>,
     server_key: PrivatePkcs8KeyDer<'static>,
+    /// The server certificate and key, PEM, for servers that read files.
+    server_pem: (String, String),
 }
 
 impl std::fmt::Debug for TestPki {
@@ -168,6 +170,7 @@ impl TestPki {
             ca_der: ca_cert.der().clone(),
             server_chain: vec![server_cert.der().clone()],
             server_key: PrivatePkcs8KeyDer::from(server_key.serialize_der()),
+            server_pem: (server_cert.pem(), server_key.serialize_pem()),
         })
     }
 
@@ -191,6 +194,25 @@ impl TestPki {
         let path = dir.join("test-ca.pem");
         std::fs::write(&path, &self.ca_pem).with_context(|| format!("write {}", path.display()))?;
         Ok(path)
+    }
+
+    /// Writes the server certificate and its key (mode 0600) to
+    /// `dir/server.pem` and `dir/server.key`, for servers such as nginx.
+    pub fn write_server_files(&self, dir: &Path) -> Result<(PathBuf, PathBuf)> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let cert = dir.join("server.pem");
+        let key = dir.join("server.key");
+        std::fs::write(&cert, &self.server_pem.0).with_context(|| format!("write {}", cert.display()))?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&key)
+            .with_context(|| format!("create {}", key.display()))?;
+        std::io::Write::write_all(&mut file, self.server_pem.1.as_bytes())
+            .with_context(|| format!("write {}", key.display()))?;
+        Ok((cert, key))
     }
 
     /// A server configuration presenting the server certificate and offering
@@ -768,12 +790,7 @@ fn chat_pieces(text: &str) -> Vec<String> {
 }
 
 /// An OpenAI-style chat completion, or a stream of chunks for `"stream": true`.
-fn chat_completion(
-    parts: &http::request::Parts,
-    req: &RecordedRequest,
-    query: &str,
-    ctx: StreamCtx,
-) -> Response<Body> {
+fn chat_completion(parts: &http::request::Parts, req: &RecordedRequest, query: &str, ctx: StreamCtx) -> Response<Body> {
     let request_json: Option<serde_json::Value> = serde_json::from_slice(&req.body).ok();
     let model = request_json
         .as_ref()

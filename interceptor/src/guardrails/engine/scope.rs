@@ -6,34 +6,12 @@ use crate::guardrails::model::{Provider, TextKind};
 
 use super::WorkloadRef;
 
-/// Every provider, by the name policies use ([`Provider::as_str`]).
-const PROVIDERS: [Provider; 7] = [
-    Provider::OpenAiChat,
-    Provider::OpenAiResponses,
-    Provider::Anthropic,
-    Provider::BedrockInvoke,
-    Provider::BedrockConverse,
-    Provider::Gemini,
-    Provider::Generic,
-];
-
-/// Fails to compile when a provider is added, so [`PROVIDERS`] is kept whole.
-const _: fn(Provider) = |p| match p {
-    Provider::OpenAiChat
-    | Provider::OpenAiResponses
-    | Provider::Anthropic
-    | Provider::BedrockInvoke
-    | Provider::BedrockConverse
-    | Provider::Gemini
-    | Provider::Generic => {}
-};
-
 pub(super) fn provider_named(name: &str) -> Option<Provider> {
-    PROVIDERS.into_iter().find(|p| p.as_str() == name)
+    Provider::ALL.into_iter().find(|p| p.as_str() == name)
 }
 
 pub(super) fn provider_names() -> impl Iterator<Item = &'static str> {
-    PROVIDERS.into_iter().map(Provider::as_str)
+    Provider::ALL.into_iter().map(Provider::as_str)
 }
 
 const KINDS: [(TextKind, &str); 6] = [
