@@ -53,12 +53,32 @@ pub fn command(program: impl AsRef<OsStr>) -> Command {
     cmd
 }
 
-/// A cargo command (the same cargo that runs xtask) in the workspace root.
+/// A cargo command (the same cargo that runs xtask) in the workspace root. In CI builds are
+/// not incremental: a clean clone never rebuilds, and the caches would cost disk.
 pub fn cargo() -> Command {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = command(cargo);
     cmd.current_dir(repo_root());
+    if in_ci() {
+        cmd.env("CARGO_INCREMENTAL", "0");
+    }
     cmd
+}
+
+/// Whether `CI` is set (to anything but the empty string).
+pub fn in_ci() -> bool {
+    env::var_os("CI").is_some_and(|value| !value.is_empty())
+}
+
+/// Bytes free for us on the filesystem holding `path`, from `df`; `None` if `df` fails.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    let out = stdout(Command::new("df").args(["--output=avail", "-B1"]).arg(path)).ok()?;
+    parse_df_avail(&out)
+}
+
+/// The number in `df --output=avail -B1` output (a header line, then the figure).
+fn parse_df_avail(out: &str) -> Option<u64> {
+    out.lines().nth(1)?.trim().parse().ok()
 }
 
 /// Finds an executable on the child `PATH`.
@@ -117,6 +137,14 @@ fn effective_uid(status: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_free_bytes_from_df() {
+        assert_eq!(parse_df_avail("    Avail\n9958281216\n"), Some(9_958_281_216));
+        assert_eq!(parse_df_avail("Avail\n"), None);
+        let free = free_bytes(Path::new("/")).expect("df / works");
+        assert!(free > 0);
+    }
 
     #[test]
     fn effective_uid_is_the_second_field() {

@@ -4,7 +4,8 @@
 //! interceptor binary; the privileged tests (`interceptor-tests`) one at a time, with
 //! `INTERCEPTOR_BIN` pointing at that binary; then every fuzz target for a few seconds from
 //! its seed corpus (a crash fails the suite). Every step that can run does, so one failure
-//! does not hide another; a summary with durations closes the run.
+//! does not hide another; a summary with durations and the disk left after each step
+//! closes the run.
 
 use std::path::Path;
 use std::process::Command;
@@ -28,6 +29,35 @@ struct Step {
     name: &'static str,
     outcome: Outcome,
     duration: Duration,
+    /// Bytes free on the target directory's filesystem when the step ended.
+    free_after: Option<u64>,
+}
+
+/// Disk a clean run needs in the target directories (measured: about 4 GB), with a margin.
+const DISK_NEEDED: u64 = 6 << 30;
+
+/// Bytes free where the builds go.
+fn free_disk() -> Option<u64> {
+    cmd::free_bytes(cmd::repo_root())
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1u32 << 30)
+}
+
+/// Warns, before anything is built, when the disk is too small for a clean run: builds that
+/// run out of space fail with errors that do not say so plainly.
+fn check_disk() {
+    match free_disk() {
+        Some(free) if free < DISK_NEEDED => println!(
+            "warning: {:.1} GiB free under {}; a clean run of the suite needs about {:.0} GiB",
+            gib(free),
+            cmd::repo_root().display(),
+            gib(DISK_NEEDED)
+        ),
+        Some(free) => println!("disk: {:.1} GiB free under {}", gib(free), cmd::repo_root().display()),
+        None => println!("warning: cannot read the free disk space (df failed)"),
+    }
 }
 
 /// Records step outcomes and their durations.
@@ -47,12 +77,12 @@ impl Steps {
                 (Outcome::Failed(format!("{err:#}")), None)
             }
         };
-        self.0.push(Step { name, outcome, duration: start.elapsed() });
+        self.0.push(Step { name, outcome, duration: start.elapsed(), free_after: free_disk() });
         value
     }
 
     fn skip(&mut self, name: &'static str, reason: &'static str) {
-        self.0.push(Step { name, outcome: Outcome::Skipped(reason), duration: Duration::ZERO });
+        self.0.push(Step { name, outcome: Outcome::Skipped(reason), duration: Duration::ZERO, free_after: None });
     }
 
     fn print_summary(&self) {
@@ -63,7 +93,8 @@ impl Steps {
                 Outcome::Failed(err) => ("FAILED", format!("  {err}")),
                 Outcome::Skipped(reason) => ("skipped", format!("  {reason}")),
             };
-            println!("  {label:<8} {:<34} {:>7.1}s{detail}", step.name, step.duration.as_secs_f64());
+            let disk = step.free_after.map(|free| format!("{:>6.1} GiB free", gib(free))).unwrap_or_default();
+            println!("  {label:<8} {:<34} {:>7.1}s {disk:>15}{detail}", step.name, step.duration.as_secs_f64());
         }
     }
 
@@ -76,6 +107,7 @@ impl Steps {
 pub fn test(extra: &[String]) -> Result<()> {
     let (cargo_args, harness_args) = split_extra(extra);
     let mut steps = Steps::default();
+    check_disk();
 
     if steps.run("setup", setup::setup).is_some() {
         steps.run("unit and in-process tests", || testlog::run(&mut unit_tests(cargo_args, harness_args)));
