@@ -70,6 +70,14 @@ fn wait_event(proxy: &Interceptor, event: &str, within: Duration) -> Result<serd
 }
 
 /// The bpffs directory holding the shared maps of the redirect on `cgroup`.
+/// The pin root is gone unless another redirect on this machine still uses it.
+fn assert_no_empty_pin_root() {
+    let root = std::path::Path::new(interceptor::redirect::liveness::PIN_ROOT);
+    if let Ok(mut entries) = std::fs::read_dir(root) {
+        assert!(entries.next().is_some(), "{} left behind, empty", root.display());
+    }
+}
+
 fn pin_dir(cgroup: &Cgroup) -> Result<std::path::PathBuf> {
     interceptor::redirect::liveness::pin_dir(cgroup.path()).context("stat cgroup")
 }
@@ -130,6 +138,7 @@ async fn fail_closed_kill_refuses_connections_until_restart_and_stop_removes_eve
     assert!(proxy.terminate(STOP)?.success(), "log:\n{}", proxy.log_text());
     assert!(attached_programs(world.client_cg.path())?.trim().is_empty(), "programs left after an orderly stop");
     assert!(!pin_dir(&world.client_cg)?.exists(), "pinned maps left after an orderly stop");
+    assert_no_empty_pin_root();
     assert!(!client(&world)?.intercepted(), "still redirected after an orderly stop");
     Ok(())
 }
@@ -146,6 +155,7 @@ async fn cleanup_removes_what_a_fail_closed_crash_left() -> Result<()> {
     let out = Command::new(interceptor::testing::interceptor_bin()).arg("cleanup").output()?;
     assert!(out.status.success(), "cleanup failed: {}", String::from_utf8_lossy(&out.stderr));
     assert!(!pin_dir(&world.client_cg)?.exists(), "pins left after cleanup");
+    assert_no_empty_pin_root();
     assert!(attached_programs(world.client_cg.path())?.trim().is_empty(), "programs left after cleanup");
     assert!(!client(&world)?.intercepted());
     Ok(())

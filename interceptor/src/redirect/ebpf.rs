@@ -517,11 +517,9 @@ impl Redirector for EbpfRedirector {
             return Ok(());
         }
         if let Some(dir) = &self.pins {
-            if let Err(error) = liveness::remove_tree(dir) {
+            if let Err(error) = liveness::remove_pins(dir) {
                 tracing::warn!(%error, dir = %dir.display(), "cannot remove the pinned redirect maps");
             }
-            // Only removed when no other cgroup's redirect uses it.
-            let _ = std::fs::remove_dir(liveness::PIN_ROOT);
         }
         tracing::info!(cgroup = %self.cgroup.display(), "eBPF redirect detached");
         Ok(())

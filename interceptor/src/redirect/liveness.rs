@@ -125,6 +125,14 @@ pub fn remove_tree(dir: &Path) -> std::io::Result<usize> {
     Ok(removed)
 }
 
+/// Removes the pin directory of one redirect, then the pin root if no other redirect
+/// uses it.
+pub fn remove_pins(dir: &Path) -> std::io::Result<usize> {
+    let removed = remove_tree(dir)?;
+    let _ = std::fs::remove_dir(PIN_ROOT);
+    Ok(removed)
+}
+
 /// Removes every pinned map and link we ever left (after a fail-closed
 /// crash). Used by `interceptor cleanup`.
 pub fn cleanup() -> std::io::Result<usize> {

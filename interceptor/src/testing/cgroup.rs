@@ -174,7 +174,7 @@ fn destroy(path: &Path) -> Result<()> {
             // Redirect maps an interceptor killed by the test left pinned for
             // this cgroup (keyed by its inode, which a later cgroup may reuse).
             if let Ok(pins) = crate::redirect::liveness::pin_dir(dir) {
-                let _ = crate::redirect::liveness::remove_tree(&pins);
+                let _ = crate::redirect::liveness::remove_pins(&pins);
             }
             match fs::remove_dir(dir) {
                 Ok(()) => {}
