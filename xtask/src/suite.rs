@@ -34,7 +34,7 @@ struct Step {
 }
 
 /// Disk a clean run needs, with a margin (measured: 2.5 GB for the workspace's builds and
-/// 2.5 GB for the fuzz targets').
+/// 1.6 GB for the fuzz targets').
 const DISK_NEEDED: u64 = 6 << 30;
 
 /// Bytes free where the builds go.
