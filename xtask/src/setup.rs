@@ -92,10 +92,7 @@ fn mitmproxy() -> Result<()> {
 
 fn python_sdks() -> Result<()> {
     // Checked by distribution name: not every package has a module to import.
-    let check = format!(
-        "import importlib.metadata as m\nfor name in {:?}: m.version(name)",
-        PYTHON_PACKAGES
-    );
+    let check = format!("import importlib.metadata as m\nfor name in {:?}: m.version(name)", PYTHON_PACKAGES);
     let present = std::process::Command::new("python3")
         .args(["-c", &check])
         .stdout(std::process::Stdio::null())

@@ -10,7 +10,10 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
-    sync::{Mutex, PoisonError},
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use interceptor::testing::tool;
@@ -21,6 +24,9 @@ struct Registry {
     cgroups: Vec<PathBuf>,
     dirs: Vec<PathBuf>,
 }
+
+/// Set by the signal thread before it starts removing things.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 static REGISTRY: Mutex<Registry> = Mutex::new(Registry { netns: Vec::new(), cgroups: Vec::new(), dirs: Vec::new() });
 
@@ -57,11 +63,24 @@ pub fn on_signals() -> anyhow::Result<()> {
                 _ = hup.recv() => {}
             }
         });
+        INTERRUPTED.store(true, Ordering::SeqCst);
         eprintln!("\ninterrupted: removing the benchmark's namespace, cgroups and files");
         remove_all();
         std::process::exit(130);
     });
     Ok(())
+}
+
+/// Called when the benchmark returns. After a signal the run usually fails
+/// because the cleanup killed its processes; that failure is not the outcome:
+/// the signal thread finishes the cleanup and exits with 130, so wait for it.
+pub fn unless_interrupted<T>(result: T) -> T {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        loop {
+            std::thread::park();
+        }
+    }
+    result
 }
 
 /// Kills every process in the registered namespaces and cgroups, then

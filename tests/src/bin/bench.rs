@@ -58,7 +58,7 @@ fn main() -> Result<()> {
             let copy = private_binary()?;
             bench::cleanup::on_signals()?;
             bench::cleanup::dir(&copy);
-            let result = bench::run(&opts);
+            let result = bench::cleanup::unless_interrupted(bench::run(&opts));
             let _ = std::fs::remove_dir_all(&copy);
             result
         }
