@@ -20,23 +20,8 @@ use interceptor::{
     net::{ClientAddr, OrigDstAddr},
     proxy::hook::{BodyAction, Exchange, Hook, RequestAction, ResponseAction},
     redirect::Workload,
+    testing::provider::sample_chat_completion,
 };
-
-/// A chat completion of about 1 KB.
-fn completion() -> Bytes {
-    let text = "The quarterly report shows steady growth in every region, with operating costs held flat. ".repeat(9);
-    Bytes::from(
-        serde_json::json!({
-            "id": "chatcmpl-bench",
-            "object": "chat.completion",
-            "created": 1_700_000_000,
-            "model": "gpt-4o-2024-08-06",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text.trim_end()}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 420, "completion_tokens": 180, "total_tokens": 600}
-        })
-        .to_string(),
-    )
-}
 
 fn request_head(len: usize) -> http::request::Parts {
     let request = http::Request::post("/v1/chat/completions")
@@ -84,7 +69,7 @@ fn pipeline(c: &mut Criterion) {
     let mut doc = common::openai_chat(&common::clean_prompt(1));
     doc["stream"] = false.into();
     let body = Bytes::from(serde_json::to_vec(&doc).expect("json"));
-    let answer = completion();
+    let answer = Bytes::from(sample_chat_completion());
     let response = response_head(answer.len());
 
     c.bench_function("pipeline/allowed_exchange", |b| {

@@ -107,7 +107,11 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Microbench { args } => {
             setup::setup()?;
-            cmd::run(cmd::cargo().args(["bench", "--package", "interceptor", "--bench", "*"]).args(args))
+            cmd::run(
+                cmd::cargo()
+                    .args(["bench", "--package", "interceptor", "--features", "testing", "--bench", "*"])
+                    .args(args),
+            )
         }
         Task::Fuzz { time, targets } => {
             setup::setup()?;

@@ -516,10 +516,10 @@ impl Redirector for EbpfRedirector {
             tracing::info!(cgroup = %self.cgroup.display(), "eBPF redirect left to the other running instance");
             return Ok(());
         }
-        if let Some(dir) = &self.pins {
-            if let Err(error) = liveness::remove_pins(dir) {
-                tracing::warn!(%error, dir = %dir.display(), "cannot remove the pinned redirect maps");
-            }
+        if let Some(dir) = &self.pins
+            && let Err(error) = liveness::remove_pins(dir)
+        {
+            tracing::warn!(%error, dir = %dir.display(), "cannot remove the pinned redirect maps");
         }
         tracing::info!(cgroup = %self.cgroup.display(), "eBPF redirect detached");
         Ok(())

@@ -80,6 +80,21 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use super::{Netns, in_netns};
 use crate::guardrails::framing::eventstream;
 
+/// A fixed chat completion of about 1 KB, the answer the benchmarks measure
+/// (the fake provider's own answers vary with the request).
+pub fn sample_chat_completion() -> String {
+    let text = "The quarterly report shows steady growth in every region, with operating costs held flat. ".repeat(9);
+    json!({
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": "gpt-4o-2024-08-06",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text.trim_end()}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 420, "completion_tokens": 180, "total_tokens": 600}
+    })
+    .to_string()
+}
+
 /// Host names the default [`TestPki`] certificate covers: the providers the
 /// interceptor knows, plus one name it should pass through untouched.
 pub const DEFAULT_NAMES: &[&str] = &[

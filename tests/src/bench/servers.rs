@@ -12,25 +12,11 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use interceptor::testing::{Cgroup, Netns, in_netns, spawn_in, tool};
+use interceptor::testing::{Cgroup, Netns, in_netns, provider::sample_chat_completion, spawn_in, tool};
 
 /// The mitmproxy release pinned by `cargo xtask setup` (the newest that runs
 /// on Debian 12's Python 3.11).
 pub const MITMPROXY_VERSION: &str = "11.0.2";
-
-/// A chat completion of about 1 KB, as the provider answers.
-pub fn completion_json() -> String {
-    let text = "The quarterly report shows steady growth in every region, with operating costs held flat. ".repeat(9);
-    serde_json::json!({
-        "id": "chatcmpl-bench",
-        "object": "chat.completion",
-        "created": 1_700_000_000,
-        "model": "gpt-4o-2024-08-06",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text.trim_end()}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 420, "completion_tokens": 180, "total_tokens": 600}
-    })
-    .to_string()
-}
 
 /// An OpenAI chat stream of `events` chunks and `[DONE]`.
 pub fn completion_sse(events: usize) -> String {
@@ -117,7 +103,7 @@ impl Drop for Nginx {
 }
 
 /// The `http` block of the fake provider: `POST /v1/chat/completions`
-/// answers [`completion_json`]; with `?stream=1`, [`completion_sse`] (20
+/// answers [`sample_chat_completion`]; with `?stream=1`, [`completion_sse`] (20
 /// events, unpaced) as `text/event-stream`.
 pub fn provider_http(listen: SocketAddr, pki: &super::pki::BenchPki) -> String {
     format!(
@@ -129,7 +115,7 @@ pub fn provider_http(listen: SocketAddr, pki: &super::pki::BenchPki) -> String {
          location / {{ return 404; }}\n  }}\n",
         cert = pki.cert.display(),
         key = pki.key.display(),
-        json = completion_json(),
+        json = sample_chat_completion(),
         sse = completion_sse(20),
     )
 }
