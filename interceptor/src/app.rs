@@ -66,7 +66,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // fail mode.
     let policy = DomainPolicy::compile(&config.domains).context("compiling the domain policy")?;
     let names = resolve_names(&policy, &config);
-    let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot { policy }));
+    let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::new(policy)));
+    let snapshot_tx = Arc::new(snapshot_tx);
     let tls = if config.tls.intercept { Some(Arc::new(tls_termination(&config, &state_dir)?)) } else { None };
 
     let listeners =
@@ -117,7 +118,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 dns_port,
                 config.redirect.fail_mode == crate::config::FailMode::Open,
             )
-                .context("installing the iptables redirect (run `interceptor doctor`)")?,
+            .context("installing the iptables redirect (run `interceptor doctor`)")?,
         ),
         RedirectMode::None => Box::new(NoRedirect),
     };
@@ -150,7 +151,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     tokio::spawn(admin::serve(admin_listener, status_rx, Arc::clone(&metrics)));
 
-
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (shutdown_dns_tx, shutdown_rx_dns) = watch::channel(false);
     let settings = ProxySettings {
@@ -164,6 +164,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         idle_timeout: config.proxy.idle_timeout,
         max_connections: config.proxy.max_connections,
         max_connections_per_workload: config.proxy.max_connections_per_workload,
+        unclassified: config.targets.unclassified,
     };
     let (policy_text, guardrails) = build_guardrails(&config).context("preparing the guardrails")?;
     let (guardrails_tx, guardrails_rx) = watch::channel(Arc::new(guardrails));
@@ -190,7 +191,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         r.set_all_tls(config.targets.mode == TargetMode::AllTls);
         r
     };
-    let targeting = Arc::new(Mutex::new(Targeting { redirector, resolver, targets: TargetSet::default() }));
+    let targeting = Arc::new(Mutex::new(Targeting {
+        redirector,
+        resolver,
+        targets: TargetSet::default(),
+        snapshot: Arc::clone(&snapshot_tx),
+    }));
     let mut forwarders = Vec::new();
     if let (Some(sockets), Some(upstreams)) = (dns_sockets, dns_upstreams) {
         let learner = Arc::new(Learner {
@@ -241,7 +247,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 /// The CA (created on first run), the leaf issuer and the upstream pool.
 fn tls_termination(config: &Config, state_dir: &Path) -> anyhow::Result<TlsTermination> {
     let ca = CertificateAuthority::load_or_create(state_dir).with_context(|| {
-        format!("loading the certificate authority in the state directory {} (it must be writable on first start)", state_dir.display())
+        format!(
+            "loading the certificate authority in the state directory {} (it must be writable on first start)",
+            state_dir.display()
+        )
     })?;
     tracing::info!(cert = %ca.cert_path().display(), "certificate authority ready");
     let issuer =
@@ -303,7 +312,8 @@ async fn bind_dns(config: &Config, port: u16) -> anyhow::Result<Vec<(UdpSocket, 
     for addr in addrs {
         // Shared with a second instance during an upgrade, like the proxy port.
         let udp = crate::net::shared_udp(addr).with_context(|| format!("starting the DNS forwarder on udp {addr}"))?;
-        let tcp = crate::net::shared_listener(addr).with_context(|| format!("starting the DNS forwarder on tcp {addr}"))?;
+        let tcp =
+            crate::net::shared_listener(addr).with_context(|| format!("starting the DNS forwarder on tcp {addr}"))?;
         out.push((udp, tcp));
     }
     Ok(out)
@@ -339,12 +349,19 @@ struct Targeting {
     redirector: Box<dyn Redirector>,
     resolver: TargetResolver,
     targets: TargetSet,
+    /// The data plane learns the new set here, before a DNS answer that
+    /// added to it is released.
+    snapshot: Arc<watch::Sender<Arc<Snapshot>>>,
 }
 
 impl Targeting {
     fn apply(&mut self) -> Result<(), crate::redirect::RedirectError> {
         let set = self.resolver.current();
         self.redirector.set_targets(&set)?;
+        if set != self.targets {
+            let published = Arc::new(set.clone());
+            self.snapshot.send_modify(|s| Arc::make_mut(s).targets = published);
+        }
         self.targets = set;
         Ok(())
     }
@@ -412,7 +429,7 @@ struct Control {
     config_path: Option<PathBuf>,
     overrides: Overrides,
     targeting: Arc<Mutex<Targeting>>,
-    snapshot: watch::Sender<Arc<Snapshot>>,
+    snapshot: Arc<watch::Sender<Arc<Snapshot>>>,
     guardrails: watch::Sender<Arc<Guardrails>>,
     /// The policy file's text as last loaded, to notice changes.
     policy_text: Option<String>,
@@ -609,7 +626,8 @@ impl Control {
             t.resolver.reconfigure(resolve_names(&policy, &new), new.cidrs(), new.targets.address_grace);
             t.resolver.set_all_tls(new.targets.mode == TargetMode::AllTls);
         }
-        let _ = self.snapshot.send(Arc::new(Snapshot { policy }));
+        let policy = Arc::new(policy);
+        self.snapshot.send_modify(|s| Arc::make_mut(s).policy = policy);
         self.config.targets = new.targets;
         self.config.domains = new.domains;
         tracing::info!("configuration reloaded");

@@ -269,7 +269,10 @@ pub struct RedirectConfig {
 
 impl RedirectConfig {
     pub fn fail_safe(&self) -> crate::redirect::liveness::FailSafe {
-        crate::redirect::liveness::FailSafe { closed: self.fail_mode == FailMode::Closed, timeout: self.heartbeat_timeout }
+        crate::redirect::liveness::FailSafe {
+            closed: self.fail_mode == FailMode::Closed,
+            timeout: self.heartbeat_timeout,
+        }
     }
 }
 
@@ -286,10 +289,28 @@ pub enum TargetMode {
     AllTls,
 }
 
+/// What the proxy does with a connection to an AI address that it cannot
+/// classify (see `targets.unclassified`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unclassified {
+    /// Close it, with an audit event saying why: nothing reaches the
+    /// provider unseen.
+    Refuse,
+    /// Relay its bytes untouched, with an audit event saying it was not
+    /// inspected.
+    Pass,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TargetsConfig {
     pub mode: TargetMode,
+    /// A connection to an AI address that cannot be classified: no
+    /// ClientHello in time, not TLS, a ClientHello that cannot be parsed or
+    /// is too large, or no server name and no AI name known for the address.
+    /// Default `refuse`.
+    pub unclassified: Unclassified,
     /// Port of the DNS forwarder (on the proxy addresses), `dns` mode.
     pub dns_port: u16,
     /// Resolvers the forwarder asks (`ip` or `ip:port`). Empty: the
@@ -365,6 +386,7 @@ impl Default for TargetsConfig {
     fn default() -> Self {
         Self {
             mode: TargetMode::Dns,
+            unclassified: Unclassified::Refuse,
             dns_port: 15053,
             dns_upstreams: Vec::new(),
             learned_ttl_floor: Duration::from_secs(30),
@@ -681,7 +703,10 @@ mod tests {
             c.admin.address = bad.parse().unwrap();
             let ConfigError::Invalid { errors } = c.validate().unwrap_err() else { panic!() };
             assert_eq!(errors.len(), 1, "{errors:?}");
-            assert!(errors[0].starts_with("admin.address:") && errors[0].contains("not a loopback address"), "{errors:?}");
+            assert!(
+                errors[0].starts_with("admin.address:") && errors[0].contains("not a loopback address"),
+                "{errors:?}"
+            );
         }
     }
 

@@ -19,14 +19,41 @@ use tokio::task::JoinSet;
 /// An immutable set of target networks.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct TargetSet {
+    /// Everything the redirector sends to the proxy.
     pub nets: BTreeSet<IpNet>,
-    /// Which domain each resolved address came from, for status output.
+    /// Which domain each resolved or learned address came from.
     pub sources: BTreeMap<IpAddr, BTreeSet<String>>,
+    /// The configured CIDR blocks (also in `nets`): AI addresses known by
+    /// no name.
+    #[serde(skip)]
+    pub cidrs: BTreeSet<IpNet>,
+}
+
+/// What the target set knows of a connection's original destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AiAddress<'a> {
+    /// Resolved from, or learned for, these AI names.
+    Named(&'a BTreeSet<String>),
+    /// In a configured CIDR block: an AI address known by no name.
+    Configured,
+    /// Not known to be an AI provider's (`all-tls` reaches every address).
+    Unknown,
 }
 
 impl TargetSet {
     pub fn contains(&self, ip: IpAddr) -> bool {
         self.nets.iter().any(|n| n.contains(&ip))
+    }
+
+    /// Whether `ip` is known to belong to an AI provider, and by which
+    /// names. Addresses that only `all-tls` targets are [`AiAddress::Unknown`].
+    pub fn ai_address(&self, ip: IpAddr) -> AiAddress<'_> {
+        let ip = canonical_ip(ip);
+        match self.sources.get(&ip) {
+            Some(names) if !names.is_empty() => AiAddress::Named(names),
+            _ if self.cidrs.iter().any(|n| n.contains(&ip)) => AiAddress::Configured,
+            _ => AiAddress::Unknown,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -151,6 +178,7 @@ impl TargetResolver {
         self.learned.retain(|_, (_, expires)| *expires > now);
         let mut set = TargetSet::default();
         set.nets.extend(self.cidrs.iter().copied());
+        set.cidrs.extend(self.cidrs.iter().copied());
         if self.all_tls {
             set.nets.extend(everything());
         }
@@ -250,6 +278,24 @@ mod tests {
         r.set_all_tls(true);
         let set = r.current();
         assert!(set.contains("203.0.113.7".parse().unwrap()) && set.contains("2001:db8::7".parse().unwrap()));
+    }
+
+    #[test]
+    fn ai_addresses_are_named_configured_or_unknown() {
+        let mut r = TargetResolver::new(vec![], vec!["198.18.0.0/24".parse().unwrap()], Duration::from_secs(10));
+        r.set_all_tls(true);
+        let learned: IpAddr = "203.0.113.9".parse().unwrap();
+        let day = Duration::from_secs(86_400);
+        r.learn("api.openai.com", learned, day, day, day);
+        let set = r.current();
+        let AiAddress::Named(names) = set.ai_address(learned) else { panic!("{set:?}") };
+        assert!(names.contains("api.openai.com"));
+        // The v4-mapped form of a learned address is the same address.
+        assert!(matches!(set.ai_address("::ffff:203.0.113.9".parse().unwrap()), AiAddress::Named(_)));
+        assert_eq!(set.ai_address("198.18.0.77".parse().unwrap()), AiAddress::Configured);
+        // all-tls redirects it, but nothing says it is an AI provider's.
+        assert!(set.contains("192.0.2.1".parse().unwrap()));
+        assert_eq!(set.ai_address("192.0.2.1".parse().unwrap()), AiAddress::Unknown);
     }
 
     #[test]

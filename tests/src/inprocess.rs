@@ -24,6 +24,7 @@ pub struct InProcessProxy {
     pub ca_pem: String,
     pub ca_path: std::path::PathBuf,
     stop: watch::Sender<bool>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
     proxy: Option<Proxy>,
     _dir: tempfile::TempDir,
 }
@@ -81,7 +82,7 @@ impl InProcessProxy {
             pool = pool.with_idle_timeout(idle);
         }
         let tls = TlsTermination::new(Arc::new(issuer), pool);
-        let (_snap_tx, snapshot) = watch::channel(Arc::new(Snapshot { policy: DomainPolicy::compile(&domains)? }));
+        let (snap_tx, snapshot) = watch::channel(Arc::new(Snapshot::new(DomainPolicy::compile(&domains)?)));
         let resolver = Arc::new(MockOrigDst { dst: Default::default(), default: Some(upstream) });
         let metrics = Arc::new(interceptor::metrics::Metrics::new());
         let plane = DataPlane { resolver, settings, snapshot, tls: Some(Arc::new(tls)), hook, metrics };
@@ -89,7 +90,21 @@ impl InProcessProxy {
         let addr = SocketAddr::V4(listeners.addrs.v4);
         let (stop, shutdown) = watch::channel(false);
         let proxy = Proxy::serve(listeners, plane, shutdown);
-        Ok(Self { addr, ca_pem, ca_path, stop, proxy: Some(proxy), _dir: dir })
+        Ok(Self { addr, ca_pem, ca_path, stop, snapshot: snap_tx, proxy: Some(proxy), _dir: dir })
+    }
+
+    /// Makes the data plane see `ip` as an AI address, known by `names`
+    /// (learned or resolved) or, with none, as a configured CIDR target.
+    pub fn set_ai_address(&self, ip: std::net::IpAddr, names: &[&str]) {
+        let mut targets = interceptor::targets::TargetSet::default();
+        targets.nets.insert(ip.into());
+        if names.is_empty() {
+            targets.cidrs.insert(ip.into());
+        } else {
+            targets.sources.insert(ip, names.iter().map(|n| n.to_string()).collect());
+        }
+        let targets = Arc::new(targets);
+        self.snapshot.send_modify(|s| Arc::make_mut(s).targets = targets);
     }
 
     /// Stops accepting and waits for connections to finish.

@@ -96,7 +96,11 @@ impl World {
 /// no domains (tests never resolve real names).
 pub fn config(cidrs: &[&str], extra: &str) -> String {
     let cidrs = cidrs.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ");
-    format!("[targets]\ndomains = []\ncidrs = [{cidrs}]\nresolve_interval = \"1s\"\n\n{extra}\n")
+    // The echo servers speak plain TCP, which an AI address refuses by
+    // default: these tests are about where connections go, not what they carry.
+    format!(
+        "[targets]\ndomains = []\ncidrs = [{cidrs}]\nresolve_interval = \"1s\"\nunclassified = \"pass\"\n\n{extra}\n"
+    )
 }
 
 /// What a client saw.

@@ -548,3 +548,108 @@ async fn client_hellos_without_sni_or_made_of_junk_pass_through_byte_for_byte() 
     }
     Ok(())
 }
+
+/// A chat request carrying a private key, as a client would send it inside
+/// TLS; here it is sent in the clear or after a handshake game.
+fn private_key_chat() -> Vec<u8> {
+    let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": PRIVATE_KEY}]}).to_string();
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: api.openai.com\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+const PRIVATE_KEY: &str = "-----BEGIN RSA PRIVATE KEY-----\nMIIBOgIBAAJBAKj34GkxFhD90vcNLYLInFEX6Ppy1tPf9Cnzj4p4WGeKLs1Pt8Qu\n-----END RSA PRIVATE KEY-----";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_an_ai_address_a_connection_that_cannot_be_classified_never_reaches_the_provider() -> Result<()> {
+    // The original destination reports every connection it gets.
+    let upstream = TcpListener::bind("127.0.0.1:0").await?;
+    let upstream_addr = upstream.local_addr()?;
+    let pki = TestPki::with_defaults()?;
+    let dir = tempfile::tempdir()?;
+    let audit = dir.path().join("audit.jsonl");
+    let hook = local_pipeline(GuardrailsConfig::default(), Some(audit.clone()))?;
+    let settings = ProxySettings { client_hello_timeout: Duration::from_millis(300), ..ProxySettings::default() };
+    let proxy = InProcessProxy::start_with(
+        upstream_addr,
+        &pki.write_ca(dir.path())?,
+        DomainsConfig::default(),
+        Some(hook),
+        settings,
+    )
+    .await?;
+    // A configured CIDR target: an AI address known by no name.
+    proxy.set_ai_address(upstream_addr.ip(), &[]);
+
+    let no_sni = {
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let ip = rustls_pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), ip)?;
+        let mut out = Vec::new();
+        conn.write_tls(&mut out)?;
+        out
+    };
+    let cases: [(&str, Option<Vec<u8>>, &str); 4] = [
+        ("no SNI, no name known", Some(no_sni), "no server name"),
+        ("junk in a handshake record", Some(vec![0x16, 3, 1, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff]), "cannot be parsed"),
+        ("plain HTTP with a private key", Some(private_key_chat()), "not TLS"),
+        // Says nothing until the proxy gives up waiting.
+        ("late ClientHello", None, "no ClientHello in time"),
+    ];
+    for (i, (what, bytes, reason)) in cases.into_iter().enumerate() {
+        let mut client = TcpStream::connect(proxy.addr).await?;
+        if let Some(bytes) = &bytes {
+            client.write_all(bytes).await?;
+        }
+        // The proxy closes the connection: the event this case waits for.
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
+            .await
+            .with_context(|| format!("{what}: never closed"))?;
+        assert!(got.is_empty(), "{what}: got {got:?}");
+        // Once the client is closed the decision is made; a relay would have
+        // connected before.
+        use futures_util::FutureExt as _;
+        assert!(upstream.accept().now_or_never().is_none(), "{what}: reached the original destination");
+        let events = audit_events(&audit, |e| e["event"] == "unclassified_connection").await?;
+        assert!(events.len() > i, "{what}: no audit event");
+        let event = &events[i];
+        assert_eq!(event["decision"], "block", "{what}: {event}");
+        assert!(reasons(event).contains(reason), "{what}: {event}");
+        assert_eq!(event["orig_dst"], upstream_addr.to_string(), "{what}: {event}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_without_sni_to_a_learned_ai_address_is_inspected_as_its_name() -> Result<()> {
+    let s = setup(GuardrailsConfig::default(), settings()).await?;
+    // The address was learned for api.openai.com (the fake provider has its
+    // certificate, so upstream verification uses that name).
+    s.proxy.set_ai_address(s.provider.local_addr().ip(), &["api.openai.com"]);
+    // A client that connects by address sends no SNI and, like Python with
+    // `server_hostname=None`, checks no name.
+    let client = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .no_proxy()
+        .http1_only()
+        .timeout(Duration::from_secs(20))
+        .build()?;
+    let url = format!("https://{}/v1/chat/completions", s.proxy.addr);
+    let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": PRIVATE_KEY}]});
+    let resp = client.post(&url).header("content-type", "application/json").body(body.to_string()).send().await?;
+    assert_eq!(resp.status(), 403, "the private key is blocked");
+    let plain = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hello"}]});
+    let resp = client.post(&url).header("content-type", "application/json").body(plain.to_string()).send().await?;
+    assert_eq!(resp.status(), 200, "and the rest is relayed to the provider");
+    let seen = s.provider.requests();
+    assert_eq!(seen.len(), 1, "{seen:#?}");
+    assert!(!String::from_utf8_lossy(&seen[0].body).contains("PRIVATE KEY"));
+    let events = audit_events(&s.audit, |e| e["decision"] == "block").await?;
+    assert_eq!(events[0]["host"], "api.openai.com", "{}", events[0]);
+    Ok(())
+}

@@ -36,7 +36,9 @@ use crate::{
     audit::{self, AuditEvent, AuditLog, WorkloadInfo},
     config::{Backend, FailMode, GuardrailsConfig, OversizeAction, SigV4Action, StreamMode},
     metrics::{BackendLabels, DecisionLabels, Metrics},
-    proxy::hook::{BodyAction, BodyInspector, ChunkAction, Exchange, Hook, RequestAction, ResponseAction},
+    proxy::hook::{
+        BodyAction, BodyInspector, ChunkAction, Exchange, Hook, RequestAction, ResponseAction, Unclassified,
+    },
 };
 
 /// Header of the seed's block contract.
@@ -621,6 +623,49 @@ impl Hook for Pipeline {
         outcome.reasons.push(format!("not inspected: too large ({reason})"));
         let direction = if response.is_some() { Direction::Response } else { Direction::Request };
         self.audit(&g, ex, &state, direction, &outcome, started, None).await;
+    }
+
+    async fn on_unclassified(&self, conn: &Unclassified<'_>) {
+        let outcome = if conn.refused {
+            let block = Block {
+                status: StatusCode::FORBIDDEN,
+                reason: format!("unclassified connection refused: {}", conn.reason),
+                backend: "proxy",
+                rule: "unclassified".into(),
+            };
+            Outcome { block: Some(block), rules: vec!["unclassified".into()], ..Outcome::default() }
+        } else {
+            Outcome { alert: true, reasons: vec![format!("not inspected: {}", conn.reason)], ..Outcome::default() }
+        };
+        self.record_metrics(Provider::Generic, Direction::Request, &outcome, Instant::now());
+        self.audit
+            .record(AuditEvent {
+                time: audit::now(),
+                event: "unclassified_connection",
+                request_id: request_id(&http::HeaderMap::new()),
+                direction: "request",
+                decision: outcome.decision(),
+                provider: Provider::Generic.as_str(),
+                host: conn.sni.unwrap_or_default().to_string(),
+                path: String::new(),
+                method: String::new(),
+                model: None,
+                rules: Vec::new(),
+                detectors: Vec::new(),
+                reasons: outcome
+                    .block
+                    .iter()
+                    .map(|b| b.reason.clone())
+                    .chain(outcome.reasons.iter().cloned())
+                    .collect(),
+                backends: Vec::new(),
+                latency_ms: 0.0,
+                client: conn.client.to_string(),
+                orig_dst: conn.orig_dst.to_string(),
+                workload: WorkloadInfo::of(conn.workload),
+                prompt: None,
+            })
+            .await;
     }
 
     async fn on_response_body(

@@ -24,6 +24,20 @@ pub struct Exchange {
     pub workload: Option<Workload>,
 }
 
+/// A connection to an AI address whose first bytes could not be classified
+/// by name (late, missing, unparseable or oversized ClientHello, not TLS, or
+/// no server name and no AI name known for the address).
+#[derive(Clone, Copy, Debug)]
+pub struct Unclassified<'a> {
+    pub client: ClientAddr,
+    pub orig_dst: OrigDstAddr,
+    pub workload: Option<&'a Workload>,
+    pub sni: Option<&'a str>,
+    pub reason: &'a str,
+    /// Closed (`true`) or relayed uninspected because the operator chose so.
+    pub refused: bool,
+}
+
 pub enum RequestAction {
     /// Forward the request unchanged.
     Forward,
@@ -85,6 +99,10 @@ pub trait Hook: Send + Sync + 'static {
         _reason: &str,
     ) {
     }
+
+    /// A connection to an AI address was refused, or relayed uninspected,
+    /// before any request: records it.
+    async fn on_unclassified(&self, _conn: &Unclassified<'_>) {}
 
     /// The whole response body, after [`ResponseAction::Collect`].
     async fn on_response_body(

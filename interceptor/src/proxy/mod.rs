@@ -4,6 +4,14 @@
 //! untouched (everything else). Upstream sockets carry the proxy's mark, which
 //! the redirect never sends back to us.
 //!
+//! A connection whose original destination is an AI address (configured,
+//! resolved or learned from DNS) is inspected unless its ClientHello proves
+//! otherwise: only a parsed ClientHello naming a non-AI host passes through.
+//! One without a server name is intercepted as the AI name the address is
+//! known by, or refused; a late, unparseable, oversized or non-TLS one is
+//! refused (`targets.unclassified` can relay them instead, audited).
+//! Addresses not known to be AI (`all-tls`) keep the SNI-only rule.
+//!
 //! Every connection is recorded exactly once, when it ends, by a drop guard.
 //! Connections beyond the global cap or their workload's cap are closed at
 //! once, before any byte is read.
@@ -18,6 +26,7 @@ pub mod tls;
 pub mod upstream;
 
 use std::{
+    borrow::Cow,
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
@@ -40,11 +49,12 @@ use self::{
     tls::TlsTermination,
 };
 use crate::{
-    config::OversizeAction,
+    config::{OversizeAction, Unclassified},
     metrics::{ConnectionLabels, Metrics},
     net::{self, ClientAddr, OrigDstAddr},
-    policy::DomainPolicy,
+    policy::{DomainPolicy, Reason},
     redirect::{OrigDstResolver, ProxyAddrs, Workload},
+    targets::{AiAddress, TargetSet},
     telemetry,
 };
 
@@ -77,10 +87,19 @@ pub enum ProxyError {
     NoRoots,
 }
 
-/// What the control plane publishes for the data plane; replaced whole on
-/// every policy change, read once per connection.
+/// What the control plane publishes for the data plane; replaced on every
+/// policy or target change, read once per connection.
+#[derive(Clone)]
 pub struct Snapshot {
-    pub policy: DomainPolicy,
+    pub policy: Arc<DomainPolicy>,
+    /// The redirect targets, to tell AI addresses (and their names) apart.
+    pub targets: Arc<TargetSet>,
+}
+
+impl Snapshot {
+    pub fn new(policy: DomainPolicy) -> Self {
+        Self { policy: Arc::new(policy), targets: Arc::default() }
+    }
 }
 
 /// The bound listeners, before serving.
@@ -134,6 +153,9 @@ pub struct ProxySettings {
     pub max_connections: usize,
     /// Connections served at once per workload; 0: no cap.
     pub max_connections_per_workload: usize,
+    /// A connection to an AI address that cannot be classified: refuse or
+    /// relay it.
+    pub unclassified: Unclassified,
 }
 
 impl Default for ProxySettings {
@@ -149,6 +171,7 @@ impl Default for ProxySettings {
             idle_timeout: Duration::from_secs(120),
             max_connections: 8192,
             max_connections_per_workload: 1024,
+            unclassified: Unclassified::Refuse,
         }
     }
 }
@@ -465,47 +488,121 @@ async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &
     let _ = stream.set_nodelay(true);
 
     let hello = sni::peek_client_hello(&stream, plane.settings.client_hello_timeout).await;
-    let intercept = match (&hello, &plane.tls) {
-        (Peeked::Tls(info), Some(tls)) => {
-            record.sni = info.sni.clone();
-            let decision = plane.snapshot.borrow().policy.classify(info.sni.as_deref());
-            record.reason = Some(decision.reason.to_string());
-            match info.sni.as_deref() {
-                Some(sni) if decision.intercept => {
-                    let comm = record.workload.as_ref().map(|w| w.comm.clone()).unwrap_or_default();
-                    if shared.rejected_before(&comm, sni) {
-                        record.reason = Some("client rejected our certificate before".into());
-                        None
-                    } else {
-                        Some((Arc::clone(tls), sni.to_string(), comm))
-                    }
-                }
-                _ => None,
+    if let Peeked::Tls(info) = &hello {
+        record.sni = info.sni.clone();
+    }
+    let Some(tls) = plane.tls.clone() else {
+        // The operator turned interception off: every connection is relayed.
+        record.reason = Some("TLS interception disabled".into());
+        record.mode = "passthrough";
+        return passthrough(stream, orig, shared, &mut record).await;
+    };
+    let (route, reason) = {
+        let snapshot = plane.snapshot.borrow();
+        let ai = snapshot.targets.ai_address(orig.0.ip());
+        route(&hello, ai, &snapshot.policy)
+    };
+    record.reason = Some(reason.into_owned());
+    match route {
+        Route::Intercept(name) => {
+            let comm = record.workload.as_ref().map(|w| w.comm.clone()).unwrap_or_default();
+            if shared.rejected_before(&comm, &name) {
+                record.reason = Some("client rejected our certificate before".into());
+                record.mode = "passthrough";
+                passthrough(stream, orig, shared, &mut record).await;
+            } else {
+                record.mode = "intercept";
+                intercept_connection(stream, orig, name, comm, tls, shared, &mut record).await;
             }
         }
-        (Peeked::Tls(info), None) => {
-            record.sni = info.sni.clone();
-            record.reason = Some("TLS interception disabled".into());
-            None
-        }
-        (Peeked::NotTls, _) => {
-            record.reason = Some("not TLS".into());
-            None
-        }
-        (Peeked::Timeout, _) => {
-            record.reason = Some("no ClientHello in time".into());
-            None
-        }
-    };
-    match intercept {
-        Some((tls, sni, comm)) => {
-            record.mode = "intercept";
-            intercept_connection(stream, orig, sni, comm, tls, shared, &mut record).await;
-        }
-        None => {
+        Route::Passthrough => {
             record.mode = "passthrough";
             passthrough(stream, orig, shared, &mut record).await;
         }
+        Route::Unclassified(why) => {
+            let refused = plane.settings.unclassified == Unclassified::Refuse;
+            if let Some(hook) = &plane.hook {
+                let conn = hook::Unclassified {
+                    client,
+                    orig_dst: orig,
+                    workload: record.workload.as_ref(),
+                    sni: record.sni.as_deref(),
+                    reason: why,
+                    refused,
+                };
+                hook.on_unclassified(&conn).await;
+            }
+            if refused {
+                tracing::warn!(
+                    event = "unclassified_refused",
+                    client = %client,
+                    orig_dst = %orig,
+                    reason = why,
+                    "connection to an AI address refused: it cannot be inspected"
+                );
+                record.mode = "refused";
+                record.outcome = "refused_unclassified";
+            } else {
+                record.mode = "passthrough";
+                passthrough(stream, orig, shared, &mut record).await;
+            }
+        }
+        Route::Closed => record.outcome = "client_closed",
+    }
+}
+
+/// Where a connection goes.
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    /// Terminate TLS presenting this name, and verify the provider as it.
+    Intercept(String),
+    /// Relay the bytes untouched.
+    Passthrough,
+    /// Bound for an AI address and cannot be classified, for this reason:
+    /// refused, or relayed if the operator chose so.
+    Unclassified(&'static str),
+    /// The client closed before sending anything.
+    Closed,
+}
+
+/// Decides a connection's route from its first bytes and what the target
+/// set knows of its original destination, with the reason recorded for it.
+/// Pure: the data plane's whole classification rule.
+fn route(hello: &Peeked, dst: AiAddress<'_>, policy: &DomainPolicy) -> (Route, Cow<'static, str>) {
+    const NO_NAME: &str = "no server name, and no AI name known for the address";
+    let ai = dst != AiAddress::Unknown;
+    let info = match hello {
+        Peeked::Tls(info) => info,
+        Peeked::Closed if ai => return (Route::Closed, Cow::Borrowed("closed before a ClientHello")),
+        other => {
+            let why = other.unclassified_reason().unwrap_or("not classified");
+            let route = if ai { Route::Unclassified(why) } else { Route::Passthrough };
+            return (route, Cow::Borrowed(why));
+        }
+    };
+    let decision = policy.classify(info.sni.as_deref());
+    match info.sni.as_deref() {
+        Some(sni) if decision.intercept => {
+            return (Route::Intercept(sni.to_string()), Cow::Borrowed(decision.reason.as_str()));
+        }
+        // A parsed ClientHello naming a non-AI host is the one thing that
+        // may pass through an AI address.
+        Some(_) if decision.reason != Reason::InvalidSni => {
+            return (Route::Passthrough, Cow::Borrowed(decision.reason.as_str()));
+        }
+        _ => {}
+    }
+    // No usable server name: only the address can tell.
+    match dst {
+        AiAddress::Named(names) => match names.iter().find(|n| policy.classify(Some(n.as_str())).intercept) {
+            Some(name) => (
+                Route::Intercept(name.clone()),
+                Cow::Owned(format!("{}: intercepted as the address's AI name", decision.reason)),
+            ),
+            None => (Route::Unclassified(NO_NAME), Cow::Borrowed(NO_NAME)),
+        },
+        AiAddress::Configured => (Route::Unclassified(NO_NAME), Cow::Borrowed(NO_NAME)),
+        AiAddress::Unknown => (Route::Passthrough, Cow::Borrowed(decision.reason.as_str())),
     }
 }
 
@@ -549,7 +646,13 @@ async fn intercept_connection(
 ) {
     // A client that stalls mid-handshake is bounded like a slow request head.
     let handshake_timeout = shared.plane.settings.header_read_timeout;
-    let tls_stream = match tokio::time::timeout(handshake_timeout, tls.accept(stream, &sni)).await {
+    let handshake = async {
+        match record.sni {
+            Some(_) => tls.accept(stream, &sni).await,
+            None => tls.accept_as(stream, &sni).await,
+        }
+    };
+    let tls_stream = match tokio::time::timeout(handshake_timeout, handshake).await {
         Err(_) => {
             record.outcome = "client_tls_timeout";
             record.error = Some(format!("TLS handshake not finished within {handshake_timeout:?}"));
@@ -629,7 +732,7 @@ mod tests {
 
     fn plane(resolver: Arc<dyn OrigDstResolver>) -> DataPlane {
         let policy = DomainPolicy::compile(&DomainsConfig::default()).unwrap();
-        let (_tx, snapshot) = watch::channel(Arc::new(Snapshot { policy }));
+        let (_tx, snapshot) = watch::channel(Arc::new(Snapshot::new(policy)));
         let settings = ProxySettings {
             connect_timeout: Duration::from_secs(2),
             client_hello_timeout: Duration::from_millis(200),
@@ -685,6 +788,45 @@ mod tests {
             assert!(open.admit_workload(&mut s, a));
             slots.push(s);
         }
+    }
+
+    #[test]
+    fn an_ai_address_is_inspected_unless_a_parsed_hello_names_a_non_ai_host() {
+        use std::collections::BTreeSet;
+
+        use crate::proxy::sni::ClientHelloInfo;
+        let policy = DomainPolicy::compile(&DomainsConfig::default()).unwrap();
+        let names: BTreeSet<String> = ["api.openai.com".to_string()].into();
+        let learned = AiAddress::Named(&names);
+        let hello = |sni: Option<&str>| Peeked::Tls(ClientHelloInfo { sni: sni.map(str::to_owned), alpn: vec![] });
+        let r = |p: &Peeked, dst| route(p, dst, &policy).0;
+
+        for dst in [learned, AiAddress::Configured, AiAddress::Unknown] {
+            assert_eq!(r(&hello(Some("api.anthropic.com")), dst), Route::Intercept("api.anthropic.com".into()));
+            assert_eq!(r(&hello(Some("example.org")), dst), Route::Passthrough, "a non-AI name passes");
+            // Chatty domains are the operator's explicit exception.
+            assert_eq!(r(&hello(Some("telemetry.x.githubcopilot.com")), dst), Route::Passthrough);
+        }
+        // No server name: the name the address is known by, or nothing.
+        let (route_, reason) = route(&hello(None), learned, &policy);
+        assert_eq!(route_, Route::Intercept("api.openai.com".into()));
+        assert!(reason.contains("no SNI"), "{reason}");
+        assert!(matches!(r(&hello(None), AiAddress::Configured), Route::Unclassified(_)));
+        assert_eq!(r(&hello(None), AiAddress::Unknown), Route::Passthrough);
+        // Known only by names that are not intercepted: nothing to present.
+        let chatty: BTreeSet<String> = ["telemetry.x.githubcopilot.com".to_string()].into();
+        assert!(matches!(r(&hello(None), AiAddress::Named(&chatty)), Route::Unclassified(_)));
+
+        // Whatever cannot be classified is refused at an AI address only.
+        for p in [Peeked::NotTls, Peeked::Invalid, Peeked::TooLarge, Peeked::Timeout] {
+            let why = p.unclassified_reason().unwrap();
+            for dst in [learned, AiAddress::Configured] {
+                assert_eq!(route(&p, dst, &policy), (Route::Unclassified(why), Cow::Borrowed(why)), "{p:?}");
+            }
+            assert_eq!(r(&p, AiAddress::Unknown), Route::Passthrough, "{p:?}");
+        }
+        assert_eq!(r(&Peeked::Closed, learned), Route::Closed);
+        assert_eq!(r(&Peeked::Closed, AiAddress::Unknown), Route::Passthrough);
     }
 
     #[test]

@@ -17,10 +17,31 @@ pub struct ClientHelloInfo {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Peeked {
     Tls(ClientHelloInfo),
-    /// Not a TLS ClientHello (another protocol, junk, or the client closed).
+    /// Not a TLS handshake record: another protocol.
     NotTls,
+    /// TLS handshake records that rustls cannot parse as a ClientHello.
+    Invalid,
+    /// A ClientHello still incomplete at [`MAX_HELLO`] bytes.
+    TooLarge,
+    /// The client closed (or the socket failed) before a whole ClientHello.
+    Closed,
     /// The client sent no complete ClientHello in time.
     Timeout,
+}
+
+impl Peeked {
+    /// Why a connection that is not a parsed ClientHello cannot be
+    /// classified by name; `None` for a parsed one.
+    pub fn unclassified_reason(&self) -> Option<&'static str> {
+        match self {
+            Self::Tls(_) => None,
+            Self::NotTls => Some("not TLS"),
+            Self::Invalid => Some("ClientHello cannot be parsed"),
+            Self::TooLarge => Some("ClientHello too large"),
+            Self::Closed => Some("closed before a ClientHello"),
+            Self::Timeout => Some("no ClientHello in time"),
+        }
+    }
 }
 
 /// Largest ClientHello we wait for (several records are allowed).
@@ -45,7 +66,7 @@ async fn peek_loop(stream: &TcpStream, peeks: &mut u32) -> Peeked {
     loop {
         *peeks += 1;
         let n = match stream.peek(&mut buf).await {
-            Ok(0) | Err(_) => return Peeked::NotTls,
+            Ok(0) | Err(_) => return Peeked::Closed,
             Ok(n) => n,
         };
         if buf[0] != HANDSHAKE {
@@ -56,13 +77,13 @@ async fn peek_loop(stream: &TcpStream, peeks: &mut u32) -> Peeked {
             gap = Duration::from_millis(1);
             match parse_client_hello(&buf[..n]) {
                 Parse::Done(info) => return Peeked::Tls(info),
-                Parse::Invalid => return Peeked::NotTls,
+                Parse::Invalid => return Peeked::Invalid,
                 Parse::NeedMore => {}
             }
         }
         if n == buf.len() {
             if buf.len() >= MAX_HELLO {
-                return Peeked::NotTls;
+                return Peeked::TooLarge;
             }
             buf.resize(buf.len() * 2, 0);
             continue;
@@ -145,7 +166,7 @@ mod tests {
         let peeked = peek_client_hello(&server, Duration::from_secs(2)).await;
         // The bytes are still there for whoever reads next.
         let mut first = [0u8; 1];
-        assert!(server.peek(&mut first).await.unwrap() == 1 || peeked != Peeked::NotTls);
+        assert_eq!(server.peek(&mut first).await.unwrap(), 1, "{peeked:?}");
         writer.abort();
         peeked
     }
@@ -169,10 +190,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn non_tls_and_junk_are_not_tls() {
+    async fn non_tls_junk_and_oversized_hellos_are_told_apart() {
         assert_eq!(peek_bytes(vec![b"GET / HTTP/1.1\r\n\r\n".to_vec()], Duration::ZERO).await, Peeked::NotTls);
         let junk = vec![0x16, 3, 1, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff];
-        assert_eq!(peek_bytes(vec![junk], Duration::ZERO).await, Peeked::NotTls);
+        assert_eq!(peek_bytes(vec![junk], Duration::ZERO).await, Peeked::Invalid);
+        // A ClientHello announcing 65,520 bytes, in 16 KiB records. rustls's
+        // acceptor gives up on a hello past about 16 KiB (Invalid); a peek
+        // buffer that reaches 64 KiB first is TooLarge. Either way it is not
+        // a ClientHello the proxy can classify.
+        let mut big = vec![0x16, 3, 1, 0x40, 0x00, 1, 0x00, 0xff, 0xf0];
+        big.resize(5 + 0x4000, 0);
+        for _ in 0..3 {
+            big.extend([0x16, 3, 1, 0x40, 0x00]);
+            big.resize(big.len() + 0x4000, 0);
+        }
+        assert!(big.len() > MAX_HELLO);
+        let peeked = peek_bytes(vec![big], Duration::ZERO).await;
+        assert!(matches!(peeked, Peeked::Invalid | Peeked::TooLarge), "{peeked:?}");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_closes_before_a_hello_is_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        drop(c);
+        assert_eq!(peek_client_hello(&server, Duration::from_secs(2)).await, Peeked::Closed);
     }
 
     #[tokio::test]

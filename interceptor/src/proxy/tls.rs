@@ -39,6 +39,26 @@ impl TlsTermination {
         self.issuer.certified_key(sni).await.map_err(std::io::Error::other)?;
         self.acceptor.accept(stream).await
     }
+
+    /// Like [`TlsTermination::accept`] for a client that sent no server
+    /// name: presents the leaf for `name`, the AI name its destination
+    /// address is known by.
+    pub async fn accept_as(&self, stream: TcpStream, name: &str) -> std::io::Result<TlsStream<TcpStream>> {
+        let key = self.issuer.certified_key(name).await.map_err(std::io::Error::other)?;
+        let mut config = rustls::ServerConfig::builder().with_no_client_auth().with_cert_resolver(Arc::new(Fixed(key)));
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        TlsAcceptor::from(Arc::new(config)).accept(stream).await
+    }
+}
+
+/// One certificate whatever the ClientHello says.
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
 }
 
 #[derive(Debug)]
