@@ -5,6 +5,8 @@
 //! the answer maps an AI domain to addresses, the forwarder hands them to a
 //! [`DnsObserver`] and holds the reply until the observer returns, so the
 //! client's next `connect()` to those addresses is already redirected.
+//! Answers about AI names lose their Encrypted ClientHello configurations
+//! (`ech` in HTTPS and SVCB records), so clients name the host they reach.
 //!
 //! This module owns the DNS exchange (wire format through `hickory-proto`,
 //! never by hand). It does not decide what an AI domain is and does not touch
@@ -22,7 +24,13 @@ use std::{
 use hickory_proto::{
     ProtoError,
     op::{Header, Message, MessageType, ResponseCode},
-    rr::{Name, RData},
+    rr::{
+        Name, RData,
+        rdata::{
+            HTTPS,
+            svcb::{SvcParamKey, SvcParamValue},
+        },
+    },
     serialize::binary::{BinDecodable, BinDecoder, DecodeError},
 };
 use tokio::{
@@ -232,6 +240,45 @@ fn parse_nameserver(word: &str) -> Option<SocketAddr> {
 /// Records not connected to the question are ignored; names compare without
 /// case or trailing dot; each address is reported once.
 pub fn extract(message: &Message, observer: &dyn DnsObserver) -> Vec<Learned> {
+    let chain = cname_chain(message);
+    let Some(ai_name) = chain.iter().find(|name| observer.is_ai_domain(name)) else {
+        return Vec::new();
+    };
+
+    let mut learned: Vec<Learned> = Vec::new();
+    for record in &message.answers {
+        if !chain.contains(&normalize(&record.name)) {
+            continue;
+        }
+        let ttl = Duration::from_secs(u64::from(record.ttl));
+        let mut learn = |addr: IpAddr| {
+            if !learned.iter().any(|l| l.addr == addr) {
+                learned.push(Learned { name: ai_name.clone(), addr, ttl });
+            }
+        };
+        match &record.data {
+            RData::A(a) => learn(IpAddr::V4(a.0)),
+            RData::AAAA(aaaa) => learn(IpAddr::V6(aaaa.0)),
+            // Clients may connect to the address hints of an HTTPS or SVCB
+            // record without asking for A or AAAA records.
+            RData::HTTPS(HTTPS(svcb)) | RData::SVCB(svcb) => {
+                for (_, value) in &svcb.svc_params {
+                    match value {
+                        SvcParamValue::Ipv4Hint(hint) => hint.0.iter().for_each(|a| learn(IpAddr::V4(a.0))),
+                        SvcParamValue::Ipv6Hint(hint) => hint.0.iter().for_each(|a| learn(IpAddr::V6(a.0))),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    learned
+}
+
+/// The question's name and the names its CNAME chain in the answer section
+/// reaches, normalized.
+fn cname_chain(message: &Message) -> Vec<String> {
     let Some(question) = message.queries.first() else {
         return Vec::new();
     };
@@ -251,23 +298,30 @@ pub fn extract(message: &Message, observer: &dyn DnsObserver) -> Vec<Learned> {
             _ => break,
         }
     }
-    let Some(ai_name) = chain.iter().find(|name| observer.is_ai_domain(name)) else {
-        return Vec::new();
-    };
+    chain
+}
 
-    let mut learned: Vec<Learned> = Vec::new();
-    for record in &message.answers {
-        let addr = match &record.data {
-            RData::A(a) => IpAddr::V4(a.0),
-            RData::AAAA(aaaa) => IpAddr::V6(aaaa.0),
+/// Removes the Encrypted ClientHello configurations (`ech` parameters) of
+/// the HTTPS and SVCB records in a reply about an AI name (its question or
+/// CNAME chain): a client using ECH shows the proxy only an outer server
+/// name, and its requests could not be classified. Without the parameter
+/// clients connect with a plain ClientHello (RFC 9849's non-ECH fallback).
+/// Returns whether anything was removed.
+pub fn strip_ech(message: &mut Message, observer: &dyn DnsObserver) -> bool {
+    if !cname_chain(message).iter().any(|name| observer.is_ai_domain(name)) {
+        return false;
+    }
+    let mut stripped = false;
+    for record in message.answers.iter_mut().chain(message.additionals.iter_mut()) {
+        let svcb = match &mut record.data {
+            RData::HTTPS(HTTPS(svcb)) | RData::SVCB(svcb) => svcb,
             _ => continue,
         };
-        if !chain.contains(&normalize(&record.name)) || learned.iter().any(|l| l.addr == addr) {
-            continue;
-        }
-        learned.push(Learned { name: ai_name.clone(), addr, ttl: Duration::from_secs(u64::from(record.ttl)) });
+        let before = svcb.svc_params.len();
+        svcb.svc_params.retain(|(key, _)| *key != SvcParamKey::EchConfigList);
+        stripped |= svcb.svc_params.len() != before;
     }
-    learned
+    stripped
 }
 
 /// Lowercase ASCII (IDNs as punycode) without the trailing dot.
@@ -414,9 +468,13 @@ impl Shared {
             tracing::debug!(id = request.metadata.id, "ignoring a dns message that is not a query");
             return None;
         }
-        let Some((reply, message)) = self.forward(query, &request, transport).await else {
+        let Some((mut reply, mut message)) = self.forward(query, &request, transport).await else {
             return encode(&servfail(&request));
         };
+        if strip_ech(&mut message, self.observer.as_ref()) {
+            tracing::debug!(name = %query_name(&message), "removed ECH configurations from an AI name's answer");
+            reply = encode(&message)?;
+        }
         let learned = extract(&message, self.observer.as_ref());
         if !learned.is_empty() {
             let count = learned.len();
@@ -455,7 +513,8 @@ impl Shared {
     // The query goes upstream byte for byte, with the client's ID, from a
     // fresh connected socket (random source port): off-path spoofing is as
     // hard as it would have been for the client talking to the resolver
-    // itself, and nothing in the query or reply is rewritten.
+    // itself, and nothing in the query is rewritten (in the reply, only the
+    // ECH parameters of an AI name's records: see `strip_ech`).
     async fn exchange_udp(
         &self,
         upstream: SocketAddr,
@@ -671,6 +730,51 @@ mod tests {
 
     fn observer() -> Arc<Recorder> {
         Recorder::new(Duration::ZERO)
+    }
+
+    fn https(owner: &str, params: Vec<(SvcParamKey, SvcParamValue)>) -> Record {
+        let svcb = hickory_proto::rr::rdata::SVCB::new(1, name("."), params);
+        Record::from_rdata(name(owner), 300, RData::HTTPS(HTTPS(svcb)))
+    }
+
+    fn ech_and_hints() -> Vec<(SvcParamKey, SvcParamValue)> {
+        use hickory_proto::rr::rdata::svcb::{EchConfigList, IpHint};
+        vec![
+            (SvcParamKey::Ipv4Hint, SvcParamValue::Ipv4Hint(IpHint(vec![A("198.18.0.12".parse().unwrap())]))),
+            (
+                SvcParamKey::EchConfigList,
+                SvcParamValue::EchConfigList(EchConfigList(vec![0xfe, 0x0d, 0, 4, 1, 2, 3, 4])),
+            ),
+            (SvcParamKey::Ipv6Hint, SvcParamValue::Ipv6Hint(IpHint(vec![AAAA("2001:db8::12".parse().unwrap())]))),
+        ]
+    }
+
+    #[test]
+    fn ech_is_removed_from_ai_names_answers_only_and_address_hints_are_learned() {
+        let obs = observer();
+        let mut m = response("api.openai.com.", RecordType::HTTPS, vec![https("api.openai.com.", ech_and_hints())]);
+        assert!(strip_ech(&mut m, obs.as_ref()));
+        let bytes = m.to_vec().unwrap();
+        let m = Message::from_vec(&bytes).unwrap();
+        let RData::HTTPS(HTTPS(svcb)) = &m.answers[0].data else { panic!("{m:?}") };
+        let keys: Vec<_> = svcb.svc_params.iter().map(|(k, _)| *k).collect();
+        assert_eq!(keys, vec![SvcParamKey::Ipv4Hint, SvcParamKey::Ipv6Hint], "only ech goes");
+        assert_eq!(
+            extract(&m, obs.as_ref()),
+            vec![learned("api.openai.com", "198.18.0.12", 300), learned("api.openai.com", "2001:db8::12", 300)]
+        );
+        // Through a CNAME to a CDN name, too.
+        let mut m = response(
+            "api.openai.com.",
+            RecordType::HTTPS,
+            vec![cname("api.openai.com.", "edge.cdn.example."), https("edge.cdn.example.", ech_and_hints())],
+        );
+        assert!(strip_ech(&mut m, obs.as_ref()));
+        // Other names keep their ECH.
+        let mut m = response("example.com.", RecordType::HTTPS, vec![https("example.com.", ech_and_hints())]);
+        assert!(!strip_ech(&mut m, obs.as_ref()));
+        let RData::HTTPS(HTTPS(svcb)) = &m.answers[0].data else { panic!() };
+        assert_eq!(svcb.svc_params.len(), 3);
     }
 
     #[test]

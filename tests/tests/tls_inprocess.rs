@@ -328,3 +328,56 @@ async fn a_rejected_certificate_can_turn_into_passthrough_for_that_process_and_h
     // `a_client_that_rejects_our_certificate_does_not_disturb_others`.
     Ok(())
 }
+
+/// HTTP/2 connection coalescing, or a Host that disagrees with the SNI: an
+/// AI request sent on a connection made for a sibling name (same address,
+/// same parent domain, a certificate that covers both) must not ride it to
+/// the provider uninspected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ai_request_on_a_connection_made_for_a_sibling_name_gets_421() -> Result<()> {
+    use http_body_util::{BodyExt as _, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use rustls_pki_types::pem::PemObject as _;
+
+    let pki = TestPki::new(&["www.googleapis.com", "generativelanguage.googleapis.com"], &[])?;
+    let provider = FakeProvider::start(std::net::TcpListener::bind("127.0.0.1:0")?, &pki)?;
+    let dir = tempfile::tempdir()?;
+    let upstream_ca = pki.write_ca(dir.path())?;
+    let hook = interceptor_tests::inprocess::local_pipeline(Default::default(), None)?;
+    let proxy =
+        InProcessProxy::start(provider.local_addr(), &upstream_ca, DomainsConfig::default(), Some(hook)).await?;
+    proxy.set_ai_address(provider.local_addr().ip(), &["generativelanguage.googleapis.com"]);
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(proxy.ca_pem.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await?;
+    let name = rustls_pki_types::ServerName::try_from("www.googleapis.com")?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await?;
+    tokio::spawn(conn);
+
+    let key = "-----BEGIN RSA PRIVATE KEY-----\nMIIBOgIBAAJBAKj34GkxFhD90vcNLYLInFEX6Ppy1tPf9Cnzj4p4WGeKLs1Pt8Qu\n-----END RSA PRIVATE KEY-----";
+    let body = serde_json::json!({"contents": [{"parts": [{"text": key}]}]}).to_string();
+    let coalesced =
+        http::Request::post("https://generativelanguage.googleapis.com/v1beta/models/gemini-2.0-flash:generateContent")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))?;
+    let resp = sender.send_request(coalesced).await?;
+    assert_eq!(resp.status(), 421, "an AI request on the sibling's connection");
+    let text = resp.into_body().collect().await?.to_bytes();
+    assert!(String::from_utf8_lossy(&text).contains("misdirected_request"), "{text:?}");
+
+    // The connection's own name is relayed as before.
+    let own = http::Request::get("https://www.googleapis.com/discovery/v1/apis").body(Full::new(Bytes::new()))?;
+    let resp = sender.send_request(own).await?;
+    assert_ne!(resp.status(), 421);
+    let seen = provider.requests();
+    assert_eq!(seen.len(), 1, "only the sibling's own request reached the provider: {seen:#?}");
+    assert_eq!(seen[0].path, "/discovery/v1/apis");
+    assert_eq!(seen[0].sni.as_deref(), Some("www.googleapis.com"));
+    Ok(())
+}

@@ -75,6 +75,13 @@ pub struct Intercepted {
     /// only while this is zero).
     pub active: watch::Sender<usize>,
     pub requests: AtomicU64,
+    /// Set when the connection's own name is not an AI name but shares its
+    /// AI address and parent domain with one: intercepted only so that no
+    /// AI request rides on it (HTTP/2 connection coalescing, or a Host that
+    /// disagrees with the SNI). Requests for a name this policy intercepts
+    /// get `421 Misdirected Request`, so the client opens a connection of
+    /// their own; the rest is relayed without the hook.
+    pub coalesced_guard: Option<Arc<crate::policy::DomainPolicy>>,
 }
 
 /// Limits on what one client may make an intercepted connection hold.
@@ -195,6 +202,23 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
         return *response;
     }
     let mut body: BoxBody = body.map_err(boxed).boxed_unsync();
+
+    if let Some(policy) = &conn.coalesced_guard {
+        let host = parts.uri.host().unwrap_or_default();
+        if policy.classify(Some(host)).intercept {
+            tracing::warn!(
+                event = "misdirected_request",
+                sni = %conn.exchange.sni,
+                authority = host,
+                client = %conn.exchange.client,
+                "an AI request on a connection made for another name: answered 421"
+            );
+            let message = format!("{host} needs a connection of its own; this one was made for {}", conn.exchange.sni);
+            return error_response(StatusCode::MISDIRECTED_REQUEST, "misdirected_request", &message);
+        }
+        let (Ok(resp) | Err(resp)) = send(Request::from_parts(parts, body), &conn, upgrade, client_upgrade).await;
+        return resp;
+    }
 
     if let Some(hook) = &conn.hook {
         let max = conn.limits.max_inspected_body;

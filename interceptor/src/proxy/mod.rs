@@ -503,15 +503,16 @@ async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &
         route(&hello, ai, &snapshot.policy)
     };
     record.reason = Some(reason.into_owned());
+    let guard = matches!(route, Route::Guard(_));
     match route {
-        Route::Intercept(name) => {
+        Route::Intercept(name) | Route::Guard(name) => {
             let comm = record.workload.as_ref().map(|w| w.comm.clone()).unwrap_or_default();
             if shared.rejected_before(&comm, &name) {
                 record.reason = Some("client rejected our certificate before".into());
                 record.mode = "passthrough";
                 passthrough(stream, orig, shared, &mut record).await;
             } else {
-                record.mode = "intercept";
+                record.mode = if guard { "guard" } else { "intercept" };
                 intercept_connection(stream, orig, name, comm, tls, shared, &mut record).await;
             }
         }
@@ -556,6 +557,10 @@ async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &
 enum Route {
     /// Terminate TLS presenting this name, and verify the provider as it.
     Intercept(String),
+    /// A non-AI name that shares its AI address and parent domain with an
+    /// AI name: terminate TLS as it, answer 421 to any request for an AI
+    /// name, relay the rest uninspected.
+    Guard(String),
     /// Relay the bytes untouched.
     Passthrough,
     /// Bound for an AI address and cannot be classified, for this reason:
@@ -585,6 +590,10 @@ fn route(hello: &Peeked, dst: AiAddress<'_>, policy: &DomainPolicy) -> (Route, C
         Some(sni) if decision.intercept => {
             return (Route::Intercept(sni.to_string()), Cow::Borrowed(decision.reason.as_str()));
         }
+        // A sibling of the address's AI names could carry their requests.
+        Some(sni) if decision.reason == Reason::NotAiDomain && shares_parent(sni, dst) => {
+            return (Route::Guard(sni.to_string()), Cow::Borrowed("shares an AI address and parent domain"));
+        }
         // A parsed ClientHello naming a non-AI host is the one thing that
         // may pass through an AI address.
         Some(_) if decision.reason != Reason::InvalidSni => {
@@ -604,6 +613,23 @@ fn route(hello: &Peeked, dst: AiAddress<'_>, policy: &DomainPolicy) -> (Route, C
         AiAddress::Configured => (Route::Unclassified(NO_NAME), Cow::Borrowed(NO_NAME)),
         AiAddress::Unknown => (Route::Passthrough, Cow::Borrowed(decision.reason.as_str())),
     }
+}
+
+/// Whether `sni` and one of the AI names `dst` is known by share a parent
+/// domain of at least two labels (`www.googleapis.com` and
+/// `generativelanguage.googleapis.com` share `googleapis.com`): a server
+/// certificate for one may well cover the other.
+fn shares_parent(sni: &str, dst: AiAddress<'_>) -> bool {
+    let AiAddress::Named(names) = dst else { return false };
+    let sni = sni.trim_end_matches('.');
+    names.iter().any(|name| {
+        let Some((_, parent)) = name.split_once('.') else { return false };
+        parent.contains('.')
+            && (sni.eq_ignore_ascii_case(parent)
+                || sni.len() > parent.len()
+                    && sni.as_bytes()[sni.len() - parent.len() - 1] == b'.'
+                    && sni[sni.len() - parent.len()..].eq_ignore_ascii_case(parent))
+    })
 }
 
 impl Shared {
@@ -690,6 +716,7 @@ async fn intercept_connection(
         limits: http::HttpLimits::from(&shared.plane.settings),
         active: tokio::sync::watch::Sender::new(0),
         requests: Default::default(),
+        coalesced_guard: (record.mode == "guard").then(|| Arc::clone(&shared.plane.snapshot.borrow().policy)),
     });
     let result = http::serve(tls_stream, Arc::clone(&conn)).await;
     record.requests = conn.requests.load(Ordering::Relaxed);
@@ -825,6 +852,16 @@ mod tests {
             }
             assert_eq!(r(&p, AiAddress::Unknown), Route::Passthrough, "{p:?}");
         }
+        // A sibling name at the address is watched for coalesced AI requests.
+        let google: BTreeSet<String> = ["generativelanguage.googleapis.com".to_string()].into();
+        let at_google = AiAddress::Named(&google);
+        assert_eq!(r(&hello(Some("www.googleapis.com")), at_google), Route::Guard("www.googleapis.com".into()));
+        assert_eq!(r(&hello(Some("GoogleApis.com.")), at_google), Route::Guard("GoogleApis.com.".into()));
+        assert_eq!(r(&hello(Some("evilgoogleapis.com")), at_google), Route::Passthrough);
+        assert_eq!(r(&hello(Some("www.googleapis.com")), AiAddress::Configured), Route::Passthrough);
+        // A parent of one label (`com`) is no family.
+        let chatgpt: BTreeSet<String> = ["chatgpt.com".to_string()].into();
+        assert_eq!(r(&hello(Some("example.com")), AiAddress::Named(&chatgpt)), Route::Passthrough);
         assert_eq!(r(&Peeked::Closed, learned), Route::Closed);
         assert_eq!(r(&Peeked::Closed, AiAddress::Unknown), Route::Passthrough);
     }
