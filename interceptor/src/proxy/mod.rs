@@ -16,6 +16,7 @@ pub mod http;
 pub mod sni;
 pub mod tls;
 pub mod upstream;
+pub mod websocket;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -587,9 +588,11 @@ async fn intercept_connection(
         limits: http::HttpLimits::from(&shared.plane.settings),
         active: tokio::sync::watch::Sender::new(0),
         requests: Default::default(),
+        upgrades: Default::default(),
     });
     let result = http::serve(tls_stream, Arc::clone(&conn)).await;
     record.requests = conn.requests.load(Ordering::Relaxed);
+    (record.bytes_up, record.bytes_down) = conn.upgrades.counts.load();
     match result {
         Ok(()) => record.outcome = "intercepted",
         Err(error) => {
