@@ -71,6 +71,14 @@ struct RequestState {
     call: Arc<CallInfo>,
 }
 
+/// A request's texts and decoded body, for [`Pipeline::check_request`].
+struct RequestBody<'a> {
+    texts: &'a [TextSpan],
+    decoded: &'a [u8],
+    /// Add the policy's system instructions to `doc`.
+    instructions: bool,
+}
+
 /// What the backends decided for one check, accumulated in order.
 #[derive(Default)]
 struct Outcome {
@@ -336,6 +344,105 @@ impl Pipeline {
             .await;
     }
 
+    /// Runs the request backends in order over a request's texts: the local
+    /// engine (redacting into `doc`, or into `raw_text` for a body that is
+    /// not JSON, and adding the policy's system instructions when
+    /// `body.instructions`), then Akto. Shared by HTTP requests and
+    /// WebSocket client messages.
+    #[allow(clippy::too_many_arguments)]
+    async fn check_request(
+        &self,
+        g: &Guardrails,
+        ex: &Exchange,
+        state: &mut RequestState,
+        body: RequestBody<'_>,
+        doc: &mut Option<Value>,
+        raw_text: &mut Option<String>,
+        outcome: &mut Outcome,
+    ) {
+        for backend in &g.cfg.backends {
+            if outcome.block.is_some() {
+                break;
+            }
+            match backend {
+                Backend::Local => {
+                    let Some(engine) = &g.engine else { continue };
+                    outcome.backends.push("local");
+                    let ctx = ScanContext {
+                        direction: Direction::Request,
+                        provider: state.provider,
+                        host: &ex.sni,
+                        workload: workload_ref(ex),
+                    };
+                    let scan = engine.scan(&ctx, body.texts.iter().map(|t| (t.kind, t.text.as_str())));
+                    if outcome.local(&scan) {
+                        for (i, t) in body.texts.iter().enumerate() {
+                            let Some(new) = scan.redacted(i, &t.text) else { continue };
+                            match doc.as_mut() {
+                                Some(d) if !t.path.is_empty() => {
+                                    if providers::set_text(d, &t.path, &new).is_ok() {
+                                        outcome.modified = true;
+                                    }
+                                }
+                                _ => {
+                                    *raw_text = Some(new);
+                                    outcome.modified = true;
+                                }
+                            }
+                        }
+                    }
+                    if body.instructions
+                        && outcome.block.is_none()
+                        && let Some(d) = doc.as_mut()
+                    {
+                        for instruction in engine.system_instructions(&ctx) {
+                            match providers::insert_instruction(state.provider, d, &instruction.text) {
+                                Ok(()) => {
+                                    outcome.modified = true;
+                                    outcome.note_rule(&instruction.id);
+                                }
+                                Err(error) => outcome
+                                    .reasons
+                                    .push(format!("system instruction {} not applied: {error}", instruction.id)),
+                            }
+                        }
+                    }
+                }
+                Backend::Akto => {
+                    let Some(akto) = &g.akto else { continue };
+                    outcome.backends.push("akto");
+                    let current = current_body(doc.as_ref(), raw_text.as_deref(), body.decoded, outcome.modified);
+                    let payload = akto_payload(doc.as_ref(), &current);
+                    let call = Arc::new(CallInfo { request_body: current.clone(), ..(*state.call).clone() });
+                    state.call = Arc::clone(&call);
+                    match akto.check_request(&call, &payload).await {
+                        Ok(verdict) => {
+                            if let Some(modified) = outcome.remote(&verdict, "blocked by guardrail policy") {
+                                match doc.as_ref().map(|d| merge_modified_payload(d, &modified)) {
+                                    Some(Ok(merged)) => {
+                                        *doc = Some(merged);
+                                        outcome.modified = true;
+                                    }
+                                    Some(Err(error)) => {
+                                        outcome.backend_failed("akto", &error.to_string(), g.cfg.fail_mode_request)
+                                    }
+                                    None => {
+                                        *raw_text = Some(modified);
+                                        outcome.modified = true;
+                                    }
+                                }
+                            }
+                        }
+                        Err(error) => {
+                            self.backend_error("akto", error.kind());
+                            outcome.backend_failed("akto", &error.to_string(), g.cfg.fail_mode_request);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn backend_error(&self, backend: &'static str, kind: &'static str) {
         self.metrics.backend_errors.get_or_create(&BackendLabels { backend, kind }).inc();
     }
@@ -417,87 +524,8 @@ impl Hook for Pipeline {
         };
         state.model = normalized.model.clone().or_else(|| providers::model_from_path(&path_and_query));
         let mut raw_text: Option<String> = None;
-
-        for backend in &g.cfg.backends {
-            if outcome.block.is_some() {
-                break;
-            }
-            match backend {
-                Backend::Local => {
-                    let Some(engine) = &g.engine else { continue };
-                    outcome.backends.push("local");
-                    let ctx = ScanContext {
-                        direction: Direction::Request,
-                        provider,
-                        host: &ex.sni,
-                        workload: workload_ref(ex),
-                    };
-                    let scan = engine.scan(&ctx, normalized.texts.iter().map(|t| (t.kind, t.text.as_str())));
-                    if outcome.local(&scan) {
-                        for (i, t) in normalized.texts.iter().enumerate() {
-                            let Some(new) = scan.redacted(i, &t.text) else { continue };
-                            match doc.as_mut() {
-                                Some(d) if !t.path.is_empty() => {
-                                    if providers::set_text(d, &t.path, &new).is_ok() {
-                                        outcome.modified = true;
-                                    }
-                                }
-                                _ => {
-                                    raw_text = Some(new);
-                                    outcome.modified = true;
-                                }
-                            }
-                        }
-                    }
-                    if outcome.block.is_none()
-                        && let Some(d) = doc.as_mut()
-                    {
-                        for instruction in engine.system_instructions(&ctx) {
-                            match providers::insert_instruction(provider, d, &instruction.text) {
-                                Ok(()) => {
-                                    outcome.modified = true;
-                                    outcome.note_rule(&instruction.id);
-                                }
-                                Err(error) => outcome
-                                    .reasons
-                                    .push(format!("system instruction {} not applied: {error}", instruction.id)),
-                            }
-                        }
-                    }
-                }
-                Backend::Akto => {
-                    let Some(akto) = &g.akto else { continue };
-                    outcome.backends.push("akto");
-                    let current = current_body(doc.as_ref(), raw_text.as_deref(), &decoded, outcome.modified);
-                    let payload = akto_payload(doc.as_ref(), &current);
-                    let call = Arc::new(CallInfo { request_body: current.clone(), ..(*state.call).clone() });
-                    state.call = Arc::clone(&call);
-                    match akto.check_request(&call, &payload).await {
-                        Ok(verdict) => {
-                            if let Some(modified) = outcome.remote(&verdict, "blocked by guardrail policy") {
-                                match doc.as_ref().map(|d| merge_modified_payload(d, &modified)) {
-                                    Some(Ok(merged)) => {
-                                        doc = Some(merged);
-                                        outcome.modified = true;
-                                    }
-                                    Some(Err(error)) => {
-                                        outcome.backend_failed("akto", &error.to_string(), g.cfg.fail_mode_request)
-                                    }
-                                    None => {
-                                        raw_text = Some(modified);
-                                        outcome.modified = true;
-                                    }
-                                }
-                            }
-                        }
-                        Err(error) => {
-                            self.backend_error("akto", error.kind());
-                            outcome.backend_failed("akto", &error.to_string(), g.cfg.fail_mode_request);
-                        }
-                    }
-                }
-            }
-        }
+        let texts = RequestBody { texts: &normalized.texts, decoded: &decoded, instructions: true };
+        self.check_request(&g, ex, &mut state, texts, &mut doc, &mut raw_text, &mut outcome).await;
 
         if outcome.block.is_none() && outcome.modified && is_sigv4(&head.headers) {
             // The body hash is signed: a rewrite would be rejected upstream.
