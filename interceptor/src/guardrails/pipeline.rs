@@ -14,7 +14,10 @@
 //! Backends run in the configured order; a block short-circuits. A backend
 //! failure follows the fail mode of its direction (open: let through and
 //! record; closed: refuse with `503`). Every decision becomes one audit event
-//! and a metric.
+//! and a metric. WebSocket connections are inspected by `websocket`, with the
+//! same backends (request checks) and stream guard (provider text).
+
+mod websocket;
 
 use std::{sync::Arc, time::Instant};
 
@@ -36,7 +39,9 @@ use crate::{
     audit::{self, AuditEvent, AuditLog, WorkloadInfo},
     config::{Backend, FailMode, GuardrailsConfig, OversizeAction, SigV4Action, StreamMode},
     metrics::{BackendLabels, DecisionLabels, Metrics},
-    proxy::hook::{BodyAction, BodyInspector, ChunkAction, Exchange, Hook, RequestAction, ResponseAction},
+    proxy::hook::{
+        BodyAction, BodyInspector, ChunkAction, Exchange, Hook, RequestAction, ResponseAction, UpgradeAction,
+    },
 };
 
 /// Header of the seed's block contract.
@@ -310,38 +315,48 @@ impl Pipeline {
         prompt: Option<String>,
     ) {
         self.record_metrics(state.provider, direction, outcome, started);
+        let event = self.event(g, ex, state, direction, outcome, started, prompt);
+        self.audit.record(event).await;
+    }
+
+    /// The audit event of a decision.
+    #[allow(clippy::too_many_arguments)]
+    fn event(
+        &self,
+        g: &Guardrails,
+        ex: &Exchange,
+        state: &RequestState,
+        direction: Direction,
+        outcome: &Outcome,
+        started: Instant,
+        prompt: Option<String>,
+    ) -> AuditEvent {
         let w = ex.workload.as_ref();
-        self.audit
-            .record(AuditEvent {
-                time: audit::now(),
-                event: "guardrail_decision",
-                request_id: state.request_id.clone(),
-                direction: match direction {
-                    Direction::Request => "request",
-                    Direction::Response => "response",
-                },
-                decision: outcome.decision(),
-                provider: state.provider.as_str(),
-                host: ex.sni.clone(),
-                path: redact_path(&state.call.path),
-                method: state.call.method.clone(),
-                model: state.model.clone(),
-                rules: outcome.rules.clone(),
-                detectors: outcome.detectors.clone(),
-                reasons: outcome
-                    .block
-                    .iter()
-                    .map(|b| b.reason.clone())
-                    .chain(outcome.reasons.iter().cloned())
-                    .collect(),
-                backends: outcome.backends.clone(),
-                latency_ms: started.elapsed().as_secs_f64() * 1e3,
-                client: ex.client.to_string(),
-                orig_dst: ex.orig_dst.to_string(),
-                workload: WorkloadInfo::of(w),
-                prompt: if g.cfg.audit_prompts { prompt } else { None },
-            })
-            .await;
+        AuditEvent {
+            time: audit::now(),
+            event: "guardrail_decision",
+            request_id: state.request_id.clone(),
+            direction: match direction {
+                Direction::Request => "request",
+                Direction::Response => "response",
+            },
+            decision: outcome.decision(),
+            provider: state.provider.as_str(),
+            host: ex.sni.clone(),
+            path: redact_path(&state.call.path),
+            method: state.call.method.clone(),
+            model: state.model.clone(),
+            rules: outcome.rules.clone(),
+            detectors: outcome.detectors.clone(),
+            reasons: outcome.block.iter().map(|b| b.reason.clone()).chain(outcome.reasons.iter().cloned()).collect(),
+            backends: outcome.backends.clone(),
+            latency_ms: started.elapsed().as_secs_f64() * 1e3,
+            client: ex.client.to_string(),
+            orig_dst: ex.orig_dst.to_string(),
+            workload: WorkloadInfo::of(w),
+            prompt: if g.cfg.audit_prompts { prompt } else { None },
+            websocket: None,
+        }
     }
 
     /// Runs the request backends in order over a request's texts: the local
@@ -762,6 +777,12 @@ impl Hook for Pipeline {
         }
         BodyAction::Forward
     }
+
+    /// Known WebSocket protocols are inspected message by message; others
+    /// follow `guardrails.unknown_websocket` (see `pipeline::websocket`).
+    async fn on_upgrade(&self, ex: &Exchange, head: &mut http::request::Parts) -> UpgradeAction {
+        websocket::on_upgrade(self, ex, head).await
+    }
 }
 
 /// The body to forward: the rewritten JSON, the rewritten raw text, or the
@@ -1125,6 +1146,7 @@ impl StreamGuard {
                 orig_dst: self.orig_dst.clone(),
                 workload: self.workload.clone(),
                 prompt: None,
+                websocket: None,
             })
             .await;
         self.outcome = outcome;
