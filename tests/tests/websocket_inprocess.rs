@@ -307,3 +307,77 @@ async fn rust_client(s: &GuardedProxy, url: &str) -> Result<RustWs> {
 async fn next(ws: &mut RustWs) -> Result<Message> {
     Ok(tokio::time::timeout(Duration::from_secs(5), ws.next()).await?.context("closed")??)
 }
+
+// ---- the connection record ----
+
+/// Everything this process logged (JSON lines), from the first use on.
+fn log_buffer() -> &'static std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+    use std::sync::{Arc, Mutex, OnceLock};
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let writer = Arc::clone(&buffer);
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
+            .with_writer(move || Capture(Arc::clone(&writer)))
+            .try_init();
+        buffer
+    })
+}
+
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The connection record of the client at `client`, if written yet.
+fn record_of(client: std::net::SocketAddr) -> Option<Value> {
+    let buf = log_buffer().lock().unwrap_or_else(|e| e.into_inner()).clone();
+    String::from_utf8_lossy(&buf)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["fields"]["event"] == "connection" && l["fields"]["client"] == client.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_record_is_written_at_the_close_with_the_real_byte_counts() -> Result<()> {
+    log_buffer();
+    let s = setup(GuardrailsConfig::default()).await?;
+    let mut ws = rust_client(&s, REALTIME).await?;
+    let client = ws.get_ref().get_ref().0.local_addr()?;
+    let _created = next(&mut ws).await?;
+    let item = json!({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
+        "content": [{"type": "input_text", "text": "a".repeat(20_000)}]}});
+    ws.send(Message::text(item.to_string())).await?;
+    let answer = next(&mut ws).await?;
+    assert!(answer.to_text()?.contains("conversation.item.created"), "{answer:?}");
+    assert!(record_of(client).is_none(), "the record was written before the WebSocket closed: {:?}", record_of(client));
+    ws.close(None).await?;
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {}
+    drop(ws);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let record = loop {
+        if let Some(r) = record_of(client) {
+            break r;
+        }
+        if Instant::now() >= deadline {
+            bail!("no connection record for {client}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let f = &record["fields"];
+    assert_eq!(f["mode"], "intercept", "{record}");
+    assert!(f["bytes_up"].as_u64() > Some(20_000), "{record}");
+    assert!(f["bytes_down"].as_u64() > Some(50), "{record}");
+    let closed = audit_events(&s, |e| e["event"] == "websocket_closed").await?;
+    assert_eq!(closed[0]["websocket"]["bytes_up"], f["bytes_up"], "the summary and the record agree");
+    Ok(())
+}
