@@ -181,7 +181,7 @@ impl Batch {
         if !crate::telemetry::json_on_stderr() {
             for (i, event) in events.iter().enumerate() {
                 let json = self.json(i);
-                tracing::info!(target: "audit", event = "guardrail_decision", decision = event.decision, audit = %json, "guardrail decision");
+                tracing::info!(target: "audit", event = event.event, decision = event.decision, audit = %json, "guardrail decision");
             }
             return;
         }
@@ -194,7 +194,9 @@ impl Batch {
         for (i, event) in events.iter().enumerate() {
             out.extend_from_slice(b"{\"timestamp\":\"");
             out.extend_from_slice(timestamp.as_bytes());
-            out.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"guardrail decision\",\"event\":\"guardrail_decision\",\"decision\":\"");
+            out.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"guardrail decision\",\"event\":\"");
+            out.extend_from_slice(event.event.as_bytes());
+            out.extend_from_slice(b"\",\"decision\":\"");
             out.extend_from_slice(event.decision.as_bytes());
             out.extend_from_slice(b"\",\"audit\":");
             let _ = serde_json::to_writer(&mut out, self.json(i));
