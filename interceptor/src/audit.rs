@@ -90,6 +90,35 @@ pub struct AuditEvent {
     /// Only with `guardrails.audit_prompts = true`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
+    /// The summary of a WebSocket connection (event `websocket_closed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub websocket: Option<WebSocketStats>,
+}
+
+/// What a WebSocket connection carried, written when it closes.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct WebSocketStats {
+    /// `openai_responses_websocket`, `openai_realtime`, `gemini_live`, or
+    /// `unknown` (tunnelled uninspected).
+    pub protocol: &'static str,
+    /// Messages were inspected (false: the bytes were tunnelled).
+    pub inspected: bool,
+    pub client_messages: u64,
+    pub server_messages: u64,
+    /// Messages whose text was checked.
+    pub messages_inspected: u64,
+    /// Messages carrying audio or video, forwarded without inspecting it.
+    pub audio_not_inspected: u64,
+    /// Messages over the inspection limit forwarded uninspected (oversize
+    /// policy `pass`).
+    pub oversize_not_inspected: u64,
+    pub blocked: u64,
+    pub modified: u64,
+    /// Bytes from and to the client (frames and all).
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// Who closed it, or why it was closed.
+    pub ended_by: String,
 }
 
 #[derive(Clone)]
@@ -152,7 +181,7 @@ impl Batch {
         if !crate::telemetry::json_on_stderr() {
             for (i, event) in events.iter().enumerate() {
                 let json = self.json(i);
-                tracing::info!(target: "audit", event = "guardrail_decision", decision = event.decision, audit = %json, "guardrail decision");
+                tracing::info!(target: "audit", event = event.event, decision = event.decision, audit = %json, "guardrail decision");
             }
             return;
         }
@@ -165,7 +194,9 @@ impl Batch {
         for (i, event) in events.iter().enumerate() {
             out.extend_from_slice(b"{\"timestamp\":\"");
             out.extend_from_slice(timestamp.as_bytes());
-            out.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"guardrail decision\",\"event\":\"guardrail_decision\",\"decision\":\"");
+            out.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"guardrail decision\",\"event\":\"");
+            out.extend_from_slice(event.event.as_bytes());
+            out.extend_from_slice(b"\",\"decision\":\"");
             out.extend_from_slice(event.decision.as_bytes());
             out.extend_from_slice(b"\",\"audit\":");
             let _ = serde_json::to_writer(&mut out, self.json(i));
@@ -356,6 +387,7 @@ mod tests {
             orig_dst: "198.18.0.10:443".into(),
             workload: WorkloadInfo::default(),
             prompt: None,
+            websocket: None,
         }
     }
 

@@ -134,6 +134,21 @@ pub enum OversizeAction {
     Pass,
 }
 
+/// A WebSocket upgrade on an intercepted (AI) host whose protocol the
+/// guardrails cannot read. Known protocols (the OpenAI Responses API's
+/// WebSocket mode, OpenAI Realtime, Gemini Live) are always inspected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownWebSocket {
+    /// Answer `426 Upgrade Required` with a JSON error; the provider is not
+    /// called (clients such as the Codex CLI then use HTTPS, which is
+    /// inspected).
+    Refuse,
+    /// Relay it uninspected; audited when it opens and when it closes (with
+    /// its byte counts).
+    Tunnel,
+}
+
 /// What to do when a guardrail would modify a body signed with AWS SigV4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -167,6 +182,8 @@ pub struct GuardrailsConfig {
     /// A body over the inspection limits.
     pub oversize: OversizeAction,
     pub sigv4: SigV4Action,
+    /// A WebSocket whose protocol cannot be inspected (default `refuse`).
+    pub unknown_websocket: UnknownWebSocket,
     /// JSON-lines audit file. Empty: the log only.
     pub audit_file: PathBuf,
     /// Include prompt text in audit events.
@@ -189,6 +206,7 @@ impl Default for GuardrailsConfig {
             max_decompression_ratio: 1000,
             oversize: OversizeAction::Block,
             sigv4: SigV4Action::Block,
+            unknown_websocket: UnknownWebSocket::Refuse,
             audit_file: PathBuf::new(),
             audit_prompts: false,
             akto: AktoConfig::default(),

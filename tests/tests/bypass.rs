@@ -7,6 +7,8 @@
 
 #[path = "bypass/handshake.rs"]
 mod handshake;
+#[path = "bypass/websocket.rs"]
+mod websocket;
 
 use serde_json::Value;
 

@@ -88,7 +88,9 @@ async fn websocket_echo_works_through_the_proxy() -> Result<()> {
     if !require_privileges("websocket_echo_works_through_the_proxy") {
         return Ok(());
     }
-    let stage = Stage::new("tls_ws", "ebpf", "")?;
+    // `/ws` is no protocol the guardrails read: tunnelled only when the
+    // operator says so (the default answers 426).
+    let stage = Stage::new("tls_ws", "ebpf", "[guardrails]\nunknown_websocket = \"tunnel\"\n")?;
     let ws = python_ws(&stage.env(), "wss://api.openai.com/ws", &["hello", "second message"]).await?;
     assert_eq!(ws.status, 101);
     assert!(ws.accept_ok, "Sec-WebSocket-Accept must survive the proxy");

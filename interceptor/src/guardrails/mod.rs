@@ -7,8 +7,10 @@
 //! * `decode` — content-encoding decompression with hard limits (pure).
 //! * `engine` — the embedded local engine: detectors, policy, redaction (pure).
 //! * `akto` — the Akto-compatible remote backend (I/O).
+//! * `websocket` — the WebSocket protocols agents use (Responses WebSocket
+//!   mode, OpenAI Realtime, Gemini Live): where their messages carry text (pure).
 //! * `pipeline` — the data plane's hook: runs the backends, applies the
-//!   verdicts, writes the audit trail.
+//!   verdicts, writes the audit trail (also per WebSocket message).
 
 pub mod akto;
 pub mod decode;
@@ -17,3 +19,4 @@ pub mod framing;
 pub mod model;
 pub mod pipeline;
 pub mod providers;
+pub mod websocket;

@@ -14,7 +14,10 @@
 //! Backends run in the configured order; a block short-circuits. A backend
 //! failure follows the fail mode of its direction (open: let through and
 //! record; closed: refuse with `503`). Every decision becomes one audit event
-//! and a metric.
+//! and a metric. WebSocket connections are inspected by `websocket`, with the
+//! same backends (request checks) and stream guard (provider text).
+
+mod websocket;
 
 use std::{sync::Arc, time::Instant};
 
@@ -38,6 +41,7 @@ use crate::{
     metrics::{BackendLabels, DecisionLabels, Metrics},
     proxy::hook::{
         BodyAction, BodyInspector, ChunkAction, Exchange, Hook, RequestAction, ResponseAction, Unclassified,
+        UpgradeAction,
     },
 };
 
@@ -71,6 +75,14 @@ struct RequestState {
     provider: Provider,
     model: Option<String>,
     call: Arc<CallInfo>,
+}
+
+/// A request's texts and decoded body, for [`Pipeline::check_request`].
+struct RequestBody<'a> {
+    texts: &'a [TextSpan],
+    decoded: &'a [u8],
+    /// Add the policy's system instructions to `doc`.
+    instructions: bool,
 }
 
 /// What the backends decided for one check, accumulated in order.
@@ -304,38 +316,147 @@ impl Pipeline {
         prompt: Option<String>,
     ) {
         self.record_metrics(state.provider, direction, outcome, started);
+        let event = self.event(g, ex, state, direction, outcome, started, prompt);
+        self.audit.record(event).await;
+    }
+
+    /// The audit event of a decision.
+    #[allow(clippy::too_many_arguments)]
+    fn event(
+        &self,
+        g: &Guardrails,
+        ex: &Exchange,
+        state: &RequestState,
+        direction: Direction,
+        outcome: &Outcome,
+        started: Instant,
+        prompt: Option<String>,
+    ) -> AuditEvent {
         let w = ex.workload.as_ref();
-        self.audit
-            .record(AuditEvent {
-                time: audit::now(),
-                event: "guardrail_decision",
-                request_id: state.request_id.clone(),
-                direction: match direction {
-                    Direction::Request => "request",
-                    Direction::Response => "response",
-                },
-                decision: outcome.decision(),
-                provider: state.provider.as_str(),
-                host: ex.sni.clone(),
-                path: redact_path(&state.call.path),
-                method: state.call.method.clone(),
-                model: state.model.clone(),
-                rules: outcome.rules.clone(),
-                detectors: outcome.detectors.clone(),
-                reasons: outcome
-                    .block
-                    .iter()
-                    .map(|b| b.reason.clone())
-                    .chain(outcome.reasons.iter().cloned())
-                    .collect(),
-                backends: outcome.backends.clone(),
-                latency_ms: started.elapsed().as_secs_f64() * 1e3,
-                client: ex.client.to_string(),
-                orig_dst: ex.orig_dst.to_string(),
-                workload: WorkloadInfo::of(w),
-                prompt: if g.cfg.audit_prompts { prompt } else { None },
-            })
-            .await;
+        AuditEvent {
+            time: audit::now(),
+            event: "guardrail_decision",
+            request_id: state.request_id.clone(),
+            direction: match direction {
+                Direction::Request => "request",
+                Direction::Response => "response",
+            },
+            decision: outcome.decision(),
+            provider: state.provider.as_str(),
+            host: ex.sni.clone(),
+            path: redact_path(&state.call.path),
+            method: state.call.method.clone(),
+            model: state.model.clone(),
+            rules: outcome.rules.clone(),
+            detectors: outcome.detectors.clone(),
+            reasons: outcome.block.iter().map(|b| b.reason.clone()).chain(outcome.reasons.iter().cloned()).collect(),
+            backends: outcome.backends.clone(),
+            latency_ms: started.elapsed().as_secs_f64() * 1e3,
+            client: ex.client.to_string(),
+            orig_dst: ex.orig_dst.to_string(),
+            workload: WorkloadInfo::of(w),
+            prompt: if g.cfg.audit_prompts { prompt } else { None },
+            websocket: None,
+        }
+    }
+
+    /// Runs the request backends in order over a request's texts: the local
+    /// engine (redacting into `doc`, or into `raw_text` for a body that is
+    /// not JSON, and adding the policy's system instructions when
+    /// `body.instructions`), then Akto. Shared by HTTP requests and
+    /// WebSocket client messages.
+    #[allow(clippy::too_many_arguments)]
+    async fn check_request(
+        &self,
+        g: &Guardrails,
+        ex: &Exchange,
+        state: &mut RequestState,
+        body: RequestBody<'_>,
+        doc: &mut Option<Value>,
+        raw_text: &mut Option<String>,
+        outcome: &mut Outcome,
+    ) {
+        for backend in &g.cfg.backends {
+            if outcome.block.is_some() {
+                break;
+            }
+            match backend {
+                Backend::Local => {
+                    let Some(engine) = &g.engine else { continue };
+                    outcome.backends.push("local");
+                    let ctx = ScanContext {
+                        direction: Direction::Request,
+                        provider: state.provider,
+                        host: &ex.sni,
+                        workload: workload_ref(ex),
+                    };
+                    let scan = engine.scan(&ctx, body.texts.iter().map(|t| (t.kind, t.text.as_str())));
+                    if outcome.local(&scan) {
+                        for (i, t) in body.texts.iter().enumerate() {
+                            let Some(new) = scan.redacted(i, &t.text) else { continue };
+                            match doc.as_mut() {
+                                Some(d) if !t.path.is_empty() => {
+                                    if providers::set_text(d, &t.path, &new).is_ok() {
+                                        outcome.modified = true;
+                                    }
+                                }
+                                _ => {
+                                    *raw_text = Some(new);
+                                    outcome.modified = true;
+                                }
+                            }
+                        }
+                    }
+                    if body.instructions
+                        && outcome.block.is_none()
+                        && let Some(d) = doc.as_mut()
+                    {
+                        for instruction in engine.system_instructions(&ctx) {
+                            match providers::insert_instruction(state.provider, d, &instruction.text) {
+                                Ok(()) => {
+                                    outcome.modified = true;
+                                    outcome.note_rule(&instruction.id);
+                                }
+                                Err(error) => outcome
+                                    .reasons
+                                    .push(format!("system instruction {} not applied: {error}", instruction.id)),
+                            }
+                        }
+                    }
+                }
+                Backend::Akto => {
+                    let Some(akto) = &g.akto else { continue };
+                    outcome.backends.push("akto");
+                    let current = current_body(doc.as_ref(), raw_text.as_deref(), body.decoded, outcome.modified);
+                    let payload = akto_payload(doc.as_ref(), &current);
+                    let call = Arc::new(CallInfo { request_body: current.clone(), ..(*state.call).clone() });
+                    state.call = Arc::clone(&call);
+                    match akto.check_request(&call, &payload).await {
+                        Ok(verdict) => {
+                            if let Some(modified) = outcome.remote(&verdict, "blocked by guardrail policy") {
+                                match doc.as_ref().map(|d| merge_modified_payload(d, &modified)) {
+                                    Some(Ok(merged)) => {
+                                        *doc = Some(merged);
+                                        outcome.modified = true;
+                                    }
+                                    Some(Err(error)) => {
+                                        outcome.backend_failed("akto", &error.to_string(), g.cfg.fail_mode_request)
+                                    }
+                                    None => {
+                                        *raw_text = Some(modified);
+                                        outcome.modified = true;
+                                    }
+                                }
+                            }
+                        }
+                        Err(error) => {
+                            self.backend_error("akto", error.kind());
+                            outcome.backend_failed("akto", &error.to_string(), g.cfg.fail_mode_request);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     fn backend_error(&self, backend: &'static str, kind: &'static str) {
@@ -419,87 +540,8 @@ impl Hook for Pipeline {
         };
         state.model = normalized.model.clone().or_else(|| providers::model_from_path(&path_and_query));
         let mut raw_text: Option<String> = None;
-
-        for backend in &g.cfg.backends {
-            if outcome.block.is_some() {
-                break;
-            }
-            match backend {
-                Backend::Local => {
-                    let Some(engine) = &g.engine else { continue };
-                    outcome.backends.push("local");
-                    let ctx = ScanContext {
-                        direction: Direction::Request,
-                        provider,
-                        host: &ex.sni,
-                        workload: workload_ref(ex),
-                    };
-                    let scan = engine.scan(&ctx, normalized.texts.iter().map(|t| (t.kind, t.text.as_str())));
-                    if outcome.local(&scan) {
-                        for (i, t) in normalized.texts.iter().enumerate() {
-                            let Some(new) = scan.redacted(i, &t.text) else { continue };
-                            match doc.as_mut() {
-                                Some(d) if !t.path.is_empty() => {
-                                    if providers::set_text(d, &t.path, &new).is_ok() {
-                                        outcome.modified = true;
-                                    }
-                                }
-                                _ => {
-                                    raw_text = Some(new);
-                                    outcome.modified = true;
-                                }
-                            }
-                        }
-                    }
-                    if outcome.block.is_none()
-                        && let Some(d) = doc.as_mut()
-                    {
-                        for instruction in engine.system_instructions(&ctx) {
-                            match providers::insert_instruction(provider, d, &instruction.text) {
-                                Ok(()) => {
-                                    outcome.modified = true;
-                                    outcome.note_rule(&instruction.id);
-                                }
-                                Err(error) => outcome
-                                    .reasons
-                                    .push(format!("system instruction {} not applied: {error}", instruction.id)),
-                            }
-                        }
-                    }
-                }
-                Backend::Akto => {
-                    let Some(akto) = &g.akto else { continue };
-                    outcome.backends.push("akto");
-                    let current = current_body(doc.as_ref(), raw_text.as_deref(), &decoded, outcome.modified);
-                    let payload = akto_payload(doc.as_ref(), &current);
-                    let call = Arc::new(CallInfo { request_body: current.clone(), ..(*state.call).clone() });
-                    state.call = Arc::clone(&call);
-                    match akto.check_request(&call, &payload).await {
-                        Ok(verdict) => {
-                            if let Some(modified) = outcome.remote(&verdict, "blocked by guardrail policy") {
-                                match doc.as_ref().map(|d| merge_modified_payload(d, &modified)) {
-                                    Some(Ok(merged)) => {
-                                        doc = Some(merged);
-                                        outcome.modified = true;
-                                    }
-                                    Some(Err(error)) => {
-                                        outcome.backend_failed("akto", &error.to_string(), g.cfg.fail_mode_request)
-                                    }
-                                    None => {
-                                        raw_text = Some(modified);
-                                        outcome.modified = true;
-                                    }
-                                }
-                            }
-                        }
-                        Err(error) => {
-                            self.backend_error("akto", error.kind());
-                            outcome.backend_failed("akto", &error.to_string(), g.cfg.fail_mode_request);
-                        }
-                    }
-                }
-            }
-        }
+        let texts = RequestBody { texts: &normalized.texts, decoded: &decoded, instructions: true };
+        self.check_request(&g, ex, &mut state, texts, &mut doc, &mut raw_text, &mut outcome).await;
 
         if outcome.block.is_none() && outcome.modified && is_sigv4(&head.headers) {
             // The body hash is signed: a rewrite would be rejected upstream.
@@ -664,6 +706,7 @@ impl Hook for Pipeline {
                 orig_dst: conn.orig_dst.to_string(),
                 workload: WorkloadInfo::of(conn.workload),
                 prompt: None,
+                websocket: None,
             })
             .await;
     }
@@ -778,6 +821,12 @@ impl Hook for Pipeline {
             return BodyAction::ReplaceBody(Bytes::from(serde_json::to_vec(&d).unwrap_or_default()));
         }
         BodyAction::Forward
+    }
+
+    /// Known WebSocket protocols are inspected message by message; others
+    /// follow `guardrails.unknown_websocket` (see `pipeline::websocket`).
+    async fn on_upgrade(&self, ex: &Exchange, head: &mut http::request::Parts) -> UpgradeAction {
+        websocket::on_upgrade(self, ex, head).await
     }
 }
 
@@ -1142,6 +1191,7 @@ impl StreamGuard {
                 orig_dst: self.orig_dst.clone(),
                 workload: self.workload.clone(),
                 prompt: None,
+                websocket: None,
             })
             .await;
         self.outcome = outcome;

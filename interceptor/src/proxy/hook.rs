@@ -6,6 +6,12 @@
 //! never called), or inspect and rewrite the response body chunk by chunk as
 //! it streams. Without a hook, bodies are streamed through untouched and
 //! nothing is buffered.
+//!
+//! A WebSocket upgrade asks the hook what to do with the upgraded connection
+//! ([`Hook::on_upgrade`]): tunnel it, answer the client itself (e.g. `426`),
+//! or relay it message by message through a [`MessageInspector`]. The data
+//! plane owns the framing (`proxy::websocket`); the inspector only sees whole
+//! messages, never frames.
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -76,6 +82,100 @@ pub enum ChunkAction {
     End(Bytes),
 }
 
+/// What to do with a WebSocket upgrade request.
+pub enum UpgradeAction {
+    /// Relay the upgraded bytes untouched; the inspector, if any, is only
+    /// told how the connection ended ([`MessageInspector::on_close`]).
+    Tunnel(Option<Box<dyn MessageInspector>>),
+    /// Relay message by message through this inspector. The extension
+    /// offer is removed from the upgrade request, so no message is
+    /// compressed.
+    Inspect(Box<dyn MessageInspector>),
+    /// Answer the client with this response; the provider is not called.
+    Respond(http::Response<Full<Bytes>>),
+}
+
+/// One whole WebSocket data message (fragments joined).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WsData {
+    Text(String),
+    Binary(Bytes),
+}
+
+impl WsData {
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Self::Text(t) => t.as_bytes(),
+            Self::Binary(b) => b,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.as_bytes().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.as_bytes().is_empty()
+    }
+}
+
+/// The verdict on a client message.
+pub enum ClientAction {
+    /// Send it to the provider unchanged.
+    Forward,
+    /// Send this instead.
+    Replace(WsData),
+    /// Never send it: answer the client with `reply` (the provider's own
+    /// error event, if the protocol has one) and close both sides, the
+    /// client's with 1008 (policy violation) and `reason`.
+    Block { reply: Option<WsData>, reason: String },
+}
+
+/// The verdict on a provider message.
+pub enum ServerAction {
+    /// Send these to the client now (the message itself, held ones released
+    /// with it, or nothing while it is held).
+    Forward(Vec<WsData>),
+    /// Send `release`, then `reply`, then close both sides (the client's with
+    /// 1008 and `reason`). Everything else held is dropped.
+    Block { release: Vec<WsData>, reply: Option<WsData>, reason: String },
+}
+
+/// How an upgraded connection ended, for the inspector's last record.
+#[derive(Clone, Debug, Default)]
+pub struct UpgradeClosed {
+    /// Bytes read from the client and written to it (frames and all).
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// Who ended it, or what went wrong.
+    pub ended_by: String,
+}
+
+/// Inspects a WebSocket connection message by message. Calls come from one
+/// task, in the order the messages arrived.
+#[async_trait::async_trait]
+pub trait MessageInspector: Send + 'static {
+    async fn on_client_message(&mut self, message: &WsData) -> ClientAction;
+    async fn on_server_message(&mut self, message: WsData) -> ServerAction;
+    /// Whether provider messages are held back waiting for a verdict.
+    fn holding(&self) -> bool {
+        false
+    }
+    /// The provider paused (or ended) with messages held: check what is held
+    /// and release it.
+    async fn flush(&mut self) -> ServerAction {
+        ServerAction::Forward(Vec::new())
+    }
+    /// A message over the inspection limit was forwarded uninspected (the
+    /// oversize policy is `pass`). `from_client` says which way it went.
+    async fn on_not_inspected(&mut self, _from_client: bool, _reason: &str) {}
+    /// A message over the inspection limit was refused (the oversize policy
+    /// is `block`): the connection is closed.
+    async fn on_refused(&mut self, _from_client: bool, _reason: &str) {}
+    /// The connection ended; record it.
+    async fn on_close(&mut self, _closed: &UpgradeClosed) {}
+}
+
 #[async_trait::async_trait]
 pub trait Hook: Send + Sync + 'static {
     /// `head` may be changed (headers, extensions carried to the response).
@@ -113,6 +213,12 @@ pub trait Hook: Send + Sync + 'static {
         _body: &Bytes,
     ) -> BodyAction {
         BodyAction::Forward
+    }
+
+    /// A WebSocket upgrade request (`head` may be changed). The default
+    /// tunnels it.
+    async fn on_upgrade(&self, _exchange: &Exchange, _head: &mut http::request::Parts) -> UpgradeAction {
+        UpgradeAction::Tunnel(None)
     }
 }
 

@@ -1,9 +1,12 @@
 //! HTTP on an intercepted connection: served with hyper (HTTP/1.1 or HTTP/2
 //! as negotiated with the client) and relayed to the provider through the
 //! pooled upstream client (HTTP/1.1 or HTTP/2 as negotiated with the
-//! provider). Bodies stream in both directions; upgrades (WebSocket) are
-//! tunnelled after the 101; trailers pass through. The guardrail hook, when
-//! present, runs here.
+//! provider). Bodies stream in both directions; trailers pass through. The
+//! guardrail hook, when present, runs here. A WebSocket upgrade is put to the
+//! hook (refused, tunnelled, or relayed message by message through its
+//! inspector: `websocket`); without a hook it is tunnelled after the 101.
+//! The connection is done when its upgraded connection is: [`serve`] waits
+//! for it, so the connection record has the tunnel's real byte counts.
 //!
 //! Faults end cleanly: a provider that cannot be reached gets the client a
 //! JSON error (502, or 504 when it sends no response head within the idle
@@ -43,8 +46,12 @@ use tokio_rustls::server::TlsStream;
 
 use super::{
     BoxBody, BoxError, ProxyError, ProxySettings,
-    hook::{BodyAction, BodyInspector, ChunkAction, Exchange, Hook, RequestAction, ResponseAction},
+    hook::{
+        BodyAction, BodyInspector, ChunkAction, Exchange, Hook, MessageInspector, RequestAction, ResponseAction,
+        UpgradeAction,
+    },
     upstream::Upstream,
+    websocket::{self, ByteCounts, WsLimits},
 };
 
 use crate::config::OversizeAction;
@@ -82,6 +89,40 @@ pub struct Intercepted {
     /// get `421 Misdirected Request`, so the client opens a connection of
     /// their own; the rest is relayed without the hook.
     pub coalesced_guard: Option<Arc<crate::policy::DomainPolicy>>,
+    pub upgrades: Upgrades,
+}
+
+/// The upgraded connections (WebSocket) of a connection: their tasks,
+/// awaited before the connection counts as done, and their bytes.
+#[derive(Default)]
+pub struct Upgrades {
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    pub counts: ByteCounts,
+}
+
+impl Upgrades {
+    fn push(&self, task: tokio::task::JoinHandle<()>) {
+        self.tasks.lock().unwrap_or_else(|e| e.into_inner()).push(task);
+    }
+
+    /// Waits until every upgraded connection has ended.
+    async fn wait(&self) {
+        loop {
+            let Some(task) = self.tasks.lock().unwrap_or_else(|e| e.into_inner()).pop() else { return };
+            if let Err(error) = task.await {
+                tracing::warn!(%error, "upgraded connection task failed");
+            }
+        }
+    }
+}
+
+/// A WebSocket upgrade on its way: the client's side, and what to do once
+/// the provider answers 101.
+struct Upgrading {
+    client: hyper::upgrade::OnUpgrade,
+    inspector: Option<Box<dyn MessageInspector>>,
+    /// Relay message by message (else tunnel the bytes).
+    relay: bool,
 }
 
 /// Limits on what one client may make an intercepted connection hold.
@@ -143,6 +184,14 @@ async fn idle_for(mut active: watch::Receiver<usize>, timeout: Duration) {
 
 /// Serves HTTP on a terminated TLS stream until the client is done.
 pub async fn serve(io: TlsStream<TcpStream>, conn: Arc<Intercepted>) -> Result<(), BoxError> {
+    let upgraded = Arc::clone(&conn);
+    let result = serve_http(io, conn).await;
+    // An upgraded connection outlives hyper's: the connection ends with it.
+    upgraded.upgrades.wait().await;
+    result
+}
+
+async fn serve_http(io: TlsStream<TcpStream>, conn: Arc<Intercepted>) -> Result<(), BoxError> {
     let limits = conn.limits.clone();
     let idle = idle_for(conn.active.subscribe(), limits.idle_timeout);
     let service = service_fn(move |req| {
@@ -202,6 +251,24 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
         return *response;
     }
     let mut body: BoxBody = body.map_err(boxed).boxed_unsync();
+    let client_upgrade = match (client_upgrade, &conn.hook) {
+        (Some(client), Some(hook)) => {
+            let (inspector, relay) = match hook.on_upgrade(&conn.exchange, &mut parts).await {
+                UpgradeAction::Respond(response) => return response.map(|b| b.map_err(boxed).boxed_unsync()),
+                UpgradeAction::Tunnel(inspector) => (inspector, false),
+                UpgradeAction::Inspect(inspector) => {
+                    // Nothing may be compressed: the relay reads every message.
+                    parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+                    (Some(inspector), true)
+                }
+            };
+            // The upgrade request itself has no body to inspect.
+            let upgrading = Upgrading { client, inspector, relay };
+            let (Ok(resp) | Err(resp)) = send(Request::from_parts(parts, body), &conn, true, Some(upgrading)).await;
+            return resp;
+        }
+        (client, _) => client.map(|client| Upgrading { client, inspector: None, relay: false }),
+    };
 
     if let Some(policy) = &conn.coalesced_guard {
         let host = parts.uri.host().unwrap_or_default();
@@ -319,7 +386,7 @@ async fn send(
     req: Request<BoxBody>,
     conn: &Intercepted,
     upgrade: bool,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    client_upgrade: Option<Upgrading>,
 ) -> Result<Response<BoxBody>, Response<BoxBody>> {
     let client = if upgrade { &conn.upstream.http1 } else { &conn.upstream.client };
     let idle = conn.upstream.idle_timeout;
@@ -333,16 +400,20 @@ async fn send(
         }
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_side) = client_upgrade {
+        if let Some(Upgrading { client, inspector, relay }) = client_upgrade {
+            if relay {
+                // Whatever the provider says, no extension is in force.
+                resp.headers_mut().remove(header::SEC_WEBSOCKET_EXTENSIONS);
+            }
             let upstream_side = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
-                match (client_side.await, upstream_side.await) {
-                    (Ok(a), Ok(b)) => {
-                        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
-                    }
+            let limits = WsLimits { max_message: conn.limits.max_inspected_body, oversize: conn.limits.oversize };
+            let counts = conn.upgrades.counts.clone();
+            conn.upgrades.push(tokio::spawn(async move {
+                match (client.await, upstream_side.await) {
+                    (Ok(a), Ok(b)) => websocket::serve_upgraded(a, b, inspector, relay, limits, counts).await,
                     (Err(error), _) | (_, Err(error)) => tracing::debug!(%error, "upgrade failed"),
                 }
-            });
+            }));
         }
     } else {
         strip_hop_by_hop(resp.headers_mut(), false);

@@ -24,6 +24,7 @@ pub mod http;
 pub mod sni;
 pub mod tls;
 pub mod upstream;
+pub mod websocket;
 
 use std::{
     borrow::Cow,
@@ -717,9 +718,11 @@ async fn intercept_connection(
         active: tokio::sync::watch::Sender::new(0),
         requests: Default::default(),
         coalesced_guard: (record.mode == "guard").then(|| Arc::clone(&shared.plane.snapshot.borrow().policy)),
+        upgrades: Default::default(),
     });
     let result = http::serve(tls_stream, Arc::clone(&conn)).await;
     record.requests = conn.requests.load(Ordering::Relaxed);
+    (record.bytes_up, record.bytes_down) = conn.upgrades.counts.load();
     match result {
         Ok(()) => record.outcome = "intercepted",
         Err(error) => {

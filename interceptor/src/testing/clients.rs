@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::AsyncReadExt;
 
@@ -543,6 +543,90 @@ pub async fn python_ws(env: &ClientEnv<'_>, url: &str, messages: &[&str]) -> Res
     });
     run_python(env, PY_WS_BODY, &params).await
 }
+
+/// A conversation with the `websockets` package (the client Python agents
+/// use; it offers `permessage-deflate` unless told not to).
+#[derive(Debug, Clone, Serialize)]
+pub struct WsConversation {
+    pub url: String,
+    /// Connect here instead of the URL's host (SNI and `Host` stay the URL's).
+    pub connect_to: Option<std::net::SocketAddr>,
+    /// Offer `permessage-deflate` (the package's default).
+    pub deflate: bool,
+    /// Extra headers of the upgrade request.
+    pub headers: Vec<(String, String)>,
+    /// Text messages to send, in order, before reading.
+    pub send: Vec<String>,
+    /// Stop reading after a message containing this.
+    pub until: Option<String>,
+}
+
+/// What the `websockets` client saw.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WsConversationResult {
+    /// Status of a refused upgrade (and its body).
+    pub status: Option<u16>,
+    pub body: Option<String>,
+    /// The extensions the server's 101 agreed to.
+    pub extensions: Option<String>,
+    /// Messages received (binary ones decoded as UTF-8).
+    pub received: Vec<String>,
+    /// The server's close code and reason, if it closed.
+    pub close_code: Option<u16>,
+    pub close_reason: Option<String>,
+    /// Reading stopped on the timeout.
+    pub timed_out: bool,
+}
+
+/// Talks to a WebSocket with the `websockets` package, trusting `env.ca_file`.
+pub async fn python_websockets(env: &ClientEnv<'_>, conversation: &WsConversation) -> Result<WsConversationResult> {
+    let params = json!({
+        "ca_file": env.ca_file,
+        "timeout": env.timeout.as_secs_f64(),
+        "c": conversation,
+    });
+    run_python(env, PY_WEBSOCKETS_BODY, &params).await
+}
+
+const PY_WEBSOCKETS_BODY: &str = r#"
+import websockets.sync.client as wsc
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+C = P["c"]
+u = urllib.parse.urlsplit(C["url"])
+out = {"status": None, "body": None, "extensions": None, "received": [], "close_code": None,
+       "close_reason": None, "timed_out": False}
+if C["connect_to"]:
+    host, port = C["connect_to"].rsplit(":", 1)
+    addr = (host.strip("[]"), int(port))
+else:
+    addr = (u.hostname, u.port or 443)
+ctx = ssl.create_default_context(cafile=P["ca_file"])
+sock = socket.create_connection(addr, timeout=P["timeout"])
+try:
+    with wsc.connect(C["url"], sock=sock, ssl=ctx, server_hostname=u.hostname,
+                     compression="deflate" if C["deflate"] else None,
+                     additional_headers=[tuple(h) for h in C["headers"]],
+                     open_timeout=P["timeout"], close_timeout=2) as ws:
+        out["extensions"] = ws.response.headers.get("Sec-WebSocket-Extensions")
+        try:
+            for m in C["send"]:
+                ws.send(m)
+            while True:
+                m = ws.recv(timeout=P["timeout"])
+                m = m if isinstance(m, str) else m.decode("utf-8", "replace")
+                out["received"].append(m)
+                if C["until"] and C["until"] in m:
+                    break
+        except TimeoutError:
+            out["timed_out"] = True
+        except ConnectionClosed as e:
+            if e.rcvd is not None:
+                out["close_code"], out["close_reason"] = e.rcvd.code, e.rcvd.reason
+except InvalidStatus as e:
+    out["status"] = e.response.status_code
+    out["body"] = e.response.body.decode("utf-8", "replace") if e.response.body else ""
+print(json.dumps(out))
+"#;
 
 /// Node's built-in `fetch` (undici, HTTP/1.1): trusts `env.ca_file` through
 /// `NODE_EXTRA_CA_CERTS` (on top of Node's built-in roots), reads the body as

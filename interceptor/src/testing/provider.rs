@@ -23,13 +23,19 @@
 //! | `GET /stall-mid-stream?after=2` | `/sse` that sends `after` events, then nothing more, ever (a stalled provider) |
 //! | `GET /reset-mid-body?after=2` | `/sse` that sends `after` events, then resets the TCP connection (RST) |
 //! | `GET /ws` | WebSocket upgrade (HTTP/1.1), then every text or binary message is echoed |
+//! | `GET /v1/responses` (upgrade) | the Responses API's WebSocket mode: each `response.create` is answered with `response.created`, `response.output_text.delta`s, `response.output_text.done`, `response.completed` |
+//! | `GET /v1/realtime` (upgrade) | OpenAI Realtime: `session.created` at once; `conversation.item.create` gets `conversation.item.created`; `response.create` gets `response.created`, one `response.output_audio.delta`, `response.output_text.delta`s, `response.done` |
+//! | `GET /ws/google.ai.generativelanguage.*.BidiGenerateContent` (upgrade) | Gemini Live, in binary frames: `setup` gets `setupComplete`; `clientContent` gets `serverContent.modelTurn` parts, then `turnComplete` |
 //! | `GET /trailers` | HTTP/2 or chunked HTTP/1.1 body followed by the trailer `x-checksum: abc` (over HTTP/1.1 only if the request says `te: trailers`: hyper's rule) |
 //! | `GET /status/{code}` | that status, empty body |
 //! | `GET /big?bytes=N` | `N` bytes of `abc…z` repeated, with a content length |
 //! | anything else | 404 JSON error |
 //!
+//! Every message a WebSocket client sends is recorded
+//! ([`FakeProvider::ws_messages`]).
+//!
 //! A request header `x-fake-reply: <text>` replaces the assistant text in chat
-//! answers, so a test can make the "model" say something specific. Streams
+//! answers (and in the WebSocket answers, set on the upgrade request), so a test can make the "model" say something specific. Streams
 //! split that text into deltas at word boundaries, and words longer than
 //! twelve characters (a token, a key) across several deltas, as real models
 //! do; each event or frame is its own write, `interval_ms` (query, default
@@ -321,9 +327,21 @@ pub struct HandshakeInfo {
     pub peer: SocketAddr,
 }
 
+/// One message a WebSocket client sent, as the fake provider received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WsMessage {
+    pub connection: u64,
+    /// Path of the upgrade request.
+    pub path: String,
+    /// The message (binary ones lossily decoded).
+    pub text: String,
+    pub binary: bool,
+}
+
 #[derive(Default)]
 struct Recorder {
     requests: Mutex<Vec<RecordedRequest>>,
+    ws_messages: Mutex<Vec<WsMessage>>,
     handshakes: Mutex<Vec<HandshakeInfo>>,
     failed_handshakes: AtomicUsize,
     next_connection: AtomicU64,
@@ -448,6 +466,11 @@ impl FakeProvider {
     pub fn take_requests(&self) -> Vec<RecordedRequest> {
         lock(&self.recorder.handshakes).clear();
         std::mem::take(&mut *lock(&self.recorder.requests))
+    }
+
+    /// Every WebSocket message received so far, in order.
+    pub fn ws_messages(&self) -> Vec<WsMessage> {
+        lock(&self.recorder.ws_messages).clone()
     }
 
     /// Number of completed TLS handshakes (one per connection).
@@ -632,7 +655,8 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body
 
 async fn handle(mut req: Request<Incoming>, info: ConnInfo) -> Response<Body> {
     // Taken before the body is read: the upgrade handle lives in the extensions.
-    let upgrade = (req.method() == Method::GET && req.uri().path() == "/ws").then(|| hyper::upgrade::on(&mut req));
+    let upgrade =
+        (req.method() == Method::GET && ws_script(req.uri().path()).is_some()).then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(collected) => collected.to_bytes().to_vec(),
@@ -717,7 +741,7 @@ fn route(
             let pieces = chat_pieces(&reply_text(&parts.headers));
             sse_response(after + 5, Duration::from_millis(interval), pieces, ctx(Some((fault, after))))
         }
-        "/ws" => websocket(parts, upgrade, info.shutdown.clone()),
+        p if ws_script(p).is_some() => websocket(parts, upgrade, info, ws_script(p).unwrap_or(WsScript::Echo)),
         "/trailers" => trailers_response(),
         "/big" => big_response(query_u64(query, "bytes").unwrap_or(0)),
         _ => match path.strip_prefix("/status/") {
@@ -1307,13 +1331,97 @@ fn big_response(bytes: u64) -> Response<Body> {
     response
 }
 
-/// Answers an HTTP/1.1 WebSocket upgrade with 101 and echoes messages on the
-/// upgraded connection until the client closes it.
+/// What a WebSocket endpoint answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WsScript {
+    Echo,
+    Responses,
+    Realtime,
+    Live,
+}
+
+fn ws_script(path: &str) -> Option<WsScript> {
+    match path {
+        "/ws" => Some(WsScript::Echo),
+        "/v1/responses" => Some(WsScript::Responses),
+        "/v1/realtime" => Some(WsScript::Realtime),
+        p if p.starts_with("/ws/google.ai.generativelanguage.") && p.contains(".BidiGenerateContent") => {
+            Some(WsScript::Live)
+        }
+        _ => None,
+    }
+}
+
+/// The provider's answer to one client message of a scripted endpoint.
+fn ws_answer(script: WsScript, msg: &Message, reply: &str) -> Vec<Message> {
+    let json = |v: serde_json::Value| Message::text(v.to_string());
+    let request: serde_json::Value = match msg {
+        Message::Text(t) => serde_json::from_str(t.as_str()).unwrap_or_default(),
+        Message::Binary(b) => serde_json::from_slice(b).unwrap_or_default(),
+        _ => return Vec::new(),
+    };
+    let ty = request.get("type").and_then(|t| t.as_str()).unwrap_or("");
+    let pieces = chat_pieces(reply);
+    let full = reply.split_whitespace().collect::<Vec<_>>().join(" ");
+    match script {
+        WsScript::Echo => vec![msg.clone()],
+        WsScript::Responses if ty == "response.create" => {
+            let mut out =
+                vec![json(json!({"type": "response.created", "response": {"id": "resp_ws", "status": "in_progress"}}))];
+            out.extend(pieces.iter().map(|p| {
+                json(json!({"type": "response.output_text.delta", "item_id": "msg_ws", "output_index": 0, "content_index": 0, "delta": p}))
+            }));
+            out.push(json(json!({"type": "response.output_text.done", "item_id": "msg_ws", "text": full})));
+            out.push(json(json!({"type": "response.completed", "response": {"id": "resp_ws", "status": "completed",
+                "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": full}]}]}})));
+            out
+        }
+        WsScript::Realtime if ty == "conversation.item.create" => {
+            vec![json(json!({"type": "conversation.item.created", "item": {"id": "item_1"}}))]
+        }
+        WsScript::Realtime if ty == "response.create" => {
+            let mut out = vec![
+                json(json!({"type": "response.created", "response": {"id": "resp_rt"}})),
+                json(
+                    json!({"type": "response.output_audio.delta", "response_id": "resp_rt", "delta": "AAAAAAAAAAAAAAAA"}),
+                ),
+            ];
+            out.extend(
+                pieces
+                    .iter()
+                    .map(|p| json(json!({"type": "response.output_text.delta", "response_id": "resp_rt", "delta": p}))),
+            );
+            out.push(json(json!({"type": "response.done", "response": {"id": "resp_rt", "status": "completed"}})));
+            out
+        }
+        WsScript::Live if request.get("setup").is_some() => {
+            vec![Message::binary(json!({"setupComplete": {}}).to_string())]
+        }
+        WsScript::Live if request.get("clientContent").is_some() => {
+            let mut out: Vec<Message> = pieces
+                .iter()
+                .map(|p| Message::binary(json!({"serverContent": {"modelTurn": {"parts": [{"text": p}]}}}).to_string()))
+                .collect();
+            out.push(Message::binary(json!({"serverContent": {"turnComplete": true}}).to_string()));
+            out
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Answers an HTTP/1.1 WebSocket upgrade with 101, then plays `script`
+/// (recording every message) until the client closes the connection.
 fn websocket(
     parts: &http::request::Parts,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
-    mut shutdown: watch::Receiver<()>,
+    info: &ConnInfo,
+    script: WsScript,
 ) -> Response<Body> {
+    let mut shutdown = info.shutdown.clone();
+    let recorder = Arc::clone(&info.recorder);
+    let connection = info.connection;
+    let path = parts.uri.path().to_owned();
+    let reply = reply_text(&parts.headers);
     let wants_ws = parts.headers.get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
     let key = parts.headers.get(header::SEC_WEBSOCKET_KEY);
     let (true, Some(key), Some(upgrade)) = (wants_ws, key, upgrade) else {
@@ -1331,15 +1439,31 @@ fn websocket(
         };
         let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
         let echo = async {
+            if script == WsScript::Realtime
+                && ws
+                    .send(Message::text(json!({"type": "session.created", "session": {"id": "sess_1"}}).to_string()))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
             while let Some(Ok(msg)) = ws.next().await {
-                let reply = match msg {
-                    Message::Text(_) | Message::Binary(_) => msg,
+                let (text, binary) = match &msg {
+                    Message::Text(t) => (t.as_str().to_owned(), false),
+                    Message::Binary(b) => (String::from_utf8_lossy(b).into_owned(), true),
                     // The protocol layer queues pong and close replies;
                     // reading on sends them, and ends the stream after a close.
                     _ => continue,
                 };
-                if ws.send(reply).await.is_err() {
-                    break;
+                lock(&recorder.ws_messages).push(WsMessage { connection, path: path.clone(), text, binary });
+                for answer in ws_answer(script, &msg, &reply) {
+                    if ws.feed(answer).await.is_err() {
+                        return;
+                    }
+                    // One write per event, as a provider streams them.
+                    if ws.flush().await.is_err() {
+                        return;
+                    }
                 }
             }
         };
