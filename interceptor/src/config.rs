@@ -134,6 +134,20 @@ pub enum OversizeAction {
     Pass,
 }
 
+/// What to do with a request body that cannot be decoded for inspection: a
+/// `Content-Encoding` we do not know (`x-custom`), a body that fails to
+/// decompress, a `charset` we cannot decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UndecodableAction {
+    /// Refuse it with `415`, whatever `fail_mode_request` says: the client
+    /// chose the encoding, so failing open would let it pick what is seen.
+    Block,
+    /// Forward it uninspected, with an audit event per request saying so
+    /// and why.
+    Pass,
+}
+
 /// What to do when a guardrail would modify a body signed with AWS SigV4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -166,6 +180,9 @@ pub struct GuardrailsConfig {
     pub max_decompression_ratio: usize,
     /// A body over the inspection limits.
     pub oversize: OversizeAction,
+    /// A request body that cannot be decoded (unknown content coding,
+    /// corrupt compressed data, unknown charset).
+    pub undecodable: UndecodableAction,
     pub sigv4: SigV4Action,
     /// JSON-lines audit file. Empty: the log only.
     pub audit_file: PathBuf,
@@ -188,6 +205,7 @@ impl Default for GuardrailsConfig {
             max_decoded_body: 16 << 20,
             max_decompression_ratio: 1000,
             oversize: OversizeAction::Block,
+            undecodable: UndecodableAction::Block,
             sigv4: SigV4Action::Block,
             audit_file: PathBuf::new(),
             audit_prompts: false,
