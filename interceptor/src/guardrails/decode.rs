@@ -566,7 +566,8 @@ mod tests {
         let be = encode_utf16("\u{4e2d}\u{6587}", false, false);
         let d = decode_charset(Some("text/plain;charset=utf-16"), &be).unwrap();
         assert_eq!(std::str::from_utf8(&d.text).unwrap(), "\u{4e2d}\u{6587}");
-        let d = decode_charset(Some("application/json; charset=utf-32be"), &encode_utf32(JSON, false, false)).unwrap();
+        let utf32 = encode_utf32(JSON, false, false);
+        let d = decode_charset(Some("application/json; charset=utf-32be"), &utf32).unwrap();
         assert_eq!(&*d.text, JSON.as_bytes());
         // Latin-1 and windows-1252 bytes.
         let d = decode_charset(Some("text/plain; charset=ISO-8859-1"), b"caf\xe9 \x80 \x93x\x94").unwrap();

@@ -183,7 +183,9 @@ mod tests {
                 Expect("messages[2].content[0].content", Tool, ToolResult, "README.md\nsrc\n"),
                 Expect("messages[2].content[1].content[0].text", Tool, ToolResult, "# Project\nA demo."),
                 Expect("messages[2].content[3].text", User, Content, "Here is a screenshot too."),
+                Expect("messages[2].content[4].title", User, Content, "notes"),
                 Expect("messages[2].content[4].source.data", User, Content, "Plain text document body."),
+                Expect("tools[0].description", System, Instructions, "Executes a bash command"),
             ],
         );
     }

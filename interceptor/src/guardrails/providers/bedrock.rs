@@ -404,6 +404,7 @@ mod tests {
                     "2025-06-02",
                 ),
                 Expect("messages[2].content[2].guardContent.text.text", User, Content, "guarded user text"),
+                Expect("toolConfig.tools[0].toolSpec.description", System, Instructions, "Search flights"),
             ],
         );
     }

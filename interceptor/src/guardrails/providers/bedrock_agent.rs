@@ -154,6 +154,18 @@ mod tests {
                     "For which evening?",
                 ),
                 Expect(
+                    "sessionState.returnControlInvocationResults[0].functionResult.actionGroup",
+                    Tool,
+                    ToolResult,
+                    "reservations",
+                ),
+                Expect(
+                    "sessionState.returnControlInvocationResults[0].functionResult.function",
+                    Tool,
+                    ToolResult,
+                    "check_availability",
+                ),
+                Expect(
                     "sessionState.returnControlInvocationResults[0].functionResult.responseBody.TEXT.body",
                     Tool,
                     ToolResult,

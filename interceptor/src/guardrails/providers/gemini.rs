@@ -137,6 +137,7 @@ mod tests {
                 Expect("contents[2].parts[0].functionResponse.response.forecast", Tool, ToolResult, "Rain, 18C"),
                 Expect("contents[3].parts[0].text", Assistant, Content, "It will rain."),
                 Expect("contents[4].parts[0].text", User, Content, "thanks"),
+                Expect("tools[0].functionDeclarations[0].description", System, Instructions, "Weather by city"),
             ],
         );
     }

@@ -334,6 +334,7 @@ mod tests {
                 Expect("messages[4].content", Tool, ToolResult, "root:x:0:0:root:/root:/bin/bash"),
                 Expect("messages[5].content", Assistant, Content, "The file lists one user."),
                 Expect("messages[6].content", User, Content, "thanks"),
+                Expect("tools[0].function.description", System, Instructions, "Read a file from disk"),
             ],
         );
     }
@@ -393,6 +394,7 @@ mod tests {
                 Expect("input[6].output", Tool, ToolResult, "Success. Updated src/lib.rs"),
                 Expect("input[7].content[0].text", Assistant, Content, "Fixed."),
                 Expect("input[8].content", User, Content, "now explain the screenshot"),
+                Expect("tools[0].description", System, Instructions, "Runs a shell command"),
             ],
         );
     }
