@@ -573,8 +573,12 @@ mod tests {
         let d = decode_charset(Some("text/plain; charset=ISO-8859-1"), b"caf\xe9 \x80 \x93x\x94").unwrap();
         assert_eq!(std::str::from_utf8(&d.text).unwrap(), "caf\u{e9} \u{20ac} \u{201c}x\u{201d}");
         // UTF-8 labels and no label leave UTF-8 alone (borrowed), without a BOM.
-        for ct in [None, Some("application/json"), Some("application/json; charset=utf-8"), Some("text/plain; charset=us-ascii")]
-        {
+        for ct in [
+            None,
+            Some("application/json"),
+            Some("application/json; charset=utf-8"),
+            Some("text/plain; charset=us-ascii"),
+        ] {
             let d = decode_charset(ct, JSON.as_bytes()).unwrap();
             assert!(matches!(d.text, Cow::Borrowed(_)) && d.from.is_none(), "{ct:?}");
         }
@@ -585,10 +589,7 @@ mod tests {
     #[test]
     fn unknown_charsets_are_errors() {
         for ct in ["application/json; charset=shift_jis", "text/plain; charset=x-user-defined", "a/b; charset=\"\""] {
-            assert!(
-                matches!(decode_charset(Some(ct), b"{}"), Err(DecodeError::UnsupportedCharset { .. })),
-                "{ct}"
-            );
+            assert!(matches!(decode_charset(Some(ct), b"{}"), Err(DecodeError::UnsupportedCharset { .. })), "{ct}");
         }
         // A BOM decides before the label.
         assert!(decode_charset(Some("application/json; charset=shift_jis"), &encode_utf16("{}", true, true)).is_ok());

@@ -312,6 +312,7 @@ impl Pipeline {
         error: &DecodeError,
     ) -> RequestAction {
         outcome.backends.push("decode");
+        outcome.note_rule("undecodable");
         let why = error.to_string();
         let action = match g.cfg.undecodable {
             UndecodableAction::Block => {
@@ -326,7 +327,6 @@ impl Pipeline {
             }
             UndecodableAction::Pass => {
                 outcome.alert = true;
-                outcome.note_rule("undecodable");
                 outcome.reasons.push(format!("not inspected: body cannot be decoded ({why})"));
                 RequestAction::Forward
             }
@@ -473,7 +473,8 @@ impl Hook for Pipeline {
             Some(d) => providers::parse_request(provider, d),
             None if decoded.is_empty() => NormalizedRequest::default(),
             None => {
-                let raw_span = |text: String| TextSpan { path: Vec::new(), role: Role::Unknown, kind: TextKind::Other, text };
+                let raw_span =
+                    |text: String| TextSpan { path: Vec::new(), role: Role::Unknown, kind: TextKind::Other, text };
                 let mut texts = vec![raw_span(String::from_utf8_lossy(&text.text).into_owned())];
                 if text.from.is_some() {
                     // Not JSON in the detected charset: the bytes as UTF-8

@@ -103,8 +103,7 @@ pub(super) fn has_anthropic_blocks(messages: &[Value]) -> bool {
         matches!(
             str_field(b, "type"),
             "tool_use" | "tool_result" | "thinking" | "redacted_thinking" | "document" | "search_result"
-        )
-            || (str_field(b, "type") == "image" && b.get("source").is_some())
+        ) || (str_field(b, "type") == "image" && b.get("source").is_some())
     })
 }
 

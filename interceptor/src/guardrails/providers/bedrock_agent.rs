@@ -194,7 +194,12 @@ mod tests {
                 Expect("instruction", System, Instructions, "You are a travel agent."),
                 Expect("inputText", User, Content, "Find flights"),
                 Expect("actionGroups[0].description", System, Instructions, "Search flights."),
-                Expect("actionGroups[0].functionSchema.functions[0].description", System, Instructions, "Search by route."),
+                Expect(
+                    "actionGroups[0].functionSchema.functions[0].description",
+                    System,
+                    Instructions,
+                    "Search by route.",
+                ),
                 Expect(
                     "actionGroups[0].functionSchema.functions[0].parameters.from.description",
                     System,

@@ -42,7 +42,12 @@ pub(super) fn request(doc: &Value, c: &mut Collector) {
             // v1: `description`, and `parameter_definitions.{name}.description`.
             None => {
                 let base = jpath!["tools", i];
-                c.string(tool.get("description"), join(&base, jpath!["description"]), Role::System, TextKind::Instructions);
+                c.string(
+                    tool.get("description"),
+                    join(&base, jpath!["description"]),
+                    Role::System,
+                    TextKind::Instructions,
+                );
                 c.descriptions(tool.get("parameter_definitions"), join(&base, jpath!["parameter_definitions"]));
             }
         }

@@ -274,10 +274,7 @@ pub const KNOWN_HOSTS: &[KnownHost] = &[
     KnownHost { pattern: "api.x.ai", routes: &[CHAT_V1, RESPONSES_V1, ("/v1/messages", Provider::Anthropic)] },
     KnownHost {
         pattern: "openrouter.ai",
-        routes: &[
-            ("/api/v1/chat/completions", Provider::OpenAiChat),
-            ("/api/v1/responses", Provider::OpenAiResponses),
-        ],
+        routes: &[("/api/v1/chat/completions", Provider::OpenAiChat), ("/api/v1/responses", Provider::OpenAiResponses)],
     },
     KnownHost { pattern: "api.together.xyz", routes: &[CHAT_V1] },
     KnownHost { pattern: "api.together.ai", routes: &[CHAT_V1] },

@@ -546,7 +546,11 @@ proptest! {
 
 /// A concrete host name a pattern matches: `x` for a wildcard label.
 fn sample_host(pattern: &str) -> String {
-    pattern.split('.').map(|label| if label.starts_with('*') { label.replacen('*', "x", 1) } else { label.to_owned() }).collect::<Vec<_>>().join(".")
+    pattern
+        .split('.')
+        .map(|label| if label.starts_with('*') { label.replacen('*', "x", 1) } else { label.to_owned() })
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 #[test]
@@ -558,7 +562,10 @@ fn known_hosts_agree_with_detection() {
         }
         assert!(!describe_domain(h.pattern).is_empty());
     }
-    assert!(describe_domain("api.openai.com").starts_with("openai_chat (/v1/chat/completions), openai_responses (/v1/responses);"));
+    assert!(
+        describe_domain("api.openai.com")
+            .starts_with("openai_chat (/v1/chat/completions), openai_responses (/v1/responses);")
+    );
     assert!(describe_domain("MYRES.openai.azure.com").contains("by path"), "an unknown name is read by path");
 }
 
@@ -569,13 +576,27 @@ fn every_default_ai_domain_is_a_known_host() {
         assert!(known.contains(domain), "{domain} is in DEFAULT_AI_DOMAINS but not in KNOWN_HOSTS");
     }
     for pattern in &known {
-        assert!(crate::policy::DEFAULT_AI_DOMAINS.contains(pattern), "{pattern} is in KNOWN_HOSTS but not a default AI domain");
+        assert!(
+            crate::policy::DEFAULT_AI_DOMAINS.contains(pattern),
+            "{pattern} is in KNOWN_HOSTS but not a default AI domain"
+        );
     }
     // The names of the task's providers are all there.
     for name in [
-        "*.openai.azure.com", "*.cognitiveservices.azure.com", "bedrock-agent-runtime.*.amazonaws.com", "api.mistral.ai",
-        "api.groq.com", "api.deepseek.com", "api.x.ai", "openrouter.ai", "api.together.xyz", "api.together.ai",
-        "api.fireworks.ai", "api.perplexity.ai", "api.cohere.com", "api.cohere.ai",
+        "*.openai.azure.com",
+        "*.cognitiveservices.azure.com",
+        "bedrock-agent-runtime.*.amazonaws.com",
+        "api.mistral.ai",
+        "api.groq.com",
+        "api.deepseek.com",
+        "api.x.ai",
+        "openrouter.ai",
+        "api.together.xyz",
+        "api.together.ai",
+        "api.fireworks.ai",
+        "api.perplexity.ai",
+        "api.cohere.com",
+        "api.cohere.ai",
     ] {
         assert!(known.contains(&name), "{name}");
     }
@@ -613,73 +634,257 @@ macro_rules! case {
 
 fn corpus() -> Vec<Case> {
     vec![
-        case!("openai_chat_request.json", "api.openai.com", "/v1/chat/completions", OpenAiChat,
-            ["You are a careful coding assistant.", "What is in this image? Also read /etc/passwd", "Read a file from disk"], []),
-        case!("openai_chat_tools_prediction_request.json", "api.openai.com", "/v1/chat/completions", OpenAiChat,
-            ["Rename the class and return the whole file.", "class User { name: string }", "class Account { name: string }",
-             "Get the current weather for a city.", "City and country, e.g. Paris, France", "Temperature unit."],
-            ["user-1234", "celsius"]),
+        case!(
+            "openai_chat_request.json",
+            "api.openai.com",
+            "/v1/chat/completions",
+            OpenAiChat,
+            [
+                "You are a careful coding assistant.",
+                "What is in this image? Also read /etc/passwd",
+                "Read a file from disk"
+            ],
+            []
+        ),
+        case!(
+            "openai_chat_tools_prediction_request.json",
+            "api.openai.com",
+            "/v1/chat/completions",
+            OpenAiChat,
+            [
+                "Rename the class and return the whole file.",
+                "class User { name: string }",
+                "class Account { name: string }",
+                "Get the current weather for a city.",
+                "City and country, e.g. Paris, France",
+                "Temperature unit."
+            ],
+            ["user-1234", "celsius"]
+        ),
         case!("openai_responses_request.json", "api.openai.com", "/v1/responses", OpenAiResponses, [], []),
-        case!("openai_responses_tools_request.json", "chatgpt.com", "/backend-api/codex/responses", OpenAiResponses,
-            ["You are a coding agent.", "Run the tests.", "Runs a shell command and returns its output.", "The command to execute."],
-            ["reasoning.encrypted_content"]),
-        case!("chatgpt_conversation_request.json", "chatgpt.com", "/backend-api/conversation", OpenAiChat,
-            ["Summarize the attached meeting notes in three bullets."], ["Europe/Lisbon"]),
-        case!("chatgpt_conversation_multimodal_request.json", "chatgpt.com", "/backend-api/f/conversation", OpenAiChat,
-            ["What does this error message mean?"], ["error.png"]),
-        case!("anthropic_request.json", "api.anthropic.com", "/v1/messages", Anthropic,
-            ["Project rules: never push to main."], []),
-        case!("anthropic_search_results_request.json", "api.anthropic.com", "/v1/messages", Anthropic,
-            ["API Reference - Authentication", "All API requests must include an API key in the Authorization header.",
-             "The grass is green. The sky is blue.", "My Document", "This is a trustworthy document.",
-             "First chunk of a custom document.", "How do I authenticate, and what colour is the grass?", "rate limits",
-             "The default limit is 50 requests per minute.", "Search the product documentation.", "What to look for."],
-            ["https://docs.example.com/api-reference", "search_docs"]),
-        case!("gemini_request.json", "generativelanguage.googleapis.com", "/v1beta/models/gemini-2.5-pro:generateContent", Gemini,
-            ["You are a helpful assistant."], []),
-        case!("gemini_function_declarations_request.json", "us-central1-aiplatform.googleapis.com",
-            "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-flash:generateContent", Gemini,
-            ["Turn the living room lights down to 30%.", "Sets the brightness and color temperature of a light.",
-             "Light level from 0 to 100.", "Color temperature of the light fixture."], ["daylight"]),
-        case!("bedrock_converse_request.json", "bedrock-runtime.us-east-1.amazonaws.com", "/model/amazon.nova-pro-v1:0/converse",
-            BedrockConverse, ["You are a travel agent.", "Book me a flight to Lisbon"], []),
-        case!("bedrock_converse_tools_request.json", "bedrock-runtime.eu-west-1.amazonaws.com",
-            "/model/anthropic.claude-3-haiku-20240307-v1:0/converse", BedrockConverse,
-            ["What is the most popular song on WZPZ?", "Get the most popular song played on a radio station.",
-             "The call sign for the radio station, e.g. WZPZ."], ["top_song"]),
-        case!("bedrock_agent_invoke_request.json", "bedrock-agent-runtime.us-east-1.amazonaws.com",
-            "/agents/AGENT12345/agentAliases/TSTALIASID/sessions/s-1/text", BedrockAgent,
-            ["Friday at half past seven, please.", "Jane Roe, premium plan", "Book me a table for two.", "Table 12 is free at 19:30."],
-            ["79e0feaa-c6f7-49bf-814d-b7c498505172"]),
-        case!("bedrock_agent_retrieve_and_generate_request.json", "bedrock-agent-runtime.eu-central-1.amazonaws.com",
-            "/retrieveAndGenerate", BedrockAgent,
-            ["What is our parental leave policy?"], ["Answer from these results only: $search_results$"]),
-        case!("azure_openai_chat_request.json", "contoso.openai.azure.com",
-            "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", OpenAiChat,
+        case!(
+            "openai_responses_tools_request.json",
+            "chatgpt.com",
+            "/backend-api/codex/responses",
+            OpenAiResponses,
+            [
+                "You are a coding agent.",
+                "Run the tests.",
+                "Runs a shell command and returns its output.",
+                "The command to execute."
+            ],
+            ["reasoning.encrypted_content"]
+        ),
+        case!(
+            "chatgpt_conversation_request.json",
+            "chatgpt.com",
+            "/backend-api/conversation",
+            OpenAiChat,
+            ["Summarize the attached meeting notes in three bullets."],
+            ["Europe/Lisbon"]
+        ),
+        case!(
+            "chatgpt_conversation_multimodal_request.json",
+            "chatgpt.com",
+            "/backend-api/f/conversation",
+            OpenAiChat,
+            ["What does this error message mean?"],
+            ["error.png"]
+        ),
+        case!(
+            "anthropic_request.json",
+            "api.anthropic.com",
+            "/v1/messages",
+            Anthropic,
+            ["Project rules: never push to main."],
+            []
+        ),
+        case!(
+            "anthropic_search_results_request.json",
+            "api.anthropic.com",
+            "/v1/messages",
+            Anthropic,
+            [
+                "API Reference - Authentication",
+                "All API requests must include an API key in the Authorization header.",
+                "The grass is green. The sky is blue.",
+                "My Document",
+                "This is a trustworthy document.",
+                "First chunk of a custom document.",
+                "How do I authenticate, and what colour is the grass?",
+                "rate limits",
+                "The default limit is 50 requests per minute.",
+                "Search the product documentation.",
+                "What to look for."
+            ],
+            ["https://docs.example.com/api-reference", "search_docs"]
+        ),
+        case!(
+            "gemini_request.json",
+            "generativelanguage.googleapis.com",
+            "/v1beta/models/gemini-2.5-pro:generateContent",
+            Gemini,
+            ["You are a helpful assistant."],
+            []
+        ),
+        case!(
+            "gemini_function_declarations_request.json",
+            "us-central1-aiplatform.googleapis.com",
+            "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-flash:generateContent",
+            Gemini,
+            [
+                "Turn the living room lights down to 30%.",
+                "Sets the brightness and color temperature of a light.",
+                "Light level from 0 to 100.",
+                "Color temperature of the light fixture."
+            ],
+            ["daylight"]
+        ),
+        case!(
+            "bedrock_converse_request.json",
+            "bedrock-runtime.us-east-1.amazonaws.com",
+            "/model/amazon.nova-pro-v1:0/converse",
+            BedrockConverse,
+            ["You are a travel agent.", "Book me a flight to Lisbon"],
+            []
+        ),
+        case!(
+            "bedrock_converse_tools_request.json",
+            "bedrock-runtime.eu-west-1.amazonaws.com",
+            "/model/anthropic.claude-3-haiku-20240307-v1:0/converse",
+            BedrockConverse,
+            [
+                "What is the most popular song on WZPZ?",
+                "Get the most popular song played on a radio station.",
+                "The call sign for the radio station, e.g. WZPZ."
+            ],
+            ["top_song"]
+        ),
+        case!(
+            "bedrock_agent_invoke_request.json",
+            "bedrock-agent-runtime.us-east-1.amazonaws.com",
+            "/agents/AGENT12345/agentAliases/TSTALIASID/sessions/s-1/text",
+            BedrockAgent,
+            [
+                "Friday at half past seven, please.",
+                "Jane Roe, premium plan",
+                "Book me a table for two.",
+                "Table 12 is free at 19:30."
+            ],
+            ["79e0feaa-c6f7-49bf-814d-b7c498505172"]
+        ),
+        case!(
+            "bedrock_agent_retrieve_and_generate_request.json",
+            "bedrock-agent-runtime.eu-central-1.amazonaws.com",
+            "/retrieveAndGenerate",
+            BedrockAgent,
+            ["What is our parental leave policy?"],
+            ["Answer from these results only: $search_results$"]
+        ),
+        case!(
+            "azure_openai_chat_request.json",
+            "contoso.openai.azure.com",
+            "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+            OpenAiChat,
             ["You are an assistant for Contoso employees.", "Draft a reply declining the meeting on Thursday."],
-            ["Answer only from the HR policies index."]),
-        case!("mistral_chat_request.json", "api.mistral.ai", "/v1/chat/completions", OpenAiChat,
-            ["Reply in French.", "Describe this picture.", "{\"transaction_id\": \"T1001\"}", "{\"status\": \"Paid\"}",
-             "Get payment status of a transaction", "The transaction id."], ["https://example.com/cat.jpg"]),
-        case!("groq_chat_request.json", "api.groq.com", "/openai/v1/chat/completions", OpenAiChat,
-            ["You are a terse assistant.", "Explain the importance of fast language models"], []),
-        case!("deepseek_chat_request.json", "api.deepseek.com", "/chat/completions", OpenAiChat,
-            ["You are a helpful assistant", "Compare the tenths: 8 > 1.", "How many Rs are there in the word 'strawberry'?"], []),
-        case!("xai_chat_request.json", "api.x.ai", "/v1/chat/completions", OpenAiChat,
-            ["What is the meaning of life, the universe, and everything?"], []),
-        case!("openrouter_chat_request.json", "openrouter.ai", "/api/v1/chat/completions", OpenAiChat,
-            ["What is in this PDF?"], ["https://example.com/report.pdf", "openai/gpt-4o"]),
-        case!("together_chat_request.json", "api.together.xyz", "/v1/chat/completions", OpenAiChat,
-            ["You are an expert travel guide.", "What are some fun things to do in New York?"], []),
-        case!("fireworks_chat_request.json", "api.fireworks.ai", "/inference/v1/chat/completions", OpenAiChat,
-            ["Say this is a test"], []),
-        case!("perplexity_chat_request.json", "api.perplexity.ai", "/chat/completions", OpenAiChat,
-            ["Be precise and concise.", "How many stars are there in our galaxy?"], ["nasa.gov"]),
-        case!("cohere_v2_request.json", "api.cohere.com", "/v2/chat", Cohere,
-            ["You are a support agent for Acme.", "I will look the order up.", "{\"status\":\"shipped\"}", "Returns are accepted for 30 days."],
-            []),
-        case!("cohere_v1_request.json", "api.cohere.ai", "/v1/chat", Cohere,
-            ["Answer like a pirate.", "Ahoy!", "What should I wear today?", "Two shirts, one hat.", "City name."], []),
+            ["Answer only from the HR policies index."]
+        ),
+        case!(
+            "mistral_chat_request.json",
+            "api.mistral.ai",
+            "/v1/chat/completions",
+            OpenAiChat,
+            [
+                "Reply in French.",
+                "Describe this picture.",
+                "{\"transaction_id\": \"T1001\"}",
+                "{\"status\": \"Paid\"}",
+                "Get payment status of a transaction",
+                "The transaction id."
+            ],
+            ["https://example.com/cat.jpg"]
+        ),
+        case!(
+            "groq_chat_request.json",
+            "api.groq.com",
+            "/openai/v1/chat/completions",
+            OpenAiChat,
+            ["You are a terse assistant.", "Explain the importance of fast language models"],
+            []
+        ),
+        case!(
+            "deepseek_chat_request.json",
+            "api.deepseek.com",
+            "/chat/completions",
+            OpenAiChat,
+            [
+                "You are a helpful assistant",
+                "Compare the tenths: 8 > 1.",
+                "How many Rs are there in the word 'strawberry'?"
+            ],
+            []
+        ),
+        case!(
+            "xai_chat_request.json",
+            "api.x.ai",
+            "/v1/chat/completions",
+            OpenAiChat,
+            ["What is the meaning of life, the universe, and everything?"],
+            []
+        ),
+        case!(
+            "openrouter_chat_request.json",
+            "openrouter.ai",
+            "/api/v1/chat/completions",
+            OpenAiChat,
+            ["What is in this PDF?"],
+            ["https://example.com/report.pdf", "openai/gpt-4o"]
+        ),
+        case!(
+            "together_chat_request.json",
+            "api.together.xyz",
+            "/v1/chat/completions",
+            OpenAiChat,
+            ["You are an expert travel guide.", "What are some fun things to do in New York?"],
+            []
+        ),
+        case!(
+            "fireworks_chat_request.json",
+            "api.fireworks.ai",
+            "/inference/v1/chat/completions",
+            OpenAiChat,
+            ["Say this is a test"],
+            []
+        ),
+        case!(
+            "perplexity_chat_request.json",
+            "api.perplexity.ai",
+            "/chat/completions",
+            OpenAiChat,
+            ["Be precise and concise.", "How many stars are there in our galaxy?"],
+            ["nasa.gov"]
+        ),
+        case!(
+            "cohere_v2_request.json",
+            "api.cohere.com",
+            "/v2/chat",
+            Cohere,
+            [
+                "You are a support agent for Acme.",
+                "I will look the order up.",
+                "{\"status\":\"shipped\"}",
+                "Returns are accepted for 30 days."
+            ],
+            []
+        ),
+        case!(
+            "cohere_v1_request.json",
+            "api.cohere.ai",
+            "/v1/chat",
+            Cohere,
+            ["Answer like a pirate.", "Ahoy!", "What should I wear today?", "Two shirts, one hat.", "City name."],
+            []
+        ),
     ]
 }
 
@@ -692,7 +897,12 @@ fn corpus_yields_its_texts() {
         let parsed = parse_request(provider, &doc).texts;
         let unread = unread_texts(&doc, &parsed);
         for want in case.parsed {
-            assert!(parsed.iter().any(|t| t.text == *want), "{}: the {} parser misses {want:?}", case.file, provider.as_str());
+            assert!(
+                parsed.iter().any(|t| t.text == *want),
+                "{}: the {} parser misses {want:?}",
+                case.file,
+                provider.as_str()
+            );
         }
         for want in case.unread {
             assert!(unread.iter().any(|t| t.text == *want), "{}: no walk finds {want:?}", case.file);
@@ -700,14 +910,25 @@ fn corpus_yields_its_texts() {
         // The two never overlap, every span is where it says, and together
         // they are every string the generic walk finds.
         for span in parsed.iter().chain(&unread) {
-            assert_eq!(text_at(&doc, &span.path), Some(span.text.as_str()), "{}: {}", case.file, path_string(&span.path));
+            assert_eq!(
+                text_at(&doc, &span.path),
+                Some(span.text.as_str()),
+                "{}: {}",
+                case.file,
+                path_string(&span.path)
+            );
         }
         for span in &unread {
             assert!(!parsed.iter().any(|p| p.path == span.path), "{}: {} twice", case.file, path_string(&span.path));
         }
         let generic = parse_request(Provider::Generic, &doc).texts;
         for g in &generic {
-            assert!(parsed.iter().chain(&unread).any(|t| t.path == g.path), "{}: {} hidden", case.file, path_string(&g.path));
+            assert!(
+                parsed.iter().chain(&unread).any(|t| t.path == g.path),
+                "{}: {} hidden",
+                case.file,
+                path_string(&g.path)
+            );
         }
     }
 }
@@ -792,10 +1013,14 @@ fn chatgpt_conversation_parts() {
     );
     // Detected from the body alone too, and an instruction goes in in the
     // conversation's own shape.
-    let mut doc = json!({"messages": [{"author": {"role": "user"}, "content": {"content_type": "text", "parts": ["x"]}}]});
+    let mut doc =
+        json!({"messages": [{"author": {"role": "user"}, "content": {"content_type": "text", "parts": ["x"]}}]});
     assert_eq!(detect_from_body(&doc), Some(Provider::OpenAiChat));
     insert_instruction(Provider::OpenAiChat, &mut doc, "RULE").unwrap();
-    assert_eq!(doc["messages"][0], json!({"author": {"role": "system"}, "content": {"content_type": "text", "parts": ["RULE"]}}));
+    assert_eq!(
+        doc["messages"][0],
+        json!({"author": {"role": "system"}, "content": {"content_type": "text", "parts": ["RULE"]}})
+    );
 }
 
 #[test]
