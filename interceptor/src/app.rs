@@ -117,7 +117,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 dns_port,
                 config.redirect.fail_mode == crate::config::FailMode::Open,
             )
-            .context("installing the iptables redirect (run `interceptor doctor`)")?,
+                .context("installing the iptables redirect (run `interceptor doctor`)")?,
         ),
         RedirectMode::None => Box::new(NoRedirect),
     };
@@ -149,6 +149,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let status_tx = Arc::new(status_tx);
     let metrics = Arc::new(Metrics::new());
     tokio::spawn(admin::serve(admin_listener, status_rx, Arc::clone(&metrics)));
+
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (shutdown_dns_tx, shutdown_rx_dns) = watch::channel(false);
@@ -240,10 +241,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 /// The CA (created on first run), the leaf issuer and the upstream pool.
 fn tls_termination(config: &Config, state_dir: &Path) -> anyhow::Result<TlsTermination> {
     let ca = CertificateAuthority::load_or_create(state_dir).with_context(|| {
-        format!(
-            "loading the certificate authority in the state directory {} (it must be writable on first start)",
-            state_dir.display()
-        )
+        format!("loading the certificate authority in the state directory {} (it must be writable on first start)", state_dir.display())
     })?;
     tracing::info!(cert = %ca.cert_path().display(), "certificate authority ready");
     let issuer =
@@ -305,8 +303,7 @@ async fn bind_dns(config: &Config, port: u16) -> anyhow::Result<Vec<(UdpSocket, 
     for addr in addrs {
         // Shared with a second instance during an upgrade, like the proxy port.
         let udp = crate::net::shared_udp(addr).with_context(|| format!("starting the DNS forwarder on udp {addr}"))?;
-        let tcp =
-            crate::net::shared_listener(addr).with_context(|| format!("starting the DNS forwarder on tcp {addr}"))?;
+        let tcp = crate::net::shared_listener(addr).with_context(|| format!("starting the DNS forwarder on tcp {addr}"))?;
         out.push((udp, tcp));
     }
     Ok(out)

@@ -251,9 +251,7 @@ fn main() -> ExitCode {
             // Pinned eBPF links and maps (left on purpose by a fail-closed
             // instance that crashed) and iptables chains.
             let pinned = redirect::liveness::cleanup();
-            match redirect::iptables::cleanup()
-                .and(pinned.map(|_| ()).map_err(|e| redirect::RedirectError::Pin(e.to_string())))
-            {
+            match redirect::iptables::cleanup().and(pinned.map(|_| ()).map_err(|e| redirect::RedirectError::Pin(e.to_string()))) {
                 Ok(()) => {
                     println!(
                         "no interceptor redirect remains (no iptables rules, no pinned eBPF programs; unpinned eBPF programs go when the interceptor exits)"
