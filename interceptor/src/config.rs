@@ -287,10 +287,7 @@ pub struct RedirectConfig {
 
 impl RedirectConfig {
     pub fn fail_safe(&self) -> crate::redirect::liveness::FailSafe {
-        crate::redirect::liveness::FailSafe {
-            closed: self.fail_mode == FailMode::Closed,
-            timeout: self.heartbeat_timeout,
-        }
+        crate::redirect::liveness::FailSafe { closed: self.fail_mode == FailMode::Closed, timeout: self.heartbeat_timeout }
     }
 }
 
@@ -702,10 +699,7 @@ mod tests {
             c.admin.address = bad.parse().unwrap();
             let ConfigError::Invalid { errors } = c.validate().unwrap_err() else { panic!() };
             assert_eq!(errors.len(), 1, "{errors:?}");
-            assert!(
-                errors[0].starts_with("admin.address:") && errors[0].contains("not a loopback address"),
-                "{errors:?}"
-            );
+            assert!(errors[0].starts_with("admin.address:") && errors[0].contains("not a loopback address"), "{errors:?}");
         }
     }
 
