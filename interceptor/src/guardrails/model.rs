@@ -55,9 +55,11 @@ impl Provider {
         Provider::BedrockInvoke,
         Provider::BedrockConverse,
         Provider::Gemini,
+        Provider::Generic,
+        // After `Generic`, so the fuzz seeds that pick a provider by index
+        // keep theirs.
         Provider::Cohere,
         Provider::BedrockAgent,
-        Provider::Generic,
     ];
 
     /// The provider's name in policies, metrics and audit events.
