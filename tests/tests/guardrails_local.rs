@@ -267,6 +267,16 @@ async fn utf16_json_is_decoded_and_inspected() -> Result<()> {
     let sent: Value = serde_json::from_slice(&seen.body)?;
     let text = sent["messages"][0]["content"].as_str().unwrap_or_default();
     assert!(!text.contains("4111") && text.contains("REDACTED"), "{text}");
+
+    // UTF-16 text that is not JSON cannot be rewritten in place: what must
+    // be redacted there is refused instead.
+    let plain = utf16le("please charge card 4111 1111 1111 1111", true);
+    let before = s.provider.requests().len();
+    let resp = client.post(url).header("content-type", "text/plain").body(plain).send().await?;
+    assert_eq!(resp.status(), 403);
+    let error: Value = resp.json().await?;
+    assert!(error["error"].as_str().is_some_and(|e| e.contains("cannot be rewritten in place")), "{error}");
+    assert_eq!(s.provider.requests().len(), before);
     Ok(())
 }
 

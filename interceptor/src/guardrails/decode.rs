@@ -294,6 +294,10 @@ pub struct DecodedText<'a> {
 /// left as it is (its parts are binary or UTF-8 and carry their own types).
 pub fn decode_charset<'a>(content_type: Option<&str>, body: &'a [u8]) -> Result<DecodedText<'a>, DecodeError> {
     let unchanged = |text: &'a [u8]| DecodedText { text: Cow::Borrowed(text), from: None };
+    if body.is_empty() {
+        // Nothing to decode, whatever the label says.
+        return Ok(unchanged(body));
+    }
     let media = content_type.and_then(|ct| ct.split(';').next()).unwrap_or("").trim().to_ascii_lowercase();
     if media.starts_with("multipart/") {
         return Ok(unchanged(body));
@@ -591,6 +595,7 @@ mod tests {
         for ct in ["application/json; charset=shift_jis", "text/plain; charset=x-user-defined", "a/b; charset=\"\""] {
             assert!(matches!(decode_charset(Some(ct), b"{}"), Err(DecodeError::UnsupportedCharset { .. })), "{ct}");
         }
+        assert!(decode_charset(Some("application/json; charset=shift_jis"), b"").is_ok(), "an empty body needs no decoding");
         // A BOM decides before the label.
         assert!(decode_charset(Some("application/json; charset=shift_jis"), &encode_utf16("{}", true, true)).is_ok());
     }
