@@ -149,6 +149,20 @@ pub enum UnknownWebSocket {
     Tunnel,
 }
 
+/// What to do with a request body that cannot be decoded for inspection: a
+/// `Content-Encoding` we do not know (`x-custom`), a body that fails to
+/// decompress, a `charset` we cannot decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UndecodableAction {
+    /// Refuse it with `415`, whatever `fail_mode_request` says: the client
+    /// chose the encoding, so failing open would let it pick what is seen.
+    Block,
+    /// Forward it uninspected, with an audit event per request saying so
+    /// and why.
+    Pass,
+}
+
 /// What to do when a guardrail would modify a body signed with AWS SigV4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -181,6 +195,9 @@ pub struct GuardrailsConfig {
     pub max_decompression_ratio: usize,
     /// A body over the inspection limits.
     pub oversize: OversizeAction,
+    /// A request body that cannot be decoded (unknown content coding,
+    /// corrupt compressed data, unknown charset).
+    pub undecodable: UndecodableAction,
     pub sigv4: SigV4Action,
     /// A WebSocket whose protocol cannot be inspected (default `refuse`).
     pub unknown_websocket: UnknownWebSocket,
@@ -205,6 +222,7 @@ impl Default for GuardrailsConfig {
             max_decoded_body: 16 << 20,
             max_decompression_ratio: 1000,
             oversize: OversizeAction::Block,
+            undecodable: UndecodableAction::Block,
             sigv4: SigV4Action::Block,
             unknown_websocket: UnknownWebSocket::Refuse,
             audit_file: PathBuf::new(),

@@ -7,7 +7,7 @@ use interceptor::{
     app,
     ca::{self, CertificateAuthority, TrustStore},
     config::{Config, LogFormat, Overrides, RedirectMode},
-    doctor, redirect, telemetry,
+    doctor, guardrails, redirect, telemetry,
 };
 
 #[derive(Parser)]
@@ -113,6 +113,16 @@ fn load(path: Option<&PathBuf>, args: &RunArgs) -> Result<Config, ExitCode> {
         eprintln!("error: {}", telemetry::chain(&error));
         ExitCode::from(2)
     })
+}
+
+/// The AI domains in force (`ai`, then `ai_extra`) and the request formats
+/// read on each, as TOML comments so the output stays a valid configuration.
+fn ai_domain_formats(config: &Config) -> String {
+    let mut out = String::from("\n# AI domains and the request formats read on each:\n");
+    for domain in config.domains.ai.iter().chain(&config.domains.ai_extra) {
+        out.push_str(&format!("#   {domain}: {}\n", guardrails::providers::describe_domain(domain)));
+    }
+    out
 }
 
 /// Reads `/status` from the admin API and renders it for a person.
@@ -291,6 +301,7 @@ fn main() -> ExitCode {
                     Ok(text) => print!("{text}"),
                     Err(error) => eprintln!("warning: cannot print the configuration: {error}"),
                 }
+                print!("{}", ai_domain_formats(&config));
                 eprintln!("configuration is valid");
                 ExitCode::SUCCESS
             }

@@ -7,6 +7,8 @@
 
 #[path = "bypass/handshake.rs"]
 mod handshake;
+#[path = "bypass/parsers.rs"]
+mod parsers;
 #[path = "bypass/websocket.rs"]
 mod websocket;
 

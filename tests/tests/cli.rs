@@ -58,3 +58,30 @@ fn check_config_reports_every_error_and_exits_2() -> Result<()> {
     assert!(String::from_utf8_lossy(&good.stdout).contains("[domains]"));
     Ok(())
 }
+
+#[test]
+fn check_config_lists_each_ai_domain_with_its_request_formats() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("extra.toml");
+    std::fs::write(&path, "[domains]\nai_extra = [\"llm.internal.example\"]\n")?;
+    let out = run(&["--config", path.to_str().expect("utf-8"), "check-config"])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout)?;
+    for line in [
+        "#   api.openai.com: openai_chat (/v1/chat/completions), openai_responses (/v1/responses);",
+        "#   chatgpt.com: openai_responses (/backend-api/codex/responses), openai_chat (/backend-api/conversation),",
+        "#   *.openai.azure.com: openai_chat (/openai/deployments/gpt-4o/chat/completions),",
+        "#   api.groq.com: openai_chat (/openai/v1/chat/completions),",
+        "#   api.cohere.com: cohere (/v2/chat), cohere (/v1/chat), openai_chat (/compatibility/v1/chat/completions);",
+        "#   bedrock-agent-runtime.*.amazonaws.com: bedrock_agent (/agents/",
+        "#   llm.internal.example: by path (",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    // Still a configuration check-config accepts.
+    let again = dir.path().join("effective.toml");
+    std::fs::write(&again, &text)?;
+    let out = run(&["--config", again.to_str().expect("utf-8"), "check-config"])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}

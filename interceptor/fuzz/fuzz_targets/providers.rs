@@ -1,6 +1,6 @@
-//! Provider parsers on any request or response body: every text found can be
-//! read back and rewritten at its path, instructions insert, stream events
-//! parse, and the error events that end a blocked stream stay well framed
+//! Provider parsers on any request or response body: every text found (and
+//! every text no parser reads) can be read back and rewritten at its path,
+//! instructions insert, stream events parse, and the error events that end a blocked stream stay well framed
 //! whatever the reason says.
 #![no_main]
 
@@ -53,6 +53,16 @@ fuzz_target!(|data: &[u8]| {
             providers::path_string(&span.path)
         );
     }
+    // What the parser does not read is found at its own path, apart from
+    // what it reads, and can be rewritten too.
+    let unread = providers::unread_texts(&doc, &request.texts);
+    for span in &unread {
+        assert_eq!(text_at(&doc, &span.path), Some(span.text.as_str()), "unread span not at its path");
+        assert!(!request.texts.iter().any(|t| t.path == span.path), "a span both read and unread");
+        let mut changed = doc.clone();
+        set_text(&mut changed, &span.path, "[REDACTED]").expect("an unread text can be rewritten");
+    }
+
     // Redacting every span in turn leaves the others where they were.
     let mut redacted = doc.clone();
     for span in &request.texts {

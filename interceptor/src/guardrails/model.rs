@@ -23,6 +23,12 @@ pub enum Provider {
     BedrockConverse,
     /// Gemini generateContent / streamGenerateContent (and Vertex).
     Gemini,
+    /// Cohere Chat, v1 (`message`, `chat_history`, `preamble`) and v2
+    /// (`messages` close to OpenAI's, with documents).
+    Cohere,
+    /// Bedrock agent runtime: InvokeAgent (`inputText`), InvokeInlineAgent,
+    /// RetrieveAndGenerate (`input.text`), Retrieve (`retrievalQuery.text`).
+    BedrockAgent,
     /// Unknown JSON: every string field is inspected.
     Generic,
 }
@@ -35,12 +41,14 @@ const _: fn(Provider) = |p| match p {
     | Provider::BedrockInvoke
     | Provider::BedrockConverse
     | Provider::Gemini
+    | Provider::Cohere
+    | Provider::BedrockAgent
     | Provider::Generic => {}
 };
 
 impl Provider {
     /// Every provider.
-    pub const ALL: [Provider; 7] = [
+    pub const ALL: [Provider; 9] = [
         Provider::OpenAiChat,
         Provider::OpenAiResponses,
         Provider::Anthropic,
@@ -48,6 +56,10 @@ impl Provider {
         Provider::BedrockConverse,
         Provider::Gemini,
         Provider::Generic,
+        // After `Generic`, so the fuzz seeds that pick a provider by index
+        // keep theirs.
+        Provider::Cohere,
+        Provider::BedrockAgent,
     ];
 
     /// The provider's name in policies, metrics and audit events.
@@ -59,6 +71,8 @@ impl Provider {
             Self::BedrockInvoke => "bedrock_invoke",
             Self::BedrockConverse => "bedrock_converse",
             Self::Gemini => "gemini",
+            Self::Cohere => "cohere",
+            Self::BedrockAgent => "bedrock_agent",
             Self::Generic => "generic",
         }
     }

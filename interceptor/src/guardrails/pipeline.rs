@@ -29,7 +29,7 @@ use tokio::sync::watch;
 
 use super::{
     akto::{AktoClient, CallInfo, RemoteVerdict, merge_modified_payload, redact_path},
-    decode::decode_body_bounded,
+    decode::{DecodeError, decode_body_bounded, decode_charset},
     engine::{Decision as EngineDecision, Engine, Scan, ScanContext, WorkloadRef},
     framing::{FramingKind, eventstream, json_array::JsonArrayStream, sse::SseParser},
     model::{Direction, NormalizedRequest, Provider, Role, TextKind, TextSpan},
@@ -37,7 +37,7 @@ use super::{
 };
 use crate::{
     audit::{self, AuditEvent, AuditLog, WorkloadInfo},
-    config::{Backend, FailMode, GuardrailsConfig, OversizeAction, SigV4Action, StreamMode},
+    config::{Backend, FailMode, GuardrailsConfig, OversizeAction, SigV4Action, StreamMode, UndecodableAction},
     metrics::{BackendLabels, DecisionLabels, Metrics},
     proxy::hook::{
         BodyAction, BodyInspector, ChunkAction, Exchange, Hook, RequestAction, ResponseAction, Unclassified,
@@ -83,6 +83,12 @@ struct RequestBody<'a> {
     decoded: &'a [u8],
     /// Add the policy's system instructions to `doc`.
     instructions: bool,
+    /// `texts[read_by_parser..]` are strings the provider parser did not
+    /// read (named in the audit event when something is found there).
+    read_by_parser: usize,
+    /// A body that is not JSON can be replaced by its redacted text; false
+    /// when it was decoded from another charset.
+    raw_rewritable: bool,
 }
 
 /// What the backends decided for one check, accumulated in order.
@@ -238,6 +244,37 @@ fn oversize(
     }
 }
 
+/// Notes, for the audit event, findings in texts the provider parser did not
+/// read (`texts[read_by_parser..]`): where they were, at most three.
+fn note_unread_findings(
+    outcome: &mut Outcome,
+    scan: &Scan,
+    texts: &[TextSpan],
+    read_by_parser: usize,
+    provider: Provider,
+) {
+    let mut paths: Vec<String> = Vec::new();
+    for f in scan.findings.iter().filter(|f| f.text_index >= read_by_parser) {
+        let Some(span) = texts.get(f.text_index) else { continue };
+        let mut path = providers::path_string(&span.path);
+        if path.len() > 120 {
+            let cut = (0..=120).rev().find(|&i| path.is_char_boundary(i)).unwrap_or(0);
+            path.truncate(cut);
+            path.push('…');
+        }
+        if !paths.contains(&path) && paths.len() < 3 {
+            paths.push(path);
+        }
+    }
+    if !paths.is_empty() {
+        outcome.reasons.push(format!(
+            "found in a field the {} parser does not read: {}",
+            provider.as_str(),
+            paths.join(", ")
+        ));
+    }
+}
+
 fn workload_ref(ex: &Exchange) -> Option<WorkloadRef<'_>> {
     ex.workload.as_ref().map(|w| WorkloadRef { comm: &w.comm, cgroup: None })
 }
@@ -280,6 +317,44 @@ fn akto_payload(doc: Option<&Value>, raw: &[u8]) -> String {
 }
 
 impl Pipeline {
+    /// A request body that cannot be decoded for inspection (unknown or
+    /// corrupt content coding, unknown charset): `415` in the block shape
+    /// whatever `fail_mode_request` says, since the client chose the
+    /// encoding; with `undecodable = "pass"`, forwarded uninspected and
+    /// audited as such.
+    async fn undecodable(
+        &self,
+        g: &Guardrails,
+        ex: &Exchange,
+        state: &RequestState,
+        mut outcome: Outcome,
+        started: Instant,
+        error: &DecodeError,
+    ) -> RequestAction {
+        outcome.backends.push("decode");
+        outcome.note_rule("undecodable");
+        let why = error.to_string();
+        let action = match g.cfg.undecodable {
+            UndecodableAction::Block => {
+                let reason = format!("request body cannot be decoded for inspection: {why}");
+                outcome.block = Some(Block {
+                    status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    reason: reason.clone(),
+                    backend: "decode",
+                    rule: "undecodable".into(),
+                });
+                RequestAction::Respond(blocked_response(StatusCode::UNSUPPORTED_MEDIA_TYPE, &reason))
+            }
+            UndecodableAction::Pass => {
+                outcome.alert = true;
+                outcome.reasons.push(format!("not inspected: body cannot be decoded ({why})"));
+                RequestAction::Forward
+            }
+        };
+        self.audit(g, ex, state, Direction::Request, &outcome, started, None).await;
+        action
+    }
+
     fn snapshot(&self) -> Arc<Guardrails> {
         Arc::clone(&self.current.borrow())
     }
@@ -391,6 +466,7 @@ impl Pipeline {
                         workload: workload_ref(ex),
                     };
                     let scan = engine.scan(&ctx, body.texts.iter().map(|t| (t.kind, t.text.as_str())));
+                    note_unread_findings(outcome, &scan, body.texts, body.read_by_parser, state.provider);
                     if outcome.local(&scan) {
                         for (i, t) in body.texts.iter().enumerate() {
                             let Some(new) = scan.redacted(i, &t.text) else { continue };
@@ -399,6 +475,20 @@ impl Pipeline {
                                     if providers::set_text(d, &t.path, &new).is_ok() {
                                         outcome.modified = true;
                                     }
+                                }
+                                // A body that is not JSON but was decoded from
+                                // another charset cannot be rewritten in place:
+                                // what must be redacted is refused instead.
+                                None if !body.raw_rewritable => {
+                                    outcome.block = Some(Block {
+                                        status: StatusCode::FORBIDDEN,
+                                        reason: "request must be redacted but its text cannot be rewritten in place; \
+                                                 blocked instead"
+                                            .into(),
+                                        backend: "local",
+                                        rule: "unredactable".into(),
+                                    });
+                                    break;
                                 }
                                 _ => {
                                     *raw_text = Some(new);
@@ -504,43 +594,56 @@ impl Hook for Pipeline {
                 };
             }
             Err(error) => {
-                outcome.backends.push("decode");
-                outcome.backend_failed("decode", &error.to_string(), g.cfg.fail_mode_request);
                 head.extensions.insert(state.clone());
-                self.audit(&g, ex, &state, Direction::Request, &outcome, started, None).await;
-                return match outcome.block {
-                    Some(b) => RequestAction::Respond(blocked_response(
-                        StatusCode::FORBIDDEN,
-                        &format!("request body cannot be inspected: {}", b.reason),
-                    )),
-                    None => RequestAction::Forward,
-                };
+                return self.undecodable(&g, ex, &state, outcome, started, &error).await;
             }
         };
-        let mut doc: Option<Value> = serde_json::from_slice(&decoded).ok();
+        let content_type = head.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let text = match decode_charset(content_type.as_deref(), &decoded) {
+            Ok(text) => text,
+            Err(error) => {
+                head.extensions.insert(state.clone());
+                return self.undecodable(&g, ex, &state, outcome, started, &error).await;
+            }
+        };
+        let mut doc: Option<Value> = serde_json::from_slice(&text.text).ok();
         if provider == Provider::Generic
             && let Some(p) = doc.as_ref().and_then(providers::detect_from_body)
         {
             provider = p;
         }
         state.provider = provider;
-        let normalized = match &doc {
+        let mut normalized = match &doc {
             Some(d) => providers::parse_request(provider, d),
             None if decoded.is_empty() => NormalizedRequest::default(),
-            None => NormalizedRequest {
-                model: None,
-                stream: false,
-                texts: vec![TextSpan {
-                    path: Vec::new(),
-                    role: Role::Unknown,
-                    kind: TextKind::Other,
-                    text: String::from_utf8_lossy(&decoded).into_owned(),
-                }],
-            },
+            None => {
+                let raw_span =
+                    |text: String| TextSpan { path: Vec::new(), role: Role::Unknown, kind: TextKind::Other, text };
+                let mut texts = vec![raw_span(String::from_utf8_lossy(&text.text).into_owned())];
+                if text.from.is_some() {
+                    // Not JSON in the detected charset: the bytes as UTF-8
+                    // too, in case the receiver reads them that way.
+                    texts.push(raw_span(String::from_utf8_lossy(&decoded).into_owned()));
+                }
+                NormalizedRequest { model: None, stream: false, texts }
+            }
         };
+        // What the provider parser did not read is scanned too (at its own
+        // path, so it can be redacted in place); see `unread_texts`.
+        let read_by_parser = normalized.texts.len();
+        if let Some(d) = &doc {
+            let unread = providers::unread_texts(d, &normalized.texts);
+            normalized.texts.extend(unread);
+        }
         state.model = normalized.model.clone().or_else(|| providers::model_from_path(&path_and_query));
         let mut raw_text: Option<String> = None;
-        let texts = RequestBody { texts: &normalized.texts, decoded: &decoded, instructions: true };
+        let texts = RequestBody {
+            texts: &normalized.texts,
+            decoded: &decoded,
+            instructions: true,
+            read_by_parser,
+            raw_rewritable: text.from.is_none(),
+        };
         self.check_request(&g, ex, &mut state, texts, &mut doc, &mut raw_text, &mut outcome).await;
 
         if outcome.block.is_none() && outcome.modified && is_sigv4(&head.headers) {
@@ -590,6 +693,15 @@ impl Hook for Pipeline {
         }
         if outcome.modified {
             head.headers.remove(header::CONTENT_ENCODING);
+            if text.from.is_some()
+                && let Some(ct) = content_type.as_deref()
+            {
+                // The rewritten body is UTF-8 JSON whatever charset it came in.
+                let media = ct.split(';').next().unwrap_or("application/json").trim();
+                if let Ok(v) = HeaderValue::from_str(&format!("{media}; charset=utf-8")) {
+                    head.headers.insert(header::CONTENT_TYPE, v);
+                }
+            }
             return RequestAction::ReplaceBody(current_body(doc.as_ref(), raw_text.as_deref(), &decoded, true));
         }
         RequestAction::Forward

@@ -81,14 +81,18 @@ use serde::{Deserialize, Serialize};
 
 use self::pattern::{MAX_LABEL_LEN, MAX_NAME_LEN, Pattern};
 
-/// The built-in AI domains: `ai`'s default.
+/// The built-in AI domains: `ai`'s default. `interceptor check-config`
+/// shows, for each, which request formats are read there
+/// (`guardrails::providers::KNOWN_HOSTS`; a test keeps the two lists whole).
 ///
 /// Only exact names among them are resolved to addresses (see
 /// [`DomainPolicy::resolvable_names`]); a wildcard entry such as
 /// `bedrock-runtime.*.amazonaws.com` classifies every region but is
-/// redirected only through addresses it shares with a resolved name. Add the
-/// regional names in use (`bedrock-runtime.eu-west-1.amazonaws.com`) to
-/// `ai_extra`.
+/// redirected only through addresses it shares with a resolved name, or
+/// (`targets.mode = "dns"`) through the addresses a workload's own DNS
+/// answers give for a matching name. Add the regional names in use
+/// (`bedrock-runtime.eu-west-1.amazonaws.com`) and your Azure resources
+/// (`myres.openai.azure.com`) to `ai_extra`.
 pub const DEFAULT_AI_DOMAINS: &[&str] = &[
     // OpenAI API and the ChatGPT apps.
     "api.openai.com",
@@ -111,6 +115,27 @@ pub const DEFAULT_AI_DOMAINS: &[&str] = &[
     "api.enterprise.githubcopilot.com",
     "*.githubcopilot.com",
     "copilot-proxy.githubusercontent.com",
+    // Amazon Bedrock agent runtime (InvokeAgent, RetrieveAndGenerate);
+    // regional and FIPS only, there is no global endpoint.
+    "bedrock-agent-runtime.*.amazonaws.com",
+    "bedrock-agent-runtime-fips.*.amazonaws.com",
+    // Azure OpenAI and AI Foundry resources: one name per customer resource.
+    "*.openai.azure.com",
+    "*.cognitiveservices.azure.com",
+    "*.services.ai.azure.com",
+    // OpenAI-compatible providers agents use.
+    "api.mistral.ai",
+    "api.groq.com",
+    "api.deepseek.com",
+    "api.x.ai",
+    "openrouter.ai",
+    "api.together.xyz",
+    "api.together.ai",
+    "api.fireworks.ai",
+    "api.perplexity.ai",
+    // Cohere (its own chat format, and an OpenAI-compatible endpoint).
+    "api.cohere.com",
+    "api.cohere.ai",
 ];
 
 /// The built-in chatty domains: `chatty`'s default. Only names that an AI

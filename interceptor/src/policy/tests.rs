@@ -298,17 +298,57 @@ fn resolvable_names_of_the_defaults() {
             "aiplatform.googleapis.com",
             "api.anthropic.com",
             "api.business.githubcopilot.com",
+            "api.cohere.ai",
+            "api.cohere.com",
+            "api.deepseek.com",
             "api.enterprise.githubcopilot.com",
+            "api.fireworks.ai",
             "api.githubcopilot.com",
+            "api.groq.com",
             "api.individual.githubcopilot.com",
+            "api.mistral.ai",
             "api.openai.com",
+            "api.perplexity.ai",
+            "api.together.ai",
+            "api.together.xyz",
+            "api.x.ai",
             "bedrock-runtime.amazonaws.com",
             "chatgpt.com",
             "claude.ai",
             "copilot-proxy.githubusercontent.com",
             "generativelanguage.googleapis.com",
+            "openrouter.ai",
         ])
     );
+}
+
+#[test]
+fn the_new_default_providers_are_intercepted() {
+    let p = policy(&DomainsConfig::default());
+    for name in [
+        "myres.openai.azure.com",
+        "eastus.api.cognitive.microsoft.example.cognitiveservices.azure.com",
+        "proj.services.ai.azure.com",
+        "bedrock-agent-runtime.us-east-1.amazonaws.com",
+        "bedrock-agent-runtime-fips.us-west-2.amazonaws.com",
+        "api.mistral.ai",
+        "api.groq.com",
+        "api.deepseek.com",
+        "api.x.ai",
+        "openrouter.ai",
+        "api.together.xyz",
+        "api.together.ai",
+        "api.fireworks.ai",
+        "api.perplexity.ai",
+        "api.cohere.com",
+        "api.cohere.ai",
+    ] {
+        assert!(p.classify(Some(name)).intercept, "{name}");
+    }
+    // The wildcards stop where they should.
+    for name in ["openai.azure.com", "bedrock-agent-runtime.amazonaws.com", "mistral.ai", "docs.cohere.com"] {
+        assert!(!p.classify(Some(name)).intercept, "{name}");
+    }
 }
 
 #[test]

@@ -105,6 +105,7 @@ pub fn sample_chat_completion() -> String {
 /// interceptor knows, plus one name it should pass through untouched.
 pub const DEFAULT_NAMES: &[&str] = &[
     "api.openai.com",
+    "chatgpt.com",
     "api.anthropic.com",
     "generativelanguage.googleapis.com",
     "bedrock-runtime.us-east-1.amazonaws.com",

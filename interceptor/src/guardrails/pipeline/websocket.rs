@@ -203,13 +203,29 @@ impl MessageInspector for Session {
         let mut outcome = Outcome::default();
         let mut doc = msg.doc;
         let mut raw_text = None;
-        let body = RequestBody { texts: &msg.texts, decoded: message.as_bytes(), instructions: msg.creates_response };
+        // As for HTTP bodies, what the message parser does not read is
+        // scanned too.
+        let mut texts = msg.texts;
+        let read_by_parser = texts.len();
+        if let Some(d) = &doc {
+            let unread = providers::unread_texts(d, &texts);
+            texts.extend(unread);
+        }
+        let body = RequestBody {
+            texts: &texts,
+            decoded: message.as_bytes(),
+            instructions: msg.creates_response,
+            read_by_parser,
+            raw_rewritable: true,
+        };
         self.p.check_request(&g, &self.exchange, &mut state, body, &mut doc, &mut raw_text, &mut outcome).await;
         if outcome.decision() == "allow" {
             self.p.record_metrics(state.provider, Direction::Request, &outcome, started);
         } else {
-            let prompt =
-                g.cfg.audit_prompts.then(|| msg.texts.iter().map(|t| t.text.as_str()).collect::<Vec<_>>().join("\n"));
+            let prompt = g
+                .cfg
+                .audit_prompts
+                .then(|| texts[..read_by_parser].iter().map(|t| t.text.as_str()).collect::<Vec<_>>().join("\n"));
             self.p.audit(&g, &self.exchange, &state, Direction::Request, &outcome, started, prompt).await;
         }
         if let Some(block) = outcome.block {

@@ -22,6 +22,12 @@ pub(super) fn request(doc: &Value, c: &mut Collector) {
             _ => {}
         }
     }
+    // Client tools: `description` and the `input_schema` descriptions are
+    // instructions to the model. Server tools (`web_search_…`) have none.
+    for (i, tool) in doc.get("tools").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        c.string(tool.get("description"), jpath!["tools", i, "description"], Role::System, TextKind::Instructions);
+        c.descriptions(tool.get("input_schema"), jpath!["tools", i, "input_schema"]);
+    }
 }
 
 pub(super) fn response(doc: &Value, c: &mut Collector) {
@@ -50,7 +56,10 @@ fn content_blocks(blocks: &[Value], base: &[PathSeg], role: Role, c: &mut Collec
             },
             // Plain-text documents carry their text in `source.data`;
             // `content` documents carry blocks. PDFs (base64) are skipped.
+            // `title` and `context` are shown to the model too.
             "document" => {
+                c.string(block.get("title"), here(jpath!["title"]), role, kind_for(role));
+                c.string(block.get("context"), here(jpath!["context"]), role, kind_for(role));
                 let source = block.get("source");
                 match source.map(|s| str_field(s, "type")) {
                     Some("text") => c.string(
@@ -72,7 +81,17 @@ fn content_blocks(blocks: &[Value], base: &[PathSeg], role: Role, c: &mut Collec
                     _ => {}
                 }
             }
-            // image, redacted_thinking (opaque), search results, …
+            // A search result given for citations (top level, or in a tool
+            // result): `title`, and text blocks in `content`; `source` is
+            // its URL or identifier.
+            "search_result" => {
+                c.string(block.get("title"), here(jpath!["title"]), role, kind_for(role));
+                if let Some(inner) = block.get("content").and_then(Value::as_array) {
+                    content_blocks(inner, &here(jpath!["content"]), role, c);
+                }
+            }
+            // image, redacted_thinking (opaque), web search results
+            // (encrypted), …
             _ => {}
         }
     }
@@ -81,8 +100,10 @@ fn content_blocks(blocks: &[Value], base: &[PathSeg], role: Role, c: &mut Collec
 /// Whether message blocks use Anthropic-only block types.
 pub(super) fn has_anthropic_blocks(messages: &[Value]) -> bool {
     messages.iter().filter_map(|m| m.get("content").and_then(Value::as_array)).flatten().any(|b| {
-        matches!(str_field(b, "type"), "tool_use" | "tool_result" | "thinking" | "redacted_thinking" | "document")
-            || (str_field(b, "type") == "image" && b.get("source").is_some())
+        matches!(
+            str_field(b, "type"),
+            "tool_use" | "tool_result" | "thinking" | "redacted_thinking" | "document" | "search_result"
+        ) || (str_field(b, "type") == "image" && b.get("source").is_some())
     })
 }
 
@@ -161,7 +182,9 @@ mod tests {
                 Expect("messages[2].content[0].content", Tool, ToolResult, "README.md\nsrc\n"),
                 Expect("messages[2].content[1].content[0].text", Tool, ToolResult, "# Project\nA demo."),
                 Expect("messages[2].content[3].text", User, Content, "Here is a screenshot too."),
+                Expect("messages[2].content[4].title", User, Content, "notes"),
                 Expect("messages[2].content[4].source.data", User, Content, "Plain text document body."),
+                Expect("tools[0].description", System, Instructions, "Executes a bash command"),
             ],
         );
     }

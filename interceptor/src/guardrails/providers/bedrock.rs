@@ -66,6 +66,13 @@ pub(super) fn converse_request(doc: &Value, c: &mut Collector) {
             converse_block(block, &jpath!["messages", i, "content", j], role, c);
         }
     }
+    let tools = doc.get("toolConfig").and_then(|t| t.get("tools")).and_then(Value::as_array);
+    for (i, tool) in tools.into_iter().flatten().enumerate() {
+        let Some(spec) = tool.get("toolSpec") else { continue };
+        let base = jpath!["toolConfig", "tools", i, "toolSpec"];
+        c.string(spec.get("description"), join(&base, jpath!["description"]), Role::System, TextKind::Instructions);
+        c.descriptions(spec.get("inputSchema").and_then(|s| s.get("json")), join(&base, jpath!["inputSchema", "json"]));
+    }
 }
 
 pub(super) fn converse_response(doc: &Value, c: &mut Collector) {
@@ -397,6 +404,7 @@ mod tests {
                     "2025-06-02",
                 ),
                 Expect("messages[2].content[2].guardContent.text.text", User, Content, "guarded user text"),
+                Expect("toolConfig.tools[0].toolSpec.description", System, Instructions, "Search flights"),
             ],
         );
     }

@@ -25,6 +25,18 @@ pub(super) fn request(doc: &Value, c: &mut Collector) {
         let role = content.get("role").and_then(Value::as_str).map_or(Role::User, role_of);
         parts(content.get("parts"), &jpath!["contents", i, "parts"], role, c);
     }
+    // Function declarations: `description` and the parameters' descriptions
+    // (`parameters` is an OpenAPI schema, `parametersJsonSchema` a JSON one).
+    for (i, tool) in doc.get("tools").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        let Some((key, decls)) = either(tool, "functionDeclarations", "function_declarations") else { continue };
+        for (j, decl) in decls.as_array().into_iter().flatten().enumerate() {
+            let base = jpath!["tools", i, key, j];
+            c.string(decl.get("description"), join(&base, jpath!["description"]), Role::System, TextKind::Instructions);
+            for schema in ["parameters", "parametersJsonSchema", "parameters_json_schema"] {
+                c.descriptions(decl.get(schema), join(&base, jpath![schema]));
+            }
+        }
+    }
 }
 
 pub(super) fn response(doc: &Value, c: &mut Collector) {
@@ -125,6 +137,7 @@ mod tests {
                 Expect("contents[2].parts[0].functionResponse.response.forecast", Tool, ToolResult, "Rain, 18C"),
                 Expect("contents[3].parts[0].text", Assistant, Content, "It will rain."),
                 Expect("contents[4].parts[0].text", User, Content, "thanks"),
+                Expect("tools[0].functionDeclarations[0].description", System, Instructions, "Weather by city"),
             ],
         );
     }

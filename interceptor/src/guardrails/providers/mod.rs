@@ -30,6 +30,8 @@ macro_rules! jpath {
 
 mod anthropic;
 mod bedrock;
+mod bedrock_agent;
+mod cohere;
 mod gemini;
 mod generic;
 mod openai;
@@ -105,8 +107,27 @@ pub fn detect(host: &str, path: &str) -> Provider {
     if host == "chatgpt.com" {
         return match path {
             "/backend-api/codex/responses" => Provider::OpenAiResponses,
+            // The ChatGPT apps (signed in and anonymous, with and without the
+            // `/f/` prefix the web app moved to): `messages[].content.parts`.
+            "/backend-api/conversation"
+            | "/backend-api/f/conversation"
+            | "/backend-anon/conversation"
+            | "/backend-anon/f/conversation" => Provider::OpenAiChat,
             _ => Provider::Generic,
         };
+    }
+    if host == "api.cohere.com" || host == "api.cohere.ai" {
+        return match path {
+            "/v1/chat" | "/v2/chat" => Provider::Cohere,
+            // The OpenAI-compatible endpoint.
+            p if p.ends_with("/chat/completions") => Provider::OpenAiChat,
+            _ => Provider::Generic,
+        };
+    }
+    if is_bedrock_agent_host(host) {
+        // InvokeAgent, InvokeInlineAgent, RetrieveAndGenerate(Stream),
+        // Retrieve, InvokeFlow: one parser reads them all.
+        return Provider::BedrockAgent;
     }
     if host == "githubcopilot.com" || host.ends_with(".githubcopilot.com") {
         return match path {
@@ -139,13 +160,149 @@ pub fn detect(host: &str, path: &str) -> Provider {
     if path.ends_with("/chat/completions") {
         return Provider::OpenAiChat;
     }
-    if path.ends_with("/v1/responses") || (host.ends_with(".openai.azure.com") && path.ends_with("/responses")) {
+    if path.ends_with("/v1/responses") || (is_azure_openai_host(host) && path.ends_with("/responses")) {
         return Provider::OpenAiResponses;
     }
     if path.ends_with("/v1/messages") {
         return Provider::Anthropic;
     }
     Provider::Generic
+}
+
+/// A host the detection knows, with the request formats it reads there:
+/// what `interceptor check-config` shows for each AI domain.
+#[derive(Debug)]
+pub struct KnownHost {
+    /// The AI domain pattern, as in the built-in `domains.ai` list.
+    pub pattern: &'static str,
+    /// Example paths and the format each is read as; the tests check them
+    /// against [`detect`].
+    pub routes: &'static [(&'static str, Provider)],
+}
+
+const CHAT_V1: (&str, Provider) = ("/v1/chat/completions", Provider::OpenAiChat);
+const RESPONSES_V1: (&str, Provider) = ("/v1/responses", Provider::OpenAiResponses);
+const BEDROCK_ROUTES: &[(&str, Provider)] = &[
+    ("/model/anthropic.claude-sonnet-4-5-20250929-v1:0/invoke", Provider::Anthropic),
+    ("/model/meta.llama3-70b-instruct-v1:0/invoke", Provider::BedrockInvoke),
+    ("/model/amazon.nova-pro-v1:0/converse", Provider::BedrockConverse),
+];
+const BEDROCK_AGENT_ROUTES: &[(&str, Provider)] = &[
+    ("/agents/AGENT1234/agentAliases/TSTALIASID/sessions/s1/text", Provider::BedrockAgent),
+    ("/retrieveAndGenerate", Provider::BedrockAgent),
+    ("/knowledgebases/KB1234/retrieve", Provider::BedrockAgent),
+];
+const VERTEX_ROUTES: &[(&str, Provider)] = &[
+    ("/v1/projects/p/locations/l/publishers/google/models/gemini-2.5-pro:generateContent", Provider::Gemini),
+    ("/v1/projects/p/locations/l/publishers/anthropic/models/claude-sonnet-4-5:rawPredict", Provider::Anthropic),
+];
+const COPILOT_ROUTES: &[(&str, Provider)] = &[
+    ("/chat/completions", Provider::OpenAiChat),
+    ("/responses", Provider::OpenAiResponses),
+    ("/v1/messages", Provider::Anthropic),
+];
+const AZURE_ROUTES: &[(&str, Provider)] = &[
+    ("/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21", Provider::OpenAiChat),
+    ("/openai/v1/chat/completions", Provider::OpenAiChat),
+    ("/openai/responses?api-version=2025-04-01-preview", Provider::OpenAiResponses),
+    ("/openai/v1/responses", Provider::OpenAiResponses),
+    ("/models/chat/completions?api-version=2024-05-01-preview", Provider::OpenAiChat),
+];
+const COHERE_ROUTES: &[(&str, Provider)] = &[
+    ("/v2/chat", Provider::Cohere),
+    ("/v1/chat", Provider::Cohere),
+    ("/compatibility/v1/chat/completions", Provider::OpenAiChat),
+];
+
+/// The hosts of the built-in AI domains and what is read on each. On any
+/// host, paths ending in `/chat/completions`, `/v1/responses` and
+/// `/v1/messages` are read as OpenAI chat, Responses and Anthropic; other
+/// bodies by their shape ([`detect_from_body`]), else every string field.
+pub const KNOWN_HOSTS: &[KnownHost] = &[
+    KnownHost { pattern: "api.openai.com", routes: &[CHAT_V1, RESPONSES_V1] },
+    KnownHost {
+        pattern: "chatgpt.com",
+        routes: &[
+            ("/backend-api/codex/responses", Provider::OpenAiResponses),
+            ("/backend-api/conversation", Provider::OpenAiChat),
+            ("/backend-api/f/conversation", Provider::OpenAiChat),
+            ("/backend-anon/conversation", Provider::OpenAiChat),
+        ],
+    },
+    KnownHost { pattern: "api.anthropic.com", routes: &[("/v1/messages", Provider::Anthropic)] },
+    KnownHost { pattern: "claude.ai", routes: &[] },
+    KnownHost { pattern: "bedrock-runtime.amazonaws.com", routes: BEDROCK_ROUTES },
+    KnownHost { pattern: "bedrock-runtime.*.amazonaws.com", routes: BEDROCK_ROUTES },
+    KnownHost { pattern: "bedrock-runtime-fips.*.amazonaws.com", routes: BEDROCK_ROUTES },
+    KnownHost { pattern: "bedrock-agent-runtime.*.amazonaws.com", routes: BEDROCK_AGENT_ROUTES },
+    KnownHost { pattern: "bedrock-agent-runtime-fips.*.amazonaws.com", routes: BEDROCK_AGENT_ROUTES },
+    KnownHost {
+        pattern: "generativelanguage.googleapis.com",
+        routes: &[
+            ("/v1beta/models/gemini-2.5-pro:generateContent", Provider::Gemini),
+            ("/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", Provider::Gemini),
+            ("/v1beta/openai/chat/completions", Provider::OpenAiChat),
+        ],
+    },
+    KnownHost { pattern: "aiplatform.googleapis.com", routes: VERTEX_ROUTES },
+    KnownHost { pattern: "*-aiplatform.googleapis.com", routes: VERTEX_ROUTES },
+    KnownHost { pattern: "api.githubcopilot.com", routes: COPILOT_ROUTES },
+    KnownHost { pattern: "api.individual.githubcopilot.com", routes: COPILOT_ROUTES },
+    KnownHost { pattern: "api.business.githubcopilot.com", routes: COPILOT_ROUTES },
+    KnownHost { pattern: "api.enterprise.githubcopilot.com", routes: COPILOT_ROUTES },
+    KnownHost { pattern: "*.githubcopilot.com", routes: COPILOT_ROUTES },
+    KnownHost { pattern: "copilot-proxy.githubusercontent.com", routes: &[] },
+    KnownHost { pattern: "*.openai.azure.com", routes: AZURE_ROUTES },
+    KnownHost { pattern: "*.cognitiveservices.azure.com", routes: AZURE_ROUTES },
+    KnownHost { pattern: "*.services.ai.azure.com", routes: AZURE_ROUTES },
+    KnownHost { pattern: "api.mistral.ai", routes: &[CHAT_V1] },
+    KnownHost {
+        pattern: "api.groq.com",
+        routes: &[
+            ("/openai/v1/chat/completions", Provider::OpenAiChat),
+            ("/openai/v1/responses", Provider::OpenAiResponses),
+        ],
+    },
+    KnownHost {
+        pattern: "api.deepseek.com",
+        routes: &[
+            ("/chat/completions", Provider::OpenAiChat),
+            CHAT_V1,
+            ("/anthropic/v1/messages", Provider::Anthropic),
+        ],
+    },
+    KnownHost { pattern: "api.x.ai", routes: &[CHAT_V1, RESPONSES_V1, ("/v1/messages", Provider::Anthropic)] },
+    KnownHost {
+        pattern: "openrouter.ai",
+        routes: &[("/api/v1/chat/completions", Provider::OpenAiChat), ("/api/v1/responses", Provider::OpenAiResponses)],
+    },
+    KnownHost { pattern: "api.together.xyz", routes: &[CHAT_V1] },
+    KnownHost { pattern: "api.together.ai", routes: &[CHAT_V1] },
+    KnownHost { pattern: "api.fireworks.ai", routes: &[("/inference/v1/chat/completions", Provider::OpenAiChat)] },
+    KnownHost { pattern: "api.perplexity.ai", routes: &[("/chat/completions", Provider::OpenAiChat), CHAT_V1] },
+    KnownHost { pattern: "api.cohere.com", routes: COHERE_ROUTES },
+    KnownHost { pattern: "api.cohere.ai", routes: COHERE_ROUTES },
+];
+
+/// What [`detect`] reads on hosts matching an AI domain `pattern`, in one
+/// line: `openai_chat (/v1/chat/completions), …`, or how an unknown host is
+/// read.
+pub fn describe_domain(pattern: &str) -> String {
+    const OTHERWISE: &str = "other paths by body shape, else every string field";
+    let wanted = pattern.trim_end_matches('.').to_ascii_lowercase();
+    match KNOWN_HOSTS.iter().find(|h| h.pattern == wanted) {
+        Some(h) if !h.routes.is_empty() => {
+            let routes: Vec<String> = h
+                .routes
+                .iter()
+                .map(|(path, p)| format!("{} ({})", p.as_str(), path.split('?').next().unwrap_or(path)))
+                .collect();
+            format!("{}; {OTHERWISE}", routes.join(", "))
+        }
+        _ => format!(
+            "by path (…/chat/completions: openai_chat, …/v1/responses: openai_responses, …/v1/messages: anthropic); {OTHERWISE}"
+        ),
+    }
 }
 
 fn normalize_host(host: &str) -> String {
@@ -159,6 +316,23 @@ fn normalize_host(host: &str) -> String {
         },
     };
     host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Azure OpenAI resources (`{resource}.openai.azure.com`, and the
+/// multi-service `{resource}.cognitiveservices.azure.com` and AI Foundry
+/// `{resource}.services.ai.azure.com`): `/openai/deployments/{d}/…` and
+/// `/openai/v1/…` paths (with `?api-version=`), `api-key` header.
+fn is_azure_openai_host(host: &str) -> bool {
+    [".openai.azure.com", ".cognitiveservices.azure.com", ".services.ai.azure.com"]
+        .iter()
+        .any(|suffix| host.ends_with(suffix))
+}
+
+/// `bedrock-agent-runtime.{region}.amazonaws.com` and its FIPS and VPC
+/// endpoint forms.
+fn is_bedrock_agent_host(host: &str) -> bool {
+    host.split('.').any(|label| label.starts_with("bedrock-agent-runtime"))
+        && (host.ends_with(".amazonaws.com") || host.ends_with(".amazonaws.com.cn"))
 }
 
 fn is_bedrock_host(host: &str) -> bool {
@@ -293,6 +467,8 @@ pub fn parse_request(provider: Provider, doc: &Value) -> NormalizedRequest {
         Provider::BedrockInvoke => bedrock::invoke_request(doc, &mut c),
         Provider::BedrockConverse => bedrock::converse_request(doc, &mut c),
         Provider::Gemini => gemini::request(doc, &mut c),
+        Provider::Cohere => cohere::request(doc, &mut c),
+        Provider::BedrockAgent => bedrock_agent::request(doc, &mut c),
         Provider::Generic => generic::texts(doc, &mut c),
     }
     NormalizedRequest {
@@ -312,9 +488,28 @@ pub fn parse_response(provider: Provider, doc: &Value) -> NormalizedResponse {
         Provider::BedrockInvoke => bedrock::invoke_response(doc, &mut c),
         Provider::BedrockConverse => bedrock::converse_response(doc, &mut c),
         Provider::Gemini => gemini::response(doc, &mut c),
+        Provider::Cohere => cohere::response(doc, &mut c),
+        Provider::BedrockAgent => bedrock_agent::response(doc, &mut c),
         Provider::Generic => generic::texts(doc, &mut c),
     }
     NormalizedResponse { texts: c.texts }
+}
+
+/// The strings of `doc` that the generic walk finds (every string leaf but
+/// identifiers, enums and binary data) and that are not among `read`, the
+/// spans a provider parser returned: the texts the parser would have hidden.
+///
+/// A provider parser reads the fields it knows; a body can always carry text
+/// elsewhere (a field the parser does not know, a shape it was not written
+/// for), and the provider may read it. The guardrails scan these too, at
+/// their own paths, so a finding in them is redacted in place like any
+/// other. This is stricter than comparing the amount of text the two walks
+/// find, which padding a field the parser reads would defeat.
+pub fn unread_texts(doc: &Value, read: &[TextSpan]) -> Vec<TextSpan> {
+    let known: std::collections::HashSet<&[PathSeg]> = read.iter().map(|t| t.path.as_slice()).collect();
+    let mut c = Collector { texts: Vec::new(), skip: Some(&known) };
+    generic::texts(doc, &mut c);
+    c.texts
 }
 
 // ---------------------------------------------------------------------------
@@ -379,6 +574,8 @@ pub fn insert_instruction(provider: Provider, doc: &mut Value, text: &str) -> Re
         Provider::BedrockInvoke => bedrock::invoke_insert(doc, text),
         Provider::BedrockConverse => bedrock::converse_insert(doc, text),
         Provider::Gemini => gemini::insert(doc, text),
+        Provider::Cohere => cohere::insert(doc, text),
+        Provider::BedrockAgent => bedrock_agent::insert(doc, text),
         Provider::Generic => Err(RewriteError::Unsupported { provider: provider.as_str() }),
     }
 }
@@ -437,6 +634,9 @@ pub fn stream_delta(provider: Provider, ev: StreamEventRef<'_>) -> StreamDelta {
                     Err(_) => StreamDelta::default(),
                 };
             }
+            if provider == Provider::BedrockAgent {
+                return bedrock_agent::event(event_type, payload);
+            }
             if event_type != "chunk" {
                 return StreamDelta::default();
             }
@@ -457,6 +657,8 @@ fn json_event(provider: Provider, event: Option<&str>, v: &Value) -> StreamDelta
         Provider::BedrockInvoke => bedrock::invoke_chunk(v),
         Provider::BedrockConverse => bedrock::converse_event(event.unwrap_or(""), v),
         Provider::Gemini => gemini::chunk(v),
+        Provider::Cohere => cohere::chunk(event, v),
+        Provider::BedrockAgent => bedrock_agent::json_event(v),
         Provider::Generic => generic::chunk(v),
     }
 }
@@ -490,9 +692,12 @@ pub fn stream_block(provider: Provider, framing: FramingKind, reason: &str) -> V
             Provider::OpenAiResponses => openai::responses_block(reason),
             Provider::Anthropic => anthropic::block(reason),
             Provider::Gemini => gemini::sse_block(reason),
-            Provider::OpenAiChat | Provider::BedrockInvoke | Provider::BedrockConverse | Provider::Generic => {
-                openai::chat_block(reason)
-            }
+            Provider::OpenAiChat
+            | Provider::BedrockInvoke
+            | Provider::BedrockConverse
+            | Provider::BedrockAgent
+            | Provider::Cohere
+            | Provider::Generic => openai::chat_block(reason),
         },
     }
 }
@@ -533,11 +738,13 @@ fn join(base: &[PathSeg], tail: Vec<PathSeg>) -> Vec<PathSeg> {
 
 /// Accumulates spans in document order.
 #[derive(Default)]
-struct Collector {
+struct Collector<'a> {
     texts: Vec<TextSpan>,
+    /// Paths not to record (already read by a provider parser).
+    skip: Option<&'a std::collections::HashSet<&'a [PathSeg]>>,
 }
 
-impl Collector {
+impl Collector<'_> {
     /// Records `v` if it is a non-empty string.
     fn string(&mut self, v: Option<&Value>, path: Vec<PathSeg>, role: Role, kind: TextKind) {
         if let Some(Value::String(s)) = v
@@ -556,9 +763,50 @@ impl Collector {
         }
     }
 
+    /// Records the `description` strings of a tool definition's JSON Schema
+    /// (the tool's parameters, their properties, nested items), which the
+    /// model reads as instructions.
+    fn descriptions(&mut self, schema: Option<&Value>, path: Vec<PathSeg>) {
+        let Some(schema) = schema else { return };
+        let mut path = path;
+        self.schema_walk(schema, &mut path, 0);
+    }
+
+    fn schema_walk(&mut self, v: &Value, path: &mut Vec<PathSeg>, depth: usize) {
+        // serde_json refuses documents nested deeper than 128.
+        if depth > 128 {
+            return;
+        }
+        match v {
+            Value::Object(map) => {
+                for (k, item) in map {
+                    path.push(PathSeg::Key(k.clone()));
+                    match item {
+                        Value::String(_) if k == "description" => {
+                            self.string(Some(item), path.clone(), Role::System, TextKind::Instructions);
+                        }
+                        _ => self.schema_walk(item, path, depth + 1),
+                    }
+                    path.pop();
+                }
+            }
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    path.push(PathSeg::Index(i));
+                    self.schema_walk(item, path, depth + 1);
+                    path.pop();
+                }
+            }
+            _ => {}
+        }
+    }
+
     fn walk(&mut self, v: &Value, path: &mut Vec<PathSeg>, role: Role, kind: TextKind, skip_keys: bool) {
         match v {
             Value::String(s) if !s.is_empty() && !is_blob(s) => {
+                if self.skip.is_some_and(|skip| skip.contains(path.as_slice())) {
+                    return;
+                }
                 self.texts.push(TextSpan { path: path.clone(), role, kind, text: s.clone() });
             }
             Value::Array(items) => {

@@ -1,5 +1,7 @@
 //! OpenAI Chat Completions and Responses (also Codex on chatgpt.com, Copilot,
-//! Azure and the many OpenAI-compatible endpoints).
+//! Azure and the many OpenAI-compatible endpoints), and the ChatGPT apps'
+//! conversation requests, whose messages have an `author` and a `content`
+//! object holding `parts`.
 
 use serde_json::{Value, json};
 
@@ -11,16 +13,40 @@ use crate::guardrails::model::{PathSeg, Role, StreamDelta, TextKind};
 // Chat Completions
 
 pub(super) fn chat_request(doc: &Value, c: &mut Collector) {
-    let Some(messages) = doc.get("messages").and_then(Value::as_array) else { return };
-    for (i, m) in messages.iter().enumerate() {
+    for (i, m) in doc.get("messages").and_then(Value::as_array).into_iter().flatten().enumerate() {
         chat_message(m, &jpath!["messages", i], Role::Unknown, c);
     }
+    // Predicted Outputs: text the client expects back, string or parts.
+    if let Some(prediction) = doc.get("prediction") {
+        chat_content(prediction.get("content"), jpath!["prediction", "content"], Role::User, TextKind::Content, c);
+    }
+    // Tool definitions (and the legacy `functions`): descriptions are
+    // instructions to the model.
+    for (i, tool) in doc.get("tools").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        if let Some(f) = tool.get("function") {
+            function_definition(f, jpath!["tools", i, "function"], c);
+        }
+    }
+    for (i, f) in doc.get("functions").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        function_definition(f, jpath!["functions", i], c);
+    }
+}
+
+/// A function tool's `description` and its parameters' descriptions.
+pub(super) fn function_definition(f: &Value, base: Vec<PathSeg>, c: &mut Collector) {
+    c.string(f.get("description"), join(&base, jpath!["description"]), Role::System, TextKind::Instructions);
+    c.descriptions(f.get("parameters"), join(&base, jpath!["parameters"]));
 }
 
 /// One chat message (request history, or a response's `message`, whose role
 /// defaults to the assistant's).
 pub(super) fn chat_message(m: &Value, base: &[PathSeg], default_role: Role, c: &mut Collector) {
-    let role = m.get("role").and_then(Value::as_str).map_or(default_role, role_of);
+    // The ChatGPT apps name the role in `author.role`.
+    let role = m
+        .get("role")
+        .or_else(|| m.get("author").and_then(|a| a.get("role")))
+        .and_then(Value::as_str)
+        .map_or(default_role, role_of);
     chat_content(m.get("content"), join(base, jpath!["content"]), role, kind_for(role), c);
     // An assistant turn's refusal (`refusal` field, not a content part).
     c.string(m.get("refusal"), join(base, jpath!["refusal"]), role, TextKind::Content);
@@ -43,12 +69,31 @@ pub(super) fn chat_message(m: &Value, base: &[PathSeg], default_role: Role, c: &
     c.string(args, join(base, jpath!["function_call", "arguments"]), Role::Assistant, TextKind::ToolCall);
 }
 
-/// `content`: a string, or parts of which only the text-bearing ones count.
+/// `content`: a string, parts of which only the text-bearing ones count, or
+/// an object: the ChatGPT apps' `{"content_type": "text", "parts": [...]}`
+/// (parts are strings, or objects with a `text`), or `{"text": ...}`.
 fn chat_content(v: Option<&Value>, path: Vec<PathSeg>, role: Role, kind: TextKind, c: &mut Collector) {
     match v {
         Some(Value::String(_)) => c.string(v, path, role, kind),
+        Some(Value::Object(obj)) => {
+            c.string(obj.get("text"), join(&path, jpath!["text"]), role, kind);
+            for (j, part) in obj.get("parts").and_then(Value::as_array).into_iter().flatten().enumerate() {
+                match part {
+                    Value::String(_) => c.string(Some(part), join(&path, jpath!["parts", j]), role, kind),
+                    _ => c.string(part.get("text"), join(&path, jpath!["parts", j, "text"]), role, kind),
+                }
+            }
+            // ChatGPT's custom instructions (`user_editable_context`).
+            for field in ["user_profile", "user_instructions"] {
+                c.string(obj.get(field), join(&path, jpath![field]), Role::System, TextKind::Instructions);
+            }
+        }
         Some(Value::Array(parts)) => {
             for (j, part) in parts.iter().enumerate() {
+                if part.is_string() {
+                    c.string(Some(part), join(&path, jpath![j]), role, kind);
+                    continue;
+                }
                 match str_field(part, "type") {
                     "text" | "input_text" | "output_text" | "" => {
                         c.string(part.get("text"), join(&path, jpath![j, "text"]), role, kind);
@@ -94,7 +139,14 @@ pub(super) fn chat_insert(doc: &mut Value, text: &str) -> Result<(), RewriteErro
         .get_mut("messages")
         .and_then(Value::as_array_mut)
         .ok_or(RewriteError::Shape { what: "no messages array" })?;
-    messages.insert(0, json!({"role": "system", "content": text}));
+    // A ChatGPT conversation request gets a message in its own shape.
+    let conversation = messages.iter().any(|m| m.get("author").is_some() && m.get("role").is_none());
+    let message = if conversation {
+        json!({"author": {"role": "system"}, "content": {"content_type": "text", "parts": [text]}})
+    } else {
+        json!({"role": "system", "content": text})
+    };
+    messages.insert(0, message);
     Ok(())
 }
 
@@ -123,6 +175,14 @@ pub(super) fn responses_request(doc: &Value, c: &mut Collector) {
             }
         }
         _ => {}
+    }
+    // Function and custom tools are flat here (`{"type": "function", "name",
+    // "description", "parameters"}`); a nested `function` is read too.
+    for (i, tool) in doc.get("tools").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        match tool.get("function") {
+            Some(f) => function_definition(f, jpath!["tools", i, "function"], c),
+            None => function_definition(tool, jpath!["tools", i], c),
+        }
     }
 }
 
@@ -274,6 +334,7 @@ mod tests {
                 Expect("messages[4].content", Tool, ToolResult, "root:x:0:0:root:/root:/bin/bash"),
                 Expect("messages[5].content", Assistant, Content, "The file lists one user."),
                 Expect("messages[6].content", User, Content, "thanks"),
+                Expect("tools[0].function.description", System, Instructions, "Read a file from disk"),
             ],
         );
     }
@@ -333,6 +394,7 @@ mod tests {
                 Expect("input[6].output", Tool, ToolResult, "Success. Updated src/lib.rs"),
                 Expect("input[7].content[0].text", Assistant, Content, "Fixed."),
                 Expect("input[8].content", User, Content, "now explain the screenshot"),
+                Expect("tools[0].description", System, Instructions, "Runs a shell command"),
             ],
         );
     }

@@ -97,7 +97,10 @@ fn detect_by_host_and_path() {
         ("api.openai.com", "/v1/embeddings", Generic),
         ("api.openai.com", "/v1/responses/resp_123", Generic),
         ("chatgpt.com", "/backend-api/codex/responses", OpenAiResponses),
-        ("chatgpt.com", "/backend-api/conversation", Generic),
+        ("chatgpt.com", "/backend-api/conversation", OpenAiChat),
+        ("chatgpt.com", "/backend-api/f/conversation", OpenAiChat),
+        ("chatgpt.com", "/backend-anon/conversation", OpenAiChat),
+        ("chatgpt.com", "/backend-api/conversation/abc/textdocs", Generic),
         ("api.githubcopilot.com", "/chat/completions", OpenAiChat),
         ("api.business.githubcopilot.com", "/responses", OpenAiResponses),
         ("api.individual.githubcopilot.com", "/models", Generic),
@@ -149,6 +152,16 @@ fn detect_by_host_and_path() {
         ("myres.openai.azure.com", "/openai/responses", OpenAiResponses),
         ("api.deepseek.com", "/anthropic/v1/messages", Anthropic),
         ("example.com", "/v1/completions", Generic),
+        ("myres.cognitiveservices.azure.com", "/openai/responses?api-version=2025-04-01-preview", OpenAiResponses),
+        ("api.groq.com", "/openai/v1/chat/completions", OpenAiChat),
+        ("api.fireworks.ai", "/inference/v1/chat/completions", OpenAiChat),
+        ("api.cohere.com", "/v2/chat", Cohere),
+        ("api.cohere.ai", "/v1/chat", Cohere),
+        ("api.cohere.com", "/v1/embed", Generic),
+        ("api.cohere.com", "/compatibility/v1/chat/completions", OpenAiChat),
+        ("bedrock-agent-runtime.us-east-1.amazonaws.com", "/agents/A1/agentAliases/B2/sessions/s/text", BedrockAgent),
+        ("bedrock-agent-runtime-fips.us-west-2.amazonaws.com", "/retrieveAndGenerate", BedrockAgent),
+        ("bedrock-agent.us-east-1.amazonaws.com", "/agents/", Generic),
     ];
     for (host, path, want) in cases {
         assert_eq!(detect(host, path), want, "{host}{path}");
@@ -526,4 +539,527 @@ proptest! {
             set_text(&mut changed, &span.path, "x").unwrap();
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Known hosts and the built-in AI domains
+
+/// A concrete host name a pattern matches: `x` for a wildcard label.
+fn sample_host(pattern: &str) -> String {
+    pattern
+        .split('.')
+        .map(|label| if label.starts_with('*') { label.replacen('*', "x", 1) } else { label.to_owned() })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+#[test]
+fn known_hosts_agree_with_detection() {
+    for h in KNOWN_HOSTS {
+        let host = sample_host(h.pattern);
+        for (path, want) in h.routes {
+            assert_eq!(detect(&host, path), *want, "{} ({host}) {path}", h.pattern);
+        }
+        assert!(!describe_domain(h.pattern).is_empty());
+    }
+    assert!(
+        describe_domain("api.openai.com")
+            .starts_with("openai_chat (/v1/chat/completions), openai_responses (/v1/responses);")
+    );
+    assert!(describe_domain("MYRES.openai.azure.com").contains("by path"), "an unknown name is read by path");
+}
+
+#[test]
+fn every_default_ai_domain_is_a_known_host() {
+    let known: Vec<&str> = KNOWN_HOSTS.iter().map(|h| h.pattern).collect();
+    for domain in crate::policy::DEFAULT_AI_DOMAINS {
+        assert!(known.contains(domain), "{domain} is in DEFAULT_AI_DOMAINS but not in KNOWN_HOSTS");
+    }
+    for pattern in &known {
+        assert!(
+            crate::policy::DEFAULT_AI_DOMAINS.contains(pattern),
+            "{pattern} is in KNOWN_HOSTS but not a default AI domain"
+        );
+    }
+    // The names of the task's providers are all there.
+    for name in [
+        "*.openai.azure.com",
+        "*.cognitiveservices.azure.com",
+        "bedrock-agent-runtime.*.amazonaws.com",
+        "api.mistral.ai",
+        "api.groq.com",
+        "api.deepseek.com",
+        "api.x.ai",
+        "openrouter.ai",
+        "api.together.xyz",
+        "api.together.ai",
+        "api.fireworks.ai",
+        "api.perplexity.ai",
+        "api.cohere.com",
+        "api.cohere.ai",
+    ] {
+        assert!(known.contains(&name), "{name}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The corpus: one realistic request body per provider shape
+
+/// A body from `tests/fixtures/providers`, where it is sent, the format it
+/// must be read as, texts the provider parser must read, and texts only the
+/// generic walk of what no parser reads finds.
+struct Case {
+    file: &'static str,
+    body: &'static str,
+    host: &'static str,
+    path: &'static str,
+    provider: Provider,
+    parsed: &'static [&'static str],
+    unread: &'static [&'static str],
+}
+
+macro_rules! case {
+    ($file:literal, $host:literal, $path:literal, $provider:ident, [$($parsed:literal),* $(,)?], [$($unread:literal),* $(,)?]) => {
+        Case {
+            file: $file,
+            body: include_str!(concat!("../../../tests/fixtures/providers/", $file)),
+            host: $host,
+            path: $path,
+            provider: Provider::$provider,
+            parsed: &[$($parsed),*],
+            unread: &[$($unread),*],
+        }
+    };
+}
+
+fn corpus() -> Vec<Case> {
+    vec![
+        case!(
+            "openai_chat_request.json",
+            "api.openai.com",
+            "/v1/chat/completions",
+            OpenAiChat,
+            [
+                "You are a careful coding assistant.",
+                "What is in this image? Also read /etc/passwd",
+                "Read a file from disk"
+            ],
+            []
+        ),
+        case!(
+            "openai_chat_tools_prediction_request.json",
+            "api.openai.com",
+            "/v1/chat/completions",
+            OpenAiChat,
+            [
+                "Rename the class and return the whole file.",
+                "class User { name: string }",
+                "class Account { name: string }",
+                "Get the current weather for a city.",
+                "City and country, e.g. Paris, France",
+                "Temperature unit."
+            ],
+            ["user-1234", "celsius"]
+        ),
+        case!("openai_responses_request.json", "api.openai.com", "/v1/responses", OpenAiResponses, [], []),
+        case!(
+            "openai_responses_tools_request.json",
+            "chatgpt.com",
+            "/backend-api/codex/responses",
+            OpenAiResponses,
+            [
+                "You are a coding agent.",
+                "Run the tests.",
+                "Runs a shell command and returns its output.",
+                "The command to execute."
+            ],
+            ["reasoning.encrypted_content"]
+        ),
+        case!(
+            "chatgpt_conversation_request.json",
+            "chatgpt.com",
+            "/backend-api/conversation",
+            OpenAiChat,
+            ["Summarize the attached meeting notes in three bullets."],
+            ["Europe/Lisbon"]
+        ),
+        case!(
+            "chatgpt_conversation_multimodal_request.json",
+            "chatgpt.com",
+            "/backend-api/f/conversation",
+            OpenAiChat,
+            ["What does this error message mean?"],
+            ["error.png"]
+        ),
+        case!(
+            "anthropic_request.json",
+            "api.anthropic.com",
+            "/v1/messages",
+            Anthropic,
+            ["Project rules: never push to main."],
+            []
+        ),
+        case!(
+            "anthropic_search_results_request.json",
+            "api.anthropic.com",
+            "/v1/messages",
+            Anthropic,
+            [
+                "API Reference - Authentication",
+                "All API requests must include an API key in the Authorization header.",
+                "The grass is green. The sky is blue.",
+                "My Document",
+                "This is a trustworthy document.",
+                "First chunk of a custom document.",
+                "How do I authenticate, and what colour is the grass?",
+                "rate limits",
+                "The default limit is 50 requests per minute.",
+                "Search the product documentation.",
+                "What to look for."
+            ],
+            ["https://docs.example.com/api-reference", "search_docs"]
+        ),
+        case!(
+            "gemini_request.json",
+            "generativelanguage.googleapis.com",
+            "/v1beta/models/gemini-2.5-pro:generateContent",
+            Gemini,
+            ["You are a helpful assistant."],
+            []
+        ),
+        case!(
+            "gemini_function_declarations_request.json",
+            "us-central1-aiplatform.googleapis.com",
+            "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-flash:generateContent",
+            Gemini,
+            [
+                "Turn the living room lights down to 30%.",
+                "Sets the brightness and color temperature of a light.",
+                "Light level from 0 to 100.",
+                "Color temperature of the light fixture."
+            ],
+            ["daylight"]
+        ),
+        case!(
+            "bedrock_converse_request.json",
+            "bedrock-runtime.us-east-1.amazonaws.com",
+            "/model/amazon.nova-pro-v1:0/converse",
+            BedrockConverse,
+            ["You are a travel agent.", "Book me a flight to Lisbon"],
+            []
+        ),
+        case!(
+            "bedrock_converse_tools_request.json",
+            "bedrock-runtime.eu-west-1.amazonaws.com",
+            "/model/anthropic.claude-3-haiku-20240307-v1:0/converse",
+            BedrockConverse,
+            [
+                "What is the most popular song on WZPZ?",
+                "Get the most popular song played on a radio station.",
+                "The call sign for the radio station, e.g. WZPZ."
+            ],
+            ["top_song"]
+        ),
+        case!(
+            "bedrock_agent_invoke_request.json",
+            "bedrock-agent-runtime.us-east-1.amazonaws.com",
+            "/agents/AGENT12345/agentAliases/TSTALIASID/sessions/s-1/text",
+            BedrockAgent,
+            [
+                "Friday at half past seven, please.",
+                "Jane Roe, premium plan",
+                "Book me a table for two.",
+                "Table 12 is free at 19:30."
+            ],
+            ["79e0feaa-c6f7-49bf-814d-b7c498505172"]
+        ),
+        case!(
+            "bedrock_agent_retrieve_and_generate_request.json",
+            "bedrock-agent-runtime.eu-central-1.amazonaws.com",
+            "/retrieveAndGenerate",
+            BedrockAgent,
+            ["What is our parental leave policy?"],
+            ["Answer from these results only: $search_results$"]
+        ),
+        case!(
+            "azure_openai_chat_request.json",
+            "contoso.openai.azure.com",
+            "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+            OpenAiChat,
+            ["You are an assistant for Contoso employees.", "Draft a reply declining the meeting on Thursday."],
+            ["Answer only from the HR policies index."]
+        ),
+        case!(
+            "mistral_chat_request.json",
+            "api.mistral.ai",
+            "/v1/chat/completions",
+            OpenAiChat,
+            [
+                "Reply in French.",
+                "Describe this picture.",
+                "{\"transaction_id\": \"T1001\"}",
+                "{\"status\": \"Paid\"}",
+                "Get payment status of a transaction",
+                "The transaction id."
+            ],
+            ["https://example.com/cat.jpg"]
+        ),
+        case!(
+            "groq_chat_request.json",
+            "api.groq.com",
+            "/openai/v1/chat/completions",
+            OpenAiChat,
+            ["You are a terse assistant.", "Explain the importance of fast language models"],
+            []
+        ),
+        case!(
+            "deepseek_chat_request.json",
+            "api.deepseek.com",
+            "/chat/completions",
+            OpenAiChat,
+            [
+                "You are a helpful assistant",
+                "Compare the tenths: 8 > 1.",
+                "How many Rs are there in the word 'strawberry'?"
+            ],
+            []
+        ),
+        case!(
+            "xai_chat_request.json",
+            "api.x.ai",
+            "/v1/chat/completions",
+            OpenAiChat,
+            ["What is the meaning of life, the universe, and everything?"],
+            []
+        ),
+        case!(
+            "openrouter_chat_request.json",
+            "openrouter.ai",
+            "/api/v1/chat/completions",
+            OpenAiChat,
+            ["What is in this PDF?"],
+            ["https://example.com/report.pdf", "openai/gpt-4o"]
+        ),
+        case!(
+            "together_chat_request.json",
+            "api.together.xyz",
+            "/v1/chat/completions",
+            OpenAiChat,
+            ["You are an expert travel guide.", "What are some fun things to do in New York?"],
+            []
+        ),
+        case!(
+            "fireworks_chat_request.json",
+            "api.fireworks.ai",
+            "/inference/v1/chat/completions",
+            OpenAiChat,
+            ["Say this is a test"],
+            []
+        ),
+        case!(
+            "perplexity_chat_request.json",
+            "api.perplexity.ai",
+            "/chat/completions",
+            OpenAiChat,
+            ["Be precise and concise.", "How many stars are there in our galaxy?"],
+            ["nasa.gov"]
+        ),
+        case!(
+            "cohere_v2_request.json",
+            "api.cohere.com",
+            "/v2/chat",
+            Cohere,
+            [
+                "You are a support agent for Acme.",
+                "I will look the order up.",
+                "{\"status\":\"shipped\"}",
+                "Returns are accepted for 30 days."
+            ],
+            []
+        ),
+        case!(
+            "cohere_v1_request.json",
+            "api.cohere.ai",
+            "/v1/chat",
+            Cohere,
+            ["Answer like a pirate.", "Ahoy!", "What should I wear today?", "Two shirts, one hat.", "City name."],
+            []
+        ),
+    ]
+}
+
+#[test]
+fn corpus_yields_its_texts() {
+    for case in corpus() {
+        let doc: Value = serde_json::from_str(case.body).unwrap_or_else(|e| panic!("{}: {e}", case.file));
+        let provider = detect_with_body(case.host, case.path, &doc);
+        assert_eq!(provider, case.provider, "{}", case.file);
+        let parsed = parse_request(provider, &doc).texts;
+        let unread = unread_texts(&doc, &parsed);
+        for want in case.parsed {
+            assert!(
+                parsed.iter().any(|t| t.text == *want),
+                "{}: the {} parser misses {want:?}",
+                case.file,
+                provider.as_str()
+            );
+        }
+        for want in case.unread {
+            assert!(unread.iter().any(|t| t.text == *want), "{}: no walk finds {want:?}", case.file);
+        }
+        // The two never overlap, every span is where it says, and together
+        // they are every string the generic walk finds.
+        for span in parsed.iter().chain(&unread) {
+            assert_eq!(
+                text_at(&doc, &span.path),
+                Some(span.text.as_str()),
+                "{}: {}",
+                case.file,
+                path_string(&span.path)
+            );
+        }
+        for span in &unread {
+            assert!(!parsed.iter().any(|p| p.path == span.path), "{}: {} twice", case.file, path_string(&span.path));
+        }
+        let generic = parse_request(Provider::Generic, &doc).texts;
+        for g in &generic {
+            assert!(
+                parsed.iter().chain(&unread).any(|t| t.path == g.path),
+                "{}: {} hidden",
+                case.file,
+                path_string(&g.path)
+            );
+        }
+    }
+}
+
+#[test]
+fn every_request_fixture_is_in_the_corpus() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/providers");
+    let listed: Vec<&str> = corpus().iter().map(|c| c.file).collect();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if name.ends_with("_request.json") {
+            assert!(listed.contains(&name.as_str()), "{name} is not in the corpus");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// What no parser reads
+
+#[test]
+fn unread_texts_are_what_the_parser_skips() {
+    let key = "-----BEGIN RSA PRIVATE KEY-----\nMIIEow\n-----END RSA PRIVATE KEY-----";
+    // A chat body with the secret in a field no chat parser reads.
+    let doc = json!({
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": "hi", "x_note": key}],
+        "metadata": {"ticket": key},
+        "id": "not prose",
+    });
+    let parsed = parse_request(Provider::OpenAiChat, &doc).texts;
+    assert_eq!(parsed.len(), 1);
+    let unread = unread_texts(&doc, &parsed);
+    let paths: Vec<String> = unread.iter().map(|t| path_string(&t.path)).collect();
+    assert_eq!(paths, ["messages[0].x_note", "metadata.ticket"]);
+    assert!(unread.iter().all(|t| t.text == key && t.kind == TextKind::Other));
+    // Redacting them in place works like any span.
+    let mut redacted = doc.clone();
+    for span in &unread {
+        set_text(&mut redacted, &span.path, "[REDACTED]").unwrap();
+    }
+    assert!(!redacted.to_string().contains("PRIVATE KEY"));
+    // A body the parser reads whole leaves nothing unread.
+    let plain = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    assert!(unread_texts(&plain, &parse_request(Provider::OpenAiChat, &plain).texts).is_empty());
+}
+
+#[test]
+fn padding_what_the_parser_reads_does_not_hide_the_rest() {
+    // A comparison of text lengths would call this body fully read: the
+    // message the parser reads is far longer than the hidden field.
+    let doc = json!({
+        "messages": [{"role": "user", "content": "a".repeat(10_000)}],
+        "hidden": "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----",
+    });
+    let parsed = parse_request(Provider::OpenAiChat, &doc).texts;
+    let unread = unread_texts(&doc, &parsed);
+    assert_eq!(unread.len(), 1);
+    assert_eq!(path_string(&unread[0].path), "hidden");
+}
+
+// ---------------------------------------------------------------------------
+// Shapes the parsers read
+
+#[test]
+fn chatgpt_conversation_parts() {
+    check_request(
+        Provider::OpenAiChat,
+        r#"{"action":"next","messages":[{"id":"m1","author":{"role":"user"},"content":{"content_type":"text","parts":["first","second"]}},
+            {"id":"m2","author":{"role":"system"},"content":{"content_type":"user_editable_context","user_profile":"I am a nurse.","user_instructions":"Be brief."}},
+            {"id":"m3","author":{"role":"user"},"content":{"content_type":"multimodal_text","parts":[{"content_type":"image_asset_pointer","asset_pointer":"file-service://f"},{"text":"object part"},"caption"]}}],
+            "parent_message_id":"p","model":"auto"}"#,
+        Some("auto"),
+        false,
+        &[
+            Expect("messages[0].content.parts[0]", Role::User, TextKind::Content, "first"),
+            Expect("messages[0].content.parts[1]", Role::User, TextKind::Content, "second"),
+            Expect("messages[1].content.user_profile", Role::System, TextKind::Instructions, "I am a nurse."),
+            Expect("messages[1].content.user_instructions", Role::System, TextKind::Instructions, "Be brief."),
+            Expect("messages[2].content.parts[1].text", Role::User, TextKind::Content, "object part"),
+            Expect("messages[2].content.parts[2]", Role::User, TextKind::Content, "caption"),
+        ],
+    );
+    // Detected from the body alone too, and an instruction goes in in the
+    // conversation's own shape.
+    let mut doc =
+        json!({"messages": [{"author": {"role": "user"}, "content": {"content_type": "text", "parts": ["x"]}}]});
+    assert_eq!(detect_from_body(&doc), Some(Provider::OpenAiChat));
+    insert_instruction(Provider::OpenAiChat, &mut doc, "RULE").unwrap();
+    assert_eq!(
+        doc["messages"][0],
+        json!({"author": {"role": "system"}, "content": {"content_type": "text", "parts": ["RULE"]}})
+    );
+}
+
+#[test]
+fn object_valued_content_and_predictions() {
+    check_request(
+        Provider::OpenAiChat,
+        r#"{"messages":[{"role":"user","content":{"text":"as an object"}},{"role":"user","content":["bare","strings"]}],
+            "prediction":{"type":"content","content":"predicted"}}"#,
+        None,
+        false,
+        &[
+            Expect("messages[0].content.text", Role::User, TextKind::Content, "as an object"),
+            Expect("messages[1].content[0]", Role::User, TextKind::Content, "bare"),
+            Expect("messages[1].content[1]", Role::User, TextKind::Content, "strings"),
+            Expect("prediction.content", Role::User, TextKind::Content, "predicted"),
+        ],
+    );
+    check_request(
+        Provider::OpenAiResponses,
+        r#"{"input":[{"role":"user","content":{"text":"object in responses"}}],"tools":[{"type":"function","name":"f","description":"Does f.","parameters":{"type":"object","properties":{"a":{"type":"string","description":"The a."}}}}]}"#,
+        None,
+        false,
+        &[
+            Expect("input[0].content.text", Role::User, TextKind::Content, "object in responses"),
+            Expect("tools[0].description", Role::System, TextKind::Instructions, "Does f."),
+            Expect("tools[0].parameters.properties.a.description", Role::System, TextKind::Instructions, "The a."),
+        ],
+    );
+}
+
+#[test]
+fn cohere_and_agent_bodies_are_detected() {
+    // Cohere v1 bodies on an unknown host keep reading as the Bedrock
+    // invoke shape (which reads the same fields).
+    assert_eq!(detect_with_body("api.cohere.com", "/v1/chat", &json!({"message": "hi"})), Provider::Cohere);
+    let mut v2 = json!({"messages": [{"role": "user", "content": "hi"}]});
+    insert_instruction(Provider::Cohere, &mut v2, "RULE").unwrap();
+    assert_eq!(v2["messages"][0], json!({"role": "system", "content": "RULE"}));
+    let mut v1 = json!({"message": "hi", "preamble": "Be nice."});
+    insert_instruction(Provider::Cohere, &mut v1, "RULE").unwrap();
+    assert_eq!(v1["preamble"], "Be nice.\n\nRULE");
 }
