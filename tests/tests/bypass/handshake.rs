@@ -105,3 +105,88 @@ async fn handshake_games_at_an_ai_address_never_reach_the_provider() -> Result<(
     assert_eq!(refused, 4, "{}", stage.proxy.log_text());
     Ok(())
 }
+
+/// Sends the private key to Gemini on a connection made for
+/// www.googleapis.com (same address, same parent domain), as HTTP/2
+/// connection coalescing or a lying `Host` would; prints the status.
+const SIBLING: &str = r#"
+set -e
+body='{"contents":[{"parts":[{"text":"'"$KEY_LINE"'"}]}]}'
+# Learn the AI name's address first, as any Gemini client would.
+curl -sS -o /dev/null --max-time 10 --cacert "$BUNDLE" https://generativelanguage.googleapis.com/status/204
+for v in --http1.1 --http2; do
+  curl -sS -o /dev/null -w '%{http_code} ' --max-time 10 --cacert "$BUNDLE" $v \
+    -H 'Host: generativelanguage.googleapis.com' -H 'content-type: application/json' \
+    --data "$body" https://www.googleapis.com/v1beta/models/gemini-2.0-flash:generateContent
+done
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ai_request_on_a_sibling_names_connection_never_reaches_the_provider() -> Result<()> {
+    if !require_privileges("an_ai_request_on_a_sibling_names_connection_never_reaches_the_provider") {
+        return Ok(());
+    }
+    // Learned addresses stay long enough for the whole test.
+    let stage = interceptor_tests::dns_stage::DnsStage::with_grace("bypass_sibling", "", "ebpf", "60s")?;
+    let bundle = stage.bundle.to_str().context("utf-8")?.to_string();
+    let key_line = PRIVATE_KEY.replace('\n', "\\n");
+    let script = format!("export BUNDLE='{bundle}' KEY_LINE='{key_line}'\n{SIBLING}");
+    let out = stage.run(&["sh", "-c", &script]).await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.trim(), "421 421", "an AI request on the sibling's connection is misdirected");
+    let gemini = &stage.providers[4];
+    assert_eq!(gemini.local_addr().to_string(), "198.18.0.43:443");
+    let seen = gemini.requests();
+    assert!(seen.iter().all(|r| !String::from_utf8_lossy(&r.body).contains("PRIVATE KEY")), "{seen:#?}");
+    assert!(seen.iter().all(|r| r.path == "/status/204"), "only the learning request got through: {seen:#?}");
+    // Records are written as connections end, just after curl is gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stage.proxy.connections().into_iter().filter(|c| c["mode"] == "guard").count() < 2 {
+        assert!(Instant::now() < deadline, "no guard connection records: {}", stage.proxy.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let misdirected = stage.proxy.events().into_iter().filter(|e| e["event"] == "misdirected_request").count();
+    assert_eq!(misdirected, 2, "{}", stage.proxy.log_text());
+    Ok(())
+}
+
+/// A ClientHello without a server name to api.openai.com's learned address.
+const NO_SNI_LEARNED: &str = r#"
+import json, os, socket, ssl
+body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": os.environ["KEY"]}]})
+request = ("POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nContent-Type: application/json\r\n"
+           "Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)).encode()
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+s = ctx.wrap_socket(socket.create_connection(("api.openai.com", 443), timeout=20), server_hostname=None)
+s.sendall(request)
+reply = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    reply += chunk
+print(reply.split(b"\r\n")[0].decode())
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_without_sni_to_a_learned_address_is_inspected_as_the_learned_name() -> Result<()> {
+    if !require_privileges("a_hello_without_sni_to_a_learned_address_is_inspected_as_the_learned_name") {
+        return Ok(());
+    }
+    let stage = interceptor_tests::dns_stage::DnsStage::with_grace("bypass_nosni", "", "ebpf", "60s")?;
+    let script = format!("export KEY='{}'\nexec python3 -c '{}'", PRIVATE_KEY, NO_SNI_LEARNED.replace('\'', "'\"'\"'"));
+    let out = stage.run(&["sh", "-c", &script]).await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("HTTP/1.1 403"), "the key is blocked by the guardrails: {stdout}");
+    let openai = &stage.providers[0];
+    assert!(openai.requests().iter().all(|r| !String::from_utf8_lossy(&r.body).contains("PRIVATE KEY")));
+    let blocked =
+        audit_events(&stage.proxy).into_iter().find(|e| e["decision"] == "block").context("no audit event")?;
+    assert_eq!(blocked["host"], "api.openai.com", "{blocked}");
+    assert!(blocked["detectors"].to_string().contains("private_key"), "{blocked}");
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! A namespace with a fake DNS resolver and fake providers at addresses the
+//! interceptor never resolved itself, the interceptor in DNS-aware targeting
+//! mode, and clients that use the namespace's resolver through glibc: the
+//! stage for privileged tests of what agents' DNS answers teach the
+//! interceptor.
+
+use std::{net::SocketAddr, path::PathBuf, process::Stdio, str::FromStr, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use hickory_proto::{
+    op::{Message, ResponseCode},
+    rr::{
+        Name, RData, Record, RecordType,
+        rdata::{A, AAAA, CNAME},
+    },
+};
+use interceptor::testing::{
+    Cgroup, Interceptor, Netns, in_netns,
+    provider::{FakeProvider, TestPki},
+    spawn_in_tokio, tool,
+};
+use serde_json::Value;
+
+use crate::stage::{start_interceptor, trust_bundle};
+
+pub const TTL: u32 = 2;
+
+/// The fake resolver's zone: api.openai.com at 198.18.0.40 (and
+/// 2001:db8::40), api.anthropic.com through a CNAME to 198.18.0.41,
+/// example.test at 198.18.0.42, and two names of one parent at 198.18.0.43
+/// (generativelanguage.googleapis.com and www.googleapis.com).
+pub fn answer(query: &[u8]) -> Option<Vec<u8>> {
+    let query = Message::from_vec(query).ok()?;
+    let q = query.queries.first()?.clone();
+    let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
+    reply.metadata.recursion_desired = query.metadata.recursion_desired;
+    reply.metadata.recursion_available = true;
+    reply.add_query(q.clone());
+    let name = |n: &str| Name::from_str(n).ok();
+    let a = |owner: &str, ip: &str| Some(Record::from_rdata(name(owner)?, TTL, RData::A(A(ip.parse().ok()?))));
+    let qname = q.name().to_ascii().trim_end_matches('.').to_lowercase();
+    match (qname.as_str(), q.query_type()) {
+        ("api.openai.com", RecordType::A) => reply.add_answer(a("api.openai.com.", "198.18.0.40")?),
+        ("api.openai.com", RecordType::AAAA) => reply.add_answer(Record::from_rdata(
+            name("api.openai.com.")?,
+            TTL,
+            RData::AAAA(AAAA("2001:db8::40".parse().ok()?)),
+        )),
+        ("api.anthropic.com", t) => {
+            reply.add_answer(Record::from_rdata(
+                name("api.anthropic.com.")?,
+                TTL,
+                RData::CNAME(CNAME(name("edge.cdn.test.")?)),
+            ));
+            if t == RecordType::A {
+                reply.add_answer(a("edge.cdn.test.", "198.18.0.41")?);
+            }
+            &mut reply
+        }
+        ("example.test", RecordType::A) => reply.add_answer(a("example.test.", "198.18.0.42")?),
+        ("generativelanguage.googleapis.com", RecordType::A) => {
+            reply.add_answer(a("generativelanguage.googleapis.com.", "198.18.0.43")?)
+        }
+        ("www.googleapis.com", RecordType::A) => reply.add_answer(a("www.googleapis.com.", "198.18.0.43")?),
+        ("example.test", _) => &mut reply,
+        _ => {
+            reply.metadata.response_code = ResponseCode::NXDomain;
+            &mut reply
+        }
+    };
+    reply.to_vec().ok()
+}
+
+/// Serves the zone over UDP at `addr` inside the namespace.
+pub fn start_dns(netns: &Netns, addr: SocketAddr) -> Result<tokio::task::JoinHandle<()>> {
+    let socket = in_netns(netns, move || std::net::UdpSocket::bind(addr))??;
+    socket.set_nonblocking(true)?;
+    let socket = tokio::net::UdpSocket::from_std(socket)?;
+    Ok(tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+            if let Some(reply) = answer(&buf[..n]) {
+                let _ = socket.send_to(&reply, peer).await;
+            }
+        }
+    }))
+}
+
+pub struct DnsStage {
+    pub netns: Netns,
+    _root: Cgroup,
+    _proxy_cg: Cgroup,
+    pub client_cg: Cgroup,
+    pub providers: Vec<FakeProvider>,
+    _dns: tokio::task::JoinHandle<()>,
+    pub proxy: Interceptor,
+    pub bundle: PathBuf,
+    pub resolv: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl DnsStage {
+    pub fn new(name: &str, extra: &str) -> Result<Self> {
+        Self::with_redirect(name, extra, "ebpf")
+    }
+
+    pub fn with_redirect(name: &str, extra: &str, redirect: &str) -> Result<Self> {
+        Self::with_grace(name, extra, redirect, "1s")
+    }
+
+    /// With `learned_grace` for learned addresses (the other constructors
+    /// use one second, so that tests can watch addresses expire).
+    pub fn with_grace(name: &str, extra: &str, redirect: &str, learned_grace: &str) -> Result<Self> {
+        let netns = Netns::new(name)?;
+        for ip in ["198.18.0.40", "198.18.0.41", "198.18.0.42", "198.18.0.43", "198.18.0.53"] {
+            netns.add_addr("lo", &format!("{ip}/32"))?;
+        }
+        netns.run(&["addr", "add", "2001:db8::40/128", "dev", "lo", "nodad"])?;
+        let root = Cgroup::new(name)?;
+        let proxy_cg = root.child("proxy")?;
+        let client_cg = root.child("client")?;
+        let pki = TestPki::new(
+            &[
+                "api.openai.com",
+                "api.anthropic.com",
+                "example.test",
+                "generativelanguage.googleapis.com",
+                "www.googleapis.com",
+            ],
+            &[],
+        )?;
+        let mut providers = Vec::new();
+        for addr in ["198.18.0.40:443", "198.18.0.41:443", "198.18.0.42:443", "[2001:db8::40]:443", "198.18.0.43:443"] {
+            providers.push(FakeProvider::start_in(&netns, addr.parse()?, &pki)?);
+        }
+        let dns = start_dns(&netns, "198.18.0.53:53".parse()?)?;
+        let dir = tempfile::tempdir()?;
+        let upstream_ca = pki.write_ca(dir.path())?;
+        let config = format!(
+            "[targets]\nmode = \"dns\"\ncidrs = []\ndns_upstreams = [\"198.18.0.53\"]\nlearned_ttl_floor = \"1s\"\n\
+             learned_grace = \"{learned_grace}\"\nresolve_interval = \"1s\"\n[tls]\nupstream_ca = \"{}\"\n{extra}\n",
+            upstream_ca.display()
+        );
+        let proxy = start_interceptor(&netns, &proxy_cg, &client_cg, &config, redirect)?;
+        let bundle = trust_bundle(&proxy, &pki, dir.path())?;
+        let resolv = dir.path().join("resolv.conf");
+        std::fs::write(&resolv, "nameserver 198.18.0.53\noptions timeout:2 attempts:2\n")?;
+        Ok(Self {
+            netns,
+            _root: root,
+            _proxy_cg: proxy_cg,
+            client_cg,
+            providers,
+            _dns: dns,
+            proxy,
+            bundle,
+            resolv,
+            _dir: dir,
+        })
+    }
+
+    /// Runs a command in the client cgroup and namespace with the fake
+    /// resolver as its system resolver.
+    pub async fn run(&self, cmd: &[&str]) -> Result<std::process::Output> {
+        let mut c = tokio::process::Command::new(tool("unshare"));
+        c.args(["--mount", "--propagation", "private", "--"])
+            .arg(tool("sh"))
+            .args(["-c", r#"mount --bind "$1" /etc/resolv.conf && shift && exec "$@""#, "sh"])
+            .arg(&self.resolv)
+            .args(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let child = spawn_in_tokio(&mut c, Some(&self.netns), Some(&self.client_cg))?;
+        Ok(tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await??)
+    }
+
+    /// curl to `url`; returns the certificate issuer it saw.
+    pub async fn curl_issuer(&self, url: &str, extra: &[&str]) -> Result<String> {
+        let bundle = self.bundle.to_str().context("utf-8")?;
+        let mut args = vec!["curl", "-sS", "-v", "--max-time", "10", "--cacert", bundle, "-o", "/dev/null"];
+        args.extend_from_slice(extra);
+        args.push(url);
+        let out = self.run(&args).await?;
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        if !out.status.success() {
+            bail!("curl {url} failed: {err}");
+        }
+        err.lines()
+            .find_map(|l| l.trim_start_matches(['*', ' ']).strip_prefix("issuer:"))
+            .map(str::to_string)
+            .context(err)
+    }
+
+    pub fn targets(&self) -> Result<Value> {
+        Ok(self.proxy.status(&self.netns)?["targets"].clone())
+    }
+}
