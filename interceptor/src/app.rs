@@ -117,13 +117,19 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 dns_port,
                 config.redirect.fail_mode == crate::config::FailMode::Open,
             )
-                .context("installing the iptables redirect (run `interceptor doctor`)")?,
+            .context("installing the iptables redirect (run `interceptor doctor`)")?,
         ),
         RedirectMode::None => Box::new(NoRedirect),
     };
-    if let Some(liveness) = redirector.liveness() {
-        tokio::spawn(beat(liveness));
-    }
+    // Its own thread: a busy runtime must not miss a beat. Stopped (and
+    // joined) when dropped, after the redirect is removed below, or on any
+    // early return.
+    let heartbeat = match redirector.liveness() {
+        Some(liveness) => {
+            Some(crate::redirect::liveness::BeatThread::start(liveness).context("starting the heartbeat thread")?)
+        }
+        None => None,
+    };
     tracing::info!(
         mode = redirector.mode(),
         attach = %redirector.attach_point(),
@@ -150,7 +156,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     tokio::spawn(admin::serve(admin_listener, status_rx, Arc::clone(&metrics)));
 
-
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (shutdown_dns_tx, shutdown_rx_dns) = watch::channel(false);
     let settings = ProxySettings {
@@ -159,6 +164,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         max_inspected_body: config.proxy.max_inspected_body,
         passthrough_on_reject: config.tls.passthrough_on_reject,
         oversize: config.guardrails.oversize,
+        max_buffered_total: max_buffered_total(&config),
         max_header_bytes: config.proxy.max_header_bytes,
         header_read_timeout: config.proxy.header_read_timeout,
         idle_timeout: config.proxy.idle_timeout,
@@ -225,6 +231,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             tracing::error!(error = %telemetry::chain(&error), "cannot remove the redirect");
         }
     }
+    drop(heartbeat);
     let _ = shutdown_tx.send(true);
     let _ = shutdown_dns_tx.send(true);
     for forwarder in forwarders {
@@ -238,10 +245,33 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     result
 }
 
+/// `guardrails.max_buffered_total` in bytes, sized from the memory limit
+/// when `auto`.
+fn max_buffered_total(config: &Config) -> usize {
+    use crate::{config::BufferedTotal, proxy::budget};
+    match config.guardrails.max_buffered_total {
+        BufferedTotal::Bytes(n) => n,
+        BufferedTotal::Auto => {
+            let (limit, source) = budget::memory_limit();
+            let size = budget::auto_size(limit, config.proxy.max_inspected_body);
+            tracing::info!(
+                max_buffered_total = size,
+                memory_limit = limit,
+                source = ?source,
+                "inspection budget sized from the memory limit"
+            );
+            size
+        }
+    }
+}
+
 /// The CA (created on first run), the leaf issuer and the upstream pool.
 fn tls_termination(config: &Config, state_dir: &Path) -> anyhow::Result<TlsTermination> {
     let ca = CertificateAuthority::load_or_create(state_dir).with_context(|| {
-        format!("loading the certificate authority in the state directory {} (it must be writable on first start)", state_dir.display())
+        format!(
+            "loading the certificate authority in the state directory {} (it must be writable on first start)",
+            state_dir.display()
+        )
     })?;
     tracing::info!(cert = %ca.cert_path().display(), "certificate authority ready");
     let issuer =
@@ -282,17 +312,6 @@ fn build_guardrails(config: &Config) -> anyhow::Result<(Option<String>, Guardrai
     Ok((policy_text, Guardrails { engine, akto, cfg: g.clone() }))
 }
 
-/// Keeps the redirect's heartbeat fresh for as long as this runtime runs: if
-/// the process hangs, the redirect applies its fail mode.
-async fn beat(liveness: Arc<dyn crate::redirect::Liveness>) {
-    let mut tick = tokio::time::interval(liveness.interval());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        liveness.beat();
-    }
-}
-
 /// Binds the DNS forwarder's UDP and TCP sockets on the proxy addresses.
 async fn bind_dns(config: &Config, port: u16) -> anyhow::Result<Vec<(UdpSocket, TcpListener)>> {
     let mut addrs = vec![SocketAddr::from((config.proxy.address_v4, port))];
@@ -303,7 +322,8 @@ async fn bind_dns(config: &Config, port: u16) -> anyhow::Result<Vec<(UdpSocket, 
     for addr in addrs {
         // Shared with a second instance during an upgrade, like the proxy port.
         let udp = crate::net::shared_udp(addr).with_context(|| format!("starting the DNS forwarder on udp {addr}"))?;
-        let tcp = crate::net::shared_listener(addr).with_context(|| format!("starting the DNS forwarder on tcp {addr}"))?;
+        let tcp =
+            crate::net::shared_listener(addr).with_context(|| format!("starting the DNS forwarder on tcp {addr}"))?;
         out.push((udp, tcp));
     }
     Ok(out)

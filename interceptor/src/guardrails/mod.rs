@@ -6,6 +6,8 @@
 //! * `framing` — SSE, AWS event-stream and streamed JSON arrays (pure).
 //! * `decode` — content-encoding decompression with hard limits (pure).
 //! * `engine` — the embedded local engine: detectors, policy, redaction (pure).
+//! * `offload` — where a local scan runs: inline when small, on the
+//!   blocking pool when large.
 //! * `akto` — the Akto-compatible remote backend (I/O).
 //! * `pipeline` — the data plane's hook: runs the backends, applies the
 //!   verdicts, writes the audit trail.
@@ -15,5 +17,6 @@ pub mod decode;
 pub mod engine;
 pub mod framing;
 pub mod model;
+pub mod offload;
 pub mod pipeline;
 pub mod providers;

@@ -30,6 +30,7 @@ use super::{
     engine::{Decision as EngineDecision, Engine, Scan, ScanContext, WorkloadRef},
     framing::{FramingKind, eventstream, json_array::JsonArrayStream, sse::SseParser},
     model::{Direction, NormalizedRequest, Provider, Role, TextKind, TextSpan},
+    offload,
     providers::{self, StreamEventRef},
 };
 use crate::{
@@ -416,6 +417,8 @@ impl Hook for Pipeline {
             },
         };
         state.model = normalized.model.clone().or_else(|| providers::model_from_path(&path_and_query));
+        // Shared with the scan, which may run on another thread.
+        let texts = Arc::new(normalized.texts);
         let mut raw_text: Option<String> = None;
 
         for backend in &g.cfg.backends {
@@ -432,9 +435,16 @@ impl Hook for Pipeline {
                         host: &ex.sni,
                         workload: workload_ref(ex),
                     };
-                    let scan = engine.scan(&ctx, normalized.texts.iter().map(|t| (t.kind, t.text.as_str())));
+                    let scan = match offload::scan(engine, &ctx, &texts).await {
+                        Ok(scan) => scan,
+                        Err(error) => {
+                            self.backend_error("local", "internal");
+                            outcome.backend_failed("local", &crate::telemetry::chain(&error), g.cfg.fail_mode_request);
+                            continue;
+                        }
+                    };
                     if outcome.local(&scan) {
-                        for (i, t) in normalized.texts.iter().enumerate() {
+                        for (i, t) in texts.iter().enumerate() {
                             let Some(new) = scan.redacted(i, &t.text) else { continue };
                             match doc.as_mut() {
                                 Some(d) if !t.path.is_empty() => {
@@ -519,10 +529,7 @@ impl Hook for Pipeline {
             }
         }
 
-        let prompt = g
-            .cfg
-            .audit_prompts
-            .then(|| normalized.texts.iter().map(|t| t.text.as_str()).collect::<Vec<_>>().join("\n"));
+        let prompt = g.cfg.audit_prompts.then(|| texts.iter().map(|t| t.text.as_str()).collect::<Vec<_>>().join("\n"));
         head.extensions.insert(state.clone());
         self.audit(&g, ex, &state, Direction::Request, &outcome, started, prompt).await;
         if let Some(block) = outcome.block {
@@ -659,7 +666,7 @@ impl Hook for Pipeline {
             }
         };
         let mut doc: Option<Value> = serde_json::from_slice(&decoded).ok();
-        let texts: Vec<TextSpan> = match &doc {
+        let texts: Arc<Vec<TextSpan>> = Arc::new(match &doc {
             Some(d) => providers::parse_response(state.provider, d).texts,
             None => vec![TextSpan {
                 path: Vec::new(),
@@ -667,7 +674,7 @@ impl Hook for Pipeline {
                 kind: TextKind::Other,
                 text: String::from_utf8_lossy(&decoded).into_owned(),
             }],
-        };
+        });
         for backend in &g.cfg.backends {
             if outcome.block.is_some() {
                 break;
@@ -682,7 +689,14 @@ impl Hook for Pipeline {
                         host: &ex.sni,
                         workload: workload_ref(ex),
                     };
-                    let scan = engine.scan(&ctx, texts.iter().map(|t| (t.kind, t.text.as_str())));
+                    let scan = match offload::scan(engine, &ctx, &texts).await {
+                        Ok(scan) => scan,
+                        Err(error) => {
+                            self.backend_error("local", "internal");
+                            outcome.backend_failed("local", &crate::telemetry::chain(&error), g.cfg.fail_mode_response);
+                            continue;
+                        }
+                    };
                     if outcome.local(&scan) {
                         for (i, t) in texts.iter().enumerate() {
                             if let (Some(new), Some(d)) = (scan.redacted(i, &t.text), doc.as_mut())

@@ -11,6 +11,11 @@
 //! body with an error (HTTP/1.1: the connection closes before the end of the
 //! body; HTTP/2: the stream is reset), logged with the exchange; a client
 //! that leaves cancels the upstream request, also mid-stream.
+//!
+//! Bodies buffered for inspection reserve their bytes from the global
+//! [`BodyBudget`] as they grow; the reservation is held until the response
+//! that depends on them is finished (or dropped), and an exchange that would
+//! take the budget past its size gets `503` with `retry-after`.
 
 use std::{
     convert::Infallible,
@@ -43,6 +48,7 @@ use tokio_rustls::server::TlsStream;
 
 use super::{
     BoxBody, BoxError, ProxyError, ProxySettings,
+    budget::{BodyBudget, BodyKind, BudgetExhausted, Reservation},
     hook::{BodyAction, BodyInspector, ChunkAction, Exchange, Hook, RequestAction, ResponseAction},
     upstream::Upstream,
 };
@@ -71,6 +77,8 @@ pub struct Intercepted {
     pub upstream: Upstream,
     pub hook: Option<Arc<dyn Hook>>,
     pub limits: HttpLimits,
+    /// Bytes buffered for inspection, shared by every connection.
+    pub budget: Arc<BodyBudget>,
     /// Requests whose response is not finished yet (the idle clock runs
     /// only while this is zero).
     pub active: watch::Sender<usize>,
@@ -198,7 +206,10 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
 
     if let Some(hook) = &conn.hook {
         let max = conn.limits.max_inspected_body;
-        let bytes = match collect_limited(body, max, Some(conn.limits.idle_timeout)).await {
+        // Held until the response is done: the pipeline keeps the request
+        // body (for the response phase) as long as that.
+        let mut reservation = conn.budget.reservation(BodyKind::Request);
+        let bytes = match collect_limited(body, max, Some(conn.limits.idle_timeout), &mut reservation).await {
             Ok(Collected::Whole(bytes)) => bytes,
             Ok(Collected::Over { prefix, rest }) => {
                 let reason = format!("request body exceeds the inspection limit of {max} bytes");
@@ -207,10 +218,13 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
                     return error_response(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", &reason);
                 }
                 hook.on_not_inspected(&conn.exchange, &parts, None, &reason).await;
-                let body = prepend(prefix, rest);
+                let body = holding(prepend(prefix, rest), reservation);
                 let (Ok(resp) | Err(resp)) =
                     send(Request::from_parts(parts, body), &conn, upgrade, client_upgrade).await;
                 return resp;
+            }
+            Err(error) if error.is::<BudgetExhausted>() => {
+                return budget_exhausted(&conn, BodyKind::Request, &error);
             }
             Err(error) if error.is::<ClientBodyIdle>() => {
                 tracing::warn!(sni = %conn.exchange.sni, client = %conn.exchange.client, %error, "request refused");
@@ -231,10 +245,11 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
         body = Full::new(bytes).map_err(boxed).boxed_unsync();
         let request_head = parts.clone();
         let response = send(Request::from_parts(parts, body), &conn, upgrade, client_upgrade).await;
-        return match response {
+        let response = match response {
             Ok(resp) => inspect_response(hook.as_ref(), &conn, &request_head, resp).await,
             Err(resp) => resp,
         };
+        return response.map(|b| holding(b, reservation));
     }
     match send(Request::from_parts(parts, body), &conn, upgrade, client_upgrade).await {
         Ok(resp) | Err(resp) => resp,
@@ -260,10 +275,17 @@ pub struct ClientBodyIdle {
 }
 
 /// Reads a whole body, at most `max` bytes; never buffers more. With
-/// `idle`, fails when no frame arrives for that long.
+/// `idle`, fails when no frame arrives for that long. Every allocation is
+/// reserved first from the budget (its capacity, not just its length);
+/// fails with [`BudgetExhausted`] when the budget cannot give it.
 /// (Request trailers are not kept once a body is buffered.)
-async fn collect_limited(mut body: BoxBody, max: usize, idle: Option<Duration>) -> Result<Collected, BoxError> {
-    let mut buf = bytes::BytesMut::new();
+async fn collect_limited(
+    mut body: BoxBody,
+    max: usize,
+    idle: Option<Duration>,
+    reservation: &mut Reservation,
+) -> Result<Collected, BoxError> {
+    let mut buf: Vec<u8> = Vec::new();
     loop {
         let frame = match idle {
             Some(timeout) => {
@@ -273,14 +295,48 @@ async fn collect_limited(mut body: BoxBody, max: usize, idle: Option<Duration>) 
         };
         let Some(frame) = frame else { break };
         if let Ok(data) = frame?.into_data() {
+            let needed = buf.len() + data.len();
+            if needed > buf.capacity() {
+                // Doubling (up to just over the limit) keeps the number of
+                // copies logarithmic; the budget sees the whole allocation.
+                let capacity = needed.max(buf.capacity().saturating_mul(2).min(max.saturating_add(1)));
+                reservation.grow_to(capacity).map_err(boxed)?;
+                buf.reserve_exact(capacity - buf.len());
+            }
             buf.extend_from_slice(&data);
             if buf.len() > max {
-                return Ok(Collected::Over { prefix: buf.freeze(), rest: body });
+                return Ok(Collected::Over { prefix: Bytes::from(buf), rest: body });
             }
         }
     }
-    Ok(Collected::Whole(buf.freeze()))
+    Ok(Collected::Whole(Bytes::from(buf)))
 }
+
+/// `body`, keeping `guard` alive until the body is dropped (after its last
+/// frame, or when the client goes away).
+fn holding<G: Send + 'static>(body: BoxBody, guard: G) -> BoxBody {
+    body.map_frame(move |frame| {
+        let _held = &guard;
+        frame
+    })
+    .boxed_unsync()
+}
+
+/// The answer when a body would take the inspection budget past its size:
+/// `503` in the usual error shape, with `retry-after`, counted and logged.
+fn budget_exhausted(conn: &Intercepted, kind: BodyKind, error: &BoxError) -> Response<BoxBody> {
+    let message = error.to_string();
+    if let Some(exhausted) = error.downcast_ref::<BudgetExhausted>() {
+        conn.budget.note_refusal(kind, exhausted, &conn.exchange.sni, &conn.exchange.client.to_string());
+    }
+    let mut resp = error_response(StatusCode::SERVICE_UNAVAILABLE, "inspection_budget_exhausted", &message);
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+    resp
+}
+
+/// What a client refused for want of inspection budget is told to wait:
+/// bodies give their bytes back as soon as their exchange ends.
+const RETRY_AFTER_SECONDS: &str = "1";
 
 /// `prefix`, then the rest of `body`.
 fn prepend(prefix: Bytes, rest: BoxBody) -> BoxBody {
@@ -411,8 +467,9 @@ async fn inspect_response(
     match hook.on_response(exchange, request, &head).await {
         ResponseAction::Collect => {
             let max = conn.limits.max_inspected_body;
+            let mut reservation = conn.budget.reservation(BodyKind::Response);
             // The provider's body has its own idle timeout.
-            let bytes = match collect_limited(body, max, None).await {
+            let bytes = match collect_limited(body, max, None, &mut reservation).await {
                 Ok(Collected::Whole(bytes)) => bytes,
                 Ok(Collected::Over { prefix, rest }) => {
                     let reason = format!("response body exceeds the inspection limit of {max} bytes");
@@ -421,14 +478,19 @@ async fn inspect_response(
                         return error_response(StatusCode::BAD_GATEWAY, "response_too_large", &reason);
                     }
                     hook.on_not_inspected(exchange, request, Some(&head), &reason).await;
-                    return Response::from_parts(head, prepend(prefix, rest));
+                    return Response::from_parts(head, holding(prepend(prefix, rest), reservation));
+                }
+                Err(error) if error.is::<BudgetExhausted>() => {
+                    return budget_exhausted(conn, BodyKind::Response, &error);
                 }
                 Err(error) => {
                     return error_response(StatusCode::BAD_GATEWAY, "upstream_body_error", &error.to_string());
                 }
             };
             match hook.on_response_body(exchange, request, &head, &bytes).await {
-                BodyAction::Forward => Response::from_parts(head, Full::new(bytes).map_err(boxed).boxed_unsync()),
+                BodyAction::Forward => {
+                    Response::from_parts(head, holding(Full::new(bytes).map_err(boxed).boxed_unsync(), reservation))
+                }
                 BodyAction::ReplaceBody(new) => {
                     set_content_length(&mut head.headers, new.len());
                     Response::from_parts(head, Full::new(new).map_err(boxed).boxed_unsync())

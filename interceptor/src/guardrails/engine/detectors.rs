@@ -12,8 +12,11 @@ use super::validate;
 
 /// Accepts or rejects a candidate (the whole text and the candidate's range).
 pub(super) type Validator = fn(&str, Range<usize>) -> bool;
-/// Moves a candidate's end (the whole text and the current end).
-pub(super) type Extender = fn(&str, usize) -> usize;
+/// Moves a candidate's end (the whole text, the current end, and what the
+/// earlier candidates of the same text already searched: candidates come
+/// left to right, and an extender must not search the same bytes again for
+/// each of them).
+pub(super) type Extender = fn(&str, usize, &mut validate::KeyBlocks) -> usize;
 
 /// One regex of a detector. When the regex has a capture group, the first
 /// group is the finding (the label around it is context, and is kept when

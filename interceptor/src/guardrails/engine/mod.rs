@@ -580,9 +580,10 @@ impl Engine {
 
 impl CompiledPattern {
     fn find(&self, text: &str, out: &mut Vec<Candidate>) {
+        let mut blocks = validate::KeyBlocks::default();
         let mut push = |r: Range<usize>| {
             if self.validate.is_none_or(|v| v(text, r.clone())) {
-                let end = self.extend.map_or(r.end, |e| e(text, r.end));
+                let end = self.extend.map_or(r.end, |e| e(text, r.end, &mut blocks));
                 out.push(Candidate { detector: self.detector, start: r.start, end });
             }
         };
