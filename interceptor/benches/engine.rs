@@ -69,6 +69,7 @@ fn hostile(c: &mut Criterion) {
         ("plain_text_16m", plain),
         ("repeated_key_headers_16m", repeated("-----BEGIN RSA PRIVATE KEY-----\n")),
         ("repeated_key_headers_and_end_markers_16m", repeated("-----BEGIN PRIVATE KEY-----\n-----END x\n")),
+        ("separated_key_headers_16m", repeated("-----BEGIN PRIVATE KEY----- x ")),
     ];
     // The figures the acceptance asks for, printed once: best of three.
     let best = |text: &str| {

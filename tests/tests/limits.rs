@@ -548,3 +548,81 @@ async fn client_hellos_without_sni_or_made_of_junk_pass_through_byte_for_byte() 
     }
     Ok(())
 }
+
+/// A chat request whose body is about `len` bytes, carrying `marker`.
+fn chat_body(marker: &str, len: usize) -> String {
+    let filler = "plain words ".repeat(len / 12);
+    json!({"model": "gpt-4o", "messages": [{"role": "user", "content": format!("{marker} {filler}")}]}).to_string()
+}
+
+/// Posts `body` until the answer has status `want` (bounded); returns that
+/// answer's headers and body.
+async fn post_until(client: &reqwest::Client, body: &str, want: u16) -> Result<(reqwest::header::HeaderMap, Value)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = client.post(CHAT).header("content-type", "application/json").body(body.to_string()).send().await?;
+        if resp.status() == want {
+            let headers = resp.headers().clone();
+            return Ok((headers, resp.json().await.unwrap_or(Value::Null)));
+        }
+        if Instant::now() > deadline {
+            bail!("no {want} within 10 s; last status {}", resp.status());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_bodies_share_one_budget_503_when_full_and_give_it_back_on_every_path() -> Result<()> {
+    // Room for one body of the largest inspected size, no more.
+    let budget = 256 << 10;
+    let limits = ProxySettings { max_inspected_body: budget, max_buffered_total: budget, ..settings() };
+    let s = setup(GuardrailsConfig::default(), limits).await?;
+    let client = client_for(HOST, s.proxy.addr, &[&s.proxy.ca_pem], false)?;
+
+    // Finished exchanges give their bytes back: allowed, blocked, and
+    // refused as too large, many times the budget in all.
+    for i in 0..6 {
+        let (_, _) = post_until(&client, &chat_body(&format!("allowed-{i}"), 200 << 10), 200).await?;
+    }
+    let key =
+        format!("-----BEGIN RSA PRIVATE KEY-----\n{}\n-----END RSA PRIVATE KEY-----", "MIIEowIBAAKCAQEA".repeat(4));
+    for _ in 0..4 {
+        let (_, _) = post_until(&client, &chat_body(&key, 200 << 10), 403).await?;
+    }
+    for _ in 0..4 {
+        let (_, _) = post_until(&client, &chat_body("too-large", 300 << 10), 413).await?;
+    }
+
+    // A client sends all but the last KiB of a body and stalls: it holds
+    // the budget (less than a KiB is left).
+    let mut stalled = tls(&s.proxy, &[b"http/1.1"], lo(2)).await?;
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {HOST}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        256 << 10
+    );
+    stalled.write_all(head.as_bytes()).await?;
+    stalled.write_all(&vec![b' '; 255 << 10]).await?;
+    stalled.flush().await?;
+
+    // Another client is refused with 503, in the interceptor's JSON error
+    // shape, with retry-after; its request never reaches the provider.
+    let (headers, error) = post_until(&client, &chat_body("refused", 2 << 10), 503).await?;
+    assert_eq!(error["error"]["type"], "interceptor_error", "{error}");
+    assert_eq!(error["error"]["code"], "inspection_budget_exhausted", "{error}");
+    assert_eq!(headers.get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    assert_eq!(headers.get("x-interceptor-error").and_then(|v| v.to_str().ok()), Some("inspection_budget_exhausted"));
+    let refused = |p: &interceptor::testing::provider::FakeProvider| {
+        p.requests().iter().filter(|r| String::from_utf8_lossy(&r.body).contains("refused")).count()
+    };
+    assert_eq!(refused(&s.provider), 0, "a refused request reached the provider");
+
+    // The stalled client goes away mid-body: its bytes come back, and the
+    // next request is served.
+    drop(stalled);
+    let (_, answer) = post_until(&client, &chat_body("after-abort", 2 << 10), 200).await?;
+    assert!(answer.get("choices").is_some(), "{answer}");
+    // And still the whole budget: a body of the largest size fits.
+    let (_, _) = post_until(&client, &chat_body("whole-budget", 250 << 10), 200).await?;
+    Ok(())
+}

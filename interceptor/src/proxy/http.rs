@@ -259,8 +259,9 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
 /// A body read up to a limit.
 enum Collected {
     Whole(Bytes),
-    /// Over the limit: what was read (at most the limit plus one frame) and
-    /// the unread rest, to forward untouched or drop.
+    /// Over the limit: what was buffered (at most the limit) and the rest
+    /// (starting with the frame that went over), to forward untouched or
+    /// drop.
     Over {
         prefix: Bytes,
         rest: BoxBody,
@@ -296,17 +297,18 @@ async fn collect_limited(
         let Some(frame) = frame else { break };
         if let Ok(data) = frame?.into_data() {
             let needed = buf.len() + data.len();
+            if needed > max {
+                // This frame is not buffered: it goes first in the rest.
+                return Ok(Collected::Over { prefix: Bytes::from(buf), rest: prepend(data, body) });
+            }
             if needed > buf.capacity() {
-                // Doubling (up to just over the limit) keeps the number of
-                // copies logarithmic; the budget sees the whole allocation.
-                let capacity = needed.max(buf.capacity().saturating_mul(2).min(max.saturating_add(1)));
+                // Doubling (up to the limit) keeps the number of copies
+                // logarithmic; the budget sees the whole allocation.
+                let capacity = needed.max(buf.capacity().saturating_mul(2).min(max));
                 reservation.grow_to(capacity).map_err(boxed)?;
                 buf.reserve_exact(capacity - buf.len());
             }
             buf.extend_from_slice(&data);
-            if buf.len() > max {
-                return Ok(Collected::Over { prefix: Bytes::from(buf), rest: body });
-            }
         }
     }
     Ok(Collected::Whole(Bytes::from(buf)))

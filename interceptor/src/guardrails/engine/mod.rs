@@ -581,17 +581,39 @@ impl Engine {
 impl CompiledPattern {
     fn find(&self, text: &str, out: &mut Vec<Candidate>) {
         let mut blocks = validate::KeyBlocks::default();
+        // Returns the candidate's end when it is one.
         let mut push = |r: Range<usize>| {
             if self.validate.is_none_or(|v| v(text, r.clone())) {
                 let end = self.extend.map_or(r.end, |e| e(text, r.end, &mut blocks));
                 out.push(Candidate { detector: self.detector, start: r.start, end });
+                return Some(end);
             }
+            None
         };
         match self.group {
             Some(g) => {
                 for caps in self.regex.captures_iter(text) {
                     if let Some(m) = caps.get(g) {
                         push(m.range());
+                    }
+                }
+            }
+            None if self.extend.is_some() => {
+                // Search on from the end of each extended candidate: a match
+                // starting inside it would be dropped by `resolve` anyway,
+                // and a body of nothing but key headers is then one search,
+                // not one per header.
+                let mut at = 0;
+                while let Some(m) = self.regex.find_at(text, at) {
+                    let r = m.range();
+                    let extended = push(r.clone()).unwrap_or(r.end);
+                    match extended.max(r.end) {
+                        next if next > r.start => at = next,
+                        // An empty match: on to the next character.
+                        _ => match text[r.end..].chars().next() {
+                            Some(c) => at = r.end + c.len_utf8(),
+                            None => break,
+                        },
                     }
                 }
             }

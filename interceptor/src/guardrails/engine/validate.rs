@@ -297,6 +297,9 @@ pub(super) struct KeyBlocks {
     marker: Option<(usize, Option<usize>)>,
     /// A marker, and the first `-----` after it (`None`: none at all).
     close: Option<(usize, Option<usize>)>,
+    /// The last chain of adjacent blocks: from its first header's end to
+    /// its end. A header ending inside it belongs to it.
+    chain: Option<(usize, usize)>,
     /// Bytes looked at, for the tests that prove the work is linear.
     examined: usize,
 }
@@ -342,13 +345,34 @@ impl KeyBlocks {
 /// of the matching `-----END ...-----` line when there is one within
 /// [`MAX_KEY_BLOCK`], otherwise over the base64 body that follows (a
 /// truncated key, or one split across stream chunks). Literal `\n` escapes
-/// count as line breaks.
+/// count as line breaks. A header that follows right away (whitespace
+/// between) continues the block: adjacent keys are one finding, and a body
+/// of nothing but headers is one block, not one finding per header.
 ///
-/// Linear over all the headers of a text: the marker searches are shared
-/// through `blocks`, and a body run stops at the next header's first `-`, so
-/// body runs never overlap.
+/// Linear over all the headers of a text: the marker searches and the last
+/// chain are shared through `blocks`, and a body run stops at the next
+/// header's first `-`, so body runs never overlap.
 pub(super) fn private_key_end(text: &str, end: usize, blocks: &mut KeyBlocks) -> usize {
+    if let Some((start, chain_end)) = blocks.chain
+        && (start..chain_end).contains(&end)
+    {
+        return chain_end;
+    }
     let b = text.as_bytes();
+    let mut block_end = one_key_block_end(b, end, blocks);
+    loop {
+        let next = skip_separators(b, block_end);
+        blocks.examined += next - block_end;
+        let Some(header_end) = key_header_end(b, next) else { break };
+        blocks.examined += header_end - next;
+        block_end = one_key_block_end(b, header_end, blocks);
+    }
+    blocks.chain = Some((end, block_end));
+    block_end
+}
+
+/// The end of one key block whose header ends at `end`.
+fn one_key_block_end(b: &[u8], end: usize, blocks: &mut KeyBlocks) -> usize {
     let limit = (end + MAX_KEY_BLOCK).min(b.len());
     if let Some(marker) = blocks.next_marker(b, end)
         && marker + END_MARKER.len() <= limit
@@ -363,6 +387,35 @@ pub(super) fn private_key_end(text: &str, end: usize, blocks: &mut KeyBlocks) ->
         .count();
     blocks.examined += body + 1;
     end + body
+}
+
+/// Past ASCII whitespace and literal `\n` / `\r` escapes from `at`.
+fn skip_separators(b: &[u8], mut at: usize) -> usize {
+    loop {
+        match b.get(at..at + 2) {
+            Some([b'\\', b'n' | b'r']) => at += 2,
+            _ if b.get(at).is_some_and(u8::is_ascii_whitespace) => at += 1,
+            _ => return at,
+        }
+    }
+}
+
+/// The end of the private key header starting at `at`, if one does: what
+/// the detector's regex `-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----`
+/// matches there. Between `-----BEGIN` and the closing dashes every byte is
+/// of the class, so the label is the whole run of class bytes.
+fn key_header_end(b: &[u8], at: usize) -> Option<usize> {
+    const BEGIN: &[u8] = b"-----BEGIN";
+    const MAX_LABEL: usize = 40 + " PRIVATE KEY BLOCK".len();
+    let rest = b.get(at..)?.strip_prefix(BEGIN)?;
+    let label = rest.iter().take(MAX_LABEL + 1).take_while(|c| matches!(c, b'A'..=b'Z' | b'0'..=b'9' | b' ')).count();
+    if !rest[label..].starts_with(DASHES) {
+        return None;
+    }
+    let label = &rest[..label];
+    let prefix_ok = |suffix: &[u8]| label.strip_suffix(suffix).is_some_and(|p| p.len() <= 40);
+    (prefix_ok(b"PRIVATE KEY") || prefix_ok(b"PRIVATE KEY BLOCK"))
+        .then(|| at + BEGIN.len() + label.len() + DASHES.len())
 }
 
 #[cfg(test)]
@@ -470,9 +523,38 @@ mod tests {
         for (name, text) in cases {
             let (found, examined) = key_blocks(&text);
             assert_eq!(found.len(), n, "{name}");
+            if name.starts_with("headers only") || name.starts_with("headers glued") {
+                assert_eq!(found[0], 0..text.len(), "{name}: adjacent headers are one block");
+            }
             // Before: every header examined up to 64 KiB after it (here
             // about 8192 * 64 KiB = 512 MiB for a text of under 1 MiB).
             assert!(examined <= 3 * text.len(), "{name}: {examined} bytes examined for a text of {}", text.len());
+        }
+    }
+
+    #[test]
+    fn key_headers_are_recognized_as_the_regex_does() {
+        let header = regex::Regex::new(r"^-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----").unwrap();
+        let long = "A".repeat(40);
+        let too_long = "A".repeat(41);
+        for h in [
+            "-----BEGIN PRIVATE KEY-----",
+            "-----BEGIN RSA PRIVATE KEY-----x",
+            "-----BEGIN PGP PRIVATE KEY BLOCK-----",
+            "-----BEGIN OPENSSH PRIVATE KEY----------",
+            &format!("-----BEGIN{long}PRIVATE KEY-----"),
+            &format!("-----BEGIN{long}PRIVATE KEY BLOCK-----"),
+            &format!("-----BEGIN{too_long}PRIVATE KEY-----"),
+            "-----BEGIN PUBLIC KEY-----",
+            "-----BEGIN rsa PRIVATE KEY-----",
+            "-----BEGIN PRIVATE KEY----",
+            "-----BEGIN PRIVATE KEYS-----",
+            "-----BEGIN PRIVATE KEY BLOCK BLOCK-----",
+            "-----BEGIN",
+            "",
+        ] {
+            let expected = header.find(h).map(|m| m.end());
+            assert_eq!(key_header_end(h.as_bytes(), 0), expected, "{h:?}");
         }
     }
 
@@ -494,5 +576,13 @@ mod tests {
         assert_eq!(shared[1].end, shared[2].end, "an unterminated block runs to the next end line");
         assert_eq!(&text[shared[2].clone()], block);
         assert_eq!(&text[shared[3].clone()], "-----BEGIN EC PRIVATE KEY-----", "the end marker has no closing dashes");
+
+        // Adjacent blocks are one, from any of their headers.
+        let two = format!("{block}\n{block}\\n {block} end");
+        let (found, _) = key_blocks(&two);
+        assert_eq!(found.len(), 3);
+        assert!(found.iter().all(|r| r.end == two.len() - " end".len()), "{found:?}");
+        let fresh = private_key_end(&two, two.rfind("-----BEGIN").unwrap() + 31, &mut KeyBlocks::default());
+        assert_eq!(fresh, found[0].end);
     }
 }
