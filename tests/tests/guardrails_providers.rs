@@ -365,7 +365,8 @@ async fn audit_events(path: &std::path::Path, n: usize) -> Result<(Vec<Value>, S
             // A little longer, so that an extra event would show.
             tokio::time::sleep(Duration::from_millis(200)).await;
             let text = std::fs::read_to_string(path).unwrap_or_default();
-            let events = complete(&text).iter().map(|l| serde_json::from_str(l)).collect::<Result<Vec<Value>, _>>()?;
+            let events =
+                complete(&text).iter().map(|l| serde_json::from_str(l)).collect::<Result<Vec<Value>, _>>()?;
             return Ok((events, text));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
