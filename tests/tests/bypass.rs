@@ -1,3 +1,4 @@
-//! Privileged tests that try, as an attacker would, to get a prompt past inspection.
+//! Privileged bypass tests (real binary, eBPF redirect): ways a covered process could get a prompt past inspection.
 
+#[path = "bypass/starvation.rs"]
 mod starvation;

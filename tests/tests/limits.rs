@@ -555,21 +555,26 @@ fn chat_body(marker: &str, len: usize) -> String {
     json!({"model": "gpt-4o", "messages": [{"role": "user", "content": format!("{marker} {filler}")}]}).to_string()
 }
 
-/// Posts `body` until the answer has status `want` (bounded); returns that
-/// answer's headers and body.
-async fn post_until(client: &reqwest::Client, body: &str, want: u16) -> Result<(reqwest::header::HeaderMap, Value)> {
+/// Posts `body(attempt)` until the answer has status `want` (bounded);
+/// returns that answer's headers and body, and the attempt that got it.
+async fn post_until(
+    client: &reqwest::Client,
+    body: impl Fn(usize) -> String,
+    want: u16,
+) -> Result<(reqwest::header::HeaderMap, Value, usize)> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let resp = client.post(CHAT).header("content-type", "application/json").body(body.to_string()).send().await?;
+    for attempt in 0.. {
+        let resp = client.post(CHAT).header("content-type", "application/json").body(body(attempt)).send().await?;
         if resp.status() == want {
             let headers = resp.headers().clone();
-            return Ok((headers, resp.json().await.unwrap_or(Value::Null)));
+            return Ok((headers, resp.json().await.unwrap_or(Value::Null), attempt));
         }
         if Instant::now() > deadline {
             bail!("no {want} within 10 s; last status {}", resp.status());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    bail!("out of attempts")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -583,19 +588,23 @@ async fn buffered_bodies_share_one_budget_503_when_full_and_give_it_back_on_ever
     // Finished exchanges give their bytes back: allowed, blocked, and
     // refused as too large, many times the budget in all.
     for i in 0..6 {
-        let (_, _) = post_until(&client, &chat_body(&format!("allowed-{i}"), 200 << 10), 200).await?;
+        let _ = post_until(&client, |_| chat_body(&format!("allowed-{i}"), 200 << 10), 200)
+            .await
+            .context("an allowed request")?;
     }
     let key =
         format!("-----BEGIN RSA PRIVATE KEY-----\n{}\n-----END RSA PRIVATE KEY-----", "MIIEowIBAAKCAQEA".repeat(4));
     for _ in 0..4 {
-        let (_, _) = post_until(&client, &chat_body(&key, 200 << 10), 403).await?;
+        let _ = post_until(&client, |_| chat_body(&key, 200 << 10), 403).await.context("a blocked request")?;
     }
     for _ in 0..4 {
-        let (_, _) = post_until(&client, &chat_body("too-large", 300 << 10), 413).await?;
+        let _ = post_until(&client, |_| chat_body("too-large", 300 << 10), 413)
+            .await
+            .context("a request over the inspection limit")?;
     }
 
     // A client sends all but the last KiB of a body and stalls: it holds
-    // the budget (less than a KiB is left).
+    // the budget (at most a KiB is left).
     let mut stalled = tls(&s.proxy, &[b"http/1.1"], lo(2)).await?;
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: {HOST}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
@@ -607,22 +616,27 @@ async fn buffered_bodies_share_one_budget_503_when_full_and_give_it_back_on_ever
 
     // Another client is refused with 503, in the interceptor's JSON error
     // shape, with retry-after; its request never reaches the provider.
-    let (headers, error) = post_until(&client, &chat_body("refused", 2 << 10), 503).await?;
+    let (headers, error, attempt) = post_until(&client, |n| chat_body(&format!("refused-{n}"), 2 << 10), 503)
+        .await
+        .context("a request while the budget is held")?;
     assert_eq!(error["error"]["type"], "interceptor_error", "{error}");
     assert_eq!(error["error"]["code"], "inspection_budget_exhausted", "{error}");
     assert_eq!(headers.get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
     assert_eq!(headers.get("x-interceptor-error").and_then(|v| v.to_str().ok()), Some("inspection_budget_exhausted"));
-    let refused = |p: &interceptor::testing::provider::FakeProvider| {
-        p.requests().iter().filter(|r| String::from_utf8_lossy(&r.body).contains("refused")).count()
-    };
-    assert_eq!(refused(&s.provider), 0, "a refused request reached the provider");
+    let marker = format!("refused-{attempt} ");
+    let reached = s.provider.requests().iter().any(|r| String::from_utf8_lossy(&r.body).contains(&marker));
+    assert!(!reached, "the refused request reached the provider");
 
     // The stalled client goes away mid-body: its bytes come back, and the
     // next request is served.
     drop(stalled);
-    let (_, answer) = post_until(&client, &chat_body("after-abort", 2 << 10), 200).await?;
+    let (_, answer, _) = post_until(&client, |_| chat_body("after-abort", 2 << 10), 200)
+        .await
+        .context("a request after the client went away")?;
     assert!(answer.get("choices").is_some(), "{answer}");
     // And still the whole budget: a body of the largest size fits.
-    let (_, _) = post_until(&client, &chat_body("whole-budget", 250 << 10), 200).await?;
+    let _ = post_until(&client, |_| chat_body("whole-budget", 250 << 10), 200)
+        .await
+        .context("a request of the whole budget")?;
     Ok(())
 }

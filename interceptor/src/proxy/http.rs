@@ -302,9 +302,12 @@ async fn collect_limited(
                 return Ok(Collected::Over { prefix: Bytes::from(buf), rest: prepend(data, body) });
             }
             if needed > buf.capacity() {
-                // Doubling (up to the limit) keeps the number of copies
-                // logarithmic; the budget sees the whole allocation.
-                let capacity = needed.max(buf.capacity().saturating_mul(2).min(max));
+                // Doubling (up to the limit, and up to the declared length
+                // when there is one) keeps the number of copies logarithmic
+                // and never reserves more than twice what arrived; the
+                // budget sees the whole allocation.
+                let rest = usize::try_from(body.size_hint().upper().unwrap_or(u64::MAX)).unwrap_or(usize::MAX);
+                let capacity = needed.max(buf.capacity().saturating_mul(2).min(max).min(needed.saturating_add(rest)));
                 reservation.grow_to(capacity).map_err(boxed)?;
                 buf.reserve_exact(capacity - buf.len());
             }
