@@ -856,6 +856,20 @@ fn repeated_key_headers_cost_about_what_plain_text_costs() {
     assert!(h < p * 8, "repeated key headers took {h:?}, plain text {p:?}");
 }
 
+#[test]
+fn block_and_alert_rules_keep_a_bounded_number_of_findings_redact_rules_all() {
+    let engine = Engine::builtin().unwrap();
+    let keys = "-----BEGIN PRIVATE KEY----- x ".repeat(3000);
+    let scan = engine.scan(&req(), content(&keys));
+    assert!(matches!(scan.decision, Decision::Block(_)));
+    assert_eq!(scan.findings.iter().filter(|f| &*f.detector == "private_key").count(), MAX_FINDINGS_PER_RULE);
+    let cards = "card 4111 1111 1111 1111, ".repeat(3000);
+    let scan = engine.scan(&req(), content(&cards));
+    assert_eq!(scan.decision, Decision::Redact);
+    assert_eq!(scan.findings.len(), 3000, "every card is redacted");
+    assert!(!scan.redacted(0, &cards).unwrap().contains("4111"));
+}
+
 /// Throughput on ~10 MB of ordinary prompts (no matches), as 16 KB texts.
 /// `cargo test --release -p interceptor engine_throughput -- --ignored --nocapture`
 #[test]

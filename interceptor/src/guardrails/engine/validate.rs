@@ -400,6 +400,19 @@ fn skip_separators(b: &[u8], mut at: usize) -> usize {
     }
 }
 
+/// The leftmost private key header at or after `at`: what the detector's
+/// regex finds there, by a literal search for `-----BEGIN`.
+pub(super) fn next_key_header(text: &str, mut at: usize) -> Option<Range<usize>> {
+    let b = text.as_bytes();
+    loop {
+        let start = at + memchr::memmem::find(b.get(at..)?, b"-----BEGIN")?;
+        if let Some(end) = key_header_end(b, start) {
+            return Some(start..end);
+        }
+        at = start + 1;
+    }
+}
+
 /// The end of the private key header starting at `at`, if one does: what
 /// the detector's regex `-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----`
 /// matches there. Between `-----BEGIN` and the closing dashes every byte is
@@ -555,6 +568,18 @@ mod tests {
         ] {
             let expected = header.find(h).map(|m| m.end());
             assert_eq!(key_header_end(h.as_bytes(), 0), expected, "{h:?}");
+        }
+    }
+
+    #[test]
+    fn the_header_finder_finds_what_the_regex_finds() {
+        let header = regex::Regex::new(r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----").unwrap();
+        let text = "x -----BEGIN -----BEGIN RSA PRIVATE KEY----------BEGIN PRIVATE KEY BLOCK----- \
+                    -----BEGINPRIVATE KEY----- -----BEGIN PUBLIC KEY----- é-----BEGIN EC PRIVATE KEY-----é";
+        for at in 0..=text.len() {
+            if text.is_char_boundary(at) {
+                assert_eq!(next_key_header(text, at), header.find_at(text, at).map(|m| m.range()), "at {at}");
+            }
         }
     }
 
