@@ -99,7 +99,7 @@ fn hostile(c: &mut Criterion) {
         "repeated headers are blocked"
     );
     let mut group = c.benchmark_group("engine_hostile");
-    group.sample_size(10).warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_secs(3));
+    group.sample_size(10).warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_secs(2));
     for (name, text) in &inputs {
         group.throughput(Throughput::Bytes(text.len() as u64));
         group.bench_function(*name, |b| b.iter(|| engine.scan(&ctx, [(TextKind::Content, black_box(text.as_str()))])));
