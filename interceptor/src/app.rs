@@ -122,9 +122,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         ),
         RedirectMode::None => Box::new(NoRedirect),
     };
-    if let Some(liveness) = redirector.liveness() {
-        tokio::spawn(beat(liveness));
-    }
+    // Its own thread: a busy runtime must not miss a beat. Stopped (and
+    // joined) when dropped, after the redirect is removed below, or on any
+    // early return.
+    let heartbeat = match redirector.liveness() {
+        Some(liveness) => {
+            Some(crate::redirect::liveness::BeatThread::start(liveness).context("starting the heartbeat thread")?)
+        }
+        None => None,
+    };
     tracing::info!(
         mode = redirector.mode(),
         attach = %redirector.attach_point(),
@@ -159,6 +165,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         max_inspected_body: config.proxy.max_inspected_body,
         passthrough_on_reject: config.tls.passthrough_on_reject,
         oversize: config.guardrails.oversize,
+        max_buffered_total: max_buffered_total(&config),
         max_header_bytes: config.proxy.max_header_bytes,
         header_read_timeout: config.proxy.header_read_timeout,
         idle_timeout: config.proxy.idle_timeout,
@@ -231,6 +238,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             tracing::error!(error = %telemetry::chain(&error), "cannot remove the redirect");
         }
     }
+    drop(heartbeat);
     let _ = shutdown_tx.send(true);
     let _ = shutdown_dns_tx.send(true);
     for forwarder in forwarders {
@@ -242,6 +250,26 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         tracing::warn!(timeout = ?drain_timeout, "connections still open at the drain deadline; closing them");
     }
     result
+}
+
+/// `guardrails.max_buffered_total` in bytes, sized from the memory limit
+/// when `auto`.
+fn max_buffered_total(config: &Config) -> usize {
+    use crate::{config::BufferedTotal, proxy::budget};
+    match config.guardrails.max_buffered_total {
+        BufferedTotal::Bytes(n) => n,
+        BufferedTotal::Auto => {
+            let (limit, source) = budget::memory_limit();
+            let size = budget::auto_size(limit, config.proxy.max_inspected_body);
+            tracing::info!(
+                max_buffered_total = size,
+                memory_limit = limit,
+                source = ?source,
+                "inspection budget sized from the memory limit"
+            );
+            size
+        }
+    }
 }
 
 /// The CA (created on first run), the leaf issuer and the upstream pool.
@@ -289,17 +317,6 @@ fn build_guardrails(config: &Config) -> anyhow::Result<(Option<String>, Guardrai
         None
     };
     Ok((policy_text, Guardrails { engine, akto, cfg: g.clone() }))
-}
-
-/// Keeps the redirect's heartbeat fresh for as long as this runtime runs: if
-/// the process hangs, the redirect applies its fail mode.
-async fn beat(liveness: Arc<dyn crate::redirect::Liveness>) {
-    let mut tick = tokio::time::interval(liveness.interval());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        liveness.beat();
-    }
 }
 
 /// Binds the DNS forwarder's UDP and TCP sockets on the proxy addresses.

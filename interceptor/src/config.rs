@@ -163,6 +163,41 @@ pub enum UndecodableAction {
     Pass,
 }
 
+/// `guardrails.max_buffered_total`: `"auto"` or a number of bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BufferedTotal {
+    /// Sized from the memory limit at start
+    /// ([`crate::proxy::budget::auto_size`]).
+    #[default]
+    Auto,
+    Bytes(usize),
+}
+
+impl Serialize for BufferedTotal {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Auto => s.serialize_str("auto"),
+            Self::Bytes(n) => s.serialize_u64(*n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BufferedTotal {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(n) => usize::try_from(n).map(Self::Bytes).map_err(serde::de::Error::custom),
+            Raw::Text(t) if t == "auto" => Ok(Self::Auto),
+            Raw::Text(t) => Err(serde::de::Error::custom(format!("expected \"auto\" or a number of bytes, got {t:?}"))),
+        }
+    }
+}
+
 /// What to do when a guardrail would modify a body signed with AWS SigV4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -198,6 +233,15 @@ pub struct GuardrailsConfig {
     /// A request body that cannot be decoded (unknown content coding,
     /// corrupt compressed data, unknown charset).
     pub undecodable: UndecodableAction,
+    /// Bytes of bodies buffered for inspection by all connections together
+    /// (request bodies, and response bodies read whole); an exchange that
+    /// would go past it gets `503` with `retry-after`. Default `"auto"`: an
+    /// eighth of the memory limit (the tightest `memory.max` of this
+    /// process's cgroup and its ancestors, else physical memory), at least
+    /// 64 MiB and at most 4 GiB, and never less than
+    /// `proxy.max_inspected_body`. A number must be at least
+    /// `proxy.max_inspected_body`.
+    pub max_buffered_total: BufferedTotal,
     pub sigv4: SigV4Action,
     /// A WebSocket whose protocol cannot be inspected (default `refuse`).
     pub unknown_websocket: UnknownWebSocket,
@@ -223,6 +267,7 @@ impl Default for GuardrailsConfig {
             max_decompression_ratio: 1000,
             oversize: OversizeAction::Block,
             undecodable: UndecodableAction::Block,
+            max_buffered_total: BufferedTotal::Auto,
             sigv4: SigV4Action::Block,
             unknown_websocket: UnknownWebSocket::Refuse,
             audit_file: PathBuf::new(),
@@ -592,6 +637,14 @@ impl Config {
         }
         if self.proxy.max_inspected_body == 0 {
             errors.push("proxy.max_inspected_body: must be greater than zero".to_string());
+        }
+        if let BufferedTotal::Bytes(n) = g.max_buffered_total
+            && n < self.proxy.max_inspected_body
+        {
+            errors.push(format!(
+                "guardrails.max_buffered_total: {n} bytes is less than proxy.max_inspected_body ({}): such a body could never be inspected",
+                self.proxy.max_inspected_body
+            ));
         }
         if g.max_decompression_ratio == 0 {
             errors.push("guardrails.max_decompression_ratio: must be greater than zero".to_string());

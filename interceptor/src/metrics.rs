@@ -29,6 +29,12 @@ pub struct BackendLabels {
     pub kind: &'static str,
 }
 
+/// Which buffered body found the inspection budget used up.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetLabels {
+    pub body: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub connections: Family<ConnectionLabels, Counter>,
@@ -37,6 +43,9 @@ pub struct Metrics {
     pub guardrail_seconds: Histogram,
     pub audit_write_errors: Counter,
     pub audit_events_dropped: Counter,
+    /// Exchanges refused with 503 because the bodies buffered for
+    /// inspection used the whole `guardrails.max_buffered_total`.
+    pub inspection_budget_refusals: Family<BudgetLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -76,6 +85,12 @@ impl Metrics {
             "Audit events missing from the audit file (they are still in the log)",
             audit_events_dropped.clone(),
         );
+        let inspection_budget_refusals = Family::default();
+        registry.register(
+            "inspection_budget_refusals",
+            "Exchanges refused (503) because buffered bodies used the whole inspection budget, by body",
+            inspection_budget_refusals.clone(),
+        );
         Self {
             registry,
             connections,
@@ -84,6 +99,7 @@ impl Metrics {
             guardrail_seconds,
             audit_write_errors,
             audit_events_dropped,
+            inspection_budget_refusals,
         }
     }
 

@@ -9,6 +9,8 @@
 mod handshake;
 #[path = "bypass/parsers.rs"]
 mod parsers;
+#[path = "bypass/starvation.rs"]
+mod starvation;
 #[path = "bypass/websocket.rs"]
 mod websocket;
 

@@ -61,6 +61,20 @@ async fn tls(proxy: &InProcessProxy, alpn: &[&[u8]], source: IpAddr) -> Result<T
     Ok(tokio::time::timeout(Duration::from_secs(5), connect).await.context("TLS handshake timed out")??)
 }
 
+/// A connection from `source` as soon as the proxy has a slot for it: a
+/// connection the client just closed is released when the proxy sees the
+/// close, not when the client drops it.
+async fn tls_once_free(proxy: &InProcessProxy, source: IpAddr) -> Result<TlsStream<TcpStream>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match tls(proxy, &[b"http/1.1"], source).await {
+            Ok(c) => return Ok(c),
+            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(error) => return Err(error.context("slot never freed")),
+        }
+    }
+}
+
 fn lo(last: u8) -> IpAddr {
     IpAddr::from([127, 0, 0, last])
 }
@@ -316,23 +330,14 @@ async fn connections_over_the_workload_and_global_caps_are_closed_at_once_others
     let mut b1 = tls(&s.proxy, &[b"http/1.1"], lo(2)).await?;
     assert_eq!(get_status(&mut b1, "/status/200").await?, 200);
     drop(b1);
-    let b2 = tls(&s.proxy, &[b"http/1.1"], lo(2)).await?;
+    // The proxy sees the close a moment later: until then b1 still counts.
+    let b2 = tls_once_free(&s.proxy, lo(2)).await?;
     // Three open: the global cap closes a third workload's connection.
     assert!(tls(&s.proxy, &[b"http/1.1"], lo(3)).await.is_err(), "over the global cap");
 
     // A closed connection frees its slot.
     drop(a1);
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let mut again = loop {
-        match tls(&s.proxy, &[b"http/1.1"], lo(1)).await {
-            Ok(c) => break c,
-            Err(error) if Instant::now() < deadline => {
-                let _ = error;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(error) => return Err(error.context("slot never freed")),
-        }
-    };
+    let mut again = tls_once_free(&s.proxy, lo(1)).await?;
     assert_eq!(get_status(&mut again, "/status/200").await?, 200);
     assert_eq!(get_status(&mut a2, "/status/200").await?, 200);
     drop(b2);
@@ -651,5 +656,97 @@ async fn a_hello_without_sni_to_a_learned_ai_address_is_inspected_as_its_name() 
     assert!(!String::from_utf8_lossy(&seen[0].body).contains("PRIVATE KEY"));
     let events = audit_events(&s.audit, |e| e["decision"] == "block").await?;
     assert_eq!(events[0]["host"], "api.openai.com", "{}", events[0]);
+    Ok(())
+}
+
+/// A chat request whose body is about `len` bytes, carrying `marker`.
+fn chat_body(marker: &str, len: usize) -> String {
+    let filler = "plain words ".repeat(len / 12);
+    json!({"model": "gpt-4o", "messages": [{"role": "user", "content": format!("{marker} {filler}")}]}).to_string()
+}
+
+/// Posts `body(attempt)` until the answer has status `want` (bounded);
+/// returns that answer's headers and body, and the attempt that got it.
+async fn post_until(
+    client: &reqwest::Client,
+    body: impl Fn(usize) -> String,
+    want: u16,
+) -> Result<(reqwest::header::HeaderMap, Value, usize)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for attempt in 0.. {
+        let resp = client.post(CHAT).header("content-type", "application/json").body(body(attempt)).send().await?;
+        if resp.status() == want {
+            let headers = resp.headers().clone();
+            return Ok((headers, resp.json().await.unwrap_or(Value::Null), attempt));
+        }
+        if Instant::now() > deadline {
+            bail!("no {want} within 10 s; last status {}", resp.status());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("out of attempts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_bodies_share_one_budget_503_when_full_and_give_it_back_on_every_path() -> Result<()> {
+    // Room for one body of the largest inspected size, no more.
+    let budget = 256 << 10;
+    let limits = ProxySettings { max_inspected_body: budget, max_buffered_total: budget, ..settings() };
+    let s = setup(GuardrailsConfig::default(), limits).await?;
+    let client = client_for(HOST, s.proxy.addr, &[&s.proxy.ca_pem], false)?;
+
+    // Finished exchanges give their bytes back: allowed, blocked, and
+    // refused as too large, many times the budget in all.
+    for i in 0..6 {
+        let _ = post_until(&client, |_| chat_body(&format!("allowed-{i}"), 200 << 10), 200)
+            .await
+            .context("an allowed request")?;
+    }
+    let key =
+        format!("-----BEGIN RSA PRIVATE KEY-----\n{}\n-----END RSA PRIVATE KEY-----", "MIIEowIBAAKCAQEA".repeat(4));
+    for _ in 0..4 {
+        let _ = post_until(&client, |_| chat_body(&key, 200 << 10), 403).await.context("a blocked request")?;
+    }
+    for _ in 0..4 {
+        let _ = post_until(&client, |_| chat_body("too-large", 300 << 10), 413)
+            .await
+            .context("a request over the inspection limit")?;
+    }
+
+    // A client sends all but the last KiB of a body and stalls: it holds
+    // the budget (at most a KiB is left).
+    let mut stalled = tls(&s.proxy, &[b"http/1.1"], lo(2)).await?;
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {HOST}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        256 << 10
+    );
+    stalled.write_all(head.as_bytes()).await?;
+    stalled.write_all(&vec![b' '; 255 << 10]).await?;
+    stalled.flush().await?;
+
+    // Another client is refused with 503, in the interceptor's JSON error
+    // shape, with retry-after; its request never reaches the provider.
+    let (headers, error, attempt) = post_until(&client, |n| chat_body(&format!("refused-{n}"), 2 << 10), 503)
+        .await
+        .context("a request while the budget is held")?;
+    assert_eq!(error["error"]["type"], "interceptor_error", "{error}");
+    assert_eq!(error["error"]["code"], "inspection_budget_exhausted", "{error}");
+    assert_eq!(headers.get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    assert_eq!(headers.get("x-interceptor-error").and_then(|v| v.to_str().ok()), Some("inspection_budget_exhausted"));
+    let marker = format!("refused-{attempt} ");
+    let reached = s.provider.requests().iter().any(|r| String::from_utf8_lossy(&r.body).contains(&marker));
+    assert!(!reached, "the refused request reached the provider");
+
+    // The stalled client goes away mid-body: its bytes come back, and the
+    // next request is served.
+    drop(stalled);
+    let (_, answer, _) = post_until(&client, |_| chat_body("after-abort", 2 << 10), 200)
+        .await
+        .context("a request after the client went away")?;
+    assert!(answer.get("choices").is_some(), "{answer}");
+    // And still the whole budget: a body of the largest size fits.
+    let _ = post_until(&client, |_| chat_body("whole-budget", 250 << 10), 200)
+        .await
+        .context("a request of the whole budget")?;
     Ok(())
 }

@@ -6,6 +6,8 @@
 //! * `framing` — SSE, AWS event-stream and streamed JSON arrays (pure).
 //! * `decode` — content-encoding decompression with hard limits (pure).
 //! * `engine` — the embedded local engine: detectors, policy, redaction (pure).
+//! * `offload` — where a local scan runs: inline when small, on the
+//!   blocking pool when large.
 //! * `akto` — the Akto-compatible remote backend (I/O).
 //! * `websocket` — the WebSocket protocols agents use (Responses WebSocket
 //!   mode, OpenAI Realtime, Gemini Live): where their messages carry text (pure).
@@ -17,6 +19,7 @@ pub mod decode;
 pub mod engine;
 pub mod framing;
 pub mod model;
+pub mod offload;
 pub mod pipeline;
 pub mod providers;
 pub mod websocket;

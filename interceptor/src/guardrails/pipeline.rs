@@ -33,6 +33,7 @@ use super::{
     engine::{Decision as EngineDecision, Engine, Scan, ScanContext, WorkloadRef},
     framing::{FramingKind, eventstream, json_array::JsonArrayStream, sse::SseParser},
     model::{Direction, NormalizedRequest, Provider, Role, TextKind, TextSpan},
+    offload,
     providers::{self, StreamEventRef},
 };
 use crate::{
@@ -79,7 +80,8 @@ struct RequestState {
 
 /// A request's texts and decoded body, for [`Pipeline::check_request`].
 struct RequestBody<'a> {
-    texts: &'a [TextSpan],
+    /// Shared with the scan, which may run on another thread.
+    texts: &'a Arc<Vec<TextSpan>>,
     decoded: &'a [u8],
     /// Add the policy's system instructions to `doc`.
     instructions: bool,
@@ -465,7 +467,14 @@ impl Pipeline {
                         host: &ex.sni,
                         workload: workload_ref(ex),
                     };
-                    let scan = engine.scan(&ctx, body.texts.iter().map(|t| (t.kind, t.text.as_str())));
+                    let scan = match offload::scan(engine, &ctx, body.texts).await {
+                        Ok(scan) => scan,
+                        Err(error) => {
+                            self.backend_error("local", "internal");
+                            outcome.backend_failed("local", &crate::telemetry::chain(&error), g.cfg.fail_mode_request);
+                            continue;
+                        }
+                    };
                     note_unread_findings(outcome, &scan, body.texts, body.read_by_parser, state.provider);
                     if outcome.local(&scan) {
                         for (i, t) in body.texts.iter().enumerate() {
@@ -636,15 +645,17 @@ impl Hook for Pipeline {
             normalized.texts.extend(unread);
         }
         state.model = normalized.model.clone().or_else(|| providers::model_from_path(&path_and_query));
+        // Shared with the scan, which may run on another thread.
+        let texts = Arc::new(normalized.texts);
         let mut raw_text: Option<String> = None;
-        let texts = RequestBody {
-            texts: &normalized.texts,
+        let body = RequestBody {
+            texts: &texts,
             decoded: &decoded,
             instructions: true,
             read_by_parser,
             raw_rewritable: text.from.is_none(),
         };
-        self.check_request(&g, ex, &mut state, texts, &mut doc, &mut raw_text, &mut outcome).await;
+        self.check_request(&g, ex, &mut state, body, &mut doc, &mut raw_text, &mut outcome).await;
 
         if outcome.block.is_none() && outcome.modified && is_sigv4(&head.headers) {
             // The body hash is signed: a rewrite would be rejected upstream.
@@ -666,10 +677,7 @@ impl Hook for Pipeline {
             }
         }
 
-        let prompt = g
-            .cfg
-            .audit_prompts
-            .then(|| normalized.texts.iter().map(|t| t.text.as_str()).collect::<Vec<_>>().join("\n"));
+        let prompt = g.cfg.audit_prompts.then(|| texts.iter().map(|t| t.text.as_str()).collect::<Vec<_>>().join("\n"));
         head.extensions.insert(state.clone());
         self.audit(&g, ex, &state, Direction::Request, &outcome, started, prompt).await;
         if let Some(block) = outcome.block {
@@ -859,7 +867,7 @@ impl Hook for Pipeline {
             }
         };
         let mut doc: Option<Value> = serde_json::from_slice(&decoded).ok();
-        let texts: Vec<TextSpan> = match &doc {
+        let texts: Arc<Vec<TextSpan>> = Arc::new(match &doc {
             Some(d) => providers::parse_response(state.provider, d).texts,
             None => vec![TextSpan {
                 path: Vec::new(),
@@ -867,7 +875,7 @@ impl Hook for Pipeline {
                 kind: TextKind::Other,
                 text: String::from_utf8_lossy(&decoded).into_owned(),
             }],
-        };
+        });
         for backend in &g.cfg.backends {
             if outcome.block.is_some() {
                 break;
@@ -882,7 +890,14 @@ impl Hook for Pipeline {
                         host: &ex.sni,
                         workload: workload_ref(ex),
                     };
-                    let scan = engine.scan(&ctx, texts.iter().map(|t| (t.kind, t.text.as_str())));
+                    let scan = match offload::scan(engine, &ctx, &texts).await {
+                        Ok(scan) => scan,
+                        Err(error) => {
+                            self.backend_error("local", "internal");
+                            outcome.backend_failed("local", &crate::telemetry::chain(&error), g.cfg.fail_mode_response);
+                            continue;
+                        }
+                    };
                     if outcome.local(&scan) {
                         for (i, t) in texts.iter().enumerate() {
                             if let (Some(new), Some(d)) = (scan.redacted(i, &t.text), doc.as_mut())

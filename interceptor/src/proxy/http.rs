@@ -14,6 +14,11 @@
 //! body with an error (HTTP/1.1: the connection closes before the end of the
 //! body; HTTP/2: the stream is reset), logged with the exchange; a client
 //! that leaves cancels the upstream request, also mid-stream.
+//!
+//! Bodies buffered for inspection reserve their bytes from the global
+//! [`BodyBudget`] as they grow; the reservation is held until the response
+//! that depends on them is finished (or dropped), and an exchange that would
+//! take the budget past its size gets `503` with `retry-after`.
 
 use std::{
     convert::Infallible,
@@ -46,6 +51,7 @@ use tokio_rustls::server::TlsStream;
 
 use super::{
     BoxBody, BoxError, ProxyError, ProxySettings,
+    budget::{BodyBudget, BodyKind, BudgetExhausted, Reservation},
     hook::{
         BodyAction, BodyInspector, ChunkAction, Exchange, Hook, MessageInspector, RequestAction, ResponseAction,
         UpgradeAction,
@@ -78,6 +84,8 @@ pub struct Intercepted {
     pub upstream: Upstream,
     pub hook: Option<Arc<dyn Hook>>,
     pub limits: HttpLimits,
+    /// Bytes buffered for inspection, shared by every connection.
+    pub budget: Arc<BodyBudget>,
     /// Requests whose response is not finished yet (the idle clock runs
     /// only while this is zero).
     pub active: watch::Sender<usize>,
@@ -281,6 +289,9 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
                 "an AI request on a connection made for another name: answered 421"
             );
             let message = format!("{host} needs a connection of its own; this one was made for {}", conn.exchange.sni);
+            // Read (and drop) what the client is still sending, so that it
+            // sees the answer rather than a reset mid-upload.
+            discard(body, conn.limits.max_inspected_body, conn.limits.idle_timeout).await;
             return error_response(StatusCode::MISDIRECTED_REQUEST, "misdirected_request", &message);
         }
         let (Ok(resp) | Err(resp)) = send(Request::from_parts(parts, body), &conn, upgrade, client_upgrade).await;
@@ -289,7 +300,10 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
 
     if let Some(hook) = &conn.hook {
         let max = conn.limits.max_inspected_body;
-        let bytes = match collect_limited(body, max, Some(conn.limits.idle_timeout)).await {
+        // Held until the response is done: the pipeline keeps the request
+        // body (for the response phase) as long as that.
+        let mut reservation = conn.budget.reservation(BodyKind::Request);
+        let bytes = match collect_limited(body, max, Some(conn.limits.idle_timeout), &mut reservation).await {
             Ok(Collected::Whole(bytes)) => bytes,
             Ok(Collected::Over { prefix, rest }) => {
                 let reason = format!("request body exceeds the inspection limit of {max} bytes");
@@ -298,10 +312,13 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
                     return error_response(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", &reason);
                 }
                 hook.on_not_inspected(&conn.exchange, &parts, None, &reason).await;
-                let body = prepend(prefix, rest);
+                let body = holding(prepend(prefix, rest), reservation);
                 let (Ok(resp) | Err(resp)) =
                     send(Request::from_parts(parts, body), &conn, upgrade, client_upgrade).await;
                 return resp;
+            }
+            Err(error) if error.is::<BudgetExhausted>() => {
+                return budget_exhausted(&conn, BodyKind::Request, &error);
             }
             Err(error) if error.is::<ClientBodyIdle>() => {
                 tracing::warn!(sni = %conn.exchange.sni, client = %conn.exchange.client, %error, "request refused");
@@ -322,21 +339,35 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
         body = Full::new(bytes).map_err(boxed).boxed_unsync();
         let request_head = parts.clone();
         let response = send(Request::from_parts(parts, body), &conn, upgrade, client_upgrade).await;
-        return match response {
+        let response = match response {
             Ok(resp) => inspect_response(hook.as_ref(), &conn, &request_head, resp).await,
             Err(resp) => resp,
         };
+        return response.map(|b| holding(b, reservation));
     }
     match send(Request::from_parts(parts, body), &conn, upgrade, client_upgrade).await {
         Ok(resp) | Err(resp) => resp,
     }
 }
 
+/// Reads a request body that will not be forwarded, at most `max` bytes,
+/// each frame within `idle`; gives up quietly past either.
+async fn discard(mut body: BoxBody, max: usize, idle: Duration) {
+    let mut read = 0;
+    while read <= max {
+        match tokio::time::timeout(idle, body.frame()).await {
+            Ok(Some(Ok(frame))) => read += frame.data_ref().map_or(0, Bytes::len),
+            _ => return,
+        }
+    }
+}
+
 /// A body read up to a limit.
 enum Collected {
     Whole(Bytes),
-    /// Over the limit: what was read (at most the limit plus one frame) and
-    /// the unread rest, to forward untouched or drop.
+    /// Over the limit: what was buffered (at most the limit) and the rest
+    /// (starting with the frame that went over), to forward untouched or
+    /// drop.
     Over {
         prefix: Bytes,
         rest: BoxBody,
@@ -351,10 +382,17 @@ pub struct ClientBodyIdle {
 }
 
 /// Reads a whole body, at most `max` bytes; never buffers more. With
-/// `idle`, fails when no frame arrives for that long.
+/// `idle`, fails when no frame arrives for that long. Every allocation is
+/// reserved first from the budget (its capacity, not just its length);
+/// fails with [`BudgetExhausted`] when the budget cannot give it.
 /// (Request trailers are not kept once a body is buffered.)
-async fn collect_limited(mut body: BoxBody, max: usize, idle: Option<Duration>) -> Result<Collected, BoxError> {
-    let mut buf = bytes::BytesMut::new();
+async fn collect_limited(
+    mut body: BoxBody,
+    max: usize,
+    idle: Option<Duration>,
+    reservation: &mut Reservation,
+) -> Result<Collected, BoxError> {
+    let mut buf: Vec<u8> = Vec::new();
     loop {
         let frame = match idle {
             Some(timeout) => {
@@ -364,14 +402,52 @@ async fn collect_limited(mut body: BoxBody, max: usize, idle: Option<Duration>) 
         };
         let Some(frame) = frame else { break };
         if let Ok(data) = frame?.into_data() {
-            buf.extend_from_slice(&data);
-            if buf.len() > max {
-                return Ok(Collected::Over { prefix: buf.freeze(), rest: body });
+            let needed = buf.len() + data.len();
+            if needed > max {
+                // This frame is not buffered: it goes first in the rest.
+                return Ok(Collected::Over { prefix: Bytes::from(buf), rest: prepend(data, body) });
             }
+            if needed > buf.capacity() {
+                // Doubling (up to the limit, and up to the declared length
+                // when there is one) keeps the number of copies logarithmic
+                // and never reserves more than twice what arrived; the
+                // budget sees the whole allocation.
+                let rest = usize::try_from(body.size_hint().upper().unwrap_or(u64::MAX)).unwrap_or(usize::MAX);
+                let capacity = needed.max(buf.capacity().saturating_mul(2).min(max).min(needed.saturating_add(rest)));
+                reservation.grow_to(capacity).map_err(boxed)?;
+                buf.reserve_exact(capacity - buf.len());
+            }
+            buf.extend_from_slice(&data);
         }
     }
-    Ok(Collected::Whole(buf.freeze()))
+    Ok(Collected::Whole(Bytes::from(buf)))
 }
+
+/// `body`, keeping `guard` alive until the body is dropped (after its last
+/// frame, or when the client goes away).
+fn holding<G: Send + 'static>(body: BoxBody, guard: G) -> BoxBody {
+    body.map_frame(move |frame| {
+        let _held = &guard;
+        frame
+    })
+    .boxed_unsync()
+}
+
+/// The answer when a body would take the inspection budget past its size:
+/// `503` in the usual error shape, with `retry-after`, counted and logged.
+fn budget_exhausted(conn: &Intercepted, kind: BodyKind, error: &BoxError) -> Response<BoxBody> {
+    let message = error.to_string();
+    if let Some(exhausted) = error.downcast_ref::<BudgetExhausted>() {
+        conn.budget.note_refusal(kind, exhausted, &conn.exchange.sni, &conn.exchange.client.to_string());
+    }
+    let mut resp = error_response(StatusCode::SERVICE_UNAVAILABLE, "inspection_budget_exhausted", &message);
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+    resp
+}
+
+/// What a client refused for want of inspection budget is told to wait:
+/// bodies give their bytes back as soon as their exchange ends.
+const RETRY_AFTER_SECONDS: &str = "1";
 
 /// `prefix`, then the rest of `body`.
 fn prepend(prefix: Bytes, rest: BoxBody) -> BoxBody {
@@ -506,8 +582,9 @@ async fn inspect_response(
     match hook.on_response(exchange, request, &head).await {
         ResponseAction::Collect => {
             let max = conn.limits.max_inspected_body;
+            let mut reservation = conn.budget.reservation(BodyKind::Response);
             // The provider's body has its own idle timeout.
-            let bytes = match collect_limited(body, max, None).await {
+            let bytes = match collect_limited(body, max, None, &mut reservation).await {
                 Ok(Collected::Whole(bytes)) => bytes,
                 Ok(Collected::Over { prefix, rest }) => {
                     let reason = format!("response body exceeds the inspection limit of {max} bytes");
@@ -516,14 +593,19 @@ async fn inspect_response(
                         return error_response(StatusCode::BAD_GATEWAY, "response_too_large", &reason);
                     }
                     hook.on_not_inspected(exchange, request, Some(&head), &reason).await;
-                    return Response::from_parts(head, prepend(prefix, rest));
+                    return Response::from_parts(head, holding(prepend(prefix, rest), reservation));
+                }
+                Err(error) if error.is::<BudgetExhausted>() => {
+                    return budget_exhausted(conn, BodyKind::Response, &error);
                 }
                 Err(error) => {
                     return error_response(StatusCode::BAD_GATEWAY, "upstream_body_error", &error.to_string());
                 }
             };
             match hook.on_response_body(exchange, request, &head, &bytes).await {
-                BodyAction::Forward => Response::from_parts(head, Full::new(bytes).map_err(boxed).boxed_unsync()),
+                BodyAction::Forward => {
+                    Response::from_parts(head, holding(Full::new(bytes).map_err(boxed).boxed_unsync(), reservation))
+                }
                 BodyAction::ReplaceBody(new) => {
                     set_content_length(&mut head.headers, new.len());
                     Response::from_parts(head, Full::new(new).map_err(boxed).boxed_unsync())

@@ -19,6 +19,7 @@
 //! [`OrigDstResolver`], and it reads the domain policy from an immutable
 //! snapshot the control plane publishes.
 
+pub mod budget;
 pub mod hook;
 pub mod http;
 pub mod sni;
@@ -143,6 +144,9 @@ pub struct ProxySettings {
     pub passthrough_on_reject: bool,
     /// A body over `max_inspected_body`: refuse it or pass it uninspected.
     pub oversize: OversizeAction,
+    /// Bytes of bodies buffered for inspection by all connections together
+    /// (`guardrails.max_buffered_total`, resolved); over it, `503`.
+    pub max_buffered_total: usize,
     /// Largest request head (HTTP/1.1 buffer, HTTP/2 header list).
     pub max_header_bytes: usize,
     /// How long a client may take to send a request head.
@@ -167,6 +171,7 @@ impl Default for ProxySettings {
             max_inspected_body: 16 << 20,
             passthrough_on_reject: false,
             oversize: OversizeAction::Block,
+            max_buffered_total: budget::AUTO_FLOOR as usize,
             max_header_bytes: 64 << 10,
             header_read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(120),
@@ -196,6 +201,8 @@ struct Shared {
     /// Each connection holds a clone; draining waits for all to drop.
     in_flight: mpsc::Sender<()>,
     limits: Arc<ConnectionLimits>,
+    /// Bytes of bodies buffered for inspection, all connections together.
+    budget: Arc<budget::BodyBudget>,
 }
 
 /// Whom a per-workload connection cap counts against: the cgroup when the
@@ -329,7 +336,12 @@ impl Proxy {
     pub fn serve(listeners: Listeners, plane: DataPlane, shutdown: watch::Receiver<bool>) -> Self {
         let (tx, rx) = mpsc::channel(1);
         let limits = Arc::new(ConnectionLimits::new(&plane.settings));
+        let budget = budget::BodyBudget::new(
+            plane.settings.max_buffered_total,
+            plane.metrics.inspection_budget_refusals.clone(),
+        );
         let shared = Arc::new(Shared {
+            budget,
             plane,
             addrs: listeners.addrs,
             rejected: Mutex::new(HashSet::new()),
@@ -715,6 +727,7 @@ async fn intercept_connection(
         upstream,
         hook: shared.plane.hook.clone(),
         limits: http::HttpLimits::from(&shared.plane.settings),
+        budget: Arc::clone(&shared.budget),
         active: tokio::sync::watch::Sender::new(0),
         requests: Default::default(),
         coalesced_guard: (record.mode == "guard").then(|| Arc::clone(&shared.plane.snapshot.borrow().policy)),

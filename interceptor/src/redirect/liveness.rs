@@ -4,7 +4,11 @@
 //! share one redirect.
 //!
 //! - **Heartbeat.** Every live instance writes `CLOCK_MONOTONIC` (the clock
-//!   of `bpf_ktime_get_ns`) into the `HEARTBEAT` map twice per timeout.
+//!   of `bpf_ktime_get_ns`) into the `HEARTBEAT` map several times per timeout,
+//!   from its own OS thread ([`BeatThread`]), not from the async runtime: a
+//!   runtime kept busy (large bodies being inspected, a flood of requests)
+//!   must not turn the redirect off for every workload. A stopped process
+//!   stops that thread too, so `SIGSTOP` still makes the redirect fail.
 //!   When it is older than the timeout, the connect programs apply the fail
 //!   mode: `open` lets the connection go direct, `closed` refuses it. DNS
 //!   always goes direct then, so a dead forwarder cannot break resolution.
@@ -22,6 +26,11 @@
 use std::{
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        mpsc::{self, RecvTimeoutError},
+    },
+    thread::JoinHandle,
     time::Duration,
 };
 
@@ -249,6 +258,44 @@ impl Heartbeat {
     }
 }
 
+/// Beats a [`super::Liveness`] every [`super::Liveness::interval`] from a
+/// thread of its own, from [`BeatThread::start`] until it is dropped; the
+/// drop stops the thread and waits for it.
+pub struct BeatThread {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl BeatThread {
+    /// Beats once at once, then every interval.
+    pub fn start(liveness: Arc<dyn super::Liveness>) -> std::io::Result<Self> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let interval = liveness.interval();
+        let thread = std::thread::Builder::new().name("heartbeat".into()).spawn(move || {
+            loop {
+                liveness.beat();
+                match stopped.recv_timeout(interval) {
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        })?;
+        Ok(Self { stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for BeatThread {
+    fn drop(&mut self) {
+        // Disconnecting wakes the thread at once.
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the heartbeat thread panicked");
+        }
+    }
+}
+
 /// Removes the pinned links of instances that are no longer alive (a
 /// fail-closed crash left them). Returns how many directories were removed.
 pub fn remove_dead_links(dir: &Path, live: &[u64]) -> usize {
@@ -277,6 +324,64 @@ mod tests {
         assert_eq!(f(100).interval(), Duration::from_millis(50));
         assert_eq!(f(60_000).interval(), Duration::from_secs(1));
         assert_eq!(f(2000).timeout_ms(), 2000);
+    }
+
+    /// Records when it was beaten.
+    struct Recorder {
+        interval: Duration,
+        beats: std::sync::Mutex<Vec<std::time::Instant>>,
+    }
+
+    impl crate::redirect::Liveness for Recorder {
+        fn interval(&self) -> Duration {
+            self.interval
+        }
+        fn beat(&self) {
+            self.beats.lock().unwrap().push(std::time::Instant::now());
+        }
+    }
+
+    #[test]
+    fn heartbeat_keeps_beating_while_every_runtime_worker_is_blocked() {
+        let timeout = Duration::from_millis(400);
+        let fail_safe = FailSafe { closed: false, timeout };
+        let recorder = Arc::new(Recorder { interval: fail_safe.interval(), beats: Default::default() });
+        let workers = 2;
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().unwrap();
+        let stall = timeout * 4;
+        let (started, ended) = runtime.block_on(async {
+            // Started the way the app starts it, from inside the runtime.
+            let beat = BeatThread::start(recorder.clone()).unwrap();
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let barrier = Arc::new(std::sync::Barrier::new(workers));
+            // Every worker blocked (the barrier proves both tasks run at
+            // once, one per worker) for four heartbeat timeouts.
+            let tasks: Vec<_> = (0..workers)
+                .map(|_| {
+                    let (barrier, ready) = (barrier.clone(), ready_tx.clone());
+                    tokio::spawn(async move {
+                        barrier.wait();
+                        let _ = ready.send(std::time::Instant::now());
+                        std::thread::sleep(stall);
+                    })
+                })
+                .collect();
+            let started = ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let ended = std::time::Instant::now();
+            drop(beat);
+            (started, ended)
+        });
+        let beats = recorder.beats.lock().unwrap().clone();
+        let during = beats.iter().filter(|b| **b > started && **b < ended).count();
+        assert!(during >= 4, "only {during} beats while the runtime was blocked for {stall:?}");
+        let longest = beats.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+        assert!(longest < timeout, "a gap of {longest:?} between beats: the redirect would have failed open");
+        let stopped = beats.len();
+        std::thread::sleep(fail_safe.interval() * 3);
+        assert_eq!(recorder.beats.lock().unwrap().len(), stopped, "the thread stops on drop");
     }
 
     #[test]

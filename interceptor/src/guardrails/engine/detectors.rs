@@ -12,8 +12,17 @@ use super::validate;
 
 /// Accepts or rejects a candidate (the whole text and the candidate's range).
 pub(super) type Validator = fn(&str, Range<usize>) -> bool;
-/// Moves a candidate's end (the whole text and the current end).
-pub(super) type Extender = fn(&str, usize) -> usize;
+/// Moves a candidate's end (the whole text, the current end, and what the
+/// earlier candidates of the same text already searched: candidates come
+/// left to right, and an extender must not search the same bytes again for
+/// each of them).
+pub(super) type Extender = fn(&str, usize, &mut validate::KeyBlocks) -> usize;
+
+/// Finds the leftmost match at or after a position, exactly as the
+/// pattern's regex would (the whole text and the position): a literal
+/// search where the regex engine's per-match cost (a forward and a reverse
+/// pass) would dominate on a body made of matches.
+pub(super) type Finder = fn(&str, usize) -> Option<Range<usize>>;
 
 /// One regex of a detector. When the regex has a capture group, the first
 /// group is the finding (the label around it is context, and is kept when
@@ -22,6 +31,9 @@ pub(super) struct Pattern {
     pub regex: &'static str,
     pub validate: Option<Validator>,
     pub extend: Option<Extender>,
+    /// Used instead of the regex to find matches (the regex still joins the
+    /// combined set); only for patterns without a capture group.
+    pub find: Option<Finder>,
 }
 
 pub(super) enum Kind {
@@ -40,11 +52,11 @@ pub(super) struct Builtin {
 }
 
 const fn re(regex: &'static str) -> Pattern {
-    Pattern { regex, validate: None, extend: None }
+    Pattern { regex, validate: None, extend: None, find: None }
 }
 
 const fn checked(regex: &'static str, validate: Validator) -> Pattern {
-    Pattern { regex, validate: Some(validate), extend: None }
+    Pattern { regex, validate: Some(validate), extend: None, find: None }
 }
 
 /// Prompt-injection phrases, lowercase, single-spaced.
@@ -92,6 +104,7 @@ pub(super) const BUILTINS: &[Builtin] = &[
             regex: r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----",
             validate: None,
             extend: Some(validate::private_key_end),
+            find: Some(validate::next_key_header),
         }]),
         rank: None,
     },

@@ -69,6 +69,12 @@
 //! pass. Only the detectors it names run their own regex, then the
 //! validators; phrases and keywords are then found by one Aho-Corasick
 //! automaton. Everything is compiled once, in [`Engine::new`].
+//!
+//! Hostile bodies cost about what plain ones do: every search is linear in
+//! the text, validators look only at their candidate and its neighbours,
+//! a private key block's end is searched once per text however many
+//! headers it repeats (and adjacent blocks are one finding), and block and
+//! alert rules keep at most a thousand findings per text and detector.
 
 mod detectors;
 mod policy;
@@ -211,7 +217,8 @@ pub enum Decision {
 /// The result of scanning a set of texts.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Scan {
-    /// By text, then by start.
+    /// By text, then by start. Block and alert rules keep at most the first
+    /// thousand per text and detector; redact rules keep all.
     pub findings: Vec<Finding>,
     pub decision: Decision,
 }
@@ -256,6 +263,7 @@ struct CompiledPattern {
     group: Option<usize>,
     validate: Option<detectors::Validator>,
     extend: Option<detectors::Extender>,
+    find: Option<detectors::Finder>,
 }
 
 struct KeywordInfo {
@@ -453,6 +461,8 @@ impl Engine {
         let mut findings = Vec::new();
         let mut active = vec![false; self.detectors.len()];
         let mut candidates = Vec::new();
+        // Findings so far in this text, by rule and detector.
+        let mut kept: Vec<(usize, usize, usize)> = Vec::new();
         for (text_index, (kind, text)) in texts.into_iter().enumerate() {
             if text.is_empty() {
                 continue;
@@ -472,9 +482,13 @@ impl Engine {
             candidates.clear();
             self.find_candidates(text, &active, &mut candidates);
             self.resolve(&mut candidates);
+            kept.clear();
             for c in &candidates {
-                for r in rules.iter().filter(|r| r.scope.kinds & bit != 0) {
+                for (ri, r) in rules.iter().enumerate().filter(|(_, r)| r.scope.kinds & bit != 0) {
                     if let Some((_, placeholder)) = r.detectors.iter().find(|(d, _)| *d == c.detector) {
+                        if r.action != Action::Redact && !keep(&mut kept, ri, c.detector) {
+                            continue;
+                        }
                         findings.push(Finding {
                             text_index,
                             start: c.start,
@@ -580,17 +594,43 @@ impl Engine {
 
 impl CompiledPattern {
     fn find(&self, text: &str, out: &mut Vec<Candidate>) {
+        let mut blocks = validate::KeyBlocks::default();
+        // Returns the candidate's end when it is one.
         let mut push = |r: Range<usize>| {
             if self.validate.is_none_or(|v| v(text, r.clone())) {
-                let end = self.extend.map_or(r.end, |e| e(text, r.end));
+                let end = self.extend.map_or(r.end, |e| e(text, r.end, &mut blocks));
                 out.push(Candidate { detector: self.detector, start: r.start, end });
+                return Some(end);
             }
+            None
         };
         match self.group {
             Some(g) => {
                 for caps in self.regex.captures_iter(text) {
                     if let Some(m) = caps.get(g) {
                         push(m.range());
+                    }
+                }
+            }
+            None if self.extend.is_some() || self.find.is_some() => {
+                // Search on from the end of each extended candidate: a match
+                // starting inside it would be dropped by `resolve` anyway,
+                // and a body of nothing but key headers is then one search,
+                // not one per header.
+                let mut at = 0;
+                let next = |at| match self.find {
+                    Some(find) => find(text, at),
+                    None => self.regex.find_at(text, at).map(|m| m.range()),
+                };
+                while let Some(r) = next(at) {
+                    let extended = push(r.clone()).unwrap_or(r.end);
+                    match extended.max(r.end) {
+                        next if next > r.start => at = next,
+                        // An empty match: on to the next character.
+                        _ => match text[r.end..].chars().next() {
+                            Some(c) => at = r.end + c.len_utf8(),
+                            None => break,
+                        },
                     }
                 }
             }
@@ -624,6 +664,7 @@ fn compile_detector(
                         group,
                         validate: p.validate,
                         extend: p.extend,
+                        find: p.find,
                     });
                 }
             }
@@ -641,7 +682,14 @@ fn compile_detector(
             CustomKind::Regex(pattern) => {
                 let regex = policy::custom_regex(pattern).map_err(regex_error)?;
                 let group = regex.capture_names().position(|n| n == Some("value"));
-                patterns.push(CompiledPattern { detector: index, regex, group, validate: None, extend: None });
+                patterns.push(CompiledPattern {
+                    detector: index,
+                    regex,
+                    group,
+                    validate: None,
+                    extend: None,
+                    find: None,
+                });
             }
             CustomKind::Keywords { words, case_sensitive, whole_words } => {
                 for w in words {
@@ -660,6 +708,28 @@ fn keyword(detector: usize, keyword: &str, case_sensitive: bool, whole_words: bo
         case_sensitive,
         bound_start: whole_words && keyword.chars().next().is_some_and(is_word_char),
         bound_end: whole_words && keyword.chars().next_back().is_some_and(is_word_char),
+    }
+}
+
+/// Findings a block or alert rule keeps per text and detector. One is
+/// enough to decide (severity is per rule); a body made of thousands of
+/// matches must not cost thousands of findings. Redact rules keep every
+/// finding: each match must be rewritten.
+const MAX_FINDINGS_PER_RULE: usize = 1000;
+
+/// Counts a finding of `rule` and `detector` in `kept`; whether it is under
+/// [`MAX_FINDINGS_PER_RULE`].
+fn keep(kept: &mut Vec<(usize, usize, usize)>, rule: usize, detector: usize) -> bool {
+    match kept.iter_mut().find(|(r, d, _)| *r == rule && *d == detector) {
+        Some((_, _, n)) if *n >= MAX_FINDINGS_PER_RULE => false,
+        Some((_, _, n)) => {
+            *n += 1;
+            true
+        }
+        None => {
+            kept.push((rule, detector, 1));
+            true
+        }
     }
 }
 

@@ -827,6 +827,49 @@ fn corpus(size: usize, seed: u64) -> String {
     s
 }
 
+/// Time of the best of three scans of `text` with `engine`.
+fn best_of_three(engine: &Engine, text: &str) -> std::time::Duration {
+    (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(engine.scan(&req(), content(text)));
+            t.elapsed()
+        })
+        .min()
+        .unwrap()
+}
+
+/// A body of nothing but private-key headers once cost each header a search
+/// of the 64 KiB after it: about two thousand times plain text, and more in
+/// a debug build. Now it is one block and about the cost of plain text. The
+/// bound is generous: timings on a shared machine vary.
+#[test]
+fn repeated_key_headers_cost_about_what_plain_text_costs() {
+    let engine = Engine::builtin().unwrap();
+    let plain = corpus(1 << 20, 7);
+    let hostile = "-----BEGIN RSA PRIVATE KEY-----\n".repeat(plain.len() / 32);
+    let scan = engine.scan(&req(), content(&hostile));
+    assert!(matches!(scan.decision, Decision::Block(_)));
+    assert_eq!(scan.findings.len(), 1, "adjacent headers are one finding");
+    assert_eq!(scan.findings[0].range(), 0..hostile.len());
+    let (p, h) = (best_of_three(&engine, &plain), best_of_three(&engine, &hostile));
+    assert!(h < p * 8, "repeated key headers took {h:?}, plain text {p:?}");
+}
+
+#[test]
+fn block_and_alert_rules_keep_a_bounded_number_of_findings_redact_rules_all() {
+    let engine = Engine::builtin().unwrap();
+    let keys = "-----BEGIN PRIVATE KEY----- x ".repeat(3000);
+    let scan = engine.scan(&req(), content(&keys));
+    assert!(matches!(scan.decision, Decision::Block(_)));
+    assert_eq!(scan.findings.iter().filter(|f| &*f.detector == "private_key").count(), MAX_FINDINGS_PER_RULE);
+    let cards = "card 4111 1111 1111 1111, ".repeat(3000);
+    let scan = engine.scan(&req(), content(&cards));
+    assert_eq!(scan.decision, Decision::Redact);
+    assert_eq!(scan.findings.len(), 3000, "every card is redacted");
+    assert!(!scan.redacted(0, &cards).unwrap().contains("4111"));
+}
+
 /// Throughput on ~10 MB of ordinary prompts (no matches), as 16 KB texts.
 /// `cargo test --release -p interceptor engine_throughput -- --ignored --nocapture`
 #[test]

@@ -282,29 +282,153 @@ pub(super) fn jwt(text: &str, r: Range<usize>) -> bool {
 /// How far the body of a private key block may run past its header.
 const MAX_KEY_BLOCK: usize = 64 * 1024;
 
-/// Extends a `-----BEGIN ... PRIVATE KEY-----` header over the key: to the end
-/// of the matching `-----END ...-----` line when there is one, otherwise over
-/// the base64 body that follows (a truncated key, or one split across
-/// stream chunks). Literal `\n` escapes count as line breaks.
-pub(super) fn private_key_end(text: &str, end: usize) -> usize {
-    let b = text.as_bytes();
-    let limit = (end + MAX_KEY_BLOCK).min(b.len());
-    let window = &b[end..limit];
-    if let Some(i) = find(window, b"-----END") {
-        let rest = end + i + 8;
-        if let Some(j) = find(&b[rest..limit], b"-----") {
-            return rest + j + 5;
-        }
+const END_MARKER: &[u8] = b"-----END";
+const DASHES: &[u8] = b"-----";
+
+/// What the searches for the ends of key blocks found so far in one text,
+/// so that the headers of a text (visited left to right) share them: each
+/// byte is searched about once, however many headers the text repeats.
+/// Without it, every header searched the 64 KiB after it again, and a body
+/// of nothing but headers cost about two thousand times a plain one.
+#[derive(Debug, Default)]
+pub(super) struct KeyBlocks {
+    /// Where the last `-----END` search started, and the first marker from
+    /// there (`None`: none up to the end of the text).
+    marker: Option<(usize, Option<usize>)>,
+    /// A marker, and the first `-----` after it (`None`: none at all).
+    close: Option<(usize, Option<usize>)>,
+    /// The last chain of adjacent blocks: from its first header's end to
+    /// its end. A header ending inside it belongs to it.
+    chain: Option<(usize, usize)>,
+    /// Bytes looked at, for the tests that prove the work is linear.
+    examined: usize,
+}
+
+impl KeyBlocks {
+    /// Bytes looked at so far.
+    #[cfg(test)]
+    pub(super) fn examined(&self) -> usize {
+        self.examined
     }
-    let body = window
+
+    /// The first `-----END` at or after `from`; `from` never decreases
+    /// between calls on one text.
+    fn next_marker(&mut self, b: &[u8], from: usize) -> Option<usize> {
+        if let Some((searched_from, found)) = self.marker
+            && searched_from <= from
+            && found.is_none_or(|at| at >= from)
+        {
+            return found;
+        }
+        let found = memchr::memmem::find(&b[from..], END_MARKER).map(|i| from + i);
+        self.examined += found.map_or(b.len(), |at| at + END_MARKER.len()) - from;
+        self.marker = Some((from, found));
+        found
+    }
+
+    /// The first `-----` after the marker at `marker`: the end of its line.
+    fn closing(&mut self, b: &[u8], marker: usize) -> Option<usize> {
+        if let Some((m, found)) = self.close
+            && m == marker
+        {
+            return found;
+        }
+        let rest = marker + END_MARKER.len();
+        let found = memchr::memmem::find(&b[rest..], DASHES).map(|i| rest + i);
+        self.examined += found.map_or(b.len(), |at| at + DASHES.len()) - rest;
+        self.close = Some((marker, found));
+        found
+    }
+}
+
+/// Extends a `-----BEGIN ... PRIVATE KEY-----` header over the key: to the end
+/// of the matching `-----END ...-----` line when there is one within
+/// [`MAX_KEY_BLOCK`], otherwise over the base64 body that follows (a
+/// truncated key, or one split across stream chunks). Literal `\n` escapes
+/// count as line breaks. A header that follows right away (whitespace
+/// between) continues the block: adjacent keys are one finding, and a body
+/// of nothing but headers is one block, not one finding per header.
+///
+/// Linear over all the headers of a text: the marker searches and the last
+/// chain are shared through `blocks`, and a body run stops at the next
+/// header's first `-`, so body runs never overlap.
+pub(super) fn private_key_end(text: &str, end: usize, blocks: &mut KeyBlocks) -> usize {
+    if let Some((start, chain_end)) = blocks.chain
+        && (start..chain_end).contains(&end)
+    {
+        return chain_end;
+    }
+    let b = text.as_bytes();
+    let mut block_end = one_key_block_end(b, end, blocks);
+    loop {
+        let next = skip_separators(b, block_end);
+        blocks.examined += next - block_end;
+        let Some(header_end) = key_header_end(b, next) else { break };
+        blocks.examined += header_end - next;
+        block_end = one_key_block_end(b, header_end, blocks);
+    }
+    blocks.chain = Some((end, block_end));
+    block_end
+}
+
+/// The end of one key block whose header ends at `end`.
+fn one_key_block_end(b: &[u8], end: usize, blocks: &mut KeyBlocks) -> usize {
+    let limit = (end + MAX_KEY_BLOCK).min(b.len());
+    if let Some(marker) = blocks.next_marker(b, end)
+        && marker + END_MARKER.len() <= limit
+        && let Some(close) = blocks.closing(b, marker)
+        && close + DASHES.len() <= limit
+    {
+        return close + DASHES.len();
+    }
+    let body = b[end..limit]
         .iter()
         .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'=' | b'\r' | b'\n' | b'\\'))
         .count();
+    blocks.examined += body + 1;
     end + body
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+/// Past ASCII whitespace and literal `\n` / `\r` escapes from `at`.
+fn skip_separators(b: &[u8], mut at: usize) -> usize {
+    loop {
+        match b.get(at..at + 2) {
+            Some([b'\\', b'n' | b'r']) => at += 2,
+            _ if b.get(at).is_some_and(u8::is_ascii_whitespace) => at += 1,
+            _ => return at,
+        }
+    }
+}
+
+/// The leftmost private key header at or after `at`: what the detector's
+/// regex finds there, by a literal search for `-----BEGIN`.
+pub(super) fn next_key_header(text: &str, mut at: usize) -> Option<Range<usize>> {
+    let b = text.as_bytes();
+    loop {
+        let start = at + memchr::memmem::find(b.get(at..)?, b"-----BEGIN")?;
+        if let Some(end) = key_header_end(b, start) {
+            return Some(start..end);
+        }
+        at = start + 1;
+    }
+}
+
+/// The end of the private key header starting at `at`, if one does: what
+/// the detector's regex `-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----`
+/// matches there. Between `-----BEGIN` and the closing dashes every byte is
+/// of the class, so the label is the whole run of class bytes.
+fn key_header_end(b: &[u8], at: usize) -> Option<usize> {
+    const BEGIN: &[u8] = b"-----BEGIN";
+    const MAX_LABEL: usize = 40 + " PRIVATE KEY BLOCK".len();
+    let rest = b.get(at..)?.strip_prefix(BEGIN)?;
+    let label = rest.iter().take(MAX_LABEL + 1).take_while(|c| matches!(c, b'A'..=b'Z' | b'0'..=b'9' | b' ')).count();
+    if !rest[label..].starts_with(DASHES) {
+        return None;
+    }
+    let label = &rest[..label];
+    let prefix_ok = |suffix: &[u8]| label.strip_suffix(suffix).is_some_and(|p| p.len() <= 40);
+    (prefix_ok(b"PRIVATE KEY") || prefix_ok(b"PRIVATE KEY BLOCK"))
+        .then(|| at + BEGIN.len() + label.len() + DASHES.len())
 }
 
 #[cfg(test)]
@@ -382,10 +506,108 @@ mod tests {
     #[test]
     fn key_block_end() {
         let t = "-----BEGIN RSA PRIVATE KEY-----\nMIIE\nabc=\n-----END RSA PRIVATE KEY-----\nafter";
-        let end = private_key_end(t, 31);
+        let end = private_key_end(t, 31, &mut KeyBlocks::default());
         assert_eq!(&t[end..], "\nafter");
         let t = "-----BEGIN PRIVATE KEY-----\\nMIIEvQIB\\nAAAB then words";
-        let end = private_key_end(t, 27);
+        let end = private_key_end(t, 27, &mut KeyBlocks::default());
         assert_eq!(&t[end..], " then words");
+    }
+
+    /// Runs the extender over every header of `text`, as the engine does,
+    /// and returns the blocks found and the bytes examined.
+    fn key_blocks(text: &str) -> (Vec<std::ops::Range<usize>>, usize) {
+        let header = regex::Regex::new(r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----").unwrap();
+        let mut blocks = KeyBlocks::default();
+        let found = header.find_iter(text).map(|m| m.start()..private_key_end(text, m.end(), &mut blocks)).collect();
+        (found, blocks.examined())
+    }
+
+    #[test]
+    fn key_block_search_is_linear_in_the_text_whatever_the_number_of_headers() {
+        let header = "-----BEGIN RSA PRIVATE KEY-----";
+        let n = 8192;
+        let cases = [
+            ("headers only", format!("{header}\n").repeat(n)),
+            ("headers glued", header.repeat(n)),
+            ("headers, an end marker far away", format!("{}-----END RSA PRIVATE KEY", format!("{header} ").repeat(n))),
+            ("headers, each with an unclosed end marker", format!("{header}\n-----END x\n").repeat(n)),
+            ("headers with bodies", format!("{header}\nMIIEowIBAAKCAQEA\\n").repeat(n)),
+        ];
+        for (name, text) in cases {
+            let (found, examined) = key_blocks(&text);
+            assert_eq!(found.len(), n, "{name}");
+            if name.starts_with("headers only") || name.starts_with("headers glued") {
+                assert_eq!(found[0], 0..text.len(), "{name}: adjacent headers are one block");
+            }
+            // Before: every header examined up to 64 KiB after it (here
+            // about 8192 * 64 KiB = 512 MiB for a text of under 1 MiB).
+            assert!(examined <= 3 * text.len(), "{name}: {examined} bytes examined for a text of {}", text.len());
+        }
+    }
+
+    #[test]
+    fn key_headers_are_recognized_as_the_regex_does() {
+        let header = regex::Regex::new(r"^-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----").unwrap();
+        let long = "A".repeat(40);
+        let too_long = "A".repeat(41);
+        for h in [
+            "-----BEGIN PRIVATE KEY-----",
+            "-----BEGIN RSA PRIVATE KEY-----x",
+            "-----BEGIN PGP PRIVATE KEY BLOCK-----",
+            "-----BEGIN OPENSSH PRIVATE KEY----------",
+            &format!("-----BEGIN{long}PRIVATE KEY-----"),
+            &format!("-----BEGIN{long}PRIVATE KEY BLOCK-----"),
+            &format!("-----BEGIN{too_long}PRIVATE KEY-----"),
+            "-----BEGIN PUBLIC KEY-----",
+            "-----BEGIN rsa PRIVATE KEY-----",
+            "-----BEGIN PRIVATE KEY----",
+            "-----BEGIN PRIVATE KEYS-----",
+            "-----BEGIN PRIVATE KEY BLOCK BLOCK-----",
+            "-----BEGIN",
+            "",
+        ] {
+            let expected = header.find(h).map(|m| m.end());
+            assert_eq!(key_header_end(h.as_bytes(), 0), expected, "{h:?}");
+        }
+    }
+
+    #[test]
+    fn the_header_finder_finds_what_the_regex_finds() {
+        let header = regex::Regex::new(r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----").unwrap();
+        let text = "x -----BEGIN -----BEGIN RSA PRIVATE KEY----------BEGIN PRIVATE KEY BLOCK----- \
+                    -----BEGINPRIVATE KEY----- -----BEGIN PUBLIC KEY----- é-----BEGIN EC PRIVATE KEY-----é";
+        for at in 0..=text.len() {
+            if text.is_char_boundary(at) {
+                assert_eq!(next_key_header(text, at), header.find_at(text, at).map(|m| m.range()), "at {at}");
+            }
+        }
+    }
+
+    #[test]
+    fn shared_search_finds_the_same_blocks_as_a_fresh_one() {
+        let block = "-----BEGIN RSA PRIVATE KEY-----\nMIIE\nabc=\n-----END RSA PRIVATE KEY-----";
+        let text = format!(
+            "a {block} b -----BEGIN PRIVATE KEY-----\nMIIB c {block}{} -----BEGIN EC PRIVATE KEY----- -----END",
+            " x".repeat(40_000)
+        );
+        let (shared, _) = key_blocks(&text);
+        let header = regex::Regex::new(r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----").unwrap();
+        let fresh: Vec<_> = header
+            .find_iter(&text)
+            .map(|m| m.start()..private_key_end(&text, m.end(), &mut KeyBlocks::default()))
+            .collect();
+        assert_eq!(shared, fresh);
+        assert_eq!(&text[shared[0].clone()], block);
+        assert_eq!(shared[1].end, shared[2].end, "an unterminated block runs to the next end line");
+        assert_eq!(&text[shared[2].clone()], block);
+        assert_eq!(&text[shared[3].clone()], "-----BEGIN EC PRIVATE KEY-----", "the end marker has no closing dashes");
+
+        // Adjacent blocks are one, from any of their headers.
+        let two = format!("{block}\n{block}\\n {block} end");
+        let (found, _) = key_blocks(&two);
+        assert_eq!(found.len(), 3);
+        assert!(found.iter().all(|r| r.end == two.len() - " end".len()), "{found:?}");
+        let fresh = private_key_end(&two, two.rfind("-----BEGIN").unwrap() + 31, &mut KeyBlocks::default());
+        assert_eq!(fresh, found[0].end);
     }
 }

@@ -211,6 +211,7 @@ impl MessageInspector for Session {
             let unread = providers::unread_texts(d, &texts);
             texts.extend(unread);
         }
+        let texts = Arc::new(texts);
         let body = RequestBody {
             texts: &texts,
             decoded: message.as_bytes(),
