@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use base64::Engine as _;
 use interceptor::{
     config::{GuardrailsConfig, OversizeAction, StreamMode},
@@ -714,21 +714,32 @@ async fn buffered_bodies_share_one_budget_503_when_full_and_give_it_back_on_ever
     }
 
     // A client sends all but the last KiB of a body and stalls: it holds
-    // the budget (at most a KiB is left).
-    let mut stalled = tls(&s.proxy, &[b"http/1.1"], lo(2)).await?;
+    // the budget (at most a KiB is left). Another client is then refused
+    // with 503. The stalled request itself is refused instead when an
+    // earlier exchange has not given its bytes back yet (the client sees an
+    // answer a moment before the proxy is done with it): then it tries again.
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: {HOST}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
         256 << 10
     );
-    stalled.write_all(head.as_bytes()).await?;
-    stalled.write_all(&vec![b' '; 255 << 10]).await?;
-    stalled.flush().await?;
-
-    // Another client is refused with 503, in the interceptor's JSON error
-    // shape, with retry-after; its request never reaches the provider.
-    let (headers, error, attempt) = post_until(&client, |n| chat_body(&format!("refused-{n}"), 2 << 10), 503)
-        .await
-        .context("a request while the budget is held")?;
+    let mut attempts = 0;
+    let (stalled, (headers, error, attempt)) = loop {
+        attempts += 1;
+        let mut stalled = tls(&s.proxy, &[b"http/1.1"], lo(2)).await?;
+        stalled.write_all(head.as_bytes()).await?;
+        stalled.write_all(&vec![b' '; 255 << 10]).await?;
+        stalled.flush().await?;
+        let mut answer = [0u8; 64];
+        tokio::select! {
+            refused = post_until(&client, |n| chat_body(&format!("refused-{n}"), 2 << 10), 503) => {
+                break (stalled, refused.context("a request while the budget is held")?);
+            }
+            read = stalled.read(&mut answer) => {
+                let got = String::from_utf8_lossy(&answer[..read.unwrap_or(0)]).to_string();
+                ensure!(attempts < 5 && got.starts_with("HTTP/1.1 503"), "the stalled request was answered: {got:?}");
+            }
+        }
+    };
     assert_eq!(error["error"]["type"], "interceptor_error", "{error}");
     assert_eq!(error["error"]["code"], "inspection_budget_exhausted", "{error}");
     assert_eq!(headers.get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
