@@ -19,6 +19,7 @@ use time::{Duration, OffsetDateTime};
 use x509_parser::error::X509Error;
 
 use super::CaError;
+use super::constraints::{Constraints, NameConstraintsSpec};
 use super::files::{pem_encode, sync_dir, wipe, write_atomic};
 
 const CERT_FILE: &str = "ca.crt";
@@ -40,6 +41,7 @@ pub struct CertificateAuthority {
     cert_der: CertificateDer<'static>,
     subject: String,
     not_after: OffsetDateTime,
+    constraints: Constraints,
     issuer: Issuer<'static, KeyPair>,
 }
 
@@ -51,6 +53,12 @@ impl CertificateAuthority {
     /// certificate, a key readable by group or others, an expired CA, and a
     /// certificate that is not a CA.
     pub fn load_or_create(state_dir: &Path) -> Result<Self, CaError> {
+        Self::load_or_create_with(state_dir, None)
+    }
+
+    /// Like [`CertificateAuthority::load_or_create`]; a CA created here gets
+    /// `constraints` (an existing one is loaded as it is).
+    pub fn load_or_create_with(state_dir: &Path, constraints: Option<&NameConstraintsSpec>) -> Result<Self, CaError> {
         ensure_dir(state_dir)?;
         let cert_path = state_dir.join(CERT_FILE);
         let key_path = state_dir.join(KEY_FILE);
@@ -76,7 +84,53 @@ impl CertificateAuthority {
             return Self::load(cert_path, &key_path);
         }
         incomplete(&cert_path, &key_path)?;
-        Self::create(state_dir, cert_path, &key_path)
+        let params = ca_params(&format!("interceptor CA {}", hostname()), now_seconds(), constraints);
+        Self::create(state_dir, cert_path, &key_path, params)
+    }
+
+    /// Loads `ca.crt` and `ca.key` from `dir` (a mounted Kubernetes Secret,
+    /// say) and never creates anything: both must be there. The same checks
+    /// as [`CertificateAuthority::load_or_create`] apply; a key file reached
+    /// through a symbolic link (as Secret volumes lay them out) is judged by
+    /// the file it points to.
+    pub fn load_dir(dir: &Path) -> Result<Self, CaError> {
+        let cert_path = dir.join(CERT_FILE);
+        let key_path = dir.join(KEY_FILE);
+        match (present(&cert_path)?, present(&key_path)?) {
+            (true, true) => Self::load(cert_path, &key_path),
+            (false, false) => Err(CaError::Missing { dir: dir.to_path_buf() }),
+            _ => incomplete(&cert_path, &key_path).and(Err(CaError::Missing { dir: dir.to_path_buf() })),
+        }
+    }
+
+    /// Creates a cluster CA in `dir` (created 0700 if needed): `ca.crt`
+    /// (0644) and `ca.key` (0600), with `constraints` when given. Refuses
+    /// to overwrite an existing `ca.crt` or `ca.key`.
+    pub fn create_cluster(dir: &Path, constraints: Option<&NameConstraintsSpec>) -> Result<Self, CaError> {
+        ensure_dir(dir)?;
+        let cert_path = dir.join(CERT_FILE);
+        let key_path = dir.join(KEY_FILE);
+        let _lock = lock(&dir.join(LOCK_FILE))?;
+        for path in [&cert_path, &key_path] {
+            if present(path)? {
+                return Err(CaError::Exists { path: path.clone() });
+            }
+        }
+        let now = now_seconds();
+        // The creation time tells two cluster CAs apart while one is rolled
+        // over to the other.
+        let created = format!(
+            "{:04}-{:02}-{:02}T{:02}{:02}Z",
+            now.year(),
+            u8::from(now.month()),
+            now.day(),
+            now.hour(),
+            now.minute()
+        );
+        let params = ca_params(&format!("interceptor cluster CA {created}"), now, constraints);
+        let ca = Self::create(dir, cert_path, &key_path, params)?;
+        let _ignored = fs::remove_file(dir.join(LOCK_FILE));
+        Ok(ca)
     }
 
     /// The CA certificate, PEM encoded.
@@ -104,6 +158,11 @@ impl CertificateAuthority {
         self.not_after
     }
 
+    /// The name constraints of the CA certificate (empty when it has none).
+    pub fn constraints(&self) -> &Constraints {
+        &self.constraints
+    }
+
     pub(super) fn issuer(&self) -> &Issuer<'static, KeyPair> {
         &self.issuer
     }
@@ -125,14 +184,14 @@ impl CertificateAuthority {
             cert_der,
             subject: info.subject,
             not_after: info.not_after,
+            constraints: info.constraints,
             issuer,
         })
     }
 
-    fn create(state_dir: &Path, cert_path: PathBuf, key_path: &Path) -> Result<Self, CaError> {
+    fn create(state_dir: &Path, cert_path: PathBuf, key_path: &Path, params: CertificateParams) -> Result<Self, CaError> {
         let generate = |source| CaError::Generate { source };
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(generate)?;
-        let params = ca_params(&hostname(), now_seconds());
         let cert = params.self_signed(&key).map_err(generate)?;
         let cert_der = cert.der().clone();
         let info = inspect(&cert_path, &cert_der)?;
@@ -150,7 +209,15 @@ impl CertificateAuthority {
         let issuer = Issuer::from_ca_cert_der(&cert_der, key)
             .map_err(|source| CaError::Key { path: key_path.to_path_buf(), source })?;
         tracing::info!(path = %cert_path.display(), subject = %info.subject, "created certificate authority");
-        Ok(Self { cert_pem, cert_path, cert_der, subject: info.subject, not_after: info.not_after, issuer })
+        Ok(Self {
+            cert_pem,
+            cert_path,
+            cert_der,
+            subject: info.subject,
+            not_after: info.not_after,
+            constraints: info.constraints,
+            issuer,
+        })
     }
 }
 
@@ -181,10 +248,10 @@ pub(super) fn now_seconds() -> OffsetDateTime {
     now.replace_nanosecond(0).unwrap_or(now)
 }
 
-fn ca_params(hostname: &str, now: OffsetDateTime) -> CertificateParams {
+fn ca_params(common_name: &str, now: OffsetDateTime, constraints: Option<&NameConstraintsSpec>) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
-    name.push(DnType::CommonName, format!("interceptor CA {hostname}"));
+    name.push(DnType::CommonName, common_name);
     name.push(DnType::OrganizationName, "interceptor");
     params.distinguished_name = name;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -192,6 +259,7 @@ fn ca_params(hostname: &str, now: OffsetDateTime) -> CertificateParams {
     params.not_before = now - CA_BACKDATE;
     params.not_after = now + CA_VALIDITY;
     params.serial_number = Some(random_serial());
+    params.name_constraints = constraints.map(NameConstraintsSpec::to_rcgen);
     // The default key identifier method writes a subject key identifier.
     params
 }
@@ -287,6 +355,7 @@ struct CaInfo {
     subject: String,
     not_after: OffsetDateTime,
     public_key: Vec<u8>,
+    constraints: Constraints,
 }
 
 fn inspect(path: &Path, der: &CertificateDer<'_>) -> Result<CaInfo, CaError> {
@@ -310,6 +379,7 @@ fn inspect(path: &Path, der: &CertificateDer<'_>) -> Result<CaInfo, CaError> {
         subject: cert.subject().to_string(),
         not_after,
         public_key: cert.public_key().subject_public_key.data.to_vec(),
+        constraints: Constraints::from_cert(&cert).map_err(parse_err)?,
     })
 }
 

@@ -266,6 +266,16 @@ impl Minted {
 impl Minter {
     fn mint(&self, name: &LeafName, now: OffsetDateTime) -> Result<Minted, CaError> {
         let label = name.cache_key();
+        // Never mint what clients would reject: a name outside the CA's
+        // name constraints fails here, clearly, instead of in every client.
+        let constraints = self.ca.constraints();
+        let permitted = match name {
+            LeafName::Dns(dns) => constraints.permits_dns(dns),
+            LeafName::Ip(ip) => constraints.permits_ip(*ip),
+        };
+        if !permitted {
+            return Err(CaError::OutsideConstraints { name: label, permitted: constraints.permitted_dns().join(", ") });
+        }
         let issue_err = |source| CaError::Issue { name: label.clone(), source };
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(issue_err)?;
 
