@@ -232,6 +232,46 @@ impl fmt::Debug for CertificateAuthority {
     }
 }
 
+/// Writes `out` (mode 0600): a Kubernetes Secret manifest named `name` in
+/// `namespace` holding the `ca.crt` and `ca.key` of `ca_dir`, for
+/// `kubectl apply -f`. The key is base64 in that file and nowhere else;
+/// buffers that held it are wiped.
+pub fn write_secret_manifest(ca_dir: &Path, out: &Path, namespace: &str, name: &str) -> Result<(), CaError> {
+    use base64::Engine as _;
+    for (field, value) in [("namespace", namespace), ("name", name)] {
+        let valid = !value.is_empty()
+            && value.len() <= 253
+            && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && value.as_bytes()[0].is_ascii_alphanumeric();
+        if !valid {
+            return Err(CaError::InvalidSettings { field, reason: "must be a lowercase DNS name (RFC 1123)" });
+        }
+    }
+    let cert_path = ca_dir.join(CERT_FILE);
+    let key_path = ca_dir.join(KEY_FILE);
+    let cert = fs::read(&cert_path).map_err(|source| CaError::Read { path: cert_path.clone(), source })?;
+    // Through the same checks as loading (permissions, parsing).
+    let key = read_key(&key_path)?;
+    let mut key_pem = key.serialize_pem().into_bytes();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut key_b64 = b64.encode(&key_pem).into_bytes();
+    wipe(&mut key_pem);
+    let mut manifest = format!(
+        "# The cluster CA of the interceptor: certificate and PRIVATE KEY.\n\
+         # Created by `interceptor ca create-cluster`. Keep this file offline.\n\
+         apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    \
+         app.kubernetes.io/name: interceptor\ntype: Opaque\ndata:\n  ca.crt: {}\n  ca.key: ",
+        b64.encode(&cert)
+    )
+    .into_bytes();
+    manifest.append(&mut key_b64);
+    manifest.push(b'\n');
+    let written = write_atomic(out, &manifest, KEY_MODE);
+    wipe(&mut manifest);
+    wipe(&mut key_b64);
+    written
+}
+
 /// A random, positive, 16-byte serial number (RFC 5280 allows up to 20).
 pub(super) fn random_serial() -> SerialNumber {
     let mut bytes = [0u8; 16];
@@ -551,5 +591,101 @@ mod tests {
         assert_eq!(a.len(), 16);
         assert_eq!(a[0] & 0xc0, 0x40);
         assert_ne!(a, b);
+    }
+
+    fn spec() -> NameConstraintsSpec {
+        NameConstraintsSpec::new(["api.openai.com".to_owned(), "githubcopilot.com".to_owned()]).unwrap()
+    }
+
+    #[test]
+    fn cluster_ca_carries_critical_name_constraints() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::create_cluster(dir.path(), Some(&spec())).unwrap();
+        assert!(ca.subject().contains("interceptor cluster CA"), "{}", ca.subject());
+        assert_eq!(mode(&dir.path().join(KEY_FILE)), 0o600);
+        let (_, cert) = parse_x509_certificate(ca.cert_der()).unwrap();
+        let nc = cert.name_constraints().unwrap().unwrap();
+        assert!(nc.critical, "RFC 5280: name constraints must be critical");
+        let permitted: Vec<String> = nc
+            .value
+            .permitted_subtrees
+            .iter()
+            .flatten()
+            .map(|s| format!("{:?}", s.base))
+            .collect();
+        assert_eq!(permitted.len(), 2, "{permitted:?}");
+        assert_eq!(nc.value.excluded_subtrees.as_ref().map(Vec::len), Some(2), "every IPv4 and IPv6 address");
+        assert!(ca.constraints().is_constrained());
+        assert!(ca.constraints().permits_dns("api.individual.githubcopilot.com"));
+        assert!(!ca.constraints().permits_dns("www.example.com"));
+        // Loaded back, the constraints are read from the certificate.
+        let loaded = CertificateAuthority::load_dir(dir.path()).unwrap();
+        assert_eq!(loaded.constraints(), ca.constraints());
+        // Never overwritten.
+        let err = CertificateAuthority::create_cluster(dir.path(), Some(&spec())).unwrap_err();
+        assert!(matches!(err, CaError::Exists { .. }), "{err}");
+        assert_eq!(CertificateAuthority::load_dir(dir.path()).unwrap().cert_der(), ca.cert_der());
+    }
+
+    /// A Kubernetes Secret volume: each key a symbolic link into a
+    /// timestamped directory, files mode 0400 (`defaultMode: 0400`).
+    fn secret_mount(from: &Path, key_mode: u32) -> tempfile::TempDir {
+        let mount = tempfile::tempdir().unwrap();
+        let data = mount.path().join("..2026_01_01_00_00_00.000000001");
+        fs::create_dir(&data).unwrap();
+        for name in [CERT_FILE, KEY_FILE] {
+            fs::copy(from.join(name), data.join(name)).unwrap();
+            fs::set_permissions(data.join(name), fs::Permissions::from_mode(key_mode)).unwrap();
+        }
+        std::os::unix::fs::symlink(data.file_name().unwrap(), mount.path().join("..data")).unwrap();
+        for name in [CERT_FILE, KEY_FILE] {
+            std::os::unix::fs::symlink(format!("..data/{name}"), mount.path().join(name)).unwrap();
+        }
+        mount
+    }
+
+    #[test]
+    fn cluster_ca_loads_from_a_secret_mount_and_is_never_created() {
+        let made = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::create_cluster(made.path(), Some(&spec())).unwrap();
+        let mount = secret_mount(made.path(), 0o400);
+        let loaded = CertificateAuthority::load_dir(mount.path()).unwrap();
+        assert_eq!(loaded.cert_der(), ca.cert_der());
+
+        // A key readable by others through the link is refused, unchanged.
+        let loose = secret_mount(made.path(), 0o644);
+        let err = CertificateAuthority::load_dir(loose.path()).unwrap_err();
+        assert!(matches!(err, CaError::KeyPermissions { mode: 0o644, .. }), "{err}");
+
+        // An empty directory (Secret not created yet) is an error naming
+        // the command, and nothing is created in it.
+        let empty = tempfile::tempdir().unwrap();
+        let err = CertificateAuthority::load_dir(empty.path()).unwrap_err();
+        assert!(matches!(err, CaError::Missing { .. }), "{err}");
+        assert!(err.to_string().contains("ca create-cluster"), "{err}");
+        assert_eq!(fs::read_dir(empty.path()).unwrap().count(), 0);
+
+        // A Secret with the certificate only.
+        let half = tempfile::tempdir().unwrap();
+        fs::copy(made.path().join(CERT_FILE), half.path().join(CERT_FILE)).unwrap();
+        let err = CertificateAuthority::load_dir(half.path()).unwrap_err();
+        assert!(matches!(err, CaError::Incomplete { .. }), "{err}");
+    }
+
+    #[test]
+    fn per_node_ca_is_unconstrained_unless_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::load_or_create(dir.path()).unwrap();
+        assert!(!ca.constraints().is_constrained());
+        let (_, cert) = parse_x509_certificate(ca.cert_der()).unwrap();
+        assert!(cert.name_constraints().unwrap().is_none());
+
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::load_or_create_with(dir.path(), Some(&spec())).unwrap();
+        assert!(ca.constraints().is_constrained());
+        assert!(ca.subject().contains("interceptor CA "), "{}", ca.subject());
+        // An existing CA is loaded as it is, whatever is asked now.
+        let again = CertificateAuthority::load_or_create_with(dir.path(), None).unwrap();
+        assert!(again.constraints().is_constrained());
     }
 }

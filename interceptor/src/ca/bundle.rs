@@ -46,20 +46,7 @@ impl TrustBundle {
     /// the text holds no certificate, or when `roots` is empty (a bundle
     /// without them would break every host that is not intercepted).
     pub fn new(ours_pem: &str, origin: &Path, roots: Vec<CertificateDer<'static>>) -> Result<Self, CaError> {
-        let pem_err = |source| CaError::Pem { path: origin.to_path_buf(), source };
-        let mut ours = Vec::new();
-        for cert in CertificateDer::pem_slice_iter(ours_pem.as_bytes()) {
-            let cert = cert.map_err(pem_err)?;
-            x509_parser::parse_x509_certificate(&cert)
-                .map_err(|_| CaError::CertificateParse {
-                    path: origin.to_path_buf(),
-                    source: x509_parser::error::X509Error::InvalidCertificate,
-                })?;
-            ours.push(cert);
-        }
-        if ours.is_empty() {
-            return Err(pem_err(rustls_pki_types::pem::Error::NoItemsFound));
-        }
+        let ours = parse_ca_certs(ours_pem, origin)?;
         if roots.is_empty() {
             return Err(CaError::NoSystemRoots);
         }
@@ -104,6 +91,25 @@ impl TrustBundle {
     fn all(&self) -> impl Iterator<Item = &CertificateDer<'static>> {
         self.roots.iter().filter(|r| !self.ours.contains(r)).chain(&self.ours)
     }
+}
+
+/// The certificates in `pem` (`origin` names it in errors): at least one,
+/// each a parsable certificate.
+pub fn parse_ca_certs(pem: &str, origin: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    let pem_err = |source| CaError::Pem { path: origin.to_path_buf(), source };
+    let mut certs = Vec::new();
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        let cert = cert.map_err(pem_err)?;
+        x509_parser::parse_x509_certificate(&cert).map_err(|_| CaError::CertificateParse {
+            path: origin.to_path_buf(),
+            source: x509_parser::error::X509Error::InvalidCertificate,
+        })?;
+        certs.push(cert);
+    }
+    if certs.is_empty() {
+        return Err(pem_err(rustls_pki_types::pem::Error::NoItemsFound));
+    }
+    Ok(certs)
 }
 
 /// Writes [`CA_FILE`], [`BUNDLE_FILE`] and [`JKS_FILE`] (mode 0644) into

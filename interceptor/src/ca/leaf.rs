@@ -469,6 +469,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn names_outside_the_name_constraints_are_never_minted() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = crate::ca::NameConstraintsSpec::new(["openai.com".to_owned()]).unwrap();
+        let ca = Arc::new(CertificateAuthority::create_cluster(dir.path(), Some(&spec)).unwrap());
+        let issuer = LeafIssuer::new(Arc::clone(&ca), LeafSettings::default()).unwrap();
+        // Inside: minted, and rustls (which applies a trust anchor's name
+        // constraints) accepts it.
+        let key = issuer.certified_key("api.openai.com").await.unwrap();
+        verify(&ca, &key, "api.openai.com").unwrap();
+        for name in ["www.example.com", "openai.com.example.com", "127.0.0.1", "::1"] {
+            let err = issuer.certified_key(name).await.unwrap_err();
+            assert!(matches!(err, CaError::OutsideConstraints { .. }), "{name}: {err}");
+            assert!(err.to_string().contains("permitted: openai.com"), "{err}");
+            assert!(issuer.issue_blocking(name).is_err(), "{name}");
+        }
+        assert_eq!(issuer.minted_total(), 1);
+    }
+
+    #[tokio::test]
     async fn leaf_has_the_expected_extensions_and_times() {
         let settings = LeafSettings::default();
         let (_dir, issuer) = issuer(settings);

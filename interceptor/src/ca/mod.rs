@@ -21,8 +21,8 @@ use std::io;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 
-pub use authority::CertificateAuthority;
-pub use bundle::{BUNDLE_FILE, CA_FILE, JKS_FILE, JKS_PASSWORD, TrustBundle, write_bundle_dir};
+pub use authority::{CertificateAuthority, write_secret_manifest};
+pub use bundle::{BUNDLE_FILE, CA_FILE, JKS_FILE, JKS_PASSWORD, TrustBundle, parse_ca_certs, write_bundle_dir};
 pub(crate) use files::{pem_encode, wipe, write_atomic};
 pub use constraints::{Constraints, NameConstraintsSpec, dns_within};
 pub use install::{InstallReport, TrustStore, install, runtime_guidance, uninstall};
