@@ -267,8 +267,9 @@ pub fn certificate_authority(config: &Config, state_dir: &Path) -> anyhow::Resul
             )
         })?
     } else {
-        CertificateAuthority::load_dir(&config.tls.ca_dir)
-            .with_context(|| format!("loading the cluster certificate authority (tls.ca_dir = {})", config.tls.ca_dir.display()))?
+        CertificateAuthority::load_dir(&config.tls.ca_dir).with_context(|| {
+            format!("loading the cluster certificate authority (tls.ca_dir = {})", config.tls.ca_dir.display())
+        })?
     };
     let constraints = ca.constraints();
     let uncovered: Vec<&String> = bases.iter().filter(|b| !constraints.permits_dns(b)).collect();

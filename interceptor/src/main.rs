@@ -330,7 +330,9 @@ fn create_cluster(config_path: Option<&PathBuf>, args: &CreateClusterArgs) -> Ex
     }
     println!("created {} ({})", ca.cert_path().display(), ca.subject());
     match &spec {
-        Some(spec) => println!("name constraints (permitted DNS subtrees, no IP address): {}", spec.permitted_dns().join(", ")),
+        Some(spec) => {
+            println!("name constraints (permitted DNS subtrees, no IP address): {}", spec.permitted_dns().join(", "))
+        }
         None => println!("warning: no name constraints: this CA can sign for any name"),
     }
     println!(
@@ -389,10 +391,7 @@ fn webhook_command(command: WebhookCommand) -> ExitCode {
                         certs.key.display(),
                         certs.names.join(", ")
                     );
-                    println!(
-                        "caBundle: {}",
-                        base64::engine::general_purpose::STANDARD.encode(certs.ca_pem.as_bytes())
-                    );
+                    println!("caBundle: {}", base64::engine::general_purpose::STANDARD.encode(certs.ca_pem.as_bytes()));
                     ExitCode::SUCCESS
                 }
                 Err(error) => fail(&error),
@@ -409,7 +408,10 @@ fn webhook_command(command: WebhookCommand) -> ExitCode {
             };
             // Certificates only: refuse a file that carries a key.
             if ca_pem.contains("PRIVATE KEY") {
-                eprintln!("error: {} holds a private key; give the webhook the CA certificate only", args.ca_cert.display());
+                eprintln!(
+                    "error: {} holds a private key; give the webhook the CA certificate only",
+                    args.ca_cert.display()
+                );
                 return ExitCode::FAILURE;
             }
             // The same parsing the initContainer does, so a bad file fails here.
@@ -425,10 +427,11 @@ fn webhook_command(command: WebhookCommand) -> ExitCode {
             };
             let settings = webhook::InjectSettings { ca_pem, image: args.image };
             runtime.block_on(async {
-                let server = match webhook::WebhookServer::bind(args.listen, &args.tls_cert, &args.tls_key, settings).await {
-                    Ok(server) => server,
-                    Err(error) => return fail(&error),
-                };
+                let server =
+                    match webhook::WebhookServer::bind(args.listen, &args.tls_cert, &args.tls_key, settings).await {
+                        Ok(server) => server,
+                        Err(error) => return fail(&error),
+                    };
                 tracing::info!(listen = %args.listen, "admission webhook serving");
                 tokio::select! {
                     () = webhook::serve(server) => ExitCode::SUCCESS,

@@ -56,10 +56,7 @@ async fn clients_reject_leaves_outside_the_name_constraints() -> Result<()> {
     let ca = Trust::Only(ca_dir.join("ca.crt"));
 
     // The shape of the CA the clients meet.
-    let text = Command::new("openssl")
-        .args(["x509", "-noout", "-text", "-in"])
-        .arg(ca_dir.join("ca.crt"))
-        .output()?;
+    let text = Command::new("openssl").args(["x509", "-noout", "-text", "-in"]).arg(ca_dir.join("ca.crt")).output()?;
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("X509v3 Name Constraints: critical"), "{text}");
     for expected in ["DNS:api.openai.com", "DNS:githubcopilot.com", "DNS:amazonaws.com", "IP:0.0.0.0/0.0.0.0"] {

@@ -189,7 +189,12 @@ impl CertificateAuthority {
         })
     }
 
-    fn create(state_dir: &Path, cert_path: PathBuf, key_path: &Path, params: CertificateParams) -> Result<Self, CaError> {
+    fn create(
+        state_dir: &Path,
+        cert_path: PathBuf,
+        key_path: &Path,
+        params: CertificateParams,
+    ) -> Result<Self, CaError> {
         let generate = |source| CaError::Generate { source };
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(generate)?;
         let cert = params.self_signed(&key).map_err(generate)?;
@@ -606,13 +611,8 @@ mod tests {
         let (_, cert) = parse_x509_certificate(ca.cert_der()).unwrap();
         let nc = cert.name_constraints().unwrap().unwrap();
         assert!(nc.critical, "RFC 5280: name constraints must be critical");
-        let permitted: Vec<String> = nc
-            .value
-            .permitted_subtrees
-            .iter()
-            .flatten()
-            .map(|s| format!("{:?}", s.base))
-            .collect();
+        let permitted: Vec<String> =
+            nc.value.permitted_subtrees.iter().flatten().map(|s| format!("{:?}", s.base)).collect();
         assert_eq!(permitted.len(), 2, "{permitted:?}");
         assert_eq!(nc.value.excluded_subtrees.as_ref().map(Vec::len), Some(2), "every IPv4 and IPv6 address");
         assert!(ca.constraints().is_constrained());

@@ -47,6 +47,10 @@ impl TrustBundle {
     /// without them would break every host that is not intercepted).
     pub fn new(ours_pem: &str, origin: &Path, roots: Vec<CertificateDer<'static>>) -> Result<Self, CaError> {
         let ours = parse_ca_certs(ours_pem, origin)?;
+        let mut roots = roots;
+        // The system's file and directory list the same roots.
+        roots.sort_by(|a, b| a.as_ref().cmp(b.as_ref()));
+        roots.dedup();
         if roots.is_empty() {
             return Err(CaError::NoSystemRoots);
         }

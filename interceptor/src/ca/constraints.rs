@@ -152,7 +152,8 @@ pub fn dns_within(name: &str, base: &str) -> bool {
     if let Some(sub) = base.strip_prefix('.') {
         return name.len() > sub.len() && name.ends_with(base);
     }
-    name == base || (name.len() > base.len() && name.ends_with(base) && name.as_bytes()[name.len() - base.len() - 1] == b'.')
+    name == base
+        || (name.len() > base.len() && name.ends_with(base) && name.as_bytes()[name.len() - base.len() - 1] == b'.')
 }
 
 /// An iPAddress subtree: address then mask, 8 or 32 bytes.
@@ -174,7 +175,8 @@ fn ip_subtree(bytes: &[u8]) -> Option<IpNet> {
 /// The prefix length of a contiguous mask; `None` for a mask with holes.
 fn prefix_len(mask: &[u8]) -> Option<u8> {
     let ones: u32 = mask.iter().map(|b| b.count_ones()).sum();
-    let contiguous = mask.iter().flat_map(|b| (0..8).rev().map(move |i| (b >> i) & 1)).skip(ones as usize).all(|b| b == 0);
+    let contiguous =
+        mask.iter().flat_map(|b| (0..8).rev().map(move |i| (b >> i) & 1)).skip(ones as usize).all(|b| b == 0);
     contiguous.then_some(ones as u8)
 }
 

@@ -23,8 +23,8 @@ use std::process::ExitStatus;
 
 pub use authority::{CertificateAuthority, write_secret_manifest};
 pub use bundle::{BUNDLE_FILE, CA_FILE, JKS_FILE, JKS_PASSWORD, TrustBundle, parse_ca_certs, write_bundle_dir};
-pub(crate) use files::{pem_encode, wipe, write_atomic};
 pub use constraints::{Constraints, NameConstraintsSpec, dns_within};
+pub(crate) use files::{pem_encode, wipe, write_atomic};
 pub use install::{InstallReport, TrustStore, install, runtime_guidance, uninstall};
 pub use leaf::{LeafIssuer, LeafSettings};
 
@@ -92,13 +92,17 @@ pub enum CaError {
         #[source]
         source: rcgen::Error,
     },
-    #[error("no certificate authority in {dir} (expected ca.crt and ca.key; create one with `interceptor ca create-cluster`)")]
+    #[error(
+        "no certificate authority in {dir} (expected ca.crt and ca.key; create one with `interceptor ca create-cluster`)"
+    )]
     Missing { dir: PathBuf },
     #[error("no system root certificates found; a bundle without them would break every host that is not intercepted")]
     NoSystemRoots,
     #[error("refusing to overwrite {path}")]
     Exists { path: PathBuf },
-    #[error("{name} is outside the name constraints of the certificate authority (permitted: {permitted}); clients would reject a certificate for it")]
+    #[error(
+        "{name} is outside the name constraints of the certificate authority (permitted: {permitted}); clients would reject a certificate for it"
+    )]
     OutsideConstraints { name: String, permitted: String },
     #[error("invalid server name {name:?}: {reason}")]
     InvalidName { name: String, reason: &'static str },

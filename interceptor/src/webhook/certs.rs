@@ -52,7 +52,10 @@ pub fn write_serving_certs(dir: &Path, service: &str, namespace: &str) -> Result
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     ca.name_constraints = Some(NameConstraints {
-        permitted_subtrees: vec![GeneralSubtree::DnsName(svc.clone()), GeneralSubtree::DnsName(format!("{svc}.cluster.local"))],
+        permitted_subtrees: vec![
+            GeneralSubtree::DnsName(svc.clone()),
+            GeneralSubtree::DnsName(format!("{svc}.cluster.local")),
+        ],
         excluded_subtrees: Vec::new(),
     });
     ca.not_before = now - Duration::hours(1);

@@ -434,7 +434,8 @@ mod tests {
 
     #[test]
     fn minimal_pod_gets_volume_init_container_env_and_annotation() {
-        let pod = json!({ "metadata": { "name": "p" }, "spec": { "containers": [{ "name": "app", "image": "python" }] } });
+        let pod =
+            json!({ "metadata": { "name": "p" }, "spec": { "containers": [{ "name": "app", "image": "python" }] } });
         let (answer, outcome) = review(&serde_json::to_vec(&review_of(pod.clone())).unwrap(), &settings());
         assert!(matches!(outcome, Outcome::Patched(_)), "{outcome}");
         assert_eq!(answer["response"]["allowed"], true);
@@ -482,13 +483,20 @@ mod tests {
 
     #[test]
     fn unreadable_requests_are_allowed_unchanged() {
-        for body in [&b"not json"[..], br#"{"kind":"AdmissionReview"}"#, br#"{"request":{"uid":"u1","kind":{"kind":"Pod"},"operation":"CREATE","object":{"spec":{}}}}"#] {
+        for body in [
+            &b"not json"[..],
+            br#"{"kind":"AdmissionReview"}"#,
+            br#"{"request":{"uid":"u1","kind":{"kind":"Pod"},"operation":"CREATE","object":{"spec":{}}}}"#,
+        ] {
             let (answer, outcome) = review(body, &settings());
             assert!(matches!(outcome, Outcome::Unreadable(_)), "{outcome}");
             assert_eq!(answer["response"]["allowed"], true);
             assert!(answer["response"].get("patch").is_none());
         }
-        let (answer, _) = review(br#"{"request":{"uid":"u1","kind":{"kind":"Pod"},"operation":"CREATE","object":{"spec":{}}}}"#, &settings());
+        let (answer, _) = review(
+            br#"{"request":{"uid":"u1","kind":{"kind":"Pod"},"operation":"CREATE","object":{"spec":{}}}}"#,
+            &settings(),
+        );
         assert_eq!(answer["response"]["uid"], "u1");
     }
 
@@ -497,7 +505,8 @@ mod tests {
         let opted = json!({ "metadata": { "annotations": { OPT_OUT_ANNOTATION: "disabled" } }, "spec": { "containers": [{ "name": "a" }] } });
         let (_, outcome) = review(&serde_json::to_vec(&review_of(opted)).unwrap(), &settings());
         assert_eq!(outcome, Outcome::OptedOut);
-        let windows = json!({ "metadata": {}, "spec": { "os": { "name": "windows" }, "containers": [{ "name": "a" }] } });
+        let windows =
+            json!({ "metadata": {}, "spec": { "os": { "name": "windows" }, "containers": [{ "name": "a" }] } });
         let (_, outcome) = review(&serde_json::to_vec(&review_of(windows)).unwrap(), &settings());
         assert_eq!(outcome, Outcome::NotApplicable("windows pod"));
         let mut update = review_of(json!({ "metadata": {}, "spec": { "containers": [] } }));

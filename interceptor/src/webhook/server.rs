@@ -59,17 +59,25 @@ impl WebhookServer {
 }
 
 fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, WebhookError> {
-    let read = |path: &Path| std::fs::read(path).map_err(|source| WebhookError::Read { path: path.to_path_buf(), source });
+    let read =
+        |path: &Path| std::fs::read(path).map_err(|source| WebhookError::Read { path: path.to_path_buf(), source });
     let cert_pem = read(cert)?;
     let mut chain = Vec::new();
     for item in CertificateDer::pem_slice_iter(&cert_pem) {
-        chain.push(item.map_err(|source| WebhookError::Pem { path: cert.to_path_buf(), what: "certificate", source })?);
+        chain.push(item.map_err(|source| WebhookError::Pem {
+            path: cert.to_path_buf(),
+            what: "certificate",
+            source,
+        })?);
     }
     if chain.is_empty() {
         return Err(WebhookError::Empty { path: cert.to_path_buf(), what: "certificate" });
     }
-    let key_der = PrivateKeyDer::from_pem_slice(&read(key)?)
-        .map_err(|source| WebhookError::Pem { path: key.to_path_buf(), what: "private key", source })?;
+    let key_der = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|source| WebhookError::Pem {
+        path: key.to_path_buf(),
+        what: "private key",
+        source,
+    })?;
     let mut config = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(chain, key_der)

@@ -99,9 +99,7 @@ impl TlsServer {
                             _ => break,
                         }
                     }
-                    let _ = tls
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
-                        .await;
+                    let _ = tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok").await;
                     let _ = tls.shutdown().await;
                 });
             }
