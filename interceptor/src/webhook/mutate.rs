@@ -11,8 +11,9 @@
 //!   [`JAVA_TOOL_OPTIONS`]). A variable the container already sets is kept:
 //!   the user's explicit choice wins. `JAVA_TOOL_OPTIONS` with a plain value
 //!   that names no trust store gets ours appended;
-//! * the annotation [`INJECTED_ANNOTATION`], so that a pod seen twice is not
-//!   patched twice.
+//! * the annotation [`INJECTED_ANNOTATION`]. A pod seen again (a retry, or a
+//!   reinvocation after another webhook added a container) gets only what
+//!   it lacks: nothing twice.
 //!
 //! A pod annotated `interceptor.io/inject-ca: disabled`, a Windows pod and a
 //! request that cannot be read are allowed unchanged: this webhook never
@@ -241,27 +242,32 @@ fn patch_pod(pod: &Value, settings: &InjectSettings) -> Result<Option<Patch>, Sk
     };
     let already = annotations.is_some_and(|a| a.contains_key(INJECTED_ANNOTATION))
         || init_containers.into_iter().flatten().any(|c| c.get("name").and_then(Value::as_str) == Some(INIT_CONTAINER));
-    if already {
-        return Ok(None);
-    }
     let volumes = match spec.get("volumes") {
         None | Some(Value::Null) => None,
         Some(Value::Array(list)) => Some(list),
         Some(_) => return Err(malformed("volumes is not a list")),
     };
-    if volumes.into_iter().flatten().any(|v| v.get("name").and_then(Value::as_str) == Some(VOLUME)) {
+    if !already && volumes.into_iter().flatten().any(|v| v.get("name").and_then(Value::as_str) == Some(VOLUME)) {
         // Someone else's volume of that name: do not guess.
         return Err(Skip::NotApplicable("a volume named interceptor-ca exists"));
     }
 
     let mut ops = Vec::new();
     // Existing initContainers first: our own goes in at index 0 last, which
-    // shifts their indices.
+    // shifts their indices. Each container is patched only where it lacks
+    // something, so a pod seen again (reinvoked after another webhook added
+    // a container) gets only what is missing.
     for (list, items) in [("initContainers", init_containers), ("containers", Some(containers))] {
         for (i, container) in items.into_iter().flatten().enumerate() {
             let container = container.as_object().ok_or_else(|| malformed("has a container that is not an object"))?;
+            if container.get("name").and_then(Value::as_str) == Some(INIT_CONTAINER) {
+                continue;
+            }
             patch_container(&mut ops, &["spec", list, &i.to_string()], container, settings)?;
         }
+    }
+    if already {
+        return Ok((!ops.is_empty()).then_some(Patch(ops)));
     }
     let volume = json!({ "name": VOLUME, "emptyDir": { "sizeLimit": "8Mi" } });
     push_to_list(&mut ops, &["spec", "volumes"], volumes.is_some(), volume);
@@ -452,6 +458,22 @@ mod tests {
         let (again, outcome) = review(&serde_json::to_vec(&review_of(patched.clone())).unwrap(), &settings());
         assert_eq!(outcome, Outcome::AlreadyInjected);
         assert!(again["response"].get("patch").is_none());
+    }
+
+    #[test]
+    fn a_container_added_after_injection_is_patched_alone() {
+        let pod = json!({ "metadata": { "name": "p" }, "spec": { "containers": [{ "name": "app" }] } });
+        let (answer, _) = review(&serde_json::to_vec(&review_of(pod.clone())).unwrap(), &settings());
+        let mut patched = apply(&pod, &answer);
+        // Another webhook adds a sidecar; the API server calls us again.
+        patched["spec"]["containers"].as_array_mut().unwrap().push(json!({ "name": "sidecar" }));
+        let (again, outcome) = review(&serde_json::to_vec(&review_of(patched.clone())).unwrap(), &settings());
+        assert!(matches!(outcome, Outcome::Patched(_)), "{outcome}");
+        let twice = apply(&patched, &again);
+        assert_eq!(twice["spec"]["initContainers"].as_array().unwrap().len(), 1);
+        assert_eq!(twice["spec"]["volumes"].as_array().unwrap().len(), 1);
+        assert_eq!(env_of(&twice["spec"]["containers"][1]), env_of(&twice["spec"]["containers"][0]));
+        assert_eq!(twice["spec"]["containers"][0], patched["spec"]["containers"][0], "untouched");
     }
 
     #[test]
