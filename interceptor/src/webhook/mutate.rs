@@ -176,7 +176,7 @@ pub fn review(body: &[u8], settings: &InjectSettings) -> (Value, Outcome) {
 }
 
 fn decide(request: &Request, settings: &InjectSettings) -> (Option<Patch>, Outcome) {
-    if request.kind.group != "" || request.kind.kind != "Pod" {
+    if !request.kind.group.is_empty() || request.kind.kind != "Pod" {
         return (None, Outcome::NotApplicable("not a pod"));
     }
     if request.operation != "CREATE" {
