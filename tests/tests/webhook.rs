@@ -13,6 +13,7 @@
 //! the API server's job (`namespaceSelector`, checked in
 //! `deploy_kubernetes.rs`); a request carries no namespace labels.
 
+#[allow(dead_code)] // Shared with the name-constraint tests, which use the rest.
 mod trust_clients;
 
 use std::{
