@@ -432,7 +432,8 @@ fn webhook_command(command: WebhookCommand) -> ExitCode {
                         Ok(server) => server,
                         Err(error) => return fail(&error),
                     };
-                tracing::info!(listen = %args.listen, "admission webhook serving");
+                let listen = server.local_addr().map_or_else(|_| args.listen.to_string(), |a| a.to_string());
+                tracing::info!(%listen, "admission webhook serving");
                 tokio::select! {
                     () = webhook::serve(server) => ExitCode::SUCCESS,
                     _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
