@@ -21,7 +21,7 @@ use tokio::{
 use crate::{
     admin::{self, Status},
     audit::AuditLog,
-    ca::{CertificateAuthority, LeafIssuer, LeafSettings},
+    ca::{CertificateAuthority, LeafIssuer, LeafSettings, NameConstraintsSpec},
     config::Backend,
     config::{Config, Overrides, RedirectMode, TargetMode},
     dns::{self, DnsForwarder, DnsObserver, ForwarderConfig, Learned},
@@ -272,15 +272,55 @@ fn max_buffered_total(config: &Config) -> usize {
     }
 }
 
-/// The CA (created on first run), the leaf issuer and the upstream pool.
+/// The CA the configuration names: the cluster CA in `tls.ca_dir` (loaded,
+/// never created), else the per-node CA in `state_dir` (created on first
+/// start, with name constraints when `tls.node_ca_name_constraints` is set).
+/// Warns about AI domains the CA's name constraints leave out: their
+/// connections cannot be intercepted until the CA is rolled over.
+pub fn certificate_authority(config: &Config, state_dir: &Path) -> anyhow::Result<CertificateAuthority> {
+    let policy = DomainPolicy::compile(&config.domains).context("compiling the domain policy")?;
+    let bases = policy.name_constraint_bases();
+    let ca = if config.tls.ca_dir.as_os_str().is_empty() {
+        let spec = if config.tls.node_ca_name_constraints {
+            Some(NameConstraintsSpec::new(bases.clone()).map_err(|reason| {
+                anyhow::anyhow!("tls.node_ca_name_constraints: cannot derive name constraints: {reason}")
+            })?)
+        } else {
+            None
+        };
+        CertificateAuthority::load_or_create_with(state_dir, spec.as_ref()).with_context(|| {
+            format!(
+                "loading the certificate authority in the state directory {} (it must be writable on first start)",
+                state_dir.display()
+            )
+        })?
+    } else {
+        CertificateAuthority::load_dir(&config.tls.ca_dir).with_context(|| {
+            format!("loading the cluster certificate authority (tls.ca_dir = {})", config.tls.ca_dir.display())
+        })?
+    };
+    let constraints = ca.constraints();
+    let uncovered: Vec<&String> = bases.iter().filter(|b| !constraints.permits_dns(b)).collect();
+    if !uncovered.is_empty() {
+        tracing::warn!(
+            domains = ?uncovered,
+            permitted = ?constraints.permitted_dns(),
+            "the certificate authority's name constraints leave out these AI domains: their connections fail at the \
+             TLS handshake until the CA is rolled over to one that permits them (see README, rolling the CA)"
+        );
+    }
+    Ok(ca)
+}
+
+/// The CA, the leaf issuer and the upstream pool.
 fn tls_termination(config: &Config, state_dir: &Path) -> anyhow::Result<TlsTermination> {
-    let ca = CertificateAuthority::load_or_create(state_dir).with_context(|| {
-        format!(
-            "loading the certificate authority in the state directory {} (it must be writable on first start)",
-            state_dir.display()
-        )
-    })?;
-    tracing::info!(cert = %ca.cert_path().display(), "certificate authority ready");
+    let ca = certificate_authority(config, state_dir)?;
+    tracing::info!(
+        cert = %ca.cert_path().display(),
+        subject = %ca.subject(),
+        name_constraints = ?ca.constraints().permitted_dns(),
+        "certificate authority ready"
+    );
     let issuer =
         LeafIssuer::new(Arc::new(ca), LeafSettings { validity: config.tls.leaf_validity, ..LeafSettings::default() })
             .context("preparing certificate issuance")?;

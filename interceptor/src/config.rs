@@ -290,6 +290,15 @@ pub struct TlsConfig {
     #[serde(with = "humantime_serde")]
     pub client_hello_timeout: Duration,
     pub passthrough_on_reject: bool,
+    /// Directory holding the cluster CA (`ca.crt`, `ca.key`), typically a
+    /// Kubernetes Secret mounted read-only; loaded as it is, never created.
+    /// Empty: the per-node CA in the state directory, created on first
+    /// start.
+    pub ca_dir: PathBuf,
+    /// When this instance creates its per-node CA (first start, `ca_dir`
+    /// empty), give it X.509 name constraints limited to the AI domains. An
+    /// existing CA is never changed. Default `false`.
+    pub node_ca_name_constraints: bool,
 }
 
 impl Default for TlsConfig {
@@ -300,6 +309,8 @@ impl Default for TlsConfig {
             leaf_validity: Duration::from_secs(24 * 3600),
             client_hello_timeout: Duration::from_secs(5),
             passthrough_on_reject: false,
+            ca_dir: PathBuf::new(),
+            node_ca_name_constraints: false,
         }
     }
 }
@@ -615,6 +626,9 @@ impl Config {
         errors.extend(self.domains.validate());
         if !self.tls.upstream_ca.as_os_str().is_empty() && !self.tls.upstream_ca.is_file() {
             errors.push(format!("tls.upstream_ca: {} is not a readable file", self.tls.upstream_ca.display()));
+        }
+        if !self.tls.ca_dir.as_os_str().is_empty() && !self.tls.ca_dir.is_absolute() {
+            errors.push(format!("tls.ca_dir: {} must be an absolute path", self.tls.ca_dir.display()));
         }
         if self.tls.leaf_validity < Duration::from_secs(3600) {
             errors.push("tls.leaf_validity: must be at least 1h".to_string());

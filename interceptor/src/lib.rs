@@ -24,6 +24,7 @@ pub mod proxy;
 pub mod redirect;
 pub mod targets;
 pub mod telemetry;
+pub mod webhook;
 pub mod workload;
 
 #[cfg(feature = "testing")]

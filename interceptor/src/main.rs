@@ -7,7 +7,7 @@ use interceptor::{
     app,
     ca::{self, CertificateAuthority, TrustStore},
     config::{Config, LogFormat, Overrides, RedirectMode},
-    doctor, guardrails, redirect, telemetry,
+    doctor, guardrails, redirect, telemetry, webhook,
 };
 
 #[derive(Parser)]
@@ -40,6 +40,55 @@ enum Command {
     /// The certificate authority that signs intercepted connections.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// The Kubernetes admission webhook that makes pods trust the cluster CA.
+    #[command(subcommand)]
+    Webhook(WebhookCommand),
+}
+
+#[derive(Subcommand)]
+enum WebhookCommand {
+    /// Serve the mutating admission webhook (HTTPS).
+    Serve(WebhookServeArgs),
+    /// Create the webhook's serving certificate (ca.crt, tls.crt, tls.key)
+    /// and print the caBundle for the MutatingWebhookConfiguration.
+    Certs(WebhookCertsArgs),
+}
+
+#[derive(clap::Args)]
+struct WebhookServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "INTERCEPTOR_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// Serving certificate chain (PEM).
+    #[arg(long, env = "INTERCEPTOR_WEBHOOK_TLS_CERT", default_value = "/etc/interceptor-webhook/tls.crt")]
+    tls_cert: PathBuf,
+    /// Serving key (PEM).
+    #[arg(long, env = "INTERCEPTOR_WEBHOOK_TLS_KEY", default_value = "/etc/interceptor-webhook/tls.key")]
+    tls_key: PathBuf,
+    /// The cluster CA certificate(s) pods are made to trust (PEM; during a
+    /// rollover, both CAs). Never the key.
+    #[arg(long, env = "INTERCEPTOR_WEBHOOK_CA_CERT", default_value = "/etc/interceptor-ca/ca.crt")]
+    ca_cert: PathBuf,
+    /// Image of the initContainer that writes the trust files (the
+    /// interceptor image).
+    #[arg(long, env = "INTERCEPTOR_WEBHOOK_IMAGE")]
+    image: String,
+    /// Log format.
+    #[arg(long, env = "INTERCEPTOR_LOG_FORMAT", value_enum, default_value = "json")]
+    log_format: LogFormat,
+}
+
+#[derive(clap::Args)]
+struct WebhookCertsArgs {
+    /// Directory to write ca.crt, tls.crt and tls.key (0600) into.
+    #[arg(long)]
+    out: PathBuf,
+    /// The webhook's Service.
+    #[arg(long, default_value = "interceptor-webhook")]
+    service: String,
+    /// The Service's namespace.
+    #[arg(long, default_value = "interceptor")]
+    namespace: String,
 }
 
 #[derive(Subcommand)]
@@ -49,6 +98,41 @@ enum CaCommand {
     /// Add the CA certificate to the system trust store, and print what to set
     /// for runtimes that ignore it.
     Install(StateArgs),
+    /// Create a cluster CA once: ca.crt, ca.key (0600) and secret.yaml (0600,
+    /// a Kubernetes Secret holding both) in a new directory. Name-constrained
+    /// to the AI domains of the configuration unless told otherwise.
+    CreateCluster(CreateClusterArgs),
+    /// Write the trust files for a workload (ca.crt, ca-bundle.crt with the
+    /// system roots, truststore.jks) from the CA certificate in
+    /// INTERCEPTOR_CA_CERT or --ca-file. Run by the webhook's initContainer.
+    Bundle(BundleArgs),
+}
+
+#[derive(clap::Args)]
+struct CreateClusterArgs {
+    /// Directory for the new CA (created 0700; must not hold a CA already).
+    #[arg(long)]
+    out: PathBuf,
+    /// Create the CA without name constraints: it can then sign for any
+    /// name, which every pod of the opted-in namespaces trusts.
+    #[arg(long)]
+    no_name_constraints: bool,
+    /// Namespace of the Secret in secret.yaml.
+    #[arg(long, default_value = "interceptor")]
+    namespace: String,
+    /// Name of the Secret in secret.yaml.
+    #[arg(long, default_value = "interceptor-ca")]
+    secret_name: String,
+}
+
+#[derive(clap::Args)]
+struct BundleArgs {
+    /// Directory to write the trust files into (must exist).
+    #[arg(long)]
+    out: PathBuf,
+    /// File with the CA certificate(s), PEM, instead of INTERCEPTOR_CA_CERT.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -164,14 +248,27 @@ fn status(admin: SocketAddr) -> anyhow::Result<String> {
     Ok(out)
 }
 
-fn ca_command(command: CaCommand) -> ExitCode {
-    let state_dir = match &command {
-        CaCommand::Export(a) | CaCommand::Install(a) => a.state_dir.clone(),
+fn fail(error: &(dyn std::error::Error + 'static)) -> ExitCode {
+    eprintln!("error: {}", telemetry::chain(error));
+    ExitCode::FAILURE
+}
+
+fn ca_command(config_path: Option<&PathBuf>, command: CaCommand) -> ExitCode {
+    let state_dir = match command {
+        CaCommand::Export(ref a) | CaCommand::Install(ref a) => a.state_dir.clone(),
+        CaCommand::CreateCluster(args) => return create_cluster(config_path, &args),
+        CaCommand::Bundle(args) => return bundle(&args),
     };
-    let ca = match CertificateAuthority::load_or_create(&state_dir) {
+    // The CA the configuration names: the cluster CA (tls.ca_dir) or the
+    // per-node one in the state directory.
+    let config = match load(config_path, &RunArgs::default()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let ca = match app::certificate_authority(&config, &state_dir) {
         Ok(ca) => ca,
         Err(error) => {
-            eprintln!("error: {}", telemetry::chain(&error));
+            eprintln!("error: {error:#}");
             return ExitCode::FAILURE;
         }
     };
@@ -196,12 +293,163 @@ fn ca_command(command: CaCommand) -> ExitCode {
                     println!("\n{}", ca::runtime_guidance(ca.cert_path(), &report.bundle));
                     ExitCode::SUCCESS
                 }
-                Err(error) => {
-                    eprintln!("error: {}", telemetry::chain(&error));
-                    ExitCode::FAILURE
-                }
+                Err(error) => fail(&error),
             }
         }
+        CaCommand::CreateCluster(_) | CaCommand::Bundle(_) => ExitCode::FAILURE,
+    }
+}
+
+fn create_cluster(config_path: Option<&PathBuf>, args: &CreateClusterArgs) -> ExitCode {
+    let config = match load(config_path, &RunArgs::default()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let spec = if args.no_name_constraints {
+        None
+    } else {
+        let bases = match interceptor::policy::DomainPolicy::compile(&config.domains) {
+            Ok(policy) => policy.name_constraint_bases(),
+            Err(error) => return fail(&error),
+        };
+        match ca::NameConstraintsSpec::new(bases) {
+            Ok(spec) => Some(spec),
+            Err(reason) => {
+                eprintln!("error: cannot derive name constraints from the AI domains: {reason}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    let ca = match CertificateAuthority::create_cluster(&args.out, spec.as_ref()) {
+        Ok(ca) => ca,
+        Err(error) => return fail(&error),
+    };
+    let secret = args.out.join("secret.yaml");
+    if let Err(error) = ca::write_secret_manifest(&args.out, &secret, &args.namespace, &args.secret_name) {
+        return fail(&error);
+    }
+    println!("created {} ({})", ca.cert_path().display(), ca.subject());
+    match &spec {
+        Some(spec) => {
+            println!("name constraints (permitted DNS subtrees, no IP address): {}", spec.permitted_dns().join(", "))
+        }
+        None => println!("warning: no name constraints: this CA can sign for any name"),
+    }
+    println!(
+        "the key is in {} (0600) and in {} (0600); apply the Secret, then keep the directory offline or delete it:\n  kubectl apply -f {}",
+        args.out.join("ca.key").display(),
+        secret.display(),
+        secret.display()
+    );
+    ExitCode::SUCCESS
+}
+
+fn bundle(args: &BundleArgs) -> ExitCode {
+    let (pem, origin) = match &args.ca_file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => (text, path.clone()),
+            Err(error) => {
+                eprintln!("error: cannot read {}: {error}", path.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        None => match std::env::var(interceptor::webhook::CA_CERT_ENV) {
+            Ok(text) => (text, PathBuf::from(format!("${}", interceptor::webhook::CA_CERT_ENV))),
+            Err(_) => {
+                eprintln!("error: set {} or --ca-file to the CA certificate", interceptor::webhook::CA_CERT_ENV);
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let result = ca::TrustBundle::new(&pem, &origin, ca::TrustBundle::system_roots())
+        .and_then(|bundle| ca::write_bundle_dir(&bundle, &args.out));
+    match result {
+        Ok(written) => {
+            for path in written {
+                println!("wrote {}", path.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(&error),
+    }
+}
+
+fn webhook_command(command: WebhookCommand) -> ExitCode {
+    match command {
+        WebhookCommand::Certs(args) => {
+            if let Err(error) = std::fs::create_dir_all(&args.out) {
+                eprintln!("error: cannot create {}: {error}", args.out.display());
+                return ExitCode::FAILURE;
+            }
+            match webhook::write_serving_certs(&args.out, &args.service, &args.namespace) {
+                Ok(certs) => {
+                    use base64::Engine as _;
+                    println!(
+                        "wrote {}, {} and {} (0600) for {}",
+                        certs.ca_cert.display(),
+                        certs.cert.display(),
+                        certs.key.display(),
+                        certs.names.join(", ")
+                    );
+                    println!("caBundle: {}", base64::engine::general_purpose::STANDARD.encode(certs.ca_pem.as_bytes()));
+                    ExitCode::SUCCESS
+                }
+                Err(error) => fail(&error),
+            }
+        }
+        WebhookCommand::Serve(args) => {
+            telemetry::init(args.log_format);
+            let ca_pem = match std::fs::read_to_string(&args.ca_cert) {
+                Ok(text) => text,
+                Err(error) => {
+                    eprintln!("error: cannot read the CA certificate {}: {error}", args.ca_cert.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            // Certificates only: refuse a file that carries a key.
+            if ca_pem.contains("PRIVATE KEY") {
+                eprintln!(
+                    "error: {} holds a private key; give the webhook the CA certificate only",
+                    args.ca_cert.display()
+                );
+                return ExitCode::FAILURE;
+            }
+            // The same parsing the initContainer does, so a bad file fails here.
+            if let Err(error) = ca::parse_ca_certs(&ca_pem, &args.ca_cert) {
+                return fail(&error);
+            }
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(error) => {
+                    eprintln!("error: cannot start the async runtime: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let settings = webhook::InjectSettings { ca_pem, image: args.image };
+            runtime.block_on(async {
+                let server =
+                    match webhook::WebhookServer::bind(args.listen, &args.tls_cert, &args.tls_key, settings).await {
+                        Ok(server) => server,
+                        Err(error) => return fail(&error),
+                    };
+                let listen = server.local_addr().map_or_else(|_| args.listen.to_string(), |a| a.to_string());
+                tracing::info!(%listen, "admission webhook serving");
+                tokio::select! {
+                    () = webhook::serve(server) => ExitCode::SUCCESS,
+                    _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
+                    () = sigterm() => ExitCode::SUCCESS,
+                }
+            })
+        }
+    }
+}
+
+async fn sigterm() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut signal) => {
+            signal.recv().await;
+        }
+        Err(_) => std::future::pending().await,
     }
 }
 
@@ -276,7 +524,8 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Ca(command) => ca_command(command),
+        Command::Ca(command) => ca_command(cli.config.as_ref(), command),
+        Command::Webhook(command) => webhook_command(command),
         Command::Status(args) => {
             let admin = match load(cli.config.as_ref(), &args) {
                 Ok(c) => c.admin.address,

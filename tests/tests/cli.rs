@@ -85,3 +85,48 @@ fn check_config_lists_each_ai_domain_with_its_request_formats() -> Result<()> {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }
+
+#[test]
+fn a_cluster_ca_is_loaded_from_its_directory_and_never_created() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ca_dir = dir.path().join("cluster-ca");
+    let made = run(&["ca", "create-cluster", "--out", ca_dir.to_str().expect("utf-8")])?;
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let cluster_pem = std::fs::read_to_string(ca_dir.join("ca.crt"))?;
+    let secret = std::fs::read_to_string(ca_dir.join("secret.yaml"))?;
+    assert!(secret.contains("kind: Secret") && secret.contains("ca.key: "), "{secret}");
+    assert_eq!(std::fs::metadata(ca_dir.join("secret.yaml"))?.permissions().mode() & 0o777, 0o600);
+    // Never overwritten.
+    let again = run(&["ca", "create-cluster", "--out", ca_dir.to_str().expect("utf-8")])?;
+    assert!(!again.status.success());
+    assert_eq!(std::fs::read_to_string(ca_dir.join("ca.crt"))?, cluster_pem);
+
+    // With tls.ca_dir, `ca export` gives the cluster CA, and the state
+    // directory gets no CA of its own.
+    let state = dir.path().join("state");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, format!("[tls]\nca_dir = {:?}\n", ca_dir.to_str().expect("utf-8")))?;
+    let args =
+        ["--config", config.to_str().expect("utf-8"), "ca", "export", "--state-dir", state.to_str().expect("utf-8")];
+    let out = run(&args)?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8(out.stdout)?, cluster_pem);
+    assert!(!state.join("ca.key").exists(), "a per-node CA was created beside the cluster CA");
+
+    // Without it (the default), the per-node CA: a different certificate.
+    let out = run(&["ca", "export", "--state-dir", state.to_str().expect("utf-8")])?;
+    assert!(out.status.success());
+    assert_ne!(String::from_utf8(out.stdout)?, cluster_pem);
+
+    // A missing Secret is an error naming the command that creates one, and
+    // nothing is created in its place.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty)?;
+    std::fs::write(&config, format!("[tls]\nca_dir = {:?}\n", empty.to_str().expect("utf-8")))?;
+    let out = run(&args)?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ca create-cluster") && stderr.contains("tls.ca_dir"), "{stderr}");
+    assert_eq!(std::fs::read_dir(&empty)?.count(), 0);
+    Ok(())
+}

@@ -181,3 +181,117 @@ fn daemonset_and_kustomization_agree_with_the_rest() -> Result<()> {
     }
     Ok(())
 }
+
+/// Every object of a manifest file, as JSON (PyYAML, which
+/// kubernetes-validate brings).
+fn objects(test_name: &str, file: &str) -> Result<Option<Vec<serde_json::Value>>> {
+    if !require_tool(test_name, "kubernetes-validate", Command::new("python3").args(["-c", "import yaml"])) {
+        return Ok(None);
+    }
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, yaml, json; print(json.dumps([d for d in yaml.safe_load_all(open(sys.argv[1])) if d]))",
+        ])
+        .arg(manifests_dir().join(file))
+        .output()?;
+    assert!(out.status.success(), "cannot read {file}:\n{}", describe(&out));
+    Ok(Some(serde_json::from_slice(&out.stdout)?))
+}
+
+fn of_kind<'a>(objects: &'a [serde_json::Value], kind: &str) -> &'a serde_json::Value {
+    objects.iter().find(|o| o["kind"] == kind).unwrap_or_else(|| panic!("no {kind}"))
+}
+
+#[test]
+fn the_webhook_never_fails_a_pod_and_serves_opted_in_namespaces_only() -> Result<()> {
+    let name = "the_webhook_never_fails_a_pod_and_serves_opted_in_namespaces_only";
+    let (Some(config), Some(webhook)) = (objects(name, "mutatingwebhook.yaml")?, objects(name, "webhook.yaml")?) else {
+        return Ok(());
+    };
+    let hooks = of_kind(&config, "MutatingWebhookConfiguration")["webhooks"].as_array().cloned().unwrap_or_default();
+    assert_eq!(hooks.len(), 1);
+    let hook = &hooks[0];
+    assert_eq!(hook["failurePolicy"], "Ignore", "a pod must never be refused for the webhook's sake");
+    assert_eq!(hook["sideEffects"], "None");
+    assert!(hook["timeoutSeconds"].as_u64().is_some_and(|t| t <= 10), "{hook}");
+    assert_eq!(hook["admissionReviewVersions"], serde_json::json!(["v1"]));
+    assert_eq!(
+        hook["namespaceSelector"],
+        serde_json::json!({ "matchLabels": { "interceptor.io/inject-ca": "enabled" } })
+    );
+    assert_eq!(hook["rules"][0]["resources"], serde_json::json!(["pods"]));
+    assert_eq!(hook["rules"][0]["operations"], serde_json::json!(["CREATE"]));
+
+    // The webhook configuration reaches the Service, which reaches the pod.
+    let service = of_kind(&webhook, "Service");
+    let target = &hook["clientConfig"]["service"];
+    assert_eq!(target["name"], service["metadata"]["name"]);
+    assert_eq!(target["namespace"], service["metadata"]["namespace"]);
+    assert_eq!(target["path"], "/mutate");
+    assert_eq!(target["port"], service["spec"]["ports"][0]["port"]);
+    let deployment = of_kind(&webhook, "Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(container["ports"][0]["name"], service["spec"]["ports"][0]["targetPort"]);
+    let env: std::collections::BTreeMap<String, String> = container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            (e["name"].as_str().unwrap_or_default().to_owned(), e["value"].as_str().unwrap_or_default().to_owned())
+        })
+        .collect();
+    assert!(env["INTERCEPTOR_WEBHOOK_LISTEN"].ends_with(&format!(":{}", container["ports"][0]["containerPort"])));
+    assert_eq!(env["INTERCEPTOR_WEBHOOK_IMAGE"], container["image"].as_str().unwrap_or_default());
+
+    // The cluster CA's certificate reaches the webhook, its key never does.
+    let ca_volume = pod["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["secret"]["secretName"] == "interceptor-ca")
+        .expect("the webhook mounts the cluster CA Secret");
+    assert_eq!(ca_volume["secret"]["items"], serde_json::json!([{ "key": "ca.crt", "path": "ca.crt" }]));
+    let mount = container["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["name"] == ca_volume["name"])
+        .expect("mounted");
+    assert_eq!(
+        env["INTERCEPTOR_WEBHOOK_CA_CERT"],
+        format!("{}/ca.crt", mount["mountPath"].as_str().unwrap_or_default())
+    );
+    Ok(())
+}
+
+#[test]
+fn every_node_loads_the_cluster_ca_from_its_secret() -> Result<()> {
+    let name = "every_node_loads_the_cluster_ca_from_its_secret";
+    let Some(daemonset) = objects(name, "daemonset.yaml")? else {
+        return Ok(());
+    };
+    let toml = configmap_toml(&std::fs::read_to_string(manifests_dir().join("configmap.yaml"))?)?;
+    let config: interceptor::config::Config = toml::from_str(&toml)?;
+    let ca_dir = config.tls.ca_dir.to_str().unwrap_or_default().to_owned();
+    assert!(!ca_dir.is_empty(), "the DaemonSet's config names no cluster CA");
+    let pod = &of_kind(&daemonset, "DaemonSet")["spec"]["template"]["spec"];
+    let volume = pod["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["secret"]["secretName"] == "interceptor-ca")
+        .expect("the DaemonSet mounts the cluster CA Secret");
+    // 0400: the interceptor refuses a key readable by group or others.
+    assert_eq!(volume["secret"]["defaultMode"], 0o400);
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["name"] == volume["name"])
+        .expect("mounted in the interceptor container");
+    assert_eq!(mount["mountPath"], ca_dir.as_str());
+    assert_eq!(mount["readOnly"], true);
+    Ok(())
+}

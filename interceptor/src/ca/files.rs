@@ -14,7 +14,7 @@ use super::CaError;
 /// The temporary file is created with `mode` (never wider, whatever the
 /// umask), so a key written with 0600 is never readable by others, not even
 /// briefly.
-pub(super) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
     let tmp = temp_path(path);
     let result = write_new(&tmp, bytes, mode)
         .and_then(|()| fs::rename(&tmp, path).map_err(|source| CaError::Write { path: path.to_path_buf(), source }));
@@ -56,14 +56,14 @@ pub(super) fn sync_dir(dir: &Path) {
 }
 
 /// Overwrites a buffer that held key material before it is freed.
-pub(super) fn wipe(buf: &mut [u8]) {
+pub(crate) fn wipe(buf: &mut [u8]) {
     buf.fill(0);
     // Keeps the compiler from treating the fill as a dead store.
     std::hint::black_box(buf);
 }
 
 /// Encodes DER as a PEM block with 64-column lines.
-pub(super) fn pem_encode(label: &str, der: &[u8]) -> String {
+pub(crate) fn pem_encode(label: &str, der: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut b64 = Vec::with_capacity(der.len().div_ceil(3) * 4);
     for chunk in der.chunks(3) {

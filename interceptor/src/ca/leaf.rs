@@ -266,6 +266,16 @@ impl Minted {
 impl Minter {
     fn mint(&self, name: &LeafName, now: OffsetDateTime) -> Result<Minted, CaError> {
         let label = name.cache_key();
+        // Never mint what clients would reject: a name outside the CA's
+        // name constraints fails here, clearly, instead of in every client.
+        let constraints = self.ca.constraints();
+        let permitted = match name {
+            LeafName::Dns(dns) => constraints.permits_dns(dns),
+            LeafName::Ip(ip) => constraints.permits_ip(*ip),
+        };
+        if !permitted {
+            return Err(CaError::OutsideConstraints { name: label, permitted: constraints.permitted_dns().join(", ") });
+        }
         let issue_err = |source| CaError::Issue { name: label.clone(), source };
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(issue_err)?;
 
@@ -456,6 +466,25 @@ mod tests {
 
         let key = issuer.certified_key("::1").await.unwrap();
         verify(issuer.authority(), &key, "::1").unwrap();
+    }
+
+    #[tokio::test]
+    async fn names_outside_the_name_constraints_are_never_minted() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = crate::ca::NameConstraintsSpec::new(["openai.com".to_owned()]).unwrap();
+        let ca = Arc::new(CertificateAuthority::create_cluster(dir.path(), Some(&spec)).unwrap());
+        let issuer = LeafIssuer::new(Arc::clone(&ca), LeafSettings::default()).unwrap();
+        // Inside: minted, and rustls (which applies a trust anchor's name
+        // constraints) accepts it.
+        let key = issuer.certified_key("api.openai.com").await.unwrap();
+        verify(&ca, &key, "api.openai.com").unwrap();
+        for name in ["www.example.com", "openai.com.example.com", "127.0.0.1", "::1"] {
+            let err = issuer.certified_key(name).await.unwrap_err();
+            assert!(matches!(err, CaError::OutsideConstraints { .. }), "{name}: {err}");
+            assert!(err.to_string().contains("permitted: openai.com"), "{err}");
+            assert!(issuer.issue_blocking(name).is_err(), "{name}");
+        }
+        assert_eq!(issuer.minted_total(), 1);
     }
 
     #[tokio::test]

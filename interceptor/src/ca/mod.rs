@@ -1,12 +1,18 @@
 //! Our certificate authority: the root we mint interception certificates from.
 //!
-//! Owns the CA key pair on disk (`ca.crt` 0644, `ca.key` 0600 in the state
-//! directory), leaf issuance with a bounded single-flight cache, and
-//! installation of the CA into the system trust store. It must never log or
-//! print the private key, and never loosen or silently repair the key file's
+//! Owns the CA key pair on disk (`ca.crt` 0644, `ca.key` 0600: the per-node
+//! CA in the state directory, created on first start, or a cluster CA
+//! created once by `interceptor ca create-cluster` and loaded from a mounted
+//! Secret), the CA's X.509 name constraints (`constraints`), leaf issuance
+//! with a bounded single-flight cache (refusing names outside the
+//! constraints), installation of the CA into the system trust store, and the
+//! trust files workloads are given (`bundle`). It must never log or print
+//! the private key, and never loosen or silently repair the key file's
 //! permissions.
 
 mod authority;
+mod bundle;
+mod constraints;
 mod files;
 mod install;
 mod leaf;
@@ -15,7 +21,10 @@ use std::io;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 
-pub use authority::CertificateAuthority;
+pub use authority::{CertificateAuthority, write_secret_manifest};
+pub use bundle::{BUNDLE_FILE, CA_FILE, JKS_FILE, JKS_PASSWORD, TrustBundle, parse_ca_certs, write_bundle_dir};
+pub use constraints::{Constraints, NameConstraintsSpec, dns_within};
+pub(crate) use files::{pem_encode, wipe, write_atomic};
 pub use install::{InstallReport, TrustStore, install, runtime_guidance, uninstall};
 pub use leaf::{LeafIssuer, LeafSettings};
 
@@ -83,6 +92,18 @@ pub enum CaError {
         #[source]
         source: rcgen::Error,
     },
+    #[error(
+        "no certificate authority in {dir} (expected ca.crt and ca.key; create one with `interceptor ca create-cluster`)"
+    )]
+    Missing { dir: PathBuf },
+    #[error("no system root certificates found; a bundle without them would break every host that is not intercepted")]
+    NoSystemRoots,
+    #[error("refusing to overwrite {path}")]
+    Exists { path: PathBuf },
+    #[error(
+        "{name} is outside the name constraints of the certificate authority (permitted: {permitted}); clients would reject a certificate for it"
+    )]
+    OutsideConstraints { name: String, permitted: String },
     #[error("invalid server name {name:?}: {reason}")]
     InvalidName { name: String, reason: &'static str },
     #[error("cannot issue a certificate for {name}")]

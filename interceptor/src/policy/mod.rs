@@ -288,6 +288,21 @@ impl DomainPolicy {
         &self.resolvable
     }
 
+    /// The DNS subtrees a name-constrained CA must permit so that every
+    /// name this policy may intercept gets a certificate clients accept:
+    /// one per AI domain and `intercept = true` pattern, its literal labels
+    /// from the right up to the first wildcard (see
+    /// [`crate::ca::NameConstraintsSpec`]). A wildcard in the middle makes
+    /// the subtree wider than the pattern (`bedrock-runtime.*.amazonaws.com`
+    /// permits all of `amazonaws.com`): X.509 has no way to say less.
+    /// Sorted, deduplicated; nested subtrees are left for the caller.
+    pub fn name_constraint_bases(&self) -> Vec<String> {
+        let rules = self.ai.exact.values().chain(&self.ai.wild);
+        let patterns = self.patterns.exact.values().chain(&self.patterns.wild).filter(|r| r.intercept);
+        let bases: BTreeSet<String> = rules.chain(patterns).map(|r| r.pattern.literal_suffix()).collect();
+        bases.into_iter().collect()
+    }
+
     /// Compiles what is valid and collects every error.
     fn build(cfg: &DomainsConfig) -> (Self, Vec<String>) {
         let mut errors = Vec::new();

@@ -157,6 +157,23 @@ impl Pattern {
         (self.specificity.form == Form::Exact).then_some(self.normalized.as_str())
     }
 
+    /// The narrowest DNS subtree holding every name this pattern matches:
+    /// its literal labels from the right up to the first wildcard
+    /// (`api.openai.com` → itself, `.openai.com` → `openai.com`,
+    /// `*.githubcopilot.com` → `githubcopilot.com`,
+    /// `bedrock-runtime.*.amazonaws.com` → `amazonaws.com`).
+    pub(super) fn literal_suffix(&self) -> String {
+        let mut labels: Vec<&str> = Vec::new();
+        for label in &self.labels {
+            match label {
+                Label::Literal(l) => labels.push(l),
+                Label::Any | Label::Suffix(_) => break,
+            }
+        }
+        labels.reverse();
+        labels.join(".")
+    }
+
     pub(super) fn normalized(&self) -> &str {
         &self.normalized
     }

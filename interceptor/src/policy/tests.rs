@@ -449,3 +449,43 @@ fn toml_rejects_unknown_and_missing_fields() {
         assert!(toml::from_str::<File>(text).is_err(), "{text}");
     }
 }
+
+#[test]
+fn name_constraint_bases_cover_every_intercepted_pattern() {
+    let cfg = DomainsConfig {
+        ai: strings(&["api.openai.com", ".anthropic.com", "*.githubcopilot.com", "bedrock-runtime.*.amazonaws.com"]),
+        ai_extra: strings(&["*-aiplatform.googleapis.com", "llm.example.com"]),
+        patterns: vec![pattern(".mcp.example.org", true), pattern("passthrough.example.net", false)],
+        ..empty()
+    };
+    let bases = policy(&cfg).name_constraint_bases();
+    assert_eq!(
+        bases,
+        strings(&[
+            "amazonaws.com",
+            "anthropic.com",
+            "api.openai.com",
+            "githubcopilot.com",
+            "googleapis.com",
+            "llm.example.com",
+            "mcp.example.org",
+        ])
+    );
+    // Every name the policy intercepts is inside one of them.
+    let policy = policy(&cfg);
+    for name in [
+        "api.openai.com",
+        "anthropic.com",
+        "api.anthropic.com",
+        "api.individual.githubcopilot.com",
+        "bedrock-runtime.eu-west-1.amazonaws.com",
+        "us-central1-aiplatform.googleapis.com",
+        "x.mcp.example.org",
+    ] {
+        assert!(policy.classify(Some(name)).intercept, "{name}");
+        assert!(bases.iter().any(|b| crate::ca::dns_within(name, b)), "{name} outside {bases:?}");
+    }
+    // The built-in list gives a usable set too.
+    let default = DomainPolicy::compile(&DomainsConfig::default()).unwrap().name_constraint_bases();
+    crate::ca::NameConstraintsSpec::new(default).unwrap();
+}
