@@ -93,7 +93,16 @@ pub trait OrigDstResolver: Send + Sync + 'static {
     /// Who opened the connection, when the redirect mode records it. Consumes
     /// the record: call once per connection.
     fn workload(&self, client: ClientAddr) -> Option<Workload>;
+    /// The server a redirected DNS datagram from `client`, received on
+    /// `local`, was sent to; `None` when the mode cannot tell (or the
+    /// datagram was not redirected).
+    fn dns_original_dst(&self, _client: ClientAddr, _local: SocketAddr) -> Option<OrigDstAddr> {
+        None
+    }
 }
+
+/// Finds a redirected DNS datagram's server from its client's address.
+pub type DnsOrigLookup = Arc<dyn Fn(ClientAddr) -> Option<SocketAddr> + Send + Sync>;
 
 /// Kernel state that sends target connections to the proxy.
 pub trait Redirector: Send {
@@ -127,11 +136,18 @@ pub trait Liveness: Send + Sync {
 /// program in eBPF mode. Optionally consults a workload table.
 pub struct SockoptResolver {
     workloads: Option<Arc<dyn Fn(ClientAddr) -> Option<Workload> + Send + Sync>>,
+    dns: Option<DnsOrigLookup>,
 }
 
 impl SockoptResolver {
     pub fn new(workloads: Option<Arc<dyn Fn(ClientAddr) -> Option<Workload> + Send + Sync>>) -> Self {
-        Self { workloads }
+        Self { workloads, dns: None }
+    }
+
+    /// Answers [`OrigDstResolver::dns_original_dst`] with `lookup`.
+    pub fn with_dns(mut self, lookup: DnsOrigLookup) -> Self {
+        self.dns = Some(lookup);
+        self
     }
 }
 
@@ -145,6 +161,10 @@ impl OrigDstResolver for SockoptResolver {
 
     fn workload(&self, client: ClientAddr) -> Option<Workload> {
         self.workloads.as_ref().and_then(|f| f(client))
+    }
+
+    fn dns_original_dst(&self, client: ClientAddr, _local: SocketAddr) -> Option<OrigDstAddr> {
+        self.dns.as_ref().and_then(|f| f(client)).map(OrigDstAddr)
     }
 }
 
