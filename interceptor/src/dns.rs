@@ -505,6 +505,27 @@ impl LoopReport {
     }
 }
 
+/// Where a query from `client` that was sent to `asked` (when known) goes,
+/// in order; never to one of `own` addresses (the forwarder's).
+fn route(upstreams: &Upstreams, own: &[SocketAddr], client: SocketAddr, asked: Option<SocketAddr>) -> Vec<SocketAddr> {
+    let list = match upstreams {
+        Upstreams::Configured(list) => list.clone(),
+        Upstreams::Asked { fallback } => match asked.map(crate::net::canonical) {
+            // Sent to us directly (a connection that was not redirected
+            // reports our own address as its original destination).
+            Some(asked) if own.contains(&asked) => fallback.clone(),
+            // A pod's local resolver is not ours.
+            Some(asked) if asked.ip().is_loopback() && !canonical_ip(client.ip()).is_loopback() => {
+                tracing::debug!(%client, %asked, "a loopback dns server asked from another namespace; using the fallback");
+                fallback.clone()
+            }
+            Some(asked) => vec![asked],
+            None => fallback.clone(),
+        },
+    };
+    list.into_iter().filter(|u| !own.contains(&crate::net::canonical(*u))).collect()
+}
+
 /// Whether `a` and `b` are the same host as far as a loop goes: the same
 /// address, or both loopback (a stub on 127.0.0.53 sends from 127.0.0.1).
 fn same_host(a: IpAddr, b: IpAddr) -> bool {
@@ -679,22 +700,7 @@ impl Shared {
     /// Where a query from `client` that was sent to `asked` goes, in order;
     /// never to one of our own addresses.
     fn upstreams(&self, client: SocketAddr, asked: Option<SocketAddr>) -> Vec<SocketAddr> {
-        let list = match &self.cfg.upstreams {
-            Upstreams::Configured(list) => list.clone(),
-            Upstreams::Asked { fallback } => match asked.map(crate::net::canonical) {
-                // Sent to us directly (a connection that was not redirected
-                // reports our own address as its original destination).
-                Some(asked) if self.own.contains(&asked) => fallback.clone(),
-                // A pod's local resolver is not ours.
-                Some(asked) if asked.ip().is_loopback() && !canonical_ip(client.ip()).is_loopback() => {
-                    tracing::debug!(%client, %asked, "a loopback dns server asked from another namespace; using the fallback");
-                    fallback.clone()
-                }
-                Some(asked) => vec![asked],
-                None => fallback.clone(),
-            },
-        };
-        list.into_iter().filter(|u| !self.own.contains(&crate::net::canonical(*u))).collect()
+        route(&self.cfg.upstreams, &self.own, client, asked)
     }
 
     /// Counts an exchange of `request` with `upstream`, or refuses it as a
@@ -1461,6 +1467,190 @@ nameserver
         write_frame(&mut stream, &query("example.com.", 0x4344)).await.unwrap();
         let reply = Message::from_vec(&timeout(WAIT, read_frame(&mut stream)).await.unwrap().unwrap()).unwrap();
         assert_eq!(reply.metadata.id, 0x4344);
+    }
+
+    #[test]
+    fn queries_go_to_the_server_the_client_asked_and_never_to_us() {
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let own = [sa("127.0.0.1:15053")];
+        let asked = Upstreams::Asked { fallback: vec![sa("127.0.0.53:53"), sa("127.0.0.1:15053")] };
+        let local = sa("127.0.0.1:40000");
+        let pod = sa("10.1.2.3:40000");
+        // The server the client asked, whatever the fallback.
+        assert_eq!(route(&asked, &own, local, Some(sa("198.18.0.53:53"))), vec![sa("198.18.0.53:53")]);
+        assert_eq!(route(&asked, &own, local, Some(sa("[::ffff:127.0.0.53]:53"))), vec![sa("127.0.0.53:53")]);
+        assert_eq!(route(&asked, &own, pod, Some(sa("10.96.0.10:53"))), vec![sa("10.96.0.10:53")]);
+        // Unknown, asked of us directly, or a pod's loopback resolver: the
+        // fallback, without our own address.
+        for (client, server) in [(local, None), (local, Some(own[0])), (pod, Some(sa("127.0.0.53:53")))] {
+            assert_eq!(route(&asked, &own, client, server), vec![sa("127.0.0.53:53")], "{client} {server:?}");
+        }
+        // Configured upstreams win, without our own address.
+        let configured = Upstreams::Configured(vec![sa("127.0.0.1:15053"), sa("192.0.2.53:53")]);
+        assert_eq!(route(&configured, &own, local, Some(sa("198.18.0.53:53"))), vec![sa("192.0.2.53:53")]);
+    }
+
+    #[test]
+    fn loopback_addresses_are_one_host() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(same_host(ip("127.0.0.1"), ip("127.0.0.53")));
+        assert!(same_host(ip("::1"), ip("::ffff:127.0.0.53")));
+        assert!(same_host(ip("10.0.0.5"), ip("::ffff:10.0.0.5")));
+        assert!(!same_host(ip("10.0.0.5"), ip("10.0.0.6")));
+        assert!(!same_host(ip("127.0.0.1"), ip("10.0.0.5")));
+    }
+
+    /// A resolver that sends every query it gets to `next` (with an ID of its
+    /// own, as resolvers do) and relays the answer; counts what it got.
+    async fn relay(next: Arc<Mutex<Option<SocketAddr>>>) -> (SocketAddr, Arc<AtomicU64>) {
+        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = socket.local_addr().unwrap();
+        let seen = Arc::new(AtomicU64::new(0));
+        let counter = seen.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_MESSAGE];
+            while let Ok((len, peer)) = socket.recv_from(&mut buf).await {
+                let n = counter.fetch_add(1, Ordering::SeqCst);
+                let mut query = buf[..len].to_vec();
+                let Some(next) = *next.lock().unwrap() else { continue };
+                let socket = socket.clone();
+                tokio::spawn(async move {
+                    let id = [query[0], query[1]];
+                    query[..2].copy_from_slice(&(n as u16).wrapping_add(0x5000).to_be_bytes());
+                    let upstream = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                    upstream.connect(next).await.unwrap();
+                    upstream.send(&query).await.unwrap();
+                    let mut reply = vec![0u8; MAX_MESSAGE];
+                    let Ok(Ok(len)) = timeout(WAIT, upstream.recv(&mut reply)).await else { return };
+                    reply[..2].copy_from_slice(&id);
+                    let _ = socket.send_to(&reply[..len], peer).await;
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[derive(Clone, Default)]
+    struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for LogBuf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl LogBuf {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resolver_sending_our_query_back_is_refused_as_a_loop() {
+        let logs = LogBuf::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+        // A current-thread runtime: every task logs through this subscriber.
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        // The resolver we are configured to ask forwards to our own port
+        // (what a resolver whose queries are redirected back does).
+        let next = Arc::new(Mutex::new(None));
+        let (peer, seen) = relay(next.clone()).await;
+        let cfg = ForwarderConfig { timeout: Duration::from_secs(3), ..config(vec![peer]) };
+        let fwd = start(cfg, observer()).await;
+        *next.lock().unwrap() = Some(fwd.udp);
+
+        let asked = Instant::now();
+        let reply = ask_udp(fwd.udp, "api.openai.com.", 0x700f).await;
+        assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
+        // Cut after a bounded number of rounds, long before any timeout.
+        assert!(asked.elapsed() < Duration::from_secs(2), "{:?}", asked.elapsed());
+        let rounds = seen.load(Ordering::SeqCst);
+        assert!(rounds <= u64::from(LOOP_DEPTH) + 1, "the resolver saw {rounds} copies");
+        assert_eq!(fwd.forwarder.loops_refused(), 1);
+        let text = logs.text();
+        assert!(
+            text.contains("dns loop") && text.contains("api.openai.com") && text.contains(&peer.to_string()),
+            "{text}"
+        );
+
+        // Again: refused again, the error is not repeated within its interval.
+        let reply = ask_udp(fwd.udp, "api.openai.com.", 0x7010).await;
+        assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
+        assert_eq!(fwd.forwarder.loops_refused(), 2);
+        assert_eq!(logs.text().matches("dns loop refused").count(), 1, "{}", logs.text());
+    }
+
+    #[tokio::test]
+    async fn concurrent_identical_queries_below_the_loop_depth_are_answered() {
+        // A resolver on this host (a relay in front of the fake upstream)
+        // gets the same question from several local clients at once.
+        let upstream = fake_upstream().await;
+        let (peer, seen) = relay(Arc::new(Mutex::new(Some(upstream)))).await;
+        let fwd = start(config(vec![peer]), observer()).await;
+        let asks = (0..LOOP_DEPTH as u16).map(|i| ask_udp(fwd.udp, "example.com.", 0x100 + i));
+        for reply in futures_util::future::join_all(asks).await {
+            assert_eq!(addrs(&reply), vec!["192.0.2.1".parse::<IpAddr>().unwrap()]);
+        }
+        assert_eq!(seen.load(Ordering::SeqCst), u64::from(LOOP_DEPTH));
+        assert_eq!(fwd.forwarder.loops_refused(), 0);
+    }
+
+    struct Asks(SocketAddr);
+
+    impl AskedServer for Asks {
+        fn udp(&self, _: SocketAddr, _: SocketAddr) -> Option<SocketAddr> {
+            Some(self.0)
+        }
+        fn tcp(&self, _: &TcpStream, _: SocketAddr) -> Option<SocketAddr> {
+            Some(self.0)
+        }
+    }
+
+    #[tokio::test]
+    async fn each_query_goes_to_the_server_its_client_asked() {
+        let upstream = fake_upstream().await;
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (udp_addr, tcp_addr) = (udp.local_addr().unwrap(), tcp.local_addr().unwrap());
+        let cfg = ForwarderConfig {
+            upstreams: Upstreams::Asked { fallback: vec![closed_port().await] },
+            timeout: Duration::from_millis(300),
+            ..ForwarderConfig::default()
+        };
+        let (_stop, shutdown) = watch::channel(false);
+        let _fwd = DnsForwarder::serve(udp, tcp, cfg, observer(), Arc::new(Asks(upstream)), shutdown);
+        let reply = ask_udp(udp_addr, "example.com.", 0x51).await;
+        assert_eq!(addrs(&reply), vec!["192.0.2.1".parse::<IpAddr>().unwrap()]);
+        let mut stream = TcpStream::connect(tcp_addr).await.unwrap();
+        write_frame(&mut stream, &query("example.com.", 0x52)).await.unwrap();
+        let reply = Message::from_vec(&timeout(WAIT, read_frame(&mut stream)).await.unwrap().unwrap()).unwrap();
+        assert_eq!(addrs(&reply), vec!["192.0.2.1".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[tokio::test]
+    async fn a_query_asked_of_us_is_never_forwarded_to_us() {
+        // The client asked our own address, and the fallback is us too:
+        // servfail at once, no round.
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let own = udp.local_addr().unwrap();
+        let cfg = ForwarderConfig {
+            upstreams: Upstreams::Asked { fallback: vec![own] },
+            timeout: Duration::from_secs(3),
+            ..ForwarderConfig::default()
+        };
+        let (_stop, shutdown) = watch::channel(false);
+        let _fwd = DnsForwarder::serve(udp, tcp, cfg, observer(), Arc::new(Asks(own)), shutdown);
+        let asked = Instant::now();
+        let reply = ask_udp(own, "example.com.", 0x53).await;
+        assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
+        assert!(asked.elapsed() < Duration::from_secs(1), "{:?}", asked.elapsed());
     }
 
     #[tokio::test]
