@@ -564,7 +564,7 @@ impl Redirector for EbpfRedirector {
                 let _ = map.remove(&key);
                 Some(workload_of(&entry))
             })))
-            .with_dns(Arc::new(move |client: ClientAddr| {
+            .with_dns(Arc::new(move |client: ClientAddr, _local| {
                 // Lookups only (no lock): the kernel keeps the entries fresh.
                 let entry = dns_by_addr.get(&sock_key(client.0), 0).ok()?;
                 Some(dns_server_of(&entry))

@@ -6,6 +6,7 @@
 //! [`OrigDstResolver`] is what the data plane uses per connection; it never
 //! names eBPF or iptables.
 
+pub mod conntrack;
 pub mod ebpf;
 pub mod iptables;
 pub mod liveness;
@@ -101,8 +102,9 @@ pub trait OrigDstResolver: Send + Sync + 'static {
     }
 }
 
-/// Finds a redirected DNS datagram's server from its client's address.
-pub type DnsOrigLookup = Arc<dyn Fn(ClientAddr) -> Option<SocketAddr> + Send + Sync>;
+/// Finds a redirected DNS datagram's server from its client's address and
+/// the address it was received on.
+pub type DnsOrigLookup = Arc<dyn Fn(ClientAddr, SocketAddr) -> Option<SocketAddr> + Send + Sync>;
 
 /// Kernel state that sends target connections to the proxy.
 pub trait Redirector: Send {
@@ -163,8 +165,8 @@ impl OrigDstResolver for SockoptResolver {
         self.workloads.as_ref().and_then(|f| f(client))
     }
 
-    fn dns_original_dst(&self, client: ClientAddr, _local: SocketAddr) -> Option<OrigDstAddr> {
-        self.dns.as_ref().and_then(|f| f(client)).map(OrigDstAddr)
+    fn dns_original_dst(&self, client: ClientAddr, local: SocketAddr) -> Option<OrigDstAddr> {
+        self.dns.as_ref().and_then(|f| f(client, local)).map(OrigDstAddr)
     }
 }
 
@@ -186,8 +188,14 @@ impl Redirector for NoRedirect {
         Ok(())
     }
     fn resolver(&self) -> Arc<dyn OrigDstResolver> {
-        Arc::new(SockoptResolver::new(None))
+        Arc::new(SockoptResolver::new(None).with_dns(conntrack_dns()))
     }
+}
+
+/// DNS datagrams' servers from conntrack, for NAT redirects (ours in
+/// iptables mode, or whatever redirects in `none` mode).
+pub fn conntrack_dns() -> DnsOrigLookup {
+    Arc::new(|client: ClientAddr, local: SocketAddr| conntrack::udp_original_dst(local, client.0))
 }
 
 /// A resolver with fixed answers, for in-process tests.
