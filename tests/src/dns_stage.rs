@@ -114,13 +114,15 @@ pub fn start_dns(netns: &Netns, addr: SocketAddr) -> Result<tokio::task::JoinHan
 }
 
 /// A resolver that answers nothing itself: it asks `upstream` (port 53)
-/// from a fresh connected UDP socket with an ID of its own, as
-/// systemd-resolved's stub, CoreDNS's `forward` and dnsmasq do, and relays
-/// the answer. It appends the address of each client to its log file and
-/// creates `ready` once it listens.
+/// from a fresh UDP socket with an ID of its own and relays the answer.
+/// `connected`: the socket is connected to the upstream, as
+/// systemd-resolved's stub and CoreDNS's `forward` (Go) do; `unconnected`:
+/// `sendto`/`recvfrom`, keeping only replies whose source is the upstream,
+/// as dnsmasq does. It appends the address of each client to its log file
+/// and creates `ready` once it listens.
 pub const RELAY_PY: &str = r#"
 import random, socket, struct, sys, threading
-listen, upstream, log, ready = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+listen, upstream, log, ready, mode = sys.argv[1:6]
 srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 srv.bind((listen, 53))
 lock = threading.Lock()
@@ -130,12 +132,15 @@ def handle(query, peer):
     up = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     up.settimeout(5)
     try:
-        up.connect((upstream, 53))
         qid = struct.pack("!H", random.randrange(65536))
-        up.send(qid + query[2:])
+        if mode == "connected":
+            up.connect((upstream, 53))
+            up.send(qid + query[2:])
+        else:
+            up.sendto(qid + query[2:], (upstream, 53))
         while True:
-            reply = up.recv(65535)
-            if reply[:2] == qid:
+            reply, source = up.recvfrom(65535)
+            if reply[:2] == qid and source == (upstream, 53):
                 break
         srv.sendto(query[:2] + reply[2:], peer)
     except OSError:
@@ -319,12 +324,13 @@ impl DnsStage {
 
     /// Starts [`RELAY_PY`] on `listen`:53 in the client cgroup (covered by
     /// the redirect, like every resolver on a host the interceptor covers at
-    /// the cgroup root), asking `upstream`. Returns once it listens; its log
-    /// is `log`.
+    /// the cgroup root), asking `upstream` from `connected` or unconnected
+    /// sockets. Returns once it listens; its log is `log`.
     pub async fn start_relay(
         &self,
         listen: &str,
         upstream: &str,
+        connected: bool,
         log: &std::path::Path,
     ) -> Result<tokio::process::Child> {
         let ready = self.path(&format!("{listen}.ready"));
@@ -332,6 +338,7 @@ impl DnsStage {
         c.args(["-c", RELAY_PY, listen, upstream])
             .arg(log)
             .arg(&ready)
+            .arg(if connected { "connected" } else { "unconnected" })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -168,17 +168,21 @@ async fn getent(stage: &DnsStage, resolv: &std::path::Path, name: &str) -> Resul
 /// A host whose resolver is a systemd-resolved-like stub on 127.0.0.53 and
 /// a node with a CoreDNS-like forwarder, both inside the covered cgroup,
 /// both relaying to their own upstream (the stub to the CoreDNS-like
-/// forwarder, that one to the namespace's resolver): every query of theirs
-/// is redirected to the interceptor, which sends it on to the server that
-/// was asked. Nothing goes round, names resolve, and answers are still
-/// learned from.
+/// forwarder, that one to the namespace's resolver), and a dnsmasq-like
+/// relay (unconnected sockets, replies checked against the upstream's
+/// address): every query of theirs is redirected to the interceptor, which
+/// sends it on to the server that was asked. Nothing goes round, names
+/// resolve, and answers are still learned from.
 async fn covered_resolvers_keep_resolving(redirect: &str) -> Result<()> {
     let stage = DnsStage::asking_clients_servers(&format!("dns_stub_{redirect}"), redirect)?;
     stage.netns.add_addr("lo", "198.18.0.54/32")?;
+    stage.netns.add_addr("lo", "198.18.0.55/32")?;
     let coredns_log = stage.path("coredns.log");
     let stub_log = stage.path("stub.log");
-    let _coredns = stage.start_relay("198.18.0.54", "198.18.0.53", &coredns_log).await?;
-    let _stub = stage.start_relay("127.0.0.53", "198.18.0.54", &stub_log).await?;
+    let dnsmasq_log = stage.path("dnsmasq.log");
+    let _coredns = stage.start_relay("198.18.0.54", "198.18.0.53", true, &coredns_log).await?;
+    let _stub = stage.start_relay("127.0.0.53", "198.18.0.54", true, &stub_log).await?;
+    let _dnsmasq = stage.start_relay("198.18.0.55", "198.18.0.53", false, &dnsmasq_log).await?;
     let via_stub = stage.path("resolv.stub");
     std::fs::write(&via_stub, "nameserver 127.0.0.53\noptions timeout:2 attempts:2\n")?;
     let via_coredns = stage.path("resolv.coredns");
@@ -241,6 +245,14 @@ async fn covered_resolvers_keep_resolving(redirect: &str) -> Result<()> {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.contains("interceptor CA"), "first connection not intercepted: {err}");
 
+    // Through the dnsmasq-like relay.
+    let via_dnsmasq = stage.path("resolv.dnsmasq");
+    std::fs::write(&via_dnsmasq, "nameserver 198.18.0.55\noptions timeout:2 attempts:2\n")?;
+    let (ok, text, took) = getent(&stage, &via_dnsmasq, "example.test").await?;
+    assert!(ok && text.contains("198.18.0.42"), "through the dnsmasq-like relay: {text}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert!((1..=4).contains(&queries_seen(&dnsmasq_log)), "{}", queries_seen(&dnsmasq_log));
+
     // A client asking the public-style resolver directly, over UDP and TCP.
     let (ok, text, _) = getent(&stage, &stage.resolv, "example.test").await?;
     assert!(ok && text.contains("198.18.0.42"), "asking the resolver directly: {text}");
@@ -296,7 +308,7 @@ async fn a_configured_upstream_whose_queries_come_back_is_refused_as_a_loop() ->
     }
     let stage = DnsStage::configured("dns_loop", "ebpf", "[\"127.0.0.53\"]")?;
     let stub_log = stage.path("stub.log");
-    let _stub = stage.start_relay("127.0.0.53", "198.18.0.53", &stub_log).await?;
+    let _stub = stage.start_relay("127.0.0.53", "198.18.0.53", true, &stub_log).await?;
     let via_stub = stage.path("resolv.stub");
     std::fs::write(&via_stub, "nameserver 127.0.0.53\noptions timeout:2 attempts:1\n")?;
     let (ok, text, took) = getent(&stage, &via_stub, "example.test").await?;
