@@ -189,6 +189,68 @@ for _ in range(ancount):
     i += rdlen
 "#;
 
+/// Runs a command in `netns` and `cgroup` with `resolv` bind-mounted on
+/// /etc/resolv.conf.
+pub async fn run_in(
+    netns: &Netns,
+    cgroup: &Cgroup,
+    resolv: &std::path::Path,
+    cmd: &[&str],
+) -> Result<std::process::Output> {
+    let mut c = tokio::process::Command::new(tool("unshare"));
+    c.args(["--mount", "--propagation", "private", "--"])
+        .arg(tool("sh"))
+        .args(["-c", r#"mount --bind "$1" /etc/resolv.conf && shift && exec "$@""#, "sh"])
+        .arg(resolv)
+        .args(cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = spawn_in_tokio(&mut c, Some(netns), Some(cgroup))?;
+    Ok(tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await??)
+}
+
+/// Starts [`RELAY_PY`] on `listen`:53 in `netns` and `cgroup`, asking
+/// `upstream` from `connected` or unconnected sockets. Returns once it
+/// listens (it creates `ready`); its log is `log`.
+pub async fn start_relay_in(
+    netns: &Netns,
+    cgroup: &Cgroup,
+    listen: &str,
+    upstream: &str,
+    connected: bool,
+    log: &std::path::Path,
+    ready: &std::path::Path,
+) -> Result<tokio::process::Child> {
+    let mut c = tokio::process::Command::new("python3");
+    c.args(["-c", RELAY_PY, listen, upstream])
+        .arg(log)
+        .arg(ready)
+        .arg(if connected { "connected" } else { "unconnected" })
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = spawn_in_tokio(&mut c, Some(netns), Some(cgroup))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ready.exists() {
+        if let Some(status) = child.try_wait()? {
+            let mut err = String::new();
+            if let Some(mut stderr) = child.stderr.take() {
+                use tokio::io::AsyncReadExt;
+                let _ = stderr.read_to_string(&mut err).await;
+            }
+            bail!("relay on {listen} exited: {status}: {err}");
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("relay on {listen} not ready");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(child)
+}
+
 pub struct DnsStage {
     pub netns: Netns,
     _root: Cgroup,
@@ -286,18 +348,7 @@ impl DnsStage {
     /// Runs a command in the client cgroup and namespace with `resolv` as
     /// its /etc/resolv.conf.
     pub async fn run_with(&self, resolv: &std::path::Path, cmd: &[&str]) -> Result<std::process::Output> {
-        let mut c = tokio::process::Command::new(tool("unshare"));
-        c.args(["--mount", "--propagation", "private", "--"])
-            .arg(tool("sh"))
-            .args(["-c", r#"mount --bind "$1" /etc/resolv.conf && shift && exec "$@""#, "sh"])
-            .arg(resolv)
-            .args(cmd)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let child = spawn_in_tokio(&mut c, Some(&self.netns), Some(&self.client_cg))?;
-        Ok(tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await??)
+        run_in(&self.netns, &self.client_cg, resolv, cmd).await
     }
 
     /// curl to `url`; returns the certificate issuer it saw.
@@ -334,32 +385,7 @@ impl DnsStage {
         log: &std::path::Path,
     ) -> Result<tokio::process::Child> {
         let ready = self.path(&format!("{listen}.ready"));
-        let mut c = tokio::process::Command::new("python3");
-        c.args(["-c", RELAY_PY, listen, upstream])
-            .arg(log)
-            .arg(&ready)
-            .arg(if connected { "connected" } else { "unconnected" })
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = spawn_in_tokio(&mut c, Some(&self.netns), Some(&self.client_cg))?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !ready.exists() {
-            if let Some(status) = child.try_wait()? {
-                let mut err = String::new();
-                if let Some(mut stderr) = child.stderr.take() {
-                    use tokio::io::AsyncReadExt;
-                    let _ = stderr.read_to_string(&mut err).await;
-                }
-                bail!("relay on {listen} exited: {status}: {err}");
-            }
-            if std::time::Instant::now() > deadline {
-                bail!("relay on {listen} not ready");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(child)
+        start_relay_in(&self.netns, &self.client_cg, listen, upstream, connected, log, &ready).await
     }
 
     pub fn targets(&self) -> Result<Value> {

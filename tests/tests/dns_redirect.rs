@@ -7,8 +7,11 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use interceptor::testing::{require_privileges, tool};
-use interceptor_tests::dns_stage::DnsStage;
+use interceptor::testing::{Cgroup, Netns, require_privileges, tool, veth_pair};
+use interceptor_tests::{
+    dns_stage::{DnsStage, run_in, start_dns, start_relay_in},
+    stage::start_interceptor,
+};
 use serde_json::Value;
 
 fn has_net(targets: &Value, net: &str) -> bool {
@@ -321,5 +324,50 @@ async fn a_configured_upstream_whose_queries_come_back_is_refused_as_a_loop() ->
     assert!(seen <= bound, "the stub saw {seen} queries (bound {bound})");
     let log = stage.proxy.log_text();
     assert!(log.contains("dns loop") && log.contains("example.test"), "{log}");
+    Ok(())
+}
+
+/// A node and a pod (its own network namespace behind a veth, its own
+/// cgroup under the attach point): a CoreDNS-like forwarder in the pod
+/// relays to the node's resolver, and a client in the pod asks it. Both
+/// queries reach the interceptor on the node from the pod's address; each
+/// goes on to the server that was asked (the pod, then the node's
+/// resolver). Names resolve and AI answers are learned from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coredns_like_forwarder_in_a_pod_keeps_resolving_and_is_learned_from() -> Result<()> {
+    if !require_privileges("a_coredns_like_forwarder_in_a_pod_keeps_resolving_and_is_learned_from") {
+        return Ok(());
+    }
+    let node = Netns::new("dnspod_node")?;
+    let pod = Netns::new("dnspod_pod")?;
+    let _veth = veth_pair(Some(&node), &pod, "198.18.1.1/24", "198.18.1.2/24")?;
+    pod.run(&["route", "add", "default", "via", "198.18.1.1"])?;
+    node.add_addr("lo", "198.18.0.53/32")?;
+    let _dns = start_dns(&node, "198.18.0.53:53".parse()?)?;
+    let root = Cgroup::new("dnspod_root")?;
+    let agent_cg = Cgroup::new("dnspod_agent")?;
+    let pod_cg = root.child("pod")?;
+    let config = "[proxy]\naddress_v4 = \"198.18.1.1\"\naddress_v6 = \"\"\n[targets]\nmode = \"dns\"\ncidrs = []\n";
+    let proxy = start_interceptor(&node, &agent_cg, &root, config, "ebpf")?;
+
+    let dir = tempfile::tempdir()?;
+    let coredns_log = dir.path().join("coredns.log");
+    let _coredns =
+        start_relay_in(&pod, &pod_cg, "198.18.1.2", "198.18.0.53", true, &coredns_log, &dir.path().join("ready"))
+            .await?;
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 198.18.1.2\noptions timeout:2 attempts:2\n")?;
+
+    let started = std::time::Instant::now();
+    let out = run_in(&pod, &pod_cg, &resolv, &["getent", "ahostsv4", "example.test"]).await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("198.18.0.42"), "{text}\n{}", proxy.log_text());
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    let out = run_in(&pod, &pod_cg, &resolv, &["getent", "ahostsv4", "api.openai.com"]).await?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(has_net(&proxy.status(&node)?["targets"], "198.18.0.40/32"), "not learned through the pod's resolver");
+    let seen = queries_seen(&coredns_log);
+    assert!((2..=8).contains(&seen), "the CoreDNS-like forwarder saw {seen} queries");
+    assert!(!proxy.log_text().contains("dns loop"), "{}", proxy.log_text());
     Ok(())
 }
