@@ -256,6 +256,15 @@ async fn covered_resolvers_keep_resolving(redirect: &str) -> Result<()> {
     assert!(took < Duration::from_secs(2), "took {took:?}");
     assert!((1..=4).contains(&queries_seen(&dnsmasq_log)), "{}", queries_seen(&dnsmasq_log));
 
+    // A resolver asked over IPv6.
+    stage.netns.run(&["addr", "add", "2001:db8::53/128", "dev", "lo", "nodad"])?;
+    let _dns6 = start_dns(&stage.netns, "[2001:db8::53]:53".parse()?)?;
+    let via_v6 = stage.path("resolv.v6");
+    std::fs::write(&via_v6, "nameserver 2001:db8::53\noptions timeout:2 attempts:2\n")?;
+    let (ok, text, took) = getent(&stage, &via_v6, "example.test").await?;
+    assert!(ok && text.contains("198.18.0.42"), "asking an IPv6 resolver: {text}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+
     // A client asking the public-style resolver directly, over UDP and TCP.
     let (ok, text, _) = getent(&stage, &stage.resolv, "example.test").await?;
     assert!(ok && text.contains("198.18.0.42"), "asking the resolver directly: {text}");
