@@ -195,6 +195,7 @@ async fn covered_resolvers_keep_resolving(redirect: &str) -> Result<()> {
     let (ok, text, took) = getent(&stage, &via_stub, "example.test").await?;
     assert!(ok && text.contains("198.18.0.42"), "through the stub: {text}\n{}", stage.proxy.log_text());
     assert!(took < Duration::from_secs(2), "took {took:?}: a retry or a loop");
+    eprintln!("{redirect}: getent through the stub and the CoreDNS-like forwarder took {took:?}");
     // Each query went through the stub once and through the CoreDNS-like
     // forwarder once: nothing went round.
     let (stub_seen, coredns_seen) = (queries_seen(&stub_log), queries_seen(&coredns_log));
@@ -287,6 +288,7 @@ async fn covered_resolvers_keep_resolving(redirect: &str) -> Result<()> {
 
     // Bounded, whatever was asked.
     let (stub_seen, coredns_seen) = (queries_seen(&stub_log), queries_seen(&coredns_log));
+    eprintln!("{redirect}: the stub saw {stub_seen} queries, the CoreDNS-like forwarder {coredns_seen}");
     assert!(stub_seen <= 12, "the stub saw {stub_seen} queries");
     assert!(coredns_seen <= 24, "the CoreDNS-like forwarder saw {coredns_seen} queries");
     assert!(!stage.proxy.log_text().contains("dns loop"), "{}", stage.proxy.log_text());
@@ -327,6 +329,7 @@ async fn a_configured_upstream_whose_queries_come_back_is_refused_as_a_loop() ->
     assert!(!ok, "resolved through a loop? {text}");
     assert!(took < Duration::from_secs(3), "took {took:?}");
     let seen = queries_seen(&stub_log);
+    eprintln!("loop refused: getent failed after {took:?}; the stub saw {seen} queries");
     // getent asks once per family at most; each query is cut after
     // LOOP_DEPTH rounds.
     let bound = 2 * (interceptor::dns::LOOP_DEPTH as usize + 1);
