@@ -6,7 +6,9 @@
 //! the forwarder only sees addresses, and at those hooks a connected UDP
 //! socket (glibc, systemd-resolved, Go) has no local port yet. The packet on
 //! its way out has both its final source and the sending socket. Attached
-//! only while DNS is redirected; every other packet costs a few loads.
+//! only while DNS is redirected; every other packet costs one 44-byte load
+//! and a few compares (about 100 ns per packet measured with
+//! `kernel.bpf_stats_enabled`, which adds its own clock reads).
 
 use aya_ebpf::{
     EbpfContext as _, helpers::generated::bpf_get_socket_cookie, macros::cgroup_skb, programs::SkBuffContext,
@@ -18,13 +20,30 @@ use crate::maps::{DNS_BY_ADDR, DNS_ORIG, bump, enabled_config};
 /// Program return code for cgroup skb programs: let the packet pass.
 const PASS: i32 = 1;
 const IPPROTO_UDP: u8 = 17;
-const IPV6_HEADER_LEN: usize = 40;
+/// The bytes read from every packet, with one helper call: an IPv6 header
+/// and the UDP ports after it, or an IPv4 header without options and the
+/// ports after it. Every DNS query is longer (a 12-byte header and a
+/// question follow the UDP header); shorter packets are not looked at.
+const HEAD: usize = 44;
 
 #[cgroup_skb(egress)]
 pub fn note_dns_source(ctx: SkBuffContext) -> i32 {
     let _ = try_note(&ctx);
     // Never drops anything: this program only records.
     PASS
+}
+
+/// `N` bytes of `head` from `at` (constant indexes: no slice comparison,
+/// which would need memcmp).
+#[inline(always)]
+fn bytes<const N: usize>(head: &[u8; HEAD], at: usize) -> [u8; N] {
+    let mut out = [0u8; N];
+    let mut i = 0;
+    while i < N {
+        out[i] = head[at + i];
+        i += 1;
+    }
+    out
 }
 
 fn try_note(ctx: &SkBuffContext) -> Result<(), i64> {
@@ -35,29 +54,29 @@ fn try_note(ctx: &SkBuffContext) -> Result<(), i64> {
         return Ok(());
     }
     // The packet starts at its IP header in cgroup skb programs.
-    let first: u8 = ctx.load(0)?;
-    let (src, udp_offset) = match first >> 4 {
+    let head: [u8; HEAD] = ctx.load(0)?;
+    let (src, ports) = match head[0] >> 4 {
         4 => {
-            if ctx.load::<u8>(9)? != IPPROTO_UDP || ctx.load::<[u8; 4]>(16)? != cfg.proxy_addr_v4 {
+            if head[9] != IPPROTO_UDP || bytes::<4>(&head, 16) != cfg.proxy_addr_v4 {
                 return Ok(());
             }
-            (v4_mapped(ctx.load::<[u8; 4]>(12)?), usize::from(first & 0x0f) * 4)
+            let header_len = usize::from(head[0] & 0x0f) * 4;
+            let ports = if header_len == 20 { bytes::<4>(&head, 20) } else { ctx.load::<[u8; 4]>(header_len)? };
+            (v4_mapped(bytes::<4>(&head, 12)), ports)
         }
         6 => {
             // Extension headers are not followed: DNS queries carry none.
             if cfg.flags & CONFIG_F_HAVE_V6 == 0
-                || ctx.load::<u8>(6)? != IPPROTO_UDP
-                || ctx.load::<[u8; 16]>(24)? != cfg.proxy_addr_v6
+                || head[6] != IPPROTO_UDP
+                || bytes::<16>(&head, 24) != cfg.proxy_addr_v6
             {
                 return Ok(());
             }
-            (ctx.load::<[u8; 16]>(8)?, IPV6_HEADER_LEN)
+            (bytes::<16>(&head, 8), bytes::<4>(&head, 40))
         }
         _ => return Ok(()),
     };
-    // Source and destination ports, network order, at the start of the UDP
-    // header.
-    let ports: [u8; 4] = ctx.load(udp_offset)?;
+    // Source and destination ports, network order.
     if u16::from_be_bytes([ports[2], ports[3]]) != cfg.dns_port {
         return Ok(());
     }
