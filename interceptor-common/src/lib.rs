@@ -25,6 +25,10 @@ pub const MAP_BY_ADDR: &str = "ORIG_BY_ADDR";
 /// Name of the map from socket cookie to the DNS server a UDP socket aimed
 /// at ([`DnsOrig`]), to restore the source of the forwarder's replies.
 pub const MAP_DNS_ORIG: &str = "DNS_ORIG";
+/// Name of the map from a client's address ([`SockKey`]: the source of its
+/// redirected DNS datagrams, as the forwarder sees it) to the server the
+/// datagram was sent to ([`DnsOrig`]): the forwarder asks that server.
+pub const MAP_DNS_BY_ADDR: &str = "DNS_BY_ADDR";
 /// Name of the per-CPU counters array (see the `STAT_*` indexes).
 pub const MAP_STATS: &str = "STATS";
 /// Name of the one-slot array holding the proxy's last heartbeat, in
@@ -58,7 +62,10 @@ pub const STAT_FAIL_OPEN: u32 = 8;
 /// Connects to a target refused because the proxy's heartbeat was stale
 /// (fail closed).
 pub const STAT_FAIL_CLOSED: u32 = 9;
-pub const STAT_MAX: u32 = 10;
+/// Redirected DNS datagrams whose server was recorded under the client's
+/// address for the forwarder ([`MAP_DNS_BY_ADDR`]).
+pub const STAT_DNS_NOTED: u32 = 10;
+pub const STAT_MAX: u32 = 11;
 
 /// `RedirectConfig::flags`: redirect is active. Cleared, the programs let
 /// every connection through untouched.

@@ -3,14 +3,24 @@
 //! from the answers before the client sees them). For UDP the real server is
 //! remembered per socket, and `cgroup/recvmsg4`/`recvmsg6` give the replies
 //! that server's address back as their source: resolvers such as glibc drop
-//! answers from an unexpected address.
+//! answers from an unexpected address. The forwarder asks the server the
+//! client asked: for UDP, `dns_egress` files that server under the client's
+//! address; for TCP, the connection is recorded like a redirected target
+//! connection, and the forwarder reads it with `SO_ORIGINAL_DST`.
 
 use aya_ebpf::{
     EbpfContext as _, helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
 };
-use interceptor_common::{CONFIG_F_HAVE_V6, DnsOrig, RedirectConfig, STAT_DNS_REDIRECTED, as_v4, v4_mapped};
+use interceptor_common::{
+    AF_INET, AF_INET6, CONFIG_F_HAVE_V6, DnsOrig, RedirectConfig, STAT_DNS_REDIRECTED, as_v4, v4_mapped,
+};
 
-use crate::maps::{ALLOW, DNS_ORIG, SOCK_DGRAM, bump, bytes_to_words, enabled_config, proxy_alive, words_to_bytes};
+use crate::{
+    connect4::record,
+    maps::{
+        ALLOW, DNS_ORIG, SOCK_DGRAM, SOCK_STREAM, bump, bytes_to_words, enabled_config, proxy_alive, words_to_bytes,
+    },
+};
 
 pub const DNS_PORT: u16 = 53;
 
@@ -48,8 +58,13 @@ fn remember_server(ctx: &SockAddrContext, addr: [u8; 16], port: u16) {
 pub fn redirect_dns4(ctx: &SockAddrContext, cfg: &RedirectConfig) {
     // SAFETY: valid context for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
+    let server = v4_mapped(sa.user_ip4.to_ne_bytes());
     if sa.type_ == SOCK_DGRAM {
-        remember_server(ctx, v4_mapped(sa.user_ip4.to_ne_bytes()), DNS_PORT);
+        remember_server(ctx, server, DNS_PORT);
+    } else if sa.type_ == SOCK_STREAM {
+        // Without a record the forwarder falls back to its other upstreams:
+        // DNS keeps working, so a full map is no reason to refuse.
+        let _ = record(ctx, server, DNS_PORT, AF_INET);
     }
     sa.user_ip4 = u32::from_ne_bytes(cfg.proxy_addr_v4);
     sa.user_port = u32::from(cfg.dns_port.to_be());
@@ -72,6 +87,9 @@ pub fn redirect_dns6(ctx: &SockAddrContext, cfg: &RedirectConfig) {
     };
     if sa.type_ == SOCK_DGRAM {
         remember_server(ctx, addr, DNS_PORT);
+    } else if sa.type_ == SOCK_STREAM {
+        let family = if as_v4(&addr).is_some() { AF_INET } else { AF_INET6 };
+        let _ = record(ctx, addr, DNS_PORT, family);
     }
     sa.user_ip6 = bytes_to_words(forwarder);
     sa.user_port = u32::from(cfg.dns_port.to_be());

@@ -11,6 +11,11 @@
 //! * `getsockopt` (cgroup/getsockopt): answers `SO_ORIGINAL_DST` /
 //!   `IP6T_SO_ORIGINAL_DST` on the proxy's accepted sockets from that record,
 //!   so the proxy has one code path for eBPF and iptables redirect.
+//! * `dns` (in the connect, sendmsg and cgroup/recvmsg4/6 hooks): DNS to port
+//!   53 goes to the forwarder, and replies seem to come from the server the
+//!   client asked.
+//! * `dns_egress` (cgroup_skb/egress): files that server under the address
+//!   the forwarder sees as the client, so it can ask that very server.
 //!
 //! The programs never touch a socket that is not aimed at a target.
 #![no_std]
@@ -19,6 +24,7 @@
 mod connect4;
 mod connect6;
 mod dns;
+mod dns_egress;
 mod getsockopt;
 mod maps;
 mod sendmsg;

@@ -35,6 +35,12 @@ pub static ORIG_BY_ADDR: LruHashMap<SockKey, OrigDst> = LruHashMap::with_max_ent
 #[map(name = "DNS_ORIG")]
 pub static DNS_ORIG: LruHashMap<u64, DnsOrig> = LruHashMap::with_max_entries(ORIG_DST_MAX, 0);
 
+/// Kept, not deleted on read: one socket sends several queries (A and AAAA
+/// at once); the LRU bound keeps it small, and a socket reusing the address
+/// overwrites the entry with its first datagram, before the forwarder reads.
+#[map(name = "DNS_BY_ADDR")]
+pub static DNS_BY_ADDR: LruHashMap<SockKey, DnsOrig> = LruHashMap::with_max_entries(ORIG_DST_MAX, 0);
+
 /// The proxy's last heartbeat (`bpf_ktime_get_ns` clock), written by user space.
 #[map(name = "HEARTBEAT")]
 pub static HEARTBEAT: Array<u64> = Array::with_max_entries(1, 0);

@@ -24,13 +24,14 @@ use crate::{
     ca::{CertificateAuthority, LeafIssuer, LeafSettings, NameConstraintsSpec},
     config::Backend,
     config::{Config, Overrides, RedirectMode, TargetMode},
-    dns::{self, DnsForwarder, DnsObserver, ForwarderConfig, Learned},
+    dns::{self, AskedServer, DnsForwarder, DnsObserver, ForwarderConfig, Learned, Upstreams},
     guardrails::{
         akto::AktoClient,
         engine::{Engine, Policy},
         pipeline::{Guardrails, Pipeline},
     },
     metrics::Metrics,
+    net::ClientAddr,
     policy::DomainPolicy,
     proxy::hook::Hook,
     proxy::{
@@ -38,7 +39,7 @@ use crate::{
         tls::TlsTermination,
         upstream::{UpstreamPool, client_tls_config},
     },
-    redirect::{NoRedirect, Redirector, ebpf::EbpfRedirector, iptables::IptablesRedirector},
+    redirect::{NoRedirect, OrigDstResolver, Redirector, ebpf::EbpfRedirector, iptables::IptablesRedirector},
     targets::{TargetResolver, TargetSet},
     telemetry,
 };
@@ -80,7 +81,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .with_context(|| format!("starting the admin API on {}", config.admin.address))?;
 
     // Without a resolver to forward to, redirecting DNS would black-hole it:
-    // learn nothing rather than break name resolution, and say so.
+    // learn nothing rather than break name resolution, and say so. (By
+    // default each query goes to the server its client asked, so this only
+    // happens when every configured upstream is one of our own addresses.)
     let dns_upstreams = match config.targets.mode {
         TargetMode::Dns => match dns_upstreams(&config) {
             Ok(u) => Some(u),
@@ -182,6 +185,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     } else {
         None
     };
+    let records = RedirectRecords(redirector.resolver());
     let plane = DataPlane {
         resolver: redirector.resolver(),
         settings,
@@ -215,8 +219,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         });
         tracing::info!(upstreams = ?upstreams, port = dns_port, "DNS forwarder listening");
         let cfg = ForwarderConfig { upstreams, mark: config.proxy.mark, ..ForwarderConfig::default() };
+        let records: Arc<dyn AskedServer> = Arc::new(records);
         for (udp, tcp) in sockets {
-            forwarders.push(DnsForwarder::serve(udp, tcp, cfg.clone(), learner.clone(), shutdown_rx_dns.clone()));
+            forwarders.push(DnsForwarder::serve(
+                udp,
+                tcp,
+                cfg.clone(),
+                learner.clone(),
+                Arc::clone(&records),
+                shutdown_rx_dns.clone(),
+            ));
         }
     }
     let mut control = Control {
@@ -376,27 +388,51 @@ async fn bind_dns(config: &Config, port: u16) -> anyhow::Result<Vec<(UdpSocket, 
     Ok(out)
 }
 
-/// The resolvers the forwarder asks: configured, else /etc/resolv.conf's.
-fn dns_upstreams(config: &Config) -> anyhow::Result<Vec<SocketAddr>> {
+/// Where the forwarder sends queries: the configured resolvers, else the
+/// server each client asked, with /etc/resolv.conf's resolvers for queries
+/// whose server cannot be told.
+fn dns_upstreams(config: &Config) -> anyhow::Result<Upstreams> {
     let own: [Option<std::net::IpAddr>; 2] =
         [Some(config.proxy.address_v4.into()), config.proxy.address_v6.map(std::net::IpAddr::from)];
+    // Never forward to ourselves.
+    let not_own = |u: &SocketAddr| !(u.port() == config.targets.dns_port && own.contains(&Some(u.ip())));
     let configured: Vec<SocketAddr> =
         config.targets.dns_upstreams.iter().filter_map(|u| crate::config::parse_dns_upstream(u)).collect();
-    let upstreams = if configured.is_empty() {
-        let text = std::fs::read_to_string("/etc/resolv.conf").context("reading /etc/resolv.conf for DNS upstreams")?;
-        dns::system_upstreams(&text)
-    } else {
-        configured
-    };
-    // Never forward to ourselves.
-    let upstreams: Vec<SocketAddr> = upstreams
-        .into_iter()
-        .filter(|u| !(u.port() == config.targets.dns_port && own.contains(&Some(u.ip()))))
-        .collect();
-    if upstreams.is_empty() {
-        anyhow::bail!("no DNS upstream: set targets.dns_upstreams, or use targets.mode = \"resolve\"");
+    if !configured.is_empty() {
+        let upstreams: Vec<SocketAddr> = configured.into_iter().filter(not_own).collect();
+        if upstreams.is_empty() {
+            anyhow::bail!(
+                "targets.dns_upstreams names only the interceptor's own DNS port: set other resolvers, or leave it \
+                 empty to ask the server each client asked"
+            );
+        }
+        return Ok(Upstreams::Configured(upstreams));
     }
-    Ok(upstreams)
+    let fallback = match std::fs::read_to_string("/etc/resolv.conf") {
+        Ok(text) => dns::system_upstreams(&text).into_iter().filter(not_own).collect(),
+        Err(error) => {
+            tracing::warn!(%error, "cannot read /etc/resolv.conf: DNS queries whose server cannot be told will fail");
+            Vec::new()
+        }
+    };
+    Ok(Upstreams::Asked { fallback })
+}
+
+/// The redirect's records, as the DNS forwarder asks for them.
+struct RedirectRecords(Arc<dyn OrigDstResolver>);
+
+impl AskedServer for RedirectRecords {
+    fn udp(&self, client: SocketAddr, local: SocketAddr) -> Option<SocketAddr> {
+        self.0.dns_original_dst(ClientAddr(client), local).map(|a| a.0)
+    }
+
+    fn tcp(&self, stream: &tokio::net::TcpStream, client: SocketAddr) -> Option<SocketAddr> {
+        let client = ClientAddr(client);
+        let asked = self.0.original_dst(stream, client).ok().map(|a| a.0);
+        // Consumes the connection's record (eBPF mode keeps one until read).
+        let _ = self.0.workload(client);
+        asked
+    }
 }
 
 /// The redirector and the target set, shared by the control loop and the

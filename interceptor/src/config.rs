@@ -405,8 +405,15 @@ pub struct TargetsConfig {
     pub unclassified: Unclassified,
     /// Port of the DNS forwarder (on the proxy addresses), `dns` mode.
     pub dns_port: u16,
-    /// Resolvers the forwarder asks (`ip` or `ip:port`). Empty: the
-    /// `nameserver` lines of /etc/resolv.conf.
+    /// Resolvers the forwarder asks (`ip` or `ip:port`), whatever the client
+    /// asked. Empty (default): each query goes to the server its client
+    /// asked (its original destination), and only a query whose server
+    /// cannot be told (sent to the forwarder's port directly) or cannot be
+    /// reached from here (a loopback resolver in another network namespace)
+    /// goes to the `nameserver` lines of /etc/resolv.conf. The forwarder's
+    /// own address is never asked. A resolver named here whose own queries
+    /// are redirected back (a covered stub such as 127.0.0.53) makes a loop,
+    /// which is refused with SERVFAIL after a few rounds.
     pub dns_upstreams: Vec<String>,
     /// Shortest time a learned address stays a target, whatever its TTL.
     #[serde(with = "humantime_serde")]

@@ -1,10 +1,21 @@
 //! DNS forwarder for DNS-aware targeting.
 //!
 //! Agents' DNS queries are redirected here by the kernel (not this module's
-//! concern). Each query is forwarded unchanged to an upstream resolver; when
-//! the answer maps an AI domain to addresses, the forwarder hands them to a
-//! [`DnsObserver`] and holds the reply until the observer returns, so the
-//! client's next `connect()` to those addresses is already redirected.
+//! concern). Each query is forwarded unchanged to the server its client
+//! asked (its original destination, which an [`AskedServer`] recovers), or to
+//! configured resolvers ([`Upstreams`]); when the answer maps an AI domain to
+//! addresses, the forwarder hands them to a [`DnsObserver`] and holds the
+//! reply until the observer returns, so the client's next `connect()` to
+//! those addresses is already redirected.
+//!
+//! Asking the server the client asked is what keeps DNS loop-free when
+//! resolvers themselves are covered: a stub such as systemd-resolved on
+//! 127.0.0.53, or CoreDNS in a pod, is asked by its clients through us, and
+//! its own upstream query comes through us too, on its way to its own
+//! upstream; nothing goes round. What could still go round (resolvers that
+//! send their queries to the forwarder's port directly, or configured
+//! upstreams whose own queries are redirected back) is detected and
+//! refused: see [`LOOP_DEPTH`].
 //! Answers about AI names lose their Encrypted ClientHello configurations
 //! (`ech` in HTTPS and SVCB records), so clients name the host they reach.
 //!
@@ -14,10 +25,14 @@
 //! configured `SO_MARK` so the redirect skips the forwarder's own traffic.
 
 use std::{
+    collections::HashMap,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6},
     os::fd::AsFd,
-    sync::Arc,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -51,6 +66,16 @@ pub const DEFAULT_OBSERVER_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Queries answered at once (and, separately, client TCP connections).
 pub const DEFAULT_MAX_INFLIGHT: usize = 1024;
+/// A query is a loop when it arrives from the host of upstream X, for a
+/// question that is already on its way to X this many times: X is asking
+/// us what we asked it. One or two at once happen legitimately (clients on
+/// X's host asking the same name concurrently); a loop adds one per round
+/// trip, so it is cut after this many rounds and X sees at most this many
+/// plus one copies.
+pub const LOOP_DEPTH: u32 = 8;
+/// At most one loop error is logged per this interval; the others are
+/// counted into the next one.
+const LOOP_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The largest DNS message: a UDP datagram or a TCP frame (RFC 1035 4.2.2).
 const MAX_MESSAGE: usize = 65535;
@@ -94,6 +119,48 @@ pub enum DnsError {
         #[source]
         source: ProtoError,
     },
+    #[error(
+        "dns loop: {client} asks for {name} while {depth} queries for it are already waiting on {upstream}, \
+         which is on {client}'s host: a resolver is sending its own queries back to us (one that forwards to the \
+         interceptor's DNS port directly, or a configured upstream whose queries are redirected); answering servfail"
+    )]
+    Loop { client: SocketAddr, name: String, upstream: SocketAddr, depth: u32 },
+}
+
+/// Where the forwarder sends queries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Upstreams {
+    /// The server the client asked (the query's original destination, see
+    /// [`AskedServer`]). When that cannot be told (a query sent to the
+    /// forwarder's port directly, a redirect mode without records), or it is
+    /// a loopback address asked from another network namespace (a pod's
+    /// local resolver, unreachable from here), the `fallback` resolvers, in
+    /// order.
+    Asked { fallback: Vec<SocketAddr> },
+    /// These resolvers, in order, whatever the client asked.
+    Configured(Vec<SocketAddr>),
+}
+
+/// Recovers the server a redirected query was sent to: the redirect's
+/// record, kept by the kernel side.
+pub trait AskedServer: Send + Sync + 'static {
+    /// For a datagram from `client` received on `local`.
+    fn udp(&self, client: SocketAddr, local: SocketAddr) -> Option<SocketAddr>;
+    /// For an accepted connection from `client`.
+    fn tcp(&self, stream: &TcpStream, client: SocketAddr) -> Option<SocketAddr>;
+}
+
+/// No redirect records: every query goes to the fallback resolvers.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NothingAsked;
+
+impl AskedServer for NothingAsked {
+    fn udp(&self, _: SocketAddr, _: SocketAddr) -> Option<SocketAddr> {
+        None
+    }
+    fn tcp(&self, _: &TcpStream, _: SocketAddr) -> Option<SocketAddr> {
+        None
+    }
 }
 
 /// An address an answer tied to an AI domain.
@@ -121,8 +188,9 @@ pub trait DnsObserver: Send + Sync + 'static {
 /// How the forwarder reaches upstream and bounds its work.
 #[derive(Clone, Debug)]
 pub struct ForwarderConfig {
-    /// Tried in order; the next one on error or timeout.
-    pub upstreams: Vec<SocketAddr>,
+    /// Where queries go; a list is tried in order, the next one on error or
+    /// timeout. The forwarder's own listening addresses are never used.
+    pub upstreams: Upstreams,
     /// `SO_MARK` on upstream sockets; 0 sets none.
     pub mark: u32,
     /// Per upstream attempt.
@@ -143,7 +211,7 @@ pub struct ForwarderConfig {
 impl Default for ForwarderConfig {
     fn default() -> Self {
         Self {
-            upstreams: Vec::new(),
+            upstreams: Upstreams::Asked { fallback: Vec::new() },
             mark: 0,
             timeout: DEFAULT_UPSTREAM_TIMEOUT,
             observer_timeout: DEFAULT_OBSERVER_TIMEOUT,
@@ -154,10 +222,16 @@ impl Default for ForwarderConfig {
 }
 
 /// A running forwarder: its UDP and TCP listener tasks.
-#[derive(Debug)]
 pub struct DnsForwarder {
     udp: JoinHandle<()>,
     tcp: JoinHandle<()>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for DnsForwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsForwarder").field("upstreams", &self.shared.cfg.upstreams).finish_non_exhaustive()
+    }
 }
 
 impl DnsForwarder {
@@ -168,16 +242,39 @@ impl DnsForwarder {
         tcp: TcpListener,
         cfg: ForwarderConfig,
         observer: Arc<dyn DnsObserver>,
+        asked: Arc<dyn AskedServer>,
         shutdown: watch::Receiver<bool>,
     ) -> DnsForwarder {
-        if cfg.upstreams.is_empty() {
-            tracing::warn!("no dns upstreams configured; every query will be answered with servfail");
+        match &cfg.upstreams {
+            Upstreams::Configured(list) if list.is_empty() => {
+                tracing::warn!("no dns upstreams configured; every query will be answered with servfail")
+            }
+            Upstreams::Asked { fallback } if fallback.is_empty() => tracing::warn!(
+                "no fallback dns resolver: queries whose server cannot be told will be answered with servfail"
+            ),
+            _ => {}
         }
         let limit = cfg.max_inflight.clamp(1, Semaphore::MAX_PERMITS);
-        let shared = Arc::new(Shared { cfg, observer, inflight: Arc::new(Semaphore::new(limit)) });
+        let own =
+            [udp.local_addr().ok(), tcp.local_addr().ok()].into_iter().flatten().map(crate::net::canonical).collect();
+        let shared = Arc::new(Shared {
+            cfg,
+            observer,
+            asked,
+            own,
+            inflight: Arc::new(Semaphore::new(limit)),
+            waiting: Mutex::new(HashMap::new()),
+            loops: LoopReport::default(),
+        });
+        let stats = Arc::clone(&shared);
         let udp = tokio::spawn(serve_udp(udp, shared.clone(), shutdown.clone()));
         let tcp = tokio::spawn(serve_tcp(tcp, shared, limit, shutdown));
-        DnsForwarder { udp, tcp }
+        DnsForwarder { udp, tcp, shared: stats }
+    }
+
+    /// Queries refused as loops so far.
+    pub fn loops_refused(&self) -> u64 {
+        self.shared.loops.total.load(Ordering::Relaxed)
     }
 
     /// Waits for both listeners to stop. Queries already in flight finish on
@@ -342,7 +439,105 @@ enum Transport {
 struct Shared {
     cfg: ForwarderConfig,
     observer: Arc<dyn DnsObserver>,
+    asked: Arc<dyn AskedServer>,
+    /// Our own listening addresses: never an upstream.
+    own: Vec<SocketAddr>,
     inflight: Arc<Semaphore>,
+    /// Exchanges under way, per upstream address and question: the loop
+    /// detector's window.
+    waiting: Mutex<HashMap<(IpAddr, QuestionKey), u32>>,
+    loops: LoopReport,
+}
+
+/// A question as the loop detector compares it: name (normalized), type,
+/// class.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct QuestionKey(String, u16, u16);
+
+impl QuestionKey {
+    fn of(message: &Message) -> Option<Self> {
+        let q = message.queries.first()?;
+        Some(Self(normalize(q.name()), u16::from(q.query_type()), u16::from(q.query_class())))
+    }
+}
+
+/// One exchange counted in [`Shared::waiting`] until dropped (also when the
+/// query is cancelled).
+struct Waiting<'a> {
+    shared: &'a Shared,
+    key: (IpAddr, QuestionKey),
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut waiting = self.shared.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = waiting.get_mut(&self.key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                waiting.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Rate-limits the loop error: a loop produces a query per round trip.
+#[derive(Default)]
+struct LoopReport {
+    total: AtomicU64,
+    last: Mutex<Option<std::time::Instant>>,
+    suppressed: AtomicU64,
+}
+
+impl LoopReport {
+    fn report(&self, error: &DnsError) {
+        self.total.fetch_add(1, Ordering::Relaxed);
+        let now = std::time::Instant::now();
+        {
+            let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|at| now.duration_since(at) < LOOP_REPORT_INTERVAL) {
+                self.suppressed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            *last = Some(now);
+        }
+        let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+        tracing::error!(event = "dns_loop", suppressed, error = %telemetry::chain(error), "dns loop refused");
+    }
+}
+
+/// Where a query from `client` that was sent to `asked` (when known) goes,
+/// in order; never to one of `own` addresses (the forwarder's).
+fn route(upstreams: &Upstreams, own: &[SocketAddr], client: SocketAddr, asked: Option<SocketAddr>) -> Vec<SocketAddr> {
+    let list = match upstreams {
+        Upstreams::Configured(list) => list.clone(),
+        Upstreams::Asked { fallback } => match asked.map(crate::net::canonical) {
+            // Sent to us directly (a connection that was not redirected
+            // reports our own address as its original destination).
+            Some(asked) if own.contains(&asked) => fallback.clone(),
+            // A pod's local resolver is not ours.
+            Some(asked) if asked.ip().is_loopback() && !canonical_ip(client.ip()).is_loopback() => {
+                tracing::debug!(%client, %asked, "a loopback dns server asked from another namespace; using the fallback");
+                fallback.clone()
+            }
+            Some(asked) => vec![asked],
+            None => fallback.clone(),
+        },
+    };
+    list.into_iter().filter(|u| !own.contains(&crate::net::canonical(*u))).collect()
+}
+
+/// Whether `a` and `b` are the same host as far as a loop goes: the same
+/// address, or both loopback (a stub on 127.0.0.53 sends from 127.0.0.1).
+fn same_host(a: IpAddr, b: IpAddr) -> bool {
+    let (a, b) = (canonical_ip(a), canonical_ip(b));
+    a == b || (a.is_loopback() && b.is_loopback())
+}
+
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
 }
 
 /// Resolves when `shutdown` turns true. A dropped sender also stops serving:
@@ -352,6 +547,7 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 }
 
 async fn serve_udp(socket: UdpSocket, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let local = socket.local_addr().ok();
     let socket = Arc::new(socket);
     let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
@@ -372,11 +568,13 @@ async fn serve_udp(socket: UdpSocket, shared: Arc<Shared>, mut shutdown: watch::
             continue;
         };
         let query = buf[..len].to_vec();
+        // Read at once: the kernel's record is freshest now.
+        let asked = local.and_then(|local| shared.asked.udp(client, local));
         let socket = socket.clone();
         let shared = shared.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            if let Some(reply) = shared.answer(&query, Transport::Udp).await
+            if let Some(reply) = shared.answer(&query, client, asked, Transport::Udp).await
                 && let Err(error) = socket.send_to(&reply, client).await
             {
                 tracing::debug!(%client, %error, "cannot send a dns reply");
@@ -417,6 +615,7 @@ impl Shared {
     /// closes, idles, sends garbage, or the forwarder stops.
     async fn serve_connection(&self, mut stream: TcpStream, client: SocketAddr, mut shutdown: watch::Receiver<bool>) {
         let idle = self.cfg.idle_timeout;
+        let asked = self.asked.tcp(&stream, client);
         loop {
             let len = tokio::select! {
                 () = stopped(&mut shutdown) => return,
@@ -443,7 +642,7 @@ impl Shared {
             let Ok(_permit) = self.inflight.acquire().await else {
                 return;
             };
-            let Some(reply) = self.answer(&query, Transport::Tcp).await else {
+            let Some(reply) = self.answer(&query, client, asked, Transport::Tcp).await else {
                 return;
             };
             match timeout(idle, write_frame(&mut stream, &reply)).await {
@@ -457,9 +656,16 @@ impl Shared {
         }
     }
 
-    /// The bytes to send back for one query, or `None` to stay silent
-    /// (unparsable header, or not a query).
-    async fn answer(&self, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
+    /// The bytes to send back for one query from `client`, which sent it to
+    /// `asked` (when known), or `None` to stay silent (unparsable header, or
+    /// not a query).
+    async fn answer(
+        &self,
+        query: &[u8],
+        client: SocketAddr,
+        asked: Option<SocketAddr>,
+        transport: Transport,
+    ) -> Option<Vec<u8>> {
         let request = match Message::from_vec(query) {
             Ok(request) => request,
             Err(error) => return format_error(query, &error),
@@ -468,7 +674,8 @@ impl Shared {
             tracing::debug!(id = request.metadata.id, "ignoring a dns message that is not a query");
             return None;
         }
-        let Some((mut reply, mut message)) = self.forward(query, &request, transport).await else {
+        let upstreams = self.upstreams(client, asked);
+        let Some((mut reply, mut message)) = self.forward(query, &request, client, &upstreams, transport).await else {
             return encode(&servfail(&request));
         };
         if strip_ech(&mut message, self.observer.as_ref()) {
@@ -490,9 +697,51 @@ impl Shared {
         Some(reply)
     }
 
+    /// Where a query from `client` that was sent to `asked` goes, in order;
+    /// never to one of our own addresses.
+    fn upstreams(&self, client: SocketAddr, asked: Option<SocketAddr>) -> Vec<SocketAddr> {
+        route(&self.cfg.upstreams, &self.own, client, asked)
+    }
+
+    /// Counts an exchange of `request` with `upstream`, or refuses it as a
+    /// loop (see [`LOOP_DEPTH`]).
+    fn enter(
+        &self,
+        client: SocketAddr,
+        upstream: SocketAddr,
+        request: &Message,
+    ) -> Result<Option<Waiting<'_>>, DnsError> {
+        let Some(question) = QuestionKey::of(request) else {
+            return Ok(None);
+        };
+        let key = (canonical_ip(upstream.ip()), question);
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        let depth = waiting.get(&key).copied().unwrap_or(0);
+        if depth >= LOOP_DEPTH && same_host(client.ip(), upstream.ip()) {
+            return Err(DnsError::Loop { client, name: key.1.0, upstream, depth });
+        }
+        *waiting.entry(key.clone()).or_insert(0) += 1;
+        Ok(Some(Waiting { shared: self, key }))
+    }
+
     /// Tries each upstream in order; the raw reply and its parse on success.
-    async fn forward(&self, query: &[u8], request: &Message, transport: Transport) -> Option<(Vec<u8>, Message)> {
-        for &upstream in &self.cfg.upstreams {
+    async fn forward(
+        &self,
+        query: &[u8],
+        request: &Message,
+        client: SocketAddr,
+        upstreams: &[SocketAddr],
+        transport: Transport,
+    ) -> Option<(Vec<u8>, Message)> {
+        for &upstream in upstreams {
+            let _waiting = match self.enter(client, upstream, request) {
+                Ok(waiting) => waiting,
+                Err(error) => {
+                    // Unwinds the loop: every query in it gets this answer.
+                    self.loops.report(&error);
+                    return None;
+                }
+            };
             let attempt = match transport {
                 Transport::Udp => self.exchange_udp(upstream, query, request).await,
                 Transport::Tcp => self.exchange_tcp(upstream, query, request).await,
@@ -504,7 +753,8 @@ impl Shared {
         }
         tracing::warn!(
             name = %query_name(request),
-            upstreams = self.cfg.upstreams.len(),
+            %client,
+            upstreams = ?upstreams,
             "every dns upstream failed; answering servfail"
         );
         None
@@ -998,12 +1248,16 @@ nameserver
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (udp_addr, tcp_addr) = (udp.local_addr().unwrap(), tcp.local_addr().unwrap());
         let (stop, shutdown) = watch::channel(false);
-        let forwarder = DnsForwarder::serve(udp, tcp, cfg, observer, shutdown);
+        let forwarder = DnsForwarder::serve(udp, tcp, cfg, observer, Arc::new(NothingAsked), shutdown);
         Running { udp: udp_addr, tcp: tcp_addr, stop, forwarder }
     }
 
     fn config(upstreams: Vec<SocketAddr>) -> ForwarderConfig {
-        ForwarderConfig { upstreams, timeout: Duration::from_millis(300), ..ForwarderConfig::default() }
+        ForwarderConfig {
+            upstreams: Upstreams::Configured(upstreams),
+            timeout: Duration::from_millis(300),
+            ..ForwarderConfig::default()
+        }
     }
 
     fn query(qname: &str, id: u16) -> Vec<u8> {
@@ -1213,6 +1467,190 @@ nameserver
         write_frame(&mut stream, &query("example.com.", 0x4344)).await.unwrap();
         let reply = Message::from_vec(&timeout(WAIT, read_frame(&mut stream)).await.unwrap().unwrap()).unwrap();
         assert_eq!(reply.metadata.id, 0x4344);
+    }
+
+    #[test]
+    fn queries_go_to_the_server_the_client_asked_and_never_to_us() {
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let own = [sa("127.0.0.1:15053")];
+        let asked = Upstreams::Asked { fallback: vec![sa("127.0.0.53:53"), sa("127.0.0.1:15053")] };
+        let local = sa("127.0.0.1:40000");
+        let pod = sa("10.1.2.3:40000");
+        // The server the client asked, whatever the fallback.
+        assert_eq!(route(&asked, &own, local, Some(sa("198.18.0.53:53"))), vec![sa("198.18.0.53:53")]);
+        assert_eq!(route(&asked, &own, local, Some(sa("[::ffff:127.0.0.53]:53"))), vec![sa("127.0.0.53:53")]);
+        assert_eq!(route(&asked, &own, pod, Some(sa("10.96.0.10:53"))), vec![sa("10.96.0.10:53")]);
+        // Unknown, asked of us directly, or a pod's loopback resolver: the
+        // fallback, without our own address.
+        for (client, server) in [(local, None), (local, Some(own[0])), (pod, Some(sa("127.0.0.53:53")))] {
+            assert_eq!(route(&asked, &own, client, server), vec![sa("127.0.0.53:53")], "{client} {server:?}");
+        }
+        // Configured upstreams win, without our own address.
+        let configured = Upstreams::Configured(vec![sa("127.0.0.1:15053"), sa("192.0.2.53:53")]);
+        assert_eq!(route(&configured, &own, local, Some(sa("198.18.0.53:53"))), vec![sa("192.0.2.53:53")]);
+    }
+
+    #[test]
+    fn loopback_addresses_are_one_host() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(same_host(ip("127.0.0.1"), ip("127.0.0.53")));
+        assert!(same_host(ip("::1"), ip("::ffff:127.0.0.53")));
+        assert!(same_host(ip("10.0.0.5"), ip("::ffff:10.0.0.5")));
+        assert!(!same_host(ip("10.0.0.5"), ip("10.0.0.6")));
+        assert!(!same_host(ip("127.0.0.1"), ip("10.0.0.5")));
+    }
+
+    /// A resolver that sends every query it gets to `next` (with an ID of its
+    /// own, as resolvers do) and relays the answer; counts what it got.
+    async fn relay(next: Arc<Mutex<Option<SocketAddr>>>) -> (SocketAddr, Arc<AtomicU64>) {
+        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = socket.local_addr().unwrap();
+        let seen = Arc::new(AtomicU64::new(0));
+        let counter = seen.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_MESSAGE];
+            while let Ok((len, peer)) = socket.recv_from(&mut buf).await {
+                let n = counter.fetch_add(1, Ordering::SeqCst);
+                let mut query = buf[..len].to_vec();
+                let Some(next) = *next.lock().unwrap() else { continue };
+                let socket = socket.clone();
+                tokio::spawn(async move {
+                    let id = [query[0], query[1]];
+                    query[..2].copy_from_slice(&(n as u16).wrapping_add(0x5000).to_be_bytes());
+                    let upstream = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                    upstream.connect(next).await.unwrap();
+                    upstream.send(&query).await.unwrap();
+                    let mut reply = vec![0u8; MAX_MESSAGE];
+                    let Ok(Ok(len)) = timeout(WAIT, upstream.recv(&mut reply)).await else { return };
+                    reply[..2].copy_from_slice(&id);
+                    let _ = socket.send_to(&reply[..len], peer).await;
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[derive(Clone, Default)]
+    struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for LogBuf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl LogBuf {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resolver_sending_our_query_back_is_refused_as_a_loop() {
+        let logs = LogBuf::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+        // A current-thread runtime: every task logs through this subscriber.
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        // The resolver we are configured to ask forwards to our own port
+        // (what a resolver whose queries are redirected back does).
+        let next = Arc::new(Mutex::new(None));
+        let (peer, seen) = relay(next.clone()).await;
+        let cfg = ForwarderConfig { timeout: Duration::from_secs(3), ..config(vec![peer]) };
+        let fwd = start(cfg, observer()).await;
+        *next.lock().unwrap() = Some(fwd.udp);
+
+        let asked = Instant::now();
+        let reply = ask_udp(fwd.udp, "api.openai.com.", 0x700f).await;
+        assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
+        // Cut after a bounded number of rounds, long before any timeout.
+        assert!(asked.elapsed() < Duration::from_secs(2), "{:?}", asked.elapsed());
+        let rounds = seen.load(Ordering::SeqCst);
+        assert!(rounds <= u64::from(LOOP_DEPTH) + 1, "the resolver saw {rounds} copies");
+        assert_eq!(fwd.forwarder.loops_refused(), 1);
+        let text = logs.text();
+        assert!(
+            text.contains("dns loop") && text.contains("api.openai.com") && text.contains(&peer.to_string()),
+            "{text}"
+        );
+
+        // Again: refused again, the error is not repeated within its interval.
+        let reply = ask_udp(fwd.udp, "api.openai.com.", 0x7010).await;
+        assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
+        assert_eq!(fwd.forwarder.loops_refused(), 2);
+        assert_eq!(logs.text().matches("dns loop refused").count(), 1, "{}", logs.text());
+    }
+
+    #[tokio::test]
+    async fn concurrent_identical_queries_below_the_loop_depth_are_answered() {
+        // A resolver on this host (a relay in front of the fake upstream)
+        // gets the same question from several local clients at once.
+        let upstream = fake_upstream().await;
+        let (peer, seen) = relay(Arc::new(Mutex::new(Some(upstream)))).await;
+        let fwd = start(config(vec![peer]), observer()).await;
+        let asks = (0..LOOP_DEPTH as u16).map(|i| ask_udp(fwd.udp, "example.com.", 0x100 + i));
+        for reply in futures_util::future::join_all(asks).await {
+            assert_eq!(addrs(&reply), vec!["192.0.2.1".parse::<IpAddr>().unwrap()]);
+        }
+        assert_eq!(seen.load(Ordering::SeqCst), u64::from(LOOP_DEPTH));
+        assert_eq!(fwd.forwarder.loops_refused(), 0);
+    }
+
+    struct Asks(SocketAddr);
+
+    impl AskedServer for Asks {
+        fn udp(&self, _: SocketAddr, _: SocketAddr) -> Option<SocketAddr> {
+            Some(self.0)
+        }
+        fn tcp(&self, _: &TcpStream, _: SocketAddr) -> Option<SocketAddr> {
+            Some(self.0)
+        }
+    }
+
+    #[tokio::test]
+    async fn each_query_goes_to_the_server_its_client_asked() {
+        let upstream = fake_upstream().await;
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (udp_addr, tcp_addr) = (udp.local_addr().unwrap(), tcp.local_addr().unwrap());
+        let cfg = ForwarderConfig {
+            upstreams: Upstreams::Asked { fallback: vec![closed_port().await] },
+            timeout: Duration::from_millis(300),
+            ..ForwarderConfig::default()
+        };
+        let (_stop, shutdown) = watch::channel(false);
+        let _fwd = DnsForwarder::serve(udp, tcp, cfg, observer(), Arc::new(Asks(upstream)), shutdown);
+        let reply = ask_udp(udp_addr, "example.com.", 0x51).await;
+        assert_eq!(addrs(&reply), vec!["192.0.2.1".parse::<IpAddr>().unwrap()]);
+        let mut stream = TcpStream::connect(tcp_addr).await.unwrap();
+        write_frame(&mut stream, &query("example.com.", 0x52)).await.unwrap();
+        let reply = Message::from_vec(&timeout(WAIT, read_frame(&mut stream)).await.unwrap().unwrap()).unwrap();
+        assert_eq!(addrs(&reply), vec!["192.0.2.1".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[tokio::test]
+    async fn a_query_asked_of_us_is_never_forwarded_to_us() {
+        // The client asked our own address, and the fallback is us too:
+        // servfail at once, no round.
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let own = udp.local_addr().unwrap();
+        let cfg = ForwarderConfig {
+            upstreams: Upstreams::Asked { fallback: vec![own] },
+            timeout: Duration::from_secs(3),
+            ..ForwarderConfig::default()
+        };
+        let (_stop, shutdown) = watch::channel(false);
+        let _fwd = DnsForwarder::serve(udp, tcp, cfg, observer(), Arc::new(Asks(own)), shutdown);
+        let asked = Instant::now();
+        let reply = ask_udp(own, "example.com.", 0x53).await;
+        assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
+        assert!(asked.elapsed() < Duration::from_secs(1), "{:?}", asked.elapsed());
     }
 
     #[tokio::test]

@@ -7,8 +7,11 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use interceptor::testing::{require_privileges, tool};
-use interceptor_tests::dns_stage::DnsStage;
+use interceptor::testing::{Cgroup, Netns, require_privileges, tool, veth_pair};
+use interceptor_tests::{
+    dns_stage::{DnsStage, run_in, start_dns, start_relay_in},
+    stage::start_interceptor,
+};
 use serde_json::Value;
 
 fn has_net(targets: &Value, net: &str) -> bool {
@@ -150,5 +153,233 @@ async fn dns_learning_works_in_iptables_mode() -> Result<()> {
     assert!(has_net(&stage.targets()?, "198.18.0.40/32"));
     let issuer = stage.curl_issuer("https://example.test/status/204", &["-4"]).await?;
     assert!(!issuer.contains("interceptor CA"), "{issuer}");
+    Ok(())
+}
+
+/// Lines of a relay's log: one per query it got.
+fn queries_seen(log: &std::path::Path) -> usize {
+    std::fs::read_to_string(log).map(|t| t.lines().count()).unwrap_or(0)
+}
+
+async fn getent(stage: &DnsStage, resolv: &std::path::Path, name: &str) -> Result<(bool, String, Duration)> {
+    let started = std::time::Instant::now();
+    let out = stage.run_with(resolv, &["getent", "ahostsv4", name]).await?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.success(), text, started.elapsed()))
+}
+
+/// A host whose resolver is a systemd-resolved-like stub on 127.0.0.53 and
+/// a node with a CoreDNS-like forwarder, both inside the covered cgroup,
+/// both relaying to their own upstream (the stub to the CoreDNS-like
+/// forwarder, that one to the namespace's resolver), and a dnsmasq-like
+/// relay (unconnected sockets, replies checked against the upstream's
+/// address): every query of theirs is redirected to the interceptor, which
+/// sends it on to the server that was asked. Nothing goes round, names
+/// resolve, and answers are still learned from.
+async fn covered_resolvers_keep_resolving(redirect: &str) -> Result<()> {
+    let stage = DnsStage::asking_clients_servers(&format!("dns_stub_{redirect}"), redirect)?;
+    stage.netns.add_addr("lo", "198.18.0.54/32")?;
+    stage.netns.add_addr("lo", "198.18.0.55/32")?;
+    let coredns_log = stage.path("coredns.log");
+    let stub_log = stage.path("stub.log");
+    let dnsmasq_log = stage.path("dnsmasq.log");
+    let _coredns = stage.start_relay("198.18.0.54", "198.18.0.53", true, &coredns_log).await?;
+    let _stub = stage.start_relay("127.0.0.53", "198.18.0.54", true, &stub_log).await?;
+    let _dnsmasq = stage.start_relay("198.18.0.55", "198.18.0.53", false, &dnsmasq_log).await?;
+    let via_stub = stage.path("resolv.stub");
+    std::fs::write(&via_stub, "nameserver 127.0.0.53\noptions timeout:2 attempts:2\n")?;
+    let via_coredns = stage.path("resolv.coredns");
+    std::fs::write(&via_coredns, "nameserver 198.18.0.54\noptions timeout:2 attempts:2\n")?;
+
+    // A name that is not an AI domain, through the stub.
+    let (ok, text, took) = getent(&stage, &via_stub, "example.test").await?;
+    assert!(ok && text.contains("198.18.0.42"), "through the stub: {text}\n{}", stage.proxy.log_text());
+    assert!(took < Duration::from_secs(2), "took {took:?}: a retry or a loop");
+    eprintln!("{redirect}: getent through the stub and the CoreDNS-like forwarder took {took:?}");
+    // Each query went through the stub once and through the CoreDNS-like
+    // forwarder once: nothing went round.
+    let (stub_seen, coredns_seen) = (queries_seen(&stub_log), queries_seen(&coredns_log));
+    assert!((1..=4).contains(&stub_seen), "the stub saw {stub_seen} queries");
+    assert_eq!(coredns_seen, stub_seen, "the CoreDNS-like forwarder saw {coredns_seen} queries");
+
+    // An AI name through the stub: learned before the first connection.
+    assert!(!has_net(&stage.targets()?, "198.18.0.40/32"), "not resolved by the interceptor itself");
+    let bundle = stage.bundle.to_str().context("utf-8")?;
+    let out = stage
+        .run_with(
+            &via_stub,
+            &[
+                "curl",
+                "-sS",
+                "-v",
+                "-4",
+                "--max-time",
+                "10",
+                "--cacert",
+                bundle,
+                "-o",
+                "/dev/null",
+                "https://api.openai.com/status/204",
+            ],
+        )
+        .await?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("interceptor CA"), "first connection not intercepted: {err}");
+    assert!(has_net(&stage.targets()?, "198.18.0.40/32"));
+
+    // Through the CoreDNS-like forwarder alone, an AI name behind a CNAME.
+    let out = stage
+        .run_with(
+            &via_coredns,
+            &[
+                "curl",
+                "-sS",
+                "-v",
+                "-4",
+                "--max-time",
+                "10",
+                "--cacert",
+                bundle,
+                "-o",
+                "/dev/null",
+                "https://api.anthropic.com/status/204",
+            ],
+        )
+        .await?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("interceptor CA"), "first connection not intercepted: {err}");
+
+    // Through the dnsmasq-like relay.
+    let via_dnsmasq = stage.path("resolv.dnsmasq");
+    std::fs::write(&via_dnsmasq, "nameserver 198.18.0.55\noptions timeout:2 attempts:2\n")?;
+    let (ok, text, took) = getent(&stage, &via_dnsmasq, "example.test").await?;
+    assert!(ok && text.contains("198.18.0.42"), "through the dnsmasq-like relay: {text}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert!((1..=4).contains(&queries_seen(&dnsmasq_log)), "{}", queries_seen(&dnsmasq_log));
+
+    // A resolver asked over IPv6.
+    stage.netns.run(&["addr", "add", "2001:db8::53/128", "dev", "lo", "nodad"])?;
+    let _dns6 = start_dns(&stage.netns, "[2001:db8::53]:53".parse()?)?;
+    let via_v6 = stage.path("resolv.v6");
+    std::fs::write(&via_v6, "nameserver 2001:db8::53\noptions timeout:2 attempts:2\n")?;
+    let (ok, text, took) = getent(&stage, &via_v6, "example.test").await?;
+    assert!(ok && text.contains("198.18.0.42"), "asking an IPv6 resolver: {text}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+
+    // A client asking the public-style resolver directly, over UDP and TCP.
+    let (ok, text, _) = getent(&stage, &stage.resolv, "example.test").await?;
+    assert!(ok && text.contains("198.18.0.42"), "asking the resolver directly: {text}");
+    let out = stage
+        .run(&[
+            "python3",
+            "-c",
+            interceptor_tests::dns_stage::TCP_QUERY_PY,
+            "198.18.0.53",
+            "generativelanguage.googleapis.com",
+        ])
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.trim() == "198.18.0.43",
+        "dns over tcp: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(has_net(&stage.targets()?, "198.18.0.43/32"), "not learned over tcp");
+
+    // Bounded, whatever was asked.
+    let (stub_seen, coredns_seen) = (queries_seen(&stub_log), queries_seen(&coredns_log));
+    eprintln!("{redirect}: the stub saw {stub_seen} queries, the CoreDNS-like forwarder {coredns_seen}");
+    assert!(stub_seen <= 12, "the stub saw {stub_seen} queries");
+    assert!(coredns_seen <= 24, "the CoreDNS-like forwarder saw {coredns_seen} queries");
+    assert!(!stage.proxy.log_text().contains("dns loop"), "{}", stage.proxy.log_text());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn covered_stub_and_coredns_like_forwarder_keep_resolving_and_are_learned_from() -> Result<()> {
+    if !require_privileges("covered_stub_and_coredns_like_forwarder_keep_resolving_and_are_learned_from") {
+        return Ok(());
+    }
+    covered_resolvers_keep_resolving("ebpf").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn covered_stub_and_coredns_like_forwarder_keep_resolving_in_iptables_mode() -> Result<()> {
+    if !require_privileges("covered_stub_and_coredns_like_forwarder_keep_resolving_in_iptables_mode") {
+        return Ok(());
+    }
+    covered_resolvers_keep_resolving("iptables").await
+}
+
+/// The configuration that used to take a host's DNS down: the stub on
+/// 127.0.0.53 named as the upstream, while the stub's own queries are
+/// redirected back to the interceptor. The loop is refused after a few
+/// rounds with an error naming it, instead of going round until timeouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_upstream_whose_queries_come_back_is_refused_as_a_loop() -> Result<()> {
+    if !require_privileges("a_configured_upstream_whose_queries_come_back_is_refused_as_a_loop") {
+        return Ok(());
+    }
+    let stage = DnsStage::configured("dns_loop", "ebpf", "[\"127.0.0.53\"]")?;
+    let stub_log = stage.path("stub.log");
+    let _stub = stage.start_relay("127.0.0.53", "198.18.0.53", true, &stub_log).await?;
+    let via_stub = stage.path("resolv.stub");
+    std::fs::write(&via_stub, "nameserver 127.0.0.53\noptions timeout:2 attempts:1\n")?;
+    let (ok, text, took) = getent(&stage, &via_stub, "example.test").await?;
+    assert!(!ok, "resolved through a loop? {text}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    let seen = queries_seen(&stub_log);
+    eprintln!("loop refused: getent failed after {took:?}; the stub saw {seen} queries");
+    // getent asks once per family at most; each query is cut after
+    // LOOP_DEPTH rounds.
+    let bound = 2 * (interceptor::dns::LOOP_DEPTH as usize + 1);
+    assert!(seen <= bound, "the stub saw {seen} queries (bound {bound})");
+    let log = stage.proxy.log_text();
+    assert!(log.contains("dns loop") && log.contains("example.test"), "{log}");
+    Ok(())
+}
+
+/// A node and a pod (its own network namespace behind a veth, its own
+/// cgroup under the attach point): a CoreDNS-like forwarder in the pod
+/// relays to the node's resolver, and a client in the pod asks it. Both
+/// queries reach the interceptor on the node from the pod's address; each
+/// goes on to the server that was asked (the pod, then the node's
+/// resolver). Names resolve and AI answers are learned from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coredns_like_forwarder_in_a_pod_keeps_resolving_and_is_learned_from() -> Result<()> {
+    if !require_privileges("a_coredns_like_forwarder_in_a_pod_keeps_resolving_and_is_learned_from") {
+        return Ok(());
+    }
+    let node = Netns::new("dnspod_node")?;
+    let pod = Netns::new("dnspod_pod")?;
+    let _veth = veth_pair(Some(&node), &pod, "198.18.1.1/24", "198.18.1.2/24")?;
+    pod.run(&["route", "add", "default", "via", "198.18.1.1"])?;
+    node.add_addr("lo", "198.18.0.53/32")?;
+    let _dns = start_dns(&node, "198.18.0.53:53".parse()?)?;
+    let root = Cgroup::new("dnspod_root")?;
+    let agent_cg = Cgroup::new("dnspod_agent")?;
+    let pod_cg = root.child("pod")?;
+    let config = "[proxy]\naddress_v4 = \"198.18.1.1\"\naddress_v6 = \"\"\n[targets]\nmode = \"dns\"\ncidrs = []\n";
+    let proxy = start_interceptor(&node, &agent_cg, &root, config, "ebpf")?;
+
+    let dir = tempfile::tempdir()?;
+    let coredns_log = dir.path().join("coredns.log");
+    let _coredns =
+        start_relay_in(&pod, &pod_cg, "198.18.1.2", "198.18.0.53", true, &coredns_log, &dir.path().join("ready"))
+            .await?;
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 198.18.1.2\noptions timeout:2 attempts:2\n")?;
+
+    let started = std::time::Instant::now();
+    let out = run_in(&pod, &pod_cg, &resolv, &["getent", "ahostsv4", "example.test"]).await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("198.18.0.42"), "{text}\n{}", proxy.log_text());
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    let out = run_in(&pod, &pod_cg, &resolv, &["getent", "ahostsv4", "api.openai.com"]).await?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(has_net(&proxy.status(&node)?["targets"], "198.18.0.40/32"), "not learned through the pod's resolver");
+    let seen = queries_seen(&coredns_log);
+    assert!((2..=8).contains(&seen), "the CoreDNS-like forwarder saw {seen} queries");
+    assert!(!proxy.log_text().contains("dns loop"), "{}", proxy.log_text());
     Ok(())
 }

@@ -25,7 +25,7 @@ use hickory_proto::{
 use interceptor::{
     audit::AuditLog,
     config::{Backend, FailMode, GuardrailsConfig},
-    dns::{DnsForwarder, DnsObserver, ForwarderConfig, Learned},
+    dns::{DnsForwarder, DnsObserver, ForwarderConfig, Learned, NothingAsked, Upstreams},
     guardrails::{
         akto::{AktoClient, AktoConfig},
         engine::Engine,
@@ -596,13 +596,16 @@ async fn a_failing_dns_upstream_gets_servfail_promptly_and_the_next_query_is_ser
     // first query and answers the second.
     let scripted = UdpSocket::bind("127.0.0.1:0").await?;
     let timeout = Duration::from_millis(400);
-    let cfg =
-        ForwarderConfig { upstreams: vec![closed_port()?, scripted.local_addr()?], timeout, ..Default::default() };
+    let cfg = ForwarderConfig {
+        upstreams: Upstreams::Configured(vec![closed_port()?, scripted.local_addr()?]),
+        timeout,
+        ..Default::default()
+    };
     let udp = UdpSocket::bind("127.0.0.1:0").await?;
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let server = udp.local_addr()?;
     let (_stop, shutdown) = watch::channel(false);
-    let _forwarder = DnsForwarder::serve(udp, tcp, cfg, Arc::new(NoAi), shutdown);
+    let _forwarder = DnsForwarder::serve(udp, tcp, cfg, Arc::new(NoAi), Arc::new(NothingAsked), shutdown);
 
     let logs = Logs::start();
     let (reply, elapsed) = dns_ask(server, 0x0101).await?;

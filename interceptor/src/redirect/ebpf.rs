@@ -1,7 +1,8 @@
 //! eBPF redirect: loads the programs of `interceptor-ebpf`, attaches the
-//! connect, sendmsg and sock_ops programs to the target cgroup and the
-//! getsockopt program to the proxy's own cgroup, and keeps the target maps in
-//! step with the target set.
+//! connect, sendmsg, recvmsg and sock_ops programs (and, while DNS is
+//! redirected, the egress program that tells the forwarder which server each
+//! query was for) to the target cgroup and the getsockopt program to the
+//! proxy's own cgroup, and keeps the target maps in step with the target set.
 //!
 //! Links are file-descriptor based: when this process exits, however it
 //! exits, the kernel detaches its programs. Only in fail-closed mode are the
@@ -21,15 +22,16 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, CgroupSockopt, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
 use interceptor_common::{
-    CONFIG_F_ENABLED, CONFIG_F_FAIL_CLOSED, CONFIG_F_HAVE_V6, MAP_BY_ADDR, MAP_BY_COOKIE, MAP_CONFIG, MAP_DNS_ORIG,
-    MAP_HEARTBEAT, MAP_INSTANCES, MAP_STATS, MAP_TARGETS_V4, MAP_TARGETS_V6, MAX_PORTS, OrigDst, RedirectConfig,
-    STAT_DNS_REDIRECTED, STAT_ESTABLISHED, STAT_FAIL_CLOSED, STAT_FAIL_OPEN, STAT_ORIGDST_ANSWERED, STAT_REDIRECTED_V4,
-    STAT_REDIRECTED_V6, STAT_SKIPPED_MARK, STAT_UDP_REFUSED, STAT_V6_REFUSED, SockKey, Target, v4_mapped,
+    CONFIG_F_ENABLED, CONFIG_F_FAIL_CLOSED, CONFIG_F_HAVE_V6, DnsOrig, MAP_BY_ADDR, MAP_BY_COOKIE, MAP_CONFIG,
+    MAP_DNS_BY_ADDR, MAP_DNS_ORIG, MAP_HEARTBEAT, MAP_INSTANCES, MAP_STATS, MAP_TARGETS_V4, MAP_TARGETS_V6, MAX_PORTS,
+    OrigDst, RedirectConfig, STAT_DNS_NOTED, STAT_DNS_REDIRECTED, STAT_ESTABLISHED, STAT_FAIL_CLOSED, STAT_FAIL_OPEN,
+    STAT_ORIGDST_ANSWERED, STAT_REDIRECTED_V4, STAT_REDIRECTED_V6, STAT_SKIPPED_MARK, STAT_UDP_REFUSED,
+    STAT_V6_REFUSED, SockKey, Target, v4_mapped,
 };
 use ipnet::IpNet;
 
@@ -40,13 +42,14 @@ use super::{
 use crate::{cgroup, net::ClientAddr, targets::TargetSet};
 
 /// Maps shared by every instance covering the same cgroup (pinned).
-const SHARED_MAPS: [&str; 9] = [
+const SHARED_MAPS: [&str; 10] = [
     MAP_CONFIG,
     MAP_TARGETS_V4,
     MAP_TARGETS_V6,
     MAP_BY_COOKIE,
     MAP_BY_ADDR,
     MAP_DNS_ORIG,
+    MAP_DNS_BY_ADDR,
     MAP_STATS,
     MAP_HEARTBEAT,
     MAP_INSTANCES,
@@ -60,6 +63,7 @@ const CGROUP_PROGRAMS: [&str; 6] =
     ["intercept_connect4", "intercept_connect6", "refuse_quic4", "refuse_quic6", "restore_dns4", "restore_dns6"];
 const SOCK_OPS_PROGRAM: &str = "record_established";
 const GETSOCKOPT_PROGRAM: &str = "answer_original_dst";
+const DNS_EGRESS_PROGRAM: &str = "note_dns_source";
 
 /// Attached with bpf_link (kernel >= 5.7), which always coexists with other
 /// programs on the same cgroup (CNIs, systemd); the kernel rejects any
@@ -67,6 +71,7 @@ const GETSOCKOPT_PROGRAM: &str = "answer_original_dst";
 const ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
 type AddrMap = HashMap<MapData, SockKey, OrigDst>;
+type DnsAddrMap = HashMap<MapData, SockKey, DnsOrig>;
 
 pub struct EbpfRedirector {
     ebpf: Option<Ebpf>,
@@ -75,6 +80,7 @@ pub struct EbpfRedirector {
     targets_v4: LpmTrie<MapData, [u8; 4], Target>,
     targets_v6: LpmTrie<MapData, [u8; 16], Target>,
     by_addr: Arc<Mutex<AddrMap>>,
+    dns_by_addr: Arc<DnsAddrMap>,
     current: BTreeSet<IpNet>,
     cgroup: PathBuf,
     own_cgroup: PathBuf,
@@ -168,6 +174,8 @@ pub fn probe() -> Result<(), RedirectError> {
     let p: &mut SockOps = program(&mut ebpf, SOCK_OPS_PROGRAM)?;
     p.load().map_err(load_err)?;
     let p: &mut CgroupSockopt = program(&mut ebpf, GETSOCKOPT_PROGRAM)?;
+    p.load().map_err(load_err)?;
+    let p: &mut CgroupSkb = program(&mut ebpf, DNS_EGRESS_PROGRAM)?;
     p.load().map_err(load_err)?;
     Ok(())
 }
@@ -288,6 +296,14 @@ impl EbpfRedirector {
         let p: &mut SockOps = program(&mut ebpf, SOCK_OPS_PROGRAM)?;
         p.load().map_err(load_err)?;
         p.attach(&target_fd, ATTACH_MODE).map_err(attach_err(SOCK_OPS_PROGRAM, &target))?;
+        if dns_port.is_some() {
+            // Only while DNS is redirected: it looks at every packet the
+            // covered processes send.
+            let p: &mut CgroupSkb = program(&mut ebpf, DNS_EGRESS_PROGRAM)?;
+            p.load().map_err(load_err)?;
+            p.attach(&target_fd, CgroupSkbAttachType::Egress, ATTACH_MODE)
+                .map_err(attach_err(DNS_EGRESS_PROGRAM, &target))?;
+        }
 
         // Accepted sockets belong to the listener's cgroup, i.e. ours, which
         // need not be inside the target cgroup (an operator covering only
@@ -302,6 +318,7 @@ impl EbpfRedirector {
         p.attach(&own_fd, ATTACH_MODE).map_err(attach_err(GETSOCKOPT_PROGRAM, &own))?;
 
         let by_addr: AddrMap = take_map(&mut ebpf, MAP_BY_ADDR)?;
+        let dns_by_addr: DnsAddrMap = take_map(&mut ebpf, MAP_DNS_BY_ADDR)?;
         if let Some(dir) = &pins {
             // Links a crashed fail-closed instance pinned: ours now do the job.
             let removed = liveness::remove_dead_links(dir, &heartbeat.live_ids());
@@ -326,6 +343,7 @@ impl EbpfRedirector {
             targets_v4,
             targets_v6,
             by_addr: Arc::new(Mutex::new(by_addr)),
+            dns_by_addr: Arc::new(dns_by_addr),
             current,
             cgroup: target,
             own_cgroup: own,
@@ -444,6 +462,11 @@ fn sock_key(client: SocketAddr) -> SockKey {
     SockKey { addr, port: client.port(), _pad: [0; 6] }
 }
 
+/// The server a DNS record names, as a plain (not v4-mapped) address.
+fn dns_server_of(entry: &DnsOrig) -> SocketAddr {
+    crate::net::canonical(SocketAddr::new(IpAddr::V6(entry.addr.into()), entry.port))
+}
+
 fn workload_of(entry: &OrigDst) -> Workload {
     let end = entry.comm.iter().position(|&b| b == 0).unwrap_or(entry.comm.len());
     Workload {
@@ -531,14 +554,22 @@ impl Redirector for EbpfRedirector {
 
     fn resolver(&self) -> Arc<dyn OrigDstResolver> {
         let by_addr = Arc::clone(&self.by_addr);
-        Arc::new(SockoptResolver::new(Some(Arc::new(move |client: ClientAddr| {
-            let key = sock_key(client.0);
-            let mut map = by_addr.lock().unwrap_or_else(|e| e.into_inner());
-            let entry = map.get(&key, 0).ok()?;
-            // The record has served its purpose; keep the map small.
-            let _ = map.remove(&key);
-            Some(workload_of(&entry))
-        }))))
+        let dns_by_addr = Arc::clone(&self.dns_by_addr);
+        Arc::new(
+            SockoptResolver::new(Some(Arc::new(move |client: ClientAddr| {
+                let key = sock_key(client.0);
+                let mut map = by_addr.lock().unwrap_or_else(|e| e.into_inner());
+                let entry = map.get(&key, 0).ok()?;
+                // The record has served its purpose; keep the map small.
+                let _ = map.remove(&key);
+                Some(workload_of(&entry))
+            })))
+            .with_dns(Arc::new(move |client: ClientAddr, _local| {
+                // Lookups only (no lock): the kernel keeps the entries fresh.
+                let entry = dns_by_addr.get(&sock_key(client.0), 0).ok()?;
+                Some(dns_server_of(&entry))
+            })),
+        )
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
@@ -551,6 +582,7 @@ impl Redirector for EbpfRedirector {
             (STAT_ESTABLISHED, "established"),
             (STAT_ORIGDST_ANSWERED, "original_dst_answered"),
             (STAT_DNS_REDIRECTED, "dns_redirected"),
+            (STAT_DNS_NOTED, "dns_server_noted"),
             (STAT_FAIL_OPEN, "fail_open_direct"),
             (STAT_FAIL_CLOSED, "fail_closed_refused"),
         ];
@@ -593,6 +625,15 @@ mod tests {
         assert_eq!(k.addr, v4_mapped([127, 0, 0, 1]));
         assert_eq!(k.port, 40000);
         assert_eq!(sock_key("[::ffff:127.0.0.1]:40000".parse().unwrap()), k);
+    }
+
+    #[test]
+    fn dns_records_give_plain_addresses() {
+        let e = DnsOrig { addr: v4_mapped([127, 0, 0, 53]), port: 53, _pad: [0; 6] };
+        assert_eq!(dns_server_of(&e), "127.0.0.53:53".parse::<SocketAddr>().unwrap());
+        let e =
+            DnsOrig { addr: "2001:db8::53".parse::<std::net::Ipv6Addr>().unwrap().octets(), port: 53, _pad: [0; 6] };
+        assert_eq!(dns_server_of(&e), "[2001:db8::53]:53".parse::<SocketAddr>().unwrap());
     }
 
     #[test]

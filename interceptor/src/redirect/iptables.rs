@@ -331,7 +331,7 @@ impl Redirector for IptablesRedirector {
     }
 
     fn resolver(&self) -> Arc<dyn OrigDstResolver> {
-        Arc::new(SockoptResolver::new(None))
+        Arc::new(SockoptResolver::new(None).with_dns(super::conntrack_dns()))
     }
 }
 

@@ -6,6 +6,7 @@
 //! [`OrigDstResolver`] is what the data plane uses per connection; it never
 //! names eBPF or iptables.
 
+pub mod conntrack;
 pub mod ebpf;
 pub mod iptables;
 pub mod liveness;
@@ -93,7 +94,17 @@ pub trait OrigDstResolver: Send + Sync + 'static {
     /// Who opened the connection, when the redirect mode records it. Consumes
     /// the record: call once per connection.
     fn workload(&self, client: ClientAddr) -> Option<Workload>;
+    /// The server a redirected DNS datagram from `client`, received on
+    /// `local`, was sent to; `None` when the mode cannot tell (or the
+    /// datagram was not redirected).
+    fn dns_original_dst(&self, _client: ClientAddr, _local: SocketAddr) -> Option<OrigDstAddr> {
+        None
+    }
 }
+
+/// Finds a redirected DNS datagram's server from its client's address and
+/// the address it was received on.
+pub type DnsOrigLookup = Arc<dyn Fn(ClientAddr, SocketAddr) -> Option<SocketAddr> + Send + Sync>;
 
 /// Kernel state that sends target connections to the proxy.
 pub trait Redirector: Send {
@@ -127,11 +138,18 @@ pub trait Liveness: Send + Sync {
 /// program in eBPF mode. Optionally consults a workload table.
 pub struct SockoptResolver {
     workloads: Option<Arc<dyn Fn(ClientAddr) -> Option<Workload> + Send + Sync>>,
+    dns: Option<DnsOrigLookup>,
 }
 
 impl SockoptResolver {
     pub fn new(workloads: Option<Arc<dyn Fn(ClientAddr) -> Option<Workload> + Send + Sync>>) -> Self {
-        Self { workloads }
+        Self { workloads, dns: None }
+    }
+
+    /// Answers [`OrigDstResolver::dns_original_dst`] with `lookup`.
+    pub fn with_dns(mut self, lookup: DnsOrigLookup) -> Self {
+        self.dns = Some(lookup);
+        self
     }
 }
 
@@ -145,6 +163,10 @@ impl OrigDstResolver for SockoptResolver {
 
     fn workload(&self, client: ClientAddr) -> Option<Workload> {
         self.workloads.as_ref().and_then(|f| f(client))
+    }
+
+    fn dns_original_dst(&self, client: ClientAddr, local: SocketAddr) -> Option<OrigDstAddr> {
+        self.dns.as_ref().and_then(|f| f(client, local)).map(OrigDstAddr)
     }
 }
 
@@ -166,8 +188,14 @@ impl Redirector for NoRedirect {
         Ok(())
     }
     fn resolver(&self) -> Arc<dyn OrigDstResolver> {
-        Arc::new(SockoptResolver::new(None))
+        Arc::new(SockoptResolver::new(None).with_dns(conntrack_dns()))
     }
+}
+
+/// DNS datagrams' servers from conntrack, for NAT redirects (ours in
+/// iptables mode, or whatever redirects in `none` mode).
+pub fn conntrack_dns() -> DnsOrigLookup {
+    Arc::new(|client: ClientAddr, local: SocketAddr| conntrack::udp_original_dst(local, client.0))
 }
 
 /// A resolver with fixed answers, for in-process tests.
