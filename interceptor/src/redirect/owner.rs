@@ -22,7 +22,7 @@
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     io::{BufRead as _, Read as _, Write as _},
-    os::fd::AsFd as _,
+    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
@@ -52,7 +52,7 @@ pub enum OwnerError {
 pub struct Process {
     /// Thread-group id (what `ps` calls the pid).
     pub pid: u32,
-    /// Real group id.
+    /// Effective group id (the owner of `/proc/<pid>`).
     pub gid: u32,
     /// `/proc/<pid>/comm`, control characters replaced.
     pub comm: String,
@@ -159,8 +159,10 @@ impl Owners {
         self.recent.push_back(pid);
         let dir = self.proc.join(pid.to_string());
         let comm = std::fs::read(dir.join("comm")).ok()?;
-        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
-        Some(Process { pid, gid: real_gid(&status).unwrap_or(0), comm: clean_comm(&comm) })
+        // `/proc/<pid>` belongs to the process's effective ids: one stat,
+        // where `status` (real ids) costs the kernel a page of text.
+        let gid = std::fs::metadata(&dir).map(|m| m.gid()).unwrap_or(0);
+        Some(Process { pid, gid, comm: clean_comm(&comm) })
     }
 
     fn cgroup_procs(&self, cgroup_id: u64) -> Vec<u32> {
@@ -186,11 +188,6 @@ impl Owners {
 fn socket_inode(link: &[u8]) -> Option<u32> {
     let digits = link.strip_prefix(b"socket:[")?.strip_suffix(b"]")?;
     std::str::from_utf8(digits).ok()?.parse().ok()
-}
-
-/// The real gid from `/proc/<pid>/status` (`Gid:\treal\teffective\t…`).
-fn real_gid(status: &str) -> Option<u32> {
-    status.lines().find_map(|l| l.strip_prefix("Gid:"))?.split_whitespace().next()?.parse().ok()
 }
 
 /// A process name as one printable line: it may hold any byte but NUL.
@@ -386,7 +383,7 @@ mod tests {
         assert_eq!(found.pid, std::process::id());
         let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
         assert_eq!(found.comm, comm.trim_end());
-        assert_eq!(found.gid, nix::unistd::getgid().as_raw());
+        assert_eq!(found.gid, nix::unistd::getegid().as_raw());
         // Every socket of a scanned process is remembered, and the process
         // is tried first next time: a second socket costs one scan.
         let other = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
@@ -427,7 +424,6 @@ mod tests {
         for bad in [&b"pipe:[12345]"[..], b"socket:[]", b"socket:[12a]", b"/dev/null", b"socket:[99999999999]"] {
             assert_eq!(socket_inode(bad), None);
         }
-        assert_eq!(real_gid("Name:\tx\nUid:\t1\t1\t1\t1\nGid:\t20\t21\t22\t23\n"), Some(20));
         assert_eq!(clean_comm(b"evil\nname\n"), "evil?name");
         assert_eq!(clean_comm(b"python3\n"), "python3");
         assert_eq!(parse_question("7 123 0"), Some((7, 123, 0)));
