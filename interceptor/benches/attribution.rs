@@ -1,4 +1,5 @@
-//! iptables-mode attribution, per connection: the `sock_diag` query for the
+//! iptables-mode attribution, per connection (`cargo bench -p interceptor
+//! --bench attribution`): the `sock_diag` query for the
 //! client's socket, the process lookup when the process opened recent
 //! connections (the common case, and every connection of a burst after the
 //! first), a cold lookup (new process, no cgroup hint: every process is
