@@ -372,6 +372,9 @@ impl Redirector for IptablesRedirector {
     }
 }
 
+/// The longest a connection waits for its workload.
+const LOOKUP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Original destination from conntrack, workload from the client's socket.
 pub struct IptablesResolver {
     owners: Option<Arc<Mutex<OwnerSource>>>,
@@ -422,7 +425,13 @@ impl OrigDstResolver for IptablesResolver {
     fn workload(&self, client: ClientAddr, orig_dst: OrigDstAddr) -> WorkloadLookup {
         let owners = self.owners.clone();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || attribute(owners.as_deref(), client, orig_dst)).await.ok().flatten()
+            let lookup = tokio::task::spawn_blocking(move || attribute(owners.as_deref(), client, orig_dst));
+            // Lookups queue behind one another; a connection waits this long
+            // at most, then goes on unattributed.
+            match tokio::time::timeout(LOOKUP_DEADLINE, lookup).await {
+                Ok(Ok(found)) => found,
+                Ok(Err(_)) | Err(_) => None,
+            }
         })
     }
 }

@@ -32,6 +32,9 @@ use std::{
 pub const SCAN_BUDGET: Duration = Duration::from_millis(50);
 /// How long the proxy waits for the helper's answer.
 const HELPER_TIMEOUT: Duration = Duration::from_millis(250);
+/// Unanswered questions in a row after which the helper counts as hung and
+/// is stopped (so that questions cannot pile up in its pipe).
+const HELPER_MAX_MISSES: u32 = 3;
 /// Bound on remembered socket inodes; the map starts over when full.
 const MAX_SEEN: usize = 65_536;
 /// Processes remembered as recent connection openers.
@@ -219,6 +222,7 @@ pub struct Helper {
     stdout: ChildStdout,
     pending: Vec<u8>,
     seq: u64,
+    misses: u32,
     dead: bool,
 }
 
@@ -227,18 +231,19 @@ impl Helper {
     /// before privileges are dropped: the helper keeps what it needs.
     pub fn spawn() -> Result<Self, OwnerError> {
         let exe = std::env::current_exe().map_err(OwnerError::Spawn)?;
-        let mut child = Command::new(exe)
-            .arg("attribution-helper")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .map_err(OwnerError::Spawn)?;
+        let mut command = Command::new(exe);
+        command.arg("attribution-helper");
+        Self::spawn_command(command)
+    }
+
+    fn spawn_command(mut command: Command) -> Result<Self, OwnerError> {
+        let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().map_err(OwnerError::Spawn)?;
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             let _ = child.kill();
             let _ = child.wait();
             return Err(OwnerError::Spawn(std::io::ErrorKind::BrokenPipe.into()));
         };
-        Ok(Self { child, stdin, stdout, pending: Vec::new(), seq: 0, dead: false })
+        Ok(Self { child, stdin, stdout, pending: Vec::new(), seq: 0, misses: 0, dead: false })
     }
 
     /// Asks who holds socket `inode`; `None` on no answer in time.
@@ -259,6 +264,7 @@ impl Helper {
                 if let Some((seq, answer)) = parse_answer(&line)
                     && seq == self.seq
                 {
+                    self.misses = 0;
                     return answer;
                 }
             }
@@ -267,7 +273,12 @@ impl Helper {
             let mut fds = [nix::poll::PollFd::new(self.stdout.as_fd(), nix::poll::PollFlags::POLLIN)];
             match nix::poll::poll(&mut fds, timeout) {
                 Ok(0) => {
-                    tracing::debug!(inode, "attribution helper did not answer in time");
+                    self.misses += 1;
+                    tracing::debug!(inode, misses = self.misses, "attribution helper did not answer in time");
+                    if self.misses >= HELPER_MAX_MISSES {
+                        let _ = self.child.kill();
+                        self.died(&std::io::ErrorKind::TimedOut.into());
+                    }
                     return None;
                 }
                 Ok(_) => {}
@@ -416,6 +427,40 @@ mod tests {
         assert_eq!(owners.find(u32::MAX, 0), None);
         assert!(owners.last_scanned <= 1);
         assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    fn fake_helper(script: &str) -> Helper {
+        let mut command = Command::new("sh");
+        command.args(["-c", script]);
+        Helper::spawn_command(command).unwrap()
+    }
+
+    #[test]
+    fn the_helper_is_asked_in_turn_and_late_answers_are_dropped() {
+        // Answers every question, the first one twice (a late duplicate).
+        let mut helper = fake_helper(
+            r#"first=1; while read seq inode cg; do
+                 if [ "$first" = 1 ]; then first=0; echo "$seq -"; fi
+                 echo "$seq $inode 7 comm of $cg"; done"#,
+        );
+        assert_eq!(helper.find(11, 5), None, "the first line answers the first question");
+        let p = helper.find(12, 6).expect("answered");
+        assert_eq!(p, Process { pid: 12, gid: 7, comm: "comm of 6".into() }, "the stale answer is skipped");
+        assert_eq!(helper.find(13, 0).map(|p| p.pid), Some(13));
+    }
+
+    #[test]
+    fn a_hung_helper_is_given_up_after_a_few_misses() {
+        let mut helper = fake_helper("sleep 60");
+        for _ in 0..HELPER_MAX_MISSES {
+            let started = Instant::now();
+            assert_eq!(helper.find(1, 0), None);
+            assert!(started.elapsed() < HELPER_TIMEOUT * 4);
+        }
+        assert!(helper.dead);
+        let started = Instant::now();
+        assert_eq!(helper.find(1, 0), None);
+        assert!(started.elapsed() < HELPER_TIMEOUT, "no more waiting once given up");
     }
 
     #[test]
