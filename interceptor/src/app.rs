@@ -428,10 +428,13 @@ impl AskedServer for RedirectRecords {
 
     fn tcp(&self, stream: &tokio::net::TcpStream, client: SocketAddr) -> Option<SocketAddr> {
         let client = ClientAddr(client);
-        let asked = self.0.original_dst(stream, client).ok().map(|a| a.0);
-        // Consumes the connection's record (eBPF mode keeps one until read).
-        let _ = self.0.workload(client);
-        asked
+        let asked = self.0.original_dst(stream, client).ok();
+        // Consumes the connection's record (eBPF mode keeps one until read,
+        // and reads it when asked; the lookup itself is not needed).
+        if let Some(asked) = asked {
+            drop(self.0.workload(client, asked));
+        }
+        asked.map(|a| a.0)
     }
 }
 

@@ -50,13 +50,15 @@ impl WorkloadInfo {
     /// named and, on Kubernetes nodes, its pod and container.
     pub fn of(workload: Option<&crate::redirect::Workload>) -> Self {
         let Some(w) = workload else { return Self::default() };
-        let cgroup = crate::workload::cgroup_path(w.cgroup_id);
+        let cgroup = (w.cgroup_id != 0).then(|| crate::workload::cgroup_path(w.cgroup_id)).flatten();
         let kube = cgroup.as_deref().and_then(crate::workload::kube_identity);
+        // Zero and empty are "not found" (iptables mode: the socket was
+        // found, its process or cgroup not).
         Self {
-            pid: Some(w.pid),
+            pid: Some(w.pid).filter(|&p| p != 0),
             uid: Some(w.uid),
-            comm: Some(w.comm.clone()),
-            cgroup_id: Some(w.cgroup_id),
+            comm: Some(w.comm.clone()).filter(|c| !c.is_empty()),
+            cgroup_id: Some(w.cgroup_id).filter(|&id| id != 0),
             cgroup: cgroup.map(|c| c.to_string()),
             pod_uid: kube.as_ref().map(|k| k.pod_uid.clone()),
             container_id: kube.and_then(|k| k.container_id),

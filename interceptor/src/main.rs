@@ -33,6 +33,11 @@ enum Command {
     /// removes the rules when the proxy's pipe on stdin closes.
     #[command(hide = true)]
     Watchdog,
+    /// Internal: started by `run` in iptables mode; names the process that
+    /// holds a socket, for the proxy that no longer may read other
+    /// processes' descriptors.
+    #[command(hide = true)]
+    AttributionHelper,
     /// Show what the running interceptor is doing (from its admin API).
     Status(RunArgs),
     /// Validate the configuration and print the effective settings.
@@ -500,6 +505,16 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     tracing::error!(error = %telemetry::chain(&error), "watchdog cannot remove the iptables redirect");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::AttributionHelper => {
+            telemetry::init(LogFormat::Json);
+            match redirect::owner::serve_helper() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::warn!(%error, "attribution helper stopped");
                     ExitCode::FAILURE
                 }
             }

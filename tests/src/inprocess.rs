@@ -15,7 +15,7 @@ use interceptor::{
         tls::TlsTermination,
         upstream::{UpstreamPool, client_tls_config},
     },
-    redirect::MockOrigDst,
+    redirect::{MockOrigDst, Workload},
 };
 use tokio::sync::watch;
 
@@ -49,7 +49,18 @@ impl InProcessProxy {
         hook: Option<Arc<dyn Hook>>,
         settings: ProxySettings,
     ) -> Result<Self> {
-        Self::start_inner(upstream, upstream_ca, domains, hook, settings, None).await
+        Self::start_inner(upstream, upstream_ca, domains, hook, settings, None, None).await
+    }
+
+    /// Like [`InProcessProxy::start_with`], every connection attributed to
+    /// `workload` (as a redirect that knows the process would).
+    pub async fn start_as(
+        upstream: SocketAddr,
+        upstream_ca: &Path,
+        settings: ProxySettings,
+        workload: Option<Workload>,
+    ) -> Result<Self> {
+        Self::start_inner(upstream, upstream_ca, DomainsConfig::default(), None, settings, None, workload).await
     }
 
     /// Like [`InProcessProxy::start`], giving up on an upstream that sends
@@ -61,7 +72,8 @@ impl InProcessProxy {
         upstream_idle: Duration,
     ) -> Result<Self> {
         let settings = ProxySettings { client_hello_timeout: Duration::from_secs(2), ..ProxySettings::default() };
-        Self::start_inner(upstream, upstream_ca, DomainsConfig::default(), hook, settings, Some(upstream_idle)).await
+        Self::start_inner(upstream, upstream_ca, DomainsConfig::default(), hook, settings, Some(upstream_idle), None)
+            .await
     }
 
     async fn start_inner(
@@ -71,6 +83,7 @@ impl InProcessProxy {
         hook: Option<Arc<dyn Hook>>,
         settings: ProxySettings,
         upstream_idle: Option<Duration>,
+        workload: Option<Workload>,
     ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let ca = CertificateAuthority::load_or_create(dir.path())?;
@@ -83,7 +96,7 @@ impl InProcessProxy {
         }
         let tls = TlsTermination::new(Arc::new(issuer), pool);
         let (snap_tx, snapshot) = watch::channel(Arc::new(Snapshot::new(DomainPolicy::compile(&domains)?)));
-        let resolver = Arc::new(MockOrigDst { dst: Default::default(), default: Some(upstream) });
+        let resolver = Arc::new(MockOrigDst { dst: Default::default(), default: Some(upstream), workload });
         let metrics = Arc::new(interceptor::metrics::Metrics::new());
         let plane = DataPlane { resolver, settings, snapshot, tls: Some(Arc::new(tls)), hook, metrics };
         let listeners = Listeners::bind(std::net::Ipv4Addr::LOCALHOST, None, 0, 0).await?;

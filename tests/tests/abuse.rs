@@ -6,6 +6,7 @@
 
 use std::{
     collections::HashMap,
+    os::unix::fs::MetadataExt as _,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -86,6 +87,47 @@ fn assert_only(pid: u32, kept: &[u32], log: impl Fn() -> String) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The iptables-mode attribution helper (a child of the proxy) may read
+/// other processes' descriptors and nothing else: `CAP_SYS_PTRACE` and
+/// `CAP_DAC_READ_SEARCH` in every set it has, no-new-privs on.
+fn assert_helper_keeps_only_what_attribution_needs(proxy: u32) -> Result<()> {
+    const CAP_DAC_READ_SEARCH: u32 = 2;
+    let want = mask(&[CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut helpers = Vec::new();
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let dir = entry.path();
+            let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
+            let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+            let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:")).map(str::trim);
+            if ppid == Some(proxy.to_string().as_str())
+                && cmdline.split(|&b| b == 0).any(|a| a == b"attribution-helper")
+            {
+                helpers.push(status);
+            }
+        }
+        let settled =
+            helpers.len() == 1 && helpers[0].lines().any(|l| l.starts_with("NoNewPrivs:") && l.ends_with('1'));
+        if settled || Instant::now() > deadline {
+            assert_eq!(helpers.len(), 1, "one attribution helper under the proxy");
+            let status = &helpers[0];
+            let get = |k: &str| -> Result<u64> {
+                let v = status.lines().find_map(|l| l.strip_prefix(k)).with_context(|| format!("{k} missing"))?;
+                Ok(u64::from_str_radix(v.trim(), 16)?)
+            };
+            for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+                assert_eq!(get(set)?, want, "helper {set}\n{status}");
+            }
+            assert_eq!(get("CapAmb:")?, 0, "{status}");
+            assert_eq!(get("CapInh:")? & !want, 0, "{status}");
+            assert!(status.lines().any(|l| l.starts_with("NoNewPrivs:") && l.ends_with('1')), "{status}");
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Adds `LATER_V4` as a target at runtime and waits until a client's
@@ -193,6 +235,7 @@ async fn iptables_proxy_keeps_only_net_admin_and_raw_refuses_unredirected_connec
     let proxy = start(&world, "iptables", &[PROVIDER_V4])?;
     let pid = proxy.pid().context("running")?;
     assert_only(pid, &[CAP_NET_ADMIN, CAP_NET_RAW], || proxy.log_text())?;
+    assert_helper_keeps_only_what_attribution_needs(pid)?;
     let c = python(&world.netns, &world.client_cg, PROVIDER_V4, 443, "4")?;
     assert!(c.intercepted(), "{c:?}");
     // Not NATed: its original destination is the proxy itself.
@@ -238,15 +281,28 @@ async fn the_per_workload_cap_counts_a_cgroup_whatever_its_source_address() -> R
     if !require_privileges("the_per_workload_cap_counts_a_cgroup_whatever_its_source_address") {
         return Ok(());
     }
-    let world = World::new("abuse_cap")?;
+    per_workload_cap("abuse_cap", "ebpf")
+}
+
+/// iptables mode has no record of the cgroup: the interceptor reads it from
+/// the client's socket, so the cap counts the cgroup there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_workload_cap_counts_a_cgroup_in_iptables_mode_too() -> Result<()> {
+    if !require_privileges("the_per_workload_cap_counts_a_cgroup_in_iptables_mode_too") {
+        return Ok(());
+    }
+    per_workload_cap("abuse_cap_ipt", "iptables")
+}
+
+fn per_workload_cap(name: &str, redirect: &str) -> Result<()> {
+    let world = World::new(name)?;
     let attach = world.client_cg.path().to_str().context("utf-8 path")?.to_string();
     let extra = "[proxy]\nmax_connections_per_workload = 2\n";
-    let mut proxy = Interceptor::start(
-        &world.netns,
-        Some(&world.proxy_cg),
-        &config(&[PROVIDER_V4], extra),
-        &["--redirect", "ebpf", "--cgroup", &attach],
-    )?;
+    let mut args = vec!["--redirect", redirect];
+    if redirect == "ebpf" {
+        args.extend(["--cgroup", &attach]);
+    }
+    let mut proxy = Interceptor::start(&world.netns, Some(&world.proxy_cg), &config(&[PROVIDER_V4], extra), &args)?;
     proxy.wait_ready(&world.netns, READY)?;
     let mut cmd = Command::new(tool("python3"));
     cmd.args(["-c", PY_CAP, PROVIDER_V4, "443"]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -265,6 +321,7 @@ async fn the_per_workload_cap_counts_a_cgroup_whatever_its_source_address() -> R
         .find(|e| e["event"] == "connection_refused")
         .with_context(|| format!("no refusal logged:\n{}", proxy.log_text()))?;
     assert_eq!(refused["limit"], "max_connections_per_workload", "{refused}");
-    assert!(refused["cgroup_id"].as_u64().is_some_and(|id| id != 0), "keyed by the cgroup: {refused}");
+    let cgroup_id = std::fs::metadata(world.client_cg.path())?.ino();
+    assert_eq!(refused["cgroup_id"], cgroup_id, "keyed by the client's cgroup: {refused}");
     Ok(())
 }

@@ -236,3 +236,98 @@ fn strip_strings_with(v: &mut Value, marker: &str) {
         _ => {}
     }
 }
+
+/// A client that reports its own pid and local port, and sends a private key
+/// to the provider through the plain standard library.
+const LEAKER: &str = r#"
+import json, os, ssl, http.client
+ctx = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+c = http.client.HTTPSConnection("api.openai.com", 443, context=ctx, timeout=10)
+c.connect()
+port = c.sock.getsockname()[1]
+key = "-----BEGIN RSA PRIVATE KEY-----\n" + "MIIBOgIBAAJBAK" * 4 + "\n-----END RSA PRIVATE KEY-----"
+body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": key}]})
+c.request("POST", "/v1/chat/completions", body=body,
+          headers={"content-type": "application/json", "authorization": "Bearer sk-test"})
+r = c.getresponse()
+print(json.dumps({"pid": os.getpid(), "port": port, "status": r.status, "body": r.read().decode()}))
+"#;
+
+/// The audit events the interceptor logged so far.
+fn audit_events(stage: &Stage) -> Vec<Value> {
+    stage
+        .proxy
+        .events()
+        .into_iter()
+        .filter(|e| e["target"] == "audit")
+        .filter_map(|e| serde_json::from_str::<Value>(e["audit"].as_str()?).ok())
+        .collect()
+}
+
+/// The audit event for the request from client port `port`, waiting for it.
+async fn audit_event_from(stage: &Stage, port: u64) -> Result<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let suffix = format!(":{port}");
+        if let Some(e) = audit_events(stage)
+            .into_iter()
+            .find(|e| e["direction"] == "request" && e["client"].as_str().is_some_and(|c| c.ends_with(&suffix)))
+        {
+            return Ok(e);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("no audit event from port {port}:\n{}", stage.proxy.log_text());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// iptables mode keeps no record of the process behind a connection; the
+/// interceptor finds it from the client's socket. A Python process and a
+/// curl process leaking a private key are blocked, and the audit event and
+/// connection record name each one (pid, name, uid, cgroup), as in eBPF
+/// mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iptables_mode_names_the_process_behind_each_blocked_request() -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use interceptor::testing::clients::{HttpRequest, HttpVersion, curl};
+    if !require_privileges("iptables_mode_names_the_process_behind_each_blocked_request") {
+        return Ok(());
+    }
+    let stage = Stage::new("attrib_ipt", "iptables", "")?;
+    let cgroup_id = std::fs::metadata(stage.client_cg.path())?.ino();
+
+    let out = sdk(&stage, LEAKER).await?;
+    assert_eq!(out["status"], 403, "a private key must be blocked: {out}");
+    assert!(out["body"].as_str().is_some_and(|b| b.contains("private_key")), "{out}");
+    assert!(stage.provider.requests().is_empty(), "the key reached the provider");
+    let pid = out["pid"].as_u64().expect("pid");
+    let port = out["port"].as_u64().expect("port");
+    let event = audit_event_from(&stage, port).await?;
+    assert_eq!(event["decision"], "block", "{event}");
+    let w = &event["workload"];
+    assert_eq!(w["pid"], pid, "the audit event names the client process: {event}");
+    assert_eq!(w["comm"], "python3", "{event}");
+    assert_eq!(w["uid"], 0, "{event}");
+    assert_eq!(w["cgroup_id"], cgroup_id, "{event}");
+    let rec = stage.record(port as u16)?;
+    assert_eq!((&rec["pid"], &rec["tid"], &rec["comm"]), (&pid.into(), &pid.into(), &"python3".into()), "{rec}");
+    assert_eq!(rec["cgroup_id"], cgroup_id, "{rec}");
+    assert_eq!(rec["mode"], "intercept", "{rec}");
+
+    // Another program, another process.
+    let body = serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content":
+        "-----BEGIN RSA PRIVATE KEY-----\nMIIBOgIBAAJBAKj34GkxFhD90vcNLYLInFEX6Ppy1tPf9Cnzj4p4WGeKLs1Pt8Qu\n-----END RSA PRIVATE KEY-----"}]});
+    let req = HttpRequest::post_json("https://api.openai.com/v1/chat/completions", &body);
+    let r = curl(&stage.env(), &req, HttpVersion::Http11).await?;
+    assert_eq!(r.status, 403, "{}", r.body_text());
+    assert!(stage.provider.requests().is_empty(), "the key reached the provider");
+    let event = audit_event_from(&stage, u64::from(r.local_port)).await?;
+    assert_eq!(event["workload"]["comm"], "curl", "{event}");
+    assert!(event["workload"]["pid"].as_u64().is_some_and(|p| p != pid && p != 0), "{event}");
+    let rec = stage.record(r.local_port)?;
+    assert_eq!(rec["comm"], "curl", "{rec}");
+    assert_eq!(rec["pid"], event["workload"]["pid"], "{rec}");
+    Ok(())
+}

@@ -306,8 +306,7 @@ async fn a_rejected_certificate_can_turn_into_passthrough_for_that_process_and_h
         ..Default::default()
     };
     let proxy =
-        InProcessProxy::start_with(provider.local_addr(), &upstream_ca, DomainsConfig::default(), None, settings)
-            .await?;
+        InProcessProxy::start_as(provider.local_addr(), &upstream_ca, settings, Some(workload("pinned-app"))).await?;
     // A "pinned" client that only accepts the provider's own certificate.
     let pinned = client_for("api.openai.com", proxy.addr, &[&pki.ca_pem()], false)?;
     assert!(pinned.get("https://api.openai.com/status/200").send().await.is_err(), "first attempt meets our CA");
@@ -326,6 +325,86 @@ async fn a_rejected_certificate_can_turn_into_passthrough_for_that_process_and_h
     }
     // Without the setting (the default), the client keeps failing: see
     // `a_client_that_rejects_our_certificate_does_not_disturb_others`.
+    Ok(())
+}
+
+fn workload(comm: &str) -> interceptor::redirect::Workload {
+    interceptor::redirect::Workload { pid: 4242, tid: 4242, uid: 1000, gid: 1000, comm: comm.into(), cgroup_id: 77 }
+}
+
+/// A proxy with `passthrough_on_reject = true` whose connections are all
+/// attributed to `who`, and a client that only trusts the provider's CA.
+async fn pinned_setup(
+    who: Option<interceptor::redirect::Workload>,
+) -> Result<(FakeProvider, InProcessProxy, reqwest::Client, tempfile::TempDir)> {
+    let pki = TestPki::with_defaults()?;
+    let provider = FakeProvider::start(std::net::TcpListener::bind("127.0.0.1:0")?, &pki)?;
+    let dir = tempfile::tempdir()?;
+    let upstream_ca = pki.write_ca(dir.path())?;
+    let settings = interceptor::proxy::ProxySettings {
+        passthrough_on_reject: true,
+        client_hello_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let proxy = InProcessProxy::start_as(provider.local_addr(), &upstream_ca, settings, who).await?;
+    let pinned = client_for("api.openai.com", proxy.addr, &[&pki.ca_pem()], false)?;
+    Ok((provider, proxy, pinned, dir))
+}
+
+/// Keyed by an empty identity, one aborted handshake from a process the
+/// redirect could not name would exempt every unnamed process from
+/// inspection for that host. An unknown process's rejection is not
+/// remembered: the next unnamed client is intercepted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejection_by_an_unknown_process_exempts_nobody() -> Result<()> {
+    let socket_only =
+        interceptor::redirect::Workload { pid: 0, tid: 0, uid: 0, gid: 0, comm: String::new(), cgroup_id: 0 };
+    for who in [None, Some(socket_only)] {
+        let (provider, _proxy, pinned, _dir) = pinned_setup(who.clone()).await?;
+        for attempt in 0..5 {
+            assert!(
+                pinned.get("https://api.openai.com/status/200").send().await.is_err(),
+                "attempt {attempt} ({who:?}) was passed through: the rejection was remembered for nobody"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(provider.requests().is_empty(), "nothing reached the provider");
+    }
+    Ok(())
+}
+
+/// A client that hangs up in the middle of the handshake has not rejected
+/// our certificate (a scanner, a timeout and an attacker do the same): it
+/// must not turn the process's later connections into passthrough.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hang_up_mid_handshake_is_not_a_certificate_rejection() -> Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (provider, proxy, pinned, _dir) = pinned_setup(Some(workload("python3"))).await?;
+    let config =
+        rustls::ClientConfig::builder().with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth();
+    for _ in 0..3 {
+        // A ClientHello for an AI host, then EOF once the server answered.
+        let name = rustls_pki_types::ServerName::try_from("api.openai.com")?;
+        let mut hello = rustls::ClientConnection::new(Arc::new(config.clone()), name)?;
+        let mut bytes = Vec::new();
+        hello.write_tls(&mut bytes)?;
+        let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await?;
+        tcp.write_all(&bytes).await?;
+        let mut buf = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut buf)).await??;
+        // Half-close, and wait for the proxy to give up on the handshake
+        // and close its side: the failure has been judged by then.
+        tcp.shutdown().await?;
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await??;
+    }
+    // The process's next connection meets our certificate again (and this
+    // client rejects it), instead of being relayed uninspected.
+    assert!(
+        pinned.get("https://api.openai.com/status/200").send().await.is_err(),
+        "passed through after a mere hang-up"
+    );
+    assert!(provider.requests().is_empty(), "nothing reached the provider");
     Ok(())
 }
 

@@ -46,7 +46,7 @@ enum Task {
         args: Vec<String>,
     },
     /// Set up, then run the micro-benchmarks (guardrail engine, provider parsers, stream
-    /// framing, leaf certificates): `cargo bench -p interceptor --bench '*'`.
+    /// framing, leaf certificates, iptables attribution): `cargo bench -p interceptor --bench '*'`.
     Microbench {
         /// Extra `cargo bench` arguments, e.g. a benchmark name filter after `--`.
         #[arg(last = true)]

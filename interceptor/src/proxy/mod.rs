@@ -442,11 +442,11 @@ impl Drop for ConnectionRecord {
             orig_dst = self.orig_dst.map(|d| d.to_string()),
             sni = self.sni.as_deref(),
             reason = self.reason.as_deref(),
-            pid = w.map(|w| w.pid),
-            tid = w.map(|w| w.tid),
+            pid = w.map(|w| w.pid).filter(|&p| p != 0),
+            tid = w.map(|w| w.tid).filter(|&t| t != 0),
             uid = w.map(|w| w.uid),
-            comm = w.map(|w| w.comm.as_str()),
-            cgroup_id = w.map(|w| w.cgroup_id),
+            comm = w.map(|w| w.comm.as_str()).filter(|c| !c.is_empty()),
+            cgroup_id = w.map(|w| w.cgroup_id).filter(|&id| id != 0),
             requests = self.requests,
             bytes_up = self.bytes_up,
             bytes_down = self.bytes_down,
@@ -485,7 +485,7 @@ async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &
         }
     };
     record.orig_dst = Some(orig);
-    record.workload = plane.resolver.workload(client);
+    record.workload = plane.resolver.workload(client, orig).await;
     if shared.addrs.is_proxy(orig.0) {
         record.outcome = "refused_loop";
         return;
@@ -519,14 +519,14 @@ async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &
     let guard = matches!(route, Route::Guard(_));
     match route {
         Route::Intercept(name) | Route::Guard(name) => {
-            let comm = record.workload.as_ref().map(|w| w.comm.clone()).unwrap_or_default();
-            if shared.rejected_before(&comm, &name) {
+            let who = rejection_identity(record.workload.as_ref());
+            if shared.rejected_before(who.as_deref(), &name) {
                 record.reason = Some("client rejected our certificate before".into());
                 record.mode = "passthrough";
                 passthrough(stream, orig, shared, &mut record).await;
             } else {
                 record.mode = if guard { "guard" } else { "intercept" };
-                intercept_connection(stream, orig, name, comm, tls, shared, &mut record).await;
+                intercept_connection(stream, orig, name, who, tls, shared, &mut record).await;
             }
         }
         Route::Passthrough => {
@@ -645,32 +645,47 @@ fn shares_parent(sni: &str, dst: AiAddress<'_>) -> bool {
     })
 }
 
+/// The identity a certificate rejection is remembered under: the process
+/// name, when the redirect found the process. An unknown process has none,
+/// so its rejection exempts nobody (keyed by an empty name, one aborted
+/// handshake would pass every unattributed client of that host through).
+fn rejection_identity(workload: Option<&Workload>) -> Option<String> {
+    workload.filter(|w| w.has_process()).map(|w| w.comm.clone())
+}
+
 impl Shared {
-    fn rejected_before(&self, comm: &str, sni: &str) -> bool {
+    fn rejected_before(&self, who: Option<&str>, sni: &str) -> bool {
+        let Some(who) = who else { return false };
         self.plane.settings.passthrough_on_reject
-            && self.rejected.lock().unwrap_or_else(|e| e.into_inner()).contains(&(comm.to_string(), sni.to_string()))
+            && self.rejected.lock().unwrap_or_else(|e| e.into_inner()).contains(&(who.to_string(), sni.to_string()))
     }
 
-    /// Logs a client's rejection of our certificate once per (process, host).
-    fn note_rejection(&self, comm: &str, sni: &str, record: &ConnectionRecord, error: &str) {
+    /// Logs a client's rejection of our certificate once per (process,
+    /// host), and remembers it when the process is known. Returns whether
+    /// it was remembered.
+    fn note_rejection(&self, who: Option<&str>, sni: &str, record: &ConnectionRecord, error: &str) -> bool {
         let mut rejected = self.rejected.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (comm.to_string(), sni.to_string());
-        if rejected.contains(&key) {
-            return;
+        let key = who.map(|who| (who.to_string(), sni.to_string()));
+        if key.as_ref().is_some_and(|k| rejected.contains(k)) {
+            return true;
         }
-        if rejected.len() >= MAX_REJECTED {
-            rejected.clear();
+        let remembered = key.is_some();
+        if let Some(key) = key {
+            if rejected.len() >= MAX_REJECTED {
+                rejected.clear();
+            }
+            rejected.insert(key);
         }
-        rejected.insert(key);
         tracing::warn!(
             event = "certificate_rejected",
             sni,
-            comm,
-            pid = record.workload.as_ref().map(|w| w.pid),
+            comm = who,
+            pid = record.workload.as_ref().map(|w| w.pid).filter(|&p| p != 0),
             error,
-            passthrough_from_now = self.plane.settings.passthrough_on_reject,
+            passthrough_from_now = self.plane.settings.passthrough_on_reject && remembered,
             "client rejected the interceptor's certificate (pinned certificate, or our CA is not trusted: see `interceptor ca install`)"
         );
+        remembered
     }
 }
 
@@ -678,7 +693,7 @@ async fn intercept_connection(
     stream: TcpStream,
     orig: OrigDstAddr,
     sni: String,
-    comm: String,
+    who: Option<String>,
     tls: Arc<TlsTermination>,
     shared: &Shared,
     record: &mut ConnectionRecord,
@@ -701,7 +716,7 @@ async fn intercept_connection(
         Ok(Err(error)) => {
             let text = telemetry::chain(&error);
             if tls::is_certificate_rejection(&error) {
-                shared.note_rejection(&comm, &sni, record, &text);
+                shared.note_rejection(who.as_deref(), &sni, record, &text);
                 record.outcome = "client_rejected_certificate";
             } else {
                 record.outcome = "client_tls_failed";
@@ -787,7 +802,7 @@ mod tests {
     async fn start(default: Option<SocketAddr>) -> (Proxy, ProxyAddrs, watch::Sender<bool>) {
         let listeners = Listeners::bind(Ipv4Addr::LOCALHOST, None, 0, 0).await.unwrap();
         let addrs = listeners.addrs;
-        let resolver = Arc::new(MockOrigDst { dst: std::sync::Mutex::new(HashMap::new()), default });
+        let resolver = Arc::new(MockOrigDst { dst: std::sync::Mutex::new(HashMap::new()), default, workload: None });
         let (tx, rx) = watch::channel(false);
         (Proxy::serve(listeners, plane(resolver), rx), addrs, tx)
     }
@@ -883,6 +898,58 @@ mod tests {
     }
 
     #[test]
+    fn rejections_are_remembered_only_for_a_known_process() {
+        let mut p = plane(Arc::new(MockOrigDst { dst: Default::default(), default: None, workload: None }));
+        p.settings.passthrough_on_reject = true;
+        let (in_flight, _rx) = mpsc::channel(1);
+        let shared = Shared {
+            limits: Arc::new(ConnectionLimits::new(&p.settings)),
+            budget: budget::BodyBudget::new(
+                p.settings.max_buffered_total,
+                p.metrics.inspection_budget_refusals.clone(),
+            ),
+            plane: p,
+            addrs: ProxyAddrs { v4: "127.0.0.1:1".parse().unwrap(), v6: None, mark: 0 },
+            rejected: Mutex::new(HashSet::new()),
+            in_flight,
+        };
+        let record = ConnectionRecord {
+            metrics: Arc::new(Metrics::new()),
+            client: ClientAddr("127.0.0.1:5000".parse().unwrap()),
+            orig_dst: None,
+            workload: None,
+            sni: None,
+            mode: "none",
+            reason: None,
+            outcome: "closed",
+            error: None,
+            requests: 0,
+            bytes_up: 0,
+            bytes_down: 0,
+            started: Instant::now(),
+            quiet: true,
+        };
+        let known = Workload { pid: 7, tid: 7, uid: 0, gid: 0, comm: "curl".into(), cgroup_id: 0 };
+        // The socket was found but not its process (iptables mode).
+        let socket_only = Workload { pid: 0, tid: 0, uid: 1000, gid: 0, comm: String::new(), cgroup_id: 9 };
+        assert_eq!(rejection_identity(Some(&known)).as_deref(), Some("curl"));
+        assert_eq!(rejection_identity(Some(&socket_only)), None);
+        assert_eq!(rejection_identity(None), None);
+
+        // Unknown: logged, not remembered, nobody is exempted.
+        assert!(!shared.note_rejection(None, "api.openai.com", &record, "alert"));
+        assert!(!shared.rejected_before(None, "api.openai.com"));
+        assert!(!shared.rejected_before(Some(""), "api.openai.com"));
+        assert!(shared.rejected.lock().unwrap().is_empty());
+        // Known: that process and host only.
+        assert!(shared.note_rejection(Some("curl"), "api.openai.com", &record, "alert"));
+        assert!(shared.rejected_before(Some("curl"), "api.openai.com"));
+        assert!(!shared.rejected_before(Some("python3"), "api.openai.com"));
+        assert!(!shared.rejected_before(Some("curl"), "api.anthropic.com"));
+        assert!(!shared.rejected_before(None, "api.openai.com"));
+    }
+
+    #[test]
     fn refusals_are_logged_at_most_once_a_second() {
         let limits = ConnectionLimits::new(&ProxySettings::default());
         let client = ClientAddr("10.0.0.3:5000".parse().unwrap());
@@ -930,6 +997,7 @@ mod tests {
         let resolver = Arc::new(MockOrigDst {
             dst: std::sync::Mutex::new(HashMap::new()),
             default: Some(SocketAddr::V4(addrs.v4)),
+            workload: None,
         });
         let (_tx, rx) = watch::channel(false);
         let _proxy = Proxy::serve(listeners, plane(resolver), rx);

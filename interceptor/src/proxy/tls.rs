@@ -74,14 +74,13 @@ impl ResolvesServerCert for LeafResolver {
     }
 }
 
-/// Whether a failed handshake means the client refused our certificate
-/// (it sent a certificate-related alert, or hung up mid-handshake, as
-/// clients with pinned certificates do).
+/// Whether a failed handshake means the client refused our certificate: it
+/// sent a certificate-related alert. A client that merely hangs up
+/// mid-handshake (a plain EOF or reset) is not counted: a port scanner, a
+/// timeout or a crash does the same, and counting it would let anyone who
+/// can abort one handshake exempt a process from inspection.
 pub fn is_certificate_rejection(error: &std::io::Error) -> bool {
     use rustls::AlertDescription as A;
-    if error.kind() == std::io::ErrorKind::UnexpectedEof {
-        return true;
-    }
     let Some(rustls::Error::AlertReceived(alert)) = error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>())
     else {
         return false;
@@ -110,8 +109,11 @@ mod tests {
             rustls::Error::AlertReceived(rustls::AlertDescription::UnknownCA),
         );
         assert!(is_certificate_rejection(&alert));
+        // A hang-up is no rejection, whatever the client's reason.
         let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
-        assert!(is_certificate_rejection(&eof));
+        assert!(!is_certificate_rejection(&eof));
+        let eof = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "tls handshake eof");
+        assert!(!is_certificate_rejection(&eof));
         let other = std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             rustls::Error::AlertReceived(rustls::AlertDescription::ProtocolVersion),

@@ -19,19 +19,34 @@
 //! pipe from the proxy) removes the chains as soon as the proxy process is
 //! gone, however it went. A hung but living proxy is not detected in this
 //! mode, and a new instance replaces the old one's rules (no handover).
+//!
+//! Attribution: NAT keeps no record of the process, so [`IptablesResolver`]
+//! finds the client's socket with `sock_diag` (uid, inode, cgroup id) and
+//! its process from the inode (see [`super::owner`]), giving audit events
+//! and connection records the same fields as eBPF mode. A client the proxy
+//! cannot see (another network namespace, closed meanwhile) is not
+//! attributed; its connection goes on all the same.
 
 use std::{
     collections::BTreeSet,
     fmt::Write as _,
     io::{Read as _, Write as _},
     process::{Child, Command, Stdio},
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use ipnet::IpNet;
+use tokio::net::TcpStream;
 
-use super::{OrigDstResolver, ProxyAddrs, RedirectError, Redirector, SockoptResolver};
-use crate::targets::TargetSet;
+use super::{
+    OrigDstResolver, ProxyAddrs, RedirectError, Redirector, SockoptResolver, Workload, WorkloadLookup,
+    owner::{Helper, OwnerSource},
+    sockdiag,
+};
+use crate::{
+    net::{ClientAddr, OrigDstAddr},
+    targets::TargetSet,
+};
 
 pub const CHAIN: &str = "INTERCEPTOR";
 
@@ -69,6 +84,8 @@ pub struct IptablesRedirector {
     current: BTreeSet<IpNet>,
     /// Fail open: the process that removes the rules when we die.
     watchdog: Option<Child>,
+    /// Finds the process behind a socket; `None` if it could not start.
+    owners: Option<Arc<Mutex<OwnerSource>>>,
 }
 
 impl IptablesRedirector {
@@ -83,7 +100,27 @@ impl IptablesRedirector {
         cleanup()?;
         // The watchdog first: from the first rule on, a crash removes them.
         let watchdog = if fail_open { Some(spawn_watchdog()?) } else { None };
-        let this = Self { proxy, ports: ports.to_vec(), dns_port, installed: true, current: BTreeSet::new(), watchdog };
+        // Started now, while this process still has the privileges the
+        // helper keeps.
+        let owners = match Helper::spawn() {
+            Ok(helper) => Some(Arc::new(Mutex::new(OwnerSource::Helper(helper)))),
+            Err(error) => {
+                tracing::warn!(
+                    error = %crate::telemetry::chain(&error),
+                    "connections will carry no process (pid, comm): the attribution helper cannot start"
+                );
+                None
+            }
+        };
+        let this = Self {
+            proxy,
+            ports: ports.to_vec(),
+            dns_port,
+            installed: true,
+            current: BTreeSet::new(),
+            watchdog,
+            owners,
+        };
         for family in [Family::V4, Family::V6] {
             restore(family, &this.rules(family))?;
             run(family.iptables(), &["-w", "-t", "nat", "-I", "OUTPUT", "1", "-j", CHAIN])?;
@@ -331,7 +368,75 @@ impl Redirector for IptablesRedirector {
     }
 
     fn resolver(&self) -> Arc<dyn OrigDstResolver> {
-        Arc::new(SockoptResolver::new(None).with_dns(super::conntrack_dns()))
+        Arc::new(IptablesResolver { owners: self.owners.clone() })
+    }
+}
+
+/// The longest a connection waits for its workload.
+const LOOKUP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Original destination from conntrack, workload from the client's socket.
+pub struct IptablesResolver {
+    owners: Option<Arc<Mutex<OwnerSource>>>,
+}
+
+impl IptablesResolver {
+    /// A resolver that finds processes with `owners` (`None`: uid and
+    /// cgroup only).
+    pub fn new(owners: Option<OwnerSource>) -> Self {
+        Self { owners: owners.map(|o| Arc::new(Mutex::new(o))) }
+    }
+
+    /// The blocking lookup: `sock_diag` for the client's socket, then its
+    /// process. `None` when the socket is not found (another network
+    /// namespace, or closed meanwhile).
+    pub fn attribute(&self, client: ClientAddr, orig_dst: OrigDstAddr) -> Option<Workload> {
+        attribute(self.owners.as_deref(), client, orig_dst)
+    }
+}
+
+fn attribute(owners: Option<&Mutex<OwnerSource>>, client: ClientAddr, orig_dst: OrigDstAddr) -> Option<Workload> {
+    let socket = match sockdiag::find(client.0, orig_dst.0) {
+        Ok(Some(socket)) => socket,
+        Ok(None) => {
+            tracing::debug!(client = %client, orig_dst = %orig_dst, "client socket not found (another network namespace?)");
+            return None;
+        }
+        Err(error) => {
+            tracing::debug!(error = %crate::telemetry::chain(&error), "sock_diag lookup failed");
+            return None;
+        }
+    };
+    let cgroup_id = socket.cgroup_id.unwrap_or(0);
+    // One lookup at a time: a burst waits for the first scan, then finds
+    // its processes remembered.
+    let process = owners.and_then(|o| o.lock().unwrap_or_else(|e| e.into_inner()).find(socket.inode, cgroup_id));
+    Some(match process {
+        Some(p) => Workload { pid: p.pid, tid: p.pid, uid: socket.uid, gid: p.gid, comm: p.comm, cgroup_id },
+        None => Workload { pid: 0, tid: 0, uid: socket.uid, gid: 0, comm: String::new(), cgroup_id },
+    })
+}
+
+impl OrigDstResolver for IptablesResolver {
+    fn original_dst(&self, sock: &TcpStream, client: ClientAddr) -> Result<OrigDstAddr, RedirectError> {
+        SockoptResolver::new(None).original_dst(sock, client)
+    }
+
+    fn dns_original_dst(&self, client: ClientAddr, local: std::net::SocketAddr) -> Option<OrigDstAddr> {
+        super::conntrack::udp_original_dst(local, client.0).map(OrigDstAddr)
+    }
+
+    fn workload(&self, client: ClientAddr, orig_dst: OrigDstAddr) -> WorkloadLookup {
+        let owners = self.owners.clone();
+        Box::pin(async move {
+            let lookup = tokio::task::spawn_blocking(move || attribute(owners.as_deref(), client, orig_dst));
+            // Lookups queue behind one another; a connection waits this long
+            // at most, then goes on unattributed.
+            match tokio::time::timeout(LOOKUP_DEADLINE, lookup).await {
+                Ok(Ok(found)) => found,
+                Ok(Err(_)) | Err(_) => None,
+            }
+        })
     }
 }
 
@@ -383,6 +488,29 @@ mod tests {
             r.contains("-d 2001:db8::10/128 -p tcp -m multiport --dports 443,8443 -j REJECT --reject-with tcp-reset")
         );
         assert!(!r.contains("198.18.0.10"));
+    }
+
+    /// The client's socket, found by its tuple, names this process.
+    #[test]
+    fn a_connection_is_attributed_to_the_process_holding_the_client_socket() {
+        use super::super::owner::Owners;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_server, _) = listener.accept().unwrap();
+        let resolver = IptablesResolver::new(Some(OwnerSource::Local(Owners::default())));
+        let (from, to) = (ClientAddr(client.local_addr().unwrap()), OrigDstAddr(client.peer_addr().unwrap()));
+        let w = resolver.attribute(from, to).expect("attributed");
+        assert_eq!((w.pid, w.tid), (std::process::id(), std::process::id()));
+        assert_eq!(w.comm, std::fs::read_to_string("/proc/self/comm").unwrap().trim_end());
+        assert_eq!(w.uid, nix::unistd::geteuid().as_raw());
+        assert!(w.has_process());
+        // Without a process finder: the socket's uid and cgroup only.
+        let w = IptablesResolver::new(None).attribute(from, to).expect("socket found");
+        assert_eq!((w.pid, w.comm.as_str()), (0, ""));
+        assert!(!w.has_process());
+        // No such socket (another namespace, or closed): not attributed.
+        let nobody = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        assert_eq!(resolver.attribute(from, OrigDstAddr(nobody)), None);
     }
 
     #[test]

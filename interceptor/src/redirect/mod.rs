@@ -10,8 +10,10 @@ pub mod conntrack;
 pub mod ebpf;
 pub mod iptables;
 pub mod liveness;
+pub mod owner;
+pub mod sockdiag;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc};
 
 use serde::Serialize;
 use tokio::net::TcpStream;
@@ -76,8 +78,11 @@ impl ProxyAddrs {
     }
 }
 
-/// The process that opened a redirected connection, as the kernel saw it at
-/// `connect()` time.
+/// The process that opened a redirected connection: as the kernel saw it at
+/// `connect()` time (eBPF mode), or as its socket shows it when the proxy
+/// accepts the connection (iptables mode). A `pid` of 0 means the process
+/// was not found (then `comm` is empty) though the socket was: its `uid`
+/// and `cgroup_id` still hold.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Workload {
     pub pid: u32,
@@ -88,12 +93,24 @@ pub struct Workload {
     pub cgroup_id: u64,
 }
 
+impl Workload {
+    /// Whether the process is known (not only its socket's uid and cgroup).
+    pub fn has_process(&self) -> bool {
+        self.pid != 0 && !self.comm.is_empty()
+    }
+}
+
+/// A workload lookup in progress (it may read `/proc`, so it runs off the
+/// async threads where it has to).
+pub type WorkloadLookup = Pin<Box<dyn Future<Output = Option<Workload>> + Send>>;
+
 /// Per-connection lookups the data plane needs.
 pub trait OrigDstResolver: Send + Sync + 'static {
     fn original_dst(&self, sock: &TcpStream, client: ClientAddr) -> Result<OrigDstAddr, RedirectError>;
-    /// Who opened the connection, when the redirect mode records it. Consumes
-    /// the record: call once per connection.
-    fn workload(&self, client: ClientAddr) -> Option<Workload>;
+    /// Who opened the connection from `client` to `orig_dst`, when the
+    /// redirect mode can tell. Consumes the record: call once per
+    /// connection, while it is open.
+    fn workload(&self, client: ClientAddr, orig_dst: OrigDstAddr) -> WorkloadLookup;
     /// The server a redirected DNS datagram from `client`, received on
     /// `local`, was sent to; `None` when the mode cannot tell (or the
     /// datagram was not redirected).
@@ -161,8 +178,9 @@ impl OrigDstResolver for SockoptResolver {
             .map_err(|source| RedirectError::NoOriginalDst { client: client.0, source })
     }
 
-    fn workload(&self, client: ClientAddr) -> Option<Workload> {
-        self.workloads.as_ref().and_then(|f| f(client))
+    fn workload(&self, client: ClientAddr, _: OrigDstAddr) -> WorkloadLookup {
+        let found = self.workloads.as_ref().and_then(|f| f(client));
+        Box::pin(std::future::ready(found))
     }
 
     fn dns_original_dst(&self, client: ClientAddr, local: SocketAddr) -> Option<OrigDstAddr> {
@@ -203,6 +221,8 @@ pub fn conntrack_dns() -> DnsOrigLookup {
 pub struct MockOrigDst {
     pub dst: std::sync::Mutex<std::collections::HashMap<SocketAddr, SocketAddr>>,
     pub default: Option<SocketAddr>,
+    /// The workload every connection is attributed to.
+    pub workload: Option<Workload>,
 }
 
 #[cfg(any(test, feature = "testing"))]
@@ -215,8 +235,8 @@ impl OrigDstResolver for MockOrigDst {
         })
     }
 
-    fn workload(&self, _: ClientAddr) -> Option<Workload> {
-        None
+    fn workload(&self, _: ClientAddr, _: OrigDstAddr) -> WorkloadLookup {
+        Box::pin(std::future::ready(self.workload.clone()))
     }
 }
 
