@@ -2,14 +2,20 @@
 //!
 //! Owns the CA key pair on disk (`ca.crt` 0644, `ca.key` 0600 in the state
 //! directory), leaf issuance with a bounded single-flight cache, and
-//! installation of the CA into the system trust store. It must never log or
-//! print the private key, and never loosen or silently repair the key file's
-//! permissions.
+//! installation of the CA into the trust stores programs read (the system
+//! store, users' NSS databases and Firefox profiles, JVM `cacerts`). It must
+//! never log or print the private key, and never loosen or silently repair
+//! the key file's permissions.
 
 mod authority;
 mod files;
 mod install;
+mod java;
 mod leaf;
+mod manifest;
+mod nss;
+mod stores;
+mod tools;
 
 use std::io;
 use std::path::PathBuf;
@@ -18,6 +24,8 @@ use std::process::ExitStatus;
 pub use authority::CertificateAuthority;
 pub use install::{InstallReport, TrustStore, install, runtime_guidance, uninstall};
 pub use leaf::{LeafIssuer, LeafSettings};
+pub use manifest::MANIFEST_FILE;
+pub use stores::{Change, Outcome, Report, Scope, StoreKind, install_all, store_name, uninstall_all};
 
 /// Everything that can go wrong in the certificate authority.
 #[derive(Debug, thiserror::Error)]
@@ -114,4 +122,10 @@ pub enum CaError {
     },
     #[error("{command} failed ({status}): {stderr}")]
     UpdateCommand { command: String, status: ExitStatus, stderr: String },
+    #[error("cannot read or write the install manifest {path}")]
+    Manifest {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
 }
