@@ -245,11 +245,13 @@ fn print_store_report(result: Result<ca::Report, ca::CaError>, what: &str) -> Ex
     for change in &report.changes {
         println!("{change}");
     }
-    println!("record of what was added: {}", report.manifest.display());
+    if report.manifest.exists() {
+        println!("recorded in {} (`interceptor ca uninstall` removes what is listed there)", report.manifest.display());
+    }
     match report.failures() {
         0 => ExitCode::SUCCESS,
         n => {
-            eprintln!("error: {n} trust store(s) could not be changed (see above); the others were");
+            eprintln!("error: {n} trust store(s) could not be changed (see above)");
             ExitCode::FAILURE
         }
     }

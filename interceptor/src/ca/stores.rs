@@ -397,7 +397,9 @@ fn install_nss(
         });
     }
     let Some(certutil) = certutil else {
-        return change(Outcome::Failed { error: format!("certutil not found: {}", nss::CERTUTIL_HINT) });
+        let error = format!("certutil not found: {}", nss::CERTUTIL_HINT);
+        // A database to create is no store left untrusted; one that exists is.
+        return change(if target.create { Outcome::Skipped { reason: error } } else { Outcome::Failed { error } });
     };
     let db = NssDb { certutil, dir: &target.dir, owner: &target.account };
     let mut created_dirs = Vec::new();
