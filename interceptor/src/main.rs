@@ -100,9 +100,14 @@ struct WebhookCertsArgs {
 enum CaCommand {
     /// Print the CA certificate (PEM), creating the CA if needed.
     Export(StateArgs),
-    /// Add the CA certificate to the system trust store, and print what to set
-    /// for runtimes that ignore it.
-    Install(StateArgs),
+    /// Add the CA certificate to the trust stores found: the system store,
+    /// every user's NSS database (Chromium, Electron apps) and Firefox
+    /// profile, and every JVM's cacerts. Prints what changed, and what to set
+    /// for runtimes that read none of them.
+    Install(StoreArgs),
+    /// Remove what `ca install` added (as recorded in the state directory),
+    /// and the CA from the system store.
+    Uninstall(StoreArgs),
     /// Create a cluster CA once: ca.crt, ca.key (0600) and secret.yaml (0600,
     /// a Kubernetes Secret holding both) in a new directory. Name-constrained
     /// to the AI domains of the configuration unless told otherwise.
@@ -145,6 +150,34 @@ struct StateArgs {
     /// Directory for persistent state (the CA).
     #[arg(long, env = "INTERCEPTOR_STATE_DIR", default_value = "/var/lib/interceptor")]
     state_dir: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct StoreArgs {
+    #[command(flatten)]
+    state: StateArgs,
+    /// Which kinds of trust store to change (comma separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "system,nss,firefox,java")]
+    stores: Vec<ca::StoreKind>,
+    /// A Java home whose cacerts to change (repeatable). Default: every JDK
+    /// and JRE under /usr/lib/jvm and /usr/java, and the `java` on PATH.
+    #[arg(long = "java-home", value_name = "DIR")]
+    java_homes: Vec<PathBuf>,
+    /// Read accounts (and so home directories) from this file instead of
+    /// /etc/passwd. For tests.
+    #[arg(long, hide = true, default_value = "/etc/passwd")]
+    passwd: PathBuf,
+}
+
+impl StoreArgs {
+    fn scope(&self) -> ca::Scope {
+        let mut scope = ca::Scope::machine(self.stores.iter().copied());
+        scope.passwd = self.passwd.clone();
+        if !self.java_homes.is_empty() {
+            scope.java_homes = Some(self.java_homes.clone());
+        }
+        scope
+    }
 }
 
 #[derive(clap::Args, Default)]
@@ -259,11 +292,16 @@ fn fail(error: &(dyn std::error::Error + 'static)) -> ExitCode {
 }
 
 fn ca_command(config_path: Option<&PathBuf>, command: CaCommand) -> ExitCode {
-    let state_dir = match command {
-        CaCommand::Export(ref a) | CaCommand::Install(ref a) => a.state_dir.clone(),
-        CaCommand::CreateCluster(args) => return create_cluster(config_path, &args),
-        CaCommand::Bundle(args) => return bundle(&args),
+    let state_dir = match &command {
+        CaCommand::Export(a) => a.state_dir.clone(),
+        CaCommand::Install(a) | CaCommand::Uninstall(a) => a.state.state_dir.clone(),
+        CaCommand::CreateCluster(args) => return create_cluster(config_path, args),
+        CaCommand::Bundle(args) => return bundle(args),
     };
+    if let CaCommand::Uninstall(args) = &command {
+        // Needs no CA: what to remove is in the manifest.
+        return print_store_report(ca::uninstall_all(&state_dir, &args.scope()), "uninstall");
+    }
     // The CA the configuration names: the cluster CA (tls.ca_dir) or the
     // per-node one in the state directory.
     let config = match load(config_path, &RunArgs::default()) {
@@ -282,26 +320,42 @@ fn ca_command(config_path: Option<&PathBuf>, command: CaCommand) -> ExitCode {
             print!("{}", ca.cert_pem());
             ExitCode::SUCCESS
         }
-        CaCommand::Install(_) => {
-            let result = TrustStore::detect().and_then(|store| ca::install(&ca, &store));
-            match result {
-                Ok(report) => {
-                    println!(
-                        "{} {} (system bundle {})",
-                        if report.changed() { "installed" } else { "already installed:" },
-                        report.anchor.display(),
-                        report.bundle.display()
-                    );
-                    if !report.bundle_contains_ca {
-                        println!("warning: {} does not contain the CA after the update", report.bundle.display());
-                    }
-                    println!("\n{}", ca::runtime_guidance(ca.cert_path(), &report.bundle));
-                    ExitCode::SUCCESS
-                }
-                Err(error) => fail(&error),
-            }
+        CaCommand::Install(args) => {
+            let result = ca::install_all(&ca, &state_dir, &args.scope());
+            let bundle = result.as_ref().ok().and_then(|r| r.system_bundle.clone());
+            let code = print_store_report(result, "install");
+            let bundle = bundle.unwrap_or_else(|| TrustStore::debian().bundle);
+            println!("\n{}", ca::runtime_guidance(ca.cert_path(), &bundle));
+            code
         }
-        CaCommand::CreateCluster(_) | CaCommand::Bundle(_) => ExitCode::FAILURE,
+        CaCommand::Uninstall(_) | CaCommand::CreateCluster(_) | CaCommand::Bundle(_) => ExitCode::SUCCESS,
+    }
+}
+
+/// Prints one line per trust store; fails when any store failed.
+fn print_store_report(result: Result<ca::Report, ca::CaError>, what: &str) -> ExitCode {
+    let report = match result {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("error: {}", telemetry::chain(&error));
+            return ExitCode::FAILURE;
+        }
+    };
+    if report.changes.is_empty() {
+        println!("no trust store found to {what}");
+    }
+    for change in &report.changes {
+        println!("{change}");
+    }
+    if report.manifest.exists() {
+        println!("recorded in {} (`interceptor ca uninstall` removes what is listed there)", report.manifest.display());
+    }
+    match report.failures() {
+        0 => ExitCode::SUCCESS,
+        n => {
+            eprintln!("error: {n} trust store(s) could not be changed (see above)");
+            ExitCode::FAILURE
+        }
     }
 }
 

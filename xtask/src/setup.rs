@@ -30,7 +30,11 @@ pub const APT_PACKAGES: &[&str] = &[
     "curl",
     "ca-certificates",
     "golang-go",
+    // `ca install` tests: each trust store's own tool (NSS `certutil`, the JDK's `keytool`),
+    // and a headless browser that reads the NSS database.
+    "libnss3-tools",
     "openjdk-17-jdk-headless",
+    "chromium",
     // `cargo xtask bench`: the fake provider and the reverse proxy peer, the load generator,
     // and the profiler of `bench --perf` (taskset and unshare come with util-linux).
     "nginx-light",

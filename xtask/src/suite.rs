@@ -5,7 +5,9 @@
 //! `INTERCEPTOR_BIN` pointing at that binary; then every fuzz target for a few seconds from
 //! its seed corpus (a crash fails the suite). Every step that can run does, so one failure
 //! does not hide another; a summary with durations and the disk left after each step
-//! closes the run.
+//! closes the run. Tests that skipped themselves (not root, a tool missing; never when `CI`
+//! is set, where they fail instead) are counted and listed per step, and a step in which
+//! every test skipped is shown as skipped, not passed.
 
 use std::path::Path;
 use std::process::Command;
@@ -20,9 +22,21 @@ use crate::{cmd, fuzz, setup, testlog};
 const PRIVILEGED_TESTS: &str = "interceptor-tests";
 
 enum Outcome {
-    Passed,
-    Failed(String),
-    Skipped(&'static str),
+    /// Passed; tests that skipped themselves are listed (none for a step that is not a
+    /// test run).
+    Passed {
+        skipped: Vec<testlog::Skip>,
+    },
+    /// Every test of the step skipped itself: nothing was checked.
+    AllSkipped {
+        skipped: Vec<testlog::Skip>,
+    },
+    Failed {
+        error: String,
+        skipped: Vec<testlog::Skip>,
+    },
+    /// Not run because a step it needs failed; counts as a failure.
+    NotRun(&'static str),
 }
 
 struct Step {
@@ -72,35 +86,86 @@ impl Steps {
         let start = Instant::now();
         let result = step();
         let (outcome, value) = match result {
-            Ok(value) => (Outcome::Passed, Some(value)),
+            Ok(value) => (Outcome::Passed { skipped: Vec::new() }, Some(value)),
             Err(err) => {
                 eprintln!("error: {name}: {err:#}");
-                (Outcome::Failed(format!("{err:#}")), None)
+                (Outcome::Failed { error: format!("{err:#}"), skipped: Vec::new() }, None)
             }
         };
         self.0.push(Step { name, outcome, duration: start.elapsed(), free_after: free_disk() });
         value
     }
 
-    fn skip(&mut self, name: &'static str, reason: &'static str) {
-        self.0.push(Step { name, outcome: Outcome::Skipped(reason), duration: Duration::ZERO, free_after: None });
+    /// Runs a `cargo test` step and records its outcome with the tests that skipped.
+    fn run_tests(&mut self, name: &'static str, step: impl FnOnce() -> Result<testlog::Tally>) {
+        println!("==> {name}");
+        let start = Instant::now();
+        let outcome = match step() {
+            Ok(tally) => tests_outcome(tally),
+            Err(err) => Outcome::Failed { error: format!("{err:#}"), skipped: Vec::new() },
+        };
+        if let Outcome::Failed { error, .. } = &outcome {
+            eprintln!("error: {name}: {error}");
+        }
+        self.0.push(Step { name, outcome, duration: start.elapsed(), free_after: free_disk() });
     }
 
-    fn print_summary(&self) {
-        println!("\nsummary:");
+    fn not_run(&mut self, name: &'static str, reason: &'static str) {
+        self.0.push(Step { name, outcome: Outcome::NotRun(reason), duration: Duration::ZERO, free_after: None });
+    }
+
+    fn summary(&self) -> String {
+        let mut out = String::from("\nsummary:\n");
         for step in &self.0 {
-            let (label, detail) = match &step.outcome {
-                Outcome::Passed => ("passed", String::new()),
-                Outcome::Failed(err) => ("FAILED", format!("  {err}")),
-                Outcome::Skipped(reason) => ("skipped", format!("  {reason}")),
+            let (label, detail, skipped) = match &step.outcome {
+                Outcome::Passed { skipped } if skipped.is_empty() => ("passed", String::new(), skipped.as_slice()),
+                Outcome::Passed { skipped } => ("passed", format!("  {} test(s) skipped", skipped.len()), &skipped[..]),
+                Outcome::AllSkipped { skipped } => {
+                    ("SKIPPED", format!("  all {} test(s) skipped: nothing ran", skipped.len()), &skipped[..])
+                }
+                Outcome::Failed { error, skipped } => ("FAILED", format!("  {error}"), &skipped[..]),
+                Outcome::NotRun(reason) => ("not run", format!("  {reason}"), &[][..]),
             };
             let disk = step.free_after.map(|free| format!("{:>6.1} GiB free", gib(free))).unwrap_or_default();
-            println!("  {label:<8} {:<34} {:>7.1}s {disk:>15}{detail}", step.name, step.duration.as_secs_f64());
+            out.push_str(&format!(
+                "  {label:<8} {:<34} {:>7.1}s {disk:>15}{detail}\n",
+                step.name,
+                step.duration.as_secs_f64()
+            ));
+            for (reason, tests) in testlog::group_skips(skipped) {
+                out.push_str(&format!("           skipped ({}): {reason}\n", tests.len()));
+                out.push_str(&format!("             {}\n", tests.join(", ")));
+            }
         }
+        out
     }
 
+    /// Steps that failed or could not run.
     fn failures(&self) -> usize {
-        self.0.iter().filter(|step| !matches!(step.outcome, Outcome::Passed)).count()
+        self.0.iter().filter(|step| matches!(step.outcome, Outcome::Failed { .. } | Outcome::NotRun(_))).count()
+    }
+
+    /// Tests that skipped themselves, over all steps.
+    fn skipped_tests(&self) -> usize {
+        self.0
+            .iter()
+            .map(|step| match &step.outcome {
+                Outcome::Passed { skipped } | Outcome::AllSkipped { skipped } | Outcome::Failed { skipped, .. } => {
+                    skipped.len()
+                }
+                Outcome::NotRun(_) => 0,
+            })
+            .sum()
+    }
+}
+
+/// The outcome of a test step: failed if the run failed, skipped if every test that
+/// passed had skipped itself, passed otherwise (with its skipped tests listed).
+fn tests_outcome(tally: testlog::Tally) -> Outcome {
+    match tally.error {
+        Some(err) => Outcome::Failed { error: format!("{err:#}"), skipped: tally.skipped },
+        None if !tally.skipped.is_empty() && tally.ran() == 0 => Outcome::AllSkipped { skipped: tally.skipped },
+        None => Outcome::Passed { skipped: tally.skipped },
     }
 }
 
@@ -111,21 +176,25 @@ pub fn test(extra: &[String]) -> Result<()> {
     check_disk();
 
     if steps.run("setup", setup::setup).is_some() {
-        steps.run("unit and in-process tests", || testlog::run(&mut unit_tests(cargo_args, harness_args)));
+        steps.run_tests("unit and in-process tests", || Ok(testlog::run(&mut unit_tests(cargo_args, harness_args))));
         let bin = steps.run("build interceptor (dev)", || interceptor::build(Profile::Dev));
         match bin {
             Some(bin) => {
-                steps.run("privileged tests", || {
+                steps.run_tests("privileged tests", || {
                     privileged_note();
-                    testlog::run(&mut privileged_tests(&bin, cargo_args, harness_args))
+                    Ok(testlog::run(&mut privileged_tests(&bin, cargo_args, harness_args)))
                 });
             }
-            None => steps.skip("privileged tests", "needs the interceptor build"),
+            None => steps.not_run("privileged tests", "needs the interceptor build"),
         }
         steps.run("fuzz targets (8s each)", || fuzz::run(&[], fuzz::SUITE_TIME));
     }
 
-    steps.print_summary();
+    print!("{}", steps.summary());
+    let skipped = steps.skipped_tests();
+    if skipped > 0 {
+        println!("{skipped} test(s) skipped themselves and did not run (listed above); with CI set they fail instead");
+    }
     match steps.failures() {
         0 => Ok(()),
         n => bail!("{n} of {} test steps did not pass", steps.0.len()),
@@ -214,5 +283,56 @@ mod tests {
 
         let cargo = privileged_tests(Path::new("/t/interceptor"), &[], &strings(&["--test-threads=2"]));
         assert!(!cmd::display(&cargo).contains("--test-threads=1"));
+    }
+
+    fn skip(test: &str, reason: &str) -> testlog::Skip {
+        testlog::Skip { test: test.into(), reason: reason.into() }
+    }
+
+    fn step(name: &'static str, outcome: Outcome) -> Step {
+        Step { name, outcome, duration: Duration::from_secs(1), free_after: None }
+    }
+
+    #[test]
+    fn skipped_tests_are_never_shown_as_passed() {
+        let root = "privileged test cannot run: not running as root";
+        let all_skipped = testlog::Tally {
+            passed: 2,
+            skipped: vec![skip("redirect_tcp", root), skip("dns_loop", root)],
+            error: None,
+        };
+        assert!(matches!(tests_outcome(all_skipped), Outcome::AllSkipped { ref skipped } if skipped.len() == 2));
+        let some_skipped = testlog::Tally { passed: 3, skipped: vec![skip("redirect_tcp", root)], error: None };
+        assert!(matches!(tests_outcome(some_skipped), Outcome::Passed { ref skipped } if skipped.len() == 1));
+        let none = testlog::Tally { passed: 3, skipped: vec![], error: None };
+        assert!(matches!(tests_outcome(none), Outcome::Passed { ref skipped } if skipped.is_empty()));
+        let failed = testlog::Tally { passed: 0, skipped: vec![skip("a", root)], error: Some(anyhow::anyhow!("boom")) };
+        assert!(matches!(tests_outcome(failed), Outcome::Failed { .. }));
+
+        let steps = Steps(vec![
+            step("setup", Outcome::Passed { skipped: vec![] }),
+            step("unit and in-process tests", Outcome::Passed { skipped: vec![skip("lint", "not installed: x")] }),
+            step(
+                "privileged tests",
+                Outcome::AllSkipped { skipped: vec![skip("redirect_tcp", root), skip("dns_loop", root)] },
+            ),
+            step("fuzz", Outcome::NotRun("needs the build")),
+        ]);
+        let summary = steps.summary();
+        let lines: Vec<&str> = summary.lines().collect();
+        assert!(
+            lines.iter().any(|l| l.contains("passed")
+                && l.contains("unit and in-process tests")
+                && l.ends_with("1 test(s) skipped")),
+            "{summary}"
+        );
+        let privileged = lines.iter().find(|l| l.contains("privileged tests")).unwrap();
+        assert!(privileged.trim_start().starts_with("SKIPPED") && !privileged.contains("passed"), "{summary}");
+        assert!(summary.contains(&format!("skipped (2): {root}\n             redirect_tcp, dns_loop\n")), "{summary}");
+        assert!(summary.contains("skipped (1): not installed: x\n             lint\n"), "{summary}");
+        assert_eq!(steps.skipped_tests(), 3);
+        // A skipped test is not a failure when CI is unset (with CI set it panics instead);
+        // a step that could not run is.
+        assert_eq!(steps.failures(), 1);
     }
 }

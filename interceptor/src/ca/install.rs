@@ -1,5 +1,6 @@
 //! Installing our CA into the system trust store, and what to tell runtimes
-//! that ignore that store.
+//! that ignore that store. The other stores (NSS, Firefox, JVM) are in
+//! [`super::stores`].
 //!
 //! Needs root for the real system paths. Runs the distribution's update
 //! command; never edits the generated bundle itself.
@@ -208,9 +209,12 @@ Python (requests, httpx, and anything else using certifi)
   every host that is not intercepted fail verification.
 
 Java
+  The cacerts of every JDK found was changed (the `java` lines above). For a
+  JVM elsewhere (a bundled runtime, a JDK in a home directory):
   keytool -importcert -noprompt -cacerts -storepass changeit \\
     -alias interceptor-ca -file {ca}
-  (changeit is the default cacerts password; restart the JVM afterwards.)
+  Restart running JVMs, browsers and desktop apps: they read their stores at
+  start.
 
 Go, curl, OpenSSL and Python's ssl module use the system store: nothing to do.
 "

@@ -5,17 +5,23 @@
 //! created once by `interceptor ca create-cluster` and loaded from a mounted
 //! Secret), the CA's X.509 name constraints (`constraints`), leaf issuance
 //! with a bounded single-flight cache (refusing names outside the
-//! constraints), installation of the CA into the system trust store, and the
-//! trust files workloads are given (`bundle`). It must never log or print
-//! the private key, and never loosen or silently repair the key file's
-//! permissions.
+//! constraints), installation of the CA into the trust stores programs read
+//! (the system store, users' NSS databases and Firefox profiles, JVM
+//! `cacerts`), and the trust files workloads are given (`bundle`). It must
+//! never log or print the private key, and never loosen or silently repair
+//! the key file's permissions.
 
 mod authority;
 mod bundle;
 mod constraints;
 mod files;
 mod install;
+mod java;
 mod leaf;
+mod manifest;
+mod nss;
+mod stores;
+mod tools;
 
 use std::io;
 use std::path::PathBuf;
@@ -27,6 +33,8 @@ pub use constraints::{Constraints, NameConstraintsSpec, dns_within};
 pub(crate) use files::{pem_encode, wipe, write_atomic};
 pub use install::{InstallReport, TrustStore, install, runtime_guidance, uninstall};
 pub use leaf::{LeafIssuer, LeafSettings};
+pub use manifest::MANIFEST_FILE;
+pub use stores::{Change, Outcome, Report, Scope, StoreKind, install_all, store_name, uninstall_all};
 
 /// Everything that can go wrong in the certificate authority.
 #[derive(Debug, thiserror::Error)]
@@ -135,4 +143,10 @@ pub enum CaError {
     },
     #[error("{command} failed ({status}): {stderr}")]
     UpdateCommand { command: String, status: ExitStatus, stderr: String },
+    #[error("cannot read or write the install manifest {path}")]
+    Manifest {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
 }

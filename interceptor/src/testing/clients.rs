@@ -588,8 +588,15 @@ pub async fn python_websockets(env: &ClientEnv<'_>, conversation: &WsConversatio
     run_python(env, PY_WEBSOCKETS_BODY, &params).await
 }
 
+// The asyncio client, not `websockets.sync`: the sync client reads the TLS
+// socket in a thread while another writes it, and Python's `ssl` objects are
+// not safe for that. On a busy machine an upgrade request written while the
+// reader was inside `SSL_read` (processing the server's session tickets) was
+// lost now and then, and the reader then hung the client's exit. asyncio does
+// all TLS on one thread.
 const PY_WEBSOCKETS_BODY: &str = r#"
-import websockets.sync.client as wsc
+import asyncio
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 C = P["c"]
 u = urllib.parse.urlsplit(C["url"])
@@ -600,31 +607,35 @@ if C["connect_to"]:
     addr = (host.strip("[]"), int(port))
 else:
     addr = (u.hostname, u.port or 443)
-ctx = ssl.create_default_context(cafile=P["ca_file"])
-sock = socket.create_connection(addr, timeout=P["timeout"])
-try:
-    with wsc.connect(C["url"], sock=sock, ssl=ctx, server_hostname=u.hostname,
-                     compression="deflate" if C["deflate"] else None,
-                     additional_headers=[tuple(h) for h in C["headers"]],
-                     open_timeout=P["timeout"], close_timeout=2) as ws:
-        out["extensions"] = ws.response.headers.get("Sec-WebSocket-Extensions")
-        try:
-            for m in C["send"]:
-                ws.send(m)
-            while True:
-                m = ws.recv(timeout=P["timeout"])
-                m = m if isinstance(m, str) else m.decode("utf-8", "replace")
-                out["received"].append(m)
-                if C["until"] and C["until"] in m:
-                    break
-        except TimeoutError:
-            out["timed_out"] = True
-        except ConnectionClosed as e:
-            if e.rcvd is not None:
-                out["close_code"], out["close_reason"] = e.rcvd.code, e.rcvd.reason
-except InvalidStatus as e:
-    out["status"] = e.response.status_code
-    out["body"] = e.response.body.decode("utf-8", "replace") if e.response.body else ""
+
+async def talk():
+    ctx = ssl.create_default_context(cafile=P["ca_file"])
+    sock = socket.create_connection(addr, timeout=P["timeout"])
+    try:
+        async with connect(C["url"], sock=sock, ssl=ctx, server_hostname=u.hostname,
+                           compression="deflate" if C["deflate"] else None,
+                           additional_headers=[tuple(h) for h in C["headers"]],
+                           open_timeout=P["timeout"], close_timeout=2) as ws:
+            out["extensions"] = ws.response.headers.get("Sec-WebSocket-Extensions")
+            try:
+                for m in C["send"]:
+                    await ws.send(m)
+                while True:
+                    m = await asyncio.wait_for(ws.recv(), P["timeout"])
+                    m = m if isinstance(m, str) else m.decode("utf-8", "replace")
+                    out["received"].append(m)
+                    if C["until"] and C["until"] in m:
+                        break
+            except TimeoutError:
+                out["timed_out"] = True
+            except ConnectionClosed as e:
+                if e.rcvd is not None:
+                    out["close_code"], out["close_reason"] = e.rcvd.code, e.rcvd.reason
+    except InvalidStatus as e:
+        out["status"] = e.response.status_code
+        out["body"] = e.response.body.decode("utf-8", "replace") if e.response.body else ""
+
+asyncio.run(talk())
 print(json.dumps(out))
 "#;
 
@@ -758,6 +769,10 @@ const PY_PRELUDE: &str = r#"
 import base64, hashlib, http.client, json, os, socket, ssl, sys, time, urllib.parse
 
 P = json.loads(os.environ["INTERCEPTOR_CLIENT_PARAMS"])
+# A client still running 3 s past its own timeout (it is killed at 5 s) prints
+# every thread's stack, to show where it hung.
+import faulthandler
+faulthandler.dump_traceback_later(P.get("timeout", 10) + 3, exit=False)
 T0 = time.monotonic()
 
 def ms():

@@ -4,7 +4,8 @@
 //!
 //! Compiled only with the `testing` feature, so none of it ships. Every resource
 //! is removed when its handle drops. A privileged test starts with
-//! `if !require_privileges("test_name") { return; }`.
+//! `if !require_privileges("test_name") { return; }`; a skipped test prints
+//! a `SKIPPED:` line ([`skip`]) that the suite's summary counts.
 //!
 //! These helpers shell out to iproute2 (`ip`) and make raw namespace syscalls;
 //! they favour clear failures over speed and must not be used outside tests.
@@ -35,19 +36,46 @@ use anyhow::{Context, Result, bail};
 /// Whether this process can run privileged tests: root, a cgroup2 mount,
 /// iproute2, and the ability to create a network namespace and a cgroup.
 ///
-/// When something is missing this prints `SKIP <test>: <reason>` and returns
-/// false, unless the `CI` environment variable is set (non-empty): a CI run
-/// must not skip silently, so it panics with the reason instead.
+/// When something is missing this reports the test as skipped ([`skip`]) and
+/// returns false, unless the `CI` environment variable is set (non-empty): a
+/// CI run must not skip silently, so it panics with the reason instead.
 pub fn require_privileges(test_name: &str) -> bool {
     static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
-    let Err(reason) = PROBE.get_or_init(probe_privileges) else {
-        return true;
-    };
-    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
-        panic!("{test_name}: privileged test cannot run (CI is set, so not skipping): {reason}");
+    match PROBE.get_or_init(probe_privileges) {
+        Ok(()) => true,
+        Err(reason) => skip(test_name, &format!("privileged test cannot run: {reason}")),
     }
-    // Straight to stderr, not `eprintln!`, which the test harness captures.
-    let _ = writeln!(std::io::stderr(), "SKIP {test_name}: {reason}");
+}
+
+/// Whether every program named is installed (on `PATH` or in the system
+/// directories); otherwise reports the test as skipped ([`skip`]).
+pub fn require_tools(test_name: &str, programs: &[&str]) -> bool {
+    let missing: Vec<&str> = programs.iter().copied().filter(|p| !tool(p).is_absolute()).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    skip(test_name, &format!("not installed: {} (`cargo xtask setup` installs them)", missing.join(", ")))
+}
+
+/// The line a skipped test prints, which `cargo xtask test` counts and lists
+/// in its summary: `SKIPPED: <test>: <reason>`.
+pub const SKIP_MARKER: &str = "SKIPPED: ";
+
+/// Reports that `test_name` cannot run here and returns false, so a test
+/// reads `if !skip_unless(...) { return; }`; libtest still counts it as
+/// passed, so the marker line is what tells the two apart.
+///
+/// When the `CI` environment variable is set (non-empty) this panics with
+/// the reason instead: a CI run must not skip silently.
+pub fn skip(test_name: &str, reason: &str) -> bool {
+    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
+        panic!("{test_name}: cannot run (CI is set, so not skipping): {reason}");
+    }
+    // One write straight to stderr: `eprintln!` is captured by the test
+    // harness, and a line written in pieces could interleave with another
+    // test's.
+    let line = format!("{SKIP_MARKER}{test_name}: {}\n", reason.replace('\n', " "));
+    let _ = std::io::stderr().write_all(line.as_bytes());
     false
 }
 

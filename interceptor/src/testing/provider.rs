@@ -1768,15 +1768,25 @@ mod tests {
         let pki = TestPki::with_defaults().expect("pki");
         let provider = loopback(&pki);
         let addr = provider.local_addr();
-        let mut sender = h1(addr, &pki).await.expect("connect");
+        let tls = tls_connect(addr, &pki, "api.openai.com", &[b"http/1.1"]).await.expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.expect("handshake");
+        // The connection task ends when it reads the server's close.
+        let conn = tokio::spawn(conn);
+        // Served before the drop: the connection is open on both sides.
+        let response = sender.send_request(request(Method::GET, "/status/204", b"")).await.expect("served");
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
         drop(provider);
         let deadline = tokio::time::Instant::now() + STEP;
         while TcpStream::connect(addr).await.is_ok() {
             assert!(tokio::time::Instant::now() < deadline, "still listening");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        // The open connection is closed too.
-        let _ = tokio::time::timeout(STEP, sender.ready()).await.expect("in time");
+        // The open connection is closed too. Wait for the client to see the
+        // close, not for time: until then a request could still be written
+        // (and, on a busy machine, even answered by a connection task that
+        // was mid-poll when the server was dropped).
+        let _ = tokio::time::timeout(STEP, conn).await.expect("the server closed the open connection");
+        assert!(sender.is_closed());
         assert!(sender.send_request(request(Method::GET, "/status/200", b"")).await.is_err());
     }
 
