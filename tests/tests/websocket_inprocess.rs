@@ -120,8 +120,9 @@ async fn realtime_input_text_with_a_private_key_is_blocked_plain_and_with_deflat
         let r = talk(&s, &conversation(&s, REALTIME, &[item], deflate)).await?;
         assert_eq!(r.extensions, None, "deflate {deflate}");
         assert_eq!(r.close_code, Some(1008), "deflate {deflate}: {r:?}");
+        // The provider's `session.created` may or may not be relayed before
+        // the block closes the connection: the client sends at once.
         let events = parsed(&r.received);
-        assert_eq!(events.first().map(|e| e["type"].clone()), Some(json!("session.created")), "{r:?}");
         let error = events.iter().find(|e| e["type"] == "error").context("no error event")?;
         assert_eq!(error["error"]["code"], "guardrail_blocked");
         assert_eq!(error["error"]["event_id"], "evt_1");
