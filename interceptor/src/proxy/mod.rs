@@ -421,6 +421,26 @@ struct ConnectionRecord {
 }
 
 impl ConnectionRecord {
+    /// A connection just accepted: nothing known yet but its client.
+    fn new(metrics: Arc<Metrics>, client: ClientAddr) -> Self {
+        Self {
+            metrics,
+            client,
+            orig_dst: None,
+            workload: None,
+            sni: None,
+            mode: "none",
+            reason: None,
+            outcome: "closed",
+            error: None,
+            requests: 0,
+            bytes_up: 0,
+            bytes_down: 0,
+            started: Instant::now(),
+            quiet: false,
+        }
+    }
+
     fn fail(&mut self, outcome: &'static str, error: &dyn std::error::Error) {
         self.outcome = outcome;
         self.error = Some(telemetry::chain(error));
@@ -459,22 +479,7 @@ impl Drop for ConnectionRecord {
 
 async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &Shared) {
     let plane = &shared.plane;
-    let mut record = ConnectionRecord {
-        metrics: Arc::clone(&plane.metrics),
-        client,
-        orig_dst: None,
-        workload: None,
-        sni: None,
-        mode: "none",
-        reason: None,
-        outcome: "closed",
-        error: None,
-        requests: 0,
-        bytes_up: 0,
-        bytes_down: 0,
-        started: Instant::now(),
-        quiet: false,
-    };
+    let mut record = ConnectionRecord::new(Arc::clone(&plane.metrics), client);
     let orig = match plane.resolver.original_dst(&stream, client) {
         Ok(orig) => OrigDstAddr(net::canonical(orig.0)),
         Err(error) => {
@@ -913,22 +918,8 @@ mod tests {
             rejected: Mutex::new(HashSet::new()),
             in_flight,
         };
-        let record = ConnectionRecord {
-            metrics: Arc::new(Metrics::new()),
-            client: ClientAddr("127.0.0.1:5000".parse().unwrap()),
-            orig_dst: None,
-            workload: None,
-            sni: None,
-            mode: "none",
-            reason: None,
-            outcome: "closed",
-            error: None,
-            requests: 0,
-            bytes_up: 0,
-            bytes_down: 0,
-            started: Instant::now(),
-            quiet: true,
-        };
+        let mut record = ConnectionRecord::new(Arc::new(Metrics::new()), ClientAddr("127.0.0.1:5000".parse().unwrap()));
+        record.quiet = true;
         let known = Workload { pid: 7, tid: 7, uid: 0, gid: 0, comm: "curl".into(), cgroup_id: 0 };
         // The socket was found but not its process (iptables mode).
         let socket_only = Workload { pid: 0, tid: 0, uid: 1000, gid: 0, comm: String::new(), cgroup_id: 9 };
