@@ -368,7 +368,81 @@ const MESSAGES_ONLY_MODIFY_KEEPS_THE_BODY: &[Allowed] = &[
     allow("akto.response#1.body.responsePayload.$json.echo_len", Shape::Differs),
     allow("akto.response#1.body.responsePayload.$json.usage.prompt_tokens", Shape::Differs),
     allow("akto.response#1.body.responsePayload.$json.usage.total_tokens", Shape::Differs),
+    allow("akto.response#1.body.responseHeaders.$json.content-length", Shape::Differs),
 ];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "issue 15 item 3: a ModifiedPayload that is not JSON is dropped (fail open: the original goes to the provider); the addon forwards it as the body"]
+async fn request_modified_not_json() -> Result<()> {
+    let scenario = Scenario {
+        request_reply: Reply::modified("My card is [CARD]. What is the capital of France?"),
+        allowed: NOT_JSON_REQUEST_PAYLOAD_IS_NEVER_EMPTY,
+        ..Scenario::openai(chat(false))
+    };
+    compare("request_modified_not_json", scenario).await
+}
+
+/// After the addon wrote a `ModifiedPayload` that is not JSON over the body,
+/// its response check sends `requestPayload: ""` (it cannot parse the body;
+/// Akto answers an empty one with 422). The interceptor never sends it
+/// empty: a body that is not JSON goes as `{"raw": "<text>"}`.
+const NOT_JSON_REQUEST_PAYLOAD_IS_NEVER_EMPTY: &[Allowed] =
+    &[allow("akto.response#1.body.requestPayload", Shape::Differs)];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_blocked_lowercase_keys() -> Result<()> {
+    let scenario = Scenario {
+        request_reply: Reply::blocked("card numbers are not allowed").lowercase_keys(),
+        calls: (1, 1),
+        addon_status: 403,
+        allowed: VERDICT_KEYS_IN_ANY_CASE,
+        ..Scenario::openai(chat(false))
+    };
+    compare("request_blocked_lowercase_keys", scenario).await
+}
+
+/// A verdict with lower-cased keys (as some Akto versions send it): the
+/// interceptor reads the keys in any case (protocol reference: "casing
+/// varies by version"), so the 403 carries Akto's `reason`; the addon reads
+/// only `Reason` and falls back to its default text. (Both block: the
+/// addon's `behaviour` key is lower case already.)
+const VERDICT_KEYS_IN_ANY_CASE: &[Allowed] = &[allow("client.body.error", Shape::Differs)];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_blocked_in_the_merged_verdict() -> Result<()> {
+    // The server runs both checks for its default account and answers with
+    // the request verdict on top and both results nested.
+    let merged = Reply::merged(&Reply::allowed(), &Reply::blocked("the answer leaks data"));
+    let scenario = Scenario {
+        response_reply: merged,
+        allowed: RESPONSE_CHECK_READS_RESPONSE_RESULT,
+        ..Scenario::openai(chat(false))
+    };
+    compare("response_blocked_in_the_merged_verdict", scenario).await
+}
+
+/// The merged verdict on a response check: the interceptor reads the nested
+/// `responseResult` (protocol reference: "read `responseResult` for a
+/// response check"), which says block; the addon reads the top level, the
+/// request's verdict with `Allowed` = false but no `behaviour: block`, so it
+/// only logs an alert and forwards the answer. The client gets the 403
+/// contract from the interceptor.
+const RESPONSE_CHECK_READS_RESPONSE_RESULT: &[Allowed] = &[
+    allow("client.status", Shape::Differs),
+    allow("client.headers.**", Shape::Any),
+    allow("client.body.**", Shape::Any),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn akto_fails_open_itself() -> Result<()> {
+    // Akto's guardrail service timed out and answered "allowed" on its own.
+    let scenario = Scenario {
+        request_reply: Reply::fail_open(),
+        response_reply: Reply::fail_open(),
+        ..Scenario::openai(chat(false))
+    };
+    compare("akto_fails_open_itself", scenario).await
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_alert() -> Result<()> {
@@ -407,8 +481,7 @@ async fn response_blocked_with_reason() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "issue 15 item 3: with no Reason, the 403 says \"response blocked by guardrail policy\", the addon's says \"Blocked by Akto response guardrails\""]
 async fn response_blocked_without_reason() -> Result<()> {
-    let scenario =
-        Scenario { response_reply: Reply::blocked(""), addon_status: 403, ..Scenario::openai(chat(false)) };
+    let scenario = Scenario { response_reply: Reply::blocked(""), addon_status: 403, ..Scenario::openai(chat(false)) };
     compare("response_blocked_without_reason", scenario).await
 }
 
@@ -562,9 +635,8 @@ impl Bench {
         let (a, b) = (view(&addon, &addon_calls), view(&interceptor, &our_calls));
         let mut differences = Vec::new();
         diff(&mut Vec::new(), Some(&a), Some(&b), &mut differences);
-        let (allowed, unexpected): (Vec<_>, Vec<_>) = differences
-            .into_iter()
-            .partition(|d| ALLOWED.iter().chain(scenario.allowed).any(|entry| entry.permits(d)));
+        let (allowed, unexpected): (Vec<_>, Vec<_>) =
+            differences.into_iter().partition(|d| ALLOWED.iter().chain(scenario.allowed).any(|entry| entry.permits(d)));
         for d in &allowed {
             eprintln!("{name}: intended difference: {d}");
         }

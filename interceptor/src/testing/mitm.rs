@@ -135,7 +135,13 @@ impl MitmProxy {
             collect_lines(err, Arc::clone(&log), lines_tx);
         }
         // From here on, drop kills the child and removes the directory.
-        let mut proxy = MitmProxy { child: Some(child), addr: SocketAddr::from(([127, 0, 0, 1], 0)), ca_pem: String::new(), log, dir };
+        let mut proxy = MitmProxy {
+            child: Some(child),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ca_pem: String::new(),
+            log,
+            dir,
+        };
 
         let deadline = Instant::now() + START_TIMEOUT;
         proxy.addr = loop {

@@ -1755,7 +1755,9 @@ mod tests {
         let pki = TestPki::with_defaults().expect("pki");
         let provider = loopback(&pki);
         let mut sender = h1(provider.local_addr(), &pki).await.expect("connect");
-        for (path, status, shape) in [("/v1/chat/completions", "429", "rate_limit_exceeded"), ("/v1/messages", "401", "error")] {
+        for (path, status, shape) in
+            [("/v1/chat/completions", "429", "rate_limit_exceeded"), ("/v1/messages", "401", "error")]
+        {
             let mut req = request(Method::POST, path, br#"{"model":"m","messages":[]}"#);
             req.headers_mut().insert("x-fake-status", HeaderValue::from_static(status));
             let got = read(sender.send_request(req).await.expect("send")).await.expect("read");
