@@ -88,9 +88,10 @@ const PROVIDER_NOT_COMPARED: &[&str] = &["host", "content-length", "transfer-enc
 /// client and its framing. (`content-type`, auth and ids are compared.)
 const CALL_NOT_COMPARED: &[&str] =
     &["host", "user-agent", "accept", "accept-encoding", "connection", "content-length", "transfer-encoding"];
-/// Fields of the Akto body whose value is a JSON document in a string.
-const JSON_IN_STRING: &[&str] =
-    &["requestHeaders", "responseHeaders", "requestPayload", "responsePayload", "tag", "metadata"];
+/// Fields of the Akto body whose value is a JSON document in a string,
+/// compared as parsed JSON (Python's `json.dumps` spaces its output, serde
+/// does not). `tag`, a constant, is compared as it is, byte for byte.
+const JSON_IN_STRING: &[&str] = &["requestHeaders", "responseHeaders", "requestPayload", "responsePayload", "metadata"];
 
 /// Which shape of difference an allow-list entry permits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

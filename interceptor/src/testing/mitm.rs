@@ -77,16 +77,6 @@ impl std::fmt::Debug for MitmProxy {
 }
 
 impl MitmProxy {
-    /// Whether `python3` can import mitmproxy; the version when it can.
-    pub fn installed_version() -> Option<String> {
-        let out = Command::new(tool("python3"))
-            .args(["-c", "import mitmproxy.version as v; print(v.VERSION)"])
-            .stderr(Stdio::null())
-            .output()
-            .ok()?;
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    }
-
     /// Starts mitmdump on `127.0.0.1:0` and waits until it listens. Blocks
     /// (up to a minute): call it from a blocking context.
     pub fn start(settings: &MitmSettings) -> Result<MitmProxy> {
