@@ -185,17 +185,28 @@ impl Scenario {
         }
     }
 
+    // A streamed answer comes 5 ms an event (the fake provider's
+    // `interval_ms`) to keep the run short. Its text (under 600 characters)
+    // is one batch for both sides however its events are grouped in reads.
+
     fn openai(body: Value) -> Scenario {
-        Scenario { headers: OPENAI_HEADERS, ..Scenario::new("api.openai.com", "/v1/chat/completions", body) }
+        let path = if streamed(&body) { "/v1/chat/completions?interval_ms=5" } else { "/v1/chat/completions" };
+        Scenario { headers: OPENAI_HEADERS, ..Scenario::new("api.openai.com", path, body) }
     }
 
     fn anthropic(body: Value) -> Scenario {
-        Scenario { headers: ANTHROPIC_HEADERS, ..Scenario::new("api.anthropic.com", "/v1/messages", body) }
+        let path = if streamed(&body) { "/v1/messages?interval_ms=5" } else { "/v1/messages" };
+        Scenario { headers: ANTHROPIC_HEADERS, ..Scenario::new("api.anthropic.com", path, body) }
     }
 
     fn responses(body: Value) -> Scenario {
-        Scenario { headers: OPENAI_HEADERS, ..Scenario::new("api.openai.com", "/v1/responses", body) }
+        let path = if streamed(&body) { "/v1/responses?interval_ms=5" } else { "/v1/responses" };
+        Scenario { headers: OPENAI_HEADERS, ..Scenario::new("api.openai.com", path, body) }
     }
+}
+
+fn streamed(body: &Value) -> bool {
+    body["stream"] == json!(true)
 }
 
 const OPENAI_HEADERS: &[(&str, &str)] = &[("authorization", "Bearer sk-test-openai-key")];
