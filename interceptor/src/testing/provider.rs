@@ -34,6 +34,10 @@
 //! Every message a WebSocket client sends is recorded
 //! ([`FakeProvider::ws_messages`]).
 //!
+//! A request header `x-fake-status: <code>` (400 to 599) makes a `POST` answer
+//! that status with the provider's error body instead (Anthropic's shape on
+//! `/v1/messages`, OpenAI's elsewhere), as a rate limit or a bad key would.
+//!
 //! A request header `x-fake-reply: <text>` replaces the assistant text in chat
 //! answers (and in the WebSocket answers, set on the upgrade request), so a test can make the "model" say something specific. Streams
 //! split that text into deltas at word boundaries, and words longer than
@@ -945,6 +949,9 @@ fn sse_response(n: u64, interval: Duration, pieces: Vec<String>, ctx: StreamCtx)
 /// A `POST`: the answer in the shape of the provider the path belongs to.
 fn post(parts: &http::request::Parts, req: &RecordedRequest, query: &str, ctx: StreamCtx) -> Response<Body> {
     let path = parts.uri.path();
+    if let Some(status) = fake_status(&parts.headers) {
+        return provider_error(path, status);
+    }
     let request: Option<serde_json::Value> = serde_json::from_slice(&req.body).ok();
     let wants_stream =
         request.as_ref().and_then(|v| v.get("stream")).and_then(serde_json::Value::as_bool) == Some(true);
@@ -992,6 +999,25 @@ fn post(parts: &http::request::Parts, req: &RecordedRequest, query: &str, ctx: S
         }
     }
     chat_completion(parts, req, query, ctx)
+}
+
+/// The status asked for with `x-fake-status`, if it is an error status.
+fn fake_status(headers: &HeaderMap) -> Option<StatusCode> {
+    let code = headers.get("x-fake-status")?.to_str().ok()?.trim().parse::<u16>().ok()?;
+    StatusCode::from_u16(code).ok().filter(|s| s.is_client_error() || s.is_server_error())
+}
+
+/// An error answer in the shape of the provider `path` belongs to.
+fn provider_error(path: &str, status: StatusCode) -> Response<Body> {
+    let message = format!("fake provider error {}", status.as_u16());
+    let body = if path == "/v1/messages" {
+        json!({"type": "error", "error": {"type": "rate_limit_error", "message": message}})
+    } else {
+        error_json(&message, "rate_limit_exceeded")
+    };
+    let mut response = json_response(status, &body);
+    response.headers_mut().insert("x-request-id", HeaderValue::from_static("req_fake0001"));
+    response
 }
 
 const TEXT_EVENT_STREAM: &str = "text/event-stream";
@@ -1722,6 +1748,29 @@ mod tests {
         assert_eq!(text.matches("data: ").count(), 6, "{text}");
         assert!(text.contains(r#""content":"alpha ""#) && text.contains(r#""content":"beta ""#));
         assert!(text.ends_with("data: [DONE]\n\n"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fake_status_answers_the_providers_error() {
+        let pki = TestPki::with_defaults().expect("pki");
+        let provider = loopback(&pki);
+        let mut sender = h1(provider.local_addr(), &pki).await.expect("connect");
+        for (path, status, shape) in
+            [("/v1/chat/completions", "429", "rate_limit_exceeded"), ("/v1/messages", "401", "error")]
+        {
+            let mut req = request(Method::POST, path, br#"{"model":"m","messages":[]}"#);
+            req.headers_mut().insert("x-fake-status", HeaderValue::from_static(status));
+            let got = read(sender.send_request(req).await.expect("send")).await.expect("read");
+            assert_eq!(got.status.as_str(), status);
+            assert_eq!(got.headers[header::CONTENT_TYPE], "application/json");
+            let text = String::from_utf8_lossy(&got.body);
+            assert!(text.contains(shape) && text.contains(&format!("fake provider error {status}")), "{text}");
+        }
+        // Not an error status: ignored.
+        let mut req = request(Method::POST, "/v1/chat/completions", br#"{"messages":[]}"#);
+        req.headers_mut().insert("x-fake-status", HeaderValue::from_static("204"));
+        let got = read(sender.send_request(req).await.expect("send")).await.expect("read");
+        assert_eq!(got.status, StatusCode::OK);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
