@@ -25,6 +25,7 @@ use crate::{
     config::Backend,
     config::{Config, Overrides, RedirectMode, TargetMode},
     dns::{self, AskedServer, DnsForwarder, DnsObserver, ForwarderConfig, Learned, Upstreams},
+    error,
     guardrails::{
         akto::AktoClient,
         engine::{Engine, Policy},
@@ -32,6 +33,7 @@ use crate::{
     },
     metrics::Metrics,
     net::ClientAddr,
+    net::OrigDstResolver,
     policy::DomainPolicy,
     proxy::hook::Hook,
     proxy::{
@@ -39,9 +41,8 @@ use crate::{
         tls::TlsTermination,
         upstream::{UpstreamPool, client_tls_config},
     },
-    redirect::{NoRedirect, OrigDstResolver, Redirector, ebpf::EbpfRedirector, iptables::IptablesRedirector},
+    redirect::{NoRedirect, Redirector, ebpf::EbpfRedirector, iptables::IptablesRedirector},
     targets::{TargetResolver, TargetSet},
-    telemetry,
 };
 
 /// How often the config file is checked for changes (SIGHUP reloads at once).
@@ -146,7 +147,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         Ok(d) => {
             tracing::info!(kept = ?d.kept, bounding_reduced = d.bounding_reduced, threads = d.threads, "privileges dropped")
         }
-        Err(error) => tracing::error!(error = %telemetry::chain(&error), "cannot drop privileges; running with them"),
+        Err(error) => tracing::error!(error = %error::chain(&error), "cannot drop privileges; running with them"),
     }
 
     let (status_tx, status_rx) = watch::channel(Arc::new(Status {
@@ -247,7 +248,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     {
         let mut t = targeting.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(error) = t.redirector.uninstall() {
-            tracing::error!(error = %telemetry::chain(&error), "cannot remove the redirect");
+            tracing::error!(error = %error::chain(&error), "cannot remove the redirect");
         }
     }
     drop(heartbeat);
@@ -494,7 +495,7 @@ impl DnsObserver for Learner {
         match applied {
             Ok(()) if new > 0 => tracing::info!(new, "learned AI provider addresses from DNS"),
             Ok(()) => {}
-            Err(error) => tracing::error!(error = %telemetry::chain(&error), "cannot redirect learned addresses"),
+            Err(error) => tracing::error!(error = %error::chain(&error), "cannot redirect learned addresses"),
         }
     }
 }
@@ -601,7 +602,7 @@ impl Control {
             }
             Err(error) => tracing::error!(
                 path = %path.display(),
-                error = %telemetry::chain(&error),
+                error = %error::chain(&error),
                 "guardrail policy rejected; keeping the running policy"
             ),
         }
@@ -621,7 +622,7 @@ impl Control {
         match applied {
             Ok(()) => self.publish_ready(),
             Err(error) => {
-                tracing::error!(error = %telemetry::chain(&error), "cannot update redirect targets; keeping the previous ones")
+                tracing::error!(error = %error::chain(&error), "cannot update redirect targets; keeping the previous ones")
             }
         }
     }
@@ -639,7 +640,7 @@ impl Control {
             let mut t = self.targeting();
             // Expired learned addresses leave the kernel maps here too.
             if let Err(error) = t.apply() {
-                tracing::error!(error = %telemetry::chain(&error), "cannot update redirect targets");
+                tracing::error!(error = %error::chain(&error), "cannot update redirect targets");
             }
             (t.redirector.counters(), t.targets.clone())
         };
@@ -674,19 +675,19 @@ impl Control {
         let mut new = match Config::from_toml(&text, &path) {
             Ok(c) => c,
             Err(error) => {
-                tracing::error!(error = %telemetry::chain(&error), "config reload rejected; keeping the running configuration");
+                tracing::error!(error = %error::chain(&error), "config reload rejected; keeping the running configuration");
                 return false;
             }
         };
         new.apply(&self.overrides);
         if let Err(error) = new.validate() {
-            tracing::error!(error = %telemetry::chain(&error), "config reload rejected; keeping the running configuration");
+            tracing::error!(error = %error::chain(&error), "config reload rejected; keeping the running configuration");
             return false;
         }
         let policy = match DomainPolicy::compile(&new.domains) {
             Ok(p) => p,
             Err(error) => {
-                tracing::error!(error = %telemetry::chain(&error), "config reload rejected; keeping the running configuration");
+                tracing::error!(error = %error::chain(&error), "config reload rejected; keeping the running configuration");
                 return false;
             }
         };

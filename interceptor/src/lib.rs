@@ -14,6 +14,7 @@ pub mod cgroup;
 pub mod config;
 pub mod dns;
 pub mod doctor;
+pub mod error;
 
 pub mod guardrails;
 pub mod metrics;

@@ -15,7 +15,8 @@ use interceptor::{
         tls::TlsTermination,
         upstream::{UpstreamPool, client_tls_config},
     },
-    redirect::{MockOrigDst, Workload},
+    net::MockOrigDst,
+    workload::Workload,
 };
 use tokio::sync::watch;
 

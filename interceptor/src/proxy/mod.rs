@@ -52,12 +52,12 @@ use self::{
 };
 use crate::{
     config::{OversizeAction, Unclassified},
+    error,
     metrics::{ConnectionLabels, Metrics},
-    net::{self, ClientAddr, OrigDstAddr},
+    net::{self, ClientAddr, OrigDstAddr, OrigDstResolver, ProxyAddrs},
     policy::{DomainPolicy, Reason},
-    redirect::{OrigDstResolver, ProxyAddrs, Workload},
     targets::{AiAddress, TargetSet},
-    telemetry,
+    workload::Workload,
 };
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -443,7 +443,7 @@ impl ConnectionRecord {
 
     fn fail(&mut self, outcome: &'static str, error: &dyn std::error::Error) {
         self.outcome = outcome;
-        self.error = Some(telemetry::chain(error));
+        self.error = Some(error::chain(error));
     }
 }
 
@@ -719,7 +719,7 @@ async fn intercept_connection(
         }
         Ok(Ok(s)) => s,
         Ok(Err(error)) => {
-            let text = telemetry::chain(&error);
+            let text = error::chain(&error);
             if tls::is_certificate_rejection(&error) {
                 shared.note_rejection(who.as_deref(), &sni, record, &text);
                 record.outcome = "client_rejected_certificate";
@@ -760,7 +760,7 @@ async fn intercept_connection(
         Ok(()) => record.outcome = "intercepted",
         Err(error) => {
             record.outcome = "intercepted";
-            record.error = Some(telemetry::chain(error.as_ref()));
+            record.error = Some(error::chain(error.as_ref()));
         }
     }
 }
@@ -791,7 +791,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-    use crate::{policy::DomainsConfig, redirect::MockOrigDst};
+    use crate::{net::MockOrigDst, policy::DomainsConfig};
 
     fn plane(resolver: Arc<dyn OrigDstResolver>) -> DataPlane {
         let policy = DomainPolicy::compile(&DomainsConfig::default()).unwrap();
