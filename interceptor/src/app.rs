@@ -163,20 +163,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (shutdown_dns_tx, shutdown_rx_dns) = watch::channel(false);
-    let settings = ProxySettings {
-        connect_timeout: config.proxy.connect_timeout,
-        client_hello_timeout: config.tls.client_hello_timeout,
-        max_inspected_body: config.proxy.max_inspected_body,
-        passthrough_on_reject: config.tls.passthrough_on_reject,
-        oversize: config.guardrails.oversize,
-        max_buffered_total: max_buffered_total(&config),
-        max_header_bytes: config.proxy.max_header_bytes,
-        header_read_timeout: config.proxy.header_read_timeout,
-        idle_timeout: config.proxy.idle_timeout,
-        max_connections: config.proxy.max_connections,
-        max_connections_per_workload: config.proxy.max_connections_per_workload,
-        unclassified: config.targets.unclassified,
-    };
+    let settings = ProxySettings::from_config(&config, max_buffered_total(&config));
     let (policy_text, guardrails) = build_guardrails(&config).context("preparing the guardrails")?;
     let (guardrails_tx, guardrails_rx) = watch::channel(Arc::new(guardrails));
     let hook: Option<Arc<dyn Hook>> = if config.guardrails.enabled {
@@ -339,8 +326,12 @@ fn tls_termination(config: &Config, state_dir: &Path) -> anyhow::Result<TlsTermi
             .context("preparing certificate issuance")?;
     let upstream_ca = Some(config.tls.upstream_ca.as_path()).filter(|p| !p.as_os_str().is_empty());
     let client_tls = client_tls_config(upstream_ca).context("preparing upstream TLS")?;
-    let pool = UpstreamPool::new(client_tls, config.proxy.mark, config.proxy.connect_timeout)
-        .with_idle_timeout(config.proxy.upstream_idle_timeout);
+    let pool = UpstreamPool::new(
+        client_tls,
+        config.proxy.mark,
+        config.proxy.connect_timeout,
+        config.proxy.upstream_idle_timeout,
+    );
     Ok(TlsTermination::new(Arc::new(issuer), pool))
 }
 

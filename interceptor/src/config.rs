@@ -478,6 +478,8 @@ impl Default for ProxyConfig {
             address_v6: Some(Ipv6Addr::LOCALHOST),
             mark: 0x1e7,
             connect_timeout: Duration::from_secs(10),
+            // The providers' SDKs' own default timeout, so the interceptor
+            // never gives up before the client would.
             upstream_idle_timeout: Duration::from_secs(600),
             drain_timeout: Duration::from_secs(10),
             max_inspected_body: 16 << 20,

@@ -8,6 +8,7 @@ use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 use anyhow::Result;
 use interceptor::{
     ca::{CertificateAuthority, LeafIssuer, LeafSettings},
+    net::MockOrigDst,
     policy::{DomainPolicy, DomainsConfig},
     proxy::{
         DataPlane, Listeners, Proxy, ProxySettings, Snapshot,
@@ -15,7 +16,6 @@ use interceptor::{
         tls::TlsTermination,
         upstream::{UpstreamPool, client_tls_config},
     },
-    net::MockOrigDst,
     workload::Workload,
 };
 use tokio::sync::watch;
@@ -91,10 +91,8 @@ impl InProcessProxy {
         let ca_pem = ca.cert_pem().to_string();
         let ca_path = ca.cert_path().to_path_buf();
         let issuer = LeafIssuer::new(Arc::new(ca), LeafSettings::default())?;
-        let mut pool = UpstreamPool::new(client_tls_config(Some(upstream_ca))?, 0, Duration::from_secs(5));
-        if let Some(idle) = upstream_idle {
-            pool = pool.with_idle_timeout(idle);
-        }
+        let idle = upstream_idle.unwrap_or(interceptor::config::ProxyConfig::default().upstream_idle_timeout);
+        let pool = UpstreamPool::new(client_tls_config(Some(upstream_ca))?, 0, Duration::from_secs(5), idle);
         let tls = TlsTermination::new(Arc::new(issuer), pool);
         let (snap_tx, snapshot) = watch::channel(Arc::new(Snapshot::new(DomainPolicy::compile(&domains)?)));
         let resolver = Arc::new(MockOrigDst { dst: Default::default(), default: Some(upstream), workload });
