@@ -7,7 +7,7 @@ use interceptor::{
     app,
     ca::{self, CertificateAuthority, TrustStore},
     config::{Config, Overrides, RedirectMode},
-    doctor, error, guardrails, redirect,
+    dataplane, doctor, error, guardrails, redirect,
     telemetry::{self, LogFormat},
     webhook,
 };
@@ -310,7 +310,7 @@ fn ca_command(config_path: Option<&PathBuf>, command: CaCommand) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let ca = match app::certificate_authority(&config, &state_dir) {
+    let ca = match dataplane::certificate_authority(&config, &state_dir) {
         Ok(ca) => ca,
         Err(error) => {
             eprintln!("error: {error:#}");
