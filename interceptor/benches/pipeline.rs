@@ -19,8 +19,8 @@ use interceptor::{
     metrics::Metrics,
     net::{ClientAddr, OrigDstAddr},
     proxy::hook::{BodyAction, Exchange, Hook, RequestAction, ResponseAction},
-    redirect::Workload,
     testing::provider::sample_chat_completion,
+    workload::Workload,
 };
 
 fn request_head(len: usize) -> http::request::Parts {
@@ -48,7 +48,7 @@ fn pipeline(c: &mut Criterion) {
     // stderr sent to /dev/null.
     let null = std::fs::OpenOptions::new().write(true).open("/dev/null").expect("/dev/null");
     nix::unistd::dup2_stderr(null).expect("dup2");
-    interceptor::telemetry::init(interceptor::config::LogFormat::Json);
+    interceptor::telemetry::init(interceptor::telemetry::LogFormat::Json);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let hook = runtime.block_on(async {
         let metrics = Arc::new(Metrics::new());

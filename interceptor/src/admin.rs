@@ -12,7 +12,7 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{metrics::Metrics, redirect::ProxyAddrs, targets::TargetSet};
+use crate::{metrics::Metrics, net::ProxyAddrs, targets::TargetSet};
 
 /// What the control plane publishes for the admin API.
 #[derive(Clone, Debug, Default, Serialize)]

@@ -48,7 +48,7 @@ pub struct WorkloadInfo {
 impl WorkloadInfo {
     /// What is known of the process behind a connection, with its cgroup
     /// named and, on Kubernetes nodes, its pod and container.
-    pub fn of(workload: Option<&crate::redirect::Workload>) -> Self {
+    pub fn of(workload: Option<&crate::workload::Workload>) -> Self {
         let Some(w) = workload else { return Self::default() };
         let cgroup = (w.cgroup_id != 0).then(|| crate::workload::cgroup_path(w.cgroup_id)).flatten();
         let kube = cgroup.as_deref().and_then(crate::workload::kube_identity);

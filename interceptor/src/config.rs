@@ -16,7 +16,10 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::{guardrails::akto::AktoConfig, policy::DomainsConfig};
+pub use self::akto::AktoConfig;
+use crate::{policy::DomainsConfig, telemetry::LogFormat};
+
+pub mod akto;
 
 /// Smallest `proxy.max_header_bytes` (the HTTP/1.1 server's minimum buffer).
 pub const MIN_HEADER_BYTES: usize = 8192;
@@ -360,11 +363,36 @@ pub struct RedirectConfig {
 }
 
 impl RedirectConfig {
-    pub fn fail_safe(&self) -> crate::redirect::liveness::FailSafe {
-        crate::redirect::liveness::FailSafe {
-            closed: self.fail_mode == FailMode::Closed,
-            timeout: self.heartbeat_timeout,
-        }
+    pub fn fail_safe(&self) -> FailSafe {
+        FailSafe { closed: self.fail_mode == FailMode::Closed, timeout: self.heartbeat_timeout }
+    }
+}
+
+/// What the redirect does while the proxy is down (crashed or hung): the
+/// typed form of `redirect.fail_mode` and `redirect.heartbeat_timeout`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FailSafe {
+    /// Refuse connections to targets instead of letting them go direct.
+    pub closed: bool,
+    /// A heartbeat older than this means the proxy is down.
+    pub timeout: Duration,
+}
+
+impl Default for FailSafe {
+    /// The documented `[redirect]` defaults.
+    fn default() -> Self {
+        RedirectConfig::default().fail_safe()
+    }
+}
+
+impl FailSafe {
+    /// How often a live instance writes its heartbeat.
+    pub fn interval(&self) -> Duration {
+        (self.timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+    }
+
+    pub fn timeout_ms(&self) -> u32 {
+        u32::try_from(self.timeout.as_millis()).unwrap_or(u32::MAX).max(1)
     }
 }
 
@@ -436,13 +464,6 @@ pub struct AdminConfig {
     pub address: SocketAddr,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Json,
-    Text,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
@@ -457,6 +478,8 @@ impl Default for ProxyConfig {
             address_v6: Some(Ipv6Addr::LOCALHOST),
             mark: 0x1e7,
             connect_timeout: Duration::from_secs(10),
+            // The providers' SDKs' own default timeout, so the interceptor
+            // never gives up before the client would.
             upstream_idle_timeout: Duration::from_secs(600),
             drain_timeout: Duration::from_secs(10),
             max_inspected_body: 16 << 20,

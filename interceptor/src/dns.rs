@@ -56,7 +56,7 @@ use tokio::{
     time::timeout,
 };
 
-use crate::{net::set_mark, telemetry};
+use crate::{error, net::set_mark};
 
 /// How long one upstream attempt may take.
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
@@ -501,7 +501,7 @@ impl LoopReport {
             *last = Some(now);
         }
         let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
-        tracing::error!(event = "dns_loop", suppressed, error = %telemetry::chain(error), "dns loop refused");
+        tracing::error!(event = "dns_loop", suppressed, error = %error::chain(error), "dns loop refused");
     }
 }
 
@@ -748,7 +748,7 @@ impl Shared {
             };
             match attempt {
                 Ok(reply) => return Some(reply),
-                Err(error) => tracing::debug!(error = %telemetry::chain(&error), "dns upstream attempt failed"),
+                Err(error) => tracing::debug!(error = %error::chain(&error), "dns upstream attempt failed"),
             }
         }
         tracing::warn!(
@@ -873,7 +873,7 @@ fn encode(message: &Message) -> Option<Vec<u8>> {
         Ok(bytes) => Some(bytes),
         Err(source) => {
             let error = DnsError::Encode { source };
-            tracing::error!(error = %telemetry::chain(&error), "cannot answer a dns query");
+            tracing::error!(error = %error::chain(&error), "cannot answer a dns query");
             None
         }
     }

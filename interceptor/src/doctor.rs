@@ -6,8 +6,8 @@ use std::process::Command;
 use crate::{
     cgroup,
     config::RedirectMode,
+    error,
     redirect::{ebpf, iptables},
-    telemetry,
 };
 
 const CAP_NET_ADMIN: u32 = 12;
@@ -65,7 +65,7 @@ pub fn run(mode: RedirectMode) -> bool {
     match cgroup::cgroup2_root() {
         Ok(root) => checks.push(check(true, format!("cgroup v2 mounted at {}", root.display()))),
         Err(e) => {
-            checks.push(check(false, telemetry::chain(&e)));
+            checks.push(check(false, error::chain(&e)));
             ebpf_problems.push("no cgroup v2 mount".to_string());
         }
     }
@@ -92,7 +92,7 @@ pub fn run(mode: RedirectMode) -> bool {
         match ebpf::probe() {
             Ok(()) => checks.push(check(true, "eBPF programs load and pass the verifier")),
             Err(e) => {
-                let why = shorten(&telemetry::chain(&e));
+                let why = shorten(&error::chain(&e));
                 checks.push(check(false, format!("eBPF programs do not load: {why}")));
                 ebpf_problems.push(format!("programs rejected: {why}"));
             }

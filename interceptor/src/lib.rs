@@ -2,9 +2,11 @@
 //!
 //! See ARCHITECTURE.md for how the pieces fit. In short: `redirect` puts
 //! connections to AI providers into the proxy (eBPF or iptables), `proxy`
-//! relays them, `targets` decides which addresses are redirected, `config`
-//! holds the validated settings, `admin` serves health and status, and `app`
-//! wires them together.
+//! relays them through the `guardrails`, `targets` decides which addresses
+//! are redirected, `config` holds the validated settings, `control` keeps
+//! targets, learned addresses and reloads in step, `dataplane` builds the
+//! data plane from the configuration, `admin` serves health and status, and
+//! `app` wires them together.
 
 pub mod admin;
 pub mod app;
@@ -12,8 +14,11 @@ pub mod audit;
 pub mod ca;
 pub mod cgroup;
 pub mod config;
+pub mod control;
+pub mod dataplane;
 pub mod dns;
 pub mod doctor;
+pub mod error;
 
 pub mod guardrails;
 pub mod metrics;
@@ -29,3 +34,6 @@ pub mod workload;
 
 #[cfg(feature = "testing")]
 pub mod testing;
+
+#[cfg(test)]
+mod layering;

@@ -6,8 +6,10 @@ use clap::{Parser, Subcommand};
 use interceptor::{
     app,
     ca::{self, CertificateAuthority, TrustStore},
-    config::{Config, LogFormat, Overrides, RedirectMode},
-    doctor, guardrails, redirect, telemetry, webhook,
+    config::{Config, Overrides, RedirectMode},
+    dataplane, doctor, error, guardrails, redirect,
+    telemetry::{self, LogFormat},
+    webhook,
 };
 
 #[derive(Parser)]
@@ -232,7 +234,7 @@ impl RunArgs {
 
 fn load(path: Option<&PathBuf>, args: &RunArgs) -> Result<Config, ExitCode> {
     Config::load(path.map(PathBuf::as_path), &args.overrides()).map_err(|error| {
-        eprintln!("error: {}", telemetry::chain(&error));
+        eprintln!("error: {}", error::chain(&error));
         ExitCode::from(2)
     })
 }
@@ -287,7 +289,7 @@ fn status(admin: SocketAddr) -> anyhow::Result<String> {
 }
 
 fn fail(error: &(dyn std::error::Error + 'static)) -> ExitCode {
-    eprintln!("error: {}", telemetry::chain(error));
+    eprintln!("error: {}", error::chain(error));
     ExitCode::FAILURE
 }
 
@@ -308,7 +310,7 @@ fn ca_command(config_path: Option<&PathBuf>, command: CaCommand) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let ca = match app::certificate_authority(&config, &state_dir) {
+    let ca = match dataplane::certificate_authority(&config, &state_dir) {
         Ok(ca) => ca,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -337,7 +339,7 @@ fn print_store_report(result: Result<ca::Report, ca::CaError>, what: &str) -> Ex
     let report = match result {
         Ok(report) => report,
         Err(error) => {
-            eprintln!("error: {}", telemetry::chain(&error));
+            eprintln!("error: {}", error::chain(&error));
             return ExitCode::FAILURE;
         }
     };
@@ -558,7 +560,7 @@ fn main() -> ExitCode {
             match redirect::iptables::watchdog() {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
-                    tracing::error!(error = %telemetry::chain(&error), "watchdog cannot remove the iptables redirect");
+                    tracing::error!(error = %error::chain(&error), "watchdog cannot remove the iptables redirect");
                     ExitCode::FAILURE
                 }
             }
@@ -588,7 +590,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(error) => {
-                    eprintln!("error: {}", telemetry::chain(&error));
+                    eprintln!("error: {}", error::chain(&error));
                     ExitCode::FAILURE
                 }
             }

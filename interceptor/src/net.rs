@@ -2,7 +2,14 @@
 //!
 //! `ClientAddr` (the peer of an accepted connection) and `OrigDstAddr` (where
 //! that connection was going before it was redirected) are distinct types so
-//! they cannot be mixed up.
+//! they cannot be mixed up. [`ProxyAddrs`] is where the proxy listens, and
+//! [`OrigDstResolver`] the data plane's port to the redirect (see
+//! [`orig_dst`]).
+//!
+//! This module is below the data and the control plane alike: it imports
+//! nothing above `workload`.
+
+pub mod orig_dst;
 
 use std::{
     fmt,
@@ -11,6 +18,11 @@ use std::{
 };
 
 use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+use serde::Serialize;
+
+#[cfg(any(test, feature = "testing"))]
+pub use self::orig_dst::MockOrigDst;
+pub use self::orig_dst::{NoOriginalDst, OrigDstResolver, WorkloadLookup};
 
 /// The peer address of an accepted, redirected connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -29,6 +41,24 @@ impl fmt::Display for ClientAddr {
 impl fmt::Display for OrigDstAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
+    }
+}
+
+/// Where the proxy listens: the addresses connections are rewritten to.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct ProxyAddrs {
+    pub v4: std::net::SocketAddrV4,
+    pub v6: Option<std::net::SocketAddrV6>,
+    pub mark: u32,
+}
+
+impl ProxyAddrs {
+    /// Whether `addr` is one of the proxy's own listening addresses.
+    pub fn is_proxy(&self, addr: SocketAddr) -> bool {
+        match canonical(addr) {
+            SocketAddr::V4(a) => a == self.v4,
+            SocketAddr::V6(a) => self.v6.is_some_and(|v6| v6.ip() == a.ip() && v6.port() == a.port()),
+        }
     }
 }
 
@@ -119,5 +149,14 @@ mod tests {
         let local = server.local_addr().unwrap();
         assert!(original_dst(&server, local).is_err());
         drop(client);
+    }
+
+    #[test]
+    fn proxy_address_check_handles_v4_mapped_form() {
+        let p = ProxyAddrs { v4: "127.0.0.1:15443".parse().unwrap(), v6: None, mark: 1 };
+        assert!(p.is_proxy("[::ffff:127.0.0.1]:15443".parse().unwrap()));
+        assert!(p.is_proxy("127.0.0.1:15443".parse().unwrap()));
+        assert!(!p.is_proxy("127.0.0.1:443".parse().unwrap()));
+        assert!(!p.is_proxy("[::1]:15443".parse().unwrap()));
     }
 }

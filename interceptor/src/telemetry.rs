@@ -1,14 +1,25 @@
 //! Logging: `tracing` to stderr, one JSON object per line or plain text.
 //! Log records from the eBPF programs (aya-log, through the `log` crate) are
 //! forwarded into the same output.
+//!
+//! This module imports nothing from the crate: configuration names its
+//! [`LogFormat`], not the other way round.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::config::LogFormat;
+use serde::{Deserialize, Serialize};
 
 /// Set once our JSON subscriber owns stderr: audit events may then be
 /// written there directly, in its line format (see [`crate::audit`]).
 static JSON_ON_STDERR: AtomicBool = AtomicBool::new(false);
+
+/// How log records are written to stderr (`log.format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
 
 /// Installs the global subscriber. `RUST_LOG` overrides the default level
 /// (info).
@@ -32,26 +43,4 @@ pub fn init(format: LogFormat) {
 /// Whether the log is JSON lines on stderr, written by [`init`]'s subscriber.
 pub fn json_on_stderr() -> bool {
     JSON_ON_STDERR.load(Ordering::Relaxed)
-}
-
-/// An error and its causes on one line: "a: b: c".
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn chain_joins_causes() {
-        let inner = std::io::Error::other("inner");
-        let outer = crate::redirect::RedirectError::Spawn { command: "x".into(), source: inner };
-        assert_eq!(super::chain(&outer), "cannot run x: inner");
-    }
 }

@@ -6,6 +6,10 @@
 //!
 //! Paths are found by walking the cgroup2 tree once per unknown id (the id is
 //! the directory's inode number) and cached.
+//!
+//! [`Workload`] (who opened a connection) is defined here, below both the
+//! redirect that finds it and the data plane, audit and guardrails that
+//! report it; this module imports nothing above `cgroup`.
 
 use std::{
     collections::HashMap,
@@ -20,6 +24,28 @@ use serde::Serialize;
 const CACHE: usize = 16_384;
 /// Bound on directories visited per lookup.
 const MAX_WALK: usize = 100_000;
+
+/// The process that opened a redirected connection: as the kernel saw it at
+/// `connect()` time (eBPF mode), or as its socket shows it when the proxy
+/// accepts the connection (iptables mode). A `pid` of 0 means the process
+/// was not found (then `comm` is empty) though the socket was: its `uid`
+/// and `cgroup_id` still hold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+}
+
+impl Workload {
+    /// Whether the process is known (not only its socket's uid and cgroup).
+    pub fn has_process(&self) -> bool {
+        self.pid != 0 && !self.comm.is_empty()
+    }
+}
 
 /// Pod and container, as the cgroup path reveals them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

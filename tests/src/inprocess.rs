@@ -7,15 +7,12 @@ use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Result;
 use interceptor::{
-    ca::{CertificateAuthority, LeafIssuer, LeafSettings},
+    config::{Backend, Config, GuardrailsConfig},
+    dataplane::{self, DataPlaneBuilder},
+    net::MockOrigDst,
     policy::{DomainPolicy, DomainsConfig},
-    proxy::{
-        DataPlane, Listeners, Proxy, ProxySettings, Snapshot,
-        hook::Hook,
-        tls::TlsTermination,
-        upstream::{UpstreamPool, client_tls_config},
-    },
-    redirect::{MockOrigDst, Workload},
+    proxy::{Listeners, Proxy, ProxySettings, Snapshot, hook::Hook},
+    workload::Workload,
 };
 use tokio::sync::watch;
 
@@ -76,6 +73,16 @@ impl InProcessProxy {
             .await
     }
 
+    /// The data plane `app` runs for `config` (settings, inspection budget,
+    /// guardrails and audit), on loopback: every connection's original
+    /// destination is `upstream`, upstream TLS trusts `upstream_ca`, and
+    /// upstream sockets are not marked.
+    pub async fn from_config(upstream: SocketAddr, upstream_ca: &Path, mut config: Config) -> Result<Self> {
+        config.tls.upstream_ca = upstream_ca.to_path_buf();
+        config.proxy.mark = 0;
+        Self::launch(upstream, config, Launch::Configured).await
+    }
+
     async fn start_inner(
         upstream: SocketAddr,
         upstream_ca: &Path,
@@ -85,24 +92,43 @@ impl InProcessProxy {
         upstream_idle: Option<Duration>,
         workload: Option<Workload>,
     ) -> Result<Self> {
+        let mut config = Config { domains, ..Config::default() };
+        config.tls.upstream_ca = upstream_ca.to_path_buf();
+        config.proxy.mark = 0;
+        // Intercepted connections' upstreams are given 5 s to connect;
+        // passthrough keeps `settings.connect_timeout`.
+        config.proxy.connect_timeout = Duration::from_secs(5);
+        if let Some(idle) = upstream_idle {
+            config.proxy.upstream_idle_timeout = idle;
+        }
+        Self::launch(upstream, config, Launch::Given { hook, settings, workload }).await
+    }
+
+    async fn launch(upstream: SocketAddr, config: Config, launch: Launch) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let ca = CertificateAuthority::load_or_create(dir.path())?;
+        let ca = dataplane::certificate_authority(&config, dir.path())?;
         let ca_pem = ca.cert_pem().to_string();
         let ca_path = ca.cert_path().to_path_buf();
-        let issuer = LeafIssuer::new(Arc::new(ca), LeafSettings::default())?;
-        let mut pool = UpstreamPool::new(client_tls_config(Some(upstream_ca))?, 0, Duration::from_secs(5));
-        if let Some(idle) = upstream_idle {
-            pool = pool.with_idle_timeout(idle);
-        }
-        let tls = TlsTermination::new(Arc::new(issuer), pool);
-        let (snap_tx, snapshot) = watch::channel(Arc::new(Snapshot::new(DomainPolicy::compile(&domains)?)));
+        let tls = if config.tls.intercept { Some(Arc::new(dataplane::tls_termination(&config, ca)?)) } else { None };
+        let (snap_tx, snapshot) = watch::channel(Arc::new(Snapshot::new(DomainPolicy::compile(&config.domains)?)));
+        let mut builder = DataPlaneBuilder::new(&config).tls(tls);
+        let workload = match launch {
+            Launch::Configured => {
+                // The receiver keeps the last value after the handle is gone:
+                // nothing reloads these guardrails.
+                builder.configured_guardrails()?;
+                None
+            }
+            Launch::Given { hook, settings, workload } => {
+                builder = builder.hook(hook).settings(settings);
+                workload
+            }
+        };
         let resolver = Arc::new(MockOrigDst { dst: Default::default(), default: Some(upstream), workload });
-        let metrics = Arc::new(interceptor::metrics::Metrics::new());
-        let plane = DataPlane { resolver, settings, snapshot, tls: Some(Arc::new(tls)), hook, metrics };
         let listeners = Listeners::bind(std::net::Ipv4Addr::LOCALHOST, None, 0, 0).await?;
         let addr = SocketAddr::V4(listeners.addrs.v4);
         let (stop, shutdown) = watch::channel(false);
-        let proxy = Proxy::serve(listeners, plane, shutdown);
+        let proxy = builder.serve(listeners, resolver, snapshot, shutdown);
         Ok(Self { addr, ca_pem, ca_path, stop, snapshot: snap_tx, proxy: Some(proxy), _dir: dir })
     }
 
@@ -157,20 +183,27 @@ pub fn client_for(host: &str, addr: SocketAddr, trusted_pem: &[&str], http2_only
 
 /// A guardrail pipeline with the built-in local policy and `cfg`'s other
 /// settings, auditing to `audit` (the log only when `None`).
-pub fn local_pipeline(
-    cfg: interceptor::config::GuardrailsConfig,
-    audit: Option<std::path::PathBuf>,
-) -> Result<Arc<dyn Hook>> {
-    use interceptor::guardrails::{
-        engine::Engine,
-        pipeline::{Guardrails, Pipeline},
+pub fn local_pipeline(cfg: GuardrailsConfig, audit: Option<std::path::PathBuf>) -> Result<Arc<dyn Hook>> {
+    let guardrails = GuardrailsConfig {
+        enabled: true,
+        backends: vec![Backend::Local],
+        policy_file: Default::default(),
+        audit_file: audit.unwrap_or_default(),
+        ..cfg
     };
+    let config = Config { guardrails, ..Config::default() };
     let metrics = Arc::new(interceptor::metrics::Metrics::new());
-    let guardrails = Guardrails { engine: Some(Arc::new(Engine::builtin()?)), akto: None, cfg };
-    // The receiver keeps the last value after the sender is gone.
-    let (_, rx) = watch::channel(Arc::new(guardrails));
-    let audit = interceptor::audit::AuditLog::start(audit, Arc::clone(&metrics));
-    Ok(Arc::new(Pipeline::new(rx, audit, metrics)))
+    // The pipeline keeps the last settings after the handle is gone.
+    let (hook, _handle) = dataplane::guardrails(&config, &metrics)?;
+    hook.ok_or_else(|| anyhow::anyhow!("guardrails enabled but no hook"))
+}
+
+/// How [`InProcessProxy::launch`] gets its guardrails and settings.
+enum Launch {
+    /// From the configuration, as `app` does.
+    Configured,
+    /// As the test gives them.
+    Given { hook: Option<Arc<dyn Hook>>, settings: ProxySettings, workload: Option<Workload> },
 }
 
 /// A fake provider behind an in-process proxy running the local guardrails,
@@ -183,7 +216,7 @@ pub struct GuardedProxy {
 }
 
 impl GuardedProxy {
-    pub async fn start(cfg: interceptor::config::GuardrailsConfig, settings: ProxySettings) -> Result<Self> {
+    pub async fn start(cfg: GuardrailsConfig, settings: ProxySettings) -> Result<Self> {
         let pki = interceptor::testing::provider::TestPki::with_defaults()?;
         let provider =
             interceptor::testing::provider::FakeProvider::start(std::net::TcpListener::bind("127.0.0.1:0")?, &pki)?;

@@ -328,14 +328,14 @@ async fn a_rejected_certificate_can_turn_into_passthrough_for_that_process_and_h
     Ok(())
 }
 
-fn workload(comm: &str) -> interceptor::redirect::Workload {
-    interceptor::redirect::Workload { pid: 4242, tid: 4242, uid: 1000, gid: 1000, comm: comm.into(), cgroup_id: 77 }
+fn workload(comm: &str) -> interceptor::workload::Workload {
+    interceptor::workload::Workload { pid: 4242, tid: 4242, uid: 1000, gid: 1000, comm: comm.into(), cgroup_id: 77 }
 }
 
 /// A proxy with `passthrough_on_reject = true` whose connections are all
 /// attributed to `who`, and a client that only trusts the provider's CA.
 async fn pinned_setup(
-    who: Option<interceptor::redirect::Workload>,
+    who: Option<interceptor::workload::Workload>,
 ) -> Result<(FakeProvider, InProcessProxy, reqwest::Client, tempfile::TempDir)> {
     let pki = TestPki::with_defaults()?;
     let provider = FakeProvider::start(std::net::TcpListener::bind("127.0.0.1:0")?, &pki)?;
@@ -358,7 +358,7 @@ async fn pinned_setup(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejection_by_an_unknown_process_exempts_nobody() -> Result<()> {
     let socket_only =
-        interceptor::redirect::Workload { pid: 0, tid: 0, uid: 0, gid: 0, comm: String::new(), cgroup_id: 0 };
+        interceptor::workload::Workload { pid: 0, tid: 0, uid: 0, gid: 0, comm: String::new(), cgroup_id: 0 };
     for who in [None, Some(socket_only)] {
         let (provider, _proxy, pinned, _dir) = pinned_setup(who.clone()).await?;
         for attempt in 0..5 {

@@ -41,7 +41,8 @@ const MAX_BACKDATE: Duration = Duration::from_secs(30 * 24 * 60 * 60);
 /// How leaves are minted and cached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeafSettings {
-    /// How long a leaf is valid after it is minted. Default 24 hours.
+    /// How long a leaf is valid after it is minted. Default: that of
+    /// `tls.leaf_validity`.
     pub validity: Duration,
     /// How far `not_before` is set in the past, for clients whose clocks
     /// lag. Default 1 hour.
@@ -52,7 +53,11 @@ pub struct LeafSettings {
 
 impl Default for LeafSettings {
     fn default() -> Self {
-        Self { validity: Duration::from_secs(24 * 60 * 60), backdate: Duration::from_secs(60 * 60), capacity: 4096 }
+        Self {
+            validity: crate::config::TlsConfig::default().leaf_validity,
+            backdate: Duration::from_secs(60 * 60),
+            capacity: 4096,
+        }
     }
 }
 

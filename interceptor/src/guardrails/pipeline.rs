@@ -471,7 +471,7 @@ impl Pipeline {
                         Ok(scan) => scan,
                         Err(error) => {
                             self.backend_error("local", "internal");
-                            outcome.backend_failed("local", &crate::telemetry::chain(&error), g.cfg.fail_mode_request);
+                            outcome.backend_failed("local", &crate::error::chain(&error), g.cfg.fail_mode_request);
                             continue;
                         }
                     };
@@ -894,7 +894,7 @@ impl Hook for Pipeline {
                         Ok(scan) => scan,
                         Err(error) => {
                             self.backend_error("local", "internal");
-                            outcome.backend_failed("local", &crate::telemetry::chain(&error), g.cfg.fail_mode_response);
+                            outcome.backend_failed("local", &crate::error::chain(&error), g.cfg.fail_mode_response);
                             continue;
                         }
                     };

@@ -18,7 +18,7 @@ use http_body_util::Full;
 
 use crate::{
     net::{ClientAddr, OrigDstAddr},
-    redirect::Workload,
+    workload::Workload,
 };
 
 /// What the data plane knows about an intercepted connection.

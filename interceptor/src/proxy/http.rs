@@ -522,7 +522,7 @@ impl UpstreamBody {
             sni = %self.exchange.sni,
             client = %self.exchange.client,
             path = %self.path,
-            error = %crate::telemetry::chain(error),
+            error = %crate::error::chain(error),
             "upstream response body failed; the client's response is cut short"
         );
     }
@@ -779,7 +779,7 @@ pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response
 
 fn upstream_error_response(error: &hyper_util::client::legacy::Error) -> Response<BoxBody> {
     let (status, code) = classify(error);
-    let message = crate::telemetry::chain(error);
+    let message = crate::error::chain(error);
     tracing::warn!(code, error = %message, "upstream request failed");
     error_response(status, code, &message)
 }

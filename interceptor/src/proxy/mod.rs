@@ -51,13 +51,13 @@ use self::{
     tls::TlsTermination,
 };
 use crate::{
-    config::{OversizeAction, Unclassified},
+    config::{Config, OversizeAction, Unclassified},
+    error,
     metrics::{ConnectionLabels, Metrics},
-    net::{self, ClientAddr, OrigDstAddr},
+    net::{self, ClientAddr, OrigDstAddr, OrigDstResolver, ProxyAddrs},
     policy::{DomainPolicy, Reason},
-    redirect::{OrigDstResolver, ProxyAddrs, Workload},
     targets::{AiAddress, TargetSet},
-    telemetry,
+    workload::Workload,
 };
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -163,22 +163,34 @@ pub struct ProxySettings {
     pub unclassified: Unclassified,
 }
 
-impl Default for ProxySettings {
-    fn default() -> Self {
+impl ProxySettings {
+    /// The settings the configuration gives: `[proxy]`,
+    /// `tls.client_hello_timeout`, `tls.passthrough_on_reject`,
+    /// `guardrails.oversize` and `targets.unclassified`. `max_buffered_total`
+    /// is `guardrails.max_buffered_total` in bytes (`auto` already sized).
+    pub fn from_config(config: &Config, max_buffered_total: usize) -> Self {
         Self {
-            connect_timeout: Duration::from_secs(10),
-            client_hello_timeout: Duration::from_secs(5),
-            max_inspected_body: 16 << 20,
-            passthrough_on_reject: false,
-            oversize: OversizeAction::Block,
-            max_buffered_total: budget::AUTO_FLOOR as usize,
-            max_header_bytes: 64 << 10,
-            header_read_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(120),
-            max_connections: 8192,
-            max_connections_per_workload: 1024,
-            unclassified: Unclassified::Refuse,
+            connect_timeout: config.proxy.connect_timeout,
+            client_hello_timeout: config.tls.client_hello_timeout,
+            max_inspected_body: config.proxy.max_inspected_body,
+            passthrough_on_reject: config.tls.passthrough_on_reject,
+            oversize: config.guardrails.oversize,
+            max_buffered_total,
+            max_header_bytes: config.proxy.max_header_bytes,
+            header_read_timeout: config.proxy.header_read_timeout,
+            idle_timeout: config.proxy.idle_timeout,
+            max_connections: config.proxy.max_connections,
+            max_connections_per_workload: config.proxy.max_connections_per_workload,
+            unclassified: config.targets.unclassified,
         }
+    }
+}
+
+impl Default for ProxySettings {
+    /// The documented defaults ([`Config::default`]), with the inspection
+    /// budget at the floor of `auto` rather than sized from this machine.
+    fn default() -> Self {
+        Self::from_config(&Config::default(), budget::AUTO_FLOOR as usize)
     }
 }
 
@@ -443,7 +455,7 @@ impl ConnectionRecord {
 
     fn fail(&mut self, outcome: &'static str, error: &dyn std::error::Error) {
         self.outcome = outcome;
-        self.error = Some(telemetry::chain(error));
+        self.error = Some(error::chain(error));
     }
 }
 
@@ -719,7 +731,7 @@ async fn intercept_connection(
         }
         Ok(Ok(s)) => s,
         Ok(Err(error)) => {
-            let text = telemetry::chain(&error);
+            let text = error::chain(&error);
             if tls::is_certificate_rejection(&error) {
                 shared.note_rejection(who.as_deref(), &sni, record, &text);
                 record.outcome = "client_rejected_certificate";
@@ -760,7 +772,7 @@ async fn intercept_connection(
         Ok(()) => record.outcome = "intercepted",
         Err(error) => {
             record.outcome = "intercepted";
-            record.error = Some(telemetry::chain(error.as_ref()));
+            record.error = Some(error::chain(error.as_ref()));
         }
     }
 }
@@ -791,7 +803,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-    use crate::{policy::DomainsConfig, redirect::MockOrigDst};
+    use crate::{net::MockOrigDst, policy::DomainsConfig};
 
     fn plane(resolver: Arc<dyn OrigDstResolver>) -> DataPlane {
         let policy = DomainPolicy::compile(&DomainsConfig::default()).unwrap();

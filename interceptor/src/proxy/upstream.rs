@@ -30,10 +30,6 @@ use crate::net;
 const POOL_IDLE: Duration = Duration::from_secs(90);
 /// Upper bound on distinct (destination, SNI) pairs with a live pool entry.
 const MAX_POOLS: usize = 4096;
-/// How long the provider may send nothing (no response head, no body frame)
-/// before the request is given up: the providers' SDKs' own default timeout,
-/// so the interceptor never gives up before the client would.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub type UpstreamClient = Client<HttpsConnector<MarkedConnector>, BoxBody>;
 
@@ -134,14 +130,10 @@ pub struct UpstreamPool {
 }
 
 impl UpstreamPool {
-    pub fn new(tls: rustls::ClientConfig, mark: u32, connect_timeout: Duration) -> Self {
-        Self { tls, mark, connect_timeout, idle_timeout: DEFAULT_IDLE_TIMEOUT, pools: Mutex::new(HashMap::new()) }
-    }
-
-    /// Sets the longest silence from the provider (see [`Upstream::idle_timeout`]).
-    pub fn with_idle_timeout(mut self, idle_timeout: Duration) -> Self {
-        self.idle_timeout = idle_timeout;
-        self
+    /// `idle_timeout` is the longest silence from the provider (see
+    /// [`Upstream::idle_timeout`]; `proxy.upstream_idle_timeout`).
+    pub fn new(tls: rustls::ClientConfig, mark: u32, connect_timeout: Duration, idle_timeout: Duration) -> Self {
+        Self { tls, mark, connect_timeout, idle_timeout, pools: Mutex::new(HashMap::new()) }
     }
 
     pub fn get(&self, dst: SocketAddr, sni: &str) -> Result<Upstream, ProxyError> {

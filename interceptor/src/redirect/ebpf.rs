@@ -36,10 +36,16 @@ use interceptor_common::{
 use ipnet::IpNet;
 
 use super::{
-    Liveness, OrigDstResolver, ProxyAddrs, RedirectError, Redirector, SockoptResolver, Workload,
-    liveness::{self, FailSafe, Heartbeat},
+    Liveness, RedirectError, Redirector, SockoptResolver,
+    liveness::{self, Heartbeat},
 };
-use crate::{cgroup, net::ClientAddr, targets::TargetSet};
+use crate::{
+    cgroup,
+    config::FailSafe,
+    net::{ClientAddr, OrigDstResolver, ProxyAddrs},
+    targets::TargetSet,
+    workload::Workload,
+};
 
 /// Maps shared by every instance covering the same cgroup (pinned).
 const SHARED_MAPS: [&str; 10] = [

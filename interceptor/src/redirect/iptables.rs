@@ -39,13 +39,14 @@ use ipnet::IpNet;
 use tokio::net::TcpStream;
 
 use super::{
-    OrigDstResolver, ProxyAddrs, RedirectError, Redirector, SockoptResolver, Workload, WorkloadLookup,
+    RedirectError, Redirector, SockoptResolver,
     owner::{Helper, OwnerSource},
     sockdiag,
 };
 use crate::{
-    net::{ClientAddr, OrigDstAddr},
+    net::{ClientAddr, NoOriginalDst, OrigDstAddr, OrigDstResolver, ProxyAddrs, WorkloadLookup},
     targets::TargetSet,
+    workload::Workload,
 };
 
 pub const CHAIN: &str = "INTERCEPTOR";
@@ -106,7 +107,7 @@ impl IptablesRedirector {
             Ok(helper) => Some(Arc::new(Mutex::new(OwnerSource::Helper(helper)))),
             Err(error) => {
                 tracing::warn!(
-                    error = %crate::telemetry::chain(&error),
+                    error = %crate::error::chain(&error),
                     "connections will carry no process (pid, comm): the attribution helper cannot start"
                 );
                 None
@@ -403,7 +404,7 @@ fn attribute(owners: Option<&Mutex<OwnerSource>>, client: ClientAddr, orig_dst: 
             return None;
         }
         Err(error) => {
-            tracing::debug!(error = %crate::telemetry::chain(&error), "sock_diag lookup failed");
+            tracing::debug!(error = %crate::error::chain(&error), "sock_diag lookup failed");
             return None;
         }
     };
@@ -418,7 +419,7 @@ fn attribute(owners: Option<&Mutex<OwnerSource>>, client: ClientAddr, orig_dst: 
 }
 
 impl OrigDstResolver for IptablesResolver {
-    fn original_dst(&self, sock: &TcpStream, client: ClientAddr) -> Result<OrigDstAddr, RedirectError> {
+    fn original_dst(&self, sock: &TcpStream, client: ClientAddr) -> Result<OrigDstAddr, NoOriginalDst> {
         SockoptResolver::new(None).original_dst(sock, client)
     }
 
@@ -443,7 +444,7 @@ impl OrigDstResolver for IptablesResolver {
 impl Drop for IptablesRedirector {
     fn drop(&mut self) {
         if let Err(error) = self.uninstall() {
-            tracing::error!(error = %crate::telemetry::chain(&error), "cannot remove iptables rules");
+            tracing::error!(error = %crate::error::chain(&error), "cannot remove iptables rules");
         }
     }
 }

@@ -36,36 +36,12 @@ use std::{
 
 use aya::maps::{Array, HashMap, MapData};
 
+use crate::config::FailSafe;
+
 /// Where bpffs is mounted (mounted there by us if it is not).
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// Our directory in bpffs: one subdirectory per target cgroup.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/interceptor";
-
-/// What the redirect does while the proxy is down (crashed or hung).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FailSafe {
-    /// Refuse connections to targets instead of letting them go direct.
-    pub closed: bool,
-    /// A heartbeat older than this means the proxy is down.
-    pub timeout: Duration,
-}
-
-impl Default for FailSafe {
-    fn default() -> Self {
-        Self { closed: false, timeout: Duration::from_secs(2) }
-    }
-}
-
-impl FailSafe {
-    /// How often a live instance writes its heartbeat.
-    pub fn interval(&self) -> Duration {
-        (self.timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
-    }
-
-    pub fn timeout_ms(&self) -> u32 {
-        u32::try_from(self.timeout.as_millis()).unwrap_or(u32::MAX).max(1)
-    }
-}
 
 /// `CLOCK_MONOTONIC` in nanoseconds, the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {

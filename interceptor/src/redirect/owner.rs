@@ -361,7 +361,7 @@ pub fn serve_helper() -> std::io::Result<()> {
     }
     let keep = caps::CapsHashSet::from([Capability::CAP_SYS_PTRACE, Capability::CAP_DAC_READ_SEARCH]);
     if let Err(error) = crate::privileges::drop_privileges(&keep) {
-        tracing::warn!(error = %crate::telemetry::chain(&error), "attribution helper cannot drop its other privileges");
+        tracing::warn!(error = %crate::error::chain(&error), "attribution helper cannot drop its other privileges");
     }
     let mut owners = Owners::default();
     let stdin = std::io::stdin().lock();

@@ -17,10 +17,10 @@ use std::{
 
 use anyhow::Result;
 use interceptor::{
-    policy::DomainsConfig,
+    config::{Config, StreamMode},
     testing::provider::{FakeProvider, TestPki},
 };
-use interceptor_tests::inprocess::{InProcessProxy, client_for, local_pipeline};
+use interceptor_tests::inprocess::{InProcessProxy, client_for};
 
 const CONNECTIONS: usize = 16;
 const WARMUP: Duration = Duration::from_secs(1);
@@ -121,10 +121,12 @@ pub async fn run() -> Result<()> {
     let provider = FakeProvider::start(std::net::TcpListener::bind("127.0.0.1:0")?, &pki)?;
     let dir = tempfile::tempdir()?;
     let upstream_ca = pki.write_ca(dir.path())?;
-    let proxy = InProcessProxy::start(provider.local_addr(), &upstream_ca, DomainsConfig::default(), None).await?;
-    let hook = local_pipeline(interceptor::config::GuardrailsConfig::default(), None)?;
-    let guarded =
-        InProcessProxy::start(provider.local_addr(), &upstream_ca, DomainsConfig::default(), Some(hook)).await?;
+    // Each mode's data plane is the one `interceptor run` builds for its
+    // configuration (the default one, but for the guardrails).
+    let mut relay_only = Config::default();
+    relay_only.guardrails.enabled = false;
+    let proxy = InProcessProxy::from_config(provider.local_addr(), &upstream_ca, relay_only).await?;
+    let guarded = InProcessProxy::from_config(provider.local_addr(), &upstream_ca, Config::default()).await?;
     let body = Arc::new(chat_body());
     println!(
         "interceptor benchmark: loopback, one process, {CONNECTIONS} keep-alive connections, {} byte JSON POST, {}s per mode",
@@ -154,17 +156,9 @@ pub async fn run() -> Result<()> {
         println!("{name}: added p50 latency {:.3} ms", (f.p50.as_secs_f64() - direct.p50.as_secs_f64()) * 1e3);
     }
 
-    let enforce = interceptor::config::GuardrailsConfig {
-        stream_mode: interceptor::config::StreamMode::Enforce,
-        ..Default::default()
-    };
-    let enforcing = InProcessProxy::start(
-        provider.local_addr(),
-        &upstream_ca,
-        DomainsConfig::default(),
-        Some(local_pipeline(enforce, None)?),
-    )
-    .await?;
+    let mut enforce = Config::default();
+    enforce.guardrails.stream_mode = StreamMode::Enforce;
+    let enforcing = InProcessProxy::from_config(provider.local_addr(), &upstream_ca, enforce).await?;
     println!("\nstreamed response (SSE, 5 events 10 ms apart), median of {STREAMS} on one keep-alive connection:");
     println!("{:<22}{:>15}{:>15}{:>22}", "mode", "first byte ms", "last byte ms", "added first / last");
     let (d_first, d_last) = stream_timing(provider.local_addr(), &pki.ca_pem()).await?;

@@ -1,0 +1,258 @@
+//! Building the data plane from the configuration: the CA and TLS
+//! termination, the guardrails with their audit log, the proxy's settings
+//! (timeouts, limits, the inspection budget) and metrics, then the proxy
+//! serving on the listeners it is given.
+//!
+//! `app` builds the running interceptor's data plane here; the in-process
+//! tests and the benchmark build theirs the same way, with a mock resolver
+//! and loopback listeners, so what they exercise is what runs.
+//!
+//! This module names the data plane's concrete types and nothing of the
+//! control plane: it never installs a redirect, resolves targets or watches
+//! the config file. The original-destination resolver, the listeners and the
+//! snapshot come from the caller; the guardrails it builds are replaced on
+//! reload by the control plane through [`GuardrailsHandle`].
+
+use std::{path::Path, sync::Arc};
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+
+use crate::{
+    audit::AuditLog,
+    ca::{CertificateAuthority, LeafIssuer, LeafSettings, NameConstraintsSpec},
+    config::{Backend, BufferedTotal, Config},
+    guardrails::{
+        akto::AktoClient,
+        engine::{Engine, Policy},
+        pipeline::{Guardrails, Pipeline},
+    },
+    metrics::Metrics,
+    net::OrigDstResolver,
+    policy::DomainPolicy,
+    proxy::{
+        Listeners, Proxy, ProxySettings, Snapshot, budget,
+        hook::Hook,
+        tls::TlsTermination,
+        upstream::{UpstreamPool, client_tls_config},
+    },
+};
+
+/// Assembles a data plane from a [`Config`]. Everything not set explicitly
+/// comes from the configuration; the guardrails run only once
+/// [`DataPlaneBuilder::configured_guardrails`] (or, in tests,
+/// [`DataPlaneBuilder::hook`]) says which.
+pub struct DataPlaneBuilder<'a> {
+    config: &'a Config,
+    tls: Option<Arc<TlsTermination>>,
+    metrics: Arc<Metrics>,
+    settings: Option<ProxySettings>,
+    hook: Option<Arc<dyn Hook>>,
+}
+
+/// The running guardrails' settings, which the control plane replaces on
+/// reload (the hook reads the latest at each exchange).
+pub struct GuardrailsHandle {
+    pub current: watch::Sender<Arc<Guardrails>>,
+    /// The policy file's text as last loaded, to notice changes.
+    pub policy_text: Option<String>,
+}
+
+impl<'a> DataPlaneBuilder<'a> {
+    /// No TLS termination (every connection passes through), no guardrails,
+    /// fresh metrics, settings from `config`.
+    pub fn new(config: &'a Config) -> Self {
+        Self { config, tls: None, metrics: Arc::new(Metrics::new()), settings: None, hook: None }
+    }
+
+    /// TLS termination for AI domains, as [`tls_termination`] builds it;
+    /// `None` passes every connection through.
+    pub fn tls(mut self, tls: Option<Arc<TlsTermination>>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// The metrics the data plane counts into (shared with the admin API).
+    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Settings other than those the configuration gives (tests).
+    pub fn settings(mut self, settings: ProxySettings) -> Self {
+        self.settings = Some(settings);
+        self
+    }
+
+    /// Runs `hook` on intercepted exchanges instead of the configured
+    /// guardrails (tests).
+    pub fn hook(mut self, hook: Option<Arc<dyn Hook>>) -> Self {
+        self.hook = hook;
+        self
+    }
+
+    /// Runs the guardrails the configuration describes (see [`guardrails`]).
+    /// Returns the handle reloads replace them through.
+    pub fn configured_guardrails(&mut self) -> anyhow::Result<GuardrailsHandle> {
+        let (hook, handle) = guardrails(self.config, &self.metrics)?;
+        self.hook = hook;
+        Ok(handle)
+    }
+
+    /// Starts accepting on `listeners` until `shutdown` turns true. Each
+    /// connection's original destination and workload come from `resolver`,
+    /// the domain policy and targets from `snapshot`.
+    pub fn serve(
+        self,
+        listeners: Listeners,
+        resolver: Arc<dyn OrigDstResolver>,
+        snapshot: watch::Receiver<Arc<Snapshot>>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Proxy {
+        let settings = match self.settings {
+            Some(settings) => settings,
+            None => ProxySettings::from_config(self.config, max_buffered_total(self.config)),
+        };
+        let plane = crate::proxy::DataPlane {
+            resolver,
+            settings,
+            snapshot,
+            tls: self.tls,
+            hook: self.hook,
+            metrics: self.metrics,
+        };
+        Proxy::serve(listeners, plane, shutdown)
+    }
+}
+
+/// The guardrails `[guardrails]` describes (local engine, Akto client) and,
+/// when `guardrails.enabled`, the hook that runs them with their audit log.
+/// They are built even when disabled, so that a bad policy fails the start
+/// either way.
+pub fn guardrails(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(Option<Arc<dyn Hook>>, GuardrailsHandle)> {
+    let (policy_text, guardrails) = build_guardrails(config)?;
+    let (current, rx) = watch::channel(Arc::new(guardrails));
+    let g = &config.guardrails;
+    let hook: Option<Arc<dyn Hook>> = if g.enabled {
+        let audit_file = Some(g.audit_file.clone()).filter(|p| !p.as_os_str().is_empty());
+        let audit = AuditLog::start(audit_file, Arc::clone(metrics));
+        Some(Arc::new(Pipeline::new(rx, audit, Arc::clone(metrics))))
+    } else {
+        None
+    };
+    Ok((hook, GuardrailsHandle { current, policy_text }))
+}
+
+/// `guardrails.max_buffered_total` in bytes, sized from the memory limit
+/// when `auto`.
+fn max_buffered_total(config: &Config) -> usize {
+    match config.guardrails.max_buffered_total {
+        BufferedTotal::Bytes(n) => n,
+        BufferedTotal::Auto => {
+            let (limit, source) = budget::memory_limit();
+            let size = budget::auto_size(limit, config.proxy.max_inspected_body);
+            tracing::info!(
+                max_buffered_total = size,
+                memory_limit = limit,
+                source = ?source,
+                "inspection budget sized from the memory limit"
+            );
+            size
+        }
+    }
+}
+
+/// The CA the configuration names: the cluster CA in `tls.ca_dir` (loaded,
+/// never created), else the per-node CA in `state_dir` (created on first
+/// start, with name constraints when `tls.node_ca_name_constraints` is set).
+/// Warns about AI domains the CA's name constraints leave out: their
+/// connections cannot be intercepted until the CA is rolled over.
+pub fn certificate_authority(config: &Config, state_dir: &Path) -> anyhow::Result<CertificateAuthority> {
+    let policy = DomainPolicy::compile(&config.domains).context("compiling the domain policy")?;
+    let bases = policy.name_constraint_bases();
+    let ca = if config.tls.ca_dir.as_os_str().is_empty() {
+        let spec = if config.tls.node_ca_name_constraints {
+            Some(NameConstraintsSpec::new(bases.clone()).map_err(|reason| {
+                anyhow::anyhow!("tls.node_ca_name_constraints: cannot derive name constraints: {reason}")
+            })?)
+        } else {
+            None
+        };
+        CertificateAuthority::load_or_create_with(state_dir, spec.as_ref()).with_context(|| {
+            format!(
+                "loading the certificate authority in the state directory {} (it must be writable on first start)",
+                state_dir.display()
+            )
+        })?
+    } else {
+        CertificateAuthority::load_dir(&config.tls.ca_dir).with_context(|| {
+            format!("loading the cluster certificate authority (tls.ca_dir = {})", config.tls.ca_dir.display())
+        })?
+    };
+    let constraints = ca.constraints();
+    let uncovered: Vec<&String> = bases.iter().filter(|b| !constraints.permits_dns(b)).collect();
+    if !uncovered.is_empty() {
+        tracing::warn!(
+            domains = ?uncovered,
+            permitted = ?constraints.permitted_dns(),
+            "the certificate authority's name constraints leave out these AI domains: their connections fail at the \
+             TLS handshake until the CA is rolled over to one that permits them (see README, rolling the CA)"
+        );
+    }
+    Ok(ca)
+}
+
+/// TLS termination with `ca`: the leaf issuer (`tls.leaf_validity`) and the
+/// upstream pool (`tls.upstream_ca`, `proxy.mark`, `proxy.connect_timeout`,
+/// `proxy.upstream_idle_timeout`).
+pub fn tls_termination(config: &Config, ca: CertificateAuthority) -> anyhow::Result<TlsTermination> {
+    tracing::info!(
+        cert = %ca.cert_path().display(),
+        subject = %ca.subject(),
+        name_constraints = ?ca.constraints().permitted_dns(),
+        "certificate authority ready"
+    );
+    let issuer =
+        LeafIssuer::new(Arc::new(ca), LeafSettings { validity: config.tls.leaf_validity, ..LeafSettings::default() })
+            .context("preparing certificate issuance")?;
+    let upstream_ca = Some(config.tls.upstream_ca.as_path()).filter(|p| !p.as_os_str().is_empty());
+    let client_tls = client_tls_config(upstream_ca).context("preparing upstream TLS")?;
+    let pool = UpstreamPool::new(
+        client_tls,
+        config.proxy.mark,
+        config.proxy.connect_timeout,
+        config.proxy.upstream_idle_timeout,
+    );
+    Ok(TlsTermination::new(Arc::new(issuer), pool))
+}
+
+/// The local engine (policy file or built-in policy) and the Akto client,
+/// per the configuration. Returns the policy file's text for change
+/// detection.
+pub fn build_guardrails(config: &Config) -> anyhow::Result<(Option<String>, Guardrails)> {
+    let g = &config.guardrails;
+    let mut policy_text = None;
+    let engine = if g.backends.contains(&Backend::Local) {
+        let policy = if g.policy_file.as_os_str().is_empty() {
+            Policy::builtin()?
+        } else {
+            let text = std::fs::read_to_string(&g.policy_file)
+                .with_context(|| format!("reading the policy file {}", g.policy_file.display()))?;
+            let policy = Policy::from_toml(&text, &g.policy_file.display().to_string())?;
+            policy_text = Some(text);
+            policy
+        };
+        Some(Arc::new(Engine::new(&policy)?))
+    } else {
+        None
+    };
+    let akto = if g.backends.contains(&Backend::Akto) {
+        Some(Arc::new(AktoClient::new(g.akto.clone()).context("preparing the Akto backend")?))
+    } else {
+        None
+    };
+    Ok((policy_text, Guardrails { engine, akto, cfg: g.clone() }))
+}
