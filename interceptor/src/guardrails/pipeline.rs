@@ -44,10 +44,8 @@ use crate::{
         BodyAction, BodyInspector, ChunkAction, Exchange, Hook, RequestAction, ResponseAction, Unclassified,
         UpgradeAction,
     },
+    respond::{self, Problem},
 };
-
-/// Header of the seed's block contract.
-pub const DECISION_HEADER: &str = "x-akto-guardrails-decision";
 
 /// The backends and settings in force; replaced whole on reload.
 pub struct Guardrails {
@@ -204,24 +202,13 @@ impl Outcome {
     }
 }
 
-/// The seed's block response: 403 `{"error": reason}` with the decision
-/// header (or 503 when failing closed).
-pub fn blocked_response(status: StatusCode, reason: &str) -> http::Response<Full<Bytes>> {
-    let body = serde_json::json!({ "error": reason }).to_string();
-    let mut resp = http::Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp.headers_mut().insert(DECISION_HEADER, HeaderValue::from_static("blocked"));
-    resp
-}
-
 /// A body over the inspection limits, per the oversize policy: an alert
 /// when passed, and the response to send when blocked (the same JSON error
 /// the data plane sends for a body over `max_inspected_body`).
 fn oversize(
     outcome: &mut Outcome,
     action: OversizeAction,
-    status: StatusCode,
+    problem: Problem,
     reason: String,
 ) -> Option<http::Response<Full<Bytes>>> {
     outcome.backends.push("decode");
@@ -232,15 +219,9 @@ fn oversize(
             None
         }
         OversizeAction::Block => {
-            let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "request_too_large" } else { "response_too_large" };
-            let body = serde_json::json!({
-                "error": { "type": "interceptor_error", "code": code, "message": reason }
-            });
-            let mut response = http::Response::new(Full::new(Bytes::from(body.to_string())));
-            *response.status_mut() = status;
-            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            response.headers_mut().insert(crate::proxy::http::ERROR_HEADER, HeaderValue::from_static(code));
-            outcome.block = Some(Block { status, reason, backend: "decode", rule: "oversize".into() });
+            let response = respond::error(problem, &reason);
+            outcome.block =
+                Some(Block { status: problem.status(), reason, backend: "decode", rule: "oversize".into() });
             Some(response)
         }
     }
@@ -345,7 +326,7 @@ impl Pipeline {
                     backend: "decode",
                     rule: "undecodable".into(),
                 });
-                RequestAction::Respond(blocked_response(StatusCode::UNSUPPORTED_MEDIA_TYPE, &reason))
+                RequestAction::Respond(respond::blocked(StatusCode::UNSUPPORTED_MEDIA_TYPE, &reason))
             }
             UndecodableAction::Pass => {
                 outcome.alert = true;
@@ -595,7 +576,7 @@ impl Hook for Pipeline {
             Err(error) if error.is_oversize() => {
                 head.extensions.insert(state.clone());
                 let reason = format!("not inspected: too large ({error})");
-                let blocked = oversize(&mut outcome, g.cfg.oversize, StatusCode::PAYLOAD_TOO_LARGE, reason);
+                let blocked = oversize(&mut outcome, g.cfg.oversize, Problem::RequestTooLarge, reason);
                 self.audit(&g, ex, &state, Direction::Request, &outcome, started, None).await;
                 return match blocked {
                     Some(response) => RequestAction::Respond(response),
@@ -697,7 +678,7 @@ impl Hook for Pipeline {
                     }
                 });
             }
-            return RequestAction::Respond(blocked_response(block.status, &block.reason));
+            return RequestAction::Respond(respond::blocked(block.status, &block.reason));
         }
         if outcome.modified {
             head.headers.remove(header::CONTENT_ENCODING);
@@ -850,7 +831,7 @@ impl Hook for Pipeline {
             Ok(d) => d,
             Err(error) if error.is_oversize() => {
                 let reason = format!("not inspected: too large ({error})");
-                let blocked = oversize(&mut outcome, g.cfg.oversize, StatusCode::BAD_GATEWAY, reason);
+                let blocked = oversize(&mut outcome, g.cfg.oversize, Problem::ResponseTooLarge, reason);
                 self.audit(&g, ex, state, Direction::Response, &outcome, started, None).await;
                 return match blocked {
                     Some(response) => BodyAction::Respond(response),
@@ -861,7 +842,7 @@ impl Hook for Pipeline {
                 outcome.backend_failed("decode", &error.to_string(), g.cfg.fail_mode_response);
                 self.audit(&g, ex, state, Direction::Response, &outcome, started, None).await;
                 return match outcome.block {
-                    Some(b) => BodyAction::Respond(blocked_response(b.status, &b.reason)),
+                    Some(b) => BodyAction::Respond(respond::blocked(b.status, &b.reason)),
                     None => BodyAction::Forward,
                 };
             }
@@ -940,7 +921,7 @@ impl Hook for Pipeline {
         }
         self.audit(&g, ex, state, Direction::Response, &outcome, started, None).await;
         if let Some(block) = outcome.block {
-            return BodyAction::Respond(blocked_response(block.status, &block.reason));
+            return BodyAction::Respond(respond::blocked(block.status, &block.reason));
         }
         if outcome.modified
             && let Some(d) = doc
@@ -1399,14 +1380,6 @@ mod tests {
         assert_eq!(tail_chars("héllo", 3), "llo");
         assert_eq!(tail_chars("hé", 5), "hé");
         assert_eq!(tail_chars("abc", 0), "");
-    }
-
-    #[test]
-    fn blocked_response_follows_the_contract() {
-        let r = blocked_response(StatusCode::FORBIDDEN, "no secrets");
-        assert_eq!(r.status(), 403);
-        assert_eq!(r.headers()[DECISION_HEADER], "blocked");
-        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
     }
 
     #[test]

@@ -20,8 +20,8 @@ use bytes::Bytes;
 use http::StatusCode;
 
 use super::{
-    Guardrails, Outcome, Pipeline, RequestBody, RequestState, StreamGuard, blocked_response, current_body, oversize,
-    request_id, visible_headers,
+    Guardrails, Outcome, Pipeline, RequestBody, RequestState, StreamGuard, current_body, oversize, request_id,
+    visible_headers,
 };
 use crate::{
     audit::WebSocketStats,
@@ -34,6 +34,7 @@ use crate::{
         websocket::{self as protocol, WsProtocol},
     },
     proxy::hook::{ClientAction, Exchange, MessageInspector, ServerAction, UpgradeAction, UpgradeClosed, WsData},
+    respond::{self, Problem},
 };
 
 /// Decides what happens to a WebSocket upgrade.
@@ -77,7 +78,7 @@ pub(super) async fn on_upgrade(p: &Pipeline, ex: &Exchange, head: &http::request
                 rule: "unknown_websocket".into(),
             });
             p.audit(&g, ex, &session.state, Direction::Request, &outcome, started, None).await;
-            UpgradeAction::Respond(blocked_response(StatusCode::UPGRADE_REQUIRED, &reason))
+            UpgradeAction::Respond(respond::blocked(StatusCode::UPGRADE_REQUIRED, &reason))
         }
         UnknownWebSocket::Tunnel => {
             outcome.alert = true;
@@ -174,8 +175,8 @@ impl Session {
         let started = Instant::now();
         let mut outcome = Outcome::default();
         let action = if refused { OversizeAction::Block } else { OversizeAction::Pass };
-        let status = if from_client { StatusCode::PAYLOAD_TOO_LARGE } else { StatusCode::BAD_GATEWAY };
-        let _ = oversize(&mut outcome, action, status, format!("not inspected: too large ({reason})"));
+        let problem = if from_client { Problem::RequestTooLarge } else { Problem::ResponseTooLarge };
+        let _ = oversize(&mut outcome, action, problem, format!("not inspected: too large ({reason})"));
         let direction = if from_client { Direction::Request } else { Direction::Response };
         self.p.audit(&g, &self.exchange, &self.state, direction, &outcome, started, None).await;
     }
