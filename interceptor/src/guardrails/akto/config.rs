@@ -1,0 +1,216 @@
+//! The Akto backend's settings (`[guardrails.akto]`, `AKTO_URL`, `APP_NAME`,
+//! `AKTO_API_TOKEN`) and their validation.
+
+use std::fmt;
+use std::time::Duration;
+
+use http::HeaderValue;
+use serde::{Deserialize, Serialize};
+
+/// Path appended to `AKTO_URL`.
+pub const API_PATH: &str = "/api/http-proxy";
+/// Environment variables with the seed's meaning.
+pub const ENV_URL: &str = "AKTO_URL";
+pub const ENV_APP_NAME: &str = "APP_NAME";
+pub const ENV_TOKEN: &str = "AKTO_API_TOKEN";
+
+/// Settings of the Akto backend. `url`, `app_name` and `token` keep the
+/// seed's environment meaning (`AKTO_URL`, `APP_NAME`, `AKTO_API_TOKEN`).
+/// Empty strings mean unset.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AktoConfig {
+    /// Base URL of the Akto instance; [`API_PATH`] is appended.
+    pub url: String,
+    /// Groups traffic per app in the dashboard (sent as the `host` request
+    /// header, normalized as the server does). Empty: the upstream host.
+    pub app_name: String,
+    /// Sent as `Authorization: <token>`. Never serialized, printed or logged.
+    #[serde(skip_serializing)]
+    pub token: Option<String>,
+    /// Request and response checks (the addon's 15 s).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Each stream batch check (the addon's 5 s).
+    #[serde(with = "humantime_serde")]
+    pub stream_timeout: Duration,
+    /// `Allowed: false` blocks, as the product documentation says. Off: only
+    /// `behaviour: block` blocks and other disallowed verdicts are alerts
+    /// (the addon's latest code).
+    pub block_on_disallowed: bool,
+    /// `ingest_data=true`: Akto records the checked traffic.
+    pub ingest: bool,
+    /// `akto_connector=<name>` on every call, as Akto's other connectors do.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connector: Option<String>,
+    pub account_id: String,
+    pub vxlan_id: String,
+    /// Node name, sent as `daemonset_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub daemonset_id: Option<String>,
+    /// Consecutive failures that open the circuit; 0 disables the breaker.
+    pub circuit_failures: u32,
+    /// How long an open circuit fails fast before one probe goes through.
+    #[serde(with = "humantime_serde")]
+    pub circuit_cooldown: Duration,
+}
+
+impl Default for AktoConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            app_name: String::new(),
+            token: None,
+            request_timeout: Duration::from_secs(15),
+            stream_timeout: Duration::from_secs(5),
+            block_on_disallowed: true,
+            ingest: true,
+            connector: None,
+            account_id: "1000000".into(),
+            vxlan_id: "test".into(),
+            daemonset_id: None,
+            circuit_failures: 5,
+            circuit_cooldown: Duration::from_secs(30),
+        }
+    }
+}
+
+impl fmt::Debug for AktoConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AktoConfig")
+            .field("url", &self.url)
+            .field("app_name", &self.app_name)
+            .field("token", &self.token.as_ref().filter(|t| !t.is_empty()).map(|_| "<redacted>"))
+            .field("request_timeout", &self.request_timeout)
+            .field("stream_timeout", &self.stream_timeout)
+            .field("block_on_disallowed", &self.block_on_disallowed)
+            .field("ingest", &self.ingest)
+            .field("connector", &self.connector)
+            .field("account_id", &self.account_id)
+            .field("vxlan_id", &self.vxlan_id)
+            .field("daemonset_id", &self.daemonset_id)
+            .field("circuit_failures", &self.circuit_failures)
+            .field("circuit_cooldown", &self.circuit_cooldown)
+            .finish()
+    }
+}
+
+impl AktoConfig {
+    /// Every problem with this configuration (empty when valid), so a config
+    /// loader can report them all at once.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if let Err(e) = endpoint_url(&self.url) {
+            errors.push(e);
+        }
+        if let Some(token) = self.token()
+            && HeaderValue::from_str(token).is_err()
+        {
+            errors.push("akto token contains characters not allowed in an HTTP header".into());
+        }
+        if self.request_timeout.is_zero() {
+            errors.push("akto request_timeout must be greater than zero".into());
+        }
+        if self.stream_timeout.is_zero() {
+            errors.push("akto stream_timeout must be greater than zero".into());
+        }
+        if self.circuit_failures > 0 && self.circuit_cooldown.is_zero() {
+            errors.push("akto circuit_cooldown must be greater than zero when circuit_failures is set".into());
+        }
+        errors
+    }
+
+    pub(super) fn token(&self) -> Option<&str> {
+        self.token.as_deref().filter(|t| !t.is_empty())
+    }
+}
+
+/// `AKTO_URL` + [`API_PATH`], validated.
+pub(super) fn endpoint_url(base: &str) -> Result<reqwest::Url, String> {
+    let base = base.trim();
+    if base.is_empty() {
+        return Err("akto url is empty (set AKTO_URL)".into());
+    }
+    let mut url = reqwest::Url::parse(base).map_err(|e| format!("akto url is not a valid URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("akto url must be http or https, not {}", url.scheme()));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("akto url has no host".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("akto url must not carry credentials; use AKTO_API_TOKEN".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("akto url must not have a query or fragment".into());
+    }
+    let path = url.path().trim_end_matches('/');
+    let path = if path.ends_with(API_PATH) { path.to_owned() } else { format!("{path}{API_PATH}") };
+    url.set_path(&path);
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guardrails::akto::{AktoClient, AktoError};
+
+    #[test]
+    fn config_defaults_and_file_form() {
+        let cfg: AktoConfig = toml::from_str(r#"url = "http://akto:9090""#).unwrap();
+        assert_eq!(cfg.request_timeout, Duration::from_secs(15));
+        assert_eq!(cfg.stream_timeout, Duration::from_secs(5));
+        assert!(cfg.block_on_disallowed && cfg.ingest);
+        assert_eq!(cfg.account_id, "1000000");
+        assert_eq!(cfg.vxlan_id, "test");
+        assert_eq!(cfg.circuit_failures, 5);
+        assert!(cfg.validate().is_empty());
+
+        let cfg: AktoConfig = toml::from_str(
+            "url = \"https://akto.example.com/\"\nrequest_timeout = \"2s\"\ncircuit_cooldown = \"1m\"\ntoken = \"t\"",
+        )
+        .unwrap();
+        assert_eq!(cfg.request_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.circuit_cooldown, Duration::from_secs(60));
+        assert!(toml::from_str::<AktoConfig>("bogus = 1").is_err());
+        // The token never leaves in a serialized config.
+        let out = toml::to_string(&cfg).unwrap();
+        assert!(!out.contains("token"), "{out}");
+    }
+
+    #[test]
+    fn token_is_never_printed() {
+        let cfg = AktoConfig { url: "http://a".into(), token: Some("s3cr3t-token".into()), ..AktoConfig::default() };
+        let dbg = format!("{cfg:?}");
+        assert!(!dbg.contains("s3cr3t"), "{dbg}");
+        assert!(dbg.contains("<redacted>"), "{dbg}");
+        let client = AktoClient::new(cfg).unwrap();
+        let dbg = format!("{client:?}");
+        assert!(!dbg.contains("s3cr3t"), "{dbg}");
+    }
+
+    #[test]
+    fn invalid_configs_report_every_problem() {
+        let cfg = AktoConfig {
+            url: "ftp://akto".into(),
+            token: Some("bad\ntoken".into()),
+            request_timeout: Duration::ZERO,
+            ..AktoConfig::default()
+        };
+        let Err(AktoError::InvalidConfig { errors }) = AktoClient::new(cfg) else {
+            panic!("must be invalid");
+        };
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        for url in ["", "not a url", "http://user:pw@akto", "http://akto?x=1"] {
+            let cfg = AktoConfig { url: url.into(), ..AktoConfig::default() };
+            assert!(AktoClient::new(cfg).is_err(), "{url}");
+        }
+    }
+
+    #[test]
+    fn endpoint_is_appended_once() {
+        assert_eq!(endpoint_url("http://akto:9090").unwrap().as_str(), "http://akto:9090/api/http-proxy");
+        assert_eq!(endpoint_url("https://a.example/base/").unwrap().as_str(), "https://a.example/base/api/http-proxy");
+        assert_eq!(endpoint_url("http://akto/api/http-proxy").unwrap().as_str(), "http://akto/api/http-proxy");
+    }
+}
