@@ -53,8 +53,8 @@ use super::{
     BoxBody, BoxError, ProxyError, ProxySettings,
     budget::{BodyBudget, BodyKind, BudgetExhausted, Reservation},
     hook::{
-        BodyAction, BodyInspector, ChunkAction, Exchange, Hook, MessageInspector, RequestAction, ResponseAction,
-        UpgradeAction,
+        BodyAction, BodyInspector, ChunkAction, Exchange, ExchangeState, Hook, MessageInspector, RequestAction,
+        ResponseAction, UpgradeAction,
     },
     upstream::Upstream,
     websocket::{self, ByteCounts, WsLimits},
@@ -311,7 +311,7 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
                     tracing::warn!(sni = %conn.exchange.sni, client = %conn.exchange.client, %reason, "request refused");
                     return error_response(Problem::RequestTooLarge, &reason);
                 }
-                hook.on_not_inspected(&conn.exchange, &parts, None, &reason).await;
+                hook.on_not_inspected(&conn.exchange, &None, &parts, None, &reason).await;
                 let body = holding(prepend(prefix, rest), reservation);
                 let (Ok(resp) | Err(resp)) =
                     send(Request::from_parts(parts, body), &conn, upgrade, client_upgrade).await;
@@ -328,7 +328,8 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
                 return error_response(Problem::RequestBodyError, &error.to_string());
             }
         };
-        let bytes = match hook.on_request(&conn.exchange, &mut parts, &bytes).await {
+        let (action, state) = hook.on_request(&conn.exchange, &mut parts, &bytes).await;
+        let bytes = match action {
             RequestAction::Forward => bytes,
             RequestAction::ReplaceBody(new) => {
                 set_content_length(&mut parts.headers, new.len());
@@ -340,7 +341,7 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
         let request_head = parts.clone();
         let response = send(Request::from_parts(parts, body), &conn, upgrade, client_upgrade).await;
         let response = match response {
-            Ok(resp) => inspect_response(hook.as_ref(), &conn, &request_head, resp).await,
+            Ok(resp) => inspect_response(hook.as_ref(), &conn, &state, &request_head, resp).await,
             Err(resp) => resp,
         };
         return response.map(|b| holding(b, reservation));
@@ -574,12 +575,13 @@ impl Body for UpstreamBody {
 async fn inspect_response(
     hook: &dyn Hook,
     conn: &Intercepted,
+    state: &ExchangeState,
     request: &http::request::Parts,
     resp: Response<BoxBody>,
 ) -> Response<BoxBody> {
     let exchange = &conn.exchange;
     let (mut head, body) = resp.into_parts();
-    match hook.on_response(exchange, request, &head).await {
+    match hook.on_response(exchange, state, request, &head).await {
         ResponseAction::Collect => {
             let max = conn.limits.max_inspected_body;
             let mut reservation = conn.budget.reservation(BodyKind::Response);
@@ -592,7 +594,7 @@ async fn inspect_response(
                         tracing::warn!(sni = %exchange.sni, client = %exchange.client, %reason, "response refused");
                         return error_response(Problem::ResponseTooLarge, &reason);
                     }
-                    hook.on_not_inspected(exchange, request, Some(&head), &reason).await;
+                    hook.on_not_inspected(exchange, state, request, Some(&head), &reason).await;
                     return Response::from_parts(head, holding(prepend(prefix, rest), reservation));
                 }
                 Err(error) if error.is::<BudgetExhausted>() => {
@@ -602,7 +604,7 @@ async fn inspect_response(
                     return error_response(Problem::UpstreamBodyError, &error.to_string());
                 }
             };
-            match hook.on_response_body(exchange, request, &head, &bytes).await {
+            match hook.on_response_body(exchange, state, request, &head, &bytes).await {
                 BodyAction::Forward => {
                     Response::from_parts(head, holding(Full::new(bytes).map_err(boxed).boxed_unsync(), reservation))
                 }

@@ -23,7 +23,9 @@
 //! * `client` — [`AktoClient`]: one pooled HTTP client, the calls, timeouts;
 //! * `wire` — the body Akto reads, the verdict it answers, the merge of a
 //!   `ModifiedPayload`;
-//! * `breaker` — the circuit breaker.
+//! * `breaker` — the circuit breaker;
+//! * `backend` — Akto behind the pipeline's `Backend` trait: what each check
+//!   sends, and how the verdict comes back.
 
 use std::fmt;
 use std::time::Duration;
@@ -32,6 +34,7 @@ use serde::Serialize;
 
 use super::model::Direction;
 
+mod backend;
 mod breaker;
 mod client;
 mod config;
