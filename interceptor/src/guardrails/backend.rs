@@ -12,7 +12,7 @@
 //! WebSocket upgrade) by the pipeline, and passed explicitly to every phase
 //! and every check.
 
-use std::sync::Arc;
+use std::{fmt, sync::Arc};
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
@@ -48,7 +48,7 @@ impl Phase {
 
 /// One exchange (a request and its response, or a WebSocket connection) as
 /// the guardrails know it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Call {
     /// The client's `x-request-id` (or `request-id`), else a random one; the
     /// same on every check and audit event of the exchange.
@@ -70,6 +70,27 @@ pub struct Call {
     /// that resends it replaces it with the body it saw
     /// ([`Backend::resends_request_body`]).
     pub request_body: Bytes,
+}
+
+/// Header values, the query and the body are left out: they may carry
+/// credentials.
+impl fmt::Debug for Call {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let header_names: Vec<&str> = self.request_headers.keys().map(|k| k.as_str()).collect();
+        f.debug_struct("Call")
+            .field("request_id", &self.request_id)
+            .field("provider", &self.provider)
+            .field("model", &self.model)
+            .field("method", &self.method)
+            .field("host", &self.host)
+            .field("path", &self.path.split('?').next().unwrap_or_default())
+            .field("client", &self.client)
+            .field("orig_dst", &self.orig_dst)
+            .field("workload", &self.workload)
+            .field("request_headers", &header_names)
+            .field("request_body_len", &self.request_body.len())
+            .finish()
+    }
 }
 
 /// What one backend is asked to judge.
