@@ -412,6 +412,24 @@ pub fn now() -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn enum_fields_are_written_as_their_names() {
+        fn names<T: Serialize>(value: &T) -> String {
+            serde_json::to_string(value).unwrap_or_default()
+        }
+        for d in [Decision::Allow, Decision::Modify, Decision::Block, Decision::Alert, Decision::Error] {
+            assert_eq!(names(&d), format!("\"{}\"", d.as_str()));
+        }
+        for s in [Stage::Local, Stage::Akto, Stage::Decode, Stage::Framing, Stage::WebSocket, Stage::Proxy] {
+            assert_eq!(names(&s), format!("\"{}\"", s.as_str()));
+        }
+        for k in [EventKind::GuardrailDecision, EventKind::UnclassifiedConnection, EventKind::WebsocketClosed] {
+            assert_eq!(names(&k), format!("\"{}\"", k.as_str()));
+        }
+        assert_eq!(names(&EventDirection::Both), "\"both\"");
+        assert_eq!(names(&EventDirection::from(Direction::Response)), "\"response\"");
+    }
+
     fn event(decision: Decision) -> AuditEvent {
         AuditEvent {
             time: now(),
