@@ -76,11 +76,11 @@ fn pipeline(c: &mut Criterion) {
         b.iter(|| {
             runtime.block_on(async {
                 let mut head = request_head(body.len());
-                let action = hook.on_request(&exchange, &mut head, black_box(&body)).await;
+                let (action, state) = hook.on_request(&exchange, &mut head, black_box(&body)).await;
                 assert!(matches!(action, RequestAction::Forward));
-                let action = hook.on_response(&exchange, &head, &response).await;
+                let action = hook.on_response(&exchange, &state, &head, &response).await;
                 assert!(matches!(action, ResponseAction::Collect));
-                let action = hook.on_response_body(&exchange, &head, &response, black_box(&answer)).await;
+                let action = hook.on_response_body(&exchange, &state, &head, &response, black_box(&answer)).await;
                 assert!(matches!(action, BodyAction::Forward));
                 // Let the audit writer take both events.
                 tokio::task::yield_now().await;

@@ -22,7 +22,10 @@ use std::{
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::metrics::Metrics;
+use crate::{
+    guardrails::model::{Decision, Direction, Stage},
+    metrics::Metrics,
+};
 
 /// Queue length between deciders and the writer.
 const QUEUE: usize = 4096;
@@ -66,15 +69,56 @@ impl WorkloadInfo {
     }
 }
 
+/// What an audit event records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A guardrail decision on a request, a response or a stream.
+    GuardrailDecision,
+    /// A connection to an AI address refused, or relayed uninspected,
+    /// before any request.
+    UnclassifiedConnection,
+    /// The summary of a WebSocket connection.
+    WebsocketClosed,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::GuardrailDecision => "guardrail_decision",
+            Self::UnclassifiedConnection => "unclassified_connection",
+            Self::WebsocketClosed => "websocket_closed",
+        }
+    }
+}
+
+/// Which way an audit event is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventDirection {
+    Request,
+    Response,
+    /// Both ways (a WebSocket connection's summary).
+    Both,
+}
+
+impl From<Direction> for EventDirection {
+    fn from(direction: Direction) -> Self {
+        match direction {
+            Direction::Request => Self::Request,
+            Direction::Response => Self::Response,
+        }
+    }
+}
+
 /// One guardrail decision.
 #[derive(Clone, Debug, Serialize)]
 pub struct AuditEvent {
     pub time: String,
-    pub event: &'static str,
+    pub event: EventKind,
     pub request_id: String,
-    pub direction: &'static str,
-    /// allow | modify | block | alert | error
-    pub decision: &'static str,
+    pub direction: EventDirection,
+    pub decision: Decision,
     pub provider: &'static str,
     pub host: String,
     /// Path with secret query parameters removed.
@@ -84,7 +128,7 @@ pub struct AuditEvent {
     pub rules: Vec<String>,
     pub detectors: Vec<String>,
     pub reasons: Vec<String>,
-    pub backends: Vec<&'static str>,
+    pub backends: Vec<Stage>,
     pub latency_ms: f64,
     pub client: String,
     pub orig_dst: String,
@@ -183,7 +227,7 @@ impl Batch {
         if !crate::telemetry::json_on_stderr() {
             for (i, event) in events.iter().enumerate() {
                 let json = self.json(i);
-                tracing::info!(target: "audit", event = event.event, decision = event.decision, audit = %json, "guardrail decision");
+                tracing::info!(target: "audit", event = event.event.as_str(), decision = event.decision.as_str(), audit = %json, "guardrail decision");
             }
             return;
         }
@@ -197,9 +241,9 @@ impl Batch {
             out.extend_from_slice(b"{\"timestamp\":\"");
             out.extend_from_slice(timestamp.as_bytes());
             out.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"guardrail decision\",\"event\":\"");
-            out.extend_from_slice(event.event.as_bytes());
+            out.extend_from_slice(event.event.as_str().as_bytes());
             out.extend_from_slice(b"\",\"decision\":\"");
-            out.extend_from_slice(event.decision.as_bytes());
+            out.extend_from_slice(event.decision.as_str().as_bytes());
             out.extend_from_slice(b"\",\"audit\":");
             let _ = serde_json::to_writer(&mut out, self.json(i));
             out.extend_from_slice(b",\"target\":\"audit\"}\n");
@@ -368,12 +412,30 @@ pub fn now() -> String {
 mod tests {
     use super::*;
 
-    fn event(decision: &'static str) -> AuditEvent {
+    #[test]
+    fn enum_fields_are_written_as_their_names() {
+        fn names<T: Serialize>(value: &T) -> String {
+            serde_json::to_string(value).unwrap_or_default()
+        }
+        for d in [Decision::Allow, Decision::Modify, Decision::Block, Decision::Alert, Decision::Error] {
+            assert_eq!(names(&d), format!("\"{}\"", d.as_str()));
+        }
+        for s in [Stage::Local, Stage::Akto, Stage::Decode, Stage::Framing, Stage::WebSocket, Stage::Proxy] {
+            assert_eq!(names(&s), format!("\"{}\"", s.as_str()));
+        }
+        for k in [EventKind::GuardrailDecision, EventKind::UnclassifiedConnection, EventKind::WebsocketClosed] {
+            assert_eq!(names(&k), format!("\"{}\"", k.as_str()));
+        }
+        assert_eq!(names(&EventDirection::Both), "\"both\"");
+        assert_eq!(names(&EventDirection::from(Direction::Response)), "\"response\"");
+    }
+
+    fn event(decision: Decision) -> AuditEvent {
         AuditEvent {
             time: now(),
-            event: "guardrail_decision",
+            event: EventKind::GuardrailDecision,
             request_id: "r1".into(),
-            direction: "request",
+            direction: EventDirection::Request,
             decision,
             provider: "openai_chat",
             host: "api.openai.com".into(),
@@ -383,7 +445,7 @@ mod tests {
             rules: vec!["credentials".into()],
             detectors: vec!["private_key".into()],
             reasons: vec![],
-            backends: vec!["local"],
+            backends: vec![Stage::Local],
             latency_ms: 0.1,
             client: "127.0.0.1:1".into(),
             orig_dst: "198.18.0.10:443".into(),
@@ -406,7 +468,7 @@ mod tests {
                 Ok(())
             }
         }
-        let events = [event("block"), event("allow")];
+        let events = [event(Decision::Block), event(Decision::Allow)];
         let batch = Batch::encode(&events);
         let buf = Buf::default();
         let writer = buf.clone();
@@ -445,8 +507,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let log = AuditLog::start(Some(path.clone()), Arc::new(Metrics::new()));
-        log.record(event("block")).await;
-        log.record(event("allow")).await;
+        log.record(event(Decision::Block)).await;
+        log.record(event(Decision::Allow)).await;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         loop {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
@@ -466,7 +528,7 @@ mod tests {
     async fn an_unwritable_audit_file_is_counted_not_fatal() {
         let metrics = Arc::new(Metrics::new());
         let log = AuditLog::start(Some(PathBuf::from("/nonexistent-dir/audit.jsonl")), Arc::clone(&metrics));
-        log.record(event("allow")).await;
+        log.record(event(Decision::Allow)).await;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         while metrics.audit_write_errors.get() < 1 {
             assert!(std::time::Instant::now() < deadline);
@@ -488,7 +550,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let log = AuditLog::start(Some(PathBuf::from("/dev/full")), Arc::clone(&metrics));
         for _ in 0..5 {
-            log.record(event("allow")).await;
+            log.record(event(Decision::Allow)).await;
         }
         wait_for("5 dropped events", || metrics.audit_events_dropped.get() == 5).await;
         assert!(metrics.encode().contains("interceptor_audit_events_dropped_total 5"), "{}", metrics.encode());
@@ -502,17 +564,17 @@ mod tests {
         let path = sub.join("audit.jsonl");
         let metrics = Arc::new(Metrics::new());
         let log = AuditLog::start(Some(path.clone()), Arc::clone(&metrics));
-        log.record(event("allow")).await;
+        log.record(event(Decision::Allow)).await;
         wait_for("the first event", || std::fs::read_to_string(&path).is_ok_and(|t| t.lines().count() == 1)).await;
         // The file and its directory go away (disk replaced, say); a half
         // line is left behind when it comes back.
         std::fs::remove_dir_all(&sub).unwrap();
-        log.record(event("block")).await;
-        log.record(event("block")).await;
+        log.record(event(Decision::Block)).await;
+        log.record(event(Decision::Block)).await;
         wait_for("2 dropped events", || metrics.audit_events_dropped.get() == 2).await;
         std::fs::create_dir(&sub).unwrap();
         std::fs::write(&path, "{\"cut\":").unwrap();
-        log.record(event("modify")).await;
+        log.record(event(Decision::Modify)).await;
         wait_for("the event after the outage", || {
             std::fs::read_to_string(&path).is_ok_and(|t| t.contains("\"decision\":\"modify\""))
         })

@@ -27,6 +27,7 @@ pub mod policy;
 pub mod privileges;
 pub mod proxy;
 pub mod redirect;
+pub mod respond;
 pub mod targets;
 pub mod telemetry;
 pub mod webhook;

@@ -4,10 +4,12 @@
 //! counter increment on label sets that already exist.
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
     metrics::{counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
+
+use crate::guardrails::model::{Decision, Direction, Stage};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectionLabels {
@@ -18,16 +20,29 @@ pub struct ConnectionLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
     pub provider: &'static str,
-    pub direction: &'static str,
-    pub action: &'static str,
+    pub direction: Direction,
+    pub action: Decision,
     pub rule: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabels {
-    pub backend: &'static str,
+    pub backend: Stage,
     pub kind: &'static str,
 }
+
+// Label values are the names audit events use (`as_str`). Written by hand:
+// the derive would write the variant's Rust name (`Block`, not `block`).
+macro_rules! label_value_as_str {
+    ($($t:ty),*) => {$(
+        impl EncodeLabelValue for $t {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+                EncodeLabelValue::encode(&self.as_str(), encoder)
+            }
+        }
+    )*};
+}
+label_value_as_str!(Direction, Decision, Stage);
 
 /// Which buffered body found the inspection budget used up.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -123,14 +138,19 @@ mod tests {
         m.decisions
             .get_or_create(&DecisionLabels {
                 provider: "openai_chat",
-                direction: "request",
-                action: "block",
+                direction: Direction::Request,
+                action: Decision::Block,
                 rule: "credentials".into(),
             })
             .inc();
         m.connections.get_or_create(&ConnectionLabels { mode: "intercept", outcome: "intercepted" }).inc();
+        m.backend_errors.get_or_create(&BackendLabels { backend: Stage::Akto, kind: "timeout" }).inc();
         let text = m.encode();
         assert!(text.contains("interceptor_guardrail_decisions_total{provider=\"openai_chat\",direction=\"request\",action=\"block\",rule=\"credentials\"} 1"), "{text}");
         assert!(text.contains("interceptor_connections_total{mode=\"intercept\",outcome=\"intercepted\"} 1"), "{text}");
+        assert!(
+            text.contains("interceptor_guardrail_backend_errors_total{backend=\"akto\",kind=\"timeout\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -9,7 +9,7 @@ use anyhow::Result;
 use bytes::Bytes;
 use interceptor::{
     policy::DomainsConfig,
-    proxy::hook::{BodyInspector, ChunkAction, Exchange, Hook, RequestAction, ResponseAction},
+    proxy::hook::{BodyInspector, ChunkAction, Exchange, ExchangeState, Hook, RequestAction, ResponseAction},
     testing::provider::{FakeProvider, TestPki},
 };
 use interceptor_tests::inprocess::{InProcessProxy, client_for};
@@ -184,7 +184,28 @@ impl BodyInspector for Upper {
 
 #[async_trait::async_trait]
 impl Hook for TestHook {
-    async fn on_request(&self, _: &Exchange, _: &mut http::request::Parts, body: &Bytes) -> RequestAction {
+    async fn on_request(
+        &self,
+        _: &Exchange,
+        _: &mut http::request::Parts,
+        body: &Bytes,
+    ) -> (RequestAction, ExchangeState) {
+        (Self::request(body), None)
+    }
+
+    async fn on_response(
+        &self,
+        _: &Exchange,
+        _: &ExchangeState,
+        req: &http::request::Parts,
+        _: &http::response::Parts,
+    ) -> ResponseAction {
+        if req.uri.path() == "/sse" { ResponseAction::Inspect(Box::new(Upper)) } else { ResponseAction::Forward }
+    }
+}
+
+impl TestHook {
+    fn request(body: &Bytes) -> RequestAction {
         let text = String::from_utf8_lossy(body);
         if text.contains("BLOCK") {
             let resp = http::Response::builder()
@@ -197,10 +218,6 @@ impl Hook for TestHook {
             return RequestAction::ReplaceBody(Bytes::from(text.replace("secret", "[redacted]")));
         }
         RequestAction::Forward
-    }
-
-    async fn on_response(&self, _: &Exchange, req: &http::request::Parts, _: &http::response::Parts) -> ResponseAction {
-        if req.uri.path() == "/sse" { ResponseAction::Inspect(Box::new(Upper)) } else { ResponseAction::Forward }
     }
 }
 

@@ -112,7 +112,8 @@ fuzz_target!(|data: &[u8]| {
             request = request.header("content-encoding", encoding);
         }
         let (mut head, ()) = request.body(()).expect("request head").into_parts();
-        match pipeline.on_request(&ex, &mut head, &Bytes::copy_from_slice(request_body)).await {
+        let (action, state) = pipeline.on_request(&ex, &mut head, &Bytes::copy_from_slice(request_body)).await;
+        match action {
             RequestAction::Respond(resp) => {
                 assert!(resp.status().is_client_error() || resp.status().is_server_error());
                 return;
@@ -125,7 +126,7 @@ fuzz_target!(|data: &[u8]| {
             .body(())
             .expect("head")
             .into_parts();
-        let ResponseAction::Inspect(mut guard) = pipeline.on_response(&ex, &head, &response).await else {
+        let ResponseAction::Inspect(mut guard) = pipeline.on_response(&ex, &state, &head, &response).await else {
             return;
         };
 

@@ -8,16 +8,21 @@
 //! * `engine` — the embedded local engine: detectors, policy, redaction (pure).
 //! * `offload` — where a local scan runs: inline when small, on the
 //!   blocking pool when large.
+//! * `backend` — the [`Backend`](backend::Backend) trait the pipeline calls:
+//!   a check in, a verdict out; and the exchange's [`Call`](backend::Call).
+//! * `local` — the local engine as a backend.
 //! * `akto` — the Akto-compatible remote backend (I/O).
 //! * `websocket` — the WebSocket protocols agents use (Responses WebSocket
 //!   mode, OpenAI Realtime, Gemini Live): where their messages carry text (pure).
-//! * `pipeline` — the data plane's hook: runs the backends, applies the
-//!   verdicts, writes the audit trail (also per WebSocket message).
+//! * `pipeline` — the data plane's hook, by phase: runs the backends, applies
+//!   the verdicts, writes the audit trail (also per WebSocket message).
 
 pub mod akto;
+pub mod backend;
 pub mod decode;
 pub mod engine;
 pub mod framing;
+mod local;
 pub mod model;
 pub mod offload;
 pub mod pipeline;

@@ -156,3 +156,75 @@ pub enum Direction {
     Request,
     Response,
 }
+
+impl Direction {
+    /// The direction's name in metrics and audit events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Request => "request",
+            Self::Response => "response",
+        }
+    }
+}
+
+/// What the guardrails decided about one check, as audit events and
+/// metrics name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// Let through unchanged.
+    Allow,
+    /// Let through rewritten.
+    Modify,
+    /// Refused.
+    Block,
+    /// Let through, with something to look at.
+    Alert,
+    /// A backend failed and the fail mode let it through.
+    Error,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Modify => "modify",
+            Self::Block => "block",
+            Self::Alert => "alert",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// What took part in a decision: a guardrail backend, or one of the
+/// pipeline's own checks. Named in audit events (`backends`) and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// The embedded engine.
+    Local,
+    /// The Akto guardrail service.
+    Akto,
+    /// Body decoding: content coding, charset, size limits.
+    Decode,
+    /// The provider's stream framing.
+    Framing,
+    /// The WebSocket protocol check.
+    #[serde(rename = "websocket")]
+    WebSocket,
+    /// The proxy, before any request (unclassified connections).
+    Proxy,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Akto => "akto",
+            Self::Decode => "decode",
+            Self::Framing => "framing",
+            Self::WebSocket => "websocket",
+            Self::Proxy => "proxy",
+        }
+    }
+}

@@ -7,11 +7,18 @@
 //! it streams. Without a hook, bodies are streamed through untouched and
 //! nothing is buffered.
 //!
+//! What the hook keeps about an exchange between its request and its
+//! response is its own: [`Hook::on_request`] returns it as an
+//! [`ExchangeState`], which the data plane holds, never opens, and hands
+//! back to the response phases of the same exchange.
+//!
 //! A WebSocket upgrade asks the hook what to do with the upgraded connection
 //! ([`Hook::on_upgrade`]): tunnel it, answer the client itself (e.g. `426`),
 //! or relay it message by message through a [`MessageInspector`]. The data
 //! plane owns the framing (`proxy::websocket`); the inspector only sees whole
 //! messages, never frames.
+
+use std::{any::Any, sync::Arc};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -43,6 +50,15 @@ pub struct Unclassified<'a> {
     /// Closed (`true`) or relayed uninspected because the operator chose so.
     pub refused: bool,
 }
+
+/// What a hook keeps about one exchange (a request and its response)
+/// between its phases: returned by [`Hook::on_request`], held by the data
+/// plane until the response is done, and handed back to
+/// [`Hook::on_response`], [`Hook::on_response_body`] and
+/// [`Hook::on_not_inspected`] of the same exchange. Opaque to the data
+/// plane. `None`: the hook keeps nothing, or its request phase did not run
+/// (a request body over the inspection limit).
+pub type ExchangeState = Option<Arc<dyn Any + Send + Sync>>;
 
 pub enum RequestAction {
     /// Forward the request unchanged.
@@ -178,22 +194,32 @@ pub trait MessageInspector: Send + 'static {
 
 #[async_trait::async_trait]
 pub trait Hook: Send + Sync + 'static {
-    /// `head` may be changed (headers, extensions carried to the response).
-    async fn on_request(&self, exchange: &Exchange, head: &mut http::request::Parts, body: &Bytes) -> RequestAction;
+    /// `head` may be changed (headers). Returns the action and what the
+    /// hook keeps for the response phases.
+    async fn on_request(
+        &self,
+        exchange: &Exchange,
+        head: &mut http::request::Parts,
+        body: &Bytes,
+    ) -> (RequestAction, ExchangeState);
 
+    /// `state` is what [`Hook::on_request`] returned for this exchange.
     async fn on_response(
         &self,
         exchange: &Exchange,
+        state: &ExchangeState,
         request: &http::request::Parts,
         head: &http::response::Parts,
     ) -> ResponseAction;
 
     /// A body is forwarded uninspected: it is over an inspection limit and
     /// the oversize policy is `pass`. `response` is `None` for the request
-    /// body. Records it; cannot stop it.
+    /// body (`state` is then `None`: the request phase did not run).
+    /// Records it; cannot stop it.
     async fn on_not_inspected(
         &self,
         _exchange: &Exchange,
+        _state: &ExchangeState,
         _request: &http::request::Parts,
         _response: Option<&http::response::Parts>,
         _reason: &str,
@@ -208,6 +234,7 @@ pub trait Hook: Send + Sync + 'static {
     async fn on_response_body(
         &self,
         _exchange: &Exchange,
+        _state: &ExchangeState,
         _request: &http::request::Parts,
         _head: &http::response::Parts,
         _body: &Bytes,

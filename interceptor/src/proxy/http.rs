@@ -53,17 +53,17 @@ use super::{
     BoxBody, BoxError, ProxyError, ProxySettings,
     budget::{BodyBudget, BodyKind, BudgetExhausted, Reservation},
     hook::{
-        BodyAction, BodyInspector, ChunkAction, Exchange, Hook, MessageInspector, RequestAction, ResponseAction,
-        UpgradeAction,
+        BodyAction, BodyInspector, ChunkAction, Exchange, ExchangeState, Hook, MessageInspector, RequestAction,
+        ResponseAction, UpgradeAction,
     },
     upstream::Upstream,
     websocket::{self, ByteCounts, WsLimits},
 };
 
-use crate::config::OversizeAction;
-
-/// Header naming the interceptor as the source of a response it generated.
-pub const ERROR_HEADER: &str = "x-interceptor-error";
+use crate::{
+    config::OversizeAction,
+    respond::{self, Problem},
+};
 
 /// Boxes a body error. A plain function, not `BoxError::from`: the latter
 /// leaves a lifetime for the compiler to infer through hyper's bounds.
@@ -292,7 +292,7 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
             // Read (and drop) what the client is still sending, so that it
             // sees the answer rather than a reset mid-upload.
             discard(body, conn.limits.max_inspected_body, conn.limits.idle_timeout).await;
-            return error_response(StatusCode::MISDIRECTED_REQUEST, "misdirected_request", &message);
+            return error_response(Problem::MisdirectedRequest, &message);
         }
         let (Ok(resp) | Err(resp)) = send(Request::from_parts(parts, body), &conn, upgrade, client_upgrade).await;
         return resp;
@@ -309,9 +309,9 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
                 let reason = format!("request body exceeds the inspection limit of {max} bytes");
                 if conn.limits.oversize == OversizeAction::Block {
                     tracing::warn!(sni = %conn.exchange.sni, client = %conn.exchange.client, %reason, "request refused");
-                    return error_response(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", &reason);
+                    return error_response(Problem::RequestTooLarge, &reason);
                 }
-                hook.on_not_inspected(&conn.exchange, &parts, None, &reason).await;
+                hook.on_not_inspected(&conn.exchange, &None, &parts, None, &reason).await;
                 let body = holding(prepend(prefix, rest), reservation);
                 let (Ok(resp) | Err(resp)) =
                     send(Request::from_parts(parts, body), &conn, upgrade, client_upgrade).await;
@@ -322,13 +322,14 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
             }
             Err(error) if error.is::<ClientBodyIdle>() => {
                 tracing::warn!(sni = %conn.exchange.sni, client = %conn.exchange.client, %error, "request refused");
-                return error_response(StatusCode::REQUEST_TIMEOUT, "request_body_timeout", &error.to_string());
+                return error_response(Problem::RequestBodyTimeout, &error.to_string());
             }
             Err(error) => {
-                return error_response(StatusCode::BAD_REQUEST, "request_body_error", &error.to_string());
+                return error_response(Problem::RequestBodyError, &error.to_string());
             }
         };
-        let bytes = match hook.on_request(&conn.exchange, &mut parts, &bytes).await {
+        let (action, state) = hook.on_request(&conn.exchange, &mut parts, &bytes).await;
+        let bytes = match action {
             RequestAction::Forward => bytes,
             RequestAction::ReplaceBody(new) => {
                 set_content_length(&mut parts.headers, new.len());
@@ -340,7 +341,7 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
         let request_head = parts.clone();
         let response = send(Request::from_parts(parts, body), &conn, upgrade, client_upgrade).await;
         let response = match response {
-            Ok(resp) => inspect_response(hook.as_ref(), &conn, &request_head, resp).await,
+            Ok(resp) => inspect_response(hook.as_ref(), &conn, &state, &request_head, resp).await,
             Err(resp) => resp,
         };
         return response.map(|b| holding(b, reservation));
@@ -440,7 +441,7 @@ fn budget_exhausted(conn: &Intercepted, kind: BodyKind, error: &BoxError) -> Res
     if let Some(exhausted) = error.downcast_ref::<BudgetExhausted>() {
         conn.budget.note_refusal(kind, exhausted, &conn.exchange.sni, &conn.exchange.client.to_string());
     }
-    let mut resp = error_response(StatusCode::SERVICE_UNAVAILABLE, "inspection_budget_exhausted", &message);
+    let mut resp = error_response(Problem::InspectionBudgetExhausted, &message);
     resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
     resp
 }
@@ -472,7 +473,7 @@ async fn send(
         Err(_) => {
             let error = UpstreamIdle { timeout: idle };
             tracing::warn!(sni = %conn.exchange.sni, path, %error, "no response head from the provider; answering 504");
-            return Err(error_response(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", &error.to_string()));
+            return Err(error_response(Problem::UpstreamTimeout, &error.to_string()));
         }
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -574,12 +575,13 @@ impl Body for UpstreamBody {
 async fn inspect_response(
     hook: &dyn Hook,
     conn: &Intercepted,
+    state: &ExchangeState,
     request: &http::request::Parts,
     resp: Response<BoxBody>,
 ) -> Response<BoxBody> {
     let exchange = &conn.exchange;
     let (mut head, body) = resp.into_parts();
-    match hook.on_response(exchange, request, &head).await {
+    match hook.on_response(exchange, state, request, &head).await {
         ResponseAction::Collect => {
             let max = conn.limits.max_inspected_body;
             let mut reservation = conn.budget.reservation(BodyKind::Response);
@@ -590,19 +592,19 @@ async fn inspect_response(
                     let reason = format!("response body exceeds the inspection limit of {max} bytes");
                     if conn.limits.oversize == OversizeAction::Block {
                         tracing::warn!(sni = %exchange.sni, client = %exchange.client, %reason, "response refused");
-                        return error_response(StatusCode::BAD_GATEWAY, "response_too_large", &reason);
+                        return error_response(Problem::ResponseTooLarge, &reason);
                     }
-                    hook.on_not_inspected(exchange, request, Some(&head), &reason).await;
+                    hook.on_not_inspected(exchange, state, request, Some(&head), &reason).await;
                     return Response::from_parts(head, holding(prepend(prefix, rest), reservation));
                 }
                 Err(error) if error.is::<BudgetExhausted>() => {
                     return budget_exhausted(conn, BodyKind::Response, &error);
                 }
                 Err(error) => {
-                    return error_response(StatusCode::BAD_GATEWAY, "upstream_body_error", &error.to_string());
+                    return error_response(Problem::UpstreamBodyError, &error.to_string());
                 }
             };
-            match hook.on_response_body(exchange, request, &head, &bytes).await {
+            match hook.on_response_body(exchange, state, request, &head, &bytes).await {
                 BodyAction::Forward => {
                     Response::from_parts(head, holding(Full::new(bytes).map_err(boxed).boxed_unsync(), reservation))
                 }
@@ -697,11 +699,7 @@ fn prepare_request(
     parts.uri = match Uri::builder().scheme("https").authority(authority.as_str()).path_and_query(path).build() {
         Ok(uri) => uri,
         Err(error) => {
-            return Err(Box::new(error_response(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                &format!("invalid request target: {error}"),
-            )));
+            return Err(Box::new(error_response(Problem::BadRequest, &format!("invalid request target: {error}"))));
         }
     };
     // The upstream client derives Host (HTTP/1.1) or :authority (HTTP/2)
@@ -761,46 +759,37 @@ fn set_content_length(headers: &mut HeaderMap, len: usize) {
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
 }
 
-/// The one place that turns an interceptor-side failure into what the client
-/// sees: a JSON error in the shape provider SDKs understand, with a header
-/// naming the interceptor as its source.
-pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response<BoxBody> {
-    let body = serde_json::json!({
-        "error": { "type": "interceptor_error", "code": code, "message": message }
-    });
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())).map_err(boxed).boxed_unsync());
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    if let Ok(v) = HeaderValue::from_str(code) {
-        resp.headers_mut().insert(ERROR_HEADER, v);
-    }
-    resp
+/// An interceptor-side failure as the client sees it ([`respond::error`]),
+/// with the body type the data plane sends.
+fn error_response(problem: Problem, message: &str) -> Response<BoxBody> {
+    respond::error(problem, message).map(|b| b.map_err(boxed).boxed_unsync())
 }
 
 fn upstream_error_response(error: &hyper_util::client::legacy::Error) -> Response<BoxBody> {
-    let (status, code) = classify(error);
+    let problem = classify(error);
     let message = crate::error::chain(error);
-    tracing::warn!(code, error = %message, "upstream request failed");
-    error_response(status, code, &message)
+    tracing::warn!(code = problem.code(), error = %message, "upstream request failed");
+    error_response(problem, &message)
 }
 
-/// Whose fault and which status: a connect timeout is a 504, any other
-/// failure to reach or verify the provider a 502.
-fn classify(error: &(dyn std::error::Error + 'static)) -> (StatusCode, &'static str) {
+/// Which problem a failed upstream request is (whose fault and which
+/// status): a connect timeout is a 504, any other failure to reach or verify
+/// the provider a 502.
+fn classify(error: &(dyn std::error::Error + 'static)) -> Problem {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = source {
         if let Some(p) = e.downcast_ref::<ProxyError>() {
             return match p {
-                ProxyError::ConnectTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
-                _ => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
+                ProxyError::ConnectTimeout { .. } => Problem::UpstreamTimeout,
+                _ => Problem::UpstreamUnreachable,
             };
         }
         if is_tls_error(e) {
-            return (StatusCode::BAD_GATEWAY, "upstream_tls_error");
+            return Problem::UpstreamTlsError;
         }
         source = e.source();
     }
-    (StatusCode::BAD_GATEWAY, "upstream_error")
+    Problem::UpstreamError
 }
 
 /// A rustls error, possibly wrapped in (nested) I/O errors, whose `source`
@@ -854,24 +843,19 @@ mod tests {
             dst: "192.0.2.1:443".parse().unwrap(),
             timeout: std::time::Duration::from_secs(1),
         };
-        assert_eq!(classify(&t).0, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(classify(&t).status(), StatusCode::GATEWAY_TIMEOUT);
         let c = ProxyError::Connect {
             dst: "192.0.2.1:443".parse().unwrap(),
             source: std::io::ErrorKind::ConnectionRefused.into(),
         };
-        assert_eq!(classify(&c), (StatusCode::BAD_GATEWAY, "upstream_unreachable"));
+        assert_eq!((classify(&c).status(), classify(&c).code()), (StatusCode::BAD_GATEWAY, "upstream_unreachable"));
         let tls = std::io::Error::other(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer));
-        assert_eq!(classify(&tls), (StatusCode::BAD_GATEWAY, "upstream_tls_error"));
+        assert_eq!((classify(&tls).status(), classify(&tls).code()), (StatusCode::BAD_GATEWAY, "upstream_tls_error"));
         // hyper-rustls wraps tokio-rustls's I/O error in another one.
         let nested = std::io::Error::other(std::io::Error::other(rustls::Error::DecryptError));
-        assert_eq!(classify(&nested), (StatusCode::BAD_GATEWAY, "upstream_tls_error"));
-    }
-
-    #[test]
-    fn error_responses_name_the_interceptor() {
-        let r = error_response(StatusCode::BAD_GATEWAY, "upstream_unreachable", "no route");
-        assert_eq!(r.status(), 502);
-        assert_eq!(r.headers()[ERROR_HEADER], "upstream_unreachable");
-        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+        assert_eq!(
+            (classify(&nested).status(), classify(&nested).code()),
+            (StatusCode::BAD_GATEWAY, "upstream_tls_error")
+        );
     }
 }

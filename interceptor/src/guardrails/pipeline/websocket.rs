@@ -20,70 +20,60 @@ use bytes::Bytes;
 use http::StatusCode;
 
 use super::{
-    Guardrails, Outcome, Pipeline, RequestBody, RequestState, StreamGuard, blocked_response, current_body, oversize,
-    request_id, visible_headers,
+    Guardrails, Pipeline,
+    backends::Subject,
+    new_call,
+    outcome::{Block, Outcome},
+    stream::StreamGuard,
 };
 use crate::{
-    audit::WebSocketStats,
+    audit::{EventDirection, EventKind, WebSocketStats, WorkloadInfo},
     config::{OversizeAction, UnknownWebSocket},
     guardrails::{
-        akto::CallInfo,
+        backend::{Call, Phase, current_body},
         framing::FramingKind,
-        model::Direction,
+        model::{Decision, Direction, Stage},
         providers,
         websocket::{self as protocol, WsProtocol},
     },
     proxy::hook::{ClientAction, Exchange, MessageInspector, ServerAction, UpgradeAction, UpgradeClosed, WsData},
+    respond::{self, Problem},
 };
 
 /// Decides what happens to a WebSocket upgrade.
 pub(super) async fn on_upgrade(p: &Pipeline, ex: &Exchange, head: &http::request::Parts) -> UpgradeAction {
     let g = p.snapshot();
-    let path = head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
-    let protocol = WsProtocol::detect(&ex.sni, &path);
-    let request_id = request_id(&head.headers);
-    let model = query_param(&path, "model").or_else(|| providers::model_from_path(&path));
-    let state = RequestState {
-        request_id: request_id.clone(),
-        provider: protocol.map_or_else(|| providers::detect(&ex.sni, &path), WsProtocol::provider),
-        model,
-        call: Arc::new(CallInfo {
-            request_id,
-            method: head.method.to_string(),
-            path,
-            host: ex.sni.clone(),
-            request_headers: visible_headers(&g, &head.headers),
-            request_body: Bytes::new(),
-            client_ip: Some(ex.client.0.ip()),
-            dest_ip: Some(ex.orig_dst.0.ip()),
-            workload: ex.workload.clone(),
-        }),
-    };
-    let session = Session::new(p, Arc::clone(&g), ex, protocol, state);
+    let mut call = new_call(&g, ex, head, Bytes::new());
+    let protocol = WsProtocol::detect(&ex.sni, &call.path);
+    if let Some(protocol) = protocol {
+        call.provider = protocol.provider();
+    }
+    call.model = query_param(&call.path, "model").or_else(|| providers::model_from_path(&call.path));
+    let session = Session::new(p, Arc::clone(&g), protocol, Arc::new(call));
     if protocol.is_some() {
         return UpgradeAction::Inspect(Box::new(session));
     }
     let started = Instant::now();
     let mut outcome = Outcome::default();
-    outcome.backends.push("websocket");
+    outcome.stages.push(Stage::WebSocket);
     match g.cfg.unknown_websocket {
         UnknownWebSocket::Refuse => {
             let reason = "WebSocket protocol cannot be inspected on this host; use HTTPS".to_string();
             outcome.note_rule("unknown_websocket");
-            outcome.block = Some(super::Block {
+            outcome.block = Some(Block {
                 status: StatusCode::UPGRADE_REQUIRED,
                 reason: reason.clone(),
-                backend: "websocket",
+                stage: Stage::WebSocket,
                 rule: "unknown_websocket".into(),
             });
-            p.audit(&g, ex, &session.state, Direction::Request, &outcome, started, None).await;
-            UpgradeAction::Respond(blocked_response(StatusCode::UPGRADE_REQUIRED, &reason))
+            p.audit(&g, &session.call, Direction::Request, &outcome, started, None).await;
+            UpgradeAction::Respond(respond::blocked(StatusCode::UPGRADE_REQUIRED, &reason))
         }
         UnknownWebSocket::Tunnel => {
             outcome.alert = true;
             outcome.note_rule("unknown_websocket");
             outcome.reasons.push("WebSocket protocol not understood: tunnelled uninspected".into());
-            p.audit(&g, ex, &session.state, Direction::Request, &outcome, started, None).await;
+            p.audit(&g, &session.call, Direction::Request, &outcome, started, None).await;
             UpgradeAction::Tunnel(Some(Box::new(session)))
         }
     }
@@ -103,10 +93,9 @@ fn query_param(path: &str, name: &str) -> Option<String> {
 /// record only).
 struct Session {
     p: Pipeline,
-    exchange: Exchange,
     /// `None`: tunnelled, not understood.
     protocol: Option<WsProtocol>,
-    state: RequestState,
+    call: Arc<Call>,
     /// The provider's side, checked like a stream.
     guard: StreamGuard,
     /// Enforce: provider messages not yet released, with the characters of
@@ -119,15 +108,14 @@ struct Session {
 }
 
 impl Session {
-    fn new(p: &Pipeline, g: Arc<Guardrails>, ex: &Exchange, protocol: Option<WsProtocol>, state: RequestState) -> Self {
+    fn new(p: &Pipeline, g: Arc<Guardrails>, protocol: Option<WsProtocol>, call: Arc<Call>) -> Self {
         // The guard's framer is never fed: messages arrive whole.
         let head = http::Response::new(()).into_parts().0;
-        let guard = StreamGuard::new(p, g, state.clone(), FramingKind::Sse, &head);
+        let guard = StreamGuard::new(p, g, Arc::clone(&call), FramingKind::Sse, &head);
         Self {
-            p: Pipeline { current: p.current.clone(), audit: p.audit.clone(), metrics: Arc::clone(&p.metrics) },
-            exchange: ex.clone(),
+            p: p.clone(),
             protocol,
-            state,
+            call,
             guard,
             held: VecDeque::new(),
             response_audited: false,
@@ -174,10 +162,10 @@ impl Session {
         let started = Instant::now();
         let mut outcome = Outcome::default();
         let action = if refused { OversizeAction::Block } else { OversizeAction::Pass };
-        let status = if from_client { StatusCode::PAYLOAD_TOO_LARGE } else { StatusCode::BAD_GATEWAY };
-        let _ = oversize(&mut outcome, action, status, format!("not inspected: too large ({reason})"));
+        let problem = if from_client { Problem::RequestTooLarge } else { Problem::ResponseTooLarge };
+        let _ = outcome.oversize(action, problem, format!("not inspected: too large ({reason})"));
         let direction = if from_client { Direction::Request } else { Direction::Response };
-        self.p.audit(&g, &self.exchange, &self.state, direction, &outcome, started, None).await;
+        self.p.audit(&g, &self.call, direction, &outcome, started, None).await;
     }
 }
 
@@ -196,38 +184,41 @@ impl MessageInspector for Session {
         self.stats.messages_inspected += 1;
         let g = self.p.snapshot();
         let started = Instant::now();
-        let mut state = RequestState {
-            request_id: format!("{}:{}", self.state.request_id, self.stats.client_messages),
-            ..self.state.clone()
+        let call = Call {
+            request_id: format!("{}:{}", self.call.request_id, self.stats.client_messages),
+            ..(*self.call).clone()
         };
         let mut outcome = Outcome::default();
-        let mut doc = msg.doc;
-        let mut raw_text = None;
         // As for HTTP bodies, what the message parser does not read is
         // scanned too.
         let mut texts = msg.texts;
         let read_by_parser = texts.len();
-        if let Some(d) = &doc {
+        if let Some(d) = &msg.doc {
             let unread = providers::unread_texts(d, &texts);
             texts.extend(unread);
         }
         let texts = Arc::new(texts);
-        let body = RequestBody {
+        let mut subject = Subject {
             texts: &texts,
-            decoded: message.as_bytes(),
-            instructions: msg.creates_response,
             read_by_parser,
+            original: message.as_bytes(),
+            doc: msg.doc,
+            raw_text: None,
             raw_rewritable: true,
+            instructions: msg.creates_response,
+            response: None,
+            wait: true,
+            kept_request_body: None,
         };
-        self.p.check_request(&g, &self.exchange, &mut state, body, &mut doc, &mut raw_text, &mut outcome).await;
-        if outcome.decision() == "allow" {
-            self.p.record_metrics(state.provider, Direction::Request, &outcome, started);
+        self.p.run_backends(&g, Phase::Request, &call, &mut subject, &mut outcome).await;
+        if outcome.decision() == Decision::Allow {
+            self.p.record_metrics(call.provider, Direction::Request, &outcome, started);
         } else {
             let prompt = g
                 .cfg
                 .audit_prompts
                 .then(|| texts[..read_by_parser].iter().map(|t| t.text.as_str()).collect::<Vec<_>>().join("\n"));
-            self.p.audit(&g, &self.exchange, &state, Direction::Request, &outcome, started, prompt).await;
+            self.p.audit(&g, &call, Direction::Request, &outcome, started, prompt).await;
         }
         if let Some(block) = outcome.block {
             self.stats.blocked += 1;
@@ -236,7 +227,7 @@ impl MessageInspector for Session {
         }
         if outcome.modified {
             self.stats.modified += 1;
-            let new = current_body(doc.as_ref(), raw_text.as_deref(), message.as_bytes(), true);
+            let new = current_body(subject.doc.as_ref(), subject.raw_text.as_deref(), message.as_bytes(), true);
             return ClientAction::Replace(match (message, String::from_utf8(new.to_vec())) {
                 (WsData::Text(_), Ok(text)) => WsData::Text(text),
                 _ => WsData::Binary(new),
@@ -328,10 +319,10 @@ impl MessageInspector for Session {
         stats.ended_by = closed.ended_by.clone();
         let mut outcome = Outcome::default();
         if stats.blocked > 0 {
-            outcome.block = Some(super::Block {
+            outcome.block = Some(Block {
                 status: StatusCode::FORBIDDEN,
                 reason: format!("{} message(s) blocked; connection closed", stats.blocked),
-                backend: "websocket",
+                stage: Stage::WebSocket,
                 rule: String::new(),
             });
         }
@@ -343,9 +334,10 @@ impl MessageInspector for Session {
         if stats.audio_not_inspected > 0 {
             outcome.reasons.push(format!("{} audio message(s) not inspected", stats.audio_not_inspected));
         }
-        let mut event = self.p.event(&g, &self.exchange, &self.state, Direction::Request, &outcome, self.started, None);
-        event.event = "websocket_closed";
-        event.direction = "both";
+        let workload = WorkloadInfo::of(self.call.workload.as_ref());
+        let mut event = self.p.event(&g, &self.call, Direction::Request, &outcome, self.started, None, workload);
+        event.event = EventKind::WebsocketClosed;
+        event.direction = EventDirection::Both;
         event.websocket = Some(stats);
         self.p.audit.record(event).await;
     }

@@ -1,0 +1,223 @@
+//! The guardrail pipeline: the data plane's [`Hook`], running the configured
+//! backends (the local engine, the Akto service) on every intercepted
+//! request, response and stream, and turning their verdicts into the seed's
+//! contract:
+//!
+//! * allowed: forwarded unchanged;
+//! * modified: the changed texts are written back into the original JSON
+//!   (every other field survives) and Content-Length is fixed;
+//! * blocked: `403`, body `{"error": "<reason>"}`, header
+//!   `X-Akto-Guardrails-Decision: blocked` ([`respond::blocked`]); a blocked
+//!   request never reaches the provider; a blocked stream ends with an error
+//!   event valid for the provider's format.
+//!
+//! Backends run in the configured order; a block short-circuits. A backend
+//! failure follows the fail mode of its direction (open: let through and
+//! record; closed: refuse with `503`). Every decision becomes one audit event
+//! and a metric.
+//!
+//! By phase:
+//!
+//! * `request` — decoding, parsing and checking a request body;
+//! * `response` — a whole response body, and the choice between collecting,
+//!   streaming through the guard, or forwarding;
+//! * `stream` — the [`StreamGuard`](stream::StreamGuard): windows over a
+//!   streamed response's text;
+//! * `backends` — the one loop over the configured backends, for every
+//!   phase, and how verdicts change the body;
+//! * `outcome` — what the backends decided, and its audit event and metrics;
+//! * `websocket` — WebSocket connections, with the same backends (request
+//!   checks) and stream guard (provider text).
+//!
+//! The exchange's [`Call`] is made once, by the request phase (or the
+//! upgrade), and handed back by the data plane to the response phases as the
+//! hook's [`ExchangeState`].
+//!
+//! [`respond::blocked`]: crate::respond::blocked
+
+mod backends;
+mod outcome;
+mod request;
+mod response;
+mod stream;
+mod websocket;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use super::{
+    akto::AktoClient,
+    backend::{Backend, Call},
+    engine::Engine,
+    providers,
+};
+use crate::{
+    audit::AuditLog,
+    config::{self, GuardrailsConfig},
+    metrics::Metrics,
+    proxy::hook::{
+        BodyAction, Exchange, ExchangeState, Hook, RequestAction, ResponseAction, Unclassified, UpgradeAction,
+    },
+};
+
+/// The backends and settings in force; replaced whole on reload.
+pub struct Guardrails {
+    pub engine: Option<Arc<Engine>>,
+    pub akto: Option<Arc<AktoClient>>,
+    pub cfg: GuardrailsConfig,
+}
+
+impl Guardrails {
+    /// The backend a configured name stands for, if it is set up.
+    fn backend(&self, configured: config::Backend) -> Option<&dyn Backend> {
+        match configured {
+            config::Backend::Local => self.engine.as_ref().map(|e| e as &dyn Backend),
+            config::Backend::Akto => self.akto.as_ref().map(|a| a as &dyn Backend),
+        }
+    }
+
+    /// Every backend that is set up, whether or not the checks use it.
+    fn present(&self) -> impl Iterator<Item = &dyn Backend> {
+        let engine = self.engine.as_ref().map(|e| e as &dyn Backend);
+        let akto = self.akto.as_ref().map(|a| a as &dyn Backend);
+        engine.into_iter().chain(akto)
+    }
+
+    /// Whether a backend reads request or response headers (they are only
+    /// copied then).
+    fn reads_headers(&self) -> bool {
+        self.present().any(|b| b.reads_headers())
+    }
+}
+
+/// The data plane's guardrail hook.
+#[derive(Clone)]
+pub struct Pipeline {
+    current: watch::Receiver<Arc<Guardrails>>,
+    audit: AuditLog,
+    metrics: Arc<Metrics>,
+}
+
+impl Pipeline {
+    pub fn new(current: watch::Receiver<Arc<Guardrails>>, audit: AuditLog, metrics: Arc<Metrics>) -> Self {
+        Self { current, audit, metrics }
+    }
+
+    fn snapshot(&self) -> Arc<Guardrails> {
+        Arc::clone(&self.current.borrow())
+    }
+}
+
+/// The exchange's [`Call`], as its request head shows it: the provider from
+/// the host and path (a body or an upgrade may say better), no model yet.
+fn new_call(g: &Guardrails, ex: &Exchange, head: &http::request::Parts, body: Bytes) -> Call {
+    let path = head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    Call {
+        request_id: request_id(&head.headers),
+        provider: providers::detect(&ex.sni, &path),
+        model: None,
+        method: head.method.to_string(),
+        path,
+        host: ex.sni.clone(),
+        client: ex.client,
+        orig_dst: ex.orig_dst,
+        workload: ex.workload.clone(),
+        request_headers: if g.reads_headers() { head.headers.clone() } else { http::HeaderMap::new() },
+        request_body: body,
+    }
+}
+
+/// The call the request phase kept for this exchange.
+fn call_of(state: &ExchangeState) -> Option<Arc<Call>> {
+    state.clone().and_then(|s| s.downcast::<Call>().ok())
+}
+
+fn request_id(headers: &http::HeaderMap) -> String {
+    for name in ["x-request-id", "request-id"] {
+        if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok())
+            && !v.is_empty()
+            && v.len() <= 128
+        {
+            return v.to_string();
+        }
+    }
+    format!("{:032x}", rand::random::<u128>())
+}
+
+#[async_trait::async_trait]
+impl Hook for Pipeline {
+    async fn on_request(
+        &self,
+        ex: &Exchange,
+        head: &mut http::request::Parts,
+        body: &Bytes,
+    ) -> (RequestAction, ExchangeState) {
+        let (action, call) = request::on_request(self, ex, head, body).await;
+        (action, Some(Arc::new(call)))
+    }
+
+    async fn on_response(
+        &self,
+        _ex: &Exchange,
+        state: &ExchangeState,
+        request: &http::request::Parts,
+        head: &http::response::Parts,
+    ) -> ResponseAction {
+        match call_of(state) {
+            Some(call) => response::on_response(self, call, request, head),
+            None => ResponseAction::Forward,
+        }
+    }
+
+    async fn on_not_inspected(
+        &self,
+        ex: &Exchange,
+        state: &ExchangeState,
+        request: &http::request::Parts,
+        response: Option<&http::response::Parts>,
+        reason: &str,
+    ) {
+        self.not_inspected(ex, call_of(state), request, response.is_some(), reason).await;
+    }
+
+    async fn on_unclassified(&self, conn: &Unclassified<'_>) {
+        self.unclassified(conn).await;
+    }
+
+    async fn on_response_body(
+        &self,
+        _ex: &Exchange,
+        state: &ExchangeState,
+        _request: &http::request::Parts,
+        head: &http::response::Parts,
+        body: &Bytes,
+    ) -> BodyAction {
+        match call_of(state) {
+            Some(call) => response::on_body(self, &call, head, body).await,
+            None => BodyAction::Forward,
+        }
+    }
+
+    /// Known WebSocket protocols are inspected message by message; others
+    /// follow `guardrails.unknown_websocket` (see `pipeline::websocket`).
+    async fn on_upgrade(&self, ex: &Exchange, head: &mut http::request::Parts) -> UpgradeAction {
+        websocket::on_upgrade(self, ex, head).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+
+    #[test]
+    fn request_ids_are_reused_or_made() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(request_id(&h).len(), 32);
+        h.insert("x-request-id", HeaderValue::from_static("abc"));
+        assert_eq!(request_id(&h), "abc");
+    }
+}

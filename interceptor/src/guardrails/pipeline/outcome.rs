@@ -1,0 +1,254 @@
+//! What the backends and the pipeline's own checks decided for one check,
+//! accumulated in order ([`Outcome`]), and how a decision is recorded: one
+//! audit event and the decision metrics. Also the records of what was not
+//! inspected at all (bodies over a limit, unclassified connections).
+
+use std::{sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::Full;
+
+use super::{Guardrails, Pipeline, new_call, request_id};
+use crate::{
+    audit::{self, AuditEvent, EventDirection, EventKind, WorkloadInfo},
+    config::{FailMode, OversizeAction},
+    guardrails::{
+        akto::redact_path,
+        backend::Call,
+        model::{Decision, Direction, Provider, Stage},
+        providers,
+    },
+    metrics::DecisionLabels,
+    proxy::hook::{Exchange, Unclassified},
+    respond::{self, Problem},
+};
+
+/// What the backends decided for one check, accumulated in order.
+#[derive(Default)]
+pub(super) struct Outcome {
+    pub block: Option<Block>,
+    pub modified: bool,
+    pub alert: bool,
+    pub error: bool,
+    pub rules: Vec<String>,
+    pub detectors: Vec<String>,
+    pub reasons: Vec<String>,
+    /// Who took part, in order (the audit event's `backends`).
+    pub stages: Vec<Stage>,
+}
+
+pub(super) struct Block {
+    pub status: StatusCode,
+    pub reason: String,
+    pub stage: Stage,
+    pub rule: String,
+}
+
+impl Outcome {
+    pub fn decision(&self) -> Decision {
+        if self.block.is_some() {
+            Decision::Block
+        } else if self.modified {
+            Decision::Modify
+        } else if self.error {
+            Decision::Error
+        } else if self.alert {
+            Decision::Alert
+        } else {
+            Decision::Allow
+        }
+    }
+
+    pub fn note_rule(&mut self, rule: &str) {
+        if !self.rules.iter().any(|r| r == rule) {
+            self.rules.push(rule.to_string());
+        }
+    }
+
+    pub fn note_detector(&mut self, detector: &str) {
+        if !self.detectors.iter().any(|d| d == detector) {
+            self.detectors.push(detector.to_string());
+        }
+    }
+
+    /// A backend (or decoding) failed: fail open (record) or closed (refuse).
+    pub fn backend_failed(&mut self, stage: Stage, error: &str, mode: FailMode) {
+        self.error = true;
+        self.reasons.push(format!("{} unavailable: {error}", stage.as_str()));
+        if mode == FailMode::Closed {
+            self.block = Some(Block {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                reason: "guardrail backend unavailable".into(),
+                stage,
+                rule: "fail_closed".into(),
+            });
+        }
+    }
+
+    /// A body over the inspection limits, per the oversize policy: an alert
+    /// when passed, and the response to send when blocked (the error the
+    /// data plane sends for a body over `max_inspected_body`).
+    pub fn oversize(
+        &mut self,
+        action: OversizeAction,
+        problem: Problem,
+        reason: String,
+    ) -> Option<http::Response<Full<Bytes>>> {
+        self.stages.push(Stage::Decode);
+        match action {
+            OversizeAction::Pass => {
+                self.alert = true;
+                self.reasons.push(reason);
+                None
+            }
+            OversizeAction::Block => {
+                let response = respond::error(problem, &reason);
+                self.block =
+                    Some(Block { status: problem.status(), reason, stage: Stage::Decode, rule: "oversize".into() });
+                Some(response)
+            }
+        }
+    }
+
+    /// The audit event's reasons: the block's first.
+    fn audit_reasons(&self) -> Vec<String> {
+        self.block.iter().map(|b| b.reason.clone()).chain(self.reasons.iter().cloned()).collect()
+    }
+}
+
+impl Pipeline {
+    pub(super) fn record_metrics(&self, provider: Provider, direction: Direction, outcome: &Outcome, started: Instant) {
+        self.metrics.guardrail_seconds.observe(started.elapsed().as_secs_f64());
+        let rules: Vec<String> = if outcome.rules.is_empty() { vec![String::new()] } else { outcome.rules.clone() };
+        for rule in rules {
+            self.metrics
+                .decisions
+                .get_or_create(&DecisionLabels {
+                    provider: provider.as_str(),
+                    direction,
+                    action: outcome.decision(),
+                    rule,
+                })
+                .inc();
+        }
+    }
+
+    /// Records a decision: its metrics and its audit event.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn audit(
+        &self,
+        g: &Guardrails,
+        call: &Call,
+        direction: Direction,
+        outcome: &Outcome,
+        started: Instant,
+        prompt: Option<String>,
+    ) {
+        self.record_metrics(call.provider, direction, outcome, started);
+        let workload = WorkloadInfo::of(call.workload.as_ref());
+        let event = self.event(g, call, direction, outcome, started, prompt, workload);
+        self.audit.record(event).await;
+    }
+
+    /// The audit event of a decision.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn event(
+        &self,
+        g: &Guardrails,
+        call: &Call,
+        direction: Direction,
+        outcome: &Outcome,
+        started: Instant,
+        prompt: Option<String>,
+        workload: WorkloadInfo,
+    ) -> AuditEvent {
+        AuditEvent {
+            time: audit::now(),
+            event: EventKind::GuardrailDecision,
+            request_id: call.request_id.clone(),
+            direction: direction.into(),
+            decision: outcome.decision(),
+            provider: call.provider.as_str(),
+            host: call.host.clone(),
+            path: redact_path(&call.path),
+            method: call.method.clone(),
+            model: call.model.clone(),
+            rules: outcome.rules.clone(),
+            detectors: outcome.detectors.clone(),
+            reasons: outcome.audit_reasons(),
+            backends: outcome.stages.clone(),
+            latency_ms: started.elapsed().as_secs_f64() * 1e3,
+            client: call.client.to_string(),
+            orig_dst: call.orig_dst.to_string(),
+            workload,
+            prompt: if g.cfg.audit_prompts { prompt } else { None },
+            websocket: None,
+        }
+    }
+
+    /// A body forwarded uninspected (over an inspection limit, oversize
+    /// policy `pass`): an alert. `call` is the request phase's, when it ran.
+    pub(super) async fn not_inspected(
+        &self,
+        ex: &Exchange,
+        call: Option<Arc<Call>>,
+        request: &http::request::Parts,
+        response: bool,
+        reason: &str,
+    ) {
+        let g = self.snapshot();
+        let started = Instant::now();
+        let call = call.unwrap_or_else(|| {
+            // The request itself was not inspected: only its head is known.
+            let mut call = new_call(&g, ex, request, Bytes::new());
+            call.model = providers::model_from_path(&call.path);
+            Arc::new(call)
+        });
+        let mut outcome = Outcome { alert: true, ..Outcome::default() };
+        outcome.reasons.push(format!("not inspected: too large ({reason})"));
+        let direction = if response { Direction::Response } else { Direction::Request };
+        self.audit(&g, &call, direction, &outcome, started, None).await;
+    }
+
+    /// A connection to an AI address refused, or relayed uninspected, before
+    /// any request.
+    pub(super) async fn unclassified(&self, conn: &Unclassified<'_>) {
+        let outcome = if conn.refused {
+            let block = Block {
+                status: StatusCode::FORBIDDEN,
+                reason: format!("unclassified connection refused: {}", conn.reason),
+                stage: Stage::Proxy,
+                rule: "unclassified".into(),
+            };
+            Outcome { block: Some(block), rules: vec!["unclassified".into()], ..Outcome::default() }
+        } else {
+            Outcome { alert: true, reasons: vec![format!("not inspected: {}", conn.reason)], ..Outcome::default() }
+        };
+        self.record_metrics(Provider::Generic, Direction::Request, &outcome, Instant::now());
+        self.audit
+            .record(AuditEvent {
+                time: audit::now(),
+                event: EventKind::UnclassifiedConnection,
+                request_id: request_id(&http::HeaderMap::new()),
+                direction: EventDirection::Request,
+                decision: outcome.decision(),
+                provider: Provider::Generic.as_str(),
+                host: conn.sni.unwrap_or_default().to_string(),
+                path: String::new(),
+                method: String::new(),
+                model: None,
+                rules: Vec::new(),
+                detectors: Vec::new(),
+                reasons: outcome.audit_reasons(),
+                backends: Vec::new(),
+                latency_ms: 0.0,
+                client: conn.client.to_string(),
+                orig_dst: conn.orig_dst.to_string(),
+                workload: WorkloadInfo::of(conn.workload),
+                prompt: None,
+                websocket: None,
+            })
+            .await;
+    }
+}

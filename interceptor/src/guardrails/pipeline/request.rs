@@ -1,0 +1,245 @@
+//! The request phase: the body decoded (content coding, charset, limits),
+//! parsed by its provider's parser (plus the strings no parser reads),
+//! checked by the backends, and then forwarded, rewritten or refused.
+
+use std::{sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+use serde_json::Value;
+
+use super::{
+    Guardrails, Pipeline,
+    backends::Subject,
+    new_call,
+    outcome::{Block, Outcome},
+};
+use crate::{
+    config::{SigV4Action, UndecodableAction},
+    guardrails::{
+        backend::{Call, Phase, current_body},
+        decode::{DecodeError, DecodedText, decode_body_bounded, decode_charset},
+        model::{Direction, NormalizedRequest, Provider, Role, Stage, TextKind, TextSpan},
+        providers,
+    },
+    proxy::hook::{Exchange, RequestAction},
+    respond::{self, Problem},
+};
+
+/// Checks a request; the exchange's [`Call`] is made here, once, and kept
+/// for the response phases.
+pub(super) async fn on_request(
+    p: &Pipeline,
+    ex: &Exchange,
+    head: &mut http::request::Parts,
+    body: &Bytes,
+) -> (RequestAction, Call) {
+    let g = p.snapshot();
+    let started = Instant::now();
+    let mut call = new_call(&g, ex, head, body.clone());
+    // Responses are inspected as they stream: ask for them uncompressed.
+    head.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    let action = p.inspect_request(&g, &mut call, head, body, started).await;
+    (action, call)
+}
+
+/// A request body parsed: the JSON (if it is), and every text in it.
+struct Parsed {
+    doc: Option<Value>,
+    texts: Vec<TextSpan>,
+    /// `texts[read_by_parser..]` are strings the provider parser did not read.
+    read_by_parser: usize,
+}
+
+impl Pipeline {
+    async fn inspect_request(
+        &self,
+        g: &Guardrails,
+        call: &mut Call,
+        head: &mut http::request::Parts,
+        body: &Bytes,
+        started: Instant,
+    ) -> RequestAction {
+        let encoding = head.headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
+        let (max_decoded, max_ratio) = (g.cfg.max_decoded_body, g.cfg.max_decompression_ratio);
+        let decoded = match decode_body_bounded(encoding, body, max_decoded, max_ratio) {
+            Ok(d) => d,
+            Err(error) if error.is_oversize() => {
+                let mut outcome = Outcome::default();
+                let reason = format!("not inspected: too large ({error})");
+                let blocked = outcome.oversize(g.cfg.oversize, Problem::RequestTooLarge, reason);
+                self.audit(g, call, Direction::Request, &outcome, started, None).await;
+                return blocked.map_or(RequestAction::Forward, RequestAction::Respond);
+            }
+            Err(error) => return self.undecodable(g, call, started, &error).await,
+        };
+        let content_type = head.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let text = match decode_charset(content_type.as_deref(), &decoded) {
+            Ok(text) => text,
+            Err(error) => return self.undecodable(g, call, started, &error).await,
+        };
+        let parsed = parse(call, &decoded, &text);
+        let texts = Arc::new(parsed.texts);
+        let mut subject = Subject {
+            texts: &texts,
+            read_by_parser: parsed.read_by_parser,
+            original: &decoded,
+            doc: parsed.doc,
+            raw_text: None,
+            raw_rewritable: text.from.is_none(),
+            instructions: true,
+            response: None,
+            wait: true,
+            kept_request_body: None,
+        };
+        let mut outcome = Outcome::default();
+        self.run_backends(g, Phase::Request, call, &mut subject, &mut outcome).await;
+        if let Some(body) = subject.kept_request_body.take() {
+            call.request_body = body;
+        }
+        sigv4(g, head, &mut outcome);
+
+        let prompt = g.cfg.audit_prompts.then(|| texts.iter().map(|t| t.text.as_str()).collect::<Vec<_>>().join("\n"));
+        self.audit(g, call, Direction::Request, &outcome, started, prompt).await;
+        if let Some(block) = outcome.block {
+            report_block(g, call, &subject, &block, outcome.modified);
+            return RequestAction::Respond(respond::blocked(block.status, &block.reason));
+        }
+        if outcome.modified {
+            head.headers.remove(header::CONTENT_ENCODING);
+            if text.from.is_some()
+                && let Some(ct) = content_type.as_deref()
+            {
+                // The rewritten body is UTF-8 JSON whatever charset it came in.
+                let media = ct.split(';').next().unwrap_or("application/json").trim();
+                if let Ok(v) = HeaderValue::from_str(&format!("{media}; charset=utf-8")) {
+                    head.headers.insert(header::CONTENT_TYPE, v);
+                }
+            }
+            let doc = subject.doc.as_ref();
+            return RequestAction::ReplaceBody(current_body(doc, subject.raw_text.as_deref(), &decoded, true));
+        }
+        RequestAction::Forward
+    }
+
+    /// A request body that cannot be decoded for inspection (unknown or
+    /// corrupt content coding, unknown charset): `415` in the block shape
+    /// whatever `fail_mode_request` says, since the client chose the
+    /// encoding; with `undecodable = "pass"`, forwarded uninspected and
+    /// audited as such.
+    async fn undecodable(&self, g: &Guardrails, call: &Call, started: Instant, error: &DecodeError) -> RequestAction {
+        let mut outcome = Outcome::default();
+        outcome.stages.push(Stage::Decode);
+        outcome.note_rule("undecodable");
+        let why = error.to_string();
+        let action = match g.cfg.undecodable {
+            UndecodableAction::Block => {
+                let reason = format!("request body cannot be decoded for inspection: {why}");
+                outcome.block = Some(Block {
+                    status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    reason: reason.clone(),
+                    stage: Stage::Decode,
+                    rule: "undecodable".into(),
+                });
+                RequestAction::Respond(respond::blocked(StatusCode::UNSUPPORTED_MEDIA_TYPE, &reason))
+            }
+            UndecodableAction::Pass => {
+                outcome.alert = true;
+                outcome.reasons.push(format!("not inspected: body cannot be decoded ({why})"));
+                RequestAction::Forward
+            }
+        };
+        self.audit(g, call, Direction::Request, &outcome, started, None).await;
+        action
+    }
+}
+
+/// Parses a decoded body with its provider's parser (the provider found
+/// from the body when the host and path did not say), adds the strings the
+/// parser did not read (at their own paths, so they can be redacted in
+/// place; see `unread_texts`), and notes the model in `call`.
+fn parse(call: &mut Call, decoded: &[u8], text: &DecodedText<'_>) -> Parsed {
+    let doc: Option<Value> = serde_json::from_slice(&text.text).ok();
+    if call.provider == Provider::Generic
+        && let Some(p) = doc.as_ref().and_then(providers::detect_from_body)
+    {
+        call.provider = p;
+    }
+    let mut normalized = match &doc {
+        Some(d) => providers::parse_request(call.provider, d),
+        None if decoded.is_empty() => NormalizedRequest::default(),
+        None => {
+            let raw_span =
+                |text: String| TextSpan { path: Vec::new(), role: Role::Unknown, kind: TextKind::Other, text };
+            let mut texts = vec![raw_span(String::from_utf8_lossy(&text.text).into_owned())];
+            if text.from.is_some() {
+                // Not JSON in the detected charset: the bytes as UTF-8 too,
+                // in case the receiver reads them that way.
+                texts.push(raw_span(String::from_utf8_lossy(decoded).into_owned()));
+            }
+            NormalizedRequest { model: None, stream: false, texts }
+        }
+    };
+    let read_by_parser = normalized.texts.len();
+    if let Some(d) = &doc {
+        let unread = providers::unread_texts(d, &normalized.texts);
+        normalized.texts.extend(unread);
+    }
+    call.model = normalized.model.take().or_else(|| providers::model_from_path(&call.path));
+    Parsed { doc, texts: normalized.texts, read_by_parser }
+}
+
+/// A modification of a body signed with AWS SigV4 would be rejected
+/// upstream (the body hash is signed): blocked or skipped, per `sigv4`.
+fn sigv4(g: &Guardrails, head: &http::request::Parts, outcome: &mut Outcome) {
+    if outcome.block.is_some() || !outcome.modified || !is_sigv4(&head.headers) {
+        return;
+    }
+    match g.cfg.sigv4 {
+        SigV4Action::Block => {
+            outcome.block = Some(Block {
+                status: StatusCode::FORBIDDEN,
+                reason: "request must be modified by a guardrail but is signed with AWS SigV4; blocked instead".into(),
+                stage: Stage::Local,
+                rule: "sigv4_unmodifiable".into(),
+            });
+        }
+        SigV4Action::Alert => {
+            outcome.modified = false;
+            outcome.alert = true;
+            outcome.reasons.push("modification skipped: body is signed with AWS SigV4".into());
+        }
+    }
+}
+
+fn is_sigv4(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("AWS4-HMAC-SHA256"))
+}
+
+/// A block by one backend is reported to the others that keep records
+/// (the local engine's blocks to Akto, as security events).
+fn report_block(g: &Guardrails, call: &Call, subject: &Subject<'_>, block: &Block, modified: bool) {
+    let check = subject.check(Phase::Request, call, modified);
+    for backend in g.present() {
+        if backend.stage() != block.stage {
+            backend.report_block(&check, block.stage, &block.rule, &block.reason);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sigv4_is_recognized() {
+        let mut h = http::HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("AWS4-HMAC-SHA256 Credential=x"));
+        assert!(is_sigv4(&h));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        assert!(!is_sigv4(&h));
+    }
+}

@@ -1,0 +1,111 @@
+//! The response phases: what to do with a response head (collect the whole
+//! body, stream it through the [`StreamGuard`], or forward it), and the
+//! check of a whole response body.
+
+use std::{sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use http::header;
+use serde_json::Value;
+
+use super::{Pipeline, backends::Subject, outcome::Outcome, stream::StreamGuard};
+use crate::{
+    guardrails::{
+        backend::{Call, Phase},
+        decode::decode_body_bounded,
+        model::{Direction, Role, Stage, TextKind, TextSpan},
+        providers,
+    },
+    proxy::hook::{BodyAction, ResponseAction},
+    respond::{self, Problem},
+};
+
+/// Chooses how a successful response is inspected.
+pub(super) fn on_response(
+    p: &Pipeline,
+    call: Arc<Call>,
+    request: &http::request::Parts,
+    head: &http::response::Parts,
+) -> ResponseAction {
+    if !head.status.is_success() {
+        return ResponseAction::Forward;
+    }
+    let g = p.snapshot();
+    if g.engine.is_none() && g.akto.is_none() {
+        return ResponseAction::Forward;
+    }
+    let content_type = head.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let path = request.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    if head.headers.contains_key(header::CONTENT_ENCODING) {
+        // We asked for identity; a compressed stream cannot be inspected
+        // incrementally, a compressed whole body can.
+        if providers::response_framing(call.provider, path, content_type).is_some() {
+            return ResponseAction::Forward;
+        }
+        return ResponseAction::Collect;
+    }
+    match providers::response_framing(call.provider, path, content_type) {
+        Some(kind) => ResponseAction::Inspect(Box::new(StreamGuard::new(p, g, call, kind, head))),
+        None if content_type.contains("json") || content_type.is_empty() => ResponseAction::Collect,
+        None => ResponseAction::Forward,
+    }
+}
+
+/// Checks a whole response body before anything is sent to the client.
+pub(super) async fn on_body(p: &Pipeline, call: &Call, head: &http::response::Parts, body: &Bytes) -> BodyAction {
+    let g = p.snapshot();
+    let started = Instant::now();
+    let mut outcome = Outcome::default();
+    let encoding = head.headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
+    let (max_decoded, max_ratio) = (g.cfg.max_decoded_body, g.cfg.max_decompression_ratio);
+    let decoded = match decode_body_bounded(encoding, body, max_decoded, max_ratio) {
+        Ok(d) => d,
+        Err(error) if error.is_oversize() => {
+            let reason = format!("not inspected: too large ({error})");
+            let blocked = outcome.oversize(g.cfg.oversize, Problem::ResponseTooLarge, reason);
+            p.audit(&g, call, Direction::Response, &outcome, started, None).await;
+            return blocked.map_or(BodyAction::Forward, BodyAction::Respond);
+        }
+        Err(error) => {
+            outcome.backend_failed(Stage::Decode, &error.to_string(), g.cfg.fail_mode_response);
+            p.audit(&g, call, Direction::Response, &outcome, started, None).await;
+            return match outcome.block {
+                Some(b) => BodyAction::Respond(respond::blocked(b.status, &b.reason)),
+                None => BodyAction::Forward,
+            };
+        }
+    };
+    let doc: Option<Value> = serde_json::from_slice(&decoded).ok();
+    let texts: Arc<Vec<TextSpan>> = Arc::new(match &doc {
+        Some(d) => providers::parse_response(call.provider, d).texts,
+        None => vec![TextSpan {
+            path: Vec::new(),
+            role: Role::Assistant,
+            kind: TextKind::Other,
+            text: String::from_utf8_lossy(&decoded).into_owned(),
+        }],
+    });
+    let mut subject = Subject {
+        texts: &texts,
+        read_by_parser: texts.len(),
+        original: &decoded,
+        doc,
+        raw_text: None,
+        raw_rewritable: false,
+        instructions: false,
+        response: Some((head.status, &head.headers)),
+        wait: true,
+        kept_request_body: None,
+    };
+    p.run_backends(&g, Phase::Response, call, &mut subject, &mut outcome).await;
+    p.audit(&g, call, Direction::Response, &outcome, started, None).await;
+    if let Some(block) = outcome.block {
+        return BodyAction::Respond(respond::blocked(block.status, &block.reason));
+    }
+    if outcome.modified
+        && let Some(d) = subject.doc
+    {
+        return BodyAction::ReplaceBody(Bytes::from(serde_json::to_vec(&d).unwrap_or_default()));
+    }
+    BodyAction::Forward
+}
