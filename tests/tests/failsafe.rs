@@ -9,9 +9,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use interceptor::testing::{Cgroup, Interceptor, Netns, require_privileges, spawn_in, tool};
-use interceptor_tests::{
-    ClientResult, PROVIDER_V4, PY_TCP, World, attached_programs, config, iptables_rules, python,
-};
+use interceptor_tests::{ClientResult, PROVIDER_V4, PY_TCP, World, attached_programs, config, iptables_rules, python};
 use nix::sys::signal::Signal;
 
 const READY: Duration = Duration::from_secs(20);
