@@ -1,8 +1,9 @@
 //! `cargo xtask test`: the whole test suite, as CI runs it.
 //!
 //! Steps: setup; unit and in-process tests for the workspace; a dev build of the
-//! interceptor binary; the privileged tests (`interceptor-tests`) one at a time, with
-//! `INTERCEPTOR_BIN` pointing at that binary; then every fuzz target for a few seconds from
+//! interceptor binary; the privileged tests (`interceptor-tests`, and `interceptor-bench`
+//! whose tests run the benchmark and the demo) one at a time, with `INTERCEPTOR_BIN`
+//! pointing at that binary; then every fuzz target for a few seconds from
 //! its seed corpus (a crash fails the suite). Every step that can run does, so one failure
 //! does not hide another; a summary with durations and the disk left after each step
 //! closes the run. Tests that skipped themselves (not root, a tool missing; never when `CI`
@@ -20,6 +21,8 @@ use crate::{cmd, fuzz, setup, testlog};
 
 /// Package holding the privileged tests.
 const PRIVILEGED_TESTS: &str = "interceptor-tests";
+/// The benchmark and the demo: their tests run them, as root.
+const BENCH: &str = crate::BENCH_PACKAGE;
 
 enum Outcome {
     /// Passed; tests that skipped themselves are listed (none for a step that is not a
@@ -214,7 +217,7 @@ fn unit_tests(cargo_args: &[String], harness_args: &[String]) -> Command {
     let mut cargo = cmd::cargo();
     cargo
         .args(["test", "--workspace", "--exclude", "interceptor-ebpf"])
-        .args(["--exclude", PRIVILEGED_TESTS])
+        .args(["--exclude", PRIVILEGED_TESTS, "--exclude", BENCH])
         .args(no_fail_fast(cargo_args))
         .args(cargo_args);
     if !harness_args.is_empty() {
@@ -223,12 +226,13 @@ fn unit_tests(cargo_args: &[String], harness_args: &[String]) -> Command {
     cargo
 }
 
-/// Step B: privileged tests one at a time; they create namespaces, cgroups and nat rules.
+/// Step B: privileged tests one at a time; they create namespaces, cgroups and nat rules
+/// (the benchmark's and the demo's tests too).
 /// The interceptor's own test helpers (behind its `testing` feature) are privileged too.
 fn privileged_tests(bin: &Path, cargo_args: &[String], harness_args: &[String]) -> Command {
     let mut cargo = cmd::cargo();
     cargo
-        .args(["test", "--package", PRIVILEGED_TESTS])
+        .args(["test", "--package", PRIVILEGED_TESTS, "--package", BENCH])
         .args(["--package", "interceptor", "--features", "interceptor/testing"])
         .args(no_fail_fast(cargo_args))
         .args(cargo_args)
@@ -277,7 +281,8 @@ mod tests {
         let cargo = privileged_tests(Path::new("/t/interceptor"), &[], &strings(&["--nocapture"]));
         let line = cmd::display(&cargo);
         assert!(line.ends_with(
-            "test --package interceptor-tests --package interceptor --features interceptor/testing \
+            "test --package interceptor-tests --package interceptor-bench --package interceptor \
+             --features interceptor/testing \
              --no-fail-fast -- --test-threads=1 --nocapture"
         ));
 
