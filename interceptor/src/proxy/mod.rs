@@ -52,7 +52,7 @@ use self::{
 };
 use crate::{
     config::{OversizeAction, Unclassified},
-    metrics::{ConnectionLabels, Metrics},
+    metrics::{ConnectionLabels, ConnectionMode, ConnectionOutcome, Metrics},
     net::{self, ClientAddr, OrigDstAddr},
     policy::{DomainPolicy, Reason},
     redirect::{OrigDstResolver, ProxyAddrs, Workload},
@@ -376,7 +376,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: w
                     let Some(slot) = shared.limits.admit() else {
                         // Closed before anything is read or spawned.
                         drop(stream);
-                        refused(&shared.plane.metrics, "over_max_connections");
+                        refused(&shared.plane.metrics, ConnectionOutcome::OverMaxConnections);
                         let _ = shared.limits.warn_refused("max_connections", client, None);
                         continue;
                     };
@@ -397,8 +397,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: w
     }
 }
 
-fn refused(metrics: &Metrics, outcome: &'static str) {
-    metrics.connections.get_or_create(&ConnectionLabels { mode: "none", outcome }).inc();
+fn refused(metrics: &Metrics, outcome: ConnectionOutcome) {
+    metrics.connections.get_or_create(&ConnectionLabels { mode: ConnectionMode::None, outcome }).inc();
 }
 
 /// What happened to one connection; logged once when dropped.
@@ -408,9 +408,9 @@ struct ConnectionRecord {
     orig_dst: Option<OrigDstAddr>,
     workload: Option<Workload>,
     sni: Option<String>,
-    mode: &'static str,
+    mode: ConnectionMode,
     reason: Option<String>,
-    outcome: &'static str,
+    outcome: ConnectionOutcome,
     error: Option<String>,
     requests: u64,
     bytes_up: u64,
@@ -429,9 +429,9 @@ impl ConnectionRecord {
             orig_dst: None,
             workload: None,
             sni: None,
-            mode: "none",
+            mode: ConnectionMode::None,
             reason: None,
-            outcome: "closed",
+            outcome: ConnectionOutcome::Closed,
             error: None,
             requests: 0,
             bytes_up: 0,
@@ -441,7 +441,7 @@ impl ConnectionRecord {
         }
     }
 
-    fn fail(&mut self, outcome: &'static str, error: &dyn std::error::Error) {
+    fn fail(&mut self, outcome: ConnectionOutcome, error: &dyn std::error::Error) {
         self.outcome = outcome;
         self.error = Some(telemetry::chain(error));
     }
@@ -456,8 +456,8 @@ impl Drop for ConnectionRecord {
         let w = self.workload.as_ref();
         tracing::info!(
             event = "connection",
-            outcome = self.outcome,
-            mode = self.mode,
+            outcome = self.outcome.as_str(),
+            mode = self.mode.as_str(),
             client = %self.client,
             orig_dst = self.orig_dst.map(|d| d.to_string()),
             sni = self.sni.as_deref(),
@@ -485,21 +485,21 @@ async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &
         Err(error) => {
             // Not redirected to us (or the record was lost): refuse. The
             // proxy is never an open relay.
-            record.fail("no_original_dst", &error);
+            record.fail(ConnectionOutcome::NoOriginalDst, &error);
             return;
         }
     };
     record.orig_dst = Some(orig);
     record.workload = plane.resolver.workload(client, orig).await;
     if shared.addrs.is_proxy(orig.0) {
-        record.outcome = "refused_loop";
+        record.outcome = ConnectionOutcome::RefusedLoop;
         return;
     }
     let key = WorkloadKey::of(record.workload.as_ref(), client);
     if !shared.limits.admit_workload(&mut slot, key) {
         // Counted and logged (rate-limited) here, not once per connection.
         record.quiet = true;
-        refused(&plane.metrics, "over_max_connections_per_workload");
+        refused(&plane.metrics, ConnectionOutcome::OverMaxConnectionsPerWorkload);
         let _ = shared.limits.warn_refused("max_connections_per_workload", client, Some(key));
         return;
     }
@@ -512,7 +512,7 @@ async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &
     let Some(tls) = plane.tls.clone() else {
         // The operator turned interception off: every connection is relayed.
         record.reason = Some("TLS interception disabled".into());
-        record.mode = "passthrough";
+        record.mode = ConnectionMode::Passthrough;
         return passthrough(stream, orig, shared, &mut record).await;
     };
     let (route, reason) = {
@@ -527,15 +527,15 @@ async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &
             let who = rejection_identity(record.workload.as_ref());
             if shared.rejected_before(who.as_deref(), &name) {
                 record.reason = Some("client rejected our certificate before".into());
-                record.mode = "passthrough";
+                record.mode = ConnectionMode::Passthrough;
                 passthrough(stream, orig, shared, &mut record).await;
             } else {
-                record.mode = if guard { "guard" } else { "intercept" };
+                record.mode = if guard { ConnectionMode::Guard } else { ConnectionMode::Intercept };
                 intercept_connection(stream, orig, name, who, tls, shared, &mut record).await;
             }
         }
         Route::Passthrough => {
-            record.mode = "passthrough";
+            record.mode = ConnectionMode::Passthrough;
             passthrough(stream, orig, shared, &mut record).await;
         }
         Route::Unclassified(why) => {
@@ -559,14 +559,14 @@ async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &
                     reason = why,
                     "connection to an AI address refused: it cannot be inspected"
                 );
-                record.mode = "refused";
-                record.outcome = "refused_unclassified";
+                record.mode = ConnectionMode::Refused;
+                record.outcome = ConnectionOutcome::RefusedUnclassified;
             } else {
-                record.mode = "passthrough";
+                record.mode = ConnectionMode::Passthrough;
                 passthrough(stream, orig, shared, &mut record).await;
             }
         }
-        Route::Closed => record.outcome = "client_closed",
+        Route::Closed => record.outcome = ConnectionOutcome::ClientClosed,
     }
 }
 
@@ -713,7 +713,7 @@ async fn intercept_connection(
     };
     let tls_stream = match tokio::time::timeout(handshake_timeout, handshake).await {
         Err(_) => {
-            record.outcome = "client_tls_timeout";
+            record.outcome = ConnectionOutcome::ClientTlsTimeout;
             record.error = Some(format!("TLS handshake not finished within {handshake_timeout:?}"));
             return;
         }
@@ -722,9 +722,9 @@ async fn intercept_connection(
             let text = telemetry::chain(&error);
             if tls::is_certificate_rejection(&error) {
                 shared.note_rejection(who.as_deref(), &sni, record, &text);
-                record.outcome = "client_rejected_certificate";
+                record.outcome = ConnectionOutcome::ClientRejectedCertificate;
             } else {
-                record.outcome = "client_tls_failed";
+                record.outcome = ConnectionOutcome::ClientTlsFailed;
             }
             record.error = Some(text);
             return;
@@ -733,7 +733,7 @@ async fn intercept_connection(
     let upstream = match tls.pool.get(orig.0, &sni) {
         Ok(u) => u,
         Err(error) => {
-            record.fail("invalid_sni", &error);
+            record.fail(ConnectionOutcome::InvalidSni, &error);
             return;
         }
     };
@@ -750,16 +750,17 @@ async fn intercept_connection(
         budget: Arc::clone(&shared.budget),
         active: tokio::sync::watch::Sender::new(0),
         requests: Default::default(),
-        coalesced_guard: (record.mode == "guard").then(|| Arc::clone(&shared.plane.snapshot.borrow().policy)),
+        coalesced_guard: (record.mode == ConnectionMode::Guard)
+            .then(|| Arc::clone(&shared.plane.snapshot.borrow().policy)),
         upgrades: Default::default(),
     });
     let result = http::serve(tls_stream, Arc::clone(&conn)).await;
     record.requests = conn.requests.load(Ordering::Relaxed);
     (record.bytes_up, record.bytes_down) = conn.upgrades.counts.load();
     match result {
-        Ok(()) => record.outcome = "intercepted",
+        Ok(()) => record.outcome = ConnectionOutcome::Intercepted,
         Err(error) => {
-            record.outcome = "intercepted";
+            record.outcome = ConnectionOutcome::Intercepted;
             record.error = Some(telemetry::chain(error.as_ref()));
         }
     }
@@ -770,17 +771,17 @@ async fn passthrough(mut client_stream: TcpStream, orig: OrigDstAddr, shared: &S
     let mut upstream = match connect_upstream(orig.0, shared.addrs.mark, settings.connect_timeout).await {
         Ok(s) => s,
         Err(error) => {
-            record.fail("upstream_connect_failed", &error);
+            record.fail(ConnectionOutcome::UpstreamConnectFailed, &error);
             return;
         }
     };
     match tokio::io::copy_bidirectional(&mut client_stream, &mut upstream).await {
         Ok((up, down)) => {
-            record.outcome = "relayed";
+            record.outcome = ConnectionOutcome::Relayed;
             record.bytes_up = up;
             record.bytes_down = down;
         }
-        Err(error) => record.fail("relay_error", &error),
+        Err(error) => record.fail(ConnectionOutcome::RelayError, &error),
     }
 }
 
