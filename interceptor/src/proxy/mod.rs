@@ -13,6 +13,8 @@
 //! Addresses not known to be AI (`all-tls`) keep the SNI-only rule.
 //!
 //! Every connection is recorded exactly once, when it ends, by a drop guard.
+//! Each runs in a `conn` span (client, then original destination, workload
+//! and SNI as they become known), so log calls inside carry only what is new.
 //! Connections beyond the global cap or their workload's cap are closed at
 //! once, before any byte is read.
 //! This module knows nothing of eBPF or iptables: it only sees an
@@ -43,6 +45,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::{mpsc, watch},
 };
+use tracing::{Instrument as _, Span, field::Empty};
 
 pub use self::upstream::connect_upstream;
 use self::{
@@ -381,11 +384,21 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: w
                         continue;
                     };
                     let shared = Arc::clone(&shared);
-                    tokio::spawn(async move {
-                        let guard = shared.in_flight.clone();
-                        handle(stream, client, slot, &shared).await;
-                        drop(guard);
-                    });
+                    let span = tracing::info_span!(
+                        "conn",
+                        client = %client,
+                        orig_dst = Empty,
+                        sni = Empty,
+                        workload = Empty
+                    );
+                    tokio::spawn(
+                        async move {
+                            let guard = shared.in_flight.clone();
+                            handle(stream, client, slot, &shared).await;
+                            drop(guard);
+                        }
+                        .instrument(span),
+                    );
                 }
                 Err(error) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -490,7 +503,12 @@ async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &
         }
     };
     record.orig_dst = Some(orig);
+    let span = Span::current();
+    span.record("orig_dst", tracing::field::display(orig));
     record.workload = plane.resolver.workload(client, orig).await;
+    if let Some(w) = record.workload.as_ref().filter(|w| w.has_process()) {
+        span.record("workload", w.comm.as_str());
+    }
     if shared.addrs.is_proxy(orig.0) {
         record.outcome = ConnectionOutcome::RefusedLoop;
         return;
@@ -508,6 +526,9 @@ async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &
     let hello = sni::peek_client_hello(&stream, plane.settings.client_hello_timeout).await;
     if let Peeked::Tls(info) = &hello {
         record.sni = info.sni.clone();
+        if let Some(sni) = &record.sni {
+            span.record("sni", sni.as_str());
+        }
     }
     let Some(tls) = plane.tls.clone() else {
         // The operator turned interception off: every connection is relayed.
@@ -554,8 +575,6 @@ async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &
             if refused {
                 tracing::warn!(
                     event = "unclassified_refused",
-                    client = %client,
-                    orig_dst = %orig,
                     reason = why,
                     "connection to an AI address refused: it cannot be inspected"
                 );
@@ -683,7 +702,6 @@ impl Shared {
         }
         tracing::warn!(
             event = "certificate_rejected",
-            sni,
             comm = who,
             pid = record.workload.as_ref().map(|w| w.pid).filter(|&p| p != 0),
             error,
@@ -703,6 +721,10 @@ async fn intercept_connection(
     shared: &Shared,
     record: &mut ConnectionRecord,
 ) {
+    if record.sni.is_none() {
+        // Intercepted as the address's AI name: the connection's name from now on.
+        Span::current().record("sni", sni.as_str());
+    }
     // A client that stalls mid-handshake is bounded like a slow request head.
     let handshake_timeout = shared.plane.settings.header_read_timeout;
     let handshake = async {
