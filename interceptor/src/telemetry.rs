@@ -204,7 +204,7 @@ mod tests {
         let lines = out.lines();
         assert_eq!(lines.len(), 2, "{}", out.text());
         let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
-        assert_eq!(keys(&lines[0]), ["timestamp", "level", "event", "n", "message", "target"]);
+        assert_eq!(keys(&lines[0]), ["timestamp", "level", "message", "event", "n", "target"]);
         assert_eq!(lines[1]["client"], "own");
         assert_eq!(lines[1]["sni"], "inner.example");
         assert_eq!(lines[1]["request_id"], "r1");
