@@ -58,10 +58,10 @@ fn log_buffer() -> &'static Arc<Mutex<Vec<u8>>> {
         let buffer = Arc::new(Mutex::new(Vec::new()));
         let writer = Arc::clone(&buffer);
         // The product's JSON lines: span fields (client, SNI) at the top level.
-        let subscriber = interceptor::telemetry::json_subscriber(
-            tracing_subscriber::EnvFilter::new("info"),
-            move || Capture(Arc::clone(&writer)),
-        );
+        let subscriber =
+            interceptor::telemetry::json_subscriber(tracing_subscriber::EnvFilter::new("info"), move || {
+                Capture(Arc::clone(&writer))
+            });
         let _ = tracing_subscriber::util::SubscriberInitExt::try_init(subscriber);
         buffer
     })
