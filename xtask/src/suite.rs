@@ -1,6 +1,7 @@
 //! `cargo xtask test`: the whole test suite, as CI runs it.
 //!
-//! Steps: setup; unit and in-process tests for the workspace; a dev build of the
+//! Steps: setup; `cargo fmt --check` and clippy with warnings denied; unit and in-process
+//! tests for the workspace; a dev build of the
 //! interceptor binary; the privileged tests (`interceptor-tests`, and `interceptor-bench`
 //! whose tests run the benchmark and the demo) one at a time, with `INTERCEPTOR_BIN`
 //! pointing at that binary; then every fuzz target for a few seconds from
@@ -179,6 +180,8 @@ pub fn test(extra: &[String]) -> Result<()> {
     check_disk();
 
     if steps.run("setup", setup::setup).is_some() {
+        steps.run("format (cargo fmt --check)", || cmd::run(&mut fmt_check()));
+        steps.run("lints (clippy -D warnings)", || cmd::run(&mut clippy()));
         steps.run_tests("unit and in-process tests", || Ok(testlog::run(&mut unit_tests(cargo_args, harness_args))));
         let bin = steps.run("build interceptor (dev)", || interceptor::build(Profile::Dev));
         match bin {
@@ -210,6 +213,24 @@ fn split_extra(extra: &[String]) -> (&[String], &[String]) {
         Some(i) => (&extra[..i], &extra[i + 1..]),
         None => (extra, &[]),
     }
+}
+
+/// Formatting of every workspace crate, checked, not changed.
+fn fmt_check() -> Command {
+    let mut cargo = cmd::cargo();
+    cargo.args(["fmt", "--all", "--check"]);
+    cargo
+}
+
+/// Clippy on every target of the workspace but the eBPF crate (it builds for
+/// `bpfel-unknown-none` only, through the interceptor's build script), test helpers
+/// included, any warning an error.
+fn clippy() -> Command {
+    let mut cargo = cmd::cargo();
+    cargo
+        .args(["clippy", "--workspace", "--exclude", "interceptor-ebpf", "--all-targets"])
+        .args(["--features", "interceptor/testing", "--", "-D", "warnings"]);
+    cargo
 }
 
 /// Step A: everything except the eBPF crate (not a host target) and the privileged tests.
@@ -274,6 +295,14 @@ mod tests {
         let (cargo_args, harness_args) = split_extra(&extra);
         assert_eq!(cargo_args.len(), 1);
         assert!(harness_args.is_empty());
+    }
+
+    #[test]
+    fn lint_steps_check_without_changing() {
+        assert!(cmd::display(&fmt_check()).ends_with("fmt --all --check"));
+        assert!(cmd::display(&clippy()).ends_with(
+            "clippy --workspace --exclude interceptor-ebpf --all-targets --features interceptor/testing -- -D warnings"
+        ));
     }
 
     #[test]
