@@ -208,8 +208,11 @@ fn nightly_rust_src() -> Result<()> {
 /// for the toolchain that builds the workspace.
 fn lint_components() -> Result<()> {
     let installed = cmd::stdout(cmd::command("rustup").args(["component", "list", "--installed"]))?;
-    let missing: Vec<&str> =
-        LINT_COMPONENTS.iter().copied().filter(|name| !installed.lines().any(|line| is_component(line, name))).collect();
+    let missing: Vec<&str> = LINT_COMPONENTS
+        .iter()
+        .copied()
+        .filter(|name| !installed.lines().any(|line| is_component(line, name)))
+        .collect();
     if missing.is_empty() {
         println!("ok: rustfmt and clippy present");
         return Ok(());

@@ -227,9 +227,13 @@ fn fmt_check() -> Command {
 /// included, any warning an error.
 fn clippy() -> Command {
     let mut cargo = cmd::cargo();
-    cargo
-        .args(["clippy", "--workspace", "--exclude", "interceptor-ebpf", "--all-targets"])
-        .args(["--features", "interceptor/testing", "--", "-D", "warnings"]);
+    cargo.args(["clippy", "--workspace", "--exclude", "interceptor-ebpf", "--all-targets"]).args([
+        "--features",
+        "interceptor/testing",
+        "--",
+        "-D",
+        "warnings",
+    ]);
     cargo
 }
 
