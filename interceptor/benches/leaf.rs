@@ -1,5 +1,5 @@
 //! Leaf-certificate issuance: minting for a new server name (P-256 key and
-//! one signature) and a cache hit.
+//! one signature), a cache hit, and the P-256 key generation alone.
 
 use std::{
     hint::black_box,
@@ -12,6 +12,7 @@ use std::{
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use interceptor::ca::{CertificateAuthority, LeafIssuer, LeafSettings};
+use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
 
 fn leaf(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -29,6 +30,7 @@ fn leaf(c: &mut Criterion) {
     group.bench_function("cache_hit", |b| {
         b.iter(|| issuer.issue_blocking(black_box("api.openai.com")).expect("cached"))
     });
+    group.bench_function("p256_keygen", |b| b.iter(|| KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key")));
     group.finish();
 }
 

@@ -129,7 +129,11 @@ fn metrics_import_only_the_guardrail_model() {
             assert!(import == "guardrails" || import == "metrics", "{} imports crate::{import}", file.display());
         }
         for (i, _) in text.match_indices("crate::guardrails::") {
-            assert!(text[i..].starts_with("crate::guardrails::model::"), "{} imports guardrails beyond the model", file.display());
+            assert!(
+                text[i..].starts_with("crate::guardrails::model::"),
+                "{} imports guardrails beyond the model",
+                file.display()
+            );
         }
     }
 }

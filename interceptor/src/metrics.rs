@@ -3,6 +3,8 @@
 //! One [`Metrics`] is created at start and shared; recording is a lock-free
 //! counter increment on label sets that already exist.
 
+use std::fmt;
+
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
     metrics::{counter::Counter, family::Family, histogram::Histogram},
@@ -13,8 +15,96 @@ use crate::guardrails::model::{Decision, Direction, Stage};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectionLabels {
-    pub mode: &'static str,
-    pub outcome: &'static str,
+    pub mode: ConnectionMode,
+    pub outcome: ConnectionOutcome,
+}
+
+/// Declares a label enum whose values are written as the given strings, in
+/// the metric labels and the connection log line alike. (The derive of
+/// `EncodeLabelValue` writes variant names as they are spelled in Rust.)
+macro_rules! label_enum {
+    ($(#[$meta:meta])* pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $name {
+            pub const ALL: &[Self] = &[$(Self::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text,)+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl EncodeLabelValue for $name {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> fmt::Result {
+                fmt::Write::write_str(encoder, self.as_str())
+            }
+        }
+    };
+}
+
+label_enum! {
+    /// How the proxy handled a connection.
+    pub enum ConnectionMode {
+        /// Not decided: refused or failed before classification.
+        None => "none",
+        /// TLS terminated and the HTTP inspected.
+        Intercept => "intercept",
+        /// TLS terminated as a non-AI sibling of an AI name: requests for AI
+        /// names are answered 421, the rest relayed.
+        Guard => "guard",
+        /// Bytes relayed untouched.
+        Passthrough => "passthrough",
+        /// Refused after classification (unclassifiable, AI-bound).
+        Refused => "refused",
+    }
+}
+
+label_enum! {
+    /// How a connection ended.
+    pub enum ConnectionOutcome {
+        /// Closed with nothing else recorded.
+        Closed => "closed",
+        /// The original destination could not be read (not redirected to us).
+        NoOriginalDst => "no_original_dst",
+        /// Aimed at the proxy's own address.
+        RefusedLoop => "refused_loop",
+        /// Over `max_connections` at accept.
+        OverMaxConnections => "over_max_connections",
+        /// Over `max_connections_per_workload`.
+        OverMaxConnectionsPerWorkload => "over_max_connections_per_workload",
+        /// Bound for an AI address and not classifiable, refused.
+        RefusedUnclassified => "refused_unclassified",
+        /// The client closed before sending a ClientHello.
+        ClientClosed => "client_closed",
+        /// The client's TLS handshake did not finish in time.
+        ClientTlsTimeout => "client_tls_timeout",
+        /// The client refused our certificate.
+        ClientRejectedCertificate => "client_rejected_certificate",
+        /// The client's TLS handshake failed otherwise.
+        ClientTlsFailed => "client_tls_failed",
+        /// The server name cannot name an upstream.
+        InvalidSni => "invalid_sni",
+        /// Intercepted and served (an HTTP error is in the record's `error`).
+        Intercepted => "intercepted",
+        /// The original destination could not be reached for a relay.
+        UpstreamConnectFailed => "upstream_connect_failed",
+        /// Relayed to the end.
+        Relayed => "relayed",
+        /// The relay failed part way.
+        RelayError => "relay_error",
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -143,7 +233,12 @@ mod tests {
                 rule: "credentials".into(),
             })
             .inc();
-        m.connections.get_or_create(&ConnectionLabels { mode: "intercept", outcome: "intercepted" }).inc();
+        m.connections
+            .get_or_create(&ConnectionLabels {
+                mode: ConnectionMode::Intercept,
+                outcome: ConnectionOutcome::Intercepted,
+            })
+            .inc();
         m.backend_errors.get_or_create(&BackendLabels { backend: Stage::Akto, kind: "timeout" }).inc();
         let text = m.encode();
         assert!(text.contains("interceptor_guardrail_decisions_total{provider=\"openai_chat\",direction=\"request\",action=\"block\",rule=\"credentials\"} 1"), "{text}");
@@ -152,5 +247,25 @@ mod tests {
             text.contains("interceptor_guardrail_backend_errors_total{backend=\"akto\",kind=\"timeout\"} 1"),
             "{text}"
         );
+    }
+
+    /// Labels are the strings the log line and dashboards use, one each.
+    #[test]
+    fn connection_labels_are_snake_case_strings() {
+        let m = Metrics::new();
+        for &mode in ConnectionMode::ALL {
+            for &outcome in ConnectionOutcome::ALL {
+                m.connections.get_or_create(&ConnectionLabels { mode, outcome }).inc();
+            }
+        }
+        let text = m.encode();
+        for &outcome in ConnectionOutcome::ALL {
+            let s = outcome.as_str();
+            assert!(s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{s}");
+            assert!(text.contains(&format!("interceptor_connections_total{{mode=\"none\",outcome=\"{s}\"}} 1")), "{s}");
+        }
+        assert_eq!(ConnectionOutcome::RefusedLoop.to_string(), "refused_loop");
+        let modes: Vec<&str> = ConnectionMode::ALL.iter().map(|m| m.as_str()).collect();
+        assert_eq!(modes, ["none", "intercept", "guard", "passthrough", "refused"]);
     }
 }

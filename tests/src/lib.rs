@@ -145,23 +145,9 @@ pub fn curl(netns: &Netns, cgroup: &Cgroup, host: &str, port: u16) -> Result<Cli
     Ok(ClientResult { pid, local: SocketAddr::new(ip, port.parse()?), reply: EchoReply::parse(reply_line)? })
 }
 
-const PY_TCP: &str = r#"
-import json, os, socket, sys
-host, port, family = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-fam = socket.AF_INET6 if family == "6" else socket.AF_INET
-s = socket.socket(fam, socket.SOCK_STREAM)
-s.settimeout(8)
-s.connect((host, port))
-local = s.getsockname()
-s.sendall(b"python\n")
-data = b""
-while True:
-    chunk = s.recv(4096)
-    if not chunk:
-        break
-    data += chunk
-print(json.dumps({"pid": os.getpid(), "local": [local[0], local[1]], "reply": data.decode()}))
-"#;
+/// The socket client of [`python`] (and of slow clients that hold a
+/// connection open: a fourth argument, the delay before sending).
+pub const PY_TCP: &str = include_str!("scripts/tcp_client.py");
 
 /// A Python socket client. `family` "4" or "6" (an AF_INET6 socket may
 /// connect to a v4-mapped address).

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use interceptor::testing::{Cgroup, Interceptor, Netns, require_privileges, spawn_in, tool};
-use interceptor_tests::{ClientResult, PROVIDER_V4, World, attached_programs, config, iptables_rules, python};
+use interceptor_tests::{ClientResult, PROVIDER_V4, PY_TCP, World, attached_programs, config, iptables_rules, python};
 use nix::sys::signal::Signal;
 
 const READY: Duration = Duration::from_secs(20);
@@ -186,25 +186,9 @@ async fn hung_proxy_fails_open_after_the_heartbeat_timeout_and_resumes() -> Resu
     Ok(())
 }
 
-const PY_SLOW: &str = r#"
-import json, os, socket, sys, time
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
-local = s.getsockname()
-print("connected", flush=True)
-time.sleep(float(sys.argv[3]))
-s.sendall(b"slow\n")
-data = b""
-while True:
-    chunk = s.recv(4096)
-    if not chunk:
-        break
-    data += chunk
-print(json.dumps({"pid": os.getpid(), "local": [local[0], local[1]], "reply": data.decode()}))
-"#;
-
 fn spawn_slow_client(netns: &Netns, cgroup: &Cgroup, delay: Duration) -> Result<std::process::Child> {
     let mut cmd = Command::new(tool("python3"));
-    cmd.args(["-c", PY_SLOW, PROVIDER_V4, "443", &format!("{}", delay.as_secs_f64())])
+    cmd.args(["-c", PY_TCP, PROVIDER_V4, "443", "4", &format!("{}", delay.as_secs_f64())])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

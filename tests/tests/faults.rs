@@ -57,11 +57,12 @@ fn log_buffer() -> &'static Arc<Mutex<Vec<u8>>> {
     LOGS.get_or_init(|| {
         let buffer = Arc::new(Mutex::new(Vec::new()));
         let writer = Arc::clone(&buffer);
-        let _ = tracing_subscriber::fmt()
-            .json()
-            .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
-            .with_writer(move || Capture(Arc::clone(&writer)))
-            .try_init();
+        // The product's JSON lines: span fields (client, SNI) at the top level.
+        let subscriber =
+            interceptor::telemetry::json_subscriber(tracing_subscriber::EnvFilter::new("info"), move || {
+                Capture(Arc::clone(&writer))
+            });
+        let _ = tracing_subscriber::util::SubscriberInitExt::try_init(subscriber);
         buffer
     })
 }
@@ -103,7 +104,7 @@ impl Logs {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if let Some(line) =
-                self.lines().into_iter().find(|l| l["fields"]["message"].as_str().is_some_and(|m| m.contains(needle)))
+                self.lines().into_iter().find(|l| l["message"].as_str().is_some_and(|m| m.contains(needle)))
             {
                 return Ok(line);
             }
@@ -344,7 +345,7 @@ async fn backend_fault(fault: AktoFault, kind: &str) -> Result<()> {
         let logs = Logs::start();
         let resp = post_chat(&plane.client(false)?, "/v1/chat/completions", chat("hello", false)).await?;
         let line = logs.wait_for("akto check failed").await?;
-        assert_eq!(line["fields"]["kind"], kind, "{line}");
+        assert_eq!(line["kind"], kind, "{line}");
         assert_eq!(line["level"], "WARN");
         match fail {
             FailMode::Open => {
@@ -429,8 +430,8 @@ async fn a_provider_resetting_mid_response_cuts_the_client_body_with_an_error_an
         assert!(error.is_some(), "the body must end with an error, not look complete (http2: {http2}): {text}");
         assert!(!text.contains("[DONE]"));
         let line = logs.wait_for("upstream response body failed").await?;
-        assert_eq!(line["fields"]["sni"], "api.openai.com", "{line}");
-        assert_eq!(line["fields"]["path"], "/reset-mid-body", "{line}");
+        assert_eq!(line["sni"], "api.openai.com", "{line}");
+        assert_eq!(line["path"], "/reset-mid-body", "{line}");
     }
     Ok(())
 }
@@ -455,7 +456,7 @@ async fn a_provider_stalling_before_or_mid_response_is_given_up_after_the_idle_t
         assert!(elapsed >= idle, "cut before the idle timeout: {elapsed:?}");
         assert!(elapsed < idle + Duration::from_secs(3), "cut long after the idle timeout: {elapsed:?}");
         let line = logs.wait_for("upstream response body failed").await?;
-        assert!(line["fields"]["error"].as_str().is_some_and(|e| e.contains("sent nothing")), "{line}");
+        assert!(line["error"].as_str().is_some_and(|e| e.contains("sent nothing")), "{line}");
     }
     // No response head at all: a 504 from the interceptor.
     let logs = Logs::start();
@@ -515,7 +516,7 @@ async fn a_client_leaving_mid_upload_or_mid_stream_cancels_the_upstream_request_
     })
     .await?;
     let record = logs.wait_for("connection closed").await?;
-    assert_eq!(record["fields"]["mode"], "intercept", "{record}");
+    assert_eq!(record["mode"], "intercept", "{record}");
     assert_eq!(plane.provider.requests().len(), 1, "only the warm-up request completed");
     back_to_baseline(fds, tasks).await?;
     assert!(plane.drain(Duration::from_secs(2)).await, "every connection task finished");
@@ -613,7 +614,7 @@ async fn a_failing_dns_upstream_gets_servfail_promptly_and_the_next_query_is_ser
     assert_eq!(reply.metadata.message_type, MessageType::Response);
     assert!(elapsed < timeout * 2 + Duration::from_secs(1), "servfail took {elapsed:?}");
     let line = logs.wait_for("every dns upstream failed").await?;
-    assert_eq!(line["fields"]["name"], "example.com", "{line}");
+    assert_eq!(line["name"], "example.com", "{line}");
     // The silent upstream did get the query (and ignores it).
     let mut buf = vec![0u8; 4096];
     let (len, _) = tokio::time::timeout(Duration::from_secs(1), scripted.recv_from(&mut buf)).await??;
@@ -659,13 +660,13 @@ async fn a_full_audit_disk_lets_requests_flow_and_counts_and_logs_every_lost_eve
     .with_context(|| plane.metrics.encode())?;
     let line = logs.wait_for("cannot write the audit file").await?;
     assert_eq!(line["level"], "ERROR");
-    assert_eq!(line["fields"]["path"], "/dev/full");
-    assert!(line["fields"]["error"].as_str().is_some_and(|e| e.contains("No space left")), "{line}");
+    assert_eq!(line["path"], "/dev/full");
+    assert!(line["error"].as_str().is_some_and(|e| e.contains("No space left")), "{line}");
     // Loud once, not once per event.
     let errors = logs.lines().into_iter().filter(|l| l["level"] == "ERROR").count();
     assert_eq!(errors, 1, "{}", logs.text());
     // Every event still reached the log.
-    let decisions = logs.lines().into_iter().filter(|l| l["fields"]["message"] == "guardrail decision").count();
+    let decisions = logs.lines().into_iter().filter(|l| l["message"] == "guardrail decision").count();
     assert_eq!(decisions, 6, "{}", logs.text());
     Ok(())
 }

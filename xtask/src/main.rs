@@ -16,6 +16,9 @@ use clap::{Parser, Subcommand};
 
 use crate::interceptor::{Profile, RunArgs};
 
+/// Package holding the end-to-end benchmark and the demo.
+const BENCH_PACKAGE: &str = "interceptor-bench";
+
 #[derive(Parser)]
 #[command(name = "xtask", bin_name = "cargo xtask", about = "Build, run and test the interceptor")]
 struct Cli {
@@ -101,7 +104,7 @@ fn run(task: Task) -> Result<()> {
             let bin = interceptor::build(Profile::Dev)?;
             cmd::run(
                 cmd::cargo()
-                    .args(["run", "--quiet", "--package", "interceptor-tests", "--bin", "demo"])
+                    .args(["run", "--quiet", "--package", BENCH_PACKAGE, "--bin", "demo"])
                     .env("INTERCEPTOR_BIN", bin),
             )
         }
@@ -121,7 +124,7 @@ fn run(task: Task) -> Result<()> {
             setup::setup()?;
             let bin = interceptor::build(Profile::Release)?;
             let mut bench = cmd::cargo();
-            bench.args(["run", "--quiet", "--release", "--package", "interceptor-tests", "--bin", "bench", "--"]);
+            bench.args(["run", "--quiet", "--release", "--package", BENCH_PACKAGE, "--bin", "bench", "--"]);
             if inprocess {
                 bench.arg("--inprocess");
             }

@@ -50,6 +50,7 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 pub fn setup() -> Result<()> {
     apt_packages()?;
     nightly_rust_src()?;
+    lint_components()?;
     bpf_linker()?;
     python_sdks()?;
     mitmproxy()?;
@@ -205,6 +206,32 @@ fn nightly_rust_src() -> Result<()> {
     cmd::run(cmd::command("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
 }
 
+/// `cargo xtask test` checks formatting and lints before the tests: rustfmt and clippy
+/// for the toolchain that builds the workspace.
+fn lint_components() -> Result<()> {
+    let installed = cmd::stdout(cmd::command("rustup").args(["component", "list", "--installed"]))?;
+    let missing: Vec<&str> = LINT_COMPONENTS
+        .iter()
+        .copied()
+        .filter(|name| !installed.lines().any(|line| is_component(line, name)))
+        .collect();
+    if missing.is_empty() {
+        println!("ok: rustfmt and clippy present");
+        return Ok(());
+    }
+    println!("installing {}", missing.join(" and "));
+    cmd::run(cmd::command("rustup").args(["component", "add"]).args(&missing))
+}
+
+const LINT_COMPONENTS: &[&str] = &["rustfmt", "clippy"];
+
+/// Whether a `rustup component list --installed` line (`clippy-x86_64-unknown-linux-gnu`)
+/// is the component `name`.
+fn is_component(line: &str, name: &str) -> bool {
+    let line = line.trim();
+    line == name || line.strip_prefix(name).is_some_and(|rest| rest.starts_with('-'))
+}
+
 /// Whether a `rustup toolchain list` line is the toolchain `+nightly` selects (`nightly-<host>`),
 /// not a dated one such as `nightly-2025-01-01-<host>`.
 fn is_plain_nightly(line: &str) -> bool {
@@ -238,6 +265,14 @@ fn bpf_linker() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lint_components_by_their_installed_names() {
+        assert!(is_component("clippy-x86_64-unknown-linux-gnu", "clippy"));
+        assert!(is_component("rustfmt", "rustfmt"));
+        assert!(!is_component("rust-std-x86_64-unknown-linux-gnu", "rustfmt"));
+        assert!(!is_component("clippy_x", "clippy"));
+    }
 
     #[test]
     fn dpkg_status_installed() {

@@ -1,8 +1,10 @@
 //! `cargo xtask test`: the whole test suite, as CI runs it.
 //!
-//! Steps: setup; unit and in-process tests for the workspace; a dev build of the
-//! interceptor binary; the privileged tests (`interceptor-tests`) one at a time, with
-//! `INTERCEPTOR_BIN` pointing at that binary; then every fuzz target for a few seconds from
+//! Steps: setup; `cargo fmt --check` and clippy with warnings denied; unit and in-process
+//! tests for the workspace; a dev build of the
+//! interceptor binary; the privileged tests (`interceptor-tests`, and `interceptor-bench`
+//! whose tests run the benchmark and the demo) one at a time, with `INTERCEPTOR_BIN`
+//! pointing at that binary; then every fuzz target for a few seconds from
 //! its seed corpus (a crash fails the suite). Every step that can run does, so one failure
 //! does not hide another; a summary with durations and the disk left after each step
 //! closes the run. Tests that skipped themselves (not root, a tool missing; never when `CI`
@@ -20,6 +22,8 @@ use crate::{cmd, fuzz, setup, testlog};
 
 /// Package holding the privileged tests.
 const PRIVILEGED_TESTS: &str = "interceptor-tests";
+/// The benchmark and the demo: their tests run them, as root.
+const BENCH: &str = crate::BENCH_PACKAGE;
 
 enum Outcome {
     /// Passed; tests that skipped themselves are listed (none for a step that is not a
@@ -176,6 +180,8 @@ pub fn test(extra: &[String]) -> Result<()> {
     check_disk();
 
     if steps.run("setup", setup::setup).is_some() {
+        steps.run("format (cargo fmt --check)", || cmd::run(&mut fmt_check()));
+        steps.run("lints (clippy -D warnings)", || cmd::run(&mut clippy()));
         steps.run_tests("unit and in-process tests", || Ok(testlog::run(&mut unit_tests(cargo_args, harness_args))));
         let bin = steps.run("build interceptor (dev)", || interceptor::build(Profile::Dev));
         match bin {
@@ -209,12 +215,34 @@ fn split_extra(extra: &[String]) -> (&[String], &[String]) {
     }
 }
 
+/// Formatting of every workspace crate, checked, not changed.
+fn fmt_check() -> Command {
+    let mut cargo = cmd::cargo();
+    cargo.args(["fmt", "--all", "--check"]);
+    cargo
+}
+
+/// Clippy on every target of the workspace but the eBPF crate (it builds for
+/// `bpfel-unknown-none` only, through the interceptor's build script), test helpers
+/// included, any warning an error.
+fn clippy() -> Command {
+    let mut cargo = cmd::cargo();
+    cargo.args(["clippy", "--workspace", "--exclude", "interceptor-ebpf", "--all-targets"]).args([
+        "--features",
+        "interceptor/testing",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    cargo
+}
+
 /// Step A: everything except the eBPF crate (not a host target) and the privileged tests.
 fn unit_tests(cargo_args: &[String], harness_args: &[String]) -> Command {
     let mut cargo = cmd::cargo();
     cargo
         .args(["test", "--workspace", "--exclude", "interceptor-ebpf"])
-        .args(["--exclude", PRIVILEGED_TESTS])
+        .args(["--exclude", PRIVILEGED_TESTS, "--exclude", BENCH])
         .args(no_fail_fast(cargo_args))
         .args(cargo_args);
     if !harness_args.is_empty() {
@@ -223,12 +251,13 @@ fn unit_tests(cargo_args: &[String], harness_args: &[String]) -> Command {
     cargo
 }
 
-/// Step B: privileged tests one at a time; they create namespaces, cgroups and nat rules.
+/// Step B: privileged tests one at a time; they create namespaces, cgroups and nat rules
+/// (the benchmark's and the demo's tests too).
 /// The interceptor's own test helpers (behind its `testing` feature) are privileged too.
 fn privileged_tests(bin: &Path, cargo_args: &[String], harness_args: &[String]) -> Command {
     let mut cargo = cmd::cargo();
     cargo
-        .args(["test", "--package", PRIVILEGED_TESTS])
+        .args(["test", "--package", PRIVILEGED_TESTS, "--package", BENCH])
         .args(["--package", "interceptor", "--features", "interceptor/testing"])
         .args(no_fail_fast(cargo_args))
         .args(cargo_args)
@@ -273,11 +302,20 @@ mod tests {
     }
 
     #[test]
+    fn lint_steps_check_without_changing() {
+        assert!(cmd::display(&fmt_check()).ends_with("fmt --all --check"));
+        assert!(cmd::display(&clippy()).ends_with(
+            "clippy --workspace --exclude interceptor-ebpf --all-targets --features interceptor/testing -- -D warnings"
+        ));
+    }
+
+    #[test]
     fn privileged_tests_run_one_at_a_time() {
         let cargo = privileged_tests(Path::new("/t/interceptor"), &[], &strings(&["--nocapture"]));
         let line = cmd::display(&cargo);
         assert!(line.ends_with(
-            "test --package interceptor-tests --package interceptor --features interceptor/testing \
+            "test --package interceptor-tests --package interceptor-bench --package interceptor \
+             --features interceptor/testing \
              --no-fail-fast -- --test-threads=1 --nocapture"
         ));
 

@@ -5,7 +5,7 @@
 #![no_main]
 
 use interceptor::guardrails::{
-    framing::{FramingKind, eventstream::Decoder, sse::SseParser},
+    framing::{Frame, Framer, FramingKind},
     model::Provider,
     providers::{
         self, StreamEventRef, detect, detect_from_body, insert_instruction, json_array_block, model_from_path,
@@ -84,35 +84,40 @@ fuzz_target!(|data: &[u8]| {
 fn check_block_framing(provider: Provider, reason: &str) {
     for framing in [FramingKind::Sse, FramingKind::EventStream, FramingKind::JsonArray] {
         let bytes = stream_block(provider, framing, reason);
+        let mut framer = Framer::new(framing, usize::MAX);
+        if framing == FramingKind::JsonArray {
+            // The block tail continues an array already opened.
+            let whole = json_array_block(reason, false);
+            serde_json::from_slice::<Value>(&whole).expect("a whole block array is json");
+            let mut tail = b"[{}".to_vec();
+            tail.extend_from_slice(&bytes);
+            serde_json::from_slice::<Value>(&tail).expect("a block array tail closes the array");
+            framer.feed(b"[{}").expect("an opened array");
+        }
+        let items = framer.feed(&bytes).expect("block bytes parse in their framing");
+        assert!(!items.is_empty(), "no event in {:?}", String::from_utf8_lossy(&bytes));
+        assert!(framer.finish().expect("block bytes end the stream").is_empty());
         match framing {
             FramingKind::Sse => {
-                let mut p = SseParser::new(usize::MAX);
-                let events = p.feed(&bytes).expect("no limit");
-                assert!(!events.is_empty(), "no event in {:?}", String::from_utf8_lossy(&bytes));
-                assert_eq!(p.buffered_len(), 0, "a block event is left unfinished");
-                for ev in events.iter().filter(|e| e.data != "[DONE]") {
+                assert_eq!(framer.buffered_len(), 0, "a block event is left unfinished");
+                for item in &items {
+                    let Frame::Sse(ev) = item else { unreachable!("an SSE parser yields events") };
+                    if ev.data == "[DONE]" {
+                        continue;
+                    }
                     serde_json::from_str::<Value>(&ev.data).expect("block event data is json");
                     // Generic streams have no schema: every string is text.
                     if provider != Provider::Generic {
-                        let delta = stream_delta(provider, (&*ev).into());
+                        let delta = stream_delta(provider, item.into());
                         assert!(delta.texts.is_empty(), "a block event carries model text: {delta:?}");
                     }
                 }
             }
             FramingKind::EventStream => {
-                let mut d = Decoder::new(usize::MAX);
-                let frames = d.feed(&bytes).expect("block frame decodes");
-                assert_eq!(frames.len(), 1);
-                assert!(d.finish().is_ok());
-                assert!(stream_delta(provider, (&frames[0]).into()).end, "an exception frame ends the stream");
+                assert_eq!(items.len(), 1);
+                assert!(stream_delta(provider, (&items[0]).into()).end, "an exception frame ends the stream");
             }
-            FramingKind::JsonArray => {
-                let whole = json_array_block(reason, false);
-                serde_json::from_slice::<Value>(&whole).expect("a whole block array is json");
-                let mut tail = b"[{}".to_vec();
-                tail.extend_from_slice(&bytes);
-                serde_json::from_slice::<Value>(&tail).expect("a block array tail closes the array");
-            }
+            FramingKind::JsonArray => {}
         }
     }
 }

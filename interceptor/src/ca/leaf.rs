@@ -733,30 +733,4 @@ mod tests {
         server.await.unwrap();
         assert!(issuer.cached("api.anthropic.com").is_some());
     }
-
-    /// Run with `cargo test --release -p interceptor ca::leaf -- --ignored --nocapture`.
-    #[test]
-    #[ignore = "timing report, not a check"]
-    fn report_minting_time() {
-        let (_dir, ca) = authority();
-        let minter = Minter {
-            ca,
-            validity: TimeDuration::hours(24),
-            backdate: TimeDuration::hours(1),
-            minted: Arc::new(AtomicU64::new(0)),
-        };
-        let rounds = 500;
-        let start = std::time::Instant::now();
-        for _ in 0..rounds {
-            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        }
-        let keygen = start.elapsed() / rounds;
-        let name = LeafName::parse("api.openai.com").unwrap();
-        let start = std::time::Instant::now();
-        for _ in 0..rounds {
-            minter.mint(&name, now_seconds()).unwrap();
-        }
-        let mint = start.elapsed() / rounds;
-        println!("p-256 keygen {keygen:?} per key, full leaf mint {mint:?} per leaf");
-    }
 }

@@ -105,7 +105,7 @@ impl BodyBudget {
     /// Counts a refusal and logs it, at most once a second (with how many
     /// went unlogged in between), so a flood cannot flood the log. Returns
     /// whether it logged.
-    pub fn note_refusal(&self, kind: BodyKind, error: &BudgetExhausted, sni: &str, client: &str) -> bool {
+    pub fn note_refusal(&self, kind: BodyKind, error: &BudgetExhausted) -> bool {
         self.refused.get_or_create(&BudgetLabels { body: kind.as_str() }).inc();
         let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
@@ -121,8 +121,6 @@ impl BodyBudget {
             max_buffered_total = self.max,
             in_use = error.in_use,
             wanted = error.wanted,
-            sni,
-            client,
             suppressed,
             "exchange refused with 503: the bodies buffered for inspection use the whole budget"
         );
@@ -258,9 +256,9 @@ mod tests {
     fn refusals_are_counted_and_logged_at_most_once_a_second() {
         let b = budget(1);
         let error = BudgetExhausted { max: 1, in_use: 1, wanted: 1 };
-        assert!(b.note_refusal(BodyKind::Request, &error, "api.openai.com", "10.0.0.1:1"));
+        assert!(b.note_refusal(BodyKind::Request, &error));
         for _ in 0..100 {
-            assert!(!b.note_refusal(BodyKind::Request, &error, "api.openai.com", "10.0.0.1:1"));
+            assert!(!b.note_refusal(BodyKind::Request, &error));
         }
         assert_eq!(b.warned.lock().unwrap().1, 100);
         assert_eq!(b.refused.get_or_create(&BudgetLabels { body: "request" }).get(), 101);

@@ -28,6 +28,13 @@ use crate::{
     workload::Workload,
 };
 
+/// Names the request being handled in its log lines: the data plane runs
+/// each request in a `request` span whose `request_id` the hook fills in,
+/// since the hook decides the id (the client's, or one it makes).
+pub fn record_request_id(id: &str) {
+    tracing::Span::current().record("request_id", id);
+}
+
 /// What the data plane knows about an intercepted connection.
 #[derive(Clone, Debug)]
 pub struct Exchange {

@@ -48,6 +48,7 @@ use tokio::{
     sync::{mpsc, watch},
 };
 use tokio_rustls::server::TlsStream;
+use tracing::{Instrument as _, Span, field::Empty};
 
 use super::{
     BoxBody, BoxError, ProxyError, ProxySettings,
@@ -202,25 +203,33 @@ pub async fn serve(io: TlsStream<TcpStream>, conn: Arc<Intercepted>) -> Result<(
 async fn serve_http(io: TlsStream<TcpStream>, conn: Arc<Intercepted>) -> Result<(), BoxError> {
     let limits = conn.limits.clone();
     let idle = idle_for(conn.active.subscribe(), limits.idle_timeout);
+    // The connection's span: HTTP/2 streams run in tasks of their own.
+    let conn_span = Span::current();
+    let executor = SpanExecutor(conn_span.clone());
     let service = service_fn(move |req| {
         let conn = Arc::clone(&conn);
+        // The pipeline records the id it gives the request (see `hook::record_request_id`).
+        let span = tracing::info_span!(parent: &conn_span, "request", request_id = Empty);
         // Boxed: spelling out `Send` here spares the compiler a higher-ranked
         // inference it cannot finish through hyper's service bounds.
-        let fut: Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>> = Box::pin(async move {
-            let in_flight = InFlight::new(&conn);
-            let resp = handle(req, conn).await;
-            // The closure owns the guard: dropped with the body.
-            Ok(resp.map(|b| {
-                b.map_frame(move |f| {
-                    let _held = &in_flight;
-                    f
-                })
-                .boxed_unsync()
-            }))
-        });
+        let fut: Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>> = Box::pin(
+            async move {
+                let in_flight = InFlight::new(&conn);
+                let resp = handle(req, conn).await;
+                // The closure owns the guard: dropped with the body.
+                Ok(resp.map(|b| {
+                    b.map_frame(move |f| {
+                        let _held = &in_flight;
+                        f
+                    })
+                    .boxed_unsync()
+                }))
+            }
+            .instrument(span),
+        );
         fut
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(executor);
     // An oversized HTTP/1.1 head gets 431 from hyper; a slow one is closed
     // after the timeout (which also bounds an idle kept-alive connection).
     builder
@@ -247,6 +256,20 @@ async fn serve_http(io: TlsStream<TcpStream>, conn: Arc<Intercepted>) -> Result<
     match tokio::time::timeout(limits.header_read_timeout, connection).await {
         Ok(Err(error)) => Err(error),
         Ok(Ok(())) | Err(_) => Err(boxed(ClientIdle { timeout: limits.idle_timeout })),
+    }
+}
+
+/// Runs hyper's tasks (HTTP/2 streams) in the connection's span.
+#[derive(Clone)]
+struct SpanExecutor(Span);
+
+impl<F> hyper::rt::Executor<F> for SpanExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        TokioExecutor::new().execute(fut.instrument(self.0.clone()));
     }
 }
 
@@ -283,9 +306,7 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
         if policy.classify(Some(host)).intercept {
             tracing::warn!(
                 event = "misdirected_request",
-                sni = %conn.exchange.sni,
                 authority = host,
-                client = %conn.exchange.client,
                 "an AI request on a connection made for another name: answered 421"
             );
             let message = format!("{host} needs a connection of its own; this one was made for {}", conn.exchange.sni);
@@ -308,7 +329,7 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
             Ok(Collected::Over { prefix, rest }) => {
                 let reason = format!("request body exceeds the inspection limit of {max} bytes");
                 if conn.limits.oversize == OversizeAction::Block {
-                    tracing::warn!(sni = %conn.exchange.sni, client = %conn.exchange.client, %reason, "request refused");
+                    tracing::warn!(%reason, "request refused");
                     return error_response(Problem::RequestTooLarge, &reason);
                 }
                 hook.on_not_inspected(&conn.exchange, &None, &parts, None, &reason).await;
@@ -321,7 +342,7 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
                 return budget_exhausted(&conn, BodyKind::Request, &error);
             }
             Err(error) if error.is::<ClientBodyIdle>() => {
-                tracing::warn!(sni = %conn.exchange.sni, client = %conn.exchange.client, %error, "request refused");
+                tracing::warn!(%error, "request refused");
                 return error_response(Problem::RequestBodyTimeout, &error.to_string());
             }
             Err(error) => {
@@ -439,7 +460,7 @@ fn holding<G: Send + 'static>(body: BoxBody, guard: G) -> BoxBody {
 fn budget_exhausted(conn: &Intercepted, kind: BodyKind, error: &BoxError) -> Response<BoxBody> {
     let message = error.to_string();
     if let Some(exhausted) = error.downcast_ref::<BudgetExhausted>() {
-        conn.budget.note_refusal(kind, exhausted, &conn.exchange.sni, &conn.exchange.client.to_string());
+        conn.budget.note_refusal(kind, exhausted);
     }
     let mut resp = error_response(Problem::InspectionBudgetExhausted, &message);
     resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
@@ -472,7 +493,7 @@ async fn send(
         Ok(resp) => resp.map_err(|e| upstream_error_response(&e))?,
         Err(_) => {
             let error = UpstreamIdle { timeout: idle };
-            tracing::warn!(sni = %conn.exchange.sni, path, %error, "no response head from the provider; answering 504");
+            tracing::warn!(path, %error, "no response head from the provider; answering 504");
             return Err(error_response(Problem::UpstreamTimeout, &error.to_string()));
         }
     };
@@ -485,18 +506,20 @@ async fn send(
             let upstream_side = hyper::upgrade::on(&mut resp);
             let limits = WsLimits { max_message: conn.limits.max_inspected_body, oversize: conn.limits.oversize };
             let counts = conn.upgrades.counts.clone();
-            conn.upgrades.push(tokio::spawn(async move {
-                match (client.await, upstream_side.await) {
-                    (Ok(a), Ok(b)) => websocket::serve_upgraded(a, b, inspector, relay, limits, counts).await,
-                    (Err(error), _) | (_, Err(error)) => tracing::debug!(%error, "upgrade failed"),
+            conn.upgrades.push(tokio::spawn(
+                async move {
+                    match (client.await, upstream_side.await) {
+                        (Ok(a), Ok(b)) => websocket::serve_upgraded(a, b, inspector, relay, limits, counts).await,
+                        (Err(error), _) | (_, Err(error)) => tracing::debug!(%error, "upgrade failed"),
+                    }
                 }
-            }));
+                .in_current_span(),
+            ));
         }
     } else {
         strip_hop_by_hop(resp.headers_mut(), false);
     }
-    let exchange = Arc::clone(&conn.exchange);
-    Ok(resp.map(|inner| UpstreamBody::new(inner, idle, exchange, path).boxed_unsync()))
+    Ok(resp.map(|inner| UpstreamBody::new(inner, idle, path).boxed_unsync()))
 }
 
 /// The provider's response body, failing when the provider sends nothing
@@ -508,20 +531,20 @@ struct UpstreamBody {
     idle: Duration,
     sleep: Pin<Box<tokio::time::Sleep>>,
     waiting: bool,
-    exchange: Arc<Exchange>,
     path: String,
+    /// The request's span: the body is polled wherever hyper polls it.
+    span: Span,
 }
 
 impl UpstreamBody {
-    fn new(inner: hyper::body::Incoming, idle: Duration, exchange: Arc<Exchange>, path: String) -> Self {
+    fn new(inner: hyper::body::Incoming, idle: Duration, path: String) -> Self {
         let sleep = Box::pin(tokio::time::sleep(idle));
-        Self { inner, idle, sleep, waiting: false, exchange, path }
+        Self { inner, idle, sleep, waiting: false, path, span: Span::current() }
     }
 
     fn failed(&self, error: &(dyn std::error::Error + 'static)) {
+        let _span = self.span.enter();
         tracing::warn!(
-            sni = %self.exchange.sni,
-            client = %self.exchange.client,
             path = %self.path,
             error = %crate::error::chain(error),
             "upstream response body failed; the client's response is cut short"
@@ -591,7 +614,7 @@ async fn inspect_response(
                 Ok(Collected::Over { prefix, rest }) => {
                     let reason = format!("response body exceeds the inspection limit of {max} bytes");
                     if conn.limits.oversize == OversizeAction::Block {
-                        tracing::warn!(sni = %exchange.sni, client = %exchange.client, %reason, "response refused");
+                        tracing::warn!(%reason, "response refused");
                         return error_response(Problem::ResponseTooLarge, &reason);
                     }
                     hook.on_not_inspected(exchange, state, request, Some(&head), &reason).await;
@@ -630,53 +653,57 @@ async fn inspect_response(
 /// while the provider is quiet; a body cut short still gets its audit event.
 fn inspected_body(mut body: BoxBody, mut inspector: Box<dyn BodyInspector>) -> BoxBody {
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
-    tokio::spawn(async move {
-        loop {
-            // Biased: once the client is gone, nothing more is read.
-            let next = tokio::select! {
-                biased;
-                () = tx.closed() => {
-                    tracing::debug!("client left mid-stream; upstream request cancelled");
-                    inspector.on_abort("the client went away").await;
-                    return;
-                }
-                next = body.frame() => next,
-            };
-            let frame = match next {
-                Some(Ok(frame)) => frame,
-                Some(Err(error)) => {
-                    inspector.on_abort(&error.to_string()).await;
-                    let _ = tx.send(Err(error)).await;
-                    return;
-                }
-                None => break,
-            };
-            match frame.into_data() {
-                Ok(chunk) => match inspector.on_chunk(chunk).await {
-                    ChunkAction::Forward(bytes) => {
-                        // A failed send means the client left: the next turn
-                        // of the loop records that.
-                        if !bytes.is_empty() {
-                            let _ = tx.send(Ok(Frame::data(bytes))).await;
-                        }
-                    }
-                    ChunkAction::End(bytes) => {
-                        if !bytes.is_empty() {
-                            let _ = tx.send(Ok(Frame::data(bytes))).await;
-                        }
+    let span = Span::current();
+    tokio::spawn(
+        async move {
+            loop {
+                // Biased: once the client is gone, nothing more is read.
+                let next = tokio::select! {
+                    biased;
+                    () = tx.closed() => {
+                        tracing::debug!("client left mid-stream; upstream request cancelled");
+                        inspector.on_abort("the client went away").await;
                         return;
                     }
-                },
-                Err(frame) => {
-                    let _ = tx.send(Ok(frame)).await;
+                    next = body.frame() => next,
+                };
+                let frame = match next {
+                    Some(Ok(frame)) => frame,
+                    Some(Err(error)) => {
+                        inspector.on_abort(&error.to_string()).await;
+                        let _ = tx.send(Err(error)).await;
+                        return;
+                    }
+                    None => break,
+                };
+                match frame.into_data() {
+                    Ok(chunk) => match inspector.on_chunk(chunk).await {
+                        ChunkAction::Forward(bytes) => {
+                            // A failed send means the client left: the next turn
+                            // of the loop records that.
+                            if !bytes.is_empty() {
+                                let _ = tx.send(Ok(Frame::data(bytes))).await;
+                            }
+                        }
+                        ChunkAction::End(bytes) => {
+                            if !bytes.is_empty() {
+                                let _ = tx.send(Ok(Frame::data(bytes))).await;
+                            }
+                            return;
+                        }
+                    },
+                    Err(frame) => {
+                        let _ = tx.send(Ok(frame)).await;
+                    }
                 }
             }
+            let tail = inspector.on_end().await;
+            if !tail.is_empty() {
+                let _ = tx.send(Ok(Frame::data(tail))).await;
+            }
         }
-        let tail = inspector.on_end().await;
-        if !tail.is_empty() {
-            let _ = tx.send(Ok(Frame::data(tail))).await;
-        }
-    });
+        .instrument(span),
+    );
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
     StreamBody::new(stream).boxed_unsync()
 }

@@ -13,6 +13,8 @@
 //! Addresses not known to be AI (`all-tls`) keep the SNI-only rule.
 //!
 //! Every connection is recorded exactly once, when it ends, by a drop guard.
+//! Each runs in a `conn` span (client, then original destination, workload
+//! and SNI as they become known), so log calls inside carry only what is new.
 //! Connections beyond the global cap or their workload's cap are closed at
 //! once, before any byte is read.
 //! This module knows nothing of eBPF or iptables: it only sees an
@@ -43,6 +45,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::{mpsc, watch},
 };
+use tracing::{Instrument as _, Span, field::Empty};
 
 pub use self::upstream::connect_upstream;
 use self::{
@@ -53,7 +56,7 @@ use self::{
 use crate::{
     config::{Config, OversizeAction, Unclassified},
     error,
-    metrics::{ConnectionLabels, Metrics},
+    metrics::{ConnectionLabels, ConnectionMode, ConnectionOutcome, Metrics},
     net::{self, ClientAddr, OrigDstAddr, OrigDstResolver, ProxyAddrs},
     policy::{DomainPolicy, Reason},
     targets::{AiAddress, TargetSet},
@@ -388,16 +391,26 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: w
                     let Some(slot) = shared.limits.admit() else {
                         // Closed before anything is read or spawned.
                         drop(stream);
-                        refused(&shared.plane.metrics, "over_max_connections");
+                        refused(&shared.plane.metrics, ConnectionOutcome::OverMaxConnections);
                         let _ = shared.limits.warn_refused("max_connections", client, None);
                         continue;
                     };
                     let shared = Arc::clone(&shared);
-                    tokio::spawn(async move {
-                        let guard = shared.in_flight.clone();
-                        handle(stream, client, slot, &shared).await;
-                        drop(guard);
-                    });
+                    let span = tracing::info_span!(
+                        "conn",
+                        client = %client,
+                        orig_dst = Empty,
+                        sni = Empty,
+                        workload = Empty
+                    );
+                    tokio::spawn(
+                        async move {
+                            let guard = shared.in_flight.clone();
+                            handle(stream, client, slot, &shared).await;
+                            drop(guard);
+                        }
+                        .instrument(span),
+                    );
                 }
                 Err(error) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -409,8 +422,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: w
     }
 }
 
-fn refused(metrics: &Metrics, outcome: &'static str) {
-    metrics.connections.get_or_create(&ConnectionLabels { mode: "none", outcome }).inc();
+fn refused(metrics: &Metrics, outcome: ConnectionOutcome) {
+    metrics.connections.get_or_create(&ConnectionLabels { mode: ConnectionMode::None, outcome }).inc();
 }
 
 /// What happened to one connection; logged once when dropped.
@@ -420,9 +433,9 @@ struct ConnectionRecord {
     orig_dst: Option<OrigDstAddr>,
     workload: Option<Workload>,
     sni: Option<String>,
-    mode: &'static str,
+    mode: ConnectionMode,
     reason: Option<String>,
-    outcome: &'static str,
+    outcome: ConnectionOutcome,
     error: Option<String>,
     requests: u64,
     bytes_up: u64,
@@ -441,9 +454,9 @@ impl ConnectionRecord {
             orig_dst: None,
             workload: None,
             sni: None,
-            mode: "none",
+            mode: ConnectionMode::None,
             reason: None,
-            outcome: "closed",
+            outcome: ConnectionOutcome::Closed,
             error: None,
             requests: 0,
             bytes_up: 0,
@@ -453,7 +466,7 @@ impl ConnectionRecord {
         }
     }
 
-    fn fail(&mut self, outcome: &'static str, error: &dyn std::error::Error) {
+    fn fail(&mut self, outcome: ConnectionOutcome, error: &dyn std::error::Error) {
         self.outcome = outcome;
         self.error = Some(error::chain(error));
     }
@@ -468,8 +481,8 @@ impl Drop for ConnectionRecord {
         let w = self.workload.as_ref();
         tracing::info!(
             event = "connection",
-            outcome = self.outcome,
-            mode = self.mode,
+            outcome = self.outcome.as_str(),
+            mode = self.mode.as_str(),
             client = %self.client,
             orig_dst = self.orig_dst.map(|d| d.to_string()),
             sni = self.sni.as_deref(),
@@ -497,21 +510,26 @@ async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &
         Err(error) => {
             // Not redirected to us (or the record was lost): refuse. The
             // proxy is never an open relay.
-            record.fail("no_original_dst", &error);
+            record.fail(ConnectionOutcome::NoOriginalDst, &error);
             return;
         }
     };
     record.orig_dst = Some(orig);
+    let span = Span::current();
+    span.record("orig_dst", tracing::field::display(orig));
     record.workload = plane.resolver.workload(client, orig).await;
+    if let Some(w) = record.workload.as_ref().filter(|w| w.has_process()) {
+        span.record("workload", w.comm.as_str());
+    }
     if shared.addrs.is_proxy(orig.0) {
-        record.outcome = "refused_loop";
+        record.outcome = ConnectionOutcome::RefusedLoop;
         return;
     }
     let key = WorkloadKey::of(record.workload.as_ref(), client);
     if !shared.limits.admit_workload(&mut slot, key) {
         // Counted and logged (rate-limited) here, not once per connection.
         record.quiet = true;
-        refused(&plane.metrics, "over_max_connections_per_workload");
+        refused(&plane.metrics, ConnectionOutcome::OverMaxConnectionsPerWorkload);
         let _ = shared.limits.warn_refused("max_connections_per_workload", client, Some(key));
         return;
     }
@@ -520,11 +538,14 @@ async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &
     let hello = sni::peek_client_hello(&stream, plane.settings.client_hello_timeout).await;
     if let Peeked::Tls(info) = &hello {
         record.sni = info.sni.clone();
+        if let Some(sni) = &record.sni {
+            span.record("sni", sni.as_str());
+        }
     }
     let Some(tls) = plane.tls.clone() else {
         // The operator turned interception off: every connection is relayed.
         record.reason = Some("TLS interception disabled".into());
-        record.mode = "passthrough";
+        record.mode = ConnectionMode::Passthrough;
         return passthrough(stream, orig, shared, &mut record).await;
     };
     let (route, reason) = {
@@ -539,15 +560,15 @@ async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &
             let who = rejection_identity(record.workload.as_ref());
             if shared.rejected_before(who.as_deref(), &name) {
                 record.reason = Some("client rejected our certificate before".into());
-                record.mode = "passthrough";
+                record.mode = ConnectionMode::Passthrough;
                 passthrough(stream, orig, shared, &mut record).await;
             } else {
-                record.mode = if guard { "guard" } else { "intercept" };
+                record.mode = if guard { ConnectionMode::Guard } else { ConnectionMode::Intercept };
                 intercept_connection(stream, orig, name, who, tls, shared, &mut record).await;
             }
         }
         Route::Passthrough => {
-            record.mode = "passthrough";
+            record.mode = ConnectionMode::Passthrough;
             passthrough(stream, orig, shared, &mut record).await;
         }
         Route::Unclassified(why) => {
@@ -566,19 +587,17 @@ async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &
             if refused {
                 tracing::warn!(
                     event = "unclassified_refused",
-                    client = %client,
-                    orig_dst = %orig,
                     reason = why,
                     "connection to an AI address refused: it cannot be inspected"
                 );
-                record.mode = "refused";
-                record.outcome = "refused_unclassified";
+                record.mode = ConnectionMode::Refused;
+                record.outcome = ConnectionOutcome::RefusedUnclassified;
             } else {
-                record.mode = "passthrough";
+                record.mode = ConnectionMode::Passthrough;
                 passthrough(stream, orig, shared, &mut record).await;
             }
         }
-        Route::Closed => record.outcome = "client_closed",
+        Route::Closed => record.outcome = ConnectionOutcome::ClientClosed,
     }
 }
 
@@ -695,7 +714,6 @@ impl Shared {
         }
         tracing::warn!(
             event = "certificate_rejected",
-            sni,
             comm = who,
             pid = record.workload.as_ref().map(|w| w.pid).filter(|&p| p != 0),
             error,
@@ -715,6 +733,10 @@ async fn intercept_connection(
     shared: &Shared,
     record: &mut ConnectionRecord,
 ) {
+    if record.sni.is_none() {
+        // Intercepted as the address's AI name: the connection's name from now on.
+        Span::current().record("sni", sni.as_str());
+    }
     // A client that stalls mid-handshake is bounded like a slow request head.
     let handshake_timeout = shared.plane.settings.header_read_timeout;
     let handshake = async {
@@ -725,7 +747,7 @@ async fn intercept_connection(
     };
     let tls_stream = match tokio::time::timeout(handshake_timeout, handshake).await {
         Err(_) => {
-            record.outcome = "client_tls_timeout";
+            record.outcome = ConnectionOutcome::ClientTlsTimeout;
             record.error = Some(format!("TLS handshake not finished within {handshake_timeout:?}"));
             return;
         }
@@ -734,9 +756,9 @@ async fn intercept_connection(
             let text = error::chain(&error);
             if tls::is_certificate_rejection(&error) {
                 shared.note_rejection(who.as_deref(), &sni, record, &text);
-                record.outcome = "client_rejected_certificate";
+                record.outcome = ConnectionOutcome::ClientRejectedCertificate;
             } else {
-                record.outcome = "client_tls_failed";
+                record.outcome = ConnectionOutcome::ClientTlsFailed;
             }
             record.error = Some(text);
             return;
@@ -745,7 +767,7 @@ async fn intercept_connection(
     let upstream = match tls.pool.get(orig.0, &sni) {
         Ok(u) => u,
         Err(error) => {
-            record.fail("invalid_sni", &error);
+            record.fail(ConnectionOutcome::InvalidSni, &error);
             return;
         }
     };
@@ -762,16 +784,17 @@ async fn intercept_connection(
         budget: Arc::clone(&shared.budget),
         active: tokio::sync::watch::Sender::new(0),
         requests: Default::default(),
-        coalesced_guard: (record.mode == "guard").then(|| Arc::clone(&shared.plane.snapshot.borrow().policy)),
+        coalesced_guard: (record.mode == ConnectionMode::Guard)
+            .then(|| Arc::clone(&shared.plane.snapshot.borrow().policy)),
         upgrades: Default::default(),
     });
     let result = http::serve(tls_stream, Arc::clone(&conn)).await;
     record.requests = conn.requests.load(Ordering::Relaxed);
     (record.bytes_up, record.bytes_down) = conn.upgrades.counts.load();
     match result {
-        Ok(()) => record.outcome = "intercepted",
+        Ok(()) => record.outcome = ConnectionOutcome::Intercepted,
         Err(error) => {
-            record.outcome = "intercepted";
+            record.outcome = ConnectionOutcome::Intercepted;
             record.error = Some(error::chain(error.as_ref()));
         }
     }
@@ -782,17 +805,17 @@ async fn passthrough(mut client_stream: TcpStream, orig: OrigDstAddr, shared: &S
     let mut upstream = match connect_upstream(orig.0, shared.addrs.mark, settings.connect_timeout).await {
         Ok(s) => s,
         Err(error) => {
-            record.fail("upstream_connect_failed", &error);
+            record.fail(ConnectionOutcome::UpstreamConnectFailed, &error);
             return;
         }
     };
     match tokio::io::copy_bidirectional(&mut client_stream, &mut upstream).await {
         Ok((up, down)) => {
-            record.outcome = "relayed";
+            record.outcome = ConnectionOutcome::Relayed;
             record.bytes_up = up;
             record.bytes_down = down;
         }
-        Err(error) => record.fail("relay_error", &error),
+        Err(error) => record.fail(ConnectionOutcome::RelayError, &error),
     }
 }
 

@@ -37,6 +37,7 @@ use tokio_tungstenite::{
         protocol::{CloseFrame, Role, WebSocketConfig, frame::coding::CloseCode},
     },
 };
+use tracing::Instrument as _;
 
 use super::hook::{ClientAction, MessageInspector, ServerAction, UpgradeClosed, WsData};
 use crate::config::OversizeAction;
@@ -364,6 +365,19 @@ async fn pump(down: &mut ClientWs, up: &mut UpstreamWs, inspector: &mut dyn Mess
 /// Runs a tunnel (`inspector` only told of the end) or, with `relay`, a
 /// message relay through `inspector`; then reports the end to it.
 pub async fn serve_upgraded(
+    client: Upgraded,
+    upstream: Upgraded,
+    inspector: Option<Box<dyn MessageInspector>>,
+    relay_messages: bool,
+    limits: WsLimits,
+    counts: ByteCounts,
+) {
+    // Inside the upgrade request's span: the session's lines name it too.
+    let span = tracing::info_span!("websocket");
+    serve_session(client, upstream, inspector, relay_messages, limits, counts).instrument(span).await
+}
+
+async fn serve_session(
     client: Upgraded,
     upstream: Upgraded,
     inspector: Option<Box<dyn MessageInspector>>,

@@ -12,6 +12,10 @@
 //! A client that cannot complete its exchange (connection refused, TLS
 //! verification failure, timeout) is an error carrying what the client said;
 //! an HTTP error status is not an error.
+//!
+//! The scripts the clients run are files in `clients/` next to this one: a
+//! Python prelude (parameters, TLS context, the error convention) that every
+//! Python body follows, and Node's `fetch` script.
 
 use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
@@ -594,50 +598,7 @@ pub async fn python_websockets(env: &ClientEnv<'_>, conversation: &WsConversatio
 // reader was inside `SSL_read` (processing the server's session tickets) was
 // lost now and then, and the reader then hung the client's exit. asyncio does
 // all TLS on one thread.
-const PY_WEBSOCKETS_BODY: &str = r#"
-import asyncio
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
-C = P["c"]
-u = urllib.parse.urlsplit(C["url"])
-out = {"status": None, "body": None, "extensions": None, "received": [], "close_code": None,
-       "close_reason": None, "timed_out": False}
-if C["connect_to"]:
-    host, port = C["connect_to"].rsplit(":", 1)
-    addr = (host.strip("[]"), int(port))
-else:
-    addr = (u.hostname, u.port or 443)
-
-async def talk():
-    ctx = ssl.create_default_context(cafile=P["ca_file"])
-    sock = socket.create_connection(addr, timeout=P["timeout"])
-    try:
-        async with connect(C["url"], sock=sock, ssl=ctx, server_hostname=u.hostname,
-                           compression="deflate" if C["deflate"] else None,
-                           additional_headers=[tuple(h) for h in C["headers"]],
-                           open_timeout=P["timeout"], close_timeout=2) as ws:
-            out["extensions"] = ws.response.headers.get("Sec-WebSocket-Extensions")
-            try:
-                for m in C["send"]:
-                    await ws.send(m)
-                while True:
-                    m = await asyncio.wait_for(ws.recv(), P["timeout"])
-                    m = m if isinstance(m, str) else m.decode("utf-8", "replace")
-                    out["received"].append(m)
-                    if C["until"] and C["until"] in m:
-                        break
-            except TimeoutError:
-                out["timed_out"] = True
-            except ConnectionClosed as e:
-                if e.rcvd is not None:
-                    out["close_code"], out["close_reason"] = e.rcvd.code, e.rcvd.reason
-    except InvalidStatus as e:
-        out["status"] = e.response.status_code
-        out["body"] = e.response.body.decode("utf-8", "replace") if e.response.body else ""
-
-asyncio.run(talk())
-print(json.dumps(out))
-"#;
+const PY_WEBSOCKETS_BODY: &str = include_str!("clients/websockets.py");
 
 /// Node's built-in `fetch` (undici, HTTP/1.1): trusts `env.ca_file` through
 /// `NODE_EXTRA_CA_CERTS` (on top of Node's built-in roots), reads the body as
@@ -664,7 +625,7 @@ async fn run_python<T: for<'de> Deserialize<'de>>(
     body: &str,
     params: &serde_json::Value,
 ) -> Result<T> {
-    let script = [PY_PRELUDE, body].concat();
+    let script = [PY_PRELUDE, "\n", body].concat();
     let out =
         run(env, &tool("python3"), &["-c".into(), script.into()], &[(PARAMS_VAR, params.to_string().into())]).await?;
     parse_script_output("python", &out)
@@ -765,247 +726,15 @@ async fn collect(reader: tokio::task::JoinHandle<Vec<u8>>) -> Vec<u8> {
 
 /// Shared Python prelude: parameters, certificate name formatting, the
 /// error convention, and a TLS context that trusts only the given bundle.
-const PY_PRELUDE: &str = r#"
-import base64, hashlib, http.client, json, os, socket, ssl, sys, time, urllib.parse
-
-P = json.loads(os.environ["INTERCEPTOR_CLIENT_PARAMS"])
-# A client still running 3 s past its own timeout (it is killed at 5 s) prints
-# every thread's stack, to show where it hung.
-import faulthandler
-faulthandler.dump_traceback_later(P.get("timeout", 10) + 3, exit=False)
-T0 = time.monotonic()
-
-def ms():
-    return (time.monotonic() - T0) * 1000.0
-
-SHORT = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
-         "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST"}
-
-def dn(name):
-    return ", ".join(f"{SHORT.get(k, k)}={v}" for rdn in name for (k, v) in rdn)
-
-def context():
-    ctx = ssl.create_default_context(cafile=P["ca_file"])
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
-
-def target(url):
-    u = urllib.parse.urlsplit(url)
-    path = (u.path or "/") + ("?" + u.query if u.query else "")
-    return u.hostname, u.port or 443, path
-
-def body_of(r):
-    return bytes.fromhex(r["body_hex"]) if r["body_hex"] is not None else None
-
-def main():
-    print(json.dumps(run()))
-
-def fail(e):
-    print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
-    sys.exit(1)
-"#;
-
-const PY_HTTPS_BODY: &str = r#"
-def run():
-    host, port, _ = target(P["requests"][0]["url"])
-    conn = http.client.HTTPSConnection(host, port, context=context(), timeout=P["timeout"])
-    out = {"responses": []}
-    for r in P["requests"]:
-        _, _, path = target(r["url"])
-        conn.request(r["method"], path, body=body_of(r), headers=dict(r["headers"]))
-        # Before the response: http.client drops the socket once a
-        # "connection: close" response is read.
-        local_port = conn.sock.getsockname()[1]
-        if "issuer" not in out:
-            cert = conn.sock.getpeercert()
-            out["issuer"] = dn(cert["issuer"])
-            out["subject"] = dn(cert["subject"])
-            out["tls_version"] = conn.sock.version()
-            out["local_port"] = local_port
-        resp = conn.getresponse()
-        data = resp.read()
-        out["responses"].append({
-            "status": resp.status, "reason": resp.reason, "version": resp.version,
-            "headers": resp.getheaders(), "body": data.decode("utf-8", "replace"),
-            "local_port": local_port,
-        })
-    conn.close()
-    return out
-
-try:
-    main()
-except Exception as e:
-    fail(e)
-"#;
-
-const PY_SSE_BODY: &str = r#"
-def run():
-    r = P["request"]
-    host, port, path = target(r["url"])
-    conn = http.client.HTTPSConnection(host, port, context=context(), timeout=P["timeout"])
-    conn.request(r["method"], path, body=body_of(r), headers=dict(r["headers"]))
-    local_port = conn.sock.getsockname()[1]
-    resp = conn.getresponse()
-    headers_ms = ms()
-    events, body = [], b""
-    while True:
-        line = resp.readline()
-        if not line:
-            break
-        body += line
-        if line.startswith(b"data:"):
-            events.append({"data": line[5:].strip().decode("utf-8", "replace"), "at_ms": ms()})
-    done_ms = ms()
-    conn.close()
-    return {"status": resp.status, "headers": resp.getheaders(), "events": events,
-            "body": body.decode("utf-8", "replace"), "headers_ms": headers_ms,
-            "done_ms": done_ms, "local_port": local_port}
-
-try:
-    main()
-except Exception as e:
-    fail(e)
-"#;
-
-const PY_WS_BODY: &str = r#"
-GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-class Conn:
-    def __init__(self, sock, pending):
-        self.sock, self.buf = sock, pending
-
-    def exact(self, n):
-        while len(self.buf) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("connection closed mid-frame")
-            self.buf += chunk
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def send(self, opcode, payload):
-        mask = os.urandom(4)
-        n = len(payload)
-        head = bytes([0x80 | opcode])
-        if n < 126:
-            head += bytes([0x80 | n])
-        elif n < 65536:
-            head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
-        else:
-            head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(head + mask + masked)
-
-    def recv(self):
-        b0, b1 = self.exact(2)
-        n = b1 & 0x7F
-        if n == 126:
-            n = int.from_bytes(self.exact(2), "big")
-        elif n == 127:
-            n = int.from_bytes(self.exact(8), "big")
-        mask = self.exact(4) if b1 & 0x80 else None
-        payload = self.exact(n)
-        if mask:
-            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        return b0 & 0x0F, payload
-
-def run():
-    u = urllib.parse.urlsplit(P["url"])
-    host, port = u.hostname, u.port or 443
-    path = (u.path or "/") + ("?" + u.query if u.query else "")
-    raw = socket.create_connection((host, port), timeout=P["timeout"])
-    sock = context().wrap_socket(raw, server_hostname=host)
-    cert = sock.getpeercert()
-    key = base64.b64encode(os.urandom(16)).decode()
-    host_header = host if port == 443 else f"{host}:{port}"
-    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\nUpgrade: websocket\r\n"
-                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise EOFError(f"connection closed during the upgrade: {buf!r}")
-        buf += chunk
-    head, rest = buf.split(b"\r\n\r\n", 1)
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = [[k.strip().lower(), v.strip()] for k, v in (l.split(":", 1) for l in lines[1:] if ":" in l)]
-    accept = dict(headers).get("sec-websocket-accept")
-    expected = base64.b64encode(hashlib.sha1((key + GUID).encode()).digest()).decode()
-    out = {"status": status, "headers": headers, "accept_ok": accept == expected,
-           "echoes": [], "closed_cleanly": False, "issuer": dn(cert["issuer"]),
-           "subject": dn(cert["subject"]), "local_port": sock.getsockname()[1]}
-    if status != 101:
-        sock.close()
-        return out
-    ws = Conn(sock, rest)
-    for m in P["messages"]:
-        ws.send(0x1, m.encode())
-        while True:
-            opcode, payload = ws.recv()
-            if opcode not in (0x9, 0xA):
-                break
-        out["echoes"].append({"opcode": opcode, "text": payload.decode("utf-8", "replace")})
-    ws.send(0x8, (1000).to_bytes(2, "big"))
-    try:
-        opcode, _ = ws.recv()
-        out["closed_cleanly"] = opcode == 0x8
-    except Exception:
-        pass
-    sock.close()
-    return out
-
-try:
-    main()
-except Exception as e:
-    fail(e)
-"#;
-
-const NODE_FETCH: &str = r#"
-const P = JSON.parse(process.env.INTERCEPTOR_CLIENT_PARAMS);
-const t0 = performance.now();
-const ms = () => performance.now() - t0;
-(async () => {
-  try {
-    const r = P.request;
-    const init = {
-      method: r.method,
-      headers: r.headers,
-      signal: AbortSignal.timeout(P.timeout * 1000),
-    };
-    if (r.body_hex !== null) init.body = Buffer.from(r.body_hex, "hex");
-    const res = await fetch(r.url, init);
-    const headers_ms = ms();
-    const decoder = new TextDecoder();
-    const events = [];
-    let body = "";
-    let pending = "";
-    const take = (text) => {
-      body += text;
-      pending += text;
-      let i;
-      while ((i = pending.indexOf("\n")) >= 0) {
-        const line = pending.slice(0, i).replace(/\r$/, "");
-        pending = pending.slice(i + 1);
-        if (line.startsWith("data:")) events.push({ data: line.slice(5).trim(), at_ms: ms() });
-      }
-    };
-    const reader = res.body.getReader();
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      take(decoder.decode(value, { stream: true }));
-    }
-    take(decoder.decode());
-    const out = { status: res.status, headers: [...res.headers], events, body, headers_ms, done_ms: ms() };
-    process.stdout.write(JSON.stringify(out) + "\n", () => process.exit(0));
-  } catch (e) {
-    const cause = e && e.cause ? ` (cause: ${e.cause.code || ""} ${e.cause.message || e.cause})` : "";
-    process.stdout.write(JSON.stringify({ error: `${e}${cause}` }) + "\n", () => process.exit(1));
-  }
-})();
-"#;
+const PY_PRELUDE: &str = include_str!("clients/prelude.py");
+/// [`python_https`]: requests over one kept-alive connection.
+const PY_HTTPS_BODY: &str = include_str!("clients/https.py");
+/// [`python_sse`]: a response read line by line, every `data:` timed.
+const PY_SSE_BODY: &str = include_str!("clients/sse.py");
+/// [`python_ws`]: a WebSocket client on the standard library alone.
+const PY_WS_BODY: &str = include_str!("clients/ws.py");
+/// [`node_fetch`], run with `node -e`.
+const NODE_FETCH: &str = include_str!("clients/node_fetch.js");
 
 #[cfg(test)]
 mod tests {

@@ -1864,8 +1864,7 @@ mod tests {
     /// the same request gets the same bytes twice.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn provider_shapes_parse_as_their_provider() {
-        use crate::guardrails::framing::FramingKind;
-        use crate::guardrails::framing::{eventstream::Decoder, json_array::JsonArrayStream, sse::SseParser};
+        use crate::guardrails::framing::{Frame, Framer, FramingKind};
         use crate::guardrails::model::StreamDelta;
         use crate::guardrails::providers::{self, StreamEventRef};
 
@@ -1943,30 +1942,22 @@ mod tests {
                     assert_eq!(text, reply, "{path}: {doc}");
                     continue;
                 }
-                Some(FramingKind::Sse) => {
-                    let mut parser = SseParser::new(1 << 20);
-                    for event in parser.feed(&got).expect("sse") {
-                        deltas.push(providers::stream_delta(kind, StreamEventRef::from(&event)));
+                Some(framing) => {
+                    let mut framer = Framer::new(framing, 1 << 20);
+                    for item in framer.feed(&got).expect("framed stream") {
+                        if let Frame::EventStream(message) = &item {
+                            assert_eq!(message.message_type(), Some("event"));
+                            assert_eq!(message.content_type(), Some("application/json"));
+                        }
+                        deltas.push(providers::stream_delta(kind, StreamEventRef::from(&item)));
                     }
-                    assert!(parser.finish().is_none(), "{path}: trailing partial event");
-                }
-                Some(FramingKind::EventStream) => {
-                    let mut decoder = Decoder::default();
-                    for message in decoder.feed(&got).expect("event-stream") {
-                        assert_eq!(message.message_type(), Some("event"));
-                        assert_eq!(message.content_type(), Some("application/json"));
-                        deltas.push(providers::stream_delta(kind, StreamEventRef::from(&message)));
+                    // Whole frames, a closed array, no SSE event left without its blank line.
+                    let rest = framer.finish().expect("whole frames");
+                    assert!(rest.is_empty(), "{path}: trailing partial event");
+                    if framing == FramingKind::JsonArray {
+                        let whole: serde_json::Value = serde_json::from_slice(&got).expect("one json array");
+                        assert_eq!(whole.as_array().map(Vec::len), Some(pieces), "{path}");
                     }
-                    decoder.finish().expect("whole frames");
-                }
-                Some(FramingKind::JsonArray) => {
-                    let mut parser = JsonArrayStream::new(1 << 20);
-                    for element in parser.feed(&got).expect("json array") {
-                        deltas.push(providers::stream_delta(kind, StreamEventRef::from(&element.value)));
-                    }
-                    assert!(parser.is_done(), "{path}: array not closed");
-                    let whole: serde_json::Value = serde_json::from_slice(&got).expect("one json array");
-                    assert_eq!(whole.as_array().map(Vec::len), Some(pieces), "{path}");
                 }
             }
             let text: String = deltas.iter().flat_map(|d| d.texts.iter().map(|(_, t)| t.as_str())).collect();

@@ -256,8 +256,9 @@ pub(super) fn builtin(name: &str) -> Option<&'static Builtin> {
     BUILTINS.iter().find(|b| b.name == name)
 }
 
-/// The names policies may use, for error messages.
-pub(super) fn builtin_names() -> impl Iterator<Item = &'static str> {
+/// The names policies may use, for error messages (and benchmarks that
+/// enable every detector).
+pub fn builtin_names() -> impl Iterator<Item = &'static str> {
     BUILTINS.iter().map(|b| b.name)
 }
 

@@ -91,6 +91,7 @@ use aho_corasick::AhoCorasick;
 use regex::{Regex, RegexSet};
 use serde::Serialize;
 
+pub use detectors::builtin_names as detector_names;
 pub use policy::{Action, BUILTIN_POLICY, InstructionMode, Policy, PolicyProblem, Severity};
 pub use redact::redact;
 

@@ -114,8 +114,11 @@ impl Pipeline {
 /// the host and path (a body or an upgrade may say better), no model yet.
 fn new_call(g: &Guardrails, ex: &Exchange, head: &http::request::Parts, body: Bytes) -> Call {
     let path = head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    let request_id = request_id(&head.headers);
+    // The data plane's `request` span names the request from here on.
+    crate::proxy::hook::record_request_id(&request_id);
     Call {
-        request_id: request_id(&head.headers),
+        request_id,
         provider: providers::detect(&ex.sni, &path),
         model: None,
         method: head.method.to_string(),

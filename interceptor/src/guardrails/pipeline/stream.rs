@@ -22,19 +22,12 @@ use crate::{
     config::StreamMode,
     guardrails::{
         backend::{Call, Phase},
-        framing::{FramingKind, eventstream, json_array::JsonArrayStream, sse::SseParser},
+        framing::{Framer, FramingKind},
         model::{Direction, Role, Stage, StreamDelta, TextKind, TextSpan},
         providers::{self, StreamEventRef},
     },
     proxy::hook::{BodyInspector, ChunkAction},
 };
-
-/// Incremental parser for whichever framing the stream uses.
-enum Framer {
-    Sse(SseParser),
-    EventStream(eventstream::Decoder),
-    JsonArray(JsonArrayStream),
-}
 
 /// Maximum size of one stream event (SSE event, frame or array element).
 const MAX_EVENT: usize = 16 << 20;
@@ -76,11 +69,7 @@ impl StreamGuard {
         kind: FramingKind,
         head: &http::response::Parts,
     ) -> Self {
-        let framer = match kind {
-            FramingKind::Sse => Framer::Sse(SseParser::new(MAX_EVENT)),
-            FramingKind::EventStream => Framer::EventStream(eventstream::Decoder::new(MAX_EVENT)),
-            FramingKind::JsonArray => Framer::JsonArray(JsonArrayStream::new(MAX_EVENT)),
-        };
+        let framer = Framer::new(kind, MAX_EVENT);
         let headers = if g.reads_headers() { head.headers.clone() } else { HeaderMap::new() };
         Self {
             workload: WorkloadInfo::of(call.workload.as_ref()),
@@ -116,20 +105,11 @@ impl StreamGuard {
         }
         let provider = self.call.provider;
         let delta = |ev: StreamEventRef<'_>| providers::stream_delta(provider, ev);
-        let result: Result<Vec<(usize, StreamDelta)>, String> = match &mut self.framer {
-            Framer::Sse(p) => p
-                .feed(chunk)
-                .map(|evs| evs.iter().map(|e| (e.raw_len, delta(e.into()))).collect())
-                .map_err(|e| e.to_string()),
-            Framer::EventStream(p) => p
-                .feed(chunk)
-                .map(|fs| fs.iter().map(|f| (f.raw_len, delta(f.into()))).collect())
-                .map_err(|e| e.to_string()),
-            Framer::JsonArray(p) => p
-                .feed(chunk)
-                .map(|els| els.iter().map(|el| (el.raw_len, delta((&el.value).into()))).collect())
-                .map_err(|e| e.to_string()),
-        };
+        let result: Result<Vec<(usize, StreamDelta)>, String> = self
+            .framer
+            .feed(chunk)
+            .map(|frames| frames.iter().map(|f| (f.raw_len(), delta(f.into()))).collect())
+            .map_err(|e| e.to_string());
         let events = match result {
             Ok(events) => events,
             Err(error) => {
@@ -182,11 +162,9 @@ impl StreamGuard {
         if self.framing_broken {
             return;
         }
-        let unfinished = match &mut self.framer {
-            Framer::EventStream(d) => d.finish().err().map(|e| e.to_string()),
-            Framer::JsonArray(a) => a.finish().err().map(|e| e.to_string()),
-            Framer::Sse(_) => None,
-        };
+        // A trailing SSE event without its blank line is not an event the
+        // client's SDK would read; only a cut frame or array is an error.
+        let unfinished = self.framer.finish().err().map(|e| e.to_string());
         if let Some(error) = unfinished {
             self.framing_failed(error);
         }

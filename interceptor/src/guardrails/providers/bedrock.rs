@@ -321,11 +321,10 @@ pub(super) fn exception_frame(reason: &str) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{Expect, check_request, check_response, collect_stream};
+    use super::super::tests::{Expect, check_request, check_response, collect_stream, framed_deltas};
     use super::*;
-    use crate::guardrails::framing::eventstream::Decoder;
+    use crate::guardrails::framing::{FramingKind, eventstream::Decoder};
     use crate::guardrails::model::{Role::*, TextKind::*};
-    use crate::guardrails::providers::{StreamEventRef, stream_delta};
 
     fn frame(event_type: &str, payload: &str) -> Vec<u8> {
         eventstream::encode_frame(
@@ -346,15 +345,7 @@ mod tests {
 
     /// Decodes `stream` in small chunks and runs every frame through `stream_delta`.
     fn deltas(provider: Provider, stream: &[u8]) -> Vec<StreamDelta> {
-        let mut d = Decoder::default();
-        let mut out = Vec::new();
-        for piece in stream.chunks(7) {
-            for m in d.feed(piece).unwrap() {
-                out.push(stream_delta(provider, StreamEventRef::from(&m)));
-            }
-        }
-        d.finish().unwrap();
-        out
+        framed_deltas(provider, FramingKind::EventStream, stream, 7)
     }
 
     #[test]

@@ -116,11 +116,10 @@ pub(super) fn json_array_block(reason: &str, elements_forwarded: bool) -> Vec<u8
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{Expect, check_request, check_response, check_sse_stream, collect_stream};
+    use super::super::tests::{Expect, check_request, check_response, check_sse_stream, collect_stream, framed_deltas};
     use super::*;
-    use crate::guardrails::framing::json_array::JsonArrayStream;
+    use crate::guardrails::framing::FramingKind;
     use crate::guardrails::model::{Provider, Role::*, TextKind::*};
-    use crate::guardrails::providers::{StreamEventRef, stream_delta};
 
     #[test]
     fn request_fixture() {
@@ -186,14 +185,7 @@ mod tests {
     #[test]
     fn json_array_stream_fixture() {
         let body = include_bytes!("../../../tests/fixtures/providers/gemini_stream_array.json");
-        let mut split = JsonArrayStream::default();
-        let mut ds = Vec::new();
-        for piece in body.chunks(5) {
-            for el in split.feed(piece).unwrap() {
-                ds.push(stream_delta(Provider::Gemini, StreamEventRef::from(&el.value)));
-            }
-        }
-        split.finish().unwrap();
+        let ds = framed_deltas(Provider::Gemini, FramingKind::JsonArray, body, 5);
         let (texts, end_at) = collect_stream(&ds);
         assert_eq!(texts, vec![(Content, "The quick brown fox jumps.".to_owned())]);
         assert_eq!(end_at, Some(ds.len() - 1));

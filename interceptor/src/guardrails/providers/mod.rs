@@ -14,7 +14,7 @@
 
 use serde_json::Value;
 
-use crate::guardrails::framing::{FramingKind, eventstream, sse::SseEvent};
+use crate::guardrails::framing::{Frame, FramingKind, eventstream, sse::SseEvent};
 use crate::guardrails::model::{
     NormalizedRequest, NormalizedResponse, PathSeg, Provider, Role, StreamDelta, TextKind, TextSpan,
 };
@@ -79,6 +79,16 @@ impl<'a> From<&'a eventstream::Message> for StreamEventRef<'a> {
 impl<'a> From<&'a Value> for StreamEventRef<'a> {
     fn from(v: &'a Value) -> Self {
         Self::JsonElement(v)
+    }
+}
+
+impl<'a> From<&'a Frame> for StreamEventRef<'a> {
+    fn from(frame: &'a Frame) -> Self {
+        match frame {
+            Frame::Sse(event) => event.into(),
+            Frame::EventStream(message) => message.into(),
+            Frame::JsonElement(element) => (&element.value).into(),
+        }
     }
 }
 

@@ -5,7 +5,7 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::guardrails::framing::{eventstream::Decoder, json_array::JsonArrayStream, sse::SseParser};
+use crate::guardrails::framing::{Framer, eventstream::Decoder, json_array::JsonArrayStream, sse::SseParser};
 use crate::guardrails::model::{Role, TextKind};
 
 /// An expected span: path (as [`path_string`] renders it), role, kind, text.
@@ -65,17 +65,25 @@ pub(super) fn collect_stream(ds: &[StreamDelta]) -> (Vec<(TextKind, String)>, Op
     (out, ds.iter().position(|d| d.end))
 }
 
+/// Feeds `stream` to its framing in `chunk`-byte pieces and runs every item
+/// through `stream_delta`; the stream must end on an item boundary (no SSE
+/// event missing its blank line, no cut frame, a closed array).
+pub(super) fn framed_deltas(provider: Provider, framing: FramingKind, stream: &[u8], chunk: usize) -> Vec<StreamDelta> {
+    let mut framer = Framer::new(framing, 16 << 20);
+    let mut ds = Vec::new();
+    for piece in stream.chunks(chunk) {
+        for item in framer.feed(piece).unwrap() {
+            ds.push(stream_delta(provider, StreamEventRef::from(&item)));
+        }
+    }
+    assert!(framer.finish().unwrap().is_empty(), "a partial event at the end");
+    ds
+}
+
 /// Parses an SSE fixture in 3-byte chunks; the texts must match and only the
 /// last event may end the stream.
 pub(super) fn check_sse_stream(provider: Provider, body: &str, want: &[(TextKind, &str)]) {
-    let mut p = SseParser::default();
-    let mut ds = Vec::new();
-    for piece in body.as_bytes().chunks(3) {
-        for ev in p.feed(piece).unwrap() {
-            ds.push(stream_delta(provider, StreamEventRef::from(&ev)));
-        }
-    }
-    assert!(p.finish().is_none());
+    let ds = framed_deltas(provider, FramingKind::Sse, body.as_bytes(), 3);
     let (texts, end_at) = collect_stream(&ds);
     let want: Vec<(TextKind, String)> = want.iter().map(|(k, t)| (*k, (*t).to_owned())).collect();
     assert_eq!(texts, want);

@@ -7,6 +7,9 @@
 //! on 198.18.0.11:443 for paced streams), and cgroups for the provider, the
 //! proxy under test, the peers, the clients, and an `outside` cgroup the
 //! eBPF programs are not attached to. Only one proxy runs at a time.
+//!
+//! This crate holds the benchmark's harness, its `bench` binary, and the
+//! `demo` binary (`cargo xtask demo`); neither is part of the test library.
 
 pub mod cleanup;
 pub mod inprocess;

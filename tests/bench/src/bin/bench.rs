@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: the interceptor measured against a direct
 //! connection, an nginx reverse proxy and mitmproxy, in a throwaway network
-//! namespace (needs root). See `tests/src/bench/mod.rs` for what runs.
+//! namespace (needs root). See the library (`tests/bench/src/lib.rs`) for
+//! what runs.
 //!
 //! ```text
 //! bench [--seconds N] [--connections N] [--idle-connections N]
@@ -9,8 +10,7 @@
 //! bench probe <kind> <json>  (internal) a measurement run in the client cgroup
 //! ```
 
-#[path = "../bench/mod.rs"]
-mod bench;
+use interceptor_bench as bench;
 
 use anyhow::{Context, Result, bail};
 
