@@ -292,8 +292,15 @@ async fn no_credential_reaches_akto_the_audit_or_the_log() -> Result<()> {
     }
     let calls = s.akto.calls();
     assert!(calls.len() >= 4, "{calls:?}");
-    let audit = std::fs::read_to_string(&s.audit)?;
-    assert!(audit.lines().count() >= 5, "{audit}");
+    // Audit lines are written off the request path: wait for the fifth.
+    let audit = loop {
+        let audit = std::fs::read_to_string(&s.audit)?;
+        if audit.lines().count() >= 5 {
+            break audit;
+        }
+        assert!(std::time::Instant::now() < deadline + Duration::from_secs(5), "{audit}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let log = String::from_utf8_lossy(&captured_log().lock().unwrap_or_else(|e| e.into_inner())).into_owned();
     assert!(log.contains("guardrail_decision") || log.contains("request_id"), "nothing captured: {log}");
     for secret in secrets {
