@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use interceptor::testing::{Cgroup, Netns, require_privileges, tool, veth_pair};
 use interceptor_tests::{
     dns_stage::{DnsStage, run_in, start_dns, start_relay_in},
@@ -205,49 +205,11 @@ async fn covered_resolvers_keep_resolving(redirect: &str) -> Result<()> {
     // An AI name through the stub: learned before the first connection.
     assert!(!has_net(&stage.targets()?, "198.18.0.40/32"), "not resolved by the interceptor itself");
     let bundle = stage.bundle.to_str().context("utf-8")?;
-    let out = stage
-        .run_with(
-            &via_stub,
-            &[
-                "curl",
-                "-sS",
-                "-v",
-                "-4",
-                "--max-time",
-                "10",
-                "--cacert",
-                bundle,
-                "-o",
-                "/dev/null",
-                "https://api.openai.com/status/204",
-            ],
-        )
-        .await?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && err.contains("interceptor CA"), "first connection not intercepted: {err}");
+    first_connection_intercepted(&stage, &via_stub, bundle, "https://api.openai.com/status/204").await?;
     assert!(has_net(&stage.targets()?, "198.18.0.40/32"));
 
     // Through the CoreDNS-like forwarder alone, an AI name behind a CNAME.
-    let out = stage
-        .run_with(
-            &via_coredns,
-            &[
-                "curl",
-                "-sS",
-                "-v",
-                "-4",
-                "--max-time",
-                "10",
-                "--cacert",
-                bundle,
-                "-o",
-                "/dev/null",
-                "https://api.anthropic.com/status/204",
-            ],
-        )
-        .await?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && err.contains("interceptor CA"), "first connection not intercepted: {err}");
+    first_connection_intercepted(&stage, &via_coredns, bundle, "https://api.anthropic.com/status/204").await?;
 
     // Through the dnsmasq-like relay.
     let via_dnsmasq = stage.path("resolv.dnsmasq");
@@ -381,5 +343,20 @@ async fn a_coredns_like_forwarder_in_a_pod_keeps_resolving_and_is_learned_from()
     let seen = queries_seen(&coredns_log);
     assert!((2..=8).contains(&seen), "the CoreDNS-like forwarder saw {seen} queries");
     assert!(!proxy.log_text().contains("dns loop"), "{}", proxy.log_text());
+    Ok(())
+}
+
+/// curl through the resolver file `resolv`: its very first connection to
+/// `url` must meet the interceptor's CA (the answer was learned in time).
+async fn first_connection_intercepted(
+    stage: &DnsStage,
+    resolv: &std::path::Path,
+    bundle: &str,
+    url: &str,
+) -> Result<()> {
+    let args = ["curl", "-sS", "-v", "-4", "--max-time", "10", "--cacert", bundle, "-o", "/dev/null", url];
+    let out = stage.run_with(resolv, &args).await?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success() && err.contains("interceptor CA"), "first connection to {url} not intercepted: {err}");
     Ok(())
 }
