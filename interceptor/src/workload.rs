@@ -30,14 +30,28 @@ const MAX_WALK: usize = 100_000;
 /// accepts the connection (iptables mode). A `pid` of 0 means the process
 /// was not found (then `comm` is empty) though the socket was: its `uid`
 /// and `cgroup_id` still hold.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Workload {
+    /// Process (thread-group) id.
     pub pid: u32,
+    /// Id of the thread that connected.
     pub tid: u32,
     pub uid: u32,
     pub gid: u32,
+    /// Process name: the thread-group leader's `comm`.
     pub comm: String,
+    /// Name of the thread that connected (a runtime's worker thread, say),
+    /// when it differs from `comm`; empty otherwise.
+    pub thread: String,
+    /// Executable path (`/proc/<pid>/exe`), when readable.
+    pub exe: Option<Arc<str>>,
+    /// The command line's first word (`argv[0]`), when readable.
+    pub argv0: Option<Arc<str>>,
     pub cgroup_id: u64,
+    /// cgroup path relative to the cgroup2 mount (`/kubepods.slice/...`).
+    pub cgroup: Option<Arc<str>>,
+    /// The Kubernetes pod the cgroup belongs to, when known.
+    pub pod: Option<Arc<PodInfo>>,
 }
 
 impl Workload {
@@ -45,6 +59,20 @@ impl Workload {
     pub fn has_process(&self) -> bool {
         self.pid != 0 && !self.comm.is_empty()
     }
+}
+
+/// A Kubernetes pod, as the API server describes it, with the container a
+/// connection came from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodInfo {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub service_account: Option<String>,
+    /// Name of the container (not its runtime id), when the cgroup names one
+    /// the pod's status lists.
+    pub container: Option<String>,
 }
 
 /// Pod and container, as the cgroup path reveals them.

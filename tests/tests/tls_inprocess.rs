@@ -346,7 +346,15 @@ async fn a_rejected_certificate_can_turn_into_passthrough_for_that_process_and_h
 }
 
 fn workload(comm: &str) -> interceptor::workload::Workload {
-    interceptor::workload::Workload { pid: 4242, tid: 4242, uid: 1000, gid: 1000, comm: comm.into(), cgroup_id: 77 }
+    interceptor::workload::Workload {
+        pid: 4242,
+        tid: 4242,
+        uid: 1000,
+        gid: 1000,
+        comm: comm.into(),
+        cgroup_id: 77,
+        ..Default::default()
+    }
 }
 
 /// A proxy with `passthrough_on_reject = true` whose connections are all
@@ -374,8 +382,15 @@ async fn pinned_setup(
 /// remembered: the next unnamed client is intercepted again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejection_by_an_unknown_process_exempts_nobody() -> Result<()> {
-    let socket_only =
-        interceptor::workload::Workload { pid: 0, tid: 0, uid: 0, gid: 0, comm: String::new(), cgroup_id: 0 };
+    let socket_only = interceptor::workload::Workload {
+        pid: 0,
+        tid: 0,
+        uid: 0,
+        gid: 0,
+        comm: String::new(),
+        cgroup_id: 0,
+        ..Default::default()
+    };
     for who in [None, Some(socket_only)] {
         let (provider, _proxy, pinned, _dir) = pinned_setup(who.clone()).await?;
         for attempt in 0..5 {

@@ -870,7 +870,7 @@ mod tests {
         assert_eq!(limits.total.load(Ordering::Relaxed), 0);
         assert!(limits.per_workload.lock().unwrap().is_empty(), "no entry left behind");
         // A workload with a cgroup is keyed by it, else by the client address.
-        let w = Workload { pid: 1, tid: 1, uid: 0, gid: 0, comm: "x".into(), cgroup_id: 9 };
+        let w = Workload { pid: 1, tid: 1, uid: 0, gid: 0, comm: "x".into(), cgroup_id: 9, ..Default::default() };
         let client = ClientAddr("10.0.0.3:5000".parse().unwrap());
         assert_eq!(WorkloadKey::of(Some(&w), client), WorkloadKey::Cgroup(9));
         assert_eq!(WorkloadKey::of(None, client), WorkloadKey::Client("10.0.0.3".parse().unwrap()));
@@ -955,9 +955,11 @@ mod tests {
         };
         let mut record = ConnectionRecord::new(Arc::new(Metrics::new()), ClientAddr("127.0.0.1:5000".parse().unwrap()));
         record.quiet = true;
-        let known = Workload { pid: 7, tid: 7, uid: 0, gid: 0, comm: "curl".into(), cgroup_id: 0 };
+        let known =
+            Workload { pid: 7, tid: 7, uid: 0, gid: 0, comm: "curl".into(), cgroup_id: 0, ..Default::default() };
         // The socket was found but not its process (iptables mode).
-        let socket_only = Workload { pid: 0, tid: 0, uid: 1000, gid: 0, comm: String::new(), cgroup_id: 9 };
+        let socket_only =
+            Workload { pid: 0, tid: 0, uid: 1000, gid: 0, comm: String::new(), cgroup_id: 9, ..Default::default() };
         assert_eq!(rejection_identity(Some(&known)).as_deref(), Some("curl"));
         assert_eq!(rejection_identity(Some(&socket_only)), None);
         assert_eq!(rejection_identity(None), None);

@@ -482,6 +482,7 @@ fn workload_of(entry: &OrigDst) -> Workload {
         gid: entry.gid,
         comm: String::from_utf8_lossy(&entry.comm[..end]).into_owned(),
         cgroup_id: entry.cgroup_id,
+        ..Default::default()
     }
 }
 

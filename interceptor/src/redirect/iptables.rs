@@ -413,8 +413,18 @@ fn attribute(owners: Option<&Mutex<OwnerSource>>, client: ClientAddr, orig_dst: 
     // its processes remembered.
     let process = owners.and_then(|o| o.lock().unwrap_or_else(|e| e.into_inner()).find(socket.inode, cgroup_id));
     Some(match process {
-        Some(p) => Workload { pid: p.pid, tid: p.pid, uid: socket.uid, gid: p.gid, comm: p.comm, cgroup_id },
-        None => Workload { pid: 0, tid: 0, uid: socket.uid, gid: 0, comm: String::new(), cgroup_id },
+        Some(p) => Workload {
+            pid: p.pid,
+            tid: p.pid,
+            uid: socket.uid,
+            gid: p.gid,
+            comm: p.comm,
+            cgroup_id,
+            ..Default::default()
+        },
+        None => {
+            Workload { pid: 0, tid: 0, uid: socket.uid, gid: 0, comm: String::new(), cgroup_id, ..Default::default() }
+        }
     })
 }
 

@@ -400,6 +400,7 @@ mod wire_tests {
                 gid: 1000,
                 comm: "python3".into(),
                 cgroup_id: 77,
+                ..Default::default()
             }),
         }
     }
