@@ -547,6 +547,9 @@ pub struct Overrides {
     pub app_name: Option<String>,
     /// `AKTO_API_TOKEN`.
     pub akto_token: Option<String>,
+    /// The Akto addon's other variables (`AKTO_GUARDRAILS_MODE`,
+    /// `AKTO_TEXT_THRESHOLD`, `AKTO_LOG_PAYLOADS`), checked by [`Config::load`].
+    pub akto_addon: akto::AddonEnv,
     pub admin: Option<SocketAddr>,
     pub log_format: Option<LogFormat>,
 }
@@ -571,8 +574,13 @@ impl Config {
             None => Self::default(),
         };
         config.apply(overrides);
-        config.validate()?;
-        Ok(config)
+        let mut errors = overrides.akto_addon.errors();
+        match config.validate() {
+            Ok(()) => {}
+            Err(ConfigError::Invalid { errors: more }) => errors.extend(more),
+            Err(other) => return Err(other),
+        }
+        if errors.is_empty() { Ok(config) } else { Err(ConfigError::Invalid { errors }) }
     }
 
     pub fn apply(&mut self, o: &Overrides) {
@@ -600,11 +608,35 @@ impl Config {
         if let Some(token) = o.akto_token.as_ref().filter(|t| !t.is_empty()) {
             self.guardrails.akto.token = Some(token.clone());
         }
+        self.apply_akto_addon(&o.akto_addon);
         if let Some(admin) = o.admin {
             self.admin.address = admin;
         }
         if let Some(format) = o.log_format {
             self.log.format = format;
+        }
+    }
+
+    /// The Akto addon's variables that are valid (the invalid ones are
+    /// [`Config::load`]'s errors). A stream window from
+    /// `AKTO_TEXT_THRESHOLD` that the overlap would not fit in takes a
+    /// sixth of it as overlap (the defaults' ratio, 100 of 600).
+    fn apply_akto_addon(&mut self, env: &akto::AddonEnv) {
+        let g = &mut self.guardrails;
+        if let Ok(Some(mode)) = env.guardrails_mode() {
+            g.stream_mode = match mode {
+                akto::GuardrailsMode::Async => StreamMode::Monitor,
+                akto::GuardrailsMode::Sync => StreamMode::Enforce,
+            };
+        }
+        if let Ok(Some(window)) = env.text_threshold() {
+            g.stream_window = window;
+            if g.stream_overlap >= window {
+                g.stream_overlap = window / 6;
+            }
+        }
+        if let Ok(Some(log)) = env.log_payloads() {
+            g.akto.log_payloads = log;
         }
     }
 
@@ -876,5 +908,45 @@ mod tests {
         c.apply(&Overrides { redirect: Some(RedirectMode::Iptables), port: Some(9), ..Default::default() });
         assert_eq!(c.redirect.mode, RedirectMode::Iptables);
         assert_eq!(c.proxy.port, 9);
+    }
+
+    fn addon_env(mode: &str, threshold: &str, log: &str) -> Overrides {
+        let some = |v: &str| Some(v.to_owned());
+        let akto_addon =
+            akto::AddonEnv { guardrails_mode: some(mode), text_threshold: some(threshold), log_payloads: some(log) };
+        Overrides { akto_addon, ..Default::default() }
+    }
+
+    #[test]
+    fn the_akto_addons_variables_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[guardrails]\nstream_mode = \"monitor\"\nstream_window = 900\nstream_overlap = 50\n").unwrap();
+        let c = Config::load(Some(&path), &addon_env("sync", "1200", "TRUE")).unwrap();
+        assert_eq!(c.guardrails.stream_mode, StreamMode::Enforce);
+        assert_eq!((c.guardrails.stream_window, c.guardrails.stream_overlap), (1200, 50));
+        assert!(c.guardrails.akto.log_payloads);
+        let c = Config::load(Some(&path), &addon_env("async", "", "false")).unwrap();
+        assert_eq!(c.guardrails.stream_mode, StreamMode::Monitor);
+        assert_eq!(c.guardrails.stream_window, 900);
+        assert!(!c.guardrails.akto.log_payloads);
+        // A threshold the default overlap does not fit in.
+        let c = Config::load(None, &addon_env("", "60", "")).unwrap();
+        assert_eq!((c.guardrails.stream_window, c.guardrails.stream_overlap), (60, 10));
+    }
+
+    #[test]
+    fn invalid_akto_addon_variables_are_reported_with_the_files_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[redirect]\nports = [0]\n").unwrap();
+        let ConfigError::Invalid { errors } = Config::load(Some(&path), &addon_env("blocking", "x", "1")).unwrap_err()
+        else {
+            panic!("must be invalid")
+        };
+        for needle in ["AKTO_GUARDRAILS_MODE", "AKTO_TEXT_THRESHOLD", "AKTO_LOG_PAYLOADS", "redirect.ports"] {
+            assert!(errors.iter().any(|e| e.contains(needle)), "{needle} missing: {errors:#?}");
+        }
+        assert!(Config::load(None, &addon_env("sync", "0", "")).is_err());
     }
 }

@@ -250,7 +250,9 @@ pub fn build_guardrails(config: &Config) -> anyhow::Result<(Option<String>, Guar
         None
     };
     let akto = if g.backends.contains(&Backend::Akto) {
-        Some(Arc::new(AktoClient::new(g.akto.clone()).context("preparing the Akto backend")?))
+        let akto = AktoClient::new(g.akto.clone()).context("preparing the Akto backend")?;
+        akto.log_settings(g);
+        Some(Arc::new(akto))
     } else {
         None
     };

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use interceptor::{
     app,
     ca::{self, CertificateAuthority, TrustStore},
-    config::{Config, Overrides, RedirectMode},
+    config::{Config, Overrides, RedirectMode, akto::AddonEnv},
     dataplane, doctor, error, guardrails, redirect,
     telemetry::{self, LogFormat},
     webhook,
@@ -214,6 +214,16 @@ struct RunArgs {
     /// Token sent to Akto as `Authorization` (prefer the environment).
     #[arg(long, env = "AKTO_API_TOKEN", hide_env_values = true)]
     akto_token: Option<String>,
+    /// Streams checked by Akto: `async` forwards at once (`guardrails.stream_mode
+    /// = "monitor"`), `sync` waits for each verdict (`"enforce"`).
+    #[arg(long, env = "AKTO_GUARDRAILS_MODE", value_name = "sync|async")]
+    akto_guardrails_mode: Option<String>,
+    /// Characters of streamed text per check (`guardrails.stream_window`).
+    #[arg(long, env = "AKTO_TEXT_THRESHOLD", value_name = "CHARS")]
+    akto_text_threshold: Option<String>,
+    /// Log the bodies sent to Akto and its replies (`guardrails.akto.log_payloads`).
+    #[arg(long, env = "AKTO_LOG_PAYLOADS", value_name = "true|false")]
+    akto_log_payloads: Option<String>,
 }
 
 impl RunArgs {
@@ -226,6 +236,11 @@ impl RunArgs {
             akto_url: self.akto_url.clone(),
             app_name: self.app_name.clone(),
             akto_token: self.akto_token.clone(),
+            akto_addon: AddonEnv {
+                guardrails_mode: self.akto_guardrails_mode.clone(),
+                text_threshold: self.akto_text_threshold.clone(),
+                log_payloads: self.akto_log_payloads.clone(),
+            },
             admin: self.admin,
             log_format: self.log_format,
         }

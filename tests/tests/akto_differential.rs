@@ -23,9 +23,10 @@
 //! intended one, listed with its reason in [`ALLOWED`] or in the scenario's
 //! own list; anything else fails the test with the differences printed.
 //!
-//! Scenarios the interceptor does not pass yet are `#[ignore]`d with the item
-//! of issue 15 that fixes them; `cargo test --test akto_differential --
-//! --ignored` runs them and prints their differences.
+//! Where the addon's behaviour is a bug (it breaks the provider call, lets
+//! through what Akto redacted, or ignores what Akto said), the interceptor
+//! keeps its own and the difference is listed with why; README's Akto
+//! section lists the same differences for users.
 
 use std::{
     path::{Path, PathBuf},
@@ -261,8 +262,7 @@ fn masked_messages() -> Value {
 }
 
 // ---------------------------------------------------------------------------
-// Scenarios. One test each; those the interceptor does not pass yet are
-// ignored with the item of issue 15 that fixes them.
+// Scenarios. One test each.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_json_allowed() -> Result<()> {
@@ -285,13 +285,11 @@ async fn anthropic_stream_allowed() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 15 item 2: a body without `messages` is sent as {\"raw\": {\"raw\": \"<string>\"}}, the addon sends {\"raw\": <parsed body>}"]
 async fn responses_json_allowed() -> Result<()> {
     compare("responses_json_allowed", Scenario::responses(responses(false))).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 15 item 2: a body without `messages` is sent as {\"raw\": {\"raw\": \"<string>\"}}, the addon sends {\"raw\": <parsed body>}"]
 async fn responses_stream_allowed() -> Result<()> {
     let scenario = Scenario {
         // The addon reads no text from a Responses-API stream (its deltas
@@ -302,6 +300,48 @@ async fn responses_stream_allowed() -> Result<()> {
     };
     compare("responses_stream_allowed", scenario).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_request_modified() -> Result<()> {
+    const NAME: &str = "responses_request_modified";
+    let Some(bench) = Bench::start(NAME).await? else { return Ok(()) };
+    // Akto redacts what its request check was sent for a body without
+    // `messages`, `{"raw": <body>}`, and answers it in the same shape.
+    let mut redacted = responses(false);
+    redacted["input"] = json!("My card is [CARD]. What is the capital of France?");
+    let scenario = Scenario {
+        request_reply: Reply::modified(&json!({ "raw": redacted }).to_string()),
+        allowed: RAW_MODIFY_IS_MERGED,
+        ..Scenario::responses(responses(false))
+    };
+    let seen = bench.compare(NAME, &scenario).await?;
+    // The allow-list says where the two differ; this says the interceptor's
+    // provider got exactly the redacted body, and Akto's response check the
+    // same, once wrapped.
+    assert_eq!(seen.interceptor["provider"][0]["body"], redacted);
+    assert_eq!(seen.interceptor["akto"]["response#1"]["body"]["requestPayload"]["$json"], json!({ "raw": redacted }));
+    Ok(())
+}
+
+/// A `ModifiedPayload` of `{"raw": <redacted body>}`: the addon writes it
+/// over the body as it is, so the provider gets `{"raw": {...}}` with no
+/// top-level `model` or `input` (a call a real provider rejects) and its
+/// response check wraps that again; the interceptor takes the redacted body
+/// out of `raw` and merges it into the original, so the provider gets the
+/// original call with the card masked. The fake provider's answer differs
+/// where it echoes the request's model.
+const RAW_MODIFY_IS_MERGED: &[Allowed] = &[
+    allow("provider.0.body.raw", Shape::OnlyAddon),
+    allow("provider.0.body.model", Shape::OnlyInterceptor),
+    allow("provider.0.body.instructions", Shape::OnlyInterceptor),
+    allow("provider.0.body.input", Shape::OnlyInterceptor),
+    allow("client.body.model", Shape::Differs),
+    allow("akto.response#1.body.requestPayload.$json.raw.raw", Shape::OnlyAddon),
+    allow("akto.response#1.body.requestPayload.$json.raw.model", Shape::OnlyInterceptor),
+    allow("akto.response#1.body.requestPayload.$json.raw.instructions", Shape::OnlyInterceptor),
+    allow("akto.response#1.body.requestPayload.$json.raw.input", Shape::OnlyInterceptor),
+    allow("akto.response#1.body.responsePayload.$json.model", Shape::Differs),
+];
 
 /// The interceptor checks the text of a Responses-API stream; the addon's
 /// SSE reader knows only chat-completion and Anthropic deltas and sends no
@@ -320,7 +360,6 @@ async fn request_blocked_with_reason() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 15 item 3: with no Reason, the 403 says \"blocked by guardrail policy\", the addon's says \"Blocked by Akto request guardrails\""]
 async fn request_blocked_without_reason() -> Result<()> {
     let scenario = Scenario {
         request_reply: Reply::blocked(""),
@@ -343,7 +382,6 @@ async fn anthropic_request_blocked() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 15 item 1: after a modify, the response check's requestPayload is the original prompt, the addon's is the modified one"]
 async fn request_modified_whole_body() -> Result<()> {
     let mut modified = chat(false);
     modified["messages"] = masked_messages();
@@ -352,7 +390,6 @@ async fn request_modified_whole_body() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 15 item 1: after a modify, the response check's requestPayload is the original prompt, the addon's is the modified one"]
 async fn request_modified_messages_only() -> Result<()> {
     let modified = json!({ "messages": masked_messages() }).to_string();
     let scenario = Scenario {
@@ -366,7 +403,7 @@ async fn request_modified_messages_only() -> Result<()> {
 /// A `ModifiedPayload` of `{"messages": [...]}` only: the addon writes it
 /// over the whole body, dropping `model`, `max_tokens`, `stream`, `tools`
 /// (a call a real provider rejects); the interceptor merges the messages
-/// back into the body (issue 15: keep the better behaviour). The fake
+/// back into the body (the better behaviour is kept). The fake
 /// provider's answer then differs where it echoes the request: the model
 /// (its default when none is sent) and the request's size.
 const MESSAGES_ONLY_MODIFY_KEEPS_THE_BODY: &[Allowed] = &[
@@ -384,7 +421,6 @@ const MESSAGES_ONLY_MODIFY_KEEPS_THE_BODY: &[Allowed] = &[
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 15 item 3: a ModifiedPayload that is not JSON is dropped (fail open: the original goes to the provider); the addon forwards it as the body"]
 async fn request_modified_not_json() -> Result<()> {
     let scenario = Scenario {
         request_reply: Reply::modified("My card is [CARD]. What is the capital of France?"),
@@ -469,7 +505,7 @@ async fn request_alert() -> Result<()> {
 /// `Allowed: false` with `behaviour: alert`: the addon forwards the call
 /// and only logs it; the interceptor, by default, blocks every verdict that
 /// is not allowed, as the product's documented contract says
-/// (`akto.block_on_disallowed`; issue 15: keep the better behaviour). So the
+/// (`akto.block_on_disallowed`; the documented contract is kept). So the
 /// client gets the 403 contract, the provider is not called, and there is
 /// no response check.
 const ALERT_IS_ENFORCED: &[Allowed] = &[
@@ -491,7 +527,6 @@ async fn response_blocked_with_reason() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 15 item 3: with no Reason, the 403 says \"response blocked by guardrail policy\", the addon's says \"Blocked by Akto response guardrails\""]
 async fn response_blocked_without_reason() -> Result<()> {
     let scenario = Scenario { response_reply: Reply::blocked(""), addon_status: 403, ..Scenario::openai(chat(false)) };
     compare("response_blocked_without_reason", scenario).await
@@ -526,7 +561,7 @@ async fn response_modified() -> Result<()> {
     let mut answer = bench.direct(&scenario).await?;
     answer["choices"][0]["message"]["content"] = json!("[REDACTED]");
     scenario.response_reply = Reply::modified(&answer.to_string());
-    bench.compare(NAME, &scenario).await
+    bench.compare(NAME, &scenario).await.map(drop)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -537,7 +572,6 @@ async fn akto_answers_500() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 15 item 3: no response check (and so no ingestion) for a provider's non-2xx answer; the addon sends one"]
 async fn provider_answers_429() -> Result<()> {
     let scenario = Scenario {
         headers: &[("authorization", "Bearer sk-test-openai-key"), ("x-fake-status", "429")],
@@ -585,9 +619,15 @@ struct Seen {
     log: Option<String>,
 }
 
+/// What the comparison compared: each side's view (`client`, `provider`,
+/// `akto`), for a scenario that asserts more.
+struct Compared {
+    interceptor: Value,
+}
+
 async fn compare(name: &str, scenario: Scenario) -> Result<()> {
     let Some(bench) = Bench::start(name).await? else { return Ok(()) };
-    bench.compare(name, &scenario).await
+    bench.compare(name, &scenario).await.map(drop)
 }
 
 impl Bench {
@@ -605,7 +645,7 @@ impl Bench {
 
     /// Runs `scenario` through both proxies and fails on any difference not
     /// allowed.
-    async fn compare(&self, name: &str, scenario: &Scenario) -> Result<()> {
+    async fn compare(&self, name: &str, scenario: &Scenario) -> Result<Compared> {
         let started = unix_ms();
         self.akto.set_request_reply(scenario.request_reply.clone());
         self.akto.set_response_reply(scenario.response_reply.clone());
@@ -662,7 +702,7 @@ impl Bench {
                 allowed.len(),
             );
         }
-        Ok(())
+        Ok(Compared { interceptor: b })
     }
 
     /// The scenario's request straight to the fake provider: its answer.

@@ -59,6 +59,53 @@ fn check_config_reports_every_error_and_exits_2() -> Result<()> {
     Ok(())
 }
 
+/// `check-config` with the Akto addon's variables set (and no others).
+fn check_config_with_addon_env(vars: &[(&str, &str)]) -> Result<std::process::Output> {
+    let mut command = Command::new(interceptor_bin());
+    for name in ["AKTO_URL", "APP_NAME", "AKTO_API_TOKEN", "AKTO_GUARDRAILS_MODE", "AKTO_TEXT_THRESHOLD", "AKTO_LOG_PAYLOADS"] {
+        command.env_remove(name);
+    }
+    command.env_remove("INTERCEPTOR_CONFIG");
+    Ok(command.envs(vars.iter().copied()).arg("check-config").output()?)
+}
+
+#[test]
+fn the_akto_addons_variables_keep_their_meaning() -> Result<()> {
+    let out = check_config_with_addon_env(&[
+        ("AKTO_URL", "http://akto.example:9090"),
+        ("AKTO_GUARDRAILS_MODE", "sync"),
+        ("AKTO_TEXT_THRESHOLD", "300"),
+        ("AKTO_LOG_PAYLOADS", "true"),
+    ])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout)?;
+    for line in [
+        "url = \"http://akto.example:9090\"",
+        "stream_mode = \"enforce\"",
+        "stream_window = 300",
+        "log_payloads = true",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+    }
+
+    // Invalid values: exit 2, each named, before anything starts.
+    let out = check_config_with_addon_env(&[
+        ("AKTO_GUARDRAILS_MODE", "synchronous"),
+        ("AKTO_TEXT_THRESHOLD", "six hundred"),
+        ("AKTO_LOG_PAYLOADS", "1"),
+    ])?;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "AKTO_GUARDRAILS_MODE=\"synchronous\": must be \"sync\" or \"async\"",
+        "AKTO_TEXT_THRESHOLD=\"six hundred\": must be a positive number",
+        "AKTO_LOG_PAYLOADS=\"1\": must be \"true\" or \"false\"",
+    ] {
+        assert!(err.contains(needle), "missing {needle} in:\n{err}");
+    }
+    Ok(())
+}
+
 #[test]
 fn check_config_lists_each_ai_domain_with_its_request_formats() -> Result<()> {
     let dir = tempfile::tempdir()?;

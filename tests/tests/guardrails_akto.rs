@@ -31,10 +31,20 @@ struct Setup {
     akto: FakeAkto,
     proxy: InProcessProxy,
     audit: std::path::PathBuf,
+    metrics: Arc<Metrics>,
     _dir: tempfile::TempDir,
 }
 
 async fn setup(backends: Vec<Backend>, fail: FailMode, timeout: Duration) -> Result<Setup> {
+    setup_with(backends, fail, timeout, |_| {}).await
+}
+
+async fn setup_with(
+    backends: Vec<Backend>,
+    fail: FailMode,
+    timeout: Duration,
+    tweak: impl FnOnce(&mut AktoConfig),
+) -> Result<Setup> {
     let pki = TestPki::with_defaults()?;
     let provider = FakeProvider::start(std::net::TcpListener::bind("127.0.0.1:0")?, &pki)?;
     let akto = FakeAkto::start()?;
@@ -48,6 +58,8 @@ async fn setup(backends: Vec<Backend>, fail: FailMode, timeout: Duration) -> Res
         stream_timeout: timeout,
         ..AktoConfig::default()
     };
+    let mut akto_cfg = akto_cfg;
+    tweak(&mut akto_cfg);
     let cfg = GuardrailsConfig {
         backends: backends.clone(),
         fail_mode_request: fail,
@@ -64,11 +76,12 @@ async fn setup(backends: Vec<Backend>, fail: FailMode, timeout: Duration) -> Res
     let (_, rx) = watch::channel(Arc::new(guardrails));
     let metrics = Arc::new(Metrics::new());
     let audit = dir.path().join("audit.jsonl");
-    let pipeline = Pipeline::new(rx, AuditLog::start(Some(audit.clone()), Arc::clone(&metrics)), metrics);
+    let pipeline =
+        Pipeline::new(rx, AuditLog::start(Some(audit.clone()), Arc::clone(&metrics)), Arc::clone(&metrics));
     let proxy =
         InProcessProxy::start(provider.local_addr(), &upstream_ca, DomainsConfig::default(), Some(Arc::new(pipeline)))
             .await?;
-    Ok(Setup { provider, akto, proxy, audit, _dir: dir })
+    Ok(Setup { provider, akto, proxy, audit, metrics, _dir: dir })
 }
 
 fn chat_body(prompt: &str) -> String {
@@ -205,6 +218,104 @@ async fn backend_errors_follow_the_fail_mode() -> Result<()> {
     assert_eq!(post(&closed, &chat_body("b")).await?.status(), 503);
     assert!(started.elapsed() < Duration::from_millis(1500), "the timeout bounds the wait");
     assert!(closed.provider.requests().is_empty());
+    Ok(())
+}
+
+/// The audit file's events once it holds `n` of them (they are written off
+/// the request path), within 5 s.
+async fn audit_events(s: &Setup, n: usize) -> Result<Vec<Value>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&s.audit).unwrap_or_default();
+        let events: Vec<Value> = text.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+        if events.len() >= n {
+            return Ok(events);
+        }
+        assert!(std::time::Instant::now() < deadline, "{n} audit events expected, got: {text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verdict_akto_failed_to_reach_is_an_error_never_an_allow() -> Result<()> {
+    // Akto's guardrail service timed out and answered "allowed" on its own
+    // (`failOpen`). Failing open: forwarded, but audited and counted as the
+    // failure it is.
+    let open = setup(vec![Backend::Akto], FailMode::Open, Duration::from_secs(5)).await?;
+    open.akto.set_request_reply(Reply::fail_open());
+    open.akto.set_response_reply(Reply::allowed());
+    assert_eq!(post(&open, &chat_body("hello")).await?.status(), 200);
+    assert_eq!(open.provider.requests().len(), 1);
+    let events = audit_events(&open, 2).await?;
+    let request = events.iter().find(|e| e["direction"] == "request").expect("a request event");
+    assert_eq!(request["decision"], "error", "{request}");
+    let reasons = request["reasons"].to_string();
+    assert!(reasons.contains("failed open (guardrails service timeout)"), "{reasons}");
+    let metrics = open.metrics.encode();
+    assert!(
+        metrics.contains("interceptor_guardrail_backend_errors_total{backend=\"akto\",kind=\"fail_open\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("direction=\"request\",action=\"error\""), "{metrics}");
+
+    // Failing closed, nothing was checked, as when Akto is down: refused.
+    let closed = setup(vec![Backend::Akto], FailMode::Closed, Duration::from_secs(5)).await?;
+    closed.akto.set_request_reply(Reply::fail_open());
+    let resp = post(&closed, &chat_body("hello")).await?;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["x-akto-guardrails-decision"], "blocked");
+    assert!(closed.provider.requests().is_empty());
+    let events = audit_events(&closed, 1).await?;
+    assert_eq!(events[0]["decision"], "block", "{}", events[0]);
+    assert!(events[0]["reasons"].to_string().contains("failed open"), "{}", events[0]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_errors_are_checked_and_a_redacted_text_payload_is_forwarded() -> Result<()> {
+    let s = setup(vec![Backend::Akto], FailMode::Open, Duration::from_secs(5)).await?;
+    // A 429 gets a response check (which is what Akto records), with its
+    // status and body.
+    let client = client_for("api.openai.com", s.proxy.addr, &[&s.proxy.ca_pem], false)?;
+    let resp = client
+        .post("https://api.openai.com/v1/chat/completions")
+        .header("content-type", "application/json")
+        .header("x-fake-status", "429")
+        .body(chat_body("hello"))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 429);
+    let calls = s.akto.calls();
+    let response = calls.iter().find(|c| c.query_param("response_guardrails") == Some("true")).expect("a check");
+    assert_eq!(response.body["statusCode"], "429");
+    assert!(response.body["responsePayload"].as_str().is_some_and(|p| p.contains("error")), "{:?}", response.body);
+
+    // A ModifiedPayload that is not JSON is what the provider gets, as the
+    // addon sends it: the original would carry what Akto redacted.
+    s.akto.set_request_reply(Reply::modified("my card is [CARD]"));
+    assert_eq!(post(&s, &chat_body("my card is 4111 1111 1111 1111")).await?.status(), 200);
+    let sent = s.provider.requests();
+    assert_eq!(sent.last().map(|r| r.body.as_slice()), Some(&b"my card is [CARD]"[..]));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_payloads_logs_what_akto_is_sent_and_answers_but_never_the_token() -> Result<()> {
+    captured_log();
+    let s = setup_with(vec![Backend::Akto], FailMode::Open, Duration::from_secs(5), |c| c.log_payloads = true).await?;
+    s.akto.set_request_reply(Reply::blocked("payload-log-marker-reason"));
+    assert_blocked(post(&s, &chat_body("payload-log-marker-prompt")).await?, "payload-log-marker-reason").await?;
+    let log = String::from_utf8_lossy(&captured_log().lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("payload-log-marker")).collect();
+    assert!(lines.iter().any(|l| l.contains("akto call") && l.contains("payload-log-marker-prompt")), "{lines:#?}");
+    assert!(lines.iter().any(|l| l.contains("akto reply") && l.contains("payload-log-marker-reason")), "{lines:#?}");
+    // The per-check line, as the addon's `decision=BLOCKED | <reason>`.
+    assert!(
+        lines.iter().any(|l| l.contains("akto verdict") && l.contains("\"decision\":\"block\"")),
+        "{lines:#?}"
+    );
+    assert!(!log.contains("akto-secret-token"), "the token is logged");
+    assert!(!log.contains("sk-user-key"), "the client's key is logged");
     Ok(())
 }
 

@@ -31,19 +31,14 @@ impl Backend for Arc<AktoClient> {
     async fn check(&self, check: &Check<'_>) -> Result<Verdict, BackendError> {
         match check.phase {
             Phase::Request => {
-                let body = check.body();
-                let payload = akto_payload(check.doc, &body);
-                let call = CallInfo { request_body: body, ..call_info(check) };
-                let v = self.check_request(&call, &payload).await.map_err(failed)?;
-                let mut verdict = verdict(&v, "blocked by guardrail policy");
+                let call = CallInfo { request_body: check.body(), ..call_info(check) };
+                let v = self.check_request(&call, check.doc).await.map_err(failed)?;
+                judged(&v)?;
+                let mut verdict = verdict(&v, REQUEST_BLOCKED);
                 if verdict.block.is_none()
                     && let Some(modified) = v.modified_payload
                 {
-                    verdict.rewrite = Some(match check.doc.map(|d| merge_modified_payload(d, &modified)) {
-                        Some(Ok(merged)) => Rewrite::Doc(merged),
-                        Some(Err(error)) => Rewrite::Unusable(error.to_string()),
-                        None => Rewrite::Raw(modified),
-                    });
+                    verdict.rewrite = Some(rewrite(check.doc, modified));
                 }
                 Ok(verdict)
             }
@@ -51,14 +46,12 @@ impl Backend for Arc<AktoClient> {
                 let (status, headers) = response_head(check);
                 let payload = String::from_utf8_lossy(check.original);
                 let v = self.check_response(&call_info(check), status, &headers, &payload).await.map_err(failed)?;
-                let mut verdict = verdict(&v, "response blocked by guardrail policy");
+                judged(&v)?;
+                let mut verdict = verdict(&v, RESPONSE_BLOCKED);
                 if verdict.block.is_none()
                     && let Some(modified) = v.modified_payload
                 {
-                    verdict.rewrite = Some(match check.doc.map(|d| merge_modified_payload(d, &modified)) {
-                        Some(Ok(merged)) => Rewrite::Doc(merged),
-                        _ => Rewrite::Unusable("unusable modified payload".into()),
-                    });
+                    verdict.rewrite = Some(rewrite(check.doc, modified));
                 }
                 Ok(verdict)
             }
@@ -68,16 +61,18 @@ impl Backend for Arc<AktoClient> {
                 let call = call_info(check);
                 if check.wait {
                     let v = self.check_stream_batch(&call, status, &headers, &text).await.map_err(failed)?;
+                    judged(&v)?;
                     // A stream cannot take a modified payload.
-                    return Ok(verdict(&v, "response blocked by guardrail policy"));
+                    return Ok(verdict(&v, RESPONSE_BLOCKED));
                 }
                 // Monitor: never wait on the network in the stream path.
                 let akto = Arc::clone(self);
                 tokio::spawn(async move {
                     match akto.check_stream_batch(&call, status, &headers, &text).await {
-                        Ok(v) if v.block || !v.allowed => tracing::warn!(
+                        Ok(v) if v.block || !v.allowed || v.unjudged() => tracing::warn!(
                             request_id = %call.request_id,
-                            reason = v.reason.as_deref().unwrap_or(""),
+                            decision = v.decision(),
+                            reason = v.reason.as_deref().or(v.error.as_deref()).unwrap_or(""),
                             "stream flagged by the remote guardrail (monitor mode: not cut)"
                         ),
                         Ok(_) => {}
@@ -94,18 +89,60 @@ impl Backend for Arc<AktoClient> {
         if by == Stage::Akto {
             return;
         }
-        let (akto, call, payload, rule, reason) = (
+        let (akto, call, doc, rule, reason) = (
             Arc::clone(self),
-            call_info(check),
-            akto_payload(check.doc, check.original),
+            CallInfo { request_body: check.body(), ..call_info(check) },
+            check.doc.cloned(),
             rule.to_owned(),
             reason.to_owned(),
         );
         tokio::spawn(async move {
-            if let Err(error) = akto.report_local_block(&call, &payload, &rule, &reason).await {
+            if let Err(error) = akto.report_local_block(&call, doc.as_ref(), &rule, &reason).await {
                 tracing::debug!(%error, "could not report a local block to Akto");
             }
         });
+    }
+}
+
+/// The addon's texts for a block without a `Reason`.
+const REQUEST_BLOCKED: &str = "Blocked by Akto request guardrails";
+const RESPONSE_BLOCKED: &str = "Blocked by Akto response guardrails";
+
+/// A verdict Akto's guardrail service did not reach (`failOpen`, or an
+/// `error`) is a failure of the backend, not an allow: the fail mode
+/// decides. Open: forwarded, audited as `decision: "error"` with the reason,
+/// counted as `guardrail_backend_errors{kind="fail_open"}` (or
+/// `"service_error"`). Closed: refused with `503`, as when Akto cannot be
+/// reached at all, since nothing was checked either way.
+fn judged(v: &RemoteVerdict) -> Result<(), BackendError> {
+    if !v.unjudged() {
+        return Ok(());
+    }
+    let (kind, what) = if v.fail_open {
+        ("fail_open", "its guardrail service failed open")
+    } else {
+        ("service_error", "its guardrail service reported an error")
+    };
+    let message = match &v.error {
+        Some(error) => format!("{what} ({error})"),
+        None => what.to_owned(),
+    };
+    Err(BackendError { kind, message })
+}
+
+/// A `ModifiedPayload` as a change to the body: JSON is merged into the
+/// body ([`merge_modified_payload`]); text that is not JSON becomes the
+/// body, as the addon writes it (forwarding the original instead would let
+/// through what Akto redacted); JSON that does not fit the body is a
+/// failure, and the fail mode decides.
+fn rewrite(doc: Option<&Value>, modified: String) -> Rewrite {
+    let Some(doc) = doc else { return Rewrite::Raw(modified) };
+    if serde_json::from_str::<serde::de::IgnoredAny>(&modified).is_err() {
+        return Rewrite::Raw(modified);
+    }
+    match merge_modified_payload(doc, &modified) {
+        Ok(merged) => Rewrite::Doc(merged),
+        Err(error) => Rewrite::Unusable(error.to_string()),
     }
 }
 
@@ -137,15 +174,6 @@ fn visible_headers(headers: &http::HeaderMap) -> Vec<(String, String)> {
     headers.iter().filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_string(), v.to_string()))).collect()
 }
 
-/// What Akto's `requestPayload` holds for a request check: `{"messages":
-/// [...]}` when the body has messages, else `{"raw": <body>}`.
-fn akto_payload(doc: Option<&Value>, raw: &[u8]) -> String {
-    match doc.and_then(|d| d.get("messages")) {
-        Some(messages) => serde_json::json!({ "messages": messages }).to_string(),
-        None => serde_json::json!({ "raw": String::from_utf8_lossy(raw) }).to_string(),
-    }
-}
-
 /// Folds Akto's verdict: its rule and policy noted, its reason recorded; a
 /// block (with `default_reason` when Akto gives none), or an alert when it
 /// disallows without blocking.
@@ -174,10 +202,60 @@ fn failed(error: AktoError) -> BackendError {
 mod tests {
     use super::*;
 
+    fn remote(tweak: impl FnOnce(&mut RemoteVerdict)) -> RemoteVerdict {
+        let mut v = RemoteVerdict { allowed: true, ..RemoteVerdict::default() };
+        tweak(&mut v);
+        v
+    }
+
     #[test]
-    fn akto_payload_prefers_messages() {
-        let doc = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
-        assert_eq!(akto_payload(Some(&doc), b""), r#"{"messages":[{"role":"user","content":"hi"}]}"#);
-        assert_eq!(akto_payload(None, b"plain"), r#"{"raw":"plain"}"#);
+    fn a_block_without_reason_says_what_the_addon_says() {
+        let v = remote(|v| {
+            v.allowed = false;
+            v.block = true;
+        });
+        assert_eq!(verdict(&v, REQUEST_BLOCKED).block.unwrap().reason, "Blocked by Akto request guardrails");
+        assert_eq!(verdict(&v, RESPONSE_BLOCKED).block.unwrap().reason, "Blocked by Akto response guardrails");
+        let v = remote(|v| {
+            v.block = true;
+            v.reason = Some("card".into());
+        });
+        assert_eq!(verdict(&v, REQUEST_BLOCKED).block.unwrap().reason, "card");
+    }
+
+    #[test]
+    fn an_unjudged_verdict_is_a_failure() {
+        assert!(judged(&remote(|_| {})).is_ok());
+        let e = judged(&remote(|v| {
+            v.fail_open = true;
+            v.error = Some("guardrails service timeout".into());
+        }))
+        .unwrap_err();
+        assert_eq!(e.kind, "fail_open");
+        assert_eq!(e.message, "its guardrail service failed open (guardrails service timeout)");
+        let e = judged(&remote(|v| v.error = Some("scanner crashed".into()))).unwrap_err();
+        assert_eq!(e.kind, "service_error");
+        // A block stands, whatever else the verdict says.
+        assert!(
+            judged(&remote(|v| {
+                v.block = true;
+                v.fail_open = true;
+            }))
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn modified_payloads_become_rewrites() {
+        let body = serde_json::json!({"model": "gpt-4.1", "input": "card 4111"});
+        let echoed = serde_json::json!({"raw": {"model": "gpt-4.1", "input": "card [X]"}}).to_string();
+        match rewrite(Some(&body), echoed) {
+            Rewrite::Doc(doc) => assert_eq!(doc, serde_json::json!({"model": "gpt-4.1", "input": "card [X]"})),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(rewrite(Some(&body), "card [X]".into()), Rewrite::Raw(t) if t == "card [X]"));
+        assert!(matches!(rewrite(None, "card [X]".into()), Rewrite::Raw(_)));
+        let messages = serde_json::json!({"messages": []}).to_string();
+        assert!(matches!(rewrite(Some(&body), messages), Rewrite::Unusable(_)));
     }
 }

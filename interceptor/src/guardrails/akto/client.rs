@@ -8,17 +8,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderValue;
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::config::akto::endpoint_url;
+use crate::config::{GuardrailsConfig, StreamMode, akto::endpoint_url};
 
 use super::{
     AktoConfig, AktoError, CheckKind,
     breaker::{Breaker, CircuitState, Transition},
     wire::{
         CallInfo, MAX_ERROR_BODY, RemoteVerdict, Stamp, action_errors, normalize_app_name, parse_verdict,
-        truncate_lossy,
+        redact_path, request_payload, truncate_lossy,
     },
 };
 
@@ -106,6 +106,35 @@ impl AktoClient {
         Ok(Self { http, endpoint, request_url, response_url, ingest_url, token, app_host, cfg, breaker })
     }
 
+    /// The addon's start-up line (`[AKTO] starting | url=… | mode=… |
+    /// threshold=… | log_payloads=… | stream_timeout=…`), with what the
+    /// guardrail settings `g` add: fail modes, the overlap, the backend
+    /// order. The token is named only as set or not.
+    pub fn log_settings(&self, g: &GuardrailsConfig) {
+        let mode = match g.stream_mode {
+            StreamMode::Monitor => "async",
+            StreamMode::Enforce => "sync",
+        };
+        tracing::info!(
+            url = %self.endpoint,
+            app_name = %self.cfg.app_name,
+            token = self.token.is_some(),
+            mode,
+            stream_mode = ?g.stream_mode,
+            threshold = g.stream_window,
+            overlap = g.stream_overlap,
+            log_payloads = self.cfg.log_payloads,
+            request_timeout = ?self.cfg.request_timeout,
+            stream_timeout = ?self.cfg.stream_timeout,
+            fail_mode_request = ?g.fail_mode_request,
+            fail_mode_response = ?g.fail_mode_response,
+            block_on_disallowed = self.cfg.block_on_disallowed,
+            ingest = self.cfg.ingest,
+            backends = ?g.backends,
+            "akto backend ready"
+        );
+    }
+
     pub fn config(&self) -> &AktoConfig {
         &self.cfg
     }
@@ -119,9 +148,12 @@ impl AktoClient {
         self.breaker.state(Instant::now())
     }
 
-    /// Checks a request body (`guardrails=true`) before it goes upstream.
-    pub async fn check_request(&self, call: &CallInfo, request_payload_json: &str) -> Result<RemoteVerdict, AktoError> {
-        let body = self.stamp().body(call, request_payload_json.as_bytes(), None, &[], String::new(), &[])?;
+    /// Checks a request body (`guardrails=true`) before it goes upstream:
+    /// `call.request_body`, with `doc` its parsed form when known (see
+    /// [`request_payload`]).
+    pub async fn check_request(&self, call: &CallInfo, doc: Option<&Value>) -> Result<RemoteVerdict, AktoError> {
+        let payload = request_payload(doc, &call.request_body)?;
+        let body = self.stamp().body(call, payload, None, &[], String::new(), &[])?;
         self.check(CheckKind::Request, call, body, self.cfg.request_timeout).await
     }
 
@@ -133,14 +165,9 @@ impl AktoClient {
         response_headers: &[(String, String)],
         response_payload: &str,
     ) -> Result<RemoteVerdict, AktoError> {
-        let body = self.stamp().body(
-            call,
-            &call.request_body,
-            Some(response_status),
-            response_headers,
-            response_payload.to_owned(),
-            &[],
-        )?;
+        let payload = request_payload(None, &call.request_body)?;
+        let body =
+            self.stamp().body(call, payload, Some(response_status), response_headers, response_payload.to_owned(), &[])?;
         self.check(CheckKind::Response, call, body, self.cfg.request_timeout).await
     }
 
@@ -156,18 +183,19 @@ impl AktoClient {
     ) -> Result<RemoteVerdict, AktoError> {
         let payload = json!({"content": [{"type": "text", "text": text}]});
         let payload = serde_json::to_string(&payload).map_err(AktoError::Encode)?;
-        let body =
-            self.stamp().body(call, &call.request_body, Some(response_status), response_headers, payload, &[])?;
+        let request = request_payload(None, &call.request_body)?;
+        let body = self.stamp().body(call, request, Some(response_status), response_headers, payload, &[])?;
         self.check(CheckKind::StreamBatch, call, body, self.cfg.stream_timeout).await
     }
 
     /// Ingests an exchange without asking for a verdict (`ingest_data=true`
-    /// only). `annotations` are added to the `metadata` JSON string. A no-op
-    /// when ingestion is off.
+    /// only): `call.request_body` (`doc` its parsed form, when known) and
+    /// the response. `annotations` are added to the `metadata` JSON string.
+    /// A no-op when ingestion is off.
     pub async fn ingest(
         &self,
         call: &CallInfo,
-        request_payload_json: &str,
+        doc: Option<&Value>,
         response_status: u16,
         response_headers: &[(String, String)],
         response_payload: &str,
@@ -178,7 +206,7 @@ impl AktoClient {
         }
         let body = self.stamp().body(
             call,
-            request_payload_json.as_bytes(),
+            request_payload(doc, &call.request_body)?,
             Some(response_status),
             response_headers,
             response_payload.to_owned(),
@@ -196,7 +224,7 @@ impl AktoClient {
     pub async fn report_local_block(
         &self,
         call: &CallInfo,
-        request_payload_json: &str,
+        doc: Option<&Value>,
         rule: &str,
         reason: &str,
     ) -> Result<(), AktoError> {
@@ -211,7 +239,7 @@ impl AktoClient {
             ("guardrail_rule", rule),
             ("guardrail_reason", reason),
         ];
-        self.ingest(call, request_payload_json, 403, &headers, &response, &annotations).await
+        self.ingest(call, doc, 403, &headers, &response, &annotations).await
     }
 
     async fn check(
@@ -231,13 +259,28 @@ impl AktoClient {
             .await;
         let latency_ms = started.elapsed().as_millis() as u64;
         match &result {
-            Ok(v) => tracing::debug!(
+            Ok(v) if v.unjudged() => tracing::warn!(
                 check = kind.as_str(),
                 request_id = %call.request_id,
                 latency_ms,
-                allowed = v.allowed,
-                block = v.block,
-                modified = v.modified_payload.is_some(),
+                decision = v.decision(),
+                error = v.error.as_deref().unwrap_or(""),
+                "akto verdict: its guardrail service did not judge; the fail mode decides"
+            ),
+            // The addon's per-check lines (`REQUEST | agent=… | POST host/path`,
+            // `response | request | status=200 | latency=…`, `decision=BLOCKED
+            // | <reason>`, `alert | behaviour=…`) as one event.
+            Ok(v) => tracing::info!(
+                check = kind.as_str(),
+                request_id = %call.request_id,
+                client = %call.client_ip.map(|ip| ip.to_canonical().to_string()).unwrap_or_default(),
+                method = %call.method,
+                host = %call.host,
+                path = %redact_path(&call.path),
+                latency_ms,
+                decision = v.decision(),
+                behaviour = v.behaviour.as_deref().unwrap_or(""),
+                reason = v.reason.as_deref().unwrap_or(""),
                 "akto verdict"
             ),
             // An open circuit was reported when it opened.
@@ -295,6 +338,17 @@ impl AktoClient {
             CheckKind::Response | CheckKind::StreamBatch => &self.response_url,
             CheckKind::Ingest => &self.ingest_url,
         };
+        if self.cfg.log_payloads {
+            // The addon's `AKTO_LOG_PAYLOADS`. The body holds no credential
+            // (they are dropped from it); the token is a header, never logged.
+            tracing::info!(
+                check = kind.as_str(),
+                request_id = %call.request_id,
+                url = %url,
+                body = %String::from_utf8_lossy(&body),
+                "akto call"
+            );
+        }
         let mut req = self
             .http
             .post(url.clone())
@@ -342,6 +396,15 @@ impl AktoClient {
         let Some(reply) = reply else {
             return Err(AktoError::Malformed { check: kind, reason: "reply too large", source: None });
         };
+        if self.cfg.log_payloads {
+            tracing::info!(
+                check = kind.as_str(),
+                request_id = %call.request_id,
+                status = status.as_u16(),
+                body = %String::from_utf8_lossy(&reply),
+                "akto reply"
+            );
+        }
         if status.is_success() {
             return Ok(reply);
         }
@@ -506,8 +569,7 @@ mod wire_tests {
         let fake = FakeAkto::start().unwrap();
         let akto = client(&fake, |c| c.token = Some("tok-1".into()));
         let call = call();
-        let body = std::str::from_utf8(&call.request_body).unwrap();
-        let v = akto.check_request(&call, body).await.unwrap();
+        let v = akto.check_request(&call, None).await.unwrap();
         assert!(v.allowed && !v.block);
 
         let calls = fake.calls();
@@ -565,18 +627,18 @@ mod wire_tests {
         let call = call();
 
         fake.set_request_reply(Reply::blocked("injection detected"));
-        let v = akto.check_request(&call, "{}").await.unwrap();
+        let v = akto.check_request(&call, None).await.unwrap();
         assert!(v.block && !v.allowed);
         assert_eq!(v.reason.as_deref(), Some("injection detected"));
         assert!(v.rule.is_some() && v.policy.is_some() && v.severity.is_some());
 
         fake.set_request_reply(Reply::blocked("lower").lowercase_keys());
-        let v = akto.check_request(&call, "{}").await.unwrap();
+        let v = akto.check_request(&call, None).await.unwrap();
         assert!(v.block);
         assert_eq!(v.reason.as_deref(), Some("lower"));
 
         fake.set_request_reply(Reply::modified(r#"{"messages":[{"role":"user","content":"[X]"}]}"#));
-        let v = akto.check_request(&call, "{}").await.unwrap();
+        let v = akto.check_request(&call, None).await.unwrap();
         assert!(v.allowed && !v.block);
         let merged = merge_modified_payload(
             &serde_json::from_slice(&call.request_body).unwrap(),
@@ -591,7 +653,7 @@ mod wire_tests {
         assert!(v.block);
         assert_eq!(v.reason.as_deref(), Some("leak"));
         fake.set_request_reply(Reply::merged(&Reply::allowed(), &Reply::blocked("leak")));
-        assert!(!akto.check_request(&call, "{}").await.unwrap().block);
+        assert!(!akto.check_request(&call, None).await.unwrap().block);
 
         fake.set_response_reply(Reply::alert("meh"));
         assert!(akto.check_stream_batch(&call, 200, &[], "x").await.unwrap().block);
@@ -608,7 +670,7 @@ mod wire_tests {
         let call = call();
 
         fake.set_request_reply(Reply::rejected(&["requestPayload is empty"]));
-        match akto.check_request(&call, "{}").await {
+        match akto.check_request(&call, None).await {
             Err(AktoError::Rejected { check: CheckKind::Request, messages }) => {
                 assert_eq!(messages, vec!["requestPayload is empty"]);
             }
@@ -616,13 +678,13 @@ mod wire_tests {
         }
 
         fake.set_request_reply(Reply::Status(500, "boom".into()));
-        match akto.check_request(&call, "{}").await {
+        match akto.check_request(&call, None).await {
             Err(AktoError::Status { status: 500, body, .. }) => assert_eq!(body, "boom"),
             other => panic!("{other:?}"),
         }
 
         fake.set_request_reply(Reply::Garbage);
-        let err = akto.check_request(&call, "{}").await.unwrap_err();
+        let err = akto.check_request(&call, None).await.unwrap_err();
         assert!(matches!(err, AktoError::Malformed { .. }), "{err:?}");
         assert_eq!(err.kind(), "malformed");
     }
@@ -646,7 +708,7 @@ mod wire_tests {
         };
         let akto =
             AktoClient::new(AktoConfig { url: format!("http://127.0.0.1:{port}"), ..AktoConfig::default() }).unwrap();
-        let err = akto.check_request(&call(), "{}").await.unwrap_err();
+        let err = akto.check_request(&call(), None).await.unwrap_err();
         assert!(matches!(err, AktoError::Unreachable { .. }), "{err:?}");
     }
 
@@ -661,24 +723,24 @@ mod wire_tests {
         let call = call();
         fake.set_request_reply(Reply::Status(503, "down".into()));
         for _ in 0..2 {
-            assert!(matches!(akto.check_request(&call, "{}").await, Err(AktoError::Status { .. })));
+            assert!(matches!(akto.check_request(&call, None).await, Err(AktoError::Status { .. })));
         }
         assert_eq!(akto.circuit_state(), CircuitState::Open);
-        let err = akto.check_request(&call, "{}").await.unwrap_err();
+        let err = akto.check_request(&call, None).await.unwrap_err();
         assert!(matches!(err, AktoError::CircuitOpen { .. }), "{err:?}");
         assert_eq!(fake.calls().len(), 2, "an open circuit makes no network call");
 
         // After the cooldown one probe goes through and closes the circuit.
         tokio::time::sleep(cooldown).await;
         fake.set_request_reply(Reply::allowed());
-        assert!(akto.check_request(&call, "{}").await.unwrap().allowed);
+        assert!(akto.check_request(&call, None).await.unwrap().allowed);
         assert_eq!(akto.circuit_state(), CircuitState::Closed);
         assert_eq!(fake.calls().len(), 3);
 
         // A 422 is the request's fault and does not count.
         fake.set_request_reply(Reply::rejected(&["bad"]));
         for _ in 0..3 {
-            assert!(matches!(akto.check_request(&call, "{}").await, Err(AktoError::Rejected { .. })));
+            assert!(matches!(akto.check_request(&call, None).await, Err(AktoError::Rejected { .. })));
         }
         assert_eq!(akto.circuit_state(), CircuitState::Closed);
     }
@@ -688,8 +750,7 @@ mod wire_tests {
         let fake = FakeAkto::start().unwrap();
         let akto = client(&fake, |_| {});
         let call = call();
-        let body = std::str::from_utf8(&call.request_body).unwrap();
-        akto.report_local_block(&call, body, "pii.credit_card", "card number").await.unwrap();
+        akto.report_local_block(&call, None, "pii.credit_card", "card number").await.unwrap();
         let c = &fake.calls()[0];
         assert_shape(c);
         assert_eq!(c.query, "ingest_data=true");
@@ -700,8 +761,27 @@ mod wire_tests {
         assert_eq!(metadata["guardrail_decision"], "blocked");
 
         let quiet = client(&fake, |c| c.ingest = false);
-        quiet.report_local_block(&call, body, "r", "x").await.unwrap();
+        quiet.report_local_block(&call, None, "r", "x").await.unwrap();
         assert_eq!(fake.calls().len(), 1, "no ingestion when ingest is off");
+    }
+
+    #[tokio::test]
+    async fn a_body_without_messages_is_sent_parsed_and_wrapped_once() {
+        let fake = FakeAkto::start().unwrap();
+        let akto = client(&fake, |_| {});
+        let mut call = call();
+        let body = json!({"model": "gpt-4.1", "input": "hi \"there\""});
+        call.request_body = Bytes::from(body.to_string());
+        akto.check_request(&call, None).await.unwrap();
+        akto.check_request(&call, Some(&body)).await.unwrap();
+        akto.check_response(&call, 200, &[], "{}").await.unwrap();
+        akto.check_stream_batch(&call, 200, &[], "x").await.unwrap();
+        let calls = fake.calls();
+        assert_eq!(calls.len(), 4);
+        for c in &calls {
+            let payload: Value = serde_json::from_str(str_field(c, "requestPayload")).unwrap();
+            assert_eq!(payload, json!({ "raw": body }), "{}", c.query);
+        }
     }
 
     #[tokio::test]
@@ -711,7 +791,8 @@ mod wire_tests {
         let mut call = call();
         call.workload = None;
         call.host = String::new();
-        akto.check_request(&call, "not json").await.unwrap();
+        call.request_body = Bytes::from_static(b"not json");
+        akto.check_request(&call, None).await.unwrap();
         let c = &fake.calls()[0];
         let headers: BTreeMap<String, String> = serde_json::from_str(str_field(c, "requestHeaders")).unwrap();
         assert!(!headers.contains_key("host"));
@@ -720,7 +801,7 @@ mod wire_tests {
         assert_eq!(str_field(c, "requestPayload"), r#"{"raw":"not json"}"#);
 
         call.host = "API.OpenAI.com".into();
-        akto.check_request(&call, "{}").await.unwrap();
+        akto.check_request(&call, None).await.unwrap();
         let c = &fake.calls()[1];
         let headers: BTreeMap<String, String> = serde_json::from_str(str_field(c, "requestHeaders")).unwrap();
         assert_eq!(headers["host"], "api.openai.com");

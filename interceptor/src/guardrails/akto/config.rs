@@ -1,8 +1,12 @@
 //! The Akto backend's environment variables (`AKTO_URL`, `APP_NAME`,
-//! `AKTO_API_TOKEN`). Its settings (`[guardrails.akto]`) are typed and
-//! validated in `config::akto`, below this module; they are re-exported here.
+//! `AKTO_API_TOKEN`, and the addon's `AKTO_GUARDRAILS_MODE`,
+//! `AKTO_TEXT_THRESHOLD`, `AKTO_LOG_PAYLOADS`). Its settings
+//! (`[guardrails.akto]`) and the addon's variables are typed and validated
+//! in `config::akto`, below this module; they are re-exported here.
 
-pub use crate::config::akto::{API_PATH, AktoConfig};
+pub use crate::config::akto::{
+    API_PATH, AddonEnv, AktoConfig, ENV_GUARDRAILS_MODE, ENV_LOG_PAYLOADS, ENV_TEXT_THRESHOLD,
+};
 
 /// Environment variables with the seed's meaning.
 pub const ENV_URL: &str = "AKTO_URL";
@@ -22,7 +26,7 @@ mod tests {
         let cfg: AktoConfig = toml::from_str(r#"url = "http://akto:9090""#).unwrap();
         assert_eq!(cfg.request_timeout, Duration::from_secs(15));
         assert_eq!(cfg.stream_timeout, Duration::from_secs(5));
-        assert!(cfg.block_on_disallowed && cfg.ingest);
+        assert!(cfg.block_on_disallowed && cfg.ingest && !cfg.log_payloads);
         assert_eq!(cfg.account_id, "1000000");
         assert_eq!(cfg.vxlan_id, "test");
         assert_eq!(cfg.circuit_failures, 5);

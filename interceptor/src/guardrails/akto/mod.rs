@@ -42,7 +42,10 @@ mod wire;
 
 pub use breaker::CircuitState;
 pub use client::AktoClient;
-pub use config::{API_PATH, AktoConfig, ENV_APP_NAME, ENV_TOKEN, ENV_URL};
+pub use config::{
+    API_PATH, AddonEnv, AktoConfig, ENV_APP_NAME, ENV_GUARDRAILS_MODE, ENV_LOG_PAYLOADS, ENV_TEXT_THRESHOLD, ENV_TOKEN,
+    ENV_URL,
+};
 pub use wire::{CallInfo, RemoteVerdict, merge_modified_payload, normalize_app_name, parse_verdict, redact_path};
 
 #[derive(Debug, thiserror::Error)]

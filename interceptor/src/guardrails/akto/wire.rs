@@ -33,9 +33,10 @@ pub struct CallInfo {
     pub host: String,
     /// Request headers; credentials are dropped here again.
     pub request_headers: Vec<(String, String)>,
-    /// The request body as forwarded upstream: response and stream-batch
-    /// checks resend it as `requestPayload`, as the addon does (the server
-    /// answers 422 to an empty one).
+    /// The request body as the provider received it (after any
+    /// modification): response and stream-batch checks resend it as
+    /// `requestPayload`, as the addon does (the server answers 422 to an
+    /// empty one).
     pub request_body: Bytes,
     /// Unknown addresses are sent as `127.0.0.1`, as the addon does.
     pub client_ip: Option<IpAddr>,
@@ -82,6 +83,33 @@ pub struct RemoteVerdict {
     pub error: Option<String>,
 }
 
+impl RemoteVerdict {
+    /// Akto's guardrail service did not judge: it answered "allowed" on its
+    /// own after failing (`failOpen`, e.g. its 3 s timeout), or reported an
+    /// `error`. A block still stands.
+    pub fn unjudged(&self) -> bool {
+        !self.block && (self.fail_open || self.error.is_some())
+    }
+
+    /// One word for logs: `block`, `fail_open`, `error`, `modify`, `alert`
+    /// or `allow`.
+    pub fn decision(&self) -> &'static str {
+        if self.block {
+            "block"
+        } else if self.fail_open {
+            "fail_open"
+        } else if self.error.is_some() {
+            "error"
+        } else if self.modified_payload.is_some() {
+            "modify"
+        } else if !self.allowed {
+            "alert"
+        } else {
+            "allow"
+        }
+    }
+}
+
 /// What the client stamps on every body, from its configuration.
 pub(super) struct Stamp<'a> {
     pub cfg: &'a AktoConfig,
@@ -90,11 +118,12 @@ pub(super) struct Stamp<'a> {
 }
 
 impl Stamp<'_> {
-    /// The flat Akto body; every value a string or null.
+    /// The flat Akto body; every value a string or null. `request_payload`
+    /// is the `requestPayload` string ([`request_payload`]).
     pub(super) fn body(
         &self,
         call: &CallInfo,
-        request_body: &[u8],
+        request_payload: String,
         response_status: Option<u16>,
         response_headers: &[(String, String)],
         response_payload: String,
@@ -112,7 +141,7 @@ impl Stamp<'_> {
             "method": call.method,
             "requestHeaders": self.request_headers_json(call)?,
             "responseHeaders": response_headers,
-            "requestPayload": request_payload(request_body)?,
+            "requestPayload": request_payload,
             "responsePayload": response_payload,
             "ip": ip(call.client_ip),
             "destIp": ip(call.dest_ip),
@@ -201,16 +230,28 @@ fn metadata_json(call: &CallInfo, annotations: &[(&str, &str)]) -> Result<String
     serde_json::to_string(&map).map_err(AktoError::Encode)
 }
 
-/// `requestPayload`: `{"messages": [...]}` when the body has `messages`,
-/// else `{"raw": <body>}` (the body as JSON when it parses, as a string
-/// otherwise). Never empty: the server answers 422 to an empty one.
-fn request_payload(body: &[u8]) -> Result<String, AktoError> {
-    let value = match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(mut obj)) if obj.contains_key("messages") => {
-            json!({ "messages": obj.remove("messages").unwrap_or(Value::Null) })
+/// `requestPayload`, as the addon builds it: `{"messages": [...]}` when the
+/// body has `messages`, else `{"raw": <the parsed body>}` (the Responses
+/// API, Gemini, Bedrock models other than Claude, embeddings). `doc` is the
+/// body already parsed, if it is JSON (a body decoded from another charset
+/// parses only there); otherwise `body` is parsed. A body that is not JSON
+/// goes as `{"raw": "<text>"}`, where the addon sends an empty string that
+/// the server answers with 422.
+pub fn request_payload(doc: Option<&Value>, body: &[u8]) -> Result<String, AktoError> {
+    let parsed;
+    let doc = match doc {
+        Some(doc) => Some(doc),
+        None => {
+            parsed = serde_json::from_slice::<Value>(body).ok();
+            parsed.as_ref()
         }
-        Ok(parsed) => json!({ "raw": parsed }),
-        Err(_) => json!({ "raw": String::from_utf8_lossy(body) }),
+    };
+    let value = match doc {
+        Some(Value::Object(obj)) if obj.contains_key("messages") => {
+            json!({ "messages": obj.get("messages").unwrap_or(&Value::Null) })
+        }
+        Some(doc) => json!({ "raw": doc }),
+        None => json!({ "raw": String::from_utf8_lossy(body) }),
     };
     serde_json::to_string(&value).map_err(AktoError::Encode)
 }
@@ -516,18 +557,22 @@ mod tests {
 
     #[test]
     fn request_payload_wraps_messages_or_raw() {
+        let payload = |doc: Option<&Value>, body: &[u8]| -> Value {
+            serde_json::from_str(&request_payload(doc, body).unwrap()).unwrap()
+        };
         let chat = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"max_tokens":5}"#;
-        let v: Value = serde_json::from_str(&request_payload(chat).unwrap()).unwrap();
-        assert_eq!(v, json!({"messages": [{"role": "user", "content": "hi"}]}));
+        assert_eq!(payload(None, chat), json!({"messages": [{"role": "user", "content": "hi"}]}));
 
+        // A body without messages goes parsed, once wrapped, as the addon
+        // sends it.
         let responses = br#"{"model":"gpt-4o","input":"hi"}"#;
-        let v: Value = serde_json::from_str(&request_payload(responses).unwrap()).unwrap();
-        assert_eq!(v, json!({"raw": {"model": "gpt-4o", "input": "hi"}}));
+        assert_eq!(payload(None, responses), json!({"raw": {"model": "gpt-4o", "input": "hi"}}));
+        let doc: Value = serde_json::from_slice(responses).unwrap();
+        assert_eq!(payload(Some(&doc), b"\xff\xfe{\x00"), json!({"raw": {"model": "gpt-4o", "input": "hi"}}));
+        assert_eq!(payload(None, b"[1,2]"), json!({"raw": [1, 2]}));
 
-        let v: Value = serde_json::from_str(&request_payload(b"not json").unwrap()).unwrap();
-        assert_eq!(v, json!({"raw": "not json"}));
-        let v: Value = serde_json::from_str(&request_payload(b"").unwrap()).unwrap();
-        assert_eq!(v, json!({"raw": ""}));
+        assert_eq!(payload(None, b"not json"), json!({"raw": "not json"}));
+        assert_eq!(payload(None, b""), json!({"raw": ""}));
     }
 
     fn reply(result: Value) -> Vec<u8> {
@@ -669,6 +714,25 @@ mod tests {
 
         let whole = json!({"model": "claude-sonnet-4", "messages": redacted_messages()}).to_string();
         assert_kept(&merge_modified_payload(&original(), &whole).unwrap());
+    }
+
+    #[test]
+    fn a_raw_payload_echoed_back_is_unwrapped() {
+        // A Responses-API body goes to Akto as {"raw": <body>}; its
+        // redaction comes back in the same shape.
+        let original = json!({
+            "model": "gpt-4.1",
+            "instructions": "be terse",
+            "input": "my card is 4111 1111 1111 1111",
+            "stream": true
+        });
+        let sent: Value = serde_json::from_str(&request_payload(None, original.to_string().as_bytes()).unwrap()).unwrap();
+        let mut echoed = sent.clone();
+        echoed["raw"]["input"] = json!("my card is [CARD]");
+        let merged = merge_modified_payload(&original, &echoed.to_string()).unwrap();
+        let mut expected = original.clone();
+        expected["input"] = json!("my card is [CARD]");
+        assert_eq!(merged, expected, "no stray top-level raw");
     }
 
     #[test]

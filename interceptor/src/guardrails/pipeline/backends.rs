@@ -8,7 +8,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use serde_json::Value;
 
@@ -48,9 +47,10 @@ pub(super) struct Subject<'a> {
     pub response: Option<(StatusCode, &'a HeaderMap)>,
     /// `false`: a stream in monitor mode, which backends must not hold up.
     pub wait: bool,
-    /// The request body as a backend that resends it saw it; the request
-    /// phase keeps it in the exchange's [`Call`].
-    pub kept_request_body: Option<Bytes>,
+    /// A backend that resends the request body with its response checks
+    /// took part: the request phase keeps the body the provider gets in the
+    /// exchange's [`Call`].
+    pub resends_request: bool,
 }
 
 impl<'a> Subject<'a> {
@@ -66,7 +66,7 @@ impl<'a> Subject<'a> {
             instructions: false,
             response: Some(response),
             wait,
-            kept_request_body: None,
+            resends_request: false,
         }
     }
 
@@ -113,11 +113,8 @@ impl Pipeline {
                 outcome.stages.push(stage);
             }
             let check = subject.check(phase, call, outcome.modified);
-            let kept = (phase == Phase::Request && backend.resends_request_body()).then(|| check.body());
             let result = backend.check(&check).await;
-            if kept.is_some() {
-                subject.kept_request_body = kept;
-            }
+            subject.resends_request |= backend.resends_request_body();
             match result {
                 Ok(verdict) => apply(phase, stage, verdict, subject, call, outcome, fail_mode),
                 Err(error) => {
@@ -178,12 +175,9 @@ fn apply(
             subject.doc = Some(doc);
             outcome.modified = true;
         }
-        (Phase::Request, Some(Rewrite::Raw(text))) => {
+        (Phase::Request | Phase::Response, Some(Rewrite::Raw(text))) => {
             subject.raw_text = Some(text);
             outcome.modified = true;
-        }
-        (Phase::Response, Some(Rewrite::Raw(_))) => {
-            outcome.backend_failed(stage, "unusable modified payload", fail_mode);
         }
         (Phase::Request | Phase::Response, Some(Rewrite::Unusable(why))) => {
             outcome.backend_failed(stage, &why, fail_mode);

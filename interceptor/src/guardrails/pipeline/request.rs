@@ -90,14 +90,17 @@ impl Pipeline {
             instructions: true,
             response: None,
             wait: true,
-            kept_request_body: None,
+            resends_request: false,
         };
         let mut outcome = Outcome::default();
         self.run_backends(g, Phase::Request, call, &mut subject, &mut outcome).await;
-        if let Some(body) = subject.kept_request_body.take() {
-            call.request_body = body;
-        }
         sigv4(g, head, &mut outcome);
+        if subject.resends_request {
+            // Response checks resend the request the provider got, modified
+            // or not (decoded), as the addon does.
+            let raw = subject.raw_text.as_deref();
+            call.request_body = current_body(subject.doc.as_ref(), raw, &decoded, outcome.modified);
+        }
 
         let prompt = g.cfg.audit_prompts.then(|| texts.iter().map(|t| t.text.as_str()).collect::<Vec<_>>().join("\n"));
         self.audit(g, call, Direction::Request, &outcome, started, prompt).await;

@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::{Pipeline, backends::Subject, outcome::Outcome, stream::StreamGuard};
 use crate::{
     guardrails::{
-        backend::{Call, Phase},
+        backend::{Call, Phase, current_body},
         decode::decode_body_bounded,
         model::{Direction, Role, Stage, TextKind, TextSpan},
         providers,
@@ -20,16 +20,15 @@ use crate::{
     respond::{self, Problem},
 };
 
-/// Chooses how a successful response is inspected.
+/// Chooses how a response is inspected. Error answers too (a `429`, a
+/// `400` that echoes the prompt): Akto's addon sends them to its response
+/// check, which is how Akto records them.
 pub(super) fn on_response(
     p: &Pipeline,
     call: Arc<Call>,
     request: &http::request::Parts,
     head: &http::response::Parts,
 ) -> ResponseAction {
-    if !head.status.is_success() {
-        return ResponseAction::Forward;
-    }
     let g = p.snapshot();
     if g.engine.is_none() && g.akto.is_none() {
         return ResponseAction::Forward;
@@ -95,17 +94,16 @@ pub(super) async fn on_body(p: &Pipeline, call: &Call, head: &http::response::Pa
         instructions: false,
         response: Some((head.status, &head.headers)),
         wait: true,
-        kept_request_body: None,
+        resends_request: false,
     };
     p.run_backends(&g, Phase::Response, call, &mut subject, &mut outcome).await;
     p.audit(&g, call, Direction::Response, &outcome, started, None).await;
     if let Some(block) = outcome.block {
         return BodyAction::Respond(respond::blocked(block.status, &block.reason));
     }
-    if outcome.modified
-        && let Some(d) = subject.doc
-    {
-        return BodyAction::ReplaceBody(Bytes::from(serde_json::to_vec(&d).unwrap_or_default()));
+    if outcome.modified {
+        let body = current_body(subject.doc.as_ref(), subject.raw_text.as_deref(), &decoded, true);
+        return BodyAction::ReplaceBody(body);
     }
     BodyAction::Forward
 }

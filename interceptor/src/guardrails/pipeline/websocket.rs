@@ -208,7 +208,7 @@ impl MessageInspector for Session {
             instructions: msg.creates_response,
             response: None,
             wait: true,
-            kept_request_body: None,
+            resends_request: false,
         };
         self.p.run_backends(&g, Phase::Request, &call, &mut subject, &mut outcome).await;
         if outcome.decision() == Decision::Allow {
