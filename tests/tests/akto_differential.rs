@@ -329,13 +329,19 @@ async fn responses_request_modified() -> Result<()> {
 /// response check wraps that again; the interceptor takes the redacted body
 /// out of `raw` and merges it into the original, so the provider gets the
 /// original call with the card masked. The fake provider's answer differs
-/// where it echoes the request's model.
+/// where it echoes the request: the model (its default when none is sent)
+/// and the request's size.
 const RAW_MODIFY_IS_MERGED: &[Allowed] = &[
     allow("provider.0.body.raw", Shape::OnlyAddon),
     allow("provider.0.body.model", Shape::OnlyInterceptor),
     allow("provider.0.body.instructions", Shape::OnlyInterceptor),
     allow("provider.0.body.input", Shape::OnlyInterceptor),
     allow("client.body.model", Shape::Differs),
+    allow("client.body.usage.input_tokens", Shape::Differs),
+    allow("client.body.usage.total_tokens", Shape::Differs),
+    allow("akto.response#1.body.responsePayload.$json.usage.input_tokens", Shape::Differs),
+    allow("akto.response#1.body.responsePayload.$json.usage.total_tokens", Shape::Differs),
+    allow("akto.response#1.body.responseHeaders.$json.content-length", Shape::Differs),
     allow("akto.response#1.body.requestPayload.$json.raw.raw", Shape::OnlyAddon),
     allow("akto.response#1.body.requestPayload.$json.raw.model", Shape::OnlyInterceptor),
     allow("akto.response#1.body.requestPayload.$json.raw.instructions", Shape::OnlyInterceptor),
@@ -484,6 +490,9 @@ const RESPONSE_CHECK_READS_RESPONSE_RESULT: &[Allowed] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn akto_fails_open_itself() -> Result<()> {
     // Akto's guardrail service timed out and answered "allowed" on its own.
+    // Both forward (fail open is the default); the interceptor also audits
+    // and counts it as a failure, not an allow, and refuses it under
+    // `fail_mode_request = "closed"` (tests/guardrails_akto.rs).
     let scenario = Scenario {
         request_reply: Reply::fail_open(),
         response_reply: Reply::fail_open(),
