@@ -921,7 +921,8 @@ mod tests {
     fn the_akto_addons_variables_override_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
-        std::fs::write(&path, "[guardrails]\nstream_mode = \"monitor\"\nstream_window = 900\nstream_overlap = 50\n").unwrap();
+        std::fs::write(&path, "[guardrails]\nstream_mode = \"monitor\"\nstream_window = 900\nstream_overlap = 50\n")
+            .unwrap();
         let c = Config::load(Some(&path), &addon_env("sync", "1200", "TRUE")).unwrap();
         assert_eq!(c.guardrails.stream_mode, StreamMode::Enforce);
         assert_eq!((c.guardrails.stream_window, c.guardrails.stream_overlap), (1200, 50));

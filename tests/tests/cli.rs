@@ -62,7 +62,9 @@ fn check_config_reports_every_error_and_exits_2() -> Result<()> {
 /// `check-config` with the Akto addon's variables set (and no others).
 fn check_config_with_addon_env(vars: &[(&str, &str)]) -> Result<std::process::Output> {
     let mut command = Command::new(interceptor_bin());
-    for name in ["AKTO_URL", "APP_NAME", "AKTO_API_TOKEN", "AKTO_GUARDRAILS_MODE", "AKTO_TEXT_THRESHOLD", "AKTO_LOG_PAYLOADS"] {
+    for name in
+        ["AKTO_URL", "APP_NAME", "AKTO_API_TOKEN", "AKTO_GUARDRAILS_MODE", "AKTO_TEXT_THRESHOLD", "AKTO_LOG_PAYLOADS"]
+    {
         command.env_remove(name);
     }
     command.env_remove("INTERCEPTOR_CONFIG");

@@ -76,8 +76,7 @@ async fn setup_with(
     let (_, rx) = watch::channel(Arc::new(guardrails));
     let metrics = Arc::new(Metrics::new());
     let audit = dir.path().join("audit.jsonl");
-    let pipeline =
-        Pipeline::new(rx, AuditLog::start(Some(audit.clone()), Arc::clone(&metrics)), Arc::clone(&metrics));
+    let pipeline = Pipeline::new(rx, AuditLog::start(Some(audit.clone()), Arc::clone(&metrics)), Arc::clone(&metrics));
     let proxy =
         InProcessProxy::start(provider.local_addr(), &upstream_ca, DomainsConfig::default(), Some(Arc::new(pipeline)))
             .await?;
@@ -310,10 +309,7 @@ async fn log_payloads_logs_what_akto_is_sent_and_answers_but_never_the_token() -
     assert!(lines.iter().any(|l| l.contains("akto call") && l.contains("payload-log-marker-prompt")), "{lines:#?}");
     assert!(lines.iter().any(|l| l.contains("akto reply") && l.contains("payload-log-marker-reason")), "{lines:#?}");
     // The per-check line, as the addon's `decision=BLOCKED | <reason>`.
-    assert!(
-        lines.iter().any(|l| l.contains("akto verdict") && l.contains("\"decision\":\"block\"")),
-        "{lines:#?}"
-    );
+    assert!(lines.iter().any(|l| l.contains("akto verdict") && l.contains("\"decision\":\"block\"")), "{lines:#?}");
     assert!(!log.contains("akto-secret-token"), "the token is logged");
     assert!(!log.contains("sk-user-key"), "the client's key is logged");
     Ok(())

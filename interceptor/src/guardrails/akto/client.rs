@@ -17,8 +17,8 @@ use super::{
     AktoConfig, AktoError, CheckKind,
     breaker::{Breaker, CircuitState, Transition},
     wire::{
-        CallInfo, MAX_ERROR_BODY, RemoteVerdict, Stamp, action_errors, normalize_app_name, parse_verdict,
-        redact_path, request_payload, truncate_lossy,
+        CallInfo, MAX_ERROR_BODY, RemoteVerdict, Stamp, action_errors, normalize_app_name, parse_verdict, redact_path,
+        request_payload, truncate_lossy,
     },
 };
 
@@ -166,8 +166,14 @@ impl AktoClient {
         response_payload: &str,
     ) -> Result<RemoteVerdict, AktoError> {
         let payload = request_payload(None, &call.request_body)?;
-        let body =
-            self.stamp().body(call, payload, Some(response_status), response_headers, response_payload.to_owned(), &[])?;
+        let body = self.stamp().body(
+            call,
+            payload,
+            Some(response_status),
+            response_headers,
+            response_payload.to_owned(),
+            &[],
+        )?;
         self.check(CheckKind::Response, call, body, self.cfg.request_timeout).await
     }
 

@@ -726,7 +726,8 @@ mod tests {
             "input": "my card is 4111 1111 1111 1111",
             "stream": true
         });
-        let sent: Value = serde_json::from_str(&request_payload(None, original.to_string().as_bytes()).unwrap()).unwrap();
+        let sent: Value =
+            serde_json::from_str(&request_payload(None, original.to_string().as_bytes()).unwrap()).unwrap();
         let mut echoed = sent.clone();
         echoed["raw"]["input"] = json!("my card is [CARD]");
         let merged = merge_modified_payload(&original, &echoed.to_string()).unwrap();
