@@ -17,9 +17,11 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use self::akto::AktoConfig;
+pub use self::kubernetes::{KubeEnabled, KubernetesConfig};
 use crate::{policy::DomainsConfig, telemetry::LogFormat};
 
 pub mod akto;
+pub mod kubernetes;
 
 /// Smallest `proxy.max_header_bytes` (the HTTP/1.1 server's minimum buffer).
 pub const MIN_HEADER_BYTES: usize = 8192;
@@ -54,6 +56,7 @@ pub struct Config {
     pub tls: TlsConfig,
     pub guardrails: GuardrailsConfig,
     pub targets: TargetsConfig,
+    pub kubernetes: KubernetesConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
 }
@@ -543,12 +546,14 @@ pub struct Overrides {
     pub upstream_ca: Option<PathBuf>,
     /// `AKTO_URL`: enables the Akto backend (appended after the local one).
     pub akto_url: Option<String>,
-    /// `APP_NAME`.
+    /// `APP_NAME`: a literal app name (braces are not placeholders).
     pub app_name: Option<String>,
     /// `AKTO_API_TOKEN`.
     pub akto_token: Option<String>,
     pub admin: Option<SocketAddr>,
     pub log_format: Option<LogFormat>,
+    /// `NODE_NAME`: `kubernetes.node_name`.
+    pub node_name: Option<String>,
 }
 
 impl Config {
@@ -595,7 +600,8 @@ impl Config {
             }
         }
         if let Some(name) = &o.app_name {
-            self.guardrails.akto.app_name = name.clone();
+            // A literal: its braces are not placeholders.
+            self.guardrails.akto.app_name = crate::app_name::escape(name);
         }
         if let Some(token) = o.akto_token.as_ref().filter(|t| !t.is_empty()) {
             self.guardrails.akto.token = Some(token.clone());
@@ -605,6 +611,9 @@ impl Config {
         }
         if let Some(format) = o.log_format {
             self.log.format = format;
+        }
+        if let Some(node) = o.node_name.as_ref().filter(|n| !n.is_empty()) {
+            self.kubernetes.node_name = node.clone();
         }
     }
 
@@ -723,6 +732,7 @@ impl Config {
         if self.targets.resolve_interval < Duration::from_secs(1) {
             errors.push("targets.resolve_interval: must be at least 1s".to_string());
         }
+        errors.extend(self.kubernetes.validate());
         if !self.admin.address.ip().is_loopback() {
             errors.push(format!(
                 "admin.address: {} is not a loopback address; the admin API must not be reachable from the network",

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod app_name;
 pub mod audit;
 pub mod ca;
 pub mod cgroup;
@@ -21,6 +22,7 @@ pub mod doctor;
 pub mod error;
 
 pub mod guardrails;
+pub mod kubernetes;
 pub mod metrics;
 pub mod net;
 pub mod policy;

@@ -208,12 +208,16 @@ struct RunArgs {
     /// Base URL of an Akto instance: adds the Akto guardrail backend.
     #[arg(long, env = "AKTO_URL")]
     akto_url: Option<String>,
-    /// Application name that groups this traffic in Akto.
+    /// Application name that groups this traffic in Akto, as a literal (a
+    /// template, `{namespace}/{pod_label:app}`, goes in the config file).
     #[arg(long, env = "APP_NAME")]
     app_name: Option<String>,
     /// Token sent to Akto as `Authorization` (prefer the environment).
     #[arg(long, env = "AKTO_API_TOKEN", hide_env_values = true)]
     akto_token: Option<String>,
+    /// This node's name: the pod directory watches its pods only.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
 }
 
 impl RunArgs {
@@ -228,6 +232,7 @@ impl RunArgs {
             akto_token: self.akto_token.clone(),
             admin: self.admin,
             log_format: self.log_format,
+            node_name: self.node_name.clone(),
         }
     }
 }

@@ -59,10 +59,35 @@ impl Workload {
     pub fn has_process(&self) -> bool {
         self.pid != 0 && !self.comm.is_empty()
     }
+
+    /// Names the pod (and container) the workload's cgroup belongs to, from
+    /// `pods`; a pod `pods` does not know is named by its UID alone. Does
+    /// nothing for a cgroup outside the kubelet's tree.
+    pub fn name_pod(&mut self, pods: &dyn PodLookup) {
+        if self.cgroup.is_none() && self.cgroup_id != 0 {
+            // The redirect did not record the path: find it (cached).
+            self.cgroup = cgroup_path(self.cgroup_id);
+        }
+        let Some(identity) = self.cgroup.as_deref().and_then(kube_identity) else { return };
+        self.pod = Some(pods.pod(&identity).unwrap_or_else(|| {
+            Arc::new(PodInfo { uid: identity.pod_uid, ..PodInfo::default() })
+        }));
+    }
+}
+
+/// Names pods from what their cgroup paths reveal: the Kubernetes pod
+/// directory answers it from memory (a map read, never I/O), so the data
+/// plane can ask on every connection.
+pub trait PodLookup: Send + Sync {
+    /// The pod with `identity.pod_uid`, its `container` set when
+    /// `identity.container_id` names one of its containers; `None` when the
+    /// pod is not known.
+    fn pod(&self, identity: &KubeIdentity) -> Option<Arc<PodInfo>>;
 }
 
 /// A Kubernetes pod, as the API server describes it, with the container a
-/// connection came from.
+/// connection came from. Only `uid` is set when the pod directory does not
+/// know the pod (not yet seen, or the API server unreachable).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodInfo {
     pub uid: String,
