@@ -273,6 +273,7 @@ fn client_config(cfg: &KubernetesConfig) -> Result<kube::Config, KubernetesError
     if !cfg.ca_file.as_os_str().is_empty() {
         let path = cfg.ca_file.display().to_string();
         let pem = std::fs::read(&cfg.ca_file).map_err(|source| KubernetesError::CaFile { path: path.clone(), source })?;
+        use rustls_pki_types::pem::PemObject as _;
         let ders: Vec<Vec<u8>> = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
             .filter_map(Result::ok)
             .map(|der| der.as_ref().to_vec())

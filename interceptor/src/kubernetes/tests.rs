@@ -43,10 +43,11 @@ fn identity() -> KubeIdentity {
 /// Waits until the directory's status satisfies `pred`.
 async fn wait_status(dir: &PodDirectory, what: &str, pred: impl Fn(&DirectoryStatus) -> bool) -> DirectoryStatus {
     let mut rx = dir.status();
-    match tokio::time::timeout(WAIT, rx.wait_for(|s| pred(s))).await {
-        Ok(Ok(status)) => status.clone(),
-        _ => panic!("directory never {what}: {:?}", *rx.borrow()),
-    }
+    let found = match tokio::time::timeout(WAIT, rx.wait_for(|s| pred(s))).await {
+        Ok(Ok(status)) => Some(status.clone()),
+        _ => None,
+    };
+    found.unwrap_or_else(|| panic!("directory never {what}: {:?}", *dir.status().borrow()))
 }
 
 #[tokio::test]
