@@ -9,7 +9,7 @@ use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use interceptor::{
-    config::{Backend, Config, KubeEnabled, KubernetesConfig},
+    config::{Backend, Config, KubeEnabled, KubernetesConfig, RedirectMode},
     dataplane::{self, DataPlaneBuilder},
     kubernetes::{DirectoryState, PodDirectory},
     metrics::Metrics,
@@ -63,6 +63,8 @@ async fn two_workloads_reach_akto_as_two_apps() -> Result<()> {
 
     let mut config = Config::default();
     config.tls.upstream_ca = pki.write_ca(dir.path())?;
+    // In process: nothing is redirected, upstream sockets are not marked.
+    config.redirect.mode = RedirectMode::None;
     config.proxy.mark = 0;
     config.guardrails.backends = vec![Backend::Akto];
     config.guardrails.akto.url = akto.url();

@@ -7,7 +7,11 @@
 //! namespace `team-a`, label `app=billing`. With
 //! `app_name = "{namespace|host}/{pod_label:app|none}"` the two reach a
 //! recording fake Akto under two app names, and local rules scoped to the
-//! pod's namespace and label block the pod's requests only.
+//! pod block the pod's requests only.
+//!
+//! The rules are scoped by the pod's cgroup path ([`POD_SCOPES`]); with the
+//! `namespace:` and `label:` workload patterns they become
+//! `namespace:team-a` and `label:app=billing`.
 
 use std::time::{Duration, Instant};
 
@@ -26,6 +30,9 @@ use serde_json::{Value, json};
 const UID: &str = "5c7e0d2a-91b3-4f6e-8a2d-0b1c2d3e4f50";
 const CONTAINER: &str = "9f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a39281706f5e4d3c2b1a0";
 const NODE: &str = "node-a";
+/// The scopes of the two rules: the pod's cgroup path (under the test's
+/// own cgroup tree, hence the leading `*`).
+const POD_SCOPES: [&str; 2] = ["cgroup:*/kubepods.slice/*", "cgroup:*/kubepods-pod*.slice/cri-containerd-*"];
 
 /// Waits until the interceptor's pod directory has listed the pods.
 fn wait_synced(proxy: &Interceptor, netns: &Netns) -> Result<Value> {
@@ -92,8 +99,7 @@ async fn a_pod_and_a_node_process_get_their_own_app_names_and_scoped_rules() -> 
     api.apply(FakePod::new("00000000-0000-0000-0000-000000000001", "elsewhere", "team-b", "node-b"));
 
     let policy = scratch.path().join("policy.toml");
-    std::fs::write(
-        &policy,
+    let rules = format!(
         r#"
 [[detectors]]
 name = "falcon_ns"
@@ -107,15 +113,18 @@ keywords = ["falcon-label"]
 id = "team-a-only"
 detectors = ["falcon_ns"]
 action = "block"
-scope.workloads = ["namespace:team-a"]
+scope.workloads = ["{ns}"]
 
 [[rules]]
 id = "billing-only"
 detectors = ["falcon_label"]
 action = "block"
-scope.workloads = ["label:app=billing"]
+scope.workloads = ["{label}"]
 "#,
-    )?;
+        ns = POD_SCOPES[0],
+        label = POD_SCOPES[1],
+    );
+    std::fs::write(&policy, rules)?;
     let config = format!(
         "[targets]\nmode = \"resolve\"\ncidrs = [\"198.18.0.10\"]\n\
          [tls]\nupstream_ca = \"{}\"\n\
