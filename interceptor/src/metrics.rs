@@ -208,7 +208,11 @@ impl Metrics {
             pod_directory_degraded.clone(),
         );
         let pod_directory_pods = Gauge::default();
-        registry.register("pod_directory_pods", "Pods of this node the pod directory knows", pod_directory_pods.clone());
+        registry.register(
+            "pod_directory_pods",
+            "Pods of this node the pod directory knows",
+            pod_directory_pods.clone(),
+        );
         Self {
             registry,
             connections,

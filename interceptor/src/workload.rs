@@ -69,9 +69,9 @@ impl Workload {
             self.cgroup = cgroup_path(self.cgroup_id);
         }
         let Some(identity) = self.cgroup.as_deref().and_then(kube_identity) else { return };
-        self.pod = Some(pods.pod(&identity).unwrap_or_else(|| {
-            Arc::new(PodInfo { uid: identity.pod_uid, ..PodInfo::default() })
-        }));
+        self.pod = Some(
+            pods.pod(&identity).unwrap_or_else(|| Arc::new(PodInfo { uid: identity.pod_uid, ..PodInfo::default() })),
+        );
     }
 }
 

@@ -87,18 +87,29 @@ async fn two_workloads_reach_akto_as_two_apps() -> Result<()> {
     let ca_pem = ca.cert_pem().to_string();
     let tls = Arc::new(dataplane::tls_termination(&config, ca)?);
     let (_snapshot_tx, snapshot) = watch::channel(Arc::new(Snapshot::new(DomainPolicy::compile(&config.domains)?)));
-    let mut builder =
-        DataPlaneBuilder::new(&config).tls(Some(tls)).pods(Some(Arc::new(pods) as Arc<dyn PodLookup>));
+    let mut builder = DataPlaneBuilder::new(&config).tls(Some(tls)).pods(Some(Arc::new(pods) as Arc<dyn PodLookup>));
     let _guardrails = builder.configured_guardrails()?;
-    let pod_cgroup = format!("/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{CONTAINER}.scope", UID.replace('-', "_"));
+    let pod_cgroup =
+        format!("/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{CONTAINER}.scope", UID.replace('-', "_"));
     let workloads = HashMap::from([
         (
             POD_CLIENT.parse()?,
-            Workload { pid: 10, uid: 1000, comm: "python3".into(), cgroup: Some(pod_cgroup.into()), ..Workload::default() },
+            Workload {
+                pid: 10,
+                uid: 1000,
+                comm: "python3".into(),
+                cgroup: Some(pod_cgroup.into()),
+                ..Workload::default()
+            },
         ),
         (
             HOST_CLIENT.parse()?,
-            Workload { pid: 20, comm: "curl".into(), cgroup: Some("/system.slice/cron.service".into()), ..Workload::default() },
+            Workload {
+                pid: 20,
+                comm: "curl".into(),
+                cgroup: Some("/system.slice/cron.service".into()),
+                ..Workload::default()
+            },
         ),
     ]);
     let resolver = Arc::new(ByClientAddress { upstream: provider.local_addr(), workloads });
@@ -125,10 +136,8 @@ async fn two_workloads_reach_akto_as_two_apps() -> Result<()> {
             serde_json::from_str(check.body["requestHeaders"].as_str().context("requestHeaders")?)?;
         assert_eq!(headers["host"], expected, "{from}: {headers}");
         // The response check of the same exchange names the same app.
-        let response = calls
-            .iter()
-            .find(|c| c.query_param("response_guardrails") == Some("true"))
-            .context("a response check")?;
+        let response =
+            calls.iter().find(|c| c.query_param("response_guardrails") == Some("true")).context("a response check")?;
         let headers: serde_json::Value =
             serde_json::from_str(response.body["requestHeaders"].as_str().context("requestHeaders")?)?;
         assert_eq!(headers["host"], expected, "{from}: {headers}");

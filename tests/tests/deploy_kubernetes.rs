@@ -341,12 +341,8 @@ fn the_node_agents_may_only_read_the_pods_of_their_node() -> Result<()> {
         .find(|m| m["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount")
         .expect("the service account token is mounted");
     assert_eq!(mount["readOnly"], true);
-    let volume = pod["volumes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|v| v["name"] == mount["name"])
-        .expect("the token volume");
+    let volume =
+        pod["volumes"].as_array().into_iter().flatten().find(|v| v["name"] == mount["name"]).expect("the token volume");
     let sources = volume["projected"]["sources"].as_array().cloned().unwrap_or_default();
     assert!(sources.iter().any(|s| s["serviceAccountToken"]["path"] == "token"), "{volume}");
     assert!(sources.iter().any(|s| s["configMap"]["items"][0]["path"] == "ca.crt"), "{volume}");

@@ -68,7 +68,9 @@ impl KubernetesConfig {
                 continue;
             }
             if self.api_url.is_empty() {
-                errors.push(format!("kubernetes.{field}: only used with kubernetes.api_url (in a cluster the service account's is used)"));
+                errors.push(format!(
+                    "kubernetes.{field}: only used with kubernetes.api_url (in a cluster the service account's is used)"
+                ));
             } else if !path.is_file() {
                 errors.push(format!("kubernetes.{field}: {} is not a readable file", path.display()));
             }
@@ -94,9 +96,10 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_the_file_form_parses() {
         assert!(KubernetesConfig::default().validate().is_empty());
-        let c: KubernetesConfig =
-            toml::from_str("enabled = \"on\"\nnode_name = \"n1\"\napi_url = \"http://127.0.0.1:6443\"\nresync_interval = \"1m\"")
-                .unwrap();
+        let c: KubernetesConfig = toml::from_str(
+            "enabled = \"on\"\nnode_name = \"n1\"\napi_url = \"http://127.0.0.1:6443\"\nresync_interval = \"1m\"",
+        )
+        .unwrap();
         assert_eq!(c.enabled, KubeEnabled::On);
         assert_eq!(c.resync_interval, Duration::from_secs(60));
         assert!(c.validate().is_empty(), "{:?}", c.validate());

@@ -26,7 +26,8 @@
 mod pods;
 mod watch;
 
-#[cfg(all(test, feature = "testing"))]
+#[cfg(test)]
+#[cfg(feature = "testing")]
 mod tests;
 
 use std::{
@@ -186,11 +187,7 @@ impl PodLookup for PodDirectory {
 impl Store {
     fn new(node: String, metrics: Arc<Metrics>) -> Self {
         let status = DirectoryStatus { state: DirectoryState::Starting, node, pods: 0, updates: 0, error: None };
-        Self {
-            pods: RwLock::new(HashMap::new()),
-            status: tokio::sync::watch::channel(status).0,
-            metrics,
-        }
+        Self { pods: RwLock::new(HashMap::new()), status: tokio::sync::watch::channel(status).0, metrics }
     }
 
     /// Runs `change` on the map, then publishes the new size.
@@ -265,14 +262,13 @@ fn client_config(cfg: &KubernetesConfig) -> Result<kube::Config, KubernetesError
     if cfg.api_url.is_empty() {
         return kube::Config::incluster().map_err(KubernetesError::InCluster);
     }
-    let uri = cfg
-        .api_url
-        .parse::<http::Uri>()
-        .map_err(|source| KubernetesError::Url { url: cfg.api_url.clone(), source })?;
+    let uri =
+        cfg.api_url.parse::<http::Uri>().map_err(|source| KubernetesError::Url { url: cfg.api_url.clone(), source })?;
     let mut config = kube::Config::new(uri);
     if !cfg.ca_file.as_os_str().is_empty() {
         let path = cfg.ca_file.display().to_string();
-        let pem = std::fs::read(&cfg.ca_file).map_err(|source| KubernetesError::CaFile { path: path.clone(), source })?;
+        let pem =
+            std::fs::read(&cfg.ca_file).map_err(|source| KubernetesError::CaFile { path: path.clone(), source })?;
         use rustls_pki_types::pem::PemObject as _;
         let ders: Vec<Vec<u8>> = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
             .filter_map(Result::ok)

@@ -145,7 +145,10 @@ impl std::io::Write for LogBuf {
 impl LogBuf {
     fn warnings(&self) -> Vec<String> {
         let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
-        text.lines().filter(|l| l.contains("WARN") && l.contains("interceptor::kubernetes")).map(str::to_owned).collect()
+        text.lines()
+            .filter(|l| l.contains("WARN") && l.contains("interceptor::kubernetes"))
+            .map(str::to_owned)
+            .collect()
     }
 }
 
@@ -241,9 +244,5 @@ async fn dropping_the_directory_stops_the_watch() {
     wait_status(&dir, "synced", |s| s.state == DirectoryState::Synced).await;
     drop(dir);
     // The watch task held the last sender: the channel closes with it.
-    tokio::time::timeout(WAIT, async {
-        while status.changed().await.is_ok() {}
-    })
-    .await
-    .expect("the watch task ended");
+    tokio::time::timeout(WAIT, async { while status.changed().await.is_ok() {} }).await.expect("the watch task ended");
 }

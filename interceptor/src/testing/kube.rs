@@ -268,11 +268,7 @@ impl FakeKubeApi {
     }
 
     /// Waits until the requests so far satisfy `pred` (bounded by `timeout`).
-    pub async fn wait_until(
-        &self,
-        timeout: std::time::Duration,
-        pred: impl Fn(&[KubeRequest]) -> bool,
-    ) -> Result<()> {
+    pub async fn wait_until(&self, timeout: std::time::Duration, pred: impl Fn(&[KubeRequest]) -> bool) -> Result<()> {
         let mut seen = self.shared.seen.subscribe();
         let waited = tokio::time::timeout(timeout, async {
             loop {
@@ -287,7 +283,9 @@ impl FakeKubeApi {
         .await;
         match waited {
             Ok(true) => Ok(()),
-            _ => anyhow::bail!("the fake API server's requests never matched within {timeout:?}: {:?}", self.requests()),
+            _ => {
+                anyhow::bail!("the fake API server's requests never matched within {timeout:?}: {:?}", self.requests())
+            }
         }
     }
 }

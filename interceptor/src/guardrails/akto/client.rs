@@ -16,9 +16,7 @@ use crate::{app_name::AppName, config::akto::endpoint_url};
 use super::{
     AktoConfig, AktoError, CheckKind,
     breaker::{Breaker, CircuitState, Transition},
-    wire::{
-        CallInfo, MAX_ERROR_BODY, RemoteVerdict, Stamp, action_errors, parse_verdict, truncate_lossy,
-    },
+    wire::{CallInfo, MAX_ERROR_BODY, RemoteVerdict, Stamp, action_errors, parse_verdict, truncate_lossy},
 };
 
 /// Headers the guardrail service reads session ids from; copied from the
