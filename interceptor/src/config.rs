@@ -881,6 +881,39 @@ mod tests {
     }
 
     #[test]
+    fn app_name_templates_are_checked_and_app_name_from_the_environment_is_literal() {
+        let file = "[guardrails]\nbackends = [\"akto\"]\n[guardrails.akto]\nurl = \"http://akto:9090\"\n";
+        let c =
+            Config::from_toml(&format!("{file}app_name = \"{{namespace|host}}/{{pod_label:app}}\"\n"), Path::new("x"))
+                .unwrap();
+        c.validate().unwrap();
+        let c = Config::from_toml(&format!("{file}app_name = \"{{team}}-{{namespace\"\n"), Path::new("x")).unwrap();
+        let ConfigError::Invalid { errors } = c.validate().unwrap_err() else { panic!() };
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with("guardrails.akto:") && errors[0].contains("unknown placeholder `{team}`"),
+            "{errors:?}"
+        );
+        // APP_NAME: the same text is a literal name.
+        let mut c = c;
+        c.apply(&Overrides { app_name: Some("{team}-{namespace".into()), ..Default::default() });
+        c.validate().unwrap();
+        let name = crate::app_name::AppName::parse(&c.guardrails.akto.app_name).unwrap();
+        assert!(name.is_literal());
+        assert_eq!(name.render(None), "{team}-{namespace");
+    }
+
+    #[test]
+    fn node_name_comes_from_the_environment() {
+        let mut c = Config::from_toml("[kubernetes]\nenabled = \"on\"\n", Path::new("x")).unwrap();
+        let ConfigError::Invalid { errors } = c.validate().unwrap_err() else { panic!() };
+        assert!(errors[0].starts_with("kubernetes.node_name:"), "{errors:?}");
+        c.apply(&Overrides { node_name: Some("node-a".into()), ..Default::default() });
+        c.validate().unwrap();
+        assert_eq!(c.kubernetes.node_name, "node-a");
+    }
+
+    #[test]
     fn overrides_win_over_file() {
         let mut c = Config::default();
         c.apply(&Overrides { redirect: Some(RedirectMode::Iptables), port: Some(9), ..Default::default() });

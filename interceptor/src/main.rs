@@ -286,6 +286,16 @@ fn status(admin: SocketAddr) -> anyhow::Result<String> {
     if !static_nets.is_empty() {
         writeln!(out, "  configured: {}", static_nets.join(", "))?;
     }
+    if let Some(pods) = body.get("pod_directory").filter(|p| p.is_object()) {
+        writeln!(
+            out,
+            "pods:      {} ({} known on node {}){}",
+            s(&pods["state"]),
+            pods["pods"],
+            s(&pods["node"]),
+            pods["error"].as_str().map(|e| format!(": {e}")).unwrap_or_default()
+        )?;
+    }
     writeln!(out, "counters:")?;
     for pair in body["counters"].as_array().into_iter().flatten() {
         writeln!(out, "  {:<24} {}", s(&pair[0]), pair[1])?;
