@@ -151,7 +151,7 @@ pub fn workload_of_pid(procfs: &Procfs, pid: u32, notes: &mut Vec<String>) -> Re
         Ok(exe) => Some(exe),
         Err(error) => {
             notes.push(format!(
-                "cannot read the executable of process {pid} ({error}); exe: patterns are checked against none (run as root, or give exe=)"
+                "cannot read the executable of process {pid} ({error}); exe: patterns match nothing (reading it needs ptrace access to the process; or give exe=)"
             ));
             None
         }

@@ -78,7 +78,12 @@ async fn audit_event_from(stage: &Stage, port: u64) -> Result<Value> {
 /// Runs the worker-thread client as `agentprog` with one prompt per rule;
 /// returns its output and the program's path.
 async fn run_agent(stage: &Stage) -> Result<(Value, String)> {
-    let python = std::fs::canonicalize(tool("python3"))?;
+    // `python3` may be a version manager's shell shim: copy the interpreter
+    // it runs.
+    let real = std::process::Command::new(tool("python3"))
+        .args(["-c", "import os, sys; print(os.path.realpath(sys.executable))"])
+        .output()?;
+    let python = std::path::PathBuf::from(String::from_utf8(real.stdout)?.trim());
     let dir = stage.scratch_path.join("bin");
     std::fs::create_dir_all(&dir)?;
     let agent = dir.join("agentprog");

@@ -25,7 +25,6 @@ use tokio::net::TcpStream;
 use crate::{
     net::{self, ClientAddr, NoOriginalDst, OrigDstAddr, OrigDstResolver, WorkloadLookup},
     targets::TargetSet,
-    workload::Workload,
 };
 
 #[derive(Debug, thiserror::Error)]
