@@ -135,6 +135,25 @@ pub fn cgroup_path(id: u64) -> Option<Arc<str>> {
     found
 }
 
+/// Fills `workload.cgroup` from its id, without holding an async worker
+/// through a walk: a known id is answered at once, an unknown one is
+/// looked up on the blocking pool. Once per connection.
+pub async fn name_cgroup(workload: &mut Workload) {
+    let id = workload.cgroup_id;
+    if id == 0 || workload.cgroup.is_some() {
+        return;
+    }
+    let names = names();
+    if names.root.is_none() {
+        return;
+    }
+    let cached = names.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned();
+    workload.cgroup = match cached {
+        Some(found) => found,
+        None => tokio::task::spawn_blocking(move || cgroup_path(id)).await.ok().flatten(),
+    };
+}
+
 fn find(root: &Path, id: u64) -> Option<String> {
     let mut stack = vec![root.to_path_buf()];
     let mut visited = 0;
@@ -223,6 +242,20 @@ mod tests {
     fn other_paths_are_not_pods() {
         assert_eq!(kube_identity("/user.slice/user-0.slice/session-1.scope"), None);
         assert_eq!(kube_identity("/system.slice/interceptor.service"), None);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_workload_gets_its_cgroup_path_once() {
+        let Ok(root) = crate::cgroup::cgroup2_root() else { return };
+        let own = crate::cgroup::own_cgroup(&root).unwrap();
+        let id = std::fs::metadata(&own).unwrap().ino();
+        let mut w = Workload { cgroup_id: id, ..Default::default() };
+        name_cgroup(&mut w).await;
+        assert_eq!(w.cgroup, cgroup_path(id));
+        assert!(w.cgroup.is_some());
+        let mut unknown = Workload::default();
+        name_cgroup(&mut unknown).await;
+        assert_eq!(unknown.cgroup, None, "no id, no walk");
     }
 
     #[test]

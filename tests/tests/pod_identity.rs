@@ -9,9 +9,8 @@
 //! recording fake Akto under two app names, and local rules scoped to the
 //! pod block the pod's requests only.
 //!
-//! The rules are scoped by the pod's cgroup path ([`POD_SCOPES`]); with the
-//! `namespace:` and `label:` workload patterns they become
-//! `namespace:team-a` and `label:app=billing`.
+//! The rules are scoped by what the pod directory says of the pod
+//! ([`POD_SCOPES`]): its namespace and a label selector.
 
 use std::time::{Duration, Instant};
 
@@ -32,7 +31,7 @@ const CONTAINER: &str = "9f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a39281706f5e
 const NODE: &str = "node-a";
 /// The scopes of the two rules: the pod's cgroup path (under the test's
 /// own cgroup tree, hence the leading `*`).
-const POD_SCOPES: [&str; 2] = ["cgroup:*/kubepods.slice/*", "cgroup:*/kubepods-pod*.slice/cri-containerd-*"];
+const POD_SCOPES: [&str; 2] = ["namespace:team-a", "label:app=billing"];
 
 /// Waits until the interceptor's pod directory has listed the pods.
 fn wait_synced(proxy: &Interceptor, netns: &Netns) -> Result<Value> {

@@ -493,6 +493,8 @@ impl Drop for ConnectionRecord {
             tid = w.map(|w| w.tid).filter(|&t| t != 0),
             uid = w.map(|w| w.uid),
             comm = w.map(|w| w.comm.as_str()).filter(|c| !c.is_empty()),
+            thread = w.map(|w| w.thread.as_str()).filter(|t| !t.is_empty()),
+            exe = w.and_then(|w| w.exe.as_deref()),
             cgroup_id = w.map(|w| w.cgroup_id).filter(|&id| id != 0),
             pod = w.and_then(|w| w.pod.as_deref()).filter(|p| !p.name.is_empty()).map(|p| format!("{}/{}", p.namespace, p.name)),
             requests = self.requests,
@@ -521,8 +523,11 @@ async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &
     let span = Span::current();
     span.record("orig_dst", tracing::field::display(orig));
     record.workload = plane.resolver.workload(client, orig).await;
-    if let (Some(w), Some(pods)) = (record.workload.as_mut(), plane.pods.as_deref()) {
-        w.name_pod(pods);
+    if let Some(w) = record.workload.as_mut() {
+        crate::workload::name_cgroup(w).await;
+        if let Some(pods) = plane.pods.as_deref() {
+            w.name_pod(pods);
+        }
     }
     if let Some(w) = record.workload.as_ref().filter(|w| w.has_process()) {
         span.record("workload", w.comm.as_str());
