@@ -494,7 +494,10 @@ mod tests {
         }
         let socket_only = Workload { uid: 1000, cgroup_id: 5, ..Default::default() };
         let json = serde_json::to_value(WorkloadInfo::of(Some(&socket_only))).unwrap();
-        assert_eq!((&json["pid"], &json["comm"], &json["uid"]), (&serde_json::Value::Null, &serde_json::Value::Null, &1000.into()));
+        assert_eq!(
+            (&json["pid"], &json["comm"], &json["uid"]),
+            (&serde_json::Value::Null, &serde_json::Value::Null, &1000.into())
+        );
     }
 
     #[test]

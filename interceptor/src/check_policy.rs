@@ -179,12 +179,14 @@ pub fn provider_named(name: &str) -> Result<Provider, CheckPolicyError> {
 /// The policy the configuration runs (`policy` instead, when given), and
 /// a note when the local engine is not among the backends.
 pub fn load_policy(config: &Config, policy: Option<&Path>) -> Result<(Policy, Option<String>), CheckPolicyError> {
-    let path = policy.or((!config.guardrails.policy_file.as_os_str().is_empty()).then_some(&*config.guardrails.policy_file));
+    let path =
+        policy.or((!config.guardrails.policy_file.as_os_str().is_empty()).then_some(&*config.guardrails.policy_file));
     let loaded = match path {
         None => Policy::builtin()?,
         Some(path) => {
             let origin = path.display().to_string();
-            let text = std::fs::read_to_string(path).map_err(|source| CheckPolicyError::Read { path: origin.clone(), source })?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| CheckPolicyError::Read { path: origin.clone(), source })?;
             Policy::from_toml(&text, &origin)?
         }
     };
@@ -314,7 +316,10 @@ mod tests {
     #[test]
     fn a_workload_is_read_from_field_value_pairs() {
         let w = parsed("comm=claude,thread=HTTP Client,exe=/usr/bin/node,uid=1000,cgroup=/kubepods.slice/a,namespace=team-a,pod=pay-1,service_account=pay,label=app=billing,label=tier=web,container=agent").unwrap();
-        assert_eq!((w.comm.as_str(), w.thread.as_str(), w.exe.as_deref(), w.uid), ("claude", "HTTP Client", Some("/usr/bin/node"), 1000));
+        assert_eq!(
+            (w.comm.as_str(), w.thread.as_str(), w.exe.as_deref(), w.uid),
+            ("claude", "HTTP Client", Some("/usr/bin/node"), 1000)
+        );
         assert_eq!(w.cgroup.as_deref(), Some("/kubepods.slice/a"));
         let pod = w.pod.as_deref().unwrap();
         assert_eq!((pod.namespace.as_str(), pod.name.as_str()), ("team-a", "pay-1"));
@@ -329,7 +334,10 @@ mod tests {
         let mut w = Workload { comm: "python3".into(), ..Default::default() };
         parse_workload("namespace=ml", &mut w, &mut Vec::new()).unwrap();
         parse_workload("label=team=x", &mut w, &mut Vec::new()).unwrap();
-        assert_eq!((w.comm.as_str(), w.pod.as_deref().map(|p| (p.namespace.as_str(), p.labels.len()))), ("python3", Some(("ml", 1))));
+        assert_eq!(
+            (w.comm.as_str(), w.pod.as_deref().map(|p| (p.namespace.as_str(), p.labels.len()))),
+            ("python3", Some(("ml", 1)))
+        );
     }
 
     #[test]
@@ -395,14 +403,30 @@ mod tests {
         .unwrap();
         let w = parsed("comm=claude,exe=/usr/bin/node,uid=1000,namespace=team-a,label=app=billing").unwrap();
         let text = report(&policy, &w, None, None);
-        assert!(text.contains("workload: comm=claude exe=/usr/bin/node uid=1000 namespace=team-a label=app=billing"), "{text}");
+        assert!(
+            text.contains("workload: comm=claude exe=/usr/bin/node uid=1000 namespace=team-a label=app=billing"),
+            "{text}"
+        );
         assert!(text.contains("applies  everyone (block): every workload\n"), "{text}");
-        assert!(text.contains("applies  billing-cards (redact): workload matches label:app=billing; only providers: anthropic\n"), "{text}");
-        assert!(text.contains("-        python-only (alert): workload matches none of comm:python*, exe:python3*\n"), "{text}");
+        assert!(
+            text.contains(
+                "applies  billing-cards (redact): workload matches label:app=billing; only providers: anthropic\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("-        python-only (alert): workload matches none of comm:python*, exe:python3*\n"),
+            "{text}"
+        );
         assert!(text.contains("applies  team-a: workload matches namespace:team-a\n"), "{text}");
         assert!(text.contains("2 of 3 rules and 1 of 1 system prompts apply"), "{text}");
         let text = report(&policy, &w, Some(Provider::OpenAiChat), None);
-        assert!(text.contains("-        billing-cards (redact): workload matches label:app=billing, but not on provider openai_chat"), "{text}");
+        assert!(
+            text.contains(
+                "-        billing-cards (redact): workload matches label:app=billing, but not on provider openai_chat"
+            ),
+            "{text}"
+        );
         assert!(text.contains("1 of 3 rules"), "{text}");
     }
 }

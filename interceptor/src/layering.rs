@@ -109,7 +109,10 @@ fn the_bottom_layer_imports_nothing_above_it() {
         "webhook",
         "kubernetes",
     ];
-    check(&["error", "telemetry", "policy", "targets", "config", "app_name", "cgroup", "process", "workload", "net"], &above);
+    check(
+        &["error", "telemetry", "policy", "targets", "config", "app_name", "cgroup", "process", "workload", "net"],
+        &above,
+    );
     // The leaves import nothing of the crate at all.
     for leaf in ["error", "telemetry", "targets", "cgroup", "process"] {
         for file in files(leaf) {

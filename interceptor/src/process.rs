@@ -147,8 +147,10 @@ mod tests {
     fn stat_lines_give_the_name_and_start_time_whatever_the_name_holds() {
         let line = b"4242 (a) b (c) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 3 0 987654 1000 10 18446744073709551615\n";
         assert_eq!(parse_stat(line), Some(Stat { comm: "a) b (c".into(), start: 987654 }));
-        assert_eq!(parse_stat(b"1 (x\ny) S 0 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 55 0")
-            .map(|s| (s.comm, s.start)), Some(("x?y".into(), 55)));
+        assert_eq!(
+            parse_stat(b"1 (x\ny) S 0 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 55 0").map(|s| (s.comm, s.start)),
+            Some(("x?y".into(), 55))
+        );
         assert_eq!(parse_stat(b"1 (x) S 0 1"), None, "too short");
         assert_eq!(parse_stat(b"garbage"), None);
     }

@@ -183,7 +183,10 @@ scope.providers = ["anthropic"]
     // Narrowed to a provider, the prompt for another one does not apply.
     let out = run(&["--config", config, "check-policy", "--workload", workload, "--provider", "openai_chat"])?;
     let text = String::from_utf8(out.stdout)?;
-    assert!(text.contains("-        claude-prompt: workload matches comm:claude, but not on provider openai_chat"), "{text}");
+    assert!(
+        text.contains("-        claude-prompt: workload matches comm:claude, but not on provider openai_chat"),
+        "{text}"
+    );
 
     // A live process: this test, whose executable is readable to itself.
     let pid = std::process::id().to_string();
@@ -209,7 +212,10 @@ scope.providers = ["anthropic"]
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{args:?}: {err}");
     }
-    std::fs::write(&policy, "[[rules]]\nid = \"x\"\ndetectors = [\"email\"]\naction = \"alert\"\nscope.workloads = [\"uid:root\"]\n")?;
+    std::fs::write(
+        &policy,
+        "[[rules]]\nid = \"x\"\ndetectors = [\"email\"]\naction = \"alert\"\nscope.workloads = [\"uid:root\"]\n",
+    )?;
     let out = run(&["--config", config, "check-policy", "--workload", "comm=x"])?;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("numeric uid"), "{}", String::from_utf8_lossy(&out.stderr));

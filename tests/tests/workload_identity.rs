@@ -159,7 +159,11 @@ async fn ebpf_mode_names_the_program_behind_a_worker_thread_and_scopes_rules_by_
     assert_eq!(w["argv0"], agent.as_str(), "{event}");
     assert_eq!(w["cgroup"], stage.client_cg.relative_path(), "{event}");
     let rec = stage.record(port as u16)?;
-    assert_eq!((&rec["comm"], &rec["thread"], &rec["tid"]), (&"agentprog".into(), &"agent-worker".into(), &first["tid"]), "{rec}");
+    assert_eq!(
+        (&rec["comm"], &rec["thread"], &rec["tid"]),
+        (&"agentprog".into(), &"agent-worker".into(), &first["tid"]),
+        "{rec}"
+    );
     assert_eq!(rec["exe"], agent.as_str(), "{rec}");
     Ok(())
 }
@@ -172,7 +176,8 @@ async fn iptables_mode_names_the_program_and_scopes_rules_by_it() -> Result<()> 
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("policy.toml");
     std::fs::write(&path, policy())?;
-    let stage = Stage::new("identity_ipt", "iptables", &format!("[guardrails]\npolicy_file = \"{}\"\n", path.display()))?;
+    let stage =
+        Stage::new("identity_ipt", "iptables", &format!("[guardrails]\npolicy_file = \"{}\"\n", path.display()))?;
     let (out, agent) = run_agent(&stage).await?;
     // NAT does not say which thread connected: thread patterns see the
     // process name, as documented; the rest as in eBPF mode.

@@ -180,13 +180,7 @@ impl Owners {
         // where `status` (real ids) costs the kernel a page of text.
         let gid = std::fs::metadata(&dir).map(|m| m.gid()).unwrap_or(0);
         let procfs = Procfs::at(&self.proc);
-        Some(Process {
-            pid,
-            gid,
-            comm: clean_comm(&comm),
-            exe: procfs.exe(pid).ok(),
-            argv0: procfs.argv0(pid),
-        })
+        Some(Process { pid, gid, comm: clean_comm(&comm), exe: procfs.exe(pid).ok(), argv0: procfs.argv0(pid) })
     }
 
     fn cgroup_procs(&self, cgroup_id: u64) -> Vec<u32> {
@@ -552,10 +546,17 @@ mod tests {
         );
         assert_eq!(helper.find(11, 5), None, "the first line answers the first question");
         let p = helper.find(12, 6).expect("answered");
-        assert_eq!(p, Process { pid: 12, gid: 7, comm: "comm of 6".into(), ..Default::default() }, "the stale answer is skipped");
+        assert_eq!(
+            p,
+            Process { pid: 12, gid: 7, comm: "comm of 6".into(), ..Default::default() },
+            "the stale answer is skipped"
+        );
         assert_eq!(helper.find(13, 0).map(|p| p.pid), Some(13));
         let p = helper.describe(99).expect("described");
-        assert_eq!((p.pid, p.exe.as_deref(), p.argv0, p.comm.as_str()), (99, Some("/usr/bin/x y"), None, "comm of pid"));
+        assert_eq!(
+            (p.pid, p.exe.as_deref(), p.argv0, p.comm.as_str()),
+            (99, Some("/usr/bin/x y"), None, "comm of pid")
+        );
     }
 
     #[test]

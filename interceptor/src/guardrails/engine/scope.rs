@@ -111,7 +111,10 @@ enum WorkloadTest {
     Thread(String),
     /// The executable: its full path when the glob holds a `/`, else its
     /// file name.
-    Exe { glob: String, full_path: bool },
+    Exe {
+        glob: String,
+        full_path: bool,
+    },
     Uid(u32),
     Cgroup(String),
     Namespace(String),
@@ -182,7 +185,9 @@ impl WorkloadPattern {
             WorkloadTest::Cgroup(g) => w.cgroup.is_some_and(|c| named(g, c)),
             WorkloadTest::Namespace(g) => pod.is_some_and(|p| named(g, &p.namespace)),
             WorkloadTest::Pod(g) => pod.is_some_and(|p| named(g, &p.name)),
-            WorkloadTest::ServiceAccount(g) => pod.is_some_and(|p| p.service_account.as_deref().is_some_and(|a| named(g, a))),
+            WorkloadTest::ServiceAccount(g) => {
+                pod.is_some_and(|p| p.service_account.as_deref().is_some_and(|a| named(g, a)))
+            }
             WorkloadTest::Labels(requirements) => pod.is_some_and(|p| {
                 requirements.iter().all(|r| match r {
                     LabelRequirement::Equals(k, v) => p.labels.get(k) == Some(v),
@@ -325,7 +330,8 @@ impl Scope {
             out.push(format!("hosts: {}", hosts.join(", ")));
         }
         if self.kinds != ALL_KINDS {
-            let kinds: Vec<&str> = KINDS.iter().filter(|(k, _)| self.kinds & kind_bit(*k) != 0).map(|(_, n)| *n).collect();
+            let kinds: Vec<&str> =
+                KINDS.iter().filter(|(k, _)| self.kinds & kind_bit(*k) != 0).map(|(_, n)| *n).collect();
             out.push(format!("kinds: {}", kinds.join(", ")));
         }
         out

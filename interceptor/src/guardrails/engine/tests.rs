@@ -951,7 +951,10 @@ fn rules_scoped_to_the_process_thread_executable_and_pod_fire_on_theirs_only() {
     assert_eq!(coverage[2].matched, ["label:app=billing"]);
     assert_eq!(coverage[2].workloads, ["label:app=billing", "namespace:finance"]);
     assert_eq!(coverage[2].action, Some(Action::Redact));
-    assert_eq!((coverage[4].kind, coverage[4].conditions.as_slice()), (EntryKind::SystemPrompt, &["providers: anthropic".to_owned()][..]));
+    assert_eq!(
+        (coverage[4].kind, coverage[4].conditions.as_slice()),
+        (EntryKind::SystemPrompt, &["providers: anthropic".to_owned()][..])
+    );
     let on_openai = policy.coverage(Some(&w), Some(Provider::OpenAiChat), Some("api.openai.com"));
     assert!(!on_openai[4].applies, "the prompt is for anthropic only");
     assert!(on_openai[0].applies);
