@@ -64,7 +64,15 @@ fn pipeline(c: &mut Criterion) {
         client: ClientAddr("10.0.0.2:41000".parse().expect("addr")),
         orig_dst: OrigDstAddr("198.18.0.10:443".parse().expect("addr")),
         sni: "api.openai.com".into(),
-        workload: Some(Workload { pid: 4242, tid: 4242, uid: 1000, gid: 1000, comm: "agent".into(), cgroup_id: 1 }),
+        workload: Some(Workload {
+            pid: 4242,
+            tid: 4242,
+            uid: 1000,
+            gid: 1000,
+            comm: "agent".into(),
+            cgroup_id: 1,
+            ..Default::default()
+        }),
     };
     let mut doc = common::openai_chat(&common::clean_prompt(1));
     doc["stream"] = false.into();

@@ -1,6 +1,7 @@
 //! The loopback admin API: `/healthz` (the process answers), `/readyz` (the
 //! proxy listens and the redirect is installed with its first target set),
-//! `/status` (JSON: mode, attach point, targets, kernel counters), `/targets`
+//! `/status` (JSON: mode, attach point, targets, kernel counters, the pod
+//! directory's state), `/targets`
 //! (the redirected networks and the domains each address came from), `/metrics`
 //! (Prometheus).
 
@@ -12,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{metrics::Metrics, net::ProxyAddrs, targets::TargetSet};
+use crate::{kubernetes::DirectoryStatus, metrics::Metrics, net::ProxyAddrs, targets::TargetSet};
 
 /// What the control plane publishes for the admin API.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -23,6 +24,9 @@ pub struct Status {
     pub proxy: Option<ProxyAddrs>,
     pub targets: TargetSet,
     pub counters: Vec<(&'static str, u64)>,
+    /// The Kubernetes pod directory, when it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_directory: Option<DirectoryStatus>,
 }
 
 /// Binds the admin address; serving happens in [`serve`].

@@ -25,6 +25,7 @@ use crate::{
     dataplane::{self, DataPlaneBuilder},
     dns::{AskedServer, DnsForwarder, ForwarderConfig},
     error,
+    kubernetes::PodDirectory,
     metrics::Metrics,
     policy::DomainPolicy,
     proxy::{Listeners, Snapshot},
@@ -143,9 +144,19 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     tokio::spawn(admin::serve(admin_listener, status_rx, Arc::clone(&metrics)));
 
+    // Pods are named as soon as the directory has listed them; connections
+    // never wait for it.
+    let pods = PodDirectory::start(&config.kubernetes, Arc::clone(&metrics));
+    if let Some(pods) = &pods {
+        tokio::spawn(publish_pod_directory(pods.status(), Arc::clone(&status_tx)));
+    }
+
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (shutdown_dns_tx, shutdown_rx_dns) = watch::channel(false);
-    let mut plane = DataPlaneBuilder::new(&config).tls(tls).metrics(metrics);
+    let mut plane = DataPlaneBuilder::new(&config)
+        .tls(tls)
+        .metrics(metrics)
+        .pods(pods.map(|p| Arc::new(p) as Arc<dyn crate::workload::PodLookup>));
     let guardrails = plane.configured_guardrails().context("preparing the guardrails")?;
     let records = RedirectRecords(redirector.resolver());
     let proxy = plane.serve(listeners, redirector.resolver(), snapshot_rx, shutdown_rx);
@@ -197,6 +208,21 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         tracing::warn!(timeout = ?drain_timeout, "connections still open at the drain deadline; closing them");
     }
     result
+}
+
+/// Copies the pod directory's state into the status the admin API serves,
+/// until the directory stops.
+async fn publish_pod_directory(
+    mut directory: watch::Receiver<crate::kubernetes::DirectoryStatus>,
+    status: Arc<watch::Sender<Arc<Status>>>,
+) {
+    loop {
+        let current = directory.borrow_and_update().clone();
+        status.send_modify(|s| Arc::make_mut(s).pod_directory = Some(current));
+        if directory.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Binds the DNS forwarder's UDP and TCP sockets on the proxy addresses.

@@ -32,39 +32,72 @@ const QUEUE: usize = 4096;
 /// Least time between two error lines about the same audit file outage.
 pub const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Who made an exchange, as an audit event names it. Fields that are not
+/// known are left out (`pid`, `uid`, `comm` and `cgroup_id` are `null`).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct WorkloadInfo {
     pub pid: Option<u32>,
     pub uid: Option<u32>,
+    /// Process name (the thread-group leader's `comm`).
     pub comm: Option<String>,
+    /// Name of the thread that connected, when it differs from `comm`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thread: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub argv0: Option<String>,
     pub cgroup_id: Option<u64>,
     /// cgroup path, relative to the cgroup2 mount.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<String>,
-    /// Kubernetes pod UID and container ID, when the cgroup path shows them.
+    /// Kubernetes pod UID and container ID, from the pod or, failing that,
+    /// from the cgroup path.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pod_uid: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
+    /// The pod, as the API server describes it, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    /// The container's name in the pod.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 impl WorkloadInfo {
     /// What is known of the process behind a connection, with its cgroup
-    /// named and, on Kubernetes nodes, its pod and container.
+    /// (named once per connection, when the proxy resolved the workload)
+    /// and, on Kubernetes nodes, its pod and container.
     pub fn of(workload: Option<&crate::workload::Workload>) -> Self {
         let Some(w) = workload else { return Self::default() };
-        let cgroup = (w.cgroup_id != 0).then(|| crate::workload::cgroup_path(w.cgroup_id)).flatten();
-        let kube = cgroup.as_deref().and_then(crate::workload::kube_identity);
+        let kube = w.cgroup.as_deref().and_then(crate::workload::kube_identity);
+        let pod = w.pod.as_deref();
+        let text = |s: &str| Some(s.to_owned()).filter(|s| !s.is_empty());
         // Zero and empty are "not found" (iptables mode: the socket was
         // found, its process or cgroup not).
         Self {
             pid: Some(w.pid).filter(|&p| p != 0),
             uid: Some(w.uid),
-            comm: Some(w.comm.clone()).filter(|c| !c.is_empty()),
+            comm: text(&w.comm),
+            thread: text(&w.thread),
+            exe: w.exe.as_deref().map(str::to_owned),
+            argv0: w.argv0.as_deref().map(str::to_owned),
             cgroup_id: Some(w.cgroup_id).filter(|&id| id != 0),
-            cgroup: cgroup.map(|c| c.to_string()),
-            pod_uid: kube.as_ref().map(|k| k.pod_uid.clone()),
+            cgroup: w.cgroup.as_deref().map(str::to_owned),
+            pod_uid: pod.and_then(|p| text(&p.uid)).or_else(|| kube.as_ref().map(|k| k.pod_uid.clone())),
             container_id: kube.and_then(|k| k.container_id),
+            pod_name: pod.and_then(|p| text(&p.name)),
+            namespace: pod.and_then(|p| text(&p.namespace)),
+            labels: pod.map(|p| p.labels.clone()),
+            service_account: pod.and_then(|p| p.service_account.clone()),
+            container: pod.and_then(|p| p.container.clone()),
         }
     }
 }
@@ -411,6 +444,61 @@ pub fn now() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workloads_are_named_by_process_thread_executable_and_pod() {
+        use crate::workload::{PodInfo, Workload};
+        let systemd = "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1f2e3d4c_5b6a_7980_a1b2_c3d4e5f60718.slice/cri-containerd-0123456789abcdef0123456789abcdef.scope";
+        let mut w = Workload {
+            pid: 7,
+            tid: 9,
+            uid: 1000,
+            comm: "claude".into(),
+            thread: "HTTP Client".into(),
+            exe: Some("/usr/bin/node".into()),
+            argv0: Some("claude".into()),
+            cgroup_id: 42,
+            cgroup: Some(systemd.into()),
+            ..Default::default()
+        };
+        let json = serde_json::to_value(WorkloadInfo::of(Some(&w))).unwrap();
+        assert_eq!(json["comm"], "claude", "the process, not the thread");
+        assert_eq!(json["thread"], "HTTP Client");
+        assert_eq!(json["exe"], "/usr/bin/node");
+        assert_eq!(json["argv0"], "claude");
+        assert_eq!(json["cgroup"], systemd, "the path the connection was named with");
+        assert_eq!(json["pod_uid"], "1f2e3d4c-5b6a-7980-a1b2-c3d4e5f60718");
+        assert_eq!(json["container_id"], "0123456789abcdef0123456789abcdef");
+        assert!(json.get("namespace").is_none() && json.get("labels").is_none(), "no pod known: {json}");
+
+        w.pod = Some(std::sync::Arc::new(PodInfo {
+            uid: "1f2e3d4c-5b6a-7980-a1b2-c3d4e5f60718".into(),
+            name: "billing-7d9f".into(),
+            namespace: "team-a".into(),
+            labels: [("app".to_owned(), "billing".to_owned())].into(),
+            service_account: Some("billing-sa".into()),
+            container: Some("agent".into()),
+        }));
+        let json = serde_json::to_value(WorkloadInfo::of(Some(&w))).unwrap();
+        assert_eq!(json["pod_name"], "billing-7d9f");
+        assert_eq!(json["namespace"], "team-a");
+        assert_eq!(json["labels"], serde_json::json!({"app": "billing"}));
+        assert_eq!(json["service_account"], "billing-sa");
+        assert_eq!(json["container"], "agent");
+
+        // The main thread connected; iptables mode found only the socket.
+        let plain = Workload { pid: 3, tid: 3, comm: "curl".into(), ..Default::default() };
+        let json = serde_json::to_value(WorkloadInfo::of(Some(&plain))).unwrap();
+        for absent in ["thread", "exe", "argv0", "cgroup", "pod_uid", "pod_name"] {
+            assert!(json.get(absent).is_none(), "{absent} in {json}");
+        }
+        let socket_only = Workload { uid: 1000, cgroup_id: 5, ..Default::default() };
+        let json = serde_json::to_value(WorkloadInfo::of(Some(&socket_only))).unwrap();
+        assert_eq!(
+            (&json["pid"], &json["comm"], &json["uid"]),
+            (&serde_json::Value::Null, &serde_json::Value::Null, &1000.into())
+        );
+    }
 
     #[test]
     fn enum_fields_are_written_as_their_names() {

@@ -17,9 +17,11 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use self::akto::AktoConfig;
+pub use self::kubernetes::{KubeEnabled, KubernetesConfig};
 use crate::{policy::DomainsConfig, telemetry::LogFormat};
 
 pub mod akto;
+pub mod kubernetes;
 
 /// Smallest `proxy.max_header_bytes` (the HTTP/1.1 server's minimum buffer).
 pub const MIN_HEADER_BYTES: usize = 8192;
@@ -54,6 +56,7 @@ pub struct Config {
     pub tls: TlsConfig,
     pub guardrails: GuardrailsConfig,
     pub targets: TargetsConfig,
+    pub kubernetes: KubernetesConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
 }
@@ -543,7 +546,7 @@ pub struct Overrides {
     pub upstream_ca: Option<PathBuf>,
     /// `AKTO_URL`: enables the Akto backend (appended after the local one).
     pub akto_url: Option<String>,
-    /// `APP_NAME`.
+    /// `APP_NAME`: a literal app name (braces are not placeholders).
     pub app_name: Option<String>,
     /// `AKTO_API_TOKEN`.
     pub akto_token: Option<String>,
@@ -552,6 +555,8 @@ pub struct Overrides {
     pub akto_addon: akto::AddonEnv,
     pub admin: Option<SocketAddr>,
     pub log_format: Option<LogFormat>,
+    /// `NODE_NAME`: `kubernetes.node_name`.
+    pub node_name: Option<String>,
 }
 
 impl Config {
@@ -603,7 +608,8 @@ impl Config {
             }
         }
         if let Some(name) = &o.app_name {
-            self.guardrails.akto.app_name = name.clone();
+            // A literal: its braces are not placeholders.
+            self.guardrails.akto.app_name = crate::app_name::escape(name);
         }
         if let Some(token) = o.akto_token.as_ref().filter(|t| !t.is_empty()) {
             self.guardrails.akto.token = Some(token.clone());
@@ -614,6 +620,9 @@ impl Config {
         }
         if let Some(format) = o.log_format {
             self.log.format = format;
+        }
+        if let Some(node) = o.node_name.as_ref().filter(|n| !n.is_empty()) {
+            self.kubernetes.node_name = node.clone();
         }
     }
 
@@ -755,6 +764,7 @@ impl Config {
         if self.targets.resolve_interval < Duration::from_secs(1) {
             errors.push("targets.resolve_interval: must be at least 1s".to_string());
         }
+        errors.extend(self.kubernetes.validate());
         if !self.admin.address.ip().is_loopback() {
             errors.push(format!(
                 "admin.address: {} is not a loopback address; the admin API must not be reachable from the network",
@@ -900,6 +910,39 @@ mod tests {
     fn empty_ipv6_address_disables_it() {
         let c = Config::from_toml("[proxy]\naddress_v6 = \"\"\n", Path::new("x")).unwrap();
         assert_eq!(c.proxy.address_v6, None);
+    }
+
+    #[test]
+    fn app_name_templates_are_checked_and_app_name_from_the_environment_is_literal() {
+        let file = "[guardrails]\nbackends = [\"akto\"]\n[guardrails.akto]\nurl = \"http://akto:9090\"\n";
+        let c =
+            Config::from_toml(&format!("{file}app_name = \"{{namespace|host}}/{{pod_label:app}}\"\n"), Path::new("x"))
+                .unwrap();
+        c.validate().unwrap();
+        let c = Config::from_toml(&format!("{file}app_name = \"{{team}}-{{namespace\"\n"), Path::new("x")).unwrap();
+        let ConfigError::Invalid { errors } = c.validate().unwrap_err() else { panic!() };
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with("guardrails.akto:") && errors[0].contains("unknown placeholder `{team}`"),
+            "{errors:?}"
+        );
+        // APP_NAME: the same text is a literal name.
+        let mut c = c;
+        c.apply(&Overrides { app_name: Some("{team}-{namespace".into()), ..Default::default() });
+        c.validate().unwrap();
+        let name = crate::app_name::AppName::parse(&c.guardrails.akto.app_name).unwrap();
+        assert!(name.is_literal());
+        assert_eq!(name.render(None), "{team}-{namespace");
+    }
+
+    #[test]
+    fn node_name_comes_from_the_environment() {
+        let mut c = Config::from_toml("[kubernetes]\nenabled = \"on\"\n", Path::new("x")).unwrap();
+        let ConfigError::Invalid { errors } = c.validate().unwrap_err() else { panic!() };
+        assert!(errors[0].starts_with("kubernetes.node_name:"), "{errors:?}");
+        c.apply(&Overrides { node_name: Some("node-a".into()), ..Default::default() });
+        c.validate().unwrap();
+        assert_eq!(c.kubernetes.node_name, "node-a");
     }
 
     #[test]

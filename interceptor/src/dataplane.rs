@@ -36,6 +36,7 @@ use crate::{
         tls::TlsTermination,
         upstream::{UpstreamPool, client_tls_config},
     },
+    workload::PodLookup,
 };
 
 /// Assembles a data plane from a [`Config`]. Everything not set explicitly
@@ -48,6 +49,7 @@ pub struct DataPlaneBuilder<'a> {
     metrics: Arc<Metrics>,
     settings: Option<ProxySettings>,
     hook: Option<Arc<dyn Hook>>,
+    pods: Option<Arc<dyn PodLookup>>,
 }
 
 /// The running guardrails' settings, which the control plane replaces on
@@ -62,7 +64,7 @@ impl<'a> DataPlaneBuilder<'a> {
     /// No TLS termination (every connection passes through), no guardrails,
     /// fresh metrics, settings from `config`.
     pub fn new(config: &'a Config) -> Self {
-        Self { config, tls: None, metrics: Arc::new(Metrics::new()), settings: None, hook: None }
+        Self { config, tls: None, metrics: Arc::new(Metrics::new()), settings: None, hook: None, pods: None }
     }
 
     /// TLS termination for AI domains, as [`tls_termination`] builds it;
@@ -88,6 +90,13 @@ impl<'a> DataPlaneBuilder<'a> {
     /// guardrails (tests).
     pub fn hook(mut self, hook: Option<Arc<dyn Hook>>) -> Self {
         self.hook = hook;
+        self
+    }
+
+    /// Names each connection's pod from its cgroup path with `pods` (the
+    /// Kubernetes pod directory); `None`: no pod names.
+    pub fn pods(mut self, pods: Option<Arc<dyn PodLookup>>) -> Self {
+        self.pods = pods;
         self
     }
 
@@ -120,6 +129,7 @@ impl<'a> DataPlaneBuilder<'a> {
             tls: self.tls,
             hook: self.hook,
             metrics: self.metrics,
+            pods: self.pods,
         };
         Proxy::serve(listeners, plane, shutdown)
     }

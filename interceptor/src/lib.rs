@@ -10,9 +10,11 @@
 
 pub mod admin;
 pub mod app;
+pub mod app_name;
 pub mod audit;
 pub mod ca;
 pub mod cgroup;
+pub mod check_policy;
 pub mod config;
 pub mod control;
 pub mod dataplane;
@@ -21,10 +23,12 @@ pub mod doctor;
 pub mod error;
 
 pub mod guardrails;
+pub mod kubernetes;
 pub mod metrics;
 pub mod net;
 pub mod policy;
 pub mod privileges;
+pub mod process;
 pub mod proxy;
 pub mod redirect;
 pub mod respond;

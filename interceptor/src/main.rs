@@ -44,12 +44,37 @@ enum Command {
     Status(RunArgs),
     /// Validate the configuration and print the effective settings.
     CheckConfig(RunArgs),
+    /// Show which rules and system prompts of the configured policy apply to
+    /// a workload.
+    CheckPolicy(CheckPolicyArgs),
     /// The certificate authority that signs intercepted connections.
     #[command(subcommand)]
     Ca(CaCommand),
     /// The Kubernetes admission webhook that makes pods trust the cluster CA.
     #[command(subcommand)]
     Webhook(WebhookCommand),
+}
+
+#[derive(clap::Args)]
+struct CheckPolicyArgs {
+    /// The workload, as comma-separated field=value pairs; fields: comm,
+    /// thread, exe, argv0, uid, cgroup, pod, namespace, service_account,
+    /// container, label (label=key=value, once per label). Repeatable; adds
+    /// to --pid. Example: comm=claude,exe=/usr/bin/node,uid=1000,namespace=team-a,label=app=billing
+    #[arg(long, value_name = "FIELDS")]
+    workload: Vec<String>,
+    /// A live process: its name, executable, argv[0], uid and cgroup.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Only for this provider (a policy provider name, e.g. anthropic).
+    #[arg(long)]
+    provider: Option<String>,
+    /// Only for this host (the server name the client asks for).
+    #[arg(long)]
+    host: Option<String>,
+    /// A policy file to check instead of the configured one.
+    #[arg(long)]
+    policy: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -208,7 +233,8 @@ struct RunArgs {
     /// Base URL of an Akto instance: adds the Akto guardrail backend.
     #[arg(long, env = "AKTO_URL")]
     akto_url: Option<String>,
-    /// Application name that groups this traffic in Akto.
+    /// Application name that groups this traffic in Akto, as a literal (a
+    /// template, `{namespace}/{pod_label:app}`, goes in the config file).
     #[arg(long, env = "APP_NAME")]
     app_name: Option<String>,
     /// Token sent to Akto as `Authorization` (prefer the environment).
@@ -224,6 +250,9 @@ struct RunArgs {
     /// Log the bodies sent to Akto and its replies (`guardrails.akto.log_payloads`).
     #[arg(long, env = "AKTO_LOG_PAYLOADS", value_name = "true|false")]
     akto_log_payloads: Option<String>,
+    /// This node's name: the pod directory watches its pods only.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
 }
 
 impl RunArgs {
@@ -243,6 +272,7 @@ impl RunArgs {
             },
             admin: self.admin,
             log_format: self.log_format,
+            node_name: self.node_name.clone(),
         }
     }
 }
@@ -296,11 +326,65 @@ fn status(admin: SocketAddr) -> anyhow::Result<String> {
     if !static_nets.is_empty() {
         writeln!(out, "  configured: {}", static_nets.join(", "))?;
     }
+    if let Some(pods) = body.get("pod_directory").filter(|p| p.is_object()) {
+        writeln!(
+            out,
+            "pods:      {} ({} known on node {}){}",
+            s(&pods["state"]),
+            pods["pods"],
+            s(&pods["node"]),
+            pods["error"].as_str().map(|e| format!(": {e}")).unwrap_or_default()
+        )?;
+    }
     writeln!(out, "counters:")?;
     for pair in body["counters"].as_array().into_iter().flatten() {
         writeln!(out, "  {:<24} {}", s(&pair[0]), pair[1])?;
     }
     Ok(out)
+}
+
+/// `check-policy`: bad input or policy exits 2, like `check-config`.
+fn check_policy(config_path: Option<&PathBuf>, args: &CheckPolicyArgs) -> ExitCode {
+    use interceptor::{check_policy as check, process::Procfs, workload::Workload};
+    let bad = |error: &(dyn std::error::Error + 'static)| {
+        eprintln!("error: {}", error::chain(error));
+        ExitCode::from(2)
+    };
+    if args.pid.is_none() && args.workload.is_empty() {
+        eprintln!("error: describe the workload with --workload field=value,... or --pid N");
+        return ExitCode::from(2);
+    }
+    let config = match load(config_path, &RunArgs::default()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut notes = Vec::new();
+    let mut workload = match args.pid {
+        Some(pid) => match check::workload_of_pid(&Procfs::default(), pid, &mut notes) {
+            Ok(w) => w,
+            Err(error) => return bad(&error),
+        },
+        None => Workload::default(),
+    };
+    for spec in &args.workload {
+        if let Err(error) = check::parse_workload(spec, &mut workload, &mut notes) {
+            return bad(&error);
+        }
+    }
+    let provider = match args.provider.as_deref().map(check::provider_named).transpose() {
+        Ok(p) => p,
+        Err(error) => return bad(&error),
+    };
+    let (policy, note) = match check::load_policy(&config, args.policy.as_deref()) {
+        Ok(loaded) => loaded,
+        Err(error) => return bad(&error),
+    };
+    notes.extend(note);
+    print!("{}", check::report(&policy, &workload, provider, args.host.as_deref()));
+    for note in notes {
+        eprintln!("note: {note}");
+    }
+    ExitCode::SUCCESS
 }
 
 fn fail(error: &(dyn std::error::Error + 'static)) -> ExitCode {
@@ -630,6 +714,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::CheckPolicy(args) => check_policy(cli.config.as_ref(), &args),
         Command::CheckConfig(args) => match load(cli.config.as_ref(), &args) {
             Ok(config) => {
                 match toml::to_string_pretty(&config) {

@@ -7,7 +7,7 @@ use std::fmt;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -151,6 +151,11 @@ pub struct Metrics {
     /// Exchanges refused with 503 because the bodies buffered for
     /// inspection used the whole `guardrails.max_buffered_total`.
     pub inspection_budget_refusals: Family<BudgetLabels, Counter>,
+    /// 1 while the Kubernetes pod directory cannot reach (or is refused by)
+    /// the API server.
+    pub pod_directory_degraded: Gauge,
+    /// Pods the directory knows.
+    pub pod_directory_pods: Gauge,
 }
 
 impl Default for Metrics {
@@ -196,6 +201,18 @@ impl Metrics {
             "Exchanges refused (503) because buffered bodies used the whole inspection budget, by body",
             inspection_budget_refusals.clone(),
         );
+        let pod_directory_degraded = Gauge::default();
+        registry.register(
+            "pod_directory_degraded",
+            "1 while the Kubernetes pod directory cannot list or watch pods (connections are named by pod UID only)",
+            pod_directory_degraded.clone(),
+        );
+        let pod_directory_pods = Gauge::default();
+        registry.register(
+            "pod_directory_pods",
+            "Pods of this node the pod directory knows",
+            pod_directory_pods.clone(),
+        );
         Self {
             registry,
             connections,
@@ -205,6 +222,8 @@ impl Metrics {
             audit_write_errors,
             audit_events_dropped,
             inspection_budget_refusals,
+            pod_directory_degraded,
+            pod_directory_pods,
         }
     }
 

@@ -59,10 +59,35 @@ impl Workload {
     pub fn has_process(&self) -> bool {
         self.pid != 0 && !self.comm.is_empty()
     }
+
+    /// Names the pod (and container) the workload's cgroup belongs to, from
+    /// `pods`; a pod `pods` does not know is named by its UID alone. Does
+    /// nothing for a cgroup outside the kubelet's tree.
+    pub fn name_pod(&mut self, pods: &dyn PodLookup) {
+        if self.cgroup.is_none() && self.cgroup_id != 0 {
+            // The redirect did not record the path: find it (cached).
+            self.cgroup = cgroup_path(self.cgroup_id);
+        }
+        let Some(identity) = self.cgroup.as_deref().and_then(kube_identity) else { return };
+        self.pod = Some(
+            pods.pod(&identity).unwrap_or_else(|| Arc::new(PodInfo { uid: identity.pod_uid, ..PodInfo::default() })),
+        );
+    }
+}
+
+/// Names pods from what their cgroup paths reveal: the Kubernetes pod
+/// directory answers it from memory (a map read, never I/O), so the data
+/// plane can ask on every connection.
+pub trait PodLookup: Send + Sync {
+    /// The pod with `identity.pod_uid`, its `container` set when
+    /// `identity.container_id` names one of its containers; `None` when the
+    /// pod is not known.
+    fn pod(&self, identity: &KubeIdentity) -> Option<Arc<PodInfo>>;
 }
 
 /// A Kubernetes pod, as the API server describes it, with the container a
-/// connection came from.
+/// connection came from. Only `uid` is set when the pod directory does not
+/// know the pod (not yet seen, or the API server unreachable).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodInfo {
     pub uid: String,
@@ -108,6 +133,25 @@ pub fn cgroup_path(id: u64) -> Option<Arc<str>> {
     }
     cache.insert(id, found.clone());
     found
+}
+
+/// Fills `workload.cgroup` from its id, without holding an async worker
+/// through a walk: a known id is answered at once, an unknown one is
+/// looked up on the blocking pool. Once per connection.
+pub async fn name_cgroup(workload: &mut Workload) {
+    let id = workload.cgroup_id;
+    if id == 0 || workload.cgroup.is_some() {
+        return;
+    }
+    let names = names();
+    if names.root.is_none() {
+        return;
+    }
+    let cached = names.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned();
+    workload.cgroup = match cached {
+        Some(found) => found,
+        None => tokio::task::spawn_blocking(move || cgroup_path(id)).await.ok().flatten(),
+    };
 }
 
 fn find(root: &Path, id: u64) -> Option<String> {
@@ -198,6 +242,20 @@ mod tests {
     fn other_paths_are_not_pods() {
         assert_eq!(kube_identity("/user.slice/user-0.slice/session-1.scope"), None);
         assert_eq!(kube_identity("/system.slice/interceptor.service"), None);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_workload_gets_its_cgroup_path_once() {
+        let Ok(root) = crate::cgroup::cgroup2_root() else { return };
+        let own = crate::cgroup::own_cgroup(&root).unwrap();
+        let id = std::fs::metadata(&own).unwrap().ino();
+        let mut w = Workload { cgroup_id: id, ..Default::default() };
+        name_cgroup(&mut w).await;
+        assert_eq!(w.cgroup, cgroup_path(id));
+        assert!(w.cgroup.is_some());
+        let mut unknown = Workload::default();
+        name_cgroup(&mut unknown).await;
+        assert_eq!(unknown.cgroup, None, "no id, no walk");
     }
 
     #[test]

@@ -101,7 +101,7 @@ impl InProcessProxy {
         if let Some(idle) = upstream_idle {
             config.proxy.upstream_idle_timeout = idle;
         }
-        Self::launch(upstream, config, Launch::Given { hook, settings, workload }).await
+        Self::launch(upstream, config, Launch::Given { hook, settings: Box::new(settings), workload }).await
     }
 
     async fn launch(upstream: SocketAddr, config: Config, launch: Launch) -> Result<Self> {
@@ -120,7 +120,7 @@ impl InProcessProxy {
                 None
             }
             Launch::Given { hook, settings, workload } => {
-                builder = builder.hook(hook).settings(settings);
+                builder = builder.hook(hook).settings(*settings);
                 workload
             }
         };
@@ -203,7 +203,7 @@ enum Launch {
     /// From the configuration, as `app` does.
     Configured,
     /// As the test gives them.
-    Given { hook: Option<Arc<dyn Hook>>, settings: ProxySettings, workload: Option<Workload> },
+    Given { hook: Option<Arc<dyn Hook>>, settings: Box<ProxySettings>, workload: Option<Workload> },
 }
 
 /// A fake provider behind an in-process proxy running the local guardrails,

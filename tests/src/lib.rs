@@ -172,6 +172,10 @@ pub fn python(netns: &Netns, cgroup: &Cgroup, host: &str, port: u16, family: &st
     })
 }
 
+/// A client whose requests leave from a named worker thread, not the main
+/// one (see the script's header).
+pub const PY_WORKER_THREAD: &str = include_str!("scripts/worker_thread_client.py");
+
 const PY_UDP: &str = r#"
 import socket, sys
 host, port = sys.argv[1], int(sys.argv[2])

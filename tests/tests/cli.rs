@@ -179,3 +179,94 @@ fn a_cluster_ca_is_loaded_from_its_directory_and_never_created() -> Result<()> {
     assert_eq!(std::fs::read_dir(&empty)?.count(), 0);
     Ok(())
 }
+
+#[test]
+fn check_policy_lists_the_rules_and_prompts_that_apply_to_a_workload() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        r#"
+[[rules]]
+id = "keys-everywhere"
+detectors = ["private_key"]
+action = "block"
+
+[[rules]]
+id = "billing-cards"
+detectors = ["credit_card"]
+action = "redact"
+scope.workloads = ["label:app=billing"]
+
+[[rules]]
+id = "codex-only"
+detectors = ["email"]
+action = "alert"
+scope.workloads = ["exe:codex", "thread:tokio-rt-worker"]
+
+[[system_prompts]]
+id = "claude-prompt"
+instruction = "Be brief."
+scope.workloads = ["comm:claude"]
+scope.providers = ["anthropic"]
+"#,
+    )?;
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, format!("[guardrails]\npolicy_file = {:?}\n", policy.to_str().expect("utf-8")))?;
+    let config = config.to_str().expect("utf-8");
+    let workload = "comm=claude,thread=HTTP Client,exe=/usr/bin/node,uid=1000,cgroup=/kubepods.slice/x,namespace=team-a,label=app=billing";
+    let out = run(&["--config", config, "check-policy", "--workload", workload])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout)?;
+    for line in [
+        "workload: comm=claude thread=\"HTTP Client\" exe=/usr/bin/node cgroup=/kubepods.slice/x uid=1000 namespace=team-a label=app=billing\n",
+        &format!("policy:   {}\n", policy.display()),
+        "  applies  keys-everywhere (block): every workload\n",
+        "  applies  billing-cards (redact): workload matches label:app=billing\n",
+        "  -        codex-only (alert): workload matches none of exe:codex, thread:tokio-rt-worker\n",
+        "  applies  claude-prompt: workload matches comm:claude; only providers: anthropic\n",
+        "2 of 3 rules and 1 of 1 system prompts apply\n",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    // Narrowed to a provider, the prompt for another one does not apply.
+    let out = run(&["--config", config, "check-policy", "--workload", workload, "--provider", "openai_chat"])?;
+    let text = String::from_utf8(out.stdout)?;
+    assert!(
+        text.contains("-        claude-prompt: workload matches comm:claude, but not on provider openai_chat"),
+        "{text}"
+    );
+
+    // A live process: this test, whose executable is readable to itself.
+    let pid = std::process::id().to_string();
+    let out = run(&["--config", config, "check-policy", "--pid", &pid, "--workload", "label=app=billing"])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout)?;
+    let exe = std::env::current_exe()?;
+    assert!(text.contains(&format!("exe={}", exe.display())), "{text}");
+    assert!(text.contains("applies  billing-cards"), "{text}");
+
+    // Bad input: a clear error and exit status 2.
+    for (args, needle) in [
+        (vec!["check-policy"], "--workload"),
+        (vec!["check-policy", "--workload", "comm=x,nmespace=y"], "unknown field `nmespace`"),
+        (vec!["check-policy", "--workload", "uid=root"], "not a number"),
+        (vec!["check-policy", "--workload", "comm=x", "--provider", "openai"], "unknown provider `openai`"),
+        (vec!["check-policy", "--pid", "999999999"], "no such process"),
+    ] {
+        let mut full = vec!["--config", config];
+        full.extend(args.iter().copied());
+        let out = run(&full)?;
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    std::fs::write(
+        &policy,
+        "[[rules]]\nid = \"x\"\ndetectors = [\"email\"]\naction = \"alert\"\nscope.workloads = [\"uid:root\"]\n",
+    )?;
+    let out = run(&["--config", config, "check-policy", "--workload", "comm=x"])?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("numeric uid"), "{}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}

@@ -292,3 +292,59 @@ fn every_node_loads_the_cluster_ca_from_its_secret() -> Result<()> {
     assert_eq!(mount["readOnly"], true);
     Ok(())
 }
+
+#[test]
+fn the_node_agents_may_only_read_the_pods_of_their_node() -> Result<()> {
+    let name = "the_node_agents_may_only_read_the_pods_of_their_node";
+    let (Some(rbac), Some(daemonset), Some(account)) =
+        (objects(name, "rbac.yaml")?, objects(name, "daemonset.yaml")?, objects(name, "serviceaccount.yaml")?)
+    else {
+        return Ok(());
+    };
+    // Read-only, pods only.
+    let role = of_kind(&rbac, "ClusterRole");
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([{ "apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"] }]),
+        "{role}"
+    );
+    assert!(!rbac.iter().any(|o| o["kind"] == "Role" || o["kind"] == "RoleBinding"), "nothing else is granted");
+    // Bound to the service account the DaemonSet runs as.
+    let ds = of_kind(&daemonset, "DaemonSet");
+    let pod = &ds["spec"]["template"]["spec"];
+    let binding = of_kind(&rbac, "ClusterRoleBinding");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(binding["roleRef"]["kind"], "ClusterRole");
+    let subject = &binding["subjects"][0];
+    assert_eq!(binding["subjects"].as_array().map(Vec::len), Some(1));
+    assert_eq!(subject["kind"], "ServiceAccount");
+    assert_eq!(subject["name"], pod["serviceAccountName"]);
+    assert_eq!(subject["namespace"], ds["metadata"]["namespace"]);
+    let sa = of_kind(&account, "ServiceAccount");
+    assert_eq!(sa["metadata"]["name"], pod["serviceAccountName"]);
+    // The node name from the downward API scopes the watch to this node.
+    let container = &pod["containers"][0];
+    let node_name = container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == "NODE_NAME")
+        .expect("NODE_NAME in the interceptor's environment");
+    assert_eq!(node_name["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+    // A token where the in-cluster client looks, though none is mounted
+    // automatically.
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    let mount = container["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount")
+        .expect("the service account token is mounted");
+    assert_eq!(mount["readOnly"], true);
+    let volume =
+        pod["volumes"].as_array().into_iter().flatten().find(|v| v["name"] == mount["name"]).expect("the token volume");
+    let sources = volume["projected"]["sources"].as_array().cloned().unwrap_or_default();
+    assert!(sources.iter().any(|s| s["serviceAccountToken"]["path"] == "token"), "{volume}");
+    assert!(sources.iter().any(|s| s["configMap"]["items"][0]["path"] == "ca.crt"), "{volume}");
+    Ok(())
+}

@@ -3,12 +3,14 @@
 //! environment variables of Akto's mitmproxy addon ([`AddonEnv`]) read as
 //! overrides. The client that uses them is `guardrails::akto`; this module
 //! does no I/O (the variables are read by the command line) and imports
-//! nothing from the crate.
+//! only the app-name template (`app_name`).
 
 use std::{fmt, time::Duration};
 
 use http::HeaderValue;
 use serde::{Deserialize, Serialize};
+
+use crate::app_name::AppName;
 
 /// Path appended to `AKTO_URL`.
 pub const API_PATH: &str = "/api/http-proxy";
@@ -22,7 +24,10 @@ pub struct AktoConfig {
     /// Base URL of the Akto instance; [`API_PATH`] is appended.
     pub url: String,
     /// Groups traffic per app in the dashboard (sent as the `host` request
-    /// header, normalized as the server does). Empty: the upstream host.
+    /// header, normalized as the server does). A template rendered per call
+    /// from the connection's workload (`{namespace|host}/{pod_label:app}`,
+    /// see `app_name`); `APP_NAME` sets it as a literal. Empty, or rendered
+    /// empty: the upstream host.
     pub app_name: String,
     /// Sent as `Authorization: <token>`. Never serialized, printed or logged.
     #[serde(skip_serializing)]
@@ -107,6 +112,9 @@ impl AktoConfig {
         let mut errors = Vec::new();
         if let Err(e) = endpoint_url(&self.url) {
             errors.push(e);
+        }
+        if let Err(e) = AppName::parse(&self.app_name) {
+            errors.push(format!("akto app_name {:?}: {e}", self.app_name));
         }
         if let Some(token) = self.token()
             && HeaderValue::from_str(token).is_err()

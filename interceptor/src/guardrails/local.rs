@@ -24,7 +24,7 @@ impl Backend for Arc<Engine> {
             direction: check.phase.direction(),
             provider: call.provider,
             host: &call.host,
-            workload: call.workload.as_ref().map(|w| WorkloadRef { comm: &w.comm, cgroup: None }),
+            workload: call.workload.as_ref().map(WorkloadRef::of),
         };
         let scan = match check.phase {
             // A window is small, and the stream waits for it.

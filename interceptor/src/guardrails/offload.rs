@@ -18,6 +18,7 @@ use super::{
     engine::{Engine, Scan, ScanContext, WorkloadRef},
     model::{Direction, Provider, TextKind},
 };
+use crate::workload::Workload;
 
 /// Texts larger than this (in bytes, all texts of a scan together) are
 /// scanned on the blocking pool.
@@ -84,7 +85,7 @@ struct OwnedContext {
     direction: Direction,
     provider: Provider,
     host: String,
-    workload: Option<(String, Option<String>)>,
+    workload: Option<Workload>,
 }
 
 impl OwnedContext {
@@ -93,7 +94,16 @@ impl OwnedContext {
             direction: ctx.direction,
             provider: ctx.provider,
             host: ctx.host.to_owned(),
-            workload: ctx.workload.map(|w| (w.comm.to_owned(), w.cgroup.map(str::to_owned))),
+            // Only what scopes read.
+            workload: ctx.workload.map(|w| Workload {
+                comm: w.comm.to_owned(),
+                thread: w.thread.to_owned(),
+                exe: w.exe.map(Arc::from),
+                uid: w.uid,
+                cgroup: w.cgroup.map(Arc::from),
+                pod: w.pod.map(|p| Arc::new(p.clone())),
+                ..Workload::default()
+            }),
         }
     }
 
@@ -102,7 +112,7 @@ impl OwnedContext {
             direction: self.direction,
             provider: self.provider,
             host: &self.host,
-            workload: self.workload.as_ref().map(|(comm, cgroup)| WorkloadRef { comm, cgroup: cgroup.as_deref() }),
+            workload: self.workload.as_ref().map(WorkloadRef::of),
         }
     }
 }
@@ -121,7 +131,7 @@ mod tests {
             direction: Direction::Request,
             provider: Provider::OpenAiChat,
             host: "api.openai.com",
-            workload: Some(WorkloadRef { comm: "python3", cgroup: None }),
+            workload: Some(WorkloadRef { comm: "python3", ..Default::default() }),
         }
     }
 
@@ -161,10 +171,25 @@ mod tests {
 
     #[test]
     fn owned_context_round_trips() {
-        let c = ctx();
-        let owned = OwnedContext::of(&c);
-        let back = owned.borrow();
-        assert_eq!((back.direction, back.provider, back.host), (c.direction, c.provider, c.host));
-        assert_eq!(back.workload, c.workload);
+        let pod = crate::workload::PodInfo {
+            name: "p".into(),
+            namespace: "team-a".into(),
+            labels: [("app".to_owned(), "x".to_owned())].into(),
+            ..Default::default()
+        };
+        let workload = WorkloadRef {
+            comm: "claude",
+            thread: "HTTP Client",
+            exe: Some("/usr/bin/node"),
+            uid: 1000,
+            cgroup: Some("/kubepods.slice/x"),
+            pod: Some(&pod),
+        };
+        for c in [ctx(), ScanContext { workload: Some(workload), ..ctx() }] {
+            let owned = OwnedContext::of(&c);
+            let back = owned.borrow();
+            assert_eq!((back.direction, back.provider, back.host), (c.direction, c.provider, c.host));
+            assert_eq!(back.workload, c.workload);
+        }
     }
 }

@@ -60,7 +60,7 @@ use crate::{
     net::{self, ClientAddr, OrigDstAddr, OrigDstResolver, ProxyAddrs},
     policy::{DomainPolicy, Reason},
     targets::{AiAddress, TargetSet},
-    workload::Workload,
+    workload::{PodLookup, Workload},
 };
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -206,6 +206,8 @@ pub struct DataPlane {
     pub tls: Option<Arc<TlsTermination>>,
     pub hook: Option<Arc<dyn Hook>>,
     pub metrics: Arc<Metrics>,
+    /// Names the pod of a workload whose cgroup is a pod's (Kubernetes).
+    pub pods: Option<Arc<dyn PodLookup>>,
 }
 
 struct Shared {
@@ -491,7 +493,10 @@ impl Drop for ConnectionRecord {
             tid = w.map(|w| w.tid).filter(|&t| t != 0),
             uid = w.map(|w| w.uid),
             comm = w.map(|w| w.comm.as_str()).filter(|c| !c.is_empty()),
+            thread = w.map(|w| w.thread.as_str()).filter(|t| !t.is_empty()),
+            exe = w.and_then(|w| w.exe.as_deref()),
             cgroup_id = w.map(|w| w.cgroup_id).filter(|&id| id != 0),
+            pod = w.and_then(|w| w.pod.as_deref()).filter(|p| !p.name.is_empty()).map(|p| format!("{}/{}", p.namespace, p.name)),
             requests = self.requests,
             bytes_up = self.bytes_up,
             bytes_down = self.bytes_down,
@@ -518,6 +523,12 @@ async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &
     let span = Span::current();
     span.record("orig_dst", tracing::field::display(orig));
     record.workload = plane.resolver.workload(client, orig).await;
+    if let Some(w) = record.workload.as_mut() {
+        crate::workload::name_cgroup(w).await;
+        if let Some(pods) = plane.pods.as_deref() {
+            w.name_pod(pods);
+        }
+    }
     if let Some(w) = record.workload.as_ref().filter(|w| w.has_process()) {
         span.record("workload", w.comm.as_str());
     }
@@ -836,7 +847,7 @@ mod tests {
             client_hello_timeout: Duration::from_millis(200),
             ..ProxySettings::default()
         };
-        DataPlane { resolver, settings, snapshot, tls: None, hook: None, metrics: Arc::new(Metrics::new()) }
+        DataPlane { resolver, settings, snapshot, tls: None, hook: None, metrics: Arc::new(Metrics::new()), pods: None }
     }
 
     async fn start(default: Option<SocketAddr>) -> (Proxy, ProxyAddrs, watch::Sender<bool>) {

@@ -38,11 +38,14 @@ use ipnet::IpNet;
 use super::{
     Liveness, RedirectError, Redirector, SockoptResolver,
     liveness::{self, Heartbeat},
+    names::ProcessNamer,
+    owner::{Helper, OwnerSource},
 };
 use crate::{
     cgroup,
     config::FailSafe,
-    net::{ClientAddr, OrigDstResolver, ProxyAddrs},
+    net::{ClientAddr, OrigDstResolver, ProxyAddrs, WorkloadLookup},
+    process::Procfs,
     targets::TargetSet,
     workload::Workload,
 };
@@ -95,6 +98,8 @@ pub struct EbpfRedirector {
     pins: Option<PathBuf>,
     /// This instance's pinned links (fail closed), held open while it runs.
     pinned_links: Vec<PinnedLink>,
+    /// Names the process behind each record.
+    namer: Arc<ProcessNamer>,
 }
 
 /// The heartbeat, and the fail-mode counters at the last beat (to report
@@ -342,6 +347,18 @@ impl EbpfRedirector {
         );
         let beat = Arc::new(EbpfBeat { state: Mutex::new((heartbeat, [0; 2], false)), stats, pins: pins.clone() });
         beat.beat();
+        // Started now, while this process still has the privileges the
+        // helper keeps: it reads the executables of other users' processes.
+        let reader = match Helper::spawn() {
+            Ok(helper) => Some(OwnerSource::Helper(helper)),
+            Err(error) => {
+                tracing::warn!(
+                    error = %crate::error::chain(&error),
+                    "connections will carry no executable path: the attribution helper cannot start"
+                );
+                None
+            }
+        };
         Ok(Self {
             ebpf: Some(ebpf),
             config,
@@ -356,6 +373,7 @@ impl EbpfRedirector {
             beat,
             pins,
             pinned_links,
+            namer: Arc::new(ProcessNamer::new(Procfs::default(), reader)),
         })
     }
 
@@ -473,6 +491,8 @@ fn dns_server_of(entry: &DnsOrig) -> SocketAddr {
     crate::net::canonical(SocketAddr::new(IpAddr::V6(entry.addr.into()), entry.port))
 }
 
+/// The task as the kernel recorded it: `comm` is the connecting thread's
+/// name until [`ProcessNamer`] names the process.
 fn workload_of(entry: &OrigDst) -> Workload {
     let end = entry.comm.iter().position(|&b| b == 0).unwrap_or(entry.comm.len());
     Workload {
@@ -480,7 +500,7 @@ fn workload_of(entry: &OrigDst) -> Workload {
         tid: entry.pid,
         uid: entry.uid,
         gid: entry.gid,
-        comm: String::from_utf8_lossy(&entry.comm[..end]).into_owned(),
+        comm: crate::process::clean(&entry.comm[..end]),
         cgroup_id: entry.cgroup_id,
         ..Default::default()
     }
@@ -562,14 +582,23 @@ impl Redirector for EbpfRedirector {
     fn resolver(&self) -> Arc<dyn OrigDstResolver> {
         let by_addr = Arc::clone(&self.by_addr);
         let dns_by_addr = Arc::clone(&self.dns_by_addr);
+        let namer = Arc::clone(&self.namer);
         Arc::new(
-            SockoptResolver::new(Some(Arc::new(move |client: ClientAddr| {
+            SockoptResolver::new(Some(Arc::new(move |client: ClientAddr| -> WorkloadLookup {
                 let key = sock_key(client.0);
-                let mut map = by_addr.lock().unwrap_or_else(|e| e.into_inner());
-                let entry = map.get(&key, 0).ok()?;
-                // The record has served its purpose; keep the map small.
-                let _ = map.remove(&key);
-                Some(workload_of(&entry))
+                let entry = {
+                    let mut map = by_addr.lock().unwrap_or_else(|e| e.into_inner());
+                    let entry = map.get(&key, 0).ok();
+                    if entry.is_some() {
+                        // The record has served its purpose; keep the map small.
+                        let _ = map.remove(&key);
+                    }
+                    entry
+                };
+                match entry {
+                    Some(entry) => namer.name(workload_of(&entry)),
+                    None => Box::pin(std::future::ready(None)),
+                }
             })))
             .with_dns(Arc::new(move |client: ClientAddr, _local| {
                 // Lookups only (no lock): the kernel keeps the entries fresh.

@@ -413,12 +413,15 @@ fn attribute(owners: Option<&Mutex<OwnerSource>>, client: ClientAddr, orig_dst: 
     // its processes remembered.
     let process = owners.and_then(|o| o.lock().unwrap_or_else(|e| e.into_inner()).find(socket.inode, cgroup_id));
     Some(match process {
+        // NAT does not say which thread connected: the process stands for it.
         Some(p) => Workload {
             pid: p.pid,
             tid: p.pid,
             uid: socket.uid,
             gid: p.gid,
             comm: p.comm,
+            exe: p.exe.map(Arc::from),
+            argv0: p.argv0.map(Arc::from),
             cgroup_id,
             ..Default::default()
         },

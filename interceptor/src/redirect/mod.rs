@@ -14,6 +14,7 @@ pub mod conntrack;
 pub mod ebpf;
 pub mod iptables;
 pub mod liveness;
+pub mod names;
 pub mod owner;
 pub mod sockdiag;
 
@@ -24,7 +25,6 @@ use tokio::net::TcpStream;
 use crate::{
     net::{self, ClientAddr, NoOriginalDst, OrigDstAddr, OrigDstResolver, WorkloadLookup},
     targets::TargetSet,
-    workload::Workload,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -90,15 +90,18 @@ pub trait Liveness: Send + Sync {
     fn beat(&self);
 }
 
+/// Finds the workload of a connection from its client's address.
+pub type WorkloadTable = Arc<dyn Fn(ClientAddr) -> WorkloadLookup + Send + Sync>;
+
 /// Answers from `SO_ORIGINAL_DST`: conntrack in iptables mode, our getsockopt
 /// program in eBPF mode. Optionally consults a workload table.
 pub struct SockoptResolver {
-    workloads: Option<Arc<dyn Fn(ClientAddr) -> Option<Workload> + Send + Sync>>,
+    workloads: Option<WorkloadTable>,
     dns: Option<DnsOrigLookup>,
 }
 
 impl SockoptResolver {
-    pub fn new(workloads: Option<Arc<dyn Fn(ClientAddr) -> Option<Workload> + Send + Sync>>) -> Self {
+    pub fn new(workloads: Option<WorkloadTable>) -> Self {
         Self { workloads, dns: None }
     }
 
@@ -116,8 +119,10 @@ impl OrigDstResolver for SockoptResolver {
     }
 
     fn workload(&self, client: ClientAddr, _: OrigDstAddr) -> WorkloadLookup {
-        let found = self.workloads.as_ref().and_then(|f| f(client));
-        Box::pin(std::future::ready(found))
+        match &self.workloads {
+            Some(table) => table(client),
+            None => Box::pin(std::future::ready(None)),
+        }
     }
 
     fn dns_original_dst(&self, client: ClientAddr, local: SocketAddr) -> Option<OrigDstAddr> {

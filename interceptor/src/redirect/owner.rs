@@ -12,12 +12,15 @@
 //! 4. every process in `/proc`, until the time budget is spent.
 //!
 //! Reading another user's descriptors needs `CAP_SYS_PTRACE` and
-//! `CAP_DAC_READ_SEARCH`, which the proxy drops once it runs. So in iptables
-//! mode the lookups run in a small helper process (`interceptor
-//! attribution-helper`, started before the drop) that keeps only those two:
-//! it reads socket inodes and cgroup ids from a pipe and answers with pid,
-//! gid and process name, and exits when the pipe closes. A compromised data
-//! plane can ask it who owns a socket, nothing more.
+//! `CAP_DAC_READ_SEARCH`, which the proxy drops once it runs; so does
+//! reading another process's executable (`/proc/<pid>/exe`). So the lookups
+//! run in a small helper process (`interceptor attribution-helper`, started
+//! before the drop) that keeps only those two: it reads questions from a
+//! pipe (a socket inode and cgroup id in iptables mode, "who holds this
+//! socket"; a pid in eBPF mode, "what is this process") and answers with
+//! pid, gid, executable, `argv[0]` and process name, and exits when the
+//! pipe closes. A compromised data plane can ask it who owns a socket and
+//! what a process runs, nothing more.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -27,6 +30,8 @@ use std::{
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
 };
+
+use crate::process::Procfs;
 
 /// Time one lookup may spend scanning processes.
 pub const SCAN_BUDGET: Duration = Duration::from_millis(50);
@@ -51,7 +56,7 @@ pub enum OwnerError {
 }
 
 /// The process that holds a socket.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Process {
     /// Thread-group id (what `ps` calls the pid).
     pub pid: u32,
@@ -59,6 +64,10 @@ pub struct Process {
     pub gid: u32,
     /// `/proc/<pid>/comm`, control characters replaced.
     pub comm: String,
+    /// `/proc/<pid>/exe`, when readable.
+    pub exe: Option<String>,
+    /// The command line's first word.
+    pub argv0: Option<String>,
 }
 
 /// The scanning index; one lookup at a time (`&mut self`).
@@ -160,12 +169,18 @@ impl Owners {
             self.recent.pop_front();
         }
         self.recent.push_back(pid);
+        self.describe(pid)
+    }
+
+    /// What process `pid` is: name, group, executable, `argv[0]`.
+    pub fn describe(&self, pid: u32) -> Option<Process> {
         let dir = self.proc.join(pid.to_string());
         let comm = std::fs::read(dir.join("comm")).ok()?;
         // `/proc/<pid>` belongs to the process's effective ids: one stat,
         // where `status` (real ids) costs the kernel a page of text.
         let gid = std::fs::metadata(&dir).map(|m| m.gid()).unwrap_or(0);
-        Some(Process { pid, gid, comm: clean_comm(&comm) })
+        let procfs = Procfs::at(&self.proc);
+        Some(Process { pid, gid, comm: clean_comm(&comm), exe: procfs.exe(pid).ok(), argv0: procfs.argv0(pid) })
     }
 
     fn cgroup_procs(&self, cgroup_id: u64) -> Vec<u32> {
@@ -195,8 +210,7 @@ fn socket_inode(link: &[u8]) -> Option<u32> {
 
 /// A process name as one printable line: it may hold any byte but NUL.
 fn clean_comm(raw: &[u8]) -> String {
-    let raw = raw.strip_suffix(b"\n").unwrap_or(raw);
-    String::from_utf8_lossy(raw).chars().map(|c| if c.is_control() { '?' } else { c }).collect()
+    crate::process::clean(raw.strip_suffix(b"\n").unwrap_or(raw))
 }
 
 /// Where lookups run: the helper process, or this one (tests, benchmarks,
@@ -211,6 +225,14 @@ impl OwnerSource {
         match self {
             Self::Helper(h) => h.find(inode, cgroup_id),
             Self::Local(o) => o.find(inode, cgroup_id),
+        }
+    }
+
+    /// What process `pid` is (no search).
+    pub fn describe(&mut self, pid: u32) -> Option<Process> {
+        match self {
+            Self::Helper(h) => h.describe(pid),
+            Self::Local(o) => o.describe(pid),
         }
     }
 }
@@ -248,11 +270,24 @@ impl Helper {
 
     /// Asks who holds socket `inode`; `None` on no answer in time.
     pub fn find(&mut self, inode: u32, cgroup_id: u64) -> Option<Process> {
+        self.ask(Question::Socket { inode, cgroup_id })
+    }
+
+    /// Asks what process `pid` is; `None` on no answer in time.
+    pub fn describe(&mut self, pid: u32) -> Option<Process> {
+        self.ask(Question::Pid(pid))
+    }
+
+    fn ask(&mut self, question: Question) -> Option<Process> {
         if self.dead {
             return None;
         }
         self.seq += 1;
-        if let Err(error) = writeln!(self.stdin, "{} {inode} {cgroup_id}", self.seq) {
+        let written = match question {
+            Question::Socket { inode, cgroup_id } => writeln!(self.stdin, "{} {inode} {cgroup_id}", self.seq),
+            Question::Pid(pid) => writeln!(self.stdin, "{} pid {pid}", self.seq),
+        };
+        if let Err(error) = written {
             self.died(&error);
             return None;
         }
@@ -274,7 +309,7 @@ impl Helper {
             match nix::poll::poll(&mut fds, timeout) {
                 Ok(0) => {
                     self.misses += 1;
-                    tracing::debug!(inode, misses = self.misses, "attribution helper did not answer in time");
+                    tracing::debug!(?question, misses = self.misses, "attribution helper did not answer in time");
                     if self.misses >= HELPER_MAX_MISSES {
                         let _ = self.child.kill();
                         self.died(&std::io::ErrorKind::TimedOut.into());
@@ -318,7 +353,17 @@ impl Drop for Helper {
     }
 }
 
-/// `<seq> <pid> <gid> <comm>` or `<seq> -`.
+/// A question to the helper.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Question {
+    /// `<seq> <inode> <cgroup id>`: who holds this socket?
+    Socket { inode: u32, cgroup_id: u64 },
+    /// `<seq> pid <pid>`: what is this process?
+    Pid(u32),
+}
+
+/// `<seq> <pid> <gid> <exe> <argv0> <comm>` (exe and argv0 [`escape`]d,
+/// `-` when unknown; comm last, as it may hold spaces) or `<seq> -`.
 fn parse_answer(line: &[u8]) -> Option<(u64, Option<Process>)> {
     let line = std::str::from_utf8(line).ok()?.strip_suffix('\n')?;
     let (seq, rest) = line.split_once(' ')?;
@@ -326,23 +371,72 @@ fn parse_answer(line: &[u8]) -> Option<(u64, Option<Process>)> {
     if rest == "-" {
         return Some((seq, None));
     }
-    let mut parts = rest.splitn(3, ' ');
+    let mut parts = rest.splitn(5, ' ');
     let pid = parts.next()?.parse().ok()?;
     let gid = parts.next()?.parse().ok()?;
+    let exe = unescape(parts.next()?)?;
+    let argv0 = unescape(parts.next()?)?;
     let comm = parts.next()?.to_string();
-    Some((seq, Some(Process { pid, gid, comm })))
+    Some((seq, Some(Process { pid, gid, comm, exe, argv0 })))
 }
 
-/// `<seq> <inode> <cgroup id>`.
-fn parse_question(line: &str) -> Option<(u64, u32, u64)> {
+fn parse_question(line: &str) -> Option<(u64, Question)> {
     let mut parts = line.split_whitespace();
-    let q = (parts.next()?.parse().ok()?, parts.next()?.parse().ok()?, parts.next()?.parse().ok()?);
-    parts.next().is_none().then_some(q)
+    let seq = parts.next()?.parse().ok()?;
+    let question = match (parts.next()?, parts.next()?) {
+        ("pid", pid) => Question::Pid(pid.parse().ok()?),
+        (inode, cgroup_id) => Question::Socket { inode: inode.parse().ok()?, cgroup_id: cgroup_id.parse().ok()? },
+    };
+    parts.next().is_none().then_some((seq, question))
+}
+
+/// A path or argument as one space-free word: `%` and bytes up to space
+/// as `%XX`; a lone `-` (unknown) as `%2D`.
+fn escape(value: Option<&str>) -> String {
+    let Some(value) = value else { return "-".into() };
+    if value == "-" {
+        return "%2D".into();
+    }
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        if c == '%' || c <= ' ' || c == '\u{7f}' {
+            out.push_str(&format!("%{:02X}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The inverse of [`escape`]; `None` when malformed.
+fn unescape(word: &str) -> Option<Option<String>> {
+    if word == "-" {
+        return Some(None);
+    }
+    let mut out = Vec::with_capacity(word.len());
+    let mut bytes = word.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hex = [bytes.next()?, bytes.next()?];
+            out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+        } else {
+            out.push(b);
+        }
+    }
+    String::from_utf8(out).ok().map(Some)
 }
 
 fn answer(out: &mut impl std::io::Write, seq: u64, found: Option<&Process>) -> std::io::Result<()> {
     match found {
-        Some(p) => writeln!(out, "{seq} {} {} {}", p.pid, p.gid, p.comm)?,
+        Some(p) => writeln!(
+            out,
+            "{seq} {} {} {} {} {}",
+            p.pid,
+            p.gid,
+            escape(p.exe.as_deref()),
+            escape(p.argv0.as_deref()),
+            p.comm
+        )?,
         None => writeln!(out, "{seq} -")?,
     }
     out.flush()
@@ -368,8 +462,12 @@ pub fn serve_helper() -> std::io::Result<()> {
     let mut stdout = std::io::stdout().lock();
     for line in stdin.lines() {
         let line = line?;
-        let Some((seq, inode, cgroup_id)) = parse_question(&line) else { continue };
-        answer(&mut stdout, seq, owners.find(inode, cgroup_id).as_ref())?;
+        let Some((seq, question)) = parse_question(&line) else { continue };
+        let found = match question {
+            Question::Socket { inode, cgroup_id } => owners.find(inode, cgroup_id),
+            Question::Pid(pid) => owners.describe(pid),
+        };
+        answer(&mut stdout, seq, found.as_ref())?;
     }
     Ok(())
 }
@@ -394,6 +492,8 @@ mod tests {
         assert_eq!(found.pid, std::process::id());
         let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
         assert_eq!(found.comm, comm.trim_end());
+        assert_eq!(found.exe.as_deref(), std::env::current_exe().ok().as_deref().and_then(|p| p.to_str()));
+        assert_eq!(found.argv0, std::env::args().next());
         assert_eq!(found.gid, nix::unistd::getegid().as_raw());
         // Every socket of a scanned process is remembered, and the process
         // is tried first next time: a second socket costs one scan.
@@ -441,12 +541,22 @@ mod tests {
         let mut helper = fake_helper(
             r#"first=1; while read seq inode cg; do
                  if [ "$first" = 1 ]; then first=0; echo "$seq -"; fi
-                 echo "$seq $inode 7 comm of $cg"; done"#,
+                 if [ "$inode" = pid ]; then echo "$seq $cg 7 /usr/bin/x%20y - comm of pid"; continue; fi
+                 echo "$seq $inode 7 - - comm of $cg"; done"#,
         );
         assert_eq!(helper.find(11, 5), None, "the first line answers the first question");
         let p = helper.find(12, 6).expect("answered");
-        assert_eq!(p, Process { pid: 12, gid: 7, comm: "comm of 6".into() }, "the stale answer is skipped");
+        assert_eq!(
+            p,
+            Process { pid: 12, gid: 7, comm: "comm of 6".into(), ..Default::default() },
+            "the stale answer is skipped"
+        );
         assert_eq!(helper.find(13, 0).map(|p| p.pid), Some(13));
+        let p = helper.describe(99).expect("described");
+        assert_eq!(
+            (p.pid, p.exe.as_deref(), p.argv0, p.comm.as_str()),
+            (99, Some("/usr/bin/x y"), None, "comm of pid")
+        );
     }
 
     #[test]
@@ -471,16 +581,29 @@ mod tests {
         }
         assert_eq!(clean_comm(b"evil\nname\n"), "evil?name");
         assert_eq!(clean_comm(b"python3\n"), "python3");
-        assert_eq!(parse_question("7 123 0"), Some((7, 123, 0)));
+        assert_eq!(parse_question("7 123 0"), Some((7, Question::Socket { inode: 123, cgroup_id: 0 })));
+        assert_eq!(parse_question("8 pid 4242"), Some((8, Question::Pid(4242))));
         assert_eq!(parse_question("7 123"), None);
         assert_eq!(parse_question("7 123 0 9"), None);
+        assert_eq!(parse_question("7 pid x"), None);
         let mut out = Vec::new();
-        let p = Process { pid: 42, gid: 7, comm: "my tool".into() };
+        let p = Process { pid: 42, gid: 7, comm: "my tool".into(), exe: None, argv0: None };
+        // Paths and arguments hold any character; `-` alone is a name too.
+        let odd = Process {
+            pid: 43,
+            gid: 0,
+            comm: "agent".into(),
+            exe: Some("/opt/my agent/100% real\tbin".into()),
+            argv0: Some("-".into()),
+        };
         answer(&mut out, 3, Some(&p)).unwrap();
         answer(&mut out, 4, None).unwrap();
+        answer(&mut out, 5, Some(&odd)).unwrap();
         let mut lines = out.split_inclusive(|&b| b == b'\n');
         assert_eq!(parse_answer(lines.next().unwrap()), Some((3, Some(p))));
         assert_eq!(parse_answer(lines.next().unwrap()), Some((4, None)));
+        assert_eq!(parse_answer(lines.next().unwrap()), Some((5, Some(odd))));
         assert_eq!(parse_answer(b"x y\n"), None);
+        assert_eq!(parse_answer(b"1 2 3 %zz - c\n"), None, "bad escape");
     }
 }

@@ -639,6 +639,14 @@ pub async fn python_script(env: &ClientEnv<'_>, script: &str, vars: &[(&str, &st
     run(env, &tool("python3"), &["-c".into(), script.into()], &vars).await
 }
 
+/// Runs any program placed as `env` says (a copy of an interpreter under
+/// another name, say), with extra environment variables; its raw output.
+pub async fn program(env: &ClientEnv<'_>, program: &Path, args: &[&str], vars: &[(&str, &str)]) -> Result<Output> {
+    let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+    let vars: Vec<(&str, OsString)> = vars.iter().map(|(k, v)| (*k, OsString::from(v))).collect();
+    run(env, program, &args, &vars).await
+}
+
 /// The scripts print one JSON object: the result, or `{"error": ...}` with a
 /// non-zero exit.
 fn parse_script_output<T: for<'de> Deserialize<'de>>(who: &str, out: &Output) -> Result<T> {

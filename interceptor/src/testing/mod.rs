@@ -15,6 +15,7 @@ mod cgroup;
 pub mod clients;
 mod fake;
 mod harness;
+pub mod kube;
 pub mod mitm;
 mod netns;
 mod process;

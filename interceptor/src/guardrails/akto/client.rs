@@ -11,14 +11,17 @@ use http::HeaderValue;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::config::{GuardrailsConfig, StreamMode, akto::endpoint_url};
+use crate::{
+    app_name::AppName,
+    config::{GuardrailsConfig, StreamMode, akto::endpoint_url},
+};
 
 use super::{
     AktoConfig, AktoError, CheckKind,
     breaker::{Breaker, CircuitState, Transition},
     wire::{
-        CallInfo, MAX_ERROR_BODY, RemoteVerdict, Stamp, action_errors, normalize_app_name, parse_verdict, redact_path,
-        request_payload, truncate_lossy,
+        CallInfo, MAX_ERROR_BODY, RemoteVerdict, Stamp, action_errors, parse_verdict, redact_path, request_payload,
+        truncate_lossy,
     },
 };
 
@@ -37,8 +40,9 @@ pub struct AktoClient {
     response_url: reqwest::Url,
     ingest_url: reqwest::Url,
     token: Option<HeaderValue>,
-    /// Normalized app name for the `host` request header, if set.
-    app_host: Option<String>,
+    /// The app name template (`app_name`), rendered per call for the `host`
+    /// request header.
+    app_name: AppName,
     cfg: AktoConfig,
     breaker: Breaker,
 }
@@ -47,7 +51,7 @@ impl fmt::Debug for AktoClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AktoClient")
             .field("endpoint", &self.endpoint.as_str())
-            .field("app_host", &self.app_host)
+            .field("app_name", &self.app_name.to_string())
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("circuit", &self.circuit_state())
             .finish_non_exhaustive()
@@ -101,9 +105,10 @@ impl AktoClient {
         let request_url = with_query(Some("guardrails"), ingest);
         let response_url = with_query(Some("response_guardrails"), ingest);
         let ingest_url = with_query(None, "true");
-        let app_host = Some(normalize_app_name(&cfg.app_name)).filter(|h| !h.is_empty());
+        let app_name =
+            AppName::parse(&cfg.app_name).map_err(|e| AktoError::InvalidConfig { errors: vec![e.to_string()] })?;
         let breaker = Breaker::new(cfg.circuit_failures, cfg.circuit_cooldown);
-        Ok(Self { http, endpoint, request_url, response_url, ingest_url, token, app_host, cfg, breaker })
+        Ok(Self { http, endpoint, request_url, response_url, ingest_url, token, app_name, cfg, breaker })
     }
 
     /// The addon's start-up line (`[AKTO] starting | url=… | mode=… |
@@ -421,7 +426,7 @@ impl AktoClient {
     }
 
     fn stamp(&self) -> Stamp<'_> {
-        Stamp { cfg: &self.cfg, app_host: self.app_host.as_deref() }
+        Stamp { cfg: &self.cfg, app_name: &self.app_name }
     }
 }
 

@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use super::{AktoConfig, AktoError, CheckKind};
-use crate::{guardrails::model::Direction, workload::Workload};
+use crate::{app_name::AppName, guardrails::model::Direction, workload::Workload};
 
 /// `tag` (and the base of `metadata`), byte for byte what the addon sends
 /// (Python's `json.dumps` spacing).
@@ -113,8 +113,8 @@ impl RemoteVerdict {
 /// What the client stamps on every body, from its configuration.
 pub(super) struct Stamp<'a> {
     pub cfg: &'a AktoConfig,
-    /// Normalized app name for the `host` request header, if set.
-    pub app_host: Option<&'a str>,
+    /// The app name template for the `host` request header.
+    pub app_name: &'a AppName,
 }
 
 impl Stamp<'_> {
@@ -169,7 +169,9 @@ impl Stamp<'_> {
     /// the app name, the request id, and a content type.
     fn request_headers_json(&self, call: &CallInfo) -> Result<String, AktoError> {
         let mut fixed = BTreeMap::new();
-        let host = self.app_host.map_or_else(|| normalize_app_name(&call.host), str::to_owned);
+        let host = Some(normalize_app_name(&self.app_name.render(call.workload.as_ref())))
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| normalize_app_name(&call.host));
         if !host.is_empty() {
             fixed.insert("host".to_owned(), host);
         }

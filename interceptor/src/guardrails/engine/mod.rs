@@ -25,7 +25,7 @@
 //! redact_with = "[REDACTED:{detector}]"   # redact rules only; the default shown
 //! scope.providers = ["anthropic"]          # Provider names; empty = all
 //! scope.hosts = [".openai.com", "*.openai.azure.com"]
-//! scope.workloads = ["python*", "/kubepods.slice/*", "cgroup:*docker-*"]
+//! scope.workloads = ["comm:python*", "/kubepods.slice/*", "label:app=billing"]  # see below
 //! scope.kinds = ["content", "tool_result"] # TextKind names; empty = all
 //!
 //! [[system_prompts]]
@@ -37,11 +37,33 @@
 //!
 //! Hosts: `api.openai.com` exactly, `.openai.com` the domain and every
 //! subdomain, otherwise a glob where `*` is any run of characters;
-//! case-insensitive. Workloads: a glob over the process name (`comm:` or
-//! bare), or over the cgroup v2 path (`cgroup:`, or anything starting with
-//! `/`; a container is `cgroup:*<container id>*`). A scope naming workloads
-//! never covers an exchange whose workload is unknown.
+//! case-insensitive.
 //!
+//! Workloads: a scope covers a workload when any of its patterns matches.
+//! Globs (`*` any run of characters, `?` one) are case-sensitive:
+//!
+//! | pattern | matches |
+//! |---|---|
+//! | `comm:<glob>`, or a bare glob | the process name (`claude`, `codex`, `python3`), or the connecting thread's name (so rules written for a thread name keep working) |
+//! | `thread:<glob>` | the connecting thread's name only (`tokio-rt-worker`, `HTTP Client`); the process name when the main thread connected |
+//! | `exe:<glob>` | the executable: its full path when the glob holds a `/` (`exe:/usr/bin/node`), else its file name (`exe:claude*`) |
+//! | `uid:<n>` | the user id the connection was made as |
+//! | `cgroup:<glob>`, or anything starting with `/` | the cgroup v2 path (`/kubepods.slice/*`; a container is `cgroup:*<container id>*`) |
+//! | `namespace:<glob>`, `pod:<glob>`, `service_account:<glob>` | the Kubernetes pod's namespace, name, service account |
+//! | `label:<selector>` | the pod's labels: comma-separated `k=v`, `k!=v` (missing or other), `k` (present), `!k` (missing), all of which must hold |
+//!
+//! ```toml
+//! scope.workloads = ["comm:claude", "exe:/usr/local/bin/codex"]
+//! scope.workloads = ["namespace:team-*", "label:app=billing,tier!=dev"]
+//! ```
+//!
+//! A scope naming workloads never covers an exchange whose workload is
+//! unknown, a name pattern never matches an unknown name, and the pod
+//! patterns never match a workload outside a known pod. Names, executables
+//! and arguments are the process's own choice (a process can rename itself
+//! or copy a binary): they select which rules apply to cooperating
+//! programs; to confine one that is not, scope by uid, cgroup or pod.
+
 //! # Detectors
 //!
 //! `email`, `phone` (NANP with separators, E.164), `credit_card` (Luhn),
@@ -92,10 +114,13 @@ use regex::{Regex, RegexSet};
 use serde::Serialize;
 
 pub use detectors::builtin_names as detector_names;
-pub use policy::{Action, BUILTIN_POLICY, InstructionMode, Policy, PolicyProblem, Severity};
+pub use policy::{Action, BUILTIN_POLICY, Coverage, EntryKind, InstructionMode, Policy, PolicyProblem, Severity};
 pub use redact::redact;
 
-use crate::guardrails::model::{Direction, Provider, TextKind};
+use crate::{
+    guardrails::model::{Direction, Provider, TextKind},
+    workload::{PodInfo, Workload},
+};
 
 use policy::{CustomKind, Directions};
 use scope::Scope;
@@ -140,12 +165,39 @@ impl fmt::Display for ProblemList<'_> {
 }
 
 /// The process behind an exchange, as far as it is known.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WorkloadRef<'a> {
-    /// Process name (`comm`, at most 15 bytes on Linux).
+    /// Process name (the thread-group leader's `comm`, at most 15 bytes on
+    /// Linux); empty when only the socket is known.
     pub comm: &'a str,
+    /// Name of the thread that connected, when it differs from `comm`.
+    pub thread: &'a str,
+    /// Executable path.
+    pub exe: Option<&'a str>,
+    pub uid: u32,
     /// cgroup v2 path relative to the cgroup2 mount (`/kubepods.slice/...`).
     pub cgroup: Option<&'a str>,
+    /// The Kubernetes pod, when known.
+    pub pod: Option<&'a PodInfo>,
+}
+
+impl<'a> WorkloadRef<'a> {
+    pub fn of(w: &'a Workload) -> Self {
+        Self {
+            comm: &w.comm,
+            thread: &w.thread,
+            exe: w.exe.as_deref(),
+            uid: w.uid,
+            cgroup: w.cgroup.as_deref(),
+            pod: w.pod.as_deref(),
+        }
+    }
+
+    /// The connecting thread's name: the process's when the main thread
+    /// connected (or, in iptables mode, when the thread is not known).
+    pub fn connecting_thread(&self) -> &'a str {
+        if self.thread.is_empty() { self.comm } else { self.thread }
+    }
 }
 
 /// What an exchange is, for rule selection.

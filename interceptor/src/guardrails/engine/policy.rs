@@ -285,7 +285,69 @@ fn compile_scope(spec: ScopeSpec, location: &str, problems: &mut Problems) -> Sc
     scope
 }
 
+/// What kind of policy entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryKind {
+    Rule,
+    SystemPrompt,
+}
+
+/// Whether a policy entry applies to a workload, and why (for `interceptor
+/// check-policy`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Coverage {
+    pub kind: EntryKind,
+    pub id: String,
+    /// A rule's action.
+    pub action: Option<Action>,
+    /// Whether the entry applies: its workloads cover the workload, and its
+    /// providers and hosts the provider and host, when those are given.
+    pub applies: bool,
+    /// The scope's workload patterns (empty: every workload).
+    pub workloads: Vec<String>,
+    /// Those of them that match the workload.
+    pub matched: Vec<String>,
+    /// The scope's other conditions (`providers: …`, `hosts: …`, `kinds: …`,
+    /// `direction: …`), checked only for what was given.
+    pub conditions: Vec<String>,
+}
+
 impl Policy {
+    /// How every rule and system prompt (in policy order) sees `workload`
+    /// (`None`: unknown), on `provider` and `host` when given.
+    pub fn coverage(
+        &self,
+        workload: Option<&super::WorkloadRef<'_>>,
+        provider: Option<super::Provider>,
+        host: Option<&str>,
+    ) -> Vec<Coverage> {
+        let entry = |kind, id: &str, action, scope: &Scope, direction: Option<Directions>| {
+            let mut conditions = scope.conditions();
+            match direction {
+                Some(Directions::Request) => conditions.push("direction: request".into()),
+                Some(Directions::Response) => conditions.push("direction: response".into()),
+                Some(Directions::Both) | None => {}
+            }
+            Coverage {
+                kind,
+                id: id.to_owned(),
+                action,
+                applies: scope.covers_workload(workload)
+                    && provider.is_none_or(|p| scope.covers_provider(p))
+                    && host.is_none_or(|h| scope.covers_host(h)),
+                workloads: scope.workloads.iter().map(ToString::to_string).collect(),
+                matched: workload
+                    .map(|w| scope.workloads.iter().filter(|p| p.matches(w)).map(ToString::to_string).collect())
+                    .unwrap_or_default(),
+                conditions,
+            }
+        };
+        let rules =
+            self.rules.iter().map(|r| entry(EntryKind::Rule, &r.id, Some(r.action), &r.scope, Some(r.direction)));
+        let prompts = self.system_prompts.iter().map(|p| entry(EntryKind::SystemPrompt, &p.id, None, &p.scope, None));
+        rules.chain(prompts).collect()
+    }
+
     /// Parses and validates a policy. `origin` names it in errors (a path,
     /// or "built-in policy").
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, EngineError> {

@@ -437,11 +437,11 @@ fn scope_and_direction_filtering() {
     assert_eq!(fired(&ScanContext { provider: Provider::Anthropic, ..base }, TextKind::Content), ["anthropic-only"]);
     assert_eq!(fired(&ScanContext { host: "x.openai.azure.com", ..base }, TextKind::Content), ["azure-hosts"]);
     assert_eq!(fired(&ScanContext { host: "example.org", ..base }, TextKind::Content), ["azure-hosts"]);
-    let py = WorkloadRef { comm: "python3", cgroup: None };
+    let py = WorkloadRef { comm: "python3", ..Default::default() };
     assert_eq!(fired(&ScanContext { workload: Some(py), ..base }, TextKind::Content), ["python-workloads"]);
-    let pod = WorkloadRef { comm: "node", cgroup: Some("/kubepods/burstable/pod1") };
+    let pod = WorkloadRef { comm: "node", cgroup: Some("/kubepods/burstable/pod1"), ..Default::default() };
     assert_eq!(fired(&ScanContext { workload: Some(pod), ..base }, TextKind::Content), ["python-workloads"]);
-    let other = WorkloadRef { comm: "node", cgroup: Some("/system.slice/x.service") };
+    let other = WorkloadRef { comm: "node", cgroup: Some("/system.slice/x.service"), ..Default::default() };
     assert!(fired(&ScanContext { workload: Some(other), ..base }, TextKind::Content).is_empty());
     let response = ScanContext { direction: Direction::Response, workload: Some(py), ..base };
     assert_eq!(fired(&response, TextKind::Content), ["responses"]);
@@ -868,4 +868,94 @@ fn block_and_alert_rules_keep_a_bounded_number_of_findings_redact_rules_all() {
     assert_eq!(scan.decision, Decision::Redact);
     assert_eq!(scan.findings.len(), 3000, "every card is redacted");
     assert!(!scan.redacted(0, &cards).unwrap().contains("4111"));
+}
+
+#[test]
+fn rules_scoped_to_the_process_thread_executable_and_pod_fire_on_theirs_only() {
+    let policy = Policy::from_toml(
+        r#"
+        [[detectors]]
+        name = "codename"
+        keywords = ["project zebra"]
+
+        [[rules]]
+        id = "claude"
+        detectors = ["codename"]
+        action = "block"
+        scope.workloads = ["comm:claude"]
+
+        [[rules]]
+        id = "node-binary"
+        detectors = ["codename"]
+        action = "alert"
+        scope.workloads = ["exe:/usr/bin/node"]
+
+        [[rules]]
+        id = "billing-pods"
+        detectors = ["codename"]
+        action = "redact"
+        scope.workloads = ["label:app=billing", "namespace:finance"]
+
+        [[rules]]
+        id = "worker-threads"
+        detectors = ["codename"]
+        action = "alert"
+        scope.workloads = ["thread:tokio-rt-worker"]
+
+        [[system_prompts]]
+        id = "team-a"
+        instruction = "Be brief."
+        scope.workloads = ["namespace:team-a"]
+        scope.providers = ["anthropic"]
+        "#,
+        "test",
+    )
+    .unwrap();
+    let e = Engine::new(&policy).unwrap();
+    let rules = |w: &Workload| -> Vec<String> {
+        let ctx = ScanContext { workload: Some(WorkloadRef::of(w)), ..req() };
+        let mut ids: Vec<String> =
+            e.scan(&ctx, content("about Project Zebra")).findings.iter().map(|f| f.rule_id.to_string()).collect();
+        ids.dedup();
+        ids
+    };
+    let pod = Arc::new(PodInfo {
+        name: "pay-1".into(),
+        namespace: "team-a".into(),
+        labels: [("app".to_owned(), "billing".to_owned())].into(),
+        ..Default::default()
+    });
+    let claude = Workload {
+        comm: "claude".into(),
+        thread: "HTTP Client".into(),
+        exe: Some("/usr/bin/node".into()),
+        pod: Some(Arc::clone(&pod)),
+        ..Default::default()
+    };
+    assert_eq!(rules(&claude), ["claude", "node-binary", "billing-pods"]);
+    // The thread's name does not make the process: a program whose worker
+    // is called `claude` is not Claude.
+    let codex = Workload { comm: "codex".into(), thread: "tokio-rt-worker".into(), ..Default::default() };
+    assert_eq!(rules(&codex), ["worker-threads"]);
+    let ctx = ScanContext { workload: None, ..req() };
+    assert!(e.scan(&ctx, content("about Project Zebra")).findings.is_empty(), "unknown workload");
+
+    // What `interceptor check-policy` prints from.
+    let w = WorkloadRef::of(&claude);
+    let coverage = policy.coverage(Some(&w), None, None);
+    let applies: Vec<(&str, bool)> = coverage.iter().map(|c| (c.id.as_str(), c.applies)).collect();
+    assert_eq!(
+        applies,
+        [("claude", true), ("node-binary", true), ("billing-pods", true), ("worker-threads", false), ("team-a", true)]
+    );
+    assert_eq!(coverage[2].matched, ["label:app=billing"]);
+    assert_eq!(coverage[2].workloads, ["label:app=billing", "namespace:finance"]);
+    assert_eq!(coverage[2].action, Some(Action::Redact));
+    assert_eq!(
+        (coverage[4].kind, coverage[4].conditions.as_slice()),
+        (EntryKind::SystemPrompt, &["providers: anthropic".to_owned()][..])
+    );
+    let on_openai = policy.coverage(Some(&w), Some(Provider::OpenAiChat), Some("api.openai.com"));
+    assert!(!on_openai[4].applies, "the prompt is for anthropic only");
+    assert!(on_openai[0].applies);
 }
