@@ -99,6 +99,7 @@
 //! alert rules keep at most a thousand findings per text and detector.
 
 mod detectors;
+mod incremental;
 mod policy;
 mod redact;
 mod scope;
@@ -107,13 +108,18 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
-use std::{fmt, ops::Range, sync::Arc};
+use std::{
+    fmt,
+    ops::Range,
+    sync::{Arc, OnceLock},
+};
 
 use aho_corasick::AhoCorasick;
 use regex::{Regex, RegexSet};
 use serde::Serialize;
 
 pub use detectors::builtin_names as detector_names;
+pub use incremental::{MIN_HOLD, StreamTracker};
 pub use policy::{Action, BUILTIN_POLICY, Coverage, EntryKind, InstructionMode, Policy, PolicyProblem, Severity};
 pub use redact::redact;
 
@@ -389,6 +395,9 @@ pub struct Engine {
     ranks: usize,
     rules: Vec<CompiledRule>,
     system_prompts: Vec<(SystemInstruction, Scope)>,
+    /// The response detectors as one automaton for streams, built on first
+    /// use (`None`: they cannot be, streams use windows).
+    stream: OnceLock<Option<Arc<incremental::Automaton>>>,
 }
 
 impl fmt::Debug for Engine {
@@ -496,6 +505,7 @@ impl Engine {
             ranks,
             rules,
             system_prompts,
+            stream: OnceLock::new(),
         })
     }
 
