@@ -46,6 +46,13 @@
 //! 20; 50 for chat completions) apart. Answers carry no clock or random
 //! values: the same request always gets the same bytes.
 //!
+//! Lockstep: `gated=1` in the query of a streamed chat completion (or
+//! `/sse`) sends each event (and the final `[DONE]`) only once the test lets
+//! it through ([`FakeProvider::release_events`]); the server counts the
+//! events it handed to the connection ([`FakeProvider::sse_events_sent`]).
+//! A test can then wait for what the client saw before the provider sends
+//! more, and know exactly what the provider had sent.
+//!
 //! Faults: `fault=stall&after=N` or `fault=reset&after=N` in the query of a
 //! streamed chat completion (or `/sse`) stops the stream after `N` events,
 //! as `/stall-mid-stream` and `/reset-mid-body` do. The server counts streams
@@ -353,6 +360,19 @@ struct Recorder {
     cancelled_streams: AtomicUsize,
     incomplete_uploads: AtomicUsize,
     open_connections: AtomicUsize,
+    /// Events `gated=1` streams may still send.
+    gate: Gate,
+    /// Events every `/sse`-shaped stream handed to its connection.
+    sse_events_sent: AtomicUsize,
+}
+
+/// Permits for the events of `gated=1` streams; none at first.
+struct Gate(tokio::sync::Semaphore);
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self(tokio::sync::Semaphore::new(0))
+    }
 }
 
 /// What one connection knows about itself, shared by its requests.
@@ -506,6 +526,17 @@ impl FakeProvider {
     }
 
     /// TLS connections currently open.
+    /// Lets `gated=1` streams send `n` more events (shared by all of them).
+    pub fn release_events(&self, n: usize) {
+        self.recorder.gate.0.add_permits(n);
+    }
+
+    /// Events (the final `[DONE]` included) that `/sse`-shaped streams have
+    /// handed to their connections so far.
+    pub fn sse_events_sent(&self) -> usize {
+        self.recorder.sse_events_sent.load(Ordering::SeqCst)
+    }
+
     pub fn open_connections(&self) -> usize {
         self.recorder.open_connections.load(Ordering::Relaxed)
     }
@@ -707,6 +738,8 @@ async fn handle(mut req: Request<Incoming>, info: ConnInfo) -> Response<Body> {
 /// What a streamed response needs to misbehave and be counted.
 struct StreamCtx {
     fault: Option<(Fault, u64)>,
+    /// `gated=1`: each event waits for [`FakeProvider::release_events`].
+    gated: bool,
     recorder: Arc<Recorder>,
     reset: Arc<tokio::sync::Notify>,
 }
@@ -719,7 +752,9 @@ fn route(
 ) -> Response<Body> {
     let query = parts.uri.query().unwrap_or("");
     let path = parts.uri.path();
-    let ctx = |fault| StreamCtx { fault, recorder: Arc::clone(&info.recorder), reset: Arc::clone(&info.reset) };
+    let gated = query.split('&').any(|pair| pair == "gated=1");
+    let ctx =
+        |fault| StreamCtx { fault, gated, recorder: Arc::clone(&info.recorder), reset: Arc::clone(&info.reset) };
     if parts.method == Method::POST {
         return post(parts, req, query, ctx(fault_of(query)));
     }
@@ -898,15 +933,23 @@ fn chat_completion(parts: &http::request::Parts, req: &RecordedRequest, query: &
 /// connection is reset once `after` events are out.
 fn sse_response(n: u64, interval: Duration, pieces: Vec<String>, ctx: StreamCtx) -> Response<Body> {
     let guard = StreamGuard { recorder: Arc::clone(&ctx.recorder), finished: false };
-    let (fault, reset) = (ctx.fault, ctx.reset);
+    let (fault, reset, gated, recorder) = (ctx.fault, ctx.reset, ctx.gated, ctx.recorder);
     let events = futures_util::stream::unfold((0u64, guard), move |(k, mut guard)| {
         let piece =
             pieces.get(usize::try_from(k).unwrap_or(usize::MAX) % pieces.len().max(1)).cloned().unwrap_or_default();
         let reset = Arc::clone(&reset);
+        let recorder = Arc::clone(&recorder);
         async move {
             if k > n {
                 guard.finish();
                 return None;
+            }
+            if gated {
+                // A closed gate never happens: the semaphore lives as long
+                // as the recorder.
+                if let Ok(permit) = recorder.gate.0.acquire().await {
+                    permit.forget();
+                }
             }
             match fault {
                 Some((Fault::Stall, after)) if k == after => std::future::pending::<()>().await,
@@ -916,12 +959,13 @@ fn sse_response(n: u64, interval: Duration, pieces: Vec<String>, ctx: StreamCtx)
                 }
                 _ => {}
             }
+            if k > 0 && k < n && !gated {
+                tokio::time::sleep(interval).await;
+            }
+            recorder.sse_events_sent.fetch_add(1, Ordering::SeqCst);
             if k == n {
                 let frame = Frame::data(Bytes::from_static(b"data: [DONE]\n\n"));
                 return Some((Ok::<_, Infallible>(frame), (k + 1, guard)));
-            }
-            if k > 0 {
-                tokio::time::sleep(interval).await;
             }
             // `i` first, so the events read `data: {"i":k,...}` (serde_json sorts keys).
             let rest = json!({

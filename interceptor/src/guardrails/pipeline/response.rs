@@ -44,7 +44,7 @@ pub(super) fn on_response(
         return ResponseAction::Collect;
     }
     match providers::response_framing(call.provider, path, content_type) {
-        Some(kind) => ResponseAction::Inspect(Box::new(StreamGuard::new(p, g, call, kind, head))),
+        Some(kind) => ResponseAction::Inspect(Box::new(StreamGuard::new(p, g, call, kind, head).tracked())),
         None if content_type.contains("json") || content_type.is_empty() => ResponseAction::Collect,
         None => ResponseAction::Forward,
     }

@@ -1,11 +1,21 @@
 //! The stream phase: the [`StreamGuard`] inspects a streamed response as it
-//! arrives. Completion text is accumulated into windows that overlap, each
-//! checked by the backends (`backends`), so a phrase split across two
-//! windows is still caught. `monitor` forwards every chunk at once and
-//! records verdicts; `enforce` holds back the bytes of at most one window
-//! until its verdict and ends the stream with a provider-valid error event
-//! on a block. WebSocket provider messages go through the same windows
-//! (`websocket`).
+//! arrives. `monitor` forwards every chunk at once and records verdicts;
+//! `enforce` holds back what could still be part of a finding and ends the
+//! stream with a provider-valid error event on a block.
+//!
+//! Two ways to follow the text:
+//!
+//! * tracked (enforce, local engine only): a [`StreamTracker`] carries the
+//!   detectors' automaton state from event to event; every event's text is
+//!   checked as it arrives, and every event whose text is settled (can no
+//!   longer be part of a finding, see `engine::incremental`) is released at
+//!   once. Only the events carrying a live partial match are held.
+//! * windows (monitor, a remote backend, or detectors no automaton can
+//!   follow): completion text is accumulated into windows that overlap, each
+//!   checked by the backends (`backends`), so a phrase split across two
+//!   windows is still caught; enforce holds back the bytes of at most one
+//!   window until its verdict. WebSocket provider messages go through the
+//!   same windows (`websocket`).
 
 use std::{collections::VecDeque, sync::Arc, time::Instant};
 
@@ -19,9 +29,10 @@ use super::{
 };
 use crate::{
     audit::WorkloadInfo,
-    config::StreamMode,
+    config::{self, StreamMode},
     guardrails::{
         backend::{Call, Phase},
+        engine::StreamTracker,
         framing::{Framer, FramingKind},
         model::{Direction, Role, Stage, StreamDelta, TextKind, TextSpan},
         providers::{self, StreamEventRef},
@@ -49,9 +60,13 @@ pub(super) struct StreamGuard {
     carry: String,
     /// Enforce: bytes received but not yet released.
     held: BytesMut,
-    /// Enforce: the parsed events among the held bytes, oldest first: (raw
-    /// length, characters of text).
-    held_events: VecDeque<(usize, usize)>,
+    /// Enforce: the parsed events among the held bytes, oldest first.
+    held_events: VecDeque<HeldEvent>,
+    /// Enforce with the local engine only: the stream's text as the
+    /// detectors follow it (`None`: windows).
+    tracker: Option<StreamTracker>,
+    /// Tracked: the text length at the last check.
+    checked: usize,
     released_any: bool,
     /// The last byte released, to finish a CRLF line before an error event.
     last_released: Option<u8>,
@@ -84,12 +99,25 @@ impl StreamGuard {
             carry: String::new(),
             held: BytesMut::new(),
             held_events: VecDeque::new(),
+            tracker: None,
+            checked: 0,
             released_any: false,
             last_released: None,
             outcome: Outcome::default(),
             started: Instant::now(),
             framing_broken: false,
         }
+    }
+
+    /// Follows the text with the engine's automaton instead of windows,
+    /// when the stream enforces, the local engine is the only backend, and
+    /// its detectors can be followed.
+    pub(super) fn tracked(mut self) -> Self {
+        let local_only = self.g.cfg.backends.iter().all(|b| *b == config::Backend::Local);
+        if self.enforce() && local_only {
+            self.tracker = self.g.engine.as_ref().and_then(|e| e.stream_tracker(self.g.cfg.stream_window));
+        }
+        self
     }
 
     pub(super) fn enforce(&self) -> bool {
@@ -122,10 +150,16 @@ impl StreamGuard {
             end |= delta.end;
             let mut chars = 0;
             for (_, text) in delta.texts {
-                chars += text.chars().count();
-                self.pending.push_str(&text);
+                match &mut self.tracker {
+                    Some(tracker) => tracker.push(&text),
+                    None => {
+                        chars += text.chars().count();
+                        self.pending.push_str(&text);
+                    }
+                }
             }
-            self.held_events.push_back((raw_len, chars));
+            let end = self.tracker.as_ref().map_or(0, StreamTracker::len);
+            self.held_events.push_back(HeldEvent { raw: raw_len, chars, end });
         }
         end
     }
@@ -179,12 +213,17 @@ impl StreamGuard {
             self.held.len()
         } else {
             let mut keep = self.held_events.len();
-            let mut tail = 0;
-            while keep > 0 && tail < self.g.cfg.stream_overlap {
-                keep -= 1;
-                tail += self.held_events[keep].1;
+            if let Some(tracker) = &self.tracker {
+                // Every event whose text is settled.
+                keep = self.held_events.iter().take_while(|e| e.end <= tracker.settled()).count();
+            } else {
+                let mut tail = 0;
+                while keep > 0 && tail < self.g.cfg.stream_overlap {
+                    keep -= 1;
+                    tail += self.held_events[keep].chars;
+                }
             }
-            self.held_events.drain(..keep).map(|(raw, _)| raw).sum::<usize>().min(self.held.len())
+            self.held_events.drain(..keep).map(|e| e.raw).sum::<usize>().min(self.held.len())
         };
         if all {
             self.held_events.clear();
@@ -222,6 +261,32 @@ impl StreamGuard {
         self.outcome.block.as_ref().map(|b| b.reason.clone())
     }
 
+    /// Tracked: checks the kept text when new text came. Returns the block
+    /// reason, if any.
+    async fn check_tracked(&mut self) -> Option<String> {
+        let tracker = self.tracker.as_ref()?;
+        if tracker.len() > self.checked {
+            self.checked = tracker.len();
+            let text = tracker.text().to_owned();
+            let texts = Arc::new(vec![TextSpan { path: Vec::new(), role: Role::Assistant, kind: TextKind::Content, text }]);
+            let mut subject = Subject::text(&texts, (self.status, &self.headers), true);
+            let before = self.outcome.reasons.len();
+            self.p.run_backends(&self.g, Phase::Stream, &self.call, &mut subject, &mut self.outcome).await;
+            // The kept text may be checked more than once: name each
+            // finding once.
+            let (old, new) = self.outcome.reasons.split_at(before);
+            let mut fresh: Vec<String> = Vec::new();
+            for reason in new {
+                if !old.contains(reason) && !fresh.contains(reason) {
+                    fresh.push(reason.clone());
+                }
+            }
+            self.outcome.reasons.truncate(before);
+            self.outcome.reasons.extend(fresh);
+        }
+        self.outcome.block.as_ref().map(|b| b.reason.clone())
+    }
+
     fn block_bytes(&self, reason: &str) -> Bytes {
         let mut out = Vec::new();
         // An SSE event released up to its `\r` still owes the `\n` of a
@@ -247,6 +312,16 @@ impl StreamGuard {
         event.orig_dst = self.call.orig_dst.0.ip().to_string();
         p.audit.record(event).await;
     }
+}
+
+/// An event among the held bytes.
+struct HeldEvent {
+    /// Its length in the provider's stream.
+    raw: usize,
+    /// Windows: the characters of text it carries.
+    chars: usize,
+    /// Tracked: the length of the stream's text after it.
+    end: usize,
 }
 
 /// The last `n` characters of `s`.
@@ -284,6 +359,13 @@ impl BodyInspector for StreamGuard {
             // kept so nothing is ever held back for good.
             return ChunkAction::Forward(self.release(true));
         }
+        if self.tracker.is_some() {
+            if let Some(reason) = self.check_tracked().await {
+                self.finish_audit().await;
+                return ChunkAction::End(self.block_bytes(&reason));
+            }
+            return ChunkAction::Forward(self.release(false));
+        }
         if self.pending.len() >= window || end {
             if let Some(reason) = self.check_window().await {
                 self.finish_audit().await;
@@ -296,7 +378,13 @@ impl BodyInspector for StreamGuard {
 
     async fn on_end(&mut self) -> Bytes {
         self.check_finished();
-        let blocked = self.check_window().await;
+        if let Some(tracker) = &mut self.tracker {
+            tracker.finish();
+        }
+        let blocked = match self.check_tracked().await {
+            Some(reason) => Some(reason),
+            None => self.check_window().await,
+        };
         self.finish_audit().await;
         match blocked {
             Some(reason) if self.enforce() => self.block_bytes(&reason),
