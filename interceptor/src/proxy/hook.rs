@@ -259,6 +259,13 @@ pub trait Hook: Send + Sync + 'static {
 #[async_trait::async_trait]
 pub trait BodyInspector: Send + 'static {
     async fn on_chunk(&mut self, chunk: Bytes) -> ChunkAction;
+    /// The inspector only records (it never changes, holds or cuts the
+    /// body): the data plane then forwards each chunk before handing it
+    /// over, so the inspection adds nothing to the bytes' way to the client.
+    /// Its [`ChunkAction::Forward`] bytes are ignored.
+    fn observes_only(&self) -> bool {
+        false
+    }
     /// Bytes to send before the body ends (e.g. held-back text).
     async fn on_end(&mut self) -> Bytes;
     /// The body will not end normally (the provider failed or went quiet,

@@ -654,6 +654,7 @@ async fn inspect_response(
 fn inspected_body(mut body: BoxBody, mut inspector: Box<dyn BodyInspector>) -> BoxBody {
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
     let span = Span::current();
+    let observes_only = inspector.observes_only();
     tokio::spawn(
         async move {
             loop {
@@ -677,6 +678,19 @@ fn inspected_body(mut body: BoxBody, mut inspector: Box<dyn BodyInspector>) -> B
                     None => break,
                 };
                 match frame.into_data() {
+                    Ok(chunk) if observes_only => {
+                        // Forwarded first (the clone shares the bytes), then
+                        // inspected while the client reads.
+                        if !chunk.is_empty() {
+                            let _ = tx.send(Ok(Frame::data(chunk.clone()))).await;
+                        }
+                        if let ChunkAction::End(bytes) = inspector.on_chunk(chunk).await {
+                            if !bytes.is_empty() {
+                                let _ = tx.send(Ok(Frame::data(bytes))).await;
+                            }
+                            return;
+                        }
+                    }
                     Ok(chunk) => match inspector.on_chunk(chunk).await {
                         ChunkAction::Forward(bytes) => {
                             // A failed send means the client left: the next turn
@@ -853,6 +867,56 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
         assert!(h.get(header::CONNECTION).is_some());
+    }
+
+    /// Holds every chunk until the client has read it: only a data plane
+    /// that forwards before inspecting gets past the first one.
+    struct Recording {
+        read: Arc<tokio::sync::Notify>,
+        seen: Arc<std::sync::Mutex<Vec<Bytes>>>,
+        observes_only: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl BodyInspector for Recording {
+        async fn on_chunk(&mut self, chunk: Bytes) -> ChunkAction {
+            self.read.notified().await;
+            self.seen.lock().unwrap().push(chunk.clone());
+            ChunkAction::Forward(chunk)
+        }
+
+        async fn on_end(&mut self) -> Bytes {
+            Bytes::new()
+        }
+
+        fn observes_only(&self) -> bool {
+            self.observes_only
+        }
+    }
+
+    #[tokio::test]
+    async fn an_observing_inspector_sees_chunks_after_the_client() {
+        let (upstream, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|i| (i, rx)) });
+        let read = Arc::new(tokio::sync::Notify::new());
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let inspector =
+            Recording { read: Arc::clone(&read), seen: Arc::clone(&seen), observes_only: true };
+        let mut body = inspected_body(StreamBody::new(stream).boxed_unsync(), Box::new(inspector));
+        for chunk in ["data: one\n\n", "data: two\n\n"] {
+            upstream.send(Ok(Frame::data(Bytes::from_static(chunk.as_bytes())))).await.unwrap();
+            // The inspector has not had it yet, and cannot until the
+            // client has read it.
+            // (A bound so that a data plane that inspects first fails
+            // instead of hanging.)
+            let next = tokio::time::timeout(Duration::from_secs(10), body.frame()).await;
+            let got = next.expect("the chunk reached the client").unwrap().unwrap().into_data().unwrap();
+            assert_eq!(got, chunk.as_bytes());
+            read.notify_one();
+        }
+        drop(upstream);
+        assert!(body.frame().await.is_none());
+        assert_eq!(seen.lock().unwrap().len(), 2);
     }
 
     #[test]

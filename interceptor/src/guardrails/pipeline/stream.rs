@@ -376,6 +376,11 @@ impl BodyInspector for StreamGuard {
         ChunkAction::Forward(Bytes::new())
     }
 
+    /// Monitor: every chunk passes as it came.
+    fn observes_only(&self) -> bool {
+        !self.enforce()
+    }
+
     async fn on_end(&mut self) -> Bytes {
         self.check_finished();
         if let Some(tracker) = &mut self.tracker {
