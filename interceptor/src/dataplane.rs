@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use crate::{
     audit::AuditLog,
     ca::{CertificateAuthority, LeafIssuer, LeafSettings, NameConstraintsSpec},
-    config::{Backend, BufferedTotal, Config},
+    config::{Backend, BufferedTotal, Config, StreamMode},
     guardrails::{
         akto::AktoClient,
         engine::{Engine, Policy},
@@ -255,7 +255,12 @@ pub fn build_guardrails(config: &Config) -> anyhow::Result<(Option<String>, Guar
             policy_text = Some(text);
             policy
         };
-        Some(Arc::new(Engine::new(&policy)?))
+        let engine = Engine::new(&policy)?;
+        if g.stream_mode == StreamMode::Enforce {
+            // Here rather than on the first stream, which would wait for it.
+            engine.prepare_streams();
+        }
+        Some(Arc::new(engine))
     } else {
         None
     };

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::{Control, targeting::resolve_names};
 use crate::{
-    config::{Backend, Config, TargetMode},
+    config::{Backend, Config, StreamMode, TargetMode},
     dataplane::build_guardrails,
     error,
     guardrails::{
@@ -47,6 +47,9 @@ impl Control {
         match engine {
             Ok(engine) => {
                 let current = self.guardrails.current.borrow().clone();
+                if current.cfg.stream_mode == StreamMode::Enforce {
+                    engine.prepare_streams();
+                }
                 let _ = self.guardrails.current.send(Arc::new(Guardrails {
                     engine: Some(Arc::new(engine)),
                     akto: current.akto.clone(),
