@@ -226,7 +226,9 @@ pub struct GuardrailsConfig {
     pub fail_mode_request: FailMode,
     pub fail_mode_response: FailMode,
     pub stream_mode: StreamMode,
-    /// Characters of streamed text per check.
+    /// Characters of streamed text per check where streams use windows;
+    /// enforcing with the local engine only, the bytes a partial match is
+    /// held back at most (at least `engine::MIN_HOLD`).
     pub stream_window: usize,
     /// Characters of each window checked again with the next one.
     pub stream_overlap: usize,
