@@ -59,9 +59,13 @@ impl World {
         };
         let (reload, current) = watch::channel(Arc::new(guardrails));
         let pipeline = Pipeline::new(current, AuditLog::start(None, Arc::clone(&metrics)), metrics);
-        let proxy =
-            InProcessProxy::start(provider.local_addr(), &upstream_ca, DomainsConfig::default(), Some(Arc::new(pipeline)))
-                .await?;
+        let proxy = InProcessProxy::start(
+            provider.local_addr(),
+            &upstream_ca,
+            DomainsConfig::default(),
+            Some(Arc::new(pipeline)),
+        )
+        .await?;
         Ok(World { provider, proxy, _reload: reload, _dir: dir })
     }
 

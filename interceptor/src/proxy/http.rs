@@ -900,8 +900,7 @@ mod tests {
         let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|i| (i, rx)) });
         let read = Arc::new(tokio::sync::Notify::new());
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let inspector =
-            Recording { read: Arc::clone(&read), seen: Arc::clone(&seen), observes_only: true };
+        let inspector = Recording { read: Arc::clone(&read), seen: Arc::clone(&seen), observes_only: true };
         let mut body = inspected_body(StreamBody::new(stream).boxed_unsync(), Box::new(inspector));
         for chunk in ["data: one\n\n", "data: two\n\n"] {
             upstream.send(Ok(Frame::data(Bytes::from_static(chunk.as_bytes())))).await.unwrap();

@@ -753,8 +753,7 @@ fn route(
     let query = parts.uri.query().unwrap_or("");
     let path = parts.uri.path();
     let gated = query.split('&').any(|pair| pair == "gated=1");
-    let ctx =
-        |fault| StreamCtx { fault, gated, recorder: Arc::clone(&info.recorder), reset: Arc::clone(&info.reset) };
+    let ctx = |fault| StreamCtx { fault, gated, recorder: Arc::clone(&info.recorder), reset: Arc::clone(&info.reset) };
     if parts.method == Method::POST {
         return post(parts, req, query, ctx(fault_of(query)));
     }

@@ -301,7 +301,10 @@ fn is_continuation(b: u8) -> bool {
 /// differently: not part of a word, and none the detectors look behind for
 /// (`+`, `)`, `-`, `.`, `:`, `/`, `=`).
 fn is_separator(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b'"' | b'\'' | b',' | b';' | b'(' | b'[' | b'{' | b'<' | b'>' | b'!' | b'?')
+    matches!(
+        b,
+        b' ' | b'\t' | b'\n' | b'\r' | b'"' | b'\'' | b',' | b';' | b'(' | b'[' | b'{' | b'<' | b'>' | b'!' | b'?'
+    )
 }
 
 #[cfg(test)]
@@ -317,7 +320,12 @@ mod tests {
     };
 
     fn resp() -> ScanContext<'static> {
-        ScanContext { direction: Direction::Response, provider: Provider::OpenAiChat, host: "api.openai.com", workload: None }
+        ScanContext {
+            direction: Direction::Response,
+            provider: Provider::OpenAiChat,
+            host: "api.openai.com",
+            workload: None,
+        }
     }
 
     fn blocks(engine: &Engine, text: &str) -> bool {

@@ -268,7 +268,8 @@ impl StreamGuard {
         if tracker.len() > self.checked {
             self.checked = tracker.len();
             let text = tracker.text().to_owned();
-            let texts = Arc::new(vec![TextSpan { path: Vec::new(), role: Role::Assistant, kind: TextKind::Content, text }]);
+            let texts =
+                Arc::new(vec![TextSpan { path: Vec::new(), role: Role::Assistant, kind: TextKind::Content, text }]);
             let mut subject = Subject::text(&texts, (self.status, &self.headers), true);
             let before = self.outcome.reasons.len();
             self.p.run_backends(&self.g, Phase::Stream, &self.call, &mut subject, &mut self.outcome).await;
