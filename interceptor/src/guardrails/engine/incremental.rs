@@ -40,14 +40,15 @@
 //! at least [`MIN_HOLD`]); past it, the start of the would-be match is
 //! released, but never its end: its thread lives on, the kept text reaches
 //! back to it (up to [`MAX_RETAINED`]), and the scan cuts the stream when it
-//! completes. Every built-in detector but two has a bounded match, shorter
-//! than [`MIN_HOLD`], or a minimum length after which a scan already finds
-//! it (an unbounded key matches once its shortest form is complete), so the
-//! longest text it holds back is one byte under that length:
+//! completes. Under a blocking rule, every built-in detector but a few has
+//! a bounded match shorter than [`MIN_HOLD`], or a shortest match after
+//! which the scan already cuts the stream (an unbounded key matches once its
+//! shortest form is complete), so the longest text it holds back is one
+//! byte under that length:
 //!
 //! | detector | bytes held at most |
 //! |---|---|
-//! | `aws_access_key_id` | 20 |
+//! | `aws_access_key_id` | 19 |
 //! | `us_ssn` | 11 |
 //! | `ipv4` | 15 |
 //! | `phone` | 30 |
@@ -55,10 +56,10 @@
 //! | `iban` | 42 |
 //! | `google_api_key` | 38 |
 //! | `prompt_injection` | its longest phrase |
-//! | `azure_storage_key` | 109 |
+//! | `azure_storage_key` | 98 |
 //! | `private_key` (the header) | 72 |
-//! | `openai_api_key`, `anthropic_api_key`, `github_token`, `slack_token`, `stripe_secret_key`, `jwt` | their shortest match (23 to 70) |
-//! | `email`, `ipv6`, `gcp_service_account_key`, `aws_secret_access_key` after a label | while the run of characters that can continue the match goes on, at most `hold_limit` |
+//! | `openai_api_key`, `anthropic_api_key`, `github_token`, `slack_token`, `stripe_secret_key`, `jwt` | one byte under their shortest match (22 to 70) |
+//! | `email`, `ipv6`, `gcp_service_account_key`, `aws_secret_access_key` after a label, and any detector of an alert or redact rule while its match can still grow | while the run of characters that can continue the match goes on, at most `hold_limit` |
 //!
 //! A stream whose backends include a remote one (Akto) cannot use this: the
 //! remote service gives no partial-match state, so the pipeline keeps its
