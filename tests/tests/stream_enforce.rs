@@ -13,9 +13,10 @@
 //!
 //! Secrets are built at run time so no secret-shaped literal sits here.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use interceptor::{
     audit::AuditLog,
@@ -25,7 +26,9 @@ use interceptor::{
         pipeline::{Guardrails, Pipeline},
     },
     metrics::Metrics,
+    net::{ClientAddr, OrigDstAddr},
     policy::DomainsConfig,
+    proxy::hook::{ChunkAction, Exchange, Hook, RequestAction, ResponseAction},
     testing::provider::{FakeProvider, TestPki},
 };
 use interceptor_tests::inprocess::{InProcessProxy, client_for};
@@ -229,5 +232,108 @@ async fn a_key_split_across_paced_events_never_reaches_the_client() -> Result<()
     ensure!(!text.contains("expires"), "text after the token reached the client: {text}");
     ensure!(text.contains("error"), "no error event: {text}");
     ensure!(text.ends_with("data: [DONE]\n\n"), "not an OpenAI stream end: {text}");
+    Ok(())
+}
+
+/// An OpenAI chat stream carrying `pieces`, one event each, then `[DONE]`.
+fn openai_stream(pieces: &[String]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, piece) in pieces.iter().enumerate() {
+        let event =
+            json!({"i": i, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": piece}}]});
+        out.extend_from_slice(format!("data: {event}\n\n").as_bytes());
+    }
+    out.extend_from_slice(b"data: [DONE]\n\n");
+    out
+}
+
+/// Runs `stream` cut at `cuts` through the enforcing hook; returns what the
+/// client got, how much of it before the stream's end, and whether it was
+/// cut.
+async fn through_hook(pipeline: &Pipeline, stream: &[u8], cuts: &[usize]) -> Result<(Vec<u8>, usize, bool)> {
+    let addr = |s: &str| s.parse::<SocketAddr>();
+    let ex = Exchange {
+        client: ClientAddr(addr("10.0.0.2:40000")?),
+        orig_dst: OrigDstAddr(addr("198.18.0.10:443")?),
+        sni: OPENAI.to_string(),
+        workload: None,
+    };
+    let (mut head, ()) = http::Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions")
+        .header("host", OPENAI)
+        .body(())?
+        .into_parts();
+    let request =
+        Bytes::from_static(br#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#);
+    let (action, state) = pipeline.on_request(&ex, &mut head, &request).await;
+    ensure!(matches!(action, RequestAction::Forward), "the request was not forwarded");
+    let (response, ()) =
+        http::Response::builder().status(200).header("content-type", "text/event-stream").body(())?.into_parts();
+    let ResponseAction::Inspect(mut guard) = pipeline.on_response(&ex, &state, &head, &response).await else {
+        bail!("the stream is not inspected");
+    };
+    let mut out = Vec::new();
+    let mut at = 0;
+    for &cut in cuts.iter().chain([&stream.len()]) {
+        match guard.on_chunk(Bytes::copy_from_slice(&stream[at..cut])).await {
+            ChunkAction::Forward(bytes) => {
+                out.extend_from_slice(&bytes);
+                ensure!(stream.starts_with(&out), "released bytes the provider did not send in that order");
+            }
+            ChunkAction::End(_) => {
+                let before_end = out.len();
+                return Ok((out, before_end, true));
+            }
+        }
+        at = cut;
+    }
+    let before_end = out.len();
+    out.extend_from_slice(&guard.on_end().await);
+    Ok((out, before_end, false))
+}
+
+fn enforcing_pipeline() -> Result<Pipeline> {
+    let metrics = Arc::new(Metrics::new());
+    let guardrails = Guardrails {
+        engine: Some(Arc::new(Engine::builtin()?)),
+        akto: None,
+        cfg: GuardrailsConfig { stream_mode: StreamMode::Enforce, ..Default::default() },
+    };
+    let (_, current) = watch::channel(Arc::new(guardrails));
+    Ok(Pipeline::new(current, AuditLog::start(None, Arc::clone(&metrics)), metrics))
+}
+
+/// Any two cuts of the provider's bytes: only a prefix of what it sent is
+/// released, a harmless stream whole and as it comes (before its end), and
+/// of a stream with a key, nothing from the key's first event on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_chunking_releases_a_prefix_and_never_the_key() -> Result<()> {
+    let pipeline = enforcing_pipeline()?;
+    let token = format!("{}_{}", "ghp", "a1B2".repeat(9));
+    let harmless = openai_stream(&pieces("Paris is lovely in spring, and quiet in winter."));
+    let leaking = pieces(&format!("The token is {token} today."));
+    let first = leaking.iter().position(|p| p.starts_with("ghp")).context("token piece")?;
+    let leak = openai_stream(&leaking);
+    let key_event = leak.windows(4).position(|w| w == b"ghp_").context("token in the stream")?;
+    let key_event = leak[..key_event].windows(6).rposition(|w| w == b"data: ").context("its event")?;
+    ensure!(first > 0);
+    for (stream, leaks) in [(&harmless, false), (&leak, true)] {
+        for a in (1..stream.len()).step_by(7) {
+            for b in [a + 1, a + 13, a + 101] {
+                let cuts: Vec<usize> = [a, b].into_iter().filter(|&c| c < stream.len()).collect();
+                let (out, before_end, cut) = through_hook(&pipeline, stream, &cuts).await?;
+                if leaks {
+                    ensure!(cut, "{a} {b}: the key's stream was not cut");
+                    ensure!(out.len() <= key_event, "{a} {b}: released into the key's event");
+                } else {
+                    ensure!(!cut && out == *stream, "{a} {b}: the harmless stream was not passed whole");
+                    // Every event of it ends on a space: nothing waits for
+                    // the end of the stream.
+                    ensure!(before_end == stream.len(), "{a} {b}: held to the end");
+                }
+            }
+        }
+    }
     Ok(())
 }
