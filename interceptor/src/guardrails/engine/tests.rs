@@ -40,10 +40,7 @@ fn all_detectors() -> Engine {
 fn found(engine: &Engine, text: &str) -> Vec<(String, String)> {
     let scan = engine.scan(&req(), content(text));
     assert_prescan_agrees(engine, &req(), text, &scan);
-    scan.findings
-        .iter()
-        .map(|f| (f.detector.to_string(), f.matched(text).unwrap().to_owned()))
-        .collect()
+    scan.findings.iter().map(|f| (f.detector.to_string(), f.matched(text).unwrap().to_owned())).collect()
 }
 
 /// The allowed path's prescan never calls a text clear that the scan finds

@@ -122,7 +122,10 @@ impl Pipeline {
         self.metrics.guardrail_seconds.observe(started.elapsed().as_secs_f64());
         let action = outcome.decision();
         let count = |rule: String| {
-            self.metrics.decisions.get_or_create(&DecisionLabels { provider: provider.as_str(), direction, action, rule }).inc();
+            self.metrics
+                .decisions
+                .get_or_create(&DecisionLabels { provider: provider.as_str(), direction, action, rule })
+                .inc();
         };
         if outcome.rules.is_empty() {
             // The empty rule label allocates nothing.
