@@ -2,10 +2,22 @@
 //! allowed path: a ~2 KB chat request and its ~1 KB JSON answer through the
 //! built-in policy, with both audit events written as JSON log lines (to a
 //! sink). This is the CPU the guardrails add to each proxied request.
+//!
+//! The benchmark binary counts heap allocations (its own global allocator,
+//! never the product's) and prints the allocations per exchange before the
+//! criterion run.
 
 mod common;
 
-use std::{hint::black_box, sync::Arc, time::Duration};
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    hint::black_box,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -22,6 +34,45 @@ use interceptor::{
     testing::provider::sample_chat_completion,
     workload::Workload,
 };
+
+/// The system allocator, counting allocations and allocated bytes.
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+static ALLOCATED: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the
+// counters are only side effects.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        ALLOCATED.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        ALLOCATED.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        ALLOCATED.fetch_add(new_size as u64, Ordering::Relaxed);
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
 
 fn request_head(len: usize) -> http::request::Parts {
     let request = http::Request::post("/v1/chat/completions")
@@ -80,21 +131,46 @@ fn pipeline(c: &mut Criterion) {
     let answer = Bytes::from(sample_chat_completion());
     let response = response_head(answer.len());
 
-    c.bench_function("pipeline/allowed_exchange", |b| {
-        b.iter(|| {
-            runtime.block_on(async {
-                let mut head = request_head(body.len());
-                let (action, state) = hook.on_request(&exchange, &mut head, black_box(&body)).await;
-                assert!(matches!(action, RequestAction::Forward));
-                let action = hook.on_response(&exchange, &state, &head, &response).await;
-                assert!(matches!(action, ResponseAction::Collect));
-                let action = hook.on_response_body(&exchange, &state, &head, &response, black_box(&answer)).await;
-                assert!(matches!(action, BodyAction::Forward));
-                // Let the audit writer take both events.
-                tokio::task::yield_now().await;
-            })
+    let exchange_once = || {
+        runtime.block_on(async {
+            let mut head = request_head(body.len());
+            let (action, state) = hook.on_request(&exchange, &mut head, black_box(&body)).await;
+            assert!(matches!(action, RequestAction::Forward));
+            let action = hook.on_response(&exchange, &state, &head, &response).await;
+            assert!(matches!(action, ResponseAction::Collect));
+            let action = hook.on_response_body(&exchange, &state, &head, &response, black_box(&answer)).await;
+            assert!(matches!(action, BodyAction::Forward));
+            // Let the audit writer take both events.
+            tokio::task::yield_now().await;
         })
-    });
+    };
+
+    // Allocations per exchange, warm (caches and buffers already grown),
+    // including the request head the benchmark builds (as hyper would).
+    for _ in 0..1000 {
+        exchange_once();
+    }
+    let runs = 10_000u64;
+    let (count, bytes) = (ALLOCATIONS.load(Ordering::Relaxed), ALLOCATED.load(Ordering::Relaxed));
+    for _ in 0..runs {
+        exchange_once();
+    }
+    let count = ALLOCATIONS.load(Ordering::Relaxed) - count;
+    let bytes = ALLOCATED.load(Ordering::Relaxed) - bytes;
+    let mut head_allocations = ALLOCATIONS.load(Ordering::Relaxed);
+    for _ in 0..runs {
+        black_box(request_head(body.len()));
+    }
+    head_allocations = ALLOCATIONS.load(Ordering::Relaxed) - head_allocations;
+    println!(
+        "pipeline/allowed_exchange: {:.1} allocations, {} bytes allocated per exchange \
+         ({:.1} of them the benchmark's request head)",
+        count as f64 / runs as f64,
+        bytes / runs,
+        head_allocations as f64 / runs as f64,
+    );
+
+    c.bench_function("pipeline/allowed_exchange", |b| b.iter(exchange_once));
 }
 
 criterion_group! {

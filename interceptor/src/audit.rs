@@ -217,32 +217,38 @@ impl AuditLog {
     pub async fn record(&self, event: AuditEvent) {
         if let Err(mpsc::error::SendError(event)) = self.tx.send(event).await {
             // The writer is gone (shutdown): still leave a trace.
-            let batch = Batch::encode(std::slice::from_ref(&event));
+            let mut batch = Batch::default();
+            batch.encode(std::slice::from_ref(&event));
             batch.log(std::slice::from_ref(&event));
         }
     }
 }
 
-/// Events taken from the queue at once, as JSON lines.
+/// Events taken from the queue at once, as JSON lines. The writer keeps
+/// one and reuses its buffers from batch to batch: each event is serialized
+/// once, into memory that is already there.
+#[derive(Default)]
 struct Batch {
     /// Every event's JSON, each followed by a newline.
     lines: Vec<u8>,
     /// Where each event's JSON is in `lines` (without its newline).
     spans: Vec<std::ops::Range<usize>>,
+    /// The JSON log's lines for the batch.
+    log_lines: Vec<u8>,
 }
 
 impl Batch {
-    fn encode(events: &[AuditEvent]) -> Self {
-        let mut lines = Vec::with_capacity(events.len() * 768);
-        let mut spans = Vec::with_capacity(events.len());
+    /// Replaces the batch's lines with `events`'.
+    fn encode(&mut self, events: &[AuditEvent]) {
+        self.lines.clear();
+        self.spans.clear();
         for event in events {
-            let start = lines.len();
+            let start = self.lines.len();
             // Serializing plain structs into memory cannot fail.
-            let _ = serde_json::to_writer(&mut lines, event);
-            spans.push(start..lines.len());
-            lines.push(b'\n');
+            let _ = serde_json::to_writer(&mut self.lines, event);
+            self.spans.push(start..self.lines.len());
+            self.lines.push(b'\n');
         }
-        Self { lines, spans }
     }
 
     fn json(&self, i: usize) -> &str {
@@ -253,7 +259,7 @@ impl Batch {
     /// `audit`. In the product's JSON log the lines are built here, in the
     /// JSON formatter's shape, and written with one `write(2)` for the batch:
     /// the formatter would escape each event through `fmt::Write` again.
-    fn log(&self, events: &[AuditEvent]) {
+    fn log(&mut self, events: &[AuditEvent]) {
         if !tracing::enabled!(target: "audit", tracing::Level::INFO) {
             return;
         }
@@ -264,12 +270,15 @@ impl Batch {
             }
             return;
         }
-        let out = self.json_log_lines(events, &log_timestamp());
+        let mut out = std::mem::take(&mut self.log_lines);
+        self.json_log_lines(events, &log_timestamp(), &mut out);
         let _ = std::io::stderr().lock().write_all(&out);
+        self.log_lines = out;
     }
 
-    fn json_log_lines(&self, events: &[AuditEvent], timestamp: &str) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.lines.len() + events.len() * 256);
+    /// Fills `out` with the JSON log's lines of `events`.
+    fn json_log_lines(&self, events: &[AuditEvent], timestamp: &str, out: &mut Vec<u8>) {
+        out.clear();
         for (i, event) in events.iter().enumerate() {
             out.extend_from_slice(b"{\"timestamp\":\"");
             out.extend_from_slice(timestamp.as_bytes());
@@ -278,10 +287,9 @@ impl Batch {
             out.extend_from_slice(b"\",\"decision\":\"");
             out.extend_from_slice(event.decision.as_str().as_bytes());
             out.extend_from_slice(b"\",\"audit\":");
-            let _ = serde_json::to_writer(&mut out, self.json(i));
+            let _ = serde_json::to_writer(&mut *out, self.json(i));
             out.extend_from_slice(b",\"target\":\"audit\"}\n");
         }
-        out
     }
 }
 
@@ -306,8 +314,9 @@ const BATCH: usize = 256;
 async fn writer(mut rx: mpsc::Receiver<AuditEvent>, file: Option<PathBuf>, metrics: Arc<Metrics>) {
     let mut file = file.map(|path| AuditFile::new(path, metrics));
     let mut events = Vec::with_capacity(BATCH);
+    let mut batch = Batch::default();
     while rx.recv_many(&mut events, BATCH).await > 0 {
-        let batch = Batch::encode(&events);
+        batch.encode(&events);
         batch.log(&events);
         if let Some(file) = file.as_mut() {
             file.append(&batch.lines, events.len() as u64);
@@ -557,7 +566,8 @@ mod tests {
             }
         }
         let events = [event(Decision::Block), event(Decision::Allow)];
-        let batch = Batch::encode(&events);
+        let mut batch = Batch::default();
+        batch.encode(&events);
         let buf = Buf::default();
         let writer = buf.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -580,7 +590,8 @@ mod tests {
                 .collect()
         };
         let via_tracing = parse(&buf.0.lock().unwrap());
-        let direct = batch.json_log_lines(&events, &log_timestamp());
+        let mut direct = vec![b'x'];
+        batch.json_log_lines(&events, &log_timestamp(), &mut direct);
         assert_eq!(parse(&direct), via_tracing);
         assert_eq!(via_tracing.len(), 2);
         let audit: serde_json::Value = serde_json::from_str(via_tracing[0]["audit"].as_str().unwrap()).unwrap();

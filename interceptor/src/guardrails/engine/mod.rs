@@ -301,6 +301,37 @@ impl Scan {
     }
 }
 
+/// The engine's quick answer for the allowed path: whether a text has no
+/// candidate of any detector a rule for this exchange uses. A scan finds
+/// nothing where every text is clear: findings are made of candidates, and
+/// a detector's candidates in a text do not depend on which other
+/// detectors run. Texts that are not clear need the full [`Engine::scan`].
+pub struct Prescan<'e> {
+    engine: &'e Engine,
+    active: Vec<bool>,
+    any: bool,
+    /// A keyword detector outside the combined set is in use.
+    unfiltered: bool,
+    candidates: Vec<Candidate>,
+}
+
+impl Prescan<'_> {
+    /// Whether `text` has no candidate. The combined set answers alone for
+    /// almost every text (one search that stops at its first match).
+    pub fn clear(&mut self, text: &str) -> bool {
+        if !self.any || text.is_empty() {
+            return true;
+        }
+        let set_matches = self.engine.set.as_ref().is_some_and(|s| s.is_match(text));
+        if !set_matches && !self.unfiltered {
+            return true;
+        }
+        self.candidates.clear();
+        self.engine.find_candidates(text, &self.active, &mut self.candidates);
+        self.candidates.is_empty()
+    }
+}
+
 /// A system instruction a policy enforces, for the provider parser to put
 /// into the request in the provider's own format.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -568,6 +599,21 @@ impl Engine {
         }
         let decision = decide(&findings, ctx.direction);
         Scan { findings, decision }
+    }
+
+    /// A check that finds nothing in texts [`Engine::scan`] would find
+    /// nothing in either, under the rules that apply to `ctx` whatever the
+    /// texts' kinds (see [`Prescan::clear`]).
+    pub fn prescan(&self, ctx: &ScanContext<'_>) -> Prescan<'_> {
+        let mut active = vec![false; self.detectors.len()];
+        for r in self.rules.iter().filter(|r| r.applies(ctx)) {
+            for &(d, _) in &r.detectors {
+                active[d] = true;
+            }
+        }
+        let any = active.iter().any(|&a| a);
+        let unfiltered = self.unfiltered_keywords.iter().any(|&d| active[d]);
+        Prescan { engine: self, active, any, unfiltered, candidates: Vec::new() }
     }
 
     /// The system instructions the policy enforces on this exchange, in

@@ -37,6 +37,7 @@
 
 mod backends;
 mod outcome;
+mod quick;
 mod request;
 mod response;
 mod stream;

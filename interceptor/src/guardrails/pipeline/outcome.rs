@@ -120,17 +120,19 @@ impl Outcome {
 impl Pipeline {
     pub(super) fn record_metrics(&self, provider: Provider, direction: Direction, outcome: &Outcome, started: Instant) {
         self.metrics.guardrail_seconds.observe(started.elapsed().as_secs_f64());
-        let rules: Vec<String> = if outcome.rules.is_empty() { vec![String::new()] } else { outcome.rules.clone() };
-        for rule in rules {
+        let action = outcome.decision();
+        let count = |rule: String| {
             self.metrics
                 .decisions
-                .get_or_create(&DecisionLabels {
-                    provider: provider.as_str(),
-                    direction,
-                    action: outcome.decision(),
-                    rule,
-                })
+                .get_or_create(&DecisionLabels { provider: provider.as_str(), direction, action, rule })
                 .inc();
+        };
+        if outcome.rules.is_empty() {
+            // The empty rule label allocates nothing.
+            count(String::new());
+        }
+        for rule in &outcome.rules {
+            count(rule.clone());
         }
     }
 

@@ -13,6 +13,7 @@ use super::{
     backends::Subject,
     new_call,
     outcome::{Block, Outcome},
+    quick,
 };
 use crate::{
     config::{SigV4Action, UndecodableAction},
@@ -78,6 +79,11 @@ impl Pipeline {
             Ok(text) => text,
             Err(error) => return self.undecodable(g, call, started, &error).await,
         };
+        if let Some(clean) = quick::clean(g, call, Direction::Request, &text.text) {
+            call.model = clean.model.or_else(|| providers::model_from_path(&call.path));
+            self.audit(g, call, Direction::Request, &clean.outcome, started, None).await;
+            return RequestAction::Forward;
+        }
         let parsed = parse(call, &decoded, &text);
         let texts = Arc::new(parsed.texts);
         let mut subject = Subject {

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::header;
 use serde_json::Value;
 
-use super::{Pipeline, backends::Subject, outcome::Outcome, stream::StreamGuard};
+use super::{Pipeline, backends::Subject, outcome::Outcome, quick, stream::StreamGuard};
 use crate::{
     guardrails::{
         backend::{Call, Phase, current_body},
@@ -74,6 +74,10 @@ pub(super) async fn on_body(p: &Pipeline, call: &Call, head: &http::response::Pa
             };
         }
     };
+    if let Some(clean) = quick::clean(&g, call, Direction::Response, &decoded) {
+        p.audit(&g, call, Direction::Response, &clean.outcome, started, None).await;
+        return BodyAction::Forward;
+    }
     let doc: Option<Value> = serde_json::from_slice(&decoded).ok();
     let texts: Arc<Vec<TextSpan>> = Arc::new(match &doc {
         Some(d) => providers::parse_response(call.provider, d).texts,

@@ -35,6 +35,7 @@ mod cohere;
 mod gemini;
 mod generic;
 mod openai;
+pub mod strings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RewriteError {

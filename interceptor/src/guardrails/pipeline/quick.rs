@@ -1,0 +1,63 @@
+//! The allowed path without a parse tree. When the local engine is the only
+//! backend and no detector it runs has a candidate in any string of a JSON
+//! body, the body is allowed as the full path would allow it: the decision,
+//! the audit event and the metrics are the same, but no
+//! [`serde_json::Value`], no text spans and no paths are built. The strings
+//! are read in one borrowed pass ([`strings::each_string`]); whatever that
+//! pass cannot prove clean (a candidate, a body that is not JSON, a backend
+//! that reads the document, system instructions to add, prompts to audit,
+//! a body the engine would scan off the runtime) takes the full path.
+
+use crate::guardrails::{
+    backend::Call,
+    engine::{ScanContext, WorkloadRef},
+    model::{Direction, Provider, Stage},
+    offload::INLINE_SCAN_MAX,
+    providers::strings,
+};
+
+use super::{Guardrails, outcome::Outcome};
+
+/// What a clean body leaves for the full path's bookkeeping.
+pub(super) struct Clean {
+    /// The decision: allowed, with the local engine named once per time it
+    /// is configured, as the loop over the backends names it.
+    pub outcome: Outcome,
+    /// The body's top-level `model`, when it is a string.
+    pub model: Option<String>,
+}
+
+/// The body `json` (decoded, UTF-8) is clean for `call` in `direction`, or
+/// `None`: the full path decides.
+pub(super) fn clean(g: &Guardrails, call: &Call, direction: Direction, json: &[u8]) -> Option<Clean> {
+    let engine = g.engine.as_ref()?;
+    if g.cfg.audit_prompts || json.len() > INLINE_SCAN_MAX {
+        return None;
+    }
+    // Only the local engine judges: it reads the texts and nothing else.
+    let mut stages = Vec::new();
+    for configured in &g.cfg.backends {
+        if let Some(backend) = g.backend(*configured) {
+            if backend.stage() != Stage::Local {
+                return None;
+            }
+            stages.push(Stage::Local);
+        }
+    }
+    let ctx = ScanContext {
+        direction,
+        provider: call.provider,
+        host: &call.host,
+        workload: call.workload.as_ref().map(WorkloadRef::of),
+    };
+    if direction == Direction::Request {
+        // An unknown body may name its provider; a request may take system
+        // instructions: both need the document.
+        if call.provider == Provider::Generic || !engine.system_instructions(&ctx).is_empty() {
+            return None;
+        }
+    }
+    let mut prescan = engine.prescan(&ctx);
+    let walked = strings::each_string(json, &mut |s| prescan.clear(s)).ok()?;
+    Some(Clean { outcome: Outcome { stages, ..Outcome::default() }, model: walked.model })
+}
