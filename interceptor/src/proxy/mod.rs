@@ -1,8 +1,8 @@
 //! The data plane: accept redirected connections, find where they were going
 //! and who opened them, peek at the TLS ClientHello, and either terminate TLS
 //! and relay HTTP through the guardrail hook (AI domains) or relay the bytes
-//! untouched (everything else). Upstream sockets carry the proxy's mark, which
-//! the redirect never sends back to us.
+//! untouched (everything else; spliced in the kernel, `splice`). Upstream
+//! sockets carry the proxy's mark, which the redirect never sends back to us.
 //!
 //! A connection whose original destination is an AI address (configured,
 //! resolved or learned from DNS) is inspected unless its ClientHello proves
@@ -25,6 +25,7 @@ pub mod budget;
 pub mod hook;
 pub mod http;
 pub mod sni;
+pub mod splice;
 pub mod tls;
 pub mod upstream;
 pub mod websocket;
@@ -820,13 +821,36 @@ async fn passthrough(mut client_stream: TcpStream, orig: OrigDstAddr, shared: &S
             return;
         }
     };
-    match tokio::io::copy_bidirectional(&mut client_stream, &mut upstream).await {
-        Ok((up, down)) => {
-            record.outcome = ConnectionOutcome::Relayed;
-            record.bytes_up = up;
-            record.bytes_down = down;
+    // The ClientHello was only peeked: it is still the first thing to read.
+    let (counts, result) = match splice::Pipes::new() {
+        Ok(pipes) => splice::relay(&client_stream, &upstream, pipes).await,
+        Err(error) => {
+            copy_fallback(&shared.plane.metrics, &error);
+            match tokio::io::copy_bidirectional(&mut client_stream, &mut upstream).await {
+                Ok((up, down)) => (splice::Relayed { up, down }, Ok(())),
+                Err(error) => (splice::Relayed::default(), Err(error)),
+            }
         }
+    };
+    record.bytes_up = counts.up;
+    record.bytes_down = counts.down;
+    match result {
+        Ok(()) => record.outcome = ConnectionOutcome::Relayed,
         Err(error) => record.fail(ConnectionOutcome::RelayError, &error),
+    }
+}
+
+/// A passthrough relayed by copying, for want of pipes: counted every time,
+/// logged the first time only (it happens when descriptors run out, which
+/// would otherwise log once per connection).
+fn copy_fallback(metrics: &Metrics, error: &std::io::Error) {
+    static LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    metrics.passthrough_copy_fallbacks.inc();
+    if !LOGGED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            error = %error::chain(error),
+            "cannot make pipes to splice a passthrough connection; relaying it by copying (counted in interceptor_passthrough_copy_fallbacks_total)"
+        );
     }
 }
 
