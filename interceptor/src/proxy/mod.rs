@@ -1012,6 +1012,56 @@ mod tests {
         assert!(!shared.rejected_before(None, "api.openai.com"));
     }
 
+    #[tokio::test]
+    async fn passthrough_splices_a_half_closed_exchange_and_records_its_bytes() {
+        const UP: usize = 3 << 20;
+        const DOWN: usize = 5 << 20;
+        let p = plane(Arc::new(MockOrigDst { dst: Default::default(), default: None, workload: None }));
+        let (in_flight, _rx) = mpsc::channel(1);
+        let shared = Shared {
+            limits: Arc::new(ConnectionLimits::new(&p.settings)),
+            budget: budget::BodyBudget::new(
+                p.settings.max_buffered_total,
+                p.metrics.inspection_budget_refusals.clone(),
+            ),
+            plane: p,
+            addrs: ProxyAddrs { v4: "127.0.0.1:1".parse().unwrap(), v6: None, mark: 0 },
+            rejected: Mutex::new(HashSet::new()),
+            in_flight,
+        };
+        // The provider reads the whole request (to the client's half-close),
+        // then answers.
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let orig = OrigDstAddr(upstream.local_addr().unwrap());
+        let provider = tokio::spawn(async move {
+            let (mut s, _) = upstream.accept().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            s.write_all(&vec![b'd'; DOWN]).await.unwrap();
+            got
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(listener.local_addr().unwrap()), listener.accept());
+        let (mut client, accepted) = (client.unwrap(), accepted.unwrap().0);
+        let mut record =
+            ConnectionRecord::new(Arc::clone(&shared.plane.metrics), ClientAddr("127.0.0.1:5000".parse().unwrap()));
+        record.quiet = true;
+        let drive = async {
+            client.write_all(&vec![b'u'; UP]).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        };
+        let ((), back) = tokio::join!(passthrough(accepted, orig, &shared, &mut record), drive);
+        let got = provider.await.unwrap();
+        assert!(got.len() == UP && got.iter().all(|&b| b == b'u'), "provider got {} bytes", got.len());
+        assert!(back.len() == DOWN && back.iter().all(|&b| b == b'd'), "client got {} bytes", back.len());
+        assert_eq!(record.outcome, ConnectionOutcome::Relayed);
+        assert_eq!((record.bytes_up, record.bytes_down), (UP as u64, DOWN as u64));
+        assert_eq!(shared.plane.metrics.passthrough_copy_fallbacks.get(), 0, "spliced, not copied");
+    }
+
     #[test]
     fn refusals_are_logged_at_most_once_a_second() {
         let limits = ConnectionLimits::new(&ProxySettings::default());
