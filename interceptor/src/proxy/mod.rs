@@ -24,6 +24,7 @@
 pub mod budget;
 pub mod hook;
 pub mod http;
+pub mod park;
 pub mod sni;
 pub mod splice;
 pub mod tls;

@@ -51,9 +51,18 @@ fn class(size: usize) -> usize {
     (usize::BITS - size.max(1).saturating_sub(1).leading_zeros()).min(CLASSES as u32 - 1) as usize
 }
 
+/// Live allocations of 1 KiB and more by exact size (to 64 KiB), the
+/// buffers worth naming.
+const EXACT_FROM: usize = 1024;
+const EXACT_TO: usize = 64 * 1024;
+static LIVE_BY_SIZE: [AtomicI64; EXACT_TO - EXACT_FROM + 1] = [const { AtomicI64::new(0) }; EXACT_TO - EXACT_FROM + 1];
+
 fn counted(size: usize, sign: i64) {
     LIVE_BYTES.fetch_add(sign * size as i64, Ordering::Relaxed);
     LIVE_BY_CLASS[class(size)].fetch_add(sign, Ordering::Relaxed);
+    if (EXACT_FROM..=EXACT_TO).contains(&size) {
+        LIVE_BY_SIZE[size - EXACT_FROM].fetch_add(sign, Ordering::Relaxed);
+    }
 }
 
 // SAFETY: every call is forwarded to the system allocator unchanged; the
@@ -126,6 +135,7 @@ struct Snapshot {
     rss: u64,
     heap: i64,
     classes: [i64; CLASSES],
+    sizes: Vec<i64>,
 }
 
 fn snapshot() -> Result<Snapshot> {
@@ -133,6 +143,7 @@ fn snapshot() -> Result<Snapshot> {
         rss: interceptor_bench::procstat::rss_bytes(std::process::id())?,
         heap: LIVE_BYTES.load(Ordering::Relaxed),
         classes: std::array::from_fn(|i| LIVE_BY_CLASS[i].load(Ordering::Relaxed)),
+        sizes: LIVE_BY_SIZE.iter().map(|n| n.load(Ordering::Relaxed)).collect(),
     })
 }
 
@@ -190,6 +201,13 @@ fn parent(connections: usize) -> Result<()> {
         if per.abs() >= 0.05 {
             let low = if i == 0 { 0 } else { (1usize << (i - 1)) + 1 };
             println!("  {low:>7}..={:<7} {per:>6.2}", 1usize << i);
+        }
+    }
+    println!("live allocations of {EXACT_FROM} bytes or more per connection, by exact size:");
+    for (i, (b, a)) in before.sizes.iter().zip(&after.sizes).enumerate() {
+        let per = (a - b) as f64 / n;
+        if per.abs() >= 0.05 {
+            println!("  {:>7} {per:>6.2}", i + EXACT_FROM);
         }
     }
     let projected = mb(before.rss as f64 + rss_per * TARGET_CONNECTIONS);
