@@ -92,6 +92,8 @@ pub struct Intercepted {
     /// only while this is zero).
     pub active: watch::Sender<usize>,
     pub requests: AtomicU64,
+    /// Request bodies not dropped yet (see `park`).
+    pub receiving: Arc<std::sync::atomic::AtomicUsize>,
     /// Set when the connection's own name is not an AI name but shares its
     /// AI address and parent domain with one: intercepted only so that no
     /// AI request rides on it (HTTP/2 connection coalescing, or a Host that
@@ -321,9 +323,21 @@ where
         let io = park::ParkIo::new(std::mem::take(&mut ahead), stream);
         let seen = io.seen();
         let mut connection = Box::new(builder.serve_connection(TokioIo::new(io), service).with_upgrades());
-        match park::drive(&mut connection, &seen, &mut active, &conn.requests).await {
-            park::Driven::Done(result) => return result.map_err(|e| -> BoxError { Box::new(e) }),
-            park::Driven::Idle => {}
+        // Not parked (a request body still alive, say), the idle timeout
+        // closes it as it closes any connection.
+        let idle = idle_for(conn.active.subscribe(), limits.idle_timeout);
+        tokio::select! {
+            driven = park::drive(&mut connection, &seen, &mut active, &conn.requests, &conn.receiving) => match driven {
+                park::Driven::Done(result) => return result.map_err(|e| -> BoxError { Box::new(e) }),
+                park::Driven::Idle => {}
+            },
+            () = idle => {
+                std::pin::Pin::new(&mut *connection).graceful_shutdown();
+                return match tokio::time::timeout(limits.header_read_timeout, &mut *connection).await {
+                    Ok(Err(error)) => Err(Box::new(error)),
+                    Ok(Ok(())) | Err(_) => Err(boxed(ClientIdle { timeout: limits.idle_timeout })),
+                };
+            }
         }
         // Idle between messages: keep the stream and what hyper read ahead,
         // drop the rest.
@@ -368,14 +382,9 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
         return *response;
     }
     // The request is in flight while its body is alive, too (see `park`).
-    let receiving = InFlight::new(&conn);
-    let mut body: BoxBody = body
-        .map_err(boxed)
-        .map_frame(move |f| {
-            let _held = &receiving;
-            f
-        })
-        .boxed_unsync();
+    // Counted until dropped: a connection is parked only with no request
+    // body alive (see `park`).
+    let mut body: BoxBody = park::Receiving::wrap(body, &conn.receiving).map_err(boxed).boxed_unsync();
     let client_upgrade = match (client_upgrade, &conn.hook) {
         (Some(client), Some(hook)) => {
             let (inspector, relay) = match hook.on_upgrade(&conn.exchange, &mut parts).await {

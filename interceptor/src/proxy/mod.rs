@@ -797,6 +797,7 @@ async fn intercept_connection(
         budget: Arc::clone(&shared.budget),
         active: tokio::sync::watch::Sender::new(0),
         requests: Default::default(),
+        receiving: Default::default(),
         coalesced_guard: (record.mode == ConnectionMode::Guard)
             .then(|| Arc::clone(&shared.plane.snapshot.borrow().policy)),
         upgrades: Default::default(),

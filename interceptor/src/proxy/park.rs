@@ -9,8 +9,8 @@
 //! half read, what follows would be parsed as a new request. So a
 //! connection is parked only after one whole poll of it in which nothing
 //! happened: no request was in flight before or after it (the in-flight
-//! count covers each request from hyper handing it over until both its
-//! request body and its response body are dropped), none started, hyper
+//! count covers each request from hyper handing it over until its response
+//! body is dropped, and no request body is alive either), none started, hyper
 //! asked the socket for bytes and got none, and everything it wrote was
 //! flushed. A request body dropped before its end makes hyper drain it or
 //! stop reading within that poll, so a half-read body is never left behind.
@@ -23,12 +23,13 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
 };
 
 use bytes::{Buf as _, Bytes};
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     sync::watch,
@@ -148,6 +149,43 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ParkIo<I> {
     }
 }
 
+/// A request body, counted in `count` until dropped. Its size hint and end
+/// are the body's own (the request's length is known downstream).
+pub struct Receiving<B> {
+    inner: B,
+    count: Arc<AtomicUsize>,
+}
+
+impl<B> Receiving<B> {
+    pub fn wrap(inner: B, count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self { inner, count: Arc::clone(count) }
+    }
+}
+
+impl<B> Drop for Receiving<B> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<B: Body + Unpin> Body for Receiving<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// How driving a hyper connection ended.
 pub enum Driven<T> {
     /// The connection is done (closed, failed or upgraded).
@@ -163,17 +201,20 @@ pub async fn drive<F: std::future::Future + Unpin>(
     seen: &IoSeen,
     active: &mut watch::Receiver<usize>,
     requests: &AtomicU64,
+    receiving: &AtomicUsize,
 ) -> Driven<F::Output> {
     let count = active.clone();
     loop {
         let step = std::future::poll_fn(|cx| {
-            let quiet_before = *count.borrow() == 0;
+            let quiet_before = *count.borrow() == 0 && receiving.load(Ordering::Relaxed) == 0;
             let started = requests.load(Ordering::Relaxed);
             seen.begin_poll();
             if let Poll::Ready(out) = Pin::new(&mut *conn).poll(cx) {
                 return Poll::Ready(Driven::Done(out));
             }
-            let quiet_after = *count.borrow() == 0 && requests.load(Ordering::Relaxed) == started;
+            let quiet_after = *count.borrow() == 0
+                && receiving.load(Ordering::Relaxed) == 0
+                && requests.load(Ordering::Relaxed) == started;
             if quiet_after && seen.quiet() {
                 if quiet_before {
                     return Poll::Ready(Driven::Idle);
