@@ -52,6 +52,11 @@ impl IoSeen {
         self.wrote.store(false, Ordering::Relaxed);
     }
 
+    /// Bytes moved during the poll.
+    fn active(&self) -> bool {
+        self.read_data.load(Ordering::Relaxed) || self.wrote.load(Ordering::Relaxed)
+    }
+
     /// Hyper waited for the client during the poll and had nothing of its
     /// own left to send.
     fn quiet(&self) -> bool {
@@ -212,16 +217,18 @@ pub async fn drive<F: std::future::Future + Unpin>(
             if let Poll::Ready(out) = Pin::new(&mut *conn).poll(cx) {
                 return Poll::Ready(Driven::Done(out));
             }
-            let quiet_after = *count.borrow() == 0
-                && receiving.load(Ordering::Relaxed) == 0
-                && requests.load(Ordering::Relaxed) == started;
-            if quiet_after && seen.quiet() {
-                if quiet_before {
+            let none_in_flight = *count.borrow() == 0 && receiving.load(Ordering::Relaxed) == 0;
+            if none_in_flight && !seen.unflushed.load(Ordering::Relaxed) {
+                let unchanged = quiet_before && requests.load(Ordering::Relaxed) == started;
+                if unchanged && seen.quiet() {
                     return Poll::Ready(Driven::Idle);
                 }
-                // The last request ended during this poll: look again once
-                // hyper has seen its end, in a poll of its own.
-                cx.waker().wake_by_ref();
+                if !unchanged || seen.active() {
+                    // Something happened in this poll (a request ended or
+                    // was served, bytes moved): look again, in a poll of its
+                    // own, once hyper is waiting.
+                    cx.waker().wake_by_ref();
+                }
             }
             Poll::Pending
         });
@@ -237,5 +244,134 @@ pub async fn drive<F: std::future::Future + Unpin>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http_body_util::{BodyExt as _, Full};
+    use hyper::{Request, Response, server::conn::http1, service::service_fn};
+    use hyper_util::rt::TokioIo;
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream},
+        sync::mpsc,
+    };
+
+    use super::*;
+
+    /// What the connection's owner keeps: the counts `drive` reads.
+    struct Counts {
+        active: watch::Sender<usize>,
+        requests: Arc<AtomicU64>,
+        receiving: Arc<AtomicUsize>,
+    }
+
+    type Held = mpsc::UnboundedSender<(String, Option<Receiving<hyper::body::Incoming>>)>;
+
+    /// Serves `server` until it is idle or done: `Some((ahead, stream))`
+    /// when idle. Each request's path and body (unless empty) go to `held`;
+    /// the response is a plain 200.
+    async fn serve_once(
+        ahead: Bytes,
+        server: DuplexStream,
+        counts: &Counts,
+        held: &Held,
+    ) -> Option<(Bytes, DuplexStream)> {
+        let (requests, receiving, held) = (Arc::clone(&counts.requests), Arc::clone(&counts.receiving), held.clone());
+        let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+            requests.fetch_add(1, Ordering::Relaxed);
+            let (parts, body) = req.into_parts();
+            let body = (!body.is_end_stream()).then(|| Receiving::wrap(body, &receiving));
+            let _ = held.send((parts.uri.path().to_string(), body));
+            async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok")))) }
+        });
+        let io = ParkIo::new(ahead, server);
+        let seen = io.seen();
+        let mut conn = Box::new(http1::Builder::new().serve_connection(TokioIo::new(io), service).with_upgrades());
+        let mut active = counts.active.subscribe();
+        match drive(&mut conn, &seen, &mut active, &counts.requests, &counts.receiving).await {
+            Driven::Done(result) => {
+                result.unwrap();
+                None
+            }
+            Driven::Idle => {
+                let parts = conn.into_parts().unwrap();
+                Some(parts.io.into_inner().into_inner(parts.read_buf))
+            }
+        }
+    }
+
+    fn counts() -> Counts {
+        Counts { active: watch::Sender::new(0), requests: Arc::default(), receiving: Arc::default() }
+    }
+
+    /// Reads from `client` until `n` responses have arrived.
+    async fn responses(client: &mut DuplexStream, n: usize) -> String {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while String::from_utf8_lossy(&got).matches("HTTP/1.1 200").count() < n || !got.ends_with(b"ok") {
+            let read = client.read(&mut buf).await.unwrap();
+            assert!(read > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..read]);
+        }
+        String::from_utf8(got).unwrap()
+    }
+
+    #[tokio::test]
+    async fn taken_apart_between_requests_and_resumed_from_what_was_read_ahead() {
+        let (mut client, server) = tokio::io::duplex(64 << 10);
+        let (counts, (held, mut paths)) = (counts(), mpsc::unbounded_channel());
+        client.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let (parked, answer) =
+            tokio::join!(serve_once(Bytes::new(), server, &counts, &held), responses(&mut client, 1));
+        let (ahead, server) = parked.expect("idle after one exchange");
+        assert!(ahead.is_empty(), "{ahead:?}");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_eq!(paths.recv().await.unwrap().0, "/a");
+
+        // One request and the start of the next arrive together: the second
+        // is kept, unparsed, for the connection that serves it.
+        client.write_all(b"GET /b HTTP/1.1\r\nhost: x\r\n\r\nGET /c HTTP/1.1\r\nho").await.unwrap();
+        let (parked, answer) =
+            tokio::join!(serve_once(Bytes::new(), server, &counts, &held), responses(&mut client, 1));
+        let (ahead, server) = parked.expect("idle with half a request read");
+        assert_eq!(&ahead[..], b"GET /c HTTP/1.1\r\nho");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_eq!(paths.recv().await.unwrap().0, "/b");
+
+        client.write_all(b"st: x\r\n\r\n").await.unwrap();
+        let (parked, _) = tokio::join!(serve_once(ahead, server, &counts, &held), responses(&mut client, 1));
+        assert!(parked.is_some());
+        assert_eq!(paths.recv().await.unwrap().0, "/c");
+        assert_eq!(counts.requests.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn never_taken_apart_while_a_request_body_is_alive() {
+        let (mut client, server) = tokio::io::duplex(64 << 10);
+        let (counts, (held, mut bodies)) = (counts(), mpsc::unbounded_channel());
+        // Answered before its body has all arrived; the body is still read
+        // by its holder (as a request body streamed to the provider is).
+        client.write_all(b"POST /a HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n0123").await.unwrap();
+        let serving = serve_once(Bytes::new(), server, &counts, &held);
+        let exchange = async {
+            let answer = responses(&mut client, 1).await;
+            // Had the connection been taken apart now, the rest of the body
+            // would be read as a request of its own.
+            client.write_all(b"456789GET /next HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+            let (path, body) = bodies.recv().await.unwrap();
+            let body = body.unwrap().collect().await.unwrap().to_bytes();
+            let next = responses(&mut client, 1).await;
+            (answer, path, body, next)
+        };
+        let (parked, (answer, path, body, next)) = tokio::join!(serving, exchange);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_eq!((path.as_str(), &body[..]), ("/a", &b"0123456789"[..]));
+        assert!(next.starts_with("HTTP/1.1 200"), "{next}");
+        assert!(parked.is_some(), "idle after both exchanges");
+        assert_eq!(bodies.recv().await.unwrap().0, "/next");
+        assert_eq!(counts.requests.load(Ordering::Relaxed), 2);
     }
 }
