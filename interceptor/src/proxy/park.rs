@@ -14,6 +14,8 @@
 //! asked the socket for bytes and got none, and everything it wrote was
 //! flushed. A request body dropped before its end makes hyper drain it or
 //! stop reading within that poll, so a half-read body is never left behind.
+//! And only after a request was served: a head that dribbles in stays under
+//! hyper's header timeout.
 //!
 //! This module must not know what the requests are: it sees the in-flight
 //! count, the request count and the bytes.
@@ -209,6 +211,10 @@ pub async fn drive<F: std::future::Future + Unpin>(
     receiving: &AtomicUsize,
 ) -> Driven<F::Output> {
     let count = active.clone();
+    // Only a connection that has served a request is taken apart: one that
+    // has not (a first request head still dribbling in) stays whole, so
+    // hyper's header timeout keeps running.
+    let at_start = requests.load(Ordering::Relaxed);
     loop {
         let step = std::future::poll_fn(|cx| {
             let quiet_before = *count.borrow() == 0 && receiving.load(Ordering::Relaxed) == 0;
@@ -220,7 +226,7 @@ pub async fn drive<F: std::future::Future + Unpin>(
             let none_in_flight = *count.borrow() == 0 && receiving.load(Ordering::Relaxed) == 0;
             if none_in_flight && !seen.unflushed.load(Ordering::Relaxed) {
                 let unchanged = quiet_before && requests.load(Ordering::Relaxed) == started;
-                if unchanged && seen.quiet() {
+                if unchanged && seen.quiet() && requests.load(Ordering::Relaxed) != at_start {
                     return Poll::Ready(Driven::Idle);
                 }
                 if !unchanged || seen.active() {
