@@ -205,7 +205,6 @@ pub async fn serve(io: TlsStream<TcpStream>, conn: Arc<Intercepted>) -> Result<(
 
 async fn serve_http(io: TlsStream<TcpStream>, conn: Arc<Intercepted>) -> Result<(), BoxError> {
     let limits = conn.limits.clone();
-    let idle = idle_for(conn.active.subscribe(), limits.idle_timeout);
     let http1 = io.get_ref().1.alpn_protocol() == Some(b"http/1.1");
     let parking = Arc::clone(&conn);
     // The connection's span: HTTP/2 streams run in tasks of their own.
@@ -243,6 +242,7 @@ async fn serve_http(io: TlsStream<TcpStream>, conn: Arc<Intercepted>) -> Result<
             Box::pin(serve_http1_parked(io, &parking, service));
         return parked.await;
     }
+    let idle = idle_for(parking.active.subscribe(), limits.idle_timeout);
     let mut builder = auto::Builder::new(executor);
     // An oversized HTTP/1.1 head gets 431 from hyper; a slow one is closed
     // after the timeout (which also bounds an idle kept-alive connection).
@@ -259,8 +259,8 @@ async fn serve_http(io: TlsStream<TcpStream>, conn: Arc<Intercepted>) -> Result<
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(limits.header_read_timeout)
         .keep_alive_timeout(limits.header_read_timeout);
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(connection, idle);
+    let mut connection = Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
+    let mut idle = Box::pin(idle);
     tokio::select! {
         result = connection.as_mut() => return result.map_err(|e| -> BoxError { e }),
         () = &mut idle => {}

@@ -548,7 +548,7 @@ async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &
     }
     let _ = stream.set_nodelay(true);
 
-    let hello = sni::peek_client_hello(&stream, plane.settings.client_hello_timeout).await;
+    let hello = Box::pin(sni::peek_client_hello(&stream, plane.settings.client_hello_timeout)).await;
     if let Peeked::Tls(info) = &hello {
         record.sni = info.sni.clone();
         if let Some(sni) = &record.sni {
@@ -758,7 +758,9 @@ async fn intercept_connection(
             None => tls.accept_as(stream, &sni).await,
         }
     };
-    let tls_stream = match tokio::time::timeout(handshake_timeout, handshake).await {
+    // Boxed, like every stage that ends before the connection does: the
+    // connection's task then keeps only what it needs while idle.
+    let tls_stream = match tokio::time::timeout(handshake_timeout, Box::pin(handshake)).await {
         Err(_) => {
             record.outcome = ConnectionOutcome::ClientTlsTimeout;
             record.error = Some(format!("TLS handshake not finished within {handshake_timeout:?}"));
