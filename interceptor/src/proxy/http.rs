@@ -293,7 +293,9 @@ where
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(crate::config::MIN_HEADER_BYTES));
     let mut active = conn.active.subscribe();
-    let (mut ahead, mut stream, mut service) = (Bytes::new(), io, service);
+    // Boxed: moved between hyper's connections and the parked state, it
+    // takes one slot in this future instead of one per place it passes.
+    let (mut ahead, mut stream, mut service) = (Bytes::new(), Box::new(io), service);
     let mut idle_since = tokio::time::Instant::now();
     let mut requests = conn.requests.load(Ordering::Relaxed);
     let mut first = true;
@@ -309,7 +311,7 @@ where
                 (idle_since + limits.idle_timeout, limits.idle_timeout),
                 (now + limits.header_read_timeout, limits.header_read_timeout),
             );
-            match tokio::time::timeout_at(deadline, readable(&mut stream)).await {
+            match tokio::time::timeout_at(deadline, readable(&mut *stream)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => return Err(boxed(error)),
                 Err(_) => {
