@@ -311,7 +311,7 @@ where
                 (idle_since + limits.idle_timeout, limits.idle_timeout),
                 (now + limits.header_read_timeout, limits.header_read_timeout),
             );
-            match tokio::time::timeout_at(deadline, readable(&mut *stream)).await {
+            match tokio::time::timeout_at(deadline, readable(&mut stream)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => return Err(boxed(error)),
                 Err(_) => {

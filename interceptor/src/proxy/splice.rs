@@ -163,7 +163,7 @@ mod tests {
     /// Deterministic, position-dependent bytes, so a lost, repeated or
     /// reordered chunk shows.
     fn pattern(seed: u8, len: usize) -> Vec<u8> {
-        (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[(i % 4)] ^ seed).collect()
+        (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[i % 4] ^ seed).collect()
     }
 
     async fn send_then_read(mut s: TcpStream, data: Vec<u8>, expect: usize) -> Vec<u8> {
