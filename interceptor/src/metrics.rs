@@ -156,6 +156,9 @@ pub struct Metrics {
     pub pod_directory_degraded: Gauge,
     /// Pods the directory knows.
     pub pod_directory_pods: Gauge,
+    /// Passthrough connections relayed by copying because no pipes could be
+    /// made for splicing them (descriptor limits).
+    pub passthrough_copy_fallbacks: Counter,
 }
 
 impl Default for Metrics {
@@ -213,6 +216,12 @@ impl Metrics {
             "Pods of this node the pod directory knows",
             pod_directory_pods.clone(),
         );
+        let passthrough_copy_fallbacks = Counter::default();
+        registry.register(
+            "passthrough_copy_fallbacks",
+            "Passthrough connections relayed by copying, for want of pipes to splice them in the kernel",
+            passthrough_copy_fallbacks.clone(),
+        );
         Self {
             registry,
             connections,
@@ -224,6 +233,7 @@ impl Metrics {
             inspection_budget_refusals,
             pod_directory_degraded,
             pod_directory_pods,
+            passthrough_copy_fallbacks,
         }
     }
 

@@ -57,6 +57,7 @@ use super::{
         BodyAction, BodyInspector, ChunkAction, Exchange, ExchangeState, Hook, MessageInspector, RequestAction,
         ResponseAction, UpgradeAction,
     },
+    park,
     upstream::Upstream,
     websocket::{self, ByteCounts, WsLimits},
 };
@@ -91,6 +92,8 @@ pub struct Intercepted {
     /// only while this is zero).
     pub active: watch::Sender<usize>,
     pub requests: AtomicU64,
+    /// Request bodies not dropped yet (see `park`).
+    pub receiving: Arc<std::sync::atomic::AtomicUsize>,
     /// Set when the connection's own name is not an AI name but shares its
     /// AI address and parent domain with one: intercepted only so that no
     /// AI request rides on it (HTTP/2 connection coalescing, or a Host that
@@ -202,19 +205,23 @@ pub async fn serve(io: TlsStream<TcpStream>, conn: Arc<Intercepted>) -> Result<(
 
 async fn serve_http(io: TlsStream<TcpStream>, conn: Arc<Intercepted>) -> Result<(), BoxError> {
     let limits = conn.limits.clone();
-    let idle = idle_for(conn.active.subscribe(), limits.idle_timeout);
+    let http1 = io.get_ref().1.alpn_protocol() == Some(b"http/1.1");
+    let parking = Arc::clone(&conn);
     // The connection's span: HTTP/2 streams run in tasks of their own.
     let conn_span = Span::current();
     let executor = SpanExecutor(conn_span.clone());
     let service = service_fn(move |req| {
         let conn = Arc::clone(&conn);
+        // Counted when hyper hands the request over, not when its future
+        // first runs: an idle connection is parked only with none in flight.
+        conn.requests.fetch_add(1, Ordering::Relaxed);
+        let in_flight = InFlight::new(&conn);
         // The pipeline records the id it gives the request (see `hook::record_request_id`).
         let span = tracing::info_span!(parent: &conn_span, "request", request_id = Empty);
         // Boxed: spelling out `Send` here spares the compiler a higher-ranked
         // inference it cannot finish through hyper's service bounds.
         let fut: Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>> = Box::pin(
             async move {
-                let in_flight = InFlight::new(&conn);
                 let resp = handle(req, conn).await;
                 // The closure owns the guard: dropped with the body.
                 Ok(resp.map(|b| {
@@ -229,6 +236,13 @@ async fn serve_http(io: TlsStream<TcpStream>, conn: Arc<Intercepted>) -> Result<
         );
         fut
     });
+    if http1 {
+        // Boxed with `Send` spelled out, as the service's future is above.
+        let parked: Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + '_>> =
+            Box::pin(serve_http1_parked(io, &parking, service));
+        return parked.await;
+    }
+    let idle = idle_for(parking.active.subscribe(), limits.idle_timeout);
     let mut builder = auto::Builder::new(executor);
     // An oversized HTTP/1.1 head gets 431 from hyper; a slow one is closed
     // after the timeout (which also bounds an idle kept-alive connection).
@@ -245,8 +259,8 @@ async fn serve_http(io: TlsStream<TcpStream>, conn: Arc<Intercepted>) -> Result<
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(limits.header_read_timeout)
         .keep_alive_timeout(limits.header_read_timeout);
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(connection, idle);
+    let mut connection = Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
+    let mut idle = Box::pin(idle);
     tokio::select! {
         result = connection.as_mut() => return result.map_err(|e| -> BoxError { e }),
         () = &mut idle => {}
@@ -257,6 +271,95 @@ async fn serve_http(io: TlsStream<TcpStream>, conn: Arc<Intercepted>) -> Result<
         Ok(Err(error)) => Err(error),
         Ok(Ok(())) | Err(_) => Err(boxed(ClientIdle { timeout: limits.idle_timeout })),
     }
+}
+
+/// Serves HTTP/1.1 (negotiated by ALPN), parking the connection between
+/// requests without hyper's buffers (see `park`). An idle connection is
+/// closed after the idle timeout without a request, or after the header
+/// timeout parked, whichever comes first (hyper's own header timeout
+/// would have closed it then).
+async fn serve_http1_parked<S>(io: TlsStream<TcpStream>, conn: &Intercepted, service: S) -> Result<(), BoxError>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = BoxBody> + Clone + Unpin + Send + 'static,
+    S::Future: Unpin + Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    let limits = &conn.limits;
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    // An oversized head gets 431 from hyper; a slow one is closed after the
+    // timeout.
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(crate::config::MIN_HEADER_BYTES));
+    let mut active = conn.active.subscribe();
+    // Boxed: moved between hyper's connections and the parked state, it
+    // takes one slot in this future instead of one per place it passes.
+    let (mut ahead, mut stream, mut service) = (Bytes::new(), Box::new(io), service);
+    let mut idle_since = tokio::time::Instant::now();
+    let mut requests = conn.requests.load(Ordering::Relaxed);
+    let mut first = true;
+    loop {
+        if !std::mem::take(&mut first) && ahead.is_empty() {
+            // Parked: nothing but the TLS stream until the client sends.
+            let now = tokio::time::Instant::now();
+            if conn.requests.load(Ordering::Relaxed) != requests {
+                requests = conn.requests.load(Ordering::Relaxed);
+                idle_since = now;
+            }
+            let (deadline, timeout) = std::cmp::min(
+                (idle_since + limits.idle_timeout, limits.idle_timeout),
+                (now + limits.header_read_timeout, limits.header_read_timeout),
+            );
+            match tokio::time::timeout_at(deadline, readable(&mut stream)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => return Err(boxed(error)),
+                Err(_) => {
+                    // A clean close: close_notify, then the end of stream.
+                    use tokio::io::AsyncWriteExt as _;
+                    let _ = tokio::time::timeout(limits.header_read_timeout, stream.shutdown()).await;
+                    return Err(boxed(ClientIdle { timeout }));
+                }
+            }
+        }
+        let io = park::ParkIo::new(std::mem::take(&mut ahead), stream);
+        let seen = io.seen();
+        let mut connection = Box::new(builder.serve_connection(TokioIo::new(io), service).with_upgrades());
+        // Not parked (a request body still alive, say), the idle timeout
+        // closes it as it closes any connection.
+        let idle = idle_for(conn.active.subscribe(), limits.idle_timeout);
+        tokio::select! {
+            driven = park::drive(&mut connection, &seen, &mut active, &conn.requests, &conn.receiving) => match driven {
+                park::Driven::Done(result) => return result.map_err(|e| -> BoxError { Box::new(e) }),
+                park::Driven::Idle => {}
+            },
+            () = idle => {
+                std::pin::Pin::new(&mut *connection).graceful_shutdown();
+                return match tokio::time::timeout(limits.header_read_timeout, &mut *connection).await {
+                    Ok(Err(error)) => Err(Box::new(error)),
+                    Ok(Ok(())) | Err(_) => Err(boxed(ClientIdle { timeout: limits.idle_timeout })),
+                };
+            }
+        }
+        // Idle between messages: keep the stream and what hyper read ahead,
+        // drop the rest.
+        let Some(parts) = connection.into_parts() else {
+            return Ok(());
+        };
+        (ahead, stream) = parts.io.into_inner().into_inner(parts.read_buf);
+        service = parts.service;
+    }
+}
+
+/// Resolves when the client has sent something: TLS bytes on the socket, or
+/// plaintext rustls already holds.
+async fn readable(stream: &mut TlsStream<TcpStream>) -> std::io::Result<()> {
+    let (tcp, tls) = stream.get_mut();
+    let held = tls.process_new_packets().map_err(std::io::Error::other)?.plaintext_bytes_to_read();
+    if held > 0 {
+        return Ok(());
+    }
+    tcp.readable().await
 }
 
 /// Runs hyper's tasks (HTTP/2 streams) in the connection's span.
@@ -274,14 +377,16 @@ where
 }
 
 async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>) -> Response<BoxBody> {
-    conn.requests.fetch_add(1, Ordering::Relaxed);
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     if let Err(response) = prepare_request(&mut parts, &conn.exchange, upgrade) {
         return *response;
     }
-    let mut body: BoxBody = body.map_err(boxed).boxed_unsync();
+    // The request is in flight while its body is alive, too (see `park`).
+    // Counted until dropped: a connection is parked only with no request
+    // body alive (see `park`).
+    let mut body: BoxBody = park::Receiving::wrap(body, &conn.receiving).map_err(boxed).boxed_unsync();
     let client_upgrade = match (client_upgrade, &conn.hook) {
         (Some(client), Some(hook)) => {
             let (inspector, relay) = match hook.on_upgrade(&conn.exchange, &mut parts).await {

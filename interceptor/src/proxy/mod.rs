@@ -1,8 +1,8 @@
 //! The data plane: accept redirected connections, find where they were going
 //! and who opened them, peek at the TLS ClientHello, and either terminate TLS
 //! and relay HTTP through the guardrail hook (AI domains) or relay the bytes
-//! untouched (everything else). Upstream sockets carry the proxy's mark, which
-//! the redirect never sends back to us.
+//! untouched (everything else; spliced in the kernel, `splice`). Upstream
+//! sockets carry the proxy's mark, which the redirect never sends back to us.
 //!
 //! A connection whose original destination is an AI address (configured,
 //! resolved or learned from DNS) is inspected unless its ClientHello proves
@@ -24,7 +24,9 @@
 pub mod budget;
 pub mod hook;
 pub mod http;
+pub mod park;
 pub mod sni;
+pub mod splice;
 pub mod tls;
 pub mod upstream;
 pub mod websocket;
@@ -546,7 +548,7 @@ async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &
     }
     let _ = stream.set_nodelay(true);
 
-    let hello = sni::peek_client_hello(&stream, plane.settings.client_hello_timeout).await;
+    let hello = Box::pin(sni::peek_client_hello(&stream, plane.settings.client_hello_timeout)).await;
     if let Peeked::Tls(info) = &hello {
         record.sni = info.sni.clone();
         if let Some(sni) = &record.sni {
@@ -756,7 +758,9 @@ async fn intercept_connection(
             None => tls.accept_as(stream, &sni).await,
         }
     };
-    let tls_stream = match tokio::time::timeout(handshake_timeout, handshake).await {
+    // Boxed, like every stage that ends before the connection does: the
+    // connection's task then keeps only what it needs while idle.
+    let tls_stream = match tokio::time::timeout(handshake_timeout, Box::pin(handshake)).await {
         Err(_) => {
             record.outcome = ConnectionOutcome::ClientTlsTimeout;
             record.error = Some(format!("TLS handshake not finished within {handshake_timeout:?}"));
@@ -795,6 +799,7 @@ async fn intercept_connection(
         budget: Arc::clone(&shared.budget),
         active: tokio::sync::watch::Sender::new(0),
         requests: Default::default(),
+        receiving: Default::default(),
         coalesced_guard: (record.mode == ConnectionMode::Guard)
             .then(|| Arc::clone(&shared.plane.snapshot.borrow().policy)),
         upgrades: Default::default(),
@@ -820,13 +825,36 @@ async fn passthrough(mut client_stream: TcpStream, orig: OrigDstAddr, shared: &S
             return;
         }
     };
-    match tokio::io::copy_bidirectional(&mut client_stream, &mut upstream).await {
-        Ok((up, down)) => {
-            record.outcome = ConnectionOutcome::Relayed;
-            record.bytes_up = up;
-            record.bytes_down = down;
+    // The ClientHello was only peeked: it is still the first thing to read.
+    let (counts, result) = match splice::Pipes::new() {
+        Ok(pipes) => splice::relay(&client_stream, &upstream, pipes).await,
+        Err(error) => {
+            copy_fallback(&shared.plane.metrics, &error);
+            match tokio::io::copy_bidirectional(&mut client_stream, &mut upstream).await {
+                Ok((up, down)) => (splice::Relayed { up, down }, Ok(())),
+                Err(error) => (splice::Relayed::default(), Err(error)),
+            }
         }
+    };
+    record.bytes_up = counts.up;
+    record.bytes_down = counts.down;
+    match result {
+        Ok(()) => record.outcome = ConnectionOutcome::Relayed,
         Err(error) => record.fail(ConnectionOutcome::RelayError, &error),
+    }
+}
+
+/// A passthrough relayed by copying, for want of pipes: counted every time,
+/// logged the first time only (it happens when descriptors run out, which
+/// would otherwise log once per connection).
+fn copy_fallback(metrics: &Metrics, error: &std::io::Error) {
+    static LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    metrics.passthrough_copy_fallbacks.inc();
+    if !LOGGED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            error = %error::chain(error),
+            "cannot make pipes to splice a passthrough connection; relaying it by copying (counted in interceptor_passthrough_copy_fallbacks_total)"
+        );
     }
 }
 
@@ -986,6 +1014,56 @@ mod tests {
         assert!(!shared.rejected_before(Some("python3"), "api.openai.com"));
         assert!(!shared.rejected_before(Some("curl"), "api.anthropic.com"));
         assert!(!shared.rejected_before(None, "api.openai.com"));
+    }
+
+    #[tokio::test]
+    async fn passthrough_splices_a_half_closed_exchange_and_records_its_bytes() {
+        const UP: usize = 3 << 20;
+        const DOWN: usize = 5 << 20;
+        let p = plane(Arc::new(MockOrigDst { dst: Default::default(), default: None, workload: None }));
+        let (in_flight, _rx) = mpsc::channel(1);
+        let shared = Shared {
+            limits: Arc::new(ConnectionLimits::new(&p.settings)),
+            budget: budget::BodyBudget::new(
+                p.settings.max_buffered_total,
+                p.metrics.inspection_budget_refusals.clone(),
+            ),
+            plane: p,
+            addrs: ProxyAddrs { v4: "127.0.0.1:1".parse().unwrap(), v6: None, mark: 0 },
+            rejected: Mutex::new(HashSet::new()),
+            in_flight,
+        };
+        // The provider reads the whole request (to the client's half-close),
+        // then answers.
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let orig = OrigDstAddr(upstream.local_addr().unwrap());
+        let provider = tokio::spawn(async move {
+            let (mut s, _) = upstream.accept().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            s.write_all(&vec![b'd'; DOWN]).await.unwrap();
+            got
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(listener.local_addr().unwrap()), listener.accept());
+        let (mut client, accepted) = (client.unwrap(), accepted.unwrap().0);
+        let mut record =
+            ConnectionRecord::new(Arc::clone(&shared.plane.metrics), ClientAddr("127.0.0.1:5000".parse().unwrap()));
+        record.quiet = true;
+        let drive = async {
+            client.write_all(&vec![b'u'; UP]).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        };
+        let ((), back) = tokio::join!(passthrough(accepted, orig, &shared, &mut record), drive);
+        let got = provider.await.unwrap();
+        assert!(got.len() == UP && got.iter().all(|&b| b == b'u'), "provider got {} bytes", got.len());
+        assert!(back.len() == DOWN && back.iter().all(|&b| b == b'd'), "client got {} bytes", back.len());
+        assert_eq!(record.outcome, ConnectionOutcome::Relayed);
+        assert_eq!((record.bytes_up, record.bytes_down), (UP as u64, DOWN as u64));
+        assert_eq!(shared.plane.metrics.passthrough_copy_fallbacks.get(), 0, "spliced, not copied");
     }
 
     #[test]
