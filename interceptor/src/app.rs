@@ -32,6 +32,17 @@ use crate::{
     redirect::{NoRedirect, Redirector, ebpf::EbpfRedirector, iptables::IptablesRedirector, liveness::BeatThread},
 };
 
+/// The async runtime `run` needs: `proxy.worker_threads` workers (0: one
+/// per CPU the process may run on, tokio's default).
+pub fn runtime(config: &Config) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if config.proxy.worker_threads > 0 {
+        builder.worker_threads(config.proxy.worker_threads);
+    }
+    builder.build()
+}
+
 pub struct RunOptions {
     pub config: Config,
     pub config_path: Option<PathBuf>,
@@ -249,4 +260,20 @@ fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("creating the state directory {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_runtime_has_the_configured_workers() {
+        let mut config = Config::default();
+        config.proxy.worker_threads = 3;
+        assert_eq!(runtime(&config).unwrap().metrics().num_workers(), 3);
+        // 0: one per CPU this process may run on.
+        config.proxy.worker_threads = 0;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(runtime(&config).unwrap().metrics().num_workers(), cpus);
+    }
 }

@@ -40,7 +40,7 @@ use interceptor_tests::stage::start_interceptor;
 
 use self::{
     probe::{ConnectResult, IdleResult, LatencyParams, LatencyResult},
-    report::{Row, Target},
+    report::{Measured, Row, rows as names},
     servers::{Mitmproxy, Nginx},
     wrk::Load,
 };
@@ -268,12 +268,42 @@ impl Env {
     }
 }
 
+/// Where the interceptor under test runs, and with how many workers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placement {
+    /// One worker thread, every thread pinned to [`PROXY_CPU`]: like nginx's
+    /// one worker process.
+    Pinned,
+    /// Two workers (`proxy.worker_threads = 2`), the process free to run on
+    /// [`LOAD_CPU`] and [`PROXY_CPU`]: the default runtime of a 2-core node.
+    TwoWorkers,
+}
+
+impl Placement {
+    fn cpus(self) -> &'static [usize] {
+        match self {
+            Placement::Pinned => &[PROXY_CPU],
+            Placement::TwoWorkers => &[LOAD_CPU, PROXY_CPU],
+        }
+    }
+
+    fn workers(self) -> usize {
+        match self {
+            Placement::Pinned => 1,
+            Placement::TwoWorkers => 2,
+        }
+    }
+}
+
 /// The interceptor's configuration in the benchmark: both provider
 /// addresses are targets; no domain is resolved (the namespace has no DNS).
-fn interceptor_config(upstream_ca: &Path, extra: &str) -> String {
+/// `proxy` holds lines of the `[proxy]` section, `extra` further sections.
+fn interceptor_config(upstream_ca: &Path, placement: Placement, proxy: &str, extra: &str) -> String {
     format!(
-        "[targets]\nmode = \"resolve\"\ndomains = []\ncidrs = [\"{PROVIDER}\", \"{PACED}\"]\nresolve_interval = \"60s\"\n\
+        "[proxy]\nworker_threads = {}\n{proxy}\n\
+         [targets]\nmode = \"resolve\"\ndomains = []\ncidrs = [\"{PROVIDER}\", \"{PACED}\"]\nresolve_interval = \"60s\"\n\
          [tls]\nupstream_ca = \"{}\"\n{extra}\n",
+        placement.workers(),
         upstream_ca.display()
     )
 }
@@ -283,26 +313,33 @@ fn interceptor_config(upstream_ca: &Path, extra: &str) -> String {
 fn measure(env: &Env, opts: &Options, name: &str, url: &str, script: &Path, proxy: Option<&Cgroup>) -> Result<Row> {
     let load = env.load(opts.connections);
     load.run(url, script, Duration::from_secs(1)).with_context(|| format!("{name}: warm-up"))?;
-    let cpu = |cg: Option<&Cgroup>| cg.map(|cg| procstat::cgroup_cpu_seconds(cg.path())).transpose();
+    let cpu = |cg: Option<&Cgroup>| cg.map(|cg| procstat::cgroup_usage_seconds(cg.path())).transpose();
+    let switches = |cg: Option<&Cgroup>| cg.map(|cg| procstat::cgroup_context_switches(cg.path())).transpose();
     let mut best: Option<Row> = None;
     // Best of `repeat` runs: the machine may be shared, and a run that other
     // work disturbed only ever measures lower.
     for _ in 0..opts.repeat.max(1) {
-        let before = cpu(proxy)?;
+        let (before, switches0) = (cpu(proxy)?, switches(proxy)?);
         let (busy0, ours0) = (procstat::machine_busy_seconds()?, procstat::cgroup_usage_seconds(env.root.path())?);
         let wrk = load.run(url, script, Duration::from_secs(opts.seconds)).with_context(|| format!("{name}: run"))?;
         let (busy1, ours1) = (procstat::machine_busy_seconds()?, procstat::cgroup_usage_seconds(env.root.path())?);
-        let after = cpu(proxy)?;
+        let (after, switches1) = (cpu(proxy)?, switches(proxy)?);
         let other = ((busy1 - busy0) - (ours1 - ours0)).max(0.0) / wrk.seconds.max(1e-3);
-        let row =
-            Row { name: name.into(), wrk, proxy_cpu_s: before.zip(after).map(|(b, a)| a - b), other_cpu: Some(other) };
+        let row = Row {
+            name: name.into(),
+            wrk,
+            proxy_cpu_s: before.zip(after).map(|(b, a)| a - b),
+            other_cpu: Some(other),
+            // Threads that exited meanwhile take their counts with them.
+            proxy_switches: switches0.zip(switches1).map(|(b, a)| a.saturating_sub(b)),
+        };
         if best.as_ref().is_none_or(|b| row.wrk.rps() > b.wrk.rps()) {
             best = Some(row);
         }
     }
     let row = best.context("no run")?;
     println!(
-        "  {:<40} {:>8.0} req/s  p50 {:.3} ms  p99 {:.3} ms  errors {}  non-2xx {}{}  other load {:.0} %",
+        "  {:<40} {:>8.0} req/s  p50 {:.3} ms  p99 {:.3} ms  errors {}  non-2xx {}{}{}  other load {:.0} %",
         row.name,
         row.wrk.rps(),
         row.wrk.p50_us / 1e3,
@@ -310,6 +347,7 @@ fn measure(env: &Env, opts: &Options, name: &str, url: &str, script: &Path, prox
         row.wrk.errors,
         row.wrk.non_2xx,
         row.cpu_us_per_request().map_or(String::new(), |c| format!("  proxy CPU {c:.1} us/req")),
+        row.switches_per_request().map_or(String::new(), |c| format!(", {c:.2} context switches/req")),
         row.other_cpu.unwrap_or_default() * 100.0,
     );
     Ok(row)
@@ -330,14 +368,22 @@ fn expect(row: &Row, blocked: bool) -> Result<()> {
     Ok(())
 }
 
-/// A running interceptor with its CA bundle, pinned to [`PROXY_CPU`].
-fn interceptor(env: &Env, redirect: &str, extra: &str) -> Result<(Interceptor, PathBuf)> {
-    let config = interceptor_config(&env.pki.ca, extra);
-    let proxy = procstat::with_cpu(PROXY_CPU, || {
+/// A running interceptor with its CA bundle, placed as `placement` says.
+/// `proxy` holds extra lines of the `[proxy]` section, `extra` further
+/// sections of its configuration.
+fn interceptor(
+    env: &Env,
+    redirect: &str,
+    placement: Placement,
+    proxy: &str,
+    extra: &str,
+) -> Result<(Interceptor, PathBuf)> {
+    let config = interceptor_config(&env.pki.ca, placement, proxy, extra);
+    let proxy = procstat::with_cpus(placement.cpus(), || {
         start_interceptor(&env.netns, &env.proxy_cg, &env.client_cg, &config, redirect)
     })??;
     cleanup::dir(proxy.state_dir().parent().context("interceptor dir")?);
-    procstat::pin_cgroup(env.proxy_cg.path(), PROXY_CPU)?;
+    procstat::pin_cgroup(env.proxy_cg.path(), placement.cpus())?;
     let dir = env.scratch.path().join(format!("bundle-{}", proxy.pid().unwrap_or_default()));
     std::fs::create_dir_all(&dir)?;
     // Our CA, then the provider's: what a client needs for intercepted and
@@ -526,9 +572,9 @@ pub fn run(opts: &Options) -> Result<()> {
     println!("machine: {}; open files limit {nofile}", machine());
     println!(
         "load: wrk, 1 thread, {} keep-alive connections, {} s per row after a 1 s warm-up, {} byte JSON POST over TLS \
-         (HTTP/1.1, SNI api.openai.com); wrk pinned to CPU {LOAD_CPU}, the proxy under test started pinned to CPU \
-         {PROXY_CPU} (so tokio runs one worker, like nginx's one worker process), the provider (nginx, 1 worker) \
-         unpinned",
+         (HTTP/1.1, SNI api.openai.com); wrk pinned to CPU {LOAD_CPU}, the proxy under test pinned to CPU \
+         {PROXY_CPU} with one worker (like nginx's one worker process) unless a row says 2 workers (free to run on \
+         CPUs {LOAD_CPU} and {PROXY_CPU}), the provider (nginx, 1 worker) unpinned",
         opts.connections,
         opts.seconds,
         env.bodies.allowed.len()
@@ -561,7 +607,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let ca = env.pki.ca.clone();
 
     println!("\ndirect (no proxy)");
-    let direct = measure(&env, opts, "direct", url, keepalive, None)?;
+    let direct = measure(&env, opts, names::DIRECT, url, keepalive, None)?;
     expect(&direct, false)?;
     rows.push(direct);
     let direct_close = measure(&env, opts, "direct, new conn per req (TLS resumed)", url, close, None)?;
@@ -573,8 +619,8 @@ pub fn run(opts: &Options) -> Result<()> {
         |label: &str, ca: &Path, proxy: Option<&Cgroup>, json: bool, streams: &mut Vec<LatencyRow>| -> Result<()> {
             let rows = [
                 ("SSE unpaced", PROVIDER, unpaced_path, false),
-                ("SSE paced 20x5ms", PACED, paced_path, false),
-                ("SSE paced, new TLS conn", PACED, paced_path, true),
+                (names::PACED, PACED, paced_path, false),
+                (names::PACED_NEW_CONN, PACED, paced_path, true),
                 ("JSON, new TLS conn", PROVIDER, "/v1/chat/completions", true),
             ];
             for (what, addr, path, new) in rows.into_iter().take(if json { 4 } else { 3 }) {
@@ -589,8 +635,9 @@ pub fn run(opts: &Options) -> Result<()> {
     stream_set("direct", &ca, None, true, &mut streams)?;
 
     println!("interceptor, eBPF redirect, guardrails off (TLS termination and relay only)");
-    let (proxy, _bundle) = interceptor(&env, "ebpf", "[guardrails]\nenabled = false\n")?;
-    let row = measure(&env, opts, "interceptor eBPF, guardrails off", url, keepalive, Some(&env.proxy_cg))?;
+    let guardrails_off = "[guardrails]\nenabled = false\n";
+    let (proxy, _bundle) = interceptor(&env, "ebpf", Placement::Pinned, "", guardrails_off)?;
+    let row = measure(&env, opts, names::GUARDRAILS_OFF, url, keepalive, Some(&env.proxy_cg))?;
     expect(&row, false)?;
     rows.push(row);
     drop(proxy);
@@ -599,10 +646,10 @@ pub fn run(opts: &Options) -> Result<()> {
     // The per-workload connection limit (default 1024) would refuse the idle
     // connections test, which opens them all from one process.
     let limits = format!(
-        "[proxy]\nmax_connections = {n}\nmax_connections_per_workload = {n}\n",
+        "max_connections = {n}\nmax_connections_per_workload = {n}\n",
         n = opts.idle_connections.max(8192) + 1024
     );
-    let (proxy, bundle) = interceptor(&env, "ebpf", &limits)?;
+    let (proxy, bundle) = interceptor(&env, "ebpf", Placement::Pinned, &limits, "")?;
     println!("  connection limits raised for the idle connections test: {}", limits.replace('\n', " "));
     let rss_idle = rss_mb(proxy.pid())?;
     let cpu_before = procstat::cgroup_usage_seconds(env.proxy_cg.path())?;
@@ -611,16 +658,16 @@ pub fn run(opts: &Options) -> Result<()> {
     if let Some(pid) = proxy.pid() {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let threads = status.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap_or("?").trim().to_owned();
-        println!("  interceptor pid {pid}, {threads} threads, all pinned to CPU {PROXY_CPU}");
+        println!("  interceptor pid {pid}, {threads} threads, 1 worker, all pinned to CPU {PROXY_CPU}");
     }
-    let allowed = measure(&env, opts, "interceptor eBPF, allowed", url, keepalive, Some(&env.proxy_cg))?;
+    let allowed = measure(&env, opts, names::ALLOWED, url, keepalive, Some(&env.proxy_cg))?;
     expect(&allowed, false)?;
     let rss_active = rss_mb(proxy.pid())?;
     rows.push(allowed);
     let row = measure(&env, opts, "interceptor eBPF, blocked", url, blocked, Some(&env.proxy_cg))?;
     expect(&row, true)?;
     rows.push(row);
-    let row = measure(&env, opts, "interceptor eBPF, passthrough", passthrough_url, keepalive, Some(&env.proxy_cg))?;
+    let row = measure(&env, opts, names::PASSTHROUGH, passthrough_url, keepalive, Some(&env.proxy_cg))?;
     expect(&row, false)?;
     rows.push(row);
     let row = measure(&env, opts, "interceptor, new conn per req (TLS resumed)", url, close, Some(&env.proxy_cg))?;
@@ -653,14 +700,32 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     drop(proxy);
 
+    let cpus = Placement::TwoWorkers.cpus();
+    println!("interceptor, eBPF redirect, 2 workers on CPUs {cpus:?} (the default runtime of a 2-core node)");
+    for (name, extra) in [(names::ALLOWED_2W, ""), (names::GUARDRAILS_OFF_2W, guardrails_off)] {
+        let (proxy, _bundle) = interceptor(&env, "ebpf", Placement::TwoWorkers, "", extra)?;
+        let row = measure(&env, opts, name, url, keepalive, Some(&env.proxy_cg))?;
+        expect(&row, false)?;
+        rows.push(row);
+        if let (Some(out), "") = (&opts.perf, extra) {
+            let pid = proxy.pid().context("pid")?;
+            profile(&out.with_extension("2workers.data"), pid, || {
+                let r = env.load(opts.connections).run(url, keepalive, Duration::from_secs(opts.seconds))?;
+                Ok(format!("allowed path, 2 workers, under wrk, {:.0} req/s", r.rps()))
+            })?;
+        }
+        drop(proxy);
+    }
+
     println!("interceptor, eBPF redirect, stream_mode enforce");
-    let (proxy, bundle) = interceptor(&env, "ebpf", "[guardrails]\nstream_mode = \"enforce\"\n")?;
+    let (proxy, bundle) =
+        interceptor(&env, "ebpf", Placement::Pinned, "", "[guardrails]\nstream_mode = \"enforce\"\n")?;
     stream_set("interceptor enforce", &bundle, Some(&env.proxy_cg), false, &mut streams)?;
     drop(proxy);
 
     println!("interceptor, iptables redirect");
     env.flush_conntrack();
-    let (proxy, _bundle) = interceptor(&env, "iptables", "")?;
+    let (proxy, _bundle) = interceptor(&env, "iptables", Placement::Pinned, "", "")?;
     env.flush_conntrack();
     let row = measure(&env, opts, "interceptor iptables, allowed", url, keepalive, Some(&env.proxy_cg))?;
     expect(&row, false)?;
@@ -672,7 +737,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let peer_dir = env.scratch.path().join("nginx-peer");
     let peer_addr = SocketAddr::from(([127, 0, 0, 1], NGINX_PEER_PORT));
     let listen = SocketAddr::from(([0, 0, 0, 0], NGINX_PEER_PORT));
-    let nginx = procstat::with_cpu(PROXY_CPU, || {
+    let nginx = procstat::with_cpus(&[PROXY_CPU], || {
         Nginx::start(
             &env.netns,
             &env.peer_cg,
@@ -682,9 +747,9 @@ pub fn run(opts: &Options) -> Result<()> {
             peer_addr,
         )
     })??;
-    procstat::pin_cgroup(env.peer_cg.path(), PROXY_CPU)?;
+    procstat::pin_cgroup(env.peer_cg.path(), &[PROXY_CPU])?;
     env.peer_redirect(NGINX_PEER_PORT, true)?;
-    let row = measure(&env, opts, "nginx proxy, allowed", url, keepalive, Some(&env.peer_cg))?;
+    let row = measure(&env, opts, names::NGINX, url, keepalive, Some(&env.peer_cg))?;
     expect(&row, false)?;
     rows.push(row);
     let row = measure(&env, opts, "nginx proxy, new conn per req (TLS resumed)", url, close, Some(&env.peer_cg))?;
@@ -696,10 +761,10 @@ pub fn run(opts: &Options) -> Result<()> {
     println!("mitmproxy {} transparent, guard addon, iptables REDIRECT", servers::MITMPROXY_VERSION);
     let mitm_dir = env.scratch.path().join("mitm");
     std::fs::create_dir_all(&mitm_dir)?;
-    let mitm = procstat::with_cpu(PROXY_CPU, || {
+    let mitm = procstat::with_cpus(&[PROXY_CPU], || {
         Mitmproxy::start(&env.netns, &env.peer_cg, &mitm_dir, MITM_PEER_PORT, &env.pki.ca)
     })??;
-    procstat::pin_cgroup(env.peer_cg.path(), PROXY_CPU)?;
+    procstat::pin_cgroup(env.peer_cg.path(), &[PROXY_CPU])?;
     env.peer_redirect(MITM_PEER_PORT, true)?;
     let row = measure(&env, opts, "mitmproxy, allowed", url, keepalive, Some(&env.peer_cg))?;
     expect(&row, false)?;
@@ -808,81 +873,18 @@ fn print_results(r: &Results<'_>) {
         r.rss_idle, r.connections, r.rss_active, r.idle.open, r.rss_idle_conns, r.idle.failed, r.mitm_rss
     );
 
-    let find = |name: &str| r.rows.iter().find(|x| x.name == name);
-    let stream = |name: &str| r.streams.iter().find(|x| x.name == name).map(|x| &x.r);
-    let mut targets = Vec::new();
-    if let (Some(a), Some(n)) = (find("interceptor eBPF, allowed"), find("nginx proxy, allowed")) {
-        let pct = 100.0 * a.wrk.rps() / n.wrk.rps();
-        targets.push(Target {
-            what: "allowed path req/s vs nginx".into(),
-            goal: ">= 80 %".into(),
-            measured: format!("{pct:.0} %"),
-            met: Some(pct >= 80.0),
-        });
-    }
-    if let Some(c) = find("interceptor eBPF, allowed").and_then(Row::cpu_us_per_request) {
-        targets.push(Target {
-            what: "allowed path proxy CPU per request".into(),
-            goal: "<= 40 us".into(),
-            measured: format!("{c:.1} us"),
-            met: Some(c <= 40.0),
-        });
-    }
-    if let (Some(a), Some(d)) = (find("interceptor eBPF, allowed"), find("direct")) {
-        let added = (a.wrk.p50_us - d.wrk.p50_us) / 1e3;
-        targets.push(Target {
-            what: format!("allowed path added p50 at {} connections", r.connections),
-            goal: "<= 0.4 ms".into(),
-            measured: format!("{added:.3} ms"),
-            met: Some(added <= 0.4),
-        });
-    }
-    if let (Some(p), Some(d)) = (find("interceptor eBPF, passthrough"), find("direct")) {
-        let pct = 100.0 * p.wrk.rps() / d.wrk.rps();
-        targets.push(Target {
-            what: "passthrough req/s vs direct".into(),
-            goal: ">= 90 %".into(),
-            measured: format!("{pct:.0} %"),
-            met: Some(pct >= 90.0),
-        });
-    }
-    for (what, goal, ms, name) in [
-        ("SSE monitor added first byte (keep-alive, paced)", "<= 0.3 ms", 0.3, "SSE paced 20x5ms"),
-        ("SSE monitor added first byte (new TLS connection)", "<= 0.6 ms", 0.6, "SSE paced, new TLS conn"),
-    ] {
-        if let (Some(i), Some(d)) =
-            (stream(&format!("interceptor monitor: {name}")), stream(&format!("direct: {name}")))
-        {
-            let added = (i.first_p50_us - d.first_p50_us) / 1e3;
-            targets.push(Target {
-                what: what.into(),
-                goal: goal.into(),
-                measured: format!("{added:.3} ms"),
-                met: Some(added <= ms),
-            });
-        }
-    }
-    let diff = (r.with_progs.p50_ns - r.without_progs.p50_ns) / 1e3;
-    targets.push(Target {
-        what: "non-target connect() p50 difference".into(),
-        goal: "<= 1 us".into(),
-        measured: format!("{diff:.2} us"),
-        met: Some(diff <= 1.0),
-    });
-    targets.push(Target {
-        what: "RSS idle".into(),
-        goal: "< 30 MB".into(),
-        measured: format!("{:.1} MB", r.rss_idle),
-        met: Some(r.rss_idle < 30.0),
-    });
-    targets.push(Target {
-        what: format!("RSS with {} idle keep-alive TLS connections", r.idle.open),
-        goal: "< 200 MB @10k".into(),
-        measured: format!("{:.1} MB", r.rss_idle_conns),
-        met: Some(r.rss_idle_conns < 200.0 && r.idle.open >= 10_000),
+    let first_byte_p50_us: Vec<(String, f64)> = r.streams.iter().map(|s| (s.name.clone(), s.r.first_p50_us)).collect();
+    let figures = report::figures(&Measured {
+        rows: r.rows,
+        first_byte_p50_us: &first_byte_p50_us,
+        idle_open: r.idle.open,
+        rss_idle_conns_mb: Some(r.rss_idle_conns),
+        rss_idle_mb: Some(r.rss_idle),
+        connect_p50_diff_us: Some((r.with_progs.p50_ns - r.without_progs.p50_ns) / 1e3),
+        connections: r.connections,
     });
     println!("\n== targets ==");
-    print!("{}", report::targets_table(&targets));
+    print!("{}", report::figures_table(&figures));
 }
 
 /// Today's date (UTC) from the system clock, without a date crate.
