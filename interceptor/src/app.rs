@@ -32,15 +32,21 @@ use crate::{
     redirect::{NoRedirect, Redirector, ebpf::EbpfRedirector, iptables::IptablesRedirector, liveness::BeatThread},
 };
 
-/// The async runtime `run` needs: `proxy.worker_threads` workers (0: one
-/// per CPU the process may run on, tokio's default).
-pub fn runtime(config: &Config) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if config.proxy.worker_threads > 0 {
-        builder.worker_threads(config.proxy.worker_threads);
+/// The async runtime `run` runs on: single-threaded, on the main thread. It
+/// holds the control plane and the first proxy worker; each further worker
+/// runs on a thread and runtime of its own (see [`crate::proxy::Proxy::serve`]).
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()
+}
+
+/// How many proxy workers serve connections: `proxy.worker_threads`, or
+/// with 0 one per CPU the process may run on (its CPU affinity, as
+/// `taskset` or a container's cpuset limit it).
+pub fn workers(config: &Config) -> usize {
+    match config.proxy.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
     }
-    builder.build()
 }
 
 pub struct RunOptions {
@@ -68,10 +74,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         None
     };
 
-    let listeners =
-        Listeners::bind(config.proxy.address_v4, config.proxy.address_v6, config.proxy.port, config.proxy.mark)
-            .await
-            .context("starting the proxy listener")?;
+    let workers = workers(&config);
+    let listeners = Listeners::bind_workers(
+        config.proxy.address_v4,
+        config.proxy.address_v6,
+        config.proxy.port,
+        config.proxy.mark,
+        workers,
+    )
+    .await
+    .context("starting the proxy listener")?;
     let addrs = listeners.addrs;
     let admin_listener = admin::bind(config.admin.address)
         .await
@@ -170,7 +182,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .pods(pods.map(|p| Arc::new(p) as Arc<dyn crate::workload::PodLookup>));
     let guardrails = plane.configured_guardrails().context("preparing the guardrails")?;
     let records = RedirectRecords(redirector.resolver());
-    let proxy = plane.serve(listeners, redirector.resolver(), snapshot_rx, shutdown_rx);
+    let proxy = plane
+        .serve(listeners, redirector.resolver(), snapshot_rx, shutdown_rx)
+        .context("starting the proxy workers")?;
+    tracing::info!(workers, "proxy workers serving");
 
     let drain_timeout = config.proxy.drain_timeout;
     let targeting = SharedTargeting::new(Targeting::new(redirector, names, &config, Arc::clone(&snapshot_tx)));
@@ -267,13 +282,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_runtime_has_the_configured_workers() {
+    fn workers_as_configured_or_one_per_cpu() {
         let mut config = Config::default();
         config.proxy.worker_threads = 3;
-        assert_eq!(runtime(&config).unwrap().metrics().num_workers(), 3);
+        assert_eq!(workers(&config), 3);
         // 0: one per CPU this process may run on.
         config.proxy.worker_threads = 0;
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        assert_eq!(runtime(&config).unwrap().metrics().num_workers(), cpus);
+        assert_eq!(workers(&config), cpus);
     }
 }

@@ -100,8 +100,9 @@ pub struct ProxyConfig {
     /// Connections open at once from one workload (cgroup, else client
     /// address); 0: no cap.
     pub max_connections_per_workload: usize,
-    /// Threads of the async runtime serving connections; 0: one per CPU
-    /// the process may run on (its CPU affinity).
+    /// Workers serving connections, each a thread with its own event loop
+    /// and listener on the proxy port; 0: one per CPU the process may run
+    /// on (its CPU affinity).
     pub worker_threads: usize,
 }
 

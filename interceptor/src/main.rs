@@ -221,7 +221,7 @@ struct RunArgs {
     /// Proxy port (0 picks a free one).
     #[arg(long, env = "INTERCEPTOR_PORT")]
     port: Option<u16>,
-    /// Threads serving connections (`proxy.worker_threads`; 0: one per CPU).
+    /// Workers serving connections (`proxy.worker_threads`; 0: one per CPU).
     #[arg(long, env = "INTERCEPTOR_WORKER_THREADS")]
     worker_threads: Option<usize>,
     /// Admin API address (loopback only).
@@ -629,7 +629,7 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             telemetry::init(config.log.format);
-            let runtime = match app::runtime(&config) {
+            let runtime = match app::runtime() {
                 Ok(rt) => rt,
                 Err(error) => {
                     eprintln!("error: cannot start the async runtime: {error}");
