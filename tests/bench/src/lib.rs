@@ -936,7 +936,7 @@ struct Results<'a> {
 
 fn print_results(r: &Results<'_>) {
     println!(
-        "\n== throughput and latency (wrk, {} keep-alive connections, best of the runs; d = direct, m = mitmproxy, n = nginx; CPU = proxy utime+stime per request; other = CPU used by processes outside the benchmark meanwhile, in % of one CPU) ==",
+        "\n== throughput and latency (wrk, {} keep-alive connections, best of the runs; d = direct, m = mitmproxy, n = nginx; CPU = proxy CPU time per request (its cgroup's cpu.stat); other = CPU used by processes outside the benchmark meanwhile, in % of one CPU) ==",
         r.connections
     );
     print!("{}", report::throughput_table(r.rows, "direct", "mitmproxy, allowed", "nginx proxy, allowed"));
