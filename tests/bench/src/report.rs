@@ -343,7 +343,7 @@ pub fn figures(m: &Measured<'_>) -> Vec<Figure> {
 /// The figures as a table: verdict, figure, measured, target, from what.
 pub fn figures_table(figures: &[Figure]) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "  {:<8}{:<88}{:>11}  {:<11}{}", "verdict", "figure", "measured", "target", "from");
+    let _ = writeln!(out, "  {:<8}{:<88}{:>11}  {:<11}from", "verdict", "figure", "measured", "target");
     for f in figures {
         let _ = writeln!(
             out,
