@@ -292,10 +292,15 @@ pub fn figures(m: &Measured<'_>) -> Vec<Figure> {
         goal: Some(Goal::AtLeast(0.9)),
         from: rps_from(rows::PASSTHROUGH, rows::DIRECT),
     });
-    // The target is stated for 10,000 connections: fewer are reported, not judged.
-    let comparable = m.idle_open >= RSS_TARGET_CONNECTIONS;
+    // The target is stated for 10,000 connections: fewer are reported, not
+    // judged. Not measured at all: the figure as the target states it, n/a.
+    let measured = m.rss_idle_conns_mb.is_some();
+    let comparable = !measured || m.idle_open >= RSS_TARGET_CONNECTIONS;
     out.push(Figure {
-        what: format!("RSS with {} idle keep-alive TLS connections", m.idle_open),
+        what: format!(
+            "RSS with {} idle keep-alive TLS connections",
+            if measured { m.idle_open } else { RSS_TARGET_CONNECTIONS }
+        ),
         value: m.rss_idle_conns_mb,
         unit: Unit::Mb,
         goal: comparable.then_some(Goal::Below(200.0)),
@@ -343,11 +348,11 @@ pub fn figures(m: &Measured<'_>) -> Vec<Figure> {
 /// The figures as a table: verdict, figure, measured, target, from what.
 pub fn figures_table(figures: &[Figure]) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "  {:<8}{:<88}{:>11}  {:<11}from", "verdict", "figure", "measured", "target");
+    let _ = writeln!(out, "  {:<8}{:<88}{:>11}  {:<13}from", "verdict", "figure", "measured", "target");
     for f in figures {
         let _ = writeln!(
             out,
-            "  {:<8}{:<88}{:>11}  {:<11}{}",
+            "  {:<8}{:<88}{:>11}  {:<13}{}",
             f.verdict().as_str(),
             f.what,
             f.value.map_or("-".into(), |v| f.unit.show(v)),
@@ -493,6 +498,10 @@ mod tests {
         };
         let f = figures(&m);
         assert_eq!(figure(&f, "RSS with 1000 idle").verdict(), Verdict::Context);
+        // Not measured: named as the target states it, n/a.
+        let none = figures(&Measured { idle_open: 0, rss_idle_conns_mb: None, ..m });
+        let x = figure(&none, "RSS with 10000 idle");
+        assert_eq!((x.verdict(), x.goal), (Verdict::NotMeasured, Some(Goal::Below(200.0))));
         assert_eq!(figure(&f, "RSS idle").verdict(), Verdict::NotMeasured);
         // No latency rows: the stream figures are not measured, not missed.
         assert_eq!(figure(&f, "stream_mode enforce").verdict(), Verdict::NotMeasured);
