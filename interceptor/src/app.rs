@@ -32,6 +32,23 @@ use crate::{
     redirect::{NoRedirect, Redirector, ebpf::EbpfRedirector, iptables::IptablesRedirector, liveness::BeatThread},
 };
 
+/// The async runtime `run` runs on: single-threaded, on the main thread. It
+/// holds the control plane and the first proxy worker; each further worker
+/// runs on a thread and runtime of its own (see [`crate::proxy::Proxy::serve`]).
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()
+}
+
+/// How many proxy workers serve connections: `proxy.worker_threads`, or
+/// with 0 one per CPU the process may run on (its CPU affinity, as
+/// `taskset` or a container's cpuset limit it).
+pub fn workers(config: &Config) -> usize {
+    match config.proxy.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
 pub struct RunOptions {
     pub config: Config,
     pub config_path: Option<PathBuf>,
@@ -57,10 +74,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         None
     };
 
-    let listeners =
-        Listeners::bind(config.proxy.address_v4, config.proxy.address_v6, config.proxy.port, config.proxy.mark)
-            .await
-            .context("starting the proxy listener")?;
+    let workers = workers(&config);
+    let listeners = Listeners::bind_workers(
+        config.proxy.address_v4,
+        config.proxy.address_v6,
+        config.proxy.port,
+        config.proxy.mark,
+        workers,
+    )
+    .await
+    .context("starting the proxy listener")?;
     let addrs = listeners.addrs;
     let admin_listener = admin::bind(config.admin.address)
         .await
@@ -159,7 +182,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .pods(pods.map(|p| Arc::new(p) as Arc<dyn crate::workload::PodLookup>));
     let guardrails = plane.configured_guardrails().context("preparing the guardrails")?;
     let records = RedirectRecords(redirector.resolver());
-    let proxy = plane.serve(listeners, redirector.resolver(), snapshot_rx, shutdown_rx);
+    let proxy = plane
+        .serve(listeners, redirector.resolver(), snapshot_rx, shutdown_rx)
+        .context("starting the proxy workers")?;
+    tracing::info!(workers, "proxy workers serving");
 
     let drain_timeout = config.proxy.drain_timeout;
     let targeting = SharedTargeting::new(Targeting::new(redirector, names, &config, Arc::clone(&snapshot_tx)));
@@ -249,4 +275,20 @@ fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("creating the state directory {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_as_configured_or_one_per_cpu() {
+        let mut config = Config::default();
+        config.proxy.worker_threads = 3;
+        assert_eq!(workers(&config), 3);
+        // 0: one per CPU this process may run on.
+        config.proxy.worker_threads = 0;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(workers(&config), cpus);
+    }
 }

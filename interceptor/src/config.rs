@@ -26,6 +26,9 @@ pub mod kubernetes;
 /// Smallest `proxy.max_header_bytes` (the HTTP/1.1 server's minimum buffer).
 pub const MIN_HEADER_BYTES: usize = 8192;
 
+/// Largest `proxy.worker_threads`.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
 /// The documented default configuration file.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/default.toml");
 
@@ -97,6 +100,10 @@ pub struct ProxyConfig {
     /// Connections open at once from one workload (cgroup, else client
     /// address); 0: no cap.
     pub max_connections_per_workload: usize,
+    /// Workers serving connections, each a thread with its own event loop
+    /// and listener on the proxy port; 0: one per CPU the process may run
+    /// on (its CPU affinity).
+    pub worker_threads: usize,
 }
 
 /// A guardrail backend.
@@ -493,6 +500,7 @@ impl Default for ProxyConfig {
             idle_timeout: Duration::from_secs(120),
             max_connections: 8192,
             max_connections_per_workload: 1024,
+            worker_threads: 0,
         }
     }
 }
@@ -545,6 +553,8 @@ pub struct Overrides {
     pub redirect: Option<RedirectMode>,
     pub cgroup: Option<PathBuf>,
     pub port: Option<u16>,
+    /// `proxy.worker_threads`.
+    pub worker_threads: Option<usize>,
     pub upstream_ca: Option<PathBuf>,
     /// `AKTO_URL`: enables the Akto backend (appended after the local one).
     pub akto_url: Option<String>,
@@ -599,6 +609,9 @@ impl Config {
         }
         if let Some(port) = o.port {
             self.proxy.port = port;
+        }
+        if let Some(threads) = o.worker_threads {
+            self.proxy.worker_threads = threads;
         }
         if let Some(ca) = &o.upstream_ca {
             self.tls.upstream_ca = ca.clone();
@@ -744,6 +757,9 @@ impl Config {
         }
         if self.proxy.idle_timeout.is_zero() {
             errors.push("proxy.idle_timeout: must be greater than zero".to_string());
+        }
+        if self.proxy.worker_threads > MAX_WORKER_THREADS {
+            errors.push(format!("proxy.worker_threads: at most {MAX_WORKER_THREADS} (0: one per CPU)"));
         }
         for domain in &self.targets.domains {
             if let Err(why) = check_domain(domain) {
@@ -945,6 +961,18 @@ mod tests {
         c.apply(&Overrides { node_name: Some("node-a".into()), ..Default::default() });
         c.validate().unwrap();
         assert_eq!(c.kubernetes.node_name, "node-a");
+    }
+
+    #[test]
+    fn worker_threads_are_bounded_and_overridable() {
+        let mut c = Config::from_toml("[proxy]\nworker_threads = 2\n", Path::new("x")).unwrap();
+        assert_eq!(c.proxy.worker_threads, 2);
+        c.apply(&Overrides { worker_threads: Some(1), ..Default::default() });
+        assert_eq!(c.proxy.worker_threads, 1);
+        c.validate().unwrap();
+        c.proxy.worker_threads = MAX_WORKER_THREADS + 1;
+        let ConfigError::Invalid { errors } = c.validate().unwrap_err() else { panic!() };
+        assert!(errors.iter().any(|e| e.starts_with("proxy.worker_threads:")), "{errors:?}");
     }
 
     #[test]

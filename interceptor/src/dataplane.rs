@@ -108,16 +108,18 @@ impl<'a> DataPlaneBuilder<'a> {
         Ok(handle)
     }
 
-    /// Starts accepting on `listeners` until `shutdown` turns true. Each
-    /// connection's original destination and workload come from `resolver`,
-    /// the domain policy and targets from `snapshot`.
+    /// Starts accepting on `listeners` until `shutdown` turns true, with a
+    /// worker per listener set (see [`Proxy::serve`]). Each connection's
+    /// original destination and workload come from `resolver`, the domain
+    /// policy and targets from `snapshot`. Fails when a worker's thread or
+    /// runtime cannot start.
     pub fn serve(
         self,
         listeners: Listeners,
         resolver: Arc<dyn OrigDstResolver>,
         snapshot: watch::Receiver<Arc<Snapshot>>,
         shutdown: watch::Receiver<bool>,
-    ) -> Proxy {
+    ) -> std::io::Result<Proxy> {
         let settings = match self.settings {
             Some(settings) => settings,
             None => ProxySettings::from_config(self.config, max_buffered_total(self.config)),

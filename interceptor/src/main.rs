@@ -221,6 +221,9 @@ struct RunArgs {
     /// Proxy port (0 picks a free one).
     #[arg(long, env = "INTERCEPTOR_PORT")]
     port: Option<u16>,
+    /// Workers serving connections (`proxy.worker_threads`; 0: one per CPU).
+    #[arg(long, env = "INTERCEPTOR_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     /// Admin API address (loopback only).
     #[arg(long, env = "INTERCEPTOR_ADMIN")]
     admin: Option<SocketAddr>,
@@ -261,6 +264,7 @@ impl RunArgs {
             redirect: self.redirect,
             cgroup: self.cgroup.clone(),
             port: self.port,
+            worker_threads: self.worker_threads,
             upstream_ca: self.upstream_ca.clone(),
             akto_url: self.akto_url.clone(),
             app_name: self.app_name.clone(),
@@ -625,7 +629,7 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             telemetry::init(config.log.format);
-            let runtime = match tokio::runtime::Runtime::new() {
+            let runtime = match app::runtime() {
                 Ok(rt) => rt,
                 Err(error) => {
                     eprintln!("error: cannot start the async runtime: {error}");

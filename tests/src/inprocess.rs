@@ -128,7 +128,7 @@ impl InProcessProxy {
         let listeners = Listeners::bind(std::net::Ipv4Addr::LOCALHOST, None, 0, 0).await?;
         let addr = SocketAddr::V4(listeners.addrs.v4);
         let (stop, shutdown) = watch::channel(false);
-        let proxy = builder.serve(listeners, resolver, snapshot, shutdown);
+        let proxy = builder.serve(listeners, resolver, snapshot, shutdown)?;
         Ok(Self { addr, ca_pem, ca_path, stop, snapshot: snap_tx, proxy: Some(proxy), _dir: dir })
     }
 

@@ -116,7 +116,7 @@ async fn two_workloads_reach_akto_as_two_apps() -> Result<()> {
     let listeners = Listeners::bind(std::net::Ipv4Addr::LOCALHOST, None, 0, 0).await?;
     let addr = std::net::SocketAddr::V4(listeners.addrs.v4);
     let (_stop, shutdown) = watch::channel(false);
-    let _proxy = builder.serve(listeners, resolver, snapshot, shutdown);
+    let _proxy = builder.serve(listeners, resolver, snapshot, shutdown)?;
 
     let body = serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hello"}]}).to_string();
     for (from, expected) in [(POD_CLIENT, "team-a-billing"), (HOST_CLIENT, "host-none")] {

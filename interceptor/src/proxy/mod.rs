@@ -109,30 +109,53 @@ impl Snapshot {
     }
 }
 
-/// The bound listeners, before serving.
+/// The bound listeners, before serving: one IPv4 listener (and one IPv6
+/// listener) per worker, all on one port with `SO_REUSEPORT`, so that the
+/// kernel spreads new connections across the workers.
 pub struct Listeners {
-    v4: TcpListener,
-    v6: Option<TcpListener>,
+    /// Per worker: IPv4, IPv6. Registered with a runtime only when served,
+    /// by the worker that serves them.
+    sets: Vec<(std::net::TcpListener, Option<std::net::TcpListener>)>,
     pub addrs: ProxyAddrs,
 }
 
 impl Listeners {
     /// Binds the IPv4 address and, if given, the IPv6 address on the same
-    /// port. Port 0 picks a free port (the IPv6 listener then reuses it).
+    /// port, for one worker. Port 0 picks a free port (the IPv6 listener
+    /// then reuses it).
     pub async fn bind(v4: Ipv4Addr, v6: Option<Ipv6Addr>, port: u16, mark: u32) -> Result<Self, ProxyError> {
-        let addr = SocketAddr::from((v4, port));
-        let l4 = net::shared_listener(addr).map_err(|source| ProxyError::Bind { addr, source })?;
-        let port = l4.local_addr().map_err(|source| ProxyError::Bind { addr, source })?.port();
-        let l6 = match v6 {
-            Some(ip) => {
-                let addr = SocketAddr::from((ip, port));
-                Some(net::shared_listener(addr).map_err(|source| ProxyError::Bind { addr, source })?)
-            }
-            None => None,
+        Self::bind_workers(v4, v6, port, mark, 1).await
+    }
+
+    /// [`Listeners::bind`] for `workers` workers (at least one), each with
+    /// listeners of its own on the one port.
+    pub async fn bind_workers(
+        v4: Ipv4Addr,
+        v6: Option<Ipv6Addr>,
+        mut port: u16,
+        mark: u32,
+        workers: usize,
+    ) -> Result<Self, ProxyError> {
+        let listen = |addr: SocketAddr| {
+            net::shared_listener(addr).and_then(|l| l.into_std()).map_err(|source| ProxyError::Bind { addr, source })
         };
+        let mut sets = Vec::with_capacity(workers.max(1));
+        for _ in 0..workers.max(1) {
+            let addr = SocketAddr::from((v4, port));
+            let l4 = listen(addr)?;
+            // Port 0: the others join the port the first one got.
+            port = l4.local_addr().map_err(|source| ProxyError::Bind { addr, source })?.port();
+            let l6 = v6.map(|ip| listen(SocketAddr::from((ip, port)))).transpose()?;
+            sets.push((l4, l6));
+        }
         let addrs =
             ProxyAddrs { v4: SocketAddrV4::new(v4, port), v6: v6.map(|ip| SocketAddrV6::new(ip, port, 0, 0)), mark };
-        Ok(Self { v4: l4, v6: l6, addrs })
+        Ok(Self { sets, addrs })
+    }
+
+    /// How many workers these listeners are for.
+    pub fn workers(&self) -> usize {
+        self.sets.len()
     }
 }
 
@@ -200,6 +223,7 @@ impl Default for ProxySettings {
 }
 
 /// Everything a connection handler needs.
+#[derive(Clone)]
 pub struct DataPlane {
     pub resolver: Arc<dyn OrigDstResolver>,
     pub settings: ProxySettings,
@@ -212,11 +236,17 @@ pub struct DataPlane {
     pub pods: Option<Arc<dyn PodLookup>>,
 }
 
+/// What a worker's connections share: with each other, and (behind the
+/// `Arc`s) with the other workers.
 struct Shared {
     plane: DataPlane,
     addrs: ProxyAddrs,
+    /// Which worker this is (0: the thread that called [`Proxy::serve`]).
+    /// Upstream connections are pooled per worker: each is driven by the
+    /// event loop of the worker that opened it.
+    worker: usize,
     /// (process, host) pairs whose client rejected our certificate.
-    rejected: Mutex<HashSet<(String, String)>>,
+    rejected: Arc<Mutex<HashSet<(String, String)>>>,
     /// Each connection holds a clone; draining waits for all to drop.
     in_flight: mpsc::Sender<()>,
     limits: Arc<ConnectionLimits>,
@@ -347,42 +377,108 @@ const MAX_REJECTED: usize = 4096;
 /// A running proxy. `drain` waits for in-flight connections.
 pub struct Proxy {
     in_flight: mpsc::Receiver<()>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Each resolves when one worker's accept loops have ended.
+    accepting: Vec<tokio::sync::oneshot::Receiver<()>>,
+    /// Tells the workers on threads of their own to stop (also when
+    /// dropped): their runtimes, with whatever still runs on them, end.
+    stop: watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Proxy {
     /// Starts accepting on every listener until `shutdown` turns true.
-    pub fn serve(listeners: Listeners, plane: DataPlane, shutdown: watch::Receiver<bool>) -> Self {
+    ///
+    /// Worker 0's listeners are served on the calling runtime; each further
+    /// worker's on a thread of its own, with a single-threaded runtime. A
+    /// connection stays on the worker whose listener accepted it, and so do
+    /// the tasks it spawns and the upstream connections it opens: nothing on
+    /// a request's path wakes another thread, and no worker steals another's
+    /// work (which, with a work-stealing runtime, costs wake-ups, parking
+    /// and cache misses on every request).
+    pub fn serve(listeners: Listeners, plane: DataPlane, shutdown: watch::Receiver<bool>) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(1);
         let limits = Arc::new(ConnectionLimits::new(&plane.settings));
         let budget = budget::BodyBudget::new(
             plane.settings.max_buffered_total,
             plane.metrics.inspection_budget_refusals.clone(),
         );
-        let shared = Arc::new(Shared {
-            budget,
-            plane,
-            addrs: listeners.addrs,
-            rejected: Mutex::new(HashSet::new()),
-            in_flight: tx,
-            limits,
-        });
-        let mut tasks = vec![tokio::spawn(accept_loop(listeners.v4, Arc::clone(&shared), shutdown.clone()))];
-        if let Some(v6) = listeners.v6 {
-            tasks.push(tokio::spawn(accept_loop(v6, Arc::clone(&shared), shutdown)));
+        let rejected = Arc::new(Mutex::new(HashSet::new()));
+        let (stop, stopped) = watch::channel(false);
+        let mut proxy = Self { in_flight: rx, accepting: Vec::new(), stop, threads: Vec::new() };
+        for (worker, (v4, v6)) in listeners.sets.into_iter().enumerate() {
+            let shared = Arc::new(Shared {
+                budget: Arc::clone(&budget),
+                plane: plane.clone(),
+                addrs: listeners.addrs,
+                worker,
+                rejected: Arc::clone(&rejected),
+                in_flight: tx.clone(),
+                limits: Arc::clone(&limits),
+            });
+            let (accepted, accepting) = tokio::sync::oneshot::channel();
+            proxy.accepting.push(accepting);
+            let serve = accept_loops(v4, v6, shared, shutdown.clone(), accepted);
+            if worker == 0 {
+                tokio::spawn(serve);
+                continue;
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let mut stopped = stopped.clone();
+            let thread = std::thread::Builder::new().name(format!("proxy-worker-{worker}")).spawn(move || {
+                runtime.block_on(async move {
+                    serve.await;
+                    // Its connections run on until draining is over.
+                    let _ = stopped.wait_for(|s| *s).await;
+                });
+            })?;
+            proxy.threads.push(thread);
         }
-        Self { in_flight: rx, tasks }
+        Ok(proxy)
     }
 
     /// Waits until every accepted connection has finished, at most `deadline`.
     /// Returns whether all finished in time.
     pub async fn drain(mut self, deadline: Duration) -> bool {
-        for task in self.tasks.drain(..) {
-            let _ = task.await;
+        for accepting in self.accepting.drain(..) {
+            let _ = accepting.await;
         }
         // The accept loops are gone, so only connections hold senders now.
-        tokio::time::timeout(deadline, self.in_flight.recv()).await.is_ok()
+        let finished = tokio::time::timeout(deadline, self.in_flight.recv()).await.is_ok();
+        let _ = self.stop.send(true);
+        let threads = std::mem::take(&mut self.threads);
+        // Their runtimes drop what still runs on them; bounded all the same.
+        let joined = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(5), joined).await;
+        finished
     }
+}
+
+/// Serves one worker's listeners on the current runtime until `shutdown`;
+/// `accepted` is dropped when both accept loops have ended.
+async fn accept_loops(
+    v4: std::net::TcpListener,
+    v6: Option<std::net::TcpListener>,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+    accepted: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut loops = Vec::with_capacity(2);
+    for listener in std::iter::once(v4).chain(v6) {
+        match TcpListener::from_std(listener) {
+            Ok(listener) => loops.push(tokio::spawn(accept_loop(listener, Arc::clone(&shared), shutdown.clone()))),
+            // Bound and listening already: registering with the event loop
+            // fails only when the process is out of resources.
+            Err(error) => tracing::error!(%error, worker = shared.worker, "cannot serve a proxy listener"),
+        }
+    }
+    for task in loops {
+        let _ = task.await;
+    }
+    drop(accepted);
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
@@ -779,7 +875,7 @@ async fn intercept_connection(
             return;
         }
     };
-    let upstream = match tls.pool.get(orig.0, &sni) {
+    let upstream = match tls.pool.get(shared.worker, orig.0, &sni) {
         Ok(u) => u,
         Err(error) => {
             record.fail(ConnectionOutcome::InvalidSni, &error);
@@ -883,7 +979,7 @@ mod tests {
         let addrs = listeners.addrs;
         let resolver = Arc::new(MockOrigDst { dst: std::sync::Mutex::new(HashMap::new()), default, workload: None });
         let (tx, rx) = watch::channel(false);
-        (Proxy::serve(listeners, plane(resolver), rx), addrs, tx)
+        (Proxy::serve(listeners, plane(resolver), rx).unwrap(), addrs, tx)
     }
 
     #[test]
@@ -989,7 +1085,8 @@ mod tests {
             ),
             plane: p,
             addrs: ProxyAddrs { v4: "127.0.0.1:1".parse().unwrap(), v6: None, mark: 0 },
-            rejected: Mutex::new(HashSet::new()),
+            worker: 0,
+            rejected: Arc::default(),
             in_flight,
         };
         let mut record = ConnectionRecord::new(Arc::new(Metrics::new()), ClientAddr("127.0.0.1:5000".parse().unwrap()));
@@ -1098,6 +1195,52 @@ mod tests {
         assert!(proxy.drain(Duration::from_secs(2)).await);
     }
 
+    /// Records the name of the thread each connection is served on, then
+    /// closes it (no original destination).
+    #[derive(Default)]
+    struct ThreadRecorder(Mutex<Vec<String>>);
+
+    impl OrigDstResolver for ThreadRecorder {
+        fn original_dst(&self, _: &TcpStream, client: ClientAddr) -> Result<OrigDstAddr, net::NoOriginalDst> {
+            let name = std::thread::current().name().unwrap_or_default().to_owned();
+            self.0.lock().unwrap().push(name);
+            Err(net::NoOriginalDst { client: client.0, source: std::io::ErrorKind::NotFound.into() })
+        }
+
+        fn workload(&self, _: ClientAddr, _: OrigDstAddr) -> net::WorkloadLookup {
+            Box::pin(std::future::ready(None))
+        }
+    }
+
+    #[tokio::test]
+    async fn workers_share_the_port_serve_on_their_own_threads_and_stop_when_drained() {
+        let listeners = Listeners::bind_workers(Ipv4Addr::LOCALHOST, None, 0, 0, 2).await.unwrap();
+        assert_eq!(listeners.workers(), 2);
+        let addr = SocketAddr::V4(listeners.addrs.v4);
+        let recorder = Arc::new(ThreadRecorder::default());
+        let (stop, shutdown) = watch::channel(false);
+        let proxy = Proxy::serve(listeners, plane(recorder.clone()), shutdown).unwrap();
+        // The kernel picks a listener by a hash of each connection's
+        // addresses: 64 connections all on one worker would be a 2^-63 chance.
+        for _ in 0..64 {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).await.unwrap();
+        }
+        let names = recorder.0.lock().unwrap().clone();
+        assert_eq!(names.len(), 64);
+        let on_worker_1 = names.iter().filter(|n| *n == "proxy-worker-1").count();
+        assert!(on_worker_1 > 0 && on_worker_1 < 64, "worker 1 served {on_worker_1} of 64: {names:?}");
+        // Worker 0 is the caller's runtime: this test's thread.
+        let caller = std::thread::current().name().unwrap_or_default().to_owned();
+        assert!(names.iter().all(|n| *n == caller || n == "proxy-worker-1"), "{names:?}");
+        stop.send(true).unwrap();
+        assert!(proxy.drain(Duration::from_secs(2)).await);
+        // Every worker's listener is closed once draining returns.
+        let refused = TcpStream::connect(addr).await.unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+
     #[tokio::test]
     async fn connection_without_original_destination_is_closed() {
         let (_proxy, addrs, _stop) = start(None).await;
@@ -1117,7 +1260,7 @@ mod tests {
             workload: None,
         });
         let (_tx, rx) = watch::channel(false);
-        let _proxy = Proxy::serve(listeners, plane(resolver), rx);
+        let _proxy = Proxy::serve(listeners, plane(resolver), rx).unwrap();
         let mut c = TcpStream::connect(SocketAddr::V4(addrs.v4)).await.unwrap();
         let mut got = Vec::new();
         // Closed at once rather than looping into itself.

@@ -1,8 +1,10 @@
 //! Connections to the real provider: to the original destination address
 //! (never re-resolved), from a socket carrying the proxy's mark, over TLS
 //! with the client's SNI, verified against the platform roots plus any
-//! configured extra CA. Connections are pooled per (original destination,
-//! SNI) by hyper's client; HTTP/2 is used when the provider negotiates it.
+//! configured extra CA. Connections are pooled per (proxy worker, original
+//! destination, SNI) by hyper's client; HTTP/2 is used when the provider
+//! negotiates it. A worker uses only the connections it opened, which its
+//! own event loop drives.
 
 use std::{
     collections::HashMap,
@@ -28,7 +30,7 @@ use crate::net;
 
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(90);
-/// Upper bound on distinct (destination, SNI) pairs with a live pool entry.
+/// Upper bound on distinct (worker, destination, SNI) with a live pool entry.
 const MAX_POOLS: usize = 4096;
 
 pub type UpstreamClient = Client<HttpsConnector<MarkedConnector>, BoxBody>;
@@ -120,13 +122,13 @@ pub struct Upstream {
     pub idle_timeout: Duration,
 }
 
-/// Pools keyed by (original destination, SNI).
+/// Pools keyed by (proxy worker, original destination, SNI).
 pub struct UpstreamPool {
     tls: rustls::ClientConfig,
     mark: u32,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    pools: Mutex<HashMap<(SocketAddr, String), Upstream>>,
+    pools: Mutex<HashMap<(usize, SocketAddr, String), Upstream>>,
 }
 
 impl UpstreamPool {
@@ -136,9 +138,14 @@ impl UpstreamPool {
         Self { tls, mark, connect_timeout, idle_timeout, pools: Mutex::new(HashMap::new()) }
     }
 
-    pub fn get(&self, dst: SocketAddr, sni: &str) -> Result<Upstream, ProxyError> {
+    /// The pool of `worker` for `dst` and `sni`. Its connections are
+    /// spawned on the runtime of the first request that needs one: a
+    /// worker's requests must use the worker's pool, or another worker's
+    /// event loop would carry them (a wake-up of another thread each way).
+    pub fn get(&self, worker: usize, dst: SocketAddr, sni: &str) -> Result<Upstream, ProxyError> {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(found) = pools.get(&(dst, sni.to_string())) {
+        let key = (worker, dst, sni.to_string());
+        if let Some(found) = pools.get(&key) {
             return Ok(found.clone());
         }
         if pools.len() >= MAX_POOLS {
@@ -151,7 +158,7 @@ impl UpstreamPool {
             http1: self.build(dst, sni, false)?,
             idle_timeout: self.idle_timeout,
         };
-        pools.insert((dst, sni.to_string()), upstream.clone());
+        pools.insert(key, upstream.clone());
         Ok(upstream)
     }
 
@@ -177,3 +184,28 @@ impl UpstreamPool {
 
 /// Arc alias used by the data plane.
 pub type SharedPool = Arc<UpstreamPool>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_worker_has_pools_of_its_own() {
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let pool = UpstreamPool::new(tls, 0, Duration::from_secs(1), Duration::from_secs(1));
+        let dst: SocketAddr = "192.0.2.1:443".parse().unwrap();
+        pool.get(0, dst, "api.openai.com").unwrap();
+        pool.get(0, dst, "api.openai.com").unwrap();
+        assert_eq!(pool.pools.lock().unwrap().len(), 1, "one pool per worker, destination and name");
+        pool.get(1, dst, "api.openai.com").unwrap();
+        let pools = pool.pools.lock().unwrap();
+        assert!(
+            pools.contains_key(&(0, dst, "api.openai.com".into()))
+                && pools.contains_key(&(1, dst, "api.openai.com".into()))
+        );
+    }
+}

@@ -40,7 +40,7 @@ use interceptor_tests::stage::start_interceptor;
 
 use self::{
     probe::{ConnectResult, IdleResult, LatencyParams, LatencyResult},
-    report::{Row, Target},
+    report::{Measured, Row, rows as names},
     servers::{Mitmproxy, Nginx},
     wrk::Load,
 };
@@ -69,6 +69,82 @@ pub struct Options {
     /// Record a `perf` profile of the interceptor on the allowed path into
     /// this file (and a text report beside it).
     pub perf: Option<PathBuf>,
+    /// The scenarios to run (`--only`); all of them when empty.
+    pub only: Vec<Scenario>,
+}
+
+impl Options {
+    /// Whether `scenario` runs.
+    pub fn runs(&self, scenario: Scenario) -> bool {
+        self.only.is_empty() || self.only.contains(&scenario)
+    }
+}
+
+/// A part of the benchmark that `--only` can select. The direct rows (the
+/// reference most figures divide by) always run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    /// The interceptor with guardrails off, one worker pinned.
+    GuardrailsOff,
+    /// The default guardrails, one worker pinned: allowed, blocked,
+    /// passthrough, new connections, streams (monitor mode).
+    Allowed,
+    /// `connect()` to a non-target address with and without the programs.
+    Connect,
+    /// RSS with `--idle-connections` idle keep-alive TLS connections.
+    Idle,
+    /// The allowed path and guardrails off with 2 workers, unpinned.
+    TwoWorkers,
+    /// Streams with `stream_mode = "enforce"`.
+    Enforce,
+    /// The allowed path through the iptables redirect.
+    Iptables,
+    /// The nginx reverse proxy.
+    Nginx,
+    /// mitmproxy with the guard addon.
+    Mitmproxy,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 9] = [
+        Scenario::GuardrailsOff,
+        Scenario::Allowed,
+        Scenario::Connect,
+        Scenario::Idle,
+        Scenario::TwoWorkers,
+        Scenario::Enforce,
+        Scenario::Iptables,
+        Scenario::Nginx,
+        Scenario::Mitmproxy,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::GuardrailsOff => "guardrails-off",
+            Scenario::Allowed => "allowed",
+            Scenario::Connect => "connect",
+            Scenario::Idle => "idle",
+            Scenario::TwoWorkers => "two-workers",
+            Scenario::Enforce => "enforce",
+            Scenario::Iptables => "iptables",
+            Scenario::Nginx => "nginx",
+            Scenario::Mitmproxy => "mitmproxy",
+        }
+    }
+
+    /// A comma-separated list of scenario names.
+    pub fn parse_list(list: &str) -> Result<Vec<Scenario>> {
+        list.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|name| {
+                Scenario::ALL.into_iter().find(|s| s.name() == name).with_context(|| {
+                    let names: Vec<_> = Scenario::ALL.iter().map(|s| s.name()).collect();
+                    format!("unknown scenario {name:?} (one of {})", names.join(", "))
+                })
+            })
+            .collect()
+    }
 }
 
 /// Streamed and per-request latency rows.
@@ -268,12 +344,42 @@ impl Env {
     }
 }
 
+/// Where the interceptor under test runs, and with how many workers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placement {
+    /// One worker thread, every thread pinned to [`PROXY_CPU`]: like nginx's
+    /// one worker process.
+    Pinned,
+    /// Two workers (`proxy.worker_threads = 2`), the process free to run on
+    /// [`LOAD_CPU`] and [`PROXY_CPU`]: the default runtime of a 2-core node.
+    TwoWorkers,
+}
+
+impl Placement {
+    fn cpus(self) -> &'static [usize] {
+        match self {
+            Placement::Pinned => &[PROXY_CPU],
+            Placement::TwoWorkers => &[LOAD_CPU, PROXY_CPU],
+        }
+    }
+
+    fn workers(self) -> usize {
+        match self {
+            Placement::Pinned => 1,
+            Placement::TwoWorkers => 2,
+        }
+    }
+}
+
 /// The interceptor's configuration in the benchmark: both provider
 /// addresses are targets; no domain is resolved (the namespace has no DNS).
-fn interceptor_config(upstream_ca: &Path, extra: &str) -> String {
+/// `proxy` holds lines of the `[proxy]` section, `extra` further sections.
+fn interceptor_config(upstream_ca: &Path, placement: Placement, proxy: &str, extra: &str) -> String {
     format!(
-        "[targets]\nmode = \"resolve\"\ndomains = []\ncidrs = [\"{PROVIDER}\", \"{PACED}\"]\nresolve_interval = \"60s\"\n\
+        "[proxy]\nworker_threads = {}\n{proxy}\n\
+         [targets]\nmode = \"resolve\"\ndomains = []\ncidrs = [\"{PROVIDER}\", \"{PACED}\"]\nresolve_interval = \"60s\"\n\
          [tls]\nupstream_ca = \"{}\"\n{extra}\n",
+        placement.workers(),
         upstream_ca.display()
     )
 }
@@ -283,26 +389,33 @@ fn interceptor_config(upstream_ca: &Path, extra: &str) -> String {
 fn measure(env: &Env, opts: &Options, name: &str, url: &str, script: &Path, proxy: Option<&Cgroup>) -> Result<Row> {
     let load = env.load(opts.connections);
     load.run(url, script, Duration::from_secs(1)).with_context(|| format!("{name}: warm-up"))?;
-    let cpu = |cg: Option<&Cgroup>| cg.map(|cg| procstat::cgroup_cpu_seconds(cg.path())).transpose();
+    let cpu = |cg: Option<&Cgroup>| cg.map(|cg| procstat::cgroup_usage_seconds(cg.path())).transpose();
+    let switches = |cg: Option<&Cgroup>| cg.map(|cg| procstat::cgroup_context_switches(cg.path())).transpose();
     let mut best: Option<Row> = None;
     // Best of `repeat` runs: the machine may be shared, and a run that other
     // work disturbed only ever measures lower.
     for _ in 0..opts.repeat.max(1) {
-        let before = cpu(proxy)?;
+        let (before, switches0) = (cpu(proxy)?, switches(proxy)?);
         let (busy0, ours0) = (procstat::machine_busy_seconds()?, procstat::cgroup_usage_seconds(env.root.path())?);
         let wrk = load.run(url, script, Duration::from_secs(opts.seconds)).with_context(|| format!("{name}: run"))?;
         let (busy1, ours1) = (procstat::machine_busy_seconds()?, procstat::cgroup_usage_seconds(env.root.path())?);
-        let after = cpu(proxy)?;
+        let (after, switches1) = (cpu(proxy)?, switches(proxy)?);
         let other = ((busy1 - busy0) - (ours1 - ours0)).max(0.0) / wrk.seconds.max(1e-3);
-        let row =
-            Row { name: name.into(), wrk, proxy_cpu_s: before.zip(after).map(|(b, a)| a - b), other_cpu: Some(other) };
+        let row = Row {
+            name: name.into(),
+            wrk,
+            proxy_cpu_s: before.zip(after).map(|(b, a)| a - b),
+            other_cpu: Some(other),
+            // Threads that exited meanwhile take their counts with them.
+            proxy_switches: switches0.zip(switches1).map(|(b, a)| a.saturating_sub(b)),
+        };
         if best.as_ref().is_none_or(|b| row.wrk.rps() > b.wrk.rps()) {
             best = Some(row);
         }
     }
     let row = best.context("no run")?;
     println!(
-        "  {:<40} {:>8.0} req/s  p50 {:.3} ms  p99 {:.3} ms  errors {}  non-2xx {}{}  other load {:.0} %",
+        "  {:<40} {:>8.0} req/s  p50 {:.3} ms  p99 {:.3} ms  errors {}  non-2xx {}{}{}  other load {:.0} %",
         row.name,
         row.wrk.rps(),
         row.wrk.p50_us / 1e3,
@@ -310,6 +423,7 @@ fn measure(env: &Env, opts: &Options, name: &str, url: &str, script: &Path, prox
         row.wrk.errors,
         row.wrk.non_2xx,
         row.cpu_us_per_request().map_or(String::new(), |c| format!("  proxy CPU {c:.1} us/req")),
+        row.switches_per_request().map_or(String::new(), |c| format!(", {c:.2} context switches/req")),
         row.other_cpu.unwrap_or_default() * 100.0,
     );
     Ok(row)
@@ -330,14 +444,22 @@ fn expect(row: &Row, blocked: bool) -> Result<()> {
     Ok(())
 }
 
-/// A running interceptor with its CA bundle, pinned to [`PROXY_CPU`].
-fn interceptor(env: &Env, redirect: &str, extra: &str) -> Result<(Interceptor, PathBuf)> {
-    let config = interceptor_config(&env.pki.ca, extra);
-    let proxy = procstat::with_cpu(PROXY_CPU, || {
+/// A running interceptor with its CA bundle, placed as `placement` says.
+/// `proxy` holds extra lines of the `[proxy]` section, `extra` further
+/// sections of its configuration.
+fn interceptor(
+    env: &Env,
+    redirect: &str,
+    placement: Placement,
+    proxy: &str,
+    extra: &str,
+) -> Result<(Interceptor, PathBuf)> {
+    let config = interceptor_config(&env.pki.ca, placement, proxy, extra);
+    let proxy = procstat::with_cpus(placement.cpus(), || {
         start_interceptor(&env.netns, &env.proxy_cg, &env.client_cg, &config, redirect)
     })??;
     cleanup::dir(proxy.state_dir().parent().context("interceptor dir")?);
-    procstat::pin_cgroup(env.proxy_cg.path(), PROXY_CPU)?;
+    procstat::pin_cgroup(env.proxy_cg.path(), placement.cpus())?;
     let dir = env.scratch.path().join(format!("bundle-{}", proxy.pid().unwrap_or_default()));
     std::fs::create_dir_all(&dir)?;
     // Our CA, then the provider's: what a client needs for intercepted and
@@ -474,7 +596,7 @@ fn machine() -> String {
 }
 
 /// Checks the tools the benchmark runs, naming what is missing.
-fn preflight() -> Result<()> {
+fn preflight(opts: &Options) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the namespace benchmark needs root (network namespaces, cgroups, eBPF, iptables)");
     }
@@ -489,6 +611,9 @@ fn preflight() -> Result<()> {
         if !tool(t).is_absolute() {
             bail!("{t} not found: run `cargo xtask setup`");
         }
+    }
+    if !opts.runs(Scenario::Mitmproxy) {
+        return Ok(());
     }
     let mitm =
         Command::new(tool("python3")).args(["-c", "import mitmproxy.version as v; print(v.VERSION)"]).output()?;
@@ -516,7 +641,7 @@ fn raise_nofile() -> Result<u64> {
 
 /// Runs every row and prints the tables.
 pub fn run(opts: &Options) -> Result<()> {
-    preflight()?;
+    preflight(opts)?;
     let nofile = raise_nofile()?;
     let started = Instant::now();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
@@ -524,11 +649,15 @@ pub fn run(opts: &Options) -> Result<()> {
     let env = Env::new()?;
     println!("interceptor namespace benchmark, {}", chrono_free_date());
     println!("machine: {}; open files limit {nofile}", machine());
+    if !opts.only.is_empty() {
+        let names: Vec<_> = opts.only.iter().map(|s| s.name()).collect();
+        println!("only: direct, {} (figures whose rows did not run are n/a)", names.join(", "));
+    }
     println!(
         "load: wrk, 1 thread, {} keep-alive connections, {} s per row after a 1 s warm-up, {} byte JSON POST over TLS \
-         (HTTP/1.1, SNI api.openai.com); wrk pinned to CPU {LOAD_CPU}, the proxy under test started pinned to CPU \
-         {PROXY_CPU} (so tokio runs one worker, like nginx's one worker process), the provider (nginx, 1 worker) \
-         unpinned",
+         (HTTP/1.1, SNI api.openai.com); wrk pinned to CPU {LOAD_CPU}, the proxy under test pinned to CPU \
+         {PROXY_CPU} with one worker (like nginx's one worker process) unless a row says 2 workers (free to run on \
+         CPUs {LOAD_CPU} and {PROXY_CPU}), the provider (nginx, 1 worker) unpinned",
         opts.connections,
         opts.seconds,
         env.bodies.allowed.len()
@@ -561,7 +690,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let ca = env.pki.ca.clone();
 
     println!("\ndirect (no proxy)");
-    let direct = measure(&env, opts, "direct", url, keepalive, None)?;
+    let direct = measure(&env, opts, names::DIRECT, url, keepalive, None)?;
     expect(&direct, false)?;
     rows.push(direct);
     let direct_close = measure(&env, opts, "direct, new conn per req (TLS resumed)", url, close, None)?;
@@ -573,8 +702,8 @@ pub fn run(opts: &Options) -> Result<()> {
         |label: &str, ca: &Path, proxy: Option<&Cgroup>, json: bool, streams: &mut Vec<LatencyRow>| -> Result<()> {
             let rows = [
                 ("SSE unpaced", PROVIDER, unpaced_path, false),
-                ("SSE paced 20x5ms", PACED, paced_path, false),
-                ("SSE paced, new TLS conn", PACED, paced_path, true),
+                (names::PACED, PACED, paced_path, false),
+                (names::PACED_NEW_CONN, PACED, paced_path, true),
                 ("JSON, new TLS conn", PROVIDER, "/v1/chat/completions", true),
             ];
             for (what, addr, path, new) in rows.into_iter().take(if json { 4 } else { 3 }) {
@@ -588,144 +717,193 @@ pub fn run(opts: &Options) -> Result<()> {
         };
     stream_set("direct", &ca, None, true, &mut streams)?;
 
-    println!("interceptor, eBPF redirect, guardrails off (TLS termination and relay only)");
-    let (proxy, _bundle) = interceptor(&env, "ebpf", "[guardrails]\nenabled = false\n")?;
-    let row = measure(&env, opts, "interceptor eBPF, guardrails off", url, keepalive, Some(&env.proxy_cg))?;
-    expect(&row, false)?;
-    rows.push(row);
-    drop(proxy);
-
-    println!("interceptor, eBPF redirect, default local guardrails (stream_mode monitor)");
-    // The per-workload connection limit (default 1024) would refuse the idle
-    // connections test, which opens them all from one process.
-    let limits = format!(
-        "[proxy]\nmax_connections = {n}\nmax_connections_per_workload = {n}\n",
-        n = opts.idle_connections.max(8192) + 1024
-    );
-    let (proxy, bundle) = interceptor(&env, "ebpf", &limits)?;
-    println!("  connection limits raised for the idle connections test: {}", limits.replace('\n', " "));
-    let rss_idle = rss_mb(proxy.pid())?;
-    let cpu_before = procstat::cgroup_usage_seconds(env.proxy_cg.path())?;
-    std::thread::sleep(Duration::from_secs(2));
-    let idle_cpu_ms_per_s = (procstat::cgroup_usage_seconds(env.proxy_cg.path())? - cpu_before) * 1e3 / 2.0;
-    if let Some(pid) = proxy.pid() {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let threads = status.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap_or("?").trim().to_owned();
-        println!("  interceptor pid {pid}, {threads} threads, all pinned to CPU {PROXY_CPU}");
+    let guardrails_off = "[guardrails]\nenabled = false\n";
+    if opts.runs(Scenario::GuardrailsOff) {
+        println!("interceptor, eBPF redirect, guardrails off (TLS termination and relay only)");
+        let (proxy, _bundle) = interceptor(&env, "ebpf", Placement::Pinned, "", guardrails_off)?;
+        let row = measure(&env, opts, names::GUARDRAILS_OFF, url, keepalive, Some(&env.proxy_cg))?;
+        expect(&row, false)?;
+        rows.push(row);
+        drop(proxy);
     }
-    let allowed = measure(&env, opts, "interceptor eBPF, allowed", url, keepalive, Some(&env.proxy_cg))?;
-    expect(&allowed, false)?;
-    let rss_active = rss_mb(proxy.pid())?;
-    rows.push(allowed);
-    let row = measure(&env, opts, "interceptor eBPF, blocked", url, blocked, Some(&env.proxy_cg))?;
-    expect(&row, true)?;
-    rows.push(row);
-    let row = measure(&env, opts, "interceptor eBPF, passthrough", passthrough_url, keepalive, Some(&env.proxy_cg))?;
-    expect(&row, false)?;
-    rows.push(row);
-    let row = measure(&env, opts, "interceptor, new conn per req (TLS resumed)", url, close, Some(&env.proxy_cg))?;
-    expect(&row, false)?;
-    conn_rows.push(row);
-    stream_set("interceptor monitor", &bundle, Some(&env.proxy_cg), true, &mut streams)?;
-    println!("  connect() to a non-target address, {} x 3 rounds", opts.connect_iterations);
-    let (with_progs, without_progs) = connect_cost(&env, opts)?;
-    println!("  {} idle keep-alive TLS connections", opts.idle_connections);
-    let (idle, rss_idle_conns) = idle_rss(&env, &bundle, proxy.pid(), opts.idle_connections)?;
-    println!(
-        "  open {}, failed {}{}",
-        idle.open,
-        idle.failed,
-        if idle.failed > 0 { format!(" ({})", idle.first_error) } else { String::new() }
-    );
-    if let Some(out) = &opts.perf {
-        let pid = proxy.pid().context("pid")?;
-        profile(out, pid, || {
-            let r = env.load(opts.connections).run(url, &env.bodies.keepalive, Duration::from_secs(opts.seconds))?;
-            Ok(format!("allowed path under wrk, {:.0} req/s", r.rps()))
-        })?;
-        // The streamed path: paced SSE through the stream guard (monitor).
-        let sse = out.with_extension("sse.data");
-        profile(&sse, pid, || {
-            let r =
-                env.latency(&bundle, PACED, "/v1/chat/completions?interval_ms=5", true, false, opts.stream_requests)?;
-            Ok(format!("paced SSE, first byte p50 {:.3} ms", r.first_p50_us / 1e3))
-        })?;
+
+    let mut memory = Memory::default();
+    let mut connect = None;
+    let mut idle = None;
+    if opts.runs(Scenario::Allowed) || opts.runs(Scenario::Connect) || opts.runs(Scenario::Idle) {
+        println!("interceptor, eBPF redirect, default local guardrails (stream_mode monitor)");
+        // The per-workload connection limit (default 1024) would refuse the
+        // idle connections test, which opens them all from one process.
+        let limits = format!(
+            "max_connections = {n}\nmax_connections_per_workload = {n}\n",
+            n = opts.idle_connections.max(8192) + 1024
+        );
+        let (proxy, bundle) = interceptor(&env, "ebpf", Placement::Pinned, &limits, "")?;
+        println!("  connection limits raised for the idle connections test: {}", limits.replace('\n', " "));
+        memory.idle = Some(rss_mb(proxy.pid())?);
+        let cpu_before = procstat::cgroup_usage_seconds(env.proxy_cg.path())?;
+        std::thread::sleep(Duration::from_secs(2));
+        memory.idle_cpu_ms_per_s =
+            Some((procstat::cgroup_usage_seconds(env.proxy_cg.path())? - cpu_before) * 1e3 / 2.0);
+        if let Some(pid) = proxy.pid() {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let threads = status.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap_or("?").trim().to_owned();
+            println!("  interceptor pid {pid}, {threads} threads, 1 worker, all pinned to CPU {PROXY_CPU}");
+        }
+        if opts.runs(Scenario::Allowed) {
+            let allowed = measure(&env, opts, names::ALLOWED, url, keepalive, Some(&env.proxy_cg))?;
+            expect(&allowed, false)?;
+            memory.active = Some(rss_mb(proxy.pid())?);
+            rows.push(allowed);
+            let row = measure(&env, opts, "interceptor eBPF, blocked", url, blocked, Some(&env.proxy_cg))?;
+            expect(&row, true)?;
+            rows.push(row);
+            let row = measure(&env, opts, names::PASSTHROUGH, passthrough_url, keepalive, Some(&env.proxy_cg))?;
+            expect(&row, false)?;
+            rows.push(row);
+            let row =
+                measure(&env, opts, "interceptor, new conn per req (TLS resumed)", url, close, Some(&env.proxy_cg))?;
+            expect(&row, false)?;
+            conn_rows.push(row);
+            stream_set("interceptor monitor", &bundle, Some(&env.proxy_cg), true, &mut streams)?;
+        }
+        if opts.runs(Scenario::Connect) {
+            println!("  connect() to a non-target address, {} x 3 rounds", opts.connect_iterations);
+            connect = Some(connect_cost(&env, opts)?);
+        }
+        if opts.runs(Scenario::Idle) {
+            println!("  {} idle keep-alive TLS connections", opts.idle_connections);
+            let (result, rss) = idle_rss(&env, &bundle, proxy.pid(), opts.idle_connections)?;
+            println!(
+                "  open {}, failed {}{}",
+                result.open,
+                result.failed,
+                if result.failed > 0 { format!(" ({})", result.first_error) } else { String::new() }
+            );
+            idle = Some((result, rss));
+        }
+        if let (Some(out), true) = (&opts.perf, opts.runs(Scenario::Allowed)) {
+            let pid = proxy.pid().context("pid")?;
+            profile(out, pid, || {
+                let r =
+                    env.load(opts.connections).run(url, &env.bodies.keepalive, Duration::from_secs(opts.seconds))?;
+                Ok(format!("allowed path under wrk, {:.0} req/s", r.rps()))
+            })?;
+            // The streamed path: paced SSE through the stream guard (monitor).
+            let sse = out.with_extension("sse.data");
+            profile(&sse, pid, || {
+                let r = env.latency(
+                    &bundle,
+                    PACED,
+                    "/v1/chat/completions?interval_ms=5",
+                    true,
+                    false,
+                    opts.stream_requests,
+                )?;
+                Ok(format!("paced SSE, first byte p50 {:.3} ms", r.first_p50_us / 1e3))
+            })?;
+        }
+        drop(proxy);
     }
-    drop(proxy);
 
-    println!("interceptor, eBPF redirect, stream_mode enforce");
-    let (proxy, bundle) = interceptor(&env, "ebpf", "[guardrails]\nstream_mode = \"enforce\"\n")?;
-    stream_set("interceptor enforce", &bundle, Some(&env.proxy_cg), false, &mut streams)?;
-    drop(proxy);
+    if opts.runs(Scenario::TwoWorkers) {
+        let cpus = Placement::TwoWorkers.cpus();
+        println!("interceptor, eBPF redirect, 2 workers on CPUs {cpus:?} (the default runtime of a 2-core node)");
+        for (name, extra) in [(names::ALLOWED_2W, ""), (names::GUARDRAILS_OFF_2W, guardrails_off)] {
+            let (proxy, _bundle) = interceptor(&env, "ebpf", Placement::TwoWorkers, "", extra)?;
+            let row = measure(&env, opts, name, url, keepalive, Some(&env.proxy_cg))?;
+            expect(&row, false)?;
+            rows.push(row);
+            if let (Some(out), "") = (&opts.perf, extra) {
+                let pid = proxy.pid().context("pid")?;
+                profile(&out.with_extension("2workers.data"), pid, || {
+                    let r = env.load(opts.connections).run(url, keepalive, Duration::from_secs(opts.seconds))?;
+                    Ok(format!("allowed path, 2 workers, under wrk, {:.0} req/s", r.rps()))
+                })?;
+            }
+            drop(proxy);
+        }
+    }
 
-    println!("interceptor, iptables redirect");
-    env.flush_conntrack();
-    let (proxy, _bundle) = interceptor(&env, "iptables", "")?;
-    env.flush_conntrack();
-    let row = measure(&env, opts, "interceptor iptables, allowed", url, keepalive, Some(&env.proxy_cg))?;
-    expect(&row, false)?;
-    rows.push(row);
-    drop(proxy);
-    env.flush_conntrack();
+    if opts.runs(Scenario::Enforce) {
+        println!("interceptor, eBPF redirect, stream_mode enforce");
+        let (proxy, bundle) =
+            interceptor(&env, "ebpf", Placement::Pinned, "", "[guardrails]\nstream_mode = \"enforce\"\n")?;
+        stream_set("interceptor enforce", &bundle, Some(&env.proxy_cg), false, &mut streams)?;
+        drop(proxy);
+    }
 
-    println!("nginx reverse proxy (TLS terminated, re-encrypted, upstream verified, keep-alive), iptables REDIRECT");
-    let peer_dir = env.scratch.path().join("nginx-peer");
-    let peer_addr = SocketAddr::from(([127, 0, 0, 1], NGINX_PEER_PORT));
-    let listen = SocketAddr::from(([0, 0, 0, 0], NGINX_PEER_PORT));
-    let nginx = procstat::with_cpu(PROXY_CPU, || {
-        Nginx::start(
-            &env.netns,
-            &env.peer_cg,
-            &peer_dir,
-            1,
-            &servers::reverse_proxy_http(listen, provider_addr, &env.pki),
-            peer_addr,
-        )
-    })??;
-    procstat::pin_cgroup(env.peer_cg.path(), PROXY_CPU)?;
-    env.peer_redirect(NGINX_PEER_PORT, true)?;
-    let row = measure(&env, opts, "nginx proxy, allowed", url, keepalive, Some(&env.peer_cg))?;
-    expect(&row, false)?;
-    rows.push(row);
-    let row = measure(&env, opts, "nginx proxy, new conn per req (TLS resumed)", url, close, Some(&env.peer_cg))?;
-    expect(&row, false)?;
-    conn_rows.push(row);
-    env.peer_redirect(NGINX_PEER_PORT, false)?;
-    drop(nginx);
+    if opts.runs(Scenario::Iptables) {
+        println!("interceptor, iptables redirect");
+        env.flush_conntrack();
+        let (proxy, _bundle) = interceptor(&env, "iptables", Placement::Pinned, "", "")?;
+        env.flush_conntrack();
+        let row = measure(&env, opts, "interceptor iptables, allowed", url, keepalive, Some(&env.proxy_cg))?;
+        expect(&row, false)?;
+        rows.push(row);
+        drop(proxy);
+        env.flush_conntrack();
+    }
 
-    println!("mitmproxy {} transparent, guard addon, iptables REDIRECT", servers::MITMPROXY_VERSION);
-    let mitm_dir = env.scratch.path().join("mitm");
-    std::fs::create_dir_all(&mitm_dir)?;
-    let mitm = procstat::with_cpu(PROXY_CPU, || {
-        Mitmproxy::start(&env.netns, &env.peer_cg, &mitm_dir, MITM_PEER_PORT, &env.pki.ca)
-    })??;
-    procstat::pin_cgroup(env.peer_cg.path(), PROXY_CPU)?;
-    env.peer_redirect(MITM_PEER_PORT, true)?;
-    let row = measure(&env, opts, "mitmproxy, allowed", url, keepalive, Some(&env.peer_cg))?;
-    expect(&row, false)?;
-    rows.push(row);
-    let row = measure(&env, opts, "mitmproxy, blocked", url, blocked, Some(&env.peer_cg))?;
-    expect(&row, true)?;
-    rows.push(row);
-    let row = measure(&env, opts, "mitmproxy, new conn per req (TLS resumed)", url, close, Some(&env.peer_cg))?;
-    expect(&row, false)?;
-    conn_rows.push(row);
-    let mitm_rss = rss_mb(mitm.pid())?;
-    env.peer_redirect(MITM_PEER_PORT, false)?;
-    drop(mitm);
+    if opts.runs(Scenario::Nginx) {
+        println!(
+            "nginx reverse proxy (TLS terminated, re-encrypted, upstream verified, keep-alive), iptables REDIRECT"
+        );
+        let peer_dir = env.scratch.path().join("nginx-peer");
+        let peer_addr = SocketAddr::from(([127, 0, 0, 1], NGINX_PEER_PORT));
+        let listen = SocketAddr::from(([0, 0, 0, 0], NGINX_PEER_PORT));
+        let nginx = procstat::with_cpus(&[PROXY_CPU], || {
+            Nginx::start(
+                &env.netns,
+                &env.peer_cg,
+                &peer_dir,
+                1,
+                &servers::reverse_proxy_http(listen, provider_addr, &env.pki),
+                peer_addr,
+            )
+        })??;
+        procstat::pin_cgroup(env.peer_cg.path(), &[PROXY_CPU])?;
+        env.peer_redirect(NGINX_PEER_PORT, true)?;
+        let row = measure(&env, opts, names::NGINX, url, keepalive, Some(&env.peer_cg))?;
+        expect(&row, false)?;
+        rows.push(row);
+        let row = measure(&env, opts, "nginx proxy, new conn per req (TLS resumed)", url, close, Some(&env.peer_cg))?;
+        expect(&row, false)?;
+        conn_rows.push(row);
+        env.peer_redirect(NGINX_PEER_PORT, false)?;
+        drop(nginx);
+    }
+
+    if opts.runs(Scenario::Mitmproxy) {
+        println!("mitmproxy {} transparent, guard addon, iptables REDIRECT", servers::MITMPROXY_VERSION);
+        let mitm_dir = env.scratch.path().join("mitm");
+        std::fs::create_dir_all(&mitm_dir)?;
+        let mitm = procstat::with_cpus(&[PROXY_CPU], || {
+            Mitmproxy::start(&env.netns, &env.peer_cg, &mitm_dir, MITM_PEER_PORT, &env.pki.ca)
+        })??;
+        procstat::pin_cgroup(env.peer_cg.path(), &[PROXY_CPU])?;
+        env.peer_redirect(MITM_PEER_PORT, true)?;
+        let row = measure(&env, opts, "mitmproxy, allowed", url, keepalive, Some(&env.peer_cg))?;
+        expect(&row, false)?;
+        rows.push(row);
+        let row = measure(&env, opts, "mitmproxy, blocked", url, blocked, Some(&env.peer_cg))?;
+        expect(&row, true)?;
+        rows.push(row);
+        let row = measure(&env, opts, "mitmproxy, new conn per req (TLS resumed)", url, close, Some(&env.peer_cg))?;
+        expect(&row, false)?;
+        conn_rows.push(row);
+        memory.mitm = Some(rss_mb(mitm.pid())?);
+        env.peer_redirect(MITM_PEER_PORT, false)?;
+        drop(mitm);
+    }
 
     print_results(&Results {
         rows: &rows,
         conn_rows: &conn_rows,
         streams: &streams,
-        with_progs: &with_progs,
-        without_progs: &without_progs,
-        rss_idle,
-        idle_cpu_ms_per_s,
-        rss_active,
-        rss_idle_conns,
-        idle: &idle,
-        mitm_rss,
+        connect: connect.as_ref(),
+        idle: idle.as_ref(),
+        memory: &memory,
         connections: opts.connections,
     });
     println!("\ncompleted in {:.0} s", started.elapsed().as_secs_f64());
@@ -733,24 +911,32 @@ pub fn run(opts: &Options) -> Result<()> {
     Ok(())
 }
 
+/// The interceptor's memory (VmRSS, MB) and idle CPU, and mitmproxy's
+/// memory, as far as the scenarios run measured them.
+#[derive(Default)]
+struct Memory {
+    idle: Option<f64>,
+    idle_cpu_ms_per_s: Option<f64>,
+    /// Right after the allowed row.
+    active: Option<f64>,
+    mitm: Option<f64>,
+}
+
 struct Results<'a> {
     rows: &'a [Row],
     conn_rows: &'a [Row],
     streams: &'a [LatencyRow],
-    with_progs: &'a ConnectResult,
-    without_progs: &'a ConnectResult,
-    rss_idle: f64,
-    idle_cpu_ms_per_s: f64,
-    rss_active: f64,
-    rss_idle_conns: f64,
-    idle: &'a IdleResult,
-    mitm_rss: f64,
+    /// connect() with the programs attached, and without.
+    connect: Option<&'a (ConnectResult, ConnectResult)>,
+    /// The idle connections held, and the RSS meanwhile.
+    idle: Option<&'a (IdleResult, f64)>,
+    memory: &'a Memory,
     connections: usize,
 }
 
 fn print_results(r: &Results<'_>) {
     println!(
-        "\n== throughput and latency (wrk, {} keep-alive connections, best of the runs; d = direct, m = mitmproxy, n = nginx; CPU = proxy utime+stime per request; other = CPU used by processes outside the benchmark meanwhile, in % of one CPU) ==",
+        "\n== throughput and latency (wrk, {} keep-alive connections, best of the runs; d = direct, m = mitmproxy, n = nginx; CPU = proxy CPU time per request (its cgroup's cpu.stat); other = CPU used by processes outside the benchmark meanwhile, in % of one CPU) ==",
         r.connections
     );
     print!("{}", report::throughput_table(r.rows, "direct", "mitmproxy, allowed", "nginx proxy, allowed"));
@@ -791,98 +977,48 @@ fn print_results(r: &Results<'_>) {
             s.cpu_us.map_or("-".into(), |c| format!("{c:.0}")),
         );
     }
-    println!("\n== connect() to a non-target address from a redirected cgroup ==");
-    println!(
-        "  eBPF programs attached: p50 {:.2} us, p99 {:.2} us; not attached: p50 {:.2} us, p99 {:.2} us; difference p50 {:+.2} us, p99 {:+.2} us",
-        r.with_progs.p50_ns / 1e3,
-        r.with_progs.p99_ns / 1e3,
-        r.without_progs.p50_ns / 1e3,
-        r.without_progs.p99_ns / 1e3,
-        (r.with_progs.p50_ns - r.without_progs.p50_ns) / 1e3,
-        (r.with_progs.p99_ns - r.without_progs.p99_ns) / 1e3,
-    );
+    if let Some((with, without)) = r.connect {
+        println!("\n== connect() to a non-target address from a redirected cgroup ==");
+        println!(
+            "  eBPF programs attached: p50 {:.2} us, p99 {:.2} us; not attached: p50 {:.2} us, p99 {:.2} us; difference p50 {:+.2} us, p99 {:+.2} us",
+            with.p50_ns / 1e3,
+            with.p99_ns / 1e3,
+            without.p50_ns / 1e3,
+            without.p99_ns / 1e3,
+            (with.p50_ns - without.p50_ns) / 1e3,
+            (with.p99_ns - without.p99_ns) / 1e3,
+        );
+    }
+    let mb = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1} MB"));
+    let m = r.memory;
     println!("\n== memory (VmRSS) and idle CPU ==");
-    println!("  interceptor CPU while idle (no traffic, 2 s): {:.2} ms per second", r.idle_cpu_ms_per_s);
+    if let Some(cpu) = m.idle_cpu_ms_per_s {
+        println!("  interceptor CPU while idle (no traffic, 2 s): {cpu:.2} ms per second");
+    }
     println!(
-        "  interceptor idle {:.1} MB; right after the allowed row ({} active connections) {:.1} MB; with {} idle keep-alive TLS connections {:.1} MB ({} failed); mitmproxy after its rows {:.1} MB",
-        r.rss_idle, r.connections, r.rss_active, r.idle.open, r.rss_idle_conns, r.idle.failed, r.mitm_rss
+        "  interceptor idle {}; right after the allowed row ({} active connections) {}; {}; mitmproxy after its rows {}",
+        mb(m.idle),
+        r.connections,
+        mb(m.active),
+        r.idle.map_or("idle connections not measured".into(), |(idle, rss)| format!(
+            "with {} idle keep-alive TLS connections {rss:.1} MB ({} failed)",
+            idle.open, idle.failed
+        )),
+        mb(m.mitm)
     );
 
-    let find = |name: &str| r.rows.iter().find(|x| x.name == name);
-    let stream = |name: &str| r.streams.iter().find(|x| x.name == name).map(|x| &x.r);
-    let mut targets = Vec::new();
-    if let (Some(a), Some(n)) = (find("interceptor eBPF, allowed"), find("nginx proxy, allowed")) {
-        let pct = 100.0 * a.wrk.rps() / n.wrk.rps();
-        targets.push(Target {
-            what: "allowed path req/s vs nginx".into(),
-            goal: ">= 80 %".into(),
-            measured: format!("{pct:.0} %"),
-            met: Some(pct >= 80.0),
-        });
-    }
-    if let Some(c) = find("interceptor eBPF, allowed").and_then(Row::cpu_us_per_request) {
-        targets.push(Target {
-            what: "allowed path proxy CPU per request".into(),
-            goal: "<= 40 us".into(),
-            measured: format!("{c:.1} us"),
-            met: Some(c <= 40.0),
-        });
-    }
-    if let (Some(a), Some(d)) = (find("interceptor eBPF, allowed"), find("direct")) {
-        let added = (a.wrk.p50_us - d.wrk.p50_us) / 1e3;
-        targets.push(Target {
-            what: format!("allowed path added p50 at {} connections", r.connections),
-            goal: "<= 0.4 ms".into(),
-            measured: format!("{added:.3} ms"),
-            met: Some(added <= 0.4),
-        });
-    }
-    if let (Some(p), Some(d)) = (find("interceptor eBPF, passthrough"), find("direct")) {
-        let pct = 100.0 * p.wrk.rps() / d.wrk.rps();
-        targets.push(Target {
-            what: "passthrough req/s vs direct".into(),
-            goal: ">= 90 %".into(),
-            measured: format!("{pct:.0} %"),
-            met: Some(pct >= 90.0),
-        });
-    }
-    for (what, goal, ms, name) in [
-        ("SSE monitor added first byte (keep-alive, paced)", "<= 0.3 ms", 0.3, "SSE paced 20x5ms"),
-        ("SSE monitor added first byte (new TLS connection)", "<= 0.6 ms", 0.6, "SSE paced, new TLS conn"),
-    ] {
-        if let (Some(i), Some(d)) =
-            (stream(&format!("interceptor monitor: {name}")), stream(&format!("direct: {name}")))
-        {
-            let added = (i.first_p50_us - d.first_p50_us) / 1e3;
-            targets.push(Target {
-                what: what.into(),
-                goal: goal.into(),
-                measured: format!("{added:.3} ms"),
-                met: Some(added <= ms),
-            });
-        }
-    }
-    let diff = (r.with_progs.p50_ns - r.without_progs.p50_ns) / 1e3;
-    targets.push(Target {
-        what: "non-target connect() p50 difference".into(),
-        goal: "<= 1 us".into(),
-        measured: format!("{diff:.2} us"),
-        met: Some(diff <= 1.0),
-    });
-    targets.push(Target {
-        what: "RSS idle".into(),
-        goal: "< 30 MB".into(),
-        measured: format!("{:.1} MB", r.rss_idle),
-        met: Some(r.rss_idle < 30.0),
-    });
-    targets.push(Target {
-        what: format!("RSS with {} idle keep-alive TLS connections", r.idle.open),
-        goal: "< 200 MB @10k".into(),
-        measured: format!("{:.1} MB", r.rss_idle_conns),
-        met: Some(r.rss_idle_conns < 200.0 && r.idle.open >= 10_000),
+    let first_byte_p50_us: Vec<(String, f64)> = r.streams.iter().map(|s| (s.name.clone(), s.r.first_p50_us)).collect();
+    let figures = report::figures(&Measured {
+        rows: r.rows,
+        first_byte_p50_us: &first_byte_p50_us,
+        idle_open: r.idle.map_or(0, |(idle, _)| idle.open),
+        rss_idle_conns_mb: r.idle.map(|(_, rss)| *rss),
+        rss_idle_mb: m.idle,
+        connect_p50_diff_us: r.connect.map(|(with, without)| (with.p50_ns - without.p50_ns) / 1e3),
+        connections: r.connections,
     });
     println!("\n== targets ==");
-    print!("{}", report::targets_table(&targets));
+    print!("{}", report::figures_table(&figures));
 }
 
 /// Today's date (UTC) from the system clock, without a date crate.

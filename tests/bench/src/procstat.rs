@@ -75,11 +75,19 @@ pub fn parse_status_kb(status: &str, field: &str) -> Option<u64> {
     status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
 }
 
-/// Pins every thread of `pid` to `cpu` (threads created later inherit it
-/// from their creator).
-pub fn pin(pid: u32, cpu: usize) -> Result<()> {
+/// A CPU set holding `cpus`.
+fn cpu_set(cpus: &[usize]) -> Result<nix::sched::CpuSet> {
     let mut set = nix::sched::CpuSet::new();
-    set.set(cpu)?;
+    for &cpu in cpus {
+        set.set(cpu)?;
+    }
+    Ok(set)
+}
+
+/// Pins every thread of `pid` to `cpus` (threads created later inherit it
+/// from their creator).
+pub fn pin(pid: u32, cpus: &[usize]) -> Result<()> {
+    let set = cpu_set(cpus)?;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let tid: i32 = task?.file_name().to_string_lossy().parse()?;
         // A thread that exited meanwhile is fine.
@@ -88,27 +96,48 @@ pub fn pin(pid: u32, cpu: usize) -> Result<()> {
     Ok(())
 }
 
-/// Runs `f` with the calling thread pinned to `cpu`, then restores its
+/// Runs `f` with the calling thread pinned to `cpus`, then restores its
 /// affinity: a process spawned meanwhile starts pinned, so runtimes that size
-/// their thread pools from the affinity mask (tokio does) see one CPU.
-pub fn with_cpu<T>(cpu: usize, f: impl FnOnce() -> T) -> Result<T> {
+/// their thread pools from the affinity mask (tokio does) see those CPUs.
+pub fn with_cpus<T>(cpus: &[usize], f: impl FnOnce() -> T) -> Result<T> {
     let me = nix::unistd::Pid::from_raw(0);
     let saved = nix::sched::sched_getaffinity(me)?;
-    let mut one = nix::sched::CpuSet::new();
-    one.set(cpu)?;
-    nix::sched::sched_setaffinity(me, &one)?;
+    nix::sched::sched_setaffinity(me, &cpu_set(cpus)?)?;
     let out = f();
     nix::sched::sched_setaffinity(me, &saved)?;
     Ok(out)
 }
 
-/// Pins every process in a cgroup.
-pub fn pin_cgroup(cgroup: &Path, cpu: usize) -> Result<()> {
+/// Pins every process in a cgroup to `cpus`.
+pub fn pin_cgroup(cgroup: &Path, cpus: &[usize]) -> Result<()> {
     let procs = std::fs::read_to_string(cgroup.join("cgroup.procs"))?;
     for pid in procs.split_whitespace().filter_map(|p| p.parse().ok()) {
-        pin(pid, cpu)?;
+        pin(pid, cpus)?;
     }
     Ok(())
+}
+
+/// Context switches (voluntary and not) of every thread of every process in
+/// a cgroup so far. A thread that exits takes its count with it.
+pub fn cgroup_context_switches(cgroup: &Path) -> Result<u64> {
+    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs"))?;
+    let mut total = 0;
+    for pid in procs.split_whitespace() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
+        for task in tasks.flatten() {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            total += parse_context_switches(&status).unwrap_or(0);
+        }
+    }
+    Ok(total)
+}
+
+/// `voluntary_ctxt_switches` + `nonvoluntary_ctxt_switches` of a
+/// `/proc/<pid>/task/<tid>/status`.
+pub fn parse_context_switches(status: &str) -> Option<u64> {
+    let field =
+        |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<u64>().ok());
+    Some(field("voluntary_ctxt_switches:")? + field("nonvoluntary_ctxt_switches:")?)
 }
 
 #[cfg(test)]
@@ -139,6 +168,13 @@ mod tests {
         let stat = "cpu  100 5 50 9000 40 3 2 1 0 0\ncpu0 50 2 25 4500 20 1 1 0 0 0\n";
         assert_eq!(parse_busy_ticks(stat), Some(100 + 5 + 50 + 3 + 2 + 1));
         assert!(machine_busy_seconds().expect("/proc/stat") > 0.0);
+    }
+
+    #[test]
+    fn context_switches_of_both_kinds() {
+        let status = "Name:\tx\nvoluntary_ctxt_switches:\t120\nnonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(parse_context_switches(status), Some(127));
+        assert_eq!(parse_context_switches("Name:\tx\n"), None);
     }
 
     #[test]

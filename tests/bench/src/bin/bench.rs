@@ -6,6 +6,10 @@
 //! ```text
 //! bench [--seconds N] [--connections N] [--idle-connections N]
 //!       [--connect-iterations N] [--stream-requests N] [--repeat N] [--perf FILE]
+//!       [--only SCENARIO[,SCENARIO...]]
+//!                            scenarios: guardrails-off, allowed, connect, idle,
+//!                            two-workers, enforce, iptables, nginx, mitmproxy
+//!                            (the direct rows always run)
 //! bench --inprocess          the loopback benchmark in one process
 //! bench probe <kind> <json>  (internal) a measurement run in the client cgroup
 //! ```
@@ -23,6 +27,7 @@ fn parse(args: &[String]) -> Result<Option<bench::Options>> {
         stream_requests: 40,
         repeat: 2,
         perf: None,
+        only: Vec::new(),
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -36,6 +41,7 @@ fn parse(args: &[String]) -> Result<Option<bench::Options>> {
             "--stream-requests" => opts.stream_requests = value()?.parse()?,
             "--repeat" => opts.repeat = value()?.parse()?,
             "--perf" => opts.perf = Some(value()?.into()),
+            "--only" => opts.only.extend(bench::Scenario::parse_list(value()?)?),
             other => bail!("unknown argument {other}"),
         }
     }
@@ -99,5 +105,16 @@ mod tests {
         assert!(parse(&args(&["--inprocess"])).expect("parse").is_none());
         assert!(parse(&args(&["--seconds"])).is_err());
         assert!(parse(&args(&["--bogus"])).is_err());
+        assert!(opts.only.is_empty() && opts.runs(bench::Scenario::Mitmproxy));
+    }
+
+    #[test]
+    fn only_selects_scenarios() {
+        let opts = parse(&args(&["--only", "two-workers,enforce", "--only", "idle"])).expect("parse").expect("bench");
+        use bench::Scenario::*;
+        assert_eq!(opts.only, [TwoWorkers, Enforce, Idle]);
+        assert!(opts.runs(TwoWorkers) && opts.runs(Idle) && !opts.runs(Allowed) && !opts.runs(Mitmproxy));
+        let error = parse(&args(&["--only", "allowed,fast"])).expect_err("unknown scenario");
+        assert!(error.to_string().contains("unknown scenario \"fast\""), "{error}");
     }
 }
