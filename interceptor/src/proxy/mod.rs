@@ -1127,8 +1127,9 @@ mod tests {
             ),
             plane: p,
             addrs: ProxyAddrs { v4: "127.0.0.1:1".parse().unwrap(), v6: None, mark: 0 },
-            rejected: Mutex::new(HashSet::new()),
+            rejected: Arc::default(),
             in_flight,
+            worker: 0,
         };
         // The provider reads the whole request (to the client's half-close),
         // then answers.
