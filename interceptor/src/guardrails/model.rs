@@ -31,6 +31,10 @@ pub enum Provider {
     BedrockAgent,
     /// Unknown JSON: every string field is inspected.
     Generic,
+    /// The Model Context Protocol (JSON-RPC 2.0 over streamable HTTP or
+    /// HTTP+SSE), read by `guardrails::mcp`. The LLM parsers treat it as
+    /// [`Provider::Generic`].
+    Mcp,
 }
 
 /// Fails to compile when a provider is added, so [`Provider::ALL`] is kept whole.
@@ -43,12 +47,13 @@ const _: fn(Provider) = |p| match p {
     | Provider::Gemini
     | Provider::Cohere
     | Provider::BedrockAgent
-    | Provider::Generic => {}
+    | Provider::Generic
+    | Provider::Mcp => {}
 };
 
 impl Provider {
     /// Every provider.
-    pub const ALL: [Provider; 9] = [
+    pub const ALL: [Provider; 10] = [
         Provider::OpenAiChat,
         Provider::OpenAiResponses,
         Provider::Anthropic,
@@ -60,6 +65,7 @@ impl Provider {
         // keep theirs.
         Provider::Cohere,
         Provider::BedrockAgent,
+        Provider::Mcp,
     ];
 
     /// The provider's name in policies, metrics and audit events.
@@ -74,6 +80,7 @@ impl Provider {
             Self::Cohere => "cohere",
             Self::BedrockAgent => "bedrock_agent",
             Self::Generic => "generic",
+            Self::Mcp => "mcp",
         }
     }
 }
@@ -105,6 +112,15 @@ pub enum TextKind {
     Reasoning,
     /// A string field of an unknown body.
     Other,
+    /// Contents of a resource a server returned (MCP `resources/read`).
+    Resource,
+    /// A prompt template a server returned (MCP `prompts/get` description
+    /// and messages).
+    Prompt,
+    /// What a server says about its tools (MCP `tools/list`: names, titles,
+    /// descriptions, parameter descriptions): text the model reads as
+    /// instructions.
+    ToolDefinition,
 }
 
 /// One step of a JSON path.

@@ -16,13 +16,16 @@ pub(super) fn provider_names() -> impl Iterator<Item = &'static str> {
     Provider::ALL.into_iter().map(Provider::as_str)
 }
 
-const KINDS: [(TextKind, &str); 6] = [
+const KINDS: [(TextKind, &str); 9] = [
     (TextKind::Content, "content"),
     (TextKind::Instructions, "instructions"),
     (TextKind::ToolCall, "tool_call"),
     (TextKind::ToolResult, "tool_result"),
     (TextKind::Reasoning, "reasoning"),
     (TextKind::Other, "other"),
+    (TextKind::Resource, "resource"),
+    (TextKind::Prompt, "prompt"),
+    (TextKind::ToolDefinition, "tool_definition"),
 ];
 
 pub(super) fn kind_named(name: &str) -> Option<TextKind> {
@@ -34,7 +37,7 @@ pub(super) fn kind_names() -> impl Iterator<Item = &'static str> {
 }
 
 /// One bit per [`TextKind`].
-pub(super) fn kind_bit(kind: TextKind) -> u8 {
+pub(super) fn kind_bit(kind: TextKind) -> u16 {
     match kind {
         TextKind::Content => 1,
         TextKind::Instructions => 2,
@@ -42,10 +45,13 @@ pub(super) fn kind_bit(kind: TextKind) -> u8 {
         TextKind::ToolResult => 8,
         TextKind::Reasoning => 16,
         TextKind::Other => 32,
+        TextKind::Resource => 64,
+        TextKind::Prompt => 128,
+        TextKind::ToolDefinition => 256,
     }
 }
 
-pub(super) const ALL_KINDS: u8 = 63;
+pub(super) const ALL_KINDS: u16 = 511;
 
 /// A host pattern: lowercase, without a trailing dot.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -295,7 +301,7 @@ pub(super) struct Scope {
     pub hosts: Vec<HostPattern>,
     pub workloads: Vec<WorkloadPattern>,
     /// Bit set of [`kind_bit`]s.
-    pub kinds: u8,
+    pub kinds: u16,
 }
 
 impl Scope {

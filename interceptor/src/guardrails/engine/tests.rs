@@ -489,6 +489,44 @@ fn scope_and_direction_filtering() {
 }
 
 #[test]
+fn mcp_provider_and_kinds_scope_rules() {
+    let policy = Policy::from_toml(
+        r#"
+        [[rules]]
+        id = "tool-definitions"
+        detectors = ["email"]
+        action = "alert"
+        scope = { providers = ["mcp"], kinds = ["tool_definition"] }
+
+        [[rules]]
+        id = "resources-and-prompts"
+        detectors = ["email"]
+        action = "alert"
+        scope.kinds = ["resource", "prompt"]
+
+        [[rules]]
+        id = "everything"
+        detectors = ["email"]
+        action = "alert"
+        "#,
+        "test",
+    )
+    .unwrap();
+    let e = Engine::new(&policy).unwrap();
+    let fired = |provider: Provider, kind: TextKind| -> Vec<String> {
+        let ctx = ScanContext { direction: Direction::Response, provider, host: "mcp.example.test", workload: None };
+        e.scan(&ctx, [(kind, "mail a@example.com")]).findings.iter().map(|f| f.rule_id.to_string()).collect()
+    };
+    assert_eq!(fired(Provider::Mcp, TextKind::ToolDefinition), ["tool-definitions", "everything"]);
+    assert_eq!(fired(Provider::Generic, TextKind::ToolDefinition), ["everything"]);
+    assert_eq!(fired(Provider::Mcp, TextKind::Resource), ["resources-and-prompts", "everything"]);
+    assert_eq!(fired(Provider::Mcp, TextKind::Prompt), ["resources-and-prompts", "everything"]);
+    assert_eq!(fired(Provider::Mcp, TextKind::Content), ["everything"]);
+    let conditions: Vec<String> = e.rules[0].scope.conditions();
+    assert_eq!(conditions, ["providers: mcp", "kinds: tool_definition"]);
+}
+
+#[test]
 fn system_instructions() {
     let policy = Policy::from_toml(
         r#"

@@ -480,7 +480,7 @@ pub fn parse_request(provider: Provider, doc: &Value) -> NormalizedRequest {
         Provider::Gemini => gemini::request(doc, &mut c),
         Provider::Cohere => cohere::request(doc, &mut c),
         Provider::BedrockAgent => bedrock_agent::request(doc, &mut c),
-        Provider::Generic => generic::texts(doc, &mut c),
+        Provider::Generic | Provider::Mcp => generic::texts(doc, &mut c),
     }
     NormalizedRequest {
         model: doc.get("model").and_then(Value::as_str).map(str::to_owned),
@@ -501,7 +501,7 @@ pub fn parse_response(provider: Provider, doc: &Value) -> NormalizedResponse {
         Provider::Gemini => gemini::response(doc, &mut c),
         Provider::Cohere => cohere::response(doc, &mut c),
         Provider::BedrockAgent => bedrock_agent::response(doc, &mut c),
-        Provider::Generic => generic::texts(doc, &mut c),
+        Provider::Generic | Provider::Mcp => generic::texts(doc, &mut c),
     }
     NormalizedResponse { texts: c.texts }
 }
@@ -587,7 +587,7 @@ pub fn insert_instruction(provider: Provider, doc: &mut Value, text: &str) -> Re
         Provider::Gemini => gemini::insert(doc, text),
         Provider::Cohere => cohere::insert(doc, text),
         Provider::BedrockAgent => bedrock_agent::insert(doc, text),
-        Provider::Generic => Err(RewriteError::Unsupported { provider: provider.as_str() }),
+        Provider::Generic | Provider::Mcp => Err(RewriteError::Unsupported { provider: provider.as_str() }),
     }
 }
 
@@ -629,7 +629,7 @@ pub fn stream_delta(provider: Provider, ev: StreamEventRef<'_>) -> StreamDelta {
             }
             match serde_json::from_str::<Value>(data) {
                 Ok(v) => json_event(provider, event, &v),
-                Err(_) if provider == Provider::Generic => generic::raw_text(data),
+                Err(_) if matches!(provider, Provider::Generic | Provider::Mcp) => generic::raw_text(data),
                 Err(_) => StreamDelta::default(),
             }
         }
@@ -670,7 +670,7 @@ fn json_event(provider: Provider, event: Option<&str>, v: &Value) -> StreamDelta
         Provider::Gemini => gemini::chunk(v),
         Provider::Cohere => cohere::chunk(event, v),
         Provider::BedrockAgent => bedrock_agent::json_event(v),
-        Provider::Generic => generic::chunk(v),
+        Provider::Generic | Provider::Mcp => generic::chunk(v),
     }
 }
 
@@ -708,7 +708,8 @@ pub fn stream_block(provider: Provider, framing: FramingKind, reason: &str) -> V
             | Provider::BedrockConverse
             | Provider::BedrockAgent
             | Provider::Cohere
-            | Provider::Generic => openai::chat_block(reason),
+            | Provider::Generic
+            | Provider::Mcp => openai::chat_block(reason),
         },
     }
 }
