@@ -5,6 +5,8 @@
 //! * `providers` — provider wire formats into the model, and back (pure).
 //! * `framing` — SSE, AWS event-stream and streamed JSON arrays (pure).
 //! * `decode` — content-encoding decompression with hard limits (pure).
+//! * `mcp` — the Model Context Protocol: recognizing it, its JSON-RPC
+//!   messages and their texts, its SSE streams, tool-definition hashes (pure).
 //! * `engine` — the embedded local engine: detectors, policy, redaction (pure).
 //! * `offload` — where a local scan runs: inline when small, on the
 //!   blocking pool when large.
@@ -23,6 +25,7 @@ pub mod decode;
 pub mod engine;
 pub mod framing;
 mod local;
+pub mod mcp;
 pub mod model;
 pub mod offload;
 pub mod pipeline;
