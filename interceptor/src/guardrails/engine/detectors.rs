@@ -250,7 +250,119 @@ pub(super) const BUILTINS: &[Builtin] = &[
         rank: None,
     },
     Builtin { name: "prompt_injection", kind: Kind::Phrases(INJECTION_PHRASES), rank: None },
+    Builtin { name: "hidden_instructions", kind: Kind::Regexes(HIDDEN_INSTRUCTIONS), rank: None },
+    Builtin {
+        name: "invisible_unicode",
+        kind: Kind::Regexes(&[
+            // Zero-width space, word joiner and invisible operators, bidi
+            // embeddings, overrides and isolates (Trojan Source), a BOM
+            // inside text, the Mongolian vowel separator, tag characters and
+            // the supplementary variation selectors (both carry hidden text).
+            checked(
+                r"[\x{200B}\x{2060}-\x{2064}\x{202A}-\x{202E}\x{2066}-\x{2069}\x{FEFF}\x{180E}\x{E0000}-\x{E007F}\x{E0100}-\x{E01EF}]+",
+                not_a_flag,
+            ),
+            // Runs of zero-width characters, joiners included (a single
+            // joiner belongs to emoji and Indic scripts).
+            re(r"[\x{200B}-\x{200D}\x{2060}]{2,}"),
+        ]),
+        rank: None,
+    },
+    Builtin { name: "exfiltration_url", kind: Kind::Regexes(EXFILTRATION_URLS), rank: None },
 ];
+
+/// Text aimed at the model rather than at people, as tool poisoning hides
+/// it in tool descriptions: tags that mark instructions, asking to keep
+/// something from the user or to skip their confirmation, to read a file
+/// before using the tool, to pass a file's content as a parameter, to send
+/// everything to one address, claims that the tool fails otherwise, chat
+/// template markers, and references to credential files.
+const HIDDEN_INSTRUCTIONS: &[Pattern] = &[
+    re(r"(?i:<(?:important|system|secret|hidden|instructions?|critical|admin|system[_-]prompt)>)"),
+    re(concat!(
+        r"(?i:(?:do[ \t\r\n]+not|don[’']t|never|must[ \t\r\n]+not|should[ \t\r\n]+not)[ \t\r\n]+",
+        r"(?:tell|mention|inform|notify|alert|reveal|show|disclose)[ \t\r\n]+",
+        r"(?:(?:this|that|it|anything)[ \t\r\n]+)?(?:to[ \t\r\n]+)?the[ \t\r\n]+user)"
+    )),
+    re(r"(?i:without[ \t\r\n]+(?:telling|informing|notifying|alerting)[ \t\r\n]+the[ \t\r\n]+user)"),
+    re(r"(?i:(?:hide|conceal)[ \t\r\n]+(?:this|it|that)[ \t\r\n]+from[ \t\r\n]+the[ \t\r\n]+user)"),
+    re(concat!(
+        r"(?i:(?:do[ \t\r\n]+not|don[’']t|never)[ \t\r\n]+(?:ask|request|wait)[ \t\r\n]+(?:for[ \t\r\n]+)?",
+        r"(?:the[ \t\r\n]+)?(?:user[’']?s?[ \t\r\n]+)?(?:permission|confirmation|approval|consent))"
+    )),
+    re(concat!(
+        r"(?i:before[ \t\r\n]+(?:using|calling|invoking|running)[ \t\r\n]+(?:this|the)[ \t\r\n]+tool,?[ \t\r\n]+",
+        r"(?:you[ \t\r\n]+(?:must|should|need[ \t\r\n]+to)[ \t\r\n]+)?(?:first[ \t\r\n]+)?",
+        r"(?:read|open|cat|send|upload|include|pass|attach|copy))"
+    )),
+    re(
+        r"(?i:(?:pass|send|put|provide|include|add|attach)[ \t\r\n]+(?:its|their)[ \t\r\n]+(?:(?:full|entire)[ \t\r\n]+)?contents?[ \t\r\n]+as)",
+    ),
+    re(
+        r"(?i:(?:send|forward|bcc|cc)[ \t\r\n]+(?:all|every|any)[ \t\r\n]+[a-z]+(?:[ \t\r\n]+[a-z]+)?[ \t\r\n]+to[ \t\r\n]+[a-z0-9._%+-]+@)",
+    ),
+    re(r"(?i:otherwise[ \t\r\n,]+the[ \t\r\n]+tool[ \t\r\n]+(?:will|would)[ \t\r\n]+(?:not[ \t\r\n]+work|fail))"),
+    re(r"(?i:when[ \t\r\n]+this[ \t\r\n]+tool[ \t\r\n]+is[ \t\r\n]+(?:available|present|loaded|installed|enabled))"),
+    re(r"<\|im_start\|>|<\|system\|>|\[INST\]|<<SYS>>"),
+    // Credential files.
+    re(r"[\\/]\.ssh(?-u:\b)|(?-u:\b)id_(?:rsa|dsa|ecdsa|ed25519)(?-u:\b)"),
+    re(r"(?-u:\b)mcp\.json(?-u:\b)|claude_desktop_config\.json"),
+    re(concat!(
+        r"[\\/]\.aws[\\/]credentials|[\\/]\.kube[\\/]config|[\\/]\.docker[\\/]config\.json",
+        r"|/etc/(?:passwd|shadow)(?-u:\b)|\.git-credentials|[\\/~]\.netrc(?-u:\b)"
+    )),
+    re(r#"(?:^|[ \t\r\n"'`(~/\\])\.env(?:\.[a-z]+)?(?:[^A-Za-z0-9_.]|$)"#),
+];
+
+/// URLs built to carry data out, not any URL (a link to documentation does
+/// not match): a placeholder for data (`{…}`, `<NAME>`, `${…}`, `$NAME`,
+/// `%s`), a data-named query parameter left empty for the model to fill
+/// (`?data=`, `&token=`, …), a request-capture or tunnelling host
+/// (webhook.site, ngrok, pipedream, interactsh, Burp Collaborator, …), a
+/// numeric host other than loopback, or a Markdown image (rendering it
+/// sends the request).
+const EXFILTRATION_URLS: &[Pattern] = &[
+    // URL characters are printable ASCII but space, quotes, `<`, `>` and
+    // backtick; ASCII classes, and prefixes that stop where a placeholder
+    // starts, keep the streams' automaton small.
+    re(concat!(
+        r"(?i:https?)://(?:[!#&(-;=?-_a-z|~]|%[0-9A-Fa-f]{2})*",
+        r"(?:\{|<[A-Za-z_][A-Za-z0-9_ -]{0,40}>|\$\{|\$[A-Z_]{2,}|%s)[!#-&(-;=?-_a-~]*"
+    )),
+    re(concat!(
+        r"(?i:https?)://[!#-&(-;=?-_a-~]*[?&]",
+        r"(?i:data|content|contents|text|body|payload|secrets?|token|key|apikey|api_key|password|passwd|pwd|creds?",
+        r"|credentials?|file|files|env|cookies?|session|conversation|history|chat|prompt|context|memory|ssh|exfil",
+        r"|leak|info|input|msg|message)=(?:[^!$-%(-;=?-_a-~]|$)"
+    )),
+    re(concat!(
+        r"(?i:https?://(?:[a-z0-9-]+\.)*(?:webhook\.site|requestbin\.(?:com|net)|pipedream\.net",
+        r"|ngrok(?:-free)?\.(?:io|app|dev)|burpcollaborator\.net|oastify\.com|oast\.(?:fun|live|me|online|pro|site)",
+        r"|interact\.sh|requestcatcher\.com|hookbin\.com|beeceptor\.com|postb\.in|trycloudflare\.com|serveo\.net",
+        r"|loca\.lt|dnslog\.cn|canarytokens\.com))(?-u:\b)[!#-&(-;=?-_a-~]*"
+    )),
+    checked(r"(?i:https?)://(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?-u:\b)[!#-&(-;=?-_a-~]*", not_loopback),
+    re(r"!\[[ -\x5C\x5E-\x7E]{0,100}\]\([ \t]*((?i:https?)://[!#-&*-;=?-_a-~]+)"),
+];
+
+/// Rejects the tag characters of a flag emoji (England, Scotland, Wales:
+/// U+1F3F4, tag letters, U+E007F).
+fn not_a_flag(text: &str, r: Range<usize>) -> bool {
+    let run = &text[r.clone()];
+    let tags_only = run.chars().all(|c| ('\u{E0020}'..='\u{E007F}').contains(&c));
+    let is_flag = tags_only && run.ends_with('\u{E007F}') && text[..r.start].ends_with('\u{1F3F4}');
+    !is_flag
+}
+
+/// Rejects URLs whose host is a loopback or unspecified address.
+fn not_loopback(text: &str, r: Range<usize>) -> bool {
+    let url = &text[r];
+    let Some((_, rest)) = url.split_once("://") else { return true };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit('@').next().unwrap_or(authority);
+    let host = host.split(':').next().unwrap_or(host);
+    !(host.starts_with("127.") || host == "0.0.0.0")
+}
 
 pub(super) fn builtin(name: &str) -> Option<&'static Builtin> {
     BUILTINS.iter().find(|b| b.name == name)

@@ -74,6 +74,7 @@ use regex_automata::{
 };
 
 use super::{Engine, policy::Directions};
+use crate::guardrails::model::Provider;
 
 /// The least number of bytes a live partial match is held back.
 pub const MIN_HOLD: usize = 256;
@@ -101,7 +102,8 @@ impl Automaton {
     /// boundary in a custom regex, or too large): streams then use windows.
     pub(super) fn build(engine: &Engine) -> Option<Self> {
         let mut used = vec![false; engine.detectors.len()];
-        for rule in engine.rules.iter().filter(|r| r.direction != Directions::Request) {
+        // Rules for MCP kinds only never see an LLM stream's text.
+        for rule in engine.rules.iter().filter(|r| r.direction != Directions::Request && r.reads(Provider::Generic)) {
             for &(d, _) in &rule.detectors {
                 used[d] = true;
             }

@@ -72,7 +72,9 @@
 //! `azure_storage_key`, `private_key` (PEM blocks), `jwt`, `openai_api_key`,
 //! `anthropic_api_key`, `google_api_key`, `github_token`, `slack_token`,
 //! `stripe_secret_key`, `prompt_injection` (phrases, ASCII case-insensitive,
-//! single spaces, word boundaries). Overlapping number-shaped candidates are
+//! single spaces, word boundaries); for MCP tool poisoning
+//! `hidden_instructions`, `invisible_unicode` and `exfiltration_url` (what
+//! each matches is listed in `config/policy.toml`). Overlapping number-shaped candidates are
 //! resolved iban > credit_card > us_ssn > phone > ipv4.
 //!
 //! # Decision
@@ -384,7 +386,13 @@ impl CompiledRule {
             (Directions::Request, d) => d == Direction::Request,
             (Directions::Response, d) => d == Direction::Response,
         };
-        dir && self.scope.covers(ctx.provider, ctx.host, ctx.workload.as_ref())
+        dir && self.scope.covers(ctx.provider, ctx.host, ctx.workload.as_ref()) && self.reads(ctx.provider)
+    }
+
+    /// Whether texts of `provider` can be of a kind the rule covers: a rule
+    /// for MCP kinds only never applies to LLM traffic.
+    fn reads(&self, provider: Provider) -> bool {
+        provider == Provider::Mcp || self.scope.kinds & scope::LLM_KINDS != 0
     }
 }
 

@@ -53,6 +53,12 @@ pub(super) fn kind_bit(kind: TextKind) -> u16 {
 
 pub(super) const ALL_KINDS: u16 = 511;
 
+/// The kinds the LLM provider parsers produce. `resource`, `prompt` and
+/// `tool_definition` texts come from MCP messages only, so a rule covering
+/// none of these kinds applies to MCP exchanges only (and never to LLM
+/// streams).
+pub(super) const LLM_KINDS: u16 = 63;
+
 /// A host pattern: lowercase, without a trailing dot.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum HostPattern {
