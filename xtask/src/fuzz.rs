@@ -27,6 +27,8 @@ pub const TARGETS: &[&str] = &[
     "decode",
     "config",
     "policy",
+    "mcp_stream",
+    "mcp_messages",
 ];
 
 /// How long the suite runs each target.
