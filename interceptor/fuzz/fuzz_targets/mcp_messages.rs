@@ -9,8 +9,16 @@ use interceptor::guardrails::{
 };
 use libfuzzer_sys::fuzz_target;
 
-const METHODS: [&str; 8] =
-    ["tools/call", "tools/list", "resources/read", "prompts/get", "initialize", "sampling/createMessage", "elicitation/create", ""];
+const METHODS: [&str; 8] = [
+    "tools/call",
+    "tools/list",
+    "resources/read",
+    "prompts/get",
+    "initialize",
+    "sampling/createMessage",
+    "elicitation/create",
+    "",
+];
 
 fuzz_target!(|data: &[u8]| {
     let _ = mcp::recognize(&Method::POST, &HeaderMap::new(), data);
