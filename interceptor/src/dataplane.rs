@@ -29,7 +29,6 @@ use crate::{
     },
     metrics::Metrics,
     net::OrigDstResolver,
-    policy::DomainPolicy,
     proxy::{
         Listeners, Proxy, ProxySettings, Snapshot, budget,
         hook::Hook,
@@ -183,7 +182,7 @@ fn max_buffered_total(config: &Config) -> usize {
 /// Warns about AI domains the CA's name constraints leave out: their
 /// connections cannot be intercepted until the CA is rolled over.
 pub fn certificate_authority(config: &Config, state_dir: &Path) -> anyhow::Result<CertificateAuthority> {
-    let policy = DomainPolicy::compile(&config.domains).context("compiling the domain policy")?;
+    let policy = config.domain_policy().context("compiling the domain policy")?;
     let bases = policy.name_constraint_bases();
     let ca = if config.tls.ca_dir.as_os_str().is_empty() {
         let spec = if config.tls.node_ca_name_constraints {
