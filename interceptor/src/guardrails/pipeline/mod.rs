@@ -36,6 +36,7 @@
 //! [`respond::blocked`]: crate::respond::blocked
 
 mod backends;
+pub mod mcp;
 mod outcome;
 mod quick;
 mod request;
