@@ -176,6 +176,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (shutdown_dns_tx, shutdown_rx_dns) = watch::channel(false);
     let mut plane = DataPlaneBuilder::new(&config)
+        .state_dir(&state_dir)
         .tls(tls)
         .metrics(metrics)
         .pods(pods.map(|p| Arc::new(p) as Arc<dyn crate::workload::PodLookup>));
