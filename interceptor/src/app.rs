@@ -27,7 +27,6 @@ use crate::{
     error,
     kubernetes::PodDirectory,
     metrics::Metrics,
-    policy::DomainPolicy,
     proxy::{Listeners, Snapshot},
     redirect::{NoRedirect, Redirector, ebpf::EbpfRedirector, iptables::IptablesRedirector, liveness::BeatThread},
 };
@@ -63,7 +62,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // What can fail at start fails before anything is redirected: a proxy
     // that exits after installing the redirect would leave traffic to its
     // fail mode.
-    let policy = DomainPolicy::compile(&config.domains).context("compiling the domain policy")?;
+    let policy = config.domain_policy().context("compiling the domain policy")?;
     let names = control::resolve_names(&policy, &config);
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::new(policy)));
     let snapshot_tx = Arc::new(snapshot_tx);
@@ -177,6 +176,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (shutdown_dns_tx, shutdown_rx_dns) = watch::channel(false);
     let mut plane = DataPlaneBuilder::new(&config)
+        .state_dir(&state_dir)
         .tls(tls)
         .metrics(metrics)
         .pods(pods.map(|p| Arc::new(p) as Arc<dyn crate::workload::PodLookup>));

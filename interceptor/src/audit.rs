@@ -113,6 +113,9 @@ pub enum EventKind {
     UnclassifiedConnection,
     /// The summary of a WebSocket connection.
     WebsocketClosed,
+    /// One MCP tool call: its server, tool, decision and latency (the time
+    /// from the call to its result), with its `mcp` fields.
+    McpToolCall,
 }
 
 impl EventKind {
@@ -121,6 +124,7 @@ impl EventKind {
             Self::GuardrailDecision => "guardrail_decision",
             Self::UnclassifiedConnection => "unclassified_connection",
             Self::WebsocketClosed => "websocket_closed",
+            Self::McpToolCall => "mcp_tool_call",
         }
     }
 }
@@ -172,6 +176,29 @@ pub struct AuditEvent {
     /// The summary of a WebSocket connection (event `websocket_closed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub websocket: Option<WebSocketStats>,
+    /// The MCP exchange (MCP traffic and event `mcp_tool_call`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<McpInfo>,
+}
+
+/// What an audit event says of an MCP exchange.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct McpInfo {
+    /// The MCP server's host.
+    pub server: String,
+    /// `Mcp-Session-Id` (or the old transport's `sessionId`), when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// The JSON-RPC method (`tools/call`, `tools/list`, …); for a batch, the
+    /// first request's.
+    pub method: String,
+    /// The tool of a `tools/call`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+    /// The tool call's arguments as JSON; only with
+    /// `guardrails.audit_prompts = true`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
 }
 
 /// What a WebSocket connection carried, written when it closes.
@@ -549,7 +576,29 @@ mod tests {
             workload: WorkloadInfo::default(),
             prompt: None,
             websocket: None,
+            mcp: None,
         }
+    }
+
+    #[test]
+    fn mcp_tool_call_events_carry_their_mcp_fields() {
+        let mut e = event(Decision::Block);
+        e.event = EventKind::McpToolCall;
+        e.mcp = Some(McpInfo {
+            server: "mcp.example.test".into(),
+            session: Some("s-1".into()),
+            method: "tools/call".into(),
+            tool: Some("run_shell".into()),
+            arguments: None,
+        });
+        let json: serde_json::Value = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["event"], "mcp_tool_call");
+        assert_eq!(
+            json["mcp"],
+            serde_json::json!({"server": "mcp.example.test", "session": "s-1", "method": "tools/call", "tool": "run_shell"})
+        );
+        let plain = serde_json::to_value(event(Decision::Allow)).unwrap();
+        assert!(plain.get("mcp").is_none(), "{plain}");
     }
 
     #[test]

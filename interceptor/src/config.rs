@@ -19,7 +19,10 @@ use serde::{Deserialize, Serialize};
 pub use self::akto::AktoConfig;
 pub use self::kubernetes::{KubeEnabled, KubernetesConfig};
 pub use self::mcp::McpConfig;
-use crate::{policy::DomainsConfig, telemetry::LogFormat};
+use crate::{
+    policy::{DomainPolicy, DomainsConfig, McpDomains, PolicyError},
+    telemetry::LogFormat,
+};
 
 pub mod akto;
 pub mod kubernetes;
@@ -787,6 +790,8 @@ impl Config {
         }
         errors.extend(self.kubernetes.validate());
         errors.extend(self.mcp.validate());
+        let mcp_domains = McpDomains { domains: &self.mcp.domains, domains_extra: &self.mcp.domains_extra };
+        errors.extend(mcp_domains.validate());
         if !self.admin.address.ip().is_loopback() {
             errors.push(format!(
                 "admin.address: {} is not a loopback address; the admin API must not be reachable from the network",
@@ -794,6 +799,22 @@ impl Config {
             ));
         }
         if errors.is_empty() { Ok(()) } else { Err(ConfigError::Invalid { errors }) }
+    }
+
+    /// The MCP server names intercepted like AI domains: `mcp.domains` and
+    /// `mcp.domains_extra`, or none when `mcp.enabled` is off.
+    pub fn mcp_domains(&self) -> McpDomains<'_> {
+        if self.mcp.enabled {
+            McpDomains { domains: &self.mcp.domains, domains_extra: &self.mcp.domains_extra }
+        } else {
+            McpDomains::default()
+        }
+    }
+
+    /// The domain policy in force: the `[domains]` lists and the MCP server
+    /// names ([`Config::mcp_domains`]).
+    pub fn domain_policy(&self) -> Result<DomainPolicy, PolicyError> {
+        DomainPolicy::compile_with_mcp(&self.domains, self.mcp_domains())
     }
 
     /// The literal targets, parsed. Only valid after [`Config::validate`].
@@ -860,6 +881,33 @@ mod tests {
         let parsed = Config::from_toml(DEFAULT_CONFIG_TOML, Path::new("default.toml")).unwrap();
         assert_eq!(parsed, Config::default());
         parsed.validate().unwrap();
+    }
+
+    #[test]
+    fn mcp_servers_are_in_the_domain_policy_unless_mcp_is_off() {
+        let on = Config::from_toml("[mcp]\ndomains_extra = [\"tools.example.com\"]\n", Path::new("x")).unwrap();
+        on.validate().unwrap();
+        let policy = on.domain_policy().unwrap();
+        for name in ["mcp.notion.com", "tools.example.com"] {
+            assert_eq!(policy.classify(Some(name)).reason, crate::policy::Reason::McpServer, "{name}");
+        }
+        assert!(policy.resolvable_names().iter().any(|n| n == "tools.example.com"));
+        assert!(policy.name_constraint_bases().iter().any(|n| n == "mcp.notion.com"));
+
+        let off =
+            Config::from_toml("[mcp]\nenabled = false\ndomains_extra = [\"tools.example.com\"]\n", Path::new("x"))
+                .unwrap();
+        let policy = off.domain_policy().unwrap();
+        for name in ["mcp.notion.com", "tools.example.com"] {
+            assert!(!policy.classify(Some(name)).intercept, "{name}");
+        }
+        assert!(!policy.resolvable_names().iter().any(|n| n == "tools.example.com"));
+        assert!(!policy.name_constraint_bases().iter().any(|n| n == "mcp.notion.com"));
+
+        let mut bad = Config::default();
+        bad.mcp.domains_extra = vec!["a*b.com".into()];
+        let ConfigError::Invalid { errors } = bad.validate().unwrap_err() else { panic!() };
+        assert!(errors.iter().any(|e| e.starts_with("mcp.domains_extra: \"a*b.com\"")), "{errors:?}");
     }
 
     #[test]

@@ -13,7 +13,10 @@
 //! snapshot come from the caller; the guardrails it builds are replaced on
 //! reload by the control plane through [`GuardrailsHandle`].
 
-use std::{path::Path, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use anyhow::Context as _;
 use tokio::sync::watch;
@@ -25,11 +28,10 @@ use crate::{
     guardrails::{
         akto::AktoClient,
         engine::{Engine, Policy},
-        pipeline::{Guardrails, Pipeline},
+        pipeline::{Guardrails, Pipeline, mcp::McpState},
     },
     metrics::Metrics,
     net::OrigDstResolver,
-    policy::DomainPolicy,
     proxy::{
         Listeners, Proxy, ProxySettings, Snapshot, budget,
         hook::Hook,
@@ -50,6 +52,7 @@ pub struct DataPlaneBuilder<'a> {
     settings: Option<ProxySettings>,
     hook: Option<Arc<dyn Hook>>,
     pods: Option<Arc<dyn PodLookup>>,
+    state_dir: Option<PathBuf>,
 }
 
 /// The running guardrails' settings, which the control plane replaces on
@@ -64,7 +67,22 @@ impl<'a> DataPlaneBuilder<'a> {
     /// No TLS termination (every connection passes through), no guardrails,
     /// fresh metrics, settings from `config`.
     pub fn new(config: &'a Config) -> Self {
-        Self { config, tls: None, metrics: Arc::new(Metrics::new()), settings: None, hook: None, pods: None }
+        Self {
+            config,
+            tls: None,
+            metrics: Arc::new(Metrics::new()),
+            settings: None,
+            hook: None,
+            pods: None,
+            state_dir: None,
+        }
+    }
+
+    /// The state directory, where MCP tool pins are kept (unless
+    /// `mcp.pins_file` says otherwise); without it they live in memory.
+    pub fn state_dir(mut self, dir: &Path) -> Self {
+        self.state_dir = Some(dir.to_owned());
+        self
     }
 
     /// TLS termination for AI domains, as [`tls_termination`] builds it;
@@ -103,7 +121,7 @@ impl<'a> DataPlaneBuilder<'a> {
     /// Runs the guardrails the configuration describes (see [`guardrails`]).
     /// Returns the handle reloads replace them through.
     pub fn configured_guardrails(&mut self) -> anyhow::Result<GuardrailsHandle> {
-        let (hook, handle) = guardrails(self.config, &self.metrics)?;
+        let (hook, handle) = guardrails_with_state(self.config, &self.metrics, self.state_dir.as_deref())?;
         self.hook = hook;
         Ok(handle)
     }
@@ -145,13 +163,24 @@ pub fn guardrails(
     config: &Config,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<(Option<Arc<dyn Hook>>, GuardrailsHandle)> {
+    guardrails_with_state(config, metrics, None)
+}
+
+/// [`guardrails`], with the MCP tool pins persisted under `state_dir` (or
+/// in `mcp.pins_file`).
+pub fn guardrails_with_state(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    state_dir: Option<&Path>,
+) -> anyhow::Result<(Option<Arc<dyn Hook>>, GuardrailsHandle)> {
     let (policy_text, guardrails) = build_guardrails(config)?;
     let (current, rx) = watch::channel(Arc::new(guardrails));
     let g = &config.guardrails;
     let hook: Option<Arc<dyn Hook>> = if g.enabled {
         let audit_file = Some(g.audit_file.clone()).filter(|p| !p.as_os_str().is_empty());
         let audit = AuditLog::start(audit_file, Arc::clone(metrics));
-        Some(Arc::new(Pipeline::new(rx, audit, Arc::clone(metrics))))
+        let mcp = McpState::open(&config.mcp, state_dir).context("loading the MCP tool pins")?;
+        Some(Arc::new(Pipeline::new(rx, audit, Arc::clone(metrics)).with_mcp(Arc::new(mcp))))
     } else {
         None
     };
@@ -183,7 +212,7 @@ fn max_buffered_total(config: &Config) -> usize {
 /// Warns about AI domains the CA's name constraints leave out: their
 /// connections cannot be intercepted until the CA is rolled over.
 pub fn certificate_authority(config: &Config, state_dir: &Path) -> anyhow::Result<CertificateAuthority> {
-    let policy = DomainPolicy::compile(&config.domains).context("compiling the domain policy")?;
+    let policy = config.domain_policy().context("compiling the domain policy")?;
     let bases = policy.name_constraint_bases();
     let ca = if config.tls.ca_dir.as_os_str().is_empty() {
         let spec = if config.tls.node_ca_name_constraints {

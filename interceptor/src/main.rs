@@ -289,11 +289,19 @@ fn load(path: Option<&PathBuf>, args: &RunArgs) -> Result<Config, ExitCode> {
 }
 
 /// The AI domains in force (`ai`, then `ai_extra`) and the request formats
-/// read on each, as TOML comments so the output stays a valid configuration.
+/// read on each, then the MCP server names in force, as TOML comments so the output stays a valid configuration.
 fn ai_domain_formats(config: &Config) -> String {
     let mut out = String::from("\n# AI domains and the request formats read on each:\n");
     for domain in config.domains.ai.iter().chain(&config.domains.ai_extra) {
         out.push_str(&format!("#   {domain}: {}\n", guardrails::providers::describe_domain(domain)));
+    }
+    if config.mcp.enabled {
+        out.push_str("\n# MCP servers, intercepted and inspected as MCP:\n");
+        for domain in config.mcp.all_domains() {
+            out.push_str(&format!("#   {domain}\n"));
+        }
+    } else {
+        out.push_str("\n# MCP inspection is off (mcp.enabled = false): MCP server names are not intercepted.\n");
     }
     out
 }
@@ -472,7 +480,7 @@ fn create_cluster(config_path: Option<&PathBuf>, args: &CreateClusterArgs) -> Ex
     let spec = if args.no_name_constraints {
         None
     } else {
-        let bases = match interceptor::policy::DomainPolicy::compile(&config.domains) {
+        let bases = match config.domain_policy() {
             Ok(policy) => policy.name_constraint_bases(),
             Err(error) => return fail(&error),
         };

@@ -3,7 +3,11 @@
 //! One [`Metrics`] is created at start and shared; recording is a lock-free
 //! counter increment on label sets that already exist.
 
-use std::fmt;
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    sync::Mutex,
+};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
@@ -134,6 +138,72 @@ macro_rules! label_value_as_str {
 }
 label_value_as_str!(Direction, Decision, Stage);
 
+/// An MCP tool call: its server, tool and what the guardrails decided.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct McpToolCallLabels {
+    pub server: String,
+    pub tool: String,
+    pub decision: Decision,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct McpServerLabels {
+    pub server: String,
+}
+
+/// At most this many MCP servers get a label value of their own; later ones
+/// are counted as "other".
+pub const MAX_MCP_SERVER_LABELS: usize = 64;
+/// At most this many tools per server get a label value of their own; later
+/// ones are counted as "other".
+pub const MAX_MCP_TOOL_LABELS: usize = 64;
+/// The label value for servers and tools past the caps.
+pub const OTHER_LABEL: &str = "other";
+
+/// The server and tool label values given out so far, so that servers and
+/// tools (names chosen by remote servers) cannot grow the metrics without
+/// bound.
+#[derive(Debug, Default)]
+struct McpLabels {
+    servers: HashMap<String, HashSet<String>>,
+}
+
+impl McpLabels {
+    fn server(&mut self, server: &str) -> String {
+        let server = label_text(server);
+        if self.servers.contains_key(&server) {
+            return server;
+        }
+        if self.servers.len() >= MAX_MCP_SERVER_LABELS {
+            return OTHER_LABEL.to_owned();
+        }
+        self.servers.insert(server.clone(), HashSet::new());
+        server
+    }
+
+    fn tool(&mut self, server: &str, tool: &str) -> (String, String) {
+        let server = self.server(server);
+        let tool = label_text(tool);
+        let tools = self.servers.entry(server.clone()).or_default();
+        if tools.contains(&tool) {
+            return (server, tool);
+        }
+        if tools.len() >= MAX_MCP_TOOL_LABELS {
+            return (server, OTHER_LABEL.to_owned());
+        }
+        tools.insert(tool.clone());
+        (server, tool)
+    }
+}
+
+/// A label value from a remote name: at most 64 characters of ASCII
+/// letters, digits and `-_./:`, anything else as `_`.
+fn label_text(text: &str) -> String {
+    let text: String =
+        text.chars().take(64).map(|c| if c.is_ascii_alphanumeric() || "-_./:".contains(c) { c } else { '_' }).collect();
+    if text.is_empty() { "_".to_owned() } else { text }
+}
+
 /// Which buffered body found the inspection budget used up.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BudgetLabels {
@@ -159,6 +229,12 @@ pub struct Metrics {
     /// Passthrough connections relayed by copying because no pipes could be
     /// made for splicing them (descriptor limits).
     pub passthrough_copy_fallbacks: Counter,
+    /// MCP tool calls by server, tool and decision (through
+    /// [`Metrics::mcp_tool_call`], which bounds the label values).
+    mcp_tool_calls: Family<McpToolCallLabels, Counter>,
+    /// MCP tool definitions that changed since they were pinned, by server.
+    mcp_tool_changes: Family<McpServerLabels, Counter>,
+    mcp_labels: Mutex<McpLabels>,
 }
 
 impl Default for Metrics {
@@ -222,6 +298,18 @@ impl Metrics {
             "Passthrough connections relayed by copying, for want of pipes to splice them in the kernel",
             passthrough_copy_fallbacks.clone(),
         );
+        let mcp_tool_calls = Family::default();
+        registry.register(
+            "mcp_tool_calls",
+            "MCP tool calls by server, tool and decision (servers and tools past a cap are \"other\")",
+            mcp_tool_calls.clone(),
+        );
+        let mcp_tool_changes = Family::default();
+        registry.register(
+            "mcp_tool_changes",
+            "MCP tool definitions that changed since they were first seen, by server",
+            mcp_tool_changes.clone(),
+        );
         Self {
             registry,
             connections,
@@ -234,7 +322,26 @@ impl Metrics {
             pod_directory_degraded,
             pod_directory_pods,
             passthrough_copy_fallbacks,
+            mcp_tool_calls,
+            mcp_tool_changes,
+            mcp_labels: Mutex::default(),
         }
+    }
+
+    /// Counts one MCP tool call.
+    pub fn mcp_tool_call(&self, server: &str, tool: &str, decision: Decision) {
+        let (server, tool) = self.mcp_labels().tool(server, tool);
+        self.mcp_tool_calls.get_or_create(&McpToolCallLabels { server, tool, decision }).inc();
+    }
+
+    /// Counts `changed` tool definitions of `server` that changed.
+    pub fn mcp_tool_changes(&self, server: &str, changed: u64) {
+        let server = self.mcp_labels().server(server);
+        self.mcp_tool_changes.get_or_create(&McpServerLabels { server }).inc_by(changed);
+    }
+
+    fn mcp_labels(&self) -> std::sync::MutexGuard<'_, McpLabels> {
+        self.mcp_labels.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The text exposition format.
@@ -276,6 +383,39 @@ mod tests {
             text.contains("interceptor_guardrail_backend_errors_total{backend=\"akto\",kind=\"timeout\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn mcp_label_values_are_bounded() {
+        let m = Metrics::new();
+        m.mcp_tool_call("mcp.example.test", "search", Decision::Allow);
+        m.mcp_tool_call("mcp.example.test", "search", Decision::Allow);
+        m.mcp_tool_call("mcp.example.test", "bad\"name\n", Decision::Block);
+        for i in 0..MAX_MCP_TOOL_LABELS + 3 {
+            m.mcp_tool_call("mcp.example.test", &format!("t{i}"), Decision::Allow);
+        }
+        for i in 0..MAX_MCP_SERVER_LABELS + 3 {
+            m.mcp_tool_changes(&format!("s{i}.example.test"), 1);
+        }
+        m.mcp_tool_changes("mcp.example.test", 2);
+        let text = m.encode();
+        let line =
+            |needle: &str| text.lines().find(|l| l.starts_with(needle)).unwrap_or_else(|| panic!("{needle}\n{text}"));
+        assert!(
+            line(r#"interceptor_mcp_tool_calls_total{server="mcp.example.test",tool="search",decision="allow"}"#)
+                .ends_with(" 2")
+        );
+        line(r#"interceptor_mcp_tool_calls_total{server="mcp.example.test",tool="bad_name_",decision="block"}"#);
+        // "search" and "bad_name_" took two of the cap: the last five are other.
+        assert!(
+            line(r#"interceptor_mcp_tool_calls_total{server="mcp.example.test",tool="other",decision="allow"}"#)
+                .ends_with(" 5")
+        );
+        // mcp.example.test had its label before the cap was reached.
+        assert!(line(r#"interceptor_mcp_tool_changes_total{server="mcp.example.test"}"#).ends_with(" 2"));
+        assert!(line(r#"interceptor_mcp_tool_changes_total{server="other"}"#).ends_with(" 4"));
+        let servers = text.lines().filter(|l| l.starts_with("interceptor_mcp_tool_changes_total{")).count();
+        assert_eq!(servers, MAX_MCP_SERVER_LABELS + 1);
     }
 
     /// Labels are the strings the log line and dashboards use, one each.

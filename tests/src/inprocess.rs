@@ -10,7 +10,7 @@ use interceptor::{
     config::{Backend, Config, GuardrailsConfig},
     dataplane::{self, DataPlaneBuilder},
     net::MockOrigDst,
-    policy::{DomainPolicy, DomainsConfig},
+    policy::DomainsConfig,
     proxy::{Listeners, Proxy, ProxySettings, Snapshot, hook::Hook},
     workload::Workload,
 };
@@ -110,7 +110,7 @@ impl InProcessProxy {
         let ca_pem = ca.cert_pem().to_string();
         let ca_path = ca.cert_path().to_path_buf();
         let tls = if config.tls.intercept { Some(Arc::new(dataplane::tls_termination(&config, ca)?)) } else { None };
-        let (snap_tx, snapshot) = watch::channel(Arc::new(Snapshot::new(DomainPolicy::compile(&config.domains)?)));
+        let (snap_tx, snapshot) = watch::channel(Arc::new(Snapshot::new(config.domain_policy()?)));
         let mut builder = DataPlaneBuilder::new(&config).tls(tls);
         let workload = match launch {
             Launch::Configured => {

@@ -14,7 +14,6 @@ use interceptor::{
     kubernetes::{DirectoryState, PodDirectory},
     metrics::Metrics,
     net::{ClientAddr, NoOriginalDst, OrigDstAddr, OrigDstResolver, WorkloadLookup},
-    policy::DomainPolicy,
     proxy::{Listeners, Snapshot},
     testing::{
         akto::FakeAkto,
@@ -86,7 +85,7 @@ async fn two_workloads_reach_akto_as_two_apps() -> Result<()> {
     let ca = dataplane::certificate_authority(&config, dir.path())?;
     let ca_pem = ca.cert_pem().to_string();
     let tls = Arc::new(dataplane::tls_termination(&config, ca)?);
-    let (_snapshot_tx, snapshot) = watch::channel(Arc::new(Snapshot::new(DomainPolicy::compile(&config.domains)?)));
+    let (_snapshot_tx, snapshot) = watch::channel(Arc::new(Snapshot::new(config.domain_policy()?)));
     let mut builder = DataPlaneBuilder::new(&config).tls(Some(tls)).pods(Some(Arc::new(pods) as Arc<dyn PodLookup>));
     let _guardrails = builder.configured_guardrails()?;
     let pod_cgroup =

@@ -19,7 +19,6 @@ use crate::{
         engine::{Engine, Policy},
         pipeline::Guardrails,
     },
-    policy::DomainPolicy,
 };
 
 impl Control {
@@ -98,7 +97,7 @@ impl Control {
             tracing::error!(error = %error::chain(&error), "config reload rejected; keeping the running configuration");
             return false;
         }
-        let policy = match DomainPolicy::compile(&new.domains) {
+        let policy = match new.domain_policy() {
             Ok(p) => p,
             Err(error) => {
                 tracing::error!(error = %error::chain(&error), "config reload rejected; keeping the running configuration");
@@ -141,6 +140,7 @@ impl Control {
         self.snapshot.send_modify(|s| Arc::make_mut(s).policy = policy);
         self.config.targets = new.targets;
         self.config.domains = new.domains;
+        self.config.mcp = new.mcp;
         tracing::info!("configuration reloaded");
         true
     }

@@ -3,7 +3,8 @@
 //! passes it through untouched.
 //!
 //! This module owns the three domain lists of the configuration (AI domains,
-//! chatty domains, proxy patterns), their syntax and validation, and the
+//! chatty domains, proxy patterns) and the MCP server names (`mcp.domains`,
+//! intercepted like AI domains), their syntax and validation, and the
 //! precedence between them. It is pure: no DNS, no sockets, no clock.
 //! Resolving names to the addresses the redirector needs is `targets`' job;
 //! [`DomainPolicy::resolvable_names`] tells it which names to resolve.
@@ -64,7 +65,9 @@
 //!    beats an AI domain.
 //! 4. An AI domain (`ai` or `ai_extra`) matches: intercept, reason
 //!    "AI domain".
-//! 5. Otherwise pass through, reason "not an AI domain".
+//! 5. An MCP server name (`mcp.domains` or `mcp.domains_extra`, when MCP
+//!    inspection is on) matches: intercept, reason "MCP server".
+//! 6. Otherwise pass through, reason "not an AI domain".
 
 mod pattern;
 #[cfg(test)]
@@ -191,7 +194,25 @@ impl DomainsConfig {
     /// Every problem with the lists, each naming its list and entry
     /// (`domains.ai: "a*b.com": ...`); empty when the lists are valid.
     pub fn validate(&self) -> Vec<String> {
-        DomainPolicy::build(self).1
+        DomainPolicy::build(self, McpDomains::default()).1
+    }
+}
+
+/// The MCP server names in force (`mcp.domains` and `mcp.domains_extra`),
+/// intercepted like AI domains. Empty when MCP inspection is off.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct McpDomains<'a> {
+    pub domains: &'a [String],
+    pub domains_extra: &'a [String],
+}
+
+impl McpDomains<'_> {
+    /// Every problem with the two lists, each naming its list and entry
+    /// (`mcp.domains: "a*b.com": ...`).
+    pub fn validate(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        RuleSet::default().extend_mcp(*self, &mut errors);
+        errors
     }
 }
 
@@ -203,6 +224,7 @@ pub enum Reason {
     ChattyDomain,
     ProxyPattern,
     AiDomain,
+    McpServer,
     NotAiDomain,
 }
 
@@ -214,6 +236,7 @@ impl Reason {
             Self::ChattyDomain => "chatty domain",
             Self::ProxyPattern => "proxy pattern",
             Self::AiDomain => "AI domain",
+            Self::McpServer => "MCP server",
             Self::NotAiDomain => "not an AI domain",
         }
     }
@@ -249,13 +272,29 @@ pub struct DomainPolicy {
     chatty: RuleSet,
     patterns: RuleSet,
     ai: RuleSet,
+    mcp: RuleSet,
     resolvable: Vec<String>,
 }
 
 impl DomainPolicy {
+    /// The domain lists alone, without MCP server names.
     pub fn compile(cfg: &DomainsConfig) -> Result<Self, PolicyError> {
-        let (policy, errors) = Self::build(cfg);
+        Self::compile_with_mcp(cfg, McpDomains::default())
+    }
+
+    /// The domain lists and the MCP server names in force.
+    pub fn compile_with_mcp(cfg: &DomainsConfig, mcp: McpDomains<'_>) -> Result<Self, PolicyError> {
+        let (policy, errors) = Self::build(cfg, mcp);
         if errors.is_empty() { Ok(policy) } else { Err(PolicyError::Invalid { errors }) }
+    }
+
+    /// Whether `name` is an MCP server name of this policy (whatever the
+    /// other lists say). One hash lookup, then the wildcard entries.
+    pub fn is_mcp_server(&self, name: &str) -> bool {
+        if self.mcp.exact.is_empty() && self.mcp.wild.is_empty() {
+            return false;
+        }
+        normalize_sni(name).is_some_and(|name| self.mcp.any_match(&name).is_some())
     }
 
     /// Decides for one connection; see the module documentation for the
@@ -276,12 +315,15 @@ impl DomainPolicy {
         if let Some(rule) = self.ai.any_match(&name) {
             return Decision::new(true, Reason::AiDomain, Some(rule));
         }
+        if let Some(rule) = self.mcp.any_match(&name) {
+            return Decision::new(true, Reason::McpServer, Some(rule));
+        }
         Decision::new(false, Reason::NotAiDomain, None)
     }
 
     /// The names whose addresses should be redirected to the proxy: the
-    /// exact names (no wildcard, no leading dot) of `ai`, `ai_extra` and the
-    /// `intercept = true` patterns, lowercase, sorted, without duplicates,
+    /// exact names (no wildcard, no leading dot) of `ai`, `ai_extra`, the
+    /// MCP server names and the `intercept = true` patterns, lowercase, sorted, without duplicates,
     /// and without the names that classify as passthrough (a chatty domain,
     /// an overriding pattern).
     pub fn resolvable_names(&self) -> &[String] {
@@ -290,27 +332,29 @@ impl DomainPolicy {
 
     /// The DNS subtrees a name-constrained CA must permit so that every
     /// name this policy may intercept gets a certificate clients accept:
-    /// one per AI domain and `intercept = true` pattern, its literal labels
+    /// one per AI domain, MCP server name and `intercept = true` pattern, its literal labels
     /// from the right up to the first wildcard (see
     /// [`crate::ca::NameConstraintsSpec`]). A wildcard in the middle makes
     /// the subtree wider than the pattern (`bedrock-runtime.*.amazonaws.com`
     /// permits all of `amazonaws.com`): X.509 has no way to say less.
     /// Sorted, deduplicated; nested subtrees are left for the caller.
     pub fn name_constraint_bases(&self) -> Vec<String> {
-        let rules = self.ai.exact.values().chain(&self.ai.wild);
+        let rules = self.ai.exact.values().chain(&self.ai.wild).chain(self.mcp.exact.values()).chain(&self.mcp.wild);
         let patterns = self.patterns.exact.values().chain(&self.patterns.wild).filter(|r| r.intercept);
         let bases: BTreeSet<String> = rules.chain(patterns).map(|r| r.pattern.literal_suffix()).collect();
         bases.into_iter().collect()
     }
 
     /// Compiles what is valid and collects every error.
-    fn build(cfg: &DomainsConfig) -> (Self, Vec<String>) {
+    fn build(cfg: &DomainsConfig, mcp_domains: McpDomains<'_>) -> (Self, Vec<String>) {
         let mut errors = Vec::new();
         let mut chatty = RuleSet::default();
         chatty.extend("domains.chatty", &cfg.chatty, false, &mut errors);
         let mut ai = RuleSet::default();
         ai.extend("domains.ai", &cfg.ai, true, &mut errors);
         ai.extend("domains.ai_extra", &cfg.ai_extra, true, &mut errors);
+        let mut mcp = RuleSet::default();
+        mcp.extend_mcp(mcp_domains, &mut errors);
 
         let mut patterns = RuleSet::default();
         // normalized pattern → (first mode seen, conflict already reported)
@@ -337,11 +381,12 @@ impl DomainPolicy {
             patterns.push(rule);
         }
 
-        let mut policy = Self { chatty, patterns, ai, resolvable: Vec::new() };
+        let mut policy = Self { chatty, patterns, ai, mcp, resolvable: Vec::new() };
         let candidates: BTreeSet<&str> = policy
             .ai
             .exact
             .keys()
+            .chain(policy.mcp.exact.keys())
             .chain(policy.patterns.exact.iter().filter(|(_, r)| r.intercept).map(|(name, _)| name))
             .map(|name| &**name)
             .collect();
@@ -398,6 +443,11 @@ impl RuleSet {
                 self.push(rule);
             }
         }
+    }
+
+    fn extend_mcp(&mut self, mcp: McpDomains<'_>, errors: &mut Vec<String>) {
+        self.extend("mcp.domains", mcp.domains, true, errors);
+        self.extend("mcp.domains_extra", mcp.domains_extra, true, errors);
     }
 
     fn push(&mut self, rule: Rule) {

@@ -489,3 +489,62 @@ fn name_constraint_bases_cover_every_intercepted_pattern() {
     let default = DomainPolicy::compile(&DomainsConfig::default()).unwrap().name_constraint_bases();
     crate::ca::NameConstraintsSpec::new(default).unwrap();
 }
+
+#[test]
+fn mcp_server_names_are_intercepted_after_chatty_patterns_and_ai_domains() {
+    let cfg = DomainsConfig {
+        ai: strings(&["api.openai.com"]),
+        chatty: strings(&["telemetry.mcp.example.com"]),
+        patterns: vec![pattern("skip.mcp.example.com", false)],
+        ..empty()
+    };
+    let domains = strings(&["mcp.notion.com", ".mcp.example.com"]);
+    let extra = strings(&["*.mcp.cloudflare.com", "api.openai.com"]);
+    let mcp = McpDomains { domains: &domains, domains_extra: &extra };
+    let p = DomainPolicy::compile_with_mcp(&cfg, mcp).unwrap();
+    check(
+        &p,
+        &[
+            ("mcp.notion.com", true, Reason::McpServer, Some("mcp.notion.com")),
+            ("MCP.Notion.com.", true, Reason::McpServer, Some("mcp.notion.com")),
+            ("a.mcp.example.com", true, Reason::McpServer, Some(".mcp.example.com")),
+            ("docs.mcp.cloudflare.com", true, Reason::McpServer, Some("*.mcp.cloudflare.com")),
+            ("telemetry.mcp.example.com", false, Reason::ChattyDomain, Some("telemetry.mcp.example.com")),
+            ("skip.mcp.example.com", false, Reason::ProxyPattern, Some("skip.mcp.example.com")),
+            ("api.openai.com", true, Reason::AiDomain, Some("api.openai.com")),
+            ("notion.com", false, Reason::NotAiDomain, None),
+        ],
+    );
+    assert!(p.is_mcp_server("mcp.notion.com") && p.is_mcp_server("Docs.MCP.cloudflare.com"));
+    assert!(p.is_mcp_server("api.openai.com"), "an MCP name also listed as an AI domain is still an MCP server");
+    assert!(!p.is_mcp_server("notion.com") && !p.is_mcp_server("not a name"));
+    assert_eq!(p.resolvable_names(), &strings(&["api.openai.com", "mcp.notion.com"])[..]);
+    assert_eq!(
+        p.name_constraint_bases(),
+        strings(&["api.openai.com", "mcp.cloudflare.com", "mcp.example.com", "mcp.notion.com"])
+    );
+}
+
+#[test]
+fn without_mcp_names_nothing_of_them_is_intercepted() {
+    let p = DomainPolicy::compile(&DomainsConfig::default()).unwrap();
+    let d = p.classify(Some("mcp.notion.com"));
+    assert_eq!((d.intercept, d.reason), (false, Reason::NotAiDomain));
+    assert!(!p.is_mcp_server("mcp.notion.com"));
+    assert!(!p.name_constraint_bases().iter().any(|b| b.contains("notion")));
+}
+
+#[test]
+fn bad_mcp_names_are_reported_with_their_list() {
+    let domains = strings(&["a*b.com", "ok.example.com"]);
+    let extra = strings(&["http://x.example.com"]);
+    let mcp = McpDomains { domains: &domains, domains_extra: &extra };
+    let errors = mcp.validate();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors[0].starts_with("mcp.domains: \"a*b.com\""), "{errors:?}");
+    assert!(errors[1].starts_with("mcp.domains_extra: \"http://x.example.com\""), "{errors:?}");
+    let Err(PolicyError::Invalid { errors: compiled }) = DomainPolicy::compile_with_mcp(&empty(), mcp) else {
+        panic!("compiled with bad MCP names");
+    };
+    assert_eq!(compiled, errors);
+}

@@ -33,7 +33,21 @@
 //! instruction = "Never output credentials."
 //! mode = "prepend"              # prepend (default) | append
 //! scope.providers = []          # same scope as rules, without `kinds`
+//!
+//! [[tools]]                     # MCP tool allow and deny lists
+//! id = "no-shell"               # unique among tool lists; the rule of a denial
+//! allow = ["search_*", "fetch"] # globs; when non-empty, only these tools
+//! deny = ["run_shell", "*exec*"]# globs; a match is denied whatever `allow` says
+//! action = "block"              # block | alert
+//! scope.hosts = ["mcp.example.com"]        # MCP server hosts; empty = all
+//! scope.workloads = ["comm:claude"]        # as for rules
 //! ```
+//!
+//! A tool is denied by a tool list that covers the exchange when a `deny`
+//! glob matches its name, or `allow` is non-empty and no `allow` glob
+//! matches it (tool names are compared case-sensitively). A blocking list
+//! decides over an alerting one; among lists of the same action, the first
+//! in the file.
 //!
 //! Hosts: `api.openai.com` exactly, `.openai.com` the domain and every
 //! subdomain, otherwise a glob where `*` is any run of characters;
@@ -418,6 +432,25 @@ enum SetEntry {
 const MAX_PREFILTER_KEYWORDS: usize = 256;
 const MAX_PREFILTER_BYTES: usize = 8 * 1024;
 
+/// Why a tool list denies a tool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ToolDenialReason {
+    /// A `deny` glob matches it.
+    Denied,
+    /// The list has `allow` globs and none matches it.
+    NotAllowed,
+}
+
+/// A tool list's verdict on a tool ([`Engine::tool_denial`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ToolDenial<'a> {
+    /// The list's id: the rule of the decision.
+    pub list: &'a str,
+    /// `Block` or `Alert`.
+    pub action: Action,
+    pub reason: ToolDenialReason,
+}
+
 /// A policy compiled for scanning. Immutable; share it behind an `Arc`.
 pub struct Engine {
     detectors: Vec<DetectorInfo>,
@@ -434,6 +467,7 @@ pub struct Engine {
     ranks: usize,
     rules: Vec<CompiledRule>,
     system_prompts: Vec<(SystemInstruction, Scope)>,
+    tool_lists: Vec<policy::ToolList>,
     /// The response detectors as one automaton for streams, built on first
     /// use (`None`: they cannot be, streams use windows).
     stream: OnceLock<Option<Arc<incremental::Automaton>>>,
@@ -544,6 +578,7 @@ impl Engine {
             ranks,
             rules,
             system_prompts,
+            tool_lists: policy.tool_lists.clone(),
             stream: OnceLock::new(),
         })
     }
@@ -622,6 +657,37 @@ impl Engine {
         let any = active.iter().any(|&a| a);
         let unfiltered = self.unfiltered_keywords.iter().any(|&d| active[d]);
         Prescan { engine: self, active, any, unfiltered, candidates: Vec::new() }
+    }
+
+    /// Whether the policy's tool lists deny MCP tool `tool` of server `host`
+    /// to `workload` (see the module documentation): the deciding list, or
+    /// `None` when the tool is allowed. Cheap: no list, no work.
+    pub fn tool_denial(&self, host: &str, workload: Option<&WorkloadRef<'_>>, tool: &str) -> Option<ToolDenial<'_>> {
+        let mut alert = None;
+        for list in &self.tool_lists {
+            if !(list.scope.covers_host(host) && list.scope.covers_workload(workload)) {
+                continue;
+            }
+            let matches = |globs: &[String]| globs.iter().any(|g| scope::glob(g.as_bytes(), tool.as_bytes(), false));
+            let reason = if matches(&list.deny) {
+                ToolDenialReason::Denied
+            } else if !list.allow.is_empty() && !matches(&list.allow) {
+                ToolDenialReason::NotAllowed
+            } else {
+                continue;
+            };
+            let denial = ToolDenial { list: &list.id, action: list.action, reason };
+            if list.action == Action::Block {
+                return Some(denial);
+            }
+            alert.get_or_insert(denial);
+        }
+        alert
+    }
+
+    /// Whether the policy has any tool list (when not, no tool is denied).
+    pub fn has_tool_lists(&self) -> bool {
+        !self.tool_lists.is_empty()
     }
 
     /// The system instructions the policy enforces on this exchange, in

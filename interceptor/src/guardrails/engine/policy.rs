@@ -102,6 +102,20 @@ pub struct Policy {
     pub(super) detectors: Vec<CustomDetector>,
     pub(super) rules: Vec<Rule>,
     pub(super) system_prompts: Vec<SystemPrompt>,
+    pub(super) tool_lists: Vec<ToolList>,
+}
+
+/// A `[[tools]]` entry: which MCP tools a scope may call.
+#[derive(Clone, Debug)]
+pub(super) struct ToolList {
+    pub id: String,
+    /// Globs; when non-empty, only tools matching one of them are allowed.
+    pub allow: Vec<String>,
+    /// Globs; a tool matching one is denied, whatever `allow` says.
+    pub deny: Vec<String>,
+    /// `Block` or `Alert`.
+    pub action: Action,
+    pub scope: Scope,
 }
 
 #[derive(Clone, Debug)]
@@ -191,6 +205,22 @@ struct SystemPromptSpec {
     instruction: String,
     #[serde(default)]
     mode: InstructionMode,
+    #[serde(default)]
+    scope: ScopeSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ToolListSpec {
+    id: String,
+    #[serde(default)]
+    #[allow(dead_code, reason = "documentation for people reading the policy")]
+    description: String,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    deny: Vec<String>,
+    action: Action,
     #[serde(default)]
     scope: ScopeSpec,
 }
@@ -359,9 +389,12 @@ impl Policy {
         let rule_specs: Vec<(String, RuleSpec)> = entries(&mut root, "rules", "rule", "id", &mut problems);
         let prompt_specs: Vec<(String, SystemPromptSpec)> =
             entries(&mut root, "system_prompts", "system prompt", "id", &mut problems);
+        let tool_specs: Vec<(String, ToolListSpec)> = entries(&mut root, "tools", "tool list", "id", &mut problems);
         for key in root.keys() {
-            problems
-                .push("top level", format!("unknown key `{key}` (expected `detectors`, `rules`, `system_prompts`)"));
+            problems.push(
+                "top level",
+                format!("unknown key `{key}` (expected `detectors`, `rules`, `system_prompts`, `tools`)"),
+            );
         }
 
         let mut detectors = Vec::new();
@@ -428,8 +461,16 @@ impl Policy {
             system_prompts.push(SystemPrompt { id: spec.id, instruction: spec.instruction, mode: spec.mode, scope });
         }
 
+        let mut tool_lists = Vec::new();
+        let mut tool_ids = HashSet::new();
+        for (loc, spec) in tool_specs {
+            if let Some(list) = check_tool_list(&loc, spec, &mut tool_ids, &mut problems) {
+                tool_lists.push(list);
+            }
+        }
+
         if problems.0.is_empty() {
-            Ok(Self { origin: origin.to_owned(), detectors, rules, system_prompts })
+            Ok(Self { origin: origin.to_owned(), detectors, rules, system_prompts, tool_lists })
         } else {
             Err(EngineError::Invalid { origin: origin.to_owned(), problems: problems.0 })
         }
@@ -452,6 +493,45 @@ impl Policy {
     pub fn system_prompt_ids(&self) -> impl Iterator<Item = &str> {
         self.system_prompts.iter().map(|p| p.id.as_str())
     }
+}
+
+fn check_tool_list(
+    loc: &str,
+    spec: ToolListSpec,
+    ids: &mut HashSet<String>,
+    problems: &mut Problems,
+) -> Option<ToolList> {
+    let before = problems.0.len();
+    if !valid_id(&spec.id) {
+        problems.push(loc, "`id` must be non-empty ASCII letters, digits, `-`, `_` or `.`");
+    } else if !ids.insert(spec.id.clone()) {
+        problems.push(loc, "duplicate tool list id");
+    }
+    if spec.allow.is_empty() && spec.deny.is_empty() {
+        problems.push(loc, "give `allow`, `deny` or both");
+    }
+    for (field, globs) in [("allow", &spec.allow), ("deny", &spec.deny)] {
+        if globs.iter().any(|g| g.trim().is_empty()) {
+            problems.push(loc, format!("`{field}` holds an empty tool name"));
+        }
+    }
+    if spec.action == Action::Redact {
+        problems.push(loc, "`action` must be \"block\" or \"alert\" (a tool call cannot be redacted)");
+    }
+    if !spec.scope.kinds.is_empty() {
+        problems.push(loc, "`scope.kinds` does not apply to tool lists");
+    }
+    if !spec.scope.providers.is_empty() {
+        problems.push(loc, "`scope.providers` does not apply to tool lists (they apply to MCP only)");
+    }
+    let scope = compile_scope(spec.scope, loc, problems);
+    (problems.0.len() == before).then_some(ToolList {
+        id: spec.id,
+        allow: spec.allow,
+        deny: spec.deny,
+        action: spec.action,
+        scope,
+    })
 }
 
 fn check_detector(

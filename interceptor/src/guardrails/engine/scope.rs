@@ -352,7 +352,7 @@ impl Scope {
 
 /// Glob match: `*` is any run of bytes (`/` and `.` included), `?` any one
 /// byte, everything else itself (ASCII case folded when `fold`).
-fn glob(pattern: &[u8], text: &[u8], fold: bool) -> bool {
+pub(super) fn glob(pattern: &[u8], text: &[u8], fold: bool) -> bool {
     let eq = |a: u8, b: u8| if fold { a.eq_ignore_ascii_case(&b) } else { a == b };
     let (mut p, mut t) = (0, 0);
     let mut star: Option<(usize, usize)> = None;

@@ -36,6 +36,7 @@
 //! [`respond::blocked`]: crate::respond::blocked
 
 mod backends;
+pub mod mcp;
 mod outcome;
 mod quick;
 mod request;
@@ -99,11 +100,21 @@ pub struct Pipeline {
     current: watch::Receiver<Arc<Guardrails>>,
     audit: AuditLog,
     metrics: Arc<Metrics>,
+    /// MCP sessions and tool pins, kept across reloads.
+    #[allow(dead_code, reason = "read by the MCP phases")]
+    mcp: Arc<mcp::McpState>,
 }
 
 impl Pipeline {
+    /// MCP sessions and pins in memory; see [`Pipeline::with_mcp`].
     pub fn new(current: watch::Receiver<Arc<Guardrails>>, audit: AuditLog, metrics: Arc<Metrics>) -> Self {
-        Self { current, audit, metrics }
+        Self { current, audit, metrics, mcp: Arc::new(mcp::McpState::in_memory()) }
+    }
+
+    /// The MCP sessions and tool pins to use (pins loaded from their file).
+    pub fn with_mcp(mut self, mcp: Arc<mcp::McpState>) -> Self {
+        self.mcp = mcp;
+        self
     }
 
     fn snapshot(&self) -> Arc<Guardrails> {

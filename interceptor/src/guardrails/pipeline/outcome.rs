@@ -186,6 +186,7 @@ impl Pipeline {
             workload,
             prompt: if g.cfg.audit_prompts { prompt } else { None },
             websocket: None,
+            mcp: None,
         }
     }
 
@@ -250,6 +251,7 @@ impl Pipeline {
                 workload: WorkloadInfo::of(conn.workload),
                 prompt: None,
                 websocket: None,
+                mcp: None,
             })
             .await;
     }
