@@ -61,6 +61,10 @@ pub struct AktoConfig {
     /// How long an open circuit fails fast before one probe goes through.
     #[serde(with = "humantime_serde")]
     pub circuit_cooldown: Duration,
+    /// `contextSource` of MCP calls, which pick the Akto guardrail policies
+    /// of that context: `ENDPOINT`, as Akto's MCP endpoint shield sends
+    /// them; `AGENTIC` applies the policies of the LLM traffic instead.
+    pub mcp_context_source: String,
 }
 
 impl Default for AktoConfig {
@@ -80,6 +84,7 @@ impl Default for AktoConfig {
             daemonset_id: None,
             circuit_failures: 5,
             circuit_cooldown: Duration::from_secs(30),
+            mcp_context_source: "ENDPOINT".into(),
         }
     }
 }
@@ -101,6 +106,7 @@ impl fmt::Debug for AktoConfig {
             .field("daemonset_id", &self.daemonset_id)
             .field("circuit_failures", &self.circuit_failures)
             .field("circuit_cooldown", &self.circuit_cooldown)
+            .field("mcp_context_source", &self.mcp_context_source)
             .finish()
     }
 }
@@ -126,6 +132,12 @@ impl AktoConfig {
         }
         if self.stream_timeout.is_zero() {
             errors.push("akto stream_timeout must be greater than zero".into());
+        }
+        let source = &self.mcp_context_source;
+        if source.is_empty() || !source.bytes().all(|b| b.is_ascii_uppercase() || b == b'_') {
+            errors.push(format!(
+                "akto mcp_context_source {source:?} must be an upper-case name such as ENDPOINT or AGENTIC"
+            ));
         }
         if self.circuit_failures > 0 && self.circuit_cooldown.is_zero() {
             errors.push("akto circuit_cooldown must be greater than zero when circuit_failures is set".into());

@@ -19,6 +19,7 @@ use crate::{
 use super::{
     AktoConfig, AktoError, CheckKind,
     breaker::{Breaker, CircuitState, Transition},
+    shield,
     wire::{
         CallInfo, MAX_ERROR_BODY, RemoteVerdict, Stamp, action_errors, parse_verdict, redact_path, request_payload,
         truncate_lossy,
@@ -157,7 +158,7 @@ impl AktoClient {
     /// `call.request_body`, with `doc` its parsed form when known (see
     /// [`request_payload`]).
     pub async fn check_request(&self, call: &CallInfo, doc: Option<&Value>) -> Result<RemoteVerdict, AktoError> {
-        let payload = request_payload(doc, &call.request_body)?;
+        let payload = request_payload_of(call, doc)?;
         let body = self.stamp().body(call, payload, None, &[], String::new(), &[])?;
         self.check(CheckKind::Request, call, body, self.cfg.request_timeout).await
     }
@@ -170,7 +171,13 @@ impl AktoClient {
         response_headers: &[(String, String)],
         response_payload: &str,
     ) -> Result<RemoteVerdict, AktoError> {
-        let payload = request_payload(None, &call.request_body)?;
+        let payload = match call.mcp {
+            None => request_payload(None, &call.request_body)?,
+            Some(_) => {
+                let answer = serde_json::from_str::<Value>(response_payload).ok();
+                shield::answered_request(&call.request_body, answer.as_ref())?
+            }
+        };
         let body = self.stamp().body(
             call,
             payload,
@@ -192,9 +199,17 @@ impl AktoClient {
         response_headers: &[(String, String)],
         text: &str,
     ) -> Result<RemoteVerdict, AktoError> {
-        let payload = json!({"content": [{"type": "text", "text": text}]});
-        let payload = serde_json::to_string(&payload).map_err(AktoError::Encode)?;
-        let request = request_payload(None, &call.request_body)?;
+        let (request, payload) = match call.mcp {
+            None => {
+                let payload = json!({"content": [{"type": "text", "text": text}]});
+                let payload = serde_json::to_string(&payload).map_err(AktoError::Encode)?;
+                (request_payload(None, &call.request_body)?, payload)
+            }
+            Some(_) => {
+                let id = shield::request_id(&call.request_body);
+                (shield::answered_request(&call.request_body, None)?, shield::stream_payload(text, id.as_ref())?)
+            }
+        };
         let body = self.stamp().body(call, request, Some(response_status), response_headers, payload, &[])?;
         self.check(CheckKind::StreamBatch, call, body, self.cfg.stream_timeout).await
     }
@@ -217,7 +232,7 @@ impl AktoClient {
         }
         let body = self.stamp().body(
             call,
-            request_payload(doc, &call.request_body)?,
+            request_payload_of(call, doc)?,
             Some(response_status),
             response_headers,
             response_payload.to_owned(),
@@ -229,7 +244,8 @@ impl AktoClient {
     }
 
     /// Reports a call the local engine blocked: ingests the prompt with the
-    /// `403 {"error": <reason>}` the client got, and the rule in `metadata`
+    /// `403 {"error": <reason>}` the client got (an MCP call: the 403 the
+    /// shield reports a blocked call with), and the rule in `metadata`
     /// (`guardrail_decision`, `guardrail_source`, `guardrail_rule`,
     /// `guardrail_reason`).
     pub async fn report_local_block(
@@ -239,11 +255,14 @@ impl AktoClient {
         rule: &str,
         reason: &str,
     ) -> Result<(), AktoError> {
-        let response = serde_json::to_string(&json!({ "error": reason })).map_err(AktoError::Encode)?;
-        let headers = [
-            ("content-type".to_owned(), "application/json".to_owned()),
-            ("x-akto-guardrails-decision".to_owned(), "blocked".to_owned()),
-        ];
+        let (mut headers, response) = match call.mcp {
+            None => {
+                let response = serde_json::to_string(&json!({ "error": reason })).map_err(AktoError::Encode)?;
+                (vec![("content-type".to_owned(), "application/json".to_owned())], response)
+            }
+            Some(_) => shield::blocked_response(reason)?,
+        };
+        headers.push(("x-akto-guardrails-decision".to_owned(), "blocked".to_owned()));
         let annotations = [
             ("guardrail_decision", "blocked"),
             ("guardrail_source", "local"),
@@ -430,6 +449,15 @@ impl AktoClient {
     }
 }
 
+/// `requestPayload` of a request check or an ingest: the addon's form, or
+/// for an MCP call the JSON-RPC body itself.
+fn request_payload_of(call: &CallInfo, doc: Option<&Value>) -> Result<String, AktoError> {
+    match call.mcp {
+        None => request_payload(doc, &call.request_body),
+        Some(_) => shield::request_payload(doc, &call.request_body),
+    }
+}
+
 #[cfg(test)]
 #[cfg(feature = "testing")]
 mod wire_tests {
@@ -476,6 +504,7 @@ mod wire_tests {
                 cgroup_id: 77,
                 ..Default::default()
             }),
+            mcp: None,
         }
     }
 

@@ -23,6 +23,9 @@
 //! * `client` — [`AktoClient`]: one pooled HTTP client, the calls, timeouts;
 //! * `wire` — the body Akto reads, the verdict it answers, the merge of a
 //!   `ModifiedPayload`;
+//! * `shield` — an MCP call in the form of Akto's MCP endpoint shield (the
+//!   JSON-RPC messages as payloads, its path, host and tag), and the merge
+//!   of a `ModifiedPayload` into the JSON-RPC body;
 //! * `breaker` — the circuit breaker;
 //! * `backend` — Akto behind the pipeline's `Backend` trait: what each check
 //!   sends, and how the verdict comes back.
@@ -38,6 +41,7 @@ mod backend;
 mod breaker;
 mod client;
 mod config;
+mod shield;
 mod wire;
 
 pub use breaker::CircuitState;
@@ -46,6 +50,7 @@ pub use config::{
     API_PATH, AddonEnv, AktoConfig, ENV_APP_NAME, ENV_GUARDRAILS_MODE, ENV_LOG_PAYLOADS, ENV_TEXT_THRESHOLD, ENV_TOKEN,
     ENV_URL,
 };
+pub use shield::McpCall;
 pub use wire::{CallInfo, RemoteVerdict, merge_modified_payload, normalize_app_name, parse_verdict, redact_path};
 
 #[derive(Debug, thiserror::Error)]

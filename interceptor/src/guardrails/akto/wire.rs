@@ -12,12 +12,15 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
-use super::{AktoConfig, AktoError, CheckKind};
+use super::shield;
+use super::{AktoConfig, AktoError, CheckKind, shield::McpCall};
 use crate::{app_name::AppName, guardrails::model::Direction, workload::Workload};
 
 /// `tag` (and the base of `metadata`), byte for byte what the addon sends
 /// (Python's `json.dumps` spacing).
 pub(super) const AGENTIC_TAG: &str = r#"{"gen-ai": "Gen AI", "source": "AGENTIC"}"#;
+/// `contextSource` of LLM traffic, as the addon sends it.
+const AGENTIC: &str = "AGENTIC";
 /// How much of an error reply is kept in [`AktoError::Status`].
 pub(super) const MAX_ERROR_BODY: usize = 512;
 
@@ -42,6 +45,9 @@ pub struct CallInfo {
     pub client_ip: Option<IpAddr>,
     pub dest_ip: Option<IpAddr>,
     pub workload: Option<Workload>,
+    /// An MCP call: the body takes the form of Akto's MCP endpoint shield
+    /// (see `shield`).
+    pub mcp: Option<McpCall>,
 }
 
 impl fmt::Debug for CallInfo {
@@ -57,6 +63,7 @@ impl fmt::Debug for CallInfo {
             .field("client_ip", &self.client_ip)
             .field("dest_ip", &self.dest_ip)
             .field("workload", &self.workload)
+            .field("mcp", &self.mcp)
             .finish()
     }
 }
@@ -126,7 +133,7 @@ impl Stamp<'_> {
         request_payload: String,
         response_status: Option<u16>,
         response_headers: &[(String, String)],
-        response_payload: String,
+        mut response_payload: String,
         annotations: &[(&str, &str)],
     ) -> Result<Vec<u8>, AktoError> {
         let status = response_status.unwrap_or(200).to_string();
@@ -136,9 +143,22 @@ impl Stamp<'_> {
         };
         let time_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
         let ip = |addr: Option<IpAddr>| addr.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)).to_canonical().to_string();
+        // The LLM form is the addon's; an MCP call takes the shield's.
+        let (path, method, http_type, tag, context_source) = match &call.mcp {
+            None => (redact_path(&call.path), call.method.clone(), None, AGENTIC_TAG.to_owned(), AGENTIC),
+            Some(mcp) => {
+                // The shield sends an empty JSON object before there is an answer.
+                if response_payload.is_empty() {
+                    response_payload = "{}".to_owned();
+                }
+                let source = self.cfg.mcp_context_source.as_str();
+                let tag = serde_json::to_string(&mcp.tag(source)).map_err(AktoError::Encode)?;
+                (shield::path(&call.path), "POST".to_owned(), Some("HTTP/1.1"), tag, source)
+            }
+        };
         let body = json!({
-            "path": redact_path(&call.path),
-            "method": call.method,
+            "path": path,
+            "method": method,
             "requestHeaders": self.request_headers_json(call)?,
             "responseHeaders": response_headers,
             "requestPayload": request_payload,
@@ -147,7 +167,7 @@ impl Stamp<'_> {
             "destIp": ip(call.dest_ip),
             "time": time_ms.to_string(),
             "statusCode": status,
-            "type": null,
+            "type": http_type,
             "status": status,
             "akto_account_id": self.cfg.account_id,
             "akto_vxlan_id": self.cfg.vxlan_id,
@@ -158,20 +178,26 @@ impl Stamp<'_> {
             "socket_id": null,
             "daemonset_id": self.cfg.daemonset_id.as_deref().filter(|d| !d.is_empty()),
             "enabled_graph": null,
-            "tag": AGENTIC_TAG,
-            "metadata": metadata_json(call, annotations)?,
-            "contextSource": "AGENTIC",
+            "tag": tag,
+            "metadata": metadata_json(call, annotations, &self.cfg.mcp_context_source)?,
+            "contextSource": context_source,
         });
         serde_json::to_vec(&body).map_err(AktoError::Encode)
     }
 
     /// `requestHeaders`: the call's headers minus credentials, `host` set to
-    /// the app name, the request id, and a content type.
+    /// the app name (an MCP call: the shield's `<app>.<client>.<server>` and
+    /// `x-mcp-server`), the request id, and a content type.
     fn request_headers_json(&self, call: &CallInfo) -> Result<String, AktoError> {
         let mut fixed = BTreeMap::new();
-        let host = Some(normalize_app_name(&self.app_name.render(call.workload.as_ref())))
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| normalize_app_name(&call.host));
+        let app = normalize_app_name(&self.app_name.render(call.workload.as_ref()));
+        let host = match &call.mcp {
+            Some(mcp) => {
+                fixed.insert(shield::MCP_SERVER_HEADER.to_owned(), mcp.server.clone());
+                mcp.host(&app)
+            }
+            None => Some(app).filter(|h| !h.is_empty()).unwrap_or_else(|| normalize_app_name(&call.host)),
+        };
         if !host.is_empty() {
             fixed.insert("host".to_owned(), host);
         }
@@ -207,8 +233,9 @@ fn headers_json(headers: &[(String, String)], fixed: BTreeMap<String, String>) -
     serde_json::to_string(&map).map_err(AktoError::Encode)
 }
 
-/// `metadata`: the addon's tag, plus what we know about the call.
-fn metadata_json(call: &CallInfo, annotations: &[(&str, &str)]) -> Result<String, AktoError> {
+/// `metadata`: the tag (the addon's, or the shield's for an MCP call),
+/// plus what we know about the call.
+fn metadata_json(call: &CallInfo, annotations: &[(&str, &str)], mcp_context_source: &str) -> Result<String, AktoError> {
     let mut extra: Vec<(String, String)> = Vec::new();
     if !call.host.is_empty() {
         extra.push(("upstream_host".into(), call.host.clone()));
@@ -219,13 +246,21 @@ fn metadata_json(call: &CallInfo, annotations: &[(&str, &str)]) -> Result<String
         extra.push(("uid".into(), w.uid.to_string()));
         extra.push(("cgroup_id".into(), w.cgroup_id.to_string()));
     }
-    extra.extend(annotations.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-    if extra.is_empty() {
-        return Ok(AGENTIC_TAG.to_owned());
+    if let Some(mcp) = &call.mcp {
+        extra.push(("upstream_path".into(), redact_path(&call.path)));
+        extra.extend(mcp.annotations().into_iter().map(|(k, v)| (k.to_owned(), v)));
     }
-    let mut map = Map::new();
-    map.insert("gen-ai".into(), Value::String("Gen AI".into()));
-    map.insert("source".into(), Value::String("AGENTIC".into()));
+    extra.extend(annotations.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    let mut map = match &call.mcp {
+        Some(mcp) => mcp.tag(mcp_context_source),
+        None if extra.is_empty() => return Ok(AGENTIC_TAG.to_owned()),
+        None => {
+            let mut map = Map::new();
+            map.insert("gen-ai".into(), Value::String("Gen AI".into()));
+            map.insert("source".into(), Value::String(AGENTIC.into()));
+            map
+        }
+    };
     for (k, v) in extra {
         map.insert(k, Value::String(v));
     }
