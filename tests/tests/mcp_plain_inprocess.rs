@@ -34,18 +34,23 @@ async fn plain_server() -> Result<(SocketAddr, Seen)> {
                 let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let record = Arc::clone(&record);
                     async move {
-                        let host = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
+                        let host = req
+                            .headers()
+                            .get(http::header::HOST)
+                            .and_then(|h| h.to_str().ok())
+                            .unwrap_or("")
+                            .to_string();
                         let body = req.into_body().collect().await?.to_bytes();
                         let text = String::from_utf8_lossy(&body).into_owned();
-                        record.lock().unwrap().push((host, text.clone()));
-                        let id = serde_json::from_str::<Value>(&text).ok().map(|v| v["id"].clone()).unwrap_or(Value::Null);
+                        record.lock().unwrap_or_else(|e| e.into_inner()).push((host, text.clone()));
+                        let id =
+                            serde_json::from_str::<Value>(&text).ok().map(|v| v["id"].clone()).unwrap_or(Value::Null);
                         let answer = json!({"jsonrpc": "2.0", "id": id, "result": {"content": [{"type": "text", "text": "done"}]}});
-                        Ok::<_, hyper::Error>(
-                            http::Response::builder()
-                                .header("content-type", "application/json")
-                                .body(Full::new(Bytes::from(answer.to_string())))
-                                .unwrap(),
-                        )
+                        let mut response = http::Response::new(Full::new(Bytes::from(answer.to_string())));
+                        response
+                            .headers_mut()
+                            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                        Ok::<_, hyper::Error>(response)
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -74,14 +79,9 @@ async fn setup() -> Result<Setup> {
     let pki = interceptor::testing::provider::TestPki::with_defaults()?;
     let ca = pki.write_ca(dir.path())?;
     let settings = ProxySettings { client_hello_timeout: Duration::from_secs(2), ..ProxySettings::default() };
-    let proxy = InProcessProxy::start_with(
-        server,
-        &ca,
-        interceptor::policy::DomainsConfig::default(),
-        Some(hook),
-        settings,
-    )
-    .await?;
+    let proxy =
+        InProcessProxy::start_with(server, &ca, interceptor::policy::DomainsConfig::default(), Some(hook), settings)
+            .await?;
     Ok(Setup { proxy, server, seen, audit, _dir: dir })
 }
 

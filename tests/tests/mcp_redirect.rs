@@ -48,16 +48,15 @@ fn plain_server(netns: &Netns, addr: SocketAddr) -> Result<Seen> {
                     async move {
                         let body = req.into_body().collect().await?.to_bytes();
                         let text = String::from_utf8_lossy(&body).into_owned();
-                        record.lock().unwrap().push((peer, text.clone()));
-                        let id = serde_json::from_str::<Value>(&text).ok().map(|v| v["id"].clone()).unwrap_or(Value::Null);
-                        let answer =
-                            json!({"jsonrpc": "2.0", "id": id, "result": {"content": [{"type": "text", "text": "done"}]}});
-                        Ok::<_, hyper::Error>(
-                            http::Response::builder()
-                                .header("content-type", "application/json")
-                                .body(Full::new(Bytes::from(answer.to_string())))
-                                .unwrap(),
-                        )
+                        record.lock().unwrap_or_else(|e| e.into_inner()).push((peer, text.clone()));
+                        let id =
+                            serde_json::from_str::<Value>(&text).ok().map(|v| v["id"].clone()).unwrap_or(Value::Null);
+                        let answer = json!({"jsonrpc": "2.0", "id": id, "result": {"content": [{"type": "text", "text": "done"}]}});
+                        let mut response = http::Response::new(Full::new(Bytes::from(answer.to_string())));
+                        response
+                            .headers_mut()
+                            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                        Ok::<_, hyper::Error>(response)
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -176,7 +175,7 @@ impl Setup {
         assert_eq!(rec["sni"], "127.0.0.1", "{mode}: {rec}");
         {
             // The server saw the proxy's upstream connection, not the client's.
-            let seen = self.plain.lock().unwrap();
+            let seen = self.plain.lock().unwrap_or_else(|e| e.into_inner());
             assert_eq!(seen.len(), 1, "{mode}: {seen:?}");
             assert_ne!(seen[0].0.port(), r.local_port, "{mode}: reached the server directly");
             assert!(seen[0].1.contains("buy milk"), "{mode}");
@@ -184,11 +183,12 @@ impl Setup {
         let event = self.audit_event_from(r.local_port).await?;
         assert_eq!(event["host"], "127.0.0.1", "{mode}: {event}");
 
-        let r = curl(&self.env(), &mcp_request(&url, &tools_call(2, &format!("keep this: {KEY}"))), HttpVersion::Http11)
-            .await?;
+        let r =
+            curl(&self.env(), &mcp_request(&url, &tools_call(2, &format!("keep this: {KEY}"))), HttpVersion::Http11)
+                .await?;
         let body = String::from_utf8_lossy(&r.body).to_string();
         assert!(!body.contains("\"done\""), "{mode}: the server answered: {} {body}", r.status);
-        for (_, body) in self.plain.lock().unwrap().iter() {
+        for (_, body) in self.plain.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             assert!(!body.contains("PRIVATE KEY"), "{mode}: the server received the key: {body}");
         }
         let event = self.audit_event_from(r.local_port).await?;
@@ -217,8 +217,8 @@ async fn an_mcp_client_over_tls_is_redirected_and_inspected() -> Result<()> {
     let event = s.audit_event_from(r.local_port).await?;
     assert_eq!(event["host"], MCP_HOST, "{event}");
 
-    let r = curl(&s.env(), &mcp_request(&url, &tools_call(2, &format!("keep this: {KEY}"))), HttpVersion::Default)
-        .await?;
+    let r =
+        curl(&s.env(), &mcp_request(&url, &tools_call(2, &format!("keep this: {KEY}"))), HttpVersion::Default).await?;
     for q in s.tls_server.requests() {
         assert!(!String::from_utf8_lossy(&q.body).contains("PRIVATE KEY"), "the server received the key");
     }

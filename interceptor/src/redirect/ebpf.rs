@@ -28,10 +28,10 @@ use aya::{
 };
 use interceptor_common::{
     CONFIG_F_ENABLED, CONFIG_F_FAIL_CLOSED, CONFIG_F_HAVE_V6, DnsOrig, MAP_BY_ADDR, MAP_BY_COOKIE, MAP_CONFIG,
-    MAP_DNS_BY_ADDR, MAP_DNS_ORIG, MAP_HEARTBEAT, MAP_INSTANCES, MAP_PLAIN_TARGETS, MAP_STATS, MAP_TARGETS_V4, MAP_TARGETS_V6, MAX_PORTS,
-    OrigDst, RedirectConfig, STAT_DNS_NOTED, STAT_DNS_REDIRECTED, STAT_ESTABLISHED, STAT_FAIL_CLOSED, STAT_FAIL_OPEN,
-    STAT_ORIGDST_ANSWERED, STAT_REDIRECTED_V4, STAT_REDIRECTED_V6, STAT_SKIPPED_MARK, STAT_UDP_REFUSED,
-    STAT_V6_REFUSED, SockKey, Target, v4_mapped,
+    MAP_DNS_BY_ADDR, MAP_DNS_ORIG, MAP_HEARTBEAT, MAP_INSTANCES, MAP_PLAIN_TARGETS, MAP_STATS, MAP_TARGETS_V4,
+    MAP_TARGETS_V6, MAX_PORTS, OrigDst, RedirectConfig, STAT_DNS_NOTED, STAT_DNS_REDIRECTED, STAT_ESTABLISHED,
+    STAT_FAIL_CLOSED, STAT_FAIL_OPEN, STAT_ORIGDST_ANSWERED, STAT_REDIRECTED_V4, STAT_REDIRECTED_V6, STAT_SKIPPED_MARK,
+    STAT_UDP_REFUSED, STAT_V6_REFUSED, SockKey, Target, v4_mapped,
 };
 use ipnet::IpNet;
 
@@ -281,9 +281,12 @@ impl EbpfRedirector {
             }
         } else {
             current.extend(trie_nets(&targets_v4, &targets_v6));
-            current_plain.extend(plain.keys().filter_map(Result::ok).map(|k| {
-                crate::net::canonical(SocketAddr::new(IpAddr::V6(k.addr.into()), k.port))
-            }));
+            current_plain.extend(
+                plain
+                    .keys()
+                    .filter_map(Result::ok)
+                    .map(|k| crate::net::canonical(SocketAddr::new(IpAddr::V6(k.addr.into()), k.port))),
+            );
             tracing::info!(
                 event = "redirect_handover",
                 running_instances = joined.live.len(),

@@ -524,7 +524,10 @@ mod tests {
         // The mark comes first: the proxy's own upstream connections return.
         assert!(r.find("--mark").unwrap() < r.find("--dport 8931").unwrap());
         let r = rules(Family::V6, &BTreeSet::new(), &plain, &proxy(true), &[443], None);
-        assert!(r.contains("-A INTERCEPTOR -d 2001:db8::20/128 -p tcp --dport 8080 -j REDIRECT --to-ports 15443\n"), "{r}");
+        assert!(
+            r.contains("-A INTERCEPTOR -d 2001:db8::20/128 -p tcp --dport 8080 -j REDIRECT --to-ports 15443\n"),
+            "{r}"
+        );
         assert!(!r.contains("127.0.0.1"), "{r}");
     }
 
