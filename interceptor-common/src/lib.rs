@@ -31,6 +31,11 @@ pub const MAP_DNS_ORIG: &str = "DNS_ORIG";
 pub const MAP_DNS_BY_ADDR: &str = "DNS_BY_ADDR";
 /// Name of the per-CPU counters array (see the `STAT_*` indexes).
 pub const MAP_STATS: &str = "STATS";
+/// Plain-HTTP MCP targets: exact (address, port) pairs, keyed by a
+/// [`SockKey`] (IPv4 as IPv4-mapped), value a [`Target`].
+pub const MAP_PLAIN_TARGETS: &str = "PLAIN_TARGETS";
+/// Bound on plain (address, port) targets.
+pub const PLAIN_TARGETS_MAX: u32 = 4096;
 /// Name of the one-slot array holding the proxy's last heartbeat, in
 /// `CLOCK_MONOTONIC` nanoseconds (the clock of `bpf_ktime_get_ns`).
 pub const MAP_HEARTBEAT: &str = "HEARTBEAT";

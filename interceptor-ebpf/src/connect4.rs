@@ -16,7 +16,8 @@ use interceptor_common::{
 
 use crate::dns::{dns_applies, redirect_dns4};
 use crate::maps::{
-    ALLOW, DENY, ORIG_BY_COOKIE, SOCK_DGRAM, SOCK_STREAM, bump, enabled_config, is_target_v4, proxy_down_verdict,
+    ALLOW, DENY, ORIG_BY_COOKIE, SOCK_DGRAM, SOCK_STREAM, bump, enabled_config, is_plain_target, is_target_v4,
+    proxy_down_verdict,
 };
 
 #[cgroup_sock_addr(connect4)]
@@ -38,7 +39,9 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
         redirect_dns4(ctx, cfg);
         return Ok(ALLOW);
     }
-    if !cfg.has_port(port) || !is_target_v4(ip) {
+    // A plain MCP target is one exact (address, port), on any port.
+    let plain = is_plain_target(v4_mapped(ip), port);
+    if !plain && (!cfg.has_port(port) || !is_target_v4(ip)) {
         return Ok(ALLOW);
     }
     if let Some(verdict) = early_verdict(ctx, cfg, sa.type_) {

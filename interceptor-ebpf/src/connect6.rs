@@ -12,7 +12,9 @@ use interceptor_common::{
 use crate::{
     connect4::{early_verdict, record},
     dns::{dns_applies, redirect_dns6},
-    maps::{ALLOW, DENY, bump, bytes_to_words, enabled_config, is_target_v4, is_target_v6, words_to_bytes},
+    maps::{
+        ALLOW, DENY, bump, bytes_to_words, enabled_config, is_plain_target, is_target_v4, is_target_v6, words_to_bytes,
+    },
 };
 
 #[cgroup_sock_addr(connect6)]
@@ -32,14 +34,15 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
         redirect_dns6(ctx, cfg);
         return Ok(ALLOW);
     }
-    if !cfg.has_port(port) {
-        return Ok(ALLOW);
-    }
     let mapped = as_v4(&addr);
-    let target = match mapped {
-        Some(v4) => is_target_v4(v4),
-        None => is_target_v6(addr),
-    };
+    // A plain MCP target is one exact (address, port), on any port; its key
+    // holds IPv4 as IPv4-mapped, as `addr` already is.
+    let target = is_plain_target(addr, port)
+        || cfg.has_port(port)
+            && match mapped {
+                Some(v4) => is_target_v4(v4),
+                None => is_target_v6(addr),
+            };
     if !target {
         return Ok(ALLOW);
     }

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
 };
 use interceptor_common::{
-    CONFIG_F_FAIL_CLOSED, DnsOrig, INSTANCES_MAX, ORIG_DST_MAX, OrigDst, RedirectConfig, STAT_FAIL_CLOSED,
-    STAT_FAIL_OPEN, STAT_MAX, SockKey, TARGETS_MAX, Target,
+    CONFIG_F_FAIL_CLOSED, DnsOrig, INSTANCES_MAX, ORIG_DST_MAX, OrigDst, PLAIN_TARGETS_MAX, RedirectConfig,
+    STAT_FAIL_CLOSED, STAT_FAIL_OPEN, STAT_MAX, SockKey, TARGETS_MAX, Target,
 };
 
 /// Program return codes for cgroup sock_addr and sockopt programs.
@@ -25,6 +25,11 @@ pub static TARGETS_V4: LpmTrie<[u8; 4], Target> = LpmTrie::with_max_entries(TARG
 
 #[map(name = "TARGETS_V6")]
 pub static TARGETS_V6: LpmTrie<[u8; 16], Target> = LpmTrie::with_max_entries(TARGETS_MAX, 0);
+
+/// Plain-HTTP MCP servers: only these exact (address, port) pairs, on any
+/// port, whatever the configured ports.
+#[map(name = "PLAIN_TARGETS")]
+pub static PLAIN_TARGETS: HashMap<SockKey, Target> = HashMap::with_max_entries(PLAIN_TARGETS_MAX, 0);
 
 #[map(name = "ORIG_BY_COOKIE")]
 pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(ORIG_DST_MAX, 0);
@@ -101,6 +106,15 @@ pub fn is_target_v4(addr: [u8; 4]) -> bool {
 #[inline(always)]
 pub fn is_target_v6(addr: [u8; 16]) -> bool {
     TARGETS_V6.get(Key::new(128, addr)).is_some()
+}
+
+/// Whether (`addr`, `port`) is a plain target; `addr` IPv6 or IPv4-mapped,
+/// `port` in host order.
+#[inline(always)]
+pub fn is_plain_target(addr: [u8; 16], port: u16) -> bool {
+    let key = SockKey { addr, port, _pad: [0; 6] };
+    // SAFETY: the value is only tested for presence, never read.
+    unsafe { PLAIN_TARGETS.get(&key).is_some() }
 }
 
 #[inline(always)]

@@ -70,6 +70,8 @@ label_enum! {
         Guard => "guard",
         /// Bytes relayed untouched.
         Passthrough => "passthrough",
+        /// A plain-HTTP MCP target: HTTP relayed without TLS and inspected.
+        Plain => "plain",
         /// Refused after classification (unclassifiable, AI-bound).
         Refused => "refused",
     }
@@ -100,6 +102,9 @@ label_enum! {
         ClientTlsFailed => "client_tls_failed",
         /// The server name cannot name an upstream.
         InvalidSni => "invalid_sni",
+        /// A plain-HTTP target's client sent something that is not HTTP/1.1;
+        /// answered 400 and closed.
+        NotHttp => "not_http",
         /// Intercepted and served (an HTTP error is in the record's `error`).
         Intercepted => "intercepted",
         /// The original destination could not be reached for a relay.

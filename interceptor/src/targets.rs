@@ -5,10 +5,15 @@
 //! honoured). Providers rotate addresses and clients cache answers, so an
 //! address stays a target for a grace period after its domain stopped
 //! resolving to it, and a failed lookup keeps the previous addresses.
+//!
+//! Plain-HTTP MCP servers (`mcp.plain`) are exact (address, port) pairs,
+//! kept apart from the AI addresses: their names are resolved with the same
+//! lookups, a failed lookup keeps the previous addresses, and no other port
+//! of those addresses is a target.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -27,6 +32,9 @@ pub struct TargetSet {
     /// no name.
     #[serde(skip)]
     pub cidrs: BTreeSet<IpNet>,
+    /// Plain-HTTP MCP servers: exact (address, port) → the configured host.
+    #[serde(skip)]
+    pub plain: BTreeMap<SocketAddr, String>,
 }
 
 /// What the target set knows of a connection's original destination.
@@ -77,6 +85,10 @@ pub struct TargetResolver {
     learned: HashMap<IpAddr, (BTreeSet<String>, Instant)>,
     /// Every address on the redirected ports is a target (`all-tls`).
     all_tls: bool,
+    /// Plain-HTTP MCP servers as configured: (host, port).
+    plain: Vec<(String, u16)>,
+    /// A plain target's host name → the addresses it last resolved to.
+    plain_seen: HashMap<String, BTreeSet<IpAddr>>,
 }
 
 /// Networks that cover every address, for `all-tls` targeting.
@@ -86,7 +98,28 @@ pub fn everything() -> [IpNet; 2] {
 
 impl TargetResolver {
     pub fn new(domains: Vec<String>, cidrs: Vec<IpNet>, grace: Duration) -> Self {
-        Self { domains, cidrs, grace, seen: HashMap::new(), learned: HashMap::new(), all_tls: false }
+        Self {
+            domains,
+            cidrs,
+            grace,
+            seen: HashMap::new(),
+            learned: HashMap::new(),
+            all_tls: false,
+            plain: Vec::new(),
+            plain_seen: HashMap::new(),
+        }
+    }
+
+    /// Replaces the plain-HTTP MCP servers, `(host, port)`: an address is
+    /// taken as it is, a name is resolved with the domains.
+    pub fn set_plain(&mut self, plain: Vec<(String, u16)>) {
+        self.plain_seen.retain(|name, _| plain.iter().any(|(host, _)| host == name));
+        self.plain = plain;
+    }
+
+    /// The plain targets' host names that need resolving.
+    fn plain_names(&self) -> impl Iterator<Item = &String> {
+        self.plain.iter().map(|(host, _)| host).filter(|host| host.parse::<IpAddr>().is_err())
     }
 
     /// `all-tls`: every address is a target; the proxy's SNI check decides.
@@ -131,15 +164,32 @@ impl TargetResolver {
         self.apply(results)
     }
 
-    /// The domains resolved periodically.
+    /// The names resolved periodically: the domains and the plain targets'
+    /// names.
     pub fn domains(&self) -> Vec<String> {
-        self.domains.clone()
+        let mut names = self.domains.clone();
+        for name in self.plain_names() {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+        names
     }
 
     /// Folds in the results of [`lookup`] and returns the current set.
     pub fn apply(&mut self, results: Vec<(String, std::io::Result<Vec<IpAddr>>)>) -> TargetSet {
         let now = Instant::now();
         for (domain, result) in results {
+            let plain = self.plain_names().any(|n| *n == domain);
+            if plain && let Ok(addrs) = &result {
+                self.plain_seen.insert(domain.clone(), addrs.iter().map(|ip| canonical_ip(*ip)).collect());
+            }
+            if plain && !self.domains.contains(&domain) {
+                if let Err(error) = &result {
+                    tracing::warn!(%domain, %error, "cannot resolve plain MCP target; keeping its previous addresses");
+                }
+                continue;
+            }
             match result {
                 Ok(addrs) => {
                     tracing::debug!(%domain, count = addrs.len(), "resolved target domain");
@@ -186,6 +236,18 @@ impl TargetResolver {
             set.nets.insert(IpNet::from(*ip));
             set.sources.entry(*ip).or_default().extend(names.iter().cloned());
         }
+        for (host, port) in &self.plain {
+            match host.parse::<IpAddr>() {
+                Ok(ip) => {
+                    set.plain.entry(SocketAddr::new(canonical_ip(ip), *port)).or_insert_with(|| host.clone());
+                }
+                Err(_) => {
+                    for ip in self.plain_seen.get(host).into_iter().flatten() {
+                        set.plain.entry(SocketAddr::new(*ip, *port)).or_insert_with(|| host.clone());
+                    }
+                }
+            }
+        }
         set
     }
 }
@@ -228,6 +290,36 @@ mod tests {
         assert!(set.contains("198.18.0.10".parse().unwrap()));
         assert!(set.contains("127.0.0.1".parse().unwrap()), "{set:?}");
         assert!(set.sources[&"127.0.0.1".parse::<IpAddr>().unwrap()].contains("localhost"));
+    }
+
+    #[test]
+    fn plain_targets_are_exact_pairs_kept_apart_from_ai_addresses() {
+        let mut r = TargetResolver::new(vec!["ai.example".into()], vec![], Duration::from_secs(10));
+        r.set_plain(vec![("127.0.0.1".into(), 8931), ("tools.svc".into(), 8080)]);
+        assert_eq!(r.domains(), vec!["ai.example".to_string(), "tools.svc".to_string()], "names are resolved");
+        let set = r.apply(vec![
+            ("ai.example".into(), Ok(vec!["192.0.2.1".parse().unwrap()])),
+            ("tools.svc".into(), Ok(vec!["10.1.2.3".parse().unwrap(), "::ffff:10.1.2.4".parse().unwrap()])),
+        ]);
+        let pairs: Vec<(SocketAddr, &str)> = set.plain.iter().map(|(a, h)| (*a, h.as_str())).collect();
+        assert_eq!(
+            pairs,
+            vec![
+                ("10.1.2.3:8080".parse().unwrap(), "tools.svc"),
+                ("10.1.2.4:8080".parse().unwrap(), "tools.svc"),
+                ("127.0.0.1:8931".parse().unwrap(), "127.0.0.1"),
+            ]
+        );
+        assert!(!set.contains("10.1.2.3".parse().unwrap()), "not an AI address on every port");
+        assert!(set.contains("192.0.2.1".parse().unwrap()));
+        // A failed lookup keeps the previous addresses; a new answer replaces them.
+        let set = r.apply(vec![("tools.svc".into(), Err(std::io::Error::other("timeout")))]);
+        assert!(set.plain.contains_key(&"10.1.2.3:8080".parse().unwrap()));
+        let set = r.apply(vec![("tools.svc".into(), Ok(vec!["10.9.9.9".parse().unwrap()]))]);
+        assert!(!set.plain.contains_key(&"10.1.2.3:8080".parse().unwrap()));
+        assert!(set.plain.contains_key(&"10.9.9.9:8080".parse().unwrap()));
+        r.set_plain(vec![]);
+        assert!(r.current().plain.is_empty());
     }
 
     #[test]

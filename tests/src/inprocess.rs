@@ -146,6 +146,13 @@ impl InProcessProxy {
         self.snapshot.send_modify(|s| Arc::make_mut(s).targets = targets);
     }
 
+    /// Makes the data plane see `addr` as a plain-HTTP MCP target named
+    /// `name` (as the control plane does for `mcp.plain`).
+    pub fn set_plain_target(&self, addr: SocketAddr, name: &str) {
+        let plain = Arc::new(interceptor::proxy::plain::PlainTargets::new([(addr, name.to_string())]));
+        self.snapshot.send_modify(|s| Arc::make_mut(s).plain = plain);
+    }
+
     /// Stops accepting and waits for connections to finish.
     pub async fn shutdown(mut self, deadline: Duration) -> bool {
         self.drain(deadline).await

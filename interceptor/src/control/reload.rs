@@ -135,6 +135,7 @@ impl Control {
             let mut t = self.targeting.lock();
             t.resolver.reconfigure(resolve_names(&policy, &new), new.cidrs(), new.targets.address_grace);
             t.resolver.set_all_tls(new.targets.mode == TargetMode::AllTls);
+            t.resolver.set_plain(super::targeting::plain_targets(&new));
         }
         let policy = Arc::new(policy);
         self.snapshot.send_modify(|s| Arc::make_mut(s).policy = policy);

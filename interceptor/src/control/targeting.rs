@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use crate::{
     config::{Config, TargetMode},
     policy::DomainPolicy,
-    proxy::Snapshot,
+    proxy::{Snapshot, plain::PlainTargets},
     redirect::{RedirectError, Redirector},
     targets::{TargetResolver, TargetSet},
 };
@@ -41,6 +41,7 @@ impl Targeting {
     ) -> Self {
         let mut resolver = TargetResolver::new(names, config.cidrs(), config.targets.address_grace);
         resolver.set_all_tls(config.targets.mode == TargetMode::AllTls);
+        resolver.set_plain(plain_targets(config));
         Self { redirector, resolver, targets: TargetSet::default(), snapshot }
     }
 
@@ -51,7 +52,15 @@ impl Targeting {
         self.redirector.set_targets(&set)?;
         if set != self.targets {
             let published = Arc::new(set.clone());
-            self.snapshot.send_modify(|s| Arc::make_mut(s).targets = published);
+            let plain = (set.plain != self.targets.plain)
+                .then(|| Arc::new(PlainTargets::new(set.plain.iter().map(|(a, h)| (*a, h.clone())))));
+            self.snapshot.send_modify(|s| {
+                let s = Arc::make_mut(s);
+                s.targets = published;
+                if let Some(plain) = plain {
+                    s.plain = plain;
+                }
+            });
         }
         self.targets = set;
         Ok(())
@@ -61,6 +70,15 @@ impl Targeting {
     pub fn uninstall(&mut self) -> Result<(), RedirectError> {
         self.redirector.uninstall()
     }
+}
+
+/// The plain-HTTP MCP servers `config` names, as (host, port); none when
+/// MCP inspection is off.
+pub fn plain_targets(config: &Config) -> Vec<(String, u16)> {
+    if !config.mcp.enabled {
+        return Vec::new();
+    }
+    config.mcp.plain_targets().into_iter().map(|t| (t.host, t.port)).collect()
 }
 
 /// [`Targeting`] shared between the control loop and the DNS learner.

@@ -194,8 +194,44 @@ async fn idle_for(mut active: watch::Receiver<usize>, timeout: Duration) {
     }
 }
 
-/// Serves HTTP on a terminated TLS stream until the client is done.
-pub async fn serve(io: TlsStream<TcpStream>, conn: Arc<Intercepted>) -> Result<(), BoxError> {
+/// A client connection HTTP is served on: a terminated TLS stream, or the
+/// TCP stream of a plain target.
+pub trait ClientIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {
+    /// HTTP/1.1 (else HTTP/2, as negotiated by ALPN).
+    fn http1(&self) -> bool;
+    /// Resolves when the client has sent something.
+    fn readable(&mut self) -> impl Future<Output = std::io::Result<()>> + Send;
+}
+
+impl ClientIo for TlsStream<TcpStream> {
+    fn http1(&self) -> bool {
+        self.get_ref().1.alpn_protocol() == Some(b"http/1.1")
+    }
+
+    /// TLS bytes on the socket, or plaintext rustls already holds.
+    async fn readable(&mut self) -> std::io::Result<()> {
+        let (tcp, tls) = self.get_mut();
+        let held = tls.process_new_packets().map_err(std::io::Error::other)?.plaintext_bytes_to_read();
+        if held > 0 {
+            return Ok(());
+        }
+        tcp.readable().await
+    }
+}
+
+impl ClientIo for TcpStream {
+    /// Plain targets speak HTTP/1.1 only.
+    fn http1(&self) -> bool {
+        true
+    }
+
+    async fn readable(&mut self) -> std::io::Result<()> {
+        TcpStream::readable(self).await
+    }
+}
+
+/// Serves HTTP on a client connection until the client is done.
+pub async fn serve<I: ClientIo>(io: I, conn: Arc<Intercepted>) -> Result<(), BoxError> {
     let upgraded = Arc::clone(&conn);
     let result = serve_http(io, conn).await;
     // An upgraded connection outlives hyper's: the connection ends with it.
@@ -203,9 +239,9 @@ pub async fn serve(io: TlsStream<TcpStream>, conn: Arc<Intercepted>) -> Result<(
     result
 }
 
-async fn serve_http(io: TlsStream<TcpStream>, conn: Arc<Intercepted>) -> Result<(), BoxError> {
+async fn serve_http<I: ClientIo>(io: I, conn: Arc<Intercepted>) -> Result<(), BoxError> {
     let limits = conn.limits.clone();
-    let http1 = io.get_ref().1.alpn_protocol() == Some(b"http/1.1");
+    let http1 = io.http1();
     let parking = Arc::clone(&conn);
     // The connection's span: HTTP/2 streams run in tasks of their own.
     let conn_span = Span::current();
@@ -278,7 +314,7 @@ async fn serve_http(io: TlsStream<TcpStream>, conn: Arc<Intercepted>) -> Result<
 /// closed after the idle timeout without a request, or after the header
 /// timeout parked, whichever comes first (hyper's own header timeout
 /// would have closed it then).
-async fn serve_http1_parked<S>(io: TlsStream<TcpStream>, conn: &Intercepted, service: S) -> Result<(), BoxError>
+async fn serve_http1_parked<I: ClientIo, S>(io: I, conn: &Intercepted, service: S) -> Result<(), BoxError>
 where
     S: hyper::service::HttpService<hyper::body::Incoming, ResBody = BoxBody> + Clone + Unpin + Send + 'static,
     S::Future: Unpin + Send + 'static,
@@ -311,7 +347,7 @@ where
                 (idle_since + limits.idle_timeout, limits.idle_timeout),
                 (now + limits.header_read_timeout, limits.header_read_timeout),
             );
-            match tokio::time::timeout_at(deadline, readable(&mut stream)).await {
+            match tokio::time::timeout_at(deadline, stream.readable()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => return Err(boxed(error)),
                 Err(_) => {
@@ -351,17 +387,6 @@ where
     }
 }
 
-/// Resolves when the client has sent something: TLS bytes on the socket, or
-/// plaintext rustls already holds.
-async fn readable(stream: &mut TlsStream<TcpStream>) -> std::io::Result<()> {
-    let (tcp, tls) = stream.get_mut();
-    let held = tls.process_new_packets().map_err(std::io::Error::other)?.plaintext_bytes_to_read();
-    if held > 0 {
-        return Ok(());
-    }
-    tcp.readable().await
-}
-
 /// Runs hyper's tasks (HTTP/2 streams) in the connection's span.
 #[derive(Clone)]
 struct SpanExecutor(Span);
@@ -380,7 +405,7 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    if let Err(response) = prepare_request(&mut parts, &conn.exchange, upgrade) {
+    if let Err(response) = prepare_request(&mut parts, &conn.exchange, upgrade, conn.upstream.plain) {
         return *response;
     }
     // The request is in flight while its body is alive, too (see `park`).
@@ -827,22 +852,25 @@ fn inspected_body(mut body: BoxBody, mut inspector: Box<dyn BodyInspector>) -> B
     StreamBody::new(stream).boxed_unsync()
 }
 
-/// Makes the request absolute (`https://<authority><path>`) for the upstream
-/// client and removes hop-by-hop headers.
+/// Makes the request absolute (`https://<authority><path>`, or `http://`
+/// for a plain target) for the upstream client and removes hop-by-hop
+/// headers.
 fn prepare_request(
     parts: &mut http::request::Parts,
     exchange: &Exchange,
     upgrade: bool,
+    plain: bool,
 ) -> Result<(), Box<Response<BoxBody>>> {
     let authority = match parts.uri.authority() {
         Some(a) => a.as_str().to_string(),
         None => match parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
             Some(host) => host.to_string(),
-            None => default_authority(exchange),
+            None => default_authority(exchange, plain),
         },
     };
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    parts.uri = match Uri::builder().scheme("https").authority(authority.as_str()).path_and_query(path).build() {
+    let scheme = if plain { "http" } else { "https" };
+    parts.uri = match Uri::builder().scheme(scheme).authority(authority.as_str()).path_and_query(path).build() {
         Ok(uri) => uri,
         Err(error) => {
             return Err(Box::new(error_response(Problem::BadRequest, &format!("invalid request target: {error}"))));
@@ -856,10 +884,11 @@ fn prepare_request(
     Ok(())
 }
 
-fn default_authority(exchange: &Exchange) -> String {
-    match exchange.orig_dst.0.port() {
-        443 => exchange.sni.clone(),
-        port => format!("{}:{port}", exchange.sni),
+fn default_authority(exchange: &Exchange, plain: bool) -> String {
+    match (exchange.orig_dst.0.port(), plain) {
+        (443, false) | (80, true) => exchange.sni.clone(),
+        (port, _) if exchange.sni.contains(':') => format!("[{}]:{port}", exchange.sni),
+        (port, _) => format!("{}:{port}", exchange.sni),
     }
 }
 

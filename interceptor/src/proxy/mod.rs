@@ -11,6 +11,10 @@
 //! known by, or refused; a late, unparseable, oversized or non-TLS one is
 //! refused (`targets.unclassified` can relay them instead, audited).
 //! Addresses not known to be AI (`all-tls`) keep the SNI-only rule.
+//! A connection to a plain-HTTP MCP target (`mcp.plain`, known by its exact
+//! original address and port: `plain`) is served as HTTP/1.1 without TLS,
+//! without waiting for a ClientHello, and relayed as plain HTTP through the
+//! hook, under the target's configured name.
 //!
 //! Every connection is recorded exactly once, when it ends, by a drop guard.
 //! Each runs in a `conn` span (client, then original destination, workload
@@ -25,6 +29,7 @@ pub mod budget;
 pub mod hook;
 pub mod http;
 pub mod park;
+pub mod plain;
 pub mod sni;
 pub mod splice;
 pub mod tls;
@@ -101,11 +106,13 @@ pub struct Snapshot {
     pub policy: Arc<DomainPolicy>,
     /// The redirect targets, to tell AI addresses (and their names) apart.
     pub targets: Arc<TargetSet>,
+    /// Plain-HTTP MCP servers, by exact address and port.
+    pub plain: Arc<plain::PlainTargets>,
 }
 
 impl Snapshot {
     pub fn new(policy: DomainPolicy) -> Self {
-        Self { policy: Arc::new(policy), targets: Arc::default() }
+        Self { policy: Arc::new(policy), targets: Arc::default(), plain: Arc::default() }
     }
 }
 
@@ -644,6 +651,16 @@ async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &
     }
     let _ = stream.set_nodelay(true);
 
+    // A plain target is known from its original destination: nothing to peek.
+    let plain_name = plane.snapshot.borrow().plain.name(orig.0).map(str::to_owned);
+    if let (Some(name), Some(tls)) = (plain_name, plane.tls.as_ref()) {
+        record.sni = Some(name.clone());
+        span.record("sni", name.as_str());
+        record.mode = ConnectionMode::Plain;
+        record.reason = Some("plain MCP target".into());
+        return Box::pin(plain_connection(stream, orig, name, tls, shared, &mut record)).await;
+    }
+
     let hello = Box::pin(sni::peek_client_hello(&stream, plane.settings.client_hello_timeout)).await;
     if let Peeked::Tls(info) = &hello {
         record.sni = info.sni.clone();
@@ -909,6 +926,52 @@ async fn intercept_connection(
             record.outcome = ConnectionOutcome::Intercepted;
             record.error = Some(error::chain(error.as_ref()));
         }
+    }
+}
+
+/// Serves a plain target's connection as HTTP/1.1 and relays it as plain
+/// HTTP to its original destination, through the hook. Bytes that are not
+/// HTTP get hyper's `400` and a `not_http` record.
+async fn plain_connection(
+    stream: TcpStream,
+    orig: OrigDstAddr,
+    name: String,
+    tls: &TlsTermination,
+    shared: &Shared,
+    record: &mut ConnectionRecord,
+) {
+    let upstream = tls.pool.get_plain(shared.worker, orig.0);
+    let conn = Arc::new(http::Intercepted {
+        exchange: Arc::new(Exchange {
+            client: record.client,
+            orig_dst: orig,
+            sni: name,
+            workload: record.workload.clone(),
+        }),
+        upstream,
+        hook: shared.plane.hook.clone(),
+        limits: http::HttpLimits::from(&shared.plane.settings),
+        budget: Arc::clone(&shared.budget),
+        active: tokio::sync::watch::Sender::new(0),
+        requests: Default::default(),
+        receiving: Default::default(),
+        coalesced_guard: None,
+        upgrades: Default::default(),
+    });
+    let result = http::serve(stream, Arc::clone(&conn)).await;
+    record.requests = conn.requests.load(Ordering::Relaxed);
+    (record.bytes_up, record.bytes_down) = conn.upgrades.counts.load();
+    record.outcome = ConnectionOutcome::Intercepted;
+    if let Err(error) = result {
+        let not_http = record.requests == 0 && error.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_parse);
+        if not_http {
+            record.outcome = ConnectionOutcome::NotHttp;
+            tracing::warn!(
+                event = "plain_not_http",
+                "a plain MCP target's client sent something that is not HTTP/1.1: answered 400 and closed"
+            );
+        }
+        record.error = Some(error::chain(error.as_ref()));
     }
 }
 

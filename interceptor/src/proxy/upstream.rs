@@ -120,6 +120,8 @@ pub struct Upstream {
     /// Longest silence from the provider while a response is awaited or
     /// streamed.
     pub idle_timeout: Duration,
+    /// Plain HTTP (a plain MCP target): requests go out as `http://`.
+    pub plain: bool,
 }
 
 /// Pools keyed by (proxy worker, original destination, SNI).
@@ -157,9 +159,39 @@ impl UpstreamPool {
             client: self.build(dst, sni, true)?,
             http1: self.build(dst, sni, false)?,
             idle_timeout: self.idle_timeout,
+            plain: false,
         };
         pools.insert(key, upstream.clone());
         Ok(upstream)
+    }
+
+    /// The pool of `worker` for a plain-HTTP destination (a plain MCP
+    /// target): HTTP/1.1 without TLS, from marked sockets like the others.
+    pub fn get_plain(&self, worker: usize, dst: SocketAddr) -> Upstream {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        // No TLS pool has an empty name (it cannot name a server).
+        let key = (worker, dst, String::new());
+        if let Some(found) = pools.get(&key) {
+            return found.clone();
+        }
+        if pools.len() >= MAX_POOLS {
+            pools.clear();
+        }
+        let connector = MarkedConnector { dst, mark: self.mark, timeout: self.connect_timeout };
+        // `http://` URIs only ever reach this connector's plain branch.
+        let http = HttpsConnectorBuilder::new()
+            .with_tls_config(self.tls.clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .build(http);
+        let upstream = Upstream { client: client.clone(), http1: client, idle_timeout: self.idle_timeout, plain: true };
+        pools.insert(key, upstream.clone());
+        upstream
     }
 
     fn build(&self, dst: SocketAddr, sni: &str, h2: bool) -> Result<UpstreamClient, ProxyError> {

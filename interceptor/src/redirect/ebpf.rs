@@ -28,10 +28,10 @@ use aya::{
 };
 use interceptor_common::{
     CONFIG_F_ENABLED, CONFIG_F_FAIL_CLOSED, CONFIG_F_HAVE_V6, DnsOrig, MAP_BY_ADDR, MAP_BY_COOKIE, MAP_CONFIG,
-    MAP_DNS_BY_ADDR, MAP_DNS_ORIG, MAP_HEARTBEAT, MAP_INSTANCES, MAP_STATS, MAP_TARGETS_V4, MAP_TARGETS_V6, MAX_PORTS,
-    OrigDst, RedirectConfig, STAT_DNS_NOTED, STAT_DNS_REDIRECTED, STAT_ESTABLISHED, STAT_FAIL_CLOSED, STAT_FAIL_OPEN,
-    STAT_ORIGDST_ANSWERED, STAT_REDIRECTED_V4, STAT_REDIRECTED_V6, STAT_SKIPPED_MARK, STAT_UDP_REFUSED,
-    STAT_V6_REFUSED, SockKey, Target, v4_mapped,
+    MAP_DNS_BY_ADDR, MAP_DNS_ORIG, MAP_HEARTBEAT, MAP_INSTANCES, MAP_PLAIN_TARGETS, MAP_STATS, MAP_TARGETS_V4,
+    MAP_TARGETS_V6, MAX_PORTS, OrigDst, RedirectConfig, STAT_DNS_NOTED, STAT_DNS_REDIRECTED, STAT_ESTABLISHED,
+    STAT_FAIL_CLOSED, STAT_FAIL_OPEN, STAT_ORIGDST_ANSWERED, STAT_REDIRECTED_V4, STAT_REDIRECTED_V6, STAT_SKIPPED_MARK,
+    STAT_UDP_REFUSED, STAT_V6_REFUSED, SockKey, Target, v4_mapped,
 };
 use ipnet::IpNet;
 
@@ -51,10 +51,11 @@ use crate::{
 };
 
 /// Maps shared by every instance covering the same cgroup (pinned).
-const SHARED_MAPS: [&str; 10] = [
+const SHARED_MAPS: [&str; 11] = [
     MAP_CONFIG,
     MAP_TARGETS_V4,
     MAP_TARGETS_V6,
+    MAP_PLAIN_TARGETS,
     MAP_BY_COOKIE,
     MAP_BY_ADDR,
     MAP_DNS_ORIG,
@@ -88,6 +89,10 @@ pub struct EbpfRedirector {
     config_value: RedirectConfig,
     targets_v4: LpmTrie<MapData, [u8; 4], Target>,
     targets_v6: LpmTrie<MapData, [u8; 16], Target>,
+    /// Plain MCP targets: exact (address, port) pairs.
+    plain: aya::maps::HashMap<MapData, SockKey, Target>,
+    /// What `plain` holds, as this instance last wrote it.
+    current_plain: BTreeSet<SocketAddr>,
     by_addr: Arc<Mutex<AddrMap>>,
     dns_by_addr: Arc<DnsAddrMap>,
     current: BTreeSet<IpNet>,
@@ -251,15 +256,21 @@ impl EbpfRedirector {
         let mut config: Array<MapData, RedirectConfig> = take_map(&mut ebpf, MAP_CONFIG)?;
         let mut targets_v4: LpmTrie<MapData, [u8; 4], Target> = take_map(&mut ebpf, MAP_TARGETS_V4)?;
         let mut targets_v6: LpmTrie<MapData, [u8; 16], Target> = take_map(&mut ebpf, MAP_TARGETS_V6)?;
+        let mut plain: aya::maps::HashMap<MapData, SockKey, Target> = take_map(&mut ebpf, MAP_PLAIN_TARGETS)?;
         let stats: PerCpuArray<MapData, u64> = take_map(&mut ebpf, MAP_STATS)?;
         let mut heartbeat =
             Heartbeat::new(fail_safe, take_map(&mut ebpf, MAP_HEARTBEAT)?, take_map(&mut ebpf, MAP_INSTANCES)?);
         let joined = heartbeat.join();
         let mut current = BTreeSet::new();
+        let mut current_plain = BTreeSet::new();
         if joined.live.is_empty() {
             // Alone: whatever a crashed instance left in the shared maps is stale.
             clear_trie(&mut targets_v4);
             clear_trie(&mut targets_v6);
+            let keys: Vec<SockKey> = plain.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                let _ = plain.remove(&key);
+            }
             if !joined.stale.is_empty() {
                 tracing::warn!(
                     event = "redirect_recovered",
@@ -270,6 +281,12 @@ impl EbpfRedirector {
             }
         } else {
             current.extend(trie_nets(&targets_v4, &targets_v6));
+            current_plain.extend(
+                plain
+                    .keys()
+                    .filter_map(Result::ok)
+                    .map(|k| crate::net::canonical(SocketAddr::new(IpAddr::V6(k.addr.into()), k.port))),
+            );
             tracing::info!(
                 event = "redirect_handover",
                 running_instances = joined.live.len(),
@@ -365,6 +382,8 @@ impl EbpfRedirector {
             config_value,
             targets_v4,
             targets_v6,
+            plain,
+            current_plain,
             by_addr: Arc::new(Mutex::new(by_addr)),
             dns_by_addr: Arc::new(dns_by_addr),
             current,
@@ -506,6 +525,28 @@ fn workload_of(entry: &OrigDst) -> Workload {
     }
 }
 
+impl EbpfRedirector {
+    /// Brings the plain MCP targets' map in line with `targets.plain`.
+    fn set_plain(&mut self, targets: &TargetSet) -> Result<(), RedirectError> {
+        let wanted: BTreeSet<SocketAddr> = targets.plain.keys().copied().collect();
+        if wanted == self.current_plain {
+            return Ok(());
+        }
+        for addr in wanted.difference(&self.current_plain) {
+            self.plain.insert(sock_key(*addr), Target::default(), 0).map_err(map_err(MAP_PLAIN_TARGETS))?;
+        }
+        for addr in self.current_plain.difference(&wanted) {
+            match self.plain.remove(&sock_key(*addr)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(MAP_PLAIN_TARGETS)(e)),
+            }
+        }
+        tracing::info!(total = wanted.len(), "plain MCP targets updated");
+        self.current_plain = wanted;
+        Ok(())
+    }
+}
+
 impl Redirector for EbpfRedirector {
     fn mode(&self) -> &'static str {
         "ebpf"
@@ -539,7 +580,7 @@ impl Redirector for EbpfRedirector {
                 "redirect targets updated"
             );
         }
-        Ok(())
+        self.set_plain(targets)
     }
 
     fn uninstall(&mut self) -> Result<(), RedirectError> {

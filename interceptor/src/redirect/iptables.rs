@@ -31,6 +31,7 @@ use std::{
     collections::BTreeSet,
     fmt::Write as _,
     io::{Read as _, Write as _},
+    net::SocketAddr,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
 };
@@ -83,6 +84,8 @@ pub struct IptablesRedirector {
     dns_port: Option<u16>,
     installed: bool,
     current: BTreeSet<IpNet>,
+    /// Plain MCP targets: exact (address, port) pairs.
+    current_plain: BTreeSet<SocketAddr>,
     /// Fail open: the process that removes the rules when we die.
     watchdog: Option<Child>,
     /// Finds the process behind a socket; `None` if it could not start.
@@ -119,6 +122,7 @@ impl IptablesRedirector {
             dns_port,
             installed: true,
             current: BTreeSet::new(),
+            current_plain: BTreeSet::new(),
             watchdog,
             owners,
         };
@@ -132,7 +136,7 @@ impl IptablesRedirector {
     }
 
     fn rules(&self, family: Family) -> String {
-        rules(family, &self.current, &self.proxy, &self.ports, self.dns_port)
+        rules(family, &self.current, &self.current_plain, &self.proxy, &self.ports, self.dns_port)
     }
 }
 
@@ -141,12 +145,16 @@ impl IptablesRedirector {
 pub fn rules(
     family: Family,
     targets: &BTreeSet<IpNet>,
+    plain: &BTreeSet<SocketAddr>,
     proxy: &ProxyAddrs,
     ports: &[u16],
     dns_port: Option<u16>,
 ) -> String {
     let ports = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
     let nets: Vec<&IpNet> = targets.iter().filter(|n| family.matches(n)).collect();
+    // Plain MCP targets: only their exact (address, port).
+    let plain: Vec<(IpNet, u16)> =
+        plain.iter().map(|a| (IpNet::from(a.ip()), a.port())).filter(|(n, _)| family.matches(n)).collect();
     let mark = format!("-A {CHAIN} -m mark --mark {:#x} -j RETURN\n", proxy.mark);
     // REDIRECT sends to the loopback address (127.0.0.1 or ::1) for locally
     // generated traffic; any other proxy address needs DNAT.
@@ -177,6 +185,9 @@ pub fn rules(
         for net in &nets {
             let _ = writeln!(out, "-A {CHAIN} -d {net} -p tcp -m multiport --dports {ports} -j {to}");
         }
+        for (net, port) in &plain {
+            let _ = writeln!(out, "-A {CHAIN} -d {net} -p tcp --dport {port} -j {to}");
+        }
     }
     out.push_str("COMMIT\n*filter\n");
     let _ = writeln!(out, ":{CHAIN} - [0:0]");
@@ -192,6 +203,11 @@ pub fn rules(
         );
         let _ =
             writeln!(out, "-A {CHAIN} -d {net} -p tcp -m multiport --dports {ports} -j REJECT --reject-with tcp-reset");
+    }
+    // What NAT did not send to the proxy (a stale conntrack entry, no IPv6
+    // listener) must not reach a plain target uninspected either.
+    for (net, port) in &plain {
+        let _ = writeln!(out, "-A {CHAIN} -d {net} -p tcp --dport {port} -j REJECT --reject-with tcp-reset");
     }
     out.push_str("COMMIT\n");
     out
@@ -340,13 +356,16 @@ impl Redirector for IptablesRedirector {
     }
 
     fn set_targets(&mut self, targets: &TargetSet) -> Result<(), RedirectError> {
-        if targets.nets == self.current {
+        let plain: BTreeSet<SocketAddr> = targets.plain.keys().copied().collect();
+        if targets.nets == self.current && plain == self.current_plain {
             return Ok(());
         }
         let previous = std::mem::replace(&mut self.current, targets.nets.clone());
+        let previous_plain = std::mem::replace(&mut self.current_plain, plain);
         for family in [Family::V4, Family::V6] {
             if let Err(e) = restore(family, &self.rules(family)) {
                 self.current = previous;
+                self.current_plain = previous_plain;
                 return Err(e);
             }
         }
@@ -480,7 +499,7 @@ mod tests {
 
     #[test]
     fn v4_rules_redirect_tcp_refuse_udp_and_guard() {
-        let r = rules(Family::V4, &targets(), &proxy(true), &[443], None);
+        let r = rules(Family::V4, &targets(), &BTreeSet::new(), &proxy(true), &[443], None);
         assert_eq!(
             r,
             "*nat\n:INTERCEPTOR - [0:0]\n\
@@ -495,8 +514,26 @@ mod tests {
     }
 
     #[test]
+    fn plain_targets_redirect_only_their_exact_port() {
+        let plain: BTreeSet<SocketAddr> =
+            ["127.0.0.1:8931", "[2001:db8::20]:8080"].iter().map(|s| s.parse().unwrap()).collect();
+        let r = rules(Family::V4, &BTreeSet::new(), &plain, &proxy(true), &[443], None);
+        assert!(r.contains("-A INTERCEPTOR -d 127.0.0.1/32 -p tcp --dport 8931 -j REDIRECT --to-ports 15443\n"), "{r}");
+        assert!(r.contains("-A INTERCEPTOR -d 127.0.0.1/32 -p tcp --dport 8931 -j REJECT --reject-with tcp-reset\n"));
+        assert!(!r.contains("2001:db8::20"), "{r}");
+        // The mark comes first: the proxy's own upstream connections return.
+        assert!(r.find("--mark").unwrap() < r.find("--dport 8931").unwrap());
+        let r = rules(Family::V6, &BTreeSet::new(), &plain, &proxy(true), &[443], None);
+        assert!(
+            r.contains("-A INTERCEPTOR -d 2001:db8::20/128 -p tcp --dport 8080 -j REDIRECT --to-ports 15443\n"),
+            "{r}"
+        );
+        assert!(!r.contains("127.0.0.1"), "{r}");
+    }
+
+    #[test]
     fn v6_without_listener_has_no_redirect_but_keeps_the_guard() {
-        let r = rules(Family::V6, &targets(), &proxy(false), &[443, 8443], None);
+        let r = rules(Family::V6, &targets(), &BTreeSet::new(), &proxy(false), &[443, 8443], None);
         assert!(!r.contains("REDIRECT"), "{r}");
         assert!(
             r.contains("-d 2001:db8::10/128 -p tcp -m multiport --dports 443,8443 -j REJECT --reject-with tcp-reset")
@@ -531,7 +568,7 @@ mod tests {
     fn non_loopback_proxy_address_uses_dnat() {
         let mut p = proxy(false);
         p.v4 = "10.0.0.5:15443".parse().unwrap();
-        let r = rules(Family::V4, &targets(), &p, &[443], Some(15053));
+        let r = rules(Family::V4, &targets(), &BTreeSet::new(), &p, &[443], Some(15053));
         assert!(r.contains("-A INTERCEPTOR -p udp --dport 53 -j DNAT --to-destination 10.0.0.5:15053"), "{r}");
         assert!(r.contains("-j DNAT --to-destination 10.0.0.5:15443"), "{r}");
     }

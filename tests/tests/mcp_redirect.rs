@@ -1,0 +1,246 @@
+//! Privileged tests of MCP traffic with the redirect active, from unmodified
+//! clients with no proxy settings: an MCP server over TLS (a fake
+//! `mcp.example.test` at 198.18.0.10), and a plain-HTTP MCP server on a
+//! configured loopback port (`mcp.plain`), in eBPF and iptables modes. A
+//! redirected request is relayed to the server, inspected (an audit event),
+//! and a `tools/call` carrying a private key never reaches the server.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use interceptor::testing::{
+    Cgroup, Interceptor, Netns,
+    clients::{ClientEnv, HostsFile, HttpRequest, HttpVersion, ScratchDir, curl},
+    in_netns,
+    provider::{FakeProvider, PROVIDER_IP, TestPki},
+    require_privileges,
+};
+use interceptor_tests::stage::{start_interceptor, trust_bundle};
+use serde_json::{Value, json};
+
+const MCP_HOST: &str = "mcp.example.test";
+const PLAIN: &str = "127.0.0.1:8931";
+const KEY: &str = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA0Z3VS5JJcds3xfn/ygWyF8PbnGy0AHB7MhgHcTz6sE2I2yPB\n-----END RSA PRIVATE KEY-----";
+
+/// What the plain server received: (peer, body).
+type Seen = Arc<Mutex<Vec<(SocketAddr, String)>>>;
+
+/// A plain-HTTP JSON-RPC server bound in `netns`, answering each POST with
+/// a tool result for its id.
+fn plain_server(netns: &Netns, addr: SocketAddr) -> Result<Seen> {
+    let listener = in_netns(netns, || std::net::TcpListener::bind(addr))??;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let seen: Seen = Arc::default();
+    let record = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((stream, peer)) = listener.accept().await {
+            let record = Arc::clone(&record);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let record = Arc::clone(&record);
+                    async move {
+                        let body = req.into_body().collect().await?.to_bytes();
+                        let text = String::from_utf8_lossy(&body).into_owned();
+                        record.lock().unwrap_or_else(|e| e.into_inner()).push((peer, text.clone()));
+                        let id =
+                            serde_json::from_str::<Value>(&text).ok().map(|v| v["id"].clone()).unwrap_or(Value::Null);
+                        let answer = json!({"jsonrpc": "2.0", "id": id, "result": {"content": [{"type": "text", "text": "done"}]}});
+                        let mut response = http::Response::new(Full::new(Bytes::from(answer.to_string())));
+                        response
+                            .headers_mut()
+                            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                        Ok::<_, hyper::Error>(response)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(seen)
+}
+
+fn tools_call(id: u64, text: &str) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "save_note", "arguments": {"text": text}}})
+}
+
+fn mcp_request(url: &str, body: &Value) -> HttpRequest {
+    HttpRequest::post_json(url, body).header("accept", "application/json, text/event-stream")
+}
+
+/// A namespace with the fake MCP server over TLS and a plain one on
+/// loopback, and the interceptor redirecting the client cgroup.
+struct Setup {
+    netns: Netns,
+    _root: Cgroup,
+    _proxy_cg: Cgroup,
+    client_cg: Cgroup,
+    tls_server: FakeProvider,
+    plain: Seen,
+    proxy: Interceptor,
+    hosts: HostsFile,
+    bundle: std::path::PathBuf,
+    _scratch: ScratchDir,
+}
+
+impl Setup {
+    fn new(name: &str, redirect: &str) -> Result<Self> {
+        let netns = Netns::new(name)?;
+        netns.add_addr("lo", "198.18.0.10/32")?;
+        let root = Cgroup::new(name)?;
+        let proxy_cg = root.child("proxy")?;
+        let client_cg = root.child("client")?;
+        let pki = TestPki::new(&[MCP_HOST], &[PROVIDER_IP])?;
+        let scratch = ScratchDir::new(name)?;
+        let upstream_ca = pki.write_ca(scratch.path())?;
+        let tls_server = FakeProvider::start_in(&netns, "198.18.0.10:443".parse()?, &pki)?;
+        let plain = plain_server(&netns, PLAIN.parse()?)?;
+        // The MCP server's name is an MCP domain; AI domains make it
+        // intercepted by the domain policy of every release.
+        let config = format!(
+            "[targets]\ncidrs = [\"198.18.0.10\"]\nresolve_interval = \"1s\"\n\
+             [domains]\nai_extra = [\"{MCP_HOST}\"]\n\
+             [mcp]\ndomains_extra = [\"{MCP_HOST}\"]\nplain = [\"{PLAIN}\"]\n\
+             [tls]\nupstream_ca = \"{}\"\n",
+            upstream_ca.display()
+        );
+        let proxy = start_interceptor(&netns, &proxy_cg, &client_cg, &config, redirect)?;
+        let bundle = trust_bundle(&proxy, &pki, scratch.path())?;
+        let hosts = HostsFile::new(&[(PROVIDER_IP, MCP_HOST)])?;
+        Ok(Self {
+            netns,
+            _root: root,
+            _proxy_cg: proxy_cg,
+            client_cg,
+            tls_server,
+            plain,
+            proxy,
+            hosts,
+            bundle,
+            _scratch: scratch,
+        })
+    }
+
+    fn env(&self) -> ClientEnv<'_> {
+        ClientEnv::new(&self.bundle).in_netns(&self.netns).in_cgroup(&self.client_cg).with_hosts(&self.hosts)
+    }
+
+    fn record(&self, local_port: u16) -> Result<Value> {
+        self.proxy.wait_connection(Duration::from_secs(5), |e| {
+            e["client"].as_str().is_some_and(|c| c.ends_with(&format!(":{local_port}")))
+        })
+    }
+
+    /// The audit event of the request from client port `port`.
+    async fn audit_event_from(&self, port: u16) -> Result<Value> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let suffix = format!(":{port}");
+        loop {
+            let found = self
+                .proxy
+                .events()
+                .into_iter()
+                .filter(|e| e["target"] == "audit")
+                .filter_map(|e| serde_json::from_str::<Value>(e["audit"].as_str()?).ok())
+                .find(|e| e["direction"] == "request" && e["client"].as_str().is_some_and(|c| c.ends_with(&suffix)));
+            if let Some(e) = found {
+                return Ok(e);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("no audit event from port {port}:\n{}", self.proxy.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A plain target is redirected, relayed as HTTP and inspected; a key in
+    /// a tool call never reaches the server.
+    async fn check_plain(&self, mode: &str) -> Result<()> {
+        let url = format!("http://{PLAIN}/mcp");
+        let r = curl(&self.env(), &mcp_request(&url, &tools_call(1, "buy milk")), HttpVersion::Http11).await?;
+        assert_eq!(r.status, 200, "{mode}: {}", String::from_utf8_lossy(&r.body));
+        let answer: Value = serde_json::from_slice(&r.body)?;
+        assert_eq!(answer["result"]["content"][0]["text"], "done", "{mode}: {answer}");
+        let rec = self.record(r.local_port)?;
+        assert_eq!(rec["mode"], "plain", "{mode}: {rec}");
+        assert_eq!(rec["orig_dst"], PLAIN, "{mode}: {rec}");
+        assert_eq!(rec["sni"], "127.0.0.1", "{mode}: {rec}");
+        {
+            // The server saw the proxy's upstream connection, not the client's.
+            let seen = self.plain.lock().unwrap_or_else(|e| e.into_inner());
+            assert_eq!(seen.len(), 1, "{mode}: {seen:?}");
+            assert_ne!(seen[0].0.port(), r.local_port, "{mode}: reached the server directly");
+            assert!(seen[0].1.contains("buy milk"), "{mode}");
+        }
+        let event = self.audit_event_from(r.local_port).await?;
+        assert_eq!(event["host"], "127.0.0.1", "{mode}: {event}");
+
+        let r =
+            curl(&self.env(), &mcp_request(&url, &tools_call(2, &format!("keep this: {KEY}"))), HttpVersion::Http11)
+                .await?;
+        let body = String::from_utf8_lossy(&r.body).to_string();
+        assert!(!body.contains("\"done\""), "{mode}: the server answered: {} {body}", r.status);
+        for (_, body) in self.plain.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            assert!(!body.contains("PRIVATE KEY"), "{mode}: the server received the key: {body}");
+        }
+        let event = self.audit_event_from(r.local_port).await?;
+        assert_eq!(event["decision"], "block", "{mode}: {event}");
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_client_over_tls_is_redirected_and_inspected() -> Result<()> {
+    if !require_privileges("an_mcp_client_over_tls_is_redirected_and_inspected") {
+        return Ok(());
+    }
+    let s = Setup::new("mcp_tls", "ebpf")?;
+    let url = format!("https://{MCP_HOST}/mcp");
+    let r = curl(&s.env(), &mcp_request(&url, &tools_call(1, "buy milk")), HttpVersion::Default).await?;
+    let rec = s.record(r.local_port)?;
+    assert_eq!(rec["mode"], "intercept", "{rec}");
+    assert_eq!(rec["sni"], MCP_HOST, "{rec}");
+    assert!(r.issuer.clone().unwrap_or_default().contains("interceptor CA"), "{:?}", r.issuer);
+    let seen = s.tls_server.requests();
+    assert!(
+        seen.iter().any(|q| q.path == "/mcp" && String::from_utf8_lossy(&q.body).contains("buy milk")),
+        "relayed: {seen:#?}"
+    );
+    let event = s.audit_event_from(r.local_port).await?;
+    assert_eq!(event["host"], MCP_HOST, "{event}");
+
+    let r =
+        curl(&s.env(), &mcp_request(&url, &tools_call(2, &format!("keep this: {KEY}"))), HttpVersion::Default).await?;
+    for q in s.tls_server.requests() {
+        assert!(!String::from_utf8_lossy(&q.body).contains("PRIVATE KEY"), "the server received the key");
+    }
+    let event = s.audit_event_from(r.local_port).await?;
+    assert_eq!(event["decision"], "block", "{event}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_mcp_server_on_a_configured_port_is_redirected_and_inspected_ebpf() -> Result<()> {
+    if !require_privileges("a_plain_mcp_server_on_a_configured_port_is_redirected_and_inspected_ebpf") {
+        return Ok(());
+    }
+    let s = Setup::new("mcp_plain", "ebpf")?;
+    s.check_plain("ebpf").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_mcp_server_on_a_configured_port_is_redirected_and_inspected_iptables() -> Result<()> {
+    if !require_privileges("a_plain_mcp_server_on_a_configured_port_is_redirected_and_inspected_iptables") {
+        return Ok(());
+    }
+    let s = Setup::new("mcp_plain_ipt", "iptables")?;
+    s.check_plain("iptables").await
+}
