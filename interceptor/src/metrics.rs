@@ -440,6 +440,6 @@ mod tests {
         }
         assert_eq!(ConnectionOutcome::RefusedLoop.to_string(), "refused_loop");
         let modes: Vec<&str> = ConnectionMode::ALL.iter().map(|m| m.as_str()).collect();
-        assert_eq!(modes, ["none", "intercept", "guard", "passthrough", "refused"]);
+        assert_eq!(modes, ["none", "intercept", "guard", "passthrough", "plain", "refused"]);
     }
 }

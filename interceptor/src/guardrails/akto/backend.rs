@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::{AktoClient, AktoError, CallInfo, McpCall, RemoteVerdict, merge_modified_payload, shield};
 use crate::guardrails::{
     backend::{Backend, BackendError, Check, Phase, Refusal, Rewrite, Verdict},
-    model::Stage,
+    model::{Provider, Stage},
 };
 
 #[async_trait::async_trait]
@@ -198,6 +198,9 @@ fn mcp_call(check: &Check<'_>) -> Option<McpCall> {
 /// provider API sends `"jsonrpc": "2.0"`), which is what Akto itself reads
 /// MCP traffic by.
 fn is_mcp(check: &Check<'_>) -> bool {
+    if check.call.provider == Provider::Mcp {
+        return true;
+    }
     let parsed;
     let request = match check.phase {
         Phase::Request => check.doc,
