@@ -143,6 +143,13 @@ pub fn blocked(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
     json(status, body, DECISION_HEADER, HeaderValue::from_static("blocked"))
 }
 
+/// A refusal inside a JSON-RPC session (MCP): `200` with the JSON-RPC
+/// error(s) as the body, and the decision header, so the client sees a
+/// failed call and its session goes on.
+pub fn blocked_json_rpc(body: String) -> Response<Full<Bytes>> {
+    json(StatusCode::OK, body, DECISION_HEADER, HeaderValue::from_static("blocked"))
+}
+
 /// An error of the interceptor's own, in the shape provider SDKs understand.
 pub fn error(problem: Problem, message: &str) -> Response<Full<Bytes>> {
     let code = problem.code();

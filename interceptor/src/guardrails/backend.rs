@@ -70,6 +70,9 @@ pub struct Call {
     /// that resends it replaces it with the body it saw
     /// ([`Backend::resends_request_body`]).
     pub request_body: Bytes,
+    /// An MCP exchange (`provider` is [`Provider::Mcp`]): the request's
+    /// `Mcp-Session-Id` (or the old transport's `sessionId` query), if any.
+    pub mcp_session: Option<String>,
 }
 
 /// Header values, the query and the body are left out: they may carry

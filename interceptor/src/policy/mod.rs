@@ -216,6 +216,29 @@ impl McpDomains<'_> {
     }
 }
 
+/// The MCP server names alone, compiled: tells an MCP server's exchanges
+/// apart from an AI provider's on the same data plane.
+#[derive(Clone, Debug, Default)]
+pub struct McpServers(RuleSet);
+
+impl McpServers {
+    /// The names of `mcp`; an invalid entry is an error naming it.
+    pub fn compile(mcp: McpDomains<'_>) -> Result<Self, PolicyError> {
+        let mut errors = Vec::new();
+        let mut rules = RuleSet::default();
+        rules.extend_mcp(mcp, &mut errors);
+        if errors.is_empty() { Ok(Self(rules)) } else { Err(PolicyError::Invalid { errors }) }
+    }
+
+    /// Whether `name` is one of them.
+    pub fn matches(&self, name: &str) -> bool {
+        if self.0.exact.is_empty() && self.0.wild.is_empty() {
+            return false;
+        }
+        normalize_sni(name).is_some_and(|name| self.0.any_match(&name).is_some())
+    }
+}
+
 /// Why a connection was intercepted or passed through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reason {

@@ -282,6 +282,7 @@ mod tests {
             workload: Some(Workload { pid: 42, comm: "claude".into(), ..Default::default() }),
             request_headers: headers,
             request_body: bytes::Bytes::from(serde_json::to_vec(body).unwrap()),
+            mcp_session: Some("sess-1".into()),
         }
     }
 

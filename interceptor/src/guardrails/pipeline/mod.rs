@@ -100,8 +100,7 @@ pub struct Pipeline {
     current: watch::Receiver<Arc<Guardrails>>,
     audit: AuditLog,
     metrics: Arc<Metrics>,
-    /// MCP sessions and tool pins, kept across reloads.
-    #[allow(dead_code, reason = "read by the MCP phases")]
+    /// MCP settings, sessions and tool pins, kept across reloads.
     mcp: Arc<mcp::McpState>,
 }
 
@@ -141,6 +140,7 @@ fn new_call(g: &Guardrails, ex: &Exchange, head: &http::request::Parts, body: By
         workload: ex.workload.clone(),
         request_headers: if g.reads_headers() { head.headers.clone() } else { http::HeaderMap::new() },
         request_body: body,
+        mcp_session: None,
     }
 }
 

@@ -25,7 +25,7 @@ use crate::{
 };
 
 /// What the backends decided for one check, accumulated in order.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub(super) struct Outcome {
     pub block: Option<Block>,
     pub modified: bool,
@@ -38,6 +38,7 @@ pub(super) struct Outcome {
     pub stages: Vec<Stage>,
 }
 
+#[derive(Clone)]
 pub(super) struct Block {
     pub status: StatusCode,
     pub reason: String,
@@ -69,6 +70,29 @@ impl Outcome {
     pub fn note_detector(&mut self, detector: &str) {
         if !self.detectors.iter().any(|d| d == detector) {
             self.detectors.push(detector.to_string());
+        }
+    }
+
+    /// Adds another check's outcome (of another message of the same body):
+    /// its first block wins if there was none, everything else adds up.
+    pub fn absorb(&mut self, other: Outcome) {
+        if self.block.is_none() {
+            self.block = other.block;
+        }
+        self.modified |= other.modified;
+        self.alert |= other.alert;
+        self.error |= other.error;
+        for rule in &other.rules {
+            self.note_rule(rule);
+        }
+        for detector in &other.detectors {
+            self.note_detector(detector);
+        }
+        self.reasons.extend(other.reasons);
+        for stage in other.stages {
+            if !self.stages.contains(&stage) {
+                self.stages.push(stage);
+            }
         }
     }
 

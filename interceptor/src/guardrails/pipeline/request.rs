@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::{
     Guardrails, Pipeline,
     backends::Subject,
-    new_call,
+    mcp, new_call,
     outcome::{Block, Outcome},
     quick,
 };
@@ -38,6 +38,10 @@ pub(super) async fn on_request(
     let g = p.snapshot();
     let started = Instant::now();
     let mut call = new_call(&g, ex, head, body.clone());
+    if p.mcp.settings.classify(&ex.sni, head, body) {
+        call.provider = Provider::Mcp;
+        call.mcp_session = mcp::session_of(head);
+    }
     // Responses are inspected as they stream: ask for them uncompressed.
     head.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     let action = p.inspect_request(&g, &mut call, head, body, started).await;
@@ -79,6 +83,11 @@ impl Pipeline {
             Ok(text) => text,
             Err(error) => return self.undecodable(g, call, started, &error).await,
         };
+        if call.provider == Provider::Mcp
+            && let Some(action) = self.mcp_request(g, call, head, &text.text, started).await
+        {
+            return action;
+        }
         if let Some(clean) = quick::clean(g, call, Direction::Request, &text.text) {
             call.model = clean.model.or_else(|| providers::model_from_path(&call.path));
             self.audit(g, call, Direction::Request, &clean.outcome, started, None).await;

@@ -13,7 +13,7 @@ use crate::{
     guardrails::{
         backend::{Call, Phase, current_body},
         decode::decode_body_bounded,
-        model::{Direction, Role, Stage, TextKind, TextSpan},
+        model::{Direction, Provider, Role, Stage, TextKind, TextSpan},
         providers,
     },
     proxy::hook::{BodyAction, ResponseAction},
@@ -32,6 +32,9 @@ pub(super) fn on_response(
     let g = p.snapshot();
     if g.engine.is_none() && g.akto.is_none() {
         return ResponseAction::Forward;
+    }
+    if call.provider == Provider::Mcp {
+        return super::mcp::on_response(p, g, call, head);
     }
     let content_type = head.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let path = request.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
@@ -74,6 +77,11 @@ pub(super) async fn on_body(p: &Pipeline, call: &Call, head: &http::response::Pa
             };
         }
     };
+    if call.provider == Provider::Mcp
+        && let Some(action) = p.mcp_body(&g, call, head, &decoded, started).await
+    {
+        return action;
+    }
     if let Some(clean) = quick::clean(&g, call, Direction::Response, &decoded) {
         p.audit(&g, call, Direction::Response, &clean.outcome, started, None).await;
         return BodyAction::Forward;

@@ -5,43 +5,128 @@
 //! * `sessions` — the requests of each session still waiting for their
 //!   answer, so results on any stream are matched to their method and tool;
 //! * `pins` — the rug-pull pins: tool definitions seen per server and
-//!   workload, persisted.
+//!   workload, persisted;
+//! * `request`, `response` — the MCP phases of an exchange: JSON-RPC
+//!   messages checked one by one, refusals answered as JSON-RPC errors in
+//!   the same session, tool lists, pins and the tool-call audit events.
+//!
+//! Which exchanges are MCP is decided once, by the request head
+//! ([`McpSettings::classify`]): the server's name (`mcp.domains`, a plain
+//! target), else, with `mcp.detect_by_content`, the request itself.
 
 pub mod pins;
-pub mod sessions;
+mod request;
+mod response;
 
-use std::path::{Path, PathBuf};
+pub(super) use response::on_response;
+pub mod sessions;
 
 use self::{
     pins::{PinsError, ToolPins},
     sessions::Sessions,
 };
-use crate::config::McpConfig;
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Instant,
+};
+
+use http::{HeaderMap, StatusCode};
+use serde_json::Value;
+
+use super::{Guardrails, Pipeline, backends::Subject, outcome::Outcome};
+use crate::{
+    audit::{EventKind, McpInfo, WorkloadInfo},
+    config::{McpConfig, mcp::ToolChangeAction},
+    guardrails::{
+        backend::{Call, Phase},
+        mcp::{self, Id, Message},
+        model::{Decision, Direction, PathSeg, TextSpan},
+    },
+    policy::{McpDomains, McpServers, PolicyError},
+    workload::Workload,
+};
 
 /// The pins file's name in the state directory, when `mcp.pins_file` is
 /// empty.
 pub const PINS_FILE_NAME: &str = "mcp-tool-pins.json";
 
-/// What MCP inspection remembers across exchanges.
+/// The `[mcp]` settings the phases read, compiled.
+#[derive(Debug, Clone)]
+pub struct McpSettings {
+    pub enabled: bool,
+    pub detect_by_content: bool,
+    pub tool_changes: ToolChangeAction,
+    servers: McpServers,
+    /// The hosts of `mcp.plain`, lowercase.
+    plain_hosts: Vec<String>,
+}
+
+impl McpSettings {
+    pub fn new(cfg: &McpConfig) -> Result<Self, PolicyError> {
+        let servers = if cfg.enabled {
+            McpServers::compile(McpDomains { domains: &cfg.domains, domains_extra: &cfg.domains_extra })?
+        } else {
+            McpServers::default()
+        };
+        Ok(Self {
+            enabled: cfg.enabled,
+            detect_by_content: cfg.detect_by_content,
+            tool_changes: cfg.tool_changes,
+            servers,
+            plain_hosts: cfg.plain_targets().into_iter().map(|t| t.host.to_ascii_lowercase()).collect(),
+        })
+    }
+
+    /// Whether an exchange is MCP: its server's name is an MCP server's,
+    /// or (`detect_by_content`) the request looks like MCP. Names first:
+    /// they cost a lookup, the content a scan of the body.
+    pub fn classify(&self, host: &str, head: &http::request::Parts, body: &[u8]) -> bool {
+        self.enabled
+            && (self.servers.matches(host)
+                || self.plain_hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
+                || (self.detect_by_content && mcp::recognize(&head.method, &head.headers, body)))
+    }
+}
+
+impl Default for McpSettings {
+    fn default() -> Self {
+        Self::new(&McpConfig::default()).expect("the default MCP server names compile")
+    }
+}
+
+/// What MCP inspection remembers across exchanges, and its settings.
 #[derive(Debug)]
 pub struct McpState {
+    pub settings: McpSettings,
     pub sessions: Sessions,
     pub pins: ToolPins,
 }
 
+/// Why the MCP state could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum McpStateError {
+    #[error(transparent)]
+    Pins(#[from] PinsError),
+    #[error("mcp.domains: {0}")]
+    Domains(#[from] PolicyError),
+}
+
 impl McpState {
-    /// Sessions and pins kept in memory only.
+    /// Default settings; sessions and pins kept in memory only.
     pub fn in_memory() -> Self {
-        Self { sessions: Sessions::default(), pins: ToolPins::in_memory() }
+        Self { settings: McpSettings::default(), sessions: Sessions::default(), pins: ToolPins::in_memory() }
     }
 
-    /// The pins of [`pins_path`] (in memory when there is none), loaded now.
-    pub fn open(cfg: &McpConfig, state_dir: Option<&Path>) -> Result<Self, PinsError> {
+    /// The settings of `cfg` and the pins of [`pins_path`] (in memory when
+    /// there is none), loaded now.
+    pub fn open(cfg: &McpConfig, state_dir: Option<&Path>) -> Result<Self, McpStateError> {
+        let settings = McpSettings::new(cfg)?;
         let pins = match pins_path(cfg, state_dir) {
             Some(path) => ToolPins::load(&path)?,
             None => ToolPins::in_memory(),
         };
-        Ok(Self { sessions: Sessions::default(), pins })
+        Ok(Self { settings, sessions: Sessions::default(), pins })
     }
 }
 
@@ -56,6 +141,164 @@ pub fn pins_path(cfg: &McpConfig, state_dir: Option<&Path>) -> Option<PathBuf> {
         return Some(cfg.pins_file.clone());
     }
     state_dir.map(|dir| dir.join(PINS_FILE_NAME))
+}
+
+/// The `Mcp-Session-Id` of a request, else the old transport's
+/// `sessionId` query parameter.
+pub(super) fn session_of(head: &http::request::Parts) -> Option<String> {
+    if let Some(id) = head.headers.get(mcp::SESSION_HEADER).and_then(|v| v.to_str().ok()) {
+        return Some(id.to_owned());
+    }
+    let query = head.uri.query()?;
+    query.split('&').find_map(|pair| pair.strip_prefix("sessionId=")).map(str::to_owned)
+}
+
+/// Who the tool pins of a server are kept for: a pod's namespace and
+/// service account (stable across its restarts), else its executable or
+/// process name; `*` when the workload is unknown.
+pub(super) fn workload_key(workload: Option<&Workload>) -> String {
+    let Some(w) = workload else { return "*".into() };
+    if let Some(pod) = &w.pod {
+        let account = pod.service_account.as_deref().unwrap_or("default");
+        return format!("k8s:{}/{account}", pod.namespace);
+    }
+    match (&w.exe, w.comm.is_empty()) {
+        (Some(exe), _) => format!("exe:{exe}"),
+        (None, false) => format!("comm:{}", w.comm),
+        (None, true) => "*".into(),
+    }
+}
+
+/// The audit event's `mcp` object for an exchange, named by its first
+/// request (or message).
+pub(super) fn info(call: &Call, messages: &[(Vec<PathSeg>, Message)], arguments: Option<String>) -> McpInfo {
+    let first = messages.iter().find(|(_, m)| matches!(m, Message::Request { .. })).or(messages.first());
+    McpInfo {
+        server: call.host.clone(),
+        session: call.mcp_session.clone(),
+        method: first.and_then(|(_, m)| m.method()).unwrap_or_default().to_owned(),
+        tool: first.and_then(|(_, m)| mcp::tool_name(m)).map(str::to_owned),
+        arguments,
+    }
+}
+
+/// The JSON-RPC error a refused request is answered with.
+pub(super) fn refusal(id: &Id, reason: &str, rule: &str) -> Value {
+    let data = serde_json::json!({ "decision": "block", "rule": rule });
+    mcp::error_message(id, mcp::BLOCKED_CODE, &format!("Blocked by guardrails: {reason}"), data)
+}
+
+/// The value at `path` in `doc`, to change in place.
+pub(super) fn value_at_mut<'a>(doc: &'a mut Value, path: &[PathSeg]) -> Option<&'a mut Value> {
+    let mut cur = doc;
+    for seg in path {
+        cur = match (seg, cur) {
+            (PathSeg::Key(k), Value::Object(m)) => m.get_mut(k)?,
+            (PathSeg::Index(i), Value::Array(a)) => a.get_mut(*i)?,
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
+/// The value at `path` in `doc`.
+pub(super) fn value_at<'a>(doc: &'a Value, path: &[PathSeg]) -> Option<&'a Value> {
+    let mut cur = doc;
+    for seg in path {
+        cur = match (seg, cur) {
+            (PathSeg::Key(k), Value::Object(m)) => m.get(k)?,
+            (PathSeg::Index(i), Value::Array(a)) => a.get(*i)?,
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
+/// The decision of a tool call from both of its checks: the stronger one.
+pub(super) fn stronger(a: Decision, b: Decision) -> Decision {
+    let rank = |d: Decision| match d {
+        Decision::Allow => 0,
+        Decision::Alert => 1,
+        Decision::Error => 2,
+        Decision::Modify => 3,
+        Decision::Block => 4,
+    };
+    if rank(b) > rank(a) { b } else { a }
+}
+
+impl Pipeline {
+    /// Checks `texts` (at their paths in `doc`, the whole body) with the
+    /// backends, as any body of `phase`; `doc` keeps what they rewrote.
+    pub(super) async fn check_texts(
+        &self,
+        g: &Guardrails,
+        phase: Phase,
+        call: &Call,
+        doc: &mut Option<Value>,
+        texts: Vec<TextSpan>,
+        response: Option<(StatusCode, &HeaderMap)>,
+    ) -> Outcome {
+        let mut outcome = Outcome::default();
+        if texts.is_empty() {
+            return outcome;
+        }
+        let texts = Arc::new(texts);
+        let mut subject = Subject {
+            texts: &texts,
+            read_by_parser: texts.len(),
+            original: &[],
+            doc: doc.take(),
+            raw_text: None,
+            raw_rewritable: false,
+            instructions: false,
+            response,
+            wait: true,
+            resends_request: false,
+        };
+        self.run_backends(g, phase, call, &mut subject, &mut outcome).await;
+        *doc = subject.doc.take();
+        outcome
+    }
+
+    /// Records one decision on an MCP exchange: its metrics and its audit
+    /// event, with the `mcp` object.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn audit_mcp(
+        &self,
+        g: &Guardrails,
+        call: &Call,
+        kind: EventKind,
+        direction: Direction,
+        outcome: &Outcome,
+        started: Instant,
+        prompt: Option<String>,
+        info: McpInfo,
+    ) {
+        if kind == EventKind::GuardrailDecision {
+            self.record_metrics(call.provider, direction, outcome, started);
+        }
+        let workload = WorkloadInfo::of(call.workload.as_ref());
+        let mut event = self.event(g, call, direction, outcome, started, prompt, workload);
+        event.event = kind;
+        event.mcp = Some(info);
+        self.audit.record(event).await;
+    }
+
+    /// One tool call done (answered, refused or failed): its audit event
+    /// and its counter. `started` is when it was sent.
+    pub(super) async fn tool_call_done(
+        &self,
+        g: &Guardrails,
+        call: &Call,
+        direction: Direction,
+        outcome: &Outcome,
+        started: Instant,
+        info: McpInfo,
+    ) {
+        let tool = info.tool.clone().unwrap_or_default();
+        self.metrics.mcp_tool_call(&call.host, &tool, outcome.decision());
+        self.audit_mcp(g, call, EventKind::McpToolCall, direction, outcome, started, None, info).await;
+    }
 }
 
 #[cfg(test)]

@@ -16,6 +16,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::guardrails::model::Decision;
+
 pub const MAX_SESSIONS: usize = 4_096;
 pub const MAX_PENDING: usize = 256;
 pub const PENDING_TTL: Duration = Duration::from_secs(600);
@@ -34,6 +36,12 @@ pub struct Pending {
     /// `params.name` of a `tools/call`.
     pub tool: Option<String>,
     pub started: Instant,
+    /// What the request's own check decided, and by which rules (the tool
+    /// call's audit event reports both directions).
+    pub decision: Decision,
+    pub rules: Vec<String>,
+    /// The tool call's arguments, kept only with `audit_prompts`.
+    pub arguments: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -117,7 +125,14 @@ mod tests {
     }
 
     fn call(tool: &str) -> Pending {
-        Pending { method: "tools/call".into(), tool: Some(tool.into()), started: Instant::now() }
+        Pending {
+            method: "tools/call".into(),
+            tool: Some(tool.into()),
+            started: Instant::now(),
+            decision: Decision::Allow,
+            rules: Vec::new(),
+            arguments: None,
+        }
     }
 
     #[test]
@@ -156,7 +171,7 @@ mod tests {
     fn stale_requests_are_forgotten() {
         let sessions = Sessions::default();
         let Some(started) = Instant::now().checked_sub(PENDING_TTL + Duration::from_secs(1)) else { return };
-        sessions.request(&key("s"), "1".into(), Pending { method: "tools/call".into(), tool: None, started });
+        sessions.request(&key("s"), "1".into(), Pending { tool: None, started, ..call("x") });
         assert_eq!(sessions.answer(&key("s"), "1"), None);
     }
 }
