@@ -99,7 +99,8 @@ async fn server(answers: Answers) -> Result<Server> {
     let dir = tempfile::tempdir()?;
     let ca = pki.write_ca(dir.path())?;
     let (cert, key) = pki.write_server_files(dir.path())?;
-    let options = McpServerOptions { json_response: answers == Answers::Json, ..McpServerOptions::tls(HOST, cert, key, CARD) };
+    let options =
+        McpServerOptions { json_response: answers == Answers::Json, ..McpServerOptions::tls(HOST, cert, key, CARD) };
     let server = FakeMcpServer::start(&options, None).await?;
     Ok(Server { server, ca, dir })
 }
@@ -193,11 +194,7 @@ fn tool_names(line: &Value) -> Vec<&str> {
 
 /// `tools/call` messages the server received for `tool`.
 fn calls_received(server: &FakeMcpServer, tool: &str) -> Result<Vec<Value>> {
-    Ok(server
-        .messages()?
-        .into_iter()
-        .filter(|m| m["method"] == "tools/call" && m["params"]["name"] == tool)
-        .collect())
+    Ok(server.messages()?.into_iter().filter(|m| m["method"] == "tools/call" && m["params"]["name"] == tool).collect())
 }
 
 /// Asserts a step's result is the guardrails' JSON-RPC refusal naming `rule`.
@@ -323,7 +320,9 @@ async fn private_key_in_tool_call_is_answered_with_jsonrpc_error(answers: Answer
 /// everything else in it unchanged.
 async fn card_number_in_tool_result_is_redacted(answers: Answers) -> Result<()> {
     let g = guarded(answers, "", "").await?;
-    let run = g.client(&[vec![McpStep::call("lookup_card", json!({})), McpStep::call("echo", json!({"text": "ok"}))]]).await?;
+    let run = g
+        .client(&[vec![McpStep::call("lookup_card", json!({})), McpStep::call("echo", json!({"text": "ok"}))]])
+        .await?;
     let result = run.step(0, 0)?;
     assert_eq!(result["is_error"], false, "{result:#}");
     assert_eq!(texts(result), [format!("Card on file: {REDACTED_CARD}, expires 12/30.")], "{result:#}");

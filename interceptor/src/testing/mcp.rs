@@ -108,7 +108,8 @@ impl FakeMcpServer {
             "card": options.card,
         });
         let stderr_path = dir.path().join("stderr.log");
-        let stderr = std::fs::File::create(&stderr_path).with_context(|| format!("create {}", stderr_path.display()))?;
+        let stderr =
+            std::fs::File::create(&stderr_path).with_context(|| format!("create {}", stderr_path.display()))?;
         let mut cmd = tokio::process::Command::new(tool("python3"));
         cmd.args(["-c", SERVER])
             .env(PARAMS_VAR, params.to_string())

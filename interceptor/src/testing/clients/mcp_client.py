@@ -11,8 +11,9 @@
 # Prints one JSON line per result: {"session", "op", ...} with the result, or
 # with "error": {"code", "message", "data"} for a JSON-RPC error. Anything
 # else that fails prints {"session", "op", "exception"} and exits 1.
-import asyncio, json, os, socket, ssl, sys, urllib.parse
+import asyncio, json, os, ssl, sys, traceback, urllib.parse
 
+import httpcore
 import httpx
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
@@ -22,20 +23,19 @@ P = json.loads(os.environ["INTERCEPTOR_CLIENT_PARAMS"])
 URL = urllib.parse.urlsplit(P["url"])
 
 if P.get("connect_to"):
-    # Name resolution is the only thing changed: httpx still connects to the
-    # URL's host name, sends it as SNI and Host, and checks the certificate
-    # against it.
+    # Only where the TCP connection goes changes: httpx still sends the URL's
+    # host name as SNI and Host, and checks the certificate against it.
+    # httpcore's asyncio backend makes every connection httpx opens.
     to_host, to_port = P["connect_to"].rsplit(":", 1)
     to_addr = (to_host.strip("[]"), int(to_port))
-    resolve = socket.getaddrinfo
+    connect_tcp = httpcore.AnyIOBackend.connect_tcp
 
-    def getaddrinfo(host, port, *args, **kwargs):
-        name = host.decode() if isinstance(host, bytes) else host
-        if name == URL.hostname:
-            return resolve(to_addr[0], to_addr[1], *args, **kwargs)
-        return resolve(host, port, *args, **kwargs)
+    async def connect_to(self, host, port, *args, **kwargs):
+        if host == URL.hostname:
+            host, port = to_addr
+        return await connect_tcp(self, host, port, *args, **kwargs)
 
-    socket.getaddrinfo = getaddrinfo
+    httpcore.AnyIOBackend.connect_tcp = connect_to
 
 
 def emit(line):
@@ -88,6 +88,6 @@ async def main():
 
 try:
     asyncio.run(asyncio.wait_for(main(), P["timeout"] * 4))
-except BaseException as e:
-    print(f"{type(e).__name__}: {e}", file=sys.stderr)
+except BaseException:
+    traceback.print_exc()
     sys.exit(1)

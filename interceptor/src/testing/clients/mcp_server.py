@@ -19,7 +19,7 @@ from mcp.server.lowlevel import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
-from starlette.routing import Mount
+from starlette.routing import Route
 
 P = json.loads(os.environ["INTERCEPTOR_CLIENT_PARAMS"])
 
@@ -96,8 +96,12 @@ security = (TransportSecuritySettings(enable_dns_rebinding_protection=True, allo
 manager = StreamableHTTPSessionManager(app=server, json_response=P["json_response"], security_settings=security)
 
 
-async def handle(scope, receive, send):
-    await manager.handle_request(scope, receive, send)
+class Endpoint:
+    """The MCP endpoint as a plain ASGI app, so that `/mcp` is served where it
+    is (a mount would redirect it to `/mcp/` first)."""
+
+    async def __call__(self, scope, receive, send):
+        await manager.handle_request(scope, receive, send)
 
 
 @contextlib.asynccontextmanager
@@ -106,7 +110,7 @@ async def lifespan(_app):
         yield
 
 
-app = Starlette(routes=[Mount("/mcp", app=handle)], lifespan=lifespan)
+app = Starlette(routes=[Route("/mcp", endpoint=Endpoint(), methods=["GET", "POST", "DELETE"])], lifespan=lifespan)
 
 
 def append(path, entry):
