@@ -273,6 +273,10 @@ async fn direct_sdk_client_and_server(answers: Answers) -> Result<()> {
     let answer = server.responses()?.into_iter().find(|r| r.body.contains("\"tools/call\"")).context("answer")?;
     assert_eq!(answer.content_type.as_deref().map(|c| c.split(';').next().unwrap_or(c)), Some(answers.content_type()));
 
+    let heads: Vec<&Value> = run.http().into_iter().filter(|h| h["rpc"] == "tools/call").collect();
+    assert_eq!(heads.len(), 3, "{heads:#?}");
+    assert!(heads.iter().all(|h| h["status"] == 200 && h["decision"].is_null()), "{heads:#?}");
+
     // A later session lists the changed definition.
     server.set_revision(2)?;
     let second = mcp_client(&env, URL, Some(server.addr()), &[vec![McpStep::ListTools]]).await?;
@@ -299,6 +303,22 @@ async fn private_key_in_tool_call_is_answered_with_jsonrpc_error(answers: Answer
     assert_blocked(run.step(0, 1)?, "block-credentials-in-requests");
     assert_blocked(run.step(0, 2)?, "block-credentials-in-requests");
     assert_eq!(texts(run.step(0, 3)?), ["still here"], "the session must go on");
+    // The refusals are ordinary JSON answers, marked as blocks.
+    let calls: Vec<&Value> = run.http().into_iter().filter(|h| h["rpc"] == "tools/call").collect();
+    let heads: Vec<(&Value, &str, &Value)> = calls
+        .iter()
+        .map(|h| {
+            (
+                &h["status"],
+                h["content_type"].as_str().unwrap_or_default().split(';').next().unwrap_or_default(),
+                &h["decision"],
+            )
+        })
+        .collect();
+    assert_eq!(heads.len(), 3, "{calls:#?}");
+    assert_eq!(heads[0], (&json!(200), "application/json", &json!("blocked")), "{calls:#?}");
+    assert_eq!(heads[1], (&json!(200), "application/json", &json!("blocked")), "{calls:#?}");
+    assert_eq!(heads[2].2, &Value::Null, "{calls:#?}");
 
     let log = g.server.request_log();
     let key_line = key.lines().nth(1).context("key body")?;

@@ -201,7 +201,8 @@ impl McpStep {
     }
 }
 
-/// What the client printed: per session, `initialize` then one line per step.
+/// What the client printed: per session, `initialize` then one line per
+/// step; and the head of every HTTP answer.
 #[derive(Debug, Clone)]
 pub struct McpTranscript {
     pub lines: Vec<Value>,
@@ -211,6 +212,13 @@ impl McpTranscript {
     /// The lines of session `session` (0-based), `initialize` first.
     pub fn session(&self, session: usize) -> Vec<&Value> {
         self.lines.iter().filter(|line| line["session"] == session).collect()
+    }
+
+    /// The HTTP answers the client received, in order: `session`, `method`,
+    /// `rpc` (the JSON-RPC method of the request body), `status`,
+    /// `content_type`, `decision` (`X-Akto-Guardrails-Decision`).
+    pub fn http(&self) -> Vec<&Value> {
+        self.lines.iter().filter_map(|line| line.get("http")).collect()
     }
 
     /// The result of step `step` (0-based, after `initialize`) of `session`.

@@ -10,7 +10,10 @@
 #               {"op": "list_tools"} or {"op": "call_tool", "name", "arguments"}
 # Prints one JSON line per result: {"session", "op", ...} with the result, or
 # with "error": {"code", "message", "data"} for a JSON-RPC error. Anything
-# else that fails prints {"session", "op", "exception"} and exits 1.
+# else that fails prints {"session", "op", "exception"} and exits 1. Every HTTP
+# answer is a line too: {"http": {"session", "method", "rpc", "status",
+# "content_type", "decision"}} (rpc: the JSON-RPC method of the request body;
+# decision: the X-Akto-Guardrails-Decision header).
 import asyncio, json, os, ssl, sys, traceback, urllib.parse
 
 import httpcore
@@ -58,10 +61,25 @@ async def step(session, op):
     raise ValueError(f"unknown step {op['op']!r}")
 
 
+def rpc_method(request):
+    try:
+        body = json.loads(request.content)
+    except (ValueError, httpx.RequestNotRead):
+        return None
+    return body.get("method") if isinstance(body, dict) else [m.get("method") for m in body]
+
+
 async def run_session(index, steps):
     verify = ssl.create_default_context(cafile=P["ca_file"]) if URL.scheme == "https" else False
     timeout = httpx.Timeout(P["timeout"], read=P["timeout"])
-    async with httpx.AsyncClient(verify=verify, timeout=timeout, follow_redirects=True) as http:
+
+    async def log_response(response):
+        emit({"http": {"session": index, "method": response.request.method, "rpc": rpc_method(response.request),
+                       "status": response.status_code, "content_type": response.headers.get("content-type"),
+                       "decision": response.headers.get("x-akto-guardrails-decision")}})
+
+    async with httpx.AsyncClient(verify=verify, timeout=timeout, follow_redirects=True,
+                                 event_hooks={"response": [log_response]}) as http:
         async with streamable_http_client(P["url"], http_client=http) as (read, write, session_id):
             async with ClientSession(read, write) as session:
                 op = {"op": "initialize"}
