@@ -18,10 +18,12 @@ use serde::{Deserialize, Serialize};
 
 pub use self::akto::AktoConfig;
 pub use self::kubernetes::{KubeEnabled, KubernetesConfig};
+pub use self::mcp::McpConfig;
 use crate::{policy::DomainsConfig, telemetry::LogFormat};
 
 pub mod akto;
 pub mod kubernetes;
+pub mod mcp;
 
 /// Smallest `proxy.max_header_bytes` (the HTTP/1.1 server's minimum buffer).
 pub const MIN_HEADER_BYTES: usize = 8192;
@@ -60,6 +62,7 @@ pub struct Config {
     pub guardrails: GuardrailsConfig,
     pub targets: TargetsConfig,
     pub kubernetes: KubernetesConfig,
+    pub mcp: McpConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
 }
@@ -783,6 +786,7 @@ impl Config {
             errors.push("targets.resolve_interval: must be at least 1s".to_string());
         }
         errors.extend(self.kubernetes.validate());
+        errors.extend(self.mcp.validate());
         if !self.admin.address.ip().is_loopback() {
             errors.push(format!(
                 "admin.address: {} is not a loopback address; the admin API must not be reachable from the network",
