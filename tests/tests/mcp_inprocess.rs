@@ -9,7 +9,7 @@
 //! * a tool result holding a card number reaches the client redacted;
 //! * a poisoned tool description is flagged;
 //! * a tool definition that changes in a later session is reported (or
-//!   refused, with `mcp.tool_changes = "block"`);
+//!   refused, with `mcp.tool_changes = "block"`), after a restart too;
 //! * a tool denied by the policy's tool list is neither listed nor called;
 //! * each tool call is one `mcp_tool_call` audit event.
 //!
@@ -110,6 +110,11 @@ struct Guarded {
     server: FakeMcpServer,
     proxy: InProcessProxy,
     audit: PathBuf,
+    /// `mcp.pins_file`.
+    pins: PathBuf,
+    config: Config,
+    /// The CA that signed the server's certificate.
+    ca: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -120,18 +125,20 @@ async fn guarded(answers: Answers, policy_extra: &str, mcp_extra: &str) -> Resul
     let policy = dir.path().join("policy.toml");
     std::fs::write(&policy, [BUILTIN_POLICY, REDACT_CARDS_IN_TOOL_RESULTS, policy_extra].concat())?;
     let audit = dir.path().join("audit.jsonl");
+    let pins = dir.path().join("mcp-tool-pins.json");
     let config_path = dir.path().join("interceptor.toml");
     let text = format!(
-        "[mcp]\ndomains_extra = [{host}]\n{mcp_extra}\n\n\
+        "[mcp]\ndomains_extra = [{host}]\npins_file = {pins}\n{mcp_extra}\n\n\
          [guardrails]\nbackends = [\"local\"]\npolicy_file = {policy}\naudit_file = {audit}\nstream_mode = \"enforce\"\n",
         host = toml_string(HOST),
         policy = toml_string(&policy.display().to_string()),
         audit = toml_string(&audit.display().to_string()),
+        pins = toml_string(&pins.display().to_string()),
     );
     let config = Config::from_toml(&text, &config_path)?;
     config.validate()?;
-    let proxy = InProcessProxy::from_config(server.addr(), &ca, config).await?;
-    Ok(Guarded { server, proxy, audit, _dir: dir })
+    let proxy = InProcessProxy::from_config(server.addr(), &ca, config.clone()).await?;
+    Ok(Guarded { server, proxy, audit, pins, config, ca, _dir: dir })
 }
 
 fn toml_string(s: &str) -> String {
@@ -139,6 +146,15 @@ fn toml_string(s: &str) -> String {
 }
 
 impl Guarded {
+    /// Stops the proxy, then starts a new one with the same configuration
+    /// (the same pins file and audit file), as a restart would.
+    async fn restart(self) -> Result<Self> {
+        let Guarded { server, proxy, audit, pins, config, ca, _dir } = self;
+        ensure!(proxy.shutdown(Duration::from_secs(5)).await, "connections outlived the drain");
+        let proxy = InProcessProxy::from_config(server.addr(), &ca, config.clone()).await?;
+        Ok(Guarded { server, proxy, audit, pins, config, ca, _dir })
+    }
+
     /// Runs the client through the proxy, trusting only the proxy's CA.
     async fn client(&self, sessions: &[Vec<McpStep>]) -> Result<McpTranscript> {
         let env = ClientEnv::new(&self.proxy.ca_path).with_timeout(TIMEOUT);
@@ -235,6 +251,7 @@ in_both_modes!(
     poisoned_tool_description_is_flagged,
     changed_tool_definition_is_reported,
     changed_tool_definition_is_refused_when_configured,
+    tool_pins_survive_a_restart,
     denied_tool_is_hidden_and_refused,
     tool_call_is_audited,
 );
@@ -416,6 +433,23 @@ async fn changed_tool_definition_is_refused_when_configured(answers: Answers) ->
     }
     let event = audit_event(&g.audit, "refusing the change", reports_change).await?;
     assert_eq!(event["decision"], "block", "{event:#}");
+    Ok(())
+}
+
+/// (d) The pins are kept in `mcp.pins_file`: after a restart, a changed
+/// definition is reported in the first session.
+async fn tool_pins_survive_a_restart(answers: Answers) -> Result<()> {
+    let g = guarded(answers, "", "").await?;
+    g.client(&[vec![McpStep::ListTools, McpStep::call("echo", json!({"text": "one"}))]]).await?;
+    audit_event(&g.audit, "for the first session's call", |e| is_tool_call(e, "echo")).await?;
+
+    let g = g.restart().await?;
+    ensure!(g.pins.is_file(), "no pins in {}", g.pins.display());
+    g.server.set_revision(2)?;
+    let after = g.client(&[vec![McpStep::ListTools]]).await?;
+    assert!(tool(after.step(0, 0)?, "save_note").is_some());
+    let event = audit_event(&g.audit, "reporting the change after the restart", reports_change).await?;
+    assert_eq!(event["decision"], "alert", "{event:#}");
     Ok(())
 }
 
