@@ -181,8 +181,16 @@ async fn audit_event(audit: &Path, what: &str, matches: impl Fn(&Value) -> bool)
     }
 }
 
+/// An MCP field of an audit event: its own, or in its `mcp` object.
+fn mcp_field<'a>(event: &'a Value, name: &str) -> &'a Value {
+    match event.get(name) {
+        Some(value) => value,
+        None => &event["mcp"][name],
+    }
+}
+
 fn is_tool_call(event: &Value, tool: &str) -> bool {
-    event["event"] == "mcp_tool_call" && event["tool"] == tool
+    event["event"] == "mcp_tool_call" && mcp_field(event, "tool") == tool
 }
 
 /// Whether an event reports a changed tool definition.
@@ -487,7 +495,7 @@ async fn tool_call_is_audited(answers: Answers) -> Result<()> {
     assert_eq!(texts(run.step(0, 0)?), [text]);
 
     let event = audit_event(&g.audit, "for the echo call", |e| is_tool_call(e, "echo")).await?;
-    assert_eq!(event["server"], HOST, "{event:#}");
+    assert_eq!(mcp_field(&event, "server"), HOST, "{event:#}");
     assert_eq!(event["decision"], "allow", "{event:#}");
     assert!(event["latency_ms"].as_f64().is_some_and(|ms| ms >= 0.0), "{event:#}");
     assert!(event.get("workload").is_some(), "{event:#}");
