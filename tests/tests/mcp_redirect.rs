@@ -188,6 +188,11 @@ impl Setup {
                 .await?;
         let body = String::from_utf8_lossy(&r.body).to_string();
         assert!(!body.contains("\"done\""), "{mode}: the server answered: {} {body}", r.status);
+        // Refused in the session: a JSON-RPC error for the call, not a broken exchange.
+        assert_eq!(r.status, 200, "{mode}: {body}");
+        let answer: Value = serde_json::from_str(&body)?;
+        assert_eq!(answer["id"], 2, "{mode}: {answer}");
+        assert_eq!(answer["error"]["code"], -32001, "{mode}: {answer}");
         for (_, body) in self.plain.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             assert!(!body.contains("PRIVATE KEY"), "{mode}: the server received the key: {body}");
         }

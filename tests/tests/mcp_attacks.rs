@@ -1,0 +1,320 @@
+//! MCP from the attacker's side, through the in-process proxy and a
+//! scripted plain-HTTP MCP server (a `mcp.plain`-style target, recognized
+//! as MCP by its content): what an agent or a malicious server can try to
+//! slip past the guardrails.
+//!
+//! * a batch hiding a key behind a harmless call is refused whole;
+//! * a compressed `tools/call` body is decoded and refused;
+//! * the client's answer to a server's sampling request carrying a key is
+//!   refused with the block contract;
+//! * a server request (`sampling/createMessage`) carrying a key is dropped
+//!   from the SSE stream, the events around it go through;
+//! * a card number split across SSE chunks still reaches the client
+//!   redacted.
+//!
+//! A test that sends a secret asserts the server never received it.
+
+use std::{
+    io::Write as _,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, StreamBody};
+use hyper::body::Frame;
+use interceptor::{
+    config::{Backend, Config, GuardrailsConfig, StreamMode},
+    dataplane,
+    guardrails::engine::BUILTIN_POLICY,
+    proxy::ProxySettings,
+};
+use interceptor_tests::inprocess::InProcessProxy;
+use serde_json::{Value, json};
+
+/// What the server received: request bodies.
+type Seen = Arc<Mutex<Vec<String>>>;
+
+/// A Luhn-valid test card number.
+const CARD: &str = "4111 1111 1111 1111";
+const REDACTED_CARD: &str = "[REDACTED:credit_card]";
+
+/// Card numbers in tool results are redacted (the built-in policy redacts
+/// them in requests only).
+const REDACT_CARDS_IN_TOOL_RESULTS: &str = r#"
+[[rules]]
+id = "redact-cards-in-tool-results"
+detectors = ["credit_card"]
+direction = "response"
+action = "redact"
+severity = "high"
+scope.kinds = ["tool_result"]
+"#;
+
+/// An RSA private key block (not a real key), built at run time.
+fn private_key() -> String {
+    let label = ["RSA", "PRIVATE", "KEY"].join(" ");
+    format!("-----BEGIN {label}-----\nMIIB{}\n-----END {label}-----", "Zm9vYmFy".repeat(8))
+}
+
+fn sse_event(message: &Value) -> String {
+    format!("event: message\ndata: {message}\n\n")
+}
+
+/// The server's answer to one POST: scripted by the tool called.
+fn script(request: &Value) -> (&'static str, Vec<String>) {
+    let id = request["id"].clone();
+    let tool = request["params"]["name"].as_str().unwrap_or_default();
+    let result =
+        |text: String| json!({"jsonrpc": "2.0", "id": id, "result": {"content": [{"type": "text", "text": text}]}});
+    match tool {
+        // A server request carrying a key, between a progress notification
+        // and the result.
+        "ask_model" => {
+            let sampling = json!({"jsonrpc": "2.0", "id": "srv-1", "method": "sampling/createMessage", "params": {
+                "messages": [{"role": "user", "content": {"type": "text", "text": format!("summarize {}", private_key())}}],
+                "maxTokens": 100
+            }});
+            let progress = json!({"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": 1, "progress": 0.5}});
+            let events = [sse_event(&progress), sse_event(&sampling), sse_event(&result("asked".into()))];
+            ("text/event-stream", vec![events.concat()])
+        }
+        // The card split across chunks, one byte at the seams.
+        "split_card" => {
+            let event = sse_event(&result(format!("Card on file: {CARD}.")));
+            let at = event.find("1111 1111").unwrap_or(1);
+            let chunks = vec![event[..at].to_string(), event[at..at + 3].to_string(), event[at + 3..].to_string()];
+            ("text/event-stream", chunks)
+        }
+        _ => ("application/json", vec![result("done".into()).to_string()]),
+    }
+}
+
+/// A plain-HTTP MCP server answering by [`script`]; an answer to a
+/// JSON-RPC response (a client's answer to a sampling request) is `202`.
+async fn server() -> Result<(SocketAddr, Seen)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let seen: Seen = Arc::default();
+    let record = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let record = Arc::clone(&record);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let record = Arc::clone(&record);
+                    async move {
+                        let body = req.into_body().collect().await?.to_bytes();
+                        let text = String::from_utf8_lossy(&body).into_owned();
+                        record.lock().unwrap_or_else(|e| e.into_inner()).push(text.clone());
+                        let request = serde_json::from_str::<Value>(&text).unwrap_or(Value::Null);
+                        let (content_type, chunks) =
+                            if request.get("method").is_some() { script(&request) } else { ("", Vec::new()) };
+                        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(8);
+                        tokio::spawn(async move {
+                            for chunk in chunks {
+                                if tx.send(Ok(Frame::data(Bytes::from(chunk)))).await.is_err() {
+                                    return;
+                                }
+                                tokio::task::yield_now().await;
+                            }
+                        });
+                        let frames =
+                            futures_util::stream::unfold(rx, |mut rx| async { rx.recv().await.map(|f| (f, rx)) });
+                        let body = StreamBody::new(frames);
+                        let mut response = http::Response::new(body);
+                        if content_type.is_empty() {
+                            *response.status_mut() = http::StatusCode::ACCEPTED;
+                        } else {
+                            response
+                                .headers_mut()
+                                .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+                        }
+                        Ok::<_, hyper::Error>(response)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok((addr, seen))
+}
+
+struct Setup {
+    proxy: InProcessProxy,
+    seen: Seen,
+    audit: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup() -> Result<Setup> {
+    let (server, seen) = server().await?;
+    let dir = tempfile::tempdir()?;
+    let audit = dir.path().join("audit.jsonl");
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, [BUILTIN_POLICY, REDACT_CARDS_IN_TOOL_RESULTS].concat())?;
+    let guardrails = GuardrailsConfig {
+        enabled: true,
+        backends: vec![Backend::Local],
+        policy_file: policy,
+        audit_file: audit.clone(),
+        stream_mode: StreamMode::Monitor,
+        ..GuardrailsConfig::default()
+    };
+    let config = Config { guardrails, ..Config::default() };
+    let metrics = Arc::new(interceptor::metrics::Metrics::new());
+    let (hook, _handle) = dataplane::guardrails(&config, &metrics)?;
+    let pki = interceptor::testing::provider::TestPki::with_defaults()?;
+    let ca = pki.write_ca(dir.path())?;
+    let settings = ProxySettings { client_hello_timeout: Duration::from_secs(2), ..ProxySettings::default() };
+    let proxy =
+        InProcessProxy::start_with(server, &ca, interceptor::policy::DomainsConfig::default(), hook, settings).await?;
+    proxy.set_plain_target(server, "tools.agents.test");
+    Ok(Setup { proxy, seen, audit, _dir: dir })
+}
+
+impl Setup {
+    fn url(&self) -> String {
+        format!("http://{}/mcp", self.proxy.addr)
+    }
+
+    /// POSTs `body` as an MCP client does; the status, content type and body.
+    async fn post(&self, body: Vec<u8>, gzip: bool) -> Result<(u16, String, String)> {
+        let client = reqwest::Client::builder().no_proxy().build()?;
+        let mut request = client
+            .post(self.url())
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-session-id", "s-1");
+        if gzip {
+            request = request.header("content-encoding", "gzip");
+        }
+        let resp = request.body(body).send().await?;
+        let status = resp.status().as_u16();
+        let content_type =
+            resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        Ok((status, content_type, resp.text().await?))
+    }
+
+    /// Whether the server ever received `needle`.
+    fn server_saw(&self, needle: &str) -> bool {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|b| b.contains(needle))
+    }
+
+    /// The audit events, once one of them matches.
+    async fn audit_until(&self, what: &str, matches: impl Fn(&Value) -> bool) -> Result<Vec<Value>> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&self.audit).unwrap_or_default();
+            let events: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+            if events.iter().any(&matches) {
+                return Ok(events);
+            }
+            ensure!(std::time::Instant::now() < deadline, "no audit event {what}: {text}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn tools_call(id: u64, tool: &str, text: &str) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": {"text": text}}})
+}
+
+/// The data of each SSE event of `body`.
+fn sse_data(body: &str) -> Vec<Value> {
+    body.split("\n\n")
+        .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data: ")))
+        .filter_map(|data| serde_json::from_str(data).ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_hiding_a_key_behind_a_harmless_call_is_refused_whole() -> Result<()> {
+    let s = setup().await?;
+    let key = private_key();
+    let batch = json!([tools_call(1, "echo", "harmless"), tools_call(2, "echo", &format!("use {key}"))]);
+    let (status, content_type, body) = s.post(batch.to_string().into_bytes(), false).await?;
+    assert_eq!((status, content_type.as_str()), (200, "application/json"), "{body}");
+    let answers: Value = serde_json::from_str(&body)?;
+    let answers = answers.as_array().context("a batch answer")?;
+    assert_eq!(answers.len(), 2, "{body}");
+    for (answer, id) in answers.iter().zip([1, 2]) {
+        assert_eq!(answer["id"], id, "{body}");
+        assert_eq!(answer["error"]["code"], -32001, "{body}");
+    }
+    assert!(answers[0]["error"]["message"].as_str().unwrap_or_default().contains("refused with its batch"), "{body}");
+    assert!(s.seen.lock().unwrap_or_else(|e| e.into_inner()).is_empty(), "the server received the batch");
+    let events =
+        s.audit_until("for both calls", |e| e["event"] == "mcp_tool_call" && e["mcp"]["tool"] == "echo").await?;
+    let calls: Vec<&Value> = events.iter().filter(|e| e["event"] == "mcp_tool_call").collect();
+    assert_eq!(calls.len(), 2, "{calls:#?}");
+    assert!(calls.iter().all(|e| e["decision"] == "block"), "{calls:#?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_tool_call_is_decoded_and_refused() -> Result<()> {
+    let s = setup().await?;
+    let key = private_key();
+    let plain = tools_call(7, "echo", &format!("store {key}")).to_string();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(plain.as_bytes())?;
+    let (status, _, body) = s.post(gz.finish()?, true).await?;
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body)?;
+    assert_eq!((answer["id"].clone(), answer["error"]["code"].clone()), (json!(7), json!(-32001)), "{body}");
+    assert!(s.seen.lock().unwrap_or_else(|e| e.into_inner()).is_empty(), "the server received the call");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sampling_answer_carrying_a_key_is_refused() -> Result<()> {
+    let s = setup().await?;
+    let key = private_key();
+    // The client's answer to a server's sampling request: no id to answer
+    // with an error, so the block contract.
+    let answer = json!({"jsonrpc": "2.0", "id": "srv-1", "result": {
+        "role": "assistant", "model": "m", "content": {"type": "text", "text": format!("here: {key}")}
+    }});
+    let (status, _, body) = s.post(answer.to_string().into_bytes(), false).await?;
+    assert_eq!(status, 403, "{body}");
+    assert!(!s.server_saw("PRIVATE KEY"), "the server received the key");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_request_carrying_a_key_is_dropped_from_the_stream() -> Result<()> {
+    let s = setup().await?;
+    let (status, content_type, body) = s.post(tools_call(3, "ask_model", "go").to_string().into_bytes(), false).await?;
+    assert_eq!((status, content_type.as_str()), (200, "text/event-stream"), "{body}");
+    assert!(!body.contains("PRIVATE KEY"), "the key reached the client: {body}");
+    let messages = sse_data(&body);
+    let methods: Vec<&str> = messages.iter().filter_map(|m| m["method"].as_str()).collect();
+    assert_eq!(methods, ["notifications/progress"], "{body}");
+    let result = messages.iter().find(|m| m["id"] == 3).context("the tool result")?;
+    assert_eq!(result["result"]["content"][0]["text"], "asked", "{body}");
+    s.audit_until("blocking the sampling request", |e| e["decision"] == "block" && e["direction"] == "response")
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_card_split_across_chunks_is_redacted() -> Result<()> {
+    let s = setup().await?;
+    let (status, _, body) = s.post(tools_call(4, "split_card", "go").to_string().into_bytes(), false).await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains(CARD), "the card reached the client: {body}");
+    let messages = sse_data(&body);
+    assert_eq!(messages.len(), 1, "{body}");
+    assert_eq!(messages[0]["id"], 4, "{body}");
+    assert_eq!(messages[0]["result"]["content"][0]["text"], format!("Card on file: {REDACTED_CARD}."), "{body}");
+    let events = s.audit_until("for the split_card call", |e| e["event"] == "mcp_tool_call").await?;
+    let call = events.iter().find(|e| e["event"] == "mcp_tool_call").context("tool call event")?;
+    assert_eq!(call["decision"], "modify", "{call:#}");
+    assert_eq!(call["mcp"]["tool"], "split_card", "{call:#}");
+    Ok(())
+}
