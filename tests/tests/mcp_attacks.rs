@@ -30,6 +30,7 @@ use interceptor::{
     dataplane,
     guardrails::engine::BUILTIN_POLICY,
     proxy::ProxySettings,
+    testing::mcp::{REDACT_CARDS_IN_TOOL_RESULTS, private_key},
 };
 use interceptor_tests::inprocess::InProcessProxy;
 use serde_json::{Value, json};
@@ -40,24 +41,6 @@ type Seen = Arc<Mutex<Vec<String>>>;
 /// A Luhn-valid test card number.
 const CARD: &str = "4111 1111 1111 1111";
 const REDACTED_CARD: &str = "[REDACTED:credit_card]";
-
-/// Card numbers in tool results are redacted (the built-in policy redacts
-/// them in requests only).
-const REDACT_CARDS_IN_TOOL_RESULTS: &str = r#"
-[[rules]]
-id = "redact-cards-in-tool-results"
-detectors = ["credit_card"]
-direction = "response"
-action = "redact"
-severity = "high"
-scope.kinds = ["tool_result"]
-"#;
-
-/// An RSA private key block (not a real key), built at run time.
-fn private_key() -> String {
-    let label = ["RSA", "PRIVATE", "KEY"].join(" ");
-    format!("-----BEGIN {label}-----\nMIIB{}\n-----END {label}-----", "Zm9vYmFy".repeat(8))
-}
 
 fn sse_event(message: &Value) -> String {
     format!("event: message\ndata: {message}\n\n")

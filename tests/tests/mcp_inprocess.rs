@@ -30,7 +30,10 @@ use interceptor::{
     guardrails::engine::BUILTIN_POLICY,
     testing::{
         clients::ClientEnv,
-        mcp::{FakeMcpServer, McpServerOptions, McpStep, McpTranscript, mcp_client},
+        mcp::{
+            FakeMcpServer, McpServerOptions, McpStep, McpTranscript, REDACT_CARDS_IN_TOOL_RESULTS, mcp_client,
+            private_key,
+        },
         provider::TestPki,
     },
 };
@@ -47,26 +50,6 @@ const REDACTED_CARD: &str = "[REDACTED:credit_card]";
 const BLOCKED_CODE: i64 = -32001;
 /// Bound on one client run, and on waiting for an audit event.
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Card numbers in tool results: the built-in policy redacts them in
-/// requests only, so the tests add this rule after it.
-const REDACT_CARDS_IN_TOOL_RESULTS: &str = r#"
-[[rules]]
-id = "redact-cards-in-tool-results"
-description = "Card numbers a tool returns are replaced before the agent reads them."
-detectors = ["credit_card"]
-direction = "response"
-action = "redact"
-severity = "high"
-scope.kinds = ["tool_result"]
-"#;
-
-/// An RSA private key block (not a real key).
-fn private_key() -> String {
-    let label = ["RSA", "PRIVATE", "KEY"].join(" ");
-    let body = format!("MIIB{}", "Zm9vYmFy".repeat(8));
-    format!("-----BEGIN {label}-----\n{body}\n-----END {label}-----")
-}
 
 /// How the server answers POSTs.
 #[derive(Clone, Copy, Debug, PartialEq)]

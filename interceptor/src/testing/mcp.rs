@@ -27,6 +27,28 @@ use tokio::io::AsyncBufReadExt;
 use super::clients::{ClientEnv, PARAMS_VAR, ScratchDir, run};
 use super::{Netns, spawn_in_tokio, tool};
 
+/// A policy rule redacting card numbers in tool results (the built-in
+/// policy redacts them in requests only); tests append it to the built-in
+/// policy.
+pub const REDACT_CARDS_IN_TOOL_RESULTS: &str = r#"
+[[rules]]
+id = "redact-cards-in-tool-results"
+description = "Card numbers a tool returns are replaced before the agent reads them."
+detectors = ["credit_card"]
+direction = "response"
+action = "redact"
+severity = "high"
+scope.kinds = ["tool_result"]
+"#;
+
+/// An RSA private key block (not a real key), built at run time so no
+/// secret-shaped literal sits in the sources.
+pub fn private_key() -> String {
+    let label = ["RSA", "PRIVATE", "KEY"].join(" ");
+    let body = format!("MIIB{}", "Zm9vYmFy".repeat(8));
+    format!("-----BEGIN {label}-----\n{body}\n-----END {label}-----")
+}
+
 /// Longest wait for the server to listen (importing the SDK takes a while on
 /// a busy machine).
 const START_TIMEOUT: Duration = Duration::from_secs(60);

@@ -11,7 +11,7 @@ use http_body_util::Full;
 
 use super::{Guardrails, Pipeline, new_call, request_id};
 use crate::{
-    audit::{self, AuditEvent, EventDirection, EventKind, WorkloadInfo},
+    audit::{self, AuditEvent, EventDirection, EventKind, McpInfo, WorkloadInfo},
     config::{FailMode, OversizeAction},
     guardrails::{
         akto::redact_path,
@@ -171,9 +171,30 @@ impl Pipeline {
         started: Instant,
         prompt: Option<String>,
     ) {
-        self.record_metrics(call.provider, direction, outcome, started);
+        self.audit_as(g, call, EventKind::GuardrailDecision, direction, outcome, started, prompt, None).await;
+    }
+
+    /// Records an event of `kind`: a decision (with its metrics) or an MCP
+    /// tool call, with the exchange's `mcp` object when it is MCP.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn audit_as(
+        &self,
+        g: &Guardrails,
+        call: &Call,
+        kind: EventKind,
+        direction: Direction,
+        outcome: &Outcome,
+        started: Instant,
+        prompt: Option<String>,
+        mcp: Option<McpInfo>,
+    ) {
+        if kind == EventKind::GuardrailDecision {
+            self.record_metrics(call.provider, direction, outcome, started);
+        }
         let workload = WorkloadInfo::of(call.workload.as_ref());
-        let event = self.event(g, call, direction, outcome, started, prompt, workload);
+        let mut event = self.event(g, call, direction, outcome, started, prompt, workload);
+        event.event = kind;
+        event.mcp = mcp;
         self.audit.record(event).await;
     }
 

@@ -526,8 +526,8 @@ pub fn unread_texts(doc: &Value, read: &[TextSpan]) -> Vec<TextSpan> {
 // ---------------------------------------------------------------------------
 // Rewriting
 
-/// The string at `path`, if there is one.
-pub fn text_at<'a>(doc: &'a Value, path: &[PathSeg]) -> Option<&'a str> {
+/// The value at `path`, if there is one.
+pub fn value_at<'a>(doc: &'a Value, path: &[PathSeg]) -> Option<&'a Value> {
     let mut cur = doc;
     for seg in path {
         cur = match (seg, cur) {
@@ -536,26 +536,36 @@ pub fn text_at<'a>(doc: &'a Value, path: &[PathSeg]) -> Option<&'a str> {
             _ => return None,
         };
     }
-    cur.as_str()
+    Some(cur)
+}
+
+/// The value at `path`, to change in place.
+pub fn value_at_mut<'a>(doc: &'a mut Value, path: &[PathSeg]) -> Option<&'a mut Value> {
+    let mut cur = doc;
+    for seg in path {
+        cur = match (seg, cur) {
+            (PathSeg::Key(k), Value::Object(m)) => m.get_mut(k)?,
+            (PathSeg::Index(i), Value::Array(a)) => a.get_mut(*i)?,
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
+/// The string at `path`, if there is one.
+pub fn text_at<'a>(doc: &'a Value, path: &[PathSeg]) -> Option<&'a str> {
+    value_at(doc, path)?.as_str()
 }
 
 /// Replaces the string at `path` with `new`, touching nothing else.
 pub fn set_text(doc: &mut Value, path: &[PathSeg], new: &str) -> Result<(), RewriteError> {
-    let mut cur = doc;
-    for seg in path {
-        let next = match (seg, cur) {
-            (PathSeg::Key(k), Value::Object(m)) => m.get_mut(k),
-            (PathSeg::Index(i), Value::Array(a)) => a.get_mut(*i),
-            _ => None,
-        };
-        cur = next.ok_or_else(|| RewriteError::PathNotFound { path: path_string(path) })?;
-    }
-    match cur {
-        Value::String(s) => {
+    match value_at_mut(doc, path) {
+        Some(Value::String(s)) => {
             new.clone_into(s);
             Ok(())
         }
-        _ => Err(RewriteError::NotAString { path: path_string(path) }),
+        Some(_) => Err(RewriteError::NotAString { path: path_string(path) }),
+        None => Err(RewriteError::PathNotFound { path: path_string(path) }),
     }
 }
 

@@ -36,7 +36,7 @@ use serde_json::Value;
 
 use super::{Guardrails, Pipeline, backends::Subject, outcome::Outcome};
 use crate::{
-    audit::{EventKind, McpInfo, WorkloadInfo},
+    audit::{EventKind, McpInfo},
     config::{McpConfig, mcp::ToolChangeAction},
     guardrails::{
         backend::{Call, Phase},
@@ -188,32 +188,6 @@ pub(super) fn refusal(id: &Id, reason: &str, rule: &str) -> Value {
     mcp::error_message(id, mcp::BLOCKED_CODE, &format!("Blocked by guardrails: {reason}"), data)
 }
 
-/// The value at `path` in `doc`, to change in place.
-pub(super) fn value_at_mut<'a>(doc: &'a mut Value, path: &[PathSeg]) -> Option<&'a mut Value> {
-    let mut cur = doc;
-    for seg in path {
-        cur = match (seg, cur) {
-            (PathSeg::Key(k), Value::Object(m)) => m.get_mut(k)?,
-            (PathSeg::Index(i), Value::Array(a)) => a.get_mut(*i)?,
-            _ => return None,
-        };
-    }
-    Some(cur)
-}
-
-/// The value at `path` in `doc`.
-pub(super) fn value_at<'a>(doc: &'a Value, path: &[PathSeg]) -> Option<&'a Value> {
-    let mut cur = doc;
-    for seg in path {
-        cur = match (seg, cur) {
-            (PathSeg::Key(k), Value::Object(m)) => m.get(k)?,
-            (PathSeg::Index(i), Value::Array(a)) => a.get(*i)?,
-            _ => return None,
-        };
-    }
-    Some(cur)
-}
-
 /// The decision of a tool call from both of its checks: the stronger one.
 pub(super) fn stronger(a: Decision, b: Decision) -> Decision {
     let rank = |d: Decision| match d {
@@ -260,30 +234,6 @@ impl Pipeline {
         outcome
     }
 
-    /// Records one decision on an MCP exchange: its metrics and its audit
-    /// event, with the `mcp` object.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn audit_mcp(
-        &self,
-        g: &Guardrails,
-        call: &Call,
-        kind: EventKind,
-        direction: Direction,
-        outcome: &Outcome,
-        started: Instant,
-        prompt: Option<String>,
-        info: McpInfo,
-    ) {
-        if kind == EventKind::GuardrailDecision {
-            self.record_metrics(call.provider, direction, outcome, started);
-        }
-        let workload = WorkloadInfo::of(call.workload.as_ref());
-        let mut event = self.event(g, call, direction, outcome, started, prompt, workload);
-        event.event = kind;
-        event.mcp = Some(info);
-        self.audit.record(event).await;
-    }
-
     /// One tool call done (answered, refused or failed): its audit event
     /// and its counter. `started` is when it was sent.
     pub(super) async fn tool_call_done(
@@ -297,7 +247,7 @@ impl Pipeline {
     ) {
         let tool = info.tool.clone().unwrap_or_default();
         self.metrics.mcp_tool_call(&call.host, &tool, outcome.decision());
-        self.audit_mcp(g, call, EventKind::McpToolCall, direction, outcome, started, None, info).await;
+        self.audit_as(g, call, EventKind::McpToolCall, direction, outcome, started, None, Some(info)).await;
     }
 }
 

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use super::{info, refusal, sessions::Pending, sessions::SessionKey};
 use crate::{
+    audit::EventKind,
     guardrails::{
         backend::{Call, Phase},
         engine::{Action, ToolDenialReason, WorkloadRef},
@@ -71,15 +72,15 @@ impl Pipeline {
         });
         let first_arguments = messages.iter().find_map(|(_, m)| arguments(m));
         let event_info = info(call, &messages, first_arguments);
-        self.audit_mcp(
+        self.audit_as(
             g,
             call,
-            crate::audit::EventKind::GuardrailDecision,
+            EventKind::GuardrailDecision,
             Direction::Request,
             &overall,
             started,
             prompt,
-            event_info,
+            Some(event_info),
         )
         .await;
 

@@ -24,7 +24,7 @@ use serde_json::Value;
 use super::{
     info, refusal,
     sessions::{Pending, SessionKey},
-    stronger, value_at, value_at_mut, workload_key,
+    stronger, workload_key,
 };
 use crate::{
     audit::{EventKind, McpInfo},
@@ -38,6 +38,7 @@ use crate::{
             Guardrails, Pipeline,
             outcome::{Block, Outcome},
         },
+        providers::{value_at, value_at_mut},
     },
     proxy::hook::{BodyAction, BodyInspector, ChunkAction, ResponseAction},
     respond,
@@ -104,8 +105,17 @@ impl Pipeline {
         let checked = self.check_server_doc(g, call, head.status, &head.headers, doc, &messages).await;
         let event_info = McpInfo { method: answered_method(&messages), ..info(call, &messages, None) };
         let outcome = &checked.outcome;
-        self.audit_mcp(g, call, EventKind::GuardrailDecision, Direction::Response, outcome, started, None, event_info)
-            .await;
+        self.audit_as(
+            g,
+            call,
+            EventKind::GuardrailDecision,
+            Direction::Response,
+            outcome,
+            started,
+            None,
+            Some(event_info),
+        )
+        .await;
         if checked.refused_request {
             let block = outcome.block.as_ref().map_or("refused by guardrails", |b| b.reason.as_str());
             return Some(BodyAction::Respond(respond::blocked(StatusCode::FORBIDDEN, block)));
@@ -322,7 +332,7 @@ impl McpGuard {
                 if checked.answers || checked.outcome.decision() != Decision::Allow {
                     let event_info = McpInfo { method: answered_method(messages), ..info(call, messages, None) };
                     let outcome = &checked.outcome;
-                    p.audit_mcp(
+                    p.audit_as(
                         g,
                         call,
                         EventKind::GuardrailDecision,
@@ -330,7 +340,7 @@ impl McpGuard {
                         outcome,
                         started,
                         None,
-                        event_info,
+                        Some(event_info),
                     )
                     .await;
                 }
@@ -352,7 +362,7 @@ impl McpGuard {
                 let refused = outcome.block.is_some();
                 if outcome.decision() != Decision::Allow {
                     let event_info = info(call, &[], None);
-                    p.audit_mcp(
+                    p.audit_as(
                         g,
                         call,
                         EventKind::GuardrailDecision,
@@ -360,7 +370,7 @@ impl McpGuard {
                         &outcome,
                         started,
                         None,
-                        event_info,
+                        Some(event_info),
                     )
                     .await;
                 }
@@ -387,7 +397,7 @@ impl McpGuard {
         let (g, call) = (&*self.g, &*self.call);
         let event_info = info(call, &[], None);
         self.p
-            .audit_mcp(
+            .audit_as(
                 g,
                 call,
                 EventKind::GuardrailDecision,
@@ -395,7 +405,7 @@ impl McpGuard {
                 &outcome,
                 Instant::now(),
                 None,
-                event_info,
+                Some(event_info),
             )
             .await;
     }
