@@ -426,3 +426,61 @@ async fn no_credential_reaches_akto_the_audit_or_the_log() -> Result<()> {
     }
     Ok(())
 }
+
+/// An MCP tool call (recognized by its content on an intercepted host) goes
+/// to Akto in the form of Akto's MCP endpoint shield: path `/mcp`, the
+/// JSON-RPC message as the payload, the MCP tag and server header. Akto's
+/// block is answered as a JSON-RPC error in the session, and the call never
+/// reaches the server; an allowed call is relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_tool_call_goes_to_akto_as_the_shield_sends_it_and_its_block_is_a_jsonrpc_error() -> Result<()> {
+    let s = setup(vec![Backend::Akto], FailMode::Open, Duration::from_secs(5)).await?;
+    s.akto.set_request_reply(Reply::blocked("tool not allowed by Akto"));
+    let call = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+        "params": {"name": "run_shell", "arguments": {"cmd": "cat ~/.ssh/id_rsa"}}});
+    let client = client_for("api.openai.com", s.proxy.addr, &[&s.proxy.ca_pem], false)?;
+    let resp = client
+        .post("https://api.openai.com/mcp")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", "s-9")
+        .json(&call)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-akto-guardrails-decision"], "blocked");
+    let answer: Value = resp.json().await?;
+    assert_eq!(answer["id"], 5, "{answer}");
+    assert_eq!(answer["error"]["code"], -32001, "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("tool not allowed by Akto"), "{answer}");
+    assert!(s.provider.requests().is_empty(), "the server received the blocked call");
+
+    let checks = request_checks(&s.akto);
+    let check = checks.first().expect("a request check");
+    let b = &check.body;
+    assert_eq!(b["path"], "/mcp", "{b:#}");
+    let payload: Value = serde_json::from_str(b["requestPayload"].as_str().expect("string"))?;
+    assert_eq!(payload, call, "the JSON-RPC message as the payload");
+    let tag: Value = serde_json::from_str(b["tag"].as_str().expect("string"))?;
+    assert_eq!(tag["mcp-server"], "MCP Server", "{tag}");
+    let headers: Value = serde_json::from_str(b["requestHeaders"].as_str().expect("string"))?;
+    assert_eq!(headers["x-mcp-server"], "api.openai.com", "{headers}");
+    assert!(headers["host"].as_str().is_some_and(|h| h.ends_with(".api.openai.com")), "{headers}");
+
+    // Allowed: relayed.
+    s.akto.set_request_reply(Reply::allowed());
+    s.akto.set_response_reply(Reply::allowed());
+    let call = json!({"jsonrpc": "2.0", "id": 6, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "hi"}}});
+    let resp = client
+        .post("https://api.openai.com/mcp")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", "s-9")
+        .json(&call)
+        .send()
+        .await?;
+    assert!(resp.headers().get("x-akto-guardrails-decision").is_none());
+    let relayed = s.provider.requests();
+    assert_eq!(relayed.len(), 1, "the allowed call is relayed");
+    assert_eq!(serde_json::from_slice::<Value>(&relayed[0].body)?, call);
+    Ok(())
+}

@@ -1,9 +1,10 @@
 //! Privileged tests of MCP traffic with the redirect active, from unmodified
 //! clients with no proxy settings: an MCP server over TLS (a fake
 //! `mcp.example.test` at 198.18.0.10), and a plain-HTTP MCP server on a
-//! configured loopback port (`mcp.plain`), in eBPF and iptables modes. A
-//! redirected request is relayed to the server, inspected (an audit event),
-//! and a `tools/call` carrying a private key never reaches the server.
+//! configured loopback port (`mcp.plain`), in eBPF and iptables modes; and
+//! the official MCP SDK's client and server, unmodified. A redirected
+//! request is relayed to the server, inspected (an audit event), and a
+//! `tools/call` carrying a private key never reaches the server.
 
 use std::{
     net::SocketAddr,
@@ -18,6 +19,7 @@ use interceptor::testing::{
     Cgroup, Interceptor, Netns,
     clients::{ClientEnv, HostsFile, HttpRequest, HttpVersion, ScratchDir, curl},
     in_netns,
+    mcp::{FakeMcpServer, McpServerOptions, McpStep, mcp_client, private_key},
     provider::{FakeProvider, PROVIDER_IP, TestPki},
     require_privileges,
 };
@@ -248,4 +250,76 @@ async fn a_plain_mcp_server_on_a_configured_port_is_redirected_and_inspected_ipt
     }
     let s = Setup::new("mcp_plain_ipt", "iptables")?;
     s.check_plain("iptables").await
+}
+
+/// The official MCP SDK's client, unmodified (no proxy setting, no MCP
+/// configuration change, only the system's trust of the interceptor's CA),
+/// in a covered cgroup, against the SDK's server over TLS on an address of
+/// its own: named only in `mcp.domains_extra`, its tool calls are inspected
+/// through the eBPF redirect. A harmless call goes through, a call carrying
+/// a private key is answered with the JSON-RPC refusal and never reaches
+/// the server, and each call is one `mcp_tool_call` event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmodified_sdk_client_is_guarded_through_the_ebpf_redirect() -> Result<()> {
+    if !require_privileges("an_unmodified_sdk_client_is_guarded_through_the_ebpf_redirect") {
+        return Ok(());
+    }
+    let name = "mcp_sdk";
+    let server_addr: SocketAddr = "198.18.0.11:443".parse()?;
+    let netns = Netns::new(name)?;
+    netns.add_addr("lo", "198.18.0.11/32")?;
+    let root = Cgroup::new(name)?;
+    let proxy_cg = root.child("proxy")?;
+    let client_cg = root.child("client")?;
+    let pki = TestPki::new(&[MCP_HOST], &[server_addr.ip()])?;
+    let scratch = ScratchDir::new(name)?;
+    let upstream_ca = pki.write_ca(scratch.path())?;
+    let (cert, key) = pki.write_server_files(scratch.path())?;
+    let options =
+        McpServerOptions { bind: server_addr, ..McpServerOptions::tls(MCP_HOST, cert, key, "4111 1111 1111 1111") };
+    let server = FakeMcpServer::start(&options, Some(&netns)).await?;
+    let config = format!(
+        "[targets]\ncidrs = [\"{}\"]\n[mcp]\ndomains_extra = [\"{MCP_HOST}\"]\n[tls]\nupstream_ca = \"{}\"\n",
+        server_addr.ip(),
+        upstream_ca.display()
+    );
+    let proxy = start_interceptor(&netns, &proxy_cg, &client_cg, &config, "ebpf")?;
+    let bundle = trust_bundle(&proxy, &pki, scratch.path())?;
+    let env = ClientEnv::new(&bundle).in_netns(&netns).in_cgroup(&client_cg).with_timeout(Duration::from_secs(60));
+
+    let key = private_key();
+    let steps = vec![
+        McpStep::call("echo", json!({"text": "hello"})),
+        McpStep::call("weather", json!({"city": "Paris", "notes": key})),
+    ];
+    let run = mcp_client(&env, &format!("https://{MCP_HOST}/mcp"), Some(server_addr), &[steps]).await?;
+    assert_eq!(run.step(0, 0)?["content"][0]["text"], "hello", "{:#?}", run.session(0));
+    let refused = run.step(0, 1)?;
+    assert_eq!(refused["error"]["code"], -32001, "{refused:#}");
+    assert!(!server.request_log().contains("PRIVATE KEY"), "the server received the key");
+    assert!(server.requests()?.iter().all(|r| r.host.as_deref() == Some(MCP_HOST)));
+
+    // Inspected by the interceptor, not reached around it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let calls: Vec<Value> = proxy
+            .events()
+            .into_iter()
+            .filter(|e| e["target"] == "audit")
+            .filter_map(|e| serde_json::from_str::<Value>(e["audit"].as_str()?).ok())
+            .filter(|e| e["event"] == "mcp_tool_call")
+            .collect();
+        let decision = |tool: &str| calls.iter().find(|e| e["mcp"]["tool"] == tool).map(|e| e["decision"].clone());
+        if decision("echo").is_some() && decision("weather").is_some() {
+            assert_eq!(decision("echo"), Some(json!("allow")), "{calls:#?}");
+            assert_eq!(decision("weather"), Some(json!("block")), "{calls:#?}");
+            assert!(calls.iter().all(|e| e["mcp"]["server"] == MCP_HOST), "{calls:#?}");
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("no tool call events: {calls:#?}\n{}", proxy.log_text());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
