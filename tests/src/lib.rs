@@ -8,6 +8,7 @@
 
 pub mod dns_stage;
 pub mod inprocess;
+pub mod plain_http;
 pub mod stage;
 
 use std::{

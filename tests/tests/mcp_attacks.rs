@@ -23,8 +23,6 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, StreamBody};
-use hyper::body::Frame;
 use interceptor::{
     config::{Backend, Config, GuardrailsConfig, StreamMode},
     dataplane,
@@ -32,7 +30,10 @@ use interceptor::{
     proxy::ProxySettings,
     testing::mcp::{REDACT_CARDS_IN_TOOL_RESULTS, private_key},
 };
-use interceptor_tests::inprocess::InProcessProxy;
+use interceptor_tests::{
+    inprocess::InProcessProxy,
+    plain_http::{self, Answer},
+};
 use serde_json::{Value, json};
 
 /// What the server received: request bodies.
@@ -82,47 +83,15 @@ async fn server() -> Result<(SocketAddr, Seen)> {
     let addr = listener.local_addr()?;
     let seen: Seen = Arc::default();
     let record = Arc::clone(&seen);
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let record = Arc::clone(&record);
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let record = Arc::clone(&record);
-                    async move {
-                        let body = req.into_body().collect().await?.to_bytes();
-                        let text = String::from_utf8_lossy(&body).into_owned();
-                        record.lock().unwrap_or_else(|e| e.into_inner()).push(text.clone());
-                        let request = serde_json::from_str::<Value>(&text).unwrap_or(Value::Null);
-                        let (content_type, chunks) =
-                            if request.get("method").is_some() { script(&request) } else { ("", Vec::new()) };
-                        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(8);
-                        tokio::spawn(async move {
-                            for chunk in chunks {
-                                if tx.send(Ok(Frame::data(Bytes::from(chunk)))).await.is_err() {
-                                    return;
-                                }
-                                tokio::task::yield_now().await;
-                            }
-                        });
-                        let frames =
-                            futures_util::stream::unfold(rx, |mut rx| async { rx.recv().await.map(|f| (f, rx)) });
-                        let body = StreamBody::new(frames);
-                        let mut response = http::Response::new(body);
-                        if content_type.is_empty() {
-                            *response.status_mut() = http::StatusCode::ACCEPTED;
-                        } else {
-                            response
-                                .headers_mut()
-                                .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
-                        }
-                        Ok::<_, hyper::Error>(response)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
+    plain_http::serve(listener, move |_, _, body| {
+        let text = String::from_utf8_lossy(body).into_owned();
+        record.lock().unwrap_or_else(|e| e.into_inner()).push(text.clone());
+        let request = serde_json::from_str::<Value>(&text).unwrap_or(Value::Null);
+        if request.get("method").is_none() {
+            return Answer { status: http::StatusCode::ACCEPTED, content_type: "", chunks: Vec::new() };
         }
+        let (content_type, chunks) = script(&request);
+        Answer { status: http::StatusCode::OK, content_type, chunks: chunks.into_iter().map(Bytes::from).collect() }
     });
     Ok((addr, seen))
 }

@@ -10,10 +10,11 @@ use std::{
 };
 
 use anyhow::Result;
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
 use interceptor::{config::GuardrailsConfig, proxy::ProxySettings};
-use interceptor_tests::inprocess::{InProcessProxy, local_pipeline};
+use interceptor_tests::{
+    inprocess::{InProcessProxy, local_pipeline},
+    plain_http::{self, Answer},
+};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -27,37 +28,12 @@ async fn plain_server() -> Result<(SocketAddr, Seen)> {
     let addr = listener.local_addr()?;
     let seen: Seen = Arc::default();
     let record = Arc::clone(&seen);
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let record = Arc::clone(&record);
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let record = Arc::clone(&record);
-                    async move {
-                        let host = req
-                            .headers()
-                            .get(http::header::HOST)
-                            .and_then(|h| h.to_str().ok())
-                            .unwrap_or("")
-                            .to_string();
-                        let body = req.into_body().collect().await?.to_bytes();
-                        let text = String::from_utf8_lossy(&body).into_owned();
-                        record.lock().unwrap_or_else(|e| e.into_inner()).push((host, text.clone()));
-                        let id =
-                            serde_json::from_str::<Value>(&text).ok().map(|v| v["id"].clone()).unwrap_or(Value::Null);
-                        let answer = json!({"jsonrpc": "2.0", "id": id, "result": {"content": [{"type": "text", "text": "done"}]}});
-                        let mut response = http::Response::new(Full::new(Bytes::from(answer.to_string())));
-                        response
-                            .headers_mut()
-                            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-                        Ok::<_, hyper::Error>(response)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
+    plain_http::serve(listener, move |_, head, body| {
+        let host = head.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
+        let text = String::from_utf8_lossy(body).into_owned();
+        let id = serde_json::from_str::<Value>(&text).ok().map(|v| v["id"].clone()).unwrap_or(Value::Null);
+        record.lock().unwrap_or_else(|e| e.into_inner()).push((host, text));
+        Answer::json(&json!({"jsonrpc": "2.0", "id": id, "result": {"content": [{"type": "text", "text": "done"}]}}))
     });
     Ok((addr, seen))
 }

@@ -13,8 +13,6 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
 use interceptor::testing::{
     Cgroup, Interceptor, Netns,
     clients::{ClientEnv, HostsFile, HttpRequest, HttpVersion, ScratchDir, curl},
@@ -23,7 +21,10 @@ use interceptor::testing::{
     provider::{FakeProvider, PROVIDER_IP, TestPki},
     require_privileges,
 };
-use interceptor_tests::stage::{start_interceptor, trust_bundle};
+use interceptor_tests::{
+    plain_http::{self, Answer},
+    stage::{start_interceptor, trust_bundle},
+};
 use serde_json::{Value, json};
 
 const MCP_HOST: &str = "mcp.example.test";
@@ -41,31 +42,11 @@ fn plain_server(netns: &Netns, addr: SocketAddr) -> Result<Seen> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let seen: Seen = Arc::default();
     let record = Arc::clone(&seen);
-    tokio::spawn(async move {
-        while let Ok((stream, peer)) = listener.accept().await {
-            let record = Arc::clone(&record);
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let record = Arc::clone(&record);
-                    async move {
-                        let body = req.into_body().collect().await?.to_bytes();
-                        let text = String::from_utf8_lossy(&body).into_owned();
-                        record.lock().unwrap_or_else(|e| e.into_inner()).push((peer, text.clone()));
-                        let id =
-                            serde_json::from_str::<Value>(&text).ok().map(|v| v["id"].clone()).unwrap_or(Value::Null);
-                        let answer = json!({"jsonrpc": "2.0", "id": id, "result": {"content": [{"type": "text", "text": "done"}]}});
-                        let mut response = http::Response::new(Full::new(Bytes::from(answer.to_string())));
-                        response
-                            .headers_mut()
-                            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-                        Ok::<_, hyper::Error>(response)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
+    plain_http::serve(listener, move |peer, _, body| {
+        let text = String::from_utf8_lossy(body).into_owned();
+        let id = serde_json::from_str::<Value>(&text).ok().map(|v| v["id"].clone()).unwrap_or(Value::Null);
+        record.lock().unwrap_or_else(|e| e.into_inner()).push((peer, text));
+        Answer::json(&json!({"jsonrpc": "2.0", "id": id, "result": {"content": [{"type": "text", "text": "done"}]}}))
     });
     Ok(seen)
 }
