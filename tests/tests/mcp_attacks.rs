@@ -10,7 +10,9 @@
 //! * a server request (`sampling/createMessage`) carrying a key is dropped
 //!   from the SSE stream, the events around it go through;
 //! * a card number split across SSE chunks still reaches the client
-//!   redacted.
+//!   redacted;
+//! * on the old HTTP+SSE transport, an answer on the event stream is
+//!   matched to the call POSTed to the endpoint it named.
 //!
 //! A test that sends a secret asserts the server never received it.
 
@@ -24,7 +26,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use bytes::Bytes;
 use interceptor::{
-    config::{Backend, Config, GuardrailsConfig, StreamMode},
+    config::{Backend, Config, GuardrailsConfig, McpConfig, StreamMode},
     dataplane,
     guardrails::engine::BUILTIN_POLICY,
     proxy::ProxySettings,
@@ -76,6 +78,16 @@ fn script(request: &Value) -> (&'static str, Vec<String>) {
     }
 }
 
+/// The old HTTP+SSE transport's event stream (`GET /sse`): the `endpoint`
+/// event naming session `old-1`, then the answer to `tools/call` 9 (POSTed
+/// to that endpoint), holding a card number.
+fn old_transport_stream() -> Vec<Bytes> {
+    let result =
+        json!({"jsonrpc": "2.0", "id": 9, "result": {"content": [{"type": "text", "text": format!("Card: {CARD}")}]}});
+    let endpoint = "event: endpoint\ndata: /messages?sessionId=old-1\n\n".to_string();
+    vec![endpoint.into(), sse_event(&result).into()]
+}
+
 /// A plain-HTTP MCP server answering by [`script`]; an answer to a
 /// JSON-RPC response (a client's answer to a sampling request) is `202`.
 async fn server() -> Result<(SocketAddr, Seen)> {
@@ -83,11 +95,18 @@ async fn server() -> Result<(SocketAddr, Seen)> {
     let addr = listener.local_addr()?;
     let seen: Seen = Arc::default();
     let record = Arc::clone(&seen);
-    plain_http::serve(listener, move |_, _, body| {
+    plain_http::serve(listener, move |_, head, body| {
         let text = String::from_utf8_lossy(body).into_owned();
         record.lock().unwrap_or_else(|e| e.into_inner()).push(text.clone());
+        if head.uri.path() == "/sse" {
+            return Answer {
+                status: http::StatusCode::OK,
+                content_type: "text/event-stream",
+                chunks: old_transport_stream(),
+            };
+        }
         let request = serde_json::from_str::<Value>(&text).unwrap_or(Value::Null);
-        if request.get("method").is_none() {
+        if request.get("method").is_none() || head.uri.path() == "/messages" {
             return Answer { status: http::StatusCode::ACCEPTED, content_type: "", chunks: Vec::new() };
         }
         let (content_type, chunks) = script(&request);
@@ -100,6 +119,7 @@ struct Setup {
     proxy: InProcessProxy,
     seen: Seen,
     audit: std::path::PathBuf,
+    metrics: Arc<interceptor::metrics::Metrics>,
     _dir: tempfile::TempDir,
 }
 
@@ -117,7 +137,9 @@ async fn setup() -> Result<Setup> {
         stream_mode: StreamMode::Monitor,
         ..GuardrailsConfig::default()
     };
-    let config = Config { guardrails, ..Config::default() };
+    // The server is a plain MCP target: MCP by its name, whatever it sends.
+    let mcp = McpConfig { plain: vec![format!("tools.agents.test:{}", server.port())], ..McpConfig::default() };
+    let config = Config { guardrails, mcp, ..Config::default() };
     let metrics = Arc::new(interceptor::metrics::Metrics::new());
     let (hook, _handle) = dataplane::guardrails(&config, &metrics)?;
     let pki = interceptor::testing::provider::TestPki::with_defaults()?;
@@ -126,22 +148,35 @@ async fn setup() -> Result<Setup> {
     let proxy =
         InProcessProxy::start_with(server, &ca, interceptor::policy::DomainsConfig::default(), hook, settings).await?;
     proxy.set_plain_target(server, "tools.agents.test");
-    Ok(Setup { proxy, seen, audit, _dir: dir })
+    Ok(Setup { proxy, seen, audit, metrics, _dir: dir })
 }
 
 impl Setup {
-    fn url(&self) -> String {
-        format!("http://{}/mcp", self.proxy.addr)
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy.addr)
     }
 
-    /// POSTs `body` as an MCP client does; the status, content type and body.
+    /// POSTs `body` to `/mcp` as an MCP client does, in session `s-1`; the
+    /// status, content type and body.
     async fn post(&self, body: Vec<u8>, gzip: bool) -> Result<(u16, String, String)> {
+        self.post_to("/mcp", Some("s-1"), body, gzip).await
+    }
+
+    async fn post_to(
+        &self,
+        path: &str,
+        session: Option<&str>,
+        body: Vec<u8>,
+        gzip: bool,
+    ) -> Result<(u16, String, String)> {
         let client = reqwest::Client::builder().no_proxy().build()?;
         let mut request = client
-            .post(self.url())
+            .post(self.url(path))
             .header("content-type", "application/json")
-            .header("accept", "application/json, text/event-stream")
-            .header("mcp-session-id", "s-1");
+            .header("accept", "application/json, text/event-stream");
+        if let Some(session) = session {
+            request = request.header("mcp-session-id", session);
+        }
         if gzip {
             request = request.header("content-encoding", "gzip");
         }
@@ -268,5 +303,35 @@ async fn a_card_split_across_chunks_is_redacted() -> Result<()> {
     let call = events.iter().find(|e| e["event"] == "mcp_tool_call").context("tool call event")?;
     assert_eq!(call["decision"], "modify", "{call:#}");
     assert_eq!(call["mcp"]["tool"], "split_card", "{call:#}");
+    let metrics = s.metrics.encode();
+    let counter =
+        r#"interceptor_mcp_tool_calls_total{server="tools.agents.test",tool="split_card",decision="modify"} 1"#;
+    assert!(metrics.contains(counter), "{metrics}");
+    Ok(())
+}
+
+/// The old HTTP+SSE transport: the call is POSTed to the endpoint the
+/// event stream named, and answered on that stream. The answer is matched
+/// to its call through the session the `endpoint` event names: redacted,
+/// and reported as the call's `mcp_tool_call` event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_old_transport_answer_is_matched_to_its_call_and_redacted() -> Result<()> {
+    let s = setup().await?;
+    let call = tools_call(9, "lookup_card", "mine");
+    let (status, _, body) = s.post_to("/messages?sessionId=old-1", None, call.to_string().into_bytes(), false).await?;
+    assert_eq!(status, 202, "{body}");
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let resp = client.get(s.url("/sse")).header("accept", "text/event-stream").send().await?;
+    assert_eq!(resp.status(), 200);
+    let stream = resp.text().await?;
+    assert!(stream.contains("event: endpoint\ndata: /messages?sessionId=old-1\n\n"), "{stream}");
+    assert!(!stream.contains(CARD), "the card reached the client: {stream}");
+    let answer = sse_data(&stream).into_iter().find(|m| m["id"] == 9).context("the answer")?;
+    assert_eq!(answer["result"]["content"][0]["text"], format!("Card: {REDACTED_CARD}"), "{stream}");
+    let events = s.audit_until("for the old transport's call", |e| e["event"] == "mcp_tool_call").await?;
+    let event = events.iter().find(|e| e["event"] == "mcp_tool_call").context("tool call event")?;
+    assert_eq!(event["mcp"]["tool"], "lookup_card", "{event:#}");
+    assert_eq!(event["mcp"]["session"], "old-1", "{event:#}");
+    assert_eq!(event["decision"], "modify", "{event:#}");
     Ok(())
 }

@@ -149,8 +149,12 @@ pub(super) fn session_of(head: &http::request::Parts) -> Option<String> {
     if let Some(id) = head.headers.get(mcp::SESSION_HEADER).and_then(|v| v.to_str().ok()) {
         return Some(id.to_owned());
     }
-    let query = head.uri.query()?;
-    query.split('&').find_map(|pair| pair.strip_prefix("sessionId=")).map(str::to_owned)
+    session_in_query(head.uri.query()?)
+}
+
+/// The old HTTP+SSE transport's `sessionId` in a query string.
+pub(super) fn session_in_query(query: &str) -> Option<String> {
+    query.split('&').find_map(|pair| pair.strip_prefix("sessionId=")).filter(|id| !id.is_empty()).map(str::to_owned)
 }
 
 /// Who the tool pins of a server are kept for: a pod's namespace and

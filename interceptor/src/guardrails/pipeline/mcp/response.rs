@@ -22,7 +22,7 @@ use http::{HeaderMap, StatusCode, header};
 use serde_json::Value;
 
 use super::{
-    info, refusal,
+    info, refusal, session_in_query,
     sessions::{Pending, SessionKey},
     stronger, workload_key,
 };
@@ -378,7 +378,15 @@ impl McpGuard {
                     out.extend_from_slice(&item.raw);
                 }
             }
-            Payload::Endpoint(_) | Payload::Empty => out.extend_from_slice(&item.raw),
+            Payload::Endpoint(url) => {
+                // The old transport names its session here: the answers that
+                // follow on this stream belong to the POSTs made to it.
+                if let Some(session) = url.split_once('?').and_then(|(_, query)| session_in_query(query)) {
+                    self.call = Arc::new(Call { mcp_session: Some(session), ..(*self.call).clone() });
+                }
+                out.extend_from_slice(&item.raw);
+            }
+            Payload::Empty => out.extend_from_slice(&item.raw),
         }
     }
 
