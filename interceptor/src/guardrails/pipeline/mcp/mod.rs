@@ -271,6 +271,85 @@ mod tests {
         assert_eq!(pins_path(&off, Some(dir)), None);
     }
 
+    fn head(method: &str, uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut b = http::Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn mcp_is_told_by_name_first_then_by_content() {
+        let cfg = McpConfig {
+            domains_extra: vec!["*.tools.example".into()],
+            plain: vec!["10.0.0.5:8080".into(), "Tools.Svc:9000".into()],
+            ..McpConfig::default()
+        };
+        let settings = McpSettings::new(&cfg).unwrap();
+        let get = head("GET", "/sse", &[]);
+        // By name: whatever the request.
+        assert!(settings.classify("mcp.notion.com", &get, b""), "the built-in list");
+        assert!(settings.classify("a.tools.example", &get, b""));
+        assert!(settings.classify("tools.svc", &get, b""), "a plain target's host, any case");
+        assert!(!settings.classify("api.openai.com", &get, b""));
+        // By content.
+        let call = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}"#;
+        let post = head("POST", "/v1/x", &[]);
+        assert!(settings.classify("api.openai.com", &post, call));
+        assert!(!settings.classify("api.openai.com", &post, br#"{"model":"gpt-4o","messages":[]}"#));
+        let session = head("GET", "/mcp", &[("mcp-session-id", "s")]);
+        assert!(settings.classify("api.openai.com", &session, b""));
+        // Off, or content detection off.
+        let no_content = McpSettings::new(&McpConfig { detect_by_content: false, ..cfg.clone() }).unwrap();
+        assert!(!no_content.classify("api.openai.com", &post, call));
+        assert!(no_content.classify("a.tools.example", &post, call));
+        let off = McpSettings::new(&McpConfig { enabled: false, ..cfg }).unwrap();
+        assert!(!off.classify("a.tools.example", &post, call));
+    }
+
+    #[test]
+    fn an_invalid_server_name_is_an_error_naming_it() {
+        let cfg = McpConfig { domains_extra: vec!["a*b.example".into()], ..McpConfig::default() };
+        let error = McpSettings::new(&cfg).unwrap_err().to_string();
+        assert!(error.contains("a*b.example"), "{error}");
+    }
+
+    #[test]
+    fn sessions_come_from_the_header_or_the_old_transports_query() {
+        assert_eq!(session_of(&head("POST", "/mcp", &[("mcp-session-id", "abc")])), Some("abc".into()));
+        assert_eq!(session_of(&head("POST", "/messages?x=1&sessionId=old-7", &[])), Some("old-7".into()));
+        assert_eq!(session_of(&head("POST", "/messages?sessionId=", &[])), None);
+        assert_eq!(session_of(&head("POST", "/mcp", &[])), None);
+    }
+
+    #[test]
+    fn pins_are_kept_per_service_account_or_executable() {
+        assert_eq!(workload_key(None), "*");
+        let pod = Workload {
+            comm: "node".into(),
+            pod: Some(Arc::new(crate::workload::PodInfo {
+                name: "agent-7f9c".into(),
+                namespace: "agents".into(),
+                service_account: Some("coder".into()),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        assert_eq!(workload_key(Some(&pod)), "k8s:agents/coder");
+        let process = Workload { comm: "node".into(), exe: Some("/usr/bin/node".into()), ..Default::default() };
+        assert_eq!(workload_key(Some(&process)), "exe:/usr/bin/node");
+        assert_eq!(workload_key(Some(&Workload { comm: "claude".into(), ..Default::default() })), "comm:claude");
+    }
+
+    #[test]
+    fn a_tool_call_takes_the_stronger_decision_of_its_two_checks() {
+        assert_eq!(stronger(Decision::Allow, Decision::Modify), Decision::Modify);
+        assert_eq!(stronger(Decision::Block, Decision::Alert), Decision::Block);
+        assert_eq!(stronger(Decision::Alert, Decision::Allow), Decision::Alert);
+        assert_eq!(stronger(Decision::Error, Decision::Alert), Decision::Error);
+    }
+
     #[test]
     fn opening_loads_the_pins_saved_before() {
         let dir = tempfile::tempdir().unwrap();
