@@ -13,13 +13,20 @@ pub struct Answer {
     pub status: http::StatusCode,
     /// Empty: no `Content-Type`.
     pub content_type: &'static str,
+    /// Empty: no `Content-Encoding` (the chunks are sent as they are).
+    pub content_encoding: &'static str,
     pub chunks: Vec<Bytes>,
 }
 
 impl Answer {
     /// `200` with a JSON body.
     pub fn json(body: &serde_json::Value) -> Self {
-        Self { status: http::StatusCode::OK, content_type: "application/json", chunks: vec![body.to_string().into()] }
+        Self {
+            status: http::StatusCode::OK,
+            content_type: "application/json",
+            content_encoding: "",
+            chunks: vec![body.to_string().into()],
+        }
     }
 }
 
@@ -40,6 +47,8 @@ where
                         let (head, body) = req.into_parts();
                         let body = body.collect().await?.to_bytes();
                         let answer = handler(peer, &head, &body);
+                        let status = answer.status;
+                        let (content_type, content_encoding) = (answer.content_type, answer.content_encoding);
                         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(8);
                         tokio::spawn(async move {
                             for chunk in answer.chunks {
@@ -52,12 +61,14 @@ where
                         let frames =
                             futures_util::stream::unfold(rx, |mut rx| async { rx.recv().await.map(|f| (f, rx)) });
                         let mut response = http::Response::new(StreamBody::new(frames));
-                        *response.status_mut() = answer.status;
-                        if !answer.content_type.is_empty() {
-                            response.headers_mut().insert(
-                                http::header::CONTENT_TYPE,
-                                http::HeaderValue::from_static(answer.content_type),
-                            );
+                        *response.status_mut() = status;
+                        for (name, value) in [
+                            (http::header::CONTENT_TYPE, content_type),
+                            (http::header::CONTENT_ENCODING, content_encoding),
+                        ] {
+                            if !value.is_empty() {
+                                response.headers_mut().insert(name, http::HeaderValue::from_static(value));
+                            }
                         }
                         Ok::<_, hyper::Error>(response)
                     }

@@ -12,7 +12,9 @@
 //! * a card number split across SSE chunks still reaches the client
 //!   redacted;
 //! * on the old HTTP+SSE transport, an answer on the event stream is
-//!   matched to the call POSTed to the endpoint it named.
+//!   matched to the call POSTed to the endpoint it named;
+//! * an event stream the server compressed anyway is cut, not relayed
+//!   unseen.
 //!
 //! A test that sends a secret asserts the server never received it.
 
@@ -50,7 +52,7 @@ fn sse_event(message: &Value) -> String {
 }
 
 /// The server's answer to one POST: scripted by the tool called.
-fn script(request: &Value) -> (&'static str, Vec<String>) {
+fn script(request: &Value) -> (&'static str, &'static str, Vec<Bytes>) {
     let id = request["id"].clone();
     let tool = request["params"]["name"].as_str().unwrap_or_default();
     let result =
@@ -65,16 +67,24 @@ fn script(request: &Value) -> (&'static str, Vec<String>) {
             }});
             let progress = json!({"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": 1, "progress": 0.5}});
             let events = [sse_event(&progress), sse_event(&sampling), sse_event(&result("asked".into()))];
-            ("text/event-stream", vec![events.concat()])
+            ("text/event-stream", "", vec![events.concat().into()])
         }
         // The card split across chunks, one byte at the seams.
         "split_card" => {
             let event = sse_event(&result(format!("Card on file: {CARD}.")));
             let at = event.find("1111 1111").unwrap_or(1);
-            let chunks = vec![event[..at].to_string(), event[at..at + 3].to_string(), event[at + 3..].to_string()];
-            ("text/event-stream", chunks)
+            let chunks = [&event[..at], &event[at..at + 3], &event[at + 3..]];
+            ("text/event-stream", "", chunks.iter().map(|c| Bytes::from(c.to_string())).collect())
         }
-        _ => ("application/json", vec![result("done".into()).to_string()]),
+        // A card in a gzip-compressed stream, although the proxy asked for
+        // none.
+        "gzip_card" => {
+            let event = sse_event(&result(format!("Card on file: {CARD}.")));
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            let body = gz.write_all(event.as_bytes()).and_then(|()| gz.finish()).unwrap_or_default();
+            ("text/event-stream", "gzip", vec![body.into()])
+        }
+        _ => ("application/json", "", vec![result("done".into()).to_string().into()]),
     }
 }
 
@@ -102,15 +112,21 @@ async fn server() -> Result<(SocketAddr, Seen)> {
             return Answer {
                 status: http::StatusCode::OK,
                 content_type: "text/event-stream",
+                content_encoding: "",
                 chunks: old_transport_stream(),
             };
         }
         let request = serde_json::from_str::<Value>(&text).unwrap_or(Value::Null);
         if request.get("method").is_none() || head.uri.path() == "/messages" {
-            return Answer { status: http::StatusCode::ACCEPTED, content_type: "", chunks: Vec::new() };
+            return Answer {
+                status: http::StatusCode::ACCEPTED,
+                content_type: "",
+                content_encoding: "",
+                chunks: Vec::new(),
+            };
         }
-        let (content_type, chunks) = script(&request);
-        Answer { status: http::StatusCode::OK, content_type, chunks: chunks.into_iter().map(Bytes::from).collect() }
+        let (content_type, content_encoding, chunks) = script(&request);
+        Answer { status: http::StatusCode::OK, content_type, content_encoding, chunks }
     });
     Ok((addr, seen))
 }
@@ -333,5 +349,27 @@ async fn the_old_transport_answer_is_matched_to_its_call_and_redacted() -> Resul
     assert_eq!(event["mcp"]["tool"], "lookup_card", "{event:#}");
     assert_eq!(event["mcp"]["session"], "old-1", "{event:#}");
     assert_eq!(event["decision"], "modify", "{event:#}");
+    Ok(())
+}
+
+/// A server that compresses its event stream although the proxy asked for
+/// none cannot slip a result past the checks: the stream is cut before its
+/// first byte, and the cut is audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_event_stream_is_cut_not_relayed_unseen() -> Result<()> {
+    let s = setup().await?;
+    let client = reqwest::Client::builder().no_proxy().no_gzip().build()?;
+    let resp = client
+        .post(s.url("/mcp"))
+        .header("accept", "application/json, text/event-stream")
+        .json(&tools_call(11, "gzip_card", "go"))
+        .send()
+        .await?;
+    let body = resp.bytes().await.unwrap_or_default();
+    assert!(body.is_empty(), "bytes of the compressed stream reached the client: {body:?}");
+    let events =
+        s.audit_until("for the cut stream", |e| e["decision"] == "block" && e["direction"] == "response").await?;
+    let cut = events.iter().find(|e| e["decision"] == "block").context("the block")?;
+    assert!(cut.to_string().contains("compressed (gzip)"), "{cut:#}");
     Ok(())
 }

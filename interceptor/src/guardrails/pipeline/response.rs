@@ -34,6 +34,7 @@ pub(super) fn on_response(
         return ResponseAction::Forward;
     }
     if call.provider == Provider::Mcp {
+        // Compressed JSON is collected and decoded whole like any other.
         return super::mcp::on_response(p, g, call, head);
     }
     let content_type = head.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");

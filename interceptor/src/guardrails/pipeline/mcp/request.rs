@@ -36,7 +36,7 @@ impl Pipeline {
     pub(in crate::guardrails::pipeline) async fn mcp_request(
         &self,
         g: &Guardrails,
-        call: &Call,
+        call: &mut Call,
         head: &mut http::request::Parts,
         text: &[u8],
         started: Instant,
@@ -114,7 +114,10 @@ impl Pipeline {
             && let Some(doc) = doc
         {
             head.headers.remove(header::CONTENT_ENCODING);
-            return Some(RequestAction::ReplaceBody(doc.to_string().into()));
+            let body: bytes::Bytes = doc.to_string().into();
+            // Response checks that resend the request send what the server got.
+            call.request_body = body.clone();
+            return Some(RequestAction::ReplaceBody(body));
         }
         Some(RequestAction::Forward)
     }

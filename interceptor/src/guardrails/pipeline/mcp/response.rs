@@ -14,6 +14,10 @@
 //! `elicitation/create`) is checked as a request; refused, its event is
 //! dropped from the stream (a JSON answer holding it gets the `403`
 //! contract). Every answered tool call is one `mcp_tool_call` event.
+//!
+//! A stream that cannot be read is never relayed unseen: one the server
+//! compressed although asked not to, or with an event over 16 MiB, is cut
+//! there, and the cut audited as a block.
 
 use std::{sync::Arc, time::Instant};
 
@@ -60,6 +64,14 @@ pub(in crate::guardrails::pipeline) fn on_response(
 ) -> ResponseAction {
     let content_type = head.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let media = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    // We asked for identity: a server that compresses its stream anyway
+    // cannot have it read event by event.
+    let compressed = head
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .filter(|e| !e.trim().eq_ignore_ascii_case("identity"))
+        .map(str::to_owned);
     match media.as_str() {
         "text/event-stream" => ResponseAction::Inspect(Box::new(McpGuard {
             p: p.clone(),
@@ -68,6 +80,7 @@ pub(in crate::guardrails::pipeline) fn on_response(
             stream: McpStream::new(MAX_EVENT),
             status: head.status,
             headers: head.headers.clone(),
+            compressed,
         })),
         "" => ResponseAction::Collect,
         m if m.contains("json") => ResponseAction::Collect,
@@ -319,6 +332,9 @@ struct McpGuard {
     stream: McpStream,
     status: StatusCode,
     headers: HeaderMap,
+    /// The stream's content coding, when it has one: the stream is cut
+    /// before its first byte, since it cannot be read event by event.
+    compressed: Option<String>,
 }
 
 impl McpGuard {
@@ -390,8 +406,8 @@ impl McpGuard {
         }
     }
 
-    /// An event that cannot be read (over [`MAX_EVENT`]): the stream ends
-    /// there, recorded.
+    /// A stream that cannot be read (compressed, or an event over
+    /// [`MAX_EVENT`]): it ends there, recorded as a block.
     async fn unreadable(&mut self, why: &str) {
         let mut outcome = Outcome::default();
         outcome.stages.push(Stage::Framing);
@@ -422,6 +438,10 @@ impl McpGuard {
 #[async_trait::async_trait]
 impl BodyInspector for McpGuard {
     async fn on_chunk(&mut self, chunk: Bytes) -> ChunkAction {
+        if let Some(encoding) = self.compressed.take() {
+            self.unreadable(&format!("the event stream is compressed ({encoding}) and cannot be inspected")).await;
+            return ChunkAction::End(Bytes::new());
+        }
         match self.stream.feed(&chunk) {
             Ok(items) => {
                 let mut out = Vec::new();
