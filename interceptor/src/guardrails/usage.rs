@@ -26,13 +26,13 @@
 //! unknown (0), and the usage says `estimated`. Other providers and bodies
 //! without usage fields have no usage.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::model::Provider;
 
 /// The tokens one exchange used.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
     pub input_tokens: u64,
     pub output_tokens: u64,
