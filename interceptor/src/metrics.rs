@@ -239,6 +239,11 @@ pub const MAX_MODEL_LABELS: usize = 64;
 struct TokenLabelValues {
     workloads: HashSet<String>,
     models: HashMap<&'static str, HashSet<String>>,
+    /// The input and output counters of label sets whose workload and model
+    /// are their own label values, by workload, provider and model: an
+    /// answer of a known workload and model counts without allocating.
+    /// Bounded like the label values.
+    counters: HashMap<String, HashMap<&'static str, HashMap<String, [Counter; 2]>>>,
 }
 
 impl TokenLabelValues {
