@@ -418,12 +418,25 @@ impl Metrics {
     /// Counts the tokens of one answer. `workload` is the workload's stable
     /// key (`k8s:namespace/service-account`, `exe:/path`, `comm:name`).
     pub fn tokens_used(&self, workload: &str, provider: &'static str, model: &str, input: u64, output: u64) {
-        let (workload, model) =
-            self.token_labels.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).labels(workload, provider, model);
-        let mut labels = TokenLabels { workload, provider, model, kind: TokenKind::Input };
-        self.tokens.get_or_create(&labels).inc_by(input);
+        let mut values = self.token_labels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let cached = values.counters.get(workload).and_then(|p| p.get(provider)).and_then(|m| m.get(model));
+        if let Some([input_tokens, output_tokens]) = cached {
+            input_tokens.inc_by(input);
+            output_tokens.inc_by(output);
+            return;
+        }
+        let (workload_label, model_label) = values.labels(workload, provider, model);
+        let mut labels = TokenLabels { workload: workload_label, provider, model: model_label, kind: TokenKind::Input };
+        let input_tokens = self.tokens.get_or_create(&labels).clone();
         labels.kind = TokenKind::Output;
-        self.tokens.get_or_create(&labels).inc_by(output);
+        let output_tokens = self.tokens.get_or_create(&labels).clone();
+        input_tokens.inc_by(input);
+        output_tokens.inc_by(output);
+        if labels.workload == workload && labels.model == model {
+            let TokenLabels { workload, model, .. } = labels;
+            let models = values.counters.entry(workload).or_default().entry(provider).or_default();
+            models.insert(model, [input_tokens, output_tokens]);
+        }
     }
 
     fn mcp_labels(&self) -> std::sync::MutexGuard<'_, McpLabels> {
