@@ -161,6 +161,7 @@ impl<'a> DataPlaneBuilder<'a> {
             hook: self.hook,
             metrics: self.metrics,
             pods: self.pods,
+            live: self.live,
         };
         Proxy::serve(listeners, plane, shutdown)
     }

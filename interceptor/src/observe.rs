@@ -1,6 +1,7 @@
 //! The live view of decisions (`interceptor observe`): every audit event, as
-//! its JSON line, offered to whoever watches the admin API's `/events`,
-//! filtered there by workload, provider, decision, rule or event kind.
+//! its JSON line, and every connection's record (`"event": "connection"`),
+//! offered to whoever watches the admin API's `/events`, filtered there by
+//! workload, provider, decision, rule or event kind.
 //!
 //! * [`LiveEvents`] — the hub the audit writer publishes to: a bounded
 //!   broadcast, free when nobody watches; a watcher that falls behind loses
@@ -9,7 +10,15 @@
 //! * [`run`] — the command: connects to the admin API and prints the
 //!   stream, as text for a person or JSON lines for a script.
 
-use std::{convert::Infallible, io::Write as _, net::SocketAddr};
+use std::{
+    convert::Infallible,
+    io::Write as _,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
@@ -21,44 +30,61 @@ use tokio::sync::broadcast;
 /// Lines kept for a watcher that is behind.
 const BACKLOG: usize = 1024;
 
-/// The audit events' JSON lines, to whoever watches.
+/// The audit events' (and connections') JSON lines, to whoever watches.
 #[derive(Clone, Debug)]
 pub struct LiveEvents {
     tx: broadcast::Sender<Bytes>,
+    /// Watchers now: one relaxed load tells a publisher whether to bother.
+    watchers: Arc<AtomicUsize>,
 }
 
 impl Default for LiveEvents {
     fn default() -> Self {
-        Self { tx: broadcast::channel(BACKLOG).0 }
+        Self { tx: broadcast::channel(BACKLOG).0, watchers: Arc::default() }
+    }
+}
+
+/// One watcher, counted while it lives.
+struct Watcher {
+    rx: broadcast::Receiver<Bytes>,
+    filter: Filter,
+    watchers: Arc<AtomicUsize>,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.watchers.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl LiveEvents {
+    /// Whether anyone watches (a publisher skips building what nobody reads).
+    pub fn is_watched(&self) -> bool {
+        self.watchers.load(Ordering::Relaxed) > 0
+    }
+
     /// Offers one event's JSON; nothing is copied when nobody watches.
     pub fn publish(&self, json: &[u8]) {
-        if self.tx.receiver_count() > 0 {
+        if self.is_watched() {
             let _ = self.tx.send(Bytes::copy_from_slice(json));
         }
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Bytes> {
-        self.tx.subscribe()
-    }
-
     /// How many watchers there are now.
     pub fn watchers(&self) -> usize {
-        self.tx.receiver_count()
+        self.watchers.load(Ordering::Relaxed)
     }
 
     /// The `/events` answer: the events `filter` accepts as JSON lines, as
     /// they happen, until the watcher leaves. A watcher that fell behind
     /// gets `{"lagged": <lost lines>}` where the lines were lost.
     pub fn stream(&self, filter: Filter) -> BoxBody<Bytes, Infallible> {
-        let rx = self.subscribe();
-        let frames = futures_util::stream::unfold((rx, filter), |(mut rx, filter)| async move {
+        self.watchers.fetch_add(1, Ordering::Relaxed);
+        let watcher = Watcher { rx: self.tx.subscribe(), filter, watchers: Arc::clone(&self.watchers) };
+        let frames = futures_util::stream::unfold(watcher, |mut w| async move {
             loop {
-                let line = match rx.recv().await {
-                    Ok(json) if filter.accepts(&json) => json,
+                let line = match w.rx.recv().await {
+                    Ok(json) if w.filter.accepts(&json) => json,
                     Ok(_) => continue,
                     Err(broadcast::error::RecvError::Lagged(lost)) => Bytes::from(format!("{{\"lagged\":{lost}}}")),
                     Err(broadcast::error::RecvError::Closed) => return None,
@@ -66,7 +92,7 @@ impl LiveEvents {
                 let mut framed = Vec::with_capacity(line.len() + 1);
                 framed.extend_from_slice(&line);
                 framed.push(b'\n');
-                return Some((Ok::<_, Infallible>(Frame::data(Bytes::from(framed))), (rx, filter)));
+                return Some((Ok::<_, Infallible>(Frame::data(Bytes::from(framed))), w));
             }
         });
         StreamBody::new(frames).boxed()
@@ -219,6 +245,9 @@ pub fn text_line(json: &[u8]) -> String {
         s(&e["direction"]),
         who
     );
+    if let (Some(mode), Some(outcome)) = (e["mode"].as_str(), e["outcome"].as_str()) {
+        line.push_str(&format!(" mode={mode} outcome={outcome} requests={}", e["requests"]));
+    }
     if let Some(tool) = e["mcp"]["tool"].as_str() {
         line.push_str(&format!(" tool={tool}"));
     }
@@ -285,6 +314,7 @@ mod tests {
         let live = LiveEvents::default();
         live.publish(BLOCK); // nobody watches: dropped, not kept
         let mut body = live.stream(Filter { decision: Some("block".into()), ..Filter::default() });
+        assert_eq!(live.watchers(), 1);
         live.publish(ALLOW);
         live.publish(BLOCK);
         let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
@@ -294,5 +324,8 @@ mod tests {
         }
         let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(&frame[..], b"{\"lagged\":5}\n");
+        drop(body);
+        assert_eq!(live.watchers(), 0, "a watcher that leaves is no longer counted");
+        assert!(!live.is_watched());
     }
 }
