@@ -28,6 +28,7 @@ use crate::{
     guardrails::{
         akto::AktoClient,
         engine::{Engine, Policy},
+        keys::{self, Broker},
         pipeline::{Guardrails, Pipeline, mcp::McpState},
     },
     metrics::Metrics,
@@ -61,6 +62,23 @@ pub struct GuardrailsHandle {
     pub current: watch::Sender<Arc<Guardrails>>,
     /// The policy file's text as last loaded, to notice changes.
     pub policy_text: Option<String>,
+    /// The brokering file, when `keys.enabled`.
+    pub keys_file: Option<PathBuf>,
+    /// Its SHA-256 as last loaded (its text holds real keys and is not
+    /// kept), to notice changes.
+    pub keys_digest: Option<[u8; 32]>,
+}
+
+/// The brokering file in force: `None` when `keys.enabled` is off.
+fn keys_file(config: &Config, state_dir: Option<&Path>) -> anyhow::Result<Option<PathBuf>> {
+    if !config.keys.enabled {
+        return Ok(None);
+    }
+    match state_dir {
+        Some(dir) => Ok(Some(config.keys.file_in(dir))),
+        None if !config.keys.file.as_os_str().is_empty() => Ok(Some(config.keys.file.clone())),
+        None => anyhow::bail!("keys.file: give the brokering file (there is no state directory here)"),
+    }
 }
 
 impl<'a> DataPlaneBuilder<'a> {
@@ -173,7 +191,23 @@ pub fn guardrails_with_state(
     metrics: &Arc<Metrics>,
     state_dir: Option<&Path>,
 ) -> anyhow::Result<(Option<Arc<dyn Hook>>, GuardrailsHandle)> {
-    let (policy_text, guardrails) = build_guardrails(config)?;
+    let (policy_text, mut guardrails) = build_guardrails(config)?;
+    let keys = keys_file(config, state_dir)?;
+    if let Some(path) = &keys {
+        let broker = Broker::load(path, &config.keys.placeholder_prefix)
+            .with_context(|| format!("loading the brokering file {}", path.display()))?;
+        tracing::info!(
+            path = %path.display(),
+            placeholders = broker.placeholders().count(),
+            real_keys = broker.real_scopes().count(),
+            "key brokering on"
+        );
+        guardrails.keys = Some(Arc::new(broker));
+    }
+    let keys_digest = match &keys {
+        Some(path) => keys::file_digest(path)?,
+        None => None,
+    };
     let (current, rx) = watch::channel(Arc::new(guardrails));
     let g = &config.guardrails;
     let hook: Option<Arc<dyn Hook>> = if g.enabled {
@@ -184,7 +218,7 @@ pub fn guardrails_with_state(
     } else {
         None
     };
-    Ok((hook, GuardrailsHandle { current, policy_text }))
+    Ok((hook, GuardrailsHandle { current, policy_text, keys_file: keys, keys_digest }))
 }
 
 /// `guardrails.max_buffered_total` in bytes, sized from the memory limit
@@ -302,5 +336,5 @@ pub fn build_guardrails(config: &Config) -> anyhow::Result<(Option<String>, Guar
     } else {
         None
     };
-    Ok((policy_text, Guardrails { engine, akto, cfg: g.clone() }))
+    Ok((policy_text, Guardrails { engine, akto, cfg: g.clone(), keys: None }))
 }

@@ -17,6 +17,7 @@ use crate::{
     error,
     guardrails::{
         engine::{Engine, Policy},
+        keys::{self, Broker},
         pipeline::Guardrails,
     },
 };
@@ -53,6 +54,7 @@ impl Control {
                     engine: Some(Arc::new(engine)),
                     akto: current.akto.clone(),
                     cfg: current.cfg.clone(),
+                    keys: current.keys.clone(),
                 }));
                 tracing::info!(path = %path.display(), "guardrail policy reloaded");
             }
@@ -60,6 +62,49 @@ impl Control {
                 path = %path.display(),
                 error = %error::chain(&error),
                 "guardrail policy rejected; keeping the running policy"
+            ),
+        }
+    }
+
+    /// Reloads the brokering file when its content changed. An invalid
+    /// file (or one others can read) is rejected with a log line and the
+    /// running keys stay; a removed file brokers nothing.
+    pub(super) fn reload_keys_if_changed(&mut self) {
+        let Some(path) = self.guardrails.keys_file.clone() else {
+            return;
+        };
+        let digest = match keys::file_digest(&path) {
+            Ok(d) => d,
+            Err(error) => {
+                if self.guardrails.keys_digest.take().is_some() {
+                    tracing::error!(error = %error::chain(&error), "cannot read the brokering file; keeping the running keys");
+                }
+                return;
+            }
+        };
+        if digest.is_some() && digest == self.guardrails.keys_digest {
+            return;
+        }
+        if digest.is_none() && self.guardrails.keys_digest.is_none() {
+            return;
+        }
+        self.guardrails.keys_digest = digest;
+        let current = self.guardrails.current.borrow().clone();
+        let prefix = &self.config.keys.placeholder_prefix;
+        match Broker::load(&path, prefix) {
+            Ok(broker) => {
+                let placeholders = broker.placeholders().count();
+                let _ = self.guardrails.current.send(Arc::new(Guardrails {
+                    engine: current.engine.clone(),
+                    akto: current.akto.clone(),
+                    cfg: current.cfg.clone(),
+                    keys: Some(Arc::new(broker)),
+                }));
+                tracing::info!(path = %path.display(), placeholders, "brokering file reloaded");
+            }
+            Err(error) => tracing::error!(
+                error = %error::chain(&error),
+                "brokering file rejected; keeping the running keys"
             ),
         }
     }
@@ -110,6 +155,7 @@ impl Control {
             ("tls", new.tls != self.config.tls),
             ("admin", new.admin != self.config.admin),
             ("log", new.log != self.config.log),
+            ("keys", new.keys != self.config.keys),
         ] {
             if changed {
                 tracing::warn!(section, "this section changed but only takes effect after a restart");
@@ -117,7 +163,9 @@ impl Control {
         }
         if new.guardrails != self.config.guardrails {
             match build_guardrails(&new) {
-                Ok((text, guardrails)) => {
+                Ok((text, mut guardrails)) => {
+                    // The brokering file is reloaded on its own.
+                    guardrails.keys = self.guardrails.current.borrow().keys.clone();
                     self.guardrails.policy_text = text;
                     let _ = self.guardrails.current.send(Arc::new(guardrails));
                     self.config.guardrails = new.guardrails.clone();
