@@ -661,6 +661,8 @@ impl KeysFile {
             });
         };
         list.push(table);
+        // Checked as the proxy will read it (provider, patterns).
+        self.broker()?;
         self.save()?;
         Ok(placeholder)
     }
