@@ -25,6 +25,7 @@ use crate::{
     audit::AuditLog,
     ca::{CertificateAuthority, LeafIssuer, LeafSettings, NameConstraintsSpec},
     config::{Backend, BufferedTotal, Config, StreamMode},
+    error,
     guardrails::{
         akto::AktoClient,
         engine::{Engine, Policy},
@@ -67,6 +68,50 @@ pub struct GuardrailsHandle {
     /// Its SHA-256 as last loaded (its text holds real keys and is not
     /// kept), to notice changes.
     pub keys_digest: Option<[u8; 32]>,
+}
+
+impl GuardrailsHandle {
+    /// Reloads the brokering file when its content changed. An invalid
+    /// file (or one others can read) is rejected with a log line and the
+    /// running keys stay; a removed file brokers nothing.
+    pub fn reload_keys_if_changed(&mut self, prefix: &str) {
+        let Some(path) = self.keys_file.clone() else {
+            return;
+        };
+        let digest = match keys::file_digest(&path) {
+            Ok(d) => d,
+            Err(error) => {
+                if self.keys_digest.take().is_some() {
+                    tracing::error!(error = %error::chain(&error), "cannot read the brokering file; keeping the running keys");
+                }
+                return;
+            }
+        };
+        if digest.is_some() && digest == self.keys_digest {
+            return;
+        }
+        if digest.is_none() && self.keys_digest.is_none() {
+            return;
+        }
+        self.keys_digest = digest;
+        let current = self.current.borrow().clone();
+        match Broker::load(&path, prefix) {
+            Ok(broker) => {
+                let placeholders = broker.placeholders().count();
+                let _ = self.current.send(Arc::new(Guardrails {
+                    engine: current.engine.clone(),
+                    akto: current.akto.clone(),
+                    cfg: current.cfg.clone(),
+                    keys: Some(Arc::new(broker)),
+                }));
+                tracing::info!(path = %path.display(), placeholders, "brokering file reloaded");
+            }
+            Err(error) => tracing::error!(
+                error = %error::chain(&error),
+                "brokering file rejected; keeping the running keys"
+            ),
+        }
+    }
 }
 
 /// The brokering file in force: `None` when `keys.enabled` is off.

@@ -60,6 +60,18 @@ impl InProcessProxy {
         Self::start_inner(upstream, upstream_ca, DomainsConfig::default(), None, settings, None, workload).await
     }
 
+    /// Like [`InProcessProxy::start_with`], every connection attributed to
+    /// `workload`.
+    pub async fn start_hooked_as(
+        upstream: SocketAddr,
+        upstream_ca: &Path,
+        hook: Option<Arc<dyn Hook>>,
+        workload: Option<Workload>,
+    ) -> Result<Self> {
+        let settings = ProxySettings { client_hello_timeout: Duration::from_secs(2), ..ProxySettings::default() };
+        Self::start_inner(upstream, upstream_ca, DomainsConfig::default(), hook, settings, None, workload).await
+    }
+
     /// Like [`InProcessProxy::start`], giving up on an upstream that sends
     /// nothing for `upstream_idle` (`proxy.upstream_idle_timeout`).
     pub async fn start_with_upstream_idle(

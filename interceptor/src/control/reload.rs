@@ -17,7 +17,6 @@ use crate::{
     error,
     guardrails::{
         engine::{Engine, Policy},
-        keys::{self, Broker},
         pipeline::Guardrails,
     },
 };
@@ -62,49 +61,6 @@ impl Control {
                 path = %path.display(),
                 error = %error::chain(&error),
                 "guardrail policy rejected; keeping the running policy"
-            ),
-        }
-    }
-
-    /// Reloads the brokering file when its content changed. An invalid
-    /// file (or one others can read) is rejected with a log line and the
-    /// running keys stay; a removed file brokers nothing.
-    pub(super) fn reload_keys_if_changed(&mut self) {
-        let Some(path) = self.guardrails.keys_file.clone() else {
-            return;
-        };
-        let digest = match keys::file_digest(&path) {
-            Ok(d) => d,
-            Err(error) => {
-                if self.guardrails.keys_digest.take().is_some() {
-                    tracing::error!(error = %error::chain(&error), "cannot read the brokering file; keeping the running keys");
-                }
-                return;
-            }
-        };
-        if digest.is_some() && digest == self.guardrails.keys_digest {
-            return;
-        }
-        if digest.is_none() && self.guardrails.keys_digest.is_none() {
-            return;
-        }
-        self.guardrails.keys_digest = digest;
-        let current = self.guardrails.current.borrow().clone();
-        let prefix = &self.config.keys.placeholder_prefix;
-        match Broker::load(&path, prefix) {
-            Ok(broker) => {
-                let placeholders = broker.placeholders().count();
-                let _ = self.guardrails.current.send(Arc::new(Guardrails {
-                    engine: current.engine.clone(),
-                    akto: current.akto.clone(),
-                    cfg: current.cfg.clone(),
-                    keys: Some(Arc::new(broker)),
-                }));
-                tracing::info!(path = %path.display(), placeholders, "brokering file reloaded");
-            }
-            Err(error) => tracing::error!(
-                error = %error::chain(&error),
-                "brokering file rejected; keeping the running keys"
             ),
         }
     }
