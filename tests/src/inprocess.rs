@@ -66,9 +66,9 @@ impl InProcessProxy {
         upstream: SocketAddr,
         upstream_ca: &Path,
         hook: Option<Arc<dyn Hook>>,
+        settings: ProxySettings,
         workload: Option<Workload>,
     ) -> Result<Self> {
-        let settings = ProxySettings { client_hello_timeout: Duration::from_secs(2), ..ProxySettings::default() };
         Self::start_inner(upstream, upstream_ca, DomainsConfig::default(), hook, settings, None, workload).await
     }
 

@@ -12,9 +12,10 @@ use std::{
 
 use anyhow::{Context, Result};
 use interceptor::{
-    config::{Backend, Config, GuardrailsConfig, KeysConfig},
+    config::{Backend, Config, GuardrailsConfig, KeysConfig, OversizeAction},
     dataplane::{self, GuardrailsHandle},
     guardrails::keys::{KeysFile, placeholder_id},
+    proxy::ProxySettings,
     telemetry,
     testing::provider::{FakeProvider, TestPki},
     workload::Workload,
@@ -108,11 +109,19 @@ async fn setup() -> Result<(Setup, InProcessProxy, InProcessProxy)> {
     let (hook, handle) = dataplane::guardrails(&config, &metrics)?;
     let hook = hook.context("no hook")?;
     let as_comm = |comm: &str| Some(Workload { pid: 7, comm: comm.into(), ..Workload::default() });
+    // Bodies over 16 KiB are passed uninspected: brokering still applies.
+    let settings = || ProxySettings {
+        client_hello_timeout: Duration::from_secs(2),
+        max_inspected_body: 16 * 1024,
+        oversize: OversizeAction::Pass,
+        ..ProxySettings::default()
+    };
+    let upstream = provider.local_addr();
     let agent =
-        InProcessProxy::start_hooked_as(provider.local_addr(), &upstream_ca, Some(hook.clone()), as_comm("agent"))
+        InProcessProxy::start_hooked_as(upstream, &upstream_ca, Some(hook.clone()), settings(), as_comm("agent"))
             .await?;
     let intruder =
-        InProcessProxy::start_hooked_as(provider.local_addr(), &upstream_ca, Some(hook), as_comm("intruder")).await?;
+        InProcessProxy::start_hooked_as(upstream, &upstream_ca, Some(hook), settings(), as_comm("intruder")).await?;
     Ok((Setup { provider, handle, audit, keys, _dir: dir }, agent, intruder))
 }
 
@@ -181,6 +190,29 @@ async fn the_provider_gets_the_real_key_and_everything_else_only_the_placeholder
         assert!(!text.contains("ik-"), "a placeholder reached the provider at {}", request.path);
     }
 
+    // A body over the inspection limit: swapped all the same, and a real
+    // key in it refused.
+    let big = format!(r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"{}"}}]}}"#, "x".repeat(32 * 1024));
+    let resp = openai_client
+        .post("https://api.openai.com/v1/chat/completions")
+        .bearer_auth(&openai)
+        .header("content-type", "application/json")
+        .body(big.clone())
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    let last = s.provider.wait_requests(5, Duration::from_secs(10)).await?.pop().context("no request")?;
+    assert!(last.body.len() > 32 * 1024, "not the big request");
+    assert!(last.header("authorization") == Some(format!("Bearer {REAL_OPENAI}").as_str()), "uninspected: no real key");
+    let resp = openai_client
+        .post("https://api.openai.com/v1/chat/completions")
+        .bearer_auth("sk-proj-someone-elses-key")
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 403, "uninspected: a real key from a brokered workload passed");
+
     // Refused, audited, never forwarded.
     let refusals: Vec<(&reqwest::Client, reqwest::RequestBuilder, &str)> = vec![
         (
@@ -220,7 +252,7 @@ async fn the_provider_gets_the_real_key_and_everything_else_only_the_placeholder
         .await?;
     assert_eq!(resp.status(), 403);
     assert!(resp.text().await?.contains("outside its scope"));
-    assert_eq!(s.provider.requests().len(), 4, "a refused request reached the provider");
+    assert_eq!(s.provider.requests().len(), 5, "a refused request reached the provider");
 
     // Revoked, then the real key rotated: both take effect on reload.
     let mut file = KeysFile::open(&s.keys, "ik-")?;
@@ -245,7 +277,7 @@ async fn the_provider_gets_the_real_key_and_everything_else_only_the_placeholder
         .send()
         .await?;
     assert_eq!(resp.status(), 200);
-    let last = s.provider.wait_requests(5, Duration::from_secs(10)).await?.pop().context("no request")?;
+    let last = s.provider.wait_requests(6, Duration::from_secs(10)).await?.pop().context("no request")?;
     assert!(last.header("authorization") == Some(format!("Bearer {NEW_OPENAI}").as_str()), "not the rotated key");
 
     // A file others can read is refused on reload; the running keys stay.
@@ -261,14 +293,14 @@ async fn the_provider_gets_the_real_key_and_everything_else_only_the_placeholder
     assert_eq!(resp.status(), 200);
 
     // The audit log: the refusals with their rule, no real key anywhere.
-    let audit = wait_for_lines(&s.audit, 11).await?;
+    let audit = wait_for_lines(&s.audit, 14).await?;
     assert!(!holds_a_real_key(&audit), "the audit log holds a real key");
     let refused: Vec<serde_json::Value> = audit
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|e| e["decision"] == "block")
         .collect();
-    assert_eq!(refused.len(), 5, "{audit}");
+    assert_eq!(refused.len(), 6, "{audit}");
     for event in &refused {
         assert_eq!(event["rules"][0], "key_brokering", "{event}");
         assert_eq!(event["backends"][0], "keys", "{event}");

@@ -4,13 +4,14 @@
 //! keys, the SDKs see answers, and a placeholder replayed by another
 //! workload is refused with a 403 the SDK reads as a permission error.
 
-use std::{os::unix::fs::PermissionsExt as _, sync::Arc};
+use std::{os::unix::fs::PermissionsExt as _, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use interceptor::{
     config::{Backend, Config, GuardrailsConfig, KeysConfig},
     dataplane,
     guardrails::keys::KeysFile,
+    proxy::ProxySettings,
     testing::{
         clients::{ClientEnv, python_script},
         provider::{FakeProvider, TestPki},
@@ -103,9 +104,15 @@ async fn sdks_with_placeholders_reach_the_provider_with_the_real_keys() -> Resul
     let (hook, _handle) = dataplane::guardrails(&config, &metrics)?;
     let hook = hook.context("no hook")?;
     let as_comm = |comm: &str| Some(Workload { pid: 9, comm: comm.into(), ..Workload::default() });
-    let covered =
-        InProcessProxy::start_hooked_as(provider.local_addr(), &upstream_ca, Some(hook.clone()), as_comm("python3"))
-            .await?;
+    let settings = || ProxySettings { client_hello_timeout: Duration::from_secs(2), ..ProxySettings::default() };
+    let covered = InProcessProxy::start_hooked_as(
+        provider.local_addr(),
+        &upstream_ca,
+        Some(hook),
+        settings(),
+        as_comm("python3"),
+    )
+    .await?;
 
     let (out, _) = run_sdks(&covered, &openai, &anthropic).await?;
     assert_eq!(
@@ -131,7 +138,8 @@ async fn sdks_with_placeholders_reach_the_provider_with_the_real_keys() -> Resul
 
     // The same placeholders from a workload outside their scope.
     let (hook, _handle) = dataplane::guardrails(&config, &metrics)?;
-    let outside = InProcessProxy::start_hooked_as(provider.local_addr(), &upstream_ca, hook, as_comm("curl")).await?;
+    let outside =
+        InProcessProxy::start_hooked_as(provider.local_addr(), &upstream_ca, hook, settings(), as_comm("curl")).await?;
     let (out, _) = run_sdks(&outside, &openai, &anthropic).await?;
     for name in ["openai", "anthropic"] {
         assert_eq!(out[name]["denied"], true, "{name}: {out}");

@@ -200,6 +200,21 @@ impl Hook for Pipeline {
         self.not_inspected(ex, call_of(state), request, response.is_some(), reason).await;
     }
 
+    /// Key brokering still applies to a body that is not inspected.
+    async fn on_uninspected_request(
+        &self,
+        ex: &Exchange,
+        head: &mut http::request::Parts,
+    ) -> Option<http::Response<http_body_util::Full<Bytes>>> {
+        match request::broker_keys(self, ex, head).await {
+            Ok(swaps) => {
+                keys::apply(head, &swaps);
+                None
+            }
+            Err(refused) => Some(refused),
+        }
+    }
+
     async fn on_unclassified(&self, conn: &Unclassified<'_>) {
         self.unclassified(conn).await;
     }

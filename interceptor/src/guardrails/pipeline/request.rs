@@ -62,7 +62,7 @@ pub(super) async fn on_request(
 }
 
 /// Key brokering for a request that has no request phase of its own (a
-/// WebSocket upgrade): the swaps to make once the request is let through,
+/// WebSocket upgrade, a body over the inspection limit): the swaps to make once the request is let through,
 /// or the refusal (audited) to answer.
 pub(super) async fn broker_keys(
     p: &Pipeline,
