@@ -213,6 +213,18 @@ async fn the_provider_gets_the_real_key_and_everything_else_only_the_placeholder
         .await?;
     assert_eq!(resp.status(), 403, "uninspected: a real key from a brokered workload passed");
 
+    // A WebSocket upgrade (OpenAI's Realtime API) carries the key in its
+    // request head: swapped there too, and refused out of scope.
+    let mut ws = websocket(&agent, REALTIME, &openai).await?;
+    ws.close(None).await?;
+    let last = s.provider.wait_requests(6, Duration::from_secs(10)).await?.pop().context("no request")?;
+    assert!(last.path.starts_with("/v1/realtime"), "not the upgrade: {}", last.path);
+    assert!(last.header("authorization") == Some(format!("Bearer {REAL_OPENAI}").as_str()), "upgrade: no real key");
+    match websocket(&intruder, REALTIME, &openai).await {
+        Err(error) => assert!(error.to_string().contains("403"), "{error}"),
+        Ok(_) => panic!("a stolen placeholder opened a WebSocket"),
+    }
+
     // Refused, audited, never forwarded.
     let refusals: Vec<(&reqwest::Client, reqwest::RequestBuilder, &str)> = vec![
         (
@@ -252,7 +264,7 @@ async fn the_provider_gets_the_real_key_and_everything_else_only_the_placeholder
         .await?;
     assert_eq!(resp.status(), 403);
     assert!(resp.text().await?.contains("outside its scope"));
-    assert_eq!(s.provider.requests().len(), 5, "a refused request reached the provider");
+    assert_eq!(s.provider.requests().len(), 6, "a refused request reached the provider");
 
     // Revoked, then the real key rotated: both take effect on reload.
     let mut file = KeysFile::open(&s.keys, "ik-")?;
@@ -277,7 +289,7 @@ async fn the_provider_gets_the_real_key_and_everything_else_only_the_placeholder
         .send()
         .await?;
     assert_eq!(resp.status(), 200);
-    let last = s.provider.wait_requests(6, Duration::from_secs(10)).await?.pop().context("no request")?;
+    let last = s.provider.wait_requests(7, Duration::from_secs(10)).await?.pop().context("no request")?;
     assert!(last.header("authorization") == Some(format!("Bearer {NEW_OPENAI}").as_str()), "not the rotated key");
 
     // A file others can read is refused on reload; the running keys stay.
@@ -293,14 +305,10 @@ async fn the_provider_gets_the_real_key_and_everything_else_only_the_placeholder
     assert_eq!(resp.status(), 200);
 
     // The audit log: the refusals with their rule, no real key anywhere.
-    let audit = wait_for_lines(&s.audit, 14).await?;
+    let audit = wait_for_blocks(&s.audit, 7).await?;
     assert!(!holds_a_real_key(&audit), "the audit log holds a real key");
-    let refused: Vec<serde_json::Value> = audit
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|e| e["decision"] == "block")
-        .collect();
-    assert_eq!(refused.len(), 6, "{audit}");
+    let refused: Vec<serde_json::Value> = blocks(&audit);
+    assert_eq!(refused.len(), 7, "{audit}");
     for event in &refused {
         assert_eq!(event["rules"][0], "key_brokering", "{event}");
         assert_eq!(event["backends"][0], "keys", "{event}");
@@ -312,14 +320,45 @@ async fn the_provider_gets_the_real_key_and_everything_else_only_the_placeholder
     Ok(())
 }
 
-/// The audit file once it has at least `n` lines.
-async fn wait_for_lines(path: &Path, n: usize) -> Result<String> {
+fn blocks(audit: &str) -> Vec<serde_json::Value> {
+    audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["decision"] == "block")
+        .collect()
+}
+
+/// The audit file once it records at least `n` blocks.
+async fn wait_for_blocks(path: &Path, n: usize) -> Result<String> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let text = std::fs::read_to_string(path).unwrap_or_default();
-        if text.lines().count() >= n || tokio::time::Instant::now() > deadline {
+        if blocks(&text).len() >= n || tokio::time::Instant::now() > deadline {
             return Ok(text);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+const REALTIME: &str = "wss://api.openai.com/v1/realtime?model=gpt-realtime";
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket through `proxy` to `url`, authorized with `bearer`.
+async fn websocket(proxy: &InProcessProxy, url: &str, bearer: &str) -> Result<Ws> {
+    use rustls_pki_types::pem::PemObject as _;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(proxy.ca_pem.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await?;
+    let name = rustls_pki_types::ServerName::try_from("api.openai.com")?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
+    let mut request = url.into_client_request()?;
+    request.headers_mut().insert("authorization", format!("Bearer {bearer}").parse()?);
+    let (ws, _) = tokio_tungstenite::client_async(request, tls).await?;
+    Ok(ws)
 }
