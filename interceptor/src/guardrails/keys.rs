@@ -262,7 +262,7 @@ fn without_quoted(message: &str) -> String {
     for c in message.chars() {
         match inside {
             Some(q) if c == q => {
-                out.push_str("…");
+                out.push('…');
                 out.push(c);
                 inside = None;
             }
@@ -503,7 +503,7 @@ fn credentials(head: &http::request::Parts) -> Vec<(Place, Option<Zeroizing<Stri
         .collect();
     match keys.as_slice() {
         [] => {}
-        [v] if v.is_empty() => {}
+        [""] => {}
         [v] => out.push((Place::Query, Some(Zeroizing::new((*v).to_owned())))),
         _ => out.push((Place::Query, None)),
     }
