@@ -3,17 +3,24 @@
 //! `/status` (JSON: mode, attach point, targets, kernel counters, the pod
 //! directory's state), `/targets`
 //! (the redirected networks and the domains each address came from), `/metrics`
-//! (Prometheus).
+//! (Prometheus), `/events` (the audit events as JSON lines, live, filtered by
+//! the query: see [`crate::observe`]).
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{kubernetes::DirectoryStatus, metrics::Metrics, net::ProxyAddrs, targets::TargetSet};
+use crate::{
+    kubernetes::DirectoryStatus,
+    metrics::Metrics,
+    net::ProxyAddrs,
+    observe::{Filter, LiveEvents},
+    targets::TargetSet,
+};
 
 /// What the control plane publishes for the admin API.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -36,23 +43,30 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     crate::net::shared_listener(addr)
 }
 
-pub async fn serve(listener: TcpListener, status: watch::Receiver<Arc<Status>>, metrics: Arc<Metrics>) {
+pub async fn serve(
+    listener: TcpListener,
+    status: watch::Receiver<Arc<Status>>,
+    metrics: Arc<Metrics>,
+    live: LiveEvents,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let status = status.clone();
         let metrics = Arc::clone(&metrics);
+        let live = live.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let snapshot = Arc::clone(&status.borrow());
-                let response = if req.uri().path() == "/metrics" {
-                    Response::builder()
+                let response: Response<BoxBody<Bytes, Infallible>> = match req.uri().path() {
+                    "/metrics" => Response::builder()
                         .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
                         .body(Full::new(Bytes::from(metrics.encode())))
                         .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "error\n"))
-                } else {
-                    route(&req, &snapshot)
+                        .map(BodyExt::boxed),
+                    "/events" => events(&live, req.uri().query()),
+                    _ => route(&req, &snapshot).map(BodyExt::boxed),
                 };
                 async move { Ok::<_, Infallible>(response) }
             });
@@ -79,6 +93,22 @@ fn json<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
             .body(Full::new(Bytes::from(body)))
             .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "error\n")),
         Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "error\n"),
+    }
+}
+
+/// `/events`: the live audit events the query's filter accepts.
+fn events(live: &LiveEvents, query: Option<&str>) -> Response<BoxBody<Bytes, Infallible>> {
+    match Filter::from_query(query) {
+        Ok(filter) => Response::builder()
+            .header("content-type", "application/x-ndjson")
+            .header("cache-control", "no-store")
+            .body(live.stream(filter))
+            .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "error\n").map(BodyExt::boxed)),
+        Err(error) => {
+            let mut resp = Response::new(Full::new(Bytes::from(format!("{error}\n"))).boxed());
+            *resp.status_mut() = StatusCode::BAD_REQUEST;
+            resp
+        }
     }
 }
 

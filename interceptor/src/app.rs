@@ -27,6 +27,7 @@ use crate::{
     error,
     kubernetes::PodDirectory,
     metrics::Metrics,
+    observe::LiveEvents,
     proxy::{Listeners, Snapshot},
     redirect::{NoRedirect, Redirector, ebpf::EbpfRedirector, iptables::IptablesRedirector, liveness::BeatThread},
 };
@@ -164,7 +165,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }));
     let status_tx = Arc::new(status_tx);
     let metrics = Arc::new(Metrics::new());
-    tokio::spawn(admin::serve(admin_listener, status_rx, Arc::clone(&metrics)));
+    let live = LiveEvents::default();
+    tokio::spawn(admin::serve(admin_listener, status_rx, Arc::clone(&metrics), live.clone()));
 
     // Pods are named as soon as the directory has listed them; connections
     // never wait for it.
@@ -179,6 +181,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .state_dir(&state_dir)
         .tls(tls)
         .metrics(metrics)
+        .live(live)
         .pods(pods.map(|p| Arc::new(p) as Arc<dyn crate::workload::PodLookup>));
     let guardrails = plane.configured_guardrails().context("preparing the guardrails")?;
     let records = RedirectRecords(redirector.resolver());

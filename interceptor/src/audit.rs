@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use crate::{
     guardrails::model::{Decision, Direction, Stage},
     metrics::Metrics,
+    observe::LiveEvents,
 };
 
 /// Queue length between deciders and the writer.
@@ -235,8 +236,13 @@ pub struct AuditLog {
 impl AuditLog {
     /// Starts the writer. `file` empty: events go to the log only.
     pub fn start(file: Option<PathBuf>, metrics: Arc<Metrics>) -> Self {
+        Self::start_live(file, metrics, None)
+    }
+
+    /// [`AuditLog::start`], also offering every event to `live`'s watchers.
+    pub fn start_live(file: Option<PathBuf>, metrics: Arc<Metrics>, live: Option<LiveEvents>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(writer(rx, file, metrics));
+        tokio::spawn(writer(rx, file, metrics, live));
         Self { tx }
     }
 
@@ -338,13 +344,23 @@ fn log_timestamp() -> String {
 /// Most events taken from the queue per wake-up.
 const BATCH: usize = 256;
 
-async fn writer(mut rx: mpsc::Receiver<AuditEvent>, file: Option<PathBuf>, metrics: Arc<Metrics>) {
+async fn writer(
+    mut rx: mpsc::Receiver<AuditEvent>,
+    file: Option<PathBuf>,
+    metrics: Arc<Metrics>,
+    live: Option<LiveEvents>,
+) {
     let mut file = file.map(|path| AuditFile::new(path, metrics));
     let mut events = Vec::with_capacity(BATCH);
     let mut batch = Batch::default();
     while rx.recv_many(&mut events, BATCH).await > 0 {
         batch.encode(&events);
         batch.log(&events);
+        if let Some(live) = &live {
+            for i in 0..events.len() {
+                live.publish(batch.json(i).as_bytes());
+            }
+        }
         if let Some(file) = file.as_mut() {
             file.append(&batch.lines, events.len() as u64);
         }

@@ -551,7 +551,7 @@ impl Default for AdminConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: LogFormat::Json }
+        Self { format: LogFormat::Auto }
     }
 }
 

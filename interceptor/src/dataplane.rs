@@ -34,6 +34,7 @@ use crate::{
     },
     metrics::Metrics,
     net::OrigDstResolver,
+    observe::LiveEvents,
     proxy::{
         Listeners, Proxy, ProxySettings, Snapshot, budget,
         hook::Hook,
@@ -55,6 +56,7 @@ pub struct DataPlaneBuilder<'a> {
     hook: Option<Arc<dyn Hook>>,
     pods: Option<Arc<dyn PodLookup>>,
     state_dir: Option<PathBuf>,
+    live: Option<LiveEvents>,
 }
 
 /// The running guardrails' settings, which the control plane replaces on
@@ -138,7 +140,15 @@ impl<'a> DataPlaneBuilder<'a> {
             hook: None,
             pods: None,
             state_dir: None,
+            live: None,
         }
+    }
+
+    /// Offers every audit event to `live`'s watchers (the admin API's
+    /// `/events`).
+    pub fn live(mut self, live: LiveEvents) -> Self {
+        self.live = Some(live);
+        self
     }
 
     /// The state directory, where MCP tool pins are kept (unless
@@ -184,7 +194,8 @@ impl<'a> DataPlaneBuilder<'a> {
     /// Runs the guardrails the configuration describes (see [`guardrails`]).
     /// Returns the handle reloads replace them through.
     pub fn configured_guardrails(&mut self) -> anyhow::Result<GuardrailsHandle> {
-        let (hook, handle) = guardrails_with_state(self.config, &self.metrics, self.state_dir.as_deref())?;
+        let state_dir = self.state_dir.as_deref();
+        let (hook, handle) = guardrails_with_state(self.config, &self.metrics, state_dir, self.live.clone())?;
         self.hook = hook;
         Ok(handle)
     }
@@ -213,6 +224,7 @@ impl<'a> DataPlaneBuilder<'a> {
             hook: self.hook,
             metrics: self.metrics,
             pods: self.pods,
+            live: self.live,
         };
         Proxy::serve(listeners, plane, shutdown)
     }
@@ -226,7 +238,7 @@ pub fn guardrails(
     config: &Config,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<(Option<Arc<dyn Hook>>, GuardrailsHandle)> {
-    guardrails_with_state(config, metrics, None)
+    guardrails_with_state(config, metrics, None, None)
 }
 
 /// [`guardrails`], with the MCP tool pins persisted under `state_dir` (or
@@ -235,6 +247,7 @@ pub fn guardrails_with_state(
     config: &Config,
     metrics: &Arc<Metrics>,
     state_dir: Option<&Path>,
+    live: Option<LiveEvents>,
 ) -> anyhow::Result<(Option<Arc<dyn Hook>>, GuardrailsHandle)> {
     let (policy_text, mut guardrails) = build_guardrails(config)?;
     let keys = keys_file(config, state_dir)?;
@@ -257,7 +270,7 @@ pub fn guardrails_with_state(
     let g = &config.guardrails;
     let hook: Option<Arc<dyn Hook>> = if g.enabled {
         let audit_file = Some(g.audit_file.clone()).filter(|p| !p.as_os_str().is_empty());
-        let audit = AuditLog::start(audit_file, Arc::clone(metrics));
+        let audit = AuditLog::start_live(audit_file, Arc::clone(metrics), live);
         let mcp = McpState::open(&config.mcp, state_dir).context("loading the MCP tool pins")?;
         Some(Arc::new(Pipeline::new(rx, audit, Arc::clone(metrics)).with_mcp(Arc::new(mcp))))
     } else {

@@ -26,6 +26,7 @@ pub mod guardrails;
 pub mod kubernetes;
 pub mod metrics;
 pub mod net;
+pub mod observe;
 pub mod policy;
 pub mod privileges;
 pub mod process;

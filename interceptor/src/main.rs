@@ -42,6 +42,9 @@ enum Command {
     AttributionHelper,
     /// Show what the running interceptor is doing (from its admin API).
     Status(RunArgs),
+    /// Follow the running interceptor's decisions live (from its admin API),
+    /// filtered by decision, provider, workload, rule or event kind.
+    Observe(ObserveArgs),
     /// Validate the configuration and print the effective settings.
     CheckConfig(RunArgs),
     /// Show which rules and system prompts of the configured policy apply to
@@ -99,6 +102,32 @@ struct KeysRevokeArgs {
     id: String,
     #[command(flatten)]
     file: KeysFileArgs,
+}
+
+#[derive(clap::Args)]
+struct ObserveArgs {
+    /// Only these decisions: allow, modify, block, alert, error.
+    #[arg(long, value_parser = ["allow", "modify", "block", "alert", "error"])]
+    decision: Option<String>,
+    /// Only this provider (openai, anthropic, bedrock, gemini, mcp, ...).
+    #[arg(long)]
+    provider: Option<String>,
+    /// Only workloads with this text in a field (process name, executable,
+    /// pod, namespace, ...).
+    #[arg(long)]
+    workload: Option<String>,
+    /// Only decisions naming this rule.
+    #[arg(long)]
+    rule: Option<String>,
+    /// Only this event kind (guardrail_decision, mcp_tool_call,
+    /// unclassified_connection, websocket_closed).
+    #[arg(long)]
+    event: Option<String>,
+    /// text (one line per event) or json (the audit events' JSON lines).
+    #[arg(long, value_enum, default_value = "text")]
+    output: interceptor::observe::Output,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(clap::Args)]
@@ -836,6 +865,33 @@ fn main() -> ExitCode {
                     eprintln!(
                         "error: cannot read the status from http://{admin}/status: {error:#} (is the interceptor running?)"
                     );
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Observe(args) => {
+            let admin = match load(cli.config.as_ref(), &args.run) {
+                Ok(c) => c.admin.address,
+                Err(code) => return code,
+            };
+            let filter = interceptor::observe::Filter {
+                decision: args.decision,
+                provider: args.provider,
+                workload: args.workload,
+                rule: args.rule,
+                event: args.event,
+            };
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(interceptor::observe::run(admin, &filter, args.output)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("error: {error:#} (is the interceptor running?)");
                     ExitCode::FAILURE
                 }
             }

@@ -89,6 +89,9 @@ pub struct TargetResolver {
     plain: Vec<(String, u16)>,
     /// A plain target's host name → the addresses it last resolved to.
     plain_seen: HashMap<String, BTreeSet<IpAddr>>,
+    /// Names whose last lookup failed → its error, so a failure is logged
+    /// when it starts or changes, not on every round.
+    failing: BTreeMap<String, String>,
 }
 
 /// Networks that cover every address, for `all-tls` targeting.
@@ -107,6 +110,7 @@ impl TargetResolver {
             all_tls: false,
             plain: Vec::new(),
             plain_seen: HashMap::new(),
+            failing: BTreeMap::new(),
         }
     }
 
@@ -179,15 +183,14 @@ impl TargetResolver {
     /// Folds in the results of [`lookup`] and returns the current set.
     pub fn apply(&mut self, results: Vec<(String, std::io::Result<Vec<IpAddr>>)>) -> TargetSet {
         let now = Instant::now();
+        let mut changes = LookupChanges::default();
         for (domain, result) in results {
+            changes.note(&mut self.failing, &domain, result.as_ref().err());
             let plain = self.plain_names().any(|n| *n == domain);
             if plain && let Ok(addrs) = &result {
                 self.plain_seen.insert(domain.clone(), addrs.iter().map(|ip| canonical_ip(*ip)).collect());
             }
             if plain && !self.domains.contains(&domain) {
-                if let Err(error) = &result {
-                    tracing::warn!(%domain, %error, "cannot resolve plain MCP target; keeping its previous addresses");
-                }
                 continue;
             }
             match result {
@@ -197,12 +200,10 @@ impl TargetResolver {
                         self.observe(&domain, ip, now);
                     }
                 }
-                Err(error) => {
-                    tracing::warn!(%domain, %error, "cannot resolve target domain; keeping its previous addresses");
-                    self.refresh_domain(&domain, now);
-                }
+                Err(_) => self.refresh_domain(&domain, now),
             }
         }
+        changes.log();
         self.snapshot(now)
     }
 
@@ -278,9 +279,94 @@ fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// What one round of lookups changed: names that started failing (or fail
+/// differently), and names that resolve again. Logged as one line each, so
+/// an offline machine logs its failures once, not every round.
+#[derive(Default)]
+struct LookupChanges {
+    failing: Vec<(String, String)>,
+    recovered: Vec<String>,
+}
+
+impl LookupChanges {
+    fn note(&mut self, state: &mut BTreeMap<String, String>, domain: &str, error: Option<&std::io::Error>) {
+        match error {
+            Some(error) => {
+                let error = error.to_string();
+                if state.get(domain) != Some(&error) {
+                    state.insert(domain.to_owned(), error.clone());
+                    self.failing.push((domain.to_owned(), error));
+                }
+            }
+            None => {
+                if state.remove(domain).is_some() {
+                    self.recovered.push(domain.to_owned());
+                }
+            }
+        }
+    }
+
+    fn log(self) {
+        if !self.failing.is_empty() {
+            let domains: Vec<&str> = self.failing.iter().map(|(d, _)| d.as_str()).collect();
+            let errors: BTreeSet<&str> = self.failing.iter().map(|(_, e)| e.as_str()).collect();
+            tracing::warn!(
+                domains = %domains.join(", "),
+                count = domains.len(),
+                errors = %errors.into_iter().collect::<Vec<_>>().join("; "),
+                "cannot resolve target domains; keeping their previous addresses (logged again when this changes)"
+            );
+        }
+        if !self.recovered.is_empty() {
+            tracing::info!(domains = %self.recovered.join(", "), "target domains resolve again");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
     use super::*;
+
+    #[derive(Clone, Default)]
+    struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for LogBuf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// An offline machine: every round fails the same way. One warning
+    /// names every failing domain when that starts, nothing more until it
+    /// changes; a recovery is one line.
+    #[test]
+    fn lookup_failures_are_logged_when_they_change_not_every_round() {
+        let logs = LogBuf::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let offline = || std::io::Error::other("no network");
+        let mut r = TargetResolver::new(vec!["a.example".into(), "b.example".into()], vec![], Duration::from_secs(60));
+        for _ in 0..5 {
+            let _ = r.apply(vec![("a.example".into(), Err(offline())), ("b.example".into(), Err(offline()))]);
+        }
+        let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+        assert_eq!(text.matches("cannot resolve target domains").count(), 1, "{text}");
+        assert!(text.contains("a.example, b.example") && text.contains("no network"), "{text}");
+
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let _ = r.apply(vec![("a.example".into(), Ok(vec![ip])), ("b.example".into(), Err(offline()))]);
+        let _ = r.apply(vec![("a.example".into(), Err(offline())), ("b.example".into(), Err(offline()))]);
+        let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+        assert_eq!(text.matches("target domains resolve again").count(), 1, "{text}");
+        assert_eq!(text.matches("cannot resolve target domains").count(), 2, "a new failure is logged: {text}");
+    }
 
     #[tokio::test]
     async fn literal_addresses_and_localhost_resolve_into_the_set() {

@@ -37,22 +37,38 @@ static JSON_ON_STDERR: AtomicBool = AtomicBool::new(false);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// Text when stderr is a terminal (a person runs it), JSON otherwise (a
+    /// service manager or a container runtime collects it).
+    Auto,
     Json,
     Text,
+}
+
+impl LogFormat {
+    /// The format [`LogFormat::Auto`] stands for, given whether stderr is a
+    /// terminal.
+    pub fn resolve(self, stderr_is_terminal: bool) -> Self {
+        match self {
+            Self::Auto if stderr_is_terminal => Self::Text,
+            Self::Auto => Self::Json,
+            format => format,
+        }
+    }
 }
 
 /// Installs the global subscriber. `RUST_LOG` overrides the default level
 /// (info).
 pub fn init(format: LogFormat) {
+    use std::io::IsTerminal as _;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // A second init (tests) is harmless: keep the first subscriber.
-    match format {
+    match format.resolve(std::io::stderr().is_terminal()) {
         LogFormat::Json => {
             if json_subscriber(filter, std::io::stderr).try_init().is_ok() {
                 JSON_ON_STDERR.store(true, Ordering::Relaxed);
             }
         }
-        LogFormat::Text => {
+        LogFormat::Text | LogFormat::Auto => {
             let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
         }
     }
@@ -149,6 +165,14 @@ mod tests {
     use tracing::field::Empty;
 
     use super::*;
+
+    #[test]
+    fn auto_is_text_on_a_terminal_and_json_elsewhere() {
+        assert_eq!(LogFormat::Auto.resolve(true), LogFormat::Text);
+        assert_eq!(LogFormat::Auto.resolve(false), LogFormat::Json);
+        assert_eq!(LogFormat::Json.resolve(true), LogFormat::Json);
+        assert_eq!(LogFormat::Text.resolve(false), LogFormat::Text);
+    }
 
     /// Collects what a subscriber writes.
     #[derive(Clone, Default)]

@@ -20,6 +20,8 @@ pub struct InProcessProxy {
     pub addr: SocketAddr,
     pub ca_pem: String,
     pub ca_path: std::path::PathBuf,
+    /// What the data plane counts (and, configured, its guardrails).
+    pub metrics: Arc<interceptor::metrics::Metrics>,
     stop: watch::Sender<bool>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     proxy: Option<Proxy>,
@@ -123,7 +125,8 @@ impl InProcessProxy {
         let ca_path = ca.cert_path().to_path_buf();
         let tls = if config.tls.intercept { Some(Arc::new(dataplane::tls_termination(&config, ca)?)) } else { None };
         let (snap_tx, snapshot) = watch::channel(Arc::new(Snapshot::new(config.domain_policy()?)));
-        let mut builder = DataPlaneBuilder::new(&config).tls(tls);
+        let metrics = Arc::new(interceptor::metrics::Metrics::new());
+        let mut builder = DataPlaneBuilder::new(&config).tls(tls).metrics(Arc::clone(&metrics));
         let workload = match launch {
             Launch::Configured => {
                 // The receiver keeps the last value after the handle is gone:
@@ -141,7 +144,7 @@ impl InProcessProxy {
         let addr = SocketAddr::V4(listeners.addrs.v4);
         let (stop, shutdown) = watch::channel(false);
         let proxy = builder.serve(listeners, resolver, snapshot, shutdown)?;
-        Ok(Self { addr, ca_pem, ca_path, stop, snapshot: snap_tx, proxy: Some(proxy), _dir: dir })
+        Ok(Self { addr, ca_pem, ca_path, metrics, stop, snapshot: snap_tx, proxy: Some(proxy), _dir: dir })
     }
 
     /// Makes the data plane see `ip` as an AI address, known by `names`

@@ -373,3 +373,23 @@ async fn a_compressed_event_stream_is_cut_not_relayed_unseen() -> Result<()> {
     assert!(cut.to_string().contains("compressed (gzip)"), "{cut:#}");
     Ok(())
 }
+
+/// Text where the MCP parser does not look (a `_meta` field, an unknown
+/// method's params) is scanned too: a key hidden there never reaches the
+/// server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_in_a_field_the_parser_does_not_read_is_refused() -> Result<()> {
+    let s = setup().await?;
+    let key = private_key();
+    let hidden_in_meta = json!({"jsonrpc": "2.0", "id": 21, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"text": "hi"}, "_meta": {"note": key}}});
+    let unknown_method = json!({"jsonrpc": "2.0", "id": 22, "method": "tools/export", "params": {"payload": key}});
+    for (id, body) in [(21, hidden_in_meta), (22, unknown_method)] {
+        let (status, _, answer) = s.post(body.to_string().into_bytes(), false).await?;
+        assert_eq!(status, 200, "{answer}");
+        let answer: Value = serde_json::from_str(&answer)?;
+        assert_eq!((answer["id"].clone(), answer["error"]["code"].clone()), (json!(id), json!(-32001)), "{answer}");
+    }
+    assert!(!s.server_saw("PRIVATE KEY"), "the server received the key");
+    Ok(())
+}

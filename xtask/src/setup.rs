@@ -35,6 +35,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "libnss3-tools",
     "openjdk-17-jdk-headless",
     "chromium",
+    // `promtool check rules` on the Prometheus alert rules in deploy/monitoring.
+    "prometheus",
     // `cargo xtask bench`: the fake provider and the reverse proxy peer, the load generator,
     // and the profiler of `bench --perf` (taskset and unshare come with util-linux).
     "nginx-light",
@@ -97,6 +99,14 @@ const PINNED_PYTHON_PACKAGES: &[PinnedPackage] = &[
     // The official MCP Python SDK, client and fake server of the MCP tests (streamable
     // HTTP). 2.x needs an h11 that mitmproxy 11.0.2 excludes; 1.30 resolves beside it.
     PinnedPackage { name: "mcp", version: "1.30.0", purpose: "MCP client and server of the tests" },
+    // Grafana's own dashboard types: `deploy/monitoring/dashboard.py` builds the dashboard
+    // with them, and the tests check the committed JSON is what they build (pinned, so the
+    // JSON does not move under the test).
+    PinnedPackage {
+        name: "grafana-foundation-sdk",
+        version: "1769699998!10.1.0",
+        purpose: "builds the Grafana dashboard",
+    },
 ];
 
 fn pinned_python_packages() -> Result<()> {

@@ -65,6 +65,7 @@ use crate::{
     error,
     metrics::{ConnectionLabels, ConnectionMode, ConnectionOutcome, Metrics},
     net::{self, ClientAddr, OrigDstAddr, OrigDstResolver, ProxyAddrs},
+    observe::LiveEvents,
     policy::{DomainPolicy, Reason},
     targets::{AiAddress, TargetSet},
     workload::{PodLookup, Workload},
@@ -241,6 +242,8 @@ pub struct DataPlane {
     pub metrics: Arc<Metrics>,
     /// Names the pod of a workload whose cgroup is a pod's (Kubernetes).
     pub pods: Option<Arc<dyn PodLookup>>,
+    /// Watchers of the live view, who get each connection's record too.
+    pub live: Option<LiveEvents>,
 }
 
 /// What a worker's connections share: with each other, and (behind the
@@ -550,6 +553,7 @@ struct ConnectionRecord {
     started: Instant,
     /// Already counted and logged elsewhere.
     quiet: bool,
+    live: Option<LiveEvents>,
 }
 
 impl ConnectionRecord {
@@ -570,6 +574,7 @@ impl ConnectionRecord {
             bytes_down: 0,
             started: Instant::now(),
             quiet: false,
+            live: None,
         }
     }
 
@@ -609,12 +614,40 @@ impl Drop for ConnectionRecord {
             error = self.error.as_deref(),
             "connection closed"
         );
+        if let Some(live) = self.live.as_ref().filter(|l| l.is_watched()) {
+            live.publish(self.live_json().as_bytes());
+        }
+    }
+}
+
+impl ConnectionRecord {
+    /// The record as the live view shows it (`"event": "connection"`).
+    fn live_json(&self) -> String {
+        let workload = crate::audit::WorkloadInfo::of(self.workload.as_ref());
+        serde_json::json!({
+            "time": crate::audit::now(),
+            "event": "connection",
+            "outcome": self.outcome.as_str(),
+            "mode": self.mode.as_str(),
+            "client": self.client.to_string(),
+            "orig_dst": self.orig_dst.map(|d| d.to_string()),
+            "host": self.sni,
+            "reason": self.reason,
+            "workload": workload,
+            "requests": self.requests,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "duration_ms": self.started.elapsed().as_millis() as u64,
+            "error": self.error,
+        })
+        .to_string()
     }
 }
 
 async fn handle(stream: TcpStream, client: ClientAddr, mut slot: Slot, shared: &Shared) {
     let plane = &shared.plane;
     let mut record = ConnectionRecord::new(Arc::clone(&plane.metrics), client);
+    record.live = plane.live.clone();
     let orig = match plane.resolver.original_dst(&stream, client) {
         Ok(orig) => OrigDstAddr(net::canonical(orig.0)),
         Err(error) => {
@@ -1026,6 +1059,29 @@ mod tests {
     use super::*;
     use crate::{net::MockOrigDst, policy::DomainsConfig};
 
+    /// A closed connection's record reaches the live view's watchers, with
+    /// what the log line says; nothing is built when nobody watches.
+    #[tokio::test]
+    async fn a_closed_connection_is_shown_to_live_watchers() {
+        use http_body_util::BodyExt as _;
+        let live = LiveEvents::default();
+        let mut body = live.stream(crate::observe::Filter::default());
+        let mut record = ConnectionRecord::new(Arc::new(Metrics::new()), ClientAddr("10.0.0.7:40000".parse().unwrap()));
+        record.live = Some(live.clone());
+        record.sni = Some("api.openai.com".into());
+        record.mode = ConnectionMode::Intercept;
+        record.outcome = ConnectionOutcome::Intercepted;
+        record.requests = 3;
+        drop(record);
+        let line = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        let event: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(event["event"], "connection", "{event}");
+        assert_eq!(event["host"], "api.openai.com", "{event}");
+        assert_eq!(event["outcome"], ConnectionOutcome::Intercepted.as_str(), "{event}");
+        assert_eq!(event["requests"], 3, "{event}");
+        assert_eq!(event["client"], "10.0.0.7:40000", "{event}");
+    }
+
     fn plane(resolver: Arc<dyn OrigDstResolver>) -> DataPlane {
         let policy = DomainPolicy::compile(&DomainsConfig::default()).unwrap();
         let (_tx, snapshot) = watch::channel(Arc::new(Snapshot::new(policy)));
@@ -1034,7 +1090,16 @@ mod tests {
             client_hello_timeout: Duration::from_millis(200),
             ..ProxySettings::default()
         };
-        DataPlane { resolver, settings, snapshot, tls: None, hook: None, metrics: Arc::new(Metrics::new()), pods: None }
+        DataPlane {
+            resolver,
+            settings,
+            snapshot,
+            tls: None,
+            hook: None,
+            metrics: Arc::new(Metrics::new()),
+            pods: None,
+            live: None,
+        }
     }
 
     async fn start(default: Option<SocketAddr>) -> (Proxy, ProxyAddrs, watch::Sender<bool>) {

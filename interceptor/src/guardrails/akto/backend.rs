@@ -255,161 +255,7 @@ fn failed(error: AktoError) -> BackendError {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
-    use crate::{
-        config::AktoConfig,
-        guardrails::{backend::Call, model::Provider},
-        net::{ClientAddr, OrigDstAddr},
-        testing::akto::{FakeAkto, Reply},
-        workload::Workload,
-    };
-
-    fn mcp_exchange(body: &serde_json::Value) -> Call {
-        let mut headers = http::HeaderMap::new();
-        headers.insert("authorization", http::HeaderValue::from_static("Bearer LEAKED"));
-        headers.insert("mcp-session-id", http::HeaderValue::from_static("sess-1"));
-        Call {
-            request_id: "req-mcp".into(),
-            provider: Provider::Generic,
-            model: None,
-            method: "POST".into(),
-            path: "/mcp".into(),
-            host: "mcp.example.test".into(),
-            client: ClientAddr("10.0.0.7:40000".parse().unwrap()),
-            orig_dst: OrigDstAddr("192.0.2.10:443".parse().unwrap()),
-            workload: Some(Workload { pid: 42, comm: "claude".into(), ..Default::default() }),
-            request_headers: headers,
-            request_body: bytes::Bytes::from(serde_json::to_vec(body).unwrap()),
-            mcp_session: Some("sess-1".into()),
-        }
-    }
-
-    fn check<'a>(
-        phase: Phase,
-        call: &'a Call,
-        texts: &'a Arc<Vec<crate::guardrails::model::TextSpan>>,
-        doc: &'a Value,
-        original: &'a [u8],
-    ) -> Check<'a> {
-        Check {
-            phase,
-            call,
-            texts,
-            read_by_parser: 0,
-            doc: Some(doc),
-            original,
-            raw_text: None,
-            modified: false,
-            response: None,
-            instructions: false,
-            wait: true,
-        }
-    }
-
-    fn field(body: &Value, name: &str) -> Value {
-        serde_json::from_str(body[name].as_str().unwrap()).unwrap()
-    }
-
-    #[tokio::test]
-    async fn an_mcp_tool_call_reaches_akto_in_the_shields_form_and_its_block_blocks() {
-        let fake = FakeAkto::start().unwrap();
-        fake.set_request_reply(Reply::blocked("private key in tool arguments"));
-        let akto = Arc::new(
-            AktoClient::new(AktoConfig { url: fake.url(), app_name: "agents".into(), ..AktoConfig::default() })
-                .unwrap(),
-        );
-        let body = serde_json::json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
-            "params": {"name": "write_file", "arguments": {"text": "-----BEGIN OPENSSH PRIVATE KEY-----"}}});
-        let call = mcp_exchange(&body);
-        let texts = Arc::new(Vec::new());
-        let raw = serde_json::to_vec(&body).unwrap();
-        let verdict = akto.check(&check(Phase::Request, &call, &texts, &body, &raw)).await.unwrap();
-        let refusal = verdict.block.expect("akto's block blocks the tool call");
-        assert_eq!(refusal.reason, "private key in tool arguments");
-
-        let calls = fake.calls();
-        assert_eq!(calls.len(), 1);
-        let c = &calls[0];
-        assert_eq!(c.path, "/api/http-proxy");
-        assert_eq!(c.query, "guardrails=true&ingest_data=true");
-        let sent = &c.body;
-        assert_eq!(sent["path"], "/mcp");
-        assert_eq!(sent["method"], "POST");
-        assert_eq!(sent["type"], "HTTP/1.1");
-        assert_eq!(sent["source"], "MIRRORING");
-        assert_eq!(sent["statusCode"], "200");
-        assert_eq!(sent["contextSource"], "ENDPOINT");
-        assert_eq!(sent["responsePayload"], "{}");
-        assert_eq!(field(sent, "requestPayload"), body, "the JSON-RPC tools/call itself");
-        assert_eq!(
-            field(sent, "tag"),
-            serde_json::json!({"mcp-server": "MCP Server", "mcp-client": "claude", "source": "ENDPOINT"})
-        );
-        let headers: BTreeMap<String, String> = serde_json::from_str(sent["requestHeaders"].as_str().unwrap()).unwrap();
-        assert_eq!(headers["host"], "agents.claude.mcp.example.test");
-        assert_eq!(headers["x-mcp-server"], "mcp.example.test");
-        assert_eq!(headers["mcp-session-id"], "sess-1");
-        assert!(!headers.contains_key("authorization"));
-        let metadata = field(sent, "metadata");
-        assert_eq!(metadata["mcp-server"], "MCP Server");
-        assert_eq!(metadata["mcp_tool"], "write_file");
-        assert_eq!(metadata["mcp_method"], "tools/call");
-        assert!(!sent.to_string().contains("LEAKED"));
-    }
-
-    #[tokio::test]
-    async fn akto_redactions_go_back_into_the_json_rpc_body() {
-        let fake = FakeAkto::start().unwrap();
-        let akto = Arc::new(AktoClient::new(AktoConfig { url: fake.url(), ..AktoConfig::default() }).unwrap());
-        let body = serde_json::json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
-            "params": {"name": "pay", "arguments": {"card": "4111 1111 1111 1111"}}});
-        let mut redacted = body.clone();
-        redacted["params"]["arguments"]["card"] = serde_json::json!("[CARD]");
-        fake.set_request_reply(Reply::modified(&redacted.to_string()));
-        let call = mcp_exchange(&body);
-        let texts = Arc::new(Vec::new());
-        let raw = serde_json::to_vec(&body).unwrap();
-        let verdict = akto.check(&check(Phase::Request, &call, &texts, &body, &raw)).await.unwrap();
-        match verdict.rewrite {
-            Some(Rewrite::Doc(doc)) => assert_eq!(doc, redacted),
-            other => panic!("{other:?}"),
-        }
-
-        // The tool's result: the response check sends the request it
-        // answers and the JSON-RPC result; a block blocks it too.
-        fake.set_response_reply(Reply::blocked("card number in tool result"));
-        let answer = serde_json::json!({"jsonrpc": "2.0", "id": 3,
-            "result": {"content": [{"type": "text", "text": "charged 4111 1111 1111 1111"}]}});
-        let raw = serde_json::to_vec(&answer).unwrap();
-        let status_headers = http::HeaderMap::new();
-        let mut response_check = check(Phase::Response, &call, &texts, &answer, &raw);
-        response_check.response = Some((http::StatusCode::OK, &status_headers));
-        let verdict = akto.check(&response_check).await.unwrap();
-        assert_eq!(verdict.block.unwrap().reason, "card number in tool result");
-        let c = fake.calls().pop().unwrap();
-        assert_eq!(c.query, "response_guardrails=true&ingest_data=true");
-        assert_eq!(field(&c.body, "requestPayload"), body);
-        assert_eq!(field(&c.body, "responsePayload"), answer);
-        assert_eq!(c.body["path"], "/mcp");
-    }
-
-    #[tokio::test]
-    async fn llm_traffic_keeps_the_addons_form() {
-        let fake = FakeAkto::start().unwrap();
-        let akto = Arc::new(AktoClient::new(AktoConfig { url: fake.url(), ..AktoConfig::default() }).unwrap());
-        let body = serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
-        let mut call = mcp_exchange(&body);
-        call.path = "/v1/chat/completions".into();
-        let texts = Arc::new(Vec::new());
-        let raw = serde_json::to_vec(&body).unwrap();
-        akto.check(&check(Phase::Request, &call, &texts, &body, &raw)).await.unwrap();
-        let c = fake.calls().pop().unwrap();
-        assert_eq!(c.body["path"], "/v1/chat/completions");
-        assert_eq!(c.body["contextSource"], "AGENTIC");
-        assert!(c.body["type"].is_null());
-    }
 
     fn remote(tweak: impl FnOnce(&mut RemoteVerdict)) -> RemoteVerdict {
         let mut v = RemoteVerdict { allowed: true, ..RemoteVerdict::default() };
@@ -466,5 +312,166 @@ mod tests {
         assert!(matches!(rewrite(None, "card [X]".into(), false), Rewrite::Raw(_)));
         let messages = serde_json::json!({"messages": []}).to_string();
         assert!(matches!(rewrite(Some(&body), messages, false), Rewrite::Unusable(_)));
+    }
+
+    /// Against a fake Akto service (the `testing` feature).
+    #[cfg(feature = "testing")]
+    mod fake_akto {
+        use std::collections::BTreeMap;
+
+        use super::super::*;
+        use crate::{
+            config::AktoConfig,
+            guardrails::{backend::Call, model::Provider},
+            net::{ClientAddr, OrigDstAddr},
+            testing::akto::{FakeAkto, Reply},
+            workload::Workload,
+        };
+
+        fn mcp_exchange(body: &serde_json::Value) -> Call {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("authorization", http::HeaderValue::from_static("Bearer LEAKED"));
+            headers.insert("mcp-session-id", http::HeaderValue::from_static("sess-1"));
+            Call {
+                request_id: "req-mcp".into(),
+                provider: Provider::Generic,
+                model: None,
+                method: "POST".into(),
+                path: "/mcp".into(),
+                host: "mcp.example.test".into(),
+                client: ClientAddr("10.0.0.7:40000".parse().unwrap()),
+                orig_dst: OrigDstAddr("192.0.2.10:443".parse().unwrap()),
+                workload: Some(Workload { pid: 42, comm: "claude".into(), ..Default::default() }),
+                request_headers: headers,
+                request_body: bytes::Bytes::from(serde_json::to_vec(body).unwrap()),
+                mcp_session: Some("sess-1".into()),
+            }
+        }
+
+        fn check<'a>(
+            phase: Phase,
+            call: &'a Call,
+            texts: &'a Arc<Vec<crate::guardrails::model::TextSpan>>,
+            doc: &'a Value,
+            original: &'a [u8],
+        ) -> Check<'a> {
+            Check {
+                phase,
+                call,
+                texts,
+                read_by_parser: 0,
+                doc: Some(doc),
+                original,
+                raw_text: None,
+                modified: false,
+                response: None,
+                instructions: false,
+                wait: true,
+            }
+        }
+
+        fn field(body: &Value, name: &str) -> Value {
+            serde_json::from_str(body[name].as_str().unwrap()).unwrap()
+        }
+
+        #[tokio::test]
+        async fn an_mcp_tool_call_reaches_akto_in_the_shields_form_and_its_block_blocks() {
+            let fake = FakeAkto::start().unwrap();
+            fake.set_request_reply(Reply::blocked("private key in tool arguments"));
+            let akto = Arc::new(
+                AktoClient::new(AktoConfig { url: fake.url(), app_name: "agents".into(), ..AktoConfig::default() })
+                    .unwrap(),
+            );
+            let body = serde_json::json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+                "params": {"name": "write_file", "arguments": {"text": "-----BEGIN OPENSSH PRIVATE KEY-----"}}});
+            let call = mcp_exchange(&body);
+            let texts = Arc::new(Vec::new());
+            let raw = serde_json::to_vec(&body).unwrap();
+            let verdict = akto.check(&check(Phase::Request, &call, &texts, &body, &raw)).await.unwrap();
+            let refusal = verdict.block.expect("akto's block blocks the tool call");
+            assert_eq!(refusal.reason, "private key in tool arguments");
+
+            let calls = fake.calls();
+            assert_eq!(calls.len(), 1);
+            let c = &calls[0];
+            assert_eq!(c.path, "/api/http-proxy");
+            assert_eq!(c.query, "guardrails=true&ingest_data=true");
+            let sent = &c.body;
+            assert_eq!(sent["path"], "/mcp");
+            assert_eq!(sent["method"], "POST");
+            assert_eq!(sent["type"], "HTTP/1.1");
+            assert_eq!(sent["source"], "MIRRORING");
+            assert_eq!(sent["statusCode"], "200");
+            assert_eq!(sent["contextSource"], "ENDPOINT");
+            assert_eq!(sent["responsePayload"], "{}");
+            assert_eq!(field(sent, "requestPayload"), body, "the JSON-RPC tools/call itself");
+            assert_eq!(
+                field(sent, "tag"),
+                serde_json::json!({"mcp-server": "MCP Server", "mcp-client": "claude", "source": "ENDPOINT"})
+            );
+            let headers: BTreeMap<String, String> =
+                serde_json::from_str(sent["requestHeaders"].as_str().unwrap()).unwrap();
+            assert_eq!(headers["host"], "agents.claude.mcp.example.test");
+            assert_eq!(headers["x-mcp-server"], "mcp.example.test");
+            assert_eq!(headers["mcp-session-id"], "sess-1");
+            assert!(!headers.contains_key("authorization"));
+            let metadata = field(sent, "metadata");
+            assert_eq!(metadata["mcp-server"], "MCP Server");
+            assert_eq!(metadata["mcp_tool"], "write_file");
+            assert_eq!(metadata["mcp_method"], "tools/call");
+            assert!(!sent.to_string().contains("LEAKED"));
+        }
+
+        #[tokio::test]
+        async fn akto_redactions_go_back_into_the_json_rpc_body() {
+            let fake = FakeAkto::start().unwrap();
+            let akto = Arc::new(AktoClient::new(AktoConfig { url: fake.url(), ..AktoConfig::default() }).unwrap());
+            let body = serde_json::json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+                "params": {"name": "pay", "arguments": {"card": "4111 1111 1111 1111"}}});
+            let mut redacted = body.clone();
+            redacted["params"]["arguments"]["card"] = serde_json::json!("[CARD]");
+            fake.set_request_reply(Reply::modified(&redacted.to_string()));
+            let call = mcp_exchange(&body);
+            let texts = Arc::new(Vec::new());
+            let raw = serde_json::to_vec(&body).unwrap();
+            let verdict = akto.check(&check(Phase::Request, &call, &texts, &body, &raw)).await.unwrap();
+            match verdict.rewrite {
+                Some(Rewrite::Doc(doc)) => assert_eq!(doc, redacted),
+                other => panic!("{other:?}"),
+            }
+
+            // The tool's result: the response check sends the request it
+            // answers and the JSON-RPC result; a block blocks it too.
+            fake.set_response_reply(Reply::blocked("card number in tool result"));
+            let answer = serde_json::json!({"jsonrpc": "2.0", "id": 3,
+                "result": {"content": [{"type": "text", "text": "charged 4111 1111 1111 1111"}]}});
+            let raw = serde_json::to_vec(&answer).unwrap();
+            let status_headers = http::HeaderMap::new();
+            let mut response_check = check(Phase::Response, &call, &texts, &answer, &raw);
+            response_check.response = Some((http::StatusCode::OK, &status_headers));
+            let verdict = akto.check(&response_check).await.unwrap();
+            assert_eq!(verdict.block.unwrap().reason, "card number in tool result");
+            let c = fake.calls().pop().unwrap();
+            assert_eq!(c.query, "response_guardrails=true&ingest_data=true");
+            assert_eq!(field(&c.body, "requestPayload"), body);
+            assert_eq!(field(&c.body, "responsePayload"), answer);
+            assert_eq!(c.body["path"], "/mcp");
+        }
+
+        #[tokio::test]
+        async fn llm_traffic_keeps_the_addons_form() {
+            let fake = FakeAkto::start().unwrap();
+            let akto = Arc::new(AktoClient::new(AktoConfig { url: fake.url(), ..AktoConfig::default() }).unwrap());
+            let body = serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+            let mut call = mcp_exchange(&body);
+            call.path = "/v1/chat/completions".into();
+            let texts = Arc::new(Vec::new());
+            let raw = serde_json::to_vec(&body).unwrap();
+            akto.check(&check(Phase::Request, &call, &texts, &body, &raw)).await.unwrap();
+            let c = fake.calls().pop().unwrap();
+            assert_eq!(c.body["path"], "/v1/chat/completions");
+            assert_eq!(c.body["contextSource"], "AGENTIC");
+            assert!(c.body["type"].is_null());
+        }
     }
 }

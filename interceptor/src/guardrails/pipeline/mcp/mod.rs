@@ -42,6 +42,7 @@ use crate::{
         backend::{Call, Phase},
         mcp::{self, Id, Message},
         model::{Decision, Direction, PathSeg, TextSpan},
+        providers,
     },
     policy::{McpDomains, McpServers, PolicyError},
     workload::Workload,
@@ -190,6 +191,18 @@ pub(super) fn info(call: &Call, messages: &[(Vec<PathSeg>, Message)], arguments:
 pub(super) fn refusal(id: &Id, reason: &str, rule: &str) -> Value {
     let data = serde_json::json!({ "decision": "block", "rule": rule });
     mcp::error_message(id, mcp::BLOCKED_CODE, &format!("Blocked by guardrails: {reason}"), data)
+}
+
+/// A message's texts: what the MCP parser reads (`read`), then every other
+/// string of the message at its own path (a field the parser does not know,
+/// `_meta`, a method it does not know), so nothing in a message goes by
+/// unscanned.
+pub(super) fn with_unread(doc: Option<&Value>, prefix: &[PathSeg], mut read: Vec<TextSpan>) -> Vec<TextSpan> {
+    if let Some(doc) = doc {
+        let unread = providers::unread_texts(doc, &read);
+        read.extend(unread.into_iter().filter(|t| t.path.starts_with(prefix)));
+    }
+    read
 }
 
 /// The decision of a tool call from both of its checks: the stronger one.

@@ -13,7 +13,7 @@ use std::time::Instant;
 use http::{StatusCode, header};
 use serde_json::Value;
 
-use super::{info, refusal, sessions::Pending, sessions::SessionKey};
+use super::{info, refusal, sessions::Pending, sessions::SessionKey, with_unread};
 use crate::{
     audit::EventKind,
     guardrails::{
@@ -54,7 +54,7 @@ impl Pipeline {
         for (prefix, msg) in &messages {
             let mut outcome = self.tool_lists(g, call, msg);
             if outcome.block.is_none() {
-                let texts = mcp::request_texts(msg, prefix);
+                let texts = with_unread(doc.as_ref(), prefix, mcp::request_texts(msg, prefix));
                 outcome.absorb(self.check_texts(g, Phase::Request, call, &mut doc, texts, None).await);
             }
             checked.push(outcome);

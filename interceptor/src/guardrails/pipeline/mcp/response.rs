@@ -28,7 +28,7 @@ use serde_json::Value;
 use super::{
     info, refusal, session_in_query,
     sessions::{Pending, SessionKey},
-    stronger, workload_key,
+    stronger, with_unread, workload_key,
 };
 use crate::{
     audit::{EventKind, McpInfo},
@@ -173,6 +173,7 @@ impl Pipeline {
                             .and_then(|d| value_at(d, &at))
                             .map(|r| mcp::result_texts(method, r, prefix))
                             .unwrap_or_default();
+                        let texts = with_unread(doc.as_ref(), prefix, texts);
                         let response = Some((status, headers));
                         outcome.absorb(self.check_texts(g, Phase::Response, call, &mut doc, texts, response).await);
                     }
@@ -205,7 +206,7 @@ impl Pipeline {
                 }
                 Message::Request { .. } | Message::Notification { .. } => {
                     answers |= matches!(msg, Message::Request { .. });
-                    let texts = mcp::request_texts(msg, prefix);
+                    let texts = with_unread(doc.as_ref(), prefix, mcp::request_texts(msg, prefix));
                     let outcome = self.check_texts(g, Phase::Request, call, &mut doc, texts, None).await;
                     refused_request |= outcome.block.is_some();
                     changed |= outcome.modified;
