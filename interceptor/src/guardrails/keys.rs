@@ -238,6 +238,13 @@ pub fn new_placeholder(prefix: &str) -> String {
     format!("{prefix}{tail}")
 }
 
+/// [`PROVIDERS`], their hosts parsed.
+fn builtin_providers() -> impl Iterator<Item = (String, Vec<HostPattern>)> {
+    PROVIDERS
+        .into_iter()
+        .map(|(name, hosts)| (name.to_owned(), hosts.iter().filter_map(|h| HostPattern::parse(h).ok()).collect()))
+}
+
 fn is_known_provider(name: &str) -> bool {
     PROVIDERS.iter().any(|(n, _)| *n == name)
 }
@@ -283,7 +290,13 @@ fn without_quoted(message: &str) -> String {
 impl Broker {
     /// Nothing brokered: every placeholder is refused.
     pub fn empty(prefix: &str) -> Self {
-        Self::from_doc(FileDoc::default(), prefix).unwrap_or_else(|_| unreachable!("an empty file is valid"))
+        Self {
+            prefix: prefix.to_owned(),
+            providers: builtin_providers().collect(),
+            real: Vec::new(),
+            placeholders: HashMap::new(),
+            order: Vec::new(),
+        }
     }
 
     /// Reads and validates the file. A missing file is an empty one.
@@ -337,10 +350,9 @@ impl Broker {
             let workloads = parse_patterns(&what, &r.scope.workloads, &mut errors);
             real.push(RealKey { provider: r.provider, workloads, key });
         }
-        for (name, hosts) in PROVIDERS {
-            if !providers.iter().any(|(n, _)| n == name) {
-                let hosts = hosts.iter().filter_map(|h| HostPattern::parse(h).ok()).collect();
-                providers.push((name.to_owned(), hosts));
+        for (name, hosts) in builtin_providers() {
+            if !providers.iter().any(|(n, _)| *n == name) {
+                providers.push((name, hosts));
             }
         }
         let mut placeholders = HashMap::new();
@@ -438,9 +450,10 @@ impl Broker {
         let provider = self.provider_of(host);
         let w = workload.map(WorkloadRef::of);
         let mut swaps = Vec::new();
-        for (place, value) in credentials(head) {
-            let Some(value) = value else {
-                return Verdict::Refuse(format!("{} given more than once", place_name(&place)));
+        for (place, found) in credentials(head) {
+            let value = match found {
+                Ok(value) => value,
+                Err(why) => return Verdict::Refuse(format!("{} {why}", place_name(&place))),
             };
             match self.judge(provider, w.as_ref(), &value) {
                 Ok(Some(key)) => swaps.push(Swap { place, key }),
@@ -460,38 +473,41 @@ fn place_name(place: &Place) -> String {
     }
 }
 
-/// The credentials in a request head, each with its place; `None` for a
-/// place given more than once. Empty values and other `Authorization`
-/// schemes (SigV4 among them) are not credentials here.
-fn credentials(head: &http::request::Parts) -> Vec<(Place, Option<Zeroizing<String>>)> {
+/// A credential as found: its value, or why it cannot be read (given more
+/// than once, not text).
+type Found = Result<Zeroizing<String>, &'static str>;
+
+/// The credentials in a request head, each with its place. Empty values
+/// and other `Authorization` schemes (SigV4 among them) are not credentials
+/// here.
+fn credentials(head: &http::request::Parts) -> Vec<(Place, Found)> {
     let mut out = Vec::new();
-    let one = |name: &HeaderName| {
+    let one = |name: &HeaderName| -> Option<Found> {
         let mut values = head.headers.get_all(name).iter();
         let first = values.next()?;
         if values.next().is_some() {
-            return Some(None);
+            return Some(Err("given more than once"));
         }
-        Some(first.to_str().ok().map(|v| Zeroizing::new(v.trim().to_owned())))
+        Some(first.to_str().map(|v| Zeroizing::new(v.trim().to_owned())).map_err(|_| "not readable text"))
     };
-    if let Some(v) = one(&header::AUTHORIZATION) {
-        match v {
-            None => out.push((Place::Bearer, None)),
-            Some(v) => {
-                let bearer = v.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"));
-                if let Some((_, token)) = bearer
-                    && !token.trim().is_empty()
-                {
-                    out.push((Place::Bearer, Some(Zeroizing::new(token.trim().to_owned()))));
-                }
+    match one(&header::AUTHORIZATION) {
+        None => {}
+        Some(Err(why)) => out.push((Place::Bearer, Err(why))),
+        Some(Ok(v)) => {
+            let bearer = v.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"));
+            if let Some((_, token)) = bearer
+                && !token.trim().is_empty()
+            {
+                out.push((Place::Bearer, Ok(Zeroizing::new(token.trim().to_owned()))));
             }
         }
     }
     for name in KEY_HEADERS {
         let name = HeaderName::from_static(name);
         match one(&name) {
-            Some(Some(v)) if v.is_empty() => {}
-            Some(v) => out.push((Place::Header(name), v)),
             None => {}
+            Some(Ok(v)) if v.is_empty() => {}
+            Some(found) => out.push((Place::Header(name), found)),
         }
     }
     let keys: Vec<&str> = head
@@ -502,10 +518,9 @@ fn credentials(head: &http::request::Parts) -> Vec<(Place, Option<Zeroizing<Stri
         .filter_map(|pair| pair.split_once('=').filter(|(n, _)| *n == "key").map(|(_, v)| v))
         .collect();
     match keys.as_slice() {
-        [] => {}
-        [""] => {}
-        [v] => out.push((Place::Query, Some(Zeroizing::new((*v).to_owned())))),
-        _ => out.push((Place::Query, None)),
+        [] | [""] => {}
+        [v] => out.push((Place::Query, Ok(Zeroizing::new((*v).to_owned())))),
+        _ => out.push((Place::Query, Err("given more than once"))),
     }
     out
 }

@@ -153,6 +153,13 @@ fn each_misuse_is_refused_without_naming_a_key() {
         ("api.openai.com", Some(&node), head("/", &[("x-api-key", &stray)]), "no key brokered for this workload"),
         ("api.openai.com", Some(&py), head(&format!("/?key={openai}&key={openai}"), &[]), "more than once"),
         ("example.com", Some(&py), head("/", &[("x-api-key", &openai)]), "host of no brokered provider"),
+        (
+            "api.openai.com",
+            Some(&py),
+            head("/", &[("api-key", &openai), ("api-key", &openai)]),
+            "api-key given more than once",
+        ),
+        ("api.openai.com", Some(&py), head("/", &[("x-api-key", "ik-\u{e9}")]), "x-api-key not readable text"),
     ];
     for (host, w, h, expected) in cases {
         let reason = refused(&b, host, w, &h);
