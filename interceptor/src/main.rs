@@ -904,6 +904,13 @@ fn main() -> ExitCode {
                     Err(error) => eprintln!("warning: cannot print the configuration: {error}"),
                 }
                 print!("{}", ai_domain_formats(&config));
+                if config.keys.enabled {
+                    let path = config.keys.file_in(&args.state_dir);
+                    if let Err(error) = guardrails::keys::Broker::load(&path, &config.keys.placeholder_prefix) {
+                        eprintln!("error: {}", error::chain(&error));
+                        return ExitCode::from(2);
+                    }
+                }
                 eprintln!("configuration is valid");
                 ExitCode::SUCCESS
             }

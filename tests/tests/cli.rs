@@ -315,11 +315,21 @@ fn keys_are_issued_listed_and_revoked_without_showing_a_real_key() -> Result<()>
     let out = String::from_utf8(run(&["keys", "list", "--file", f])?.stdout)?;
     assert!(!out.contains(&id), "{out}");
 
+    // check-config reads the brokering file when brokering is on.
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, format!("[keys]\nenabled = true\nfile = \"{f}\"\n"))?;
+    let checked = run(&["--config", config.to_str().expect("utf-8"), "check-config"])?;
+    assert!(checked.status.success(), "{}", String::from_utf8_lossy(&checked.stderr));
+
     // A file others can read is refused, and the error shows no key.
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
     let out = run(&["keys", "list", "--file", f])?;
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("chmod 600") && !err.contains(real), "unexpected error output");
+    let checked = run(&["--config", config.to_str().expect("utf-8"), "check-config"])?;
+    assert_eq!(checked.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&checked.stderr);
+    assert!(err.contains("chmod 600") && !err.contains(real), "check-config: unexpected error output");
     Ok(())
 }
