@@ -480,6 +480,10 @@ fn status(admin: SocketAddr) -> anyhow::Result<String> {
     if !static_nets.is_empty() {
         writeln!(out, "  configured: {}", static_nets.join(", "))?;
     }
+    if let Some(plain) = body["targets"]["plain"].as_object().filter(|p| !p.is_empty()) {
+        let pairs: Vec<String> = plain.iter().map(|(addr, host)| format!("{addr} ({})", s(host))).collect();
+        writeln!(out, "  plain MCP: {}", pairs.join(", "))?;
+    }
     if let Some(pods) = body.get("pod_directory").filter(|p| p.is_object()) {
         writeln!(
             out,
