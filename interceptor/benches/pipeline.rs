@@ -107,6 +107,7 @@ fn pipeline(c: &mut Criterion) {
             engine: Some(Arc::new(Engine::builtin().expect("policy"))),
             akto: None,
             cfg: GuardrailsConfig::default(),
+            keys: None,
         };
         let (_, rx) = tokio::sync::watch::channel(Arc::new(guardrails));
         Pipeline::new(rx, AuditLog::start(None, Arc::clone(&metrics)), metrics)

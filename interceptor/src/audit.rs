@@ -567,7 +567,8 @@ mod tests {
         for d in [Decision::Allow, Decision::Modify, Decision::Block, Decision::Alert, Decision::Error] {
             assert_eq!(names(&d), format!("\"{}\"", d.as_str()));
         }
-        for s in [Stage::Local, Stage::Akto, Stage::Decode, Stage::Framing, Stage::WebSocket, Stage::Proxy] {
+        for s in [Stage::Local, Stage::Akto, Stage::Decode, Stage::Framing, Stage::WebSocket, Stage::Proxy, Stage::Keys]
+        {
             assert_eq!(names(&s), format!("\"{}\"", s.as_str()));
         }
         for k in [EventKind::GuardrailDecision, EventKind::UnclassifiedConnection, EventKind::WebsocketClosed] {

@@ -25,9 +25,11 @@ use crate::{
     audit::AuditLog,
     ca::{CertificateAuthority, LeafIssuer, LeafSettings, NameConstraintsSpec},
     config::{Backend, BufferedTotal, Config, StreamMode},
+    error,
     guardrails::{
         akto::AktoClient,
         engine::{Engine, Policy},
+        keys::{self, Broker},
         pipeline::{Guardrails, Pipeline, mcp::McpState},
     },
     metrics::Metrics,
@@ -63,6 +65,67 @@ pub struct GuardrailsHandle {
     pub current: watch::Sender<Arc<Guardrails>>,
     /// The policy file's text as last loaded, to notice changes.
     pub policy_text: Option<String>,
+    /// The brokering file, when `keys.enabled`.
+    pub keys_file: Option<PathBuf>,
+    /// Its SHA-256 as last loaded (its text holds real keys and is not
+    /// kept), to notice changes.
+    pub keys_digest: Option<[u8; 32]>,
+}
+
+impl GuardrailsHandle {
+    /// Reloads the brokering file when its content changed. An invalid
+    /// file (or one others can read) is rejected with a log line and the
+    /// running keys stay; a removed file brokers nothing.
+    pub fn reload_keys_if_changed(&mut self, prefix: &str) {
+        let Some(path) = self.keys_file.clone() else {
+            return;
+        };
+        let digest = match keys::file_digest(&path) {
+            Ok(d) => d,
+            Err(error) => {
+                if self.keys_digest.take().is_some() {
+                    tracing::error!(error = %error::chain(&error), "cannot read the brokering file; keeping the running keys");
+                }
+                return;
+            }
+        };
+        if digest.is_some() && digest == self.keys_digest {
+            return;
+        }
+        if digest.is_none() && self.keys_digest.is_none() {
+            return;
+        }
+        self.keys_digest = digest;
+        let current = self.current.borrow().clone();
+        match Broker::load(&path, prefix) {
+            Ok(broker) => {
+                let placeholders = broker.placeholders().count();
+                let _ = self.current.send(Arc::new(Guardrails {
+                    engine: current.engine.clone(),
+                    akto: current.akto.clone(),
+                    cfg: current.cfg.clone(),
+                    keys: Some(Arc::new(broker)),
+                }));
+                tracing::info!(path = %path.display(), placeholders, "brokering file reloaded");
+            }
+            Err(error) => tracing::error!(
+                error = %error::chain(&error),
+                "brokering file rejected; keeping the running keys"
+            ),
+        }
+    }
+}
+
+/// The brokering file in force: `None` when `keys.enabled` is off.
+fn keys_file(config: &Config, state_dir: Option<&Path>) -> anyhow::Result<Option<PathBuf>> {
+    if !config.keys.enabled {
+        return Ok(None);
+    }
+    match state_dir {
+        Some(dir) => Ok(Some(config.keys.file_in(dir))),
+        None if !config.keys.file.as_os_str().is_empty() => Ok(Some(config.keys.file.clone())),
+        None => anyhow::bail!("keys.file: give the brokering file (there is no state directory here)"),
+    }
 }
 
 impl<'a> DataPlaneBuilder<'a> {
@@ -186,7 +249,23 @@ pub fn guardrails_with_state(
     state_dir: Option<&Path>,
     live: Option<LiveEvents>,
 ) -> anyhow::Result<(Option<Arc<dyn Hook>>, GuardrailsHandle)> {
-    let (policy_text, guardrails) = build_guardrails(config)?;
+    let (policy_text, mut guardrails) = build_guardrails(config)?;
+    let keys = keys_file(config, state_dir)?;
+    if let Some(path) = &keys {
+        let broker = Broker::load(path, &config.keys.placeholder_prefix)
+            .with_context(|| format!("loading the brokering file {}", path.display()))?;
+        tracing::info!(
+            path = %path.display(),
+            placeholders = broker.placeholders().count(),
+            real_keys = broker.real_scopes().count(),
+            "key brokering on"
+        );
+        guardrails.keys = Some(Arc::new(broker));
+    }
+    let keys_digest = match &keys {
+        Some(path) => keys::file_digest(path)?,
+        None => None,
+    };
     let (current, rx) = watch::channel(Arc::new(guardrails));
     let g = &config.guardrails;
     let hook: Option<Arc<dyn Hook>> = if g.enabled {
@@ -197,7 +276,7 @@ pub fn guardrails_with_state(
     } else {
         None
     };
-    Ok((hook, GuardrailsHandle { current, policy_text }))
+    Ok((hook, GuardrailsHandle { current, policy_text, keys_file: keys, keys_digest }))
 }
 
 /// `guardrails.max_buffered_total` in bytes, sized from the memory limit
@@ -315,5 +394,5 @@ pub fn build_guardrails(config: &Config) -> anyhow::Result<(Option<String>, Guar
     } else {
         None
     };
-    Ok((policy_text, Guardrails { engine, akto, cfg: g.clone() }))
+    Ok((policy_text, Guardrails { engine, akto, cfg: g.clone(), keys: None }))
 }

@@ -59,6 +59,52 @@ enum Command {
     /// The Kubernetes admission webhook that makes pods trust the cluster CA.
     #[command(subcommand)]
     Webhook(WebhookCommand),
+    /// Key brokering: placeholder credentials for workloads (see `[keys]`).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Issue a placeholder for a provider and workload scope; it is printed
+    /// once and only its hash is kept.
+    Issue(KeysIssueArgs),
+    /// List the issued placeholders and the real keys' scopes (never a key).
+    List(KeysFileArgs),
+    /// Revoke the placeholder whose id starts with ID (at least 6 hex digits).
+    Revoke(KeysRevokeArgs),
+}
+
+#[derive(clap::Args)]
+struct KeysFileArgs {
+    /// The brokering file. Default: `keys.file`, else keys.toml in the state
+    /// directory.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    #[command(flatten)]
+    state: StateArgs,
+}
+
+#[derive(clap::Args)]
+struct KeysIssueArgs {
+    /// The provider whose real key the placeholder stands for (openai,
+    /// anthropic, gemini, ... or a provider the file gives hosts for).
+    #[arg(long)]
+    provider: String,
+    /// A workload pattern, as in policy scopes (`namespace:team-a`,
+    /// `comm:python3`); repeatable. None: any workload.
+    #[arg(long)]
+    scope: Vec<String>,
+    #[command(flatten)]
+    file: KeysFileArgs,
+}
+
+#[derive(clap::Args)]
+struct KeysRevokeArgs {
+    /// The start of the placeholder's id, as `keys list` shows it.
+    id: String,
+    #[command(flatten)]
+    file: KeysFileArgs,
 }
 
 #[derive(clap::Args)]
@@ -360,6 +406,73 @@ fn ai_domain_formats(config: &Config) -> String {
     out
 }
 
+/// `interceptor keys`: edits and lists the brokering file.
+fn keys_command(config_path: Option<&PathBuf>, command: KeysCommand) -> ExitCode {
+    use guardrails::keys::{Broker, KeysFile};
+    let config = match load(config_path, &RunArgs::default()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let args = match &command {
+        KeysCommand::Issue(a) => &a.file,
+        KeysCommand::List(a) => a,
+        KeysCommand::Revoke(a) => &a.file,
+    };
+    let path = args.file.clone().unwrap_or_else(|| config.keys.file_in(&args.state.state_dir));
+    let prefix = &config.keys.placeholder_prefix;
+    let bad = |error: &(dyn std::error::Error + 'static)| {
+        eprintln!("error: {}", error::chain(error));
+        ExitCode::from(2)
+    };
+    match command {
+        KeysCommand::Issue(a) => {
+            let mut file = match KeysFile::open(&path, prefix) {
+                Ok(f) => f,
+                Err(error) => return bad(&error),
+            };
+            let issued = interceptor::audit::now();
+            match file.issue(&a.provider, &a.scope, &issued) {
+                Ok(placeholder) => {
+                    println!("{placeholder}");
+                    eprintln!(
+                        "issued a {} placeholder for {} (id {}); it is shown only now",
+                        a.provider,
+                        if a.scope.is_empty() { "any workload".to_string() } else { a.scope.join(", ") },
+                        &guardrails::keys::placeholder_id(&placeholder)[..12],
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(error) => bad(&error),
+            }
+        }
+        KeysCommand::List(_) => match Broker::load(&path, prefix) {
+            Ok(broker) => {
+                println!("{:<14} {:<14} {:<22} SCOPE", "ID", "PROVIDER", "ISSUED");
+                for p in broker.placeholders() {
+                    let scope = if p.workloads.is_empty() { "*".to_string() } else { p.workloads.join(", ") };
+                    println!("{:<14} {:<14} {:<22} {scope}", &p.id[..12], p.provider, p.issued);
+                }
+                for (provider, scope) in broker.real_scopes() {
+                    let scope = if scope.is_empty() { "*".to_string() } else { scope.join(", ") };
+                    println!("{:<14} {provider:<14} {:<22} {scope}", "real key", "");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(error) => bad(&error),
+        },
+        KeysCommand::Revoke(a) => {
+            let revoked = KeysFile::open(&path, prefix).and_then(|mut f| f.revoke(&a.id));
+            match revoked {
+                Ok(binding) => {
+                    println!("revoked {} ({})", &binding.id[..12], binding.provider);
+                    ExitCode::SUCCESS
+                }
+                Err(error) => bad(&error),
+            }
+        }
+    }
+}
+
 /// Reads `/status` from the admin API and renders it for a person.
 fn status(admin: SocketAddr) -> anyhow::Result<String> {
     use std::fmt::Write as _;
@@ -391,6 +504,10 @@ fn status(admin: SocketAddr) -> anyhow::Result<String> {
         nets.iter().map(s).filter(|n| !sources.keys().any(|ip| n.starts_with(&format!("{ip}/")))).collect();
     if !static_nets.is_empty() {
         writeln!(out, "  configured: {}", static_nets.join(", "))?;
+    }
+    if let Some(plain) = body["targets"]["plain"].as_object().filter(|p| !p.is_empty()) {
+        let pairs: Vec<String> = plain.iter().map(|(addr, host)| format!("{addr} ({})", s(host))).collect();
+        writeln!(out, "  plain MCP: {}", pairs.join(", "))?;
     }
     if let Some(pods) = body.get("pod_directory").filter(|p| p.is_object()) {
         writeln!(
@@ -799,6 +916,7 @@ fn main() -> ExitCode {
         }
         Command::Ca(command) => ca_command(cli.config.as_ref(), command),
         Command::Webhook(command) => webhook_command(command),
+        Command::Keys(command) => keys_command(cli.config.as_ref(), command),
         Command::Status(args) => {
             let admin = match load(cli.config.as_ref(), &args) {
                 Ok(c) => c.admin.address,
@@ -853,6 +971,13 @@ fn main() -> ExitCode {
                     Err(error) => eprintln!("warning: cannot print the configuration: {error}"),
                 }
                 print!("{}", ai_domain_formats(&config));
+                if config.keys.enabled {
+                    let path = config.keys.file_in(&args.state_dir);
+                    if let Err(error) = guardrails::keys::Broker::load(&path, &config.keys.placeholder_prefix) {
+                        eprintln!("error: {}", error::chain(&error));
+                        return ExitCode::from(2);
+                    }
+                }
                 eprintln!("configuration is valid");
                 ExitCode::SUCCESS
             }

@@ -33,7 +33,7 @@ pub struct TargetSet {
     #[serde(skip)]
     pub cidrs: BTreeSet<IpNet>,
     /// Plain-HTTP MCP servers: exact (address, port) → the configured host.
-    #[serde(skip)]
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub plain: BTreeMap<SocketAddr, String>,
 }
 
@@ -376,6 +376,16 @@ mod tests {
         assert!(set.contains("198.18.0.10".parse().unwrap()));
         assert!(set.contains("127.0.0.1".parse().unwrap()), "{set:?}");
         assert!(set.sources[&"127.0.0.1".parse::<IpAddr>().unwrap()].contains("localhost"));
+    }
+
+    #[test]
+    fn plain_targets_are_shown_in_the_status_json() {
+        let mut set = TargetSet::default();
+        set.plain.insert("127.0.0.1:8931".parse().unwrap(), "tools.svc".into());
+        let json = serde_json::to_value(&set).unwrap();
+        assert_eq!(json["plain"], serde_json::json!({"127.0.0.1:8931": "tools.svc"}), "{json}");
+        let empty = serde_json::to_value(TargetSet::default()).unwrap();
+        assert!(empty.get("plain").is_none(), "{empty}");
     }
 
     #[test]

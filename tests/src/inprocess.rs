@@ -62,17 +62,16 @@ impl InProcessProxy {
         Self::start_inner(upstream, upstream_ca, DomainsConfig::default(), None, settings, None, workload).await
     }
 
-    /// Like [`InProcessProxy::start`] with `hook`, every connection
-    /// attributed to `workload`.
+    /// Like [`InProcessProxy::start_with`], every connection attributed to
+    /// `workload`.
     pub async fn start_hooked_as(
         upstream: SocketAddr,
         upstream_ca: &Path,
-        hook: Arc<dyn Hook>,
-        workload: Workload,
+        hook: Option<Arc<dyn Hook>>,
+        settings: ProxySettings,
+        workload: Option<Workload>,
     ) -> Result<Self> {
-        let settings = ProxySettings { client_hello_timeout: Duration::from_secs(2), ..ProxySettings::default() };
-        let domains = DomainsConfig::default();
-        Self::start_inner(upstream, upstream_ca, domains, Some(hook), settings, None, Some(workload)).await
+        Self::start_inner(upstream, upstream_ca, DomainsConfig::default(), hook, settings, None, workload).await
     }
 
     /// Like [`InProcessProxy::start`], giving up on an upstream that sends

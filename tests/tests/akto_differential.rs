@@ -747,7 +747,7 @@ impl Bench {
     async fn through_interceptor(&self, scenario: &Scenario) -> Result<Seen> {
         let akto = AktoConfig { url: self.akto.url(), app_name: APP_NAME.into(), ..AktoConfig::default() };
         let cfg = GuardrailsConfig { backends: vec![Backend::Akto], akto: akto.clone(), ..GuardrailsConfig::default() };
-        let guardrails = Guardrails { engine: None, akto: Some(Arc::new(AktoClient::new(akto)?)), cfg };
+        let guardrails = Guardrails { engine: None, akto: Some(Arc::new(AktoClient::new(akto)?)), cfg, keys: None };
         // The receiver keeps the last value after the sender is gone.
         let (_, rx) = watch::channel(Arc::new(guardrails));
         let metrics = Arc::new(Metrics::new());

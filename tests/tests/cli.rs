@@ -333,3 +333,66 @@ fn usage_sums_the_audit_files_tokens_per_workload_for_a_period() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.jsonl"));
     Ok(())
 }
+
+#[test]
+fn keys_are_issued_listed_and_revoked_without_showing_a_real_key() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("keys.toml");
+    let real = "sk-cli-real-key-never-shown-000";
+    std::fs::write(
+        &file,
+        format!("[[real]]\nprovider = \"openai\"\nscope.workloads = [\"namespace:team-a\"]\nkey = \"{real}\"\n"),
+    )?;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
+    let f = file.to_str().expect("utf-8");
+
+    let issued = run(&["keys", "issue", "--provider", "openai", "--scope", "namespace:team-a", "--file", f])?;
+    assert!(issued.status.success(), "{}", String::from_utf8_lossy(&issued.stderr));
+    let placeholder = String::from_utf8(issued.stdout)?.trim().to_string();
+    assert!(placeholder.starts_with("ik-") && placeholder.len() == 35, "not a placeholder: {placeholder}");
+    let text = std::fs::read_to_string(&file)?;
+    assert!(!text.contains(&placeholder), "the placeholder itself was stored");
+    assert!(text.contains(real), "the real key was lost");
+    assert_eq!(std::fs::metadata(&file)?.permissions().mode() & 0o777, 0o600);
+
+    let listed = run(&["keys", "list", "--file", f])?;
+    assert!(listed.status.success());
+    let out = String::from_utf8(listed.stdout)?;
+    assert!(!out.contains(real) && !out.contains(&placeholder), "list shows a credential");
+    let id = out.lines().nth(1).and_then(|l| l.split_whitespace().next()).unwrap_or_default().to_string();
+    assert_eq!(id.len(), 12, "{out}");
+    assert!(out.contains("namespace:team-a") && out.contains("real key"), "{out}");
+
+    // A bad scope or provider is refused and nothing is written.
+    for args in [["--provider", "openai", "--scope", "bogus:x"], ["--provider", "nope", "--scope", "comm:x"]] {
+        let out = run(&[&["keys", "issue", "--file", f][..], &args[..]].concat())?;
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+    assert_eq!(std::fs::read_to_string(&file)?, text);
+
+    let revoked = run(&["keys", "revoke", &id[..8], "--file", f])?;
+    assert!(revoked.status.success(), "{}", String::from_utf8_lossy(&revoked.stderr));
+    let again = run(&["keys", "revoke", &id[..8], "--file", f])?;
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no placeholder id starts with"));
+    let out = String::from_utf8(run(&["keys", "list", "--file", f])?.stdout)?;
+    assert!(!out.contains(&id), "{out}");
+
+    // check-config reads the brokering file when brokering is on.
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, format!("[keys]\nenabled = true\nfile = \"{f}\"\n"))?;
+    let checked = run(&["--config", config.to_str().expect("utf-8"), "check-config"])?;
+    assert!(checked.status.success(), "{}", String::from_utf8_lossy(&checked.stderr));
+
+    // A file others can read is refused, and the error shows no key.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
+    let out = run(&["keys", "list", "--file", f])?;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("chmod 600") && !err.contains(real), "unexpected error output");
+    let checked = run(&["--config", config.to_str().expect("utf-8"), "check-config"])?;
+    assert_eq!(checked.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&checked.stderr);
+    assert!(err.contains("chmod 600") && !err.contains(real), "check-config: unexpected error output");
+    Ok(())
+}

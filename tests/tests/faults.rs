@@ -201,6 +201,7 @@ impl Plane {
                     engine: Some(Arc::new(Engine::builtin()?)),
                     akto: None,
                     cfg: GuardrailsConfig::default(),
+                    keys: None,
                 };
                 Some(pipeline(g, &audit, &metrics))
             }
@@ -219,7 +220,7 @@ impl Plane {
                     akto: akto.clone(),
                     ..GuardrailsConfig::default()
                 };
-                let g = Guardrails { engine: None, akto: Some(Arc::new(AktoClient::new(akto)?)), cfg };
+                let g = Guardrails { engine: None, akto: Some(Arc::new(AktoClient::new(akto)?)), cfg, keys: None };
                 Some(pipeline(g, &audit, &metrics))
             }
         };

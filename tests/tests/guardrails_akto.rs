@@ -71,6 +71,7 @@ async fn setup_with(
         engine: backends.contains(&Backend::Local).then(|| Engine::builtin().map(Arc::new)).transpose()?,
         akto: Some(Arc::new(AktoClient::new(akto_cfg)?)),
         cfg,
+        keys: None,
     };
     // The receiver keeps the last value after the sender is gone.
     let (_, rx) = watch::channel(Arc::new(guardrails));

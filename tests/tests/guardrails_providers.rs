@@ -266,6 +266,7 @@ impl World {
             engine: Some(Arc::new(Engine::builtin()?)),
             akto: None,
             cfg: GuardrailsConfig { stream_mode: StreamMode::Enforce, ..Default::default() },
+            keys: None,
         };
         let (reload, current) = watch::channel(Arc::new(guardrails));
         let pipeline = Pipeline::new(current, AuditLog::start(Some(audit.clone()), Arc::clone(&metrics)), metrics);

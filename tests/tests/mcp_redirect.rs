@@ -147,6 +147,9 @@ impl Setup {
     /// A plain target is redirected, relayed as HTTP and inspected; a key in
     /// a tool call never reaches the server.
     async fn check_plain(&self, mode: &str) -> Result<()> {
+        // The admin API shows the plain target beside the AI targets.
+        let status = self.proxy.status(&self.netns)?;
+        assert_eq!(status["targets"]["plain"][PLAIN], "127.0.0.1", "{mode}: {status:#}");
         let url = format!("http://{PLAIN}/mcp");
         let r = curl(&self.env(), &mcp_request(&url, &tools_call(1, "buy milk")), HttpVersion::Http11).await?;
         assert_eq!(r.status, 200, "{mode}: {}", String::from_utf8_lossy(&r.body));

@@ -59,6 +59,7 @@ impl World {
             engine: Some(Arc::new(Engine::builtin()?)),
             akto: None,
             cfg: GuardrailsConfig { stream_mode: StreamMode::Enforce, ..Default::default() },
+            keys: None,
         };
         let (reload, current) = watch::channel(Arc::new(guardrails));
         let pipeline = Pipeline::new(current, AuditLog::start(None, Arc::clone(&metrics)), metrics);
@@ -299,6 +300,7 @@ fn enforcing_pipeline() -> Result<Pipeline> {
         engine: Some(Arc::new(Engine::builtin()?)),
         akto: None,
         cfg: GuardrailsConfig { stream_mode: StreamMode::Enforce, ..Default::default() },
+        keys: None,
     };
     let (_, current) = watch::channel(Arc::new(guardrails));
     Ok(Pipeline::new(current, AuditLog::start(None, Arc::clone(&metrics)), metrics))

@@ -25,6 +25,7 @@ use interceptor::{
         pipeline::{Guardrails, Pipeline},
     },
     metrics::Metrics,
+    proxy::{ProxySettings, hook::Hook},
     testing::provider::{FakeProvider, TestPki},
     workload::Workload,
 };
@@ -112,13 +113,17 @@ impl World {
             engine: Some(Arc::new(Engine::builtin()?)),
             akto: None,
             cfg: GuardrailsConfig { stream_mode, audit_prompts, ..Default::default() },
+            keys: None,
         };
         let (reload, current) = watch::channel(Arc::new(guardrails));
         let log = AuditLog::start(Some(audit.clone()), Arc::clone(&metrics));
         let pipeline = Pipeline::new(current, log, Arc::clone(&metrics));
         let workload = Workload { pid: 4242, comm: "agent".into(), ..Default::default() };
+        let settings = ProxySettings { client_hello_timeout: Duration::from_secs(2), ..ProxySettings::default() };
+        let hook: Arc<dyn Hook> = Arc::new(pipeline);
         let proxy =
-            InProcessProxy::start_hooked_as(provider.local_addr(), &upstream_ca, Arc::new(pipeline), workload).await?;
+            InProcessProxy::start_hooked_as(provider.local_addr(), &upstream_ca, Some(hook), settings, Some(workload))
+                .await?;
         Ok(World { pki, provider, proxy, metrics, audit, _reload: reload, _dir: dir })
     }
 }

@@ -106,6 +106,7 @@ impl Control {
                         resolve_tick = tokio::time::interval(self.config.targets.resolve_interval);
                     }
                     self.reload_policy_if_changed();
+                    self.guardrails.reload_keys_if_changed(&self.config.keys.placeholder_prefix);
                 }
             }
         }

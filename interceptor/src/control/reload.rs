@@ -53,6 +53,7 @@ impl Control {
                     engine: Some(Arc::new(engine)),
                     akto: current.akto.clone(),
                     cfg: current.cfg.clone(),
+                    keys: current.keys.clone(),
                 }));
                 tracing::info!(path = %path.display(), "guardrail policy reloaded");
             }
@@ -110,6 +111,7 @@ impl Control {
             ("tls", new.tls != self.config.tls),
             ("admin", new.admin != self.config.admin),
             ("log", new.log != self.config.log),
+            ("keys", new.keys != self.config.keys),
         ] {
             if changed {
                 tracing::warn!(section, "this section changed but only takes effect after a restart");
@@ -117,7 +119,9 @@ impl Control {
         }
         if new.guardrails != self.config.guardrails {
             match build_guardrails(&new) {
-                Ok((text, guardrails)) => {
+                Ok((text, mut guardrails)) => {
+                    // The brokering file is reloaded on its own.
+                    guardrails.keys = self.guardrails.current.borrow().keys.clone();
                     self.guardrails.policy_text = text;
                     let _ = self.guardrails.current.send(Arc::new(guardrails));
                     self.config.guardrails = new.guardrails.clone();

@@ -230,6 +230,8 @@ pub enum Stage {
     WebSocket,
     /// The proxy, before any request (unclassified connections).
     Proxy,
+    /// Key brokering (placeholders and real keys).
+    Keys,
 }
 
 impl Stage {
@@ -241,6 +243,7 @@ impl Stage {
             Self::Framing => "framing",
             Self::WebSocket => "websocket",
             Self::Proxy => "proxy",
+            Self::Keys => "keys",
         }
     }
 }

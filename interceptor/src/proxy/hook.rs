@@ -233,6 +233,18 @@ pub trait Hook: Send + Sync + 'static {
     ) {
     }
 
+    /// A request whose body is forwarded uninspected (over the inspection
+    /// limit, oversize policy `pass`), before it is sent: `head` may be
+    /// changed (headers, target), or the client answered instead. Called
+    /// before [`Hook::on_not_inspected`]. The default forwards it.
+    async fn on_uninspected_request(
+        &self,
+        _exchange: &Exchange,
+        _head: &mut http::request::Parts,
+    ) -> Option<http::Response<Full<Bytes>>> {
+        None
+    }
+
     /// A connection to an AI address was refused, or relayed uninspected,
     /// before any request: records it.
     async fn on_unclassified(&self, _conn: &Unclassified<'_>) {}

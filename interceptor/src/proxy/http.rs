@@ -462,6 +462,9 @@ async fn handle(mut req: Request<hyper::body::Incoming>, conn: Arc<Intercepted>)
                     tracing::warn!(%reason, "request refused");
                     return error_response(Problem::RequestTooLarge, &reason);
                 }
+                if let Some(response) = hook.on_uninspected_request(&conn.exchange, &mut parts).await {
+                    return response.map(|b| b.map_err(boxed).boxed_unsync());
+                }
                 hook.on_not_inspected(&conn.exchange, &None, &parts, None, &reason).await;
                 let body = holding(prepend(prefix, rest), reservation);
                 let (Ok(resp) | Err(resp)) =

@@ -138,6 +138,7 @@ pub use detectors::builtin_names as detector_names;
 pub use incremental::{MIN_HOLD, StreamTracker};
 pub use policy::{Action, BUILTIN_POLICY, Coverage, EntryKind, InstructionMode, Policy, PolicyProblem, Severity};
 pub use redact::redact;
+pub(crate) use scope::{HostPattern, WorkloadPattern};
 
 use crate::{
     guardrails::model::{Direction, Provider, TextKind},

@@ -61,7 +61,7 @@ pub(super) const LLM_KINDS: u16 = 63;
 
 /// A host pattern: lowercase, without a trailing dot.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) enum HostPattern {
+pub(crate) enum HostPattern {
     /// `.example.com`: the domain and every subdomain.
     Domain(String),
     /// `api.example.com`, `*.example.com`, `api-*.example.com`.
@@ -69,7 +69,7 @@ pub(super) enum HostPattern {
 }
 
 impl HostPattern {
-    pub(super) fn parse(s: &str) -> Result<Self, String> {
+    pub(crate) fn parse(s: &str) -> Result<Self, String> {
         let p = s.trim_end_matches('.').to_ascii_lowercase();
         if p.is_empty() || p == "." {
             return Err("empty host pattern".into());
@@ -83,7 +83,7 @@ impl HostPattern {
         })
     }
 
-    fn matches(&self, host: &str) -> bool {
+    pub(crate) fn matches(&self, host: &str) -> bool {
         let host = host.trim_end_matches('.');
         match self {
             Self::Domain(d) => {
@@ -109,7 +109,7 @@ impl fmt::Display for HostPattern {
 /// A workload pattern (syntax on the parent module): one fact of the
 /// workload, globbed or compared.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct WorkloadPattern {
+pub(crate) struct WorkloadPattern {
     /// As written, for people (`interceptor check-policy`).
     source: String,
     test: WorkloadTest,
@@ -153,7 +153,7 @@ const WORKLOAD_KINDS: [&str; 9] =
     ["comm", "thread", "exe", "uid", "cgroup", "namespace", "pod", "service_account", "label"];
 
 impl WorkloadPattern {
-    pub(super) fn parse(s: &str) -> Result<Self, String> {
+    pub(crate) fn parse(s: &str) -> Result<Self, String> {
         let test = match s.split_once(':') {
             _ if s.starts_with('/') => WorkloadTest::Cgroup(glob_of(s, s)?),
             Some((kind, rest)) if WORKLOAD_KINDS.contains(&kind) => match kind {
@@ -183,7 +183,7 @@ impl WorkloadPattern {
         Ok(Self { source: s.to_owned(), test })
     }
 
-    pub(super) fn matches(&self, w: &WorkloadRef<'_>) -> bool {
+    pub(crate) fn matches(&self, w: &WorkloadRef<'_>) -> bool {
         let named = |g: &str, name: &str| !name.is_empty() && glob(g.as_bytes(), name.as_bytes(), false);
         let pod = w.pod;
         match &self.test {

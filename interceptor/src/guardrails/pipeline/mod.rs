@@ -53,6 +53,7 @@ use super::{
     akto::AktoClient,
     backend::{Backend, Call},
     engine::Engine,
+    keys::{self, Broker},
     providers,
 };
 use crate::{
@@ -70,6 +71,8 @@ pub struct Guardrails {
     pub engine: Option<Arc<Engine>>,
     pub akto: Option<Arc<AktoClient>>,
     pub cfg: GuardrailsConfig,
+    /// Key brokering, when `keys.enabled` (its file is reloaded on its own).
+    pub keys: Option<Arc<Broker>>,
 }
 
 impl Guardrails {
@@ -215,6 +218,21 @@ impl Hook for Pipeline {
         self.not_inspected(ex, call_of(state), request, response.is_some(), reason).await;
     }
 
+    /// Key brokering still applies to a body that is not inspected.
+    async fn on_uninspected_request(
+        &self,
+        ex: &Exchange,
+        head: &mut http::request::Parts,
+    ) -> Option<http::Response<http_body_util::Full<Bytes>>> {
+        match request::broker_keys(self, ex, head).await {
+            Ok(swaps) => {
+                keys::apply(head, &swaps);
+                None
+            }
+            Err(refused) => Some(refused),
+        }
+    }
+
     async fn on_unclassified(&self, conn: &Unclassified<'_>) {
         self.unclassified(conn).await;
     }
@@ -236,7 +254,15 @@ impl Hook for Pipeline {
     /// Known WebSocket protocols are inspected message by message; others
     /// follow `guardrails.unknown_websocket` (see `pipeline::websocket`).
     async fn on_upgrade(&self, ex: &Exchange, head: &mut http::request::Parts) -> UpgradeAction {
-        websocket::on_upgrade(self, ex, head).await
+        let swaps = match request::broker_keys(self, ex, head).await {
+            Ok(swaps) => swaps,
+            Err(refused) => return UpgradeAction::Respond(refused),
+        };
+        let action = websocket::on_upgrade(self, ex, head).await;
+        if !matches!(action, UpgradeAction::Respond(_)) {
+            keys::apply(head, &swaps);
+        }
+        action
     }
 }
 

@@ -20,6 +20,7 @@ use crate::{
     guardrails::{
         backend::{Call, Phase, current_body},
         decode::{DecodeError, DecodedText, decode_body_bounded, decode_charset},
+        keys::{self, Swap, Verdict},
         model::{Direction, NormalizedRequest, Provider, Role, Stage, TextKind, TextSpan},
         providers,
     },
@@ -44,8 +45,39 @@ pub(super) async fn on_request(
     }
     // Responses are inspected as they stream: ask for them uncompressed.
     head.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    // Keys are judged before the checks (a refused request is not checked)
+    // and swapped after them, so no backend ever sees a real key.
+    let swaps = match g.keys.as_deref().map(|b| b.decide(&ex.sni, ex.workload.as_ref(), head)) {
+        None | Some(Verdict::Untouched) => Vec::new(),
+        Some(Verdict::Replace(swaps)) => swaps,
+        Some(Verdict::Refuse(reason)) => {
+            return (RequestAction::Respond(p.refuse_key(&g, &call, reason, started).await), call);
+        }
+    };
     let action = p.inspect_request(&g, &mut call, head, body, started).await;
+    if !matches!(action, RequestAction::Respond(_)) {
+        keys::apply(head, &swaps);
+    }
     (action, call)
+}
+
+/// Key brokering for a request that has no request phase of its own (a
+/// WebSocket upgrade, a body over the inspection limit): the swaps to make once the request is let through,
+/// or the refusal (audited) to answer.
+pub(super) async fn broker_keys(
+    p: &Pipeline,
+    ex: &Exchange,
+    head: &http::request::Parts,
+) -> Result<Vec<Swap>, http::Response<http_body_util::Full<Bytes>>> {
+    let g = p.snapshot();
+    match g.keys.as_deref().map(|b| b.decide(&ex.sni, ex.workload.as_ref(), head)) {
+        None | Some(Verdict::Untouched) => Ok(Vec::new()),
+        Some(Verdict::Replace(swaps)) => Ok(swaps),
+        Some(Verdict::Refuse(reason)) => {
+            let call = new_call(&g, ex, head, Bytes::new());
+            Err(p.refuse_key(&g, &call, reason, Instant::now()).await)
+        }
+    }
 }
 
 /// A request body parsed: the JSON (if it is), and every text in it.
@@ -138,6 +170,25 @@ impl Pipeline {
             return RequestAction::ReplaceBody(current_body(doc, subject.raw_text.as_deref(), &decoded, true));
         }
         RequestAction::Forward
+    }
+
+    /// A credential key brokering refuses: audited (rule `key_brokering`,
+    /// the reason holds no key) and answered with the block contract.
+    async fn refuse_key(
+        &self,
+        g: &Guardrails,
+        call: &Call,
+        reason: String,
+        started: Instant,
+    ) -> http::Response<http_body_util::Full<Bytes>> {
+        tracing::warn!(rule = keys::RULE, %reason, "request refused by key brokering");
+        let mut outcome = Outcome::default();
+        outcome.stages.push(Stage::Keys);
+        outcome.note_rule(keys::RULE);
+        let status = StatusCode::FORBIDDEN;
+        outcome.block = Some(Block { status, reason: reason.clone(), stage: Stage::Keys, rule: keys::RULE.into() });
+        self.audit(g, call, Direction::Request, &outcome, started, None).await;
+        respond::blocked(status, &reason)
     }
 
     /// A request body that cannot be decoded for inspection (unknown or
