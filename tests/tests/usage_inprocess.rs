@@ -241,3 +241,87 @@ async fn usage_is_accounted_with_streams_monitored() -> Result<()> {
 async fn usage_is_accounted_on_the_full_path() -> Result<()> {
     usage_is_accounted(StreamMode::Enforce, true).await
 }
+
+/// The official SDKs, streaming through the proxy: the usage they report to
+/// their caller is the usage the audit events carry and the counters add up
+/// (OpenAI's with `stream_options.include_usage`, Anthropic's from
+/// `message_start` and `message_delta`).
+const SDK_SCRIPT: &str = r#"
+import json, os, socket, ssl
+import httpx, openai, anthropic
+
+params = json.loads(os.environ["USAGE_SDK_PARAMS"])
+# The provider names resolve to the proxy on loopback, for this process only.
+resolve = socket.getaddrinfo
+def loopback(host, port, *args, **kwargs):
+    if host in ("api.openai.com", "api.anthropic.com"):
+        host = "127.0.0.1"
+    return resolve(host, port, *args, **kwargs)
+socket.getaddrinfo = loopback
+tls = ssl.create_default_context(cafile=params["ca"])
+port = params["port"]
+out = {}
+
+client = openai.OpenAI(api_key="sk-usage-test", base_url=f"https://api.openai.com:{port}/v1",
+                       http_client=httpx.Client(verify=tls), max_retries=0)
+stream = client.chat.completions.create(
+    model="gpt-4o", messages=[{"role": "user", "content": "Capital of France?"}], stream=True,
+    stream_options={"include_usage": True},
+    extra_headers={"x-request-id": "sdk-openai", "x-fake-reply": params["reply"]})
+usage = None
+for chunk in stream:
+    if chunk.usage is not None:
+        usage = chunk.usage
+out["sdk-openai"] = {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens}
+
+client = anthropic.Anthropic(api_key="sk-ant-usage-test", base_url=f"https://api.anthropic.com:{port}",
+                             http_client=httpx.Client(verify=tls), max_retries=0)
+with client.messages.stream(
+        model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "Capital of France?"}],
+        extra_headers={"x-request-id": "sdk-anthropic", "x-fake-reply": params["reply"]}) as stream:
+    message = stream.get_final_message()
+out["sdk-anthropic"] = {"input_tokens": message.usage.input_tokens, "output_tokens": message.usage.output_tokens}
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_usage_sdks_report_is_the_usage_accounted() -> Result<()> {
+    let w = World::start(StreamMode::Enforce, false).await?;
+    let params = json!({"port": w.proxy.addr.port(), "ca": w.proxy.ca_path, "reply": REPLY});
+    let run = tokio::process::Command::new("python3")
+        .args(["-c", SDK_SCRIPT])
+        .env("USAGE_SDK_PARAMS", params.to_string())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run).await.context("the SDK script timed out")??;
+    ensure!(out.status.success(), "SDK script failed: {}", String::from_utf8_lossy(&out.stderr));
+    let reported: Value = serde_json::from_slice(&out.stdout).context("the SDK script's output")?;
+    let exposition = {
+        let mut events = Vec::new();
+        for request_id in ["sdk-openai", "sdk-anthropic"] {
+            events.push(response_event(&w.audit, request_id).await?);
+        }
+        for (event, request_id) in events.iter().zip(["sdk-openai", "sdk-anthropic"]) {
+            let sdk = &reported[request_id];
+            ensure!(sdk["input_tokens"].as_u64().is_some_and(|n| n > 0), "{request_id}: the SDK saw {sdk}");
+            let usage = &event["usage"];
+            ensure!(usage["estimated"] == false, "{request_id}: {usage}");
+            for kind in ["input_tokens", "output_tokens"] {
+                ensure!(usage[kind] == sdk[kind], "{request_id}: audit {usage}, the SDK saw {sdk}");
+            }
+        }
+        w.metrics.encode()
+    };
+    for (provider, model, request_id) in
+        [("openai_chat", "gpt-4o", "sdk-openai"), ("anthropic", "claude-sonnet-4-5", "sdk-anthropic")]
+    {
+        for kind in ["input", "output"] {
+            let series = format!(
+                r#"interceptor_tokens_total{{workload="comm:agent",provider="{provider}",model="{model}",kind="{kind}"}}"#
+            );
+            let sdk = reported[request_id][format!("{kind}_tokens")].as_u64().unwrap_or_default();
+            ensure!(sample(&exposition, &series) == sdk, "{series}: the SDK saw {sdk}\n{exposition}");
+        }
+    }
+    Ok(())
+}
