@@ -11,6 +11,7 @@
 //! is set, where they fail instead) are counted and listed per step, and a step in which
 //! every test skipped is shown as skipped, not passed.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -193,6 +194,9 @@ pub fn test(extra: &[String]) -> Result<()> {
             }
             None => steps.not_run("privileged tests", "needs the interceptor build"),
         }
+        if cmd::in_ci() {
+            drop_test_executables(&cmd::target_dir().join("debug").join("deps"));
+        }
         steps.run("fuzz targets (8s each)", || fuzz::run(&[], fuzz::SUITE_TIME));
     }
 
@@ -205,6 +209,23 @@ pub fn test(extra: &[String]) -> Result<()> {
         0 => Ok(()),
         n => bail!("{n} of {} test steps did not pass", steps.0.len()),
     }
+}
+
+/// Removes the test executables the steps before the fuzz step built (about 2.5 GB; the
+/// fuzz targets build in a target directory of their own). CI only: a clean clone there
+/// never runs them again, while a local run keeps them for the next one.
+fn drop_test_executables(deps: &Path) {
+    let Ok(entries) = std::fs::read_dir(deps) else { return };
+    let mut freed = 0u64;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(meta) = entry.metadata() else { continue };
+        let executable = meta.is_file() && meta.permissions().mode() & 0o111 != 0;
+        if executable && path.extension().is_none() && std::fs::remove_file(&path).is_ok() {
+            freed += meta.len();
+        }
+    }
+    println!("freed {:.1} GiB of test executables for the fuzz build", gib(freed));
 }
 
 /// Splits `[cargo args] [-- harness args]`.
@@ -299,6 +320,34 @@ mod tests {
         let (cargo_args, harness_args) = split_extra(&extra);
         assert_eq!(cargo_args.len(), 1);
         assert!(harness_args.is_empty());
+    }
+
+    #[test]
+    fn only_test_executables_are_dropped() {
+        let deps = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, mode: u32| {
+            let path = deps.path().join(name);
+            std::fs::write(&path, b"x").expect("write");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        };
+        write("observe-67ebc5719023f69b", 0o755);
+        write("libinterceptor-c1bc1619832aa677.rlib", 0o644);
+        write("libserde_derive-fc7abc14d5eff1b5.so", 0o755);
+        write("observe-67ebc5719023f69b.d", 0o644);
+        drop_test_executables(deps.path());
+        let mut left: Vec<_> = std::fs::read_dir(deps.path())
+            .expect("read")
+            .map(|entry| entry.expect("entry").file_name().into_string().expect("utf-8"))
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "libinterceptor-c1bc1619832aa677.rlib",
+                "libserde_derive-fc7abc14d5eff1b5.so",
+                "observe-67ebc5719023f69b.d"
+            ]
+        );
     }
 
     #[test]

@@ -1841,6 +1841,9 @@ mod tests {
         {
             let mut req = request(Method::POST, path, br#"{"model":"m","messages":[]}"#);
             req.headers_mut().insert("x-fake-status", HeaderValue::from_static(status));
+            // The HTTP/1 dispatcher takes the next request only once it has
+            // finished with the previous response.
+            tokio::time::timeout(STEP, sender.ready()).await.expect("in time").expect("ready");
             let got = read(sender.send_request(req).await.expect("send")).await.expect("read");
             assert_eq!(got.status.as_str(), status);
             assert_eq!(got.headers[header::CONTENT_TYPE], "application/json");
@@ -1850,6 +1853,7 @@ mod tests {
         // Not an error status: ignored.
         let mut req = request(Method::POST, "/v1/chat/completions", br#"{"messages":[]}"#);
         req.headers_mut().insert("x-fake-status", HeaderValue::from_static("204"));
+        tokio::time::timeout(STEP, sender.ready()).await.expect("in time").expect("ready");
         let got = read(sender.send_request(req).await.expect("send")).await.expect("read");
         assert_eq!(got.status, StatusCode::OK);
     }
