@@ -247,8 +247,8 @@ async fn usage_is_accounted_on_the_full_path() -> Result<()> {
 /// (OpenAI's with `stream_options.include_usage`, Anthropic's from
 /// `message_start` and `message_delta`).
 const SDK_SCRIPT: &str = r#"
-import json, os, socket, ssl
-import httpx, openai, anthropic
+import json, os, socket
+import openai, anthropic
 
 params = json.loads(os.environ["USAGE_SDK_PARAMS"])
 # The provider names resolve to the proxy on loopback, for this process only.
@@ -258,12 +258,10 @@ def loopback(host, port, *args, **kwargs):
         host = "127.0.0.1"
     return resolve(host, port, *args, **kwargs)
 socket.getaddrinfo = loopback
-tls = ssl.create_default_context(cafile=params["ca"])
 port = params["port"]
 out = {}
 
-client = openai.OpenAI(api_key="sk-usage-test", base_url=f"https://api.openai.com:{port}/v1",
-                       http_client=httpx.Client(verify=tls), max_retries=0)
+client = openai.OpenAI(api_key="sk-usage-test", base_url=f"https://api.openai.com:{port}/v1", max_retries=0)
 stream = client.chat.completions.create(
     model="gpt-4o", messages=[{"role": "user", "content": "Capital of France?"}], stream=True,
     stream_options={"include_usage": True},
@@ -274,8 +272,7 @@ for chunk in stream:
         usage = chunk.usage
 out["sdk-openai"] = {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens}
 
-client = anthropic.Anthropic(api_key="sk-ant-usage-test", base_url=f"https://api.anthropic.com:{port}",
-                             http_client=httpx.Client(verify=tls), max_retries=0)
+client = anthropic.Anthropic(api_key="sk-ant-usage-test", base_url=f"https://api.anthropic.com:{port}", max_retries=0)
 with client.messages.stream(
         model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "Capital of France?"}],
         extra_headers={"x-request-id": "sdk-anthropic", "x-fake-reply": params["reply"]}) as stream:
@@ -291,6 +288,8 @@ async fn the_usage_sdks_report_is_the_usage_accounted() -> Result<()> {
     let run = tokio::process::Command::new("python3")
         .args(["-c", SDK_SCRIPT])
         .env("USAGE_SDK_PARAMS", params.to_string())
+        // The SDKs trust the interceptor's CA through the variable their HTTP clients read.
+        .env("SSL_CERT_FILE", &w.proxy.ca_path)
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(60), run).await.context("the SDK script timed out")??;
