@@ -180,7 +180,14 @@ pub struct AuditEvent {
     /// The MCP exchange (MCP traffic and event `mcp_tool_call`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mcp: Option<McpInfo>,
+    /// The tokens a successful answer used (response events), from the
+    /// provider's usage fields or, for a stream without them, estimated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageInfo>,
 }
+
+/// What an audit event says of the tokens an exchange used.
+pub use crate::guardrails::usage::Usage as UsageInfo;
 
 /// What an audit event says of an MCP exchange.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -594,6 +601,7 @@ mod tests {
             prompt: None,
             websocket: None,
             mcp: None,
+            usage: None,
         }
     }
 

@@ -84,7 +84,18 @@ fn check(modules: &[&str], forbidden: &[&str]) {
 fn the_data_path_never_imports_the_control_plane() {
     check(
         &["proxy", "guardrails", "audit", "metrics", "dns", "ca"],
-        &["redirect", "control", "dataplane", "app", "admin", "privileges", "doctor", "kubernetes", "check_policy"],
+        &[
+            "redirect",
+            "control",
+            "dataplane",
+            "app",
+            "admin",
+            "privileges",
+            "doctor",
+            "kubernetes",
+            "check_policy",
+            "usage_report",
+        ],
     );
 }
 
@@ -100,6 +111,7 @@ fn the_bottom_layer_imports_nothing_above_it() {
         "privileges",
         "doctor",
         "check_policy",
+        "usage_report",
         "proxy",
         "guardrails",
         "audit",

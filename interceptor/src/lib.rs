@@ -35,6 +35,7 @@ pub mod redirect;
 pub mod respond;
 pub mod targets;
 pub mod telemetry;
+pub mod usage_report;
 pub mod webhook;
 pub mod workload;
 

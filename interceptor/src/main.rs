@@ -50,6 +50,9 @@ enum Command {
     /// Show which rules and system prompts of the configured policy apply to
     /// a workload.
     CheckPolicy(CheckPolicyArgs),
+    /// Print the tokens used over a period, per workload, model or provider,
+    /// from the audit file.
+    Usage(UsageArgs),
     /// The certificate authority that signs intercepted connections.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -102,6 +105,28 @@ struct KeysRevokeArgs {
     id: String,
     #[command(flatten)]
     file: KeysFileArgs,
+}
+
+#[derive(clap::Args)]
+struct UsageArgs {
+    /// The audit file to read (default: the configured guardrails.audit_file).
+    #[arg(long)]
+    audit_file: Option<PathBuf>,
+    /// The period: this long before now (for example 30m, 24h, 7d).
+    #[arg(long, default_value = "24h")]
+    since: String,
+    /// Totals per workload, model or provider.
+    #[arg(long, default_value = "workload")]
+    by: String,
+    /// text (a table) or json.
+    #[arg(long, default_value = "text")]
+    output: OutputFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -499,6 +524,43 @@ fn status(admin: SocketAddr) -> anyhow::Result<String> {
         writeln!(out, "  {:<24} {}", s(&pair[0]), pair[1])?;
     }
     Ok(out)
+}
+
+/// `usage`: bad arguments or no audit file exit 2, an unreadable file 1.
+fn usage(config_path: Option<&PathBuf>, args: &UsageArgs) -> ExitCode {
+    use interceptor::usage_report::{self, UsageReportError};
+    let bad = |error: &UsageReportError| {
+        eprintln!("error: {}", error::chain(error));
+        ExitCode::from(2)
+    };
+    let (since, by) = match (usage_report::parse_since(&args.since), args.by.parse()) {
+        (Ok(since), Ok(by)) => (since, by),
+        (Err(error), _) | (_, Err(error)) => return bad(&error),
+    };
+    let path = match &args.audit_file {
+        Some(path) => path.clone(),
+        None => match load(config_path, &RunArgs::default()) {
+            Ok(config) if !config.guardrails.audit_file.as_os_str().is_empty() => config.guardrails.audit_file,
+            Ok(_) => return bad(&UsageReportError::NoAuditFile),
+            Err(code) => return code,
+        },
+    };
+    let since = time::OffsetDateTime::now_utc() - since;
+    let report = match usage_report::report(&path, since, by) {
+        Ok(report) => report,
+        Err(error) => return fail(&error),
+    };
+    match args.output {
+        OutputFormat::Text => print!("{}", report.text()),
+        OutputFormat::Json => match serde_json::to_string_pretty(&report) {
+            Ok(json) => println!("{json}"),
+            Err(error) => return fail(&error),
+        },
+    }
+    if report.skipped_lines > 0 {
+        eprintln!("note: {} lines of {} are not audit events and were skipped", report.skipped_lines, path.display());
+    }
+    ExitCode::SUCCESS
 }
 
 /// `check-policy`: bad input or policy exits 2, like `check-config`.
@@ -901,6 +963,7 @@ fn main() -> ExitCode {
             }
         }
         Command::CheckPolicy(args) => check_policy(cli.config.as_ref(), &args),
+        Command::Usage(args) => usage(cli.config.as_ref(), &args),
         Command::CheckConfig(args) => match load(cli.config.as_ref(), &args) {
             Ok(config) => {
                 match toml::to_string_pretty(&config) {

@@ -209,6 +209,63 @@ fn label_text(text: &str) -> String {
     if text.is_empty() { "_".to_owned() } else { text }
 }
 
+label_enum! {
+    /// Which tokens a count is of.
+    pub enum TokenKind {
+        Input => "input",
+        Output => "output",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub workload: String,
+    pub provider: &'static str,
+    pub model: String,
+    pub kind: TokenKind,
+}
+
+/// At most this many workloads get a label value of their own in the token
+/// counters; later ones are counted as "other".
+pub const MAX_WORKLOAD_LABELS: usize = 256;
+/// At most this many models per provider get a label value of their own in
+/// the token counters; later ones are counted as "other".
+pub const MAX_MODEL_LABELS: usize = 64;
+
+/// The workload and model label values of the token counters given out so
+/// far (models are named by clients, workloads by the processes and pods
+/// that run).
+#[derive(Debug, Default)]
+struct TokenLabelValues {
+    workloads: HashSet<String>,
+    models: HashMap<&'static str, HashSet<String>>,
+    /// The input and output counters of label sets whose workload and model
+    /// are their own label values, by workload, provider and model: an
+    /// answer of a known workload and model counts without allocating.
+    /// Bounded like the label values.
+    counters: HashMap<String, HashMap<&'static str, HashMap<String, [Counter; 2]>>>,
+}
+
+impl TokenLabelValues {
+    fn labels(&mut self, workload: &str, provider: &'static str, model: &str) -> (String, String) {
+        let workload = bounded(&mut self.workloads, label_text(workload), MAX_WORKLOAD_LABELS);
+        let model = bounded(self.models.entry(provider).or_default(), label_text(model), MAX_MODEL_LABELS);
+        (workload, model)
+    }
+}
+
+/// `value` if it already has a label or there is room for it, else "other".
+fn bounded(given: &mut HashSet<String>, value: String, max: usize) -> String {
+    if given.contains(&value) {
+        return value;
+    }
+    if given.len() >= max {
+        return OTHER_LABEL.to_owned();
+    }
+    given.insert(value.clone());
+    value
+}
+
 /// Which buffered body found the inspection budget used up.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BudgetLabels {
@@ -240,6 +297,10 @@ pub struct Metrics {
     /// MCP tool definitions that changed since they were pinned, by server.
     mcp_tool_changes: Family<McpServerLabels, Counter>,
     mcp_labels: Mutex<McpLabels>,
+    /// Tokens used, by workload, provider, model and kind (through
+    /// [`Metrics::tokens_used`], which bounds the label values).
+    tokens: Family<TokenLabels, Counter>,
+    token_labels: Mutex<TokenLabelValues>,
 }
 
 impl Default for Metrics {
@@ -315,6 +376,13 @@ impl Metrics {
             "MCP tool definitions that changed since they were first seen, by server",
             mcp_tool_changes.clone(),
         );
+        let tokens = Family::default();
+        registry.register(
+            "tokens",
+            "Tokens used by successful answers, by workload, provider, model and kind (input or output; workloads \
+             and models past a cap are \"other\")",
+            tokens.clone(),
+        );
         Self {
             registry,
             connections,
@@ -330,6 +398,8 @@ impl Metrics {
             mcp_tool_calls,
             mcp_tool_changes,
             mcp_labels: Mutex::default(),
+            tokens,
+            token_labels: Mutex::default(),
         }
     }
 
@@ -343,6 +413,30 @@ impl Metrics {
     pub fn mcp_tool_changes(&self, server: &str, changed: u64) {
         let server = self.mcp_labels().server(server);
         self.mcp_tool_changes.get_or_create(&McpServerLabels { server }).inc_by(changed);
+    }
+
+    /// Counts the tokens of one answer. `workload` is the workload's stable
+    /// key (`k8s:namespace/service-account`, `exe:/path`, `comm:name`).
+    pub fn tokens_used(&self, workload: &str, provider: &'static str, model: &str, input: u64, output: u64) {
+        let mut values = self.token_labels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let cached = values.counters.get(workload).and_then(|p| p.get(provider)).and_then(|m| m.get(model));
+        if let Some([input_tokens, output_tokens]) = cached {
+            input_tokens.inc_by(input);
+            output_tokens.inc_by(output);
+            return;
+        }
+        let (workload_label, model_label) = values.labels(workload, provider, model);
+        let mut labels = TokenLabels { workload: workload_label, provider, model: model_label, kind: TokenKind::Input };
+        let input_tokens = self.tokens.get_or_create(&labels).clone();
+        labels.kind = TokenKind::Output;
+        let output_tokens = self.tokens.get_or_create(&labels).clone();
+        input_tokens.inc_by(input);
+        output_tokens.inc_by(output);
+        if labels.workload == workload && labels.model == model {
+            let TokenLabels { workload, model, .. } = labels;
+            let models = values.counters.entry(workload).or_default().entry(provider).or_default();
+            models.insert(model, [input_tokens, output_tokens]);
+        }
     }
 
     fn mcp_labels(&self) -> std::sync::MutexGuard<'_, McpLabels> {
@@ -388,6 +482,35 @@ mod tests {
             text.contains("interceptor_guardrail_backend_errors_total{backend=\"akto\",kind=\"timeout\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn token_label_values_are_bounded() {
+        let m = Metrics::new();
+        m.tokens_used("k8s:team-a/agent", "openai_chat", "gpt-4o", 10, 3);
+        m.tokens_used("k8s:team-a/agent", "openai_chat", "gpt-4o", 5, 1);
+        for i in 0..MAX_MODEL_LABELS + 2 {
+            m.tokens_used("k8s:team-a/agent", "openai_chat", &format!("m{i}"), 1, 1);
+        }
+        // Another provider has its own models.
+        m.tokens_used("k8s:team-a/agent", "anthropic", "m0", 2, 2);
+        for i in 0..MAX_WORKLOAD_LABELS + 2 {
+            m.tokens_used(&format!("comm:w{i}"), "anthropic", "m0", 1, 0);
+        }
+        let text = m.encode();
+        let line = |prefix: &str| text.lines().find(|l| l.starts_with(prefix)).unwrap_or_default().to_owned();
+        let tokens = r#"interceptor_tokens_total{workload="k8s:team-a/agent",provider="openai_chat",model="gpt-4o""#;
+        assert!(line(&format!(r#"{tokens},kind="input"}}"#)).ends_with(" 15"), "{text}");
+        assert!(line(&format!(r#"{tokens},kind="output"}}"#)).ends_with(" 4"), "{text}");
+        // gpt-4o and m0..m62 have their own label; m63, m64, m65 are "other".
+        let other = r#"interceptor_tokens_total{workload="k8s:team-a/agent",provider="openai_chat",model="other",kind="input"}"#;
+        assert!(line(other).ends_with(" 3"), "{text}");
+        let anthropic =
+            r#"interceptor_tokens_total{workload="k8s:team-a/agent",provider="anthropic",model="m0",kind="input"}"#;
+        assert!(line(anthropic).ends_with(" 2"), "{text}");
+        // k8s:team-a/agent and comm:w0..comm:w254 have their own label.
+        let other = r#"interceptor_tokens_total{workload="other",provider="anthropic",model="m0",kind="input"}"#;
+        assert!(line(other).ends_with(" 3"), "{text}");
     }
 
     #[test]

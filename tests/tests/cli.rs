@@ -271,6 +271,69 @@ scope.providers = ["anthropic"]
     Ok(())
 }
 
+/// An audit event line of a response with `usage`, `age` before now.
+fn usage_event(age: time::Duration, workload: &str, model: &str, input: u64, output: u64) -> String {
+    let time = (time::OffsetDateTime::now_utc() - age)
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("formattable");
+    format!(
+        r#"{{"time":"{time}","event":"guardrail_decision","request_id":"r","direction":"response","decision":"allow","provider":"openai_chat","model":"{model}","workload":{workload},"usage":{{"input_tokens":{input},"output_tokens":{output},"estimated":false}}}}"#
+    )
+}
+
+#[test]
+fn usage_sums_the_audit_files_tokens_per_workload_for_a_period() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let audit = dir.path().join("audit.jsonl");
+    let agent = r#"{"pid":7,"comm":"agent"}"#;
+    let pod = r#"{"pid":8,"comm":"node","namespace":"team-a","service_account":"coder"}"#;
+    let lines = [
+        usage_event(time::Duration::hours(1), agent, "gpt-4o", 100, 20),
+        usage_event(time::Duration::minutes(5), agent, "gpt-4o-mini", 50, 5),
+        usage_event(time::Duration::minutes(1), pod, "gpt-4o", 7, 3),
+        // Outside a 24 h period.
+        usage_event(time::Duration::days(3), agent, "gpt-4o", 1000, 1000),
+        "a line that is not an audit event".to_owned(),
+    ];
+    std::fs::write(&audit, lines.join("\n") + "\n")?;
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, format!("[guardrails]\naudit_file = {:?}\n", audit.to_str().expect("utf-8")))?;
+    let config = config.to_str().expect("utf-8");
+
+    // The configured audit file, per workload, the last 24 hours.
+    let out = run(&["--config", config, "usage"])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout)?;
+    let row = |name: &str| text.lines().find(|l| l.starts_with(name)).map(|l| l.split_whitespace().collect::<Vec<_>>());
+    assert_eq!(row("comm:agent"), Some(vec!["comm:agent", "2", "150", "25"]), "{text}");
+    assert_eq!(row("k8s:team-a/coder"), Some(vec!["k8s:team-a/coder", "1", "7", "3"]), "{text}");
+    assert_eq!(row("total"), Some(vec!["total", "3", "157", "28"]), "{text}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 lines"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A given file, per model, a longer period, as JSON.
+    let path = audit.to_str().expect("utf-8");
+    let out = run(&["usage", "--audit-file", path, "--since", "7d", "--by", "model", "--output", "json"])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(json["groups"]["gpt-4o"]["input_tokens"], 1107);
+    assert_eq!(json["groups"]["gpt-4o-mini"]["output_tokens"], 5);
+    assert_eq!(json["total"]["requests"], 4);
+    assert_eq!(json["skipped_lines"], 1);
+
+    // Clear errors: no audit file configured, a bad period, a missing file.
+    let out = run(&["usage"])?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("guardrails.audit_file"));
+    let out = run(&["usage", "--audit-file", path, "--since", "soon"])?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad duration \"soon\""));
+    let missing = dir.path().join("missing.jsonl");
+    let out = run(&["usage", "--audit-file", missing.to_str().expect("utf-8")])?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.jsonl"));
+    Ok(())
+}
+
 #[test]
 fn keys_are_issued_listed_and_revoked_without_showing_a_real_key() -> Result<()> {
     let dir = tempfile::tempdir()?;

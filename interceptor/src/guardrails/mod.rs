@@ -31,4 +31,5 @@ pub mod model;
 pub mod offload;
 pub mod pipeline;
 pub mod providers;
+pub mod usage;
 pub mod websocket;

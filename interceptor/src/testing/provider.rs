@@ -882,7 +882,15 @@ fn chat_completion(parts: &http::request::Parts, req: &RecordedRequest, query: &
         // At least five events, and enough to carry the whole reply once.
         let n = query_u64(query, "n").unwrap_or_else(|| pieces.len().max(5) as u64).min(MAX_SSE_EVENTS);
         let interval = query_u64(query, "interval_ms").unwrap_or(50).min(MAX_SSE_INTERVAL_MS);
-        return sse_response(n, Duration::from_millis(interval), pieces, ctx);
+        // With `stream_options.include_usage`, a last chunk without choices
+        // carries the usage, as OpenAI sends it.
+        let include_usage = request_json
+            .as_ref()
+            .and_then(|v| v.pointer("/stream_options/include_usage"))
+            .and_then(serde_json::Value::as_bool)
+            == Some(true);
+        let usage = include_usage.then(|| chat_usage(req.body.len() / 4, reply.len() / 4));
+        return sse_response_with_usage(n, Duration::from_millis(interval), pieces, usage, ctx);
     }
     let prompt_tokens = req.body.len() / 4;
     let completion_tokens = reply.len() / 4;
@@ -902,18 +910,7 @@ fn chat_completion(parts: &http::request::Parts, req: &RecordedRequest, query: &
             "logprobs": null,
             "finish_reason": "stop",
         }],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-            "completion_tokens_details": {
-                "reasoning_tokens": 0,
-                "audio_tokens": 0,
-                "accepted_prediction_tokens": 0,
-                "rejected_prediction_tokens": 0,
-            },
-        },
+        "usage": chat_usage(prompt_tokens, completion_tokens),
         "service_tier": "default",
         "system_fingerprint": "fp_fake0001",
         "echo_len": req.body.len(),
@@ -926,11 +923,50 @@ fn chat_completion(parts: &http::request::Parts, req: &RecordedRequest, query: &
     response
 }
 
+/// A chat completion's `usage` object.
+fn chat_usage(prompt_tokens: usize, completion_tokens: usize) -> serde_json::Value {
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    })
+}
+
 /// `n` chat-completion chunks as server-sent events, `interval` apart (the
 /// first at once), each its own body frame, then `data: [DONE]`. Event `k`
 /// carries `pieces[k % pieces.len()]`. With a fault, the stream stalls or the
 /// connection is reset once `after` events are out.
 fn sse_response(n: u64, interval: Duration, pieces: Vec<String>, ctx: StreamCtx) -> Response<Body> {
+    sse_response_with_usage(n, interval, pieces, None, ctx)
+}
+
+/// [`sse_response`], with a chunk carrying `usage` (and no choices) in the
+/// frame of `data: [DONE]`, when given.
+fn sse_response_with_usage(
+    n: u64,
+    interval: Duration,
+    pieces: Vec<String>,
+    usage: Option<serde_json::Value>,
+    ctx: StreamCtx,
+) -> Response<Body> {
+    let usage_event = usage.map(|usage| {
+        let chunk = json!({
+            "id": "chatcmpl-FAKESSE",
+            "object": "chat.completion.chunk",
+            "created": FAKE_CREATED,
+            "model": "gpt-4o-mini-2024-07-18",
+            "choices": [],
+            "usage": usage,
+        });
+        format!("data: {chunk}\n\n")
+    });
     let guard = StreamGuard { recorder: Arc::clone(&ctx.recorder), finished: false };
     let (fault, reset, gated, recorder) = (ctx.fault, ctx.reset, ctx.gated, ctx.recorder);
     let events = futures_util::stream::unfold((0u64, guard), move |(k, mut guard)| {
@@ -938,6 +974,7 @@ fn sse_response(n: u64, interval: Duration, pieces: Vec<String>, ctx: StreamCtx)
             pieces.get(usize::try_from(k).unwrap_or(usize::MAX) % pieces.len().max(1)).cloned().unwrap_or_default();
         let reset = Arc::clone(&reset);
         let recorder = Arc::clone(&recorder);
+        let usage_event = usage_event.clone();
         async move {
             if k > n {
                 guard.finish();
@@ -963,7 +1000,8 @@ fn sse_response(n: u64, interval: Duration, pieces: Vec<String>, ctx: StreamCtx)
             }
             recorder.sse_events_sent.fetch_add(1, Ordering::SeqCst);
             if k == n {
-                let frame = Frame::data(Bytes::from_static(b"data: [DONE]\n\n"));
+                let last = format!("{}data: [DONE]\n\n", usage_event.as_deref().unwrap_or(""));
+                let frame = Frame::data(Bytes::from(last));
                 return Some((Ok::<_, Infallible>(frame), (k + 1, guard)));
             }
             // `i` first, so the events read `data: {"i":k,...}` (serde_json sorts keys).
@@ -1912,8 +1950,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn provider_shapes_parse_as_their_provider() {
         use crate::guardrails::framing::{Frame, Framer, FramingKind};
+        use crate::guardrails::model::Provider;
         use crate::guardrails::model::StreamDelta;
-        use crate::guardrails::providers::{self, StreamEventRef};
+        use crate::guardrails::providers::{self, StreamEventRef, strings};
+        use crate::guardrails::usage::{self, Usage, UsageMeter};
 
         const CLAUDE: &str = "/model/anthropic.claude-3-5-sonnet-20241022-v2:0";
         const TITAN: &str = "/model/amazon.titan-text-express-v1";
@@ -1921,6 +1961,7 @@ mod tests {
         const GEMINI: &str = "/v1beta/models/gemini-2.0-flash";
         let chat = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
         let chat_stream = r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let chat_stream_usage = r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#;
         let responses = r#"{"model":"gpt-4.1","input":"hi"}"#;
         let responses_stream = r#"{"model":"gpt-4.1","input":"hi","stream":true}"#;
         let messages = r#"{"model":"claude-sonnet-4-5","max_tokens":9,"messages":[{"role":"user","content":"hi"}]}"#;
@@ -1934,6 +1975,7 @@ mod tests {
         let cases: Vec<(&str, String, &str)> = vec![
             ("api.openai.com", "/v1/chat/completions".into(), chat),
             ("api.openai.com", "/v1/chat/completions".into(), chat_stream),
+            ("api.openai.com", "/v1/chat/completions".into(), chat_stream_usage),
             ("api.openai.com", "/v1/responses".into(), responses),
             ("api.openai.com", "/v1/responses".into(), responses_stream),
             ("api.anthropic.com", "/v1/messages".into(), messages),
@@ -1979,7 +2021,18 @@ mod tests {
             assert_eq!(again.body, got, "{path}: not deterministic");
 
             let kind = providers::detect(host, &path);
+            // The usage the fake reports (a quarter of the bytes), and what
+            // the interceptor reads: Titan's is not read, a chat stream
+            // reports it only when asked (else it is estimated).
+            let reported =
+                Usage { input_tokens: body.len() as u64 / 4, output_tokens: reply.len() as u64 / 4, estimated: false };
+            let expected_usage = match kind {
+                _ if path.starts_with(TITAN) => None,
+                Provider::OpenAiChat if body == chat_stream => None,
+                _ => Some(reported),
+            };
             let mut deltas: Vec<StreamDelta> = Vec::new();
+            let mut meter = UsageMeter::new(kind);
             match providers::response_framing(kind, &path, &content_type) {
                 None => {
                     assert_eq!(frames.len(), 1, "{path}");
@@ -1987,6 +2040,14 @@ mod tests {
                     let texts = providers::parse_response(kind, &doc).texts;
                     let text: String = texts.iter().map(|t| t.text.as_str()).collect();
                     assert_eq!(text, reply, "{path}: {doc}");
+                    assert_eq!(usage::from_response(kind, &doc), expected_usage, "{path}");
+                    // The allowed path's walk reads the same usage.
+                    let walked = strings::each_string(&got, &mut |_| true).expect("walk");
+                    assert_eq!(
+                        usage::from_fields(kind, &walked.usage, &walked.usage_metadata),
+                        expected_usage,
+                        "{path}"
+                    );
                     continue;
                 }
                 Some(framing) => {
@@ -1996,7 +2057,10 @@ mod tests {
                             assert_eq!(message.message_type(), Some("event"));
                             assert_eq!(message.content_type(), Some("application/json"));
                         }
-                        deltas.push(providers::stream_delta(kind, StreamEventRef::from(&item)));
+                        let observe = &mut |event: Option<&str>, v: &serde_json::Value| meter.observe(event, v);
+                        let delta = providers::stream_delta_observed(kind, StreamEventRef::from(&item), observe);
+                        delta.texts.iter().for_each(|(_, text)| meter.text(text));
+                        deltas.push(delta);
                     }
                     // Whole frames, a closed array, no SSE event left without its blank line.
                     let rest = framer.finish().expect("whole frames");
@@ -2009,6 +2073,13 @@ mod tests {
             }
             let text: String = deltas.iter().flat_map(|d| d.texts.iter().map(|(_, t)| t.as_str())).collect();
             assert_eq!(text.trim_end(), reply, "{path}");
+            let estimate = Usage { input_tokens: 0, output_tokens: (text.len() as u64).div_ceil(4), estimated: true };
+            let usage = meter.usage();
+            match (kind, expected_usage) {
+                (_, Some(expected)) => assert_eq!(usage, Some(expected), "{path}"),
+                (Provider::OpenAiChat, None) => assert_eq!(usage, Some(estimate), "{path}"),
+                (_, None) => assert_eq!(usage, None, "{path}"),
+            }
             assert!(deltas.iter().any(|d| d.end), "{path}: the stream never ends");
             let deltas_with_text = deltas.iter().filter(|d| !d.texts.is_empty()).count();
             assert_eq!(deltas_with_text, pieces, "{path}: one delta per piece");

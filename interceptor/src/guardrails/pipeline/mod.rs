@@ -63,6 +63,7 @@ use crate::{
     proxy::hook::{
         BodyAction, Exchange, ExchangeState, Hook, RequestAction, ResponseAction, Unclassified, UpgradeAction,
     },
+    workload::Workload,
 };
 
 /// The backends and settings in force; replaced whole on reload.
@@ -144,6 +145,23 @@ fn new_call(g: &Guardrails, ex: &Exchange, head: &http::request::Parts, body: By
         request_headers: if g.reads_headers() { head.headers.clone() } else { http::HeaderMap::new() },
         request_body: body,
         mcp_session: None,
+    }
+}
+
+/// Who a workload is, stably (the MCP tool pins are kept per key, tokens
+/// are counted per key): a pod's namespace and service account (stable
+/// across its restarts), else its executable or process name; `*` when the
+/// workload is unknown.
+fn workload_key(workload: Option<&Workload>) -> String {
+    let Some(w) = workload else { return "*".into() };
+    if let Some(pod) = &w.pod {
+        let account = pod.service_account.as_deref().unwrap_or("default");
+        return format!("k8s:{}/{account}", pod.namespace);
+    }
+    match (&w.exe, w.comm.is_empty()) {
+        (Some(exe), _) => format!("exe:{exe}"),
+        (None, false) => format!("comm:{}", w.comm),
+        (None, true) => "*".into(),
     }
 }
 

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::Full;
 
-use super::{Guardrails, Pipeline, new_call, request_id};
+use super::{Guardrails, Pipeline, new_call, request_id, workload_key};
 use crate::{
     audit::{self, AuditEvent, EventDirection, EventKind, McpInfo, WorkloadInfo},
     config::{FailMode, OversizeAction},
@@ -18,6 +18,7 @@ use crate::{
         backend::Call,
         model::{Decision, Direction, Provider, Stage},
         providers,
+        usage::Usage,
     },
     metrics::DecisionLabels,
     proxy::hook::{Exchange, Unclassified},
@@ -174,6 +175,34 @@ impl Pipeline {
         self.audit_as(g, call, EventKind::GuardrailDecision, direction, outcome, started, prompt, None).await;
     }
 
+    /// Records a response's decision with the tokens the answer used: its
+    /// audit event's `usage` and the token counters.
+    pub(super) async fn audit_response(
+        &self,
+        g: &Guardrails,
+        call: &Call,
+        outcome: &Outcome,
+        started: Instant,
+        usage: Option<Usage>,
+    ) {
+        self.record_metrics(call.provider, Direction::Response, outcome, started);
+        let workload = WorkloadInfo::of(call.workload.as_ref());
+        let mut event = self.event(g, call, Direction::Response, outcome, started, None, workload);
+        event.usage = self.count_usage(call, usage);
+        self.audit.record(event).await;
+    }
+
+    /// Counts the tokens of an answer, per workload, provider and model;
+    /// returns them for the audit event.
+    pub(super) fn count_usage(&self, call: &Call, usage: Option<Usage>) -> Option<Usage> {
+        let usage = usage?;
+        let key = workload_key(call.workload.as_ref());
+        let workload = if key == "*" { "unknown" } else { key.as_str() };
+        let model = call.model.as_deref().unwrap_or("unknown");
+        self.metrics.tokens_used(workload, call.provider.as_str(), model, usage.input_tokens, usage.output_tokens);
+        Some(usage)
+    }
+
     /// Records an event of `kind`: a decision (with its metrics) or an MCP
     /// tool call, with the exchange's `mcp` object when it is MCP.
     #[allow(clippy::too_many_arguments)]
@@ -232,6 +261,7 @@ impl Pipeline {
             prompt: if g.cfg.audit_prompts { prompt } else { None },
             websocket: None,
             mcp: None,
+            usage: None,
         }
     }
 
@@ -297,6 +327,7 @@ impl Pipeline {
                 prompt: None,
                 websocket: None,
                 mcp: None,
+                usage: None,
             })
             .await;
     }

@@ -14,6 +14,7 @@ use crate::guardrails::{
     model::{Direction, Provider, Stage},
     offload::INLINE_SCAN_MAX,
     providers::strings,
+    usage::{self, Usage},
 };
 
 use super::{Guardrails, outcome::Outcome};
@@ -25,6 +26,8 @@ pub(super) struct Clean {
     pub outcome: Outcome,
     /// The body's top-level `model`, when it is a string.
     pub model: Option<String>,
+    /// A response's usage fields, read in the same pass.
+    pub usage: Option<Usage>,
 }
 
 /// The body `json` (decoded, UTF-8) is clean for `call` in `direction`, or
@@ -59,5 +62,9 @@ pub(super) fn clean(g: &Guardrails, call: &Call, direction: Direction, json: &[u
     }
     let mut prescan = engine.prescan(&ctx);
     let walked = strings::each_string(json, &mut |s| prescan.clear(s)).ok()?;
-    Some(Clean { outcome: Outcome { stages, ..Outcome::default() }, model: walked.model })
+    let usage = match direction {
+        Direction::Response => usage::from_fields(call.provider, &walked.usage, &walked.usage_metadata),
+        Direction::Request => None,
+    };
+    Some(Clean { outcome: Outcome { stages, ..Outcome::default() }, model: walked.model, usage })
 }

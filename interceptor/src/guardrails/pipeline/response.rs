@@ -14,7 +14,7 @@ use crate::{
         backend::{Call, Phase, current_body},
         decode::decode_body_bounded,
         model::{Direction, Provider, Role, Stage, TextKind, TextSpan},
-        providers,
+        providers, usage,
     },
     proxy::hook::{BodyAction, ResponseAction},
     respond::{self, Problem},
@@ -48,7 +48,12 @@ pub(super) fn on_response(
         return ResponseAction::Collect;
     }
     match providers::response_framing(call.provider, path, content_type) {
-        Some(kind) => ResponseAction::Inspect(Box::new(StreamGuard::new(p, g, call, kind, head).tracked())),
+        Some(kind) => {
+            let guard = StreamGuard::new(p, g, call, kind, head).tracked();
+            // Only a successful answer's tokens are counted.
+            let guard = if head.status.is_success() { guard.metered() } else { guard };
+            ResponseAction::Inspect(Box::new(guard))
+        }
         None if content_type.contains("json") || content_type.is_empty() => ResponseAction::Collect,
         None => ResponseAction::Forward,
     }
@@ -83,11 +88,14 @@ pub(super) async fn on_body(p: &Pipeline, call: &Call, head: &http::response::Pa
     {
         return action;
     }
+    let success = head.status.is_success();
     if let Some(clean) = quick::clean(&g, call, Direction::Response, &decoded) {
-        p.audit(&g, call, Direction::Response, &clean.outcome, started, None).await;
+        let usage = clean.usage.filter(|_| success);
+        p.audit_response(&g, call, &clean.outcome, started, usage).await;
         return BodyAction::Forward;
     }
     let doc: Option<Value> = serde_json::from_slice(&decoded).ok();
+    let usage = doc.as_ref().filter(|_| success).and_then(|d| usage::from_response(call.provider, d));
     let texts: Arc<Vec<TextSpan>> = Arc::new(match &doc {
         Some(d) => providers::parse_response(call.provider, d).texts,
         None => vec![TextSpan {
@@ -110,7 +118,7 @@ pub(super) async fn on_body(p: &Pipeline, call: &Call, head: &http::response::Pa
         resends_request: false,
     };
     p.run_backends(&g, Phase::Response, call, &mut subject, &mut outcome).await;
-    p.audit(&g, call, Direction::Response, &outcome, started, None).await;
+    p.audit_response(&g, call, &outcome, started, usage).await;
     if let Some(block) = outcome.block {
         return BodyAction::Respond(respond::blocked(block.status, &block.reason));
     }

@@ -36,6 +36,7 @@ use crate::{
         framing::{Framer, FramingKind},
         model::{Direction, Role, Stage, StreamDelta, TextKind, TextSpan},
         providers::{self, StreamEventRef},
+        usage::UsageMeter,
     },
     proxy::hook::{BodyInspector, ChunkAction},
 };
@@ -74,6 +75,8 @@ pub(super) struct StreamGuard {
     started: Instant,
     workload: WorkloadInfo,
     framing_broken: bool,
+    /// The answer's usage, for a successful HTTP stream.
+    meter: Option<UsageMeter>,
 }
 
 impl StreamGuard {
@@ -106,7 +109,15 @@ impl StreamGuard {
             outcome: Outcome::default(),
             started: Instant::now(),
             framing_broken: false,
+            meter: None,
         }
+    }
+
+    /// Follows the stream's usage too (for the audit event and the token
+    /// counters).
+    pub(super) fn metered(mut self) -> Self {
+        self.meter = Some(UsageMeter::new(self.call.provider));
+        self
     }
 
     /// Follows the text with the engine's automaton instead of windows,
@@ -132,7 +143,11 @@ impl StreamGuard {
             return false;
         }
         let provider = self.call.provider;
-        let delta = |ev: StreamEventRef<'_>| providers::stream_delta(provider, ev);
+        let meter = &mut self.meter;
+        let mut delta = |ev: StreamEventRef<'_>| match meter {
+            Some(meter) => providers::stream_delta_observed(provider, ev, &mut |event, v| meter.observe(event, v)),
+            None => providers::stream_delta(provider, ev),
+        };
         let result: Result<Vec<(usize, StreamDelta)>, String> = self
             .framer
             .feed(chunk)
@@ -150,6 +165,9 @@ impl StreamGuard {
             end |= delta.end;
             let mut chars = 0;
             for (_, text) in delta.texts {
+                if let Some(meter) = &mut self.meter {
+                    meter.text(&text);
+                }
                 match &mut self.tracker {
                     Some(tracker) => tracker.push(&text),
                     None => {
@@ -308,6 +326,7 @@ impl StreamGuard {
         p.record_metrics(self.call.provider, Direction::Response, &self.outcome, self.started);
         let workload = self.workload.clone();
         let mut event = p.event(&self.g, &self.call, Direction::Response, &self.outcome, self.started, None, workload);
+        event.usage = p.count_usage(&self.call, self.meter.as_ref().and_then(UsageMeter::usage));
         // A stream's event names the peers by address only.
         event.client = self.call.client.0.ip().to_string();
         event.orig_dst = self.call.orig_dst.0.ip().to_string();

@@ -632,18 +632,35 @@ pub fn path_string(path: &[PathSeg]) -> String {
 /// error or exception); trailing metadata events may still come. Events that
 /// cannot be parsed yield an empty delta.
 pub fn stream_delta(provider: Provider, ev: StreamEventRef<'_>) -> StreamDelta {
+    stream_delta_observed(provider, ev, &mut |_, _| {})
+}
+
+/// [`stream_delta`], also handing the event's parsed JSON (with the SSE
+/// event name or frame event type) to `observe`, so that what else a stream
+/// carries (its usage) is read without parsing the event twice.
+pub fn stream_delta_observed(
+    provider: Provider,
+    ev: StreamEventRef<'_>,
+    observe: &mut dyn FnMut(Option<&str>, &Value),
+) -> StreamDelta {
     match ev {
         StreamEventRef::Sse { event, data } => {
             if data.trim() == "[DONE]" {
                 return StreamDelta { texts: Vec::new(), end: true };
             }
             match serde_json::from_str::<Value>(data) {
-                Ok(v) => json_event(provider, event, &v),
+                Ok(v) => {
+                    observe(event, &v);
+                    json_event(provider, event, &v)
+                }
                 Err(_) if matches!(provider, Provider::Generic | Provider::Mcp) => generic::raw_text(data),
                 Err(_) => StreamDelta::default(),
             }
         }
-        StreamEventRef::JsonElement(v) => json_event(provider, None, v),
+        StreamEventRef::JsonElement(v) => {
+            observe(None, v);
+            json_event(provider, None, v)
+        }
         StreamEventRef::EventStream { event_type, message_type, payload } => {
             if message_type != "event" {
                 // `exception` and `error` frames end the stream.
@@ -651,7 +668,10 @@ pub fn stream_delta(provider: Provider, ev: StreamEventRef<'_>) -> StreamDelta {
             }
             if provider == Provider::BedrockConverse {
                 return match serde_json::from_slice::<Value>(payload) {
-                    Ok(v) => bedrock::converse_event(event_type, &v),
+                    Ok(v) => {
+                        observe(Some(event_type), &v);
+                        bedrock::converse_event(event_type, &v)
+                    }
                     Err(_) => StreamDelta::default(),
                 };
             }
@@ -662,7 +682,10 @@ pub fn stream_delta(provider: Provider, ev: StreamEventRef<'_>) -> StreamDelta {
                 return StreamDelta::default();
             }
             match bedrock::unwrap_chunk(payload) {
-                Some(inner) => json_event(provider, None, &inner),
+                Some(inner) => {
+                    observe(None, &inner);
+                    json_event(provider, None, &inner)
+                }
                 None => StreamDelta::default(),
             }
         }

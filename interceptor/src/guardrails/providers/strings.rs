@@ -14,12 +14,19 @@ use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
+use crate::guardrails::usage::{self, Fields};
+
 /// What the walk saw besides the strings.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Walked {
     /// The top-level `model`, when it is a string (the last one, as the
     /// parsed document keeps it).
     pub model: Option<String>,
+    /// The token counts of the top-level `usage` object (see
+    /// [`usage::from_fields`]).
+    pub usage: Fields,
+    /// The token counts of the top-level `usageMetadata` object (Gemini's).
+    pub usage_metadata: Fields,
 }
 
 /// Why a walk did not finish.
@@ -126,11 +133,19 @@ impl<'de> Visitor<'de> for Node<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let (each, stopped, mut top) = (self.each, self.stopped, self.top);
-        while let Some(is_model) = map.next_key_seed(Key)? {
-            match top.as_deref_mut() {
-                Some(walked) if is_model => {
+        while let Some(key) = map.next_key_seed(Key)? {
+            match (top.as_deref_mut(), key) {
+                (Some(walked), TopKey::Model) => {
                     let model = map.next_value_seed(Model { each: &mut *each, stopped: &mut *stopped })?;
                     walked.model = model;
+                }
+                (Some(walked), TopKey::Usage | TopKey::UsageMetadata) => {
+                    let fields = map.next_value_seed(Usage { each: &mut *each, stopped: &mut *stopped })?;
+                    // A repeated key: the last one, as the parsed document keeps it.
+                    match key {
+                        TopKey::Usage => walked.usage = fields,
+                        _ => walked.usage_metadata = fields,
+                    }
                 }
                 _ => map.next_value_seed(Node { each: &mut *each, stopped: &mut *stopped, top: None })?,
             }
@@ -139,26 +154,187 @@ impl<'de> Visitor<'de> for Node<'_> {
     }
 }
 
-/// An object key: whether it is `model`.
+/// The object keys the walk looks at (at the top level only).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TopKey {
+    Model,
+    Usage,
+    UsageMetadata,
+    Other,
+}
+
+/// An object key: which of the [`TopKey`]s it is.
 struct Key;
 
 impl<'de> DeserializeSeed<'de> for Key {
-    type Value = bool;
+    type Value = TopKey;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<TopKey, D::Error> {
         d.deserialize_str(self)
     }
 }
 
 impl<'de> Visitor<'de> for Key {
-    type Value = bool;
+    type Value = TopKey;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("an object key")
     }
 
-    fn visit_str<E: de::Error>(self, s: &str) -> Result<bool, E> {
-        Ok(s == "model")
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<TopKey, E> {
+        Ok(match s {
+            "model" => TopKey::Model,
+            "usage" => TopKey::Usage,
+            "usageMetadata" => TopKey::UsageMetadata,
+            _ => TopKey::Other,
+        })
+    }
+}
+
+/// A top-level usage object: the token counts among its members (see
+/// [`usage::field`]), every string in it still handed to the callback. A
+/// value that is not an object is walked as any value and counts nothing.
+struct Usage<'w> {
+    each: &'w mut dyn FnMut(&str) -> bool,
+    stopped: &'w mut bool,
+}
+
+impl<'de> DeserializeSeed<'de> for Usage<'_> {
+    type Value = Fields;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Fields, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Usage<'_> {
+    type Value = Fields;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+        let (each, stopped) = (self.each, self.stopped);
+        let mut fields = Fields::default();
+        while let Some(field) = map.next_key_seed(FieldName)? {
+            match field {
+                Some(index) => {
+                    let count = map.next_value_seed(Count { each: &mut *each, stopped: &mut *stopped })?;
+                    if let Some(count) = count {
+                        fields.set(index, count);
+                    }
+                }
+                None => map.next_value_seed(Node { each: &mut *each, stopped: &mut *stopped, top: None })?,
+            }
+        }
+        Ok(fields)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Fields, A::Error> {
+        Node { each: self.each, stopped: self.stopped, top: None }.visit_seq(seq).map(|()| Fields::default())
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Fields, E> {
+        Node { each: self.each, stopped: self.stopped, top: None }.string(s).map(|()| Fields::default())
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Fields, E> {
+        Ok(Fields::default())
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Fields, E> {
+        Ok(Fields::default())
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Fields, E> {
+        Ok(Fields::default())
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Fields, E> {
+        Ok(Fields::default())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Fields, E> {
+        Ok(Fields::default())
+    }
+}
+
+/// A usage object's member name: the index of the usage field it names.
+struct FieldName;
+
+impl<'de> DeserializeSeed<'de> for FieldName {
+    type Value = Option<usize>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FieldName {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Option<usize>, E> {
+        Ok(usage::field(s))
+    }
+}
+
+/// A token count: a `u64` (as `Value::as_u64` reads it), else `None`, any
+/// string in the value still handed to the callback.
+struct Count<'w> {
+    each: &'w mut dyn FnMut(&str) -> bool,
+    stopped: &'w mut bool,
+}
+
+impl<'de> DeserializeSeed<'de> for Count<'_> {
+    type Value = Option<u64>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<u64>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Count<'_> {
+    type Value = Option<u64>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Option<u64>, E> {
+        Ok(Some(n))
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Option<u64>, E> {
+        Ok(None)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Option<u64>, E> {
+        Ok(None)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Option<u64>, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Option<u64>, E> {
+        Ok(None)
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Option<u64>, E> {
+        Node { each: self.each, stopped: self.stopped, top: None }.string(s).map(|()| None)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Option<u64>, A::Error> {
+        Node { each: self.each, stopped: self.stopped, top: None }.visit_seq(seq).map(|()| None)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Option<u64>, A::Error> {
+        Node { each: self.each, stopped: self.stopped, top: None }.visit_map(map).map(|()| None)
     }
 }
 
@@ -216,6 +392,20 @@ mod tests {
         assert_eq!(walked.model, None);
         let (seen, walked) = strings(r#"["model","x"]"#).unwrap();
         assert_eq!((seen.len(), walked.model), (2, None));
+    }
+
+    #[test]
+    fn top_level_usage_counts_are_read_and_their_strings_still_walked() {
+        let body = r#"{"usage":{"input_tokens":3,"output_tokens":"x","cache_read_input_tokens":-1},
+            "inner":{"usage":{"input_tokens":99}},
+            "usageMetadata":{"promptTokenCount":4,"promptTokensDetails":[{"modality":"TEXT","tokenCount":4}]}}"#;
+        let (seen, walked) = strings(body).unwrap();
+        assert_eq!(seen, ["x", "TEXT"]);
+        let doc: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(walked.usage, usage::Fields::of(&doc["usage"]));
+        assert_eq!(walked.usage_metadata, usage::Fields::of(&doc["usageMetadata"]));
+        let (_, walked) = strings(r#"{"usage":{"input_tokens":1},"usage":"none"}"#).unwrap();
+        assert_eq!(walked.usage, usage::Fields::default());
     }
 
     #[test]

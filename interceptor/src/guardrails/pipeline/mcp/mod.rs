@@ -34,6 +34,7 @@ use std::{
 use http::{HeaderMap, StatusCode};
 use serde_json::Value;
 
+pub(super) use super::workload_key;
 use super::{Guardrails, Pipeline, backends::Subject, outcome::Outcome};
 use crate::{
     audit::{EventKind, McpInfo},
@@ -45,7 +46,6 @@ use crate::{
         providers,
     },
     policy::{McpDomains, McpServers, PolicyError},
-    workload::Workload,
 };
 
 /// The pins file's name in the state directory, when `mcp.pins_file` is
@@ -158,22 +158,6 @@ pub(super) fn session_in_query(query: &str) -> Option<String> {
     query.split('&').find_map(|pair| pair.strip_prefix("sessionId=")).filter(|id| !id.is_empty()).map(str::to_owned)
 }
 
-/// Who the tool pins of a server are kept for: a pod's namespace and
-/// service account (stable across its restarts), else its executable or
-/// process name; `*` when the workload is unknown.
-pub(super) fn workload_key(workload: Option<&Workload>) -> String {
-    let Some(w) = workload else { return "*".into() };
-    if let Some(pod) = &w.pod {
-        let account = pod.service_account.as_deref().unwrap_or("default");
-        return format!("k8s:{}/{account}", pod.namespace);
-    }
-    match (&w.exe, w.comm.is_empty()) {
-        (Some(exe), _) => format!("exe:{exe}"),
-        (None, false) => format!("comm:{}", w.comm),
-        (None, true) => "*".into(),
-    }
-}
-
 /// The audit event's `mcp` object for an exchange, named by its first
 /// request (or message).
 pub(super) fn info(call: &Call, messages: &[(Vec<PathSeg>, Message)], arguments: Option<String>) -> McpInfo {
@@ -271,6 +255,7 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::workload::Workload;
 
     #[test]
     fn pins_go_to_the_configured_file_or_the_state_directory() {
