@@ -19,6 +19,7 @@ use crate::{
     config::{SigV4Action, UndecodableAction},
     guardrails::{
         backend::{Call, Phase, current_body},
+        budgets,
         decode::{DecodeError, DecodedText, decode_body_bounded, decode_charset},
         keys::{self, Swap, Verdict},
         model::{Direction, NormalizedRequest, Provider, Role, Stage, TextKind, TextSpan},
@@ -54,6 +55,16 @@ pub(super) async fn on_request(
             return (RequestAction::Respond(p.refuse_key(&g, &call, reason, started).await), call);
         }
     };
+    // Budgets next: a refused request is neither checked nor forwarded.
+    if let Some(budgets) = &p.budgets {
+        match budgets.admit(ex.workload.as_ref()).await {
+            Ok(ticket) if ticket.is_empty() => {}
+            Ok(ticket) => call.budget = Some(Arc::new(ticket)),
+            Err(refusal) => {
+                return (RequestAction::Respond(p.refuse_budget(&g, &mut call, refusal, started).await), call);
+            }
+        }
+    }
     let action = p.inspect_request(&g, &mut call, head, body, started).await;
     if !matches!(action, RequestAction::Respond(_)) {
         keys::apply(head, &swaps);
@@ -189,6 +200,31 @@ impl Pipeline {
         outcome.block = Some(Block { status, reason: reason.clone(), stage: Stage::Keys, rule: keys::RULE.into() });
         self.audit(g, call, Direction::Request, &outcome, started, None).await;
         respond::blocked(status, &reason)
+    }
+
+    /// A request over a budget: audited (rule `budget`, the budget in the
+    /// event's `budget`), counted, and answered `429` in the provider's
+    /// error shape with `retry-after`.
+    async fn refuse_budget(
+        &self,
+        g: &Guardrails,
+        call: &mut Call,
+        refusal: budgets::Refusal,
+        started: Instant,
+    ) -> http::Response<http_body_util::Full<Bytes>> {
+        let reason = refusal.message();
+        tracing::warn!(rule = budgets::RULE, budget = %refusal.name, %reason, "request refused by a budget");
+        call.model = providers::model_from_path(&call.path);
+        let mut outcome = Outcome::default();
+        outcome.stages.push(Stage::Budget);
+        outcome.note_rule(budgets::RULE);
+        let status = StatusCode::TOO_MANY_REQUESTS;
+        outcome.block =
+            Some(Block { status, reason: reason.clone(), stage: Stage::Budget, rule: budgets::RULE.into() });
+        let shape = budgets::Refusal::shape(call.provider);
+        let retry_after = refusal.retry_after_secs;
+        self.audit_budget_refusal(g, call, &outcome, started, refusal).await;
+        respond::rate_limited(shape, &reason, retry_after)
     }
 
     /// A request body that cannot be decoded for inspection (unknown or
