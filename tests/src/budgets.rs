@@ -15,12 +15,43 @@ use interceptor::{
     dataplane::{self, GuardrailsHandle},
     metrics::Metrics,
     proxy::ProxySettings,
-    testing::clients::{ClientEnv, python_script},
+    testing::{
+        clients::{ClientEnv, python_script},
+        provider::{FakeProvider, TestPki},
+    },
     workload::Workload,
 };
 use serde_json::Value;
 
 use crate::inprocess::InProcessProxy;
+
+/// The fake provider (TLS, signed by a throwaway CA) behind the proxies of
+/// a test, and a temporary directory for their state and audit trails.
+pub struct Upstream {
+    pub provider: FakeProvider,
+    pub ca: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Upstream {
+    pub fn start() -> Result<Upstream> {
+        let pki = TestPki::with_defaults()?;
+        let provider = FakeProvider::start(std::net::TcpListener::bind("127.0.0.1:0")?, &pki)?;
+        let dir = tempfile::tempdir()?;
+        let ca = pki.write_ca(dir.path())?;
+        Ok(Upstream { provider, ca, dir })
+    }
+
+    /// A proxy in front of the provider, as the workload `comm`, with its
+    /// counters in the directory `state` and its audit trail in
+    /// `<audit>.jsonl` (both in the test's directory).
+    pub async fn proxy(&self, state: &str, audit: &str, budgets: BudgetsConfig, comm: &str) -> Result<BudgetProxy> {
+        let state = self.dir.path().join(state);
+        std::fs::create_dir_all(&state)?;
+        let audit = self.dir.path().join(format!("{audit}.jsonl"));
+        BudgetProxy::start(self.provider.local_addr(), &self.ca, &state, audit, budgets, comm).await
+    }
+}
 
 /// The in-process proxy with budgets, as the workload `comm`.
 pub struct BudgetProxy {

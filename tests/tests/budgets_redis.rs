@@ -16,15 +16,12 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use interceptor::{
-    config::{
-        BudgetsConfig,
-        budgets::{LimitConfig, LimitKind, Period, ScopeConfig},
-    },
-    testing::provider::{FakeProvider, TestPki},
+use interceptor::config::{
+    BudgetsConfig,
+    budgets::{LimitConfig, LimitKind, Period, ScopeConfig},
 };
 use interceptor_tests::{
-    budgets::{BudgetProxy, audit_events, away_from_window_end},
+    budgets::{BudgetProxy, Upstream, audit_events, away_from_window_end},
     inprocess::client_for,
 };
 use serde_json::{Value, json};
@@ -131,18 +128,10 @@ fn is_response(e: &Value) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_proxies_share_one_budget_through_redis() -> Result<()> {
     let Some(mut redis) = Redis::start()? else { return Ok(()) };
-    let pki = TestPki::with_defaults()?;
-    let provider = FakeProvider::start(std::net::TcpListener::bind("127.0.0.1:0")?, &pki)?;
-    let dir = tempfile::tempdir()?;
-    let upstream_ca = pki.write_ca(dir.path())?;
+    let up = Upstream::start()?;
     let mut proxies = Vec::new();
     for name in ["a", "b"] {
-        let state = dir.path().join(name);
-        std::fs::create_dir(&state)?;
-        let audit = dir.path().join(format!("{name}.jsonl"));
-        let w = BudgetProxy::start(provider.local_addr(), &upstream_ca, &state, audit, shared(redis.url()), "agent")
-            .await?;
-        proxies.push(w);
+        proxies.push(up.proxy(name, name, shared(redis.url()), "agent").await?);
     }
     away_from_window_end(Period::Day.seconds()).await;
 
@@ -179,18 +168,14 @@ async fn two_proxies_share_one_budget_through_redis() -> Result<()> {
     ensure!(events.iter().all(|e| e["budget_counting"].is_null()), "counted locally with redis up");
     // Either proxy refuses now; neither asked the provider.
     ensure!(ask(&proxies[1 - refused_by]).await? == 429);
-    ensure!(provider.requests().len() == answered.iter().sum::<usize>());
+    ensure!(up.provider.requests().len() == answered.iter().sum::<usize>());
     let refusal = audit_events(&proxies[refused_by].audit, 1, |e| e["budget"].is_object()).await?.remove(0);
     ensure!(refusal["budget"]["used"] == used, "{refusal}");
 
     // Redis gone: a new node counts on its own, and says so.
     redis.stop()?;
-    let state = dir.path().join("c");
-    std::fs::create_dir(&state)?;
-    let audit = dir.path().join("c.jsonl");
-    let c =
-        BudgetProxy::start(provider.local_addr(), &upstream_ca, &state, audit.clone(), shared(redis.url()), "agent")
-            .await?;
+    let c = up.proxy("c", "c", shared(redis.url()), "agent").await?;
+    let audit = c.audit.clone();
     ensure!(ask(&c).await? == 200, "refused with redis down and redis_fail = local");
     let events = audit_events(&audit, 2, |e| e["budget_counting"] == "local_fallback").await?;
     ensure!(events.iter().any(|e| e["direction"] == "request") && events.iter().any(|e| e["direction"] == "response"));

@@ -15,15 +15,12 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use interceptor::{
-    config::{
-        BudgetsConfig,
-        budgets::{LimitConfig, LimitKind, Period, ScopeConfig},
-    },
-    testing::provider::{FakeProvider, TestPki},
+use interceptor::config::{
+    BudgetsConfig,
+    budgets::{LimitConfig, LimitKind, Period, ScopeConfig},
 };
 use interceptor_tests::{
-    budgets::{BudgetProxy, answered_then_limited, audit_events, away_from_window_end, sdk_until_refused},
+    budgets::{BudgetProxy, Upstream, answered_then_limited, audit_events, away_from_window_end, sdk_until_refused},
     inprocess::client_for,
 };
 use serde_json::{Value, json};
@@ -62,17 +59,12 @@ const TOKENS: u64 = 60;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_sdk_reads_a_spent_token_budget_as_its_rate_limit_error() -> Result<()> {
-    let pki = TestPki::with_defaults()?;
-    let provider = FakeProvider::start(std::net::TcpListener::bind("127.0.0.1:0")?, &pki)?;
-    let dir = tempfile::tempdir()?;
-    let upstream_ca = pki.write_ca(dir.path())?;
+    let up = Upstream::start()?;
     away_from_window_end(Period::Day.seconds()).await;
     for (sdk, path) in [("openai", "/v1/chat/completions"), ("anthropic", "/v1/messages"), ("boto3", "/model/")] {
-        let state = tempfile::tempdir()?;
-        let audit = state.path().join("audit.jsonl");
         let cfg = budgets(vec![limit("team-tokens", LimitKind::Tokens, TOKENS, Some(Period::Day))]);
-        let w = BudgetProxy::start(provider.local_addr(), &upstream_ca, state.path(), audit.clone(), cfg, "python3")
-            .await?;
+        let w = up.proxy(sdk, sdk, cfg, "python3").await?;
+        let audit = w.audit.clone();
 
         let outcomes = sdk_until_refused(&w.proxy, sdk, 20).await?;
         let answered = answered_then_limited(sdk, &outcomes)?;
@@ -81,7 +73,7 @@ async fn each_sdk_reads_a_spent_token_budget_as_its_rate_limit_error() -> Result
         ensure!(message.contains("team-tokens"), "{sdk}: {message}");
 
         // The provider saw the answered requests only.
-        let seen = provider.take_requests();
+        let seen = up.provider.take_requests();
         ensure!(seen.len() == answered, "{sdk}: the provider got {} requests, {answered} answered", seen.len());
         ensure!(
             seen.iter().all(|r| r.path.starts_with(path)),
@@ -113,17 +105,14 @@ async fn each_sdk_reads_a_spent_token_budget_as_its_rate_limit_error() -> Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_per_minute_are_limited() -> Result<()> {
-    let pki = TestPki::with_defaults()?;
-    let provider = FakeProvider::start(std::net::TcpListener::bind("127.0.0.1:0")?, &pki)?;
-    let dir = tempfile::tempdir()?;
-    let upstream_ca = pki.write_ca(dir.path())?;
+    let up = Upstream::start()?;
     let cfg = budgets(vec![limit("team-rpm", LimitKind::Requests, 3, None)]);
-    let audit = dir.path().join("audit.jsonl");
-    let w = BudgetProxy::start(provider.local_addr(), &upstream_ca, dir.path(), audit.clone(), cfg, "python3").await?;
+    let w = up.proxy("state", "audit", cfg, "python3").await?;
+    let audit = w.audit.clone();
     away_from_window_end(Period::Minute.seconds()).await;
     let outcomes = sdk_until_refused(&w.proxy, "openai", 10).await?;
     ensure!(answered_then_limited("openai", &outcomes)? == 3, "{outcomes:?}");
-    ensure!(provider.requests().len() == 3, "the provider got a refused request");
+    ensure!(up.provider.requests().len() == 3, "the provider got a refused request");
     let refusal = audit_events(&audit, 1, is_refusal).await?.remove(0);
     ensure!(refusal["budget"]["kind"] == "requests" && refusal["budget"]["used"] == 4, "{refusal}");
     Ok(())
@@ -131,13 +120,10 @@ async fn requests_per_minute_are_limited() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_holds_its_slot_until_it_ends() -> Result<()> {
-    let pki = TestPki::with_defaults()?;
-    let provider = FakeProvider::start(std::net::TcpListener::bind("127.0.0.1:0")?, &pki)?;
-    let dir = tempfile::tempdir()?;
-    let upstream_ca = pki.write_ca(dir.path())?;
+    let up = Upstream::start()?;
     let cfg = budgets(vec![limit("one-stream", LimitKind::Concurrent, 1, None)]);
-    let audit = dir.path().join("audit.jsonl");
-    let w = BudgetProxy::start(provider.local_addr(), &upstream_ca, dir.path(), audit.clone(), cfg, "agent").await?;
+    let w = up.proxy("state", "audit", cfg, "agent").await?;
+    let audit = w.audit.clone();
     let host = "api.openai.com";
     let client = client_for(host, w.proxy.addr, &[&w.proxy.ca_pem], false)?;
     let body = json!({"model": "gpt-4o", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
@@ -151,10 +137,10 @@ async fn a_stream_holds_its_slot_until_it_ends() -> Result<()> {
     ensure!(refused.headers().get("retry-after").is_some_and(|v| v == "1"));
     let error: Value = refused.json().await?;
     ensure!(error["error"]["type"] == "rate_limit_exceeded", "{error}");
-    ensure!(provider.requests().len() == 1, "the refused request reached the provider");
+    ensure!(up.provider.requests().len() == 1, "the refused request reached the provider");
 
     // Released, the stream ends; its slot is given back with it.
-    provider.release_events(1000);
+    up.provider.release_events(1000);
     let mut text = Vec::new();
     while let Some(chunk) = tokio::time::timeout(Duration::from_secs(10), held.chunk()).await.context("stream")?? {
         text.extend_from_slice(&chunk);
@@ -162,7 +148,7 @@ async fn a_stream_holds_its_slot_until_it_ends() -> Result<()> {
     ensure!(String::from_utf8_lossy(&text).contains("[DONE]"));
     audit_events(&audit, 1, |e| e["direction"] == "response").await?;
     // The exchange is dropped just after its last event: at most a few
-    // refusals while it is, each one never reaching the provider.
+    // refusals while it is, each one never reaching the up.provider.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let resp = post("").await?;
@@ -172,18 +158,14 @@ async fn a_stream_holds_its_slot_until_it_ends() -> Result<()> {
         ensure!(resp.status() == 429 && tokio::time::Instant::now() < deadline, "{}", resp.status());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    ensure!(provider.requests().len() == 2);
+    ensure!(up.provider.requests().len() == 2);
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_survive_a_restart_and_a_corrupt_file() -> Result<()> {
-    let pki = TestPki::with_defaults()?;
-    let provider = FakeProvider::start(std::net::TcpListener::bind("127.0.0.1:0")?, &pki)?;
-    let dir = tempfile::tempdir()?;
-    let upstream_ca = pki.write_ca(dir.path())?;
-    let state = dir.path().join("state");
-    std::fs::create_dir(&state)?;
+    let up = Upstream::start()?;
+    let state = up.dir.path().join("state");
     let cfg = || BudgetsConfig {
         save_interval: Duration::from_secs(1),
         ..budgets(vec![limit("team-tokens", LimitKind::Tokens, 1, Some(Period::Day))])
@@ -200,9 +182,7 @@ async fn counters_survive_a_restart_and_a_corrupt_file() -> Result<()> {
         }
     };
 
-    let first =
-        BudgetProxy::start(provider.local_addr(), &upstream_ca, &state, dir.path().join("a.jsonl"), cfg(), "agent")
-            .await?;
+    let first = up.proxy("state", "a", cfg(), "agent").await?;
     ensure!(ask(&first).await? == 200);
     audit_events(&first.audit, 1, is_response).await?;
     ensure!(ask(&first).await? == 429);
@@ -217,17 +197,13 @@ async fn counters_survive_a_restart_and_a_corrupt_file() -> Result<()> {
     first.handle.budgets.as_ref().context("no budgets")?.save();
     drop(first);
 
-    let second =
-        BudgetProxy::start(provider.local_addr(), &upstream_ca, &state, dir.path().join("b.jsonl"), cfg(), "agent")
-            .await?;
+    let second = up.proxy("state", "b", cfg(), "agent").await?;
     ensure!(ask(&second).await? == 429, "the budget was forgotten across the restart");
     drop(second);
-    ensure!(provider.requests().len() == 1);
+    ensure!(up.provider.requests().len() == 1);
 
     std::fs::write(&file, b"{\"version\": 1, \"counters\": [trunc")?;
-    let third =
-        BudgetProxy::start(provider.local_addr(), &upstream_ca, &state, dir.path().join("c.jsonl"), cfg(), "agent")
-            .await?;
+    let third = up.proxy("state", "c", cfg(), "agent").await?;
     ensure!(ask(&third).await? == 200, "a corrupt file is not a fresh start");
     Ok(())
 }

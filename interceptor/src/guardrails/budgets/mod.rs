@@ -201,7 +201,7 @@ pub struct Ticket {
     /// The token budgets its answer's usage is added to.
     tokens: Vec<(String, Period)>,
     /// Its slots of `concurrent` budgets, given back on drop.
-    _slots: Vec<Slot>,
+    slots: Vec<Slot>,
     /// Some counter was judged on this node alone: Redis could not be
     /// reached.
     fallback: AtomicBool,
@@ -214,9 +214,9 @@ impl Ticket {
         self.fallback.load(Ordering::Relaxed)
     }
 
-    /// Whether any budget covers the request.
+    /// Whether no budget covers the request (and nothing fell back).
     pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty() && self._slots.is_empty()
+        self.tokens.is_empty() && self.slots.is_empty() && !self.fell_back()
     }
 }
 
@@ -312,7 +312,7 @@ impl Budgets {
         }
         for rule in covering.iter().filter(|r| r.kind == LimitKind::Concurrent) {
             match self.local.acquire(&rule.name, rule.limit) {
-                Some(slot) => ticket._slots.push(slot),
+                Some(slot) => ticket.slots.push(slot),
                 None => return Err(refused(rule, rule.refusal(rule.limit, now, false))),
             }
         }
@@ -479,7 +479,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn requests_and_slots_are_counted() {
+    async fn requests_andslots_are_counted() {
         let b = budgets(vec![
             limit("rpm", &[], LimitKind::Requests, 2, None),
             limit("streams", &[], LimitKind::Concurrent, 1, None),
