@@ -46,11 +46,28 @@ impl Upstream {
     /// counters in the directory `state` and its audit trail in
     /// `<audit>.jsonl` (both in the test's directory).
     pub async fn proxy(&self, state: &str, audit: &str, budgets: BudgetsConfig, comm: &str) -> Result<BudgetProxy> {
+        self.proxy_with(state, audit, budgets, comm, settings()).await
+    }
+
+    /// [`Upstream::proxy`] with these proxy settings.
+    pub async fn proxy_with(
+        &self,
+        state: &str,
+        audit: &str,
+        budgets: BudgetsConfig,
+        comm: &str,
+        settings: ProxySettings,
+    ) -> Result<BudgetProxy> {
         let state = self.dir.path().join(state);
         std::fs::create_dir_all(&state)?;
         let audit = self.dir.path().join(format!("{audit}.jsonl"));
-        BudgetProxy::start(self.provider.local_addr(), &self.ca, &state, audit, budgets, comm).await
+        BudgetProxy::start(self.provider.local_addr(), &self.ca, &state, audit, budgets, comm, settings).await
     }
+}
+
+/// The proxy settings of the budget tests.
+pub fn settings() -> ProxySettings {
+    ProxySettings { client_hello_timeout: Duration::from_secs(2), ..ProxySettings::default() }
 }
 
 /// The in-process proxy with budgets, as the workload `comm`.
@@ -71,6 +88,7 @@ impl BudgetProxy {
         audit: PathBuf,
         budgets: BudgetsConfig,
         comm: &str,
+        settings: ProxySettings,
     ) -> Result<BudgetProxy> {
         let config = Config {
             guardrails: GuardrailsConfig {
@@ -86,7 +104,6 @@ impl BudgetProxy {
         let metrics = Arc::new(Metrics::new());
         let (hook, handle) = dataplane::guardrails_with_state(&config, &metrics, Some(state_dir), None)?;
         let workload = Workload { pid: 9, comm: comm.into(), ..Workload::default() };
-        let settings = ProxySettings { client_hello_timeout: Duration::from_secs(2), ..ProxySettings::default() };
         let proxy = InProcessProxy::start_hooked_as(upstream, upstream_ca, hook, settings, Some(workload)).await?;
         Ok(BudgetProxy { proxy, handle, metrics, audit })
     }

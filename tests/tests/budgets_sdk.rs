@@ -9,18 +9,24 @@
 //! * a requests-per-minute limit, the same way;
 //! * a concurrent-requests limit: a second request while a stream is held
 //!   open is refused, and admitted once the stream is done;
+//! * a body too large to inspect (forwarded uninspected) still counts;
 //! * the counters survive a restart (the state file), and a corrupt state
 //!   file is survived.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use interceptor::config::{
-    BudgetsConfig,
-    budgets::{LimitConfig, LimitKind, Period, ScopeConfig},
+use interceptor::{
+    config::{
+        BudgetsConfig, OversizeAction,
+        budgets::{LimitConfig, LimitKind, Period, ScopeConfig},
+    },
+    proxy::ProxySettings,
 };
 use interceptor_tests::{
-    budgets::{BudgetProxy, Upstream, answered_then_limited, audit_events, away_from_window_end, sdk_until_refused},
+    budgets::{
+        BudgetProxy, Upstream, answered_then_limited, audit_events, away_from_window_end, sdk_until_refused, settings,
+    },
     inprocess::client_for,
 };
 use serde_json::{Value, json};
@@ -205,5 +211,24 @@ async fn counters_survive_a_restart_and_a_corrupt_file() -> Result<()> {
     std::fs::write(&file, b"{\"version\": 1, \"counters\": [trunc")?;
     let third = up.proxy("state", "c", cfg(), "agent").await?;
     ensure!(ask(&third).await? == 200, "a corrupt file is not a fresh start");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_too_large_to_inspect_still_counts() -> Result<()> {
+    let up = Upstream::start()?;
+    let cfg = budgets(vec![limit("team-rpm", LimitKind::Requests, 1, Some(Period::Hour))]);
+    let settings = ProxySettings { max_inspected_body: 1024, oversize: OversizeAction::Pass, ..settings() };
+    let w = up.proxy_with("state", "audit", cfg, "agent", settings).await?;
+    away_from_window_end(Period::Hour.seconds()).await;
+    let host = "api.openai.com";
+    let client = client_for(host, w.proxy.addr, &[&w.proxy.ca_pem], false)?;
+    let big = "x".repeat(4096);
+    let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": big}]});
+    let post = || client.post(format!("https://{host}/v1/chat/completions")).json(&body).send();
+    ensure!(post().await?.status() == 200);
+    let refused = post().await?;
+    ensure!(refused.status() == 429, "{}", refused.status());
+    ensure!(up.provider.requests().len() == 1, "the refused request reached the provider");
     Ok(())
 }

@@ -17,6 +17,11 @@
 //! * Requests: each admitted request adds one; refused past the limit.
 //! * Concurrent: counted on this node only, even with Redis.
 //!
+//! A request without a request phase (a WebSocket upgrade, a body over the
+//! inspection limit) is admitted the same way, but holds nothing after it:
+//! it counts as a request, is refused over a spent budget, and is neither
+//! charged tokens nor holds a `concurrent` slot.
+//!
 //! Windows are fixed and aligned on the Unix epoch (a `day` budget restarts
 //! at 00:00 UTC); `retry-after` says when the window ends.
 //!

@@ -228,13 +228,18 @@ impl Hook for Pipeline {
         self.not_inspected(ex, call_of(state), request, response.is_some(), reason).await;
     }
 
-    /// Key brokering still applies to a body that is not inspected.
+    /// Key brokering and budgets still apply to a body that is not
+    /// inspected.
     async fn on_uninspected_request(
         &self,
         ex: &Exchange,
         head: &mut http::request::Parts,
     ) -> Option<http::Response<http_body_util::Full<Bytes>>> {
-        match request::broker_keys(self, ex, head).await {
+        let admitted = match request::broker_keys(self, ex, head).await {
+            Ok(swaps) => request::admit_unphased(self, ex, head).await.map(|()| swaps),
+            Err(refused) => Err(refused),
+        };
+        match admitted {
             Ok(swaps) => {
                 keys::apply(head, &swaps);
                 None
@@ -268,6 +273,9 @@ impl Hook for Pipeline {
             Ok(swaps) => swaps,
             Err(refused) => return UpgradeAction::Respond(refused),
         };
+        if let Err(refused) = request::admit_unphased(self, ex, head).await {
+            return UpgradeAction::Respond(refused);
+        }
         let action = websocket::on_upgrade(self, ex, head).await;
         if !matches!(action, UpgradeAction::Respond(_)) {
             keys::apply(head, &swaps);

@@ -56,14 +56,9 @@ pub(super) async fn on_request(
         }
     };
     // Budgets next: a refused request is neither checked nor forwarded.
-    if let Some(budgets) = &p.budgets {
-        match budgets.admit(ex.workload.as_ref()).await {
-            Ok(ticket) if ticket.is_empty() => {}
-            Ok(ticket) => call.budget = Some(Arc::new(ticket)),
-            Err(refusal) => {
-                return (RequestAction::Respond(p.refuse_budget(&g, &mut call, refusal, started).await), call);
-            }
-        }
+    match admit(p, &g, ex, &mut call, started).await {
+        Ok(ticket) => call.budget = ticket,
+        Err(refused) => return (RequestAction::Respond(refused), call),
     }
     let action = p.inspect_request(&g, &mut call, head, body, started).await;
     if !matches!(action, RequestAction::Respond(_)) {
@@ -89,6 +84,40 @@ pub(super) async fn broker_keys(
             Err(p.refuse_key(&g, &call, reason, Instant::now()).await)
         }
     }
+}
+
+/// The budgets' admission of a request: what it holds while in flight
+/// (`None` when no budget covers it), or the refusal (audited) to answer.
+async fn admit(
+    p: &Pipeline,
+    g: &Guardrails,
+    ex: &Exchange,
+    call: &mut Call,
+    started: Instant,
+) -> Result<Option<Arc<budgets::Ticket>>, http::Response<http_body_util::Full<Bytes>>> {
+    let Some(budgets) = &p.budgets else { return Ok(None) };
+    match budgets.admit(ex.workload.as_ref()).await {
+        Ok(ticket) if ticket.is_empty() => Ok(None),
+        Ok(ticket) => Ok(Some(Arc::new(ticket))),
+        Err(refusal) => Err(p.refuse_budget(g, call, refusal, started).await),
+    }
+}
+
+/// Budgets for a request that has no request phase of its own (a WebSocket
+/// upgrade, a body over the inspection limit): it counts as a request and
+/// is refused over a spent budget, but its answer is not charged and it
+/// holds no `concurrent` slot past this call.
+pub(super) async fn admit_unphased(
+    p: &Pipeline,
+    ex: &Exchange,
+    head: &http::request::Parts,
+) -> Result<(), http::Response<http_body_util::Full<Bytes>>> {
+    if p.budgets.is_none() {
+        return Ok(());
+    }
+    let g = p.snapshot();
+    let mut call = new_call(&g, ex, head, Bytes::new());
+    admit(p, &g, ex, &mut call, Instant::now()).await.map(drop)
 }
 
 /// A request body parsed: the JSON (if it is), and every text in it.
