@@ -23,7 +23,7 @@ pub const MAX_NAME_LEN: usize = 64;
 /// Most budgets (each is a metric series).
 pub const MAX_LIMITS: usize = 256;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BudgetsConfig {
     /// The file the per-node counters are saved to. Empty: `budgets.json`
@@ -33,7 +33,9 @@ pub struct BudgetsConfig {
     #[serde(with = "humantime_serde")]
     pub save_interval: Duration,
     /// `redis://host:port/db` shared by the nodes of a cluster; empty:
-    /// counters are per node.
+    /// counters are per node. Its credentials are never printed or logged
+    /// (serialized without them).
+    #[serde(serialize_with = "serialize_redacted")]
     pub redis_url: String,
     /// Longest wait for Redis on a request.
     #[serde(with = "humantime_serde")]
@@ -55,6 +57,33 @@ impl Default for BudgetsConfig {
             redis_fail: RedisFail::Local,
             limits: Vec::new(),
         }
+    }
+}
+
+/// `redis_url` without its credentials (`redis://user:pass@host` →
+/// `redis://<redacted>@host`).
+pub fn redacted_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}<redacted>{}", &url[..scheme + 3], &url[at..]),
+        _ => url.to_owned(),
+    }
+}
+
+fn serialize_redacted<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redacted_url(url))
+}
+
+/// The Redis URL's credentials are left out.
+impl std::fmt::Debug for BudgetsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BudgetsConfig")
+            .field("state_file", &self.state_file)
+            .field("save_interval", &self.save_interval)
+            .field("redis_url", &redacted_url(&self.redis_url))
+            .field("redis_timeout", &self.redis_timeout)
+            .field("redis_fail", &self.redis_fail)
+            .field("limits", &self.limits)
+            .finish()
     }
 }
 
@@ -245,6 +274,15 @@ mod tests {
         assert!(BudgetsConfig::default().validate(false).is_empty());
         let needs_guardrails = BudgetsConfig { limits: vec![limit("x", LimitKind::Concurrent, 1, None)], ..cfg };
         assert!(needs_guardrails.validate(false).iter().any(|e| e.contains("guardrails.enabled")));
+    }
+
+    #[test]
+    fn the_redis_password_is_not_shown() {
+        let cfg = BudgetsConfig { redis_url: "redis://user:s3cret@redis:6379/0".into(), ..BudgetsConfig::default() };
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("s3cret") && shown.contains("redis://<redacted>@redis:6379/0"), "{shown}");
+        assert_eq!(redacted_url("redis://redis:6379"), "redis://redis:6379");
+        assert!(!serde_json::to_string(&cfg).unwrap().contains("s3cret"));
     }
 
     #[test]
