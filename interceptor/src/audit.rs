@@ -190,11 +190,11 @@ pub struct AuditEvent {
     /// `local_fallback`: the exchange's budgets were counted on this node
     /// alone, because Redis (`budgets.redis_url`) could not be reached.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub budget_counting: Option<&'static str>,
+    pub budget_counting: Option<BudgetCounting>,
 }
 
 /// What an audit event says of the budget that refused a request.
-pub use crate::guardrails::budgets::Refusal as BudgetInfo;
+pub use crate::guardrails::budgets::{Counting as BudgetCounting, Refusal as BudgetInfo};
 
 /// What an audit event says of the tokens an exchange used.
 pub use crate::guardrails::usage::Usage as UsageInfo;

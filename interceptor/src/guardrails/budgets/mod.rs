@@ -129,7 +129,10 @@ impl Rule {
         self.period.map(|p| CounterKey::new(&self.name, self.kind, p, now))
     }
 
-    fn refusal(&self, used: u64, now: u64, redis_unreachable: bool) -> Refusal {
+    /// The refusal by this budget: `redis_unreachable` when Redis could
+    /// not be reached and `redis_fail` is `closed`, `counting` when it was
+    /// judged by this node's counters because Redis could not be reached.
+    fn refusal(&self, used: u64, now: u64, redis_unreachable: bool, counting: Option<Counting>) -> Refusal {
         let retry_after_secs = match self.key(now) {
             Some(key) => key.ends().saturating_sub(now).max(1),
             None => 1,
@@ -143,6 +146,7 @@ impl Rule {
             period: self.period,
             retry_after_secs,
             redis_unreachable,
+            counting,
         }
     }
 }
@@ -167,6 +171,19 @@ pub struct Refusal {
     /// Refused because Redis could not be reached (`redis_fail = "closed"`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub redis_unreachable: bool,
+    /// How it was counted, when not as configured (the audit event's
+    /// `budget_counting`).
+    #[serde(skip)]
+    pub counting: Option<Counting>,
+}
+
+/// How an exchange's budgets were counted, when not as configured: the
+/// audit events' `budget_counting`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Counting {
+    /// On this node alone, because Redis could not be reached.
+    LocalFallback,
 }
 
 impl Refusal {
@@ -217,6 +234,11 @@ impl Ticket {
     /// not be reached.
     pub fn fell_back(&self) -> bool {
         self.fallback.load(Ordering::Relaxed)
+    }
+
+    /// How its budgets were counted, when not as configured.
+    pub fn counting(&self) -> Option<Counting> {
+        self.fell_back().then_some(Counting::LocalFallback)
     }
 
     /// Whether no budget covers the request (and nothing fell back).
@@ -308,27 +330,27 @@ impl Budgets {
             let Some(key) = rule.key(now) else { continue };
             let used = match self.read(&key, &ticket).await {
                 Ok(used) => used,
-                Err(()) => return Err(refused(rule, rule.refusal(0, now, true))),
+                Err(()) => return Err(refused(rule, rule.refusal(0, now, true, None))),
             };
             if used >= rule.limit {
-                return Err(refused(rule, rule.refusal(used, now, ticket.fell_back())));
+                return Err(refused(rule, rule.refusal(used, now, false, ticket.counting())));
             }
             ticket.tokens.push((rule.name.clone(), key.period));
         }
         for rule in covering.iter().filter(|r| r.kind == LimitKind::Concurrent) {
             match self.local.acquire(&rule.name, rule.limit) {
                 Some(slot) => ticket.slots.push(slot),
-                None => return Err(refused(rule, rule.refusal(rule.limit, now, false))),
+                None => return Err(refused(rule, rule.refusal(rule.limit, now, false, ticket.counting()))),
             }
         }
         for rule in covering.iter().filter(|r| r.kind == LimitKind::Requests) {
             let Some(key) = rule.key(now) else { continue };
             let used = match self.add(&key, 1, now, &ticket).await {
                 Ok(used) => used,
-                Err(()) => return Err(refused(rule, rule.refusal(0, now, true))),
+                Err(()) => return Err(refused(rule, rule.refusal(0, now, true, None))),
             };
             if used > rule.limit {
-                return Err(refused(rule, rule.refusal(used, now, ticket.fell_back())));
+                return Err(refused(rule, rule.refusal(used, now, false, ticket.counting())));
             }
         }
         Ok(ticket)
@@ -532,6 +554,16 @@ mod tests {
                 }
             }
             assert_eq!(b.metrics.budget_redis_fallbacks.get(), 1);
+            if admitted {
+                // Judged by this node's counters: refused past the limit,
+                // not for want of Redis.
+                for _ in 1..5 {
+                    b.admit(None).await.unwrap();
+                }
+                let refusal = b.admit(None).await.unwrap_err();
+                assert!(!refusal.redis_unreachable, "{refusal:?}");
+                assert_eq!((refusal.used, refusal.counting), (6, Some(Counting::LocalFallback)));
+            }
         }
     }
 }

@@ -16,7 +16,7 @@ use crate::{
     guardrails::{
         akto::redact_path,
         backend::Call,
-        budgets::Refusal,
+        budgets::{Counting, Refusal},
         model::{Decision, Direction, Provider, Stage},
         providers,
         usage::Usage,
@@ -26,13 +26,9 @@ use crate::{
     respond::{self, Problem},
 };
 
-/// The audit events' `budget_counting` of an exchange counted on this node
-/// alone because Redis could not be reached.
-const LOCAL_FALLBACK: &str = "local_fallback";
-
 /// The `budget_counting` of `call`'s events.
-pub(super) fn budget_counting(call: &Call) -> Option<&'static str> {
-    call.budget.as_ref().filter(|t| t.fell_back()).map(|_| LOCAL_FALLBACK)
+pub(super) fn budget_counting(call: &Call) -> Option<Counting> {
+    call.budget.as_ref().and_then(|t| t.counting())
 }
 
 /// What the backends decided for one check, accumulated in order.
@@ -215,7 +211,7 @@ impl Pipeline {
         self.record_metrics(call.provider, Direction::Request, outcome, started);
         let workload = WorkloadInfo::of(call.workload.as_ref());
         let mut event = self.event(g, call, Direction::Request, outcome, started, None, workload);
-        event.budget_counting = (refusal.redis_unreachable).then_some(LOCAL_FALLBACK);
+        event.budget_counting = refusal.counting;
         event.budget = Some(refusal);
         self.audit.record(event).await;
     }
