@@ -337,6 +337,12 @@ fn builtin_providers() -> impl Iterator<Item = (String, Vec<HostPattern>)> {
         .map(|(name, hosts)| (name.to_owned(), hosts.iter().filter_map(|h| HostPattern::parse(h).ok()).collect()))
 }
 
+/// Whether a known provider's real credentials may be AWS credentials
+/// (its placeholders then stand for an access key id).
+pub fn takes_aws_credentials(provider: &str) -> bool {
+    AWS_PROVIDERS.contains(&provider)
+}
+
 fn is_known_provider(name: &str) -> bool {
     PROVIDERS.iter().any(|(n, _)| *n == name)
 }
@@ -490,7 +496,7 @@ impl Broker {
             let credential = credential.validate(&what, prefix, &mut errors);
             if credential.as_ref().is_some_and(Real::is_aws)
                 && is_known_provider(&r.provider)
-                && !AWS_PROVIDERS.contains(&r.provider.as_str())
+                && !takes_aws_credentials(&r.provider)
             {
                 errors.push(format!("{what}: {} takes a `key`, not AWS credentials", r.provider));
             }
