@@ -8,12 +8,7 @@
 //! and real credentials sent by a brokered workload, are refused; without
 //! brokering, a redaction on a SigV4 request is still blocked.
 
-use std::{
-    os::unix::fs::PermissionsExt as _,
-    path::Path,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{os::unix::fs::PermissionsExt as _, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use interceptor::{
@@ -29,9 +24,9 @@ use interceptor::{
     },
     workload::Workload,
 };
-use interceptor_tests::inprocess::InProcessProxy;
+use interceptor_tests::{captured::CapturedLog, inprocess::InProcessProxy};
 use serde_json::{Value, json};
-use tracing_subscriber::{EnvFilter, fmt::MakeWriter, util::SubscriberInitExt as _};
+use tracing_subscriber::{EnvFilter, util::SubscriberInitExt as _};
 
 const REAL_AKID: &str = "AKIAREALBEDROCK00042";
 const REAL_SECRET: &str = "RealSecretAccessKey/forTeamA+0000000000042";
@@ -40,34 +35,6 @@ const REAL_TOKEN: &str = "RealSessionTokenForTeamA0000000042";
 const OWN_AKID: &str = "AKIAOWNCREDENTIALS01";
 const OWN_SECRET: &str = "OwnSecretAccessKey0000000000000000000001";
 const CARD: &str = "4111 1111 1111 1111";
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
-    }
-}
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'w> MakeWriter<'w> for Captured {
-    type Writer = Captured;
-
-    fn make_writer(&'w self) -> Captured {
-        self.clone()
-    }
-}
 
 fn holds_a_real_credential(text: &str) -> bool {
     [REAL_AKID, REAL_SECRET, REAL_TOKEN].iter().any(|k| text.contains(k))
@@ -177,7 +144,7 @@ async fn wait_for_events(path: &Path, n: usize) -> Result<Vec<Value>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boto3_with_placeholders_is_redacted_and_signed_again_with_the_real_credentials() -> Result<()> {
-    let captured = Captured::default();
+    let captured = CapturedLog::default();
     // The only test of this binary: the proxy's tasks run on every worker
     // thread. The signer's own trace events are asked for too.
     telemetry::json_subscriber(EnvFilter::new("debug,aws_sigv4=trace"), captured.clone()).try_init()?;

@@ -3,12 +3,7 @@
 //! and the audit log hold only the placeholder; each misuse is answered 403
 //! and audited; a changed brokering file takes effect without a restart.
 
-use std::{
-    os::unix::fs::PermissionsExt as _,
-    path::Path,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{os::unix::fs::PermissionsExt as _, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use interceptor::{
@@ -20,41 +15,16 @@ use interceptor::{
     testing::provider::{FakeProvider, TestPki},
     workload::Workload,
 };
-use interceptor_tests::inprocess::{InProcessProxy, client_for};
-use tracing_subscriber::{EnvFilter, fmt::MakeWriter, util::SubscriberInitExt as _};
+use interceptor_tests::{
+    captured::CapturedLog,
+    inprocess::{InProcessProxy, client_for},
+};
+use tracing_subscriber::{EnvFilter, util::SubscriberInitExt as _};
 
 const REAL_OPENAI: &str = "sk-proj-REALopenaiKEY-for-team-a-0001";
 const REAL_ANTHROPIC: &str = "sk-ant-REALanthropicKEY-team-a-0002";
 const REAL_GEMINI: &str = "AIzaREALgeminiKEY-team-a-0003";
 const NEW_OPENAI: &str = "sk-proj-ROTATEDopenaiKEY-team-a-0004";
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
-    }
-}
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'w> MakeWriter<'w> for Captured {
-    type Writer = Captured;
-
-    fn make_writer(&'w self) -> Captured {
-        self.clone()
-    }
-}
 
 fn write_private(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text)?;
@@ -129,7 +99,7 @@ const CHAT: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"he
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_provider_gets_the_real_key_and_everything_else_only_the_placeholder() -> Result<()> {
-    let captured = Captured::default();
+    let captured = CapturedLog::default();
     // The only test of this binary: the proxy's tasks run on every worker thread.
     telemetry::json_subscriber(EnvFilter::new("debug"), captured.clone()).try_init()?;
     let (mut s, agent, intruder) = setup().await?;
