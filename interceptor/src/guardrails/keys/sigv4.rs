@@ -96,6 +96,10 @@ pub struct Scope {
 pub enum SigV4Error {
     #[error("the request has no host to sign for")]
     NoHost,
+    /// `x-amz-content-sha256: STREAMING-…`: the body carries a signature
+    /// per chunk (`aws-chunked`), chained from the one replaced.
+    #[error("the body is signed chunk by chunk (aws-chunked), which is not signed again")]
+    ChunkSigned,
     /// Only the header's name: its value could be a credential.
     #[error("signed header {0} is not text")]
     NotText(HeaderName),
@@ -242,7 +246,11 @@ pub fn resign(
     now: SystemTime,
 ) -> Result<(), SigV4Error> {
     let host = host_of(&head.uri, &head.headers).ok_or(SigV4Error::NoHost)?;
-    let content_sha256 = head.headers.contains_key(&X_AMZ_CONTENT_SHA256);
+    let content_sha256 = head.headers.get(&X_AMZ_CONTENT_SHA256);
+    if content_sha256.is_some_and(|v| v.as_bytes().starts_with(b"STREAMING-")) {
+        return Err(SigV4Error::ChunkSigned);
+    }
+    let content_sha256 = content_sha256.is_some();
     for name in &SIGNATURE_HEADERS {
         head.headers.remove(name);
     }
@@ -417,6 +425,10 @@ mod tests {
             hash = sha256(body)
         );
         assert!(value(&head, "authorization").ends_with(&format!("Signature={}", by_hand(&canonical))));
+
+        // A body signed chunk by chunk cannot be signed again whole.
+        let mut head = placeholder_head(&[("x-amz-content-sha256", "STREAMING-AWS4-HMAC-SHA256-PAYLOAD")]);
+        assert!(matches!(resign(&mut head, body, &creds, &scope, now), Err(SigV4Error::ChunkSigned)));
     }
 
     #[test]
