@@ -283,6 +283,7 @@ async fn boto3_with_placeholders_is_redacted_and_signed_again_with_the_real_cred
     }
     let log = captured.text();
     assert!(log.contains("request refused by key brokering"), "the refusals were not logged");
+    assert!(log.contains("signed again with the brokered AWS credentials"), "the signing was not logged");
     // `aws_sigv4=trace` is on: the signer's own events (which name the
     // access key id) must not reach the log either.
     assert!(!holds_a_real_credential(&log), "the proxy's log holds a real credential");

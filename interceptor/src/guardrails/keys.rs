@@ -6,8 +6,9 @@
 //! This module owns the brokering file (parsing, validation, its
 //! permissions, and the edits `interceptor keys` makes) and the decision on
 //! a request head. It never logs, and no error, `Debug` output or refusal
-//! reason it makes holds a key: real keys live in [`Secret`]s (zeroed on
-//! drop), placeholders are kept as their SHA-256 only.
+//! reason it makes holds a key: real keys live in [`Secret`]s and real AWS
+//! credentials in [`AwsCredentials`] (both zeroed on drop), placeholders
+//! are kept as their SHA-256 only.
 //!
 //! # The brokering file
 //!

@@ -73,6 +73,7 @@ pub(super) async fn on_request(
             let reason = format!("cannot sign the request with the brokered AWS credentials: {error}");
             return (RequestAction::Respond(p.refuse_key(&g, &call, reason, started).await), call);
         }
+        tracing::debug!(rule = keys::RULE, "signed again with the brokered AWS credentials");
     }
     (action, call)
 }
