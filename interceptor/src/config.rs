@@ -223,7 +223,8 @@ impl<'de> Deserialize<'de> for BufferedTotal {
     }
 }
 
-/// What to do when a guardrail would modify a body signed with AWS SigV4.
+/// What to do when a guardrail would modify a body signed with AWS SigV4
+/// (one key brokering does not sign again).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SigV4Action {

@@ -440,6 +440,12 @@ fn keys_command(config_path: Option<&PathBuf>, command: KeysCommand) -> ExitCode
                         if a.scope.is_empty() { "any workload".to_string() } else { a.scope.join(", ") },
                         &guardrails::keys::placeholder_id(&placeholder)[..12],
                     );
+                    if guardrails::keys::takes_aws_credentials(&a.provider) {
+                        eprintln!(
+                            "give it as the access key id (AWS_ACCESS_KEY_ID), with any secret: requests are \
+                             signed again with the real credentials"
+                        );
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(error) => bad(&error),

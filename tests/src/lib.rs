@@ -7,6 +7,7 @@
 //! provider sees differs from the client's local port.
 
 pub mod budgets;
+pub mod captured;
 pub mod dns_stage;
 pub mod inprocess;
 pub mod plain_http;

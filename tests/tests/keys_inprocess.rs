@@ -3,12 +3,7 @@
 //! and the audit log hold only the placeholder; each misuse is answered 403
 //! and audited; a changed brokering file takes effect without a restart.
 
-use std::{
-    os::unix::fs::PermissionsExt as _,
-    path::Path,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{os::unix::fs::PermissionsExt as _, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use interceptor::{
@@ -20,41 +15,18 @@ use interceptor::{
     testing::provider::{FakeProvider, TestPki},
     workload::Workload,
 };
-use interceptor_tests::inprocess::{InProcessProxy, client_for};
-use tracing_subscriber::{EnvFilter, fmt::MakeWriter, util::SubscriberInitExt as _};
+use interceptor_tests::{
+    captured::CapturedLog,
+    inprocess::{InProcessProxy, client_for},
+};
+use tracing_subscriber::{EnvFilter, util::SubscriberInitExt as _};
 
 const REAL_OPENAI: &str = "sk-proj-REALopenaiKEY-for-team-a-0001";
 const REAL_ANTHROPIC: &str = "sk-ant-REALanthropicKEY-team-a-0002";
 const REAL_GEMINI: &str = "AIzaREALgeminiKEY-team-a-0003";
 const NEW_OPENAI: &str = "sk-proj-ROTATEDopenaiKEY-team-a-0004";
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
-    }
-}
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'w> MakeWriter<'w> for Captured {
-    type Writer = Captured;
-
-    fn make_writer(&'w self) -> Captured {
-        self.clone()
-    }
-}
+const REAL_AKID: &str = "AKIAREALBEDROCKTEAMA5";
+const REAL_AWS_SECRET: &str = "RealAwsSecretForTeamA00000000000000000005";
 
 fn write_private(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text)?;
@@ -66,14 +38,16 @@ fn real_keys(openai: &str) -> String {
     format!(
         "[[real]]\nprovider = \"openai\"\nscope.workloads = [\"comm:agent\"]\nkey = \"{openai}\"\n\n\
          [[real]]\nprovider = \"anthropic\"\nscope.workloads = [\"comm:agent\"]\nkey = \"{REAL_ANTHROPIC}\"\n\n\
-         [[real]]\nprovider = \"gemini\"\nscope.workloads = [\"comm:agent\"]\nkey = \"{REAL_GEMINI}\"\n"
+         [[real]]\nprovider = \"gemini\"\nscope.workloads = [\"comm:agent\"]\nkey = \"{REAL_GEMINI}\"\n\n\
+         [[real]]\nprovider = \"bedrock\"\nscope.workloads = [\"comm:agent\"]\n\
+         aws_access_key_id = \"{REAL_AKID}\"\naws_secret_access_key = \"{REAL_AWS_SECRET}\"\n"
     )
 }
 
 /// Whether any real key appears in `text` (the failure message never
 /// prints one).
 fn holds_a_real_key(text: &str) -> bool {
-    [REAL_OPENAI, REAL_ANTHROPIC, REAL_GEMINI, NEW_OPENAI].iter().any(|k| text.contains(k))
+    [REAL_OPENAI, REAL_ANTHROPIC, REAL_GEMINI, NEW_OPENAI, REAL_AKID, REAL_AWS_SECRET].iter().any(|k| text.contains(k))
 }
 
 struct Setup {
@@ -129,7 +103,7 @@ const CHAT: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"he
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_provider_gets_the_real_key_and_everything_else_only_the_placeholder() -> Result<()> {
-    let captured = Captured::default();
+    let captured = CapturedLog::default();
     // The only test of this binary: the proxy's tasks run on every worker thread.
     telemetry::json_subscriber(EnvFilter::new("debug"), captured.clone()).try_init()?;
     let (mut s, agent, intruder) = setup().await?;
@@ -317,6 +291,44 @@ async fn the_provider_gets_the_real_key_and_everything_else_only_the_placeholder
     assert!(log.contains("request refused by key brokering"), "the refusals were not logged");
     assert!(log.contains("can be read by others"), "the readable file was not reported");
     assert!(!holds_a_real_key(&log), "the proxy's log holds a real key");
+
+    // A Bedrock placeholder access key id: signed again for a body the
+    // proxy holds whole; refused for one over the inspection limit, whose
+    // signature could not cover it.
+    std::fs::set_permissions(&s.keys, std::fs::Permissions::from_mode(0o600))?;
+    let mut file = KeysFile::open(&s.keys, "ik-")?;
+    let bedrock = file.issue("bedrock", &["comm:agent".into()], "now")?;
+    drop(file);
+    s.handle.reload_keys_if_changed("ik-");
+    let host = "bedrock-runtime.us-east-1.amazonaws.com";
+    let bedrock_client = client_for(host, agent.addr, &[&ca], false)?;
+    let auth = format!(
+        "AWS4-HMAC-SHA256 Credential={bedrock}/20260101/us-east-1/bedrock/aws4_request, \
+         SignedHeaders=content-type;host;x-amz-date, Signature=00ff"
+    );
+    let converse = |body: String| {
+        bedrock_client
+            .post(format!("https://{host}/model/amazon.nova-lite-v1%3A0/converse"))
+            .header("authorization", &auth)
+            .header("x-amz-date", "20260101T000000Z")
+            .header("content-type", "application/json")
+            .body(body)
+    };
+    let resp = converse(r#"{"messages":[{"role":"user","content":[{"text":"hi"}]}]}"#.into()).send().await?;
+    assert_eq!(resp.status(), 200);
+    let before = s.provider.requests().len();
+    let last = s.provider.requests().pop().context("no request")?;
+    let signed = last.header("authorization").unwrap_or_default();
+    assert!(signed.starts_with(&format!("AWS4-HMAC-SHA256 Credential={REAL_AKID}/")), "not signed again");
+    assert!(!format!("{:?}", last.headers).contains("ik-"), "a placeholder reached the provider");
+    let big = format!(r#"{{"messages":[{{"role":"user","content":[{{"text":"{}"}}]}}]}}"#, "x".repeat(32 * 1024));
+    let resp = converse(big).send().await?;
+    assert_eq!(resp.status(), 403);
+    assert!(resp.text().await?.contains("cannot be signed again"));
+    assert_eq!(s.provider.requests().len(), before, "the uninspected request reached the provider");
+    let audit = wait_for_blocks(&s.audit, 8).await?;
+    assert_eq!(blocks(&audit).len(), 8, "{audit}");
+    assert!(!holds_a_real_key(&audit) && !holds_a_real_key(&captured.text()), "a real AWS credential was logged");
     Ok(())
 }
 

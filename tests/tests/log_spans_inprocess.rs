@@ -2,49 +2,21 @@
 //! connection's span fields (client, SNI) at its top level, once each, in the
 //! JSON log format.
 
-use std::sync::{Arc, Mutex};
-
 use anyhow::{Context, Result};
 use interceptor::{
     policy::DomainsConfig,
     telemetry,
     testing::provider::{FakeProvider, TestPki},
 };
-use interceptor_tests::inprocess::{InProcessProxy, client_for};
-use tracing_subscriber::{EnvFilter, fmt::MakeWriter, util::SubscriberInitExt as _};
-
-/// What the subscriber writes, kept for the test to read.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
-    }
-}
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'w> MakeWriter<'w> for Captured {
-    type Writer = Captured;
-
-    fn make_writer(&'w self) -> Captured {
-        self.clone()
-    }
-}
+use interceptor_tests::{
+    captured::CapturedLog,
+    inprocess::{InProcessProxy, client_for},
+};
+use tracing_subscriber::{EnvFilter, util::SubscriberInitExt as _};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_line_inside_a_connection_carries_its_client_and_sni_once() -> Result<()> {
-    let captured = Captured::default();
+    let captured = CapturedLog::default();
     // The only test of this binary: the proxy's tasks run on every worker thread.
     telemetry::json_subscriber(EnvFilter::new("info"), captured.clone()).try_init()?;
 

@@ -54,13 +54,15 @@ pub fn command(program: impl AsRef<OsStr>) -> Command {
 }
 
 /// A cargo command (the same cargo that runs xtask) in the workspace root. In CI builds are
-/// not incremental: a clean clone never rebuilds, and the caches would cost disk.
+/// not incremental and carry no line tables: a clean clone never rebuilds, and both would
+/// cost disk (the line tables a third of every test executable; a panic still names its
+/// file and line).
 pub fn cargo() -> Command {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = command(cargo);
     cmd.current_dir(repo_root());
     if in_ci() {
-        cmd.env("CARGO_INCREMENTAL", "0");
+        cmd.env("CARGO_INCREMENTAL", "0").env("CARGO_PROFILE_DEV_DEBUG", "false");
     }
     cmd
 }

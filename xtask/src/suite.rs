@@ -184,6 +184,9 @@ pub fn test(extra: &[String]) -> Result<()> {
         steps.run("format (cargo fmt --check)", || cmd::run(&mut fmt_check()));
         steps.run("lints (clippy -D warnings)", || cmd::run(&mut clippy()));
         steps.run_tests("unit and in-process tests", || Ok(testlog::run(&mut unit_tests(cargo_args, harness_args))));
+        if cmd::in_ci() {
+            drop_test_executables(&cmd::target_dir().join("debug").join("deps"));
+        }
         let bin = steps.run("build interceptor (dev)", || interceptor::build(Profile::Dev));
         match bin {
             Some(bin) => {
@@ -211,9 +214,10 @@ pub fn test(extra: &[String]) -> Result<()> {
     }
 }
 
-/// Removes the test executables the steps before the fuzz step built (about 2.5 GB; the
-/// fuzz targets build in a target directory of their own). CI only: a clean clone there
-/// never runs them again, while a local run keeps them for the next one.
+/// Removes the test executables a step built once it has run them: the next step builds
+/// its own (the privileged tests with the `testing` feature, the fuzz targets in a target
+/// directory of their own), and the privileged step's alone weigh about 2 GB. CI only: a
+/// clean clone there never runs them again, while a local run keeps them for the next one.
 fn drop_test_executables(deps: &Path) {
     let Ok(entries) = std::fs::read_dir(deps) else { return };
     let mut freed = 0u64;
@@ -225,7 +229,7 @@ fn drop_test_executables(deps: &Path) {
             freed += meta.len();
         }
     }
-    println!("freed {:.1} GiB of test executables for the fuzz build", gib(freed));
+    println!("freed {:.1} GiB of test executables", gib(freed));
 }
 
 /// Splits `[cargo args] [-- harness args]`.

@@ -74,8 +74,12 @@ static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
                     ..GuardrailsConfig::default()
                 };
                 let metrics = Arc::new(Metrics::new());
-                let (_, rx) =
-                    watch::channel(Arc::new(Guardrails { engine: Some(Arc::clone(&engine)), akto: None, cfg }));
+                let (_, rx) = watch::channel(Arc::new(Guardrails {
+                    engine: Some(Arc::clone(&engine)),
+                    akto: None,
+                    cfg,
+                    keys: None,
+                }));
                 out.push((mode, Pipeline::new(rx, AuditLog::start(None, Arc::clone(&metrics)), metrics)));
             }
         }

@@ -6,8 +6,9 @@
 //! This module owns the brokering file (parsing, validation, its
 //! permissions, and the edits `interceptor keys` makes) and the decision on
 //! a request head. It never logs, and no error, `Debug` output or refusal
-//! reason it makes holds a key: real keys live in [`Secret`]s (zeroed on
-//! drop), placeholders are kept as their SHA-256 only.
+//! reason it makes holds a key: real keys live in [`Secret`]s and real AWS
+//! credentials in [`AwsCredentials`] (both zeroed on drop), placeholders
+//! are kept as their SHA-256 only.
 //!
 //! # The brokering file
 //!
@@ -20,6 +21,12 @@
 //! scope.workloads = ["namespace:team-a"]  # policy rules' workload patterns; empty: all
 //! key = "sk-..."
 //!
+//! [[real]]                        # real AWS credentials, instead of a key
+//! provider = "bedrock"
+//! aws_access_key_id = "AKIA..."
+//! aws_secret_access_key = "..."
+//! aws_session_token = "..."       # optional
+//!
 //! [[placeholder]]                 # written by `interceptor keys issue`
 //! id = "<SHA-256 of the placeholder, hex>"
 //! provider = "openai"
@@ -29,8 +36,11 @@
 //!
 //! A request's provider is the one whose hosts hold its server name. The
 //! credentials looked at are `Authorization: Bearer`, `x-api-key`,
-//! `x-goog-api-key`, `api-key` and the `key` query parameter; an AWS SigV4
-//! `Authorization` is left alone (re-signing is not done here).
+//! `x-goog-api-key`, `api-key` and the `key` query parameter, and the
+//! access key id of an AWS `Authorization` (SigV4, SigV4a) or of a
+//! presigned request's `X-Amz-Credential`. A placeholder access key id in a
+//! SigV4 `Authorization` is not swapped but re-signed for (see [`sigv4`]):
+//! the verdict carries a [`Resign`], applied once the body is final.
 
 use std::{
     collections::HashMap,
@@ -46,14 +56,17 @@ use http::{HeaderName, HeaderValue, header};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+use self::sigv4::{AwsCredentials, Scope, SigV4Error};
 use super::engine::{HostPattern, WorkloadPattern, WorkloadRef};
 use crate::workload::Workload;
+
+pub mod sigv4;
 
 /// The audit rule of every refusal.
 pub const RULE: &str = "key_brokering";
 
 /// Providers known by name, with the hosts their keys are for.
-pub const PROVIDERS: [(&str, &[&str]); 9] = [
+pub const PROVIDERS: [(&str, &[&str]); 10] = [
     ("openai", &["api.openai.com"]),
     ("anthropic", &["api.anthropic.com"]),
     ("gemini", &["generativelanguage.googleapis.com"]),
@@ -63,7 +76,23 @@ pub const PROVIDERS: [(&str, &[&str]); 9] = [
     ("groq", &["api.groq.com"]),
     ("deepseek", &["api.deepseek.com"]),
     ("xai", &["api.x.ai"]),
+    // Bedrock's runtimes (the hosts the AI domain list intercepts); a VPC
+    // endpoint's name goes in `hosts`.
+    (
+        "bedrock",
+        &[
+            "bedrock-runtime.amazonaws.com",
+            "bedrock-runtime.*.amazonaws.com",
+            "bedrock-runtime-fips.*.amazonaws.com",
+            "bedrock-agent-runtime.*.amazonaws.com",
+            "bedrock-agent-runtime-fips.*.amazonaws.com",
+        ],
+    ),
 ];
+
+/// The providers whose real credentials may be AWS credentials (others
+/// known by name take keys only).
+const AWS_PROVIDERS: [&str; 1] = ["bedrock"];
 
 /// Headers that carry a key as their whole value.
 const KEY_HEADERS: [&str; 3] = ["x-api-key", "x-goog-api-key", "api-key"];
@@ -135,7 +164,14 @@ struct RealDoc {
     hosts: Vec<String>,
     #[serde(default)]
     scope: ScopeDoc,
-    key: String,
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    aws_access_key_id: Option<String>,
+    #[serde(default)]
+    aws_secret_access_key: Option<String>,
+    #[serde(default)]
+    aws_session_token: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -161,7 +197,20 @@ struct FileDoc {
 struct RealKey {
     provider: String,
     workloads: Vec<WorkloadPattern>,
-    key: Arc<Secret>,
+    real: Real,
+}
+
+/// A real credential: a key, or AWS credentials to sign with.
+#[derive(Clone, Debug)]
+enum Real {
+    Key(Arc<Secret>),
+    Aws(Arc<AwsCredentials>),
+}
+
+impl Real {
+    fn is_aws(&self) -> bool {
+        matches!(self, Self::Aws(_))
+    }
 }
 
 /// What a placeholder was issued for.
@@ -205,6 +254,20 @@ pub enum Place {
     Header(HeaderName),
     /// The `key` query parameter.
     Query,
+    /// The access key id of `Authorization: AWS4-HMAC-SHA256
+    /// Credential=<id>/…`: re-signed for, never swapped.
+    SigV4,
+    /// An AWS access key id whose signature cannot be made again here (a
+    /// SigV4a `Authorization`, a presigned request's `X-Amz-Credential`):
+    /// judged, never swapped; a placeholder there is refused.
+    AwsUnsigned(&'static str),
+}
+
+impl Place {
+    /// Whether the credential here is an AWS access key id (else a key).
+    fn is_aws(&self) -> bool {
+        matches!(self, Self::SigV4 | Self::AwsUnsigned(_))
+    }
 }
 
 /// One replacement to make.
@@ -214,13 +277,43 @@ pub struct Swap {
     key: Arc<Secret>,
 }
 
+/// A SigV4 request to sign again with brokered AWS credentials, once its
+/// body is final (see [`Resign::apply`]).
+#[derive(Debug)]
+pub struct Resign {
+    creds: Arc<AwsCredentials>,
+    scope: Scope,
+}
+
+impl Resign {
+    /// Replaces the workload's signature by one made with the real
+    /// credentials over `body`, the body as it will be sent.
+    pub fn apply(
+        &self,
+        head: &mut http::request::Parts,
+        body: &[u8],
+        now: std::time::SystemTime,
+    ) -> Result<(), SigV4Error> {
+        sigv4::resign(head, body, &self.creds, &self.scope, now)
+    }
+}
+
+/// What brokering does to a request it lets through.
+#[derive(Debug, Default)]
+pub struct Brokered {
+    /// Placeholders to replace by real keys (see [`apply`]).
+    pub swaps: Vec<Swap>,
+    /// A SigV4 signature to make again with real AWS credentials.
+    pub resign: Option<Resign>,
+}
+
 /// What brokering makes of a request.
 #[derive(Debug)]
 pub enum Verdict {
     /// No credential it brokers: forward as it is.
     Untouched,
-    /// Replace these placeholders by real keys (see [`apply`]).
-    Replace(Vec<Swap>),
+    /// Replace these placeholders by real credentials.
+    Replace(Brokered),
     /// Refuse, for this reason (it holds no key).
     Refuse(String),
 }
@@ -243,6 +336,12 @@ fn builtin_providers() -> impl Iterator<Item = (String, Vec<HostPattern>)> {
     PROVIDERS
         .into_iter()
         .map(|(name, hosts)| (name.to_owned(), hosts.iter().filter_map(|h| HostPattern::parse(h).ok()).collect()))
+}
+
+/// Whether a known provider's real credentials may be AWS credentials
+/// (its placeholders then stand for an access key id).
+pub fn takes_aws_credentials(provider: &str) -> bool {
+    AWS_PROVIDERS.contains(&provider)
 }
 
 fn is_known_provider(name: &str) -> bool {
@@ -287,6 +386,72 @@ fn without_quoted(message: &str) -> String {
     out.lines().next().unwrap_or_default().to_owned()
 }
 
+/// The credential fields of a `[[real]]` entry, zeroed on drop.
+struct RealCredential {
+    key: Option<Zeroizing<String>>,
+    aws_access_key_id: Option<Zeroizing<String>>,
+    aws_secret_access_key: Option<Zeroizing<String>>,
+    aws_session_token: Option<Zeroizing<String>>,
+}
+
+/// Whether a credential can go in a header as it is.
+fn printable(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+impl RealCredential {
+    /// A key or AWS credentials, or the reasons (never a value) why not.
+    fn validate(mut self, what: &str, prefix: &str, errors: &mut Vec<String>) -> Option<Real> {
+        let before = errors.len();
+        let take = |v: &mut Option<Zeroizing<String>>| v.as_mut().map(|v| std::mem::take(&mut **v));
+        let aws = self.aws_access_key_id.is_some() || self.aws_secret_access_key.is_some();
+        if self.key.is_some() && (aws || self.aws_session_token.is_some()) {
+            errors.push(format!("{what}: give `key` or AWS credentials (`aws_access_key_id`, …), not both"));
+            return None;
+        }
+        if let Some(key) = &self.key {
+            if !printable(key) {
+                errors.push(format!("{what}: key must be non-empty printable ASCII without spaces"));
+            }
+            if key.starts_with(prefix) {
+                errors.push(format!("{what}: key starts with the placeholder prefix `{prefix}`"));
+            }
+            if errors.len() != before {
+                return None;
+            }
+            return Some(Real::Key(Arc::new(Secret::new(take(&mut self.key)?))));
+        }
+        let (Some(id), Some(secret)) = (&self.aws_access_key_id, &self.aws_secret_access_key) else {
+            errors.push(format!(
+                "{what}: no credential: give `key`, or `aws_access_key_id` with `aws_secret_access_key` \
+                 (and `aws_session_token` if they are temporary)"
+            ));
+            return None;
+        };
+        if !printable(id) || id.contains('/') {
+            errors.push(format!("{what}: aws_access_key_id must be non-empty printable ASCII without spaces or `/`"));
+        }
+        if id.starts_with(prefix) {
+            errors.push(format!("{what}: aws_access_key_id starts with the placeholder prefix `{prefix}`"));
+        }
+        if !printable(secret) {
+            errors.push(format!("{what}: aws_secret_access_key must be non-empty printable ASCII without spaces"));
+        }
+        if self.aws_session_token.as_ref().is_some_and(|t| !printable(t)) {
+            errors.push(format!("{what}: aws_session_token must be non-empty printable ASCII without spaces"));
+        }
+        if errors.len() != before {
+            return None;
+        }
+        let creds = AwsCredentials::new(
+            take(&mut self.aws_access_key_id)?,
+            take(&mut self.aws_secret_access_key)?,
+            take(&mut self.aws_session_token),
+        );
+        Some(Real::Aws(Arc::new(creds)))
+    }
+}
+
 impl Broker {
     /// Nothing brokered: every placeholder is refused.
     pub fn empty(prefix: &str) -> Self {
@@ -323,12 +488,18 @@ impl Broker {
         let mut real = Vec::new();
         for (i, r) in doc.real.into_iter().enumerate() {
             let what = format!("real[{i}] ({})", r.provider);
-            let key = Arc::new(Secret::new(r.key));
-            if key.expose().is_empty() || key.expose().bytes().any(|b| !b.is_ascii_graphic()) {
-                errors.push(format!("{what}: key must be non-empty printable ASCII without spaces"));
-            }
-            if key.expose().starts_with(prefix) {
-                errors.push(format!("{what}: key starts with the placeholder prefix `{prefix}`"));
+            let credential = RealCredential {
+                key: r.key.map(Zeroizing::new),
+                aws_access_key_id: r.aws_access_key_id.map(Zeroizing::new),
+                aws_secret_access_key: r.aws_secret_access_key.map(Zeroizing::new),
+                aws_session_token: r.aws_session_token.map(Zeroizing::new),
+            };
+            let credential = credential.validate(&what, prefix, &mut errors);
+            if credential.as_ref().is_some_and(Real::is_aws)
+                && is_known_provider(&r.provider)
+                && !takes_aws_credentials(&r.provider)
+            {
+                errors.push(format!("{what}: {} takes a `key`, not AWS credentials", r.provider));
             }
             if r.hosts.is_empty() && !is_known_provider(&r.provider) {
                 let known = PROVIDERS.map(|(n, _)| n).join(", ");
@@ -348,7 +519,9 @@ impl Broker {
                 }
             }
             let workloads = parse_patterns(&what, &r.scope.workloads, &mut errors);
-            real.push(RealKey { provider: r.provider, workloads, key });
+            if let Some(real_credential) = credential {
+                real.push(RealKey { provider: r.provider, workloads, real: real_credential });
+            }
         }
         for (name, hosts) in builtin_providers() {
             if !providers.iter().any(|(n, _)| *n == name) {
@@ -407,22 +580,33 @@ impl Broker {
         self.providers.iter().find(|(_, hosts)| hosts.iter().any(|h| h.matches(host))).map(|(n, _)| n.as_str())
     }
 
-    fn real_for(&self, provider: &str, workload: Option<&WorkloadRef<'_>>) -> Option<&Arc<Secret>> {
-        self.real.iter().find(|r| r.provider == provider && covers(&r.workloads, workload)).map(|r| &r.key)
+    /// The first real credential for `provider` covering `workload`; of
+    /// AWS credentials only (`aws`), of keys only, or of either (`None`).
+    fn real_for(&self, provider: &str, workload: Option<&WorkloadRef<'_>>, aws: Option<bool>) -> Option<&Real> {
+        self.real
+            .iter()
+            .filter(|r| aws.is_none_or(|aws| r.real.is_aws() == aws))
+            .find(|r| r.provider == provider && covers(&r.workloads, workload))
+            .map(|r| &r.real)
     }
 
-    /// What to do with one credential: `Some(key)` to swap it in, `None` to
-    /// leave it, or the refusal's reason.
+    /// What to do with one credential found at `place`: `Some(real)` to put
+    /// the real credential in (a key for a key's place, AWS credentials for
+    /// an access key id's), `None` to leave it, or the refusal's reason.
     fn judge(
         &self,
         provider: Option<&str>,
         workload: Option<&WorkloadRef<'_>>,
+        place: &Place,
         value: &str,
-    ) -> Result<Option<Arc<Secret>>, String> {
+    ) -> Result<Option<Real>, String> {
+        let what = if place.is_aws() { "credential" } else { "key" };
         if !value.starts_with(&self.prefix) {
+            // Any real credential brokered for the workload: it must use a
+            // placeholder, whatever kind it sends.
             return match provider {
-                Some(p) if self.real_for(p, workload).is_some() => {
-                    Err(format!("a {p} key that is not a placeholder, from a workload that must use a placeholder"))
+                Some(p) if self.real_for(p, workload, None).is_some() => {
+                    Err(format!("a {p} {what} that is not a placeholder, from a workload that must use a placeholder"))
                 }
                 _ => Ok(None),
             };
@@ -439,8 +623,9 @@ impl Broker {
         if !covers(&binding.patterns, workload) {
             return Err("a placeholder used by a workload outside its scope".into());
         }
-        match self.real_for(provider, workload) {
-            Some(key) => Ok(Some(Arc::clone(key))),
+        match self.real_for(provider, workload, Some(place.is_aws())) {
+            Some(real) => Ok(Some(real.clone())),
+            None if place.is_aws() => Err("no AWS credentials brokered for this workload".into()),
             None => Err("no key brokered for this workload".into()),
         }
     }
@@ -449,19 +634,41 @@ impl Broker {
     pub fn decide(&self, host: &str, workload: Option<&Workload>, head: &http::request::Parts) -> Verdict {
         let provider = self.provider_of(host);
         let w = workload.map(WorkloadRef::of);
-        let mut swaps = Vec::new();
+        let mut brokered = Brokered::default();
         for (place, found) in credentials(head) {
             let value = match found {
                 Ok(value) => value,
                 Err(why) => return Verdict::Refuse(format!("{} {why}", place_name(&place))),
             };
-            match self.judge(provider, w.as_ref(), &value) {
-                Ok(Some(key)) => swaps.push(Swap { place, key }),
-                Ok(None) => {}
-                Err(reason) => return Verdict::Refuse(format!("{reason} ({})", place_name(&place))),
+            let refuse = |reason: &str, place: &Place| Verdict::Refuse(format!("{reason} ({})", place_name(place)));
+            let real = match self.judge(provider, w.as_ref(), &place, &value) {
+                Ok(Some(real)) => real,
+                Ok(None) => continue,
+                Err(reason) => return refuse(&reason, &place),
+            };
+            match (real, &place) {
+                (Real::Key(key), Place::Bearer | Place::Header(_) | Place::Query) => {
+                    brokered.swaps.push(Swap { place, key });
+                }
+                (Real::Aws(creds), Place::SigV4) => {
+                    let authorization = head.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+                    match Scope::parse(authorization.unwrap_or_default()) {
+                        Ok(scope) => brokered.resign = Some(Resign { creds, scope }),
+                        Err(why) => return refuse(&format!("a SigV4 authorization that {why}"), &place),
+                    }
+                }
+                (Real::Aws(_), Place::AwsUnsigned(_)) => {
+                    return refuse("a placeholder where the request cannot be signed again", &place);
+                }
+                // `judge` picks the kind the place takes.
+                _ => return refuse("no credential of this kind brokered", &place),
             }
         }
-        if swaps.is_empty() { Verdict::Untouched } else { Verdict::Replace(swaps) }
+        if brokered.swaps.is_empty() && brokered.resign.is_none() {
+            Verdict::Untouched
+        } else {
+            Verdict::Replace(brokered)
+        }
     }
 }
 
@@ -470,6 +677,8 @@ fn place_name(place: &Place) -> String {
         Place::Bearer => "authorization".into(),
         Place::Header(name) => name.as_str().to_owned(),
         Place::Query => "query parameter key".into(),
+        Place::SigV4 => "authorization (AWS SigV4)".into(),
+        Place::AwsUnsigned(what) => (*what).to_owned(),
     }
 }
 
@@ -500,6 +709,10 @@ fn credentials(head: &http::request::Parts) -> Vec<(Place, Found)> {
             {
                 out.push((Place::Bearer, Ok(Zeroizing::new(token.trim().to_owned()))));
             }
+            if let (Some(v4), Some(id)) = (sigv4::is_sigv4(&v), sigv4::access_key_id(&v)) {
+                let place = if v4 { Place::SigV4 } else { Place::AwsUnsigned("authorization (AWS SigV4a)") };
+                out.push((place, Ok(id)));
+            }
         }
     }
     for name in KEY_HEADERS {
@@ -510,19 +723,33 @@ fn credentials(head: &http::request::Parts) -> Vec<(Place, Found)> {
             Some(found) => out.push((Place::Header(name), found)),
         }
     }
-    let keys: Vec<&str> = head
-        .uri
-        .query()
-        .unwrap_or_default()
-        .split('&')
-        .filter_map(|pair| pair.split_once('=').filter(|(n, _)| *n == "key").map(|(_, v)| v))
-        .collect();
+    let keys: Vec<&str> = query_values(head, "key").collect();
     match keys.as_slice() {
         [] | [""] => {}
         [v] => out.push((Place::Query, Ok(Zeroizing::new((*v).to_owned())))),
         _ => out.push((Place::Query, Err("given more than once"))),
     }
+    let presigned = Place::AwsUnsigned("query parameter X-Amz-Credential");
+    let credentials: Vec<&str> = query_values(head, sigv4::QUERY_CREDENTIAL).collect();
+    match credentials.as_slice() {
+        [] => {}
+        [v] => {
+            if let Some(id) = sigv4::query_access_key_id(v) {
+                out.push((presigned, Ok(id)));
+            }
+        }
+        _ => out.push((presigned, Err("given more than once"))),
+    }
     out
+}
+
+/// The values of query parameter `name`, as sent.
+fn query_values<'a>(head: &'a http::request::Parts, name: &'a str) -> impl Iterator<Item = &'a str> {
+    head.uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(move |pair| pair.split_once('=').filter(|(n, _)| *n == name).map(|(_, v)| v))
 }
 
 /// Makes the swaps in the request head. The new header values are marked
@@ -544,6 +771,8 @@ pub fn apply(head: &mut http::request::Parts, swaps: &[Swap]) {
                     head.headers.insert(name.clone(), v);
                 }
             }
+            // Never swapped: re-signed for (`Resign`), or refused.
+            Place::SigV4 | Place::AwsUnsigned(_) => {}
             Place::Query => {
                 let query = head.uri.query().unwrap_or_default();
                 let encoded = percent_encode(key);

@@ -21,6 +21,7 @@ pub mod mitm;
 mod netns;
 mod process;
 pub mod provider;
+pub mod sigv4;
 
 pub use cgroup::{Cgroup, cgroup2_root};
 pub use fake::{EchoReply, PeerEchoServer, Peers, UdpEcho, echo_client};

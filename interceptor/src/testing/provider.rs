@@ -34,6 +34,14 @@
 //! Every message a WebSocket client sends is recorded
 //! ([`FakeProvider::ws_messages`]).
 //!
+//! Given real AWS credentials ([`FakeProvider::expect_aws_credentials`]),
+//! the Bedrock routes (`/model/…`) check each request's SigV4 signature
+//! against them as AWS does (`testing::sigv4`), record the outcome
+//! ([`RecordedRequest::sigv4`]) and answer a bad one `403` with AWS's error
+//! type in `x-amzn-ErrorType` (`InvalidSignatureException`,
+//! `UnrecognizedClientException`) and `{"message": …}`, which the AWS SDKs
+//! read as that error.
+//!
 //! A request header `x-fake-status: <code>` (400 to 599) makes a `POST` answer
 //! that status with the provider's error body instead (Anthropic's shape on
 //! `/v1/messages`, OpenAI's elsewhere), as a rate limit or a bad key would.
@@ -95,6 +103,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
+use super::sigv4::{self, AwsCredentialsExpected, SigV4Check};
 use super::{Netns, in_netns};
 use crate::guardrails::framing::eventstream;
 
@@ -316,6 +325,9 @@ pub struct RecordedRequest {
     pub body: Vec<u8>,
     /// The client address as the server saw it.
     pub peer: SocketAddr,
+    /// The SigV4 check, on a Bedrock route when AWS credentials are
+    /// expected.
+    pub sigv4: Option<SigV4Check>,
 }
 
 impl RecordedRequest {
@@ -365,6 +377,8 @@ struct Recorder {
     gate: Gate,
     /// Events every `/sse`-shaped stream handed to its connection.
     sse_events_sent: AtomicUsize,
+    /// The real AWS credentials Bedrock requests must be signed with.
+    aws: Mutex<Option<AwsCredentialsExpected>>,
 }
 
 /// Permits for the events of `gated=1` streams; none at first.
@@ -542,6 +556,12 @@ impl FakeProvider {
         self.recorder.open_connections.load(Ordering::Relaxed)
     }
 
+    /// From now on, Bedrock requests must be signed (SigV4) with these
+    /// credentials; see the module docs.
+    pub fn expect_aws_credentials(&self, expected: AwsCredentialsExpected) {
+        *lock(&self.recorder.aws) = Some(expected);
+    }
+
     /// Waits up to `timeout` until at least `n` requests are recorded; returns them.
     pub async fn wait_requests(&self, n: usize, timeout: Duration) -> Result<Vec<RecordedRequest>> {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -711,6 +731,11 @@ async fn handle(mut req: Request<Incoming>, info: ConnInfo) -> Response<Body> {
         .authority()
         .map(|a| a.as_str().to_owned())
         .or_else(|| parts.headers.get(header::HOST).map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned()));
+    let expected = lock(&info.recorder.aws).clone();
+    let sigv4 = expected.filter(|_| parts.uri.path().starts_with("/model/")).map(|expected| {
+        let host = authority.as_deref().unwrap_or_default();
+        sigv4::verify(parts.method.as_str(), host, &path, &parts.headers, &body, &expected)
+    });
     let recorded = RecordedRequest {
         connection: info.connection,
         sni: info.sni.clone(),
@@ -726,8 +751,17 @@ async fn handle(mut req: Request<Incoming>, info: ConnInfo) -> Response<Body> {
             .collect(),
         body,
         peer: info.peer,
+        sigv4,
     };
     lock(&info.recorder.requests).push(recorded.clone());
+    if let Some(SigV4Check::Rejected { code, why }) = &recorded.sigv4 {
+        let mut response = json_response(StatusCode::FORBIDDEN, &json!({ "message": why }));
+        let error_type = format!("{code}:http://internal.amazon.com/coral/com.amazon.coral.service/");
+        if let Ok(v) = HeaderValue::from_str(&error_type) {
+            response.headers_mut().insert("x-amzn-errortype", v);
+        }
+        return response;
+    }
     if parts.uri.path() == "/stall-head" {
         // Until the connection goes: the request is then cancelled.
         let _guard = StreamGuard { recorder: Arc::clone(&info.recorder), finished: false };

@@ -59,7 +59,7 @@ fn head(uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
 
 fn swapped(b: &Broker, host: &str, w: &Workload, mut h: http::request::Parts) -> http::request::Parts {
     match b.decide(host, Some(w), &h) {
-        Verdict::Replace(swaps) => apply(&mut h, &swaps),
+        Verdict::Replace(brokered) => apply(&mut h, &brokered.swaps),
         other => panic!("expected a replacement, got {other:?}"),
     }
     h
@@ -177,10 +177,14 @@ fn what_brokering_does_not_cover_is_left_alone() {
     // A workload no real key covers keeps its own key.
     let h = head("/", &[("authorization", "Bearer sk-own")]);
     assert!(matches!(b.decide("api.openai.com", Some(&other), &h), Verdict::Untouched));
-    // SigV4 and other schemes are not keys here.
+    // Other schemes are not keys; AWS credentials of a provider nothing is
+    // brokered for are left alone.
+    let h = head("/", &[("authorization", "Basic dXNlcjpwYXNz")]);
+    assert!(matches!(b.decide("api.openai.com", Some(&workload("python3")), &h), Verdict::Untouched));
     let sigv4 = "AWS4-HMAC-SHA256 Credential=AKIA/20260101/us-east-1/bedrock/aws4_request, Signature=ab";
     let h = head("/", &[("authorization", sigv4)]);
-    assert!(matches!(b.decide("api.openai.com", Some(&workload("python3")), &h), Verdict::Untouched));
+    let bedrock = "bedrock-runtime.us-east-1.amazonaws.com";
+    assert!(matches!(b.decide(bedrock, Some(&workload("python3")), &h), Verdict::Untouched));
     // No credential at all.
     assert!(matches!(b.decide("api.openai.com", Some(&workload("python3")), &head("/", &[])), Verdict::Untouched));
 }
@@ -301,4 +305,148 @@ fn issue_and_revoke_keep_the_rest_of_the_file() {
     let reason = refused(&b, "api.openai.com", Some(&py), &h);
     assert!(reason.contains("unknown or revoked"), "{reason}");
     assert!(std::fs::read_to_string(&path).unwrap().starts_with(&original));
+}
+
+const REAL_AKID: &str = "AKIAREALTEAMA0000001";
+const REAL_AWS_SECRET: &str = "realSecretAccessKeyTeamA/0000000000000000";
+const BEDROCK: &str = "bedrock-runtime.us-east-1.amazonaws.com";
+
+/// Real AWS credentials (with a session token) for `python3` on Bedrock, and a
+/// placeholder access key id for it; returns the broker and the placeholder.
+fn aws_broker() -> (Broker, String) {
+    let placeholder = "ik-bedrockPlaceholder00000000000000".to_string();
+    let text = format!(
+        r#"
+[[real]]
+provider = "bedrock"
+scope.workloads = ["comm:python3"]
+aws_access_key_id = "{REAL_AKID}"
+aws_secret_access_key = "{REAL_AWS_SECRET}"
+aws_session_token = "realSessionToken"
+
+[[placeholder]]
+id = "{}"
+provider = "bedrock"
+scope.workloads = ["comm:python3", "comm:node"]
+"#,
+        placeholder_id(&placeholder),
+    );
+    (Broker::from_text(&text, "ik-", Path::new("keys.toml")).unwrap(), placeholder)
+}
+
+fn signed_by(access_key_id: &str) -> http::request::Parts {
+    let auth = format!(
+        "AWS4-HMAC-SHA256 Credential={access_key_id}/20260101/us-east-1/bedrock/aws4_request, \
+         SignedHeaders=content-type;host;x-amz-date;x-amz-security-token, Signature=00ff"
+    );
+    head(
+        &format!("https://{BEDROCK}/model/amazon.nova-lite-v1%3A0/converse"),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+            ("x-amz-date", "20260101T000000Z"),
+            ("x-amz-security-token", "placeholder-token"),
+        ],
+    )
+}
+
+#[test]
+fn a_placeholder_access_key_id_is_signed_for_with_the_real_credentials() {
+    let (b, placeholder) = aws_broker();
+    let mut h = signed_by(&placeholder);
+    let Verdict::Replace(brokered) = b.decide(BEDROCK, Some(&workload("python3")), &h) else {
+        panic!("not brokered");
+    };
+    assert!(brokered.swaps.is_empty());
+    let resign = brokered.resign.as_ref().expect("a signature to make again");
+    assert!(!format!("{brokered:?}").contains(REAL_AKID), "debug output shows the access key id");
+    resign.apply(&mut h, br#"{"messages":[]}"#, std::time::SystemTime::now()).unwrap();
+    let auth = h.headers["authorization"].to_str().unwrap();
+    assert!(auth.starts_with(&format!("AWS4-HMAC-SHA256 Credential={REAL_AKID}/")), "{auth}");
+    assert!(auth.contains("/us-east-1/bedrock/aws4_request, "), "{auth}");
+    assert_eq!(h.headers["x-amz-security-token"], "realSessionToken");
+    assert!(!format!("{:?}", h.headers).contains(&placeholder));
+}
+
+#[test]
+fn aws_credentials_are_refused_like_keys() {
+    let (b, placeholder) = aws_broker();
+    let py = workload("python3");
+    // Out of the placeholder's scope; in it, but no real credentials.
+    let reason = refused(&b, BEDROCK, Some(&workload("curl")), &signed_by(&placeholder));
+    assert!(reason.contains("outside its scope") && reason.contains("AWS SigV4"), "{reason}");
+    let reason = refused(&b, BEDROCK, Some(&workload("node")), &signed_by(&placeholder));
+    assert!(reason.contains("no AWS credentials brokered"), "{reason}");
+    // Real credentials from a workload that must use a placeholder.
+    let reason = refused(&b, BEDROCK, Some(&py), &signed_by("AKIASOMEONEELSE00001"));
+    assert!(reason.contains("not a placeholder"), "{reason}");
+    assert!(!reason.contains("AKIASOMEONEELSE"), "{reason}");
+    // The placeholder as a Bedrock API key: no key is brokered.
+    let reason = refused(&b, BEDROCK, Some(&py), &head("/", &[("authorization", &format!("Bearer {placeholder}"))]));
+    assert!(reason.contains("no key brokered"), "{reason}");
+    // Where no signature can be made again: presigned, SigV4a.
+    let presigned = format!(
+        "https://{BEDROCK}/model/m/invoke?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential={placeholder}%2F20260101%2Fus-east-1%2Fbedrock%2Faws4_request&X-Amz-Signature=00"
+    );
+    let reason = refused(&b, BEDROCK, Some(&py), &head(&presigned, &[]));
+    assert!(reason.contains("cannot be signed again") && reason.contains("X-Amz-Credential"), "{reason}");
+    let presigned_real = presigned.replace(&placeholder, "AKIASOMEONEELSE00001");
+    assert!(refused(&b, BEDROCK, Some(&py), &head(&presigned_real, &[])).contains("not a placeholder"));
+    let v4a = format!(
+        "AWS4-ECDSA-P256-SHA256 Credential={placeholder}/20260101/bedrock/aws4_request, SignedHeaders=host, Signature=00"
+    );
+    let reason = refused(&b, BEDROCK, Some(&py), &head("/", &[("authorization", &v4a)]));
+    assert!(reason.contains("SigV4a"), "{reason}");
+    // A malformed scope is refused, not signed for.
+    let mut bad = signed_by(&placeholder);
+    let auth = format!(
+        "AWS4-HMAC-SHA256 Credential={placeholder}/20260101/us-east-1/bedrock, SignedHeaders=host, Signature=00"
+    );
+    bad.headers.insert("authorization", auth.parse().unwrap());
+    let reason = refused(&b, BEDROCK, Some(&py), &bad);
+    assert!(reason.contains("credential scope") && !reason.contains(&placeholder), "{reason}");
+}
+
+#[test]
+fn aws_credentials_in_the_file_are_validated_without_echoing_them() {
+    let text = r#"
+[[real]]
+provider = "bedrock"
+key = "sk-some-key"
+aws_access_key_id = "AKIAECHOED000000001"
+
+[[real]]
+provider = "bedrock"
+aws_access_key_id = "AKIAECHOED000000002"
+
+[[real]]
+provider = "openai"
+aws_access_key_id = "AKIAECHOED000000003"
+aws_secret_access_key = "echoedSecret3"
+
+[[real]]
+provider = "bedrock"
+aws_access_key_id = "ik-echoed4"
+aws_secret_access_key = "echoed secret 4"
+
+[[real]]
+provider = "bedrock"
+"#;
+    let error = Broker::from_text(text, "ik-", Path::new("k.toml")).unwrap_err().to_string();
+    for expected in [
+        "real[0] (bedrock): give `key` or AWS credentials",
+        "real[1] (bedrock): no credential",
+        "real[2] (openai): openai takes a `key`, not AWS credentials",
+        "real[3] (bedrock): aws_access_key_id starts with the placeholder prefix",
+        "real[3] (bedrock): aws_secret_access_key must be",
+        "real[4] (bedrock): no credential",
+    ] {
+        assert!(error.contains(expected), "{expected}: {error}");
+    }
+    assert!(!error.contains("ECHOED") && !error.contains("echoed") && !error.contains("sk-some"), "{error}");
+    // Another provider named by its hosts may take AWS credentials.
+    let text = "[[real]]\nprovider = \"sagemaker\"\nhosts = [\"runtime.sagemaker.*.amazonaws.com\"]\n\
+                aws_access_key_id = \"AKIAX\"\naws_secret_access_key = \"s\"\n";
+    assert!(Broker::from_text(text, "ik-", Path::new("k.toml")).is_ok());
+    assert_eq!(aws_broker().0.provider_of("bedrock-runtime.eu-west-3.amazonaws.com"), Some("bedrock"));
 }

@@ -2,7 +2,10 @@
 //! parsed by its provider's parser (plus the strings no parser reads),
 //! checked by the backends, and then forwarded, rewritten or refused.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
@@ -21,7 +24,7 @@ use crate::{
         backend::{Call, Phase, current_body},
         budgets,
         decode::{DecodeError, DecodedText, decode_body_bounded, decode_charset},
-        keys::{self, Swap, Verdict},
+        keys::{self, Brokered, Swap, Verdict},
         model::{Direction, NormalizedRequest, Provider, Role, Stage, TextKind, TextSpan},
         providers,
     },
@@ -47,10 +50,11 @@ pub(super) async fn on_request(
     // Responses are inspected as they stream: ask for them uncompressed.
     head.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     // Keys are judged before the checks (a refused request is not checked)
-    // and swapped after them, so no backend ever sees a real key.
-    let swaps = match g.keys.as_deref().map(|b| b.decide(&ex.sni, ex.workload.as_ref(), head)) {
-        None | Some(Verdict::Untouched) => Vec::new(),
-        Some(Verdict::Replace(swaps)) => swaps,
+    // and swapped after them, so no backend ever sees a real key. A SigV4
+    // request is signed again last, over the body as it leaves.
+    let brokered = match g.keys.as_deref().map(|b| b.decide(&ex.sni, ex.workload.as_ref(), head)) {
+        None | Some(Verdict::Untouched) => Brokered::default(),
+        Some(Verdict::Replace(brokered)) => brokered,
         Some(Verdict::Refuse(reason)) => {
             return (RequestAction::Respond(p.refuse_key(&g, &call, reason, started).await), call);
         }
@@ -60,30 +64,48 @@ pub(super) async fn on_request(
         Ok(ticket) => call.budget = ticket,
         Err(refused) => return (RequestAction::Respond(refused), call),
     }
-    let action = p.inspect_request(&g, &mut call, head, body, started).await;
-    if !matches!(action, RequestAction::Respond(_)) {
-        keys::apply(head, &swaps);
+    let resigned = brokered.resign.is_some();
+    let action = p.inspect_request(&g, &mut call, head, body, started, resigned).await;
+    if matches!(action, RequestAction::Respond(_)) {
+        return (action, call);
+    }
+    keys::apply(head, &brokered.swaps);
+    if let Some(resign) = &brokered.resign {
+        let sent = match &action {
+            RequestAction::ReplaceBody(new) => new,
+            _ => body,
+        };
+        if let Err(error) = resign.apply(head, sent, SystemTime::now()) {
+            let reason = format!("cannot sign the request with the brokered AWS credentials: {error}");
+            return (RequestAction::Respond(p.refuse_key(&g, &call, reason, started).await), call);
+        }
+        tracing::debug!(rule = keys::RULE, "signed again with the brokered AWS credentials");
     }
     (action, call)
 }
 
 /// Key brokering for a request that has no request phase of its own (a
 /// WebSocket upgrade, a body over the inspection limit): the swaps to make once the request is let through,
-/// or the refusal (audited) to answer.
+/// or the refusal (audited) to answer. A SigV4 placeholder is refused
+/// there: the signature covers a body that is not at hand.
 pub(super) async fn broker_keys(
     p: &Pipeline,
     ex: &Exchange,
     head: &http::request::Parts,
 ) -> Result<Vec<Swap>, http::Response<http_body_util::Full<Bytes>>> {
     let g = p.snapshot();
-    match g.keys.as_deref().map(|b| b.decide(&ex.sni, ex.workload.as_ref(), head)) {
-        None | Some(Verdict::Untouched) => Ok(Vec::new()),
-        Some(Verdict::Replace(swaps)) => Ok(swaps),
-        Some(Verdict::Refuse(reason)) => {
-            let call = new_call(&g, ex, head, Bytes::new());
-            Err(p.refuse_key(&g, &call, reason, Instant::now()).await)
+    let reason = match g.keys.as_deref().map(|b| b.decide(&ex.sni, ex.workload.as_ref(), head)) {
+        None | Some(Verdict::Untouched) => return Ok(Vec::new()),
+        Some(Verdict::Replace(Brokered { swaps, resign: None })) => return Ok(swaps),
+        Some(Verdict::Replace(Brokered { resign: Some(_), .. })) => {
+            "an AWS SigV4 request whose body is not inspected (over the inspection limit, or an upgrade) \
+             cannot be signed again with brokered credentials"
+                .to_owned()
         }
-    }
+        Some(Verdict::Refuse(reason)) => reason,
+    };
+    let call = new_call(&g, ex, head, Bytes::new());
+    Err(p.refuse_key(&g, &call, reason, Instant::now()).await)
 }
 
 /// The budgets' admission of a request: what it holds while in flight
@@ -136,6 +158,7 @@ impl Pipeline {
         head: &mut http::request::Parts,
         body: &Bytes,
         started: Instant,
+        resigned: bool,
     ) -> RequestAction {
         let encoding = head.headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
         let (max_decoded, max_ratio) = (g.cfg.max_decoded_body, g.cfg.max_decompression_ratio);
@@ -181,7 +204,9 @@ impl Pipeline {
         };
         let mut outcome = Outcome::default();
         self.run_backends(g, Phase::Request, call, &mut subject, &mut outcome).await;
-        sigv4(g, head, &mut outcome);
+        if !resigned {
+            sigv4(g, head, &mut outcome);
+        }
         if subject.resends_request {
             // Response checks resend the request the provider got, modified
             // or not (decoded), as the addon does.
@@ -325,6 +350,8 @@ fn parse(call: &mut Call, decoded: &[u8], text: &DecodedText<'_>) -> Parsed {
 
 /// A modification of a body signed with AWS SigV4 would be rejected
 /// upstream (the body hash is signed): blocked or skipped, per `sigv4`.
+/// Not called when key brokering signs the request again (the new
+/// signature covers the rewritten body).
 fn sigv4(g: &Guardrails, head: &http::request::Parts, outcome: &mut Outcome) {
     if outcome.block.is_some() || !outcome.modified || !is_sigv4(&head.headers) {
         return;
