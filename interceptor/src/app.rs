@@ -210,6 +210,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             ));
         }
     }
+    let budgets = guardrails.budgets.clone();
     let mut control = Control::new(ControlParts {
         config,
         config_path,
@@ -235,6 +236,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         tracing::info!("all connections finished; stopped");
     } else {
         tracing::warn!(timeout = ?drain_timeout, "connections still open at the drain deadline; closing them");
+    }
+    if let Some(budgets) = budgets {
+        budgets.save();
     }
     result
 }

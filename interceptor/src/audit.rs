@@ -184,7 +184,17 @@ pub struct AuditEvent {
     /// provider's usage fields or, for a stream without them, estimated.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageInfo>,
+    /// The budget that refused the request (`429`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetInfo>,
+    /// `local_fallback`: the exchange's budgets were counted on this node
+    /// alone, because Redis (`budgets.redis_url`) could not be reached.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_counting: Option<BudgetCounting>,
 }
+
+/// What an audit event says of the budget that refused a request.
+pub use crate::guardrails::budgets::{Counting as BudgetCounting, Refusal as BudgetInfo};
 
 /// What an audit event says of the tokens an exchange used.
 pub use crate::guardrails::usage::Usage as UsageInfo;
@@ -602,6 +612,8 @@ mod tests {
             websocket: None,
             mcp: None,
             usage: None,
+            budget: None,
+            budget_counting: None,
         }
     }
 

@@ -17,6 +17,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use self::akto::AktoConfig;
+pub use self::budgets::BudgetsConfig;
 pub use self::keys::KeysConfig;
 pub use self::kubernetes::{KubeEnabled, KubernetesConfig};
 pub use self::mcp::McpConfig;
@@ -26,6 +27,7 @@ use crate::{
 };
 
 pub mod akto;
+pub mod budgets;
 pub mod keys;
 pub mod kubernetes;
 pub mod mcp;
@@ -69,6 +71,7 @@ pub struct Config {
     pub kubernetes: KubernetesConfig,
     pub mcp: McpConfig,
     pub keys: KeysConfig,
+    pub budgets: BudgetsConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
 }
@@ -795,6 +798,7 @@ impl Config {
         errors.extend(self.kubernetes.validate());
         errors.extend(self.mcp.validate());
         errors.extend(self.keys.validate(self.guardrails.enabled));
+        errors.extend(self.budgets.validate(self.guardrails.enabled));
         let mcp_domains = McpDomains { domains: &self.mcp.domains, domains_extra: &self.mcp.domains_extra };
         errors.extend(mcp_domains.validate());
         if !self.admin.address.ip().is_loopback() {

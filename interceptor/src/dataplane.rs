@@ -28,6 +28,7 @@ use crate::{
     error,
     guardrails::{
         akto::AktoClient,
+        budgets::{self, Budgets},
         engine::{Engine, Policy},
         keys::{self, Broker},
         pipeline::{Guardrails, Pipeline, mcp::McpState},
@@ -70,6 +71,10 @@ pub struct GuardrailsHandle {
     /// Its SHA-256 as last loaded (its text holds real keys and is not
     /// kept), to notice changes.
     pub keys_digest: Option<[u8; 32]>,
+    /// The budgets and their counters, when `budgets.limits` has any (the
+    /// control plane replaces their rules on reload and saves the counters
+    /// at shutdown).
+    pub budgets: Option<Arc<Budgets>>,
 }
 
 impl GuardrailsHandle {
@@ -266,17 +271,54 @@ pub fn guardrails_with_state(
         Some(path) => keys::file_digest(path)?,
         None => None,
     };
+    let budgets = budgets(config, metrics, state_dir)?;
     let (current, rx) = watch::channel(Arc::new(guardrails));
     let g = &config.guardrails;
     let hook: Option<Arc<dyn Hook>> = if g.enabled {
         let audit_file = Some(g.audit_file.clone()).filter(|p| !p.as_os_str().is_empty());
         let audit = AuditLog::start_live(audit_file, Arc::clone(metrics), live);
         let mcp = McpState::open(&config.mcp, state_dir).context("loading the MCP tool pins")?;
-        Some(Arc::new(Pipeline::new(rx, audit, Arc::clone(metrics)).with_mcp(Arc::new(mcp))))
+        Some(Arc::new(
+            Pipeline::new(rx, audit, Arc::clone(metrics)).with_mcp(Arc::new(mcp)).with_budgets(budgets.clone()),
+        ))
     } else {
         None
     };
-    Ok((hook, GuardrailsHandle { current, policy_text, keys_file: keys, keys_digest }))
+    Ok((hook, GuardrailsHandle { current, policy_text, keys_file: keys, keys_digest, budgets }))
+}
+
+/// The budgets `[budgets]` describes, their counters restored from the
+/// state file and saved to it every `budgets.save_interval`; `None` when
+/// there are none. The counters are not saved without a state directory
+/// (nor `budgets.state_file`).
+fn budgets(config: &Config, metrics: &Arc<Metrics>, state_dir: Option<&Path>) -> anyhow::Result<Option<Arc<Budgets>>> {
+    let cfg = &config.budgets;
+    if cfg.limits.is_empty() {
+        return Ok(None);
+    }
+    let rules = budget_rules(config)?;
+    let state_file = match state_dir {
+        Some(dir) => Some(cfg.state_file_in(dir)),
+        None => Some(cfg.state_file.clone()).filter(|p| !p.as_os_str().is_empty()),
+    };
+    let budgets = Budgets::new(cfg, rules, state_file, Arc::clone(metrics))
+        .map_err(|e| anyhow::anyhow!("budgets.redis_url: {}", error::chain(&e)))?;
+    let budgets = Arc::new(budgets);
+    budgets.start_saver(cfg.save_interval);
+    tracing::info!(
+        limits = cfg.limits.len(),
+        state_file = ?budgets.state_file(),
+        shared = !cfg.redis_url.is_empty(),
+        redis_fail = ?cfg.redis_fail,
+        "budgets on"
+    );
+    Ok(Some(budgets))
+}
+
+/// The budgets of `config` compiled, or every problem with their scopes.
+pub fn budget_rules(config: &Config) -> anyhow::Result<budgets::Rules> {
+    budgets::Rules::compile(&config.budgets)
+        .map_err(|errors| anyhow::anyhow!("invalid budgets:\n  - {}", errors.join("\n  - ")))
 }
 
 /// `guardrails.max_buffered_total` in bytes, sized from the memory limit

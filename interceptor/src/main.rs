@@ -984,6 +984,10 @@ fn main() -> ExitCode {
                         return ExitCode::from(2);
                     }
                 }
+                if let Err(error) = interceptor::dataplane::budget_rules(&config) {
+                    eprintln!("error: {error:#}");
+                    return ExitCode::from(2);
+                }
                 eprintln!("configuration is valid");
                 ExitCode::SUCCESS
             }

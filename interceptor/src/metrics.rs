@@ -272,6 +272,14 @@ pub struct BudgetLabels {
     pub body: &'static str,
 }
 
+/// The budget (`[[budgets.limits]]`) a request was refused by: its name
+/// (configured, at most `config::budgets::MAX_LIMITS` of them) and kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitLabels {
+    pub budget: String,
+    pub kind: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub connections: Family<ConnectionLabels, Counter>,
@@ -301,6 +309,11 @@ pub struct Metrics {
     /// [`Metrics::tokens_used`], which bounds the label values).
     tokens: Family<TokenLabels, Counter>,
     token_labels: Mutex<TokenLabelValues>,
+    /// Requests refused (429) by a budget, by budget and kind.
+    pub budget_refusals: Family<RateLimitLabels, Counter>,
+    /// Budget counter operations done on this node alone because Redis
+    /// (`budgets.redis_url`) could not be reached in time.
+    pub budget_redis_fallbacks: Counter,
 }
 
 impl Default for Metrics {
@@ -383,6 +396,18 @@ impl Metrics {
              and models past a cap are \"other\")",
             tokens.clone(),
         );
+        let budget_refusals = Family::default();
+        registry.register(
+            "budget_refusals",
+            "Requests refused (429) by a budget or rate limit, by budget name and kind",
+            budget_refusals.clone(),
+        );
+        let budget_redis_fallbacks = Counter::default();
+        registry.register(
+            "budget_redis_fallbacks",
+            "Budget counter operations done on this node alone because Redis could not be reached in time",
+            budget_redis_fallbacks.clone(),
+        );
         Self {
             registry,
             connections,
@@ -400,6 +425,8 @@ impl Metrics {
             mcp_labels: Mutex::default(),
             tokens,
             token_labels: Mutex::default(),
+            budget_refusals,
+            budget_redis_fallbacks,
         }
     }
 

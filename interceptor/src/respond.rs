@@ -9,6 +9,10 @@
 //!   naming the interceptor as its source ([`error`]). What went wrong is a
 //!   [`Problem`]; it knows its status, its code and whose [`Fault`] it is.
 //!
+//! * A refusal by a budget is `429` in the provider's own error shape
+//!   ([`rate_limited`], built by [`provider_error`]), with `retry-after`, so
+//!   each provider's SDK reads it as its rate-limit error.
+//!
 //! A low module: it knows HTTP and JSON, never the proxy or the guardrails,
 //! which both answer through it.
 
@@ -159,6 +163,89 @@ pub fn error(problem: Problem, message: &str) -> Response<Full<Bytes>> {
     json(problem.status(), body.to_string(), ERROR_HEADER, HeaderValue::from_static(code))
 }
 
+/// A provider API whose error shape an answer takes, so that its own SDKs
+/// read it as the provider's error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorShape {
+    /// `{"error": {"message", "type", "param", "code"}}` (OpenAI, and the
+    /// many APIs that copy it).
+    OpenAi,
+    /// `{"type": "error", "error": {"type", "message"}}`.
+    Anthropic,
+    /// `{"message"}` with the error's name in `x-amzn-ErrorType` (AWS
+    /// REST-JSON, which botocore reads as the error code).
+    Bedrock,
+    /// `{"error": {"code", "message", "status"}}` (Google APIs).
+    Gemini,
+}
+
+/// The AWS error-type header of [`ErrorShape::Bedrock`].
+pub const AMZN_ERROR_TYPE: &str = "x-amzn-errortype";
+
+/// An error answer in `shape`, under `status`: the error's type is the one
+/// the provider uses for that status (rate limit, authentication,
+/// permission, server error).
+pub fn provider_error(shape: ErrorShape, status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    let code = status.as_u16();
+    let (body, aws_type) = match shape {
+        ErrorShape::OpenAi => {
+            let kind = match code {
+                429 => "rate_limit_exceeded",
+                401 => "invalid_api_key",
+                403 => "permission_denied",
+                500.. => "server_error",
+                _ => "invalid_request_error",
+            };
+            (serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": kind}}), None)
+        }
+        ErrorShape::Anthropic => {
+            let kind = match code {
+                429 => "rate_limit_error",
+                401 => "authentication_error",
+                403 => "permission_error",
+                500.. => "api_error",
+                _ => "invalid_request_error",
+            };
+            (serde_json::json!({"type": "error", "error": {"type": kind, "message": message}}), None)
+        }
+        ErrorShape::Bedrock => {
+            let kind = match code {
+                429 => "ThrottlingException",
+                401 | 403 => "AccessDeniedException",
+                500.. => "InternalServerException",
+                _ => "ValidationException",
+            };
+            (serde_json::json!({ "message": message }), Some(kind))
+        }
+        ErrorShape::Gemini => {
+            let kind = match code {
+                429 => "RESOURCE_EXHAUSTED",
+                401 => "UNAUTHENTICATED",
+                403 => "PERMISSION_DENIED",
+                500.. => "INTERNAL",
+                _ => "INVALID_ARGUMENT",
+            };
+            (serde_json::json!({"error": {"code": code, "message": message, "status": kind}}), None)
+        }
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some(kind) = aws_type {
+        resp.headers_mut().insert(AMZN_ERROR_TYPE, HeaderValue::from_static(kind));
+    }
+    resp
+}
+
+/// A request refused by a budget: `429` in the provider's shape, with
+/// `retry-after` (seconds) and `X-Interceptor-Error: budget_exceeded`.
+pub fn rate_limited(shape: ErrorShape, message: &str, retry_after_secs: u64) -> Response<Full<Bytes>> {
+    let mut resp = provider_error(shape, StatusCode::TOO_MANY_REQUESTS, message);
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs.max(1)));
+    resp.headers_mut().insert(ERROR_HEADER, HeaderValue::from_static("budget_exceeded"));
+    resp
+}
+
 fn json(status: StatusCode, body: String, name: &'static str, value: HeaderValue) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
@@ -192,6 +279,29 @@ mod tests {
         assert_eq!(r.status(), 502);
         assert_eq!(r.headers()[ERROR_HEADER], "upstream_unreachable");
         assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+    }
+
+    #[tokio::test]
+    async fn rate_limits_take_each_providers_shape() {
+        let r = rate_limited(ErrorShape::OpenAi, "over", 7);
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "7");
+        assert_eq!(r.headers()[ERROR_HEADER], "budget_exceeded");
+        let v: serde_json::Value = serde_json::from_str(&body(r).await).unwrap();
+        assert_eq!(v["error"]["type"], "rate_limit_exceeded");
+        assert_eq!(v["error"]["message"], "over");
+        let v: serde_json::Value =
+            serde_json::from_str(&body(rate_limited(ErrorShape::Anthropic, "over", 0)).await).unwrap();
+        assert_eq!((v["type"].as_str(), v["error"]["type"].as_str()), (Some("error"), Some("rate_limit_error")));
+        let r = rate_limited(ErrorShape::Bedrock, "over", 1);
+        assert_eq!(r.headers()[AMZN_ERROR_TYPE], "ThrottlingException");
+        assert_eq!(body(r).await, r#"{"message":"over"}"#);
+        let v: serde_json::Value =
+            serde_json::from_str(&body(rate_limited(ErrorShape::Gemini, "over", 1)).await).unwrap();
+        assert_eq!(
+            (v["error"]["code"].as_u64(), v["error"]["status"].as_str()),
+            (Some(429), Some("RESOURCE_EXHAUSTED"))
+        );
     }
 
     #[tokio::test]

@@ -6,6 +6,7 @@
 //! reaches the provider from the proxy's own socket, so the source port the
 //! provider sees differs from the client's local port.
 
+pub mod budgets;
 pub mod captured;
 pub mod dns_stage;
 pub mod inprocess;

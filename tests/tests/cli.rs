@@ -59,6 +59,35 @@ fn check_config_reports_every_error_and_exits_2() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn check_config_reports_bad_budgets() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("budgets.toml");
+    let path_arg = path.to_str().expect("utf-8");
+    // Field errors: all reported at once.
+    std::fs::write(
+        &path,
+        "[guardrails]\nenabled = true\n[[budgets.limits]]\nname = \"a b\"\nkind = \"tokens\"\nlimit = 0\n",
+    )?;
+    let out = run(&["--config", path_arg, "check-config"])?;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in ["name must be", "limit must be at least 1", "needs a period"] {
+        assert!(err.contains(needle), "missing {needle} in:\n{err}");
+    }
+    // A workload pattern that does not parse.
+    std::fs::write(
+        &path,
+        "[guardrails]\nenabled = true\n[[budgets.limits]]\nname = \"t\"\nkind = \"concurrent\"\nlimit = 2\n\
+         scope.workloads = [\"nope:x\"]\n",
+    )?;
+    let out = run(&["--config", path_arg, "check-config"])?;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("budgets.limits[0] (\"t\"): scope.workloads"), "{err}");
+    Ok(())
+}
+
 /// `check-config` with the Akto addon's variables set (and no others).
 fn check_config_with_addon_env(vars: &[(&str, &str)]) -> Result<std::process::Output> {
     let mut command = Command::new(interceptor_bin());

@@ -42,6 +42,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "nginx-light",
     "wrk",
     "linux-perf",
+    // Budgets shared through Redis: the tests start their own `redis-server`.
+    "redis-server",
 ];
 
 /// Where Debian's llvm-22 packages live. Without it bpf-linker's build picks the default

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use super::{Control, targeting::resolve_names};
 use crate::{
     config::{Backend, Config, StreamMode, TargetMode},
-    dataplane::build_guardrails,
+    dataplane::{budget_rules, build_guardrails},
     error,
     guardrails::{
         engine::{Engine, Policy},
@@ -21,7 +21,33 @@ use crate::{
     },
 };
 
+/// Whether a `[budgets]` setting other than the limits changed (where the
+/// counters live: they take effect after a restart).
+fn budget_settings_changed(new: &Config, old: &Config) -> bool {
+    let settings = |c: &Config| crate::config::BudgetsConfig { limits: Vec::new(), ..c.budgets.clone() };
+    settings(new) != settings(old)
+}
+
 impl Control {
+    /// Puts new budget limits in force; the counters stay. Budgets added to
+    /// a configuration that had none need a restart.
+    fn reload_budgets(&mut self, new: &Config) {
+        let Some(budgets) = &self.guardrails.budgets else {
+            tracing::warn!(section = "budgets", "budgets were added but only take effect after a restart");
+            return;
+        };
+        match budget_rules(new) {
+            Ok(rules) => {
+                budgets.set_rules(rules);
+                self.config.budgets.limits = new.budgets.limits.clone();
+                tracing::info!(limits = new.budgets.limits.len(), "budgets reloaded");
+            }
+            Err(error) => {
+                tracing::error!(error = format!("{error:#}"), "budgets rejected; keeping the running ones");
+            }
+        }
+    }
+
     /// Reloads the policy file when its content changed. An invalid policy
     /// is rejected with a log line and the running one stays.
     pub(super) fn reload_policy_if_changed(&mut self) {
@@ -112,6 +138,7 @@ impl Control {
             ("admin", new.admin != self.config.admin),
             ("log", new.log != self.config.log),
             ("keys", new.keys != self.config.keys),
+            ("budgets (all but limits)", budget_settings_changed(&new, &self.config)),
         ] {
             if changed {
                 tracing::warn!(section, "this section changed but only takes effect after a restart");
@@ -134,6 +161,9 @@ impl Control {
                     );
                 }
             }
+        }
+        if new.budgets.limits != self.config.budgets.limits {
+            self.reload_budgets(&new);
         }
         {
             let mut t = self.targeting.lock();

@@ -73,6 +73,11 @@ pub struct Call {
     /// An MCP exchange (`provider` is [`Provider::Mcp`]): the request's
     /// `Mcp-Session-Id` (or the old transport's `sessionId` query), if any.
     pub mcp_session: Option<String>,
+    /// What the budgets admitted the request with (its slots of
+    /// `concurrent` budgets, given back when the exchange is done, and the
+    /// token budgets its answer is charged to); `None` when no budget
+    /// covers it.
+    pub budget: Option<Arc<super::budgets::Ticket>>,
 }
 
 /// Header values, the query and the body are left out: they may carry

@@ -12,6 +12,8 @@
 //!   blocking pool when large.
 //! * `backend` — the [`Backend`](backend::Backend) trait the pipeline calls:
 //!   a check in, a verdict out; and the exchange's [`Call`](backend::Call).
+//! * `budgets` — budgets and rate limits per workload scope: admission,
+//!   token charges, the per-node counters' file and the Redis-shared ones.
 //! * `local` — the local engine as a backend.
 //! * `akto` — the Akto-compatible remote backend (I/O).
 //! * `websocket` — the WebSocket protocols agents use (Responses WebSocket
@@ -21,6 +23,7 @@
 
 pub mod akto;
 pub mod backend;
+pub mod budgets;
 pub mod decode;
 pub mod engine;
 pub mod framing;

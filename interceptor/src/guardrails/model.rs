@@ -232,6 +232,8 @@ pub enum Stage {
     Proxy,
     /// Key brokering (placeholders and real keys).
     Keys,
+    /// Budgets and rate limits.
+    Budget,
 }
 
 impl Stage {
@@ -244,6 +246,7 @@ impl Stage {
             Self::WebSocket => "websocket",
             Self::Proxy => "proxy",
             Self::Keys => "keys",
+            Self::Budget => "budget",
         }
     }
 }

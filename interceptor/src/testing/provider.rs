@@ -77,6 +77,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use crate::respond::ErrorShape;
 use anyhow::{Context, Result, bail};
 use base64::Engine as _;
 use bytes::Bytes;
@@ -1122,15 +1123,22 @@ fn fake_status(headers: &HeaderMap) -> Option<StatusCode> {
     StatusCode::from_u16(code).ok().filter(|s| s.is_client_error() || s.is_server_error())
 }
 
-/// An error answer in the shape of the provider `path` belongs to.
+/// An error answer in the shape of the provider `path` belongs to
+/// (Anthropic's on `/v1/messages`, Bedrock's on `/model/…`, Gemini's on
+/// `…:generateContent`, OpenAI's elsewhere), as the interceptor's own
+/// provider-shaped answers are built.
 fn provider_error(path: &str, status: StatusCode) -> Response<Body> {
     let message = format!("fake provider error {}", status.as_u16());
-    let body = if path == "/v1/messages" {
-        json!({"type": "error", "error": {"type": "rate_limit_error", "message": message}})
+    let shape = if path == "/v1/messages" {
+        ErrorShape::Anthropic
+    } else if path.starts_with("/model/") {
+        ErrorShape::Bedrock
+    } else if path.contains(":generateContent") || path.contains(":streamGenerateContent") {
+        ErrorShape::Gemini
     } else {
-        error_json(&message, "rate_limit_exceeded")
+        ErrorShape::OpenAi
     };
-    let mut response = json_response(status, &body);
+    let mut response = crate::respond::provider_error(shape, status, &message).map(BodyExt::boxed_unsync);
     response.headers_mut().insert("x-request-id", HeaderValue::from_static("req_fake0001"));
     response
 }

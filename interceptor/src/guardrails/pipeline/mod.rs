@@ -52,6 +52,7 @@ use tokio::sync::watch;
 use super::{
     akto::AktoClient,
     backend::{Backend, Call},
+    budgets::Budgets,
     engine::Engine,
     keys::{self, Broker},
     providers,
@@ -106,12 +107,20 @@ pub struct Pipeline {
     metrics: Arc<Metrics>,
     /// MCP settings, sessions and tool pins, kept across reloads.
     mcp: Arc<mcp::McpState>,
+    /// Budgets and rate limits, their counters kept across reloads.
+    budgets: Option<Arc<Budgets>>,
 }
 
 impl Pipeline {
     /// MCP sessions and pins in memory; see [`Pipeline::with_mcp`].
     pub fn new(current: watch::Receiver<Arc<Guardrails>>, audit: AuditLog, metrics: Arc<Metrics>) -> Self {
-        Self { current, audit, metrics, mcp: Arc::new(mcp::McpState::in_memory()) }
+        Self { current, audit, metrics, mcp: Arc::new(mcp::McpState::in_memory()), budgets: None }
+    }
+
+    /// The budgets to enforce (see `guardrails::budgets`).
+    pub fn with_budgets(mut self, budgets: Option<Arc<Budgets>>) -> Self {
+        self.budgets = budgets;
+        self
     }
 
     /// The MCP sessions and tool pins to use (pins loaded from their file).
@@ -145,6 +154,7 @@ fn new_call(g: &Guardrails, ex: &Exchange, head: &http::request::Parts, body: By
         request_headers: if g.reads_headers() { head.headers.clone() } else { http::HeaderMap::new() },
         request_body: body,
         mcp_session: None,
+        budget: None,
     }
 }
 
@@ -218,13 +228,18 @@ impl Hook for Pipeline {
         self.not_inspected(ex, call_of(state), request, response.is_some(), reason).await;
     }
 
-    /// Key brokering still applies to a body that is not inspected.
+    /// Key brokering and budgets still apply to a body that is not
+    /// inspected.
     async fn on_uninspected_request(
         &self,
         ex: &Exchange,
         head: &mut http::request::Parts,
     ) -> Option<http::Response<http_body_util::Full<Bytes>>> {
-        match request::broker_keys(self, ex, head).await {
+        let admitted = match request::broker_keys(self, ex, head).await {
+            Ok(swaps) => request::admit_unphased(self, ex, head).await.map(|()| swaps),
+            Err(refused) => Err(refused),
+        };
+        match admitted {
             Ok(swaps) => {
                 keys::apply(head, &swaps);
                 None
@@ -258,6 +273,9 @@ impl Hook for Pipeline {
             Ok(swaps) => swaps,
             Err(refused) => return UpgradeAction::Respond(refused),
         };
+        if let Err(refused) = request::admit_unphased(self, ex, head).await {
+            return UpgradeAction::Respond(refused);
+        }
         let action = websocket::on_upgrade(self, ex, head).await;
         if !matches!(action, UpgradeAction::Respond(_)) {
             keys::apply(head, &swaps);

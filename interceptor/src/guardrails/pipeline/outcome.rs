@@ -16,6 +16,7 @@ use crate::{
     guardrails::{
         akto::redact_path,
         backend::Call,
+        budgets::{Counting, Refusal},
         model::{Decision, Direction, Provider, Stage},
         providers,
         usage::Usage,
@@ -24,6 +25,11 @@ use crate::{
     proxy::hook::{Exchange, Unclassified},
     respond::{self, Problem},
 };
+
+/// The `budget_counting` of `call`'s events.
+pub(super) fn budget_counting(call: &Call) -> Option<Counting> {
+    call.budget.as_ref().and_then(|t| t.counting())
+}
 
 /// What the backends decided for one check, accumulated in order.
 #[derive(Clone, Default)]
@@ -188,14 +194,37 @@ impl Pipeline {
         self.record_metrics(call.provider, Direction::Response, outcome, started);
         let workload = WorkloadInfo::of(call.workload.as_ref());
         let mut event = self.event(g, call, Direction::Response, outcome, started, None, workload);
-        event.usage = self.count_usage(call, usage);
+        event.usage = self.count_usage(call, usage).await;
+        event.budget_counting = budget_counting(call);
+        self.audit.record(event).await;
+    }
+
+    /// Records a request refused by a budget, with the budget.
+    pub(super) async fn audit_budget_refusal(
+        &self,
+        g: &Guardrails,
+        call: &Call,
+        outcome: &Outcome,
+        started: Instant,
+        refusal: Refusal,
+    ) {
+        self.record_metrics(call.provider, Direction::Request, outcome, started);
+        let workload = WorkloadInfo::of(call.workload.as_ref());
+        let mut event = self.event(g, call, Direction::Request, outcome, started, None, workload);
+        event.budget_counting = refusal.counting;
+        event.budget = Some(refusal);
         self.audit.record(event).await;
     }
 
     /// Counts the tokens of an answer, per workload, provider and model;
     /// returns them for the audit event.
-    pub(super) fn count_usage(&self, call: &Call, usage: Option<Usage>) -> Option<Usage> {
+    /// The answer's tokens are charged to the budgets the request was
+    /// admitted under.
+    pub(super) async fn count_usage(&self, call: &Call, usage: Option<Usage>) -> Option<Usage> {
         let usage = usage?;
+        if let (Some(budgets), Some(ticket)) = (&self.budgets, &call.budget) {
+            budgets.charge(ticket, usage.input_tokens.saturating_add(usage.output_tokens)).await;
+        }
         let key = workload_key(call.workload.as_ref());
         let workload = if key == "*" { "unknown" } else { key.as_str() };
         let model = call.model.as_deref().unwrap_or("unknown");
@@ -262,6 +291,8 @@ impl Pipeline {
             websocket: None,
             mcp: None,
             usage: None,
+            budget: None,
+            budget_counting: budget_counting(call),
         }
     }
 
@@ -328,6 +359,8 @@ impl Pipeline {
                 websocket: None,
                 mcp: None,
                 usage: None,
+                budget: None,
+                budget_counting: None,
             })
             .await;
     }

@@ -22,6 +22,7 @@ use crate::{
     config::{SigV4Action, UndecodableAction},
     guardrails::{
         backend::{Call, Phase, current_body},
+        budgets,
         decode::{DecodeError, DecodedText, decode_body_bounded, decode_charset},
         keys::{self, Brokered, Swap, Verdict},
         model::{Direction, NormalizedRequest, Provider, Role, Stage, TextKind, TextSpan},
@@ -58,6 +59,11 @@ pub(super) async fn on_request(
             return (RequestAction::Respond(p.refuse_key(&g, &call, reason, started).await), call);
         }
     };
+    // Budgets next: a refused request is neither checked nor forwarded.
+    match admit(p, &g, ex, &mut call, started).await {
+        Ok(ticket) => call.budget = ticket,
+        Err(refused) => return (RequestAction::Respond(refused), call),
+    }
     let resigned = brokered.resign.is_some();
     let action = p.inspect_request(&g, &mut call, head, body, started, resigned).await;
     if matches!(action, RequestAction::Respond(_)) {
@@ -100,6 +106,40 @@ pub(super) async fn broker_keys(
     };
     let call = new_call(&g, ex, head, Bytes::new());
     Err(p.refuse_key(&g, &call, reason, Instant::now()).await)
+}
+
+/// The budgets' admission of a request: what it holds while in flight
+/// (`None` when no budget covers it), or the refusal (audited) to answer.
+async fn admit(
+    p: &Pipeline,
+    g: &Guardrails,
+    ex: &Exchange,
+    call: &mut Call,
+    started: Instant,
+) -> Result<Option<Arc<budgets::Ticket>>, http::Response<http_body_util::Full<Bytes>>> {
+    let Some(budgets) = &p.budgets else { return Ok(None) };
+    match budgets.admit(ex.workload.as_ref()).await {
+        Ok(ticket) if ticket.is_empty() => Ok(None),
+        Ok(ticket) => Ok(Some(Arc::new(ticket))),
+        Err(refusal) => Err(p.refuse_budget(g, call, refusal, started).await),
+    }
+}
+
+/// Budgets for a request that has no request phase of its own (a WebSocket
+/// upgrade, a body over the inspection limit): it counts as a request and
+/// is refused over a spent budget, but its answer is not charged and it
+/// holds no `concurrent` slot past this call.
+pub(super) async fn admit_unphased(
+    p: &Pipeline,
+    ex: &Exchange,
+    head: &http::request::Parts,
+) -> Result<(), http::Response<http_body_util::Full<Bytes>>> {
+    if p.budgets.is_none() {
+        return Ok(());
+    }
+    let g = p.snapshot();
+    let mut call = new_call(&g, ex, head, Bytes::new());
+    admit(p, &g, ex, &mut call, Instant::now()).await.map(drop)
 }
 
 /// A request body parsed: the JSON (if it is), and every text in it.
@@ -214,6 +254,31 @@ impl Pipeline {
         outcome.block = Some(Block { status, reason: reason.clone(), stage: Stage::Keys, rule: keys::RULE.into() });
         self.audit(g, call, Direction::Request, &outcome, started, None).await;
         respond::blocked(status, &reason)
+    }
+
+    /// A request over a budget: audited (rule `budget`, the budget in the
+    /// event's `budget`), counted, and answered `429` in the provider's
+    /// error shape with `retry-after`.
+    async fn refuse_budget(
+        &self,
+        g: &Guardrails,
+        call: &mut Call,
+        refusal: budgets::Refusal,
+        started: Instant,
+    ) -> http::Response<http_body_util::Full<Bytes>> {
+        let reason = refusal.message();
+        tracing::warn!(rule = budgets::RULE, budget = %refusal.name, %reason, "request refused by a budget");
+        call.model = providers::model_from_path(&call.path);
+        let mut outcome = Outcome::default();
+        outcome.stages.push(Stage::Budget);
+        outcome.note_rule(budgets::RULE);
+        let status = StatusCode::TOO_MANY_REQUESTS;
+        outcome.block =
+            Some(Block { status, reason: reason.clone(), stage: Stage::Budget, rule: budgets::RULE.into() });
+        let shape = budgets::Refusal::shape(call.provider);
+        let retry_after = refusal.retry_after_secs;
+        self.audit_budget_refusal(g, call, &outcome, started, refusal).await;
+        respond::rate_limited(shape, &reason, retry_after)
     }
 
     /// A request body that cannot be decoded for inspection (unknown or
