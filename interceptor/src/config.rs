@@ -22,7 +22,7 @@ pub use self::kubernetes::{KubeEnabled, KubernetesConfig};
 pub use self::mcp::McpConfig;
 use crate::{
     policy::{DomainPolicy, DomainsConfig, McpDomains, PolicyError},
-    telemetry::LogFormat,
+    telemetry::{LogFormat, otlp::OtlpConfig},
 };
 
 pub mod akto;
@@ -71,6 +71,14 @@ pub struct Config {
     pub keys: KeysConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`: export to an OpenTelemetry collector.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    pub otlp: OtlpConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -802,6 +810,7 @@ impl Config {
                 self.admin.address
             ));
         }
+        errors.extend(self.telemetry.otlp.errors());
         if errors.is_empty() { Ok(()) } else { Err(ConfigError::Invalid { errors }) }
     }
 

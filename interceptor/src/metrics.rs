@@ -272,6 +272,12 @@ pub struct BudgetLabels {
     pub body: &'static str,
 }
 
+/// Which OpenTelemetry signal (`traces`, `logs`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SignalLabels {
+    pub signal: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub connections: Family<ConnectionLabels, Counter>,
@@ -301,6 +307,10 @@ pub struct Metrics {
     /// [`Metrics::tokens_used`], which bounds the label values).
     tokens: Family<TokenLabels, Counter>,
     token_labels: Mutex<TokenLabelValues>,
+    /// Spans and log records dropped before OTLP export (queue full).
+    pub otlp_dropped: Family<SignalLabels, Counter>,
+    /// Spans and log records whose OTLP export failed.
+    pub otlp_export_failures: Family<SignalLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -383,6 +393,18 @@ impl Metrics {
              and models past a cap are \"other\")",
             tokens.clone(),
         );
+        let otlp_dropped = Family::default();
+        registry.register(
+            "otlp_dropped",
+            "Spans and log records dropped before OpenTelemetry export because its queue was full, by signal",
+            otlp_dropped.clone(),
+        );
+        let otlp_export_failures = Family::default();
+        registry.register(
+            "otlp_export_failures",
+            "Spans and log records whose OpenTelemetry export failed, by signal",
+            otlp_export_failures.clone(),
+        );
         Self {
             registry,
             connections,
@@ -400,6 +422,8 @@ impl Metrics {
             mcp_labels: Mutex::default(),
             tokens,
             token_labels: Mutex::default(),
+            otlp_dropped,
+            otlp_export_failures,
         }
     }
 

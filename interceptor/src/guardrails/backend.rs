@@ -21,6 +21,7 @@ use serde_json::Value;
 use super::model::{Direction, Provider, Stage, TextSpan};
 use crate::{
     net::{ClientAddr, OrigDstAddr},
+    telemetry::otlp::ExchangeSpan,
     workload::Workload,
 };
 
@@ -73,6 +74,9 @@ pub struct Call {
     /// An MCP exchange (`provider` is [`Provider::Mcp`]): the request's
     /// `Mcp-Session-Id` (or the old transport's `sessionId` query), if any.
     pub mcp_session: Option<String>,
+    /// The exchange's OpenTelemetry span (export on and sampled), exported
+    /// when the last copy of the call is dropped.
+    pub span: Option<Arc<ExchangeSpan>>,
 }
 
 /// Header values, the query and the body are left out: they may carry

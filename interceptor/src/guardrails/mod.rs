@@ -24,6 +24,7 @@ pub mod backend;
 pub mod decode;
 pub mod engine;
 pub mod framing;
+pub mod genai;
 pub mod keys;
 mod local;
 pub mod mcp;

@@ -345,6 +345,7 @@ mod tests {
                 request_headers: headers,
                 request_body: bytes::Bytes::from(serde_json::to_vec(body).unwrap()),
                 mcp_session: Some("sess-1".into()),
+                span: None,
             }
         }
 

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::Full;
 
-use super::{Guardrails, Pipeline, new_call, request_id, workload_key};
+use super::{Guardrails, Pipeline, new_call, request_id, trace, workload_key};
 use crate::{
     audit::{self, AuditEvent, EventDirection, EventKind, McpInfo, WorkloadInfo},
     config::{FailMode, OversizeAction},
@@ -196,6 +196,7 @@ impl Pipeline {
     /// returns them for the audit event.
     pub(super) fn count_usage(&self, call: &Call, usage: Option<Usage>) -> Option<Usage> {
         let usage = usage?;
+        trace::usage(call, &usage);
         let key = workload_key(call.workload.as_ref());
         let workload = if key == "*" { "unknown" } else { key.as_str() };
         let model = call.model.as_deref().unwrap_or("unknown");
@@ -239,6 +240,9 @@ impl Pipeline {
         prompt: Option<String>,
         workload: WorkloadInfo,
     ) -> AuditEvent {
+        let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+        let prompt = if g.cfg.audit_prompts { prompt } else { None };
+        trace::decision(call, direction, outcome, latency_ms, prompt.as_deref());
         AuditEvent {
             time: audit::now(),
             event: EventKind::GuardrailDecision,
@@ -254,11 +258,11 @@ impl Pipeline {
             detectors: outcome.detectors.clone(),
             reasons: outcome.audit_reasons(),
             backends: outcome.stages.clone(),
-            latency_ms: started.elapsed().as_secs_f64() * 1e3,
+            latency_ms,
             client: call.client.to_string(),
             orig_dst: call.orig_dst.to_string(),
             workload,
-            prompt: if g.cfg.audit_prompts { prompt } else { None },
+            prompt,
             websocket: None,
             mcp: None,
             usage: None,
@@ -279,7 +283,7 @@ impl Pipeline {
         let started = Instant::now();
         let call = call.unwrap_or_else(|| {
             // The request itself was not inspected: only its head is known.
-            let mut call = new_call(&g, ex, request, Bytes::new());
+            let mut call = new_call(self, &g, ex, request, Bytes::new());
             call.model = providers::model_from_path(&call.path);
             Arc::new(call)
         });

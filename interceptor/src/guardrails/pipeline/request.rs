@@ -38,7 +38,7 @@ pub(super) async fn on_request(
 ) -> (RequestAction, Call) {
     let g = p.snapshot();
     let started = Instant::now();
-    let mut call = new_call(&g, ex, head, body.clone());
+    let mut call = new_call(p, &g, ex, head, body.clone());
     if p.mcp.settings.classify(&ex.sni, head, body) {
         call.provider = Provider::Mcp;
         call.mcp_session = mcp::session_of(head);
@@ -74,7 +74,7 @@ pub(super) async fn broker_keys(
         None | Some(Verdict::Untouched) => Ok(Vec::new()),
         Some(Verdict::Replace(swaps)) => Ok(swaps),
         Some(Verdict::Refuse(reason)) => {
-            let call = new_call(&g, ex, head, Bytes::new());
+            let call = new_call(p, &g, ex, head, Bytes::new());
             Err(p.refuse_key(&g, &call, reason, Instant::now()).await)
         }
     }

@@ -43,7 +43,7 @@ use crate::{
 /// Decides what happens to a WebSocket upgrade.
 pub(super) async fn on_upgrade(p: &Pipeline, ex: &Exchange, head: &http::request::Parts) -> UpgradeAction {
     let g = p.snapshot();
-    let mut call = new_call(&g, ex, head, Bytes::new());
+    let mut call = new_call(p, &g, ex, head, Bytes::new());
     let protocol = WsProtocol::detect(&ex.sni, &call.path);
     if let Some(protocol) = protocol {
         call.provider = protocol.provider();
