@@ -23,6 +23,7 @@ use crate::{
     metrics::DecisionLabels,
     proxy::hook::{Exchange, Unclassified},
     respond::{self, Problem},
+    workload::Workload,
 };
 
 /// What the backends decided for one check, accumulated in order.
@@ -143,9 +144,18 @@ impl Outcome {
 }
 
 impl Pipeline {
-    pub(super) fn record_metrics(&self, provider: Provider, direction: Direction, outcome: &Outcome, started: Instant) {
+    pub(super) fn record_metrics(
+        &self,
+        workload: Option<&Workload>,
+        provider: Provider,
+        direction: Direction,
+        outcome: &Outcome,
+        started: Instant,
+    ) {
         self.metrics.guardrail_seconds.observe(started.elapsed().as_secs_f64());
         let action = outcome.decision();
+        let key = workload_key(workload);
+        self.metrics.workload_decision(if key == "*" { "unknown" } else { &key }, direction, action);
         let count = |rule: String| {
             self.metrics
                 .decisions
@@ -185,7 +195,7 @@ impl Pipeline {
         started: Instant,
         usage: Option<Usage>,
     ) {
-        self.record_metrics(call.provider, Direction::Response, outcome, started);
+        self.record_metrics(call.workload.as_ref(), call.provider, Direction::Response, outcome, started);
         let workload = WorkloadInfo::of(call.workload.as_ref());
         let mut event = self.event(g, call, Direction::Response, outcome, started, None, workload);
         event.usage = self.count_usage(call, usage);
@@ -219,7 +229,7 @@ impl Pipeline {
         mcp: Option<McpInfo>,
     ) {
         if kind == EventKind::GuardrailDecision {
-            self.record_metrics(call.provider, direction, outcome, started);
+            self.record_metrics(call.workload.as_ref(), call.provider, direction, outcome, started);
         }
         let workload = WorkloadInfo::of(call.workload.as_ref());
         let mut event = self.event(g, call, direction, outcome, started, prompt, workload);
@@ -307,7 +317,7 @@ impl Pipeline {
         } else {
             Outcome { alert: true, reasons: vec![format!("not inspected: {}", conn.reason)], ..Outcome::default() }
         };
-        self.record_metrics(Provider::Generic, Direction::Request, &outcome, Instant::now());
+        self.record_metrics(conn.workload, Provider::Generic, Direction::Request, &outcome, Instant::now());
         self.audit
             .record(AuditEvent {
                 time: audit::now(),
