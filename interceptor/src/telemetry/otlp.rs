@@ -653,9 +653,30 @@ async fn export(
             return;
         }
     };
-    let spans = tokio::spawn(export_spans(span_exporter, spans, counters.span_export_failures.clone(), cfg.clone()));
-    let logs = tokio::spawn(export_logs(log_exporter, logs, counters.log_export_failures, cfg));
-    let _ = tokio::join!(spans, logs);
+    // A signal that is off has no sender: its loop ends at once.
+    let (span_exporter, log_exporter) = (&span_exporter, &log_exporter);
+    let spans = send_batches(
+        spans,
+        FailureReporter::new(Signal::Traces, &cfg.endpoint, counters.span_export_failures),
+        move |batch| async move {
+            match span_exporter {
+                Some(exporter) => opentelemetry_sdk::trace::SpanExporter::export(exporter, batch).await,
+                None => Ok(()),
+            }
+        },
+    );
+    let logs = send_batches(
+        logs,
+        FailureReporter::new(Signal::Logs, &cfg.endpoint, counters.log_export_failures),
+        move |batch: Vec<(SdkLogRecord, InstrumentationScope)>| async move {
+            let refs: Vec<(&SdkLogRecord, &InstrumentationScope)> = batch.iter().map(|(r, s)| (r, s)).collect();
+            match log_exporter {
+                Some(exporter) => exporter.export(LogBatch::new(&refs)).await,
+                None => Ok(()),
+            }
+        },
+    );
+    tokio::join!(spans, logs);
 }
 
 type Exporters = (Option<opentelemetry_otlp::SpanExporter>, Option<opentelemetry_otlp::LogExporter>);
@@ -739,40 +760,17 @@ async fn next_batch<T>(rx: &mut mpsc::Receiver<T>, batch: &mut Vec<T>) -> usize 
     batch.len()
 }
 
-async fn export_spans(
-    exporter: Option<opentelemetry_otlp::SpanExporter>,
-    mut rx: mpsc::Receiver<SpanData>,
-    failures: Counter,
-    cfg: OtlpConfig,
-) {
-    let mut reporter = FailureReporter::new(Signal::Traces, &cfg.endpoint, failures);
+/// Sends what `rx` brings, batch by batch, with `export`, until every
+/// sender is gone.
+async fn send_batches<T, Fut>(mut rx: mpsc::Receiver<T>, mut reporter: FailureReporter, export: impl Fn(Vec<T>) -> Fut)
+where
+    Fut: std::future::Future<Output = OTelSdkResult>,
+{
     let mut batch = Vec::with_capacity(BATCH);
     while next_batch(&mut rx, &mut batch).await > 0 {
-        let Some(exporter) = &exporter else {
-            batch.clear();
-            continue;
-        };
         let count = batch.len() as u64;
-        let result = opentelemetry_sdk::trace::SpanExporter::export(exporter, std::mem::take(&mut batch)).await;
+        let result = export(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))).await;
         reporter.outcome(result, count);
-    }
-}
-
-async fn export_logs(
-    exporter: Option<opentelemetry_otlp::LogExporter>,
-    mut rx: mpsc::Receiver<(SdkLogRecord, InstrumentationScope)>,
-    failures: Counter,
-    cfg: OtlpConfig,
-) {
-    let mut reporter = FailureReporter::new(Signal::Logs, &cfg.endpoint, failures);
-    let mut batch = Vec::with_capacity(BATCH);
-    while next_batch(&mut rx, &mut batch).await > 0 {
-        if let Some(exporter) = &exporter {
-            let refs: Vec<(&SdkLogRecord, &InstrumentationScope)> = batch.iter().map(|(r, s)| (r, s)).collect();
-            let result = exporter.export(LogBatch::new(&refs)).await;
-            reporter.outcome(result, batch.len() as u64);
-        }
-        batch.clear();
     }
 }
 
