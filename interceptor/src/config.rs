@@ -950,6 +950,26 @@ mod tests {
     }
 
     #[test]
+    fn otlp_export_is_checked_with_the_rest() {
+        let text = "[telemetry.otlp]\nendpoint = \"collector:4318\"\nprotocol = \"grpc\"\nsample_ratio = 1.5\n\
+                    [telemetry.otlp.headers]\nauthorization = \"Bearer otlp-secret\"\n";
+        let c = Config::from_toml(text, Path::new("x")).unwrap();
+        let ConfigError::Invalid { errors } = c.validate().unwrap_err() else { panic!() };
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert!(errors.iter().any(|e| e.starts_with("telemetry.otlp.endpoint")), "{errors:#?}");
+        assert!(errors.iter().any(|e| e.starts_with("telemetry.otlp.sample_ratio")), "{errors:#?}");
+        // The effective config, as logged at start, names the header but not its value.
+        let logged = serde_json::to_string(&c).unwrap();
+        assert!(logged.contains("authorization") && !logged.contains("otlp-secret"), "{logged}");
+        let bad = Config::from_toml("[telemetry.otlp]\nprotocol = \"udp\"\n", Path::new("x"));
+        assert!(bad.is_err());
+        let on = "[telemetry.otlp]\nendpoint = \"https://collector.example:4317\"\nprotocol = \"grpc\"\nlogs = true\n";
+        let c = Config::from_toml(on, Path::new("x")).unwrap();
+        c.validate().unwrap();
+        assert!(c.telemetry.otlp.enabled());
+    }
+
+    #[test]
     fn the_admin_api_must_listen_on_loopback() {
         for ok in ["127.0.0.1:15000", "[::1]:15000", "127.0.0.9:9"] {
             let mut c = Config::default();
