@@ -88,13 +88,21 @@ pub(super) fn open(
 pub(super) fn decision(call: &Call, direction: Direction, outcome: &Outcome, latency_ms: f64, prompt: Option<&str>) {
     let Some(span) = &call.span else { return };
     let decision = outcome.decision();
+    if !span.has("interceptor.request_id") {
+        // The first decision: the request's body may have said better what
+        // it is (an MCP message) than its head did when the span opened.
+        span.set(KeyValue::new("interceptor.request_id", call.request_id.clone()));
+        let operation = genai::operation(call.provider, &call.path);
+        span.set(KeyValue::new("gen_ai.operation.name", operation));
+        span.rename(operation.to_owned());
+        span.set(KeyValue::new("gen_ai.provider.name", genai::provider_name(call.provider, &call.host).into_owned()));
+    }
     if let Some(model) = &call.model
         && !span.has("gen_ai.request.model")
     {
         span.set(KeyValue::new("gen_ai.request.model", model.clone()));
         span.rename(format!("{} {model}", genai::operation(call.provider, &call.path)));
     }
-    span.set(KeyValue::new("interceptor.request_id", call.request_id.clone()));
     let mut attributes = vec![
         KeyValue::new("direction", direction.as_str()),
         KeyValue::new("decision", decision.as_str()),
