@@ -103,6 +103,30 @@ def build():
         .with_panel(series(
             "Passthrough copy fallbacks", "Passthrough connections relayed by copying because splicing failed.", "ops",
             query(f"sum(rate(interceptor_passthrough_copy_fallbacks_total{rate}))", "fallbacks")))
+        .with_row(dashboard.Row("Workloads and tokens"))
+        .with_panel(series(
+            "Requests per workload", "Requests checked per second, by workload and decision.", "ops",
+            query(
+                f'sum by (workload, action) (rate(interceptor_workload_decisions_total{{direction="request"}}{rate}))',
+                "{{workload}} {{action}}")))
+        .with_panel(series(
+            "Blocked and redacted per workload", "Requests, responses and streams refused or rewritten in the last hour, by workload.", "short",
+            query(
+                'sum by (workload, action) (increase(interceptor_workload_decisions_total{action=~"block|modify"}[1h]))',
+                "{{workload}} {{action}}")))
+        .with_panel(series(
+            "Tokens per workload", "Tokens per second used by successful answers, by workload and kind (input, output).", "short",
+            query(f"sum by (workload, kind) (rate(interceptor_tokens_total{rate}))", "{{workload}} {{kind}}")))
+        .with_panel(series(
+            "Tokens per model", "Tokens per second, by provider, model and kind.", "short",
+            query(f"sum by (provider, model, kind) (rate(interceptor_tokens_total{rate}))", "{{provider}} {{model}} {{kind}}")))
+        .with_panel(series(
+            "Tokens per workload and model (1h)", "Tokens used in the last hour, by workload and model.", "short",
+            query("sum by (workload, model) (increase(interceptor_tokens_total[1h]))", "{{workload}} {{model}}")))
+        .with_panel(series(
+            "OpenTelemetry export", "Spans and audit log records dropped (queue full) or lost to failed exports, per second.", "ops",
+            query(f"sum by (signal) (rate(interceptor_otlp_dropped_total{rate}))", "dropped {{signal}}"),
+            query(f"sum by (signal) (rate(interceptor_otlp_export_failures_total{rate}))", "failed {{signal}}")))
         .with_row(dashboard.Row("MCP tool calls"))
         .with_panel(series(
             "Tool calls", "MCP tool calls per second, by server, tool and decision.", "ops",

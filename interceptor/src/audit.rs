@@ -26,6 +26,7 @@ use crate::{
     guardrails::model::{Decision, Direction, Stage},
     metrics::Metrics,
     observe::LiveEvents,
+    telemetry::otlp::Otlp,
 };
 
 /// Queue length between deciders and the writer.
@@ -248,6 +249,9 @@ pub struct WebSocketStats {
 #[derive(Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<AuditEvent>,
+    /// Where the writer sends each event as an OTLP log record too, once
+    /// [`AuditLog::with_otlp`] set it.
+    otlp: Arc<std::sync::OnceLock<Arc<Otlp>>>,
 }
 
 impl AuditLog {
@@ -259,8 +263,18 @@ impl AuditLog {
     /// [`AuditLog::start`], also offering every event to `live`'s watchers.
     pub fn start_live(file: Option<PathBuf>, metrics: Arc<Metrics>, live: Option<LiveEvents>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(writer(rx, file, metrics, live));
-        Self { tx }
+        let otlp = Arc::new(std::sync::OnceLock::new());
+        tokio::spawn(writer(rx, file, metrics, live, Arc::clone(&otlp)));
+        Self { tx, otlp }
+    }
+
+    /// Also sends every event as an OTLP log record (its body the same JSON
+    /// as the file's line, so the same redaction), when `otlp` exports logs.
+    pub fn with_otlp(self, otlp: Option<Arc<Otlp>>) -> Self {
+        if let Some(otlp) = otlp.filter(|o| o.logs()) {
+            let _ = self.otlp.set(otlp);
+        }
+        self
     }
 
     /// Records an event; waits if the writer is behind (never drops).
@@ -366,6 +380,7 @@ async fn writer(
     file: Option<PathBuf>,
     metrics: Arc<Metrics>,
     live: Option<LiveEvents>,
+    otlp: Arc<std::sync::OnceLock<Arc<Otlp>>>,
 ) {
     let mut file = file.map(|path| AuditFile::new(path, metrics));
     let mut events = Vec::with_capacity(BATCH);
@@ -376,6 +391,17 @@ async fn writer(
         if let Some(live) = &live {
             for i in 0..events.len() {
                 live.publish(batch.json(i).as_bytes());
+            }
+        }
+        if let Some(otlp) = otlp.get() {
+            for (i, event) in events.iter().enumerate() {
+                let attributes = [
+                    ("interceptor.audit.event", event.event.as_str()),
+                    ("interceptor.guardrail.decision", event.decision.as_str()),
+                    ("interceptor.request_id", event.request_id.as_str()),
+                    ("interceptor.provider", event.provider),
+                ];
+                otlp.log("interceptor.audit", batch.json(i), &attributes);
             }
         }
         if let Some(file) = file.as_mut() {

@@ -23,7 +23,7 @@ pub use self::kubernetes::{KubeEnabled, KubernetesConfig};
 pub use self::mcp::McpConfig;
 use crate::{
     policy::{DomainPolicy, DomainsConfig, McpDomains, PolicyError},
-    telemetry::LogFormat,
+    telemetry::{LogFormat, otlp::OtlpConfig},
 };
 
 pub mod akto;
@@ -74,6 +74,14 @@ pub struct Config {
     pub budgets: BudgetsConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`: export to an OpenTelemetry collector.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    pub otlp: OtlpConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -807,6 +815,7 @@ impl Config {
                 self.admin.address
             ));
         }
+        errors.extend(self.telemetry.otlp.errors());
         if errors.is_empty() { Ok(()) } else { Err(ConfigError::Invalid { errors }) }
     }
 
@@ -943,6 +952,26 @@ mod tests {
         c.proxy.mark = 0;
         let ConfigError::Invalid { errors } = c.validate().unwrap_err() else { panic!() };
         assert_eq!(errors.len(), 6, "{errors:#?}");
+    }
+
+    #[test]
+    fn otlp_export_is_checked_with_the_rest() {
+        let text = "[telemetry.otlp]\nendpoint = \"collector:4318\"\nprotocol = \"grpc\"\nsample_ratio = 1.5\n\
+                    [telemetry.otlp.headers]\nauthorization = \"Bearer otlp-secret\"\n";
+        let c = Config::from_toml(text, Path::new("x")).unwrap();
+        let ConfigError::Invalid { errors } = c.validate().unwrap_err() else { panic!() };
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert!(errors.iter().any(|e| e.starts_with("telemetry.otlp.endpoint")), "{errors:#?}");
+        assert!(errors.iter().any(|e| e.starts_with("telemetry.otlp.sample_ratio")), "{errors:#?}");
+        // The effective config, as logged at start, names the header but not its value.
+        let logged = serde_json::to_string(&c).unwrap();
+        assert!(logged.contains("authorization") && !logged.contains("otlp-secret"), "{logged}");
+        let bad = Config::from_toml("[telemetry.otlp]\nprotocol = \"udp\"\n", Path::new("x"));
+        assert!(bad.is_err());
+        let on = "[telemetry.otlp]\nendpoint = \"https://collector.example:4317\"\nprotocol = \"grpc\"\nlogs = true\n";
+        let c = Config::from_toml(on, Path::new("x")).unwrap();
+        c.validate().unwrap();
+        assert!(c.telemetry.otlp.enabled());
     }
 
     #[test]

@@ -33,7 +33,7 @@ use crate::{
         keys::{self, Broker},
         pipeline::{Guardrails, Pipeline, mcp::McpState},
     },
-    metrics::Metrics,
+    metrics::{Metrics, SignalLabels},
     net::OrigDstResolver,
     observe::LiveEvents,
     proxy::{
@@ -42,6 +42,7 @@ use crate::{
         tls::TlsTermination,
         upstream::{UpstreamPool, client_tls_config},
     },
+    telemetry::otlp::{Otlp, OtlpCounters, Signal},
     workload::PodLookup,
 };
 
@@ -276,11 +277,13 @@ pub fn guardrails_with_state(
     let g = &config.guardrails;
     let hook: Option<Arc<dyn Hook>> = if g.enabled {
         let audit_file = Some(g.audit_file.clone()).filter(|p| !p.as_os_str().is_empty());
-        let audit = AuditLog::start_live(audit_file, Arc::clone(metrics), live);
+        let otlp = otlp(config, metrics)?;
+        let audit_otlp = otlp.clone().filter(|o| o.logs());
+        let audit = AuditLog::start_live(audit_file, Arc::clone(metrics), live).with_otlp(audit_otlp);
         let mcp = McpState::open(&config.mcp, state_dir).context("loading the MCP tool pins")?;
-        Some(Arc::new(
-            Pipeline::new(rx, audit, Arc::clone(metrics)).with_mcp(Arc::new(mcp)).with_budgets(budgets.clone()),
-        ))
+        let pipeline =
+            Pipeline::new(rx, audit, Arc::clone(metrics)).with_mcp(Arc::new(mcp)).with_budgets(budgets.clone());
+        Some(Arc::new(pipeline.with_otlp(otlp.filter(|o| o.traces()))))
     } else {
         None
     };
@@ -319,6 +322,23 @@ fn budgets(config: &Config, metrics: &Arc<Metrics>, state_dir: Option<&Path>) ->
 pub fn budget_rules(config: &Config) -> anyhow::Result<budgets::Rules> {
     budgets::Rules::compile(&config.budgets)
         .map_err(|errors| anyhow::anyhow!("invalid budgets:\n  - {}", errors.join("\n  - ")))
+}
+
+/// The OpenTelemetry export `[telemetry.otlp]` asks for, counting what it
+/// drops in the metrics; `None` when it is off. Spans and audit log
+/// records are made by the guardrail pipeline.
+fn otlp(config: &Config, metrics: &Metrics) -> anyhow::Result<Option<Arc<Otlp>>> {
+    type Counters =
+        prometheus_client::metrics::family::Family<SignalLabels, prometheus_client::metrics::counter::Counter>;
+    let signal =
+        |family: &Counters, signal: Signal| family.get_or_create(&SignalLabels { signal: signal.as_str() }).clone();
+    let counters = OtlpCounters {
+        spans_dropped: signal(&metrics.otlp_dropped, Signal::Traces),
+        logs_dropped: signal(&metrics.otlp_dropped, Signal::Logs),
+        span_export_failures: signal(&metrics.otlp_export_failures, Signal::Traces),
+        log_export_failures: signal(&metrics.otlp_export_failures, Signal::Logs),
+    };
+    Ok(Otlp::start(&config.telemetry.otlp, counters)?)
 }
 
 /// `guardrails.max_buffered_total` in bytes, sized from the memory limit

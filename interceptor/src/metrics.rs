@@ -280,6 +280,25 @@ pub struct RateLimitLabels {
     pub kind: &'static str,
 }
 
+/// A decision of one workload's exchange.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkloadDecisionLabels {
+    pub workload: String,
+    pub direction: Direction,
+    pub action: Decision,
+}
+
+/// The directions and actions of [`WorkloadDecisionLabels`], in the order
+/// of a workload's cached counters.
+const DIRECTIONS: [Direction; 2] = [Direction::Request, Direction::Response];
+const ACTIONS: [Decision; 5] = [Decision::Allow, Decision::Modify, Decision::Block, Decision::Alert, Decision::Error];
+
+/// Which OpenTelemetry signal (`traces`, `logs`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SignalLabels {
+    pub signal: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub connections: Family<ConnectionLabels, Counter>,
@@ -314,6 +333,16 @@ pub struct Metrics {
     /// Budget counter operations done on this node alone because Redis
     /// (`budgets.redis_url`) could not be reached in time.
     pub budget_redis_fallbacks: Counter,
+    /// Decisions by workload, direction and action (through
+    /// [`Metrics::workload_decision`], which bounds the workloads like the
+    /// token counters).
+    workload_decisions: Family<WorkloadDecisionLabels, Counter>,
+    /// A workload's counters, by its key: direction × action.
+    workload_counters: Mutex<HashMap<String, [[Counter; ACTIONS.len()]; DIRECTIONS.len()]>>,
+    /// Spans and log records dropped before OTLP export (queue full).
+    pub otlp_dropped: Family<SignalLabels, Counter>,
+    /// Spans and log records whose OTLP export failed.
+    pub otlp_export_failures: Family<SignalLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -408,6 +437,24 @@ impl Metrics {
             "Budget counter operations done on this node alone because Redis could not be reached in time",
             budget_redis_fallbacks.clone(),
         );
+        let workload_decisions = Family::default();
+        registry.register(
+            "workload_decisions",
+            "Guardrail decisions by workload, direction and action (workloads past a cap are \"other\")",
+            workload_decisions.clone(),
+        );
+        let otlp_dropped = Family::default();
+        registry.register(
+            "otlp_dropped",
+            "Spans and log records dropped before OpenTelemetry export because its queue was full, by signal",
+            otlp_dropped.clone(),
+        );
+        let otlp_export_failures = Family::default();
+        registry.register(
+            "otlp_export_failures",
+            "Spans and log records whose OpenTelemetry export failed, by signal",
+            otlp_export_failures.clone(),
+        );
         Self {
             registry,
             connections,
@@ -427,6 +474,10 @@ impl Metrics {
             token_labels: Mutex::default(),
             budget_refusals,
             budget_redis_fallbacks,
+            workload_decisions,
+            workload_counters: Mutex::default(),
+            otlp_dropped,
+            otlp_export_failures,
         }
     }
 
@@ -463,6 +514,35 @@ impl Metrics {
             let TokenLabels { workload, model, .. } = labels;
             let models = values.counters.entry(workload).or_default().entry(provider).or_default();
             models.insert(model, [input_tokens, output_tokens]);
+        }
+    }
+
+    /// Counts one decision of `workload`'s (its stable key, as for
+    /// [`Metrics::tokens_used`]; `unknown` when it is not known).
+    pub fn workload_decision(&self, workload: &str, direction: Direction, action: Decision) {
+        let (d, a) = (
+            DIRECTIONS.iter().position(|x| *x == direction).unwrap_or_default(),
+            ACTIONS.iter().position(|x| *x == action).unwrap_or_default(),
+        );
+        let mut cached = self.workload_counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(counters) = cached.get(workload) {
+            counters[d][a].inc();
+            return;
+        }
+        let label = {
+            let mut values = self.token_labels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            bounded(&mut values.workloads, label_text(workload), MAX_WORKLOAD_LABELS)
+        };
+        let counters = DIRECTIONS.map(|direction| {
+            ACTIONS.map(|action| {
+                let labels = WorkloadDecisionLabels { workload: label.clone(), direction, action };
+                self.workload_decisions.get_or_create(&labels).clone()
+            })
+        });
+        counters[d][a].inc();
+        // Only workloads with a label of their own are kept by key (bounded).
+        if label == workload || label == OTHER_LABEL {
+            cached.insert(label, counters);
         }
     }
 
@@ -538,6 +618,28 @@ mod tests {
         // k8s:team-a/agent and comm:w0..comm:w254 have their own label.
         let other = r#"interceptor_tokens_total{workload="other",provider="anthropic",model="m0",kind="input"}"#;
         assert!(line(other).ends_with(" 3"), "{text}");
+    }
+
+    #[test]
+    fn workload_decisions_are_counted_per_workload_and_bounded() {
+        let m = Metrics::new();
+        m.workload_decision("comm:agent", Direction::Request, Decision::Allow);
+        m.workload_decision("comm:agent", Direction::Request, Decision::Allow);
+        m.workload_decision("comm:agent", Direction::Response, Decision::Block);
+        for i in 0..MAX_WORKLOAD_LABELS + 2 {
+            m.workload_decision(&format!("exe:/w{i}"), Direction::Request, Decision::Block);
+        }
+        let text = m.encode();
+        let line = |series: &str| text.lines().find(|l| l.starts_with(series)).unwrap_or_default().to_owned();
+        let series = |workload: &str, direction: &str, action: &str| {
+            format!(
+                r#"interceptor_workload_decisions_total{{workload="{workload}",direction="{direction}",action="{action}"}}"#
+            )
+        };
+        assert!(line(&series("comm:agent", "request", "allow")).ends_with(" 2"), "{text}");
+        assert!(line(&series("comm:agent", "response", "block")).ends_with(" 1"), "{text}");
+        // comm:agent and exe:/w0..exe:/w254 have their own label.
+        assert!(line(&series("other", "request", "block")).ends_with(" 3"), "{text}");
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! their queries name is one the interceptor really exports: read from a
 //! live `/metrics` scrape of the admin API, after traffic that makes every
 //! family show (decisions, a failing backend, connections, MCP tool calls,
-//! a changed tool definition, a body over the inspection budget).
+//! a changed tool definition, a body over the inspection budget) and, from
+//! a second data plane in front of the fake provider, an LLM answer's
+//! tokens and its workload's decisions.
 
 use std::{
     collections::BTreeSet,
@@ -23,10 +25,13 @@ use interceptor::{
     config::{Backend, BufferedTotal, Config, FailMode, GuardrailsConfig},
     guardrails::akto::AktoConfig,
     observe::LiveEvents,
-    testing::mcp::private_key,
+    testing::{
+        mcp::private_key,
+        provider::{FakeProvider, TestPki},
+    },
 };
 use interceptor_tests::{
-    inprocess::InProcessProxy,
+    inprocess::{InProcessProxy, client_for},
     plain_http::{self, Answer},
 };
 use serde_json::{Value, json};
@@ -146,7 +151,8 @@ async fn every_metric_the_dashboard_and_alerts_name_is_exported() -> Result<()> 
         },
         ..Config::default()
     };
-    let ca = interceptor::testing::provider::TestPki::with_defaults()?.write_ca(dir.path())?;
+    let pki = TestPki::with_defaults()?;
+    let ca = pki.write_ca(dir.path())?;
     let proxy = InProcessProxy::from_config(server, &ca, config).await?;
     proxy.set_plain_target(server, "tools.agents.test");
 
@@ -177,16 +183,36 @@ async fn every_metric_the_dashboard_and_alerts_name_is_exported() -> Result<()> 
         // it closes.
     }
 
-    // The live scrape, from the admin API.
-    let admin_listener = admin::bind("127.0.0.1:0".parse()?).await?;
-    let admin_addr = admin_listener.local_addr()?;
-    let (_status, status_rx) = tokio::sync::watch::channel(Arc::new(admin::Status::default()));
-    tokio::spawn(admin::serve(admin_listener, status_rx, Arc::clone(&proxy.metrics), LiveEvents::default()));
+    // An LLM answer with usage, through a data plane of its own in front of
+    // the fake provider (the first one's every connection goes to the MCP
+    // server): tokens, and decisions by workload.
+    let provider = FakeProvider::start(std::net::TcpListener::bind("127.0.0.1:0")?, &pki)?;
+    let llm = InProcessProxy::from_config(provider.local_addr(), &ca, Config::default()).await?;
+    {
+        let client = client_for("api.openai.com", llm.addr, &[&llm.ca_pem], false)?;
+        let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "Capital of France?"}]});
+        let resp = client.post("https://api.openai.com/v1/chat/completions").json(&body).send().await?;
+        ensure!(resp.status() == 200, "chat completion: {}", resp.status());
+        let _ = resp.bytes().await?;
+    }
+
+    // The live scrapes, from the admin API of each.
+    let (mut admins, mut statuses) = (Vec::new(), Vec::new());
+    for metrics in [&proxy.metrics, &llm.metrics] {
+        let admin_listener = admin::bind("127.0.0.1:0".parse()?).await?;
+        admins.push(admin_listener.local_addr()?);
+        let (status, status_rx) = tokio::sync::watch::channel(Arc::new(admin::Status::default()));
+        statuses.push(status);
+        tokio::spawn(admin::serve(admin_listener, status_rx, Arc::clone(metrics), LiveEvents::default()));
+    }
     let wanted = referenced_metrics()?;
     let scraper = reqwest::Client::builder().no_proxy().build()?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let scrape = scraper.get(format!("http://{admin_addr}/metrics")).send().await?.text().await?;
+        let mut scrape = String::new();
+        for admin_addr in &admins {
+            scrape += &scraper.get(format!("http://{admin_addr}/metrics")).send().await?.text().await?;
+        }
         let exported: BTreeSet<&str> =
             scrape.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split(['{', ' ']).next()).collect();
         let missing: Vec<&String> = wanted.iter().filter(|name| !exported.contains(name.as_str())).collect();

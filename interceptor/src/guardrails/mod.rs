@@ -27,6 +27,7 @@ pub mod budgets;
 pub mod decode;
 pub mod engine;
 pub mod framing;
+pub mod genai;
 pub mod keys;
 mod local;
 pub mod mcp;

@@ -103,10 +103,13 @@ pub enum Scenario {
     Nginx,
     /// mitmproxy with the guard addon.
     Mitmproxy,
+    /// The allowed path with OpenTelemetry export off, then on (spans and
+    /// audit log records to a local OTLP/HTTP sink).
+    Otlp,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::GuardrailsOff,
         Scenario::Allowed,
         Scenario::Connect,
@@ -116,6 +119,7 @@ impl Scenario {
         Scenario::Iptables,
         Scenario::Nginx,
         Scenario::Mitmproxy,
+        Scenario::Otlp,
     ];
 
     pub fn name(self) -> &'static str {
@@ -129,6 +133,7 @@ impl Scenario {
             Scenario::Iptables => "iptables",
             Scenario::Nginx => "nginx",
             Scenario::Mitmproxy => "mitmproxy",
+            Scenario::Otlp => "otlp",
         }
     }
 
@@ -427,6 +432,36 @@ fn measure(env: &Env, opts: &Options, name: &str, url: &str, script: &Path, prox
         row.other_cpu.unwrap_or_default() * 100.0,
     );
     Ok(row)
+}
+
+/// The local OTLP sink's port in the namespace.
+const OTLP_SINK_PORT: u16 = 14318;
+
+/// The allowed path with OpenTelemetry export off and on, one after the
+/// other on the same placement (one worker pinned): the proxy's CPU per
+/// request with a span and two audit log records exported per exchange (to
+/// nginx answering 200 to every export, in the peers' cgroup, so the
+/// sink's own work is not counted) against none.
+fn otlp_rows(env: &Env, opts: &Options, url: &str, keepalive: &Path, rows: &mut Vec<Row>) -> Result<()> {
+    println!("interceptor, eBPF redirect, default guardrails, OpenTelemetry export off, then on");
+    let sink_dir = env.scratch.path().join("otlp-sink");
+    let sink_addr = SocketAddr::from(([127, 0, 0, 1], OTLP_SINK_PORT));
+    let sink_body = format!(
+        "  server {{\n    listen {sink_addr};\n    client_max_body_size 64m;\n    \
+         location / {{ return 200; }}\n  }}"
+    );
+    let _sink = Nginx::start(&env.netns, &env.peer_cg, &sink_dir, 1, &sink_body, sink_addr)?;
+    let export = format!(
+        "[telemetry.otlp]\nendpoint = \"http://{sink_addr}\"\nprotocol = \"http\"\ntraces = true\nlogs = true\n"
+    );
+    for (name, extra) in [(names::OTLP_OFF, String::new()), (names::OTLP_ON, export)] {
+        let (proxy, _bundle) = interceptor(env, "ebpf", Placement::Pinned, "", &extra)?;
+        let row = measure(env, opts, name, url, keepalive, Some(&env.proxy_cg))?;
+        expect(&row, false)?;
+        rows.push(row);
+        drop(proxy);
+    }
+    Ok(())
 }
 
 /// Asserts what a row must show for its figures to mean anything.
@@ -812,6 +847,10 @@ pub fn run(opts: &Options) -> Result<()> {
             })?;
         }
         drop(proxy);
+    }
+
+    if opts.runs(Scenario::Otlp) {
+        otlp_rows(&env, opts, url, keepalive, &mut rows)?;
     }
 
     if opts.runs(Scenario::TwoWorkers) {

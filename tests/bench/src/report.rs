@@ -105,6 +105,10 @@ pub mod rows {
     /// Latency rows: `direct: …`, `interceptor monitor: …`, `interceptor enforce: …`.
     pub const PACED: &str = "SSE paced 20x5ms";
     pub const PACED_NEW_CONN: &str = "SSE paced, new TLS conn";
+    /// Default guardrails, one worker pinned, OpenTelemetry export off and on
+    /// (measured one after the other, for the export figure).
+    pub const OTLP_OFF: &str = "interceptor eBPF, allowed, OTLP export off";
+    pub const OTLP_ON: &str = "interceptor eBPF, allowed, OTLP export on";
 }
 
 /// Idle keep-alive connections the RSS target is stated for.
@@ -316,6 +320,14 @@ pub fn figures(m: &Measured<'_>) -> Vec<Figure> {
             from,
         });
     }
+    out.push(Figure {
+        what: "OpenTelemetry export on (spans and audit logs to a local sink): proxy CPU per request vs off".into(),
+        value: quotient(cpu(rows::OTLP_ON), cpu(rows::OTLP_OFF)),
+        unit: Unit::Ratio,
+        // Within 5 % of the figure with export off.
+        goal: Some(Goal::AtMost(1.05)),
+        from: cpu_from(rows::OTLP_ON, rows::OTLP_OFF),
+    });
     let p50 = |name: &str| row(name).map(|r| r.wrk.p50_us);
     out.push(Figure {
         what: format!("allowed path: added p50 at {} connections", m.connections),
@@ -506,6 +518,40 @@ mod tests {
         // No latency rows: the stream figures are not measured, not missed.
         assert_eq!(figure(&f, "stream_mode enforce").verdict(), Verdict::NotMeasured);
         assert_eq!(figure(&f, "SSE monitor mode, paced: added first byte, kept-alive").verdict(), Verdict::NotMeasured);
+    }
+
+    #[test]
+    fn otlp_export_is_judged_within_five_percent_of_export_off() {
+        let run = |name: &str, requests: u64, cpu: f64| Row {
+            wrk: WrkResult { requests, seconds: 6.0, errors: 0, non_2xx: 0, p50_us: 500.0, p99_us: 900.0 },
+            ..row(name, requests, 500.0, Some(cpu))
+        };
+        // 40 us per request off; 41.6 us on (1.04x), then 42.4 us (1.06x).
+        for (on_cpu, verdict) in [(1.664, Verdict::Met), (1.696, Verdict::Missed)] {
+            let rows = [run(rows::OTLP_OFF, 40_000, 1.6), run(rows::OTLP_ON, 40_000, on_cpu)];
+            let m = Measured {
+                rows: &rows,
+                first_byte_p50_us: &[],
+                idle_open: 0,
+                rss_idle_conns_mb: None,
+                rss_idle_mb: None,
+                connect_p50_diff_us: None,
+                connections: 16,
+            };
+            let f = figures(&m);
+            let x = figure(&f, "OpenTelemetry export on");
+            assert_eq!((x.verdict(), x.goal), (verdict, Some(Goal::AtMost(1.05))), "{x:?}");
+        }
+        let f = figures(&Measured {
+            rows: &[],
+            first_byte_p50_us: &[],
+            idle_open: 0,
+            rss_idle_conns_mb: None,
+            rss_idle_mb: None,
+            connect_p50_diff_us: None,
+            connections: 16,
+        });
+        assert_eq!(figure(&f, "OpenTelemetry export on").verdict(), Verdict::NotMeasured);
     }
 
     #[test]

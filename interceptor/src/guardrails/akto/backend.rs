@@ -346,6 +346,7 @@ mod tests {
                 request_body: bytes::Bytes::from(serde_json::to_vec(body).unwrap()),
                 mcp_session: Some("sess-1".into()),
                 budget: None,
+                span: None,
             }
         }
 

@@ -42,6 +42,7 @@ mod quick;
 mod request;
 mod response;
 mod stream;
+mod trace;
 mod websocket;
 
 use std::sync::Arc;
@@ -64,6 +65,7 @@ use crate::{
     proxy::hook::{
         BodyAction, Exchange, ExchangeState, Hook, RequestAction, ResponseAction, Unclassified, UpgradeAction,
     },
+    telemetry::otlp::Otlp,
     workload::Workload,
 };
 
@@ -109,17 +111,25 @@ pub struct Pipeline {
     mcp: Arc<mcp::McpState>,
     /// Budgets and rate limits, their counters kept across reloads.
     budgets: Option<Arc<Budgets>>,
+    /// Where each exchange's span goes, when traces are exported.
+    otlp: Option<Arc<Otlp>>,
 }
 
 impl Pipeline {
     /// MCP sessions and pins in memory; see [`Pipeline::with_mcp`].
     pub fn new(current: watch::Receiver<Arc<Guardrails>>, audit: AuditLog, metrics: Arc<Metrics>) -> Self {
-        Self { current, audit, metrics, mcp: Arc::new(mcp::McpState::in_memory()), budgets: None }
+        Self { current, audit, metrics, mcp: Arc::new(mcp::McpState::in_memory()), budgets: None, otlp: None }
     }
 
     /// The budgets to enforce (see `guardrails::budgets`).
     pub fn with_budgets(mut self, budgets: Option<Arc<Budgets>>) -> Self {
         self.budgets = budgets;
+        self
+    }
+
+    /// Exports a span per exchange through `otlp` (when it exports traces).
+    pub fn with_otlp(mut self, otlp: Option<Arc<Otlp>>) -> Self {
+        self.otlp = otlp.filter(|o| o.traces());
         self
     }
 
@@ -135,15 +145,18 @@ impl Pipeline {
 }
 
 /// The exchange's [`Call`], as its request head shows it: the provider from
-/// the host and path (a body or an upgrade may say better), no model yet.
-fn new_call(g: &Guardrails, ex: &Exchange, head: &http::request::Parts, body: Bytes) -> Call {
+/// the host and path (a body or an upgrade may say better), no model yet;
+/// its span opened (export on and sampled).
+fn new_call(p: &Pipeline, g: &Guardrails, ex: &Exchange, head: &http::request::Parts, body: Bytes) -> Call {
     let path = head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
     let request_id = request_id(&head.headers);
     // The data plane's `request` span names the request from here on.
     crate::proxy::hook::record_request_id(&request_id);
+    let provider = providers::detect(&ex.sni, &path);
     Call {
+        span: trace::open(p.otlp.as_ref(), ex, head, provider, &path),
         request_id,
-        provider: providers::detect(&ex.sni, &path),
+        provider,
         model: None,
         method: head.method.to_string(),
         path,
@@ -212,7 +225,10 @@ impl Hook for Pipeline {
         head: &http::response::Parts,
     ) -> ResponseAction {
         match call_of(state) {
-            Some(call) => response::on_response(self, call, request, head),
+            Some(call) => {
+                trace::response_head(&call, head.status);
+                response::on_response(self, call, request, head)
+            }
             None => ResponseAction::Forward,
         }
     }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::Full;
 
-use super::{Guardrails, Pipeline, new_call, request_id, workload_key};
+use super::{Guardrails, Pipeline, new_call, request_id, trace, workload_key};
 use crate::{
     audit::{self, AuditEvent, EventDirection, EventKind, McpInfo, WorkloadInfo},
     config::{FailMode, OversizeAction},
@@ -24,6 +24,7 @@ use crate::{
     metrics::DecisionLabels,
     proxy::hook::{Exchange, Unclassified},
     respond::{self, Problem},
+    workload::Workload,
 };
 
 /// The `budget_counting` of `call`'s events.
@@ -149,9 +150,18 @@ impl Outcome {
 }
 
 impl Pipeline {
-    pub(super) fn record_metrics(&self, provider: Provider, direction: Direction, outcome: &Outcome, started: Instant) {
+    pub(super) fn record_metrics(
+        &self,
+        workload: Option<&Workload>,
+        provider: Provider,
+        direction: Direction,
+        outcome: &Outcome,
+        started: Instant,
+    ) {
         self.metrics.guardrail_seconds.observe(started.elapsed().as_secs_f64());
         let action = outcome.decision();
+        let key = workload_key(workload);
+        self.metrics.workload_decision(if key == "*" { "unknown" } else { &key }, direction, action);
         let count = |rule: String| {
             self.metrics
                 .decisions
@@ -191,7 +201,7 @@ impl Pipeline {
         started: Instant,
         usage: Option<Usage>,
     ) {
-        self.record_metrics(call.provider, Direction::Response, outcome, started);
+        self.record_metrics(call.workload.as_ref(), call.provider, Direction::Response, outcome, started);
         let workload = WorkloadInfo::of(call.workload.as_ref());
         let mut event = self.event(g, call, Direction::Response, outcome, started, None, workload);
         event.usage = self.count_usage(call, usage).await;
@@ -208,7 +218,7 @@ impl Pipeline {
         started: Instant,
         refusal: Refusal,
     ) {
-        self.record_metrics(call.provider, Direction::Request, outcome, started);
+        self.record_metrics(call.workload.as_ref(), call.provider, Direction::Request, outcome, started);
         let workload = WorkloadInfo::of(call.workload.as_ref());
         let mut event = self.event(g, call, Direction::Request, outcome, started, None, workload);
         event.budget_counting = refusal.counting;
@@ -225,6 +235,7 @@ impl Pipeline {
         if let (Some(budgets), Some(ticket)) = (&self.budgets, &call.budget) {
             budgets.charge(ticket, usage.input_tokens.saturating_add(usage.output_tokens)).await;
         }
+        trace::usage(call, &usage);
         let key = workload_key(call.workload.as_ref());
         let workload = if key == "*" { "unknown" } else { key.as_str() };
         let model = call.model.as_deref().unwrap_or("unknown");
@@ -247,7 +258,7 @@ impl Pipeline {
         mcp: Option<McpInfo>,
     ) {
         if kind == EventKind::GuardrailDecision {
-            self.record_metrics(call.provider, direction, outcome, started);
+            self.record_metrics(call.workload.as_ref(), call.provider, direction, outcome, started);
         }
         let workload = WorkloadInfo::of(call.workload.as_ref());
         let mut event = self.event(g, call, direction, outcome, started, prompt, workload);
@@ -268,6 +279,9 @@ impl Pipeline {
         prompt: Option<String>,
         workload: WorkloadInfo,
     ) -> AuditEvent {
+        let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+        let prompt = if g.cfg.audit_prompts { prompt } else { None };
+        trace::decision(call, direction, outcome, latency_ms, prompt.as_deref());
         AuditEvent {
             time: audit::now(),
             event: EventKind::GuardrailDecision,
@@ -283,11 +297,11 @@ impl Pipeline {
             detectors: outcome.detectors.clone(),
             reasons: outcome.audit_reasons(),
             backends: outcome.stages.clone(),
-            latency_ms: started.elapsed().as_secs_f64() * 1e3,
+            latency_ms,
             client: call.client.to_string(),
             orig_dst: call.orig_dst.to_string(),
             workload,
-            prompt: if g.cfg.audit_prompts { prompt } else { None },
+            prompt,
             websocket: None,
             mcp: None,
             usage: None,
@@ -310,7 +324,7 @@ impl Pipeline {
         let started = Instant::now();
         let call = call.unwrap_or_else(|| {
             // The request itself was not inspected: only its head is known.
-            let mut call = new_call(&g, ex, request, Bytes::new());
+            let mut call = new_call(self, &g, ex, request, Bytes::new());
             call.model = providers::model_from_path(&call.path);
             Arc::new(call)
         });
@@ -334,7 +348,7 @@ impl Pipeline {
         } else {
             Outcome { alert: true, reasons: vec![format!("not inspected: {}", conn.reason)], ..Outcome::default() }
         };
-        self.record_metrics(Provider::Generic, Direction::Request, &outcome, Instant::now());
+        self.record_metrics(conn.workload, Provider::Generic, Direction::Request, &outcome, Instant::now());
         self.audit
             .record(AuditEvent {
                 time: audit::now(),

@@ -42,7 +42,7 @@ pub(super) async fn on_request(
 ) -> (RequestAction, Call) {
     let g = p.snapshot();
     let started = Instant::now();
-    let mut call = new_call(&g, ex, head, body.clone());
+    let mut call = new_call(p, &g, ex, head, body.clone());
     if p.mcp.settings.classify(&ex.sni, head, body) {
         call.provider = Provider::Mcp;
         call.mcp_session = mcp::session_of(head);
@@ -104,7 +104,7 @@ pub(super) async fn broker_keys(
         }
         Some(Verdict::Refuse(reason)) => reason,
     };
-    let call = new_call(&g, ex, head, Bytes::new());
+    let call = new_call(p, &g, ex, head, Bytes::new());
     Err(p.refuse_key(&g, &call, reason, Instant::now()).await)
 }
 
@@ -138,7 +138,7 @@ pub(super) async fn admit_unphased(
         return Ok(());
     }
     let g = p.snapshot();
-    let mut call = new_call(&g, ex, head, Bytes::new());
+    let mut call = new_call(p, &g, ex, head, Bytes::new());
     admit(p, &g, ex, &mut call, Instant::now()).await.map(drop)
 }
 

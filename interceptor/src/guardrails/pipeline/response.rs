@@ -8,11 +8,12 @@ use bytes::Bytes;
 use http::header;
 use serde_json::Value;
 
-use super::{Pipeline, backends::Subject, outcome::Outcome, quick, stream::StreamGuard};
+use super::{Pipeline, backends::Subject, outcome::Outcome, quick, stream::StreamGuard, trace};
 use crate::{
     guardrails::{
         backend::{Call, Phase, current_body},
         decode::decode_body_bounded,
+        genai::ResponseFacts,
         model::{Direction, Provider, Role, Stage, TextKind, TextSpan},
         providers, usage,
     },
@@ -89,6 +90,19 @@ pub(super) async fn on_body(p: &Pipeline, call: &Call, head: &http::response::Pa
         return action;
     }
     let success = head.status.is_success();
+    if call.span.is_some()
+        && let Ok(doc) = serde_json::from_slice::<Value>(&decoded)
+    {
+        let mut facts = ResponseFacts::of_body(&doc);
+        if g.cfg.audit_prompts {
+            let texts = providers::parse_response(call.provider, &doc).texts;
+            facts = facts.with_content();
+            for text in texts.iter().filter(|t| t.role == Role::Assistant) {
+                facts.text(&text.text);
+            }
+        }
+        trace::response(call, &facts);
+    }
     if let Some(clean) = quick::clean(&g, call, Direction::Response, &decoded) {
         let usage = clean.usage.filter(|_| success);
         p.audit_response(&g, call, &clean.outcome, started, usage).await;

@@ -26,6 +26,7 @@ use super::{
     Guardrails, Pipeline,
     backends::Subject,
     outcome::{Block, Outcome},
+    trace,
 };
 use crate::{
     audit::WorkloadInfo,
@@ -34,6 +35,7 @@ use crate::{
         backend::{Call, Phase},
         engine::StreamTracker,
         framing::{Framer, FramingKind},
+        genai::ResponseFacts,
         model::{Direction, Role, Stage, StreamDelta, TextKind, TextSpan},
         providers::{self, StreamEventRef},
         usage::UsageMeter,
@@ -77,6 +79,11 @@ pub(super) struct StreamGuard {
     framing_broken: bool,
     /// The answer's usage, for a successful HTTP stream.
     meter: Option<UsageMeter>,
+    /// What the answer says of itself, for the exchange's span (when it
+    /// has one).
+    facts: Option<ResponseFacts>,
+    /// Whether text went by (the span's time to first chunk is noted).
+    text_seen: bool,
 }
 
 impl StreamGuard {
@@ -88,6 +95,10 @@ impl StreamGuard {
         head: &http::response::Parts,
     ) -> Self {
         let framer = Framer::new(kind, MAX_EVENT);
+        let facts = call.span.as_ref().map(|_| {
+            let facts = ResponseFacts::default();
+            if g.cfg.audit_prompts { facts.with_content() } else { facts }
+        });
         let headers = if g.reads_headers() { head.headers.clone() } else { HeaderMap::new() };
         Self {
             workload: WorkloadInfo::of(call.workload.as_ref()),
@@ -110,6 +121,8 @@ impl StreamGuard {
             started: Instant::now(),
             framing_broken: false,
             meter: None,
+            facts,
+            text_seen: false,
         }
     }
 
@@ -143,10 +156,17 @@ impl StreamGuard {
             return false;
         }
         let provider = self.call.provider;
-        let meter = &mut self.meter;
-        let mut delta = |ev: StreamEventRef<'_>| match meter {
-            Some(meter) => providers::stream_delta_observed(provider, ev, &mut |event, v| meter.observe(event, v)),
-            None => providers::stream_delta(provider, ev),
+        let (meter, facts) = (&mut self.meter, &mut self.facts);
+        let mut delta = |ev: StreamEventRef<'_>| match (&mut *meter, &mut *facts) {
+            (None, None) => providers::stream_delta(provider, ev),
+            (meter, facts) => providers::stream_delta_observed(provider, ev, &mut |event, v| {
+                if let Some(meter) = meter.as_mut() {
+                    meter.observe(event, v);
+                }
+                if let Some(facts) = facts.as_mut() {
+                    facts.observe(event, v);
+                }
+            }),
         };
         let result: Result<Vec<(usize, StreamDelta)>, String> = self
             .framer
@@ -164,9 +184,16 @@ impl StreamGuard {
         for (raw_len, delta) in events {
             end |= delta.end;
             let mut chars = 0;
+            if !self.text_seen && !delta.texts.is_empty() {
+                self.text_seen = true;
+                trace::first_token(&self.call);
+            }
             for (_, text) in delta.texts {
                 if let Some(meter) = &mut self.meter {
                     meter.text(&text);
+                }
+                if let Some(facts) = &mut self.facts {
+                    facts.text(&text);
                 }
                 match &mut self.tracker {
                     Some(tracker) => tracker.push(&text),
@@ -323,8 +350,17 @@ impl StreamGuard {
     /// Records the stream's decision: one audit event for the whole stream.
     pub(super) async fn finish_audit(&mut self) {
         let p = &self.p;
-        p.record_metrics(self.call.provider, Direction::Response, &self.outcome, self.started);
+        p.record_metrics(
+            self.call.workload.as_ref(),
+            self.call.provider,
+            Direction::Response,
+            &self.outcome,
+            self.started,
+        );
         let workload = self.workload.clone();
+        if let Some(facts) = &self.facts {
+            trace::response(&self.call, facts);
+        }
         let mut event = p.event(&self.g, &self.call, Direction::Response, &self.outcome, self.started, None, workload);
         event.usage = p.count_usage(&self.call, self.meter.as_ref().and_then(UsageMeter::usage)).await;
         event.budget_counting = super::outcome::budget_counting(&self.call);

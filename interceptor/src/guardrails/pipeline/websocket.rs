@@ -43,7 +43,7 @@ use crate::{
 /// Decides what happens to a WebSocket upgrade.
 pub(super) async fn on_upgrade(p: &Pipeline, ex: &Exchange, head: &http::request::Parts) -> UpgradeAction {
     let g = p.snapshot();
-    let mut call = new_call(&g, ex, head, Bytes::new());
+    let mut call = new_call(p, &g, ex, head, Bytes::new());
     let protocol = WsProtocol::detect(&ex.sni, &call.path);
     if let Some(protocol) = protocol {
         call.provider = protocol.provider();
@@ -212,7 +212,7 @@ impl MessageInspector for Session {
         };
         self.p.run_backends(&g, Phase::Request, &call, &mut subject, &mut outcome).await;
         if outcome.decision() == Decision::Allow {
-            self.p.record_metrics(call.provider, Direction::Request, &outcome, started);
+            self.p.record_metrics(call.workload.as_ref(), call.provider, Direction::Request, &outcome, started);
         } else {
             let prompt = g
                 .cfg

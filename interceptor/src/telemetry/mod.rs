@@ -10,6 +10,11 @@
 //! only what is new. A JSON line has the fields of the spans it was logged
 //! in at its top level, each once (see [`SpanFieldsJson`]); the text format
 //! prints them as `conn{client=… sni=…}:` before the message.
+//!
+//! OpenTelemetry export (spans per exchange, audit events as log records)
+//! is [`otlp`]'s.
+
+pub mod otlp;
 
 use std::{
     fmt,

@@ -1,0 +1,238 @@
+//! The exchange's OpenTelemetry span, as the pipeline fills it: opened with
+//! the exchange's [`Call`], then told each phase's news (the request's
+//! model, each guardrail decision as an event, the response head, the first
+//! streamed text, the answer's model, usage and finish reasons). The span
+//! is exported when the exchange's last `Call` is dropped
+//! ([`ExchangeSpan`]'s drop guard).
+//!
+//! Attribute names follow the OpenTelemetry GenAI semantic conventions
+//! (`gen_ai.*`) and, for what they do not cover, ours (`interceptor.*`).
+//! What is never an attribute: a header value, a query string, a key of
+//! any kind (the path is recorded without its query); prompt and
+//! completion text only with `guardrails.audit_prompts`.
+
+use std::sync::Arc;
+
+use opentelemetry::{Array, KeyValue, StringValue, Value};
+
+use super::{outcome::Outcome, workload_key};
+use crate::{
+    guardrails::{
+        backend::Call,
+        genai::{self, ResponseFacts},
+        model::{Decision, Direction, Provider},
+        usage::Usage,
+    },
+    proxy::hook::Exchange,
+    telemetry::otlp::{ExchangeSpan, Otlp},
+};
+
+const DECISION: &str = "interceptor.guardrail.decision";
+const RULES: &str = "interceptor.guardrail.rules";
+const GUARDRAIL_MS: &str = "interceptor.guardrail.latency_ms";
+
+/// Opens the span of an exchange whose request head is `head`, continuing
+/// the client's `traceparent`. Nothing when export is off or the trace is
+/// not sampled.
+pub(super) fn open(
+    otlp: Option<&Arc<Otlp>>,
+    ex: &Exchange,
+    head: &http::request::Parts,
+    provider: Provider,
+    path: &str,
+) -> Option<Arc<ExchangeSpan>> {
+    let otlp = otlp?;
+    let header = |name: &str| head.headers.get(name).and_then(|v| v.to_str().ok());
+    let operation = genai::operation(provider, path);
+    let span = otlp.exchange_span(operation, header("traceparent"), header("tracestate"))?;
+    span.set(KeyValue::new("gen_ai.operation.name", operation));
+    span.set(KeyValue::new("gen_ai.provider.name", genai::provider_name(provider, &ex.sni).into_owned()));
+    span.set(KeyValue::new("server.address", ex.sni.clone()));
+    span.set(KeyValue::new("server.port", i64::from(ex.orig_dst.0.port())));
+    span.set(KeyValue::new("http.request.method", head.method.to_string()));
+    span.set(KeyValue::new("url.path", path.split('?').next().unwrap_or_default().to_owned()));
+    span.set(KeyValue::new("client.address", ex.client.0.ip().to_string()));
+    if let Some(w) = &ex.workload {
+        let key = workload_key(Some(w));
+        if key != "*" {
+            span.set(KeyValue::new("interceptor.workload", key));
+        }
+        if w.pid != 0 {
+            span.set(KeyValue::new("process.pid", i64::from(w.pid)));
+        }
+        if !w.comm.is_empty() {
+            span.set(KeyValue::new("process.executable.name", w.comm.clone()));
+        }
+        if let Some(exe) = &w.exe {
+            span.set(KeyValue::new("process.executable.path", exe.clone()));
+        }
+        if let Some(pod) = &w.pod {
+            for (key, value) in [
+                ("k8s.pod.name", Some(&pod.name)),
+                ("k8s.namespace.name", Some(&pod.namespace)),
+                ("k8s.pod.uid", Some(&pod.uid)),
+                ("k8s.container.name", pod.container.as_ref()),
+            ] {
+                if let Some(value) = value.filter(|v| !v.is_empty()) {
+                    span.set(KeyValue::new(key, value.clone()));
+                }
+            }
+        }
+    }
+    Some(Arc::new(span))
+}
+
+/// A decision of one direction: an event on the span, and the exchange's
+/// decision so far (the gravest), rules and guardrail time. A block marks
+/// the span failed; a request let through goes upstream now.
+pub(super) fn decision(call: &Call, direction: Direction, outcome: &Outcome, latency_ms: f64, prompt: Option<&str>) {
+    let Some(span) = &call.span else { return };
+    let decision = outcome.decision();
+    if !span.has("interceptor.request_id") {
+        // The first decision: the request's body may have said better what
+        // it is (an MCP message) than its head did when the span opened.
+        span.set(KeyValue::new("interceptor.request_id", call.request_id.clone()));
+        let operation = genai::operation(call.provider, &call.path);
+        span.set(KeyValue::new("gen_ai.operation.name", operation));
+        span.rename(operation.to_owned());
+        span.set(KeyValue::new("gen_ai.provider.name", genai::provider_name(call.provider, &call.host).into_owned()));
+    }
+    if let Some(model) = &call.model
+        && !span.has("gen_ai.request.model")
+    {
+        span.set(KeyValue::new("gen_ai.request.model", model.clone()));
+        span.rename(format!("{} {model}", genai::operation(call.provider, &call.path)));
+    }
+    let mut attributes = vec![
+        KeyValue::new("direction", direction.as_str()),
+        KeyValue::new("decision", decision.as_str()),
+        KeyValue::new("latency_ms", latency_ms),
+    ];
+    if !outcome.rules.is_empty() {
+        attributes.push(KeyValue::new("rules", strings(&outcome.rules)));
+    }
+    if !outcome.detectors.is_empty() {
+        attributes.push(KeyValue::new("detectors", strings(&outcome.detectors)));
+    }
+    let stages: Vec<String> = outcome.stages.iter().map(|s| s.as_str().to_owned()).collect();
+    if !stages.is_empty() {
+        attributes.push(KeyValue::new("backends", strings(&stages)));
+    }
+    if let Some(block) = &outcome.block {
+        attributes.push(KeyValue::new("reason", block.reason.clone()));
+    }
+    span.event("interceptor.guardrail.decision", attributes);
+
+    let graver = |current: &str| rank(decision) > rank_of(current);
+    span.with_attribute(DECISION, |old| match old {
+        Some(Value::String(s)) if !graver(s.as_str()) => None,
+        _ => Some(Value::from(decision.as_str())),
+    });
+    if !outcome.rules.is_empty() {
+        span.with_attribute(RULES, |old| {
+            let mut rules: Vec<StringValue> = match old {
+                Some(Value::Array(Array::String(rules))) => rules.clone(),
+                _ => Vec::new(),
+            };
+            for rule in &outcome.rules {
+                if !rules.iter().any(|r| r.as_str() == rule) {
+                    rules.push(rule.clone().into());
+                }
+            }
+            Some(Value::Array(Array::String(rules)))
+        });
+    }
+    span.with_attribute(GUARDRAIL_MS, |old| match old {
+        Some(Value::F64(total)) => Some(Value::F64(total + latency_ms)),
+        _ => Some(Value::F64(latency_ms)),
+    });
+    if let Some(prompt) = prompt {
+        span.set(KeyValue::new("gen_ai.input.messages", messages("user", prompt)));
+    }
+    match &outcome.block {
+        Some(block) => {
+            span.set(KeyValue::new("error.type", "guardrail_blocked"));
+            span.error(format!("blocked by guardrail {}: {}", block.rule, block.reason));
+        }
+        None if direction == Direction::Request => span.forwarded(),
+        None => {}
+    }
+}
+
+/// The provider's response head arrived.
+pub(super) fn response_head(call: &Call, status: http::StatusCode) {
+    let Some(span) = &call.span else { return };
+    span.set(KeyValue::new("http.response.status_code", i64::from(status.as_u16())));
+    if let Some(upstream) = span.since_forwarded() {
+        span.set(KeyValue::new("interceptor.upstream.latency_ms", upstream.as_secs_f64() * 1e3));
+    }
+    if status.is_server_error() || status.is_client_error() {
+        span.set_default(KeyValue::new("error.type", status.as_u16().to_string()));
+        if status.is_server_error() {
+            span.error(format!("the provider answered {status}"));
+        }
+    }
+}
+
+/// The first text of a streamed answer went by.
+pub(super) fn first_token(call: &Call) {
+    let Some(span) = &call.span else { return };
+    if !span.has("gen_ai.response.time_to_first_chunk") {
+        let since = span.since_forwarded().unwrap_or_else(|| span.elapsed());
+        span.set(KeyValue::new("gen_ai.response.time_to_first_chunk", since.as_secs_f64()));
+        span.set(KeyValue::new("gen_ai.request.stream", true));
+    }
+}
+
+/// What the answer said of itself.
+pub(super) fn response(call: &Call, facts: &ResponseFacts) {
+    let Some(span) = &call.span else { return };
+    if let Some(model) = &facts.model {
+        span.set(KeyValue::new("gen_ai.response.model", model.clone()));
+    }
+    if let Some(id) = &facts.id {
+        span.set(KeyValue::new("gen_ai.response.id", id.clone()));
+    }
+    if !facts.finish_reasons.is_empty() {
+        span.set(KeyValue::new("gen_ai.response.finish_reasons", strings(&facts.finish_reasons)));
+    }
+    if let Some(text) = facts.completion.as_deref().filter(|t| !t.is_empty()) {
+        span.set(KeyValue::new("gen_ai.output.messages", messages("assistant", text)));
+    }
+}
+
+/// The tokens the answer used.
+pub(super) fn usage(call: &Call, usage: &Usage) {
+    let Some(span) = &call.span else { return };
+    span.set(KeyValue::new("gen_ai.usage.input_tokens", usage.input_tokens as i64));
+    span.set(KeyValue::new("gen_ai.usage.output_tokens", usage.output_tokens as i64));
+    if usage.estimated {
+        span.set(KeyValue::new("interceptor.usage.estimated", true));
+    }
+}
+
+fn strings(values: &[String]) -> Value {
+    Value::Array(Array::String(values.iter().map(|v| StringValue::from(v.clone())).collect()))
+}
+
+/// One message in the conventions' JSON shape (`gen_ai.input.messages`).
+fn messages(role: &str, text: &str) -> String {
+    serde_json::json!([{"role": role, "parts": [{"type": "text", "content": text}]}]).to_string()
+}
+
+fn rank(decision: Decision) -> u8 {
+    match decision {
+        Decision::Allow => 0,
+        Decision::Alert => 1,
+        Decision::Error => 2,
+        Decision::Modify => 3,
+        Decision::Block => 4,
+    }
+}
+
+fn rank_of(decision: &str) -> u8 {
+    [Decision::Allow, Decision::Alert, Decision::Error, Decision::Modify, Decision::Block]
+        .into_iter()
+        .find(|d| d.as_str() == decision)
+        .map_or(0, rank)
+}
