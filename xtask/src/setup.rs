@@ -80,7 +80,8 @@ fn cargo_fuzz() -> Result<()> {
 /// the trust variables the admission webhook sets, and Akto's mitmproxy addon
 /// (the differential test's oracle) calls Akto with it. `opentelemetry-proto`
 /// and `grpcio` make the test OTLP receiver (HTTP/protobuf and gRPC) that
-/// records what the interceptor exports.
+/// records what the interceptor exports. `boto3` is the AWS SDK whose Bedrock
+/// client the key-brokering and budget tests drive.
 const PYTHON_PACKAGES: &[&str] = &[
     "openai",
     "anthropic",
@@ -91,6 +92,7 @@ const PYTHON_PACKAGES: &[&str] = &[
     "requests",
     "opentelemetry-proto",
     "grpcio",
+    "boto3",
 ];
 
 /// A Python package installed at one release.
