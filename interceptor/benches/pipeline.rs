@@ -2,6 +2,8 @@
 //! allowed path: a ~2 KB chat request and its ~1 KB JSON answer through the
 //! built-in policy, with both audit events written as JSON log lines (to a
 //! sink). This is the CPU the guardrails add to each proxied request.
+//! `pipeline/allowed_exchange_traced` is the same with an OpenTelemetry
+//! span per exchange: the request path's share of trace export.
 //!
 //! The benchmark binary counts heap allocations (its own global allocator,
 //! never the product's) and prints the allocations per exchange before the
@@ -31,6 +33,7 @@ use interceptor::{
     metrics::Metrics,
     net::{ClientAddr, OrigDstAddr},
     proxy::hook::{BodyAction, Exchange, Hook, RequestAction, ResponseAction},
+    telemetry::otlp::{Otlp, OtlpConfig, OtlpCounters},
     testing::provider::sample_chat_completion,
     workload::Workload,
 };
@@ -95,11 +98,23 @@ fn response_head(len: usize) -> http::response::Parts {
 }
 
 fn pipeline(c: &mut Criterion) {
+    run(c, "pipeline/allowed_exchange", false);
+    run(c, "pipeline/allowed_exchange_traced", true);
+}
+
+/// One exchange after the other through the pipeline; `traced`: with a span
+/// per exchange (OpenTelemetry export on, to a port where nothing listens,
+/// so the export thread's own work is not what is timed).
+fn run(c: &mut Criterion, name: &str, traced: bool) {
     // The product's default log (JSON lines on stderr, info and up), with
     // stderr sent to /dev/null.
     let null = std::fs::OpenOptions::new().write(true).open("/dev/null").expect("/dev/null");
     nix::unistd::dup2_stderr(null).expect("dup2");
     interceptor::telemetry::init(interceptor::telemetry::LogFormat::Json);
+    let otlp = traced.then(|| {
+        let cfg = OtlpConfig { endpoint: "http://127.0.0.1:9".into(), ..OtlpConfig::default() };
+        Otlp::start(&cfg, OtlpCounters::default()).expect("otlp").expect("export on")
+    });
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let hook = runtime.block_on(async {
         let metrics = Arc::new(Metrics::new());
@@ -110,7 +125,7 @@ fn pipeline(c: &mut Criterion) {
             keys: None,
         };
         let (_, rx) = tokio::sync::watch::channel(Arc::new(guardrails));
-        Pipeline::new(rx, AuditLog::start(None, Arc::clone(&metrics)), metrics)
+        Pipeline::new(rx, AuditLog::start(None, Arc::clone(&metrics)), metrics).with_otlp(otlp)
     });
     let exchange = Exchange {
         client: ClientAddr("10.0.0.2:41000".parse().expect("addr")),
@@ -164,14 +179,14 @@ fn pipeline(c: &mut Criterion) {
     }
     head_allocations = ALLOCATIONS.load(Ordering::Relaxed) - head_allocations;
     println!(
-        "pipeline/allowed_exchange: {:.1} allocations, {} bytes allocated per exchange \
+        "{name}: {:.1} allocations, {} bytes allocated per exchange \
          ({:.1} of them the benchmark's request head)",
         count as f64 / runs as f64,
         bytes / runs,
         head_allocations as f64 / runs as f64,
     );
 
-    c.bench_function("pipeline/allowed_exchange", |b| b.iter(exchange_once));
+    c.bench_function(name, |b| b.iter(exchange_once));
 }
 
 criterion_group! {

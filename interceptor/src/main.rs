@@ -12,6 +12,12 @@ use interceptor::{
     webhook,
 };
 
+/// mimalloc: per-thread free lists keep allocation off the connection
+/// path's profile, and a buffer freed on another thread (a span or audit
+/// record handed to its writer) goes back without taking an arena lock.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "interceptor", version, about = "Transparent guardrail layer for AI traffic")]
 struct Cli {

@@ -16,6 +16,10 @@
 
 use std::borrow::Cow;
 
+use serde::{
+    Deserialize, Deserializer,
+    de::{self, IgnoredAny, MapAccess, SeqAccess, value::MapAccessDeserializer},
+};
 use serde_json::Value;
 
 use super::model::Provider;
@@ -26,8 +30,11 @@ const MAX_CONTENT: usize = 64 << 10;
 /// `gen_ai.provider.name`: the conventions' well-known names, from the
 /// parser the exchange uses and, for OpenAI-compatible APIs, the host.
 pub fn provider_name(provider: Provider, host: &str) -> Cow<'static, str> {
-    let host = host.to_ascii_lowercase();
-    let on = |domain: &str| host == domain || host.ends_with(&format!(".{domain}"));
+    let on = |domain: &str| {
+        let (host, domain) = (host.as_bytes(), domain.as_bytes());
+        let Some(start) = host.len().checked_sub(domain.len()) else { return false };
+        host[start..].eq_ignore_ascii_case(domain) && (start == 0 || host[start - 1] == b'.')
+    };
     let name = match provider {
         Provider::OpenAiChat | Provider::OpenAiResponses if on("openai.azure.com") => "azure.ai.openai",
         Provider::OpenAiChat | Provider::OpenAiResponses if on("openai.com") => "openai",
@@ -44,7 +51,7 @@ pub fn provider_name(provider: Provider, host: &str) -> Cow<'static, str> {
         _ if on("perplexity.ai") => "perplexity",
         Provider::OpenAiChat | Provider::OpenAiResponses => "openai",
         Provider::Anthropic => "anthropic",
-        Provider::Generic => return Cow::Owned(host),
+        Provider::Generic => return Cow::Owned(host.to_ascii_lowercase()),
     };
     Cow::Borrowed(name)
 }
@@ -82,63 +89,62 @@ impl ResponseFacts {
         self
     }
 
-    /// The facts of a whole response body.
-    pub fn of_body(doc: &Value) -> Self {
+    /// The facts of a whole response body (JSON); `None` when it is not
+    /// JSON. Read in one pass that keeps only the fields below: no
+    /// `serde_json::Value` is built.
+    pub fn of_body(body: &[u8]) -> Option<Self> {
+        let shape: Shape = serde_json::from_slice(body).ok()?;
         let mut facts = Self::default();
-        facts.observe(None, doc);
+        facts.observe_shape(None, &shape);
         // A Responses API body is the response object itself.
-        if doc.get("object").and_then(Value::as_str) == Some("response")
-            && let Some(status) = doc.get("status").and_then(Value::as_str)
+        if shape.object.0.as_deref() == Some("response")
+            && let Some(status) = &shape.status.0
         {
             facts.finish(status);
         }
-        facts
+        Some(facts)
     }
 
-    /// One parsed JSON event of a stream (or a whole body); `event` is the
-    /// SSE event name or the event-stream frame's type.
+    /// One parsed JSON event of a stream; `event` is the SSE event name or
+    /// the event-stream frame's type.
     pub fn observe(&mut self, event: Option<&str>, v: &Value) {
-        let str_at = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
-        let kind = v.get("type").and_then(Value::as_str).or(event);
+        if let Ok(shape) = Shape::deserialize(v) {
+            self.observe_shape(event, &shape);
+        }
+    }
+
+    fn observe_shape(&mut self, event: Option<&str>, v: &Shape) {
+        let kind = v.kind.0.as_deref().or(event);
         let inner = match kind {
-            Some("message_start") => v.get("message"),
-            Some(k) if k.starts_with("response.") => v.get("response"),
+            Some("message_start") => v.message.0.as_deref(),
+            Some(k) if k.starts_with("response.") => v.response.0.as_deref(),
             _ => None,
         };
         for object in [Some(v), inner].into_iter().flatten() {
-            if let Some(model) = str_at(object, "model").or_else(|| str_at(object, "modelVersion")) {
-                self.model = Some(model);
+            if let Some(model) = object.model.0.as_ref().or(object.model_version.0.as_ref()) {
+                self.model = Some(model.clone());
             }
             if self.id.is_none() {
-                self.id = str_at(object, "id").or_else(|| str_at(object, "responseId"));
+                self.id = object.id.0.clone().or_else(|| object.response_id.0.clone());
             }
         }
         if matches!(kind, Some("response.completed" | "response.incomplete" | "response.failed"))
-            && let Some(status) = inner.and_then(|r| r.get("status")).and_then(Value::as_str)
+            && let Some(status) = inner.and_then(|r| r.status.0.as_deref())
         {
             self.finish(status);
         }
-        for choice in v.get("choices").and_then(Value::as_array).into_iter().flatten() {
-            if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
+        for choice in v.choices.0.iter().chain(&v.candidates.0).filter_map(|c| c.0.as_ref()) {
+            if let Some(reason) = choice.finish_reason.0.as_deref().or(choice.finish_reason_camel.0.as_deref()) {
                 self.finish(reason);
             }
         }
-        for candidate in v.get("candidates").and_then(Value::as_array).into_iter().flatten() {
-            if let Some(reason) = candidate.get("finishReason").and_then(Value::as_str) {
-                self.finish(reason);
-            }
-        }
-        let delta = v.get("delta");
-        for reason in [v.get("stop_reason"), delta.and_then(|d| d.get("stop_reason")), v.get("stopReason")]
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-        {
+        let delta = v.delta.0.as_ref().and_then(|d| d.stop_reason.0.as_deref());
+        for reason in [v.stop_reason.0.as_deref(), delta, v.stop_reason_camel.0.as_deref()].into_iter().flatten() {
             self.finish(reason);
         }
         if event.is_none()
             && kind.is_none()
-            && let Some(reason) = v.get("finish_reason").and_then(Value::as_str)
+            && let Some(reason) = v.finish_reason.0.as_deref()
         {
             self.finish(reason);
         }
@@ -163,6 +169,172 @@ impl ResponseFacts {
     }
 }
 
+/// The fields of an answer, or of one of its events, that [`ResponseFacts`]
+/// reads (an object nested under `message` or `response` has the same
+/// shape); every other field is skipped unread. Each field is tolerant: a
+/// value of another type than expected reads as absent, never as an error.
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Shape {
+    #[serde(rename = "type")]
+    kind: Text,
+    object: Text,
+    status: Text,
+    model: Text,
+    #[serde(rename = "modelVersion")]
+    model_version: Text,
+    id: Text,
+    #[serde(rename = "responseId")]
+    response_id: Text,
+    /// `message_start`'s message.
+    message: Loose<Box<Shape>>,
+    /// A Responses API event's response.
+    response: Loose<Box<Shape>>,
+    choices: List<Loose<Choice>>,
+    candidates: List<Loose<Choice>>,
+    delta: Loose<Delta>,
+    stop_reason: Text,
+    #[serde(rename = "stopReason")]
+    stop_reason_camel: Text,
+    finish_reason: Text,
+}
+
+/// An OpenAI choice or a Gemini candidate.
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Choice {
+    finish_reason: Text,
+    #[serde(rename = "finishReason")]
+    finish_reason_camel: Text,
+}
+
+/// An Anthropic `message_delta`'s delta.
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Delta {
+    stop_reason: Text,
+}
+
+/// A string, or absent when the value is anything else.
+#[derive(Default)]
+struct Text(Option<String>);
+
+/// An object read as `T`, or absent when the value is anything else.
+struct Loose<T>(Option<T>);
+
+impl<T> Default for Loose<T> {
+    fn default() -> Self {
+        Self(None)
+    }
+}
+
+/// An array's elements, or none when the value is anything else.
+struct List<T>(Vec<T>);
+
+impl<T> Default for List<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+/// How a tolerant field reads each kind of JSON value: what it does not
+/// expect is skipped (so the rest of the document still parses) and reads
+/// as the default.
+trait Tolerant<'de>: Default {
+    fn from_str(_: &str) -> Self {
+        Self::default()
+    }
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Self::default())
+    }
+    fn from_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Self::default())
+    }
+}
+
+impl Tolerant<'_> for Text {
+    fn from_str(s: &str) -> Self {
+        Self(Some(s.to_owned()))
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Tolerant<'de> for Loose<T> {
+    fn from_map<A: MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
+        T::deserialize(MapAccessDeserializer::new(map)).map(|t| Self(Some(t)))
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Tolerant<'de> for List<T> {
+    fn from_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Self(items))
+    }
+}
+
+struct TolerantVisitor<T>(std::marker::PhantomData<T>);
+
+impl<'de, T: Tolerant<'de>> de::Visitor<'de> for TolerantVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_unit<E>(self) -> Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_none<E>(self) -> Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_str<E>(self, s: &str) -> Result<T, E> {
+        Ok(T::from_str(s))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+        T::from_map(map)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<T, A::Error> {
+        T::from_seq(seq)
+    }
+}
+
+fn tolerant<'de, T: Tolerant<'de>, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
+    d.deserialize_any(TolerantVisitor(std::marker::PhantomData))
+}
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        tolerant(d)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Loose<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        tolerant(d)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for List<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        tolerant(d)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -177,6 +349,9 @@ mod tests {
         assert_eq!(provider_name(Provider::BedrockConverse, "bedrock-runtime.us-east-1.amazonaws.com"), "aws.bedrock");
         assert_eq!(provider_name(Provider::Gemini, "generativelanguage.googleapis.com"), "gcp.gemini");
         assert_eq!(provider_name(Provider::OpenAiChat, "api.groq.com"), "groq");
+        assert_eq!(provider_name(Provider::Anthropic, "API.Anthropic.COM"), "anthropic");
+        assert_eq!(provider_name(Provider::OpenAiChat, "api.notgroq.com"), "openai");
+        assert_eq!(provider_name(Provider::Generic, "LLM.example.test"), "llm.example.test");
         assert_eq!(provider_name(Provider::Generic, "llm.example.test"), "llm.example.test");
         assert_eq!(operation(Provider::OpenAiChat, "/v1/chat/completions"), "chat");
         assert_eq!(operation(Provider::OpenAiChat, "/v1/embeddings"), "embeddings");
@@ -191,20 +366,41 @@ mod tests {
     #[test]
     fn facts_of_bodies() {
         let chat = json!({"id": "chatcmpl-1", "model": "gpt-4o-2024", "choices": [{"finish_reason": "stop"}, {"finish_reason": "length"}]});
-        let facts = ResponseFacts::of_body(&chat);
+        let facts = ResponseFacts::of_body(chat.to_string().as_bytes()).unwrap();
         assert_eq!(facts.model.as_deref(), Some("gpt-4o-2024"));
         assert_eq!(facts.id.as_deref(), Some("chatcmpl-1"));
         assert_eq!(facts.finish_reasons, ["stop", "length"]);
         let claude = json!({"id": "msg_1", "model": "claude-x", "stop_reason": "end_turn"});
-        assert_eq!(ResponseFacts::of_body(&claude).finish_reasons, ["end_turn"]);
+        assert_eq!(ResponseFacts::of_body(claude.to_string().as_bytes()).unwrap().finish_reasons, ["end_turn"]);
         let responses = json!({"id": "resp_1", "object": "response", "model": "gpt-5", "status": "completed"});
-        assert_eq!(ResponseFacts::of_body(&responses).finish_reasons, ["completed"]);
+        assert_eq!(ResponseFacts::of_body(responses.to_string().as_bytes()).unwrap().finish_reasons, ["completed"]);
         let gemini =
             json!({"modelVersion": "gemini-2.0", "responseId": "r1", "candidates": [{"finishReason": "STOP"}]});
-        let facts = ResponseFacts::of_body(&gemini);
+        let facts = ResponseFacts::of_body(gemini.to_string().as_bytes()).unwrap();
         assert_eq!((facts.model.as_deref(), facts.id.as_deref()), (Some("gemini-2.0"), Some("r1")));
         assert_eq!(facts.finish_reasons, ["STOP"]);
-        assert_eq!(ResponseFacts::of_body(&json!({"stopReason": "end_turn"})).finish_reasons, ["end_turn"]);
+        assert_eq!(ResponseFacts::of_body(br#"{"stopReason": "end_turn"}"#).unwrap().finish_reasons, ["end_turn"]);
+    }
+
+    /// Fields of unexpected types read as absent and do not hide the rest;
+    /// a body that is not JSON has no facts.
+    #[test]
+    fn facts_tolerate_unexpected_types() {
+        let odd = br#"{"message": "an error", "response": [1], "choices": {"a": 1}, "delta": "x",
+            "candidates": [7, null, {"finishReason": 3}, {"finishReason": "STOP", "x": {"y": [1, {"z": null}]}}],
+            "model": {"name": "m"}, "modelVersion": "v2", "id": 5, "responseId": "r9", "stop_reason": true}"#;
+        let facts = ResponseFacts::of_body(odd).unwrap();
+        assert_eq!(facts.model.as_deref(), Some("v2"));
+        assert_eq!(facts.id.as_deref(), Some("r9"));
+        assert_eq!(facts.finish_reasons, ["STOP"]);
+        let escaped = ResponseFacts::of_body(br#"{"model": "gpt-\u00e9\n", "id": "a\"b"}"#).unwrap();
+        assert_eq!((escaped.model.as_deref(), escaped.id.as_deref()), (Some("gpt-\u{e9}\n"), Some("a\"b")));
+        assert_eq!(ResponseFacts::of_body(b"data: not json"), None);
+        assert_eq!(ResponseFacts::of_body(b"[1, 2]"), Some(ResponseFacts::default()));
+        let mut streamed = ResponseFacts::default();
+        streamed.observe(Some("message_start"), &json!({"type": "message_start", "message": "not an object"}));
+        streamed.observe(None, &json!({"choices": [{"finish_reason": "stop"}], "model": 1}));
+        assert_eq!((streamed.model, streamed.finish_reasons), (None, vec!["stop".to_owned()]));
     }
 
     #[test]

@@ -67,7 +67,8 @@ pub struct Options {
     /// wrk runs per row; the best one is kept.
     pub repeat: usize,
     /// Record a `perf` profile of the interceptor on the allowed path into
-    /// this file (and a text report beside it).
+    /// this file (and a text report beside it); the two-worker and
+    /// OpenTelemetry scenarios write theirs beside it.
     pub perf: Option<PathBuf>,
     /// The scenarios to run (`--only`); all of them when empty.
     pub only: Vec<Scenario>,
@@ -437,13 +438,14 @@ fn measure(env: &Env, opts: &Options, name: &str, url: &str, script: &Path, prox
 /// The local OTLP sink's port in the namespace.
 const OTLP_SINK_PORT: u16 = 14318;
 
-/// The allowed path with OpenTelemetry export off and on, one after the
-/// other on the same placement (one worker pinned): the proxy's CPU per
-/// request with a span and two audit log records exported per exchange (to
-/// nginx answering 200 to every export, in the peers' cgroup, so the
-/// sink's own work is not counted) against none.
+/// The allowed path with OpenTelemetry export off, on with its default
+/// settings (one span per exchange) and on with the audit events as log
+/// records too (two per exchange), one after the other on the same
+/// placement (one worker pinned): the proxy's CPU per request. The sink is
+/// nginx answering 200 to every export, in the peers' cgroup, so its own
+/// work is not counted. With `--perf`, the spans-only run is profiled.
 fn otlp_rows(env: &Env, opts: &Options, url: &str, keepalive: &Path, rows: &mut Vec<Row>) -> Result<()> {
-    println!("interceptor, eBPF redirect, default guardrails, OpenTelemetry export off, then on");
+    println!("interceptor, eBPF redirect, default guardrails, OpenTelemetry export off, spans, spans and logs");
     let sink_dir = env.scratch.path().join("otlp-sink");
     let sink_addr = SocketAddr::from(([127, 0, 0, 1], OTLP_SINK_PORT));
     let sink_body = format!(
@@ -451,14 +453,23 @@ fn otlp_rows(env: &Env, opts: &Options, url: &str, keepalive: &Path, rows: &mut 
          location / {{ return 200; }}\n  }}"
     );
     let _sink = Nginx::start(&env.netns, &env.peer_cg, &sink_dir, 1, &sink_body, sink_addr)?;
-    let export = format!(
-        "[telemetry.otlp]\nendpoint = \"http://{sink_addr}\"\nprotocol = \"http\"\ntraces = true\nlogs = true\n"
-    );
-    for (name, extra) in [(names::OTLP_OFF, String::new()), (names::OTLP_ON, export)] {
+    let export = |logs: bool| {
+        format!("[telemetry.otlp]\nendpoint = \"http://{sink_addr}\"\nprotocol = \"http\"\nlogs = {logs}\n")
+    };
+    for (name, extra) in
+        [(names::OTLP_OFF, String::new()), (names::OTLP_ON, export(false)), (names::OTLP_LOGS, export(true))]
+    {
         let (proxy, _bundle) = interceptor(env, "ebpf", Placement::Pinned, "", &extra)?;
         let row = measure(env, opts, name, url, keepalive, Some(&env.proxy_cg))?;
         expect(&row, false)?;
         rows.push(row);
+        if let (Some(out), names::OTLP_ON) = (&opts.perf, name) {
+            let pid = proxy.pid().context("pid")?;
+            profile(&out.with_extension("otlp.data"), pid, || {
+                let r = env.load(opts.connections).run(url, keepalive, Duration::from_secs(opts.seconds))?;
+                Ok(format!("allowed path, OpenTelemetry spans exported, under wrk, {:.0} req/s", r.rps()))
+            })?;
+        }
         drop(proxy);
     }
     Ok(())

@@ -91,10 +91,11 @@ pub(super) async fn on_body(p: &Pipeline, call: &Call, head: &http::response::Pa
     }
     let success = head.status.is_success();
     if call.span.is_some()
-        && let Ok(doc) = serde_json::from_slice::<Value>(&decoded)
+        && let Some(mut facts) = ResponseFacts::of_body(&decoded)
     {
-        let mut facts = ResponseFacts::of_body(&doc);
-        if g.cfg.audit_prompts {
+        if g.cfg.audit_prompts
+            && let Ok(doc) = serde_json::from_slice::<Value>(&decoded)
+        {
             let texts = providers::parse_response(call.provider, &doc).texts;
             facts = facts.with_content();
             for text in texts.iter().filter(|t| t.role == Role::Assistant) {

@@ -44,27 +44,30 @@ pub(super) fn open(
     let otlp = otlp?;
     let header = |name: &str| head.headers.get(name).and_then(|v| v.to_str().ok());
     let operation = genai::operation(provider, path);
-    let span = otlp.exchange_span(operation, header("traceparent"), header("tracestate"))?;
-    span.set(KeyValue::new("gen_ai.operation.name", operation));
-    span.set(KeyValue::new("gen_ai.provider.name", genai::provider_name(provider, &ex.sni).into_owned()));
-    span.set(KeyValue::new("server.address", ex.sni.clone()));
-    span.set(KeyValue::new("server.port", i64::from(ex.orig_dst.0.port())));
-    span.set(KeyValue::new("http.request.method", head.method.to_string()));
-    span.set(KeyValue::new("url.path", path.split('?').next().unwrap_or_default().to_owned()));
-    span.set(KeyValue::new("client.address", ex.client.0.ip().to_string()));
-    if let Some(w) = &ex.workload {
+    let attributes = || {
+        let mut a = Vec::with_capacity(32);
+        a.extend([
+            KeyValue::new("gen_ai.operation.name", operation),
+            KeyValue::new("gen_ai.provider.name", genai::provider_name(provider, &ex.sni)),
+            KeyValue::new("server.address", ex.sni.clone()),
+            KeyValue::new("server.port", i64::from(ex.orig_dst.0.port())),
+            KeyValue::new("http.request.method", head.method.as_str().to_owned()),
+            KeyValue::new("url.path", path.split('?').next().unwrap_or_default().to_owned()),
+            KeyValue::new("client.address", ex.client.0.ip().to_string()),
+        ]);
+        let Some(w) = &ex.workload else { return a };
         let key = workload_key(Some(w));
         if key != "*" {
-            span.set(KeyValue::new("interceptor.workload", key));
+            a.push(KeyValue::new("interceptor.workload", key));
         }
         if w.pid != 0 {
-            span.set(KeyValue::new("process.pid", i64::from(w.pid)));
+            a.push(KeyValue::new("process.pid", i64::from(w.pid)));
         }
         if !w.comm.is_empty() {
-            span.set(KeyValue::new("process.executable.name", w.comm.clone()));
+            a.push(KeyValue::new("process.executable.name", w.comm.clone()));
         }
         if let Some(exe) = &w.exe {
-            span.set(KeyValue::new("process.executable.path", exe.clone()));
+            a.push(KeyValue::new("process.executable.path", exe.clone()));
         }
         if let Some(pod) = &w.pod {
             for (key, value) in [
@@ -74,11 +77,13 @@ pub(super) fn open(
                 ("k8s.container.name", pod.container.as_ref()),
             ] {
                 if let Some(value) = value.filter(|v| !v.is_empty()) {
-                    span.set(KeyValue::new(key, value.clone()));
+                    a.push(KeyValue::new(key, value.clone()));
                 }
             }
         }
-    }
+        a
+    };
+    let span = otlp.exchange_span(operation, header("traceparent"), header("tracestate"), attributes)?;
     Some(Arc::new(span))
 }
 
@@ -94,8 +99,8 @@ pub(super) fn decision(call: &Call, direction: Direction, outcome: &Outcome, lat
         span.set(KeyValue::new("interceptor.request_id", call.request_id.clone()));
         let operation = genai::operation(call.provider, &call.path);
         span.set(KeyValue::new("gen_ai.operation.name", operation));
-        span.rename(operation.to_owned());
-        span.set(KeyValue::new("gen_ai.provider.name", genai::provider_name(call.provider, &call.host).into_owned()));
+        span.rename(operation);
+        span.set(KeyValue::new("gen_ai.provider.name", genai::provider_name(call.provider, &call.host)));
     }
     if let Some(model) = &call.model
         && !span.has("gen_ai.request.model")
