@@ -15,8 +15,26 @@ use interceptor::{
 /// mimalloc: per-thread free lists keep allocation off the connection
 /// path's profile, and a buffer freed on another thread (a span or audit
 /// record handed to its writer) goes back without taking an arena lock.
+/// Tuned for memory by [`tune_allocator`].
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_purge_delay` in mimalloc 3's `mi_option_e` (its `mimalloc.h`;
+/// the Rust bindings name only mimalloc 2's options). Checked by a test.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Keeps the allocator's memory close to what is in use, as glibc's malloc
+/// did: memory freed goes back to the system at once rather than 10 ms
+/// later, and no transparent huge pages (with them, every thread's first
+/// touch of its heap takes 2 MiB). Measured with the namespace benchmark:
+/// RSS idle 61 → 24 MB, with 10,000 idle connections 248 → 215 MB, the
+/// same CPU per request. Runs first in `main`, before any thread starts.
+fn tune_allocator() {
+    // SAFETY: sets one of mimalloc's global options; safe at any time.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    // Also for the mappings made before `main`; a kernel without THP says no.
+    let _ = nix::sys::prctl::set_thp_disable(true);
+}
 
 #[derive(Parser)]
 #[command(name = "interceptor", version, about = "Transparent guardrail layer for AI traffic")]
@@ -846,6 +864,7 @@ async fn sigterm() {
 }
 
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     let command = cli
         .command
@@ -999,5 +1018,36 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [`MI_OPTION_PURGE_DELAY`] names the option `MIMALLOC_PURGE_DELAY`
+    /// sets: a copy of this test binary started with the variable reads it
+    /// back through that number.
+    #[test]
+    fn the_tuned_option_is_mimallocs_purge_delay() {
+        const NAME: &str = "tests::the_tuned_option_is_mimallocs_purge_delay";
+        if let Ok(value) = std::env::var("MIMALLOC_PURGE_DELAY") {
+            // SAFETY: reads one of mimalloc's global options.
+            let read = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+            assert_eq!(read.to_string(), value);
+            return;
+        }
+        let exe = std::env::current_exe().expect("test binary");
+        let out = std::process::Command::new(exe)
+            .args(["--exact", NAME, "--test-threads=1"])
+            .env("MIMALLOC_PURGE_DELAY", "37")
+            .output()
+            .expect("run the test binary");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
