@@ -9,47 +9,47 @@
 //! the attributes. Like the rest of `telemetry`, it imports nothing from the
 //! crate.
 //!
-//! Nothing here runs on the request path but a `try_send`: spans and log
-//! records go through bounded queues to one thread of their own (a
+//! On the request path a span is encoded once, when it ends, straight into
+//! OTLP's protobuf form ([`wire`]), and appended to a bounded queue under a
+//! short lock; an audit log record likewise. One thread of its own (a
 //! current-thread runtime, so exporting never competes with the data
-//! plane's workers), which batches them. A full queue drops the item and
-//! counts it (`interceptor_otlp_dropped_total{signal}`); a failed export is
-//! counted (`interceptor_otlp_export_failures_total{signal}`) and logged at
-//! most every [`REPORT_EVERY`]. With export off ([`Otlp`] absent) an
-//! exchange costs one `Option` check.
+//! plane's workers) takes the queues every [`TICK`] and sends them in
+//! batches ([`send`]). A full queue drops the item and counts it
+//! (`interceptor_otlp_dropped_total{signal}`); a failed export is counted
+//! (`interceptor_otlp_export_failures_total{signal}`) and logged at most
+//! every [`REPORT_EVERY`]. With export off ([`Otlp`] absent) an exchange
+//! costs one `Option` check.
 //!
 //! Trace context: a client's W3C `traceparent` is continued (our span is
 //! its child, and a parent that is not sampled is not exported); without
 //! one, a new trace is started, sampled by `sample_ratio`. The proxy never
 //! adds a `traceparent` to the upstream request (see the README).
 
+mod send;
+mod wire;
+
 use std::{
     borrow::Cow,
     collections::BTreeMap,
     fmt,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
 use opentelemetry::{
-    InstrumentationScope, KeyValue,
-    logs::{AnyValue, LogRecord as _, Logger as _, LoggerProvider as _, Severity},
-    trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState},
+    KeyValue,
+    trace::{SpanId, Status, TraceId, TraceState},
 };
-use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _, WithTonicConfig as _};
-use opentelemetry_sdk::{
-    Resource,
-    error::OTelSdkResult,
-    logs::{LogBatch, LogExporter as _, SdkLogRecord, SdkLogger, SdkLoggerProvider},
-    trace::{SpanData, SpanEvents, SpanLinks},
-};
+use opentelemetry_sdk::Resource;
 use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
 /// Most items exported in one request.
 const BATCH: usize = 512;
-/// How often the export thread drains its queues. It never waits on a queue:
+/// How often the export thread takes its queues. It never waits on a queue:
 /// a waiting receiver would be woken by every span the request path queues
 /// (a thread wake-up per exchange); a tick costs one per 10 ms. Short, so
 /// the items it drains were queued moments ago and are still in the CPU's
@@ -232,28 +232,24 @@ pub enum OtlpError {
     Invalid(Vec<String>),
     #[error("cannot start the OTLP export thread")]
     Thread(#[source] std::io::Error),
-    #[error("cannot build the OTLP {signal} exporter: {message}")]
-    Exporter { signal: &'static str, message: String },
+    #[error("cannot build the OTLP exporter: {message}")]
+    Exporter { message: String },
 }
 
-/// A running export: the queues' senders. Shared by the pipeline, the
-/// audit log and every [`ExchangeSpan`]; the thread ends (after sending
-/// what is queued) when the last handle is gone.
+/// A running export: its queues. Shared by the pipeline, the audit log and
+/// every [`ExchangeSpan`]; when the last handle is gone the thread sends
+/// what is queued and ends.
 pub struct Otlp {
-    spans: Option<mpsc::Sender<SpanData>>,
-    logs: Option<LogQueue>,
-    counters: OtlpCounters,
+    queues: Arc<Queues>,
+    traces: bool,
+    logs: bool,
     /// New traces are sampled when their id's low 64 bits fall under it.
     threshold: u64,
-    scope: InstrumentationScope,
 }
 
 impl fmt::Debug for Otlp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Otlp")
-            .field("traces", &self.spans.is_some())
-            .field("logs", &self.logs.is_some())
-            .finish_non_exhaustive()
+        f.debug_struct("Otlp").field("traces", &self.traces).field("logs", &self.logs).finish_non_exhaustive()
     }
 }
 
@@ -267,16 +263,17 @@ impl Otlp {
         if !errors.is_empty() {
             return Err(OtlpError::Invalid(errors));
         }
-        let resource = resource();
-        let scope = InstrumentationScope::builder("interceptor").with_version(env!("CARGO_PKG_VERSION")).build();
-        // Exporters are built on the export thread (tonic's channel needs its
+        let queues = Arc::new(Queues {
+            spans: Queue::new(cfg.queue, counters.spans_dropped),
+            logs: Queue::new(cfg.queue, counters.logs_dropped),
+            closed: AtomicBool::new(false),
+        });
+        // The sender is built on the export thread (tonic's channel needs its
         // runtime); a failure is reported back before `start` returns.
         let (built_tx, built_rx) = std::sync::mpsc::sync_channel(1);
-        let (span_tx, span_rx) = mpsc::channel(cfg.queue);
-        let (log_tx, log_rx) = mpsc::channel(cfg.queue);
         let thread_cfg = cfg.clone();
-        let thread_counters = counters.clone();
-        let thread_resource = resource.clone();
+        let thread_queues = Arc::clone(&queues);
+        let failures = (counters.span_export_failures, counters.log_export_failures);
         std::thread::Builder::new()
             .name("otlp-export".into())
             .spawn(move || {
@@ -287,7 +284,7 @@ impl Otlp {
                         return;
                     }
                 };
-                runtime.block_on(export(thread_cfg, thread_resource, thread_counters, span_rx, log_rx, built_tx));
+                runtime.block_on(export(thread_cfg, thread_queues, failures, built_tx));
             })
             .map_err(OtlpError::Thread)?;
         match built_rx.recv() {
@@ -295,13 +292,6 @@ impl Otlp {
             Ok(Err(error)) => return Err(error),
             Err(_) => return Err(OtlpError::Thread(std::io::Error::other("the export thread ended"))),
         }
-        let logs = cfg.logs.then(|| {
-            // The provider only makes records: they go to the queue as they
-            // are, not through its processors (which would copy each one).
-            let provider = SdkLoggerProvider::builder().with_resource(resource).build();
-            let logger = provider.logger_with_scope(scope.clone());
-            LogQueue { tx: log_tx, logger, _provider: provider }
-        });
         tracing::info!(
             endpoint = %cfg.endpoint,
             protocol = ?cfg.protocol,
@@ -311,22 +301,21 @@ impl Otlp {
             "OpenTelemetry export on"
         );
         Ok(Some(Arc::new(Self {
-            spans: cfg.traces.then_some(span_tx),
-            logs,
-            counters,
+            queues,
+            traces: cfg.traces,
+            logs: cfg.logs,
             threshold: ratio_threshold(cfg.sample_ratio),
-            scope,
         })))
     }
 
     /// Whether spans are exported.
     pub fn traces(&self) -> bool {
-        self.spans.is_some()
+        self.traces
     }
 
     /// Whether log records are exported.
     pub fn logs(&self) -> bool {
-        self.logs.is_some()
+        self.logs
     }
 
     /// Opens the span of an exchange that starts now, with its first
@@ -339,35 +328,35 @@ impl Otlp {
         tracestate: Option<&str>,
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Option<ExchangeSpan> {
-        let tx = self.spans.as_ref()?;
-        let (trace_id, parent, state) = match traceparent.and_then(TraceParent::parse) {
+        if !self.traces {
+            return None;
+        }
+        let (trace_id, parent, trace_state) = match traceparent.and_then(TraceParent::parse) {
             Some(parent) if !parent.sampled => return None,
             Some(parent) => {
-                let state = tracestate.and_then(|s| s.parse::<TraceState>().ok()).unwrap_or_default();
-                (parent.trace_id, Some(parent.span_id), state)
+                // Passed on as the client sent it, once it parses.
+                let state = tracestate.filter(|s| s.parse::<TraceState>().is_ok()).unwrap_or_default();
+                (parent.trace_id, Some(parent.span_id), state.to_owned())
             }
             None => {
                 let trace_id = TraceId::from_bytes(nonzero_random::<16>());
                 if (u128::from_be_bytes(trace_id.to_bytes()) as u64) >= self.threshold && self.threshold != u64::MAX {
                     return None;
                 }
-                (trace_id, None, TraceState::default())
+                (trace_id, None, String::new())
             }
         };
-        let span_id = SpanId::from_bytes(nonzero_random::<8>());
-        let context = SpanContext::new(trace_id, span_id, TraceFlags::SAMPLED, false, state);
         Some(ExchangeSpan {
-            tx: tx.clone(),
-            dropped: self.counters.spans_dropped.clone(),
-            scope: self.scope.clone(),
+            otlp: Arc::clone(self),
             draft: Mutex::new(Draft {
-                context,
+                trace_id,
+                span_id: SpanId::from_bytes(nonzero_random::<8>()),
                 parent,
+                trace_state,
                 start: SystemTime::now(),
                 started: Instant::now(),
                 forwarded: None,
                 name: Cow::Borrowed(name),
-                kind: SpanKind::Client,
                 attributes: attributes(),
                 events: Vec::new(),
                 dropped_events: 0,
@@ -379,22 +368,84 @@ impl Otlp {
     /// Sends one log record: `body` (the audit event's JSON) with
     /// `attributes`. Dropped and counted when the queue is full.
     pub fn log(&self, event_name: &'static str, body: &str, attributes: &[(&'static str, &str)]) {
-        let Some(queue) = &self.logs else { return };
-        let mut record = queue.logger.create_log_record();
-        let now = SystemTime::now();
-        record.set_timestamp(now);
-        record.set_observed_timestamp(now);
-        record.set_severity_number(Severity::Info);
-        record.set_severity_text("INFO");
-        record.set_event_name(event_name);
-        record.set_target("audit");
-        record.set_body(AnyValue::String(body.to_owned().into()));
-        for (key, value) in attributes {
-            record.add_attribute(*key, AnyValue::String((*value).to_owned().into()));
+        if !self.logs {
+            return;
         }
-        if queue.tx.try_send((record, self.scope.clone())).is_err() {
-            self.counters.logs_dropped.inc();
+        let mut item = Vec::with_capacity(body.len() + 256);
+        wire::log_record(&mut item, SystemTime::now(), event_name, body, attributes);
+        self.queues.logs.push(&item);
+    }
+}
+
+/// The last handle is gone: the thread sends what is queued and ends.
+impl Drop for Otlp {
+    fn drop(&mut self) {
+        self.queues.closed.store(true, Ordering::Release);
+    }
+}
+
+/// What waits for the export thread.
+struct Queues {
+    spans: Queue,
+    logs: Queue,
+    /// Set once nothing more can be queued.
+    closed: AtomicBool,
+}
+
+/// Encoded items waiting for export, in batches of at most [`BATCH`].
+struct Queue {
+    pending: Mutex<Pending>,
+    /// Most items waiting; past it they are dropped.
+    limit: usize,
+    dropped: Counter,
+}
+
+#[derive(Default)]
+struct Pending {
+    batches: Vec<Batch>,
+    items: usize,
+}
+
+/// Encoded items, one after the other, ready to be put in an export
+/// request.
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    items: usize,
+}
+
+impl Queue {
+    fn new(limit: usize, dropped: Counter) -> Self {
+        Self { pending: Mutex::new(Pending::default()), limit, dropped }
+    }
+
+    /// Appends one encoded item, or drops it (counted) when the queue is
+    /// full.
+    fn push(&self, item: &[u8]) {
+        // Nothing panics while holding the lock; a poisoned one is still a
+        // queue of whole items.
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.items >= self.limit {
+            drop(pending);
+            self.dropped.inc();
+            return;
         }
+        pending.items += 1;
+        let batch = match pending.batches.last_mut() {
+            Some(batch) if batch.items < BATCH => batch,
+            _ => {
+                pending.batches.push(Batch::default());
+                pending.batches.last_mut().expect("just pushed")
+            }
+        };
+        batch.bytes.extend_from_slice(item);
+        batch.items += 1;
+    }
+
+    /// Everything queued, leaving the queue empty.
+    fn take(&self) -> Vec<Batch> {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *pending).batches
     }
 }
 
@@ -469,21 +520,21 @@ impl TraceParent {
 /// when it is dropped (its end). Shared by the exchange's phases; never
 /// holds a lock across an await.
 pub struct ExchangeSpan {
-    tx: mpsc::Sender<SpanData>,
-    dropped: Counter,
-    scope: InstrumentationScope,
+    otlp: Arc<Otlp>,
     draft: Mutex<Draft>,
 }
 
 struct Draft {
-    context: SpanContext,
+    trace_id: TraceId,
+    span_id: SpanId,
     parent: Option<SpanId>,
+    /// The client's `tracestate`, passed on.
+    trace_state: String,
     start: SystemTime,
     started: Instant,
     /// When the request went upstream.
     forwarded: Option<Instant>,
     name: Cow<'static, str>,
-    kind: SpanKind,
     attributes: Vec<KeyValue>,
     events: Vec<opentelemetry::trace::Event>,
     dropped_events: u32,
@@ -506,7 +557,7 @@ impl ExchangeSpan {
 
     /// The trace's id, in hex.
     pub fn trace_id(&self) -> String {
-        self.with(|d| d.context.trace_id().to_string())
+        self.with(|d| d.trace_id.to_string())
     }
 
     /// Time since the exchange started.
@@ -595,186 +646,77 @@ impl ExchangeSpan {
     }
 }
 
+/// The span ends: encoded and queued, on the worker that ends it.
 impl Drop for ExchangeSpan {
     fn drop(&mut self) {
-        let draft = self.draft.get_mut().unwrap_or_else(|e| e.into_inner());
-        let mut events = SpanEvents::default();
-        events.events = std::mem::take(&mut draft.events);
-        events.dropped_count = draft.dropped_events;
-        let span = SpanData {
-            span_context: draft.context.clone(),
-            parent_span_id: draft.parent.unwrap_or(SpanId::INVALID),
-            parent_span_is_remote: draft.parent.is_some(),
-            span_kind: draft.kind.clone(),
-            name: std::mem::take(&mut draft.name),
-            start_time: draft.start,
-            end_time: draft.start + draft.started.elapsed(),
-            attributes: std::mem::take(&mut draft.attributes),
-            dropped_attributes_count: 0,
-            events,
-            links: SpanLinks::default(),
-            status: std::mem::replace(&mut draft.status, Status::Unset),
-            instrumentation_scope: self.scope.clone(),
-        };
-        if self.tx.try_send(span).is_err() {
-            self.dropped.inc();
-        }
+        let d = self.draft.get_mut().unwrap_or_else(|e| e.into_inner());
+        let mut item = Vec::with_capacity(2048);
+        wire::span(
+            &mut item,
+            &wire::SpanFields {
+                trace_id: d.trace_id.to_bytes(),
+                span_id: d.span_id.to_bytes(),
+                parent: d.parent.map(SpanId::to_bytes),
+                trace_state: &d.trace_state,
+                trace_flags: 1,
+                name: &d.name,
+                kind: wire::SPAN_KIND_CLIENT,
+                start: d.start,
+                end: d.start + d.started.elapsed(),
+                attributes: &d.attributes,
+                events: &d.events,
+                dropped_events: d.dropped_events,
+                status: &d.status,
+            },
+        );
+        self.otlp.queues.spans.push(&item);
     }
 }
 
-/// Where audit log records go: the export thread's queue, and the logger
-/// that makes them.
-struct LogQueue {
-    tx: mpsc::Sender<(SdkLogRecord, InstrumentationScope)>,
-    logger: SdkLogger,
-    _provider: SdkLoggerProvider,
-}
-
-/// The export thread: builds the exporters, then batches and sends until
-/// every sender is gone.
+/// The export thread: builds the sender, then every [`TICK`] sends what
+/// is queued, until the last [`Otlp`] handle is gone and the queues are
+/// empty.
 async fn export(
     cfg: OtlpConfig,
-    resource: Resource,
-    counters: OtlpCounters,
-    spans: mpsc::Receiver<SpanData>,
-    logs: mpsc::Receiver<(SdkLogRecord, InstrumentationScope)>,
+    queues: Arc<Queues>,
+    (span_failures, log_failures): (Counter, Counter),
     built: std::sync::mpsc::SyncSender<Result<(), OtlpError>>,
 ) {
-    let exporters = build_exporters(&cfg, &resource);
-    let (span_exporter, log_exporter) = match exporters {
-        Ok(exporters) => {
+    let sender = match send::Sender::new(&cfg) {
+        Ok(sender) => {
             let _ = built.send(Ok(()));
-            exporters
+            sender
         }
         Err(error) => {
             let _ = built.send(Err(error));
             return;
         }
     };
-    // A signal that is off has no sender: its loop ends at once.
-    let (span_exporter, log_exporter) = (&span_exporter, &log_exporter);
-    let spans = send_batches(
-        spans,
-        FailureReporter::new(Signal::Traces, &cfg.endpoint, counters.span_export_failures),
-        move |batch| async move {
-            match span_exporter {
-                Some(exporter) => opentelemetry_sdk::trace::SpanExporter::export(exporter, batch).await,
-                None => Ok(()),
-            }
-        },
-    );
-    let logs = send_batches(
-        logs,
-        FailureReporter::new(Signal::Logs, &cfg.endpoint, counters.log_export_failures),
-        move |batch: Vec<(SdkLogRecord, InstrumentationScope)>| async move {
-            let refs: Vec<(&SdkLogRecord, &InstrumentationScope)> = batch.iter().map(|(r, s)| (r, s)).collect();
-            match log_exporter {
-                Some(exporter) => exporter.export(LogBatch::new(&refs)).await,
-                None => Ok(()),
-            }
-        },
-    );
-    tokio::join!(spans, logs);
-}
-
-type Exporters = (Option<opentelemetry_otlp::SpanExporter>, Option<opentelemetry_otlp::LogExporter>);
-
-fn build_exporters(cfg: &OtlpConfig, resource: &Resource) -> Result<Exporters, OtlpError> {
-    let failed = |signal: Signal| {
-        move |error: opentelemetry_otlp::ExporterBuildError| OtlpError::Exporter {
-            signal: signal.as_str(),
-            message: error.to_string(),
-        }
-    };
-    let headers: std::collections::HashMap<String, String> =
-        cfg.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let metadata = || {
-        let mut map = http::HeaderMap::new();
-        for (k, v) in &cfg.headers {
-            if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(k.as_bytes()), http::HeaderValue::from_str(v)) {
-                map.insert(k, v);
-            }
-        }
-        tonic::metadata::MetadataMap::from_headers(map)
-    };
-    let mut spans = None;
-    if cfg.traces {
-        let builder = opentelemetry_otlp::SpanExporter::builder();
-        let mut exporter = match cfg.protocol {
-            OtlpProtocol::Http => builder
-                .with_http()
-                .with_endpoint(cfg.http_url(Signal::Traces))
-                .with_timeout(cfg.timeout)
-                .with_headers(headers.clone())
-                .build(),
-            OtlpProtocol::Grpc => builder
-                .with_tonic()
-                .with_endpoint(cfg.endpoint.clone())
-                .with_timeout(cfg.timeout)
-                .with_metadata(metadata())
-                .build(),
-        }
-        .map_err(failed(Signal::Traces))?;
-        opentelemetry_sdk::trace::SpanExporter::set_resource(&mut exporter, resource);
-        spans = Some(exporter);
-    }
-    let mut logs = None;
-    if cfg.logs {
-        let builder = opentelemetry_otlp::LogExporter::builder();
-        let mut exporter = match cfg.protocol {
-            OtlpProtocol::Http => builder
-                .with_http()
-                .with_endpoint(cfg.http_url(Signal::Logs))
-                .with_timeout(cfg.timeout)
-                .with_headers(headers)
-                .build(),
-            OtlpProtocol::Grpc => builder
-                .with_tonic()
-                .with_endpoint(cfg.endpoint.clone())
-                .with_timeout(cfg.timeout)
-                .with_metadata(metadata())
-                .build(),
-        }
-        .map_err(failed(Signal::Logs))?;
-        opentelemetry_sdk::logs::LogExporter::set_resource(&mut exporter, resource);
-        logs = Some(exporter);
-    }
-    Ok((spans, logs))
-}
-
-/// Moves up to [`BATCH`] queued items into `batch`, without waiting; false
-/// once every sender is gone and the queue is empty.
-fn drain<T>(rx: &mut mpsc::Receiver<T>, batch: &mut Vec<T>) -> bool {
-    while batch.len() < BATCH {
-        match rx.try_recv() {
-            Ok(item) => batch.push(item),
-            Err(mpsc::error::TryRecvError::Empty) => return true,
-            Err(mpsc::error::TryRecvError::Disconnected) => return false,
-        }
-    }
-    true
-}
-
-/// Sends what `rx` brings with `export`: every [`TICK`], the whole queue,
-/// batch by batch; until every sender is gone.
-async fn send_batches<T, Fut>(mut rx: mpsc::Receiver<T>, mut reporter: FailureReporter, export: impl Fn(Vec<T>) -> Fut)
-where
-    Fut: std::future::Future<Output = OTelSdkResult>,
-{
-    let mut open = true;
-    while open {
+    let resource = wire::resource(&resource());
+    let version = env!("CARGO_PKG_VERSION");
+    // Audit records are named after their origin, as a log's target names
+    // its scope.
+    let signals = [
+        (Signal::Traces, &queues.spans, wire::scope("interceptor", version), span_failures),
+        (Signal::Logs, &queues.logs, wire::scope("audit", version), log_failures),
+    ];
+    let mut signals = signals.map(|(signal, queue, scope, failures)| {
+        (signal, queue, scope, FailureReporter::new(signal, &cfg.endpoint, failures))
+    });
+    loop {
         tokio::time::sleep(TICK).await;
-        loop {
-            let mut batch = Vec::with_capacity(BATCH);
-            open = drain(&mut rx, &mut batch);
-            let full = batch.len() == BATCH;
-            if !batch.is_empty() {
-                let count = batch.len() as u64;
-                reporter.outcome(export(batch).await, count);
+        // Read before taking: whatever was queued before the last handle
+        // went is taken below.
+        let closed = queues.closed.load(Ordering::Acquire);
+        for (signal, queue, scope, reporter) in &mut signals {
+            for batch in queue.take() {
+                let body = wire::request(&resource, scope, &batch.bytes);
+                drop(batch.bytes);
+                reporter.outcome(sender.send(*signal, body, cfg.timeout).await, batch.items as u64);
             }
-            if !open || !full {
-                break;
-            }
+        }
+        if closed {
+            return;
         }
     }
 }
@@ -794,8 +736,8 @@ impl FailureReporter {
         Self { signal, endpoint: endpoint.to_owned(), failures, lost_since_report: 0, last_report: None }
     }
 
-    fn outcome(&mut self, result: OTelSdkResult, count: u64) {
-        let Err(error) = result else { return };
+    fn outcome(&mut self, result: Result<(), send::Failure>, count: u64) {
+        let Err(failure) = result else { return };
         self.failures.inc_by(count);
         self.lost_since_report += count;
         if self.last_report.is_some_and(|t| t.elapsed() < REPORT_EVERY) {
@@ -805,7 +747,7 @@ impl FailureReporter {
             signal = self.signal.as_str(),
             endpoint = %self.endpoint,
             lost = self.lost_since_report,
-            error = %error,
+            error = %failure.message,
             "OTLP export failed"
         );
         self.lost_since_report = 0;
@@ -880,5 +822,139 @@ mod tests {
         assert_eq!(ratio_threshold(0.0), 0);
         let half = ratio_threshold(0.5);
         assert!(half > u64::MAX / 2 - 10 && half < u64::MAX / 2 + 10);
+    }
+
+    /// A full queue drops (counted) rather than grows; what it keeps comes
+    /// out in batches of at most [`BATCH`], whole items each.
+    #[test]
+    fn queues_are_bounded_and_batched() {
+        let dropped = Counter::default();
+        let queue = Queue::new(2, dropped.clone());
+        for item in [&b"ab"[..], b"cd", b"ef"] {
+            queue.push(item);
+        }
+        assert_eq!(dropped.get(), 1);
+        let batches = queue.take();
+        assert_eq!(batches.len(), 1);
+        assert_eq!((batches[0].bytes.as_slice(), batches[0].items), (&b"abcd"[..], 2));
+        assert!(queue.take().is_empty(), "taking empties the queue");
+        queue.push(b"gh");
+        assert_eq!(queue.take()[0].bytes, b"gh", "room again once taken");
+
+        let queue = Queue::new(10_000, Counter::default());
+        for _ in 0..BATCH * 2 + 1 {
+            queue.push(b"x");
+        }
+        let sizes: Vec<usize> = queue.take().iter().map(|b| b.items).collect();
+        assert_eq!(sizes, [BATCH, BATCH, 1]);
+    }
+
+    /// What a loopback collector received: path, headers, body.
+    type Received = Arc<Mutex<Vec<(String, http::HeaderMap, Vec<u8>)>>>;
+
+    /// An OTLP/HTTP collector on loopback that answers each export with the
+    /// next of `answers`, then 200.
+    async fn collector(answers: Vec<u16>) -> (std::net::SocketAddr, Received) {
+        use http_body_util::BodyExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Received::default();
+        let answers = Arc::new(Mutex::new(std::collections::VecDeque::from(answers)));
+        let seen = Arc::clone(&received);
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let (seen, answers) = (Arc::clone(&seen), Arc::clone(&answers));
+                let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (seen, answers) = (Arc::clone(&seen), Arc::clone(&answers));
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body.collect().await?.to_bytes().to_vec();
+                        seen.lock().unwrap().push((parts.uri.path().to_owned(), parts.headers, body));
+                        let status = answers.lock().unwrap().pop_front().unwrap_or(200);
+                        http::Response::builder()
+                            .status(status)
+                            .body(http_body_util::Full::new(bytes::Bytes::new()))
+                            .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { e.into() })
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(tcp);
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(io, service));
+            }
+        });
+        (addr, received)
+    }
+
+    /// Waits until `done` holds of what the collector received (10 s at most).
+    async fn until(received: &Received, done: impl Fn(&[(String, http::HeaderMap, Vec<u8>)]) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done(&received.lock().unwrap()) {
+            assert!(Instant::now() < deadline, "the collector got {} exports", received.lock().unwrap().len());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn http_export(addr: std::net::SocketAddr) -> OtlpConfig {
+        OtlpConfig {
+            endpoint: format!("http://{addr}"),
+            headers: [("authorization".to_string(), "Bearer collector-token".to_string())].into(),
+            logs: true,
+            ..OtlpConfig::default()
+        }
+    }
+
+    /// A span and a log record reach the collector as OTLP/protobuf with its
+    /// headers, including those still queued when the last handle goes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn what_is_queued_is_sent_when_export_ends() {
+        use opentelemetry_proto::tonic::collector::{
+            logs::v1::ExportLogsServiceRequest, trace::v1::ExportTraceServiceRequest,
+        };
+        use prost::Message as _;
+        let (addr, received) = collector(Vec::new()).await;
+        let otlp = Otlp::start(&http_export(addr), OtlpCounters::default()).unwrap().unwrap();
+        let span =
+            otlp.exchange_span("chat", None, None, || vec![KeyValue::new("gen_ai.request.model", "gpt-4o")]).unwrap();
+        span.error("blocked by guardrail secrets".into());
+        otlp.log("interceptor.audit", r#"{"event":"guardrail"}"#, &[("decision", "block")]);
+        drop(span);
+        drop(otlp);
+        until(&received, |r| r.len() == 2).await;
+        let received = received.lock().unwrap();
+        for (path, headers, _) in received.iter() {
+            assert!(path == "/v1/traces" || path == "/v1/logs", "{path}");
+            assert_eq!(headers["content-type"], "application/x-protobuf");
+            assert_eq!(headers["authorization"], "Bearer collector-token");
+        }
+        let body = |want: &str| &received.iter().find(|(path, ..)| path == want).unwrap().2;
+        let traces = ExportTraceServiceRequest::decode(body("/v1/traces").as_slice()).unwrap();
+        let span = &traces.resource_spans[0].scope_spans[0].spans[0];
+        assert_eq!(span.attributes[0].key, "gen_ai.request.model");
+        assert_eq!(span.status.as_ref().unwrap().message, "blocked by guardrail secrets");
+        let logs = ExportLogsServiceRequest::decode(body("/v1/logs").as_slice()).unwrap();
+        assert_eq!(logs.resource_logs[0].scope_logs[0].log_records[0].event_name, "interceptor.audit");
+    }
+
+    /// A collector that says "try later" is tried again; one that refuses
+    /// is not, and the lost spans are counted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn transient_failures_are_retried_and_refusals_counted() {
+        let (addr, received) = collector(vec![503, 500]).await;
+        let counters = OtlpCounters::default();
+        let otlp = Otlp::start(&http_export(addr), counters.clone()).unwrap().unwrap();
+        drop(otlp.exchange_span("chat", None, None, Vec::new).unwrap());
+        until(&received, |r| r.len() == 2).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while counters.span_export_failures.get() == 0 {
+            assert!(Instant::now() < deadline, "the refusal was not counted");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(counters.span_export_failures.get(), 1, "one span lost");
+        // The next export goes through: nothing more is lost.
+        drop(otlp.exchange_span("chat", None, None, Vec::new).unwrap());
+        until(&received, |r| r.len() == 3).await;
+        drop(otlp);
+        assert_eq!(counters.span_export_failures.get(), 1);
+        assert_eq!(counters.spans_dropped.get(), 0);
     }
 }
