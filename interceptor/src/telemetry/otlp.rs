@@ -49,14 +49,17 @@ use serde::{Deserialize, Serialize};
 
 /// Most items exported in one request.
 const BATCH: usize = 512;
-/// How often the export thread takes its queues. It never waits on a queue:
-/// a waiting receiver would be woken by every span the request path queues
-/// (a thread wake-up per exchange); a tick costs one per 10 ms. Short, so
-/// the items it drains were queued moments ago and are still in the CPU's
-/// caches (at 15,000 exchanges a second a 100 ms tick finds megabytes of
-/// cold spans). At the default queue of 4096 it drains 400,000 items a
-/// second; past that the queue fills and drops (counted).
+/// How often the export thread looks at its queues. It never waits on a
+/// queue: a waiting receiver would be woken by every span the request path
+/// queues (a thread wake-up per exchange); a tick costs one per 10 ms. Each
+/// tick sends the full batches, so at the default queue of 4096 it keeps up
+/// with 400,000 items a second; past that the queue fills and drops
+/// (counted).
 const TICK: Duration = Duration::from_millis(10);
+/// Longest an item waits in a batch that is not full: under light traffic a
+/// span reaches the collector within this, under heavy traffic requests go
+/// out full (one per [`BATCH`] items, not one per tick).
+const LINGER: Duration = Duration::from_millis(200);
 /// Least time between two warnings about failing exports.
 pub const REPORT_EVERY: Duration = Duration::from_secs(30);
 /// Most attributes and events a span keeps (a long WebSocket session's
@@ -404,6 +407,8 @@ struct Queue {
 struct Pending {
     batches: Vec<Batch>,
     items: usize,
+    /// When the oldest item still queued was queued, or earlier.
+    since: Option<Instant>,
 }
 
 /// Encoded items, one after the other, ready to be put in an export
@@ -431,6 +436,7 @@ impl Queue {
             return;
         }
         pending.items += 1;
+        pending.since.get_or_insert_with(Instant::now);
         let batch = match pending.batches.last_mut() {
             Some(batch) if batch.items < BATCH => batch,
             _ => {
@@ -442,10 +448,18 @@ impl Queue {
         batch.items += 1;
     }
 
-    /// Everything queued, leaving the queue empty.
-    fn take(&self) -> Vec<Batch> {
+    /// The batches ready to go: the full ones, and with them the last
+    /// (partial) one once its oldest item waited [`LINGER`], or at once
+    /// when `all`.
+    fn take(&self, all: bool) -> Vec<Batch> {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        std::mem::take(&mut *pending).batches
+        if all || pending.since.is_some_and(|t| t.elapsed() >= LINGER) {
+            return std::mem::take(&mut *pending).batches;
+        }
+        let full = pending.batches.iter().take_while(|b| b.items == BATCH).count();
+        let ready: Vec<Batch> = pending.batches.drain(..full).collect();
+        pending.items -= ready.iter().map(|b| b.items).sum::<usize>();
+        ready
     }
 }
 
@@ -709,7 +723,7 @@ async fn export(
         // went is taken below.
         let closed = queues.closed.load(Ordering::Acquire);
         for (signal, queue, scope, reporter) in &mut signals {
-            for batch in queue.take() {
+            for batch in queue.take(closed) {
                 let body = wire::request(&resource, scope, &batch.bytes);
                 drop(batch.bytes);
                 reporter.outcome(sender.send(*signal, body, cfg.timeout).await, batch.items as u64);
@@ -834,19 +848,23 @@ mod tests {
             queue.push(item);
         }
         assert_eq!(dropped.get(), 1);
-        let batches = queue.take();
+        let batches = queue.take(true);
         assert_eq!(batches.len(), 1);
         assert_eq!((batches[0].bytes.as_slice(), batches[0].items), (&b"abcd"[..], 2));
-        assert!(queue.take().is_empty(), "taking empties the queue");
+        assert!(queue.take(true).is_empty(), "taking empties the queue");
         queue.push(b"gh");
-        assert_eq!(queue.take()[0].bytes, b"gh", "room again once taken");
+        assert_eq!(queue.take(true)[0].bytes, b"gh", "room again once taken");
 
         let queue = Queue::new(10_000, Counter::default());
         for _ in 0..BATCH * 2 + 1 {
             queue.push(b"x");
         }
-        let sizes: Vec<usize> = queue.take().iter().map(|b| b.items).collect();
-        assert_eq!(sizes, [BATCH, BATCH, 1]);
+        let sizes = |batches: Vec<Batch>| batches.iter().map(|b| b.items).collect::<Vec<_>>();
+        // Full batches go at once; the partial one waits for more.
+        assert_eq!(sizes(queue.take(false)), [BATCH, BATCH]);
+        assert!(queue.take(false).is_empty());
+        queue.push(b"x");
+        assert_eq!(sizes(queue.take(true)), [2]);
     }
 
     /// What a loopback collector received: path, headers, body.

@@ -132,18 +132,22 @@ pub fn request(resource: &[u8], scope: &[u8], items: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A length-delimited field whose content `fill` appends; its length is
-/// put in front once known.
+/// A length-delimited field whose content `fill` appends. Its length is
+/// put in front once known: in the one byte kept for it when it fits (most
+/// fields are under 128 bytes), else by moving the content up.
 fn message(out: &mut Vec<u8>, tag: u32, fill: impl FnOnce(&mut Vec<u8>)) {
     encode_key(tag, WireType::LengthDelimited, out);
-    let start = out.len();
+    let at = out.len();
+    out.push(0);
     fill(out);
     let end = out.len();
-    let len = (end - start) as u64;
+    let len = (end - at - 1) as u64;
     let width = encoded_len_varint(len);
-    out.resize(end + width, 0);
-    out.copy_within(start..end, start + width);
-    let mut prefix = &mut out[start..start + width];
+    if width > 1 {
+        out.resize(end + width - 1, 0);
+        out.copy_within(at + 1..end, at + width);
+    }
+    let mut prefix = &mut out[at..at + width];
     encode_varint(len, &mut prefix);
 }
 
