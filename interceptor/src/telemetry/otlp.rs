@@ -374,9 +374,8 @@ impl Otlp {
         if !self.logs {
             return;
         }
-        let mut item = Vec::with_capacity(body.len() + 256);
-        wire::log_record(&mut item, SystemTime::now(), event_name, body, attributes);
-        self.queues.logs.push(&item);
+        let now = SystemTime::now();
+        queue_encoded(&self.queues.logs, |buf| wire::log_record(buf, now, event_name, body, attributes));
     }
 }
 
@@ -409,6 +408,10 @@ struct Pending {
     items: usize,
     /// When the oldest item still queued was queued, or earlier.
     since: Option<Instant>,
+    /// Emptied batch buffers, kept at their size for the next batches: a
+    /// batch filled into fresh memory would grow (copying) and fault in
+    /// its pages on the request path, batch after batch.
+    spare: Vec<Vec<u8>>,
 }
 
 /// Encoded items, one after the other, ready to be put in an export
@@ -418,6 +421,9 @@ struct Batch {
     bytes: Vec<u8>,
     items: usize,
 }
+
+/// Most emptied batch buffers kept.
+const SPARE: usize = 4;
 
 impl Queue {
     fn new(limit: usize, dropped: Counter) -> Self {
@@ -437,13 +443,11 @@ impl Queue {
         }
         pending.items += 1;
         pending.since.get_or_insert_with(Instant::now);
-        let batch = match pending.batches.last_mut() {
-            Some(batch) if batch.items < BATCH => batch,
-            _ => {
-                pending.batches.push(Batch::default());
-                pending.batches.last_mut().expect("just pushed")
-            }
-        };
+        if pending.batches.last().is_none_or(|b| b.items >= BATCH) {
+            let bytes = pending.spare.pop().unwrap_or_default();
+            pending.batches.push(Batch { bytes, items: 0 });
+        }
+        let batch = pending.batches.last_mut().expect("a batch with room");
         batch.bytes.extend_from_slice(item);
         batch.items += 1;
     }
@@ -454,13 +458,51 @@ impl Queue {
     fn take(&self, all: bool) -> Vec<Batch> {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         if all || pending.since.is_some_and(|t| t.elapsed() >= LINGER) {
-            return std::mem::take(&mut *pending).batches;
+            pending.items = 0;
+            pending.since = None;
+            return std::mem::take(&mut pending.batches);
         }
         let full = pending.batches.iter().take_while(|b| b.items == BATCH).count();
         let ready: Vec<Batch> = pending.batches.drain(..full).collect();
         pending.items -= ready.iter().map(|b| b.items).sum::<usize>();
         ready
     }
+
+    /// Gives a sent batch's buffer back, emptied, for a next batch.
+    fn recycle(&self, mut bytes: Vec<u8>) {
+        bytes.clear();
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.spare.len() < SPARE {
+            pending.spare.push(bytes);
+        }
+    }
+}
+
+thread_local! {
+    /// Where this thread encodes a span or record before queuing it.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Encodes one item with `encode` into this thread's scratch buffer, then
+/// queues it: no allocation per item.
+fn queue_encoded(queue: &Queue, encode: impl FnOnce(&mut Vec<u8>)) {
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut buf) => {
+            buf.clear();
+            encode(&mut buf);
+            queue.push(&buf);
+            // One huge item (a prompt recorded whole) does not stay resident.
+            if buf.capacity() > 1 << 20 {
+                *buf = Vec::new();
+            }
+        }
+        // Only if encoding were to queue again from within: encode apart.
+        Err(_) => {
+            let mut buf = Vec::new();
+            encode(&mut buf);
+            queue.push(&buf);
+        }
+    });
 }
 
 /// The resource every span and record names: `service.name` (from
@@ -664,26 +706,27 @@ impl ExchangeSpan {
 impl Drop for ExchangeSpan {
     fn drop(&mut self) {
         let d = self.draft.get_mut().unwrap_or_else(|e| e.into_inner());
-        let mut item = Vec::with_capacity(2048);
-        wire::span(
-            &mut item,
-            &wire::SpanFields {
-                trace_id: d.trace_id.to_bytes(),
-                span_id: d.span_id.to_bytes(),
-                parent: d.parent.map(SpanId::to_bytes),
-                trace_state: &d.trace_state,
-                trace_flags: 1,
-                name: &d.name,
-                kind: wire::SPAN_KIND_CLIENT,
-                start: d.start,
-                end: d.start + d.started.elapsed(),
-                attributes: &d.attributes,
-                events: &d.events,
-                dropped_events: d.dropped_events,
-                status: &d.status,
-            },
-        );
-        self.otlp.queues.spans.push(&item);
+        let end = d.start + d.started.elapsed();
+        queue_encoded(&self.otlp.queues.spans, |buf| {
+            wire::span(
+                buf,
+                &wire::SpanFields {
+                    trace_id: d.trace_id.to_bytes(),
+                    span_id: d.span_id.to_bytes(),
+                    parent: d.parent.map(SpanId::to_bytes),
+                    trace_state: &d.trace_state,
+                    trace_flags: 1,
+                    name: &d.name,
+                    kind: wire::SPAN_KIND_CLIENT,
+                    start: d.start,
+                    end,
+                    attributes: &d.attributes,
+                    events: &d.events,
+                    dropped_events: d.dropped_events,
+                    status: &d.status,
+                },
+            )
+        });
     }
 }
 
@@ -725,7 +768,7 @@ async fn export(
         for (signal, queue, scope, reporter) in &mut signals {
             for batch in queue.take(closed) {
                 let body = wire::request(&resource, scope, &batch.bytes);
-                drop(batch.bytes);
+                queue.recycle(batch.bytes);
                 reporter.outcome(sender.send(*signal, body, cfg.timeout).await, batch.items as u64);
             }
         }
@@ -864,7 +907,18 @@ mod tests {
         assert_eq!(sizes(queue.take(false)), [BATCH, BATCH]);
         assert!(queue.take(false).is_empty());
         queue.push(b"x");
-        assert_eq!(sizes(queue.take(true)), [2]);
+        let last = queue.take(true);
+        assert_eq!(sizes(last), [2]);
+
+        // A sent batch's buffer is filled again, not a new one grown.
+        let queue = Queue::new(10, Counter::default());
+        queue.push(&[7; 4000]);
+        let sent = queue.take(true).remove(0).bytes;
+        let (at, capacity) = (sent.as_ptr(), sent.capacity());
+        queue.recycle(sent);
+        queue.push(b"next");
+        let again = queue.take(true).remove(0).bytes;
+        assert_eq!((again.as_ptr(), again.capacity(), again.as_slice()), (at, capacity, &b"next"[..]));
     }
 
     /// What a loopback collector received: path, headers, body.

@@ -443,7 +443,8 @@ const OTLP_SINK_PORT: u16 = 14318;
 /// records too (two per exchange), one after the other on the same
 /// placement (one worker pinned): the proxy's CPU per request. The sink is
 /// nginx answering 200 to every export, in the peers' cgroup, so its own
-/// work is not counted. With `--perf`, the spans-only run is profiled.
+/// work is not counted. With `--perf`, the runs with export off and with
+/// spans are profiled (`.otlp-off.data`, `.otlp.data`).
 fn otlp_rows(env: &Env, opts: &Options, url: &str, keepalive: &Path, rows: &mut Vec<Row>) -> Result<()> {
     println!("interceptor, eBPF redirect, default guardrails, OpenTelemetry export off, spans, spans and logs");
     let sink_dir = env.scratch.path().join("otlp-sink");
@@ -463,11 +464,17 @@ fn otlp_rows(env: &Env, opts: &Options, url: &str, keepalive: &Path, rows: &mut 
         let row = measure(env, opts, name, url, keepalive, Some(&env.proxy_cg))?;
         expect(&row, false)?;
         rows.push(row);
-        if let (Some(out), names::OTLP_ON) = (&opts.perf, name) {
+        // Export off and on are profiled alike, to be compared.
+        let profiled = match name {
+            names::OTLP_OFF => Some(("otlp-off.data", "off")),
+            names::OTLP_ON => Some(("otlp.data", "spans exported")),
+            _ => None,
+        };
+        if let (Some(out), Some((file, what))) = (&opts.perf, profiled) {
             let pid = proxy.pid().context("pid")?;
-            profile(&out.with_extension("otlp.data"), pid, || {
+            profile(&out.with_extension(file), pid, || {
                 let r = env.load(opts.connections).run(url, keepalive, Duration::from_secs(opts.seconds))?;
-                Ok(format!("allowed path, OpenTelemetry spans exported, under wrk, {:.0} req/s", r.rps()))
+                Ok(format!("allowed path, OpenTelemetry export {what}, under wrk, {:.0} req/s", r.rps()))
             })?;
         }
         drop(proxy);

@@ -119,9 +119,9 @@ pub(super) fn decision(call: &Call, direction: Direction, outcome: &Outcome, lat
     if !outcome.detectors.is_empty() {
         attributes.push(KeyValue::new("detectors", strings(&outcome.detectors)));
     }
-    let stages: Vec<String> = outcome.stages.iter().map(|s| s.as_str().to_owned()).collect();
-    if !stages.is_empty() {
-        attributes.push(KeyValue::new("backends", strings(&stages)));
+    if !outcome.stages.is_empty() {
+        let stages = outcome.stages.iter().map(|s| StringValue::from(s.as_str())).collect();
+        attributes.push(KeyValue::new("backends", Value::Array(Array::String(stages))));
     }
     if let Some(block) = &outcome.block {
         attributes.push(KeyValue::new("reason", block.reason.clone()));
