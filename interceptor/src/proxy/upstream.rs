@@ -130,7 +130,10 @@ pub struct UpstreamPool {
     mark: u32,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    pools: Mutex<HashMap<(usize, SocketAddr, String), Upstream>>,
+    /// Shared by every connection to the same key: a client is a few
+    /// hundred bytes, which each connection, idle or not, would otherwise
+    /// carry twice.
+    pools: Mutex<HashMap<(usize, SocketAddr, String), Arc<Upstream>>>,
 }
 
 impl UpstreamPool {
@@ -144,35 +147,35 @@ impl UpstreamPool {
     /// spawned on the runtime of the first request that needs one: a
     /// worker's requests must use the worker's pool, or another worker's
     /// event loop would carry them (a wake-up of another thread each way).
-    pub fn get(&self, worker: usize, dst: SocketAddr, sni: &str) -> Result<Upstream, ProxyError> {
+    pub fn get(&self, worker: usize, dst: SocketAddr, sni: &str) -> Result<Arc<Upstream>, ProxyError> {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         let key = (worker, dst, sni.to_string());
         if let Some(found) = pools.get(&key) {
-            return Ok(found.clone());
+            return Ok(Arc::clone(found));
         }
         if pools.len() >= MAX_POOLS {
             // Entries are cheap handles; in-flight requests keep their own
             // clone. Start over rather than grow without bound.
             pools.clear();
         }
-        let upstream = Upstream {
+        let upstream = Arc::new(Upstream {
             client: self.build(dst, sni, true)?,
             http1: self.build(dst, sni, false)?,
             idle_timeout: self.idle_timeout,
             plain: false,
-        };
-        pools.insert(key, upstream.clone());
+        });
+        pools.insert(key, Arc::clone(&upstream));
         Ok(upstream)
     }
 
     /// The pool of `worker` for a plain-HTTP destination (a plain MCP
     /// target): HTTP/1.1 without TLS, from marked sockets like the others.
-    pub fn get_plain(&self, worker: usize, dst: SocketAddr) -> Upstream {
+    pub fn get_plain(&self, worker: usize, dst: SocketAddr) -> Arc<Upstream> {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         // No TLS pool has an empty name (it cannot name a server).
         let key = (worker, dst, String::new());
         if let Some(found) = pools.get(&key) {
-            return found.clone();
+            return Arc::clone(found);
         }
         if pools.len() >= MAX_POOLS {
             pools.clear();
@@ -189,8 +192,9 @@ impl UpstreamPool {
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .timer(hyper_util::rt::TokioTimer::new())
             .build(http);
-        let upstream = Upstream { client: client.clone(), http1: client, idle_timeout: self.idle_timeout, plain: true };
-        pools.insert(key, upstream.clone());
+        let upstream =
+            Arc::new(Upstream { client: client.clone(), http1: client, idle_timeout: self.idle_timeout, plain: true });
+        pools.insert(key, Arc::clone(&upstream));
         upstream
     }
 
@@ -230,9 +234,11 @@ mod tests {
             .with_no_client_auth();
         let pool = UpstreamPool::new(tls, 0, Duration::from_secs(1), Duration::from_secs(1));
         let dst: SocketAddr = "192.0.2.1:443".parse().unwrap();
-        pool.get(0, dst, "api.openai.com").unwrap();
-        pool.get(0, dst, "api.openai.com").unwrap();
+        let first = pool.get(0, dst, "api.openai.com").unwrap();
+        let again = pool.get(0, dst, "api.openai.com").unwrap();
         assert_eq!(pool.pools.lock().unwrap().len(), 1, "one pool per worker, destination and name");
+        // One copy of the clients, however many connections hold them.
+        assert!(Arc::ptr_eq(&first, &again));
         pool.get(1, dst, "api.openai.com").unwrap();
         let pools = pool.pools.lock().unwrap();
         assert!(
