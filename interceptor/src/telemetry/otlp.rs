@@ -1,13 +1,13 @@
 //! OpenTelemetry export (`[telemetry.otlp]`): one span per intercepted
 //! exchange and, optionally, the audit events as log records, sent over
-//! OTLP (HTTP/protobuf or gRPC) by the `opentelemetry-otlp` exporters.
+//! OTLP (HTTP/protobuf or gRPC).
 //!
 //! It owns the settings ([`OtlpConfig`], validated here), the export thread
 //! and its queues, and a span under construction ([`ExchangeSpan`]: a drop
 //! guard, so every sampled exchange is exported exactly once, however it
 //! ends). It knows nothing of providers or guardrails: the pipeline names
 //! the attributes. Like the rest of `telemetry`, it imports nothing from the
-//! crate.
+//! crate but [`crate::error`]'s formatting.
 //!
 //! On the request path a span is encoded once, when it ends, straight into
 //! OTLP's protobuf form ([`wire`]), and appended to a bounded queue under a
@@ -486,21 +486,13 @@ thread_local! {
 /// Encodes one item with `encode` into this thread's scratch buffer, then
 /// queues it: no allocation per item.
 fn queue_encoded(queue: &Queue, encode: impl FnOnce(&mut Vec<u8>)) {
-    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-        Ok(mut buf) => {
-            buf.clear();
-            encode(&mut buf);
-            queue.push(&buf);
-            // One huge item (a prompt recorded whole) does not stay resident.
-            if buf.capacity() > 1 << 20 {
-                *buf = Vec::new();
-            }
-        }
-        // Only if encoding were to queue again from within: encode apart.
-        Err(_) => {
-            let mut buf = Vec::new();
-            encode(&mut buf);
-            queue.push(&buf);
+    SCRATCH.with_borrow_mut(|buf| {
+        buf.clear();
+        encode(buf);
+        queue.push(buf);
+        // One huge item (a prompt recorded whole) does not stay resident.
+        if buf.capacity() > 1 << 20 {
+            *buf = Vec::new();
         }
     });
 }

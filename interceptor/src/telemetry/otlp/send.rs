@@ -5,8 +5,8 @@
 //!
 //! A failure that may pass (the collector unreachable, `429`, `502`–`504`,
 //! gRPC `UNAVAILABLE` or `RESOURCE_EXHAUSTED`) is retried after 100 ms,
-//! 200 ms, 400 ms, within the export's `timeout`; any other failure is
-//! returned at once. Nothing here logs: the caller counts and reports.
+//! 200 ms, 400 ms; all attempts together take at most the export's
+//! `timeout`. Any other failure is returned at once. Nothing here logs: the caller counts and reports.
 
 use std::time::{Duration, Instant};
 
@@ -79,15 +79,17 @@ impl Sender {
         }
     }
 
-    /// Sends one export request of `signal`, retrying what may pass
-    /// within `timeout`.
+    /// Sends one export request of `signal`, retrying what may pass;
+    /// gives up after `timeout` in all.
     pub async fn send(&self, signal: Signal, body: Vec<u8>, timeout: Duration) -> Result<(), Failure> {
         let body = Bytes::from(body);
         let deadline = Instant::now() + timeout;
         let mut wait = FIRST_RETRY;
         let mut retries = 0;
         loop {
-            match self.send_once(signal, body.clone()).await {
+            // Each attempt gets what is left of `timeout`.
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.send_once(signal, body.clone(), left).await {
                 Ok(()) => return Ok(()),
                 Err(failure) if failure.transient && retries < RETRIES && Instant::now() + wait < deadline => {
                     tokio::time::sleep(wait).await;
@@ -99,7 +101,7 @@ impl Sender {
         }
     }
 
-    async fn send_once(&self, signal: Signal, body: Bytes) -> Result<(), Failure> {
+    async fn send_once(&self, signal: Signal, body: Bytes, timeout: Duration) -> Result<(), Failure> {
         match self {
             Self::Http { client, traces, logs, headers } => {
                 let url = match signal {
@@ -110,10 +112,11 @@ impl Sender {
                     .post(url)
                     .headers(headers.clone())
                     .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+                    .timeout(timeout)
                     .body(body)
                     .send()
                     .await
-                    .map_err(|e| Failure { message: error_chain(&e), transient: true })?;
+                    .map_err(|e| Failure { message: crate::error::chain(&e), transient: true })?;
                 let status = response.status();
                 // Read the answer to its end, so the connection is kept.
                 let _ = response.bytes().await;
@@ -129,9 +132,11 @@ impl Sender {
                     Signal::Logs => "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
                 });
                 let mut grpc = tonic::client::Grpc::new(channel.clone());
-                let unavailable = |e: tonic::transport::Error| Failure { message: error_chain(&e), transient: true };
+                let unavailable =
+                    |e: tonic::transport::Error| Failure { message: crate::error::chain(&e), transient: true };
                 grpc.ready().await.map_err(unavailable)?;
-                let request = tonic::Request::from_parts(metadata.clone(), Default::default(), body);
+                let mut request = tonic::Request::from_parts(metadata.clone(), Default::default(), body);
+                request.set_timeout(timeout);
                 match grpc.unary(request, path, Encoded).await {
                     Ok(_) => Ok(()),
                     Err(status) => Err(Failure {
@@ -142,19 +147,6 @@ impl Sender {
             }
         }
     }
-}
-
-/// An error and its causes, `: `-separated (reqwest's own message is only
-/// "error sending request").
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 /// The gRPC codec of a message that is already encoded; the answer
