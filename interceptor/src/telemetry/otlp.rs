@@ -7,7 +7,7 @@
 //! guard, so every sampled exchange is exported exactly once, however it
 //! ends). It knows nothing of providers or guardrails: the pipeline names
 //! the attributes. Like the rest of `telemetry`, it imports nothing from the
-//! crate but [`crate::error`]'s formatting.
+//! crate.
 //!
 //! On the request path a span is encoded once, when it ends, straight into
 //! OTLP's protobuf form ([`wire`]), and appended to a bounded queue under a

@@ -116,7 +116,7 @@ impl Sender {
                     .body(body)
                     .send()
                     .await
-                    .map_err(|e| Failure { message: crate::error::chain(&e), transient: true })?;
+                    .map_err(|e| Failure { message: error_chain(&e), transient: true })?;
                 let status = response.status();
                 // Read the answer to its end, so the connection is kept.
                 let _ = response.bytes().await;
@@ -132,8 +132,7 @@ impl Sender {
                     Signal::Logs => "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
                 });
                 let mut grpc = tonic::client::Grpc::new(channel.clone());
-                let unavailable =
-                    |e: tonic::transport::Error| Failure { message: crate::error::chain(&e), transient: true };
+                let unavailable = |e: tonic::transport::Error| Failure { message: error_chain(&e), transient: true };
                 grpc.ready().await.map_err(unavailable)?;
                 let mut request = tonic::Request::from_parts(metadata.clone(), Default::default(), body);
                 request.set_timeout(timeout);
@@ -147,6 +146,20 @@ impl Sender {
             }
         }
     }
+}
+
+/// An error and its causes, `: `-separated (reqwest's own message is only
+/// "error sending request"). As `crate::error::chain`, which `telemetry`,
+/// a leaf of the crate, does not import.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
 }
 
 /// The gRPC codec of a message that is already encoded; the answer
