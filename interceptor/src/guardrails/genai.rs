@@ -71,18 +71,19 @@ pub fn operation(provider: Provider, path: &str) -> &'static str {
     }
 }
 
-/// What an answer says of itself, gathered from its body or its events.
+/// What an answer says of itself, gathered from its body (borrowed from
+/// it, `'a`) or its events (owned).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ResponseFacts {
-    pub model: Option<String>,
-    pub id: Option<String>,
+pub struct ResponseFacts<'a> {
+    pub model: Option<Cow<'a, str>>,
+    pub id: Option<Cow<'a, str>>,
     /// In the order they were first seen, each once.
-    pub finish_reasons: Vec<String>,
+    pub finish_reasons: Vec<Cow<'a, str>>,
     /// The answer's text, when content is recorded.
     pub completion: Option<String>,
 }
 
-impl ResponseFacts {
+impl<'a> ResponseFacts<'a> {
     /// Keeps the answer's text too ([`ResponseFacts::text`]).
     pub fn with_content(mut self) -> Self {
         self.completion = Some(String::new());
@@ -90,30 +91,32 @@ impl ResponseFacts {
     }
 
     /// The facts of a whole response body (JSON); `None` when it is not
-    /// JSON. Read in one pass that keeps only the fields below: no
-    /// `serde_json::Value` is built.
-    pub fn of_body(body: &[u8]) -> Option<Self> {
-        let shape: Shape = serde_json::from_slice(body).ok()?;
+    /// JSON. Read in one pass that keeps only the fields below, borrowing
+    /// their strings from `body` (unless escaped): no `serde_json::Value`
+    /// is built, nothing is copied.
+    pub fn of_body(body: &'a [u8]) -> Option<Self> {
+        let shape: Shape<'a> = serde_json::from_slice(body).ok()?;
         let mut facts = Self::default();
-        facts.observe_shape(None, &shape);
+        facts.observe_shape(None, &shape, Cow::clone);
         // A Responses API body is the response object itself.
         if shape.object.0.as_deref() == Some("response")
             && let Some(status) = &shape.status.0
         {
-            facts.finish(status);
+            facts.finish(status, Cow::clone);
         }
         Some(facts)
     }
 
     /// One parsed JSON event of a stream; `event` is the SSE event name or
-    /// the event-stream frame's type.
+    /// the event-stream frame's type. What is kept is copied.
     pub fn observe(&mut self, event: Option<&str>, v: &Value) {
         if let Ok(shape) = Shape::deserialize(v) {
-            self.observe_shape(event, &shape);
+            self.observe_shape(event, &shape, |s| Cow::Owned(s.to_string()));
         }
     }
 
-    fn observe_shape(&mut self, event: Option<&str>, v: &Shape) {
+    /// Reads `v`, keeping its strings as `keep` makes them.
+    fn observe_shape<'s>(&mut self, event: Option<&str>, v: &Shape<'s>, keep: fn(&Cow<'s, str>) -> Cow<'a, str>) {
         let kind = v.kind.0.as_deref().or(event);
         let inner = match kind {
             Some("message_start") => v.message.0.as_deref(),
@@ -122,37 +125,39 @@ impl ResponseFacts {
         };
         for object in [Some(v), inner].into_iter().flatten() {
             if let Some(model) = object.model.0.as_ref().or(object.model_version.0.as_ref()) {
-                self.model = Some(model.clone());
+                self.model = Some(keep(model));
             }
             if self.id.is_none() {
-                self.id = object.id.0.clone().or_else(|| object.response_id.0.clone());
+                self.id = object.id.0.as_ref().or(object.response_id.0.as_ref()).map(keep);
             }
         }
         if matches!(kind, Some("response.completed" | "response.incomplete" | "response.failed"))
-            && let Some(status) = inner.and_then(|r| r.status.0.as_deref())
+            && let Some(status) = inner.and_then(|r| r.status.0.as_ref())
         {
-            self.finish(status);
+            self.finish(status, keep);
         }
         for choice in v.choices.0.iter().chain(&v.candidates.0).filter_map(|c| c.0.as_ref()) {
-            if let Some(reason) = choice.finish_reason.0.as_deref().or(choice.finish_reason_camel.0.as_deref()) {
-                self.finish(reason);
+            if let Some(reason) = choice.finish_reason.0.as_ref().or(choice.finish_reason_camel.0.as_ref()) {
+                self.finish(reason, keep);
             }
         }
-        let delta = v.delta.0.as_ref().and_then(|d| d.stop_reason.0.as_deref());
-        for reason in [v.stop_reason.0.as_deref(), delta, v.stop_reason_camel.0.as_deref()].into_iter().flatten() {
-            self.finish(reason);
+        let delta = v.delta.0.as_ref().and_then(|d| d.stop_reason.0.as_ref());
+        for reason in [v.stop_reason.0.as_ref(), delta, v.stop_reason_camel.0.as_ref()].into_iter().flatten() {
+            self.finish(reason, keep);
         }
         if event.is_none()
             && kind.is_none()
-            && let Some(reason) = v.finish_reason.0.as_deref()
+            && let Some(reason) = v.finish_reason.0.as_ref()
         {
-            self.finish(reason);
+            self.finish(reason, keep);
         }
     }
 
-    fn finish(&mut self, reason: &str) {
+    // The `Cow` says whether the reason can be borrowed (`keep`).
+    #[allow(clippy::ptr_arg)]
+    fn finish<'s>(&mut self, reason: &Cow<'s, str>, keep: fn(&Cow<'s, str>) -> Cow<'a, str>) {
         if !reason.is_empty() && !self.finish_reasons.iter().any(|r| r == reason) {
-            self.finish_reasons.push(reason.to_owned());
+            self.finish_reasons.push(keep(reason));
         }
     }
 
@@ -175,49 +180,63 @@ impl ResponseFacts {
 /// value of another type than expected reads as absent, never as an error.
 #[derive(Default, Deserialize)]
 #[serde(default)]
-struct Shape {
-    #[serde(rename = "type")]
-    kind: Text,
-    object: Text,
-    status: Text,
-    model: Text,
-    #[serde(rename = "modelVersion")]
-    model_version: Text,
-    id: Text,
-    #[serde(rename = "responseId")]
-    response_id: Text,
+struct Shape<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Text<'a>,
+    #[serde(borrow)]
+    object: Text<'a>,
+    #[serde(borrow)]
+    status: Text<'a>,
+    #[serde(borrow)]
+    model: Text<'a>,
+    #[serde(rename = "modelVersion", borrow)]
+    model_version: Text<'a>,
+    #[serde(borrow)]
+    id: Text<'a>,
+    #[serde(rename = "responseId", borrow)]
+    response_id: Text<'a>,
     /// `message_start`'s message.
-    message: Loose<Box<Shape>>,
+    #[serde(borrow)]
+    message: Loose<Box<Shape<'a>>>,
     /// A Responses API event's response.
-    response: Loose<Box<Shape>>,
-    choices: List<Loose<Choice>>,
-    candidates: List<Loose<Choice>>,
-    delta: Loose<Delta>,
-    stop_reason: Text,
-    #[serde(rename = "stopReason")]
-    stop_reason_camel: Text,
-    finish_reason: Text,
+    #[serde(borrow)]
+    response: Loose<Box<Shape<'a>>>,
+    #[serde(borrow)]
+    choices: List<Loose<Choice<'a>>>,
+    #[serde(borrow)]
+    candidates: List<Loose<Choice<'a>>>,
+    #[serde(borrow)]
+    delta: Loose<Delta<'a>>,
+    #[serde(borrow)]
+    stop_reason: Text<'a>,
+    #[serde(rename = "stopReason", borrow)]
+    stop_reason_camel: Text<'a>,
+    #[serde(borrow)]
+    finish_reason: Text<'a>,
 }
 
 /// An OpenAI choice or a Gemini candidate.
 #[derive(Default, Deserialize)]
 #[serde(default)]
-struct Choice {
-    finish_reason: Text,
-    #[serde(rename = "finishReason")]
-    finish_reason_camel: Text,
+struct Choice<'a> {
+    #[serde(borrow)]
+    finish_reason: Text<'a>,
+    #[serde(rename = "finishReason", borrow)]
+    finish_reason_camel: Text<'a>,
 }
 
 /// An Anthropic `message_delta`'s delta.
 #[derive(Default, Deserialize)]
 #[serde(default)]
-struct Delta {
-    stop_reason: Text,
+struct Delta<'a> {
+    #[serde(borrow)]
+    stop_reason: Text<'a>,
 }
 
-/// A string, or absent when the value is anything else.
+/// A string (borrowed from the input unless it had escapes), or absent
+/// when the value is anything else.
 #[derive(Default)]
-struct Text(Option<String>);
+struct Text<'a>(Option<Cow<'a, str>>);
 
 /// An object read as `T`, or absent when the value is anything else.
 struct Loose<T>(Option<T>);
@@ -244,6 +263,9 @@ trait Tolerant<'de>: Default {
     fn from_str(_: &str) -> Self {
         Self::default()
     }
+    fn from_borrowed_str(s: &'de str) -> Self {
+        Self::from_str(s)
+    }
     fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
         while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
         Ok(Self::default())
@@ -254,9 +276,12 @@ trait Tolerant<'de>: Default {
     }
 }
 
-impl Tolerant<'_> for Text {
+impl<'de: 'a, 'a> Tolerant<'de> for Text<'a> {
     fn from_str(s: &str) -> Self {
-        Self(Some(s.to_owned()))
+        Self(Some(Cow::Owned(s.to_owned())))
+    }
+    fn from_borrowed_str(s: &'de str) -> Self {
+        Self(Some(Cow::Borrowed(s)))
     }
 }
 
@@ -305,6 +330,9 @@ impl<'de, T: Tolerant<'de>> de::Visitor<'de> for TolerantVisitor<T> {
     fn visit_str<E>(self, s: &str) -> Result<T, E> {
         Ok(T::from_str(s))
     }
+    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<T, E> {
+        Ok(T::from_borrowed_str(s))
+    }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
         T::from_map(map)
     }
@@ -317,7 +345,7 @@ fn tolerant<'de, T: Tolerant<'de>, D: Deserializer<'de>>(d: D) -> Result<T, D::E
     d.deserialize_any(TolerantVisitor(std::marker::PhantomData))
 }
 
-impl<'de> Deserialize<'de> for Text {
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         tolerant(d)
     }
@@ -366,17 +394,22 @@ mod tests {
     #[test]
     fn facts_of_bodies() {
         let chat = json!({"id": "chatcmpl-1", "model": "gpt-4o-2024", "choices": [{"finish_reason": "stop"}, {"finish_reason": "length"}]});
-        let facts = ResponseFacts::of_body(chat.to_string().as_bytes()).unwrap();
+        let chat = chat.to_string();
+        let facts = ResponseFacts::of_body(chat.as_bytes()).unwrap();
         assert_eq!(facts.model.as_deref(), Some("gpt-4o-2024"));
         assert_eq!(facts.id.as_deref(), Some("chatcmpl-1"));
         assert_eq!(facts.finish_reasons, ["stop", "length"]);
+        // Unescaped strings are borrowed from the body, not copied.
+        assert!(matches!(facts.model, Some(Cow::Borrowed(_))), "{facts:?}");
+        assert!(facts.finish_reasons.iter().all(|r| matches!(r, Cow::Borrowed(_))), "{facts:?}");
         let claude = json!({"id": "msg_1", "model": "claude-x", "stop_reason": "end_turn"});
         assert_eq!(ResponseFacts::of_body(claude.to_string().as_bytes()).unwrap().finish_reasons, ["end_turn"]);
         let responses = json!({"id": "resp_1", "object": "response", "model": "gpt-5", "status": "completed"});
         assert_eq!(ResponseFacts::of_body(responses.to_string().as_bytes()).unwrap().finish_reasons, ["completed"]);
         let gemini =
             json!({"modelVersion": "gemini-2.0", "responseId": "r1", "candidates": [{"finishReason": "STOP"}]});
-        let facts = ResponseFacts::of_body(gemini.to_string().as_bytes()).unwrap();
+        let gemini = gemini.to_string();
+        let facts = ResponseFacts::of_body(gemini.as_bytes()).unwrap();
         assert_eq!((facts.model.as_deref(), facts.id.as_deref()), (Some("gemini-2.0"), Some("r1")));
         assert_eq!(facts.finish_reasons, ["STOP"]);
         assert_eq!(ResponseFacts::of_body(br#"{"stopReason": "end_turn"}"#).unwrap().finish_reasons, ["end_turn"]);
@@ -400,7 +433,7 @@ mod tests {
         let mut streamed = ResponseFacts::default();
         streamed.observe(Some("message_start"), &json!({"type": "message_start", "message": "not an object"}));
         streamed.observe(None, &json!({"choices": [{"finish_reason": "stop"}], "model": 1}));
-        assert_eq!((streamed.model, streamed.finish_reasons), (None, vec!["stop".to_owned()]));
+        assert_eq!((streamed.model, streamed.finish_reasons), (None, vec![Cow::from("stop")]));
     }
 
     #[test]

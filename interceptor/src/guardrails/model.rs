@@ -250,3 +250,9 @@ impl Stage {
         }
     }
 }
+
+impl AsRef<str> for Stage {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}

@@ -28,6 +28,8 @@
 mod send;
 mod wire;
 
+pub use wire::{Attr, Fields, StrList};
+
 use std::{
     borrow::Cow,
     collections::BTreeMap,
@@ -62,9 +64,13 @@ const TICK: Duration = Duration::from_millis(10);
 const LINGER: Duration = Duration::from_millis(200);
 /// Least time between two warnings about failing exports.
 pub const REPORT_EVERY: Duration = Duration::from_secs(30);
-/// Most attributes and events a span keeps (a long WebSocket session's
-/// decisions), past which they are counted as dropped.
+/// Most events a span keeps (a long WebSocket session's decisions), past
+/// which they are counted as dropped.
 const MAX_EVENTS: usize = 128;
+/// What a span's encoded attributes and events start with room for: an
+/// exchange's, with two decisions, take about 1 KiB in some 25 entries.
+const SPAN_BYTES: usize = 1536;
+const SPAN_PARTS: usize = 32;
 
 /// The OTLP transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -321,15 +327,15 @@ impl Otlp {
         self.logs
     }
 
-    /// Opens the span of an exchange that starts now, with its first
-    /// `attributes`, as a child of the client's trace context when it sent
-    /// one; `None` when it is not sampled (or traces are off).
+    /// Opens the span of an exchange that starts now, its first attributes
+    /// set by `attributes`, as a child of the client's trace context when it
+    /// sent one; `None` when it is not sampled (or traces are off).
     pub fn exchange_span(
         self: &Arc<Self>,
         name: &'static str,
         traceparent: Option<&str>,
         tracestate: Option<&str>,
-        attributes: impl FnOnce() -> Vec<KeyValue>,
+        attributes: impl FnOnce(&mut Fields),
     ) -> Option<ExchangeSpan> {
         if !self.traces {
             return None;
@@ -349,6 +355,8 @@ impl Otlp {
                 (trace_id, None, String::new())
             }
         };
+        let mut fields = Fields::with_capacity(SPAN_BYTES, SPAN_PARTS);
+        attributes(&mut fields);
         Some(ExchangeSpan {
             otlp: Arc::clone(self),
             draft: Mutex::new(Draft {
@@ -360,8 +368,8 @@ impl Otlp {
                 started: Instant::now(),
                 forwarded: None,
                 name: Cow::Borrowed(name),
-                attributes: attributes(),
-                events: Vec::new(),
+                fields,
+                values: Vec::new(),
                 dropped_events: 0,
                 status: Status::Unset,
             }),
@@ -572,7 +580,8 @@ pub struct ExchangeSpan {
     draft: Mutex<Draft>,
 }
 
-struct Draft {
+/// A span under construction, changed through [`ExchangeSpan::update`].
+pub struct Draft {
     trace_id: TraceId,
     span_id: SpanId,
     parent: Option<SpanId>,
@@ -583,8 +592,11 @@ struct Draft {
     /// When the request went upstream.
     forwarded: Option<Instant>,
     name: Cow<'static, str>,
-    attributes: Vec<KeyValue>,
-    events: Vec<opentelemetry::trace::Event>,
+    /// Attributes and events, encoded as they are set.
+    fields: Fields,
+    /// Attributes updated from their own value ([`ExchangeSpan::with_attribute`]),
+    /// encoded when the span ends.
+    values: Vec<KeyValue>,
     dropped_events: u32,
     status: Status,
 }
@@ -596,7 +608,9 @@ impl fmt::Debug for ExchangeSpan {
 }
 
 impl ExchangeSpan {
-    fn with<R>(&self, f: impl FnOnce(&mut Draft) -> R) -> R {
+    /// Changes the span: one lock for all that `f` does. Never held across
+    /// an await (`f` is not async).
+    pub fn update<R>(&self, f: impl FnOnce(&mut Draft) -> R) -> R {
         // A poisoned lock only means another phase panicked mid-update; the
         // draft is still a span.
         let mut draft = self.draft.lock().unwrap_or_else(|e| e.into_inner());
@@ -605,92 +619,81 @@ impl ExchangeSpan {
 
     /// The trace's id, in hex.
     pub fn trace_id(&self) -> String {
-        self.with(|d| d.trace_id.to_string())
+        self.update(|d| d.trace_id.to_string())
     }
+}
 
+impl Draft {
     /// Time since the exchange started.
     pub fn elapsed(&self) -> Duration {
-        self.with(|d| d.started.elapsed())
+        self.started.elapsed()
     }
 
     /// Notes that the request goes upstream now (the first call counts).
-    pub fn forwarded(&self) {
-        self.with(|d| {
-            d.forwarded.get_or_insert_with(Instant::now);
-        });
+    pub fn forwarded(&mut self) {
+        self.forwarded.get_or_insert_with(Instant::now);
     }
 
     /// Time since the request went upstream, if it did.
     pub fn since_forwarded(&self) -> Option<Duration> {
-        self.with(|d| d.forwarded.map(|t| t.elapsed()))
+        self.forwarded.map(|t| t.elapsed())
     }
 
     /// Sets an attribute, replacing an earlier value of the same key.
-    pub fn set(&self, attribute: KeyValue) {
-        self.with(|d| match d.attributes.iter_mut().find(|a| a.key == attribute.key) {
-            Some(slot) => *slot = attribute,
-            None => d.attributes.push(attribute),
-        });
+    pub fn set(&mut self, key: &'static str, value: Attr<'_>) {
+        debug_assert!(!self.values.iter().any(|a| a.key.as_str() == key), "{key} is updated in place");
+        self.fields.set(key, value);
     }
 
     /// Replaces attribute `key` with what `update` makes of its value
-    /// (`None`: leave it as it is).
+    /// (`None`: leave it as it is). Such an attribute is kept as a value
+    /// until the span ends; a key is either updated here or [`set`](Self::set),
+    /// never both.
     pub fn with_attribute(
-        &self,
+        &mut self,
         key: &'static str,
         update: impl FnOnce(Option<&opentelemetry::Value>) -> Option<opentelemetry::Value>,
     ) {
-        self.with(|d| {
-            let slot = d.attributes.iter().position(|a| a.key.as_str() == key);
-            if let Some(value) = update(slot.map(|i| &d.attributes[i].value)) {
-                let attribute = KeyValue::new(key, value);
-                match slot {
-                    Some(i) => d.attributes[i] = attribute,
-                    None => d.attributes.push(attribute),
-                }
+        let slot = self.values.iter().position(|a| a.key.as_str() == key);
+        if let Some(value) = update(slot.map(|i| &self.values[i].value)) {
+            let attribute = KeyValue::new(key, value);
+            match slot {
+                Some(i) => self.values[i] = attribute,
+                None => self.values.push(attribute),
             }
-        });
+        }
     }
 
     /// Sets an attribute unless it is set already.
-    pub fn set_default(&self, attribute: KeyValue) {
-        self.with(|d| {
-            if !d.attributes.iter().any(|a| a.key == attribute.key) {
-                d.attributes.push(attribute);
-            }
-        });
+    pub fn set_default(&mut self, key: &'static str, value: Attr<'_>) {
+        self.fields.set_default(key, value);
     }
 
     /// Whether an attribute is set.
     pub fn has(&self, key: &'static str) -> bool {
-        self.with(|d| d.attributes.iter().any(|a| a.key.as_str() == key))
+        self.fields.has(key) || self.values.iter().any(|a| a.key.as_str() == key)
     }
 
     /// The span's name (GenAI: `{operation} {model}`).
-    pub fn rename(&self, name: impl Into<Cow<'static, str>>) {
-        let name = name.into();
-        self.with(|d| d.name = name);
+    pub fn rename(&mut self, name: impl Into<Cow<'static, str>>) {
+        self.name = name.into();
     }
 
     /// Adds an event at the current time.
-    pub fn event(&self, name: &'static str, attributes: Vec<KeyValue>) {
-        self.with(|d| {
-            if d.events.len() >= MAX_EVENTS {
-                d.dropped_events += 1;
-                return;
-            }
-            d.events.push(opentelemetry::trace::Event::new(name, SystemTime::now(), attributes, 0));
-        });
+    pub fn event<'k, 'v>(&mut self, name: &'static str, attributes: impl IntoIterator<Item = (&'k str, Attr<'v>)>) {
+        if self.fields.events() >= MAX_EVENTS {
+            self.dropped_events += 1;
+            return;
+        }
+        self.fields.event(SystemTime::now(), name, attributes);
     }
 
     /// Marks the span failed (a block, an upstream error); the first
     /// description stays.
-    pub fn error(&self, description: String) {
-        self.with(|d| {
-            if !matches!(d.status, Status::Error { .. }) {
-                d.status = Status::error(description);
-            }
-        });
+    pub fn error(&mut self, description: String) {
+        if !matches!(self.status, Status::Error { .. }) {
+            self.status = Status::error(description);
+        }
     }
 }
 
@@ -712,8 +715,8 @@ impl Drop for ExchangeSpan {
                     kind: wire::SPAN_KIND_CLIENT,
                     start: d.start,
                     end,
-                    attributes: &d.attributes,
-                    events: &d.events,
+                    fields: &d.fields,
+                    attributes: &d.values,
                     dropped_events: d.dropped_events,
                     status: &d.status,
                 },
@@ -978,8 +981,8 @@ mod tests {
         let (addr, received) = collector(Vec::new()).await;
         let otlp = Otlp::start(&http_export(addr), OtlpCounters::default()).unwrap().unwrap();
         let span =
-            otlp.exchange_span("chat", None, None, || vec![KeyValue::new("gen_ai.request.model", "gpt-4o")]).unwrap();
-        span.error("blocked by guardrail secrets".into());
+            otlp.exchange_span("chat", None, None, |a| a.set("gen_ai.request.model", Attr::Str("gpt-4o"))).unwrap();
+        span.update(|d| d.error("blocked by guardrail secrets".into()));
         otlp.log("interceptor.audit", r#"{"event":"guardrail"}"#, &[("decision", "block")]);
         drop(span);
         drop(otlp);
@@ -1006,7 +1009,7 @@ mod tests {
         let (addr, received) = collector(vec![503, 500]).await;
         let counters = OtlpCounters::default();
         let otlp = Otlp::start(&http_export(addr), counters.clone()).unwrap().unwrap();
-        drop(otlp.exchange_span("chat", None, None, Vec::new).unwrap());
+        drop(otlp.exchange_span("chat", None, None, |_| {}).unwrap());
         until(&received, |r| r.len() == 2).await;
         let deadline = Instant::now() + Duration::from_secs(10);
         while counters.span_export_failures.get() == 0 {
@@ -1015,7 +1018,7 @@ mod tests {
         }
         assert_eq!(counters.span_export_failures.get(), 1, "one span lost");
         // The next export goes through: nothing more is lost.
-        drop(otlp.exchange_span("chat", None, None, Vec::new).unwrap());
+        drop(otlp.exchange_span("chat", None, None, |_| {}).unwrap());
         until(&received, |r| r.len() == 3).await;
         drop(otlp);
         assert_eq!(counters.span_export_failures.get(), 1);

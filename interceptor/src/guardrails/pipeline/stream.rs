@@ -81,7 +81,7 @@ pub(super) struct StreamGuard {
     meter: Option<UsageMeter>,
     /// What the answer says of itself, for the exchange's span (when it
     /// has one).
-    facts: Option<ResponseFacts>,
+    facts: Option<ResponseFacts<'static>>,
     /// Whether text went by (the span's time to first chunk is noted).
     text_seen: bool,
 }

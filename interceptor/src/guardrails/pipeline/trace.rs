@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use opentelemetry::{Array, KeyValue, StringValue, Value};
+use opentelemetry::{Array, StringValue, Value};
 
 use super::{outcome::Outcome, workload_key};
 use crate::{
@@ -24,7 +24,7 @@ use crate::{
         usage::Usage,
     },
     proxy::hook::Exchange,
-    telemetry::otlp::{ExchangeSpan, Otlp},
+    telemetry::otlp::{Attr, ExchangeSpan, Otlp},
 };
 
 const DECISION: &str = "interceptor.guardrail.decision";
@@ -44,30 +44,27 @@ pub(super) fn open(
     let otlp = otlp?;
     let header = |name: &str| head.headers.get(name).and_then(|v| v.to_str().ok());
     let operation = genai::operation(provider, path);
-    let attributes = || {
-        let mut a = Vec::with_capacity(32);
-        a.extend([
-            KeyValue::new("gen_ai.operation.name", operation),
-            KeyValue::new("gen_ai.provider.name", genai::provider_name(provider, &ex.sni)),
-            KeyValue::new("server.address", ex.sni.clone()),
-            KeyValue::new("server.port", i64::from(ex.orig_dst.0.port())),
-            KeyValue::new("http.request.method", head.method.as_str().to_owned()),
-            KeyValue::new("url.path", path.split('?').next().unwrap_or_default().to_owned()),
-            KeyValue::new("client.address", ex.client.0.ip().to_string()),
-        ]);
-        let Some(w) = &ex.workload else { return a };
+    let span = otlp.exchange_span(operation, header("traceparent"), header("tracestate"), |a| {
+        a.set("gen_ai.operation.name", Attr::Str(operation));
+        a.set("gen_ai.provider.name", Attr::Str(&genai::provider_name(provider, &ex.sni)));
+        a.set("server.address", Attr::Str(&ex.sni));
+        a.set("server.port", Attr::I64(i64::from(ex.orig_dst.0.port())));
+        a.set("http.request.method", Attr::Str(head.method.as_str()));
+        a.set("url.path", Attr::Str(path.split('?').next().unwrap_or_default()));
+        a.set("client.address", Attr::Display(&ex.client.0.ip()));
+        let Some(w) = &ex.workload else { return };
         let key = workload_key(Some(w));
         if key != "*" {
-            a.push(KeyValue::new("interceptor.workload", key));
+            a.set("interceptor.workload", Attr::Str(&key));
         }
         if w.pid != 0 {
-            a.push(KeyValue::new("process.pid", i64::from(w.pid)));
+            a.set("process.pid", Attr::I64(i64::from(w.pid)));
         }
         if !w.comm.is_empty() {
-            a.push(KeyValue::new("process.executable.name", w.comm.clone()));
+            a.set("process.executable.name", Attr::Str(&w.comm));
         }
         if let Some(exe) = &w.exe {
-            a.push(KeyValue::new("process.executable.path", exe.clone()));
+            a.set("process.executable.path", Attr::Str(exe));
         }
         if let Some(pod) = &w.pod {
             for (key, value) in [
@@ -77,13 +74,11 @@ pub(super) fn open(
                 ("k8s.container.name", pod.container.as_ref()),
             ] {
                 if let Some(value) = value.filter(|v| !v.is_empty()) {
-                    a.push(KeyValue::new(key, value.clone()));
+                    a.set(key, Attr::Str(value));
                 }
             }
         }
-        a
-    };
-    let span = otlp.exchange_span(operation, header("traceparent"), header("tracestate"), attributes)?;
+    })?;
     Some(Arc::new(span))
 }
 
@@ -93,136 +88,141 @@ pub(super) fn open(
 pub(super) fn decision(call: &Call, direction: Direction, outcome: &Outcome, latency_ms: f64, prompt: Option<&str>) {
     let Some(span) = &call.span else { return };
     let decision = outcome.decision();
-    if !span.has("interceptor.request_id") {
-        // The first decision: the request's body may have said better what
-        // it is (an MCP message) than its head did when the span opened.
-        span.set(KeyValue::new("interceptor.request_id", call.request_id.clone()));
-        let operation = genai::operation(call.provider, &call.path);
-        span.set(KeyValue::new("gen_ai.operation.name", operation));
-        span.rename(operation);
-        span.set(KeyValue::new("gen_ai.provider.name", genai::provider_name(call.provider, &call.host)));
-    }
-    if let Some(model) = &call.model
-        && !span.has("gen_ai.request.model")
-    {
-        span.set(KeyValue::new("gen_ai.request.model", model.clone()));
-        span.rename(format!("{} {model}", genai::operation(call.provider, &call.path)));
-    }
-    let mut attributes = vec![
-        KeyValue::new("direction", direction.as_str()),
-        KeyValue::new("decision", decision.as_str()),
-        KeyValue::new("latency_ms", latency_ms),
-    ];
-    if !outcome.rules.is_empty() {
-        attributes.push(KeyValue::new("rules", strings(&outcome.rules)));
-    }
-    if !outcome.detectors.is_empty() {
-        attributes.push(KeyValue::new("detectors", strings(&outcome.detectors)));
-    }
-    if !outcome.stages.is_empty() {
-        let stages = outcome.stages.iter().map(|s| StringValue::from(s.as_str())).collect();
-        attributes.push(KeyValue::new("backends", Value::Array(Array::String(stages))));
-    }
-    if let Some(block) = &outcome.block {
-        attributes.push(KeyValue::new("reason", block.reason.clone()));
-    }
-    span.event("interceptor.guardrail.decision", attributes);
-
-    let graver = |current: &str| rank(decision) > rank_of(current);
-    span.with_attribute(DECISION, |old| match old {
-        Some(Value::String(s)) if !graver(s.as_str()) => None,
-        _ => Some(Value::from(decision.as_str())),
-    });
-    if !outcome.rules.is_empty() {
-        span.with_attribute(RULES, |old| {
-            let mut rules: Vec<StringValue> = match old {
-                Some(Value::Array(Array::String(rules))) => rules.clone(),
-                _ => Vec::new(),
-            };
-            for rule in &outcome.rules {
-                if !rules.iter().any(|r| r.as_str() == rule) {
-                    rules.push(rule.clone().into());
-                }
-            }
-            Some(Value::Array(Array::String(rules)))
-        });
-    }
-    span.with_attribute(GUARDRAIL_MS, |old| match old {
-        Some(Value::F64(total)) => Some(Value::F64(total + latency_ms)),
-        _ => Some(Value::F64(latency_ms)),
-    });
-    if let Some(prompt) = prompt {
-        span.set(KeyValue::new("gen_ai.input.messages", messages("user", prompt)));
-    }
-    match &outcome.block {
-        Some(block) => {
-            span.set(KeyValue::new("error.type", "guardrail_blocked"));
-            span.error(format!("blocked by guardrail {}: {}", block.rule, block.reason));
+    let prompt = prompt.map(|p| messages("user", p));
+    span.update(|span| {
+        if !span.has("interceptor.request_id") {
+            // The first decision: the request's body may have said better
+            // what it is (an MCP message) than its head did when the span
+            // opened.
+            span.set("interceptor.request_id", Attr::Str(&call.request_id));
+            let operation = genai::operation(call.provider, &call.path);
+            span.set("gen_ai.operation.name", Attr::Str(operation));
+            span.rename(operation);
+            span.set("gen_ai.provider.name", Attr::Str(&genai::provider_name(call.provider, &call.host)));
         }
-        None if direction == Direction::Request => span.forwarded(),
-        None => {}
-    }
+        if let Some(model) = &call.model
+            && !span.has("gen_ai.request.model")
+        {
+            span.set("gen_ai.request.model", Attr::Str(model));
+            span.rename(format!("{} {model}", genai::operation(call.provider, &call.path)));
+        }
+        let attributes = [
+            Some(("direction", Attr::Str(direction.as_str()))),
+            Some(("decision", Attr::Str(decision.as_str()))),
+            Some(("latency_ms", Attr::F64(latency_ms))),
+            listed("rules", &outcome.rules),
+            listed("detectors", &outcome.detectors),
+            (!outcome.stages.is_empty()).then_some(("backends", Attr::List(&outcome.stages))),
+            outcome.block.as_ref().map(|block| ("reason", Attr::Str(&block.reason))),
+        ];
+        span.event("interceptor.guardrail.decision", attributes.into_iter().flatten());
+
+        let graver = |current: &str| rank(decision) > rank_of(current);
+        span.with_attribute(DECISION, |old| match old {
+            Some(Value::String(s)) if !graver(s.as_str()) => None,
+            _ => Some(Value::from(decision.as_str())),
+        });
+        if !outcome.rules.is_empty() {
+            span.with_attribute(RULES, |old| {
+                let mut rules: Vec<StringValue> = match old {
+                    Some(Value::Array(Array::String(rules))) => rules.clone(),
+                    _ => Vec::new(),
+                };
+                for rule in &outcome.rules {
+                    if !rules.iter().any(|r| r.as_str() == rule) {
+                        rules.push(rule.clone().into());
+                    }
+                }
+                Some(Value::Array(Array::String(rules)))
+            });
+        }
+        span.with_attribute(GUARDRAIL_MS, |old| match old {
+            Some(Value::F64(total)) => Some(Value::F64(total + latency_ms)),
+            _ => Some(Value::F64(latency_ms)),
+        });
+        if let Some(prompt) = &prompt {
+            span.set("gen_ai.input.messages", Attr::Str(prompt));
+        }
+        match &outcome.block {
+            Some(block) => {
+                span.set("error.type", Attr::Str("guardrail_blocked"));
+                span.error(format!("blocked by guardrail {}: {}", block.rule, block.reason));
+            }
+            None if direction == Direction::Request => span.forwarded(),
+            None => {}
+        }
+    });
 }
 
 /// The provider's response head arrived.
 pub(super) fn response_head(call: &Call, status: http::StatusCode) {
     let Some(span) = &call.span else { return };
-    span.set(KeyValue::new("http.response.status_code", i64::from(status.as_u16())));
-    if let Some(upstream) = span.since_forwarded() {
-        span.set(KeyValue::new("interceptor.upstream.latency_ms", upstream.as_secs_f64() * 1e3));
-    }
-    if status.is_server_error() || status.is_client_error() {
-        span.set_default(KeyValue::new("error.type", status.as_u16().to_string()));
-        if status.is_server_error() {
-            span.error(format!("the provider answered {status}"));
+    span.update(|span| {
+        span.set("http.response.status_code", Attr::I64(i64::from(status.as_u16())));
+        if let Some(upstream) = span.since_forwarded() {
+            span.set("interceptor.upstream.latency_ms", Attr::F64(upstream.as_secs_f64() * 1e3));
         }
-    }
+        if status.is_server_error() || status.is_client_error() {
+            span.set_default("error.type", Attr::Display(&status.as_u16()));
+            if status.is_server_error() {
+                span.error(format!("the provider answered {status}"));
+            }
+        }
+    });
 }
 
 /// The first text of a streamed answer went by.
 pub(super) fn first_token(call: &Call) {
     let Some(span) = &call.span else { return };
-    if !span.has("gen_ai.response.time_to_first_chunk") {
-        let since = span.since_forwarded().unwrap_or_else(|| span.elapsed());
-        span.set(KeyValue::new("gen_ai.response.time_to_first_chunk", since.as_secs_f64()));
-        span.set(KeyValue::new("gen_ai.request.stream", true));
-    }
+    span.update(|span| {
+        if !span.has("gen_ai.response.time_to_first_chunk") {
+            let since = span.since_forwarded().unwrap_or_else(|| span.elapsed());
+            span.set("gen_ai.response.time_to_first_chunk", Attr::F64(since.as_secs_f64()));
+            span.set("gen_ai.request.stream", Attr::Bool(true));
+        }
+    });
 }
 
 /// What the answer said of itself.
-pub(super) fn response(call: &Call, facts: &ResponseFacts) {
+pub(super) fn response(call: &Call, facts: &ResponseFacts<'_>) {
     let Some(span) = &call.span else { return };
-    if let Some(model) = &facts.model {
-        span.set(KeyValue::new("gen_ai.response.model", model.clone()));
-    }
-    if let Some(id) = &facts.id {
-        span.set(KeyValue::new("gen_ai.response.id", id.clone()));
-    }
-    if !facts.finish_reasons.is_empty() {
-        span.set(KeyValue::new("gen_ai.response.finish_reasons", strings(&facts.finish_reasons)));
-    }
-    if let Some(text) = facts.completion.as_deref().filter(|t| !t.is_empty()) {
-        span.set(KeyValue::new("gen_ai.output.messages", messages("assistant", text)));
-    }
+    let completion = facts.completion.as_deref().filter(|t| !t.is_empty()).map(|t| messages("assistant", t));
+    span.update(|span| {
+        if let Some(model) = &facts.model {
+            span.set("gen_ai.response.model", Attr::Str(model));
+        }
+        if let Some(id) = &facts.id {
+            span.set("gen_ai.response.id", Attr::Str(id));
+        }
+        if !facts.finish_reasons.is_empty() {
+            span.set("gen_ai.response.finish_reasons", Attr::List(&facts.finish_reasons));
+        }
+        if let Some(completion) = &completion {
+            span.set("gen_ai.output.messages", Attr::Str(completion));
+        }
+    });
 }
 
 /// The tokens the answer used.
 pub(super) fn usage(call: &Call, usage: &Usage) {
     let Some(span) = &call.span else { return };
-    span.set(KeyValue::new("gen_ai.usage.input_tokens", usage.input_tokens as i64));
-    span.set(KeyValue::new("gen_ai.usage.output_tokens", usage.output_tokens as i64));
-    if usage.estimated {
-        span.set(KeyValue::new("interceptor.usage.estimated", true));
-    }
-}
-
-fn strings(values: &[String]) -> Value {
-    Value::Array(Array::String(values.iter().map(|v| StringValue::from(v.clone())).collect()))
+    span.update(|span| {
+        span.set("gen_ai.usage.input_tokens", Attr::I64(usage.input_tokens as i64));
+        span.set("gen_ai.usage.output_tokens", Attr::I64(usage.output_tokens as i64));
+        if usage.estimated {
+            span.set("interceptor.usage.estimated", Attr::Bool(true));
+        }
+    });
 }
 
 /// One message in the conventions' JSON shape (`gen_ai.input.messages`).
 fn messages(role: &str, text: &str) -> String {
     serde_json::json!([{"role": role, "parts": [{"type": "text", "content": text}]}]).to_string()
+}
+
+/// An array attribute, unless it is empty.
+fn listed<'a>(key: &'static str, list: &'a Vec<String>) -> Option<(&'static str, Attr<'a>)> {
+    (!list.is_empty()).then_some((key, Attr::List(list)))
 }
 
 fn rank(decision: Decision) -> u8 {

@@ -14,7 +14,7 @@
 //! worker that ends it, into bytes that the export thread only frames and
 //! sends.
 
-use std::time::SystemTime;
+use std::{fmt, time::SystemTime};
 
 use opentelemetry::{Array, KeyValue, Value, trace::Status};
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
@@ -39,8 +39,10 @@ pub struct SpanFields<'a> {
     pub kind: u64,
     pub start: SystemTime,
     pub end: SystemTime,
+    /// The attributes and events encoded as they came.
+    pub fields: &'a Fields,
+    /// Attributes kept as values until the end (those updated in place).
     pub attributes: &'a [KeyValue],
-    pub events: &'a [opentelemetry::trace::Event],
     pub dropped_events: u32,
     pub status: &'a Status,
 }
@@ -58,15 +60,10 @@ pub fn span(out: &mut Vec<u8>, span: &SpanFields<'_>) {
         varint(b, 6, span.kind);
         fixed64(b, 7, nanos(span.start));
         fixed64(b, 8, nanos(span.end));
+        // Repeated fields may come in any order and interleaved (fields 9
+        // and 11 here); a decoder appends each entry to its field.
+        span.fields.write(b);
         attributes(b, 9, span.attributes);
-        for event in span.events {
-            message(b, 11, |b| {
-                fixed64(b, 1, nanos(event.timestamp));
-                string(b, 2, &event.name);
-                attributes(b, 3, &event.attributes);
-                varint(b, 4, u64::from(event.dropped_attributes_count));
-            });
-        }
         varint(b, 12, u64::from(span.dropped_events));
         let (code, description) = match span.status {
             Status::Unset => (0, ""),
@@ -79,6 +76,147 @@ pub fn span(out: &mut Vec<u8>, span: &SpanFields<'_>) {
         });
         let remote = if span.parent.is_some() { IS_REMOTE } else { 0 };
         fixed32(b, 16, u32::from(span.trace_flags) | HAS_IS_REMOTE | remote);
+    });
+}
+
+/// The value of an attribute, borrowed from whoever sets it: it is encoded
+/// at once, so nothing is copied or kept but its bytes.
+#[derive(Clone, Copy)]
+pub enum Attr<'a> {
+    Str(&'a str),
+    /// A string written by its `Display` (an address, a number as text).
+    Display(&'a dyn fmt::Display),
+    I64(i64),
+    F64(f64),
+    Bool(bool),
+    /// An array of strings.
+    List(&'a dyn StrList),
+}
+
+/// Strings an array attribute is made of.
+pub trait StrList {
+    fn each(&self, f: &mut dyn FnMut(&str));
+}
+
+impl<T: AsRef<str>> StrList for Vec<T> {
+    fn each(&self, f: &mut dyn FnMut(&str)) {
+        self.iter().for_each(|s| f(s.as_ref()));
+    }
+}
+
+impl<T: AsRef<str>, const N: usize> StrList for [T; N] {
+    fn each(&self, f: &mut dyn FnMut(&str)) {
+        self.iter().for_each(|s| f(s.as_ref()));
+    }
+}
+
+/// A span's attributes and events, each encoded as a `Span` field entry
+/// (9 or 11) when it is set, in one buffer. Setting an attribute again
+/// leaves the earlier entry in the buffer, marked replaced: it is skipped
+/// when the span is written.
+#[derive(Default)]
+pub struct Fields {
+    bytes: Vec<u8>,
+    parts: Vec<Part>,
+    events: usize,
+}
+
+/// One entry of [`Fields`]: `bytes[start..end]`.
+struct Part {
+    /// The attribute's key; `None` for an event.
+    key: Option<&'static str>,
+    start: u32,
+    end: u32,
+    replaced: bool,
+}
+
+impl Fields {
+    /// Room for a typical exchange's span: one allocation each.
+    pub fn with_capacity(bytes: usize, parts: usize) -> Self {
+        Self { bytes: Vec::with_capacity(bytes), parts: Vec::with_capacity(parts), events: 0 }
+    }
+
+    fn find(&self, key: &str) -> Option<usize> {
+        self.parts.iter().position(|p| !p.replaced && p.key == Some(key))
+    }
+
+    /// Whether attribute `key` is set.
+    pub fn has(&self, key: &str) -> bool {
+        self.find(key).is_some()
+    }
+
+    /// Sets attribute `key`, replacing an earlier value.
+    pub fn set(&mut self, key: &'static str, value: Attr<'_>) {
+        if let Some(i) = self.find(key) {
+            self.parts[i].replaced = true;
+        }
+        let start = self.bytes.len();
+        message(&mut self.bytes, 9, |b| key_attr(b, key, value));
+        self.push(Some(key), start);
+    }
+
+    /// Sets attribute `key` unless it is set.
+    pub fn set_default(&mut self, key: &'static str, value: Attr<'_>) {
+        if !self.has(key) {
+            self.set(key, value);
+        }
+    }
+
+    /// Adds an event at `at`.
+    pub fn event<'k, 'v>(
+        &mut self,
+        at: SystemTime,
+        name: &str,
+        attributes: impl IntoIterator<Item = (&'k str, Attr<'v>)>,
+    ) {
+        let start = self.bytes.len();
+        message(&mut self.bytes, 11, |b| {
+            fixed64(b, 1, nanos(at));
+            string(b, 2, name);
+            for (key, value) in attributes {
+                message(b, 3, |b| key_attr(b, key, value));
+            }
+        });
+        self.push(None, start);
+        self.events += 1;
+    }
+
+    /// How many events were added.
+    pub fn events(&self) -> usize {
+        self.events
+    }
+
+    fn push(&mut self, key: Option<&'static str>, start: usize) {
+        // A span past 4 GiB is not a thing the proxy builds (content is
+        // capped well below); saturate rather than wrap.
+        let offset = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        self.parts.push(Part { key, start: offset(start), end: offset(self.bytes.len()), replaced: false });
+    }
+
+    /// Appends the entries not replaced, in the order they came.
+    fn write(&self, out: &mut Vec<u8>) {
+        for part in self.parts.iter().filter(|p| !p.replaced) {
+            if let Some(entry) = self.bytes.get(part.start as usize..part.end as usize) {
+                out.extend_from_slice(entry);
+            }
+        }
+    }
+}
+
+fn key_attr(out: &mut Vec<u8>, key: &str, value: Attr<'_>) {
+    string(out, 1, key);
+    message(out, 2, |b| match value {
+        Attr::Str(s) => any_string(b, s),
+        Attr::Display(d) => message(b, 1, |b| {
+            use std::io::Write as _;
+            // Writing into a Vec cannot fail; a Display that errs leaves
+            // what it wrote.
+            let _ = write!(b, "{d}");
+        }),
+        Attr::I64(v) => any_i64(b, v),
+        Attr::F64(v) => any_f64(b, v),
+        Attr::Bool(v) => any_bool(b, v),
+        Attr::List(list) => message(b, 5, |b| list.each(&mut |s| message(b, 1, |b| any_string(b, s)))),
     });
 }
 
@@ -168,10 +306,7 @@ fn key_value(out: &mut Vec<u8>, key: &str, value: &Value) {
 fn any_value(out: &mut Vec<u8>, value: &Value) {
     match value {
         Value::String(s) => any_string(out, s.as_str()),
-        Value::Bool(v) => {
-            encode_key(2, WireType::Varint, out);
-            encode_varint(u64::from(*v), out);
-        }
+        Value::Bool(v) => any_bool(out, *v),
         Value::I64(v) => any_i64(out, *v),
         Value::F64(v) => any_f64(out, *v),
         Value::Array(array) => message(out, 5, |b| match array {
@@ -189,6 +324,11 @@ fn any_string(out: &mut Vec<u8>, value: &str) {
     encode_key(1, WireType::LengthDelimited, out);
     encode_varint(value.len() as u64, out);
     out.extend_from_slice(value.as_bytes());
+}
+
+fn any_bool(out: &mut Vec<u8>, value: bool) {
+    encode_key(2, WireType::Varint, out);
+    encode_varint(u64::from(value), out);
 }
 
 fn any_i64(out: &mut Vec<u8>, value: i64) {
@@ -244,7 +384,7 @@ fn nanos(at: SystemTime) -> u64 {
 mod tests {
     use std::{borrow::Cow, time::Duration};
 
-    use opentelemetry::{StringValue, trace::Event};
+    use opentelemetry::StringValue;
     use opentelemetry_proto::tonic::{
         collector::{logs::v1::ExportLogsServiceRequest, trace::v1::ExportTraceServiceRequest},
         common::v1::{AnyValue, any_value::Value as Any},
@@ -264,20 +404,30 @@ mod tests {
     fn spans_decode_with_the_official_definitions() {
         let start = SystemTime::UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789);
         let end = start + Duration::from_micros(1500);
-        let attributes = [
-            KeyValue::new("gen_ai.request.model", "gpt-4o"),
-            KeyValue::new("server.port", 443_i64),
-            KeyValue::new("neg", -5_i64),
-            KeyValue::new("zero", 0_i64),
-            KeyValue::new("latency_ms", 0.25),
-            KeyValue::new("stream", false),
-            KeyValue::new("empty", ""),
-            KeyValue::new("rules", Value::Array(Array::String(vec![StringValue::from("a"), StringValue::from("é")]))),
-        ];
         let long = "x".repeat(300);
-        let events = [Event::new("decision", end, vec![KeyValue::new("reason", long.clone())], 2)];
+        let mut fields = Fields::default();
+        fields.set("gen_ai.request.model", Attr::Str("gpt-4o"));
+        fields.set("replaced", Attr::Str("first"));
+        fields.set("server.port", Attr::I64(443));
+        fields.set("neg", Attr::I64(-5));
+        fields.set("zero", Attr::I64(0));
+        fields.event(end, "decision", [("reason", Attr::Str(&long)), ("n", Attr::I64(2))]);
+        fields.set("latency_ms", Attr::F64(0.25));
+        fields.set("stream", Attr::Bool(false));
+        fields.set("empty", Attr::Str(""));
+        fields.set("rules", Attr::List(&vec!["a", "é"]));
+        fields.set("client.address", Attr::Display(&std::net::Ipv6Addr::LOCALHOST));
+        fields.set("replaced", Attr::Str("second"));
+        fields.set_default("replaced", Attr::Str("third"));
+        fields.set_default("defaulted", Attr::Display(&503));
+        assert!(fields.has("replaced") && !fields.has("absent"));
+        assert_eq!(fields.events(), 1);
+        let values = [
+            KeyValue::new("total_ms", 1.5),
+            KeyValue::new("names", Value::Array(Array::String(vec![StringValue::from("x")]))),
+        ];
         let status = Status::Error { description: Cow::Borrowed("blocked by guardrail secrets") };
-        let fields = SpanFields {
+        let full = SpanFields {
             trace_id: [0x4b; 16],
             span_id: [7; 8],
             parent: Some([9; 8]),
@@ -287,14 +437,16 @@ mod tests {
             kind: SPAN_KIND_CLIENT,
             start,
             end,
-            attributes: &attributes,
-            events: &events,
+            fields: &fields,
+            attributes: &values,
             dropped_events: 3,
             status: &status,
         };
         let mut items = Vec::new();
-        span(&mut items, &fields);
-        span(&mut items, &SpanFields { parent: None, status: &Status::Unset, events: &[], ..fields });
+        span(&mut items, &full);
+        let empty = Fields::default();
+        let unset = SpanFields { parent: None, status: &Status::Unset, fields: &empty, attributes: &[], ..full };
+        span(&mut items, &unset);
         let service = opentelemetry_sdk::Resource::builder_empty()
             .with_attribute(KeyValue::new("service.name", "interceptor"))
             .build();
@@ -320,21 +472,35 @@ mod tests {
         assert_eq!(s.flags, 0x301);
         assert_eq!(s.dropped_events_count, 3);
         let got: Vec<(&str, Any)> = s.attributes.iter().map(|kv| (kv.key.as_str(), plain(&kv.value))).collect();
-        assert_eq!(got[0], ("gen_ai.request.model", Any::StringValue("gpt-4o".into())));
+        let string = |s: &str| Any::StringValue(s.into());
+        let strings = |v: &Any| match v {
+            Any::ArrayValue(a) => a.values.iter().map(|v| v.value.clone().unwrap()).collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(got.len(), 13, "{got:?}");
+        assert_eq!(got[0], ("gen_ai.request.model", string("gpt-4o")));
         assert_eq!(got[1], ("server.port", Any::IntValue(443)));
         assert_eq!(got[2], ("neg", Any::IntValue(-5)));
         assert_eq!(got[3], ("zero", Any::IntValue(0)));
         assert_eq!(got[4], ("latency_ms", Any::DoubleValue(0.25)));
         assert_eq!(got[5], ("stream", Any::BoolValue(false)));
-        assert_eq!(got[6], ("empty", Any::StringValue(String::new())));
-        let Any::ArrayValue(rules) = &got[7].1 else { panic!("{got:?}") };
-        let rules: Vec<Any> = rules.values.iter().map(|v| v.value.clone().unwrap()).collect();
-        assert_eq!(rules, [Any::StringValue("a".into()), Any::StringValue("é".into())]);
+        assert_eq!(got[6], ("empty", string("")));
+        assert_eq!(got[7].0, "rules");
+        assert_eq!(strings(&got[7].1), [string("a"), string("é")]);
+        assert_eq!(got[8], ("client.address", string("::1")));
+        // Set again: one attribute, the last value; a default does not
+        // replace it.
+        assert_eq!(got[9], ("replaced", string("second")));
+        assert_eq!(got[10], ("defaulted", string("503")));
+        assert_eq!(got[11], ("total_ms", Any::DoubleValue(1.5)));
+        assert_eq!(got[12].0, "names");
+        assert_eq!(strings(&got[12].1), [string("x")]);
         let [event] = s.events.as_slice() else { panic!() };
         assert_eq!(event.name, "decision");
         assert_eq!(event.time_unix_nano, s.end_time_unix_nano);
-        assert_eq!(event.dropped_attributes_count, 2);
+        assert_eq!(event.attributes[0].key, "reason");
         assert_eq!(plain(&event.attributes[0].value), Any::StringValue(long));
+        assert_eq!((event.attributes[1].key.as_str(), plain(&event.attributes[1].value)), ("n", Any::IntValue(2)));
         let st = s.status.as_ref().unwrap();
         assert_eq!((st.code(), st.message.as_str()), (StatusCode::Error, "blocked by guardrail secrets"));
         assert!(unparented.parent_span_id.is_empty());
@@ -370,7 +536,9 @@ mod tests {
     fn long_fields_keep_their_content() {
         for len in [0, 1, 100, 127, 128, 16_383, 16_384, 300_000] {
             let text = "y".repeat(len);
-            let attributes = [KeyValue::new("k", text.clone())];
+            let mut fields = Fields::default();
+            fields.set("k", Attr::Str(&text));
+            fields.event(SystemTime::UNIX_EPOCH, &text, [("k", Attr::Display(&text))]);
             let mut items = Vec::new();
             span(
                 &mut items,
@@ -384,8 +552,8 @@ mod tests {
                     kind: SPAN_KIND_CLIENT,
                     start: SystemTime::UNIX_EPOCH,
                     end: SystemTime::UNIX_EPOCH,
-                    attributes: &attributes,
-                    events: &[],
+                    fields: &fields,
+                    attributes: &[],
                     dropped_events: 0,
                     status: &Status::Unset,
                 },
@@ -395,7 +563,10 @@ mod tests {
             let ss = &decoded.resource_spans[0].scope_spans[0];
             assert_eq!(ss.scope.as_ref().unwrap().name, text);
             assert_eq!(ss.spans[0].name, text);
-            assert_eq!(plain(&ss.spans[0].attributes[0].value), Any::StringValue(text));
+            assert_eq!(plain(&ss.spans[0].attributes[0].value), Any::StringValue(text.clone()));
+            let event = &ss.spans[0].events[0];
+            assert_eq!(event.name, text);
+            assert_eq!(plain(&event.attributes[0].value), Any::StringValue(text));
         }
     }
 }
