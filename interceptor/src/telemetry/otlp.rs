@@ -9,9 +9,11 @@
 //! the attributes. Like the rest of `telemetry`, it imports nothing from the
 //! crate.
 //!
-//! On the request path a span is encoded once, when it ends, straight into
-//! OTLP's protobuf form ([`wire`]), and appended to a bounded queue under a
-//! short lock; an audit log record likewise. One thread of its own (a
+//! On the request path a span's attributes and events are encoded into
+//! OTLP's protobuf form ([`wire`]) as they are set, from values borrowed
+//! from the exchange (nothing is copied to be kept); when the span ends it
+//! is framed and appended to a bounded queue under a short lock; an audit
+//! log record likewise. One thread of its own (a
 //! current-thread runtime, so exporting never competes with the data
 //! plane's workers) takes the queues every [`TICK`] and sends them in
 //! batches ([`send`]). A full queue drops the item and counts it
