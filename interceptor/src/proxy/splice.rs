@@ -19,6 +19,10 @@
 //!
 //! A pipe holds 64 KiB by default; past `fs.pipe-user-pages-soft` a user's
 //! new pipes hold one page, which still relays, in smaller steps.
+//!
+//! Not a sockmap (`sk_skb` redirect) relay: on our kernels it queues without
+//! bound when a reader stops reading, and was not much faster
+//! (`docs/passthrough-kernel-relay.md`).
 
 use std::{
     io,
