@@ -43,6 +43,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use bytes::Bytes;
 use opentelemetry::{
     KeyValue,
     trace::{SpanId, Status, TraceId, TraceState},
@@ -757,6 +758,7 @@ async fn export(
     let mut signals = signals.map(|(signal, queue, scope, failures)| {
         (signal, queue, scope, FailureReporter::new(signal, &cfg.endpoint, failures))
     });
+    let mut request = Vec::new();
     loop {
         tokio::time::sleep(TICK).await;
         // Read before taking: whatever was queued before the last handle
@@ -764,9 +766,14 @@ async fn export(
         let closed = queues.closed.load(Ordering::Acquire);
         for (signal, queue, scope, reporter) in &mut signals {
             for batch in queue.take(closed) {
-                let body = wire::request(&resource, scope, &batch.bytes);
+                wire::request_into(&mut request, &resource, scope, &batch.bytes);
                 queue.recycle(batch.bytes);
-                reporter.outcome(sender.send(*signal, body, cfg.timeout).await, batch.items as u64);
+                let body = Bytes::from(std::mem::take(&mut request));
+                reporter.outcome(sender.send(*signal, body.clone(), cfg.timeout).await, batch.items as u64);
+                // The sender has let go of its copies: the buffer is ours
+                // again, kept at its size (a new one per request would be
+                // faulted in and zeroed, 512 items at a time).
+                request = body.try_into_mut().map(Vec::from).unwrap_or_default();
             }
         }
         if closed {

@@ -81,8 +81,7 @@ impl Sender {
 
     /// Sends one export request of `signal`, retrying what may pass;
     /// gives up after `timeout` in all.
-    pub async fn send(&self, signal: Signal, body: Vec<u8>, timeout: Duration) -> Result<(), Failure> {
-        let body = Bytes::from(body);
+    pub async fn send(&self, signal: Signal, body: Bytes, timeout: Duration) -> Result<(), Failure> {
         let deadline = Instant::now() + timeout;
         let mut wait = FIRST_RETRY;
         let mut retries = 0;

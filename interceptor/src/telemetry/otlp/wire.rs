@@ -17,7 +17,7 @@
 use std::{fmt, time::SystemTime};
 
 use opentelemetry::{Array, KeyValue, Value, trace::Status};
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 
 /// `Span.flags`: the parent's is-remote bit is known (OTLP's
 /// `SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK`), and set (`…_IS_REMOTE_MASK`).
@@ -259,16 +259,34 @@ pub fn scope(name: &str, version: &str) -> Vec<u8> {
 /// An export request (`ExportTraceServiceRequest` or
 /// `ExportLogsServiceRequest`: both are one resource holding one scope)
 /// around `items`, entries written by [`span`] or by [`log_record`].
+#[cfg(test)]
 pub fn request(resource: &[u8], scope: &[u8], items: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(items.len() + resource.len() + scope.len() + 32);
-    message(&mut out, 1, |b| {
-        message(b, 1, |b| b.extend_from_slice(resource));
-        message(b, 2, |b| {
-            message(b, 1, |b| b.extend_from_slice(scope));
-            b.extend_from_slice(items);
-        });
-    });
+    let mut out = Vec::new();
+    request_into(&mut out, resource, scope, items);
     out
+}
+
+/// [`request`], written into `out` (emptied first), so that one buffer can
+/// serve request after request.
+/// The lengths are known before anything is written, so nothing is moved
+/// to make room for a length (the items are most of a request).
+pub fn request_into(out: &mut Vec<u8>, resource: &[u8], scope: &[u8], items: &[u8]) {
+    let field = |tag: u32, len: usize| key_len(tag) + encoded_len_varint(len as u64) + len;
+    let scoped = field(1, scope.len()) + items.len();
+    let resourced = field(1, resource.len()) + field(2, scoped);
+    out.clear();
+    out.reserve(field(1, resourced));
+    let head = |out: &mut Vec<u8>, tag: u32, len: usize| {
+        encode_key(tag, WireType::LengthDelimited, out);
+        encode_varint(len as u64, out);
+    };
+    head(out, 1, resourced);
+    head(out, 1, resource.len());
+    out.extend_from_slice(resource);
+    head(out, 2, scoped);
+    head(out, 1, scope.len());
+    out.extend_from_slice(scope);
+    out.extend_from_slice(items);
 }
 
 /// A length-delimited field whose content `fill` appends. Its length is
