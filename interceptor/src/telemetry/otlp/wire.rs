@@ -113,13 +113,20 @@ impl<T: AsRef<str>, const N: usize> StrList for [T; N] {
 /// A span's attributes and events, each encoded as a `Span` field entry
 /// (9 or 11) when it is set, in one buffer. Setting an attribute again
 /// leaves the earlier entry in the buffer, marked replaced: it is skipped
-/// when the span is written.
+/// when the span is written, and dropped from the buffer once replaced
+/// entries take more room than [`COMPACT_AT`] and than the live ones (a
+/// long WebSocket session setting its latest prompt again and again).
 #[derive(Default)]
 pub struct Fields {
     bytes: Vec<u8>,
     parts: Vec<Part>,
     events: usize,
+    /// Bytes of replaced entries still in `bytes`.
+    replaced: usize,
 }
+
+/// Replaced bytes past which [`Fields`] may drop them.
+const COMPACT_AT: usize = 16 << 10;
 
 /// One entry of [`Fields`]: `bytes[start..end]`.
 struct Part {
@@ -133,7 +140,7 @@ struct Part {
 impl Fields {
     /// Room for a typical exchange's span: one allocation each.
     pub fn with_capacity(bytes: usize, parts: usize) -> Self {
-        Self { bytes: Vec::with_capacity(bytes), parts: Vec::with_capacity(parts), events: 0 }
+        Self { bytes: Vec::with_capacity(bytes), parts: Vec::with_capacity(parts), events: 0, replaced: 0 }
     }
 
     fn find(&self, key: &str) -> Option<usize> {
@@ -148,7 +155,12 @@ impl Fields {
     /// Sets attribute `key`, replacing an earlier value.
     pub fn set(&mut self, key: &'static str, value: Attr<'_>) {
         if let Some(i) = self.find(key) {
-            self.parts[i].replaced = true;
+            let part = &mut self.parts[i];
+            part.replaced = true;
+            self.replaced += (part.end - part.start) as usize;
+            if self.replaced > COMPACT_AT && self.replaced > self.bytes.len() / 2 {
+                self.compact();
+            }
         }
         let start = self.bytes.len();
         message(&mut self.bytes, 9, |b| key_attr(b, key, value));
@@ -191,6 +203,21 @@ impl Fields {
         // capped well below); saturate rather than wrap.
         let offset = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         self.parts.push(Part { key, start: offset(start), end: offset(self.bytes.len()), replaced: false });
+    }
+
+    /// Drops the replaced entries from the buffer.
+    fn compact(&mut self) {
+        let mut bytes = Vec::with_capacity(self.bytes.len() - self.replaced);
+        self.write(&mut bytes);
+        let mut at = 0;
+        self.parts.retain(|p| !p.replaced);
+        for part in &mut self.parts {
+            let len = part.end - part.start;
+            (part.start, part.end) = (at, at + len);
+            at += len;
+        }
+        self.bytes = bytes;
+        self.replaced = 0;
     }
 
     /// Appends the entries not replaced, in the order they came.
@@ -546,6 +573,50 @@ mod tests {
         assert_eq!(r.attributes[0].key, "decision");
         assert_eq!(plain(&r.attributes[0].value), Any::StringValue("block".into()));
         assert_eq!(plain(&r.attributes[1].value), Any::StringValue(String::new()));
+    }
+
+    /// An attribute set again and again (a long session's latest prompt)
+    /// does not grow the span without bound, and the span keeps each other
+    /// entry, in order, and the last value.
+    #[test]
+    fn replaced_attributes_do_not_accumulate() {
+        let mut fields = Fields::default();
+        fields.set("first", Attr::Str("a"));
+        let prompt = "p".repeat(1000);
+        for i in 0..1000 {
+            fields.set("gen_ai.input.messages", Attr::Str(&prompt));
+            fields.set("n", Attr::I64(i));
+            if i % 100 == 0 {
+                fields.event(SystemTime::UNIX_EPOCH, "decision", [("i", Attr::I64(i))]);
+            }
+        }
+        fields.set("last", Attr::Str("z"));
+        assert!(fields.bytes.len() < 2 * COMPACT_AT + 4 * prompt.len(), "{} bytes kept", fields.bytes.len());
+        let mut items = Vec::new();
+        let fixed = SpanFields {
+            trace_id: [1; 16],
+            span_id: [2; 8],
+            parent: None,
+            trace_state: "",
+            trace_flags: 1,
+            name: "chat",
+            kind: SPAN_KIND_CLIENT,
+            start: SystemTime::UNIX_EPOCH,
+            end: SystemTime::UNIX_EPOCH,
+            fields: &fields,
+            attributes: &[],
+            dropped_events: 0,
+            status: &Status::Unset,
+        };
+        span(&mut items, &fixed);
+        let decoded = ExportTraceServiceRequest::decode(request(&[], &scope("s", ""), &items).as_slice()).unwrap();
+        let s = &decoded.resource_spans[0].scope_spans[0].spans[0];
+        let keys: Vec<&str> = s.attributes.iter().map(|a| a.key.as_str()).collect();
+        assert_eq!(keys, ["first", "gen_ai.input.messages", "n", "last"]);
+        assert_eq!(plain(&s.attributes[2].value), Any::IntValue(999));
+        assert_eq!(plain(&s.attributes[1].value), Any::StringValue(prompt));
+        let events: Vec<Any> = s.events.iter().map(|e| plain(&e.attributes[0].value)).collect();
+        assert_eq!(events, (0..10).map(|i| Any::IntValue(i * 100)).collect::<Vec<_>>());
     }
 
     /// A length prefix longer than one byte moves the content after it, at
