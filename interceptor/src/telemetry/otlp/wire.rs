@@ -575,6 +575,25 @@ mod tests {
         assert_eq!(plain(&r.attributes[1].value), Any::StringValue(String::new()));
     }
 
+    /// A span named `name` with `fields` and nothing else of note.
+    fn bare<'a>(name: &'a str, fields: &'a Fields) -> SpanFields<'a> {
+        SpanFields {
+            trace_id: [1; 16],
+            span_id: [2; 8],
+            parent: None,
+            trace_state: "",
+            trace_flags: 1,
+            name,
+            kind: SPAN_KIND_CLIENT,
+            start: SystemTime::UNIX_EPOCH,
+            end: SystemTime::UNIX_EPOCH,
+            fields,
+            attributes: &[],
+            dropped_events: 0,
+            status: &Status::Unset,
+        }
+    }
+
     /// An attribute set again and again (a long session's latest prompt)
     /// does not grow the span without bound, and the span keeps each other
     /// entry, in order, and the last value.
@@ -593,22 +612,7 @@ mod tests {
         fields.set("last", Attr::Str("z"));
         assert!(fields.bytes.len() < 2 * COMPACT_AT + 4 * prompt.len(), "{} bytes kept", fields.bytes.len());
         let mut items = Vec::new();
-        let fixed = SpanFields {
-            trace_id: [1; 16],
-            span_id: [2; 8],
-            parent: None,
-            trace_state: "",
-            trace_flags: 1,
-            name: "chat",
-            kind: SPAN_KIND_CLIENT,
-            start: SystemTime::UNIX_EPOCH,
-            end: SystemTime::UNIX_EPOCH,
-            fields: &fields,
-            attributes: &[],
-            dropped_events: 0,
-            status: &Status::Unset,
-        };
-        span(&mut items, &fixed);
+        span(&mut items, &bare("chat", &fields));
         let decoded = ExportTraceServiceRequest::decode(request(&[], &scope("s", ""), &items).as_slice()).unwrap();
         let s = &decoded.resource_spans[0].scope_spans[0].spans[0];
         let keys: Vec<&str> = s.attributes.iter().map(|a| a.key.as_str()).collect();
@@ -629,24 +633,7 @@ mod tests {
             fields.set("k", Attr::Str(&text));
             fields.event(SystemTime::UNIX_EPOCH, &text, [("k", Attr::Display(&text))]);
             let mut items = Vec::new();
-            span(
-                &mut items,
-                &SpanFields {
-                    trace_id: [1; 16],
-                    span_id: [2; 8],
-                    parent: None,
-                    trace_state: "",
-                    trace_flags: 1,
-                    name: &text,
-                    kind: SPAN_KIND_CLIENT,
-                    start: SystemTime::UNIX_EPOCH,
-                    end: SystemTime::UNIX_EPOCH,
-                    fields: &fields,
-                    attributes: &[],
-                    dropped_events: 0,
-                    status: &Status::Unset,
-                },
-            );
+            span(&mut items, &bare(&text, &fields));
             let body = request(&[], &scope(&text, ""), &items);
             let decoded = ExportTraceServiceRequest::decode(body.as_slice()).unwrap();
             let ss = &decoded.resource_spans[0].scope_spans[0];
