@@ -3,7 +3,10 @@
 //! built-in policy, with both audit events written as JSON log lines (to a
 //! sink). This is the CPU the guardrails add to each proxied request.
 //! `pipeline/allowed_exchange_traced` is the same with an OpenTelemetry
-//! span per exchange: the request path's share of trace export.
+//! span per exchange: the request path's share of trace export. The
+//! `…_16_in_flight` groups run 16 exchanges interleaved phase by phase, as a
+//! loaded worker has them (each one's state cold when it comes back to it),
+//! and report per batch of 16.
 //!
 //! The benchmark binary counts heap allocations (its own global allocator,
 //! never the product's) and prints the allocations per exchange before the
@@ -187,7 +190,41 @@ fn run(c: &mut Criterion, name: &str, traced: bool) {
     );
 
     c.bench_function(name, |b| b.iter(exchange_once));
+
+    // The same with IN_FLIGHT exchanges interleaved, phase by phase, as a
+    // loaded worker has them: each exchange's state is cold when it is
+    // touched again. Timed per exchange.
+    let interleaved = || {
+        runtime.block_on(async {
+            let mut heads = Vec::with_capacity(IN_FLIGHT);
+            let mut states = Vec::with_capacity(IN_FLIGHT);
+            for _ in 0..IN_FLIGHT {
+                let mut head = request_head(body.len());
+                let (action, state) = hook.on_request(&exchange, &mut head, black_box(&body)).await;
+                assert!(matches!(action, RequestAction::Forward));
+                heads.push(head);
+                states.push(state);
+            }
+            for (head, state) in heads.iter().zip(&states) {
+                let action = hook.on_response(&exchange, state, head, &response).await;
+                assert!(matches!(action, ResponseAction::Collect));
+            }
+            for (head, state) in heads.iter().zip(&states) {
+                let action = hook.on_response_body(&exchange, state, head, &response, black_box(&answer)).await;
+                assert!(matches!(action, BodyAction::Forward));
+            }
+            tokio::task::yield_now().await;
+        })
+    };
+    let mut group = c.benchmark_group(format!("{name}_{IN_FLIGHT}_in_flight"));
+    group.throughput(criterion::Throughput::Elements(IN_FLIGHT as u64));
+    group.bench_function("per_batch", |b| b.iter(interleaved));
+    group.finish();
 }
+
+/// Exchanges in flight at once in the interleaved variant (the namespace
+/// benchmark's 16 connections).
+const IN_FLIGHT: usize = 16;
 
 criterion_group! {
     name = benches;
