@@ -6,7 +6,8 @@
 //! A failure that may pass (the collector unreachable, `429`, `502`–`504`,
 //! gRPC `UNAVAILABLE` or `RESOURCE_EXHAUSTED`) is retried after 100 ms,
 //! 200 ms, 400 ms; all attempts together take at most the export's
-//! `timeout`. Any other failure is returned at once. Nothing here logs: the caller counts and reports.
+//! `timeout`. Any other failure is returned at once. Nothing here logs:
+//! the caller counts and reports.
 
 use std::time::{Duration, Instant};
 

@@ -152,19 +152,28 @@ impl Fields {
         self.find(key).is_some()
     }
 
-    /// Sets attribute `key`, replacing an earlier value.
+    /// Sets attribute `key`, replacing an earlier value (set again to the
+    /// same value, it stays as it was).
     pub fn set(&mut self, key: &'static str, value: Attr<'_>) {
-        if let Some(i) = self.find(key) {
-            let part = &mut self.parts[i];
-            part.replaced = true;
-            self.replaced += (part.end - part.start) as usize;
-            if self.replaced > COMPACT_AT && self.replaced > self.bytes.len() / 2 {
-                self.compact();
-            }
-        }
+        let earlier = self.find(key);
         let start = self.bytes.len();
         message(&mut self.bytes, 9, |b| key_attr(b, key, value));
+        let Some(i) = earlier else {
+            self.push(Some(key), start);
+            return;
+        };
+        let part = &self.parts[i];
+        if self.bytes.get(part.start as usize..part.end as usize) == Some(&self.bytes[start..]) {
+            self.bytes.truncate(start);
+            return;
+        }
         self.push(Some(key), start);
+        let part = &mut self.parts[i];
+        part.replaced = true;
+        self.replaced += (part.end - part.start) as usize;
+        if self.replaced > COMPACT_AT && self.replaced > self.bytes.len() / 2 {
+            self.compact();
+        }
     }
 
     /// Sets attribute `key` unless it is set.
@@ -283,9 +292,7 @@ pub fn scope(name: &str, version: &str) -> Vec<u8> {
     out
 }
 
-/// An export request (`ExportTraceServiceRequest` or
-/// `ExportLogsServiceRequest`: both are one resource holding one scope)
-/// around `items`, entries written by [`span`] or by [`log_record`].
+/// [`request_into`] a new buffer.
 #[cfg(test)]
 pub fn request(resource: &[u8], scope: &[u8], items: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -293,10 +300,13 @@ pub fn request(resource: &[u8], scope: &[u8], items: &[u8]) -> Vec<u8> {
     out
 }
 
-/// [`request`], written into `out` (emptied first), so that one buffer can
-/// serve request after request.
-/// The lengths are known before anything is written, so nothing is moved
-/// to make room for a length (the items are most of a request).
+/// An export request (`ExportTraceServiceRequest` or
+/// `ExportLogsServiceRequest`: both are one resource holding one scope)
+/// around `items`, entries written by [`span`] or by [`log_record`],
+/// written into `out` (emptied first) so that one buffer serves request
+/// after request. The lengths are known before anything is written, so
+/// nothing is moved to make room for a length (the items are most of a
+/// request).
 pub fn request_into(out: &mut Vec<u8>, resource: &[u8], scope: &[u8], items: &[u8]) {
     let field = |tag: u32, len: usize| key_len(tag) + encoded_len_varint(len as u64) + len;
     let scoped = field(1, scope.len()) + items.len();
@@ -611,6 +621,11 @@ mod tests {
         }
         fields.set("last", Attr::Str("z"));
         assert!(fields.bytes.len() < 2 * COMPACT_AT + 4 * prompt.len(), "{} bytes kept", fields.bytes.len());
+        // The same value again changes nothing, not even the buffer.
+        let kept = fields.bytes.len();
+        fields.set("last", Attr::Str("z"));
+        fields.set("gen_ai.input.messages", Attr::Str(&prompt));
+        assert_eq!(fields.bytes.len(), kept);
         let mut items = Vec::new();
         span(&mut items, &bare("chat", &fields));
         let decoded = ExportTraceServiceRequest::decode(request(&[], &scope("s", ""), &items).as_slice()).unwrap();
