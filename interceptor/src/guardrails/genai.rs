@@ -22,7 +22,10 @@ use serde::{
 };
 use serde_json::Value;
 
-use super::model::Provider;
+use super::{
+    model::Provider,
+    providers::strings::{self, Member, Walked},
+};
 
 /// Most bytes of completion text kept for a span (with `audit_prompts`).
 const MAX_CONTENT: usize = 64 << 10;
@@ -91,73 +94,78 @@ impl<'a> ResponseFacts<'a> {
     }
 
     /// The facts of a whole response body (JSON); `None` when it is not
-    /// JSON. Read in one pass that keeps only the fields below, borrowing
-    /// their strings from `body` (unless escaped): no `serde_json::Value`
-    /// is built, nothing is copied.
+    /// JSON. See [`ResponseFacts::of_walked`].
     pub fn of_body(body: &'a [u8]) -> Option<Self> {
-        let shape: Shape<'a> = serde_json::from_slice(body).ok()?;
-        let mut facts = Self::default();
-        facts.observe_shape(None, &shape, Cow::clone);
+        strings::each_string(body, &mut |_| true).ok().map(Self::of_walked)
+    }
+
+    /// The facts of a whole response body, from the walk over its strings
+    /// (which the allowed path makes anyway): its strings are borrowed from
+    /// the body (unless escaped), nothing is parsed twice. A whole answer
+    /// says what it is at its top level and in its choices; the objects a
+    /// stream's events nest (`message`, `response`, `delta`) are read from
+    /// events only ([`ResponseFacts::observe`]).
+    pub fn of_walked(mut walked: Walked<'a>) -> Self {
+        let model = walked.model.take().or_else(|| walked.take(Member::ModelVersion));
+        let id = walked.take(Member::Id).or_else(|| walked.take(Member::ResponseId));
+        let mut facts = Self { model, id, ..Self::default() };
+        // Cohere's reason is top-level; a typed object's is not a finish.
+        let finish_reason = walked.text(Member::Type).is_none().then(|| walked.take(Member::FinishReason));
         // A Responses API body is the response object itself.
-        if shape.object.0.as_deref() == Some("response")
-            && let Some(status) = &shape.status.0
-        {
-            facts.finish(status, Cow::clone);
+        let status = walked.text(Member::Object).is_some_and(|o| o == "response").then(|| walked.take(Member::Status));
+        let stops = [walked.take(Member::StopReason), walked.take(Member::StopReasonCamel)];
+        let reasons = std::mem::take(&mut walked.choice_reasons).into_iter().chain(stops.into_iter().flatten());
+        for reason in reasons.chain(finish_reason.flatten()).chain(status.flatten()) {
+            facts.finish(reason);
         }
-        Some(facts)
+        facts
     }
 
     /// One parsed JSON event of a stream; `event` is the SSE event name or
     /// the event-stream frame's type. What is kept is copied.
     pub fn observe(&mut self, event: Option<&str>, v: &Value) {
-        if let Ok(shape) = Shape::deserialize(v) {
-            self.observe_shape(event, &shape, |s| Cow::Owned(s.to_string()));
-        }
-    }
-
-    /// Reads `v`, keeping its strings as `keep` makes them.
-    fn observe_shape<'s>(&mut self, event: Option<&str>, v: &Shape<'s>, keep: fn(&Cow<'s, str>) -> Cow<'a, str>) {
+        let Ok(v) = Shape::deserialize(v) else { return };
+        let owned = |s: &Cow<'_, str>| Cow::Owned(s.to_string());
         let kind = v.kind.0.as_deref().or(event);
         let inner = match kind {
             Some("message_start") => v.message.0.as_deref(),
             Some(k) if k.starts_with("response.") => v.response.0.as_deref(),
             _ => None,
         };
-        for object in [Some(v), inner].into_iter().flatten() {
+        for object in [Some(&v), inner].into_iter().flatten() {
             if let Some(model) = object.model.0.as_ref().or(object.model_version.0.as_ref()) {
-                self.model = Some(keep(model));
+                self.model = Some(owned(model));
             }
             if self.id.is_none() {
-                self.id = object.id.0.as_ref().or(object.response_id.0.as_ref()).map(keep);
+                self.id = object.id.0.as_ref().or(object.response_id.0.as_ref()).map(owned);
             }
         }
         if matches!(kind, Some("response.completed" | "response.incomplete" | "response.failed"))
             && let Some(status) = inner.and_then(|r| r.status.0.as_ref())
         {
-            self.finish(status, keep);
+            self.finish(owned(status));
         }
         for choice in v.choices.0.iter().chain(&v.candidates.0).filter_map(|c| c.0.as_ref()) {
             if let Some(reason) = choice.finish_reason.0.as_ref().or(choice.finish_reason_camel.0.as_ref()) {
-                self.finish(reason, keep);
+                self.finish(owned(reason));
             }
         }
         let delta = v.delta.0.as_ref().and_then(|d| d.stop_reason.0.as_ref());
         for reason in [v.stop_reason.0.as_ref(), delta, v.stop_reason_camel.0.as_ref()].into_iter().flatten() {
-            self.finish(reason, keep);
+            self.finish(owned(reason));
         }
         if event.is_none()
             && kind.is_none()
             && let Some(reason) = v.finish_reason.0.as_ref()
         {
-            self.finish(reason, keep);
+            self.finish(owned(reason));
         }
     }
 
-    // The `Cow` says whether the reason can be borrowed (`keep`).
-    #[allow(clippy::ptr_arg)]
-    fn finish<'s>(&mut self, reason: &Cow<'s, str>, keep: fn(&Cow<'s, str>) -> Cow<'a, str>) {
-        if !reason.is_empty() && !self.finish_reasons.iter().any(|r| r == reason) {
-            self.finish_reasons.push(keep(reason));
+    /// A reason the answer finished, kept once.
+    fn finish(&mut self, reason: Cow<'a, str>) {
+        if !reason.is_empty() && !self.finish_reasons.contains(&reason) {
+            self.finish_reasons.push(reason);
         }
     }
 
@@ -183,8 +191,6 @@ impl<'a> ResponseFacts<'a> {
 struct Shape<'a> {
     #[serde(rename = "type", borrow)]
     kind: Text<'a>,
-    #[serde(borrow)]
-    object: Text<'a>,
     #[serde(borrow)]
     status: Text<'a>,
     #[serde(borrow)]
@@ -434,6 +440,45 @@ mod tests {
         streamed.observe(Some("message_start"), &json!({"type": "message_start", "message": "not an object"}));
         streamed.observe(None, &json!({"choices": [{"finish_reason": "stop"}], "model": 1}));
         assert_eq!((streamed.model, streamed.finish_reasons), (None, vec![Cow::from("stop")]));
+    }
+
+    /// A whole answer's facts come from the walk over its strings, borrowed
+    /// from the body, and say what the same answer read as one event says
+    /// (a Responses body's status aside: only a whole body is the response
+    /// object itself).
+    #[test]
+    fn whole_bodies_are_read_in_the_walk_as_events_are_read() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/providers");
+        let mut read = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if !name.ends_with("_response.json") {
+                continue;
+            }
+            let body = std::fs::read(&path).unwrap();
+            let facts = ResponseFacts::of_body(&body).unwrap();
+            let mut event = ResponseFacts::default();
+            event.observe(None, &serde_json::from_slice(&body).unwrap());
+            if name.starts_with("openai_responses") {
+                assert_eq!(facts.finish_reasons, ["completed"], "{name}");
+                event.finish_reasons.push(Cow::from("completed"));
+            }
+            assert_eq!(facts, event, "{name}");
+            assert!(
+                facts.model.is_some() && facts.id.is_some() && !facts.finish_reasons.is_empty(),
+                "{name}: {facts:?}"
+            );
+            assert!(matches!(facts.model, Some(Cow::Borrowed(_))), "{name}: the model is borrowed");
+            read += 1;
+        }
+        assert!(read >= 4, "{read} response fixtures");
+        // One reason per choice, its own before its camel-case one; choices
+        // nested deeper are not the answer's.
+        let body = br#"{"choices": [{"finishReason": "B", "finish_reason": "A"}, {"finishReason": "C"}],
+            "data": {"choices": [{"finish_reason": "D"}], "model": "inner"}}"#;
+        let facts = ResponseFacts::of_body(body).unwrap();
+        assert_eq!((facts.finish_reasons, facts.model), (vec![Cow::from("A"), Cow::from("C")], None));
     }
 
     #[test]

@@ -6,11 +6,15 @@
 //! are read in one borrowed pass ([`strings::each_string`]); whatever that
 //! pass cannot prove clean (a candidate, a body that is not JSON, a backend
 //! that reads the document, system instructions to add, prompts to audit,
-//! a body the engine would scan off the runtime) takes the full path.
+//! a body the engine would scan off the runtime) takes the full path. The
+//! same pass reads what a traced answer says of itself.
+
+use std::borrow::Cow;
 
 use crate::guardrails::{
     backend::Call,
     engine::{ScanContext, WorkloadRef},
+    genai::ResponseFacts,
     model::{Direction, Provider, Stage},
     offload::INLINE_SCAN_MAX,
     providers::strings,
@@ -20,19 +24,22 @@ use crate::guardrails::{
 use super::{Guardrails, outcome::Outcome};
 
 /// What a clean body leaves for the full path's bookkeeping.
-pub(super) struct Clean {
+pub(super) struct Clean<'a> {
     /// The decision: allowed, with the local engine named once per time it
     /// is configured, as the loop over the backends names it.
     pub outcome: Outcome,
-    /// The body's top-level `model`, when it is a string.
+    /// A request's top-level `model`, when it is a string.
     pub model: Option<String>,
     /// A response's usage fields, read in the same pass.
     pub usage: Option<Usage>,
+    /// What a traced response says of itself, read in the same pass and
+    /// borrowed from the body.
+    pub facts: Option<ResponseFacts<'a>>,
 }
 
 /// The body `json` (decoded, UTF-8) is clean for `call` in `direction`, or
 /// `None`: the full path decides.
-pub(super) fn clean(g: &Guardrails, call: &Call, direction: Direction, json: &[u8]) -> Option<Clean> {
+pub(super) fn clean<'a>(g: &Guardrails, call: &Call, direction: Direction, json: &'a [u8]) -> Option<Clean<'a>> {
     let engine = g.engine.as_ref()?;
     if g.cfg.audit_prompts || json.len() > INLINE_SCAN_MAX {
         return None;
@@ -62,9 +69,12 @@ pub(super) fn clean(g: &Guardrails, call: &Call, direction: Direction, json: &[u
     }
     let mut prescan = engine.prescan(&ctx);
     let walked = strings::each_string(json, &mut |s| prescan.clear(s)).ok()?;
-    let usage = match direction {
-        Direction::Response => usage::from_fields(call.provider, &walked.usage, &walked.usage_metadata),
-        Direction::Request => None,
+    let (model, usage, facts) = match direction {
+        Direction::Request => (walked.model.map(Cow::into_owned), None, None),
+        Direction::Response => {
+            let usage = usage::from_fields(call.provider, &walked.usage, &walked.usage_metadata);
+            (None, usage, call.span.is_some().then(|| ResponseFacts::of_walked(walked)))
+        }
     };
-    Some(Clean { outcome: Outcome { stages, ..Outcome::default() }, model: walked.model, usage })
+    Some(Clean { outcome: Outcome { stages, ..Outcome::default() }, model, usage, facts })
 }

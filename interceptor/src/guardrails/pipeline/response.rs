@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::header;
 use serde_json::Value;
 
-use super::{Pipeline, backends::Subject, outcome::Outcome, quick, stream::StreamGuard, trace};
+use super::{Guardrails, Pipeline, backends::Subject, outcome::Outcome, quick, stream::StreamGuard, trace};
 use crate::{
     guardrails::{
         backend::{Call, Phase, current_body},
@@ -90,21 +90,14 @@ pub(super) async fn on_body(p: &Pipeline, call: &Call, head: &http::response::Pa
         return action;
     }
     let success = head.status.is_success();
-    if call.span.is_some()
-        && let Some(mut facts) = ResponseFacts::of_body(&decoded)
-    {
-        if g.cfg.audit_prompts
-            && let Ok(doc) = serde_json::from_slice::<Value>(&decoded)
-        {
-            let texts = providers::parse_response(call.provider, &doc).texts;
-            facts = facts.with_content();
-            for text in texts.iter().filter(|t| t.role == Role::Assistant) {
-                facts.text(&text.text);
-            }
+    let mut clean = quick::clean(&g, call, Direction::Response, &decoded);
+    if call.span.is_some() {
+        let facts = clean.as_mut().and_then(|c| c.facts.take()).or_else(|| answer_facts(&g, call, &decoded));
+        if let Some(facts) = facts {
+            trace::response(call, &facts);
         }
-        trace::response(call, &facts);
     }
-    if let Some(clean) = quick::clean(&g, call, Direction::Response, &decoded) {
+    if let Some(clean) = clean {
         let usage = clean.usage.filter(|_| success);
         p.audit_response(&g, call, &clean.outcome, started, usage).await;
         return BodyAction::Forward;
@@ -142,4 +135,19 @@ pub(super) async fn on_body(p: &Pipeline, call: &Call, head: &http::response::Pa
         return BodyAction::ReplaceBody(body);
     }
     BodyAction::Forward
+}
+
+/// What a traced answer says of itself, read from its whole body (its text
+/// too when prompts are audited).
+fn answer_facts<'a>(g: &Guardrails, call: &Call, decoded: &'a [u8]) -> Option<ResponseFacts<'a>> {
+    let mut facts = ResponseFacts::of_body(decoded)?;
+    if g.cfg.audit_prompts
+        && let Ok(doc) = serde_json::from_slice::<Value>(decoded)
+    {
+        facts = facts.with_content();
+        for text in providers::parse_response(call.provider, &doc).texts.iter().filter(|t| t.role == Role::Assistant) {
+            facts.text(&text.text);
+        }
+    }
+    Some(facts)
 }

@@ -10,23 +10,87 @@
 //! serde_json's own, so a body is accepted here exactly when
 //! `serde_json::from_slice::<Value>` accepts it. Pure: no I/O.
 
-use std::fmt;
+use std::{borrow::Cow, fmt};
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use crate::guardrails::usage::{self, Fields};
 
-/// What the walk saw besides the strings.
+/// What the walk saw besides the strings: members of the top-level object
+/// (and of the objects in its top-level `choices` or `candidates` array)
+/// that say what a body is. Strings are borrowed from the body unless they
+/// had escapes. A member read as a string is absent when its value is
+/// anything else; a repeated member keeps its last value, as the parsed
+/// document does.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Walked {
-    /// The top-level `model`, when it is a string (the last one, as the
-    /// parsed document keeps it).
-    pub model: Option<String>,
+pub struct Walked<'de> {
+    /// The top-level `model`.
+    pub model: Option<Cow<'de, str>>,
     /// The token counts of the top-level `usage` object (see
     /// [`usage::from_fields`]).
     pub usage: Fields,
     /// The token counts of the top-level `usageMetadata` object (Gemini's).
     pub usage_metadata: Fields,
+    /// The top-level string members that say what an answer is, by
+    /// [`Member`].
+    texts: [Option<Cow<'de, str>>; Member::COUNT],
+    /// Each choice's (or candidate's) `finish_reason`, else its
+    /// `finishReason`, in document order.
+    pub choice_reasons: Vec<Cow<'de, str>>,
+}
+
+/// A top-level string member [`Walked`] keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Member {
+    /// `type`
+    Type,
+    /// `object`
+    Object,
+    /// `status`
+    Status,
+    /// `modelVersion`
+    ModelVersion,
+    /// `id`
+    Id,
+    /// `responseId`
+    ResponseId,
+    /// `stop_reason`
+    StopReason,
+    /// `stopReason`
+    StopReasonCamel,
+    /// `finish_reason`
+    FinishReason,
+}
+
+impl Member {
+    const COUNT: usize = 9;
+
+    fn named(key: &str) -> Option<Self> {
+        Some(match key {
+            "type" => Self::Type,
+            "object" => Self::Object,
+            "status" => Self::Status,
+            "modelVersion" => Self::ModelVersion,
+            "id" => Self::Id,
+            "responseId" => Self::ResponseId,
+            "stop_reason" => Self::StopReason,
+            "stopReason" => Self::StopReasonCamel,
+            "finish_reason" => Self::FinishReason,
+            _ => return None,
+        })
+    }
+}
+
+impl<'de> Walked<'de> {
+    /// The top-level string `member`.
+    pub fn text(&self, member: Member) -> Option<&Cow<'de, str>> {
+        self.texts[member as usize].as_ref()
+    }
+
+    /// Takes the top-level string `member`.
+    pub fn take(&mut self, member: Member) -> Option<Cow<'de, str>> {
+        self.texts[member as usize].take()
+    }
 }
 
 /// Why a walk did not finish.
@@ -40,11 +104,11 @@ pub enum WalkError {
 
 /// Hands every string value of `body` to `each` in document order, until it
 /// returns `false`.
-pub fn each_string(body: &[u8], each: &mut dyn FnMut(&str) -> bool) -> Result<Walked, WalkError> {
+pub fn each_string<'de>(body: &'de [u8], each: &mut dyn FnMut(&str) -> bool) -> Result<Walked<'de>, WalkError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let mut walked = Walked::default();
     let mut stopped = false;
-    let root = Node { each, stopped: &mut stopped, top: Some(&mut walked) };
+    let root = Node { each, stopped: &mut stopped, at: At::Top(&mut walked) };
     let result = root.deserialize(&mut de).and_then(|()| de.end());
     match result {
         Ok(()) => Ok(walked),
@@ -53,14 +117,27 @@ pub fn each_string(body: &[u8], each: &mut dyn FnMut(&str) -> bool) -> Result<Wa
     }
 }
 
-/// One value of the document; `top` only for the root.
-struct Node<'w> {
+/// One value of the document, and where it is.
+struct Node<'w, 'de> {
     each: &'w mut dyn FnMut(&str) -> bool,
     stopped: &'w mut bool,
-    top: Option<&'w mut Walked>,
+    at: At<'w, 'de>,
 }
 
-impl<'de> DeserializeSeed<'de> for Node<'_> {
+/// Where a value is, as far as [`Walked`] cares.
+enum At<'w, 'de> {
+    /// The root: its members are read into [`Walked`].
+    Top(&'w mut Walked<'de>),
+    /// The top-level `choices` or `candidates` value: its elements are
+    /// choices.
+    Choices(&'w mut Vec<Cow<'de, str>>),
+    /// One choice: its finish reason is kept.
+    Choice(&'w mut Vec<Cow<'de, str>>),
+    /// Anywhere else.
+    Inner,
+}
+
+impl<'de> DeserializeSeed<'de> for Node<'_, 'de> {
     type Value = ();
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
@@ -68,7 +145,7 @@ impl<'de> DeserializeSeed<'de> for Node<'_> {
     }
 }
 
-impl Node<'_> {
+impl<'w, 'de> Node<'w, 'de> {
     fn string<E: de::Error>(self, s: &str) -> Result<(), E> {
         if (self.each)(s) {
             return Ok(());
@@ -78,7 +155,12 @@ impl Node<'_> {
     }
 }
 
-impl<'de> Visitor<'de> for Node<'_> {
+/// A value nested in another, at `at`.
+fn node<'n, 'de>(each: &'n mut dyn FnMut(&str) -> bool, stopped: &'n mut bool, at: At<'n, 'de>) -> Node<'n, 'de> {
+    Node { each, stopped, at }
+}
+
+impl<'de> Visitor<'de> for Node<'_, 'de> {
     type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -126,67 +208,96 @@ impl<'de> Visitor<'de> for Node<'_> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let (each, stopped) = (self.each, self.stopped);
-        while seq.next_element_seed(Node { each: &mut *each, stopped: &mut *stopped, top: None })?.is_some() {}
-        Ok(())
+        let Node { each, stopped, mut at } = self;
+        loop {
+            let at = match &mut at {
+                At::Choices(reasons) => At::Choice(reasons),
+                _ => At::Inner,
+            };
+            if seq.next_element_seed(Node { each: &mut *each, stopped: &mut *stopped, at })?.is_none() {
+                return Ok(());
+            }
+        }
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let (each, stopped, mut top) = (self.each, self.stopped, self.top);
-        while let Some(key) = map.next_key_seed(Key)? {
-            match (top.as_deref_mut(), key) {
-                (Some(walked), TopKey::Model) => {
-                    let model = map.next_value_seed(Model { each: &mut *each, stopped: &mut *stopped })?;
-                    walked.model = model;
+        let Node { each, stopped, mut at } = self;
+        // A choice's own reason, else its camel-case one.
+        let mut reason = (None, None);
+        while let Some(key) = map.next_key_seed(KeyName)? {
+            match (&mut at, key) {
+                (At::Top(walked), Key::Model) => {
+                    walked.model = map.next_value_seed(LeafSeed(node(each, stopped, At::Inner)))?.text()
                 }
-                (Some(walked), TopKey::Usage | TopKey::UsageMetadata) => {
-                    let fields = map.next_value_seed(Usage { each: &mut *each, stopped: &mut *stopped })?;
-                    // A repeated key: the last one, as the parsed document keeps it.
-                    match key {
-                        TopKey::Usage => walked.usage = fields,
-                        _ => walked.usage_metadata = fields,
-                    }
+                (At::Top(walked), Key::Usage) => {
+                    walked.usage = map.next_value_seed(Usage(node(each, stopped, At::Inner)))?
                 }
-                _ => map.next_value_seed(Node { each: &mut *each, stopped: &mut *stopped, top: None })?,
+                (At::Top(walked), Key::UsageMetadata) => {
+                    walked.usage_metadata = map.next_value_seed(Usage(node(each, stopped, At::Inner)))?
+                }
+                (At::Top(walked), Key::Choices) => {
+                    map.next_value_seed(node(each, stopped, At::Choices(&mut walked.choice_reasons)))?
+                }
+                (At::Top(walked), Key::Text(member)) => {
+                    walked.texts[member as usize] =
+                        map.next_value_seed(LeafSeed(node(each, stopped, At::Inner)))?.text()
+                }
+                (At::Choice(_), Key::Text(Member::FinishReason)) => {
+                    reason.0 = map.next_value_seed(LeafSeed(node(each, stopped, At::Inner)))?.text()
+                }
+                (At::Choice(_), Key::FinishReasonCamel) => {
+                    reason.1 = map.next_value_seed(LeafSeed(node(each, stopped, At::Inner)))?.text()
+                }
+                _ => map.next_value_seed(node(each, stopped, At::Inner))?,
             }
+        }
+        if let (At::Choice(reasons), Some(reason)) = (&mut at, reason.0.or(reason.1)) {
+            reasons.push(reason);
         }
         Ok(())
     }
 }
 
-/// The object keys the walk looks at (at the top level only).
+/// An object key: the members the walk looks at (where they count).
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum TopKey {
+enum Key {
     Model,
     Usage,
     UsageMetadata,
+    /// `choices` or `candidates`.
+    Choices,
+    /// `finishReason` (a choice's).
+    FinishReasonCamel,
+    Text(Member),
     Other,
 }
 
-/// An object key: which of the [`TopKey`]s it is.
-struct Key;
+/// Reads an object key as a [`Key`].
+struct KeyName;
 
-impl<'de> DeserializeSeed<'de> for Key {
-    type Value = TopKey;
+impl<'de> DeserializeSeed<'de> for KeyName {
+    type Value = Key;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<TopKey, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Key, D::Error> {
         d.deserialize_str(self)
     }
 }
 
-impl<'de> Visitor<'de> for Key {
-    type Value = TopKey;
+impl<'de> Visitor<'de> for KeyName {
+    type Value = Key;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("an object key")
     }
 
-    fn visit_str<E: de::Error>(self, s: &str) -> Result<TopKey, E> {
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Key, E> {
         Ok(match s {
-            "model" => TopKey::Model,
-            "usage" => TopKey::Usage,
-            "usageMetadata" => TopKey::UsageMetadata,
-            _ => TopKey::Other,
+            "model" => Key::Model,
+            "usage" => Key::Usage,
+            "usageMetadata" => Key::UsageMetadata,
+            "choices" | "candidates" => Key::Choices,
+            "finishReason" => Key::FinishReasonCamel,
+            _ => Member::named(s).map_or(Key::Other, Key::Text),
         })
     }
 }
@@ -194,12 +305,9 @@ impl<'de> Visitor<'de> for Key {
 /// A top-level usage object: the token counts among its members (see
 /// [`usage::field`]), every string in it still handed to the callback. A
 /// value that is not an object is walked as any value and counts nothing.
-struct Usage<'w> {
-    each: &'w mut dyn FnMut(&str) -> bool,
-    stopped: &'w mut bool,
-}
+struct Usage<'w, 'de>(Node<'w, 'de>);
 
-impl<'de> DeserializeSeed<'de> for Usage<'_> {
+impl<'de> DeserializeSeed<'de> for Usage<'_, 'de> {
     type Value = Fields;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Fields, D::Error> {
@@ -207,7 +315,7 @@ impl<'de> DeserializeSeed<'de> for Usage<'_> {
     }
 }
 
-impl<'de> Visitor<'de> for Usage<'_> {
+impl<'de> Visitor<'de> for Usage<'_, 'de> {
     type Value = Fields;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -215,28 +323,27 @@ impl<'de> Visitor<'de> for Usage<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
-        let (each, stopped) = (self.each, self.stopped);
+        let Node { each, stopped, .. } = self.0;
         let mut fields = Fields::default();
         while let Some(field) = map.next_key_seed(FieldName)? {
             match field {
                 Some(index) => {
-                    let count = map.next_value_seed(Count { each: &mut *each, stopped: &mut *stopped })?;
-                    if let Some(count) = count {
+                    if let Leaf::Count(count) = map.next_value_seed(LeafSeed(node(each, stopped, At::Inner)))? {
                         fields.set(index, count);
                     }
                 }
-                None => map.next_value_seed(Node { each: &mut *each, stopped: &mut *stopped, top: None })?,
+                None => map.next_value_seed(node(each, stopped, At::Inner))?,
             }
         }
         Ok(fields)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Fields, A::Error> {
-        Node { each: self.each, stopped: self.stopped, top: None }.visit_seq(seq).map(|()| Fields::default())
+        self.0.visit_seq(seq).map(|()| Fields::default())
     }
 
     fn visit_str<E: de::Error>(self, s: &str) -> Result<Fields, E> {
-        Node { each: self.each, stopped: self.stopped, top: None }.string(s).map(|()| Fields::default())
+        self.0.string(s).map(|()| Fields::default())
     }
 
     fn visit_bool<E: de::Error>(self, _: bool) -> Result<Fields, E> {
@@ -283,80 +390,75 @@ impl<'de> Visitor<'de> for FieldName {
     }
 }
 
-/// A token count: a `u64` (as `Value::as_u64` reads it), else `None`, any
-/// string in the value still handed to the callback.
-struct Count<'w> {
-    each: &'w mut dyn FnMut(&str) -> bool,
-    stopped: &'w mut bool,
+/// A member's value as the walk keeps it: a string (handed to the callback
+/// like any other), a token count (a `u64`, as `Value::as_u64` reads it),
+/// or anything else, walked as any value.
+enum Leaf<'de> {
+    Text(Cow<'de, str>),
+    Count(u64),
+    Other,
 }
 
-impl<'de> DeserializeSeed<'de> for Count<'_> {
-    type Value = Option<u64>;
+impl<'de> Leaf<'de> {
+    fn text(self) -> Option<Cow<'de, str>> {
+        match self {
+            Leaf::Text(text) => Some(text),
+            _ => None,
+        }
+    }
+}
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<u64>, D::Error> {
+struct LeafSeed<'w, 'de>(Node<'w, 'de>);
+
+impl<'de> DeserializeSeed<'de> for LeafSeed<'_, 'de> {
+    type Value = Leaf<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Leaf<'de>, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for Count<'_> {
-    type Value = Option<u64>;
+impl<'de> Visitor<'de> for LeafSeed<'_, 'de> {
+    type Value = Leaf<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Option<u64>, E> {
-        Ok(Some(n))
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Leaf<'de>, E> {
+        Ok(Leaf::Count(n))
     }
 
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Option<u64>, E> {
-        Ok(None)
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Leaf<'de>, E> {
+        Ok(Leaf::Other)
     }
 
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Option<u64>, E> {
-        Ok(None)
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Leaf<'de>, E> {
+        Ok(Leaf::Other)
     }
 
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Option<u64>, E> {
-        Ok(None)
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Leaf<'de>, E> {
+        Ok(Leaf::Other)
     }
 
-    fn visit_unit<E: de::Error>(self) -> Result<Option<u64>, E> {
-        Ok(None)
+    fn visit_unit<E: de::Error>(self) -> Result<Leaf<'de>, E> {
+        Ok(Leaf::Other)
     }
 
-    fn visit_str<E: de::Error>(self, s: &str) -> Result<Option<u64>, E> {
-        Node { each: self.each, stopped: self.stopped, top: None }.string(s).map(|()| None)
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Leaf<'de>, E> {
+        self.0.string(s).map(|()| Leaf::Text(Cow::Owned(s.to_owned())))
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Option<u64>, A::Error> {
-        Node { each: self.each, stopped: self.stopped, top: None }.visit_seq(seq).map(|()| None)
+    fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Leaf<'de>, E> {
+        self.0.string(s).map(|()| Leaf::Text(Cow::Borrowed(s)))
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Option<u64>, A::Error> {
-        Node { each: self.each, stopped: self.stopped, top: None }.visit_map(map).map(|()| None)
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Leaf<'de>, A::Error> {
+        self.0.visit_seq(seq).map(|()| Leaf::Other)
     }
-}
 
-/// The top-level `model` value: its text when it is a string (handed to
-/// the callback like any other), else walked as any value.
-struct Model<'w> {
-    each: &'w mut dyn FnMut(&str) -> bool,
-    stopped: &'w mut bool,
-}
-
-impl<'de> DeserializeSeed<'de> for Model<'_> {
-    type Value = Option<String>;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
-        let mut model = None;
-        let (each, stopped) = (self.each, self.stopped);
-        let mut keep = |s: &str| {
-            model = Some(s.to_owned());
-            each(s)
-        };
-        Node { each: &mut keep, stopped, top: None }.deserialize(d)?;
-        Ok(model)
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Leaf<'de>, A::Error> {
+        self.0.visit_map(map).map(|()| Leaf::Other)
     }
 }
 
@@ -366,7 +468,7 @@ mod tests {
 
     use super::*;
 
-    fn strings(body: &str) -> Result<(Vec<String>, Walked), WalkError> {
+    fn strings(body: &str) -> Result<(Vec<String>, Walked<'_>), WalkError> {
         let mut seen = Vec::new();
         let walked = each_string(body.as_bytes(), &mut |s| {
             seen.push(s.to_owned());
@@ -406,6 +508,38 @@ mod tests {
         assert_eq!(walked.usage_metadata, usage::Fields::of(&doc["usageMetadata"]));
         let (_, walked) = strings(r#"{"usage":{"input_tokens":1},"usage":"none"}"#).unwrap();
         assert_eq!(walked.usage, usage::Fields::default());
+    }
+
+    /// Every string the document holds, in order, as a parsed document
+    /// lists them.
+    fn value_strings(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::String(s) => out.push(s.clone()),
+            Value::Array(items) => items.iter().for_each(|i| value_strings(i, out)),
+            Value::Object(map) => map.values().for_each(|i| value_strings(i, out)),
+            _ => {}
+        }
+    }
+
+    /// The members kept for an answer's facts are still handed to the
+    /// callback, whatever their type: a secret in an `id` or a finish
+    /// reason is scanned like any other string.
+    #[test]
+    fn kept_members_are_still_walked() {
+        let body = r#"{"id":"sk-1","type":"t","object":"o","status":"s","modelVersion":"mv","responseId":"r",
+            "stop_reason":"sr","stopReason":{"x":["sk-2"]},"finish_reason":["sk-3"],"model":"m",
+            "choices":[{"finish_reason":"f1","finishReason":"f2","message":{"content":"sk-4"}},"sk-5",[{"finish_reason":"f3"}]],
+            "candidates":{"finishReason":"sk-6"},"usage":{"input_tokens":"sk-7","x":["sk-8"]}}"#;
+        let (seen, walked) = strings(body).unwrap();
+        let mut expected = Vec::new();
+        value_strings(&serde_json::from_str(body).unwrap(), &mut expected);
+        assert_eq!(seen, expected);
+        assert_eq!(walked.text(Member::Id).map(|s| s.as_ref()), Some("sk-1"));
+        assert!(matches!(walked.text(Member::Status), Some(Cow::Borrowed("s"))));
+        assert_eq!(walked.text(Member::StopReasonCamel), None);
+        assert_eq!(walked.text(Member::FinishReason), None);
+        // Only objects that are elements of the top-level array are choices.
+        assert_eq!(walked.choice_reasons, ["f1"]);
     }
 
     #[test]
