@@ -50,6 +50,8 @@ const PACED: &str = "198.18.0.11";
 const NON_TARGET: &str = "198.18.0.12";
 const NGINX_PEER_PORT: u16 = 15444;
 const MITM_PEER_PORT: u16 = 15445;
+/// Where the nginx peer relays the paced streams (to [`PACED`]).
+const NGINX_STREAM_PORT: u16 = 15446;
 /// The load generator runs here; the proxy under test on the other CPU.
 const LOAD_CPU: usize = 0;
 /// Requests a latency probe makes before it starts counting.
@@ -274,7 +276,7 @@ impl Env {
 
     /// iptables REDIRECT of the client cgroup's connections to the provider
     /// to `port` (how the peers are reached); `add` false removes it.
-    fn peer_redirect(&self, port: u16, add: bool) -> Result<()> {
+    fn peer_redirect(&self, to: &str, port: u16, add: bool) -> Result<()> {
         let path = self.client_cg.relative_path();
         let op = if add { "-A" } else { "-D" };
         let port = port.to_string();
@@ -288,7 +290,7 @@ impl Env {
             "-p",
             "tcp",
             "-d",
-            PROVIDER,
+            to,
             "--dport",
             "443",
             "-m",
@@ -949,26 +951,26 @@ pub fn run(opts: &Options) -> Result<()> {
         );
         let peer_dir = env.scratch.path().join("nginx-peer");
         let peer_addr = SocketAddr::from(([127, 0, 0, 1], NGINX_PEER_PORT));
-        let listen = SocketAddr::from(([0, 0, 0, 0], NGINX_PEER_PORT));
+        let listen = |port: u16| SocketAddr::from(([0, 0, 0, 0], port));
+        // The paced streams go through a server of their own, passed on
+        // chunk by chunk, as the interceptor passes them in monitor mode.
+        let servers = servers::reverse_proxy_http("provider", listen(NGINX_PEER_PORT), provider_addr, false, &env.pki)
+            + &servers::reverse_proxy_http("paced", listen(NGINX_STREAM_PORT), paced_addr, true, &env.pki);
         let nginx = procstat::with_cpus(&[PROXY_CPU], || {
-            Nginx::start(
-                &env.netns,
-                &env.peer_cg,
-                &peer_dir,
-                1,
-                &servers::reverse_proxy_http(listen, provider_addr, &env.pki),
-                peer_addr,
-            )
+            Nginx::start(&env.netns, &env.peer_cg, &peer_dir, 1, &servers, peer_addr)
         })??;
         procstat::pin_cgroup(env.peer_cg.path(), &[PROXY_CPU])?;
-        env.peer_redirect(NGINX_PEER_PORT, true)?;
+        env.peer_redirect(PROVIDER, NGINX_PEER_PORT, true)?;
+        env.peer_redirect(PACED, NGINX_STREAM_PORT, true)?;
         let row = measure(&env, opts, names::NGINX, url, keepalive, Some(&env.peer_cg))?;
         expect(&row, false)?;
         rows.push(row);
         let row = measure(&env, opts, "nginx proxy, new conn per req (TLS resumed)", url, close, Some(&env.peer_cg))?;
         expect(&row, false)?;
         conn_rows.push(row);
-        env.peer_redirect(NGINX_PEER_PORT, false)?;
+        stream_set("nginx proxy", &ca, Some(&env.peer_cg), false, &mut streams)?;
+        env.peer_redirect(PACED, NGINX_STREAM_PORT, false)?;
+        env.peer_redirect(PROVIDER, NGINX_PEER_PORT, false)?;
         drop(nginx);
     }
 
@@ -980,7 +982,7 @@ pub fn run(opts: &Options) -> Result<()> {
             Mitmproxy::start(&env.netns, &env.peer_cg, &mitm_dir, MITM_PEER_PORT, &env.pki.ca)
         })??;
         procstat::pin_cgroup(env.peer_cg.path(), &[PROXY_CPU])?;
-        env.peer_redirect(MITM_PEER_PORT, true)?;
+        env.peer_redirect(PROVIDER, MITM_PEER_PORT, true)?;
         let row = measure(&env, opts, "mitmproxy, allowed", url, keepalive, Some(&env.peer_cg))?;
         reference(expect(&row, false));
         rows.push(row);
@@ -991,7 +993,7 @@ pub fn run(opts: &Options) -> Result<()> {
         reference(expect(&row, false));
         conn_rows.push(row);
         memory.mitm = Some(rss_mb(mitm.pid())?);
-        env.peer_redirect(MITM_PEER_PORT, false)?;
+        env.peer_redirect(PROVIDER, MITM_PEER_PORT, false)?;
         drop(mitm);
     }
 

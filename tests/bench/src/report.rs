@@ -321,6 +321,16 @@ pub fn figures(m: &Measured<'_>) -> Vec<Figure> {
             goal: Some(Goal::AtMost(limit)),
             from,
         });
+        // What a plain TLS proxy adds on the same machine: the floor of
+        // the figure above.
+        let (value, from) = added_first("nginx proxy", what);
+        out.push(Figure {
+            what: format!("nginx proxy (proxy_buffering off), paced: added first byte, {label}"),
+            value,
+            unit: Unit::Ms,
+            goal: None,
+            from,
+        });
     }
     out.push(Figure {
         what: "OpenTelemetry export on (default: spans, to a local sink): proxy CPU per request vs off".into(),

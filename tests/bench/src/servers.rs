@@ -120,20 +120,29 @@ pub fn provider_http(listen: SocketAddr, pki: &super::pki::BenchPki) -> String {
     )
 }
 
-/// The `http` block of the reverse proxy peer: TLS terminated on `listen`
-/// (any SNI gets the provider's leaf), re-encrypted to `upstream` with the
-/// certificate verified against the bench CA, over kept-alive connections.
-pub fn reverse_proxy_http(listen: SocketAddr, upstream: SocketAddr, pki: &super::pki::BenchPki) -> String {
+/// A server of the reverse proxy peer's `http` block: TLS terminated on
+/// `listen` (any SNI gets the provider's leaf), re-encrypted to `upstream`
+/// (named `name`) with the certificate verified against the bench CA, over
+/// kept-alive connections. A `streaming` server passes each chunk on as it
+/// comes (`proxy_buffering off`), as a proxy of streamed answers must.
+pub fn reverse_proxy_http(
+    name: &str,
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    streaming: bool,
+    pki: &super::pki::BenchPki,
+) -> String {
     format!(
-        "  upstream provider {{\n    server {upstream};\n    keepalive 64;\n  }}\n\
+        "  upstream {name} {{\n    server {upstream};\n    keepalive 64;\n  }}\n\
          server {{\n    listen {listen} ssl;\n    ssl_certificate {cert};\n    ssl_certificate_key {key};\n\
-         location / {{\n      proxy_pass https://provider;\n      proxy_http_version 1.1;\n\
+         location / {{\n      proxy_pass https://{name};\n      proxy_http_version 1.1;\n\
          proxy_set_header Connection \"\";\n      proxy_set_header Host $host;\n\
          proxy_ssl_server_name on;\n      proxy_ssl_name api.openai.com;\n      proxy_ssl_verify on;\n\
-         proxy_ssl_trusted_certificate {ca};\n      proxy_ssl_session_reuse on;\n    }}\n  }}\n",
+         proxy_ssl_trusted_certificate {ca};\n      proxy_ssl_session_reuse on;\n{buffering}    }}\n  }}\n",
         cert = pki.cert.display(),
         key = pki.key.display(),
         ca = pki.ca.display(),
+        buffering = if streaming { "      proxy_buffering off;\n" } else { "" },
     )
 }
 
