@@ -835,9 +835,12 @@ fn inspected_body(mut body: BoxBody, mut inspector: Box<dyn BodyInspector>) -> B
                 match frame.into_data() {
                     Ok(chunk) if observes_only => {
                         // Forwarded first (the clone shares the bytes), then
-                        // inspected while the client reads.
+                        // inspected while the client reads. The yield lets
+                        // the connection's task write the chunk out before
+                        // the inspection takes this worker.
                         if !chunk.is_empty() {
                             let _ = tx.send(Ok(Frame::data(chunk.clone()))).await;
+                            tokio::task::yield_now().await;
                         }
                         if let ChunkAction::End(bytes) = inspector.on_chunk(chunk).await {
                             if !bytes.is_empty() {
@@ -1105,6 +1108,56 @@ mod tests {
         drop(upstream);
         assert!(body.frame().await.is_none());
         assert_eq!(seen.lock().unwrap().len(), 2);
+    }
+
+    /// Works on each chunk without ever waiting, as the guardrail's own
+    /// inspector does, and notes how many chunks the client had by then.
+    struct Busy {
+        delivered: Arc<std::sync::atomic::AtomicUsize>,
+        had: Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl BodyInspector for Busy {
+        async fn on_chunk(&mut self, chunk: Bytes) -> ChunkAction {
+            self.had.lock().unwrap().push(self.delivered.load(std::sync::atomic::Ordering::SeqCst));
+            ChunkAction::Forward(chunk)
+        }
+
+        async fn on_end(&mut self) -> Bytes {
+            Bytes::new()
+        }
+
+        fn observes_only(&self) -> bool {
+            true
+        }
+    }
+
+    /// On one worker, an observed chunk goes out before its inspection
+    /// runs: a first streamed byte is not held for the inspection's work.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_observed_chunk_reaches_the_client_before_its_inspection_runs() {
+        let (upstream, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|i| (i, rx)) });
+        let delivered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let had = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let inspector = Busy { delivered: Arc::clone(&delivered), had: Arc::clone(&had) };
+        let mut body = inspected_body(StreamBody::new(stream).boxed_unsync(), Box::new(inspector));
+        let client = tokio::spawn({
+            let delivered = Arc::clone(&delivered);
+            async move {
+                while let Some(frame) = body.frame().await {
+                    frame.unwrap();
+                    delivered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        });
+        for chunk in ["data: one\n\n", "data: two\n\n"] {
+            upstream.send(Ok(Frame::data(Bytes::from_static(chunk.as_bytes())))).await.unwrap();
+        }
+        drop(upstream);
+        client.await.unwrap();
+        assert_eq!(*had.lock().unwrap(), [1, 2], "chunks the client had when each inspection began");
     }
 
     #[test]
