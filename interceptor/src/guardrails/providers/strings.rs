@@ -224,7 +224,9 @@ impl<'de> Visitor<'de> for Node<'_, 'de> {
         let Node { each, stopped, mut at } = self;
         // A choice's own reason, else its camel-case one.
         let mut reason = (None, None);
-        while let Some(key) = map.next_key_seed(KeyName)? {
+        // Only the root's and a choice's members are told apart.
+        let seed = KeyName { read: !matches!(at, At::Inner | At::Choices(_)) };
+        while let Some(key) = map.next_key_seed(seed)? {
             match (&mut at, key) {
                 (At::Top(walked), Key::Model) => {
                     walked.model = map.next_value_seed(LeafSeed(node(each, stopped, At::Inner)))?.text()
@@ -273,7 +275,11 @@ enum Key {
 }
 
 /// Reads an object key as a [`Key`].
-struct KeyName;
+#[derive(Clone, Copy)]
+struct KeyName {
+    /// Whether the key is looked at (else it is [`Key::Other`]).
+    read: bool,
+}
 
 impl<'de> DeserializeSeed<'de> for KeyName {
     type Value = Key;
@@ -291,6 +297,9 @@ impl<'de> Visitor<'de> for KeyName {
     }
 
     fn visit_str<E: de::Error>(self, s: &str) -> Result<Key, E> {
+        if !self.read {
+            return Ok(Key::Other);
+        }
         Ok(match s {
             "model" => Key::Model,
             "usage" => Key::Usage,
