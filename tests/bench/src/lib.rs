@@ -274,8 +274,8 @@ impl Env {
         let _ = self.netns.exec(&["conntrack", "-F"]);
     }
 
-    /// iptables REDIRECT of the client cgroup's connections to the provider
-    /// to `port` (how the peers are reached); `add` false removes it.
+    /// iptables REDIRECT of the client cgroup's connections to `to`:443 to
+    /// `port` (how the peers are reached); `add` false removes it.
     fn peer_redirect(&self, to: &str, port: u16, add: bool) -> Result<()> {
         let path = self.client_cg.relative_path();
         let op = if add { "-A" } else { "-D" };
