@@ -108,6 +108,11 @@
 //! validators; phrases and keywords are then found by one Aho-Corasick
 //! automaton. Everything is compiled once, in [`Engine::new`].
 //!
+//! On the allowed path ([`Prescan`]) even that pass is mostly skipped: the
+//! literals every match of the set's regexes starts with are searched for
+//! first, all at once and vectorized, in a case- and digit-folded copy of
+//! the text (`literals`); a text holding none of them cannot match.
+//!
 //! Hostile bodies cost about what plain ones do: every search is linear in
 //! the text, validators look only at their candidate and its neighbours,
 //! a private key block's end is searched once per text however many
@@ -116,6 +121,7 @@
 
 mod detectors;
 mod incremental;
+mod literals;
 mod policy;
 mod redact;
 mod scope;
@@ -325,6 +331,7 @@ impl Scan {
 /// detectors run. Texts that are not clear need the full [`Engine::scan`].
 pub struct Prescan<'e> {
     engine: &'e Engine,
+    prefilter: Option<&'e literals::Prefilter>,
     active: Vec<bool>,
     any: bool,
     /// A keyword detector outside the combined set is in use.
@@ -333,14 +340,17 @@ pub struct Prescan<'e> {
 }
 
 impl Prescan<'_> {
-    /// Whether `text` has no candidate. The combined set answers alone for
-    /// almost every text (one search that stops at its first match).
+    /// Whether `text` has no candidate. The literal prefilter, or else the
+    /// combined set, answers alone for almost every text.
     pub fn clear(&mut self, text: &str) -> bool {
         if !self.any || text.is_empty() {
             return true;
         }
-        let set_matches = self.engine.set.as_ref().is_some_and(|s| s.is_match(text));
-        if !set_matches && !self.unfiltered {
+        let set_may_match = match self.prefilter {
+            Some(prefilter) => prefilter.may_match(text),
+            None => self.engine.set.as_ref().is_some_and(|s| s.is_match(text)),
+        };
+        if !set_may_match && !self.unfiltered {
             return true;
         }
         self.candidates.clear();
@@ -428,6 +438,16 @@ enum SetEntry {
     Keywords { detector: usize },
 }
 
+impl SetEntry {
+    /// The detector this entry finds for.
+    fn detector(&self, patterns: &[CompiledPattern]) -> usize {
+        match *self {
+            SetEntry::Pattern(p) => patterns[p].detector,
+            SetEntry::Keywords { detector } => detector,
+        }
+    }
+}
+
 /// A keyword detector with more keywords than this (or longer) skips the
 /// combined set and always runs the automaton when active.
 const MAX_PREFILTER_KEYWORDS: usize = 256;
@@ -459,6 +479,9 @@ pub struct Engine {
     /// Every pattern, and the keyword lists small enough, in one set: one
     /// pass over a text that matches nothing.
     set: Option<RegexSet>,
+    /// What the set's regexes must start with, for the allowed path's
+    /// prescan.
+    prefilters: literals::Prefilters,
     set_entries: Vec<SetEntry>,
     keywords: Option<AhoCorasick>,
     keyword_info: Vec<KeywordInfo>,
@@ -539,6 +562,8 @@ impl Engine {
             set_regexes.push(format!("(?{flags}:{alternation})"));
             set_entries.push(SetEntry::Keywords { detector });
         }
+        let set_detectors = set_entries.iter().map(|e| e.detector(&patterns)).collect();
+        let prefilters = literals::Prefilters::new(set_regexes.clone(), set_detectors, rules.len());
         let set = if set_regexes.is_empty() {
             None
         } else {
@@ -572,6 +597,7 @@ impl Engine {
             detectors,
             patterns,
             set,
+            prefilters,
             set_entries,
             keywords,
             keyword_info,
@@ -650,14 +676,17 @@ impl Engine {
     /// texts' kinds (see [`Prescan::clear`]).
     pub fn prescan(&self, ctx: &ScanContext<'_>) -> Prescan<'_> {
         let mut active = vec![false; self.detectors.len()];
-        for r in self.rules.iter().filter(|r| r.applies(ctx)) {
+        let mut applying = 0u64;
+        for (i, r) in self.rules.iter().enumerate().filter(|(_, r)| r.applies(ctx)) {
+            applying |= 1u64.checked_shl(i as u32).unwrap_or(0);
             for &(d, _) in &r.detectors {
                 active[d] = true;
             }
         }
         let any = active.iter().any(|&a| a);
         let unfiltered = self.unfiltered_keywords.iter().any(|&d| active[d]);
-        Prescan { engine: self, active, any, unfiltered, candidates: Vec::new() }
+        let prefilter = if any { self.prefilters.get(applying, &active) } else { None };
+        Prescan { engine: self, prefilter, active, any, unfiltered, candidates: Vec::new() }
     }
 
     /// Whether the policy's tool lists deny MCP tool `tool` of server `host`

@@ -711,6 +711,37 @@ const CARDS: &[&str] = &[
     "4012 8888 8888 1881",
 ];
 
+/// `hir` with its look-arounds (`\b`, `^`) left out: what proptest can
+/// generate texts from. A text so made may not match the regex itself;
+/// the property below only counts those that do.
+fn without_looks(hir: &regex_syntax::hir::Hir) -> regex_syntax::hir::Hir {
+    use regex_syntax::hir::{Hir, HirKind, Repetition};
+    match hir.kind() {
+        HirKind::Look(_) => Hir::empty(),
+        HirKind::Repetition(rep) => {
+            Hir::repetition(Repetition { sub: Box::new(without_looks(&rep.sub)), ..rep.clone() })
+        }
+        HirKind::Capture(capture) => without_looks(&capture.sub),
+        HirKind::Concat(subs) => Hir::concat(subs.iter().map(without_looks).collect()),
+        HirKind::Alternation(subs) => Hir::alternation(subs.iter().map(without_looks).collect()),
+        _ => hir.clone(),
+    }
+}
+
+/// Texts made from one of the combined set's regexes, between words.
+fn set_texts(engine: &Engine) -> impl Strategy<Value = String> + use<> {
+    let regexes = engine.set.as_ref().unwrap().patterns().to_vec();
+    let made = regexes
+        .iter()
+        .map(|r| {
+            let hir = without_looks(&regex_syntax::parse(r).unwrap());
+            proptest::string::string_regex_parsed(&hir).unwrap().boxed()
+        })
+        .collect::<Vec<_>>();
+    let around = "[a-zA-Z0-9 ,.:=\"'\n\t]{0,12}";
+    (around, proptest::strategy::Union::new(made), around).prop_map(|(a, m, b)| format!("{a}{m}{b}"))
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
@@ -742,6 +773,26 @@ proptest! {
         let got: Vec<_> = scan.findings.iter().map(|f| (f.start, f.end)).collect();
         prop_assert_eq!(&got, &ranges);
         prop_assert_eq!(scan.redacted(0, &text).unwrap(), expected);
+    }
+
+    /// The literal prefilter lets through every text the combined set
+    /// matches: for every detector at once, and for the built-in policy's
+    /// rules on requests and on responses.
+    #[test]
+    fn the_prefilter_passes_whatever_the_set_matches(text in set_texts(&all_detectors())) {
+        static ENGINES: std::sync::LazyLock<[Engine; 2]> =
+            std::sync::LazyLock::new(|| [all_detectors(), Engine::builtin().unwrap()]);
+        for engine in ENGINES.iter() {
+            for ctx in [req(), resp()] {
+                let prescan = engine.prescan(&ctx);
+                let (Some(set), Some(prefilter)) = (engine.set.as_ref(), prescan.prefilter) else { continue };
+                let matching: Vec<usize> = set.matches(&text).into_iter().filter(|&i| prescan.active[engine.set_entries[i].detector(&engine.patterns)]).collect();
+                prop_assert!(
+                    matching.is_empty() || prefilter.may_match(&text),
+                    "{text:?} matches {:?}, the prefilter lets it by", matching.iter().map(|&i| &set.patterns()[i]).collect::<Vec<_>>()
+                );
+            }
+        }
     }
 
     #[test]
