@@ -67,8 +67,10 @@ const MIN_SHARED: usize = 6;
 /// Literals are cut to this length: a longer one filters no better.
 const MAX_LITERAL_LEN: usize = 64;
 
-/// A text is folded this many bytes at a time, on the stack.
+/// A text is folded this many bytes at a time, on the stack; one this
+/// short or shorter in a window this short.
 const WINDOW: usize = 4096;
+const SHORT_WINDOW: usize = 256;
 
 /// Literals shorter than this would be found in nearly every text.
 const MIN_LITERAL: usize = 2;
@@ -202,14 +204,20 @@ impl Prefilter {
         found || self.rest.as_ref().is_some_and(|r| r.is_match(text))
     }
 
-    /// Whether `text`, folded, holds a literal: folded a window at a time
-    /// on the stack, each window starting early enough to hold any literal
-    /// that the one before cut.
+    /// Whether `text`, folded, holds a literal.
     fn finds(&self, text: &[u8]) -> bool {
-        let mut window = [0u8; WINDOW];
+        // Most texts are short: not worth clearing a whole window for.
+        if text.len() <= SHORT_WINDOW { self.finds_in::<SHORT_WINDOW>(text) } else { self.finds_in::<WINDOW>(text) }
+    }
+
+    /// [`Self::finds`], folding `text` `N` bytes at a time on the stack,
+    /// each window starting early enough to hold any literal that the one
+    /// before cut (`N` is longer than any literal).
+    fn finds_in<const N: usize>(&self, text: &[u8]) -> bool {
+        let mut window = [0u8; N];
         let mut start = 0;
         loop {
-            let end = (start + WINDOW).min(text.len());
+            let end = (start + N).min(text.len());
             let folded = &mut window[..end - start];
             for (to, &from) in folded.iter_mut().zip(&text[start..end]) {
                 *to = fold(from);
