@@ -21,10 +21,5 @@ pub const PRIVATE_KEY: &str = "-----BEGIN RSA PRIVATE KEY-----\nMIIBOgIBAAJBAKj3
 
 /// The audit events the interceptor has logged so far.
 pub fn audit_events(proxy: &interceptor::testing::Interceptor) -> Vec<Value> {
-    proxy
-        .events()
-        .into_iter()
-        .filter(|e| e["target"] == "audit")
-        .filter_map(|e| serde_json::from_str::<Value>(e["audit"].as_str()?).ok())
-        .collect()
+    proxy.audit_events()
 }

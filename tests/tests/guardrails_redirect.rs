@@ -255,13 +255,7 @@ print(json.dumps({"pid": os.getpid(), "port": port, "status": r.status, "body": 
 
 /// The audit events the interceptor logged so far.
 fn audit_events(stage: &Stage) -> Vec<Value> {
-    stage
-        .proxy
-        .events()
-        .into_iter()
-        .filter(|e| e["target"] == "audit")
-        .filter_map(|e| serde_json::from_str::<Value>(e["audit"].as_str()?).ok())
-        .collect()
+    stage.proxy.audit_events()
 }
 
 /// The audit event for the request from client port `port`, waiting for it.

@@ -127,13 +127,10 @@ impl Setup {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         let suffix = format!(":{port}");
         loop {
-            let found = self
-                .proxy
-                .events()
-                .into_iter()
-                .filter(|e| e["target"] == "audit")
-                .filter_map(|e| serde_json::from_str::<Value>(e["audit"].as_str()?).ok())
-                .find(|e| e["direction"] == "request" && e["client"].as_str().is_some_and(|c| c.ends_with(&suffix)));
+            let found =
+                self.proxy.audit_events().into_iter().find(|e| {
+                    e["direction"] == "request" && e["client"].as_str().is_some_and(|c| c.ends_with(&suffix))
+                });
             if let Some(e) = found {
                 return Ok(e);
             }
@@ -286,13 +283,7 @@ async fn an_unmodified_sdk_client_is_guarded_through_the_ebpf_redirect() -> Resu
     // Inspected by the interceptor, not reached around it.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let calls: Vec<Value> = proxy
-            .events()
-            .into_iter()
-            .filter(|e| e["target"] == "audit")
-            .filter_map(|e| serde_json::from_str::<Value>(e["audit"].as_str()?).ok())
-            .filter(|e| e["event"] == "mcp_tool_call")
-            .collect();
+        let calls: Vec<Value> = proxy.audit_events().into_iter().filter(|e| e["event"] == "mcp_tool_call").collect();
         let decision = |tool: &str| calls.iter().find(|e| e["mcp"]["tool"] == tool).map(|e| e["decision"].clone());
         if decision("echo").is_some() && decision("weather").is_some() {
             assert_eq!(decision("echo"), Some(json!("allow")), "{calls:#?}");

@@ -172,10 +172,8 @@ scope.workloads = ["{label}"]
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let rules: Vec<String> = proxy
-            .events()
+            .audit_events()
             .into_iter()
-            .filter(|e| e["target"] == "audit")
-            .filter_map(|e| serde_json::from_str::<Value>(e["audit"].as_str()?).ok())
             .filter(|a| a["decision"] == "block")
             .flat_map(|a| a["rules"].as_array().cloned().unwrap_or_default())
             .filter_map(|r| r.as_str().map(str::to_owned))

@@ -67,10 +67,8 @@ async fn pod_clients_are_intercepted_and_guardrailed_by_the_node_interceptor() -
 
     // The audit event names the pod from its cgroup path.
     let audit = proxy
-        .events()
+        .audit_events()
         .into_iter()
-        .filter(|e| e["target"] == "audit")
-        .filter_map(|e| serde_json::from_str::<serde_json::Value>(e["audit"].as_str()?).ok())
         .find(|a| a["decision"] == "modify")
         .context("no audit event for the redaction")?;
     assert_eq!(audit["workload"]["pod_uid"], "1f2e3d4c-5b6a-7980-a1b2-c3d4e5f60718", "{audit}");

@@ -48,13 +48,7 @@ fn policy() -> String {
 
 /// The audit events logged so far.
 fn audit_events(stage: &Stage) -> Vec<Value> {
-    stage
-        .proxy
-        .events()
-        .into_iter()
-        .filter(|e| e["target"] == "audit")
-        .filter_map(|e| serde_json::from_str::<Value>(e["audit"].as_str()?).ok())
-        .collect()
+    stage.proxy.audit_events()
 }
 
 /// The request's audit event from client port `port`, waiting for it.

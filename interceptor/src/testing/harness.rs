@@ -99,6 +99,12 @@ impl Interceptor {
         self.log_text().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
+    /// The audit events logged so far (each log line of target `audit`
+    /// carries its event as the object `audit`).
+    pub fn audit_events(&self) -> Vec<Value> {
+        self.events().into_iter().filter(|e| e["target"] == "audit").map(|mut e| e["audit"].take()).collect()
+    }
+
     /// The per-connection records.
     pub fn connections(&self) -> Vec<Value> {
         self.events().into_iter().filter(|e| e["event"] == "connection").collect()

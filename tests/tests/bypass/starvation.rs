@@ -112,10 +112,9 @@ async fn repeated_key_headers_are_blocked_while_others_are_served_and_the_heartb
     let blocks = || {
         stage
             .proxy
-            .events()
+            .audit_events()
             .into_iter()
-            .filter(|e| e["event"] == "guardrail_decision" && e["decision"] == "block")
-            .filter_map(|e| serde_json::from_str::<Value>(e["audit"].as_str()?).ok())
+            .filter(|a| a["event"] == "guardrail_decision" && a["decision"] == "block")
             .filter(|a| a["direction"] == "request")
             .filter(|a| a["detectors"].as_array().is_some_and(|d| d.iter().any(|d| d == "private_key")))
             .count()

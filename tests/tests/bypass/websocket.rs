@@ -18,17 +18,7 @@ fn key() -> String {
 
 /// The interceptor's audit events (from its log).
 fn audit_events(stage: &Stage) -> Vec<Value> {
-    stage
-        .proxy
-        .events()
-        .into_iter()
-        .filter(|e| e["target"] == "audit")
-        .filter_map(|e| match &e["audit"] {
-            Value::String(s) => serde_json::from_str(s).ok(),
-            v @ Value::Object(_) => Some(v.clone()),
-            _ => None,
-        })
-        .collect()
+    stage.proxy.audit_events()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

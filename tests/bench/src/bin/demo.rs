@@ -7,13 +7,12 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use interceptor::testing::{
     clients::{HttpRequest, HttpVersion, curl, python_sse},
     require_privileges,
 };
 use interceptor_tests::stage::Stage;
-use serde_json::Value;
 
 fn chat(prompt: &str) -> HttpRequest {
     HttpRequest::post_json(
@@ -75,19 +74,15 @@ async fn main() -> Result<()> {
     );
 
     println!("audit events (one per decision; no prompt text, no secrets):");
-    for line in stage.proxy.log_text().lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
-        if v["target"] == "audit" {
-            let audit: Value = serde_json::from_str(v["audit"].as_str().context("audit field")?)?;
-            println!(
-                "  {:<8} {:<8} {:<22} rules={} detectors={}",
-                audit["direction"].as_str().unwrap_or(""),
-                audit["decision"].as_str().unwrap_or(""),
-                audit["path"].as_str().unwrap_or(""),
-                audit["rules"],
-                audit["detectors"]
-            );
-        }
+    for audit in stage.proxy.audit_events() {
+        println!(
+            "  {:<8} {:<8} {:<22} rules={} detectors={}",
+            audit["direction"].as_str().unwrap_or(""),
+            audit["decision"].as_str().unwrap_or(""),
+            audit["path"].as_str().unwrap_or(""),
+            audit["rules"],
+            audit["detectors"]
+        );
     }
     println!("\nconnections (one line each):");
     for c in stage.proxy.connections() {
