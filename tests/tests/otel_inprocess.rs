@@ -431,3 +431,61 @@ async fn spans_go_over_grpc_with_content_when_prompts_are_audited() -> Result<()
     ensure!(!raw.windows(OPENAI_KEY.len()).any(|w| w == OPENAI_KEY.as_bytes()), "the export carries the key");
     Ok(())
 }
+
+/// What a client or a provider writes where an identifier goes (the
+/// request's `model`, the answer's `id`) is text like any other: a
+/// credential put there is caught (the request never leaves, the whole
+/// answer never reaches the client), and is copied neither into a span nor
+/// into an audit event, whether or not the exchange was blocked for it.
+/// A stream's events are followed by their text: there the id is kept out
+/// of the span only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_in_an_identifier_reaches_no_span_and_no_audit_event() -> Result<()> {
+    let w = World::start(OtlpProtocol::Http, false).await?;
+    let token = format!("ghp_{}", "Qk7W".repeat(9));
+    let client = client_for("api.openai.com", w.proxy.addr, &[&w.proxy.ca_pem], false)?;
+    let chat = |id: &str, model: &str, stream: bool| {
+        let body =
+            json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "Capital of France?"}]});
+        client
+            .post("https://api.openai.com/v1/chat/completions")
+            .header("authorization", format!("Bearer {OPENAI_KEY}"))
+            .header("x-request-id", id)
+            .header("x-fake-reply", REPLY)
+            .body(body.to_string())
+    };
+    let mut answers = Vec::new();
+    // The client's model is the token: blocked before the provider.
+    let resp = chat("id-in-model", &token, false).send().await?;
+    ensure!(resp.status() == 403, "a token as the model was let through: {}", resp.status());
+    answers.push(resp.text().await?);
+    // The provider's answer id is the token, whole and streamed.
+    for (id, stream) in [("id-in-answer", false), ("id-in-stream", true)] {
+        let resp = chat(id, "gpt-4o", stream).header("x-fake-id", &token).send().await?;
+        answers.push(resp.text().await?);
+    }
+    let ids = ["id-in-model", "id-in-answer", "id-in-stream"];
+    let spans = w.receiver.spans_of(&ids).await?;
+    ensure!(w.upstream_traceparent("id-in-model").is_none(), "the token reached the provider as the model");
+    let audit = std::fs::read_to_string(&w.audit)?;
+    for id in ids {
+        ensure!(!w.audit_lines(id).is_empty(), "{id}: no audit event in {audit}");
+    }
+    let logs = w.receiver.logs(w.audit_lines("id-in-model").len()).await?;
+    let raw = std::fs::read(&w.receiver.raw)?;
+    let records = std::fs::read_to_string(&w.receiver.records)?;
+    let mut leaks = Vec::new();
+    if raw.windows(token.len()).any(|w| w == token.as_bytes()) || records.contains(&token) {
+        leaks.push(format!("the export: {spans:#?}\n{logs:#?}"));
+    }
+    if audit.contains(&token) {
+        leaks.push(format!("the audit file: {audit}"));
+    }
+    for (id, answer) in ids.iter().zip(&answers).take(2) {
+        if answer.contains(&token) {
+            leaks.push(format!("the client's answer to {id}: {answer}"));
+        }
+    }
+    ensure!(leaks.is_empty(), "the token is in {}", leaks.join("\n"));
+    Ok(())
+}

@@ -121,6 +121,10 @@ pub enum TextKind {
     /// descriptions, parameter descriptions): text the model reads as
     /// instructions.
     ToolDefinition,
+    /// The value of a field that names or tags something rather than
+    /// saying it (`model`, `id`, `call_id`, `type`, `status`, …): still
+    /// what the receiver reads, so a credential put there is found.
+    Identifier,
 }
 
 /// One step of a JSON path.

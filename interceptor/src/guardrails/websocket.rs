@@ -375,8 +375,24 @@ mod tests {
 
     const KEY: &str = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA\n-----END RSA PRIVATE KEY-----";
 
+    /// The message's texts but its identifiers.
     fn texts(protocol: WsProtocol, msg: &Value) -> Vec<String> {
-        client_message(protocol, msg.to_string().as_bytes()).texts.into_iter().map(|t| t.text).collect()
+        client_message(protocol, msg.to_string().as_bytes())
+            .texts
+            .into_iter()
+            .filter(|t| t.kind != TextKind::Identifier)
+            .map(|t| t.text)
+            .collect()
+    }
+
+    /// The message's identifiers.
+    fn identifiers(protocol: WsProtocol, msg: &Value) -> Vec<String> {
+        client_message(protocol, msg.to_string().as_bytes())
+            .texts
+            .into_iter()
+            .filter(|t| t.kind == TextKind::Identifier)
+            .map(|t| t.text)
+            .collect()
     }
 
     #[test]
@@ -401,9 +417,12 @@ mod tests {
             "metadata": {"note": "also prose"}});
         let m = client_message(WsProtocol::OpenAiResponses, msg.to_string().as_bytes());
         assert!(m.creates_response);
-        let t: Vec<_> = m.texts.iter().map(|t| t.text.as_str()).collect();
+        let t: Vec<_> = m.texts.iter().filter(|t| t.kind != TextKind::Identifier).map(|t| t.text.as_str()).collect();
         assert!(t.contains(&KEY) && t.contains(&"be brief") && t.contains(&"also prose"), "{t:?}");
         assert!(!t.contains(&"response.create") && !t.contains(&"gpt-5"));
+        // The event type and the model are identifiers: scanned, as such.
+        let ids = identifiers(WsProtocol::OpenAiResponses, &msg);
+        assert!(ids.contains(&"response.create".to_string()) && ids.contains(&"gpt-5".to_string()), "{ids:?}");
         // A string input too, and the early nested shape.
         assert!(
             texts(WsProtocol::OpenAiResponses, &json!({"type": "response.create", "input": KEY}))
@@ -432,7 +451,7 @@ mod tests {
         let audio = "UklGRiQAAABXQVZFZm10IBAAAAABAAEA".repeat(20);
         let append = json!({"type": "input_audio_buffer.append", "audio": audio});
         let m = client_message(WsProtocol::OpenAiRealtime, append.to_string().as_bytes());
-        assert!(m.audio && m.texts.is_empty(), "{:?}", m.texts);
+        assert!(m.audio && m.texts.iter().all(|t| t.kind == TextKind::Identifier), "{:?}", m.texts);
         // Text smuggled in an audio field is text.
         let smuggled = json!({"type": "input_audio_buffer.append", "audio": KEY});
         assert!(texts(WsProtocol::OpenAiRealtime, &smuggled).contains(&KEY.to_string()));
@@ -443,6 +462,7 @@ mod tests {
         let setup = json!({"setup": {"model": "models/gemini-2.0-flash-live-001",
             "systemInstruction": {"parts": [{"text": "sys"}]}}});
         assert_eq!(texts(WsProtocol::GeminiLive, &setup), ["sys"]);
+        assert_eq!(identifiers(WsProtocol::GeminiLive, &setup), ["models/gemini-2.0-flash-live-001"]);
         let content =
             json!({"clientContent": {"turns": [{"role": "user", "parts": [{"text": KEY}]}], "turnComplete": true}});
         let m = client_message(WsProtocol::GeminiLive, content.to_string().as_bytes());

@@ -46,6 +46,10 @@
 //! that status with the provider's error body instead (Anthropic's shape on
 //! `/v1/messages`, OpenAI's elsewhere), as a rate limit or a bad key would.
 //!
+//! A request header `x-fake-id: <id>` replaces the `id` of a chat completion
+//! (and of each chunk of a streamed one), as a provider that echoes what it
+//! was given there would.
+//!
 //! A request header `x-fake-reply: <text>` replaces the assistant text in chat
 //! answers (and in the WebSocket answers, set on the upgrade request), so a test can make the "model" say something specific. Streams
 //! split that text into deltas at word boundaries, and words longer than
@@ -777,6 +781,8 @@ struct StreamCtx {
     gated: bool,
     recorder: Arc<Recorder>,
     reset: Arc<tokio::sync::Notify>,
+    /// The chunks' `id` (`x-fake-id`, else the default).
+    id: String,
 }
 
 fn route(
@@ -788,7 +794,14 @@ fn route(
     let query = parts.uri.query().unwrap_or("");
     let path = parts.uri.path();
     let gated = query.split('&').any(|pair| pair == "gated=1");
-    let ctx = |fault| StreamCtx { fault, gated, recorder: Arc::clone(&info.recorder), reset: Arc::clone(&info.reset) };
+    let id = completion_id(&parts.headers, "chatcmpl-FAKESSE");
+    let ctx = |fault| StreamCtx {
+        fault,
+        gated,
+        recorder: Arc::clone(&info.recorder),
+        reset: Arc::clone(&info.reset),
+        id: id.clone(),
+    };
     if parts.method == Method::POST {
         return post(parts, req, query, ctx(fault_of(query)));
     }
@@ -856,6 +869,11 @@ fn not_found(parts: &http::request::Parts) -> Response<Body> {
 const DEFAULT_REPLY: &str = "Hello! I am the fake provider used by the interceptor tests. \
     I answer every chat request with this canned text, which is long enough to look like a \
     real model reply and to exercise response inspection without being expensive to scan.";
+
+/// The chat completion's `id`: `x-fake-id`, else `default`.
+fn completion_id(headers: &HeaderMap, default: &str) -> String {
+    headers.get("x-fake-id").map_or_else(|| default.to_owned(), |v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
 
 fn reply_text(headers: &HeaderMap) -> String {
     headers
@@ -930,7 +948,7 @@ fn chat_completion(parts: &http::request::Parts, req: &RecordedRequest, query: &
     let prompt_tokens = req.body.len() / 4;
     let completion_tokens = reply.len() / 4;
     let body = json!({
-        "id": "chatcmpl-FAKE0123456789abcdefghijklmnop",
+        "id": completion_id(&parts.headers, "chatcmpl-FAKE0123456789abcdefghijklmnop"),
         "object": "chat.completion",
         "created": FAKE_CREATED,
         "model": model,
@@ -991,9 +1009,10 @@ fn sse_response_with_usage(
     usage: Option<serde_json::Value>,
     ctx: StreamCtx,
 ) -> Response<Body> {
+    let id = ctx.id.clone();
     let usage_event = usage.map(|usage| {
         let chunk = json!({
-            "id": "chatcmpl-FAKESSE",
+            "id": id,
             "object": "chat.completion.chunk",
             "created": FAKE_CREATED,
             "model": "gpt-4o-mini-2024-07-18",
@@ -1010,6 +1029,7 @@ fn sse_response_with_usage(
         let reset = Arc::clone(&reset);
         let recorder = Arc::clone(&recorder);
         let usage_event = usage_event.clone();
+        let id = id.clone();
         async move {
             if k > n {
                 guard.finish();
@@ -1041,7 +1061,7 @@ fn sse_response_with_usage(
             }
             // `i` first, so the events read `data: {"i":k,...}` (serde_json sorts keys).
             let rest = json!({
-                "id": "chatcmpl-FAKESSE",
+                "id": id,
                 "object": "chat.completion.chunk",
                 "created": FAKE_CREATED,
                 "model": "gpt-4o-mini-2024-07-18",

@@ -16,7 +16,7 @@ pub(super) fn provider_names() -> impl Iterator<Item = &'static str> {
     Provider::ALL.into_iter().map(Provider::as_str)
 }
 
-const KINDS: [(TextKind, &str); 9] = [
+const KINDS: [(TextKind, &str); 10] = [
     (TextKind::Content, "content"),
     (TextKind::Instructions, "instructions"),
     (TextKind::ToolCall, "tool_call"),
@@ -26,6 +26,7 @@ const KINDS: [(TextKind, &str); 9] = [
     (TextKind::Resource, "resource"),
     (TextKind::Prompt, "prompt"),
     (TextKind::ToolDefinition, "tool_definition"),
+    (TextKind::Identifier, "identifier"),
 ];
 
 pub(super) fn kind_named(name: &str) -> Option<TextKind> {
@@ -48,16 +49,17 @@ pub(super) fn kind_bit(kind: TextKind) -> u16 {
         TextKind::Resource => 64,
         TextKind::Prompt => 128,
         TextKind::ToolDefinition => 256,
+        TextKind::Identifier => 512,
     }
 }
 
-pub(super) const ALL_KINDS: u16 = 511;
+pub(super) const ALL_KINDS: u16 = 1023;
 
 /// The kinds the LLM provider parsers produce. `resource`, `prompt` and
 /// `tool_definition` texts come from MCP messages only, so a rule covering
 /// none of these kinds applies to MCP exchanges only (and never to LLM
 /// streams).
-pub(super) const LLM_KINDS: u16 = 63;
+pub(super) const LLM_KINDS: u16 = 63 | 512;
 
 /// A host pattern: lowercase, without a trailing dot.
 #[derive(Clone, Debug, PartialEq, Eq)]

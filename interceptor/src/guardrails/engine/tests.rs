@@ -1299,3 +1299,18 @@ colour = "red"
     assert!(has("tools[2]: `id` must be non-empty") || has("tools[2]: missing field `id`"), "{text:#?}");
     assert!(has("tool list `c`:") && has("colour"), "{text:#?}");
 }
+
+#[test]
+fn the_built_in_policy_checks_identifiers_for_credentials_not_for_card_numbers() {
+    let e = Engine::builtin().unwrap();
+    // A token as a request's model, or an answer's id: blocked both ways.
+    for ctx in [req(), resp()] {
+        let scan = e.scan(&ctx, [(TextKind::Identifier, github_token().as_str())]);
+        assert!(matches!(scan.decision, Decision::Block(_)), "{:?}: {:?}", ctx.direction, scan.findings);
+    }
+    // A numeric id that passes the Luhn check is not a card to redact: an
+    // id rewritten would break the conversation it names.
+    let scan = e.scan(&req(), [(TextKind::Identifier, "4111111111111111")]);
+    assert!(scan.findings.is_empty(), "{:?}", scan.findings);
+    assert!(!e.scan(&req(), content("4111111111111111")).findings.is_empty());
+}

@@ -54,8 +54,10 @@ use super::{
     akto::AktoClient,
     backend::{Backend, Call},
     budgets::Budgets,
-    engine::Engine,
+    engine::{self, Engine, ScanContext, WorkloadRef},
+    genai,
     keys::{self, Broker},
+    model::{Direction, TextKind},
     providers,
 };
 use crate::{
@@ -185,6 +187,44 @@ fn workload_key(workload: Option<&Workload>) -> String {
         (Some(exe), _) => format!("exe:{exe}"),
         (None, false) => format!("comm:{}", w.comm),
         (None, true) => "*".into(),
+    }
+}
+
+/// Replaces each finding of the detectors in `text` with its placeholder.
+/// For what a body says of itself and the exchange records (the model's
+/// name, an answer's id and finish reasons): those copies are recorded
+/// whatever the verdict, a blocked request's model too, so what the
+/// guardrails stop in a body must not come back through them. The local
+/// engine's detectors, or the built-in ones when it is not set up.
+fn scrub<T: AsRef<str> + From<String>>(g: &Guardrails, call: &Call, direction: Direction, text: &mut T) {
+    static BUILTIN: std::sync::OnceLock<Option<Engine>> = std::sync::OnceLock::new();
+    let Some(engine) = g.engine.as_deref().or_else(|| BUILTIN.get_or_init(|| Engine::builtin().ok()).as_ref()) else {
+        return;
+    };
+    let ctx = ScanContext {
+        direction,
+        provider: call.provider,
+        host: &call.host,
+        workload: call.workload.as_ref().map(WorkloadRef::of),
+    };
+    let scan = engine.scan(&ctx, [(TextKind::Identifier, text.as_ref())]);
+    if !scan.findings.is_empty() {
+        *text = T::from(engine::redact(text.as_ref(), &scan.findings));
+    }
+}
+
+/// `model`, as the exchange records it ([`scrub`]).
+fn recorded_model(g: &Guardrails, call: &Call, model: Option<String>) -> Option<String> {
+    let mut model = model?;
+    scrub(g, call, Direction::Request, &mut model);
+    Some(model)
+}
+
+/// An answer's facts, as its span records them ([`scrub`]).
+fn scrub_facts(g: &Guardrails, call: &Call, facts: &mut genai::ResponseFacts<'_>) {
+    let texts = facts.model.iter_mut().chain(facts.id.iter_mut()).chain(facts.finish_reasons.iter_mut());
+    for text in texts {
+        scrub(g, call, Direction::Response, text);
     }
 }
 

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::Full;
 
-use super::{Guardrails, Pipeline, new_call, request_id, trace, workload_key};
+use super::{Guardrails, Pipeline, new_call, recorded_model, request_id, trace, workload_key};
 use crate::{
     audit::{self, AuditEvent, EventDirection, EventKind, McpInfo, WorkloadInfo},
     config::{FailMode, OversizeAction},
@@ -325,7 +325,7 @@ impl Pipeline {
         let call = call.unwrap_or_else(|| {
             // The request itself was not inspected: only its head is known.
             let mut call = new_call(self, &g, ex, request, Bytes::new());
-            call.model = providers::model_from_path(&call.path);
+            call.model = recorded_model(&g, &call, providers::model_from_path(&call.path));
             Arc::new(call)
         });
         let mut outcome = Outcome { alert: true, ..Outcome::default() };

@@ -16,7 +16,7 @@ use super::{
     backends::Subject,
     mcp, new_call,
     outcome::{Block, Outcome},
-    quick,
+    quick, recorded_model,
 };
 use crate::{
     config::{SigV4Action, UndecodableAction},
@@ -184,11 +184,18 @@ impl Pipeline {
             return action;
         }
         if let Some(clean) = quick::clean(g, call, Direction::Request, &text.text) {
-            call.model = clean.model.or_else(|| providers::model_from_path(&call.path));
+            // The walk found nothing in the body's model; the path's is
+            // checked on its own.
+            call.model = match clean.model {
+                Some(model) => Some(model),
+                None => recorded_model(g, call, providers::model_from_path(&call.path)),
+            };
             self.audit(g, call, Direction::Request, &clean.outcome, started, None).await;
             return RequestAction::Forward;
         }
         let parsed = parse(call, &decoded, &text);
+        let model = call.model.take();
+        call.model = recorded_model(g, call, model);
         let texts = Arc::new(parsed.texts);
         let mut subject = Subject {
             texts: &texts,
@@ -268,7 +275,7 @@ impl Pipeline {
     ) -> http::Response<http_body_util::Full<Bytes>> {
         let reason = refusal.message();
         tracing::warn!(rule = budgets::RULE, budget = %refusal.name, %reason, "request refused by a budget");
-        call.model = providers::model_from_path(&call.path);
+        call.model = recorded_model(g, call, providers::model_from_path(&call.path));
         let mut outcome = Outcome::default();
         outcome.stages.push(Stage::Budget);
         outcome.note_rule(budgets::RULE);

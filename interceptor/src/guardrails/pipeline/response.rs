@@ -8,7 +8,9 @@ use bytes::Bytes;
 use http::header;
 use serde_json::Value;
 
-use super::{Guardrails, Pipeline, backends::Subject, outcome::Outcome, quick, stream::StreamGuard, trace};
+use super::{
+    Guardrails, Pipeline, backends::Subject, outcome::Outcome, quick, scrub_facts, stream::StreamGuard, trace,
+};
 use crate::{
     guardrails::{
         backend::{Call, Phase, current_body},
@@ -92,7 +94,13 @@ pub(super) async fn on_body(p: &Pipeline, call: &Call, head: &http::response::Pa
     let success = head.status.is_success();
     let mut clean = quick::clean(&g, call, Direction::Response, &decoded);
     if call.span.is_some() {
-        let facts = clean.as_mut().and_then(|c| c.facts.take()).or_else(|| answer_facts(&g, call, &decoded));
+        // A clean answer's facts are clean: the walk handed them to the
+        // detectors with every other string.
+        let facts = clean.as_mut().and_then(|c| c.facts.take()).or_else(|| {
+            let mut facts = answer_facts(&g, call, &decoded)?;
+            scrub_facts(&g, call, &mut facts);
+            Some(facts)
+        });
         if let Some(facts) = facts {
             trace::response(call, &facts);
         }
@@ -104,7 +112,7 @@ pub(super) async fn on_body(p: &Pipeline, call: &Call, head: &http::response::Pa
     }
     let doc: Option<Value> = serde_json::from_slice(&decoded).ok();
     let usage = doc.as_ref().filter(|_| success).and_then(|d| usage::from_response(call.provider, d));
-    let texts: Arc<Vec<TextSpan>> = Arc::new(match &doc {
+    let mut texts = match &doc {
         Some(d) => providers::parse_response(call.provider, d).texts,
         None => vec![TextSpan {
             path: Vec::new(),
@@ -112,10 +120,18 @@ pub(super) async fn on_body(p: &Pipeline, call: &Call, head: &http::response::Pa
             kind: TextKind::Other,
             text: String::from_utf8_lossy(&decoded).into_owned(),
         }],
-    });
+    };
+    // With the strings the parser does not read (an id, a field it does
+    // not know): the client reads them all the same.
+    let read_by_parser = texts.len();
+    if let Some(d) = &doc {
+        let unread = providers::unread_texts(d, &texts);
+        texts.extend(unread);
+    }
+    let texts = Arc::new(texts);
     let mut subject = Subject {
         texts: &texts,
-        read_by_parser: texts.len(),
+        read_by_parser,
         original: &decoded,
         doc,
         raw_text: None,

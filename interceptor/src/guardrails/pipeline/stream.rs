@@ -26,7 +26,7 @@ use super::{
     Guardrails, Pipeline,
     backends::Subject,
     outcome::{Block, Outcome},
-    trace,
+    scrub_facts, trace,
 };
 use crate::{
     audit::WorkloadInfo,
@@ -358,7 +358,8 @@ impl StreamGuard {
             self.started,
         );
         let workload = self.workload.clone();
-        if let Some(facts) = &self.facts {
+        if let Some(facts) = &mut self.facts {
+            scrub_facts(&self.g, &self.call, facts);
             trace::response(&self.call, facts);
         }
         let mut event = p.event(&self.g, &self.call, Direction::Response, &self.outcome, self.started, None, workload);

@@ -24,6 +24,7 @@ use super::{
     backends::Subject,
     new_call,
     outcome::{Block, Outcome},
+    recorded_model,
     stream::StreamGuard,
 };
 use crate::{
@@ -48,7 +49,8 @@ pub(super) async fn on_upgrade(p: &Pipeline, ex: &Exchange, head: &http::request
     if let Some(protocol) = protocol {
         call.provider = protocol.provider();
     }
-    call.model = query_param(&call.path, "model").or_else(|| providers::model_from_path(&call.path));
+    let model = query_param(&call.path, "model").or_else(|| providers::model_from_path(&call.path));
+    call.model = recorded_model(&g, &call, model);
     let session = Session::new(p, Arc::clone(&g), protocol, Arc::new(call));
     if protocol.is_some() {
         return UpgradeAction::Inspect(Box::new(session));

@@ -154,6 +154,7 @@ mod tests {
                 Expect("messages[3].content[0].document.data", Tool, ToolResult, "{\"status\":\"shipped\"}"),
                 Expect("messages[4].content", Assistant, Content, "Order 1234 has shipped."),
                 Expect("documents[0]", User, Content, "Orders ship within two days."),
+                Expect("documents[1].id", User, Identifier, "policy-7"),
                 Expect("documents[1].data.title", User, Content, "Returns policy"),
                 Expect("documents[1].data.snippet", User, Content, "Returns are accepted for 30 days."),
                 Expect("tools[0].function.description", System, Instructions, "Look up an order by its id."),

@@ -1,13 +1,15 @@
-//! Unknown JSON bodies: every string leaf is a text, except fields that are
-//! obviously identifiers, enums or binary data.
+//! Unknown JSON bodies: every string leaf is a text, except binary data.
+//! Fields that are obviously identifiers or enums are texts of their own
+//! kind ([`TextKind::Identifier`]): a policy can leave them to the
+//! credential rules, but nothing the receiver reads goes unscanned.
 
 use serde_json::Value;
 
 use super::{Collector, looks_base64};
 use crate::guardrails::model::{Role, StreamDelta, TextKind};
 
-/// Keys whose string values are never prose.
-const SKIPPED_KEYS: &[&str] = &[
+/// Keys whose string values are never prose: identifiers and enums.
+const IDENTIFIER_KEYS: &[&str] = &[
     "model",
     "id",
     "type",
@@ -36,13 +38,15 @@ const SKIPPED_KEYS: &[&str] = &[
     "service_tier",
 ];
 
-/// Whether the generic walk skips `key` (holding `v`).
+/// Whether `key` names an identifier or an enum ([`IDENTIFIER_KEYS`]).
+pub(super) fn is_identifier_key(key: &str) -> bool {
+    IDENTIFIER_KEYS.contains(&key)
+}
+
+/// Whether the generic walk skips `key` (holding `v`): inline image or
+/// audio bytes (`data`, `b64_json`, `bytes`).
 pub(super) fn skip_key(key: &str, v: &Value) -> bool {
     let Value::String(s) = v else { return false };
-    if SKIPPED_KEYS.contains(&key) {
-        return true;
-    }
-    // Inline image / audio bytes (`data`, `b64_json`, `image_url.url`).
     match key {
         "data" | "b64_json" | "bytes" => s.len() >= 16 && !s.contains(' ') && looks_base64(s),
         _ => false,
@@ -87,10 +91,13 @@ mod tests {
             // Document order: objects keep their key order (serde_json's
             // `preserve_order`), so a rewritten body is byte-for-byte faithful.
             &[
+                Expect("model", Unknown, Identifier, "x-1"),
+                Expect("id", Unknown, Identifier, "abc"),
                 Expect("query", Unknown, Other, "find my ssn"),
                 Expect("options.lang", Unknown, Other, "en"),
                 Expect("options.tags[0]", Unknown, Other, "a b"),
                 Expect("options.tags[1]", Unknown, Other, "c"),
+                Expect("image.mime_type", Unknown, Identifier, "image/png"),
             ],
         );
     }

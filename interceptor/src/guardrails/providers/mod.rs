@@ -866,6 +866,7 @@ impl Collector<'_> {
                     if skip_keys && generic::skip_key(k, item) {
                         continue;
                     }
+                    let kind = if skip_keys && generic::is_identifier_key(k) { TextKind::Identifier } else { kind };
                     path.push(PathSeg::Key(k.clone()));
                     self.walk(item, path, role, kind, skip_keys);
                     path.pop();

@@ -419,6 +419,7 @@ mod tests {
             false,
             &[
                 Expect("prompt.variables.city", User, Content, "Paris"),
+                Expect("prompt.variables.note.type", User, Identifier, "input_text"),
                 Expect("prompt.variables.note.text", User, Content, "be brief"),
             ],
         );

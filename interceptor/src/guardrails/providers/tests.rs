@@ -970,7 +970,13 @@ fn unread_texts_are_what_the_parser_skips() {
     assert_eq!(parsed.len(), 1);
     let unread = unread_texts(&doc, &parsed);
     let paths: Vec<String> = unread.iter().map(|t| path_string(&t.path)).collect();
-    assert_eq!(paths, ["messages[0].x_note", "metadata.ticket"]);
+    assert_eq!(paths, ["model", "messages[0].role", "messages[0].x_note", "metadata.ticket", "id"]);
+    // Identifiers are texts of their own kind, not skipped: a key put in
+    // `model` or `id` reaches the provider like any other string.
+    let identifiers: Vec<&str> =
+        unread.iter().filter(|t| t.kind == TextKind::Identifier).map(|t| t.text.as_str()).collect();
+    assert_eq!(identifiers, ["gpt-4o", "user", "not prose"]);
+    let unread: Vec<_> = unread.into_iter().filter(|t| t.kind != TextKind::Identifier).collect();
     assert!(unread.iter().all(|t| t.text == key && t.kind == TextKind::Other));
     // Redacting them in place works like any span.
     let mut redacted = doc.clone();
@@ -978,9 +984,10 @@ fn unread_texts_are_what_the_parser_skips() {
         set_text(&mut redacted, &span.path, "[REDACTED]").unwrap();
     }
     assert!(!redacted.to_string().contains("PRIVATE KEY"));
-    // A body the parser reads whole leaves nothing unread.
+    // A body the parser reads whole leaves nothing unread but identifiers.
     let plain = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
-    assert!(unread_texts(&plain, &parse_request(Provider::OpenAiChat, &plain).texts).is_empty());
+    let unread = unread_texts(&plain, &parse_request(Provider::OpenAiChat, &plain).texts);
+    assert!(unread.iter().all(|t| t.kind == TextKind::Identifier), "{unread:?}");
 }
 
 #[test]
@@ -992,7 +999,7 @@ fn padding_what_the_parser_reads_does_not_hide_the_rest() {
         "hidden": "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----",
     });
     let parsed = parse_request(Provider::OpenAiChat, &doc).texts;
-    let unread = unread_texts(&doc, &parsed);
+    let unread: Vec<_> = unread_texts(&doc, &parsed).into_iter().filter(|t| t.kind != TextKind::Identifier).collect();
     assert_eq!(unread.len(), 1);
     assert_eq!(path_string(&unread[0].path), "hidden");
 }
