@@ -16,6 +16,11 @@
 //!   windows is still caught; enforce holds back the bytes of at most one
 //!   window until its verdict. WebSocket provider messages go through the
 //!   same windows (`websocket`).
+//!
+//! Either way, the other strings of each event (its id, model, finish
+//! reason, …) are what the client reads too: each is checked whole, as an
+//! identifier, before the event is released; the local engine's prescan
+//! clears almost all of them at once (`unread`).
 
 use std::{collections::VecDeque, sync::Arc, time::Instant};
 
@@ -33,7 +38,7 @@ use crate::{
     config::{self, StreamMode},
     guardrails::{
         backend::{Call, Phase},
-        engine::StreamTracker,
+        engine::{ScanContext, StreamTracker, WorkloadRef},
         framing::{Framer, FramingKind},
         genai::ResponseFacts,
         model::{Direction, Role, Stage, StreamDelta, TextKind, TextSpan},
@@ -84,6 +89,9 @@ pub(super) struct StreamGuard {
     facts: Option<ResponseFacts<'static>>,
     /// Whether text went by (the span's time to first chunk is noted).
     text_seen: bool,
+    /// Strings of the parsed events besides their text that the local
+    /// engine's prescan did not clear, not yet checked.
+    unread: Vec<String>,
 }
 
 impl StreamGuard {
@@ -123,6 +131,7 @@ impl StreamGuard {
             meter: None,
             facts,
             text_seen: false,
+            unread: Vec::new(),
         }
     }
 
@@ -156,17 +165,44 @@ impl StreamGuard {
             return false;
         }
         let provider = self.call.provider;
-        let (meter, facts) = (&mut self.meter, &mut self.facts);
-        let mut delta = |ev: StreamEventRef<'_>| match (&mut *meter, &mut *facts) {
-            (None, None) => providers::stream_delta(provider, ev),
-            (meter, facts) => providers::stream_delta_observed(provider, ev, &mut |event, v| {
-                if let Some(meter) = meter.as_mut() {
-                    meter.observe(event, v);
+        let (meter, facts, unread) = (&mut self.meter, &mut self.facts, &mut self.unread);
+        let ctx = ScanContext {
+            direction: Direction::Response,
+            provider,
+            host: &self.call.host,
+            workload: self.call.workload.as_ref().map(WorkloadRef::of),
+        };
+        let mut prescan = self.g.engine.as_deref().map(|engine| engine.prescan(&ctx));
+        let mut delta = |ev: StreamEventRef<'_>| {
+            let before = unread.len();
+            let delta = match (&mut *meter, &mut *facts, &mut prescan) {
+                (None, None, None) => providers::stream_delta(provider, ev),
+                (meter, facts, prescan) => providers::stream_delta_observed(provider, ev, &mut |event, v| {
+                    if let Some(meter) = meter.as_mut() {
+                        meter.observe(event, v);
+                    }
+                    if let Some(facts) = facts.as_mut() {
+                        facts.observe(event, v);
+                    }
+                    if let Some(prescan) = prescan.as_mut() {
+                        providers::each_leaf(v, &mut |s| {
+                            if !prescan.clear(s) {
+                                unread.push(s.to_owned());
+                            }
+                        });
+                    }
+                }),
+            };
+            // The event's text is followed as text.
+            let mut i = before;
+            while i < unread.len() {
+                if delta.texts.iter().any(|(_, text)| *text == unread[i]) {
+                    unread.swap_remove(i);
+                } else {
+                    i += 1;
                 }
-                if let Some(facts) = facts.as_mut() {
-                    facts.observe(event, v);
-                }
-            }),
+            }
+            delta
         };
         let result: Result<Vec<(usize, StreamDelta)>, String> = self
             .framer
@@ -281,6 +317,17 @@ impl StreamGuard {
         out
     }
 
+    /// Checks the events' other strings the prescan did not clear
+    /// (`unread`), each whole. Returns the block reason, if any.
+    async fn check_unread(&mut self) -> Option<String> {
+        if self.unread.is_empty() {
+            return self.outcome.block.as_ref().map(|b| b.reason.clone());
+        }
+        let span = |text| TextSpan { path: Vec::new(), role: Role::Assistant, kind: TextKind::Identifier, text };
+        let texts = Arc::new(self.unread.drain(..).map(span).collect());
+        self.check(&texts).await
+    }
+
     /// Checks the pending window (with the carried overlap). Returns the
     /// block reason, if any.
     pub(super) async fn check_window(&mut self) -> Option<String> {
@@ -292,7 +339,13 @@ impl StreamGuard {
         let overlap = self.g.cfg.stream_overlap;
         self.carry = tail_chars(&text, overlap).to_string();
         let texts = Arc::new(vec![TextSpan { path: Vec::new(), role: Role::Assistant, kind: TextKind::Content, text }]);
-        let mut subject = Subject::text(&texts, (self.status, &self.headers), self.enforce());
+        self.check(&texts).await
+    }
+
+    /// Runs the backends on `texts`; monitor mode records a block as an
+    /// alert. Returns the block reason, if any.
+    async fn check(&mut self, texts: &Arc<Vec<TextSpan>>) -> Option<String> {
+        let mut subject = Subject::text(texts, (self.status, &self.headers), self.enforce());
         self.p.run_backends(&self.g, Phase::Stream, &self.call, &mut subject, &mut self.outcome).await;
         if !self.enforce()
             && let Some(block) = self.outcome.block.take()
@@ -398,6 +451,7 @@ impl BodyInspector for StreamGuard {
     async fn on_chunk(&mut self, chunk: Bytes) -> ChunkAction {
         let end = self.parse(&chunk);
         let window = self.g.cfg.stream_window.max(1);
+        let _ = self.check_unread().await;
         if !self.enforce() {
             if self.pending.len() >= window || end {
                 let _ = self.check_window().await;

@@ -506,6 +506,16 @@ pub fn parse_response(provider: Provider, doc: &Value) -> NormalizedResponse {
     NormalizedResponse { texts: c.texts }
 }
 
+/// Hands every string value under `v` to `each`, in document order.
+pub fn each_leaf(v: &Value, each: &mut dyn FnMut(&str)) {
+    match v {
+        Value::String(s) => each(s),
+        Value::Array(items) => items.iter().for_each(|item| each_leaf(item, each)),
+        Value::Object(map) => map.values().for_each(|item| each_leaf(item, each)),
+        _ => {}
+    }
+}
+
 /// The strings of `doc` that the generic walk finds (every string leaf but
 /// identifiers, enums and binary data) and that are not among `read`, the
 /// spans a provider parser returned: the texts the parser would have hidden.
