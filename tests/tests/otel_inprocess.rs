@@ -437,7 +437,7 @@ async fn spans_go_over_grpc_with_content_when_prompts_are_audited() -> Result<()
 /// credential put there is caught (the request never leaves, the answer
 /// never reaches the client, streamed or not), and is copied neither into
 /// a span nor into an audit event, whether or not the exchange was blocked
-/// for it.
+/// for it. Nor is a token sent as the request id recorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_credential_in_an_identifier_reaches_no_span_and_no_audit_event() -> Result<()> {
     let w = World::start(OtlpProtocol::Http, false).await?;
@@ -463,8 +463,19 @@ async fn a_credential_in_an_identifier_reaches_no_span_and_no_audit_event() -> R
         let resp = chat(id, "gpt-4o", stream).header("x-fake-id", &token).send().await?;
         answers.push(resp.text().await?);
     }
+    // The client's request id is the token: the exchange gets an id of
+    // its own (found by its model).
+    let resp = chat(&token, "gpt-4o-mini", false).send().await?;
+    ensure!(resp.status().is_success(), "a token as the request id: {}", resp.status());
+    answers.push(resp.text().await?);
     let ids = ["id-in-model", "id-in-answer", "id-in-stream"];
-    let spans = w.receiver.spans_of(&ids).await?;
+    let mut spans = w.receiver.spans_of(&ids).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !spans.iter().any(|s| s["attributes"]["gen_ai.request.model"] == "gpt-4o-mini") {
+        ensure!(tokio::time::Instant::now() < deadline, "no span for the request with the token as its id: {spans:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        spans = w.receiver.records().into_iter().filter(|r| r["signal"] == "traces").collect();
+    }
     ensure!(w.upstream_traceparent("id-in-model").is_none(), "the token reached the provider as the model");
     let audit = std::fs::read_to_string(&w.audit)?;
     for id in ids {

@@ -151,10 +151,16 @@ impl Pipeline {
 /// its span opened (export on and sampled).
 fn new_call(p: &Pipeline, g: &Guardrails, ex: &Exchange, head: &http::request::Parts, body: Bytes) -> Call {
     let path = head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
-    let request_id = request_id(&head.headers);
+    let provider = providers::detect(&ex.sni, &path);
+    let ctx = ScanContext {
+        direction: Direction::Request,
+        provider,
+        host: &ex.sni,
+        workload: ex.workload.as_ref().map(WorkloadRef::of),
+    };
+    let request_id = request_id(detectors(g), &ctx, &head.headers);
     // The data plane's `request` span names the request from here on.
     crate::proxy::hook::record_request_id(&request_id);
-    let provider = providers::detect(&ex.sni, &path);
     Call {
         span: trace::open(p.otlp.as_ref(), ex, head, provider, &path),
         request_id,
@@ -190,6 +196,13 @@ fn workload_key(workload: Option<&Workload>) -> String {
     }
 }
 
+/// What recorded strings are checked with: the local engine, or the
+/// built-in detectors when it is not set up.
+fn detectors(g: &Guardrails) -> Option<&Engine> {
+    static BUILTIN: std::sync::OnceLock<Option<Engine>> = std::sync::OnceLock::new();
+    g.engine.as_deref().or_else(|| BUILTIN.get_or_init(|| Engine::builtin().ok()).as_ref())
+}
+
 /// Replaces each finding of the detectors in `text` with its placeholder.
 /// For what a body says of itself and the exchange records (the model's
 /// name, an answer's id and finish reasons): those copies are recorded
@@ -197,10 +210,7 @@ fn workload_key(workload: Option<&Workload>) -> String {
 /// guardrails stop in a body must not come back through them. The local
 /// engine's detectors, or the built-in ones when it is not set up.
 fn scrub<T: AsRef<str> + From<String>>(g: &Guardrails, call: &Call, direction: Direction, text: &mut T) {
-    static BUILTIN: std::sync::OnceLock<Option<Engine>> = std::sync::OnceLock::new();
-    let Some(engine) = g.engine.as_deref().or_else(|| BUILTIN.get_or_init(|| Engine::builtin().ok()).as_ref()) else {
-        return;
-    };
+    let Some(engine) = detectors(g) else { return };
     let ctx = ScanContext {
         direction,
         provider: call.provider,
@@ -233,15 +243,27 @@ fn call_of(state: &ExchangeState) -> Option<Arc<Call>> {
     state.clone().and_then(|s| s.downcast::<Call>().ok())
 }
 
-fn request_id(headers: &http::HeaderMap) -> String {
+/// The exchange's id, named in its every log line, audit event and span:
+/// the client's `x-request-id` (or `request-id`) when it has one of at most
+/// 128 bytes in which the detectors' prescan finds nothing (a key sent as
+/// the id is not recorded), else a new random one.
+fn request_id(detectors: Option<&Engine>, ctx: &ScanContext<'_>, headers: &http::HeaderMap) -> String {
     for name in ["x-request-id", "request-id"] {
         if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok())
             && !v.is_empty()
             && v.len() <= 128
         {
+            if detectors.is_some_and(|d| !d.prescan(ctx).clear(v)) {
+                break;
+            }
             return v.to_string();
         }
     }
+    new_request_id()
+}
+
+/// A new random request id.
+fn new_request_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
@@ -348,9 +370,22 @@ mod tests {
 
     #[test]
     fn request_ids_are_reused_or_made() {
+        let engine = Engine::builtin().unwrap();
+        let ctx = ScanContext {
+            direction: Direction::Request,
+            provider: crate::guardrails::model::Provider::OpenAiChat,
+            host: "api.openai.com",
+            workload: None,
+        };
         let mut h = http::HeaderMap::new();
-        assert_eq!(request_id(&h).len(), 32);
+        assert_eq!(request_id(Some(&engine), &ctx, &h).len(), 32);
         h.insert("x-request-id", HeaderValue::from_static("abc"));
-        assert_eq!(request_id(&h), "abc");
+        assert_eq!(request_id(Some(&engine), &ctx, &h), "abc");
+        // A key as the id is not recorded: a new id instead.
+        let token = format!("ghp_{}", "a1B2c3D4e5F6".repeat(3));
+        h.insert("x-request-id", HeaderValue::from_str(&token).unwrap());
+        let id = request_id(Some(&engine), &ctx, &h);
+        assert!(id.len() == 32 && id != token, "{id}");
+        assert_eq!(request_id(None, &ctx, &h), token);
     }
 }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::Full;
 
-use super::{Guardrails, Pipeline, new_call, recorded_model, request_id, trace, workload_key};
+use super::{Guardrails, Pipeline, new_call, new_request_id, recorded_model, trace, workload_key};
 use crate::{
     audit::{self, AuditEvent, EventDirection, EventKind, McpInfo, WorkloadInfo},
     config::{FailMode, OversizeAction},
@@ -353,7 +353,7 @@ impl Pipeline {
             .record(AuditEvent {
                 time: audit::now(),
                 event: EventKind::UnclassifiedConnection,
-                request_id: request_id(&http::HeaderMap::new()),
+                request_id: new_request_id(),
                 direction: EventDirection::Request,
                 decision: outcome.decision(),
                 provider: Provider::Generic.as_str(),
