@@ -179,6 +179,34 @@ async fn a_token_split_across_server_deltas_is_cut_before_its_end_reaches_the_cl
     Ok(())
 }
 
+/// A provider that puts a token where an id goes: the message carrying it
+/// never reaches the client (the rest of a server message is read too,
+/// not only its text), in enforce mode; monitor mode records it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_in_a_server_message_id_is_cut_before_the_client() -> Result<()> {
+    let token = format!("ghp_{}", "Zq8W".repeat(9));
+    let create = json!({"type": "response.create", "model": "gpt-5", "input": "hi"}).to_string();
+    for mode in [StreamMode::Enforce, StreamMode::Monitor] {
+        let s = setup(GuardrailsConfig { stream_mode: mode, ..GuardrailsConfig::default() }).await?;
+        for url in [RESPONSES, REALTIME] {
+            let mut c = conversation(&s, url, std::slice::from_ref(&create), false);
+            c.headers = vec![("x-fake-id".into(), token.clone())];
+            let r = talk(&s, &c).await?;
+            let reached = r.received.concat().contains(&token);
+            match mode {
+                StreamMode::Enforce => {
+                    assert!(!reached, "{url}: the token reached the client: {r:?}");
+                    assert_eq!(r.close_code, Some(1008), "{url}: {r:?}");
+                }
+                StreamMode::Monitor => assert!(reached, "{url}: monitor mode held a message back: {r:?}"),
+            }
+        }
+        let decision = if mode == StreamMode::Enforce { "block" } else { "alert" };
+        audit_events(&s, |e| e["decision"] == decision && e["direction"] == "response").await?;
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gemini_live_client_content_with_a_key_is_blocked_and_model_text_flows() -> Result<()> {
     let s = setup(GuardrailsConfig::default()).await?;

@@ -47,7 +47,8 @@
 //! `/v1/messages`, OpenAI's elsewhere), as a rate limit or a bad key would.
 //!
 //! A request header `x-fake-id: <id>` replaces the `id` of a chat completion
-//! (and of each chunk of a streamed one), as a provider that echoes what it
+//! (and of each chunk of a streamed one; on a WebSocket upgrade, the ids of
+//! the Responses and Realtime answers), as a provider that echoes what it
 //! was given there would.
 //!
 //! A request header `x-fake-reply: <text>` replaces the assistant text in chat
@@ -1522,8 +1523,9 @@ fn ws_script(path: &str) -> Option<WsScript> {
     }
 }
 
-/// The provider's answer to one client message of a scripted endpoint.
-fn ws_answer(script: WsScript, msg: &Message, reply: &str) -> Vec<Message> {
+/// The provider's answer to one client message of a scripted endpoint;
+/// `id` (the upgrade's `x-fake-id`) replaces the responses' ids.
+fn ws_answer(script: WsScript, msg: &Message, reply: &str, id: Option<&str>) -> Vec<Message> {
     let json = |v: serde_json::Value| Message::text(v.to_string());
     let request: serde_json::Value = match msg {
         Message::Text(t) => serde_json::from_str(t.as_str()).unwrap_or_default(),
@@ -1536,13 +1538,14 @@ fn ws_answer(script: WsScript, msg: &Message, reply: &str) -> Vec<Message> {
     match script {
         WsScript::Echo => vec![msg.clone()],
         WsScript::Responses if ty == "response.create" => {
+            let id = id.unwrap_or("resp_ws");
             let mut out =
-                vec![json(json!({"type": "response.created", "response": {"id": "resp_ws", "status": "in_progress"}}))];
+                vec![json(json!({"type": "response.created", "response": {"id": id, "status": "in_progress"}}))];
             out.extend(pieces.iter().map(|p| {
                 json(json!({"type": "response.output_text.delta", "item_id": "msg_ws", "output_index": 0, "content_index": 0, "delta": p}))
             }));
             out.push(json(json!({"type": "response.output_text.done", "item_id": "msg_ws", "text": full})));
-            out.push(json(json!({"type": "response.completed", "response": {"id": "resp_ws", "status": "completed",
+            out.push(json(json!({"type": "response.completed", "response": {"id": id, "status": "completed",
                 "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": full}]}]}})));
             out
         }
@@ -1550,18 +1553,17 @@ fn ws_answer(script: WsScript, msg: &Message, reply: &str) -> Vec<Message> {
             vec![json(json!({"type": "conversation.item.created", "item": {"id": "item_1"}}))]
         }
         WsScript::Realtime if ty == "response.create" => {
+            let id = id.unwrap_or("resp_rt");
             let mut out = vec![
-                json(json!({"type": "response.created", "response": {"id": "resp_rt"}})),
-                json(
-                    json!({"type": "response.output_audio.delta", "response_id": "resp_rt", "delta": "AAAAAAAAAAAAAAAA"}),
-                ),
+                json(json!({"type": "response.created", "response": {"id": id}})),
+                json(json!({"type": "response.output_audio.delta", "response_id": id, "delta": "AAAAAAAAAAAAAAAA"})),
             ];
             out.extend(
                 pieces
                     .iter()
-                    .map(|p| json(json!({"type": "response.output_text.delta", "response_id": "resp_rt", "delta": p}))),
+                    .map(|p| json(json!({"type": "response.output_text.delta", "response_id": id, "delta": p}))),
             );
-            out.push(json(json!({"type": "response.done", "response": {"id": "resp_rt", "status": "completed"}})));
+            out.push(json(json!({"type": "response.done", "response": {"id": id, "status": "completed"}})));
             out
         }
         WsScript::Live if request.get("setup").is_some() => {
@@ -1592,6 +1594,7 @@ fn websocket(
     let connection = info.connection;
     let path = parts.uri.path().to_owned();
     let reply = reply_text(&parts.headers);
+    let id = parts.headers.get("x-fake-id").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let wants_ws = parts.headers.get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
     let key = parts.headers.get(header::SEC_WEBSOCKET_KEY);
     let (true, Some(key), Some(upgrade)) = (wants_ws, key, upgrade) else {
@@ -1626,7 +1629,7 @@ fn websocket(
                     _ => continue,
                 };
                 lock(&recorder.ws_messages).push(WsMessage { connection, path: path.clone(), text, binary });
-                for answer in ws_answer(script, &msg, &reply) {
+                for answer in ws_answer(script, &msg, &reply, id.as_deref()) {
                     if ws.feed(answer).await.is_err() {
                         return;
                     }

@@ -42,7 +42,7 @@ use crate::{
         framing::{Framer, FramingKind},
         genai::ResponseFacts,
         model::{Direction, Role, Stage, StreamDelta, TextKind, TextSpan},
-        providers::{self, StreamEventRef},
+        providers::{self, StreamEventRef, strings},
         usage::UsageMeter,
     },
     proxy::hook::{BodyInspector, ChunkAction},
@@ -317,11 +317,32 @@ impl StreamGuard {
         out
     }
 
+    /// Notes the strings of a message's JSON `data` besides its `texts` that
+    /// the local engine's prescan does not clear (`unread`), for
+    /// [`Self::check_unread`]. Data that is not JSON has no other strings.
+    pub(super) fn note_unread(&mut self, data: &[u8], texts: &[(TextKind, String)]) {
+        let Some(engine) = self.g.engine.as_deref() else { return };
+        let ctx = ScanContext {
+            direction: Direction::Response,
+            provider: self.call.provider,
+            host: &self.call.host,
+            workload: self.call.workload.as_ref().map(WorkloadRef::of),
+        };
+        let mut prescan = engine.prescan(&ctx);
+        let unread = &mut self.unread;
+        let _ = strings::each_string(data, &mut |s| {
+            if !prescan.clear(s) && !texts.iter().any(|(_, text)| text == s) {
+                unread.push(s.to_owned());
+            }
+            true
+        });
+    }
+
     /// Checks the events' other strings the prescan did not clear
-    /// (`unread`), each whole. Returns the block reason, if any.
-    async fn check_unread(&mut self) -> Option<String> {
+    /// (`unread`), each whole. Returns the block reason, if they had one.
+    pub(super) async fn check_unread(&mut self) -> Option<String> {
         if self.unread.is_empty() {
-            return self.outcome.block.as_ref().map(|b| b.reason.clone());
+            return None;
         }
         let span = |text| TextSpan { path: Vec::new(), role: Role::Assistant, kind: TextKind::Identifier, text };
         let texts = Arc::new(self.unread.drain(..).map(span).collect());

@@ -253,6 +253,9 @@ impl MessageInspector for Session {
         if chars > 0 {
             self.stats.messages_inspected += 1;
         }
+        // Its other strings (ids, …) reach the client too.
+        self.guard.note_unread(message.as_bytes(), &event.delta.texts);
+        let unread_block = self.guard.check_unread().await;
         let end = event.delta.end;
         let window = self.guard.g.cfg.stream_window.max(1);
         if !self.guard.enforce() {
@@ -260,6 +263,9 @@ impl MessageInspector for Session {
                 let _ = self.guard.check_window().await;
             }
             return ServerAction::Forward(vec![message]);
+        }
+        if let Some(reason) = unread_block {
+            return self.block_server(reason).await;
         }
         self.held.push_back((message, chars));
         if self.guard.pending.len() >= window || end {
