@@ -332,7 +332,9 @@ impl Scan {
 pub struct Prescan<'e> {
     engine: &'e Engine,
     prefilter: Option<&'e literals::Prefilter>,
-    active: Vec<bool>,
+    /// By detector, whether an applying rule uses it (on the stack for up
+    /// to 64 detectors: one prescan per exchange, no allocation).
+    active: smallvec::SmallVec<[bool; 64]>,
     any: bool,
     /// A keyword detector outside the combined set is in use.
     unfiltered: bool,
@@ -675,7 +677,7 @@ impl Engine {
     /// nothing in either, under the rules that apply to `ctx` whatever the
     /// texts' kinds (see [`Prescan::clear`]).
     pub fn prescan(&self, ctx: &ScanContext<'_>) -> Prescan<'_> {
-        let mut active = vec![false; self.detectors.len()];
+        let mut active = smallvec::smallvec![false; self.detectors.len()];
         let mut applying = 0u64;
         for (i, r) in self.rules.iter().enumerate().filter(|(_, r)| r.applies(ctx)) {
             applying |= 1u64.checked_shl(i as u32).unwrap_or(0);
