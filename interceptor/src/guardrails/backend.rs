@@ -18,7 +18,10 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use serde_json::Value;
 
-use super::model::{Direction, Provider, Stage, TextSpan};
+use super::{
+    engine::{ScanContext, WorkloadRef},
+    model::{Direction, Provider, Stage, TextSpan},
+};
 use crate::{
     net::{ClientAddr, OrigDstAddr},
     telemetry::otlp::ExchangeSpan,
@@ -82,6 +85,18 @@ pub struct Call {
     /// The exchange's OpenTelemetry span (export on and sampled), exported
     /// when the last copy of the call is dropped.
     pub span: Option<Arc<ExchangeSpan>>,
+}
+
+impl Call {
+    /// What the local engine's rules are matched against for `direction`.
+    pub fn scan_context(&self, direction: Direction) -> ScanContext<'_> {
+        ScanContext {
+            direction,
+            provider: self.provider,
+            host: &self.host,
+            workload: self.workload.as_ref().map(WorkloadRef::of),
+        }
+    }
 }
 
 /// Header values, the query and the body are left out: they may carry

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::{
     backend::{Backend, BackendError, Check, Instruction, Phase, Refusal, Rewrite, Verdict},
-    engine::{Decision, Engine, Scan, ScanContext, WorkloadRef},
+    engine::{Decision, Engine, Scan},
     model::Stage,
     offload, providers,
 };
@@ -20,12 +20,7 @@ impl Backend for Arc<Engine> {
 
     async fn check(&self, check: &Check<'_>) -> Result<Verdict, BackendError> {
         let call = check.call;
-        let ctx = ScanContext {
-            direction: check.phase.direction(),
-            provider: call.provider,
-            host: &call.host,
-            workload: call.workload.as_ref().map(WorkloadRef::of),
-        };
+        let ctx = call.scan_context(check.phase.direction());
         let scan = match check.phase {
             // A window is small, and the stream waits for it.
             Phase::Stream => self.scan(&ctx, check.texts.iter().map(|t| (t.kind, t.text.as_str()))),

@@ -211,13 +211,7 @@ fn detectors(g: &Guardrails) -> Option<&Engine> {
 /// engine's detectors, or the built-in ones when it is not set up.
 fn scrub<T: AsRef<str> + From<String>>(g: &Guardrails, call: &Call, direction: Direction, text: &mut T) {
     let Some(engine) = detectors(g) else { return };
-    let ctx = ScanContext {
-        direction,
-        provider: call.provider,
-        host: &call.host,
-        workload: call.workload.as_ref().map(WorkloadRef::of),
-    };
-    let scan = engine.scan(&ctx, [(TextKind::Identifier, text.as_ref())]);
+    let scan = engine.scan(&call.scan_context(direction), [(TextKind::Identifier, text.as_ref())]);
     if !scan.findings.is_empty() {
         *text = T::from(engine::redact(text.as_ref(), &scan.findings));
     }

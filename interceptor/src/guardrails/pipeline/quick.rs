@@ -13,7 +13,6 @@ use std::borrow::Cow;
 
 use crate::guardrails::{
     backend::Call,
-    engine::{ScanContext, WorkloadRef},
     genai::ResponseFacts,
     model::{Direction, Provider, Stage},
     offload::INLINE_SCAN_MAX,
@@ -54,12 +53,7 @@ pub(super) fn clean<'a>(g: &Guardrails, call: &Call, direction: Direction, json:
             stages.push(Stage::Local);
         }
     }
-    let ctx = ScanContext {
-        direction,
-        provider: call.provider,
-        host: &call.host,
-        workload: call.workload.as_ref().map(WorkloadRef::of),
-    };
+    let ctx = call.scan_context(direction);
     if direction == Direction::Request {
         // An unknown body may name its provider; a request may take system
         // instructions: both need the document.

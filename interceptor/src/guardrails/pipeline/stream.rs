@@ -38,7 +38,7 @@ use crate::{
     config::{self, StreamMode},
     guardrails::{
         backend::{Call, Phase},
-        engine::{ScanContext, StreamTracker, WorkloadRef},
+        engine::StreamTracker,
         framing::{Framer, FramingKind},
         genai::ResponseFacts,
         model::{Direction, Role, Stage, StreamDelta, TextKind, TextSpan},
@@ -166,12 +166,7 @@ impl StreamGuard {
         }
         let provider = self.call.provider;
         let (meter, facts, unread) = (&mut self.meter, &mut self.facts, &mut self.unread);
-        let ctx = ScanContext {
-            direction: Direction::Response,
-            provider,
-            host: &self.call.host,
-            workload: self.call.workload.as_ref().map(WorkloadRef::of),
-        };
+        let ctx = self.call.scan_context(Direction::Response);
         let mut prescan = self.g.engine.as_deref().map(|engine| engine.prescan(&ctx));
         let mut delta = |ev: StreamEventRef<'_>| {
             let before = unread.len();
@@ -322,12 +317,7 @@ impl StreamGuard {
     /// [`Self::check_unread`]. Data that is not JSON has no other strings.
     pub(super) fn note_unread(&mut self, data: &[u8], texts: &[(TextKind, String)]) {
         let Some(engine) = self.g.engine.as_deref() else { return };
-        let ctx = ScanContext {
-            direction: Direction::Response,
-            provider: self.call.provider,
-            host: &self.call.host,
-            workload: self.call.workload.as_ref().map(WorkloadRef::of),
-        };
+        let ctx = self.call.scan_context(Direction::Response);
         let mut prescan = engine.prescan(&ctx);
         let unread = &mut self.unread;
         let _ = strings::each_string(data, &mut |s| {
