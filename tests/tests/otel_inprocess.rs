@@ -458,6 +458,21 @@ async fn a_credential_in_an_identifier_reaches_no_span_and_no_audit_event() -> R
     let resp = chat("id-in-model", &token, false).send().await?;
     ensure!(resp.status() == 403, "a token as the model was let through: {}", resp.status());
     answers.push(resp.text().await?);
+    // The same, its first letter escaped in the JSON.
+    let escaped = format!(
+        r#"{{"model": "\u{:04x}{}", "messages": [{{"role": "user", "content": "Capital of France?"}}]}}"#,
+        u32::from(token.as_bytes()[0]),
+        &token[1..]
+    );
+    let resp = client
+        .post("https://api.openai.com/v1/chat/completions")
+        .header("authorization", format!("Bearer {OPENAI_KEY}"))
+        .header("x-request-id", "id-in-model-escaped")
+        .body(escaped)
+        .send()
+        .await?;
+    ensure!(resp.status() == 403, "an escaped token as the model was let through: {}", resp.status());
+    ensure!(w.upstream_traceparent("id-in-model-escaped").is_none(), "the escaped token reached the provider");
     // The provider's answer id is the token, whole and streamed.
     for (id, stream) in [("id-in-answer", false), ("id-in-stream", true)] {
         let resp = chat(id, "gpt-4o", stream).header("x-fake-id", &token).send().await?;
