@@ -1,14 +1,19 @@
 //! Provider parsers on any request or response body: every text found (and
 //! every text no parser reads) can be read back and rewritten at its path,
 //! instructions insert, stream events parse, and the error events that end a blocked stream stay well framed
-//! whatever the reason says.
+//! whatever the reason says. The allowed path's one search over all of a
+//! body's strings never clears a body with a string the prescan does not
+//! clear on its own.
 #![no_main]
 
+use std::sync::LazyLock;
+
 use interceptor::guardrails::{
+    engine::{Engine, ScanContext},
     framing::{Frame, Framer, FramingKind},
-    model::Provider,
+    model::{Direction, Provider},
     providers::{
-        self, StreamEventRef, detect, detect_from_body, insert_instruction, json_array_block, model_from_path,
+        self, StreamEventRef, detect, strings, detect_from_body, insert_instruction, json_array_block, model_from_path,
         parse_request, parse_response, path_requests_stream, set_text, stream_block, stream_delta, text_at,
     },
 };
@@ -38,6 +43,8 @@ fuzz_target!(|data: &[u8]| {
 
     // Block events carry any reason without breaking their framing.
     check_block_framing(provider, &text);
+
+    check_search_over_all_strings(provider, body);
 
     let Ok(mut doc) = serde_json::from_slice::<Value>(body) else { return };
     let _ = detect_from_body(&doc);
@@ -80,6 +87,34 @@ fuzz_target!(|data: &[u8]| {
         );
     }
 });
+
+/// What the allowed path's one search over all of a body's strings clears,
+/// the prescan clears string by string.
+fn check_search_over_all_strings(provider: Provider, body: &[u8]) {
+    static ENGINE: LazyLock<Engine> = LazyLock::new(|| Engine::builtin().expect("built-in policy"));
+    let (mut all, mut ends) = (String::new(), Vec::new());
+    let gathered = strings::each_string(body, &mut |s| {
+        all.push_str(s);
+        ends.push(all.len());
+        all.push('"');
+        true
+    });
+    if gathered.is_err() {
+        return;
+    }
+    for direction in [Direction::Request, Direction::Response] {
+        let ctx = ScanContext { direction, provider, host: "api.openai.com", workload: None };
+        if ENGINE.prescan(&ctx).clear_pieces(&all, &ends) {
+            let mut prescan = ENGINE.prescan(&ctx);
+            let mut unclear = None;
+            let _ = strings::each_string(body, &mut |s| {
+                unclear = (!prescan.clear(s)).then(|| s.to_owned());
+                unclear.is_none()
+            });
+            assert_eq!(unclear, None, "cleared with the other strings, not on its own ({direction:?})");
+        }
+    }
+}
 
 fn check_block_framing(provider: Provider, reason: &str) {
     for framing in [FramingKind::Sse, FramingKind::EventStream, FramingKind::JsonArray] {

@@ -155,6 +155,9 @@ pub(super) struct Prefilter {
     longest: usize,
     /// The regexes without a finite set of prefixes, as a set.
     rest: Option<regex::RegexSet>,
+    /// No regex of `rest` looks for the start or end of a text or line
+    /// ([`Prefilter::searches_within`]).
+    rest_unanchored: bool,
 }
 
 impl Prefilter {
@@ -188,8 +191,29 @@ impl Prefilter {
         if searchers.len() > MAX_SEARCHES {
             return None;
         }
+        let rest_unanchored =
+            rest.iter().all(|r| regex_syntax::parse(r).is_ok_and(|hir| !hir.properties().look_set().contains_anchor()));
         let rest = if rest.is_empty() { None } else { Some(regex::RegexSet::new(rest).ok()?) };
-        Some(Self { searchers, longest, rest })
+        Some(Self { searchers, longest, rest, rest_unanchored })
+    }
+
+    /// Whether [`Prefilter::find_in`] can stand for [`Prefilter::may_match`]
+    /// on each text that stands in `outer` between two non-word characters:
+    /// no character of `outer` folds to a shorter one, and no regex of
+    /// `rest` (which `find_in` does not look for) matches `outer` or looks
+    /// for the start or end of a text or line. A regex that matches a text
+    /// matches it where it stands in `outer`: its first and last characters
+    /// have the same non-word neighbours for `\b` as at a text's edges.
+    pub(super) fn searches_within(&self, outer: &str) -> bool {
+        let refolds = !outer.is_ascii() && FOLDS_TO_ASCII.iter().any(|(c, _)| outer.contains(*c));
+        !refolds && self.rest_unanchored && !self.rest.as_ref().is_some_and(|r| r.is_match(outer))
+    }
+
+    /// Where the first of the literals at or after `from` in `text`
+    /// (folded) starts, or `None`: no literal is there. A literal that
+    /// starts before the one found and is not found ends after it.
+    pub(super) fn find_in(&self, text: &str, from: usize) -> Option<usize> {
+        self.find_from::<WINDOW>(text.as_bytes(), from, true)
     }
 
     /// Whether `text` may match one of the regexes (`false`: it cannot).
@@ -207,29 +231,39 @@ impl Prefilter {
     /// Whether `text`, folded, holds a literal.
     fn finds(&self, text: &[u8]) -> bool {
         // Most texts are short: not worth clearing a whole window for.
-        if text.len() <= SHORT_WINDOW { self.finds_in::<SHORT_WINDOW>(text) } else { self.finds_in::<WINDOW>(text) }
+        let found = if text.len() <= SHORT_WINDOW {
+            self.find_from::<SHORT_WINDOW>(text, 0, false)
+        } else {
+            self.find_from::<WINDOW>(text, 0, false)
+        };
+        found.is_some()
     }
 
-    /// [`Self::finds`], folding `text` `N` bytes at a time on the stack,
-    /// each window starting early enough to hold any literal that the one
-    /// before cut (`N` is longer than any literal).
-    fn finds_in<const N: usize>(&self, text: &[u8]) -> bool {
+    /// Where a literal at or after `from` in `text` (folded) starts: the
+    /// first one when `first`, else whichever a search finds. `text` is
+    /// folded `N` bytes at a time on the stack, each window starting early
+    /// enough to hold any literal that the one before cut (`N` is longer
+    /// than any literal), so a literal found in a window is the first of
+    /// those it holds whole.
+    fn find_from<const N: usize>(&self, text: &[u8], from: usize, first: bool) -> Option<usize> {
         let mut window = [0u8; N];
-        let mut start = 0;
-        loop {
+        let mut start = from;
+        while start < text.len() {
             let end = (start + N).min(text.len());
             let folded = &mut window[..end - start];
             for (to, &from) in folded.iter_mut().zip(&text[start..end]) {
                 *to = fold(from);
             }
-            if self.searchers.iter().any(|s| s.finds(folded)) {
-                return true;
+            let mut found = self.searchers.iter().filter_map(|s| s.find(folded));
+            if let Some(at) = if first { found.min() } else { found.next() } {
+                return Some(start + at);
             }
             if end == text.len() {
-                return false;
+                break;
             }
             start = end - (self.longest - 1);
         }
+        None
     }
 }
 
@@ -249,11 +283,11 @@ impl Search {
         }
     }
 
-    /// Whether `text` holds one of the literals.
-    fn finds(&self, text: &[u8]) -> bool {
+    /// Where the first of the literals in `text` starts.
+    fn find(&self, text: &[u8]) -> Option<usize> {
         match self {
-            Self::One(finder) => finder.find(text).is_some(),
-            Self::Many(searcher) => searcher.find(text).is_some(),
+            Self::One(finder) => finder.find(text),
+            Self::Many(searcher) => searcher.find(text).map(|m| m.start()),
         }
     }
 }

@@ -359,6 +359,36 @@ impl Prescan<'_> {
         self.engine.find_candidates(text, &self.active, &mut self.candidates);
         self.candidates.is_empty()
     }
+
+    /// Whether every piece of `all` is [`Prescan::clear`]: piece `i` ends
+    /// at `ends[i]`, where a non-word character (`"`, as the allowed path
+    /// gathers a body's strings) stands before the next one starts. One
+    /// literal search over `all` answers for nearly every piece at once;
+    /// only a piece it finds something in is looked at on its own.
+    pub fn clear_pieces(&mut self, all: &str, ends: &[usize]) -> bool {
+        if !self.any {
+            return true;
+        }
+        let piece = |i: usize| &all[if i == 0 { 0 } else { ends[i - 1] + 1 }..ends[i]];
+        let Some(prefilter) = self.prefilter.filter(|p| !self.unfiltered && p.searches_within(all)) else {
+            return (0..ends.len()).all(|i| self.clear(piece(i)));
+        };
+        let mut from = 0;
+        while let Some(hit) = prefilter.find_in(all, from) {
+            // The piece the literal starts in (or the one before the
+            // separator it starts at): a literal within a piece is found in
+            // it, or is part of a longer one found first.
+            let i = ends.partition_point(|&end| end < hit);
+            if i == ends.len() {
+                return true;
+            }
+            if !self.clear(piece(i)) {
+                return false;
+            }
+            from = ends[i] + 1;
+        }
+        true
+    }
 }
 
 /// A system instruction a policy enforces, for the provider parser to put

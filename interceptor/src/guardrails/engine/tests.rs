@@ -36,6 +36,22 @@ fn all_detectors() -> Engine {
     Engine::new(&Policy::from_toml(&toml, "test").unwrap()).unwrap()
 }
 
+/// An engine with a detector whose regex has no literal prefix (matched by
+/// the prefilter's own set), and which looks for word boundaries only.
+fn unanchored_rest() -> Engine {
+    let toml = r#"
+        [[detectors]]
+        name = "mail"
+        regex = '\b[a-z]+@[a-z]+\.com\b'
+
+        [[rules]]
+        id = "r"
+        detectors = ["mail", "github_token"]
+        action = "block"
+    "#;
+    Engine::new(&Policy::from_toml(toml, "test").unwrap()).unwrap()
+}
+
 /// Every (detector, matched text) the all-detector engine finds.
 fn found(engine: &Engine, text: &str) -> Vec<(String, String)> {
     let scan = engine.scan(&req(), content(text));
@@ -424,6 +440,61 @@ fn prescan_is_not_clear_wherever_a_builtin_rule_finds_something() {
     assert!(e.prescan(&resp()).clear("card 4111 1111 1111 1111 ok"));
 }
 
+/// `strings` as the allowed path gathers a body's: in one text, each
+/// followed by a `"`, with where each ends.
+fn gathered<S: AsRef<str>>(strings: &[S]) -> (String, Vec<usize>) {
+    let mut all = String::new();
+    let mut ends = Vec::new();
+    for s in strings {
+        all.push_str(s.as_ref());
+        ends.push(all.len());
+        all.push('"');
+    }
+    (all, ends)
+}
+
+/// Whether `prescan` clears all of `strings` at once.
+fn clears_all<S: AsRef<str>>(mut prescan: Prescan<'_>, strings: &[S]) -> bool {
+    let (all, ends) = gathered(strings);
+    prescan.clear_pieces(&all, &ends)
+}
+
+#[test]
+fn the_search_over_all_strings_clears_them_but_the_one_with_a_candidate() {
+    let e = Engine::builtin().unwrap();
+    let clean = ["gpt-4o", "user", "Summarize the quarterly report, please.", "assistant"];
+    assert!(clears_all(e.prescan(&req()), &clean));
+    // A dated model has a literal of the card numbers' (`0000-0`); that one
+    // string is looked at, and is clear.
+    let dated = ["gpt-4o-2024-08-06", "user", "Summarize it.", "gpt-4o-2024-08-06", "x"];
+    assert!(clears_all(e.prescan(&req()), &dated));
+    let token = github_token();
+    for at in 0..4 {
+        let mut strings = dated.map(str::to_owned).to_vec();
+        strings[at] = format!("{} {token}", strings[at]);
+        assert!(!clears_all(e.prescan(&req()), &strings), "token in string {at}");
+    }
+    // A regex without literals is searched for by the prefilter's own set.
+    let e = unanchored_rest();
+    assert!(clears_all(e.prescan(&req()), &["write to me", "at home"]));
+    assert!(!clears_all(e.prescan(&req()), &["write to", "me@example.com", "soon"]));
+    // A regex anchored to a text's start would not match where the text
+    // stands among others: each text is looked at on its own.
+    let anchored = r#"
+        [[detectors]]
+        name = "leading"
+        regex = '^[a-z]+@[a-z]+\.com'
+
+        [[rules]]
+        id = "r"
+        detectors = ["leading"]
+        action = "block"
+    "#;
+    let e = Engine::new(&Policy::from_toml(anchored, "test").unwrap()).unwrap();
+    assert!(!clears_all(e.prescan(&req()), &["first", "me@example.com"]));
+    assert!(clears_all(e.prescan(&req()), &["first", "me at example.com"]));
+}
+
 #[test]
 fn scope_and_direction_filtering() {
     let policy = Policy::from_toml(
@@ -791,6 +862,26 @@ proptest! {
                     matching.is_empty() || prefilter.may_match(&text),
                     "{text:?} matches {:?}, the prefilter lets it by", matching.iter().map(|&i| &set.patterns()[i]).collect::<Vec<_>>()
                 );
+            }
+        }
+    }
+
+    /// A text with a candidate, among other strings of a body as the
+    /// allowed path gathers them (each followed by a `"`), is never cleared
+    /// by the one search over all of them.
+    #[test]
+    fn the_search_over_all_strings_never_clears_one_with_a_candidate(
+        text in set_texts(&all_detectors()),
+        before in proptest::collection::vec("[a-zA-Z0-9 ,.:=\n]{0,12}", 0..3),
+        after in proptest::collection::vec("[a-zA-Z0-9 ,.:=\n]{0,12}", 0..3),
+    ) {
+        static ENGINES: std::sync::LazyLock<[Engine; 3]> =
+            std::sync::LazyLock::new(|| [all_detectors(), Engine::builtin().unwrap(), unanchored_rest()]);
+        let strings: Vec<&String> = before.iter().chain([&text]).chain(&after).collect();
+        for engine in ENGINES.iter() {
+            for ctx in [req(), resp()] {
+                let text_clear = engine.prescan(&ctx).clear(&text);
+                prop_assert!(text_clear || !clears_all(engine.prescan(&ctx), &strings), "{text:?} among {strings:?}");
             }
         }
     }

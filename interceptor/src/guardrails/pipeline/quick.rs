@@ -8,6 +8,11 @@
 //! that reads the document, system instructions to add, prompts to audit,
 //! a body the engine would scan off the runtime) takes the full path. The
 //! same pass reads what a traced answer says of itself.
+//!
+//! The walk gathers the strings into one text, and one literal search over
+//! it ([`Prescan::clear_pieces`](crate::guardrails::engine::Prescan::clear_pieces))
+//! clears nearly every body at once; a string it finds something in is
+//! prescanned on its own.
 
 use std::borrow::Cow;
 
@@ -62,7 +67,20 @@ pub(super) fn clean<'a>(g: &Guardrails, call: &Call, direction: Direction, json:
         }
     }
     let mut prescan = engine.prescan(&ctx);
-    let walked = strings::each_string(json, &mut |s| prescan.clear(s)).ok()?;
+    // All the strings in one text, each followed by a `"`, for one literal
+    // search that clears almost every body at once.
+    let mut all = String::with_capacity(json.len());
+    let mut ends = smallvec::SmallVec::<[usize; 64]>::new();
+    let walked = strings::each_string(json, &mut |s| {
+        all.push_str(s);
+        ends.push(all.len());
+        all.push('"');
+        true
+    })
+    .ok()?;
+    if !prescan.clear_pieces(&all, &ends) {
+        return None;
+    }
     let (model, usage, facts) = match direction {
         Direction::Request => (walked.model.map(Cow::into_owned), None, None),
         Direction::Response => {
