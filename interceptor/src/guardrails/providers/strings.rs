@@ -105,7 +105,9 @@ pub enum WalkError {
 /// Hands every string value of `body` to `each` in document order, until it
 /// returns `false`.
 pub fn each_string<'de>(body: &'de [u8], each: &mut dyn FnMut(&str) -> bool) -> Result<Walked<'de>, WalkError> {
-    let mut de = serde_json::Deserializer::from_slice(body);
+    // JSON is UTF-8 throughout: checked once here, not string by string.
+    let text = std::str::from_utf8(body).map_err(|_| WalkError::NotJson)?;
+    let mut de = serde_json::Deserializer::from_str(text);
     let mut walked = Walked::default();
     let mut stopped = false;
     let root = Node { each, stopped: &mut stopped, at: At::Top(&mut walked) };
@@ -571,6 +573,12 @@ mod tests {
         for body in bodies {
             let value = serde_json::from_str::<Value>(body).is_ok();
             assert_eq!(strings(body).is_ok(), value, "{body:?}");
+        }
+        // Bytes that are not UTF-8, in a string, a key or between values.
+        for body in [&b"[\"a\xffb\"]"[..], b"{\"k\xc3\":1}", b"[1,\xe2\x82]", b"[\"\xed\xa0\x80\"]", b"[\"\xc3\xa9\"]"]
+        {
+            let value = serde_json::from_slice::<Value>(body).is_ok();
+            assert_eq!(each_string(body, &mut |_| true).is_ok(), value, "{body:?}");
         }
         let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
         assert!(serde_json::from_str::<Value>(&deep).is_err());
