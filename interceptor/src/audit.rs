@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use crate::{
     guardrails::model::{Decision, Direction, Stage},
     metrics::Metrics,
+    net::{ClientAddr, OrigDstAddr},
     observe::LiveEvents,
     telemetry::otlp::Otlp,
 };
@@ -153,7 +154,7 @@ impl From<Direction> for EventDirection {
 /// One guardrail decision.
 #[derive(Clone, Debug, Serialize)]
 pub struct AuditEvent {
-    pub time: String,
+    pub time: Timestamp,
     pub event: EventKind,
     pub request_id: String,
     pub direction: EventDirection,
@@ -169,8 +170,8 @@ pub struct AuditEvent {
     pub reasons: Vec<String>,
     pub backends: Vec<Stage>,
     pub latency_ms: f64,
-    pub client: String,
-    pub orig_dst: String,
+    pub client: ClientAddr,
+    pub orig_dst: OrigDstAddr,
     pub workload: WorkloadInfo,
     /// Only with `guardrails.audit_prompts = true`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -363,19 +364,9 @@ impl Batch {
     }
 }
 
-/// The log's timestamp format: RFC 3339, UTC, microseconds.
+/// The log's timestamp: now, RFC 3339, UTC, microseconds.
 fn log_timestamp() -> String {
-    let t = time::OffsetDateTime::now_utc();
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.microsecond()
-    )
+    Timestamp::now().to_string()
 }
 
 /// Most events taken from the queue per wake-up.
@@ -537,9 +528,44 @@ fn ends_mid_line(path: &Path) -> bool {
     f.seek(SeekFrom::End(-1)).and_then(|_| f.read_exact(&mut last)).is_ok_and(|()| last[0] != b'\n')
 }
 
-/// Current time, RFC 3339 UTC.
-pub fn now() -> String {
-    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+/// A moment, written as RFC 3339 in UTC with microseconds
+/// (`2026-12-07T19:10:00.123456Z`) where it goes: taking one costs no
+/// formatting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timestamp(time::OffsetDateTime);
+
+impl Timestamp {
+    pub fn now() -> Self {
+        Self(time::OffsetDateTime::now_utc())
+    }
+}
+
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = self.0;
+        write!(
+            f,
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.microsecond()
+        )
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Now, as an audit event records it.
+pub fn now() -> Timestamp {
+    Timestamp::now()
 }
 
 #[cfg(test)]
@@ -637,8 +663,8 @@ mod tests {
             reasons: vec![],
             backends: vec![Stage::Local],
             latency_ms: 0.1,
-            client: "127.0.0.1:1".into(),
-            orig_dst: "198.18.0.10:443".into(),
+            client: ClientAddr("127.0.0.1:1".parse().unwrap()),
+            orig_dst: OrigDstAddr("198.18.0.10:443".parse().unwrap()),
             workload: WorkloadInfo::default(),
             prompt: None,
             websocket: None,
@@ -647,6 +673,20 @@ mod tests {
             budget: None,
             budget_counting: None,
         }
+    }
+
+    #[test]
+    fn times_and_addresses_are_written_as_text() {
+        let mut e = event(Decision::Allow);
+        e.orig_dst = OrigDstAddr("[2001:db8::10]:443".parse().unwrap());
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["client"], "127.0.0.1:1");
+        assert_eq!(json["orig_dst"], "[2001:db8::10]:443");
+        let time = json["time"].as_str().unwrap();
+        let parsed = time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339).unwrap();
+        assert_eq!(parsed.offset(), time::UtcOffset::UTC);
+        assert!((time::OffsetDateTime::now_utc() - parsed).abs() < time::Duration::minutes(1), "{time}");
+        assert!(time.ends_with('Z') && time.len() == "2026-12-07T19:10:00.123456Z".len(), "{time}");
     }
 
     #[test]

@@ -44,6 +44,20 @@ impl fmt::Display for OrigDstAddr {
     }
 }
 
+/// As its text (`10.0.0.2:41000`, `[::1]:443`), written where it goes.
+impl Serialize for ClientAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// As its text, written where it goes.
+impl Serialize for OrigDstAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// Where the proxy listens: the addresses connections are rewritten to.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct ProxyAddrs {

@@ -429,9 +429,6 @@ impl StreamGuard {
         let mut event = p.event(&self.g, &self.call, Direction::Response, &self.outcome, self.started, None, workload);
         event.usage = p.count_usage(&self.call, self.meter.as_ref().and_then(UsageMeter::usage)).await;
         event.budget_counting = super::outcome::budget_counting(&self.call);
-        // A stream's event names the peers by address only.
-        event.client = self.call.client.0.ip().to_string();
-        event.orig_dst = self.call.orig_dst.0.ip().to_string();
         p.audit.record(event).await;
     }
 }
