@@ -35,54 +35,74 @@ const QUEUE: usize = 4096;
 /// Least time between two error lines about the same audit file outage.
 pub const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Who made an exchange, as an audit event names it. Fields that are not
-/// known are left out (`pid`, `uid`, `comm` and `cgroup_id` are `null`).
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct WorkloadInfo {
-    pub pid: Option<u32>,
-    pub uid: Option<u32>,
-    /// Process name (the thread-group leader's `comm`).
-    pub comm: Option<String>,
-    /// Name of the thread that connected, when it differs from `comm`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub thread: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub exe: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub argv0: Option<String>,
-    pub cgroup_id: Option<u64>,
-    /// cgroup path, relative to the cgroup2 mount.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cgroup: Option<String>,
-    /// Kubernetes pod UID and container ID, from the pod or, failing that,
-    /// from the cgroup path.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pod_uid: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub container_id: Option<String>,
-    /// The pod, as the API server describes it, when known.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pod_name: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub labels: Option<std::collections::BTreeMap<String, String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub service_account: Option<String>,
-    /// The container's name in the pod.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub container: Option<String>,
-}
+/// Who made an exchange, as an audit event names it: the connection's
+/// workload, shared with the exchange (its paths and pod are reference
+/// counted) and written out field by field by the writer
+/// ([`WorkloadFields`]), not copied into strings of its own per event.
+#[derive(Clone, Debug, Default)]
+pub struct WorkloadInfo(Option<crate::workload::Workload>);
 
 impl WorkloadInfo {
     /// What is known of the process behind a connection, with its cgroup
     /// (named once per connection, when the proxy resolved the workload)
     /// and, on Kubernetes nodes, its pod and container.
     pub fn of(workload: Option<&crate::workload::Workload>) -> Self {
+        Self(workload.cloned())
+    }
+}
+
+impl Serialize for WorkloadInfo {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        WorkloadFields::of(self.0.as_ref()).serialize(s)
+    }
+}
+
+/// The fields of a [`WorkloadInfo`] as an event writes them. Fields that
+/// are not known are left out (`pid`, `uid`, `comm` and `cgroup_id` are
+/// `null`).
+#[derive(Default, Serialize)]
+struct WorkloadFields<'a> {
+    pid: Option<u32>,
+    uid: Option<u32>,
+    /// Process name (the thread-group leader's `comm`).
+    comm: Option<&'a str>,
+    /// Name of the thread that connected, when it differs from `comm`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thread: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exe: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    argv0: Option<&'a str>,
+    cgroup_id: Option<u64>,
+    /// cgroup path, relative to the cgroup2 mount.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup: Option<&'a str>,
+    /// Kubernetes pod UID and container ID, from the pod or, failing that,
+    /// from the cgroup path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pod_uid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container_id: Option<String>,
+    /// The pod, as the API server describes it, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pod_name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    namespace: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    labels: Option<&'a std::collections::BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service_account: Option<&'a str>,
+    /// The container's name in the pod.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container: Option<&'a str>,
+}
+
+impl<'a> WorkloadFields<'a> {
+    fn of(workload: Option<&'a crate::workload::Workload>) -> Self {
         let Some(w) = workload else { return Self::default() };
         let kube = w.cgroup.as_deref().and_then(crate::workload::kube_identity);
         let pod = w.pod.as_deref();
-        let text = |s: &str| Some(s.to_owned()).filter(|s| !s.is_empty());
+        let text = |s: &'a str| Some(s).filter(|s| !s.is_empty());
         // Zero and empty are "not found" (iptables mode: the socket was
         // found, its process or cgroup not).
         Self {
@@ -90,17 +110,20 @@ impl WorkloadInfo {
             uid: Some(w.uid),
             comm: text(&w.comm),
             thread: text(&w.thread),
-            exe: w.exe.as_deref().map(str::to_owned),
-            argv0: w.argv0.as_deref().map(str::to_owned),
+            exe: w.exe.as_deref(),
+            argv0: w.argv0.as_deref(),
             cgroup_id: Some(w.cgroup_id).filter(|&id| id != 0),
-            cgroup: w.cgroup.as_deref().map(str::to_owned),
-            pod_uid: pod.and_then(|p| text(&p.uid)).or_else(|| kube.as_ref().map(|k| k.pod_uid.clone())),
+            cgroup: w.cgroup.as_deref(),
+            pod_uid: pod
+                .and_then(|p| text(&p.uid))
+                .map(str::to_owned)
+                .or_else(|| kube.as_ref().map(|k| k.pod_uid.clone())),
             container_id: kube.and_then(|k| k.container_id),
             pod_name: pod.and_then(|p| text(&p.name)),
             namespace: pod.and_then(|p| text(&p.namespace)),
-            labels: pod.map(|p| p.labels.clone()),
-            service_account: pod.and_then(|p| p.service_account.clone()),
-            container: pod.and_then(|p| p.container.clone()),
+            labels: pod.map(|p| &p.labels),
+            service_account: pod.and_then(|p| p.service_account.as_deref()),
+            container: pod.and_then(|p| p.container.as_deref()),
         }
     }
 }
