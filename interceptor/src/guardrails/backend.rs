@@ -62,6 +62,10 @@ pub struct Call {
     pub method: String,
     /// Path and query.
     pub path: String,
+    /// The path and query as the exchange records them (audit events,
+    /// spans): secret-named query parameters removed, then whatever the
+    /// detectors find replaced by its placeholder.
+    pub recorded_path: String,
     /// The name the client asked for (SNI).
     pub host: String,
     pub client: ClientAddr,

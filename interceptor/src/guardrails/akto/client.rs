@@ -21,8 +21,7 @@ use super::{
     breaker::{Breaker, CircuitState, Transition},
     shield,
     wire::{
-        CallInfo, MAX_ERROR_BODY, RemoteVerdict, Stamp, action_errors, parse_verdict, redact_path, request_payload,
-        truncate_lossy,
+        CallInfo, MAX_ERROR_BODY, RemoteVerdict, Stamp, action_errors, parse_verdict, request_payload, truncate_lossy,
     },
 };
 
@@ -306,7 +305,7 @@ impl AktoClient {
                 client = %call.client_ip.map(|ip| ip.to_canonical().to_string()).unwrap_or_default(),
                 method = %call.method,
                 host = %call.host,
-                path = %redact_path(&call.path),
+                path = %call.recorded_path,
                 latency_ms,
                 decision = v.decision(),
                 behaviour = v.behaviour.as_deref().unwrap_or(""),
@@ -481,6 +480,7 @@ mod wire_tests {
             request_id: "req-123".into(),
             method: "POST".into(),
             path: "/v1beta/models/gemini:generateContent?key=AIzaLEAKED&alt=sse".into(),
+            recorded_path: "/v1beta/models/gemini:generateContent?key=REDACTED&alt=sse".into(),
             host: "generativelanguage.googleapis.com".into(),
             request_headers: vec![
                 ("Content-Type".into(), "application/json".into()),

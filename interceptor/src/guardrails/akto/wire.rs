@@ -32,6 +32,8 @@ pub struct CallInfo {
     pub method: String,
     /// Path and query. Secret query parameters are redacted here again.
     pub path: String,
+    /// The path as this proxy's own logs name it (see `Call::recorded_path`).
+    pub recorded_path: String,
     /// The real upstream host (sent in `metadata`; `host` is the app name).
     pub host: String,
     /// Request headers; credentials are dropped here again.
@@ -57,7 +59,7 @@ impl fmt::Debug for CallInfo {
             .field("request_id", &self.request_id)
             .field("method", &self.method)
             .field("host", &self.host)
-            .field("path", &redact_path(&self.path))
+            .field("path", &self.recorded_path)
             .field("request_headers", &header_names)
             .field("request_body_len", &self.request_body.len())
             .field("client_ip", &self.client_ip)

@@ -51,7 +51,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::{
-    akto::AktoClient,
+    akto::{AktoClient, redact_path},
     backend::{Backend, Call},
     budgets::Budgets,
     engine::{self, Engine, ScanContext, WorkloadRef},
@@ -161,13 +161,15 @@ fn new_call(p: &Pipeline, g: &Guardrails, ex: &Exchange, head: &http::request::P
     let request_id = request_id(detectors(g), &ctx, &head.headers);
     // The data plane's `request` span names the request from here on.
     crate::proxy::hook::record_request_id(&request_id);
+    let recorded_path = recorded_path(detectors(g), &ctx, &path);
     Call {
-        span: trace::open(p.otlp.as_ref(), ex, head, provider, &path),
+        span: trace::open(p.otlp.as_ref(), ex, head, provider, &path, &recorded_path),
         request_id,
         provider,
         model: None,
         method: head.method.to_string(),
         path,
+        recorded_path,
         host: ex.sni.clone(),
         client: ex.client,
         orig_dst: ex.orig_dst,
@@ -235,6 +237,23 @@ fn scrub_facts(g: &Guardrails, call: &Call, facts: &mut genai::ResponseFacts<'_>
 /// The call the request phase kept for this exchange.
 fn call_of(state: &ExchangeState) -> Option<Arc<Call>> {
     state.clone().and_then(|s| s.downcast::<Call>().ok())
+}
+
+/// `path` as the exchange records it: secret-named query parameters
+/// removed ([`redact_path`]), then what the detectors find in it (a token
+/// sent as a path segment or a query value) replaced by its placeholder.
+/// The prescan clears almost every path at once.
+fn recorded_path(detectors: Option<&Engine>, ctx: &ScanContext<'_>, path: &str) -> String {
+    let mut recorded = redact_path(path);
+    if let Some(engine) = detectors
+        && !engine.prescan(ctx).clear(&recorded)
+    {
+        let scan = engine.scan(ctx, [(TextKind::Identifier, recorded.as_str())]);
+        if !scan.findings.is_empty() {
+            recorded = engine::redact(&recorded, &scan.findings);
+        }
+    }
+    recorded
 }
 
 /// The exchange's id, named in its every log line, audit event and span:

@@ -14,7 +14,6 @@ use crate::{
     audit::{self, AuditEvent, EventDirection, EventKind, McpInfo, WorkloadInfo},
     config::{FailMode, OversizeAction},
     guardrails::{
-        akto::redact_path,
         backend::Call,
         budgets::{Counting, Refusal},
         model::{Decision, Direction, Provider, Stage},
@@ -290,7 +289,7 @@ impl Pipeline {
             decision: outcome.decision(),
             provider: call.provider.as_str(),
             host: call.host.clone(),
-            path: redact_path(&call.path),
+            path: call.recorded_path.clone(),
             method: call.method.clone(),
             model: call.model.clone(),
             rules: outcome.rules.clone(),

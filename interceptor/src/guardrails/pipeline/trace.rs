@@ -40,6 +40,7 @@ pub(super) fn open(
     head: &http::request::Parts,
     provider: Provider,
     path: &str,
+    recorded_path: &str,
 ) -> Option<Arc<ExchangeSpan>> {
     let otlp = otlp?;
     let header = |name: &str| head.headers.get(name).and_then(|v| v.to_str().ok());
@@ -50,7 +51,7 @@ pub(super) fn open(
         a.set("server.address", Attr::Str(&ex.sni));
         a.set("server.port", Attr::I64(i64::from(ex.orig_dst.0.port())));
         a.set("http.request.method", Attr::Str(head.method.as_str()));
-        a.set("url.path", Attr::Str(path.split('?').next().unwrap_or_default()));
+        a.set("url.path", Attr::Str(recorded_path.split('?').next().unwrap_or_default()));
         a.set("client.address", Attr::Display(&ex.client.0.ip()));
         let Some(w) = &ex.workload else { return };
         let key = workload_key(Some(w));
