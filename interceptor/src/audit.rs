@@ -365,7 +365,7 @@ impl Batch {
             return;
         }
         let mut out = std::mem::take(&mut self.log_lines);
-        self.json_log_lines(events, &log_timestamp(), &mut out);
+        self.json_log_lines(events, &Timestamp::now().to_string(), &mut out);
         let _ = std::io::stderr().lock().write_all(&out);
         self.log_lines = out;
     }
@@ -385,11 +385,6 @@ impl Batch {
             out.extend_from_slice(b",\"target\":\"audit\"}\n");
         }
     }
-}
-
-/// The log's timestamp: now, RFC 3339, UTC, microseconds.
-fn log_timestamp() -> String {
-    Timestamp::now().to_string()
 }
 
 /// Most events taken from the queue per wake-up.
@@ -586,11 +581,6 @@ impl Serialize for Timestamp {
     }
 }
 
-/// Now, as an audit event records it.
-pub fn now() -> Timestamp {
-    Timestamp::now()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -671,7 +661,7 @@ mod tests {
 
     fn event(decision: Decision) -> AuditEvent {
         AuditEvent {
-            time: now(),
+            time: Timestamp::now(),
             event: EventKind::GuardrailDecision,
             request_id: "r1".into(),
             direction: EventDirection::Request,
@@ -777,13 +767,13 @@ mod tests {
             line["audit"] = serde_json::from_str(line["audit"].as_str().unwrap()).unwrap();
         }
         let mut direct = vec![b'x'];
-        batch.json_log_lines(&events, &log_timestamp(), &mut direct);
+        batch.json_log_lines(&events, &Timestamp::now().to_string(), &mut direct);
         let direct = parse(&direct);
         assert_eq!(direct, via_tracing);
         assert_eq!(direct.len(), 2);
         assert_eq!(direct[0]["audit"]["decision"], "block");
         assert_eq!(direct[0]["audit"], serde_json::to_value(&events[0]).unwrap());
-        let stamp = log_timestamp();
+        let stamp = Timestamp::now().to_string();
         assert!(time::OffsetDateTime::parse(&stamp, &time::format_description::well_known::Rfc3339).is_ok(), "{stamp}");
     }
 

@@ -454,7 +454,7 @@ fn keys_command(config_path: Option<&PathBuf>, command: KeysCommand) -> ExitCode
                 Ok(f) => f,
                 Err(error) => return bad(&error),
             };
-            let issued = interceptor::audit::now().to_string();
+            let issued = interceptor::audit::Timestamp::now().to_string();
             match file.issue(&a.provider, &a.scope, &issued) {
                 Ok(placeholder) => {
                     println!("{placeholder}");

@@ -443,15 +443,17 @@ async fn a_credential_in_an_identifier_reaches_no_span_and_no_audit_event() -> R
     let w = World::start(OtlpProtocol::Http, false).await?;
     let token = format!("ghp_{}", "Qk7W".repeat(9));
     let client = client_for("api.openai.com", w.proxy.addr, &[&w.proxy.ca_pem], false)?;
-    let chat = |id: &str, model: &str, stream: bool| {
-        let body =
-            json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "Capital of France?"}]});
+    let post = |url: &str, id: &str| {
         client
-            .post("https://api.openai.com/v1/chat/completions")
+            .post(url)
             .header("authorization", format!("Bearer {OPENAI_KEY}"))
             .header("x-request-id", id)
             .header("x-fake-reply", REPLY)
-            .body(body.to_string())
+    };
+    let chat = |id: &str, model: &str, stream: bool| {
+        let body =
+            json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "Capital of France?"}]});
+        post("https://api.openai.com/v1/chat/completions", id).body(body.to_string())
     };
     let mut answers = Vec::new();
     // The client's model is the token: blocked before the provider.
@@ -464,13 +466,7 @@ async fn a_credential_in_an_identifier_reaches_no_span_and_no_audit_event() -> R
         u32::from(token.as_bytes()[0]),
         &token[1..]
     );
-    let resp = client
-        .post("https://api.openai.com/v1/chat/completions")
-        .header("authorization", format!("Bearer {OPENAI_KEY}"))
-        .header("x-request-id", "id-in-model-escaped")
-        .body(escaped)
-        .send()
-        .await?;
+    let resp = post("https://api.openai.com/v1/chat/completions", "id-in-model-escaped").body(escaped).send().await?;
     ensure!(resp.status() == 403, "an escaped token as the model was let through: {}", resp.status());
     ensure!(w.upstream_traceparent("id-in-model-escaped").is_none(), "the escaped token reached the provider");
     // The provider's answer id is the token, whole and streamed.
@@ -490,15 +486,7 @@ async fn a_credential_in_an_identifier_reaches_no_span_and_no_audit_event() -> R
         ("id-in-query", format!("https://api.openai.com/v1/chat/completions?ref={token}")),
         ("id-in-path", format!("https://api.openai.com/v1/chat/completions/{token}")),
     ] {
-        let resp = client
-            .post(url)
-            .header("authorization", format!("Bearer {OPENAI_KEY}"))
-            .header("x-request-id", id)
-            .header("x-fake-reply", REPLY)
-            .body(body.to_string())
-            .send()
-            .await?;
-        resp.text().await?;
+        post(&url, id).body(body.to_string()).send().await?.text().await?;
     }
     let ids = ["id-in-model", "id-in-answer", "id-in-stream", "id-in-query", "id-in-path"];
     let mut spans = w.receiver.spans_of(&ids).await?;

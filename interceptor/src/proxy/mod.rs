@@ -625,7 +625,7 @@ impl ConnectionRecord {
     fn live_json(&self) -> String {
         let workload = crate::audit::WorkloadInfo::of(self.workload.as_ref());
         serde_json::json!({
-            "time": crate::audit::now(),
+            "time": crate::audit::Timestamp::now(),
             "event": "connection",
             "outcome": self.outcome.as_str(),
             "mode": self.mode.as_str(),

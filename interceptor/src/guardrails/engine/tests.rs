@@ -36,20 +36,21 @@ fn all_detectors() -> Engine {
     Engine::new(&Policy::from_toml(&toml, "test").unwrap()).unwrap()
 }
 
+/// An engine blocking on a detector `custom` matching `regex`, and on the
+/// built-in detectors `also`.
+fn blocking(regex: &str, also: &[&str]) -> Engine {
+    let detectors: String = also.iter().map(|d| format!(", \"{d}\"")).collect();
+    let toml = format!(
+        "[[detectors]]\nname = \"custom\"\nregex = '{regex}'\n\n\
+         [[rules]]\nid = \"r\"\ndetectors = [\"custom\"{detectors}]\naction = \"block\"\n"
+    );
+    Engine::new(&Policy::from_toml(&toml, "test").unwrap()).unwrap()
+}
+
 /// An engine with a detector whose regex has no literal prefix (matched by
 /// the prefilter's own set), and which looks for word boundaries only.
 fn unanchored_rest() -> Engine {
-    let toml = r#"
-        [[detectors]]
-        name = "mail"
-        regex = '\b[a-z]+@[a-z]+\.com\b'
-
-        [[rules]]
-        id = "r"
-        detectors = ["mail", "github_token"]
-        action = "block"
-    "#;
-    Engine::new(&Policy::from_toml(toml, "test").unwrap()).unwrap()
+    blocking(r"\b[a-z]+@[a-z]+\.com\b", &["github_token"])
 }
 
 /// Every (detector, matched text) the all-detector engine finds.
@@ -480,17 +481,7 @@ fn the_search_over_all_strings_clears_them_but_the_one_with_a_candidate() {
     assert!(!clears_all(e.prescan(&req()), &["write to", "me@example.com", "soon"]));
     // A regex anchored to a text's start would not match where the text
     // stands among others: each text is looked at on its own.
-    let anchored = r#"
-        [[detectors]]
-        name = "leading"
-        regex = '^[a-z]+@[a-z]+\.com'
-
-        [[rules]]
-        id = "r"
-        detectors = ["leading"]
-        action = "block"
-    "#;
-    let e = Engine::new(&Policy::from_toml(anchored, "test").unwrap()).unwrap();
+    let e = blocking(r"^[a-z]+@[a-z]+\.com", &[]);
     assert!(!clears_all(e.prescan(&req()), &["first", "me@example.com"]));
     assert!(clears_all(e.prescan(&req()), &["first", "me at example.com"]));
 }

@@ -282,7 +282,7 @@ impl Pipeline {
         let prompt = if g.cfg.audit_prompts { prompt } else { None };
         trace::decision(call, direction, outcome, latency_ms, prompt.as_deref());
         AuditEvent {
-            time: audit::now(),
+            time: audit::Timestamp::now(),
             event: EventKind::GuardrailDecision,
             request_id: call.request_id.clone(),
             direction: direction.into(),
@@ -350,7 +350,7 @@ impl Pipeline {
         self.record_metrics(conn.workload, Provider::Generic, Direction::Request, &outcome, Instant::now());
         self.audit
             .record(AuditEvent {
-                time: audit::now(),
+                time: audit::Timestamp::now(),
                 event: EventKind::UnclassifiedConnection,
                 request_id: new_request_id(),
                 direction: EventDirection::Request,
