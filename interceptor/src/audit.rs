@@ -365,7 +365,7 @@ impl Batch {
             return;
         }
         let mut out = std::mem::take(&mut self.log_lines);
-        self.json_log_lines(events, &Timestamp::now().to_string(), &mut out);
+        self.json_log_lines(events, Timestamp::now().text().as_str(), &mut out);
         let _ = std::io::stderr().lock().write_all(&out);
         self.log_lines = out;
     }
@@ -556,28 +556,55 @@ impl Timestamp {
     pub fn now() -> Self {
         Self(time::OffsetDateTime::now_utc())
     }
+
+    /// The moment's text, its digits put in place one by one: every event
+    /// writes one, and the formatting machinery costs more than the rest of
+    /// the event's fields together. A year outside 0..=9999 (no clock this
+    /// runs on) is written as its last four digits.
+    fn text(self) -> TimestampText {
+        let t = self.0;
+        let (year, month, day) = t.to_calendar_date();
+        let (hour, minute, second, micro) = t.to_hms_micro();
+        let mut text = *b"0000-00-00T00:00:00.000000Z";
+        let fields = [
+            (0..4, year.unsigned_abs()),
+            (5..7, u32::from(u8::from(month))),
+            (8..10, u32::from(day)),
+            (11..13, u32::from(hour)),
+            (14..16, u32::from(minute)),
+            (17..19, u32::from(second)),
+            (20..26, micro),
+        ];
+        for (range, mut value) in fields {
+            for digit in text[range].iter_mut().rev() {
+                // A digit: `value % 10` < 10.
+                *digit = b'0' + (value % 10) as u8;
+                value /= 10;
+            }
+        }
+        TimestampText(text)
+    }
+}
+
+/// A [`Timestamp`]'s text.
+struct TimestampText([u8; 27]);
+
+impl TimestampText {
+    fn as_str(&self) -> &str {
+        // ASCII digits and separators only.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }
 
 impl std::fmt::Display for Timestamp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let t = self.0;
-        write!(
-            f,
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-            t.year(),
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second(),
-            t.microsecond()
-        )
+        f.write_str(self.text().as_str())
     }
 }
 
 impl Serialize for Timestamp {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        s.serialize_str(self.text().as_str())
     }
 }
 
@@ -700,6 +727,46 @@ mod tests {
         assert_eq!(parsed.offset(), time::UtcOffset::UTC);
         assert!((time::OffsetDateTime::now_utc() - parsed).abs() < time::Duration::minutes(1), "{time}");
         assert!(time.ends_with('Z') && time.len() == "2026-12-07T19:10:00.123456Z".len(), "{time}");
+    }
+
+    #[test]
+    fn timestamps_read_as_the_formatting_machinery_writes_them() {
+        let written = |t: time::OffsetDateTime| {
+            format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second(),
+                t.microsecond()
+            )
+        };
+        let at = |year, month, day, (h, m, s, nano)| {
+            time::Date::from_calendar_date(year, month, day).unwrap().with_hms_nano(h, m, s, nano).unwrap().assume_utc()
+        };
+        let mut moments = vec![
+            time::OffsetDateTime::UNIX_EPOCH,
+            at(2026, time::Month::December, 31, (23, 59, 59, 999_999_000)),
+            at(2028, time::Month::February, 29, (0, 0, 0, 1_000)),
+            at(9999, time::Month::December, 31, (23, 59, 59, 999_999_999)),
+            time::OffsetDateTime::now_utc(),
+        ];
+        // Spread over the years any clock this runs on may show.
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        for _ in 0..2000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let nanos = i128::from(seed % 8_000_000_000_000_000_000);
+            moments.push(time::OffsetDateTime::from_unix_timestamp_nanos(nanos).unwrap());
+        }
+        for t in moments {
+            let ours = Timestamp(t);
+            assert_eq!(ours.to_string(), written(t));
+            assert_eq!(serde_json::to_value(ours).unwrap(), serde_json::Value::String(written(t)));
+        }
     }
 
     #[test]

@@ -492,3 +492,38 @@ async fn an_ai_request_on_a_connection_made_for_a_sibling_name_gets_421() -> Res
     assert_eq!(seen[0].sni.as_deref(), Some("www.googleapis.com"));
     Ok(())
 }
+
+/// Streamed answers inspected by the guardrails (monitor and enforce) from
+/// an HTTP/1.1-only provider, one after the other on one kept-alive client
+/// connection: the upstream connection goes back to the pool when a stream
+/// ends, so every request after the first is sent on it, with no new
+/// handshake to the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspected_streams_reuse_the_upstream_connection() -> Result<()> {
+    use interceptor::config::{GuardrailsConfig, StreamMode};
+    for stream_mode in [StreamMode::Monitor, StreamMode::Enforce] {
+        let pki = TestPki::with_defaults()?;
+        let provider = FakeProvider::start_with_tls(
+            std::net::TcpListener::bind("127.0.0.1:0")?,
+            pki.server_config(&[b"http/1.1"]),
+        )?;
+        let dir = tempfile::tempdir()?;
+        let upstream_ca = pki.write_ca(dir.path())?;
+        let hook =
+            interceptor_tests::inprocess::local_pipeline(GuardrailsConfig { stream_mode, ..Default::default() }, None)?;
+        let proxy =
+            InProcessProxy::start(provider.local_addr(), &upstream_ca, DomainsConfig::default(), Some(hook)).await?;
+        let client = client_for("api.openai.com", proxy.addr, &[&proxy.ca_pem], false)?;
+        let body = r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hello"}]}"#;
+        for _ in 0..10 {
+            let resp =
+                client.post("https://api.openai.com/v1/chat/completions?interval_ms=1").body(body).send().await?;
+            assert_eq!(resp.status(), 200);
+            let text = resp.text().await?;
+            assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        }
+        assert_eq!(provider.requests().len(), 10);
+        assert_eq!(provider.handshakes(), 1, "{stream_mode:?}: each stream opened a new upstream connection");
+    }
+    Ok(())
+}

@@ -71,6 +71,11 @@ pub struct Call {
     pub client: ClientAddr,
     pub orig_dst: OrigDstAddr,
     pub workload: Option<Workload>,
+    /// Who the workload is, stably (a pod's namespace and service account,
+    /// else its executable or process name; `*` when unknown): what the
+    /// metrics, spans, token counts and MCP tool pins are kept by. Named
+    /// once per exchange.
+    pub workload_key: String,
     /// The request's headers; empty unless a configured backend reads them
     /// ([`Backend::reads_headers`]).
     pub request_headers: HeaderMap,

@@ -344,6 +344,7 @@ mod tests {
                 client: ClientAddr("10.0.0.7:40000".parse().unwrap()),
                 orig_dst: OrigDstAddr("192.0.2.10:443".parse().unwrap()),
                 workload: Some(Workload { pid: 42, comm: "claude".into(), ..Default::default() }),
+                workload_key: "comm:claude".into(),
                 request_headers: headers,
                 request_body: bytes::Bytes::from(serde_json::to_vec(body).unwrap()),
                 mcp_session: Some("sess-1".into()),

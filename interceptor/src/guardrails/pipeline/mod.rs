@@ -162,8 +162,9 @@ fn new_call(p: &Pipeline, g: &Guardrails, ex: &Exchange, head: &http::request::P
     // The data plane's `request` span names the request from here on.
     crate::proxy::hook::record_request_id(&request_id);
     let recorded_path = recorded_path(detectors(g), &ctx, &path);
+    let workload_key = workload_key(ex.workload.as_ref());
     Call {
-        span: trace::open(p.otlp.as_ref(), ex, head, provider, &path, &recorded_path),
+        span: trace::open(p.otlp.as_ref(), ex, head, provider, &path, &recorded_path, &workload_key),
         request_id,
         provider,
         model: None,
@@ -174,6 +175,7 @@ fn new_call(p: &Pipeline, g: &Guardrails, ex: &Exchange, head: &http::request::P
         client: ex.client,
         orig_dst: ex.orig_dst,
         workload: ex.workload.clone(),
+        workload_key,
         request_headers: if g.reads_headers() { head.headers.clone() } else { http::HeaderMap::new() },
         request_body: body,
         mcp_session: None,
@@ -275,9 +277,10 @@ fn request_id(detectors: Option<&Engine>, ctx: &ScanContext<'_>, headers: &http:
     new_request_id()
 }
 
-/// A new random request id.
+/// A new random request id: 128 random bits in lowercase hex.
 fn new_request_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+    let bits = rand::random::<u128>();
+    (0..32).rev().map(|i| char::from_digit(((bits >> (4 * i)) & 0xf) as u32, 16).unwrap_or('0')).collect()
 }
 
 #[async_trait::async_trait]

@@ -23,7 +23,6 @@ use crate::{
     metrics::DecisionLabels,
     proxy::hook::{Exchange, Unclassified},
     respond::{self, Problem},
-    workload::Workload,
 };
 
 /// The `budget_counting` of `call`'s events.
@@ -151,7 +150,7 @@ impl Outcome {
 impl Pipeline {
     pub(super) fn record_metrics(
         &self,
-        workload: Option<&Workload>,
+        workload_key: &str,
         provider: Provider,
         direction: Direction,
         outcome: &Outcome,
@@ -159,8 +158,8 @@ impl Pipeline {
     ) {
         self.metrics.guardrail_seconds.observe(started.elapsed().as_secs_f64());
         let action = outcome.decision();
-        let key = workload_key(workload);
-        self.metrics.workload_decision(if key == "*" { "unknown" } else { &key }, direction, action);
+        let workload = if workload_key == "*" { "unknown" } else { workload_key };
+        self.metrics.workload_decision(workload, direction, action);
         let count = |rule: String| {
             self.metrics
                 .decisions
@@ -200,7 +199,7 @@ impl Pipeline {
         started: Instant,
         usage: Option<Usage>,
     ) {
-        self.record_metrics(call.workload.as_ref(), call.provider, Direction::Response, outcome, started);
+        self.record_metrics(&call.workload_key, call.provider, Direction::Response, outcome, started);
         let workload = WorkloadInfo::of(call.workload.as_ref());
         let mut event = self.event(g, call, Direction::Response, outcome, started, None, workload);
         event.usage = self.count_usage(call, usage).await;
@@ -217,7 +216,7 @@ impl Pipeline {
         started: Instant,
         refusal: Refusal,
     ) {
-        self.record_metrics(call.workload.as_ref(), call.provider, Direction::Request, outcome, started);
+        self.record_metrics(&call.workload_key, call.provider, Direction::Request, outcome, started);
         let workload = WorkloadInfo::of(call.workload.as_ref());
         let mut event = self.event(g, call, Direction::Request, outcome, started, None, workload);
         event.budget_counting = refusal.counting;
@@ -235,8 +234,7 @@ impl Pipeline {
             budgets.charge(ticket, usage.input_tokens.saturating_add(usage.output_tokens)).await;
         }
         trace::usage(call, &usage);
-        let key = workload_key(call.workload.as_ref());
-        let workload = if key == "*" { "unknown" } else { key.as_str() };
+        let workload = if call.workload_key == "*" { "unknown" } else { call.workload_key.as_str() };
         let model = call.model.as_deref().unwrap_or("unknown");
         self.metrics.tokens_used(workload, call.provider.as_str(), model, usage.input_tokens, usage.output_tokens);
         Some(usage)
@@ -257,7 +255,7 @@ impl Pipeline {
         mcp: Option<McpInfo>,
     ) {
         if kind == EventKind::GuardrailDecision {
-            self.record_metrics(call.workload.as_ref(), call.provider, direction, outcome, started);
+            self.record_metrics(&call.workload_key, call.provider, direction, outcome, started);
         }
         let workload = WorkloadInfo::of(call.workload.as_ref());
         let mut event = self.event(g, call, direction, outcome, started, prompt, workload);
@@ -347,7 +345,13 @@ impl Pipeline {
         } else {
             Outcome { alert: true, reasons: vec![format!("not inspected: {}", conn.reason)], ..Outcome::default() }
         };
-        self.record_metrics(conn.workload, Provider::Generic, Direction::Request, &outcome, Instant::now());
+        self.record_metrics(
+            &workload_key(conn.workload),
+            Provider::Generic,
+            Direction::Request,
+            &outcome,
+            Instant::now(),
+        );
         self.audit
             .record(AuditEvent {
                 time: audit::Timestamp::now(),

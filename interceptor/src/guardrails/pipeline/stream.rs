@@ -414,13 +414,7 @@ impl StreamGuard {
     /// Records the stream's decision: one audit event for the whole stream.
     pub(super) async fn finish_audit(&mut self) {
         let p = &self.p;
-        p.record_metrics(
-            self.call.workload.as_ref(),
-            self.call.provider,
-            Direction::Response,
-            &self.outcome,
-            self.started,
-        );
+        p.record_metrics(&self.call.workload_key, self.call.provider, Direction::Response, &self.outcome, self.started);
         let workload = self.workload.clone();
         if let Some(facts) = &mut self.facts {
             scrub_facts(&self.g, &self.call, facts);

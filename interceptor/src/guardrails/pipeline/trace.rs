@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use opentelemetry::{Array, StringValue, Value};
 
-use super::{outcome::Outcome, workload_key};
+use super::outcome::Outcome;
 use crate::{
     guardrails::{
         backend::Call,
@@ -41,6 +41,7 @@ pub(super) fn open(
     provider: Provider,
     path: &str,
     recorded_path: &str,
+    workload_key: &str,
 ) -> Option<Arc<ExchangeSpan>> {
     let otlp = otlp?;
     let header = |name: &str| head.headers.get(name).and_then(|v| v.to_str().ok());
@@ -54,9 +55,8 @@ pub(super) fn open(
         a.set("url.path", Attr::Str(recorded_path.split('?').next().unwrap_or_default()));
         a.set("client.address", Attr::Display(&ex.client.0.ip()));
         let Some(w) = &ex.workload else { return };
-        let key = workload_key(Some(w));
-        if key != "*" {
-            a.set("interceptor.workload", Attr::Str(&key));
+        if workload_key != "*" {
+            a.set("interceptor.workload", Attr::Str(workload_key));
         }
         if w.pid != 0 {
             a.set("process.pid", Attr::I64(i64::from(w.pid)));

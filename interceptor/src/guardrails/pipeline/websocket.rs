@@ -214,7 +214,7 @@ impl MessageInspector for Session {
         };
         self.p.run_backends(&g, Phase::Request, &call, &mut subject, &mut outcome).await;
         if outcome.decision() == Decision::Allow {
-            self.p.record_metrics(call.workload.as_ref(), call.provider, Direction::Request, &outcome, started);
+            self.p.record_metrics(&call.workload_key, call.provider, Direction::Request, &outcome, started);
         } else {
             let prompt = g
                 .cfg

@@ -34,7 +34,6 @@ use std::{
 use http::{HeaderMap, StatusCode};
 use serde_json::Value;
 
-pub(super) use super::workload_key;
 use super::{Guardrails, Pipeline, backends::Subject, outcome::Outcome};
 use crate::{
     audit::{EventKind, McpInfo},
@@ -323,6 +322,7 @@ mod tests {
 
     #[test]
     fn pins_are_kept_per_service_account_or_executable() {
+        use crate::guardrails::pipeline::workload_key;
         assert_eq!(workload_key(None), "*");
         let pod = Workload {
             comm: "node".into(),

@@ -28,7 +28,7 @@ use serde_json::Value;
 use super::{
     info, refusal, session_in_query,
     sessions::{Pending, SessionKey},
-    stronger, with_unread, workload_key,
+    stronger, with_unread,
 };
 use crate::{
     audit::{EventKind, McpInfo},
@@ -252,7 +252,7 @@ impl Pipeline {
         let definitions = mcp::tools::definitions(result);
         let tools: Vec<(&str, [u8; 32])> = definitions.iter().map(|d| (d.name.as_str(), d.hash)).collect();
         let accept = self.mcp.settings.tool_changes == ToolChangeAction::Alert;
-        let pins = self.mcp.pins.check(&call.host, &workload_key(call.workload.as_ref()), &tools, accept);
+        let pins = self.mcp.pins.check(&call.host, &call.workload_key, &tools, accept);
         if !pins.added.is_empty() || (accept && !pins.changed.is_empty()) {
             self.save_pins().await;
         }
