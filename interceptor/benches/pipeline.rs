@@ -35,7 +35,7 @@ use interceptor::{
     },
     metrics::Metrics,
     net::{ClientAddr, OrigDstAddr},
-    proxy::hook::{BodyAction, Exchange, Hook, RequestAction, ResponseAction},
+    proxy::hook::{BodyAction, ChunkAction, Exchange, Hook, RequestAction, ResponseAction},
     telemetry::otlp::{Otlp, OtlpConfig, OtlpCounters},
     testing::provider::sample_chat_completion,
     workload::Workload,
@@ -103,12 +103,145 @@ fn response_head(len: usize) -> http::response::Parts {
 fn pipeline(c: &mut Criterion) {
     run(c, "pipeline/allowed_exchange", false);
     run(c, "pipeline/allowed_exchange_traced", true);
+    streamed(c, "pipeline/streamed_exchange");
+}
+
+/// Allocations and bytes allocated per call of `f`, warm: `f` runs a tenth
+/// of `runs` times first, uncounted.
+fn allocations(runs: u64, mut f: impl FnMut()) -> (f64, u64) {
+    for _ in 0..runs / 10 {
+        f();
+    }
+    let (count, bytes) = (ALLOCATIONS.load(Ordering::Relaxed), ALLOCATED.load(Ordering::Relaxed));
+    for _ in 0..runs {
+        f();
+    }
+    let count = ALLOCATIONS.load(Ordering::Relaxed) - count;
+    let bytes = ALLOCATED.load(Ordering::Relaxed) - bytes;
+    (count as f64 / runs as f64, bytes / runs)
 }
 
 /// One exchange after the other through the pipeline; `traced`: with a span
 /// per exchange (OpenTelemetry export on, to a port where nothing listens,
 /// so the export thread's own work is not what is timed).
 fn run(c: &mut Criterion, name: &str, traced: bool) {
+    let (runtime, hook, exchange) = setup(traced);
+    let mut doc = common::openai_chat(&common::clean_prompt(1));
+    doc["stream"] = false.into();
+    let body = Bytes::from(serde_json::to_vec(&doc).expect("json"));
+    let answer = Bytes::from(sample_chat_completion());
+    let response = response_head(answer.len());
+
+    let exchange_once = || {
+        runtime.block_on(async {
+            let mut head = request_head(body.len());
+            let (action, state) = hook.on_request(&exchange, &mut head, black_box(&body)).await;
+            assert!(matches!(action, RequestAction::Forward));
+            let action = hook.on_response(&exchange, &state, &head, &response).await;
+            assert!(matches!(action, ResponseAction::Collect));
+            let action = hook.on_response_body(&exchange, &state, &head, &response, black_box(&answer)).await;
+            assert!(matches!(action, BodyAction::Forward));
+            // Let the audit writer take both events.
+            tokio::task::yield_now().await;
+        })
+    };
+
+    // Allocations per exchange, warm (caches and buffers already grown),
+    // including the request head the benchmark builds (as hyper would).
+    let runs = 10_000;
+    let (count, bytes) = allocations(runs, exchange_once);
+    let (head_allocations, _) = allocations(runs, || {
+        black_box(request_head(body.len()));
+    });
+    println!(
+        "{name}: {count:.1} allocations, {bytes} bytes allocated per exchange \
+         ({head_allocations:.1} of them the benchmark's request head)"
+    );
+
+    c.bench_function(name, |b| b.iter(exchange_once));
+
+    // The same with IN_FLIGHT exchanges interleaved, phase by phase, as a
+    // loaded worker has them: each exchange's state is cold when it is
+    // touched again. Timed per exchange.
+    let interleaved = || {
+        runtime.block_on(async {
+            let mut heads = Vec::with_capacity(IN_FLIGHT);
+            let mut states = Vec::with_capacity(IN_FLIGHT);
+            for _ in 0..IN_FLIGHT {
+                let mut head = request_head(body.len());
+                let (action, state) = hook.on_request(&exchange, &mut head, black_box(&body)).await;
+                assert!(matches!(action, RequestAction::Forward));
+                heads.push(head);
+                states.push(state);
+            }
+            for (head, state) in heads.iter().zip(&states) {
+                let action = hook.on_response(&exchange, state, head, &response).await;
+                assert!(matches!(action, ResponseAction::Collect));
+            }
+            for (head, state) in heads.iter().zip(&states) {
+                let action = hook.on_response_body(&exchange, state, head, &response, black_box(&answer)).await;
+                assert!(matches!(action, BodyAction::Forward));
+            }
+            tokio::task::yield_now().await;
+        })
+    };
+    let mut group = c.benchmark_group(format!("{name}_{IN_FLIGHT}_in_flight"));
+    group.throughput(criterion::Throughput::Elements(IN_FLIGHT as u64));
+    group.bench_function("per_batch", |b| b.iter(interleaved));
+    group.finish();
+}
+
+/// Events of the streamed answer.
+const STREAM_EVENTS: usize = 20;
+/// A TLS record's worth of plaintext at most, as reads deliver it.
+const CHUNK: usize = 1400;
+
+/// A streamed exchange: the request (`"stream": true`), then an SSE answer
+/// of [`STREAM_EVENTS`] deltas through the stream guard (monitor, the
+/// default), fed as reads deliver it, then its end. This is the CPU the
+/// guardrails add to a streamed call.
+fn streamed(c: &mut Criterion, name: &str) {
+    let (runtime, hook, exchange) = setup(false);
+    let mut doc = common::openai_chat(&common::clean_prompt(1));
+    doc["stream"] = true.into();
+    let body = Bytes::from(serde_json::to_vec(&doc).expect("json"));
+    let stream = Bytes::from(common::openai_sse_stream(STREAM_EVENTS));
+    let response = http::Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(())
+        .expect("response")
+        .into_parts()
+        .0;
+    let exchange_once = || {
+        runtime.block_on(async {
+            let mut head = request_head(body.len());
+            let (action, state) = hook.on_request(&exchange, &mut head, black_box(&body)).await;
+            assert!(matches!(action, RequestAction::Forward));
+            let ResponseAction::Inspect(mut inspector) = hook.on_response(&exchange, &state, &head, &response).await
+            else {
+                panic!("the stream is not inspected");
+            };
+            for chunk in stream.chunks(CHUNK) {
+                let action = inspector.on_chunk(stream.slice_ref(chunk)).await;
+                assert!(matches!(action, ChunkAction::Forward(_)));
+            }
+            black_box(inspector.on_end().await);
+            // Let the audit writer take both events.
+            tokio::task::yield_now().await;
+        })
+    };
+    let (count, bytes) = allocations(2_000, exchange_once);
+    println!(
+        "{name}: {count:.1} allocations, {bytes} bytes allocated per exchange \
+         ({STREAM_EVENTS} events in {} bytes)",
+        stream.len()
+    );
+    c.bench_function(name, |b| b.iter(exchange_once));
+}
+
+/// The runtime, the pipeline (the built-in policy, audit events to the
+/// JSON log) and the connection the exchanges come on.
+fn setup(traced: bool) -> (tokio::runtime::Runtime, Pipeline, Exchange) {
     // The product's default log (JSON lines on stderr, info and up), with
     // stderr sent to /dev/null.
     let null = std::fs::OpenOptions::new().write(true).open("/dev/null").expect("/dev/null");
@@ -144,82 +277,7 @@ fn run(c: &mut Criterion, name: &str, traced: bool) {
             ..Default::default()
         }),
     };
-    let mut doc = common::openai_chat(&common::clean_prompt(1));
-    doc["stream"] = false.into();
-    let body = Bytes::from(serde_json::to_vec(&doc).expect("json"));
-    let answer = Bytes::from(sample_chat_completion());
-    let response = response_head(answer.len());
-
-    let exchange_once = || {
-        runtime.block_on(async {
-            let mut head = request_head(body.len());
-            let (action, state) = hook.on_request(&exchange, &mut head, black_box(&body)).await;
-            assert!(matches!(action, RequestAction::Forward));
-            let action = hook.on_response(&exchange, &state, &head, &response).await;
-            assert!(matches!(action, ResponseAction::Collect));
-            let action = hook.on_response_body(&exchange, &state, &head, &response, black_box(&answer)).await;
-            assert!(matches!(action, BodyAction::Forward));
-            // Let the audit writer take both events.
-            tokio::task::yield_now().await;
-        })
-    };
-
-    // Allocations per exchange, warm (caches and buffers already grown),
-    // including the request head the benchmark builds (as hyper would).
-    for _ in 0..1000 {
-        exchange_once();
-    }
-    let runs = 10_000u64;
-    let (count, bytes) = (ALLOCATIONS.load(Ordering::Relaxed), ALLOCATED.load(Ordering::Relaxed));
-    for _ in 0..runs {
-        exchange_once();
-    }
-    let count = ALLOCATIONS.load(Ordering::Relaxed) - count;
-    let bytes = ALLOCATED.load(Ordering::Relaxed) - bytes;
-    let mut head_allocations = ALLOCATIONS.load(Ordering::Relaxed);
-    for _ in 0..runs {
-        black_box(request_head(body.len()));
-    }
-    head_allocations = ALLOCATIONS.load(Ordering::Relaxed) - head_allocations;
-    println!(
-        "{name}: {:.1} allocations, {} bytes allocated per exchange \
-         ({:.1} of them the benchmark's request head)",
-        count as f64 / runs as f64,
-        bytes / runs,
-        head_allocations as f64 / runs as f64,
-    );
-
-    c.bench_function(name, |b| b.iter(exchange_once));
-
-    // The same with IN_FLIGHT exchanges interleaved, phase by phase, as a
-    // loaded worker has them: each exchange's state is cold when it is
-    // touched again. Timed per exchange.
-    let interleaved = || {
-        runtime.block_on(async {
-            let mut heads = Vec::with_capacity(IN_FLIGHT);
-            let mut states = Vec::with_capacity(IN_FLIGHT);
-            for _ in 0..IN_FLIGHT {
-                let mut head = request_head(body.len());
-                let (action, state) = hook.on_request(&exchange, &mut head, black_box(&body)).await;
-                assert!(matches!(action, RequestAction::Forward));
-                heads.push(head);
-                states.push(state);
-            }
-            for (head, state) in heads.iter().zip(&states) {
-                let action = hook.on_response(&exchange, state, head, &response).await;
-                assert!(matches!(action, ResponseAction::Collect));
-            }
-            for (head, state) in heads.iter().zip(&states) {
-                let action = hook.on_response_body(&exchange, state, head, &response, black_box(&answer)).await;
-                assert!(matches!(action, BodyAction::Forward));
-            }
-            tokio::task::yield_now().await;
-        })
-    };
-    let mut group = c.benchmark_group(format!("{name}_{IN_FLIGHT}_in_flight"));
-    group.throughput(criterion::Throughput::Elements(IN_FLIGHT as u64));
-    group.bench_function("per_batch", |b| b.iter(interleaved));
-    group.finish();
+    (runtime, hook, exchange)
 }
 
 /// Exchanges in flight at once in the interleaved variant (the namespace

@@ -213,7 +213,13 @@ impl Prefilter {
     /// (folded) starts, or `None`: no literal is there. A literal that
     /// starts before the one found and is not found ends after it.
     pub(super) fn find_in(&self, text: &str, from: usize) -> Option<usize> {
-        self.find_from::<WINDOW>(text.as_bytes(), from, true)
+        // A short rest (a stream event's strings) is not worth clearing a
+        // whole window for.
+        if text.len().saturating_sub(from) <= SHORT_WINDOW {
+            self.find_from::<SHORT_WINDOW>(text.as_bytes(), from, true)
+        } else {
+            self.find_from::<WINDOW>(text.as_bytes(), from, true)
+        }
     }
 
     /// Whether `text` may match one of the regexes (`false`: it cannot).

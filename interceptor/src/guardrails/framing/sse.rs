@@ -96,7 +96,7 @@ impl SseParser {
                     continue;
                 }
             }
-            match rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+            match memchr::memchr2(b'\n', b'\r', rest) {
                 Some(pos) => {
                     self.line.extend_from_slice(&rest[..pos]);
                     self.pending += pos + 1;
@@ -166,14 +166,14 @@ impl SseParser {
                     None => (l, &[][..]),
                 };
                 match name {
-                    b"event" => self.event = String::from_utf8_lossy(value).into_owned(),
+                    b"event" => self.event = lossy(value).into_owned(),
                     b"data" => {
-                        self.data.push_str(&String::from_utf8_lossy(value));
+                        self.data.push_str(&lossy(value));
                         self.data.push('\n');
                     }
                     // An id containing NUL is ignored (spec).
                     b"id" if !value.contains(&0) => {
-                        self.last_id = Some(String::from_utf8_lossy(value).into_owned());
+                        self.last_id = Some(lossy(value).into_owned());
                     }
                     // `retry` and unknown fields are ignored.
                     _ => {}
@@ -219,6 +219,15 @@ pub fn encode_event(event: Option<&str>, data: &str) -> Vec<u8> {
     }
     out.push(b'\n');
     out
+}
+
+/// `bytes` as text, invalid UTF-8 replaced as `String::from_utf8_lossy`
+/// does; valid text (nearly every line) is checked by the fast validator.
+fn lossy(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => std::borrow::Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
 }
 
 #[cfg(test)]

@@ -92,6 +92,11 @@ pub(super) struct StreamGuard {
     /// Strings of the parsed events besides their text that the local
     /// engine's prescan did not clear, not yet checked.
     unread: Vec<String>,
+    /// An event's strings gathered for one literal search
+    /// ([`Prescan::clear_pieces`](crate::guardrails::engine::Prescan::clear_pieces)),
+    /// each followed by a `"`, and where each
+    /// ends: kept from event to event.
+    gathered: (String, Vec<usize>),
 }
 
 impl StreamGuard {
@@ -132,6 +137,7 @@ impl StreamGuard {
             facts,
             text_seen: false,
             unread: Vec::new(),
+            gathered: (String::new(), Vec::new()),
         }
     }
 
@@ -166,6 +172,7 @@ impl StreamGuard {
         }
         let provider = self.call.provider;
         let (meter, facts, unread) = (&mut self.meter, &mut self.facts, &mut self.unread);
+        let (all, ends) = &mut self.gathered;
         let ctx = self.call.scan_context(Direction::Response);
         let mut prescan = self.g.engine.as_deref().map(|engine| engine.prescan(&ctx));
         let mut delta = |ev: StreamEventRef<'_>| {
@@ -180,11 +187,22 @@ impl StreamGuard {
                         facts.observe(event, v);
                     }
                     if let Some(prescan) = prescan.as_mut() {
+                        // One literal search over all the event's strings;
+                        // when it finds something, each string on its own.
+                        all.clear();
+                        ends.clear();
                         providers::each_leaf(v, &mut |s| {
-                            if !prescan.clear(s) {
-                                unread.push(s.to_owned());
-                            }
+                            all.push_str(s);
+                            ends.push(all.len());
+                            all.push('"');
                         });
+                        if !prescan.clear_pieces(all, ends) {
+                            providers::each_leaf(v, &mut |s| {
+                                if !prescan.clear(s) {
+                                    unread.push(s.to_owned());
+                                }
+                            });
+                        }
                     }
                 }),
             };
