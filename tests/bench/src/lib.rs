@@ -399,15 +399,16 @@ fn measure(env: &Env, opts: &Options, name: &str, url: &str, script: &Path, prox
     load.run(url, script, Duration::from_secs(1)).with_context(|| format!("{name}: warm-up"))?;
     let cpu = |cg: Option<&Cgroup>| cg.map(|cg| procstat::cgroup_usage_seconds(cg.path())).transpose();
     let switches = |cg: Option<&Cgroup>| cg.map(|cg| procstat::cgroup_context_switches(cg.path())).transpose();
+    let writes = |cg: Option<&Cgroup>| cg.map(|cg| procstat::cgroup_write_syscalls(cg.path())).transpose();
     let mut best: Option<Row> = None;
     // Best of `repeat` runs: the machine may be shared, and a run that other
     // work disturbed only ever measures lower.
     for _ in 0..opts.repeat.max(1) {
-        let (before, switches0) = (cpu(proxy)?, switches(proxy)?);
+        let (before, switches0, writes0) = (cpu(proxy)?, switches(proxy)?, writes(proxy)?);
         let (busy0, ours0) = (procstat::machine_busy_seconds()?, procstat::cgroup_usage_seconds(env.root.path())?);
         let wrk = load.run(url, script, Duration::from_secs(opts.seconds)).with_context(|| format!("{name}: run"))?;
         let (busy1, ours1) = (procstat::machine_busy_seconds()?, procstat::cgroup_usage_seconds(env.root.path())?);
-        let (after, switches1) = (cpu(proxy)?, switches(proxy)?);
+        let (after, switches1, writes1) = (cpu(proxy)?, switches(proxy)?, writes(proxy)?);
         let other = ((busy1 - busy0) - (ours1 - ours0)).max(0.0) / wrk.seconds.max(1e-3);
         let row = Row {
             name: name.into(),
@@ -416,6 +417,7 @@ fn measure(env: &Env, opts: &Options, name: &str, url: &str, script: &Path, prox
             other_cpu: Some(other),
             // Threads that exited meanwhile take their counts with them.
             proxy_switches: switches0.zip(switches1).map(|(b, a)| a.saturating_sub(b)),
+            proxy_writes: writes0.zip(writes1).map(|(b, a)| a.saturating_sub(b)),
         };
         if best.as_ref().is_none_or(|b| row.wrk.rps() > b.wrk.rps()) {
             best = Some(row);
@@ -423,7 +425,7 @@ fn measure(env: &Env, opts: &Options, name: &str, url: &str, script: &Path, prox
     }
     let row = best.context("no run")?;
     println!(
-        "  {:<40} {:>8.0} req/s  p50 {:.3} ms  p99 {:.3} ms  errors {}  non-2xx {}{}{}  other load {:.0} %",
+        "  {:<40} {:>8.0} req/s  p50 {:.3} ms  p99 {:.3} ms  errors {}  non-2xx {}{}{}{}  other load {:.0} %",
         row.name,
         row.wrk.rps(),
         row.wrk.p50_us / 1e3,
@@ -432,6 +434,7 @@ fn measure(env: &Env, opts: &Options, name: &str, url: &str, script: &Path, prox
         row.wrk.non_2xx,
         row.cpu_us_per_request().map_or(String::new(), |c| format!("  proxy CPU {c:.1} us/req")),
         row.switches_per_request().map_or(String::new(), |c| format!(", {c:.2} context switches/req")),
+        row.writes_per_request().map_or(String::new(), |w| format!(", {w:.2} writes/req")),
         row.other_cpu.unwrap_or_default() * 100.0,
     );
     Ok(row)

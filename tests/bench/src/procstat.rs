@@ -132,6 +132,21 @@ pub fn cgroup_context_switches(cgroup: &Path) -> Result<u64> {
     Ok(total)
 }
 
+/// Write system calls (`syscw` of `/proc/<pid>/io`: write(2), writev(2)
+/// and the like, on sockets, pipes and files alike) of every process in a
+/// cgroup so far: what the proxy relays, plus its log and audit writes and
+/// its wake-ups of other threads.
+pub fn cgroup_write_syscalls(cgroup: &Path) -> Result<u64> {
+    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs"))?;
+    let io = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/io")).ok();
+    Ok(procs.split_whitespace().filter_map(io).filter_map(|text| parse_write_syscalls(&text)).sum())
+}
+
+/// The `syscw` field of a `/proc/<pid>/io`.
+pub fn parse_write_syscalls(io: &str) -> Option<u64> {
+    io.lines().find_map(|l| l.strip_prefix("syscw:")).and_then(|v| v.trim().parse().ok())
+}
+
 /// `voluntary_ctxt_switches` + `nonvoluntary_ctxt_switches` of a
 /// `/proc/<pid>/task/<tid>/status`.
 pub fn parse_context_switches(status: &str) -> Option<u64> {
@@ -168,6 +183,13 @@ mod tests {
         let stat = "cpu  100 5 50 9000 40 3 2 1 0 0\ncpu0 50 2 25 4500 20 1 1 0 0 0\n";
         assert_eq!(parse_busy_ticks(stat), Some(100 + 5 + 50 + 3 + 2 + 1));
         assert!(machine_busy_seconds().expect("/proc/stat") > 0.0);
+    }
+
+    #[test]
+    fn write_syscalls_from_the_io_file() {
+        let io = "rchar: 10\nwchar: 20\nsyscr: 3\nsyscw: 42\nread_bytes: 0\n";
+        assert_eq!(parse_write_syscalls(io), Some(42));
+        assert_eq!(parse_write_syscalls("rchar: 10\n"), None);
     }
 
     #[test]

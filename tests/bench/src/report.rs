@@ -16,6 +16,8 @@ pub struct Row {
     pub other_cpu: Option<f64>,
     /// Context switches of the proxy's threads during the run (None: no proxy).
     pub proxy_switches: Option<u64>,
+    /// Write system calls of the proxy during the run (None: no proxy).
+    pub proxy_writes: Option<u64>,
 }
 
 impl Row {
@@ -28,6 +30,12 @@ impl Row {
     /// Context switches of the proxy per request.
     pub fn switches_per_request(&self) -> Option<f64> {
         let n = self.proxy_switches?;
+        (self.wrk.requests > 0).then(|| n as f64 / self.wrk.requests as f64)
+    }
+
+    /// Write system calls of the proxy per request.
+    pub fn writes_per_request(&self) -> Option<f64> {
+        let n = self.proxy_writes?;
         (self.wrk.requests > 0).then(|| n as f64 / self.wrk.requests as f64)
     }
 }
@@ -405,6 +413,7 @@ mod tests {
             proxy_cpu_s: cpu,
             other_cpu: None,
             proxy_switches: None,
+            proxy_writes: None,
         }
     }
 
