@@ -92,10 +92,10 @@ pub(super) struct StreamGuard {
     /// Strings of the parsed events besides their text that the local
     /// engine's prescan did not clear, not yet checked.
     unread: Vec<String>,
-    /// An event's strings gathered for one literal search
+    /// An event's strings, each followed by a `"`, and where each ends:
+    /// gathered for one literal search over them all
     /// ([`Prescan::clear_pieces`](crate::guardrails::engine::Prescan::clear_pieces)),
-    /// each followed by a `"`, and where each
-    /// ends: kept from event to event.
+    /// the buffers kept from event to event.
     gathered: (String, Vec<usize>),
 }
 
