@@ -729,43 +729,43 @@ mod tests {
         assert!(time.ends_with('Z') && time.len() == "2026-12-07T19:10:00.123456Z".len(), "{time}");
     }
 
+    /// A timestamp is written as the formatting machinery writes it.
+    fn assert_written_as_formatted(t: time::OffsetDateTime) {
+        let written = format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.microsecond()
+        );
+        assert_eq!(Timestamp(t).to_string(), written);
+        assert_eq!(serde_json::to_value(Timestamp(t)).unwrap(), serde_json::Value::String(written));
+    }
+
     #[test]
     fn timestamps_read_as_the_formatting_machinery_writes_them() {
-        let written = |t: time::OffsetDateTime| {
-            format!(
-                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-                t.year(),
-                u8::from(t.month()),
-                t.day(),
-                t.hour(),
-                t.minute(),
-                t.second(),
-                t.microsecond()
-            )
-        };
         let at = |year, month, day, (h, m, s, nano)| {
             time::Date::from_calendar_date(year, month, day).unwrap().with_hms_nano(h, m, s, nano).unwrap().assume_utc()
         };
-        let mut moments = vec![
+        for t in [
             time::OffsetDateTime::UNIX_EPOCH,
             at(2026, time::Month::December, 31, (23, 59, 59, 999_999_000)),
             at(2028, time::Month::February, 29, (0, 0, 0, 1_000)),
             at(9999, time::Month::December, 31, (23, 59, 59, 999_999_999)),
             time::OffsetDateTime::now_utc(),
-        ];
-        // Spread over the years any clock this runs on may show.
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        for _ in 0..2000 {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let nanos = i128::from(seed % 8_000_000_000_000_000_000);
-            moments.push(time::OffsetDateTime::from_unix_timestamp_nanos(nanos).unwrap());
+        ] {
+            assert_written_as_formatted(t);
         }
-        for t in moments {
-            let ours = Timestamp(t);
-            assert_eq!(ours.to_string(), written(t));
-            assert_eq!(serde_json::to_value(ours).unwrap(), serde_json::Value::String(written(t)));
+    }
+
+    proptest::proptest! {
+        /// Any moment from 1970 to 9999.
+        #[test]
+        fn any_moment_is_written_as_the_formatting_machinery_writes_it(nanos in 0i128..253_402_300_800_000_000_000) {
+            assert_written_as_formatted(time::OffsetDateTime::from_unix_timestamp_nanos(nanos).unwrap());
         }
     }
 

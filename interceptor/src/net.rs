@@ -178,25 +178,24 @@ pub fn shared_udp(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
 mod tests {
     use super::*;
 
+    /// Both peers are written as `Display` writes them.
+    fn assert_written_as_displayed(addr: SocketAddr) {
+        let text = serde_json::Value::String(addr.to_string());
+        assert_eq!(serde_json::to_value(ClientAddr(addr)).unwrap(), text);
+        assert_eq!(serde_json::to_value(OrigDstAddr(addr)).unwrap(), text);
+    }
+
     #[test]
     fn addresses_are_written_as_display_writes_them() {
-        let mut addrs: Vec<SocketAddr> = ["0.0.0.0:0", "255.255.255.255:65535", "10.0.0.2:41000", "[::1]:443"]
-            .iter()
-            .map(|a| a.parse().unwrap())
-            .collect();
-        addrs.push("[fe80::1%7]:8443".parse().unwrap());
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        for _ in 0..5000 {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let ip = Ipv4Addr::from((seed >> 16) as u32);
-            addrs.push(SocketAddr::V4(SocketAddrV4::new(ip, (seed & 0xffff) as u16)));
+        for addr in ["0.0.0.0:0", "255.255.255.255:65535", "10.0.0.2:41000", "[::1]:443", "[fe80::1%7]:8443"] {
+            assert_written_as_displayed(addr.parse().unwrap());
         }
-        for addr in addrs {
-            let text = serde_json::Value::String(addr.to_string());
-            assert_eq!(serde_json::to_value(ClientAddr(addr)).unwrap(), text);
-            assert_eq!(serde_json::to_value(OrigDstAddr(addr)).unwrap(), text);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_ipv4_peer_is_written_as_display_writes_it(ip: u32, port: u16) {
+            assert_written_as_displayed(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(ip), port)));
         }
     }
 

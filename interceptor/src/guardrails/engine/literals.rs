@@ -213,13 +213,7 @@ impl Prefilter {
     /// (folded) starts, or `None`: no literal is there. A literal that
     /// starts before the one found and is not found ends after it.
     pub(super) fn find_in(&self, text: &str, from: usize) -> Option<usize> {
-        // A short rest (a stream event's strings) is not worth clearing a
-        // whole window for.
-        if text.len().saturating_sub(from) <= SHORT_WINDOW {
-            self.find_from::<SHORT_WINDOW>(text.as_bytes(), from, true)
-        } else {
-            self.find_from::<WINDOW>(text.as_bytes(), from, true)
-        }
+        self.find(text.as_bytes(), from, true)
     }
 
     /// Whether `text` may match one of the regexes (`false`: it cannot).
@@ -236,13 +230,17 @@ impl Prefilter {
 
     /// Whether `text`, folded, holds a literal.
     fn finds(&self, text: &[u8]) -> bool {
-        // Most texts are short: not worth clearing a whole window for.
-        let found = if text.len() <= SHORT_WINDOW {
-            self.find_from::<SHORT_WINDOW>(text, 0, false)
+        self.find(text, 0, false).is_some()
+    }
+
+    /// [`Prefilter::find_from`] in a window fit for what is left of `text`:
+    /// most texts are short, and not worth clearing a whole window for.
+    fn find(&self, text: &[u8], from: usize, first: bool) -> Option<usize> {
+        if text.len().saturating_sub(from) <= SHORT_WINDOW {
+            self.find_from::<SHORT_WINDOW>(text, from, first)
         } else {
-            self.find_from::<WINDOW>(text, 0, false)
-        };
-        found.is_some()
+            self.find_from::<WINDOW>(text, from, first)
+        }
     }
 
     /// Where a literal at or after `from` in `text` (folded) starts: the
